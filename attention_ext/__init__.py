@@ -1,0 +1,18 @@
+"""attention_ext: fused attention operators for PyTorch.
+
+softmax(Q K^T * scale + mask) V as dispatcher-registered ops with fused
+forward and backward kernels (CPU, and CUDA when built with it):
+
+    torch.ops.attention_ext.attention(query, key, value, attn_mask=None,
+        dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+        window_size=[-1, -1])
+"""
+import torch
+
+from . import _loader
+
+_loader.load()  # registers torch.ops.attention_ext.*
+from .ops import attention, attention_forward, attention_backward, attention_probs
+
+__all__ = ["attention", "attention_forward", "attention_backward", "attention_probs"]
+__version__ = "0.1.0"

@@ -1,0 +1,95 @@
+// Torch-free description of one attention call.
+//
+// The ATen glue (csrc/glue.cpp) validates the tensors and fills these structs;
+// the CPU and CUDA kernels read nothing else. Every tensor is seen as 4-D
+// (batch, heads, seq, dim) with arbitrary element strides; the last dimension of
+// q/k/v/out/dout is always unit-stride (the glue guarantees it).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define AE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define AE_HOST_DEVICE inline
+#endif
+
+namespace attention_ext {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kBool = 4 };
+
+enum class MaskKind : int32_t { kNone = 0, kBool = 1, kAdditive = 2 };
+
+// Strides in elements of a 4-D (batch, head, row, col) view.
+struct Strides4 {
+  int64_t b = 0, h = 0, r = 0, c = 1;
+};
+
+struct FwdParams {
+  // batch x heads_q x len_q x dim_qk
+  const void* q = nullptr;
+  // batch x heads_kv x len_k x dim_qk
+  const void* k = nullptr;
+  // batch x heads_kv x len_k x dim_v
+  const void* v = nullptr;
+  // batch x heads_q x len_q x dim_v (written)
+  void* out = nullptr;
+  // batch x heads_q x len_q, contiguous, in the accumulation type (float32, or
+  // float64 for float64 inputs) (written): log-sum-exp of the scaled, masked
+  // scores of each query row; -inf for a row with no visible key.
+  void* lse = nullptr;
+  // broadcast to batch x heads_q x len_q x len_k through (possibly zero) strides
+  const void* mask = nullptr;
+
+  Strides4 q_stride, k_stride, v_stride, o_stride, mask_stride;
+
+  int64_t batch = 0, heads_q = 0, heads_kv = 0, len_q = 0, len_k = 0, dim_qk = 0, dim_v = 0;
+
+  DType dtype = DType::kFloat32;       // dtype of q, k, v, out
+  MaskKind mask_kind = MaskKind::kNone;
+  DType mask_dtype = DType::kBool;     // element type of mask when present
+
+  double scale = 1.0;
+  // Key j is visible to query i iff  i - window_left <= j <= i + window_right,
+  // where a negative bound means unbounded. is_causal is folded into
+  // window_right (= min(window_right, 0)) by the glue.
+  int64_t window_left = -1, window_right = -1;
+
+  // Dropout: probability of dropping, and the Philox key/counter base.
+  float dropout_p = 0.f;
+  uint64_t seed = 0, offset = 0;
+  // CUDA-graph safe variant: when non-null the kernel reads seed/offset from
+  // device memory (captured graphs replay with fresh values).
+  const int64_t* seed_offset_ptr = nullptr;
+  // Where the kernel records the seed/offset it used (int64[2]), may be null.
+  int64_t* rng_state_out = nullptr;
+};
+
+struct BwdParams : FwdParams {
+  // batch x heads_q x len_q x dim_v
+  const void* dout = nullptr;
+  // gradients, same shapes as q, k, v (written)
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Strides4 do_stride, dq_stride, dk_stride, dv_stride;
+  // Optional gradient of an additive mask in the accumulation type (float32, or
+  // float64 for float64 inputs), batch x heads_q x len_q x len_k
+  // contiguous (the glue reduces it over broadcast dimensions afterwards).
+  void* dmask = nullptr;
+  bool deterministic = false;
+};
+
+// Visible key range [lo, hi) of query row i, before any explicit mask.
+AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_t& hi) {
+  lo = 0;
+  hi = p.len_k;
+  if (p.window_left >= 0) lo = i - p.window_left > 0 ? i - p.window_left : 0;
+  if (p.window_right >= 0) {
+    int64_t h = i + p.window_right + 1;
+    hi = h < hi ? h : hi;
+  }
+  if (hi < lo) hi = lo;
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,37 @@
+// Autocast: under torch.autocast, float32 query/key/value run in the autocast
+// dtype (like F.scaled_dot_product_attention, which is on autocast's
+// lower-precision list). Float masks keep their dtype (float32 masks are accepted).
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+
+namespace attention_ext {
+namespace {
+
+template <c10::DeviceType device, c10::DispatchKey key>
+at::Tensor attention_autocast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                              std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("attention_ext::attention", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, double, bool, std::optional<double>,
+                                         bool, at::IntArrayRef)>();
+  const auto dt = at::autocast::get_autocast_dtype(device);
+  auto cast = [&](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat ? at::autocast::cached_cast(dt, t, device) : t;
+  };
+  return op.call(cast(q), cast(k), cast(v), mask, dropout_p, is_causal, scale, enable_gqa, window);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attention_ext, AutocastCPU, m) {
+  m.impl("attention", TORCH_FN((attention_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>)));
+}
+
+TORCH_LIBRARY_IMPL(attention_ext, AutocastCUDA, m) {
+  m.impl("attention", TORCH_FN((attention_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>)));
+}
+
+}  // namespace attention_ext

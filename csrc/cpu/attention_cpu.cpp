@@ -1,0 +1,167 @@
+// CPU backend: thin glue from the ops to the torch-free kernels in flash_cpu.h.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "../glue.h"
+#include "../philox.h"
+#include "kernels.h"
+
+namespace attention_ext {
+namespace {
+
+template <typename Fn>
+void dispatch_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kDouble: fn(double{}); break;
+    case at::kBFloat16: fn(cpu::bf16{}); break;
+    case at::kHalf: fn(cpu::f16{}); break;
+    default: TORCH_CHECK_TYPE(false, "attention_ext: unsupported dtype ", t);
+  }
+}
+
+// Seed drawn from torch's default CPU generator: torch.manual_seed(s) makes
+// the dropout mask reproducible. Offset 0: every call gets its own seed.
+std::pair<uint64_t, uint64_t> draw_seed(double dropout_p) {
+  if (dropout_p <= 0.0) return {0, 0};
+  auto gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return {gen->random64(), 0};
+}
+
+at::Tensor make_rng_state(uint64_t seed, uint64_t offset) {
+  at::Tensor rng = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  rng[0] = static_cast<int64_t>(seed);
+  rng[1] = static_cast<int64_t>(offset);
+  return rng;
+}
+
+void read_rng_state(const at::Tensor& rng, double dropout_p, FwdParams& p) {
+  if (dropout_p <= 0.0) return;
+  TORCH_CHECK_VALUE(rng.numel() == 2 && rng.scalar_type() == at::kLong,
+                    "rng_state must be the int64 tensor of 2 elements returned by the forward");
+  at::Tensor r = rng.cpu();
+  p.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
+  p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+}
+
+std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
+  if (!mask.has_value() || !mask->defined()) return std::nullopt;
+  return mask_4d(*mask, q, k);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_inputs(q, k, v, mask, opt);
+  at::Tensor out = empty_output(q, v.sym_size(-1));
+  at::Tensor lse = empty_lse(q);
+  at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out);
+  auto m4 = mask4_of(mask, q, k);
+  FwdParams p = make_fwd_params(q4, k4, v4, o4, lse, m4, opt);
+  auto [seed, offset] = draw_seed(dropout_p);
+  p.seed = seed;
+  p.offset = offset;
+  dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_fwd<decltype(t)>(p); });
+  if (!o4.is_alias_of(out)) out.copy_(o4.view(out.sizes()));
+  return {out, lse, make_rng_state(seed, offset)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool mask_grad) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_inputs(q, k, v, mask, opt);
+  auto osz = out.sym_sizes();
+  check_same_shape(out, "output", osz, q);
+  check_same_shape(grad_out, "grad_output", osz, q);
+  check_lse(lse, q);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
+
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out), g4 = as_4d(grad_out);
+  at::Tensor dq4 = as_4d(dq), dk4 = as_4d(dk), dv4 = as_4d(dv);
+  at::Tensor lse_c = lse.contiguous();
+  auto m4 = mask4_of(mask, q, k);
+  BwdParams p;
+  static_cast<FwdParams&>(p) = make_fwd_params(q4, k4, v4, o4, lse_c, m4, opt);
+  read_rng_state(rng, dropout_p, p);
+  p.dout = g4.data_ptr();
+  p.do_stride = strides_of(g4);
+  p.dq = dq4.data_ptr();
+  p.dk = dk4.data_ptr();
+  p.dv = dv4.data_ptr();
+  p.dq_stride = strides_of(dq4);
+  p.dk_stride = strides_of(dk4);
+  p.dv_stride = strides_of(dv4);
+  p.deterministic = true;
+  at::Tensor dmask_full;
+  if (want_dmask) {
+    const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    dmask_full = at::zeros({p.batch, p.heads_q, p.len_q, p.len_k}, q.options().dtype(acc));
+    p.dmask = dmask_full.data_ptr();
+  }
+  dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_bwd<decltype(t)>(p); });
+  if (!dq4.is_alias_of(dq)) dq.copy_(dq4.view(dq.sizes()));
+  if (!dk4.is_alias_of(dk)) dk.copy_(dk4.view(dk.sizes()));
+  if (!dv4.is_alias_of(dv)) dv.copy_(dv4.view(dv.sizes()));
+  at::Tensor dmask = want_dmask ? reduce_mask_grad(dmask_full, *mask, q) : at::empty({0}, q.options());
+  return {dq, dk, dv, dmask};
+}
+
+at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  // value is not needed: check q/k with k standing in for v
+  check_inputs(q, k, k, mask, opt);
+  check_lse(lse, q);
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
+  shape.push_back(k.size(-2));
+  at::Tensor probs = at::empty(shape, q.options());
+  at::Tensor q4 = as_4d(q), k4 = as_4d(k);
+  at::Tensor lse_c = lse.contiguous();
+  auto m4 = mask4_of(mask, q, k);
+  FwdParams p = make_fwd_params(q4, k4, k4, at::Tensor(), lse_c, m4, opt);
+  read_rng_state(rng, dropout_p, p);
+  dispatch_dtype(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    cpu::flash_probs<T>(p, static_cast<T*>(probs.data_ptr()));
+  });
+  return probs;
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
+                            double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p < 1.0, "dropout_p must be in (0, 1), got ", dropout_p);
+  FwdParams p;
+  read_rng_state(rng, dropout_p, p);
+  at::Tensor m = at::empty({batch, heads, len_q, len_k}, rng.options().dtype(at::kBool));
+  bool* out = m.data_ptr<bool>();
+  const DropoutRng r(p.seed, p.offset, static_cast<float>(dropout_p));
+  cpu::parallel_for(batch * heads * len_q, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < len_k; ++j) out[t * len_k + j] = r.keep(t / len_q, t % len_q, j);
+  });
+  return m;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
+  m.impl("_attention_forward", TORCH_FN(forward_cpu));
+  m.impl("_attention_backward", TORCH_FN(backward_cpu));
+  m.impl("attention_probs", TORCH_FN(probs_cpu));
+  m.impl("_dropout_mask", TORCH_FN(dropout_mask_cpu));
+}
+
+}  // namespace attention_ext

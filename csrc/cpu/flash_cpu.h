@@ -1,0 +1,373 @@
+// Flash-style attention on the CPU (torch-free templates; one instantiation per
+// element type, see flash_cpu_<dtype>.cpp).
+//
+// Forward: each task owns (batch, query head, block of kBlockQ query rows) and
+// walks the visible key blocks with an online softmax, so per thread memory is
+// O((kBlockQ + kBlockK) * head_dim) and the L x S matrix never exists.
+//
+// Backward: each task owns (batch, kv head, chunk of key blocks). For a key
+// block it loops over every query head of its GQA group and every query block
+// that can see the key block, recomputes P from the saved log-sum-exp, and
+// accumulates dK/dV in registers-sized buffers it alone writes. dQ goes into a
+// private fp32 buffer per task; when key blocks are split over several tasks
+// (few batch x heads, many threads) the partial dQs are summed in a fixed
+// order afterwards. No atomics anywhere, so the backward is deterministic.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../attention_params.h"
+#include "../philox.h"
+#include "runtime.h"
+#include "vec_ops.h"
+
+namespace attention_ext::cpu {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t dtype_size(DType d) {
+  switch (d) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kBool: return 1;
+  }
+  return 1;
+}
+
+template <typename A>
+inline A mask_value(const char* ptr, DType d) {
+  switch (d) {
+    case DType::kFloat32: return static_cast<A>(*reinterpret_cast<const float*>(ptr));
+    case DType::kFloat64: return static_cast<A>(*reinterpret_cast<const double*>(ptr));
+    case DType::kFloat16: return static_cast<A>(f16_to_float(*reinterpret_cast<const uint16_t*>(ptr)));
+    case DType::kBFloat16: return static_cast<A>(bf16_to_float(*reinterpret_cast<const uint16_t*>(ptr)));
+    case DType::kBool: return *ptr ? A(0) : -std::numeric_limits<A>::infinity();
+  }
+  return A(0);
+}
+
+// Applies the sliding window / causal bounds and the explicit mask to a tile of
+// scores S[nq x nk] (row stride lds) for query rows i0.., key columns j0...
+template <typename A>
+void mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
+               int64_t nk, A* S, int64_t lds, A* tmp) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+  const int64_t esize = dtype_size(p.mask_dtype);
+  for (int64_t r = 0; r < nq; ++r) {
+    const int64_t i = i0 + r;
+    A* s = S + r * lds;
+    int64_t lo, hi;
+    key_range(p, i, lo, hi);
+    for (int64_t j = j0; j < std::min(lo, j0 + nk); ++j) s[j - j0] = ninf;
+    for (int64_t j = std::max(hi, j0); j < j0 + nk; ++j) s[j - j0] = ninf;
+    if (p.mask_kind == MaskKind::kNone) continue;
+    const Strides4& ms = p.mask_stride;
+    const char* base = static_cast<const char*>(p.mask) + (b * ms.b + h * ms.h + i * ms.r + j0 * ms.c) * esize;
+    if (p.mask_kind == MaskKind::kBool) {
+      for (int64_t j = 0; j < nk; ++j) s[j] = base[j * ms.c] ? s[j] : ninf;
+      continue;
+    }
+    if constexpr (std::is_same_v<A, float>) {
+      if (ms.c == 1 && p.mask_dtype != DType::kFloat64) {
+        const float* m = reinterpret_cast<const float*>(base);
+        if (p.mask_dtype == DType::kBFloat16) {
+          bf16_to_f32(reinterpret_cast<const uint16_t*>(base), tmp, nk);
+          m = tmp;
+        } else if (p.mask_dtype == DType::kFloat16) {
+          f16_to_f32(reinterpret_cast<const uint16_t*>(base), tmp, nk);
+          m = tmp;
+        }
+        add_row(s, m, nk);
+        continue;
+      }
+    }
+    for (int64_t j = 0; j < nk; ++j) s[j] += mask_value<A>(base + j * ms.c * esize, p.mask_dtype);
+  }
+}
+
+// x[j] *= keep(bh, i, j0 + j) / (1 - p), else 0.
+template <typename A>
+void dropout_row(const DropoutRng& rng, uint64_t bh, int64_t i, int64_t j0, int64_t nk, A* x) {
+  const A inv = static_cast<A>(rng.inv_keep);
+  int64_t j = j0;
+  const int64_t end = j0 + nk;
+  while (j < end) {
+    uint32_t bits = rng.keep4(bh, static_cast<uint64_t>(i), static_cast<uint64_t>(j >> 2));
+    for (int64_t t = j & 3; t < 4 && j < end; ++t, ++j) x[j - j0] = ((bits >> t) & 1u) ? x[j - j0] * inv : A(0);
+  }
+}
+
+// Union [lo, hi) of the visible key ranges of rows i0 .. i0 + nq - 1
+// (both bounds are non-decreasing in i).
+inline void block_key_range(const FwdParams& p, int64_t i0, int64_t nq, int64_t& lo, int64_t& hi) {
+  int64_t l0, h0, l1, h1;
+  key_range(p, i0, l0, h0);
+  key_range(p, i0 + nq - 1, l1, h1);
+  lo = l0;
+  hi = std::max(h1, l0);
+}
+
+template <typename T, typename A>
+inline void load_rows(const T* base, int64_t row_stride, int64_t nrows, int64_t ncols, A* dst) {
+  for (int64_t r = 0; r < nrows; ++r) load_row<T, A>(base + r * row_stride, dst + r * ncols, ncols);
+}
+
+template <typename T>
+void flash_fwd(const FwdParams& p) {
+  using A = acc_t<T>;
+  const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, E = p.dim_qk, Ev = p.dim_v;
+  const int64_t nqb = cdiv(L, kBlockQ);
+  const bool dropout = p.dropout_p > 0.f;
+  const DropoutRng rng(p.seed, p.offset, p.dropout_p);
+  const A ninf = -std::numeric_limits<A>::infinity();
+
+  parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
+    std::vector<A> qbuf(kBlockQ * E), kbuf(kBlockK * E), vbuf(kBlockK * Ev), sbuf(kBlockQ * kBlockK),
+        acc(kBlockQ * Ev), tmp(kBlockK), mrow(kBlockQ), lrow(kBlockQ);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
+      const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.r;
+      const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+      const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+      load_rows(q, p.q_stride.r, nq, E, qbuf.data());
+      std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(mrow.begin(), mrow.end(), ninf);
+      std::fill(lrow.begin(), lrow.end(), A(0));
+
+      int64_t jlo, jhi;
+      block_key_range(p, i0, nq, jlo, jhi);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, jhi - j0);
+        load_rows(k + j0 * p.k_stride.r, p.k_stride.r, nk, E, kbuf.data());
+        gemm_nt<A>(nq, nk, E, static_cast<A>(p.scale), qbuf.data(), E, kbuf.data(), E, A(0), sbuf.data(), kBlockK);
+        mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), kBlockK, tmp.data());
+        for (int64_t r = 0; r < nq; ++r) {
+          A* s = sbuf.data() + r * kBlockK;
+          const A mnew = std::max(mrow[r], row_max(s, nk));
+          if (mnew == ninf) {  // nothing visible in this row so far
+            std::fill(s, s + nk, A(0));
+            continue;
+          }
+          const A sum = exp_sub_sum(s, nk, mnew);
+          const A alpha = mrow[r] == ninf ? A(0) : std::exp(mrow[r] - mnew);
+          lrow[r] = lrow[r] * alpha + sum;
+          if (alpha != A(1)) scale_row(acc.data() + r * Ev, Ev, alpha);
+          mrow[r] = mnew;
+          if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
+        }
+        load_rows(v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vbuf.data());
+        gemm_nn<A>(nq, Ev, nk, A(1), sbuf.data(), kBlockK, vbuf.data(), Ev, A(1), acc.data(), Ev);
+      }
+
+      T* o = static_cast<T*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i0 * p.o_stride.r;
+      A* lse = static_cast<A*>(p.lse) + (b * Hq + h) * L + i0;
+      for (int64_t r = 0; r < nq; ++r) {
+        A* a = acc.data() + r * Ev;
+        if (lrow[r] > A(0)) {
+          scale_row(a, Ev, A(1) / lrow[r]);
+          lse[r] = mrow[r] + std::log(lrow[r]);
+        } else {  // every key masked: output 0, lse -inf
+          std::fill(a, a + Ev, A(0));
+          lse[r] = -std::numeric_limits<A>::infinity();
+        }
+        store_row<T, A>(a, o + r * p.o_stride.r, Ev);
+      }
+    }
+  });
+}
+
+// P = exp(scale * Q K^T + mask - lse) for a tile, rows with lse = -inf give 0.
+template <typename A>
+void recompute_probs(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
+                     int64_t nk, const A* qbuf, const A* kbuf, A* sbuf, A* tmp) {
+  gemm_nt<A>(nq, nk, p.dim_qk, static_cast<A>(p.scale), qbuf, p.dim_qk, kbuf, p.dim_qk, A(0), sbuf, kBlockK);
+  mask_tile(p, b, h, i0, nq, j0, nk, sbuf, kBlockK, tmp);
+  const A* lse = static_cast<const A*>(p.lse) + (b * p.heads_q + h) * p.len_q + i0;
+  for (int64_t r = 0; r < nq; ++r) {
+    A* s = sbuf + r * kBlockK;
+    if (lse[r] == -std::numeric_limits<A>::infinity()) {
+      std::fill(s, s + nk, A(0));
+    } else {
+      exp_sub_sum(s, nk, lse[r]);
+    }
+  }
+}
+
+template <typename T>
+void flash_bwd(const BwdParams& p) {
+  using A = acc_t<T>;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv, L = p.len_q, S = p.len_k;
+  const int64_t E = p.dim_qk, Ev = p.dim_v;
+  const bool dropout = p.dropout_p > 0.f;
+  const DropoutRng rng(p.seed, p.offset, p.dropout_p);
+
+  // D_i = sum_e dO_ie * O_ie  (= rowsum(P o dP), the softmax-backward correction)
+  std::vector<A> D(B * Hq * L);
+  parallel_for(B * Hq, [&](int64_t t0, int64_t t1) {
+    std::vector<A> a(Ev), c(Ev);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hq, h = t % Hq;
+      const T* o = static_cast<const T*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
+      const T* g = static_cast<const T*>(p.dout) + b * p.do_stride.b + h * p.do_stride.h;
+      for (int64_t i = 0; i < L; ++i) {
+        load_row<T, A>(o + i * p.o_stride.r, a.data(), Ev);
+        load_row<T, A>(g + i * p.do_stride.r, c.data(), Ev);
+        D[t * L + i] = dot_row(a.data(), c.data(), Ev);
+      }
+    }
+  });
+
+  // Split the key blocks of each (batch, kv head) over several tasks only when
+  // there are too few (batch, kv head) pairs to keep every thread busy.
+  const int64_t nkb = cdiv(S, kBlockK);
+  const int64_t want = 4 * static_cast<int64_t>(num_threads());
+  int64_t nchunks = (B * Hkv >= want || nkb <= 1) ? 1 : std::min(nkb, cdiv(want, std::max<int64_t>(B * Hkv, 1)));
+  const int64_t kb_per_chunk = std::max<int64_t>(1, cdiv(nkb, nchunks));
+  nchunks = std::max<int64_t>(1, cdiv(nkb, kb_per_chunk));
+  std::vector<A> dq_part;
+  if (nchunks > 1) dq_part.assign(nchunks * B * Hq * L * E, A(0));
+  const int64_t nqb = cdiv(L, kBlockQ);
+
+  parallel_for(B * Hkv * nchunks, [&](int64_t t0, int64_t t1) {
+    std::vector<A> qbuf(kBlockQ * E), dobuf(kBlockQ * Ev), kbuf(kBlockK * E), vbuf(kBlockK * Ev),
+        pbuf(kBlockQ * kBlockK), pdbuf(dropout ? kBlockQ * kBlockK : 0), dpbuf(kBlockQ * kBlockK),
+        dkacc(kBlockK * E), dvacc(kBlockK * Ev), tmp(kBlockK), dq_local(nchunks == 1 ? G * L * E : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t % nchunks, bhk = t / nchunks, hk = bhk % Hkv, b = bhk / Hkv;
+      // dq accumulator of this task: G x L x E, row-major
+      A* dq_acc;
+      if (nchunks == 1) {
+        std::fill(dq_local.begin(), dq_local.end(), A(0));
+        dq_acc = dq_local.data();
+      } else {
+        dq_acc = dq_part.data() + ((c * B + b) * Hq + hk * G) * L * E;
+      }
+      const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+      const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+      T* dk = static_cast<T*>(p.dk) + b * p.dk_stride.b + hk * p.dk_stride.h;
+      T* dv = static_cast<T*>(p.dv) + b * p.dv_stride.b + hk * p.dv_stride.h;
+      const int64_t kb_end = std::min(nkb, (c + 1) * kb_per_chunk);
+      for (int64_t kb = c * kb_per_chunk; kb < kb_end; ++kb) {
+        const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, S - j0);
+        load_rows(k + j0 * p.k_stride.r, p.k_stride.r, nk, E, kbuf.data());
+        load_rows(v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vbuf.data());
+        std::fill(dkacc.begin(), dkacc.end(), A(0));
+        std::fill(dvacc.begin(), dvacc.end(), A(0));
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g;
+          const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
+          const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride.b + h * p.do_stride.h;
+          for (int64_t qb = 0; qb < nqb; ++qb) {
+            const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
+            int64_t jlo, jhi;
+            block_key_range(p, i0, nq, jlo, jhi);
+            if (jhi <= j0 || jlo >= j0 + nk) continue;  // block sees none of these keys
+            load_rows(q + i0 * p.q_stride.r, p.q_stride.r, nq, E, qbuf.data());
+            load_rows(dout + i0 * p.do_stride.r, p.do_stride.r, nq, Ev, dobuf.data());
+            recompute_probs(p, b, h, i0, nq, j0, nk, qbuf.data(), kbuf.data(), pbuf.data(), tmp.data());
+            // dP = dO V^T
+            gemm_nt<A>(nq, nk, Ev, A(1), dobuf.data(), Ev, vbuf.data(), Ev, A(0), dpbuf.data(), kBlockK);
+            const A* pv = pbuf.data();  // the probabilities that multiplied V
+            if (dropout) {
+              const uint64_t bh = static_cast<uint64_t>(b * Hq + h);
+              for (int64_t r = 0; r < nq; ++r) {
+                std::memcpy(pdbuf.data() + r * kBlockK, pbuf.data() + r * kBlockK, nk * sizeof(A));
+                dropout_row(rng, bh, i0 + r, j0, nk, pdbuf.data() + r * kBlockK);
+                dropout_row(rng, bh, i0 + r, j0, nk, dpbuf.data() + r * kBlockK);
+              }
+              pv = pdbuf.data();
+            }
+            // dV += P~^T dO
+            gemm_tn<A>(nk, Ev, nq, A(1), pv, kBlockK, dobuf.data(), Ev, A(1), dvacc.data(), Ev);
+            // dS = P o (dP - D), in place in dpbuf
+            const A* Drow = D.data() + (b * Hq + h) * L + i0;
+            for (int64_t r = 0; r < nq; ++r) {
+              A* ds = dpbuf.data() + r * kBlockK;
+              softmax_grad_row(ds, pbuf.data() + r * kBlockK, ds, nk, Drow[r]);
+            }
+            if (p.dmask != nullptr) {
+              A* dm = static_cast<A*>(p.dmask) + ((b * Hq + h) * L + i0) * S + j0;
+              for (int64_t r = 0; r < nq; ++r) std::memcpy(dm + r * S, dpbuf.data() + r * kBlockK, nk * sizeof(A));
+            }
+            // dK += scale dS^T Q ;  dQ += scale dS K
+            gemm_tn<A>(nk, E, nq, static_cast<A>(p.scale), dpbuf.data(), kBlockK, qbuf.data(), E, A(1), dkacc.data(), E);
+            gemm_nn<A>(nq, E, nk, static_cast<A>(p.scale), dpbuf.data(), kBlockK, kbuf.data(), E, A(1),
+                       dq_acc + (g * L + i0) * E, E);
+          }
+        }
+        for (int64_t r = 0; r < nk; ++r) {
+          store_row<T, A>(dkacc.data() + r * E, dk + (j0 + r) * p.dk_stride.r, E);
+          store_row<T, A>(dvacc.data() + r * Ev, dv + (j0 + r) * p.dv_stride.r, Ev);
+        }
+      }
+      if (nchunks == 1) {
+        for (int64_t g = 0; g < G; ++g) {
+          T* dq = static_cast<T*>(p.dq) + b * p.dq_stride.b + (hk * G + g) * p.dq_stride.h;
+          for (int64_t i = 0; i < L; ++i) store_row<T, A>(dq_acc + (g * L + i) * E, dq + i * p.dq_stride.r, E);
+        }
+      }
+    }
+  });
+
+  if (nchunks > 1) {  // fixed-order sum of the partial dQs
+    parallel_for(B * Hq, [&](int64_t t0, int64_t t1) {
+      std::vector<A> row(E);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / Hq, h = t % Hq;
+        T* dq = static_cast<T*>(p.dq) + b * p.dq_stride.b + h * p.dq_stride.h;
+        for (int64_t i = 0; i < L; ++i) {
+          std::fill(row.begin(), row.end(), A(0));
+          for (int64_t c = 0; c < nchunks; ++c) add_row(row.data(), dq_part.data() + ((c * B + b) * Hq + h) * L * E + i * E, E);
+          store_row<T, A>(row.data(), dq + i * p.dq_stride.r, E);
+        }
+      }
+    });
+  }
+}
+
+// Attention probabilities (after dropout, as the forward applied them),
+// recomputed from q, k and the log-sum-exp; out is batch x heads_q x len_q x len_k contiguous.
+template <typename T>
+void flash_probs(const FwdParams& p, T* out) {
+  using A = acc_t<T>;
+  const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, S = p.len_k, E = p.dim_qk;
+  const int64_t nqb = cdiv(L, kBlockQ);
+  const bool dropout = p.dropout_p > 0.f;
+  const DropoutRng rng(p.seed, p.offset, p.dropout_p);
+  parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
+    std::vector<A> qbuf(kBlockQ * E), kbuf(kBlockK * E), sbuf(kBlockQ * kBlockK), tmp(kBlockK);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
+      const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.r;
+      const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+      load_rows(q, p.q_stride.r, nq, E, qbuf.data());
+      for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, S - j0);
+        load_rows(k + j0 * p.k_stride.r, p.k_stride.r, nk, E, kbuf.data());
+        recompute_probs(p, b, h, i0, nq, j0, nk, qbuf.data(), kbuf.data(), sbuf.data(), tmp.data());
+        for (int64_t r = 0; r < nq; ++r) {
+          A* s = sbuf.data() + r * kBlockK;
+          if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
+          store_row<T, A>(s, out + (bh * L + i0 + r) * S + j0, nk);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace attention_ext::cpu

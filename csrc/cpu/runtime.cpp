@@ -1,0 +1,90 @@
+// Implementation of runtime.h (compiled with -fopenmp so that
+// at::parallel_for uses torch's own OpenMP pool).
+#include "runtime.h"
+
+#include <ATen/Parallel.h>
+
+#include <type_traits>
+
+namespace attention_ext::cpu {
+
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(b, e); });
+}
+
+int num_threads() { return at::get_num_threads(); }
+
+// BLAS: the Fortran interface (sgemm_/dgemm_, LP64) that torch's own CPU
+// build exports (MKL on x86-64 wheels, OpenBLAS elsewhere), resolved weakly at
+// load time. Without one, a plain blocked loop keeps everything correct.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace {
+
+// Column-major C[m x n] = alpha * op(A) op(B) + beta * C.
+template <typename A>
+void colmajor_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+                   int64_t ldb, A beta, A* c, int64_t ldc) {
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<A, float>) {
+    if (sgemm_ != nullptr && k > 0) return sgemm_(&tra, &trb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  } else {
+    if (dgemm_ != nullptr && k > 0) return dgemm_(&tra, &trb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    A* cj = c + j * ldc;
+    for (int64_t i = 0; i < m; ++i) cj[i] = beta == A(0) ? A(0) : beta * cj[i];
+    for (int64_t l = 0; l < k; ++l) {
+      const A blj = alpha * (tb ? b[j + l * ldb] : b[l + j * ldb]);
+      if (ta) {
+        for (int64_t i = 0; i < m; ++i) cj[i] += a[l + i * lda] * blj;
+      } else {
+        const A* al = a + l * lda;
+        for (int64_t i = 0; i < m; ++i) cj[i] += al[i] * blj;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// A row-major X (r x c, ld) is the column-major X^T.
+// C = A B^T  <=>  C^T = B A^T : first operand B^T stored as (k x n), transposed.
+template <typename A>
+void gemm_nt(int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+             int64_t ldb, A beta, A* c, int64_t ldc) {
+  colmajor_gemm<A>(true, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+// C = A B  <=>  C^T = B^T A^T
+template <typename A>
+void gemm_nn(int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+             int64_t ldb, A beta, A* c, int64_t ldc) {
+  colmajor_gemm<A>(false, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+// C = A^T B  <=>  C^T = B^T A
+template <typename A>
+void gemm_tn(int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+             int64_t ldb, A beta, A* c, int64_t ldc) {
+  colmajor_gemm<A>(false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+#define AE_INSTANTIATE_GEMM(A)                                                                   \
+  template void gemm_nt<A>(int64_t, int64_t, int64_t, A, const A*, int64_t, const A*, int64_t, A, \
+                           A*, int64_t);                                                          \
+  template void gemm_nn<A>(int64_t, int64_t, int64_t, A, const A*, int64_t, const A*, int64_t, A, \
+                           A*, int64_t);                                                          \
+  template void gemm_tn<A>(int64_t, int64_t, int64_t, A, const A*, int64_t, const A*, int64_t, A, \
+                           A*, int64_t);
+AE_INSTANTIATE_GEMM(float)
+AE_INSTANTIATE_GEMM(double)
+
+}  // namespace attention_ext::cpu

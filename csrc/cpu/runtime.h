@@ -1,0 +1,30 @@
+// What the torch-free CPU kernels need from the outside world: a thread pool
+// and a BLAS. Implemented in runtime.cpp on top of ATen's parallel_for and
+// cpublas (MKL or OpenBLAS, whichever torch was built with), so the kernels use
+// the same threads as the rest of torch and do not oversubscribe.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace attention_ext::cpu {
+
+// Runs fn(begin, end) over [0, n) in at most num_threads() contiguous chunks.
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+int num_threads();
+
+// Row-major GEMMs on contiguous-row matrices (leading dimensions in elements):
+//   gemm_nt: C[m x n] = alpha * A[m x k] * B[n x k]^T + beta * C
+//   gemm_nn: C[m x n] = alpha * A[m x k] * B[k x n]   + beta * C
+//   gemm_tn: C[m x n] = alpha * A[k x m]^T * B[k x n] + beta * C
+template <typename A>
+void gemm_nt(int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+             int64_t ldb, A beta, A* c, int64_t ldc);
+template <typename A>
+void gemm_nn(int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+             int64_t ldb, A beta, A* c, int64_t ldc);
+template <typename A>
+void gemm_tn(int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+             int64_t ldb, A beta, A* c, int64_t ldc);
+
+}  // namespace attention_ext::cpu

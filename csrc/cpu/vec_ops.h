@@ -1,0 +1,98 @@
+// Row primitives of the CPU kernels (torch-free).
+//
+// The float versions are compiled with GCC function multi-versioning
+// (target_clones: AVX-512, AVX2, baseline) in vec_ops.cpp, so the extension runs
+// on any x86-64 CPU and still uses wide vectors where they exist. The double
+// versions serve float64 (gradcheck) and need no speed.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace attention_ext::cpu {
+
+// ---- float (vectorised, see vec_ops.cpp) ----
+float row_max(const float* x, int64_t n);
+// x[j] = exp(x[j] - m); returns the sum of the new values. Values below
+// exp(-87) flush to 0 (so a -inf score gives exactly 0).
+float exp_sub_sum(float* x, int64_t n, float m);
+void scale_row(float* x, int64_t n, float a);
+// ds[j] = p[j] * (dp[j] - d)
+void softmax_grad_row(float* ds, const float* p, const float* dp, int64_t n, float d);
+float dot_row(const float* a, const float* b, int64_t n);
+void add_row(float* x, const float* y, int64_t n);
+void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
+void f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n);
+
+// ---- double (scalar) ----
+inline double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+inline double exp_sub_sum(double* x, int64_t n, double m) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - m);
+    s += x[j];
+  }
+  return s;
+}
+inline void scale_row(double* x, int64_t n, double a) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+inline void softmax_grad_row(double* ds, const double* p, const double* dp, int64_t n, double d) {
+  for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (dp[j] - d);
+}
+inline double dot_row(const double* a, const double* b, int64_t n) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+inline void add_row(double* x, const double* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] += y[j];
+}
+
+// ---- element types ----
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+// Load n elements of T into the accumulation type A, and back.
+template <typename T, typename A>
+inline void load_row(const T* src, A* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(src[j]);
+}
+template <>
+inline void load_row<bf16, float>(const bf16* src, float* dst, int64_t n) {
+  bf16_to_f32(reinterpret_cast<const uint16_t*>(src), dst, n);
+}
+template <>
+inline void load_row<f16, float>(const f16* src, float* dst, int64_t n) {
+  f16_to_f32(reinterpret_cast<const uint16_t*>(src), dst, n);
+}
+
+template <typename T, typename A>
+inline void store_row(const A* src, T* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+template <>
+inline void store_row<bf16, float>(const float* src, bf16* dst, int64_t n) {
+  f32_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
+}
+template <>
+inline void store_row<f16, float>(const float* src, f16* dst, int64_t n) {
+  f32_to_f16(src, reinterpret_cast<uint16_t*>(dst), n);
+}
+
+// Scalar conversions (for strided or single elements).
+float bf16_to_float(uint16_t h);
+float f16_to_float(uint16_t h);
+
+}  // namespace attention_ext::cpu

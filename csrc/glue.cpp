@@ -1,0 +1,231 @@
+#include "glue.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <sstream>
+
+namespace attention_ext {
+
+namespace {
+
+std::string shape_str(c10::SymIntArrayRef s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+}  // namespace
+
+AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
+                         bool enable_gqa, at::IntArrayRef window_size) {
+  TORCH_CHECK_VALUE(window_size.size() == 2,
+                    "window_size must be a pair (left, right), got ", window_size.size(), " values");
+  AttnOptions o;
+  o.dropout_p = dropout_p;
+  o.is_causal = is_causal;
+  o.scale = scale;
+  o.enable_gqa = enable_gqa;
+  o.window_left = window_size[0];
+  o.window_right = window_size[1];
+  return o;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask, const AttnOptions& opt) {
+  TORCH_CHECK_VALUE(q.defined() && k.defined() && v.defined(), "query, key and value must be tensors");
+  // rank
+  TORCH_CHECK_VALUE(q.dim() >= 3, "query must have at least 3 dimensions (..., heads, L, E), got ",
+                    q.dim(), " with shape ", shape_str(q.sym_sizes()));
+  TORCH_CHECK_VALUE(k.dim() == q.dim(), "key must have the same number of dimensions as query (",
+                    q.dim(), "), got ", k.dim(), " with shape ", shape_str(k.sym_sizes()));
+  TORCH_CHECK_VALUE(v.dim() == q.dim(), "value must have the same number of dimensions as query (",
+                    q.dim(), "), got ", v.dim(), " with shape ", shape_str(v.sym_sizes()));
+  // dtype and device
+  TORCH_CHECK_TYPE(is_float_dtype(q.scalar_type()),
+                   "query must be float32, float16 or bfloat16 (float64 on CPU), got ", q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "key dtype (", k.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), "value dtype (", v.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  TORCH_CHECK(k.device() == q.device(), "key is on ", k.device(), " but query is on ", q.device(),
+              "; query, key and value must be on the same device");
+  TORCH_CHECK(v.device() == q.device(), "value is on ", v.device(), " but query is on ", q.device(),
+              "; query, key and value must be on the same device");
+  TORCH_CHECK_TYPE(q.scalar_type() != at::kDouble || q.device().is_cpu() || q.device().is_meta(),
+                   "query of dtype float64 is supported on CPU only (for gradcheck), got device ", q.device());
+  // shapes
+  const int64_t r = q.dim();
+  auto qs = q.sym_sizes(), ks = k.sym_sizes(), vs = v.sym_sizes();
+  for (int64_t d = 0; d < r - 3; ++d) {
+    TORCH_CHECK_VALUE(ks[d] == qs[d] && vs[d] == qs[d],
+                      "query, key and value must have the same batch dimensions, got query ",
+                      shape_str(qs), ", key ", shape_str(ks), ", value ", shape_str(vs));
+  }
+  const c10::SymInt& Hq = qs[r - 3];
+  const c10::SymInt& Hkv = ks[r - 3];
+  TORCH_CHECK_VALUE(vs[r - 3] == Hkv, "value has ", vs[r - 3], " heads but key has ", Hkv,
+                    " (shapes: key ", shape_str(ks), ", value ", shape_str(vs), ")");
+  TORCH_CHECK_VALUE(vs[r - 2] == ks[r - 2], "value length (", vs[r - 2], ") must match key length (",
+                    ks[r - 2], ") (shapes: key ", shape_str(ks), ", value ", shape_str(vs), ")");
+  TORCH_CHECK_VALUE(ks[r - 1] == qs[r - 1], "key head dim (", ks[r - 1], ") must match query head dim (",
+                    qs[r - 1], ")");
+  TORCH_CHECK_VALUE(qs[r - 1] >= 1 && qs[r - 1] <= 256, "query head dim (size of the last dimension) must be in [1, 256], got ",
+                    qs[r - 1]);
+  TORCH_CHECK_VALUE(vs[r - 1] >= 1 && vs[r - 1] <= 256, "value head dim (size of the last dimension) must be in [1, 256], got ",
+                    vs[r - 1]);
+  if (opt.enable_gqa) {
+    TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "enable_gqa=True needs the number of query heads (", Hq,
+                      ") to be a multiple of the number of key/value heads (", Hkv, ")");
+  } else {
+    TORCH_CHECK_VALUE(Hq == Hkv, "query has ", Hq, " heads but key/value have ", Hkv,
+                      "; pass enable_gqa=True for grouped-query attention");
+  }
+  // options
+  TORCH_CHECK_VALUE(opt.dropout_p >= 0.0 && opt.dropout_p < 1.0, "dropout_p must be in [0, 1), got ", opt.dropout_p);
+  TORCH_CHECK_VALUE(!opt.scale.has_value() || std::isfinite(*opt.scale), "scale must be a finite number or None, got ",
+                    opt.scale.value_or(0.0));
+  TORCH_CHECK_VALUE(opt.window_left >= -1 && opt.window_right >= -1,
+                    "window_size must be (left, right) with each >= 0, or -1 for unbounded, got (",
+                    opt.window_left, ", ", opt.window_right, ")");
+  // mask
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    const auto mt = m.scalar_type();
+    TORCH_CHECK_TYPE(mt == at::kBool || mt == q.scalar_type() || mt == at::kFloat,
+                     "attn_mask must be bool, float32 or the query's dtype (", q.scalar_type(), "), got ", mt);
+    TORCH_CHECK(m.device() == q.device(), "attn_mask is on ", m.device(), " but query is on ", q.device());
+    std::vector<c10::SymInt> target(qs.begin(), qs.end() - 1);
+    target.push_back(ks[r - 2]);
+    auto msz = m.sym_sizes();
+    bool ok = m.dim() <= r;
+    for (int64_t d = 1; ok && d <= m.dim(); ++d) {
+      const c10::SymInt& md = msz[m.dim() - d];
+      ok = md == 1 || md == target[r - d];
+    }
+    TORCH_CHECK_VALUE(ok, "attn_mask of shape ", shape_str(msz),
+                      " is not broadcastable to (..., heads, L, S) = ", shape_str(target));
+  }
+}
+
+void check_same_shape(const at::Tensor& t, const char* name, c10::SymIntArrayRef expected,
+                      const at::Tensor& q) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
+  TORCH_CHECK_VALUE(t.sym_sizes().equals(expected), name, " must have shape ", shape_str(expected), ", got ",
+                    shape_str(t.sym_sizes()));
+  TORCH_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but query is on ", q.device());
+}
+
+void check_lse(const at::Tensor& lse, const at::Tensor& q) {
+  check_same_shape(lse, "logsumexp", q.sym_sizes().slice(0, q.dim() - 1), q);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(lse.scalar_type() == acc, "logsumexp must be ", acc, " (as returned by the forward), got ",
+                   lse.scalar_type());
+}
+
+at::Tensor empty_output(const at::Tensor& q, const c10::SymInt& dim_v) {
+  const int64_t r = q.dim();
+  std::vector<int64_t> perm(r - 1);
+  std::iota(perm.begin(), perm.end(), 0);
+  // keep q's order of the non-feature dims (largest stride first, ties in index order)
+  std::stable_sort(perm.begin(), perm.end(),
+                   [&](int64_t a, int64_t b) { return q.sym_stride(a) > q.sym_stride(b); });
+  perm.push_back(r - 1);
+  std::vector<c10::SymInt> sizes;
+  for (int64_t d : perm) sizes.push_back(d == r - 1 ? dim_v : q.sym_size(d));
+  std::vector<int64_t> inv(r);
+  for (int64_t i = 0; i < r; ++i) inv[perm[i]] = i;
+  return at::empty_symint(sizes, q.options()).permute(inv);
+}
+
+at::Tensor empty_lse(const at::Tensor& q) {
+  auto s = q.sym_sizes();
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty_symint(s.slice(0, s.size() - 1), q.options().dtype(acc));
+}
+
+at::Tensor as_4d(const at::Tensor& t) {
+  at::Tensor x = t;
+  if (x.size(-1) > 1 && x.stride(-1) != 1) x = x.contiguous();
+  if (x.dim() == 3) return x.unsqueeze(0);
+  if (x.dim() == 4) return x;
+  return x.flatten(0, x.dim() - 4);
+}
+
+at::Tensor mask_4d(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
+  std::vector<int64_t> target(q.sizes().begin(), q.sizes().end() - 1);
+  target.push_back(k.size(-2));
+  at::Tensor m = mask.expand(target);
+  if (m.dim() == 3) return m.unsqueeze(0);
+  if (m.dim() == 4) return m;
+  return m.flatten(0, m.dim() - 4);
+}
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBool: return DType::kBool;
+    default: TORCH_CHECK_TYPE(false, "attention_ext: unsupported dtype ", t);
+  }
+}
+
+Strides4 strides_of(const at::Tensor& t4) {
+  Strides4 s;
+  s.b = t4.stride(0);
+  s.h = t4.stride(1);
+  s.r = t4.stride(2);
+  s.c = t4.stride(3);
+  return s;
+}
+
+FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
+                          const at::Tensor& o4, const at::Tensor& lse,
+                          const std::optional<at::Tensor>& mask4, const AttnOptions& opt) {
+  FwdParams p;
+  p.q = q4.data_ptr();
+  p.k = k4.data_ptr();
+  p.v = v4.data_ptr();
+  p.out = o4.defined() ? o4.data_ptr() : nullptr;
+  p.lse = lse.data_ptr();
+  p.q_stride = strides_of(q4);
+  p.k_stride = strides_of(k4);
+  p.v_stride = strides_of(v4);
+  if (o4.defined()) p.o_stride = strides_of(o4);
+  p.batch = q4.size(0);
+  p.heads_q = q4.size(1);
+  p.heads_kv = k4.size(1);
+  p.len_q = q4.size(2);
+  p.len_k = k4.size(2);
+  p.dim_qk = q4.size(3);
+  p.dim_v = v4.size(3);
+  p.dtype = to_dtype(q4.scalar_type());
+  if (mask4.has_value() && mask4->defined()) {
+    p.mask = mask4->data_ptr();
+    p.mask_stride = strides_of(*mask4);
+    p.mask_dtype = to_dtype(mask4->scalar_type());
+    p.mask_kind = mask4->scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+  }
+  p.scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(p.dim_qk)));
+  p.window_left = opt.window_left;
+  p.window_right = opt.is_causal ? (opt.window_right < 0 ? 0 : std::min<int64_t>(opt.window_right, 0))
+                                 : opt.window_right;
+  p.dropout_p = static_cast<float>(opt.dropout_p);
+  return p;
+}
+
+at::Tensor reduce_mask_grad(const at::Tensor& dmask_full, const at::Tensor& mask, const at::Tensor& q) {
+  std::vector<int64_t> full(q.sizes().begin(), q.sizes().end() - 1);
+  full.push_back(dmask_full.size(-1));
+  return dmask_full.view(full).sum_to_size(mask.sizes()).to(mask.scalar_type());
+}
+
+}  // namespace attention_ext

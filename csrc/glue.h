@@ -1,0 +1,59 @@
+// ATen glue shared by every backend: argument validation (SymInt-safe, so the
+// Meta kernels raise exactly the same errors under torch.compile), output
+// allocation, and filling the torch-free params structs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "attention_params.h"
+
+namespace attention_ext {
+
+// Everything the ops accept beyond the tensors.
+struct AttnOptions {
+  double dropout_p = 0.0;
+  bool is_causal = false;
+  std::optional<double> scale;
+  bool enable_gqa = false;
+  int64_t window_left = -1, window_right = -1;
+};
+
+AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
+                         bool enable_gqa, at::IntArrayRef window_size);
+
+// Raises ValueError/TypeError/RuntimeError naming the offending argument.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask, const AttnOptions& opt);
+// Checks a tensor that must have exactly `like`'s shape (grad_output, output, ...).
+void check_same_shape(const at::Tensor& t, const char* name, c10::SymIntArrayRef expected,
+                      const at::Tensor& q);
+
+// The forward's log-sum-exp: shape (..., Hq, L), dtype of empty_lse(q).
+void check_lse(const at::Tensor& lse, const at::Tensor& q);
+
+// (..., Hq, L, Ev) output laid out in q's memory order (so a (B, L, H, E) view
+// seen through transpose(1, 2) gives an output of the same kind).
+at::Tensor empty_output(const at::Tensor& q, const c10::SymInt& dim_v);
+// (..., Hq, L) log-sum-exp: float32 (float64 for float64 inputs).
+at::Tensor empty_lse(const at::Tensor& q);
+
+// (B, H, L, E) view of a (..., H, L, E) tensor whose last dim is unit-stride.
+at::Tensor as_4d(const at::Tensor& t);
+// attn_mask broadcast (zero strides) to (B, Hq, L, S).
+at::Tensor mask_4d(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k);
+
+DType to_dtype(at::ScalarType t);
+Strides4 strides_of(const at::Tensor& t4);
+
+// Fills everything but the RNG fields; q4/k4/v4/o4/mask4 must stay alive.
+FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
+                          const at::Tensor& o4, const at::Tensor& lse,
+                          const std::optional<at::Tensor>& mask4, const AttnOptions& opt);
+
+// Reduces the float (B, Hq, L, S) mask gradient to the mask's own shape and dtype.
+at::Tensor reduce_mask_grad(const at::Tensor& dmask_full, const at::Tensor& mask,
+                            const at::Tensor& q);
+
+}  // namespace attention_ext

@@ -1,0 +1,58 @@
+// Meta (fake) kernels: shapes, dtypes and strides of every op's outputs, from
+// the same validation and allocation code as the real backends (SymInt-safe,
+// so torch.compile with dynamic shapes works and raises the same errors).
+#include <torch/library.h>
+
+#include "glue.h"
+
+namespace attention_ext {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  return {empty_output(q, v.sym_size(-1)), empty_lse(q), at::empty({2}, q.options().dtype(at::kLong))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool mask_grad) {
+  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  check_same_shape(out, "output", out.sym_sizes(), q);
+  check_same_shape(grad_out, "grad_output", out.sym_sizes(), q);
+  check_lse(lse, q);
+  const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
+  at::Tensor dmask = want_dmask ? at::empty_symint(mask->sym_sizes(), mask->options())
+                                : at::empty({0}, q.options());
+  return {at::empty_like(q), at::empty_like(k), at::empty_like(v), dmask};
+}
+
+at::Tensor probs_meta(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
+                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  check_inputs(q, k, k, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  check_lse(lse, q);
+  auto qs = q.sym_sizes();
+  std::vector<c10::SymInt> shape(qs.begin(), qs.end() - 1);
+  shape.push_back(k.sym_size(-2));
+  return at::empty_symint(shape, q.options());
+}
+
+at::Tensor dropout_mask_meta(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
+                             double dropout_p) {
+  return at::empty({batch, heads, len_q, len_k}, rng.options().dtype(at::kBool));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attention_ext, Meta, m) {
+  m.impl("_attention_forward", TORCH_FN(forward_meta));
+  m.impl("_attention_backward", TORCH_FN(backward_meta));
+  m.impl("attention_probs", TORCH_FN(probs_meta));
+  m.impl("_dropout_mask", TORCH_FN(dropout_mask_meta));
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,126 @@
+// The one TORCH_LIBRARY block of the project: every schema, plus the
+// user-facing differentiable `attention` op (CompositeImplicitAutograd: a C++
+// autograd::Function over the internal forward/backward ops, so autograd works
+// from Python, from C++ through LibTorch, and under torch.compile, which traces
+// through it down to the internal ops and their Meta kernels).
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
+
+#include "glue.h"
+
+namespace attention_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("attention_ext::_attention_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           double, bool, std::optional<double>, bool, at::IntArrayRef)>();
+  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool mask_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("attention_ext::_attention_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           double, bool, std::optional<double>, bool, at::IntArrayRef, bool)>();
+  return op.call(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad);
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+    auto [out, lse, rng] = call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+    const bool has_mask = mask.has_value() && mask->defined();
+    ctx->save_for_backward({q, k, v, has_mask ? *mask : at::Tensor(), out, lse, rng});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["enable_gqa"] = enable_gqa;
+    ctx->saved_data["window"] = window.vec();
+    ctx->saved_data["has_mask"] = has_mask;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const bool has_mask = ctx->saved_data["has_mask"].toBool();
+    std::optional<at::Tensor> mask = has_mask ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+    const bool mask_grad = has_mask && ctx->needs_input_grad(3);
+    const auto window = ctx->saved_data["window"].toIntVector();
+    const bool create_graph = at::GradMode::is_enabled();
+    at::Tensor grad = grads[0];
+    variable_list result(9);
+    {
+      at::AutoGradMode no_grad(false);
+      if (!grad.defined()) grad = at::zeros_like(saved[4]);
+      auto [dq, dk, dv, dmask] =
+          call_backward(grad, saved[0], saved[1], saved[2], mask, saved[4], saved[5], saved[6],
+                        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+                        ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(),
+                        window, mask_grad);
+      result[0] = dq;
+      result[1] = dk;
+      result[2] = dv;
+      if (mask_grad) result[3] = dmask;
+    }
+    if (create_graph) {
+      // The gradients are not themselves differentiable: differentiating them
+      // again raises this error (but create_graph=True alone is fine).
+      variable_list first(result.begin(), result.begin() + 4);
+      auto err = std::make_shared<torch::autograd::DelayedError>(
+          "attention_ext.attention does not support double backward (second-order gradients)", 4);
+      auto wrapped = (*err)(std::move(first));
+      for (int i = 0; i < 4; ++i) result[i] = wrapped[i];
+    }
+    return result;
+  }
+};
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  return AttentionFunction::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(attention_ext, m) {
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
+      "bool is_causal=False, float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1]) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
+      "bool is_causal, float? scale, bool enable_gqa, int[2] window_size) "
+      "-> (Tensor output, Tensor logsumexp, Tensor rng_state)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, float? scale, "
+      "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
+  m.def(
+      "attention_probs(Tensor query, Tensor key, Tensor? attn_mask, Tensor logsumexp, Tensor rng_state, "
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
+      "int[2] window_size=[-1, -1]) -> Tensor");
+  m.def("_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor");
+  m.impl("attention", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(attention));
+}
+
+}  // namespace attention_ext
