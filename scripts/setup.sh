@@ -5,7 +5,8 @@
 # incremental build of the extension in place. Safe to run again.
 #
 #   ATTENTION_EXT_VENV   where the environment lives (default .venv)
-#   ATTENTION_EXT_EXTRAS extra requirement files to install (e.g. "clients")
+#   ATTENTION_EXT_REQUIREMENTS  requirement files (default: requirements/base.txt
+#                        requirements/clients.txt)
 #   MAX_JOBS             parallel compile jobs (default: all cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,22 +21,26 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" >/dev/null 2>&1; then
   pip install -q "torch==2.14.1"
 fi
-missing=$(python - <<'PY'
-import importlib.util, re, sys
+# Install what is missing from the requirement files; a package that is already
+# installed (any version, e.g. the GPU machine's own torchvision) is kept, so
+# this also works offline on a machine that has everything.
+missing=$(python - ${ATTENTION_EXT_REQUIREMENTS:-requirements/base.txt requirements/clients.txt} <<'PY'
+import importlib.metadata as md, re, sys
 need = []
-for line in open("requirements/base.txt"):
-    line = line.split("#")[0].strip()
-    if line:
-        name = re.split("[=<>!~ ]", line)[0]
-        if importlib.util.find_spec(name.replace("-", "_")) is None:
+for path in sys.argv[1:]:
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        name = re.split("[=<>!~ \\[]", line)[0]
+        try:
+            md.distribution(name)
+        except md.PackageNotFoundError:
             need.append(line)
 print(" ".join(need))
 PY
 )
 if [ -n "$missing" ]; then pip install -q $missing; fi
-for extra in ${ATTENTION_EXT_EXTRAS:-}; do
-  pip install -q -r "requirements/$extra.txt"
-done
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 python setup.py -q build_ext --inplace
 site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
