@@ -31,10 +31,13 @@ namespace attention_ext::cpu {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 256;
-
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tile sizes: query rows per task, key rows per step (see choose_blocks in runtime.cpp).
+struct Blocks {
+  int64_t q, k;
+};
+Blocks choose_blocks(const FwdParams& p, bool backward);
 
 inline int64_t dtype_size(DType d) {
   switch (d) {
@@ -129,6 +132,8 @@ template <typename T>
 void flash_fwd(const FwdParams& p) {
   using A = acc_t<T>;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, E = p.dim_qk, Ev = p.dim_v;
+  const Blocks blk = choose_blocks(p, false);
+  const int64_t kBlockQ = blk.q, kBlockK = blk.k;
   const int64_t nqb = cdiv(L, kBlockQ);
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
@@ -193,12 +198,12 @@ void flash_fwd(const FwdParams& p) {
 // P = exp(scale * Q K^T + mask - lse) for a tile, rows with lse = -inf give 0.
 template <typename A>
 void recompute_probs(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                     int64_t nk, const A* qbuf, const A* kbuf, A* sbuf, A* tmp) {
-  gemm_nt<A>(nq, nk, p.dim_qk, static_cast<A>(p.scale), qbuf, p.dim_qk, kbuf, p.dim_qk, A(0), sbuf, kBlockK);
-  mask_tile(p, b, h, i0, nq, j0, nk, sbuf, kBlockK, tmp);
+                     int64_t nk, const A* qbuf, const A* kbuf, A* sbuf, int64_t lds, A* tmp) {
+  gemm_nt<A>(nq, nk, p.dim_qk, static_cast<A>(p.scale), qbuf, p.dim_qk, kbuf, p.dim_qk, A(0), sbuf, lds);
+  mask_tile(p, b, h, i0, nq, j0, nk, sbuf, lds, tmp);
   const A* lse = static_cast<const A*>(p.lse) + (b * p.heads_q + h) * p.len_q + i0;
   for (int64_t r = 0; r < nq; ++r) {
-    A* s = sbuf + r * kBlockK;
+    A* s = sbuf + r * lds;
     if (lse[r] == -std::numeric_limits<A>::infinity()) {
       std::fill(s, s + nk, A(0));
     } else {
@@ -233,6 +238,8 @@ void flash_bwd(const BwdParams& p) {
 
   // Split the key blocks of each (batch, kv head) over several tasks only when
   // there are too few (batch, kv head) pairs to keep every thread busy.
+  const Blocks blk = choose_blocks(p, true);
+  const int64_t kBlockQ = blk.q, kBlockK = blk.k;
   const int64_t nkb = cdiv(S, kBlockK);
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
   int64_t nchunks = (B * Hkv >= want || nkb <= 1) ? 1 : std::min(nkb, cdiv(want, std::max<int64_t>(B * Hkv, 1)));
@@ -278,7 +285,7 @@ void flash_bwd(const BwdParams& p) {
             if (jhi <= j0 || jlo >= j0 + nk) continue;  // block sees none of these keys
             load_rows(q + i0 * p.q_stride.r, p.q_stride.r, nq, E, qbuf.data());
             load_rows(dout + i0 * p.do_stride.r, p.do_stride.r, nq, Ev, dobuf.data());
-            recompute_probs(p, b, h, i0, nq, j0, nk, qbuf.data(), kbuf.data(), pbuf.data(), tmp.data());
+            recompute_probs(p, b, h, i0, nq, j0, nk, qbuf.data(), kbuf.data(), pbuf.data(), kBlockK, tmp.data());
             // dP = dO V^T
             gemm_nt<A>(nq, nk, Ev, A(1), dobuf.data(), Ev, vbuf.data(), Ev, A(0), dpbuf.data(), kBlockK);
             const A* pv = pbuf.data();  // the probabilities that multiplied V
@@ -345,6 +352,8 @@ template <typename T>
 void flash_probs(const FwdParams& p, T* out) {
   using A = acc_t<T>;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, S = p.len_k, E = p.dim_qk;
+  const Blocks blk = choose_blocks(p, false);
+  const int64_t kBlockQ = blk.q, kBlockK = blk.k;
   const int64_t nqb = cdiv(L, kBlockQ);
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
@@ -359,7 +368,7 @@ void flash_probs(const FwdParams& p, T* out) {
       for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, S - j0);
         load_rows(k + j0 * p.k_stride.r, p.k_stride.r, nk, E, kbuf.data());
-        recompute_probs(p, b, h, i0, nq, j0, nk, qbuf.data(), kbuf.data(), sbuf.data(), tmp.data());
+        recompute_probs(p, b, h, i0, nq, j0, nk, qbuf.data(), kbuf.data(), sbuf.data(), kBlockK, tmp.data());
         for (int64_t r = 0; r < nq; ++r) {
           A* s = sbuf.data() + r * kBlockK;
           if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);

@@ -2,6 +2,11 @@
 // at::parallel_for uses torch's own OpenMP pool).
 #include "runtime.h"
 
+#include <cstdio>
+#include <cstdlib>
+
+#include "flash_cpu.h"
+
 #include <ATen/Parallel.h>
 
 #include <type_traits>
@@ -14,6 +19,27 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
 }
 
 int num_threads() { return at::get_num_threads(); }
+
+Blocks choose_blocks(const FwdParams& p, bool backward) {
+  // ATTENTION_EXT_CPU_BLOCKS="q,k" overrides (for tuning).
+  static const char* env_fwd = std::getenv("ATTENTION_EXT_CPU_BLOCKS");
+  static const char* env_bwd = std::getenv("ATTENTION_EXT_CPU_BLOCKS_BWD");
+  const char* env = backward ? env_bwd : env_fwd;
+  if (env != nullptr) {
+    long q = 0, k = 0;
+    if (std::sscanf(env, "%ld,%ld", &q, &k) == 2 && q > 0 && k > 0) return {q, k};
+  }
+  // Measured on a 2-core Zen 4 (benchmarks/NOTES.md): large key blocks amortise
+  // the BLAS calls; causal/windowed rows want small query blocks (the diagonal
+  // block wastes ~block_q / L of the work); the backward's P^T dO and dS^T Q
+  // products have k = block_q, so it prefers 128 x 128.
+  if (backward) return {128, 128};
+  const bool banded = p.window_left >= 0 || p.window_right >= 0;
+  int64_t q = banded ? 64 : 128;
+  const int64_t want = 4 * static_cast<int64_t>(num_threads());
+  while (q > 16 && p.batch * p.heads_q * ((p.len_q + q - 1) / q) < want) q /= 2;
+  return {q, 512};
+}
 
 // BLAS: the Fortran interface (sgemm_/dgemm_, LP64) that torch's own CPU
 // build exports (MKL on x86-64 wheels, OpenBLAS elsewhere), resolved weakly at

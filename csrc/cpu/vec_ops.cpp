@@ -55,6 +55,7 @@ AE_INLINE float exp_nonpos(float x) {
 
 AE_CLONES float row_max(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
