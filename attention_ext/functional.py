@@ -1,0 +1,219 @@
+"""Functional drop-ins built on the fused ops.
+
+* :func:`scaled_dot_product_attention` -- same signature and semantics as
+  ``torch.nn.functional.scaled_dot_product_attention``, computed by
+  ``torch.ops.attention_ext.attention``.
+* :func:`use_attention_ext` -- a context manager that routes every call of
+  ``torch.nn.functional.scaled_dot_product_attention`` (for models such as
+  timm's that call the PyTorch function directly) through it, and restores the
+  original function on exit.
+* :func:`attention_with_weights` -- the fused output *and* the attention
+  probabilities, both differentiable (used by ``MultiheadAttention`` with
+  ``need_weights=True`` and by the Hugging Face integration with
+  ``output_attentions=True``).
+
+Inputs the kernels cannot take (nested tensors, a device the library has no
+kernel for, a head dim above 256, a non-float dtype) are passed on to
+PyTorch's own implementation, so a patched model keeps working everywhere.
+"""
+import contextlib
+import threading
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _loader
+
+_loader.load()
+_ops = torch.ops.attention_ext
+
+# PyTorch's implementation, captured before anything can patch it.
+_torch_sdpa = torch._C._nn.scaled_dot_product_attention
+
+_NO_WINDOW = [-1, -1]
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_kernel_cache = {}
+
+
+def has_kernel(device: torch.device) -> bool:
+    """True when the compiled library has kernels for ``device``'s type (cpu, cuda, meta, ...)."""
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    ok = _kernel_cache.get(dev_type)
+    if ok is None:
+        key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(dev_type)
+        ok = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "attention_ext::_attention_forward", key)
+        _kernel_cache[dev_type] = ok
+    return ok
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the fused kernels can take these inputs (else callers fall back to PyTorch)."""
+    if query.is_nested or key.is_nested or value.is_nested:
+        return False
+    if query.dtype not in _FLOAT_DTYPES or query.dtype != key.dtype or query.dtype != value.dtype:
+        return False
+    if query.dtype == torch.float64 and query.device.type not in ("cpu", "meta"):
+        return False
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        return False
+    if not (1 <= query.shape[-1] <= 256 and 1 <= value.shape[-1] <= 256):
+        return False
+    return has_kernel(query.device)
+
+
+# ---------------------------------------------------------------------------
+# attention output + probabilities, both differentiable
+# ---------------------------------------------------------------------------
+class _AttentionWithWeights(torch.autograd.Function):
+    """(output, probs) from one fused forward; probs recomputed from the log-sum-exp.
+
+    The backward of the output is the fused backward kernel; a gradient flowing
+    into ``probs`` (when the caller uses the weights in its loss) is
+    back-propagated through the softmax (and dropout) on the materialised
+    probabilities, which exist anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+        out, lse, rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW)
+        probs = _ops.attention_probs(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW)
+        ctx.save_for_backward(q, k, v, mask, out, lse, rng)
+        ctx.opts = (dropout_p, is_causal, scale, enable_gqa)
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, g_out, g_probs):
+        q, k, v, mask, out, lse, rng = ctx.saved_tensors
+        dropout_p, is_causal, scale, enable_gqa = ctx.opts
+        mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+        if g_out is None:
+            g_out = torch.zeros_like(out)
+        dq, dk, dv, dmask = _ops._attention_backward(
+            g_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW, mask_grad)
+        if not mask_grad:
+            dmask = None
+        if g_probs is not None:
+            # d(probs)/d(scores): probs = softmax(s) [* keep / (1 - p)], s = scale * q k^T + mask
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            p = _ops.attention_probs(q, k, mask, lse, rng, 0.0, is_causal, scale, enable_gqa, _NO_WINDOW).to(acc)
+            g = g_probs.to(acc)
+            if dropout_p > 0:
+                lead = p.shape[:-3]
+                bsz = 1
+                for d in lead:
+                    bsz *= d
+                heads, len_q, len_k = p.shape[-3:]
+                keep = _ops._dropout_mask(rng, bsz, heads, len_q, len_k, dropout_p).to(p.device).view(p.shape)
+                g = g * keep.to(acc) / (1.0 - dropout_p)
+            ds = p * (g - (g * p).sum(-1, keepdim=True))
+            sc = scale if scale is not None else q.shape[-1] ** -0.5
+            hq, hkv = q.shape[-3], k.shape[-3]
+            kk = k.to(acc)
+            if hq != hkv:
+                kk = kk.repeat_interleave(hq // hkv, dim=-3)
+            dq = dq + (sc * torch.matmul(ds, kk)).to(dq.dtype)
+            dk_h = sc * torch.matmul(ds.transpose(-1, -2), q.to(acc))
+            if hq != hkv:
+                dk_h = dk_h.unflatten(-3, (hkv, hq // hkv)).sum(-3)
+            dk = dk + dk_h.to(dk.dtype)
+            if mask_grad:
+                dmask = dmask + ds.sum_to_size(mask.shape).to(dmask.dtype)
+        return dq, dk, dv, dmask, None, None, None, None
+
+
+def attention_with_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(output, probs)``: the fused attention output and the attention weights
+    ``(..., heads, L, S)`` (with the forward's dropout applied, as PyTorch's
+    MultiheadAttention returns them). Gradients flow through both."""
+    return _AttentionWithWeights.apply(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
+                                       bool(enable_gqa))
+
+
+# ---------------------------------------------------------------------------
+# F.scaled_dot_product_attention drop-in
+# ---------------------------------------------------------------------------
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same signature and semantics (boolean mask True = attend, float mask
+    added, broadcastable; top-left causal; dropout applied whenever
+    ``dropout_p > 0``, as in PyTorch; broadcasting batch dims; 2-D inputs), run
+    by ``torch.ops.attention_ext.attention``. Differences: a query row that can
+    see no key gives 0 (PyTorch's math path gives NaN). Inputs the kernels
+    cannot take are handed to PyTorch's implementation.
+    """
+    if not supports(query, key, value):
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
+    if is_causal and attn_mask is not None:
+        raise RuntimeError("scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+    squeeze = query.dim() == 2
+    if squeeze:  # (L, E): no heads dim
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    rank = max(query.dim(), key.dim(), value.dim())
+    if not (query.dim() == key.dim() == value.dim()) or not (
+            query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+        # broadcast the leading batch dims (views, no copies)
+        query, key, value = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+        lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        query = query.expand(*lead, *query.shape[-3:])
+        key = key.expand(*lead, *key.shape[-3:])
+        value = value.expand(*lead, *value.shape[-3:])
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype not in (query.dtype, torch.float32):
+        attn_mask = attn_mask.to(query.dtype)
+    out = _ops.attention(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
+                         _NO_WINDOW)
+    return out.squeeze(0) if squeeze else out
+
+
+_patch_lock = threading.RLock()
+_patch_depth = 0
+_patch_saved = None
+
+
+@contextlib.contextmanager
+def use_attention_ext():
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` through
+    :func:`scaled_dot_product_attention` inside the ``with`` block.
+
+    Patches the attribute of ``torch.nn.functional`` (how timm, Hugging Face's
+    "sdpa" implementation and ``torch.nn.MultiheadAttention`` itself look the
+    function up, at call time) and restores the original on exit, also when
+    the block raises. Re-entrant. Code that bound the function to a name of
+    its own before the block (``from torch.nn.functional import
+    scaled_dot_product_attention``) is not affected.
+    """
+    global _patch_depth, _patch_saved
+    with _patch_lock:
+        if _patch_depth == 0:
+            _patch_saved = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = scaled_dot_product_attention
+        _patch_depth += 1
+    try:
+        yield
+    finally:
+        with _patch_lock:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                F.scaled_dot_product_attention = _patch_saved
+                _patch_saved = None
