@@ -13,6 +13,14 @@ from . import _loader
 
 _loader.load()  # registers torch.ops.attention_ext.*
 from .ops import attention, attention_forward, attention_backward, attention_probs
+from .functional import scaled_dot_product_attention, use_attention_ext, attention_with_weights
+from .nn import MultiheadAttention
+from .convert import replace_multihead_attention
+from . import hf as _hf
+
+_hf.register_on_import()  # attn_implementation="attention_ext" in transformers (lazily; never imports it)
 
 __all__ = ["attention", "attention_forward", "attention_backward", "attention_probs"]
+__all__ += ["scaled_dot_product_attention", "use_attention_ext", "attention_with_weights", "MultiheadAttention",
+            "replace_multihead_attention"]
 __version__ = "0.1.0"

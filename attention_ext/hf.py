@@ -1,0 +1,240 @@
+"""Hugging Face transformers integration: ``attn_implementation="attention_ext"``.
+
+``import attention_ext`` registers this project with transformers' attention
+interface (``AttentionInterface``), and with its mask interface
+(``AttentionMaskInterface``, transformers >= 4.53: models then build the same
+boolean masks as for "sdpa", or none at all when ``is_causal`` covers it), so
+
+    model = AutoModel.from_pretrained(path, attn_implementation="attention_ext")
+    model = LlamaForCausalLM(LlamaConfig(..., attn_implementation="attention_ext"))
+
+run their attention through ``torch.ops.attention_ext``. The registration
+costs nothing at import: when transformers is installed but not imported yet,
+an import hook registers the moment ``transformers.modeling_utils`` (and
+``transformers.masking_utils``) are first imported; when transformers is not
+installed nothing happens. :func:`register` does it explicitly.
+
+The attention function handles grouped-query attention (fewer key/value heads
+than query heads: read in place, never repeated), boolean and additive float
+masks, the module's ``is_causal``, ``scaling``, dropout (``dropout`` is 0 in
+eval), and returns the attention weights (differentiable, after dropout like
+"eager") when the model is asked for them (``output_attentions=True``).
+"""
+import importlib.abc
+import importlib.util
+import sys
+import threading
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import _loader
+from .functional import _torch_sdpa, attention_with_weights, supports
+
+_loader.load()
+_ops = torch.ops.attention_ext
+NAME = "attention_ext"
+_NO_WINDOW = [-1, -1]
+_lock = threading.Lock()
+_done = {"attention": False, "mask": False}
+
+
+def _wants_weights(module, kwargs) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    cfg = getattr(module, "config", None)
+    if cfg is not None and getattr(cfg, "output_attentions", False) and kwargs.get("output_attentions") is None:
+        return True
+    # transformers >= 5 records attention weights through hooks: ask its collector
+    oc = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(oc, "_active_collector", None) if oc is not None else None
+    if collector is not None:
+        try:
+            active = collector.get()
+        except Exception:  # pragma: no cover - depends on the transformers version
+            active = None
+        if active:
+            return any(k.endswith("attentions") for k in active.keys())
+    return False
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The attention function transformers calls: ``query`` (B, H, L, E), ``key`` / ``value``
+    (B, H_kv, S, E); returns ``(attn_output (B, L, H, Ev), attn_weights (B, H, L, S) or None)``."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("`attention_ext` attention does not support `softcap`; use `eager` for this model")
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] > kv_len:
+        attention_mask = attention_mask[:, :, :, :kv_len]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    is_causal = bool(is_causal) and attention_mask is None and q_len > 1
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # learned relative bias (T5-style): one additive mask
+        bias = position_bias
+        if is_causal:
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+            bias = bias.masked_fill(~causal, float("-inf"))
+            is_causal = False
+        if attention_mask is None:
+            attention_mask = bias
+        elif attention_mask.dtype == torch.bool:
+            attention_mask = bias.masked_fill(~attention_mask, float("-inf"))
+        else:
+            attention_mask = bias + attention_mask
+    if (attention_mask is not None and attention_mask.is_floating_point()
+            and attention_mask.dtype not in (query.dtype, torch.float32)):
+        attention_mask = attention_mask.to(query.dtype)
+    gqa = query.shape[-3] != key.shape[-3]
+    want_weights = _wants_weights(module, kwargs)
+
+    if not supports(query, key, value):  # e.g. head dim > 256 or a device without kernels
+        if gqa:
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+        out = _torch_sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal,
+                          scale=scaling)
+        return out.transpose(1, 2), None
+
+    if want_weights:
+        out, weights = attention_with_weights(query, key, value, attention_mask, dropout, is_causal, scaling, gqa)
+    else:
+        out = _ops.attention(query, key, value, attention_mask, float(dropout), is_causal, scaling, gqa, _NO_WINDOW)
+        weights = None
+    # the kernel lays its output out in the query's order of dims: for the usual
+    # q_proj(x).view(B, L, H, E).transpose(1, 2) this transpose is contiguous
+    return out.transpose(1, 2), weights
+
+
+# ---------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------
+def _register_attention(modeling_utils) -> None:
+    iface = getattr(modeling_utils, "AttentionInterface", None)
+    if iface is not None and hasattr(iface, "register"):
+        iface.register(NAME, attention_forward)
+    else:  # transformers 4.48/4.49: a plain dict
+        fns = getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None)
+        if fns is None:
+            return
+        fns[NAME] = attention_forward
+    _done["attention"] = True
+
+
+def _register_mask(masking_utils) -> None:
+    iface = getattr(masking_utils, "AttentionMaskInterface", None)
+    if iface is None:  # transformers < 4.53: models build additive float masks themselves
+        return
+    mapping = getattr(iface, "_global_mapping", {})
+    sdpa_mask = mapping.get("sdpa") or getattr(masking_utils, "sdpa_mask", None)
+    if sdpa_mask is not None:
+        iface.register(NAME, sdpa_mask)
+        _done["mask"] = True
+
+
+def register() -> bool:
+    """Register ``attn_implementation="attention_ext"`` with transformers (imports it). Idempotent;
+    False when transformers is not installed."""
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    with _lock:
+        import transformers.modeling_utils as mu
+        _register_attention(mu)
+        try:
+            import transformers.masking_utils as mk
+        except ImportError:
+            mk = None
+        if mk is not None:
+            _register_mask(mk)
+    return _done["attention"]
+
+
+class _Loader(importlib.abc.Loader):
+    """Wraps a module's loader to run ``callback(module)`` once it has executed."""
+
+    def __init__(self, loader, callback):
+        self._loader = loader
+        self._callback = callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        # the wrapper has served its purpose: give the module its real loader back
+        module.__loader__ = self._loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        try:
+            self._callback(module)
+        except Exception as e:  # never break the user's import of transformers
+            warnings.warn(f"attention_ext: could not register with transformers ({e!r}); "
+                          f"call attention_ext.hf.register() to retry")
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    def __init__(self, callbacks):
+        self.callbacks = dict(callbacks)
+
+    def find_spec(self, fullname, path, target=None):
+        cb = self.callbacks.get(fullname)
+        if cb is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        del self.callbacks[fullname]
+        if not self.callbacks:
+            try:
+                sys.meta_path.remove(self)
+            except ValueError:
+                pass
+        spec.loader = _Loader(spec.loader, cb)
+        return spec
+
+
+def register_on_import() -> None:
+    """Called by ``import attention_ext``: register now if transformers is already imported, else when
+    it is (through an import hook); nothing when transformers is not installed. Never imports it."""
+    callbacks = {}
+    mu = sys.modules.get("transformers.modeling_utils")
+    if mu is not None:
+        _register_attention(mu)
+    else:
+        callbacks["transformers.modeling_utils"] = _register_attention
+    mk = sys.modules.get("transformers.masking_utils")
+    if mk is not None:
+        _register_mask(mk)
+    else:
+        callbacks["transformers.masking_utils"] = _register_mask
+    if not callbacks:
+        return
+    if "transformers" not in sys.modules:
+        try:
+            if importlib.util.find_spec("transformers") is None:
+                return
+        except (ImportError, ValueError):
+            return
+    if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportHook(callbacks))
