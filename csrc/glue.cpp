@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <numeric>
 #include <sstream>
 
@@ -148,6 +150,14 @@ at::Tensor empty_lse(const at::Tensor& q) {
   auto s = q.sym_sizes();
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::empty_symint(s.slice(0, s.size() - 1), q.options().dtype(acc));
+}
+
+void poison(const at::Tensor& t) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("ATTENTION_EXT_POISON");
+    return e != nullptr && e[0] == '1';
+  }();
+  if (enabled && t.defined() && t.numel() > 0 && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 at::Tensor as_4d(const at::Tensor& t) {

@@ -39,6 +39,11 @@ at::Tensor empty_output(const at::Tensor& q, const c10::SymInt& dim_v);
 // (..., Hq, L) log-sum-exp: float32 (float64 for float64 inputs).
 at::Tensor empty_lse(const at::Tensor& q);
 
+// With ATTENTION_EXT_POISON=1 in the environment (the test suite sets it),
+// fills a freshly allocated output with NaN before a kernel writes it, so an
+// element a kernel forgets to write cannot pass a test by luck.
+void poison(const at::Tensor& t);
+
 // (B, H, L, E) view of a (..., H, L, E) tensor whose last dim is unit-stride.
 at::Tensor as_4d(const at::Tensor& t);
 // attn_mask broadcast (zero strides) to (B, Hq, L, S).

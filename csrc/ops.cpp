@@ -4,7 +4,6 @@
 // from Python, from C++ through LibTorch, and under torch.compile, which traces
 // through it down to the internal ops and their Meta kernels).
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include "glue.h"
@@ -40,6 +39,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
   return op.call(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad);
 }
 
+// First-order gradients as an autograd function of their own, so that with
+// create_graph=True the gradients carry a node whose backward raises a clear
+// error (instead of silently not requiring grad).
+class AttentionBackwardFunction : public torch::autograd::Function<AttentionBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                               const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng, double dropout_p,
+                               bool is_causal, std::optional<double> scale, bool enable_gqa,
+                               at::IntArrayRef window, bool mask_grad) {
+    auto [dq, dk, dv, dmask] = call_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
+                                             enable_gqa, window, mask_grad);
+    return {dq, dk, dv, dmask};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "attention_ext.attention does not support double backward (differentiating its gradients); "
+                "use create_graph=False, or torch.nn.functional.scaled_dot_product_attention's math backend "
+                "for higher-order gradients");
+  }
+};
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -63,32 +84,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     std::optional<at::Tensor> mask = has_mask ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
     const bool mask_grad = has_mask && ctx->needs_input_grad(3);
     const auto window = ctx->saved_data["window"].toIntVector();
-    const bool create_graph = at::GradMode::is_enabled();
-    at::Tensor grad = grads[0];
-    variable_list result(9);
-    {
-      at::AutoGradMode no_grad(false);
-      if (!grad.defined()) grad = at::zeros_like(saved[4]);
-      auto [dq, dk, dv, dmask] =
-          call_backward(grad, saved[0], saved[1], saved[2], mask, saved[4], saved[5], saved[6],
-                        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
-                        ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(),
-                        window, mask_grad);
-      result[0] = dq;
-      result[1] = dk;
-      result[2] = dv;
-      if (mask_grad) result[3] = dmask;
-    }
-    if (create_graph) {
-      // The gradients are not themselves differentiable: differentiating them
-      // again raises this error (but create_graph=True alone is fine).
-      variable_list first(result.begin(), result.begin() + 4);
-      auto err = std::make_shared<torch::autograd::DelayedError>(
-          "attention_ext.attention does not support double backward (second-order gradients)", 4);
-      auto wrapped = (*err)(std::move(first));
-      for (int i = 0; i < 4; ++i) result[i] = wrapped[i];
-    }
-    return result;
+    at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[4]);
+    auto g = AttentionBackwardFunction::apply(
+        grad, saved[0], saved[1], saved[2], mask, saved[4], saved[5], saved[6],
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
+        ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(), window, mask_grad);
+    return {g[0], g[1], g[2], mask_grad ? g[3] : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -120,7 +122,19 @@ TORCH_LIBRARY(attention_ext, m) {
       "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
       "int[2] window_size=[-1, -1]) -> Tensor");
   m.def("_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor");
-  m.impl("attention", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(attention));
+}
+
+TORCH_LIBRARY_IMPL(attention_ext, CompositeImplicitAutograd, m) {
+  m.impl("attention", TORCH_FN(attention));
+}
+
+// The internal ops are not differentiable by themselves (attention is the
+// differentiable entry point): their outputs never require grad.
+TORCH_LIBRARY_IMPL(attention_ext, Autograd, m) {
+  m.impl("_attention_forward", torch::CppFunction::makeFallthrough());
+  m.impl("_attention_backward", torch::CppFunction::makeFallthrough());
+  m.impl("attention_probs", torch::CppFunction::makeFallthrough());
+  m.impl("_dropout_mask", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace attention_ext

@@ -61,6 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   check_inputs(q, k, v, mask, opt);
   at::Tensor out = empty_output(q, v.sym_size(-1));
   at::Tensor lse = empty_lse(q);
+  poison(out);
+  poison(lse);
   at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out);
   auto m4 = mask4_of(mask, q, k);
   FwdParams p = make_fwd_params(q4, k4, v4, o4, lse, m4, opt);
@@ -88,6 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
 
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  poison(dq);
+  poison(dk);
+  poison(dv);
   at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out), g4 = as_4d(grad_out);
   at::Tensor dq4 = as_4d(dq), dk4 = as_4d(dk), dv4 = as_4d(dv);
   at::Tensor lse_c = lse.contiguous();
@@ -128,6 +133,7 @@ at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::option
   std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
   shape.push_back(k.size(-2));
   at::Tensor probs = at::empty(shape, q.options());
+  poison(probs);
   at::Tensor q4 = as_4d(q), k4 = as_4d(k);
   at::Tensor lse_c = lse.contiguous();
   auto m4 = mask4_of(mask, q, k);
