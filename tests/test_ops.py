@@ -1,0 +1,624 @@
+"""Forward, log-sum-exp and gradients of attention_ext.attention against the
+float64 reference (tests/reference.py), over a representative (pairwise-style)
+grid of shapes, head dims, dtypes, masks, causal/window/GQA options and memory
+layouts.
+
+Tolerance: error(ours vs float64 reference) <= 2 x error(F.scaled_dot_product_attention
+in the same dtype, same inputs) + a small floor (reference.ABS_FLOOR).
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Optional, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention_ext
+from conftest import cuda_marks, dtype_id, skip_unsupported
+from reference import ABS_FLOOR, assert_close_vs_baseline, reference_grads, window_visibility
+
+ops = torch.ops.attention_ext
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: Tuple[int, ...] = (2,)
+    hq: int = 4
+    hkv: Optional[int] = None          # None: = hq
+    L: int = 17
+    S: int = 23
+    E: int = 64
+    Ev: Optional[int] = None           # None: = E
+    dtype: torch.dtype = f32
+    causal: bool = False
+    window: Optional[Tuple[int, int]] = None
+    mask: Optional[str] = None         # None | 'bool' | 'float' (float32) | 'floatq' (query dtype)
+    mask_shape: str = "LS"             # see make_mask
+    mask_grad: bool = False            # float mask requires grad
+    ninf: bool = False                 # float mask: some -inf entries
+    fully_masked: bool = False         # mask makes some query rows see no key
+    layout: str = "contig"             # see make_qkv
+    scale: Optional[float] = None
+
+    @property
+    def Hkv(self):
+        return self.hq if self.hkv is None else self.hkv
+
+    @property
+    def Dv(self):
+        return self.E if self.Ev is None else self.Ev
+
+    @property
+    def gqa(self):
+        return self.Hkv != self.hq
+
+    @property
+    def id(self):
+        return f"{self.name}-{dtype_id(self.dtype)}"
+
+
+def _c(name, **kw):
+    return Case(name, **kw)
+
+
+# fmt: off
+CASES = [
+    # --- float32: shapes, head dims, lengths ---
+    _c("basic"),
+    _c("rank3_E40_Ev64", batch=(), hq=3, L=7, S=129, E=40, Ev=64),
+    _c("batch2x3_E8", batch=(2, 3), hq=2, L=9, S=7, E=8),
+    _c("batch3d_E40", batch=(2, 1, 2), hq=2, L=5, S=11, E=40, causal=True),
+    _c("hd1", batch=(3,), hq=2, L=7, S=7, E=1, Ev=1),
+    _c("hd1_Ev8_causal", batch=(), hq=2, L=7, S=13, E=1, Ev=8, causal=True),
+    _c("hd256", batch=(1,), hq=2, L=33, S=65, E=256),
+    _c("hd80_Ev96_causal", batch=(2,), hq=2, L=129, S=127, E=80, Ev=96, causal=True),
+    _c("hd96_Ev40_window", batch=(1,), hq=3, L=127, S=129, E=96, Ev=40, window=(8, 0)),
+    _c("hd128_Ev8_gqa_causal", batch=(2,), hq=8, hkv=2, L=65, S=65, E=128, Ev=8, causal=True),
+    _c("hd256_Ev1", batch=(1,), hq=1, L=7, S=9, E=256, Ev=1),
+    _c("mqa_window", batch=(2,), hq=4, hkv=1, L=31, S=40, E=64, window=(3, 5)),
+    _c("decode_L1_S1000", batch=(2,), hq=4, hkv=2, L=1, S=1000, E=64),
+    _c("L1000_S7", batch=(1,), hq=2, L=1000, S=7, E=8),
+    _c("L1000_causal", batch=(1,), hq=2, L=1000, S=1000, E=64, causal=True),
+    _c("S600_chunked_dq", batch=(1,), hq=1, L=70, S=600, E=40),
+    _c("L1_S1", batch=(3,), hq=2, L=1, S=1, E=8),
+    _c("scale_custom", batch=(2,), hq=2, L=13, S=17, E=32, scale=0.37),
+    _c("scale_causal_gqa", batch=(1,), hq=6, hkv=3, L=17, S=17, E=16, scale=1.5, causal=True),
+    # causal / window geometry
+    _c("causal_L_gt_S", batch=(2,), hq=2, L=40, S=9, E=16, causal=True),
+    _c("causal_L_lt_S", batch=(2,), hq=2, L=9, S=40, E=16, causal=True),
+    _c("window_empty_rows", batch=(1,), hq=2, L=30, S=6, E=16, window=(1, 1), layout="poison"),
+    _c("window_diag", batch=(2,), hq=2, L=19, S=19, E=8, window=(0, 0)),
+    _c("window_right_only", batch=(1,), hq=2, L=19, S=25, E=8, window=(-1, 2)),
+    _c("window_causal", batch=(1,), hq=2, L=300, S=300, E=32, causal=True, window=(70, 5)),
+    _c("window_rows_past_S", batch=(2,), hq=2, hkv=1, L=200, S=50, E=24, window=(10, 10), layout="poison"),
+    _c("window_left_only", batch=(1,), hq=2, L=129, S=129, E=64, window=(16, -1)),
+    # --- masks: every broadcast shape, bool and float (with gradient) ---
+    _c("bool_LS", L=127, S=129, mask="bool", mask_shape="LS"),
+    _c("bool_1S", L=20, S=30, mask="bool", mask_shape="1S"),
+    _c("bool_S", L=20, S=30, mask="bool", mask_shape="S"),
+    _c("bool_keypad_full", batch=(3,), L=20, S=30, mask="bool", mask_shape="keypad", fully_masked=True),
+    _c("bool_HLS", L=12, S=14, mask="bool", mask_shape="HLS"),
+    _c("bool_full", L=12, S=14, mask="bool", mask_shape="full"),
+    _c("bool_L1_rows", L=12, S=14, mask="bool", mask_shape="L1", fully_masked=True),
+    _c("bool_B1LS_causal_gqa", batch=(2,), hq=4, hkv=2, L=21, S=21, mask="bool", mask_shape="B1LS", causal=True),
+    _c("bool_noncontig", L=15, S=18, mask="bool", mask_shape="noncontig"),
+    _c("bool_rank3_HLS", batch=(), hq=2, L=10, S=12, E=16, mask="bool", mask_shape="HLS", fully_masked=True),
+    _c("float_LS_grad", L=129, S=127, mask="float", mask_shape="LS", mask_grad=True),
+    _c("float_1S_grad", L=20, S=30, mask="float", mask_shape="1S", mask_grad=True),
+    _c("float_S_grad", L=20, S=30, mask="float", mask_shape="S", mask_grad=True),
+    _c("float_keypad_grad", batch=(3,), L=20, S=30, mask="float", mask_shape="keypad", mask_grad=True),
+    _c("float_HLS_grad", L=12, S=14, mask="float", mask_shape="HLS", mask_grad=True),
+    _c("float_full_ninf_grad", L=12, S=14, mask="float", mask_shape="full", mask_grad=True, ninf=True,
+       fully_masked=True),
+    _c("float_L1_grad", L=12, S=14, mask="float", mask_shape="L1", mask_grad=True),
+    _c("float_B1LS_grad_batch2d", batch=(2, 2), hq=2, L=9, S=11, mask="float", mask_shape="B1LS", mask_grad=True),
+    _c("float_nograd", L=33, S=35, mask="float", mask_shape="LS"),
+    _c("float_noncontig_grad", L=15, S=18, mask="float", mask_shape="noncontig", mask_grad=True),
+    _c("float_gqa_causal_window_grad", batch=(2,), hq=4, hkv=2, L=70, S=80, E=40, mask="float",
+       mask_shape="HLS", mask_grad=True, causal=True, window=(20, -1)),
+    _c("float_big_S600_grad", batch=(1,), hq=2, L=65, S=600, E=16, mask="float", mask_shape="LS", mask_grad=True),
+    # --- memory layouts ---
+    _c("layout_blhe", batch=(2,), hq=3, L=29, S=31, E=64, layout="blhe"),
+    _c("layout_blhe_rank3", batch=(), hq=3, L=29, S=31, E=40, layout="blhe", causal=True),
+    _c("layout_blhe_batch2d", batch=(2, 2), hq=2, L=9, S=10, E=8, layout="blhe", mask="float",
+       mask_shape="keypad", mask_grad=True),
+    _c("layout_sliced", batch=(2,), hq=2, L=19, S=23, E=24, Ev=16, layout="sliced"),
+    _c("layout_expand_kv", batch=(3,), hq=4, hkv=2, L=17, S=19, E=32, layout="expand_kv"),
+    _c("layout_poison", batch=(2,), hq=3, L=70, S=300, E=40, Ev=24, layout="poison"),
+    _c("layout_poison_causal_gqa", batch=(2,), hq=4, hkv=2, L=65, S=129, E=64, layout="poison", causal=True),
+    _c("layout_poison_L_gt_S_causal", batch=(1,), hq=2, L=140, S=20, E=8, layout="poison", causal=True),
+    _c("layout_poison_window_mask", batch=(2,), hq=2, L=100, S=90, E=16, layout="poison", window=(5, 30),
+       mask="float", mask_shape="keypad", mask_grad=True),
+    _c("layout_lastdim_t", batch=(2,), hq=2, L=17, S=19, E=16, layout="lastdim_t", mask="bool", mask_shape="LS"),
+    _c("layout_sliced_gqa_window", batch=(1,), hq=4, hkv=1, L=66, S=70, E=40, Ev=24, layout="sliced",
+       window=(10, 10)),
+    # --- float16 / bfloat16 ---
+    *[
+        _c(n, dtype=dt, **kw)
+        for dt in (f16, bf16)
+        for n, kw in [
+            ("basic", {}),
+            ("rank3_hd1", dict(batch=(), hq=2, L=7, S=9, E=1, Ev=8)),
+            ("hd256_causal", dict(batch=(1,), hq=2, L=65, S=65, E=256, causal=True)),
+            ("hd80_Ev40_gqa", dict(batch=(2,), hq=6, hkv=2, L=33, S=47, E=80, Ev=40)),
+            ("hd128_window", dict(batch=(1,), hq=2, L=129, S=127, E=128, window=(16, 4))),
+            ("float_mask_grad", dict(L=31, S=33, mask="float", mask_shape="B1LS", mask_grad=True, ninf=True)),
+            ("floatq_mask_grad", dict(L=31, S=33, mask="floatq", mask_shape="HLS", mask_grad=True)),
+            ("bool_keypad_full", dict(batch=(3,), L=20, S=30, mask="bool", mask_shape="keypad", fully_masked=True)),
+            ("layout_blhe_mask_L1", dict(batch=(2,), hq=2, L=17, S=19, E=96, layout="blhe", mask="floatq",
+                                         mask_shape="L1", mask_grad=True)),
+            ("batch2d_causal", dict(batch=(2, 2), hq=2, L=9, S=12, E=64, causal=True)),
+            ("layout_expand_kv", dict(batch=(2,), hq=2, L=20, S=20, E=64, layout="expand_kv")),
+            ("hd8_odd_lengths", dict(batch=(3,), hq=2, L=127, S=129, E=8)),
+            ("hd40_sliced_causal_window", dict(batch=(1,), hq=4, hkv=2, L=70, S=66, E=40, layout="sliced",
+                                               causal=True, window=(9, -1))),
+            ("bool_L1_rows_hd64", dict(batch=(2,), hq=2, L=12, S=14, mask="bool", mask_shape="L1",
+                                       fully_masked=True)),
+            ("window_empty_rows", dict(batch=(1,), hq=2, L=30, S=6, E=16, window=(1, 1), layout="poison")),
+        ]
+    ],
+    _c("L1000_causal", dtype=bf16, batch=(1,), hq=2, L=1000, S=1000, E=64, causal=True),
+    _c("decode_L1_S1000", dtype=f16, batch=(2,), hq=2, L=1, S=1000, E=128),
+    # --- float64 (CPU only) ---
+    _c("basic", dtype=f64),
+    _c("rank3_causal_float_mask_grad", dtype=f64, batch=(), hq=2, L=13, S=17, E=8, causal=True, mask="floatq",
+       mask_shape="LS", mask_grad=True),
+    _c("window_empty_rows", dtype=f64, batch=(1,), hq=2, L=30, S=6, E=16, window=(1, 1), layout="poison"),
+    _c("gqa_window_bool", dtype=f64, batch=(2,), hq=4, hkv=2, L=30, S=35, E=40, Ev=24, window=(4, 2),
+       mask="bool", mask_shape="keypad", fully_masked=True),
+    _c("layout_blhe_float32_mask", dtype=f64, batch=(2,), hq=2, L=19, S=20, E=16, layout="blhe", mask="float",
+       mask_shape="1S", mask_grad=True),
+]
+# fmt: on
+
+
+def _seed(case: Case) -> int:
+    return zlib.crc32(case.id.encode())
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+def make_qkv(case: Case, device):
+    """Leaf base tensors (q_base, k_base, v_base) and a function mapping any (dtype
+    converted) copy of them to the (q, k, v) views the op sees."""
+    b, Hq, Hkv, L, S, E, Ev = case.batch, case.hq, case.Hkv, case.L, case.S, case.E, case.Dv
+    dt = case.dtype
+    nb = len(b)
+
+    def rn(*shape):
+        return torch.randn(*shape, dtype=dt, device=device)
+
+    if case.layout == "contig":
+        bases = (rn(*b, Hq, L, E), rn(*b, Hkv, S, E), rn(*b, Hkv, S, Ev))
+        views = lambda q, k, v: (q, k, v)  # noqa: E731
+    elif case.layout == "blhe":  # (..., L, H, E) storage seen as (..., H, L, E)
+        bases = (rn(*b, L, Hq, E), rn(*b, S, Hkv, E), rn(*b, S, Hkv, Ev))
+        views = lambda q, k, v: tuple(t.transpose(-3, -2) for t in (q, k, v))  # noqa: E731
+    elif case.layout == "sliced":  # every other row, offset columns
+        bases = (rn(*b, Hq, 2 * L, E + 3), rn(*b, Hkv, 2 * S, E + 5), rn(*b, Hkv, 2 * S + 1, Ev + 2))
+        views = lambda q, k, v: (q[..., 1::2, 2:2 + E], k[..., ::2, 5:], v[..., 1::2, 1:1 + Ev])  # noqa: E731
+    elif case.layout == "expand_kv":  # K/V broadcast over batch and heads (stride 0)
+        bases = (rn(*b, Hq, L, E), rn(*([1] * nb), 1, S, E), rn(*([1] * nb), 1, S, Ev))
+        views = lambda q, k, v: (q, k.expand(*b, Hkv, S, E), v.expand(*b, Hkv, S, Ev))  # noqa: E731
+    elif case.layout == "poison":  # views into larger buffers whose other rows/columns are NaN:
+        # any read outside the (L, E) / (S, E) / (S, Ev) windows turns the result into NaN
+        def padded(*shape):
+            t = torch.full((*shape[:-2], shape[-2] + 5, shape[-1] + 3), math.nan, dtype=dt, device=device)
+            t[..., : shape[-2], : shape[-1]] = rn(*shape)
+            return t
+
+        bases = (padded(*b, Hq, L, E), padded(*b, Hkv, S, E), padded(*b, Hkv, S, Ev))
+        views = lambda q, k, v: (q[..., :L, :E], k[..., :S, :E], v[..., :S, :Ev])  # noqa: E731
+    elif case.layout == "lastdim_t":  # last dim not unit-stride
+        bases = (rn(*b, Hq, E, L), rn(*b, Hkv, E, S), rn(*b, Hkv, Ev, S))
+        views = lambda q, k, v: tuple(t.transpose(-1, -2) for t in (q, k, v))  # noqa: E731
+    else:
+        raise ValueError(case.layout)
+    return bases, views
+
+
+def mask_shape(case: Case):
+    b, Hq, L, S = case.batch, case.hq, case.L, case.S
+    return {
+        "LS": (L, S),
+        "1S": (1, S),
+        "S": (S,),
+        "keypad": (*b, 1, 1, S),
+        "HLS": (Hq, L, S),
+        "full": (*b, Hq, L, S),
+        "L1": (L, 1),
+        "B1LS": (*b, 1, L, S),
+        "noncontig": (*b, Hq, L, S),
+    }[case.mask_shape]
+
+
+def make_mask(case: Case, device):
+    if case.mask is None:
+        return None
+    shape = mask_shape(case)
+    if case.mask_shape == "noncontig":  # stored as (..., S, L), seen transposed
+        store = (*shape[:-2], shape[-1], shape[-2])
+    else:
+        store = shape
+    if case.mask == "bool":
+        m = torch.rand(*store, device=device) < 0.7
+        if case.mask_shape in ("L1",):
+            m[:] = True
+    else:
+        mdt = f32 if case.mask == "float" else case.dtype
+        m = torch.randn(*store, device=device).to(mdt)
+        if case.ninf:
+            m = m.masked_fill(torch.rand(*store, device=device) < 0.2, -math.inf)
+    if case.mask_shape == "noncontig":
+        m = m.transpose(-1, -2)
+    if case.fully_masked:
+        off = False if m.dtype == torch.bool else -math.inf
+        m = m.clone()
+        if case.mask_shape == "keypad":
+            m[0] = off                     # every key of batch 0 masked
+        elif m.dim() >= 2 and m.shape[-2] > 1:
+            m[..., 0, :] = off             # first query row
+            m[..., m.shape[-2] // 2, :] = off
+    if case.mask_grad:
+        assert m.is_floating_point()
+        m = m.detach().requires_grad_()
+    return m
+
+
+def sdpa_mask(case: Case, mask, device):
+    """The same visibility as one mask for F.scaled_dot_product_attention (no windows there)."""
+    if mask is not None and mask.dim() < 2:  # SDPA wants at least (L, S)
+        mask = mask.expand(case.L, case.S)
+    vis = None
+    if case.causal or case.window is not None:
+        vis = window_visibility(case.L, case.S, case.causal, case.window, device=device)
+    if mask is None:
+        return vis
+    if vis is None:
+        return mask
+    if mask.dtype == torch.bool:
+        return mask & vis
+    bias = torch.zeros(case.L, case.S, dtype=mask.dtype, device=device).masked_fill(~vis, -math.inf)
+    return mask + bias
+
+
+# --------------------------------------------------------------------------------------------
+# the check
+
+def run_case(case: Case, device: str):
+    torch.manual_seed(_seed(case))
+    bases, views = make_qkv(case, device)
+    mask = make_mask(case, device)
+    opts = dict(is_causal=case.causal, scale=case.scale, enable_gqa=case.gqa, window_size=case.window)
+
+    # ours
+    leaves = [t.detach().clone().requires_grad_() for t in bases]
+    q, k, v = views(*leaves)
+    mask_ours = mask.detach().clone().requires_grad_() if case.mask_grad else mask
+    out = attention_ext.attention(q, k, v, mask_ours, **opts)
+    assert out.shape == (*case.batch, case.hq, case.L, case.Dv)
+    assert out.dtype == case.dtype and out.device.type == device
+    grad_out = torch.randn(out.shape, dtype=case.dtype, device=device)
+    out.backward(grad_out)
+
+    # logsumexp (and the forward op agrees with the differentiable one)
+    with torch.no_grad():
+        q0, k0, v0 = views(*bases)
+        m0 = None if mask is None else mask.detach()
+        out_f, lse, rng = ops._attention_forward(q0, k0, v0, m0, 0.0, case.causal, case.scale, case.gqa,
+                                                 list(case.window or (-1, -1)))
+    acc = f64 if case.dtype == f64 else f32
+    assert lse.shape == (*case.batch, case.hq, case.L) and lse.dtype == acc
+    assert rng.shape == (2,) and rng.dtype == torch.int64
+    torch.testing.assert_close(out_f, out.detach(), rtol=0, atol=0, equal_nan=True,
+                               msg="_attention_forward and attention disagree")
+
+    # float64 reference (gradients wrt the base leaves, through the same views)
+    refs = [t.detach().to(f64).requires_grad_() for t in bases]
+    rq, rk, rv = views(*refs)
+    rmask = None
+    if mask is not None:
+        rmask = mask.detach() if mask.dtype == torch.bool else mask.detach().to(f64).requires_grad_(case.mask_grad)
+    from reference import reference_attention
+
+    r = reference_attention(rq, rk, rv, rmask, is_causal=case.causal, scale=case.scale, enable_gqa=case.gqa,
+                            window_size=case.window)
+    rin = refs + ([rmask] if case.mask_grad else [])
+    rgrads = torch.autograd.grad(r.out, rin, grad_out.to(f64))
+
+    # PyTorch's own SDPA in the same dtype, on the same inputs: the error baseline
+    sleaves = [t.detach().clone().requires_grad_() for t in bases]
+    sq, sk, sv = views(*sleaves)
+    smask_leaf = mask.detach().clone().requires_grad_() if case.mask_grad else mask
+    smask = sdpa_mask(case, smask_leaf, device)
+    sout = F.scaled_dot_product_attention(sq, sk, sv, attn_mask=smask, scale=case.scale, enable_gqa=case.gqa)
+    sin = sleaves + ([smask_leaf] if case.mask_grad else [])
+    sgrads = torch.autograd.grad(sout, sin, grad_out)
+    # baseline log-sum-exp: scores from a matmul in the input dtype, logsumexp in float32
+    with torch.no_grad():
+        sk_e = sk.repeat_interleave(case.hq // case.Hkv, dim=-3) if case.gqa else sk
+        sc = case.scale if case.scale is not None else 1.0 / math.sqrt(case.E)
+        scores = torch.matmul(sq, sk_e.transpose(-1, -2)).to(acc) * sc
+        vis = r.visible
+        if mask is not None and mask.dtype != torch.bool:
+            scores = scores + mask.detach().to(acc)
+        slse = torch.logsumexp(scores.masked_fill(~vis, -math.inf), dim=-1)
+
+    dt = case.dtype
+    assert_close_vs_baseline("output", out, r.out, sout, dt)
+    assert_close_vs_baseline("logsumexp", lse, r.lse, slse, dt)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(r.lse)), "rows with lse = -inf differ from the reference"
+    for name, leaf, rg, sg in zip(("dq", "dk", "dv"), leaves, rgrads, sgrads):
+        assert leaf.grad is not None, f"{name} missing"
+        assert leaf.grad.dtype == dt and leaf.grad.shape == leaf.shape
+        assert_close_vs_baseline(name, leaf.grad, rg, sg, dt)
+    if case.mask_grad:
+        g = mask_ours.grad
+        assert g is not None, "the float mask requires grad but got no gradient"
+        assert g.shape == mask_ours.shape and g.dtype == mask_ours.dtype, (g.shape, g.dtype)
+        assert_close_vs_baseline("dmask", g, rgrads[3], sgrads[3], dt)
+
+    # rows that see no key: exactly 0 output and gradient, -inf lse
+    dead = ~r.visible.any(-1)  # (..., Hq, L)
+    if bool(dead.any()):
+        assert torch.all(out.detach()[dead] == 0)
+        assert torch.all(torch.isneginf(lse[dead]))
+    return out, lse
+
+
+def _params():
+    params = []
+    for c in CASES:
+        params.append(pytest.param(c, "cpu", id=f"cpu-{c.id}"))
+        if c.dtype != f64:
+            params.append(pytest.param(c, "cuda", id=f"cuda-{c.id}", marks=cuda_marks()))
+    return params
+
+
+@pytest.mark.parametrize("case,device", _params())
+def test_attention_vs_reference(case, device):
+    skip_unsupported(device, case.dtype)
+    run_case(case, device)
+
+
+def test_case_ids_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
+
+
+# --------------------------------------------------------------------------------------------
+# layout promises and misc semantics
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
+def test_output_layout_follows_query(device, dtype):
+    """A (B, L, H, E) query seen through transpose(1, 2) gives an output laid out
+    the same way (no hidden copy back to (B, H, L, E))."""
+    torch.manual_seed(1)
+    B, L, H, E, Ev = 2, 33, 4, 64, 40
+    q = torch.randn(B, L, H, E, dtype=dtype, device=device).transpose(1, 2)
+    k = torch.randn(B, L, H, E, dtype=dtype, device=device).transpose(1, 2)
+    v = torch.randn(B, L, H, Ev, dtype=dtype, device=device).transpose(1, 2)
+    out = attention_ext.attention(q, k, v)
+    assert out.shape == (B, H, L, Ev)
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
+    out_f, lse, _ = ops._attention_forward(q, k, v, None, 0.0, False, None, False, [-1, -1])
+    assert out_f.transpose(1, 2).is_contiguous(), out_f.stride()
+    assert lse.is_contiguous() and lse.shape == (B, H, L)
+    # a contiguous query gives a contiguous output
+    out_c = attention_ext.attention(q.contiguous(), k, v)
+    assert out_c.is_contiguous()
+    torch.testing.assert_close(out_c, out, rtol=0, atol=0)
+
+
+def test_gradients_layout(device):
+    """Gradients of strided views are laid out like their inputs where the input is dense."""
+    torch.manual_seed(2)
+    q = torch.randn(2, 17, 3, 16, device=device).transpose(1, 2).detach().requires_grad_()
+    k = torch.randn(2, 19, 3, 16, device=device).transpose(1, 2).detach().requires_grad_()
+    v = torch.randn(2, 19, 3, 8, device=device).transpose(1, 2).detach().requires_grad_()
+    attention_ext.attention(q, k, v).sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and t.grad.stride() == t.stride(), (t.grad.stride(), t.stride())
+
+
+def test_mask_dtype_equivalence(device):
+    """A bool mask and the equivalent float mask (0 / -inf) give the same result;
+    a float32 mask and the same values in bf16 give the same result for bf16 queries."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 13, 16, device=device) for _ in range(3))
+    mb = torch.rand(13, 13, device=device) < 0.6
+    mb[:, 0] = True
+    mf = torch.zeros(13, 13, device=device).masked_fill(~mb, -math.inf)
+    o1 = attention_ext.attention(q, k, v, mb)
+    o2 = attention_ext.attention(q, k, v, mf)
+    torch.testing.assert_close(o1, o2, rtol=1e-6, atol=1e-6)
+    qb, kb, vb = (t.to(bf16) for t in (q, k, v))
+    m = torch.randn(13, 13, device=device).to(bf16)
+    torch.testing.assert_close(attention_ext.attention(qb, kb, vb, m), attention_ext.attention(qb, kb, vb, m.float()),
+                               rtol=0, atol=0)
+
+
+def test_causal_equals_mask_and_window_equals_mask(device):
+    """is_causal / window_size give exactly what the equivalent boolean mask gives."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 37, 16, device=device) for _ in range(3))
+    for causal, window in [(True, None), (False, (5, 2)), (True, (7, 3)), (False, (0, -1))]:
+        vis = window_visibility(37, 37, causal, window, device=device)
+        o1 = attention_ext.attention(q, k, v, is_causal=causal, window_size=window)
+        o2 = attention_ext.attention(q, k, v, vis)
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6, msg=f"causal={causal} window={window}")
+
+
+def test_default_scale_and_explicit_scale(device):
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 9, 24, device=device) for _ in range(3))
+    o1 = attention_ext.attention(q, k, v)
+    o2 = attention_ext.attention(q, k, v, scale=1.0 / math.sqrt(24))
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    o3 = attention_ext.attention(q, k, v, scale=0.0)  # uniform average of v
+    torch.testing.assert_close(o3, v.mean(-2, keepdim=True).expand_as(o3), rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_equals_repeated_kv(device):
+    """enable_gqa is repeat_interleave of the kv heads (query head h uses kv head h // group)."""
+    torch.manual_seed(6)
+    q = torch.randn(2, 6, 11, 16, device=device)
+    k, v = (torch.randn(2, 2, 13, 16, device=device) for _ in range(2))
+    o1 = attention_ext.attention(q, k, v, enable_gqa=True)
+    o2 = attention_ext.attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    torch.testing.assert_close(o1, o2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [f32, f16, bf16], ids=dtype_id)
+def test_fully_masked_everything(device, dtype):
+    """Every row masked: output 0, lse -inf, every gradient exactly 0, no NaN."""
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, 2, 9, 8, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    m = torch.full((9, 9), -math.inf, device=device, requires_grad=True)
+    out = attention_ext.attention(q, k, v, m)
+    _, lse, _ = ops._attention_forward(q.detach(), k.detach(), v.detach(), m.detach(), 0.0, False, None, False, [-1, -1])
+    out.backward(torch.randn_like(out))
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    for t in (q, k, v, m):
+        assert torch.all(t.grad == 0), t.grad
+    mb = torch.zeros(9, 9, dtype=torch.bool, device=device)
+    out = attention_ext.attention(q, k, v, mb)
+    assert torch.all(out == 0)
+
+
+def test_empty_and_zero_length(device):
+    """Zero-sized batch / lengths give empty (or zero) results without error."""
+    for qs, ks in [((0, 2, 5, 8), (0, 2, 7, 8)), ((2, 2, 0, 8), (2, 2, 7, 8))]:
+        q = torch.randn(*qs, device=device, requires_grad=True)
+        k = torch.randn(*ks, device=device, requires_grad=True)
+        v = torch.randn(*ks, device=device, requires_grad=True)
+        out = attention_ext.attention(q, k, v)
+        assert out.shape == qs
+        out.sum().backward()
+        assert k.grad.shape == ks and torch.all(k.grad == 0)
+    # S = 0: no query row sees any key
+    q = torch.randn(2, 2, 5, 8, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 0, 8, device=device, requires_grad=True)
+    v = torch.randn(2, 2, 0, 4, device=device, requires_grad=True)
+    out = attention_ext.attention(q, k, v)
+    assert out.shape == (2, 2, 5, 4) and torch.all(out == 0)
+    out.sum().backward()
+    assert torch.all(q.grad == 0)
+
+
+_ZERO_HEADS = """
+import torch, attention_ext
+q = torch.randn(2, 0, 5, 8, device='{device}', requires_grad=True)
+k = torch.randn(2, 0, 7, 8, device='{device}', requires_grad=True)
+v = torch.randn(2, 0, 7, 8, device='{device}', requires_grad=True)
+out = attention_ext.attention(q, k, v)
+assert out.shape == (2, 0, 5, 8), out.shape
+out.sum().backward()
+assert k.grad.shape == k.shape
+print("OK")
+"""
+
+
+def test_zero_heads_does_not_crash(device):
+    """Zero heads (empty tensors) must not crash the process (run in a subprocess:
+    an integer division by zero would kill the test runner)."""
+    r = subprocess.run([sys.executable, "-c", _ZERO_HEADS.format(device=device)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, (
+        f"return code {r.returncode} (negative = killed by signal {-r.returncode}); stderr tail:\n{r.stderr[-2000:]}")
+
+
+def test_deterministic(device):
+    """Same inputs, same outputs and gradients, bit for bit (no atomics)."""
+    torch.manual_seed(8)
+    q = torch.randn(1, 1, 100, 32, device=device, requires_grad=True)
+    k = torch.randn(1, 1, 700, 32, device=device, requires_grad=True)
+    v = torch.randn(1, 1, 700, 32, device=device, requires_grad=True)
+    res = []
+    for _ in range(2):
+        out = attention_ext.attention(q, k, v, is_causal=True)
+        g = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        res.append((out, *g))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_attention_probs_match_reference(device):
+    """attention_probs without dropout = the reference softmax probabilities (0 for dead rows)."""
+    torch.manual_seed(9)
+    q = torch.randn(2, 4, 21, 16, device=device)
+    k = torch.randn(2, 2, 300, 16, device=device)
+    m = torch.randn(2, 1, 21, 300, device=device)
+    m[0, 0, 3] = -math.inf
+    _, lse, rng = ops._attention_forward(q, k, k[..., :8], m, 0.0, True, None, True, [40, -1])
+    p = ops.attention_probs(q, k, m, lse, rng, 0.0, True, None, True, [40, -1])
+    assert p.shape == (2, 4, 21, 300) and p.dtype == f32
+    from reference import reference_attention
+
+    r = reference_attention(q, k, k[..., :8], m, is_causal=True, enable_gqa=True, window_size=(40, -1))
+    torch.testing.assert_close(p.double(), r.probs, rtol=1e-5, atol=1e-6)
+    assert torch.all(p[0, :, 3] == 0)
+    # the Python wrapper (rng_state optional without dropout)
+    p2 = attention_ext.attention_probs(q, k, lse, attn_mask=m, is_causal=True, enable_gqa=True, window_size=(40, -1))
+    assert torch.equal(p, p2)
+
+
+@pytest.mark.parametrize("dtype", [f16, bf16, f64], ids=dtype_id)
+def test_attention_probs_dtypes(device, dtype):
+    skip_unsupported(device, dtype)
+    torch.manual_seed(10)
+    q = torch.randn(3, 2, 7, 40, dtype=dtype, device=device)
+    k = torch.randn(3, 2, 9, 40, dtype=dtype, device=device)
+    _, lse, rng = ops._attention_forward(q, k, k, None, 0.0, False, None, False, [-1, -1])
+    p = ops.attention_probs(q, k, None, lse, rng)
+    assert p.dtype == dtype and p.shape == (3, 2, 7, 9)
+    from reference import reference_attention
+
+    r = reference_attention(q, k, k)
+    tol = {f16: 2e-3, bf16: 1e-2, f64: 1e-12}[dtype]
+    torch.testing.assert_close(p.double(), r.probs, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "L,S,causal,window",
+    [(15, 17, True, None), (30, 6, False, (1, 1)), (200, 50, False, (10, 10)), (70, 300, True, (100, 0))],
+    ids=["causal", "window_empty_rows", "window_rows_past_S", "window_causal_S300"],
+)
+def test_backward_op_direct(device, L, S, causal, window):
+    """_attention_backward called directly with the float64 reference's output and
+    log-sum-exp (so it is checked independently of the forward kernel) = reference
+    gradients; dmask is the empty (0,) tensor unless requested for a float mask.
+    K/V are views into NaN-padded buffers: reading past S poisons the result."""
+    torch.manual_seed(11)
+    w = list(window or (-1, -1))
+    q = torch.randn(2, 2, L, 16, device=device)
+    kb = torch.full((2, 2, S + 7, 16), math.nan, device=device)
+    vb = torch.full((2, 2, S + 7, 12), math.nan, device=device)
+    kb[:, :, :S] = torch.randn(2, 2, S, 16, device=device)
+    vb[:, :, :S] = torch.randn(2, 2, S, 12, device=device)
+    k, v = kb[:, :, :S], vb[:, :, :S]
+    m = torch.randn(1, S, device=device)
+    g = torch.randn(2, 2, L, 12, device=device)
+    rout, rlse, rdq, rdk, rdv, rdm = reference_grads(q, k, v, g, m, mask_requires_grad=True, is_causal=causal,
+                                                     window_size=window)
+    out, lse = rout.float(), rlse.float()
+    rng = torch.zeros(2, dtype=torch.int64, device=device)
+    dq, dk, dv, dm = ops._attention_backward(g, q, k, v, m, out, lse, rng, 0.0, causal, None, False, w, True)
+    for name, a, b in [("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv), ("dmask", dm, rdm)]:
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=lambda msg: f"{name}: {msg}")
+    assert dm.shape == m.shape
+    _, _, _, dm0 = ops._attention_backward(g, q, k, v, m, out, lse, rng, 0.0, causal, None, False, w, False)
+    assert dm0.shape == (0,)
+    mb = m > 0
+    _, _, _, dmb = ops._attention_backward(g, q, k, v, mb, out, lse, rng, 0.0, causal, None, False, w, True)
+    assert dmb.shape == (0,)
