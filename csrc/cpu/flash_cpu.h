@@ -24,6 +24,7 @@
 #include "../attention_params.h"
 #include "../philox.h"
 #include "runtime.h"
+#include "gemm_bf16.h"
 #include "vec_ops.h"
 
 namespace attention_ext::cpu {
@@ -128,8 +129,112 @@ inline void load_rows(const T* base, int64_t row_stride, int64_t nrows, int64_t 
   for (int64_t r = 0; r < nrows; ++r) load_row<T, A>(base + r * row_stride, dst + r * ncols, ncols);
 }
 
+// ---- The matrix products of one (query block, key block) tile ----
+//
+// BlasTile converts the operands to the accumulation type and calls the BLAS
+// (exact fp32/fp64 arithmetic). Bf16DotTile (bfloat16 on CPUs with
+// AVX512-BF16) keeps the operands in bfloat16 and uses the dot-product tiles
+// of gemm_bf16.cpp; the probabilities and dS are rounded to bfloat16 before
+// their products, as every bf16 flash kernel does.
 template <typename T>
-void flash_fwd(const FwdParams& p) {
+struct BlasTile {
+  using A = acc_t<T>;
+  int64_t E, Ev, nq = 0, nk = 0;
+  std::vector<A> qbuf, dobuf, kbuf, vbuf;
+  BlasTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool backward)
+      : E(E_), Ev(Ev_), qbuf(bq * E_), dobuf(backward ? bq * Ev_ : 0), kbuf(bk * E_), vbuf(bk * Ev_) {}
+  void load_q(const T* q, int64_t ld, int64_t n) { nq = n; load_rows(q, ld, n, E, qbuf.data()); }
+  void load_do(const T* d, int64_t ld, int64_t n) { load_rows(d, ld, n, Ev, dobuf.data()); }
+  void load_k(const T* k, int64_t ld, int64_t n) { nk = n; load_rows(k, ld, n, E, kbuf.data()); }
+  void load_v(const T* v, int64_t ld, int64_t n) { load_rows(v, ld, n, Ev, vbuf.data()); }
+  // S[nq x nk] = scale * Q K^T
+  void qk(A scale, A* S, int64_t lds) { gemm_nt<A>(nq, nk, E, scale, qbuf.data(), E, kbuf.data(), E, A(0), S, lds); }
+  // acc[nq x Ev] += P V
+  void pv(const A* P, int64_t lds, A* acc) { gemm_nn<A>(nq, Ev, nk, A(1), P, lds, vbuf.data(), Ev, A(1), acc, Ev); }
+  // dP[nq x nk] = dO V^T
+  void dov(A* dP, int64_t lds) { gemm_nt<A>(nq, nk, Ev, A(1), dobuf.data(), Ev, vbuf.data(), Ev, A(0), dP, lds); }
+  // dV[nk x Ev] += P^T dO
+  void dv(const A* P, int64_t lds, A* dv) { gemm_tn<A>(nk, Ev, nq, A(1), P, lds, dobuf.data(), Ev, A(1), dv, Ev); }
+  // dK[nk x E] += scale dS^T Q
+  void dk(const A* dS, int64_t lds, A scale, A* dk) {
+    gemm_tn<A>(nk, E, nq, scale, dS, lds, qbuf.data(), E, A(1), dk, E);
+  }
+  // dQ[nq x E] (row stride E) += scale dS K
+  void dq(const A* dS, int64_t lds, A scale, A* dq) {
+    gemm_nn<A>(nq, E, nk, scale, dS, lds, kbuf.data(), E, A(1), dq, E);
+  }
+};
+
+struct Bf16DotTile {
+  using A = float;
+  int64_t E, Ev, nq = 0, nk = 0;
+  bool backward;
+  const uint16_t* q = nullptr;
+  const uint16_t* dout = nullptr;
+  int64_t ldq = 0, lddo = 0;
+  // packed B operands: K^T and V (forward), plus K, V^T, Q and dO (backward)
+  std::vector<uint32_t> k_t, v_r, k_r, v_t, q_r, do_r;
+  std::vector<uint16_t> abuf;  // bf16 copy of P, dS or their transposes
+  Bf16DotTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
+      : E(E_), Ev(Ev_), backward(bwd), k_t(cdiv(E_, 2) * bk), v_r(cdiv(bk, 2) * Ev_),
+        k_r(bwd ? cdiv(bk, 2) * E_ : 0), v_t(bwd ? cdiv(Ev_, 2) * bk : 0), q_r(bwd ? cdiv(bq, 2) * E_ : 0),
+        do_r(bwd ? cdiv(bq, 2) * Ev_ : 0), abuf(bq * bk) {}
+  static const uint16_t* bits(const bf16* x) { return reinterpret_cast<const uint16_t*>(x); }
+  void load_q(const bf16* x, int64_t ld, int64_t n) {
+    nq = n;
+    q = bits(x);
+    ldq = ld;
+    if (backward) pack_rows_bf16(q, ld, n, E, q_r.data());
+  }
+  void load_do(const bf16* x, int64_t ld, int64_t n) {
+    dout = bits(x);
+    lddo = ld;
+    pack_rows_bf16(dout, ld, n, Ev, do_r.data());
+  }
+  void load_k(const bf16* x, int64_t ld, int64_t n) {
+    nk = n;
+    pack_trans_bf16(bits(x), ld, n, E, k_t.data());
+    if (backward) pack_rows_bf16(bits(x), ld, n, E, k_r.data());
+  }
+  void load_v(const bf16* x, int64_t ld, int64_t n) {
+    if (backward) {
+      pack_trans_bf16(bits(x), ld, n, Ev, v_t.data());
+    } else {
+      pack_rows_bf16(bits(x), ld, n, Ev, v_r.data());
+    }
+  }
+  void to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; ++r) f32_to_bf16(x + r * ldx, abuf.data() + r * cols, cols);
+  }
+  void to_bf16_t(const float* x, int64_t ldx, int64_t rows, int64_t cols) {  // abuf = x^T
+    std::vector<float> col(rows);
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < rows; ++r) col[r] = x[r * ldx + c];
+      f32_to_bf16(col.data(), abuf.data() + c * rows, rows);
+    }
+  }
+  void qk(float scale, float* S, int64_t lds) { gemm_bf16_packed(nq, nk, E, scale, q, ldq, k_t.data(), nk, false, S, lds); }
+  void pv(const float* P, int64_t lds, float* acc) {
+    to_bf16(P, lds, nq, nk);
+    gemm_bf16_packed(nq, Ev, nk, 1.f, abuf.data(), nk, v_r.data(), Ev, true, acc, Ev);
+  }
+  void dov(float* dP, int64_t lds) { gemm_bf16_packed(nq, nk, Ev, 1.f, dout, lddo, v_t.data(), nk, false, dP, lds); }
+  void dv(const float* P, int64_t lds, float* dv) {
+    to_bf16_t(P, lds, nq, nk);
+    gemm_bf16_packed(nk, Ev, nq, 1.f, abuf.data(), nq, do_r.data(), Ev, true, dv, Ev);
+  }
+  void dk(const float* dS, int64_t lds, float scale, float* dk) {
+    to_bf16_t(dS, lds, nq, nk);
+    gemm_bf16_packed(nk, E, nq, scale, abuf.data(), nq, q_r.data(), E, true, dk, E);
+  }
+  void dq(const float* dS, int64_t lds, float scale, float* dq) {
+    to_bf16(dS, lds, nq, nk);
+    gemm_bf16_packed(nq, E, nk, scale, abuf.data(), nk, k_r.data(), E, true, dq, E);
+  }
+};
+
+template <typename T, typename Tile>
+void flash_fwd_impl(const FwdParams& p) {
   using A = acc_t<T>;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, E = p.dim_qk, Ev = p.dim_v;
   const Blocks blk = choose_blocks(p, false);
@@ -140,15 +245,15 @@ void flash_fwd(const FwdParams& p) {
   const A ninf = -std::numeric_limits<A>::infinity();
 
   parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
-    std::vector<A> qbuf(kBlockQ * E), kbuf(kBlockK * E), vbuf(kBlockK * Ev), sbuf(kBlockQ * kBlockK),
-        acc(kBlockQ * Ev), tmp(kBlockK), mrow(kBlockQ), lrow(kBlockQ);
+    Tile tile(E, Ev, kBlockQ, kBlockK, false);
+    std::vector<A> sbuf(kBlockQ * kBlockK), acc(kBlockQ * Ev), tmp(kBlockK), mrow(kBlockQ), lrow(kBlockQ);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
       const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
       const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.r;
       const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
       const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
-      load_rows(q, p.q_stride.r, nq, E, qbuf.data());
+      tile.load_q(q, p.q_stride.r, nq);
       std::fill(acc.begin(), acc.end(), A(0));
       std::fill(mrow.begin(), mrow.end(), ninf);
       std::fill(lrow.begin(), lrow.end(), A(0));
@@ -157,8 +262,8 @@ void flash_fwd(const FwdParams& p) {
       block_key_range(p, i0, nq, jlo, jhi);
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, jhi - j0);
-        load_rows(k + j0 * p.k_stride.r, p.k_stride.r, nk, E, kbuf.data());
-        gemm_nt<A>(nq, nk, E, static_cast<A>(p.scale), qbuf.data(), E, kbuf.data(), E, A(0), sbuf.data(), kBlockK);
+        tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
+        tile.qk(static_cast<A>(p.scale), sbuf.data(), kBlockK);
         mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), kBlockK, tmp.data());
         for (int64_t r = 0; r < nq; ++r) {
           A* s = sbuf.data() + r * kBlockK;
@@ -174,8 +279,8 @@ void flash_fwd(const FwdParams& p) {
           mrow[r] = mnew;
           if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
         }
-        load_rows(v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vbuf.data());
-        gemm_nn<A>(nq, Ev, nk, A(1), sbuf.data(), kBlockK, vbuf.data(), Ev, A(1), acc.data(), Ev);
+        tile.load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
+        tile.pv(sbuf.data(), kBlockK, acc.data());
       }
 
       T* o = static_cast<T*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i0 * p.o_stride.r;
@@ -195,11 +300,19 @@ void flash_fwd(const FwdParams& p) {
   });
 }
 
+template <typename T>
+void flash_fwd(const FwdParams& p) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (bf16_dot_available()) return flash_fwd_impl<T, Bf16DotTile>(p);
+  }
+  flash_fwd_impl<T, BlasTile<T>>(p);
+}
+
 // P = exp(scale * Q K^T + mask - lse) for a tile, rows with lse = -inf give 0.
-template <typename A>
+template <typename Tile, typename A>
 void recompute_probs(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                     int64_t nk, const A* qbuf, const A* kbuf, A* sbuf, int64_t lds, A* tmp) {
-  gemm_nt<A>(nq, nk, p.dim_qk, static_cast<A>(p.scale), qbuf, p.dim_qk, kbuf, p.dim_qk, A(0), sbuf, lds);
+                     int64_t nk, Tile& tile, A* sbuf, int64_t lds, A* tmp) {
+  tile.qk(static_cast<A>(p.scale), sbuf, lds);
   mask_tile(p, b, h, i0, nq, j0, nk, sbuf, lds, tmp);
   const A* lse = static_cast<const A*>(p.lse) + (b * p.heads_q + h) * p.len_q + i0;
   for (int64_t r = 0; r < nq; ++r) {
@@ -212,8 +325,8 @@ void recompute_probs(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64
   }
 }
 
-template <typename T>
-void flash_bwd(const BwdParams& p) {
+template <typename T, typename Tile>
+void flash_bwd_impl(const BwdParams& p) {
   using A = acc_t<T>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv, L = p.len_q, S = p.len_k;
   const int64_t E = p.dim_qk, Ev = p.dim_v;
@@ -250,8 +363,8 @@ void flash_bwd(const BwdParams& p) {
   const int64_t nqb = cdiv(L, kBlockQ);
 
   parallel_for(B * Hkv * nchunks, [&](int64_t t0, int64_t t1) {
-    std::vector<A> qbuf(kBlockQ * E), dobuf(kBlockQ * Ev), kbuf(kBlockK * E), vbuf(kBlockK * Ev),
-        pbuf(kBlockQ * kBlockK), pdbuf(dropout ? kBlockQ * kBlockK : 0), dpbuf(kBlockQ * kBlockK),
+    Tile tile(E, Ev, kBlockQ, kBlockK, true);
+    std::vector<A> pbuf(kBlockQ * kBlockK), pdbuf(dropout ? kBlockQ * kBlockK : 0), dpbuf(kBlockQ * kBlockK),
         dkacc(kBlockK * E), dvacc(kBlockK * Ev), tmp(kBlockK), dq_local(nchunks == 1 ? G * L * E : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % nchunks, bhk = t / nchunks, hk = bhk % Hkv, b = bhk / Hkv;
@@ -270,8 +383,8 @@ void flash_bwd(const BwdParams& p) {
       const int64_t kb_end = std::min(nkb, (c + 1) * kb_per_chunk);
       for (int64_t kb = c * kb_per_chunk; kb < kb_end; ++kb) {
         const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, S - j0);
-        load_rows(k + j0 * p.k_stride.r, p.k_stride.r, nk, E, kbuf.data());
-        load_rows(v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vbuf.data());
+        tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
+        tile.load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
         std::fill(dkacc.begin(), dkacc.end(), A(0));
         std::fill(dvacc.begin(), dvacc.end(), A(0));
         for (int64_t g = 0; g < G; ++g) {
@@ -283,11 +396,10 @@ void flash_bwd(const BwdParams& p) {
             int64_t jlo, jhi;
             block_key_range(p, i0, nq, jlo, jhi);
             if (jhi <= j0 || jlo >= j0 + nk) continue;  // block sees none of these keys
-            load_rows(q + i0 * p.q_stride.r, p.q_stride.r, nq, E, qbuf.data());
-            load_rows(dout + i0 * p.do_stride.r, p.do_stride.r, nq, Ev, dobuf.data());
-            recompute_probs(p, b, h, i0, nq, j0, nk, qbuf.data(), kbuf.data(), pbuf.data(), kBlockK, tmp.data());
-            // dP = dO V^T
-            gemm_nt<A>(nq, nk, Ev, A(1), dobuf.data(), Ev, vbuf.data(), Ev, A(0), dpbuf.data(), kBlockK);
+            tile.load_q(q + i0 * p.q_stride.r, p.q_stride.r, nq);
+            tile.load_do(dout + i0 * p.do_stride.r, p.do_stride.r, nq);
+            recompute_probs(p, b, h, i0, nq, j0, nk, tile, pbuf.data(), kBlockK, tmp.data());
+            tile.dov(dpbuf.data(), kBlockK);  // dP = dO V^T
             const A* pv = pbuf.data();  // the probabilities that multiplied V
             if (dropout) {
               const uint64_t bh = static_cast<uint64_t>(b * Hq + h);
@@ -298,8 +410,7 @@ void flash_bwd(const BwdParams& p) {
               }
               pv = pdbuf.data();
             }
-            // dV += P~^T dO
-            gemm_tn<A>(nk, Ev, nq, A(1), pv, kBlockK, dobuf.data(), Ev, A(1), dvacc.data(), Ev);
+            tile.dv(pv, kBlockK, dvacc.data());  // dV += P~^T dO
             // dS = P o (dP - D), in place in dpbuf
             const A* Drow = D.data() + (b * Hq + h) * L + i0;
             for (int64_t r = 0; r < nq; ++r) {
@@ -311,9 +422,8 @@ void flash_bwd(const BwdParams& p) {
               for (int64_t r = 0; r < nq; ++r) std::memcpy(dm + r * S, dpbuf.data() + r * kBlockK, nk * sizeof(A));
             }
             // dK += scale dS^T Q ;  dQ += scale dS K
-            gemm_tn<A>(nk, E, nq, static_cast<A>(p.scale), dpbuf.data(), kBlockK, qbuf.data(), E, A(1), dkacc.data(), E);
-            gemm_nn<A>(nq, E, nk, static_cast<A>(p.scale), dpbuf.data(), kBlockK, kbuf.data(), E, A(1),
-                       dq_acc + (g * L + i0) * E, E);
+            tile.dk(dpbuf.data(), kBlockK, static_cast<A>(p.scale), dkacc.data());
+            tile.dq(dpbuf.data(), kBlockK, static_cast<A>(p.scale), dq_acc + (g * L + i0) * E);
           }
         }
         for (int64_t r = 0; r < nk; ++r) {
@@ -346,6 +456,14 @@ void flash_bwd(const BwdParams& p) {
   }
 }
 
+template <typename T>
+void flash_bwd(const BwdParams& p) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (bf16_dot_available()) return flash_bwd_impl<T, Bf16DotTile>(p);
+  }
+  flash_bwd_impl<T, BlasTile<T>>(p);
+}
+
 // Attention probabilities (after dropout, as the forward applied them),
 // recomputed from q, k and the log-sum-exp; out is batch x heads_q x len_q x len_k contiguous.
 template <typename T>
@@ -358,17 +476,18 @@ void flash_probs(const FwdParams& p, T* out) {
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
   parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
-    std::vector<A> qbuf(kBlockQ * E), kbuf(kBlockK * E), sbuf(kBlockQ * kBlockK), tmp(kBlockK);
+    BlasTile<T> tile(E, E, kBlockQ, kBlockK, false);
+    std::vector<A> sbuf(kBlockQ * kBlockK), tmp(kBlockK);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
       const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
       const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.r;
       const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-      load_rows(q, p.q_stride.r, nq, E, qbuf.data());
+      tile.load_q(q, p.q_stride.r, nq);
       for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, S - j0);
-        load_rows(k + j0 * p.k_stride.r, p.k_stride.r, nk, E, kbuf.data());
-        recompute_probs(p, b, h, i0, nq, j0, nk, qbuf.data(), kbuf.data(), sbuf.data(), kBlockK, tmp.data());
+        tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
+        recompute_probs(p, b, h, i0, nq, j0, nk, tile, sbuf.data(), kBlockK, tmp.data());
         for (int64_t r = 0; r < nq; ++r) {
           A* s = sbuf.data() + r * kBlockK;
           if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
