@@ -114,6 +114,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
                 "`generate_square_subsequent_mask` to create this mask.")
+        if key.shape[batch_dim] != bsz or value.shape[batch_dim] != bsz:
+            raise RuntimeError(f"key and value must have the query's batch size {bsz}, got key {tuple(key.shape)} "
+                               f"and value {tuple(value.shape)} (batch_first={bf})")
         if e_q != embed_dim:
             raise AssertionError(f"was expecting embedding dimension of {embed_dim}, but got {e_q}")
         if self._qkv_same_embed_dim:
