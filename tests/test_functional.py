@@ -1,0 +1,159 @@
+"""attention_ext.scaled_dot_product_attention (drop-in for F.scaled_dot_product_attention) and the
+use_attention_ext() context manager that routes a model's calls of the PyTorch function through it."""
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attention_ext
+from attention_ext import scaled_dot_product_attention as sdpa, use_attention_ext
+
+ORIG = F.scaled_dot_product_attention
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[f"{func.namespace}.{func.overloadpacket.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def ext(self):
+        return sum(n for k, n in self.counts.items() if k.startswith("attention_ext."))
+
+
+def _t(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+
+CASES = {
+    "plain": lambda: ((_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 6)), {}),
+    "causal": lambda: ((_t(2, 3, 6, 8), _t(2, 3, 6, 8), _t(2, 3, 6, 8)), dict(is_causal=True)),
+    "causal_rect": lambda: ((_t(2, 3, 4, 8), _t(2, 3, 6, 8), _t(2, 3, 6, 8)), dict(is_causal=True)),
+    "bool_mask": lambda: ((_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8)),
+                          dict(attn_mask=torch.rand(2, 1, 5, 7).index_fill(-1, torch.tensor([0]), 0) > 0.3)),
+    "float_mask_grad": lambda: ((_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8)), dict(attn_mask=_t(5, 7))),
+    "scale": lambda: ((_t(1, 2, 5, 8), _t(1, 2, 5, 8), _t(1, 2, 5, 8)), dict(scale=0.3)),
+    "gqa": lambda: ((_t(2, 6, 5, 8), _t(2, 2, 7, 8), _t(2, 2, 7, 8)), dict(enable_gqa=True)),
+    "3d": lambda: ((_t(3, 5, 8), _t(3, 7, 8), _t(3, 7, 8)), {}),
+    "2d": lambda: ((_t(5, 8), _t(7, 8), _t(7, 8)), {}),
+    "5d": lambda: ((_t(2, 2, 3, 5, 8), _t(2, 2, 3, 7, 8), _t(2, 2, 3, 7, 8)), {}),
+    "broadcast_batch": lambda: ((_t(2, 3, 5, 8), _t(1, 3, 7, 8), _t(1, 3, 7, 8)), {}),
+    "strided": lambda: ((_t(2, 5, 3, 8).transpose(1, 2), _t(2, 7, 3, 8).transpose(1, 2),
+                         _t(2, 7, 3, 8).transpose(1, 2)), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sdpa_matches_torch(case):
+    torch.manual_seed(0)
+    (q, k, v), kw = CASES[case]()
+    leaves = [t for t in (q, k, v, kw.get("attn_mask")) if t is not None and t.requires_grad]
+    with OpCounter() as c:
+        out = sdpa(q, k, v, **kw)
+    assert c.ext == 1
+    ref = ORIG(q, k, v, **kw)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad((out * g).sum(), leaves)
+    gb = torch.autograd.grad((ref * g).sum(), leaves)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+
+
+def test_sdpa_float32_and_dropout():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16) for _ in range(3))
+    torch.testing.assert_close(sdpa(q, k, v, is_causal=True), ORIG(q, k, v, is_causal=True), atol=1e-5, rtol=1e-4)
+    torch.manual_seed(3)
+    a = sdpa(q, k, v, dropout_p=0.5)
+    torch.manual_seed(3)
+    b = sdpa(q, k, v, dropout_p=0.5)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, sdpa(q, k, v))
+
+
+def test_sdpa_errors_and_fallback():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError):
+        ORIG(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True)
+    with pytest.raises(RuntimeError):
+        sdpa(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.bool), is_causal=True)
+    big = torch.randn(1, 2, 4, 300)  # head dim above the kernels' 256: PyTorch computes it
+    with OpCounter() as c:
+        out = sdpa(big, big, big)
+    assert c.ext == 0
+    torch.testing.assert_close(out, ORIG(big, big, big))
+
+
+class CallsFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_context_manager_patches_and_restores():
+    torch.manual_seed(0)
+    m = CallsFunctional()
+    x = torch.randn(2, 5, 16)
+    with OpCounter() as c:
+        ref = m(x)
+    assert c.ext == 0
+    with use_attention_ext():
+        assert F.scaled_dot_product_attention is sdpa
+        with use_attention_ext():  # re-entrant
+            pass
+        assert F.scaled_dot_product_attention is sdpa
+        with OpCounter() as c:
+            out = m(x)
+        assert c.ext == 1
+    assert F.scaled_dot_product_attention is ORIG
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ZeroDivisionError):
+        with use_attention_ext():
+            1 / 0
+    assert F.scaled_dot_product_attention is ORIG
+
+
+def test_context_manager_routes_torch_multihead_attention():
+    # torch.nn.MultiheadAttention(need_weights=False) itself calls the patched function
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4)
+    x = torch.randn(5, 2, 16)
+    ref = mha(x, x, x, need_weights=False)[0]
+    with use_attention_ext(), OpCounter() as c:
+        out = mha(x, x, x, need_weights=False)[0]
+    assert c.ext == 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_timm_vit_under_context_manager():
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    assert model.blocks[0].attn.fused_attn, "timm does not call F.scaled_dot_product_attention here"
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.randint(0, 5, (2,))
+    ref_loss = F.cross_entropy(model(x), y)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    with use_attention_ext(), OpCounter() as c:
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert c.counts["attention_ext._attention_forward"] == 2  # one per block
+    assert c.counts["attention_ext._attention_backward"] == 2
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
