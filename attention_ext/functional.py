@@ -48,19 +48,28 @@ def has_kernel(device: torch.device) -> bool:
     return ok
 
 
-def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether the fused kernels can take these inputs (else callers fall back to PyTorch)."""
+for _dev in ("cpu", "cuda", "meta"):  # looked up now, so torch.compile never traces the lookup
+    has_kernel(torch.device(_dev))
+
+
+def supports_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the fused kernels take these tensors' kind (layout, dtype, device), whatever their shapes."""
     if query.is_nested or key.is_nested or value.is_nested:
         return False
     if query.dtype not in _FLOAT_DTYPES or query.dtype != key.dtype or query.dtype != value.dtype:
         return False
     if query.dtype == torch.float64 and query.device.type not in ("cpu", "meta"):
         return False
+    return has_kernel(query.device)
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the fused kernels can take these (..., L, E) inputs (else callers fall back to PyTorch)."""
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         return False
     if not (1 <= query.shape[-1] <= 256 and 1 <= value.shape[-1] <= 256):
         return False
-    return has_kernel(query.device)
+    return supports_tensors(query, key, value)
 
 
 # ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _loader
-from .functional import attention_with_weights, supports
+from .functional import attention_with_weights, supports_tensors
 
 _loader.load()
 _ops = torch.ops.attention_ext
@@ -82,7 +82,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        if not supports(query, key, value) or self.head_dim > 256:
+        if not supports_tensors(query, key, value) or not 1 <= self.head_dim <= 256:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)

@@ -412,7 +412,16 @@ def test_fallback_for_large_head_dim():
     torch.manual_seed(0)
     mine = MultiheadAttention(600, 2)
     x = torch.randn(4, 2, 600)
-    torch.testing.assert_close(mine(x, x, x)[0], ref(x, x, x)[0])
+    with OpLog() as log:
+        out = mine(x, x, x)[0]
+    assert not log.ext_calls()  # head dim 300: PyTorch's implementation
+    torch.testing.assert_close(out, ref(x, x, x)[0])
+    # a wide embedding with ordinary heads runs the kernels (the head dim is what matters)
+    wide = MultiheadAttention(768, 12)
+    x = torch.randn(3, 2, 768)
+    with OpLog() as log:
+        wide(x, x, x, need_weights=False)
+    assert len(log.ext_calls()) == 1
 
 
 def test_unbatched_3d_mask_and_half_precision():
