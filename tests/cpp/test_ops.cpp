@@ -1,0 +1,216 @@
+// LibTorch client test of attention_ext, no Python involved.
+//
+//   attention_ext_cpp_test /path/to/attention_ext/_C*.so
+//
+// dlopen()s the operator library (it has no Python symbols), looks up
+// attention_ext::attention and attention_ext::_attention_forward through the
+// c10 dispatcher, runs them on requires_grad tensors, runs the backward through
+// LibTorch's autograd engine and compares output, log-sum-exp and gradients
+// with a plain LibTorch float64 implementation. Prints PASS and returns 0 when
+// everything matches, otherwise prints what failed and returns 1.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using AttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, double, bool, std::optional<double>, bool,
+                               at::IntArrayRef);
+using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                 double, bool, std::optional<double>, bool,
+                                                                 at::IntArrayRef);
+
+int g_failures = 0;
+
+void fail(const std::string& what) {
+  ++g_failures;
+  std::cout << "FAIL: " << what << std::endl;
+}
+
+void check_close(const std::string& name, const at::Tensor& got, const at::Tensor& want, double rtol, double atol) {
+  if (!got.defined() || !want.defined()) {
+    fail(name + ": undefined tensor");
+    return;
+  }
+  if (got.sizes() != want.sizes()) {
+    std::ostringstream os;
+    os << name << ": shape " << got.sizes() << " != " << want.sizes();
+    fail(os.str());
+    return;
+  }
+  at::Tensor g = got.detach().to(at::kDouble), w = want.detach().to(at::kDouble);
+  if (g.isnan().any().item<bool>()) {
+    fail(name + ": NaN");
+    return;
+  }
+  const double err = (g - w).abs().max().item<double>();
+  const double tol = atol + rtol * w.abs().max().item<double>();
+  std::cout << "  " << name << ": max abs error " << err << " (tolerance " << tol << ")" << std::endl;
+  if (!(err <= tol)) fail(name + ": max abs error " + std::to_string(err) + " > " + std::to_string(tol));
+}
+
+// Plain LibTorch float64 attention: explicit matmul / mask / softmax.
+struct Ref {
+  at::Tensor out, lse;
+};
+
+Ref reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+              bool causal, bool gqa, std::vector<int64_t> window) {
+  at::Tensor q64 = q.to(at::kDouble), k64 = k.to(at::kDouble), v64 = v.to(at::kDouble);
+  const int64_t Hq = q.size(-3), L = q.size(-2), S = k.size(-2), E = q.size(-1);
+  if (gqa && k.size(-3) != Hq) {
+    k64 = k64.repeat_interleave(Hq / k.size(-3), -3);
+    v64 = v64.repeat_interleave(Hq / k.size(-3), -3);
+  }
+  at::Tensor s = at::matmul(q64, k64.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(E)));
+  at::Tensor i = at::arange(L).unsqueeze(1), j = at::arange(S).unsqueeze(0);
+  at::Tensor vis = at::ones({L, S}, at::kBool);
+  if (causal) vis = vis & (j <= i);
+  if (window[0] >= 0) vis = vis & (j >= i - window[0]);
+  if (window[1] >= 0) vis = vis & (j <= i + window[1]);
+  if (mask.has_value()) {
+    if (mask->scalar_type() == at::kBool) {
+      vis = vis & *mask;
+    } else {
+      s = s + mask->to(at::kDouble);
+    }
+  }
+  s = s.masked_fill(vis.logical_not(), -std::numeric_limits<double>::infinity());
+  Ref r;
+  r.lse = at::logsumexp(s, -1).detach();
+  r.out = at::matmul(at::softmax(s, -1), v64);
+  return r;
+}
+
+at::Tensor leaf(at::Tensor t) {
+  t.set_requires_grad(true);
+  return t;
+}
+
+struct Case {
+  std::string name;
+  std::vector<int64_t> qs, ks, vs;
+  std::string mask;  // "", "float_grad", "bool_keypad"
+  bool causal = false, gqa = false;
+  std::vector<int64_t> window{-1, -1};
+};
+
+void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
+              const c10::TypedOperatorHandle<ForwardFn>& forward, const Case& c) {
+  std::cout << "case " << c.name << std::endl;
+  at::manual_seed(static_cast<uint64_t>(c.name.size()) * 1000003ULL);
+  at::Tensor q = leaf(at::randn(c.qs)), k = leaf(at::randn(c.ks)), v = leaf(at::randn(c.vs));
+  const int64_t L = c.qs[c.qs.size() - 2], S = c.ks[c.ks.size() - 2];
+  std::optional<at::Tensor> mask;
+  if (c.mask == "float_grad") {
+    mask = leaf(at::randn({L, S}));
+  } else if (c.mask == "bool_keypad") {
+    at::Tensor m = at::ones({1, 1, S}, at::kBool);
+    m.index_put_({0, 0, at::indexing::Slice(S - 3, S)}, false);
+    mask = m;
+  }
+
+  at::Tensor out = attention.call(q, k, v, mask, 0.0, c.causal, std::nullopt, c.gqa, c.window);
+  if (!out.requires_grad()) fail(c.name + ": output does not require grad");
+  at::Tensor go = at::randn(out.sizes());
+  std::vector<at::Tensor> inputs{q, k, v};
+  if (c.mask == "float_grad") inputs.push_back(*mask);
+  auto grads = torch::autograd::grad({out}, inputs, {go});
+
+  // reference on detached float64 copies
+  std::vector<at::Tensor> rin;
+  for (const auto& t : inputs) rin.push_back(leaf(t.detach().to(at::kDouble)));
+  std::optional<at::Tensor> rmask = mask;
+  if (c.mask == "float_grad") rmask = rin[3];
+  Ref r = reference(rin[0], rin[1], rin[2], rmask, c.causal, c.gqa, c.window);
+  auto rgrads = torch::autograd::grad({r.out}, rin, {go.to(at::kDouble)});
+
+  check_close(c.name + " output", out, r.out, 1e-5, 1e-5);
+  const char* names[] = {"dq", "dk", "dv", "dmask"};
+  for (size_t t = 0; t < grads.size(); ++t) check_close(c.name + " " + names[t], grads[t], rgrads[t], 1e-4, 1e-5);
+
+  // the internal forward op: same output, float32 log-sum-exp, int64[2] rng state
+  auto [out2, lse, rng] = forward.call(q.detach(), k.detach(), v.detach(),
+                                       mask.has_value() ? std::optional<at::Tensor>(mask->detach()) : std::nullopt,
+                                       0.0, c.causal, std::nullopt, c.gqa, c.window);
+  if (!at::equal(out2, out.detach())) fail(c.name + ": _attention_forward output differs from attention");
+  if (lse.scalar_type() != at::kFloat) fail(c.name + ": logsumexp is not float32");
+  if (rng.scalar_type() != at::kLong || rng.numel() != 2) fail(c.name + ": rng_state is not int64[2]");
+  check_close(c.name + " logsumexp", lse, r.lse, 1e-5, 1e-5);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << "usage: " << argv[0] << " /path/to/attention_ext/_C.so" << std::endl;
+    return 2;
+  }
+  auto& dispatcher = c10::Dispatcher::singleton();
+  if (dispatcher.findSchema({"attention_ext::attention", ""}).has_value()) {
+    std::cout << "FAIL: attention_ext::attention registered before loading the library" << std::endl;
+    return 1;
+  }
+  void* handle = dlopen(argv[1], RTLD_NOW | RTLD_GLOBAL);
+  if (handle == nullptr) {
+    std::cout << "FAIL: dlopen(" << argv[1] << "): " << dlerror() << std::endl;
+    return 1;
+  }
+  try {
+    auto attention = dispatcher.findSchemaOrThrow("attention_ext::attention", "").typed<AttentionFn>();
+    auto forward = dispatcher.findSchemaOrThrow("attention_ext::_attention_forward", "").typed<ForwardFn>();
+
+    std::vector<Case> cases;
+    cases.push_back({"plain_L37_S53_E16_Ev24", {2, 3, 37, 16}, {2, 3, 53, 16}, {2, 3, 53, 24}, ""});
+    Case gqa{"gqa_causal_float_mask_grad", {2, 4, 29, 32}, {2, 2, 29, 32}, {2, 2, 29, 8}, "float_grad"};
+    gqa.causal = true;
+    gqa.gqa = true;
+    cases.push_back(gqa);
+    cases.push_back({"rank3_bool_key_padding", {2, 17, 8}, {2, 19, 8}, {2, 19, 8}, "bool_keypad"});
+    Case win{"window_3_1_S300", {1, 2, 70, 16}, {1, 2, 300, 16}, {1, 2, 300, 16}, ""};
+    win.window = {3, 1};
+    cases.push_back(win);
+    for (const auto& c : cases) run_case(attention, forward, c);
+
+    // errors surface as the c10 exception types (ValueError / TypeError in Python)
+    try {
+      attention.call(at::randn({1, 2, 3, 4}), at::randn({1, 2, 3, 4}, at::kHalf), at::randn({1, 2, 3, 4}),
+                     std::nullopt, 0.0, false, std::nullopt, false, std::vector<int64_t>{-1, -1});
+      fail("dtype mismatch did not raise");
+    } catch (const c10::TypeError& e) {
+      if (std::string(e.what()).find("key dtype (Half) must match query dtype (Float)") == std::string::npos)
+        fail(std::string("unexpected TypeError message: ") + e.what());
+    }
+    try {
+      attention.call(at::randn({1, 4, 3, 4}), at::randn({1, 2, 3, 4}), at::randn({1, 2, 3, 4}), std::nullopt, 0.0,
+                     false, std::nullopt, false, std::vector<int64_t>{-1, -1});
+      fail("head mismatch did not raise");
+    } catch (const c10::ValueError& e) {
+      if (std::string(e.what()).find("pass enable_gqa=True") == std::string::npos)
+        fail(std::string("unexpected ValueError message: ") + e.what());
+    }
+  } catch (const std::exception& e) {
+    std::cout << "FAIL: exception: " << e.what() << std::endl;
+    return 1;
+  }
+  if (g_failures != 0) {
+    std::cout << g_failures << " check(s) failed" << std::endl;
+    return 1;
+  }
+  std::cout << "PASS" << std::endl;
+  return 0;
+}
