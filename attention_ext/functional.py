@@ -90,6 +90,7 @@ class _AttentionWithWeights(torch.autograd.Function):
         probs = _ops.attention_probs(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW)
         ctx.save_for_backward(q, k, v, mask, out, lse, rng)
         ctx.opts = (dropout_p, is_causal, scale, enable_gqa)
+        ctx.set_materialize_grads(False)  # unused weights: no gradient work for them at all
         return out, probs
 
     @staticmethod
@@ -97,10 +98,12 @@ class _AttentionWithWeights(torch.autograd.Function):
         q, k, v, mask, out, lse, rng = ctx.saved_tensors
         dropout_p, is_causal, scale, enable_gqa = ctx.opts
         mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-        if g_out is None:
-            g_out = torch.zeros_like(out)
-        dq, dk, dv, dmask = _ops._attention_backward(
-            g_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW, mask_grad)
+        if g_out is not None:
+            dq, dk, dv, dmask = _ops._attention_backward(
+                g_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW, mask_grad)
+        else:  # only the weights are used
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            dmask = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device) if mask_grad else None
         if not mask_grad:
             dmask = None
         if g_probs is not None:

@@ -445,3 +445,21 @@ def test_fully_masked_rows_give_zero_not_nan():
     assert torch.isfinite(out).all() and (w == 0).all()
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_gradient_through_weights_only():
+    ref, mine = make_pair(dtype=torch.float64, kdim=KDIM, vdim=VDIM)
+    q = torch.randn(5, 2, E, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(7, 2, KDIM, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(7, 2, VDIM, dtype=torch.float64, requires_grad=True)
+    am = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    gw = torch.randn(2, H, 5, 7, dtype=torch.float64)
+    grads = []
+    for m in (ref, mine):
+        _, w = m(q, k, v, attn_mask=am, average_attn_weights=False)
+        grads.append(torch.autograd.grad((w * gw).sum(), [q, k, am] + list(m.parameters()), allow_unused=True))
+    for a, b in zip(*grads):
+        if a is None:
+            assert b is None or not b.any()
+        else:
+            torch.testing.assert_close(b, a)
