@@ -1,15 +1,12 @@
 """torch.library.opcheck of every operator (schema, autograd registration, fake /
 meta kernels, AOT dispatch), torch.compile(fullgraph=True) training steps
 matching eager (static and dynamic shapes), and autocast."""
-import math
-
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.library import opcheck
 
 import attention_ext
-from conftest import device_params
 from reference import reference_grads
 
 ops = torch.ops.attention_ext
