@@ -264,3 +264,26 @@ def test_torch_compile_converted_model_trains():
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_import_does_not_import_transformers_but_registers_later():
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, attention_ext\n"
+        "assert 'transformers' not in sys.modules, 'import attention_ext imported transformers'\n"
+        "from transformers import AttentionInterface\n"
+        "import transformers.modeling_utils as mu\n"
+        "assert mu.ALL_ATTENTION_FUNCTIONS['attention_ext'] is attention_ext.hf.attention_forward\n"
+        "try:\n"
+        "    import transformers.masking_utils as mk\n"
+        "except ImportError:\n"
+        "    mk = None\n"
+        "if mk is not None and hasattr(mk, 'AttentionMaskInterface'):\n"
+        "    assert 'attention_ext' in mk.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -463,3 +463,35 @@ def test_gradient_through_weights_only():
             assert b is None or not b.any()
         else:
             torch.testing.assert_close(b, a)
+
+
+def _cuda_ok():
+    return torch.cuda.is_available() and attention_ext._loader.has_cuda_kernels()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_ok(), reason="needs a CUDA GPU and the library's CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_torch_cuda(dtype):
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(64, 4, batch_first=True, add_bias_kv=True, device="cuda", dtype=dtype)
+    mine = MultiheadAttention(64, 4, batch_first=True, add_bias_kv=True, device="cuda", dtype=dtype)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 33, 64, device="cuda", dtype=dtype, requires_grad=True)
+    kpm = torch.zeros(3, 33, dtype=torch.bool, device="cuda")
+    kpm[1, 20:] = True
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(33, device="cuda", dtype=dtype)
+    tol = dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for need in (False, True):
+        outs = []
+        for m in (ref, mine):
+            out, w = m(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=need)
+            grads = torch.autograd.grad(out.float().square().sum(), [x] + list(m.parameters()))
+            outs.append((out, w, grads))
+        (o1, w1, g1), (o2, w2, g2) = outs
+        torch.testing.assert_close(o2.float(), o1.float(), **tol)
+        if need:
+            torch.testing.assert_close(w2.float(), w1.float(), **tol)
+        for a, b in zip(g1, g2):
+            scale = a.float().abs().max().clamp_min(1.0)
+            torch.testing.assert_close(b.float() / scale, a.float() / scale, **tol)
