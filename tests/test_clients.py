@@ -287,3 +287,51 @@ def test_import_does_not_import_transformers_but_registers_later():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mask_kind", ["none_causal", "bool", "float_min", "float_inf", "none_bidirectional"])
+def test_hf_attention_function_against_eager(mask_kind):
+    """The registered function called as transformers calls it: GQA, boolean / additive float masks,
+    the module's is_causal, and the weights when output_attentions=True."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    torch.manual_seed(0)
+    b, hq, hkv, l, e = 2, 4, 2, 6, 8
+    module = nn.Module()
+    module.num_key_value_groups = hq // hkv
+    module.is_causal = mask_kind != "none_bidirectional"
+    module.training = False
+    q = torch.randn(b, hq, l, e, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, l, e, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, l, e, dtype=torch.float64, requires_grad=True)
+    causal = torch.ones(l, l, dtype=torch.bool).tril()
+    pad = torch.ones(b, l, dtype=torch.bool)
+    pad[1, 4:] = False
+    allowed = (causal[None, None] & pad[:, None, None, :])
+    eager_mask = None
+    if mask_kind in ("none_causal",):
+        ours_mask, eager_mask = None, torch.zeros(l, l, dtype=torch.float64).masked_fill(~causal, float("-inf"))
+    elif mask_kind == "none_bidirectional":
+        ours_mask = eager_mask = None
+    elif mask_kind == "bool":
+        ours_mask = allowed
+        eager_mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    else:
+        fill = torch.finfo(torch.float64).min if mask_kind == "float_min" else float("-inf")
+        ours_mask = eager_mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, fill)
+    out, w = attention_ext.hf.attention_forward(module, q, k, v, ours_mask, scaling=0.3, dropout=0.0,
+                                                output_attentions=True)
+    out_ref, w_ref = eager_attention_forward(module, q, k, v, eager_mask, scaling=0.3, dropout=0.0)
+    tol = dict(atol=1e-6, rtol=1e-5)  # eager takes its softmax in float32
+    assert out.shape == out_ref.shape == (b, l, hq, e)
+    torch.testing.assert_close(out, out_ref, **tol)
+    torch.testing.assert_close(w, w_ref, **tol)
+    g = torch.randn_like(out_ref)
+    ga = torch.autograd.grad((out * g).sum() + w.square().sum(), (q, k, v))
+    gb = torch.autograd.grad((out_ref * g).sum() + w_ref.square().sum(), (q, k, v))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, **tol)
+    out2, w2 = attention_ext.hf.attention_forward(module, q, k, v, ours_mask, scaling=0.3)
+    assert w2 is None
+    torch.testing.assert_close(out2, out)

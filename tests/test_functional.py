@@ -157,3 +157,32 @@ def test_timm_vit_under_context_manager():
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_attention_with_weights_gqa_gradients(mask_kind):
+    torch.manual_seed(0)
+    q = _t(2, 4, 5, 8)
+    k, v = _t(2, 2, 6, 8), _t(2, 2, 6, 8)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 5, 6) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "float":
+        mask = _t(5, 6)
+    out, w = attention_ext.attention_with_weights(q, k, v, mask, scale=0.4, enable_gqa=True)
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    s = q @ kk.transpose(-1, -2) * 0.4
+    if mask_kind == "bool":
+        s = s.masked_fill(~mask, float("-inf"))
+    elif mask_kind == "float":
+        s = s + mask
+    p = torch.softmax(s, -1)
+    torch.testing.assert_close(w, p)
+    torch.testing.assert_close(out, p @ vv)
+    go, gw = torch.randn_like(out), torch.randn_like(w)
+    leaves = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
+    g1 = torch.autograd.grad((out * go).sum() + (w * gw).sum(), leaves)
+    g2 = torch.autograd.grad((p @ vv * go).sum() + (p * gw).sum(), leaves)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
