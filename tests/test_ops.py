@@ -44,6 +44,7 @@ class Case:
     mask_shape: str = "LS"             # see make_mask
     mask_grad: bool = False            # float mask requires grad
     ninf: bool = False                 # float mask: some -inf entries
+    finfo_min: bool = False            # float mask: some rows / entries at finfo(mask dtype).min (finite!)
     fully_masked: bool = False         # mask makes some query rows see no key
     layout: str = "contig"             # see make_qkv
     scale: Optional[float] = None
@@ -90,6 +91,9 @@ CASES = [
     _c("S600_chunked_dq", batch=(1,), hq=1, L=70, S=600, E=40),
     _c("L1_S1", batch=(3,), hq=2, L=1, S=1, E=8),
     _c("scale_custom", batch=(2,), hq=2, L=13, S=17, E=32, scale=0.37),
+    _c("scale_negative", batch=(2,), hq=2, L=13, S=17, E=32, scale=-0.5),
+    _c("scale_large_scores", batch=(2,), hq=2, L=65, S=300, E=64, scale=10.0, causal=True),
+    _c("decode_causal", batch=(2,), hq=2, L=1, S=100, E=16, causal=True),
     _c("scale_causal_gqa", batch=(1,), hq=6, hkv=3, L=17, S=17, E=16, scale=1.5, causal=True),
     # causal / window geometry
     _c("causal_L_gt_S", batch=(2,), hq=2, L=40, S=9, E=16, causal=True),
@@ -121,6 +125,7 @@ CASES = [
     _c("float_L1_grad", L=12, S=14, mask="float", mask_shape="L1", mask_grad=True),
     _c("float_B1LS_grad_batch2d", batch=(2, 2), hq=2, L=9, S=11, mask="float", mask_shape="B1LS", mask_grad=True),
     _c("float_nograd", L=33, S=35, mask="float", mask_shape="LS"),
+    _c("float_finfo_min_grad", L=33, S=35, mask="float", mask_shape="HLS", mask_grad=True, finfo_min=True),
     _c("float_noncontig_grad", L=15, S=18, mask="float", mask_shape="noncontig", mask_grad=True),
     _c("float_gqa_causal_window_grad", batch=(2,), hq=4, hkv=2, L=70, S=80, E=40, mask="float",
        mask_shape="HLS", mask_grad=True, causal=True, window=(20, -1)),
@@ -163,6 +168,9 @@ CASES = [
             ("bool_L1_rows_hd64", dict(batch=(2,), hq=2, L=12, S=14, mask="bool", mask_shape="L1",
                                        fully_masked=True)),
             ("window_empty_rows", dict(batch=(1,), hq=2, L=30, S=6, E=16, window=(1, 1), layout="poison")),
+            ("floatq_noncontig_finfo_min", dict(L=15, S=18, E=32, mask="floatq", mask_shape="noncontig",
+                                                finfo_min=True)),
+            ("scale_large_scores", dict(batch=(1,), hq=2, L=70, S=90, E=64, scale=8.0)),
         ]
     ],
     _c("L1000_causal", dtype=bf16, batch=(1,), hq=2, L=1000, S=1000, E=64, causal=True),
@@ -258,8 +266,13 @@ def make_mask(case: Case, device):
         m = torch.randn(*store, device=device).to(mdt)
         if case.ninf:
             m = m.masked_fill(torch.rand(*store, device=device) < 0.2, -math.inf)
+        if case.finfo_min:  # HF-style "masking" with the most negative finite value: still visible
+            lo = torch.finfo(mdt).min
+            m = m.masked_fill(torch.rand(*store, device=device) < 0.3, lo)
     if case.mask_shape == "noncontig":
         m = m.transpose(-1, -2)
+    if case.finfo_min:  # a whole query row at finfo.min: uniform attention, not a dead row
+        m[..., 1, :] = torch.finfo(m.dtype).min
     if case.fully_masked:
         off = False if m.dtype == torch.bool else -math.inf
         m = m.clone()
@@ -428,6 +441,47 @@ def test_gradients_layout(device):
     attention_ext.attention(q, k, v).sum().backward()
     for t in (q, k, v):
         assert t.grad.shape == t.shape and t.grad.stride() == t.stride(), (t.grad.stride(), t.stride())
+
+
+@pytest.mark.parametrize("Ev", [1, 8])
+def test_expanded_grad_output(device, Ev):
+    """out.sum().backward() hands the backward a stride-0 (expanded) grad_output."""
+    torch.manual_seed(12)
+    q = torch.randn(2, 3, 17, 16, device=device, requires_grad=True)
+    k = torch.randn(2, 3, 19, 16, device=device, requires_grad=True)
+    v = torch.randn(2, 3, 19, Ev, device=device, requires_grad=True)
+    attention_ext.attention(q, k, v, is_causal=True).sum().backward()
+    _, _, rdq, rdk, rdv, _ = reference_grads(q, k, v, torch.ones(2, 3, 17, Ev), is_causal=True)
+    for name, a, b in [("dq", q.grad, rdq), ("dk", k.grad, rdk), ("dv", v.grad, rdv)]:
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
+def test_finfo_min_row_is_uniform_not_dead(device, dtype):
+    """A query row whose additive mask is finfo.min everywhere (HF-style masks) is NOT a
+    dead row: every score is the same huge negative number, so the softmax is uniform
+    (1/S), in the forward, in attention_probs and in the gradients (which must match the
+    float64 reference of the same forward)."""
+    torch.manual_seed(13)
+    S = 35
+    q = torch.randn(1, 2, 4, 16, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(1, 2, S, 16, dtype=dtype, device=device, requires_grad=True)
+    v = torch.randn(1, 2, S, 8, dtype=dtype, device=device, requires_grad=True)
+    m = torch.zeros(4, S, device=device)
+    m[1] = torch.finfo(torch.float32).min
+    m.requires_grad_()
+    out = attention_ext.attention(q, k, v, m)
+    torch.testing.assert_close(out[:, :, 1].float(), v.detach().float().mean(-2), rtol=2e-2, atol=2e-2)
+    _, lse, rng = ops._attention_forward(q.detach(), k.detach(), v.detach(), m.detach(), 0.0, False, None, False, [-1, -1])
+    p = ops.attention_probs(q.detach(), k.detach(), m.detach(), lse, rng)
+    torch.testing.assert_close(p[:, :, 1].float(), torch.full((1, 2, S), 1.0 / S, device=device), rtol=1e-2, atol=1e-3,
+                               msg=lambda s: f"attention_probs of the finfo.min row: {s}")
+    g = torch.randn(out.shape, dtype=dtype, device=device)
+    out.backward(g)
+    _, _, rdq, rdk, rdv, rdm = reference_grads(q, k, v, g, m, mask_requires_grad=True)
+    tol = 1e-4 if dtype == f32 else 5e-2
+    for name, a, b in [("dq", q.grad, rdq), ("dk", k.grad, rdk), ("dv", v.grad, rdv), ("dmask", m.grad, rdm)]:
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=lambda s: f"{name}: {s}")
 
 
 def test_mask_dtype_equivalence(device):
