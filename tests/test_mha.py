@@ -495,3 +495,24 @@ def test_matches_torch_cuda(dtype):
         for a, b in zip(g1, g2):
             scale = a.float().abs().max().clamp_min(1.0)
             torch.testing.assert_close(b.float() / scale, a.float() / scale, **tol)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_torch_compile_fullgraph(need_weights):
+    torch._dynamo.reset()
+    ref, mine = make_pair(batch_first=True)
+    compiled = torch.compile(mine, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 6, E, requires_grad=True)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[1, 4:] = True
+    res = []
+    for m, params in ((ref, ref.parameters()), (compiled, mine.parameters())):
+        o, w = m(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+        loss = o.square().sum() + (w.square().sum() if w is not None else 0)
+        res.append((o, w, torch.autograd.grad(loss, [x] + list(params))))
+    (o1, w1, g1), (o2, w2, g2) = res
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-4)
+    if need_weights:
+        torch.testing.assert_close(w2, w1, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
