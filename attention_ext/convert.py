@@ -3,7 +3,9 @@
 Every ``torch.nn.MultiheadAttention`` inside a model becomes an
 :class:`attention_ext.MultiheadAttention` *in place*: the module object, its
 Parameter objects (device, dtype, ``requires_grad``, optimizer state), buffers
-and hooks all stay the very same; only its class changes.
+and hooks all stay the very same; only its class changes. (A user subclass of
+``nn.MultiheadAttention`` becomes a subclass of both, its own methods first, so
+its ``super().forward()`` is the fused one.)
 
 ``torch.nn.TransformerEncoderLayer`` (and ``TransformerEncoder``) in eval mode
 under ``no_grad`` take a native fast path (``torch._transformer_encoder_layer_fwd``

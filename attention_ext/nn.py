@@ -67,8 +67,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         the same Parameter objects, hooks and state) and return it."""
         if not isinstance(module, torch.nn.MultiheadAttention):
             raise TypeError(f"expected a torch.nn.MultiheadAttention, got {type(module).__name__}")
-        if not isinstance(module, cls):
+        if isinstance(module, cls):
+            return module
+        if type(module) is torch.nn.MultiheadAttention:
             module.__class__ = cls
+        else:
+            # a user subclass keeps its own methods; its super().forward() becomes the fused one
+            module.__class__ = _converted_subclass(type(module), cls)
         return module
 
     def forward(
@@ -257,3 +262,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if mask.is_floating_point() and mask.dtype not in (dtype, torch.float32):
             mask = mask.to(dtype)
         return mask
+
+
+_SUBCLASSES = {}
+
+
+def _converted_subclass(user_cls, base):
+    key = (user_cls, base)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(user_cls.__name__, (user_cls, base),
+                                {"__doc__": user_cls.__doc__, "__module__": user_cls.__module__})
+    return _SUBCLASSES[key]

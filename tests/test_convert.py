@@ -172,3 +172,21 @@ def test_transformer_every_attention_goes_through_attention_ext(train):
     y_ref = ref(src, tgt, tgt_mask=tgt_mask, tgt_is_causal=True, src_key_padding_mask=kpm,
                 memory_key_padding_mask=kpm)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_user_subclass_of_multihead_attention_keeps_its_methods():
+    class Scaled(nn.MultiheadAttention):
+        def forward(self, q, k, v, **kw):
+            out, w = super().forward(q, k, v, **kw)
+            return out * 3, w
+
+    torch.manual_seed(0)
+    m = Scaled(16, 4)
+    ref = copy.deepcopy(m)
+    replace_multihead_attention(m)
+    assert isinstance(m, Scaled) and isinstance(m, MultiheadAttention)
+    x = torch.randn(5, 2, 16)
+    with OpCounter() as c:
+        out, _ = m(x, x, x, need_weights=False)
+    assert c.ext == 1
+    torch.testing.assert_close(out, ref(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-4)
