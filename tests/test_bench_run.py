@@ -1,0 +1,115 @@
+"""python -m benchmarks.run: the quick mode on a tiny grid writes JSON, markdown and PNGs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `benchmarks` is a package at the repository root
+
+from benchmarks import report, run  # noqa: E402
+
+mpimg = pytest.importorskip("matplotlib.image")
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return mpimg.imread(path).shape[:2]
+
+
+def test_flops_formula():
+    assert run.flops(2, 3, 5, 7, 11, False, "fwd") == 4 * 2 * 3 * 5 * 7 * 11
+    assert run.flops(2, 3, 5, 7, 11, True, "fwd") == 2 * 2 * 3 * 5 * 7 * 11
+    assert run.flops(1, 1, 4, 4, 4, False, "fwdbwd") == 3.5 * 4 * 64
+
+
+def test_growth_exponent():
+    assert report.growth_exponent([256, 512, 1024], [1.0, 2.0, 4.0]) == pytest.approx(1.0)
+    assert report.growth_exponent([256, 512, 1024], [1.0, 4.0, 16.0]) == pytest.approx(2.0)
+    assert report.growth_exponent([256], [1.0]) is None
+
+
+def _run(*args):
+    """The command itself, in a child process (it tunes glibc malloc for its memory measurements:
+    that must not leak into the test process)."""
+    # one thread: on a busy shared machine, OpenMP barriers across preempted threads make tiny
+    # calls take a scheduler quantum each
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_quick_tiny_grid(tmp_path):
+    out = tmp_path / "res"
+    text = _run("--quick", "--device", "cpu", "--out", str(out), "--lengths", "32,64", "--head-dims", "32",
+                "--heads", "2", "--module-lengths", "32,64", "--no-progress", "--no-flex", "--budget", "0.01")
+    for name in ("results.json", "results.md", "tflops.png", "memory.png", "module.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    res = json.loads((out / "results.json").read_text())
+    env = res["env"]
+    for key in ("device", "driver", "torch", "cuda", "git_commit", "date", "cpu_threads"):
+        assert key in env
+    assert env["torch"]
+    ops = res["op"]
+    # 2 modes x 1 head dim x 3 mask kinds x 2 lengths, for every backend tried
+    assert {r["backend"] for r in ops} == {"attention_ext", "torch-math", "torch-flash", "torch-efficient",
+                                            "torch-cudnn", "torch-flex"}
+    ours = [r for r in ops if r["backend"] == "attention_ext"]
+    assert len(ours) == 12 and all(r["status"] == "ok" for r in ours)
+    for r in ours:
+        assert r["tflops"] > 0 and r["time_s"] > 0 and r["repeats"] >= 3 and r["peak_mem_bytes"] >= 0
+        assert r["tflops"] == pytest.approx(run.flops(1, 2, r["L"], r["L"], 32, r["causal"], r["mode"])
+                                            / r["time_s"] / 1e12)
+    assert all(r["status"] == "ok" for r in ops if r["backend"] in ("torch-math", "torch-flash"))
+    # backends that cannot run here are skipped with a reason, never silently dropped
+    for r in ops:
+        if r["backend"] in ("torch-efficient", "torch-cudnn", "torch-flex"):
+            assert r["status"] == "skipped" and r["reason"]
+    mods = res["module"]
+    assert len(mods) == 2 * 2 * 2 * 2 and all(r["status"] == "ok" for r in mods)
+
+    md = (out / "results.md").read_text()
+    assert "#### forward: TFLOP/s" in md and "#### forward + backward: TFLOP/s" in md
+    assert "| E | mask | L | attention_ext |" in md and "best PyTorch | ratio |" in md
+    assert "Peak extra memory" in md and "exponent" in md
+    assert "MultiheadAttention" in md and "Not measured" in md
+    assert env["date"] in md
+    assert "TFLOP/s" in text  # the tables are printed too
+
+    # PNG sizes: tflops = 4 in per panel x (2 causal panels), 3.3 in per mode row + 0.5; memory 5 in per mode
+    assert _png_size(out / "tflops.png") == (round((2 * 3.3 + 0.5) * 100), 2 * 4 * 100)
+    assert _png_size(out / "memory.png") == (400, 2 * 5 * 100)
+    assert _png_size(out / "module.png") == (380, 2 * 5 * 100)
+
+
+def test_flex_one_point(tmp_path):
+    """FlexAttention is compiled (or skipped with a reason) on one tiny point."""
+    out = tmp_path / "flex"
+    _run("--device", "cpu", "--out", str(out), "--lengths", "32", "--head-dims", "16", "--heads", "1",
+         "--masks", "causal", "--backends", "attention_ext,flex", "--flex", "--no-module", "--no-plots",
+         "--no-progress", "--budget", "0.01")
+    rows = {(r["backend"], r["mode"]): r for r in json.loads((out / "results.json").read_text())["op"]}
+    flex_fwd = rows[("torch-flex", "fwd")]
+    assert flex_fwd["status"] in ("ok", "skipped")
+    if flex_fwd["status"] == "ok":
+        assert flex_fwd["tflops"] > 0
+    else:
+        assert flex_fwd["reason"]
+    # FlexAttention has no CPU backward: recorded as skipped with PyTorch's reason
+    assert rows[("torch-flex", "fwdbwd")]["status"] in ("ok", "skipped")
+    assert rows[("attention_ext", "fwdbwd")]["status"] == "ok"
+
+
+def test_cpu_memory_measure_sees_allocations():
+    code = ("import torch; from benchmarks import memory; memory.configure_malloc(); "
+            "print(*memory.peak_extra_bytes(lambda: torch.ones(8 * 2**20 // 4), torch.device('cpu')))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    nbytes, method = p.stdout.split()[-2:]
+    assert method in ("rss-hwm", "torch-profiler")
+    assert 7 * 2**20 <= int(nbytes) <= 16 * 2**20
