@@ -1,0 +1,310 @@
+// CUDA backend: thin glue from the ops to the torch-free kernels (the CUDA
+// twin of csrc/cpu/attention_cpu.cpp). It validates with the shared glue
+// (glue.h), guards the device, allocates outputs and workspaces with the
+// caching allocator, fills the params, and launches on the current stream.
+// No host synchronisation anywhere (CUDA-graph capturable).
+//
+// (c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream
+// forwards to; ATen/cuda/CUDAContext.h is avoided because it needs the
+// cuSPARSE / cuBLAS / cuSOLVER headers, which a bare CUDA toolkit may lack.)
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <mutex>
+#include <sstream>
+
+#include "../glue.h"
+#include "launch.h"
+#include "rng_state.h"
+
+namespace attention_ext {
+namespace cuda {
+namespace {
+
+const char* dtype_switch_name(DType d) {
+  switch (d) {
+    case DType::kFloat16: return "fp16";
+    case DType::kBFloat16: return "bf16";
+    case DType::kFloat32: return "fp32";
+    default: return "?";
+  }
+}
+
+std::string dims_str(const std::vector<int>& dims) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
+  os << "]";
+  return os.str();
+}
+
+// The error raised when the build switches dropped the kernel a call needs.
+[[noreturn]] void compiled_out(bool backward, DType dtype, int head_dim) {
+  const std::vector<int> dims = compiled_head_dims(backward, dtype);
+  if (dims.empty()) {
+    TORCH_CHECK(false, "attention_ext: the CUDA ", backward ? "backward" : "forward", " kernels for dtype ",
+                dtype_switch_name(dtype), " were compiled out by the build switch ATTENTION_EXT_DTYPES; rebuild with ",
+                "ATTENTION_EXT_DTYPES unset or including ", dtype_switch_name(dtype));
+  }
+  TORCH_CHECK(false, "attention_ext: no CUDA ", backward ? "backward" : "forward", " kernel for head dim ", head_dim,
+              " (max of the query and value head dims) and dtype ", dtype_switch_name(dtype),
+              ": this build has head dims ", dims_str(dims),
+              " (the rest were compiled out by the build switch ATTENTION_EXT_HEAD_DIMS); rebuild with "
+              "ATTENTION_EXT_HEAD_DIMS unset or including a head dim >= ",
+              head_dim);
+}
+
+// Streaming multiprocessors of a device (a host-side attribute query, no sync).
+int num_sms(int device) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return std::max(n, 1);
+}
+
+int needed_head_dim(const FwdParams& p) { return static_cast<int>(std::max(p.dim_qk, p.dim_v)); }
+
+LaunchEnv make_env(const at::Tensor& q) {
+  LaunchEnv env;
+  env.stream = c10::cuda::getCurrentCUDAStream();
+  env.num_sms = num_sms(q.get_device());
+  // float32: TF32 tensor cores only when the user allowed them for matmuls
+  // (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision).
+  env.allow_tf32 = q.scalar_type() == at::kFloat &&
+                   (at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST ||
+                    at::globalContext().allowTF32CuBLAS());
+  return env;
+}
+
+std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
+  if (!mask.has_value() || !mask->defined()) return std::nullopt;
+  return mask_4d(*mask, q, k);
+}
+
+// The int64[2] (seed, offset) on the query's device: the kernels read it there.
+at::Tensor rng_on_device(const at::Tensor& rng, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(rng.defined() && rng.numel() == 2 && rng.scalar_type() == at::kLong,
+                    "rng_state must be the int64 tensor of 2 elements returned by the forward, got ",
+                    rng.defined() ? rng.sizes() : at::IntArrayRef{}, " of dtype ",
+                    rng.defined() ? rng.scalar_type() : at::kLong);
+  at::Tensor r = rng.device() == q.device() ? rng : rng.to(q.device());
+  return r.contiguous();
+}
+
+void set_common_rng(FwdParams& p, const at::Tensor& rng_dev, double dropout_p) {
+  if (dropout_p > 0.0) p.seed_offset_ptr = rng_dev.data_ptr<int64_t>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_inputs(q, k, v, mask, opt);
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = empty_output(q, v.sym_size(-1));
+  at::Tensor lse = empty_lse(q);
+  poison(out);
+  poison(lse);
+  at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out);
+  auto m4 = mask4_of(mask, q, k);
+  FwdParams p = make_fwd_params(q4, k4, v4, o4, lse, m4, opt);
+  const LaunchEnv env = make_env(q);
+
+  at::Tensor rng;
+  if (dropout_p > 0.0) {
+    // Philox (seed, offset) from torch's CUDA generator. Under graph capture
+    // the state holds device pointers that each replay refreshes: the
+    // one-thread kernel unpacks it on the device into rng_state, which the
+    // attention kernel (and the backward) then read.
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(q.get_device()));
+    at::PhiloxCudaState state;
+    {
+      std::lock_guard<std::mutex> lock(gen->mutex_);
+      // our counters are {key column / 4, query row, batch * head, offset}: any
+      // distinct offset gives an independent stream, 4 is the generator's unit
+      state = gen->philox_cuda_state(4);
+    }
+    rng = at::empty({2}, q.options().dtype(at::kLong));
+    C10_CUDA_CHECK(launch_write_rng_state(state, rng.data_ptr<int64_t>(), env.stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    p.seed_offset_ptr = rng.data_ptr<int64_t>();
+  } else {
+    rng = at::zeros({2}, q.options().dtype(at::kLong));
+  }
+
+  if (p.len_q > 0 && p.batch * p.heads_q > 0) {
+    const FwdEntry* e = find_fwd(p.dtype, needed_head_dim(p));
+    if (e == nullptr) compiled_out(false, p.dtype, needed_head_dim(p));
+    C10_CUDA_CHECK(e->fn(p, env));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (!o4.is_alias_of(out)) out.copy_(o4.view(out.sizes()));
+  return {out, lse, rng};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool mask_grad) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_inputs(q, k, v, mask, opt);
+  auto osz = out.sym_sizes();
+  check_same_shape(out, "output", osz, q);
+  check_same_shape(grad_out, "grad_output", osz, q);
+  check_lse(lse, q);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "output dtype (", out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
+  c10::cuda::CUDAGuard guard(q.device());
+
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  poison(dq);
+  poison(dk);
+  poison(dv);
+  at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out), g4 = as_4d(grad_out);
+  at::Tensor dq4 = as_4d(dq), dk4 = as_4d(dk), dv4 = as_4d(dv);
+  at::Tensor lse_c = lse.contiguous();
+  auto m4 = mask4_of(mask, q, k);
+  BwdParams p;
+  static_cast<FwdParams&>(p) = make_fwd_params(q4, k4, v4, o4, lse_c, m4, opt);
+  at::Tensor rng_dev;
+  if (dropout_p > 0.0) {
+    rng_dev = rng_on_device(rng, q);
+    set_common_rng(p, rng_dev, dropout_p);
+  }
+  p.dout = g4.data_ptr();
+  p.do_stride = strides_of(g4);
+  p.dq = dq4.data_ptr();
+  p.dk = dk4.data_ptr();
+  p.dv = dv4.data_ptr();
+  p.dq_stride = strides_of(dq4);
+  p.dk_stride = strides_of(dk4);
+  p.dv_stride = strides_of(dv4);
+  p.deterministic = at::globalContext().deterministicAlgorithms();
+  at::Tensor dmask_full;
+  if (want_dmask) {
+    // zero: the kernel writes only the tiles the window / causal bounds let it visit
+    dmask_full = at::zeros({p.batch, p.heads_q, p.len_q, p.len_k}, q.options().dtype(at::kFloat));
+    p.dmask = dmask_full.data_ptr();
+  }
+
+  if (p.len_q == 0 || p.len_k == 0 || p.batch * p.heads_q == 0) {
+    // nothing to attend to: every gradient is zero
+    dq4.zero_();
+    dk4.zero_();
+    dv4.zero_();
+  } else {
+    const LaunchEnv env = make_env(q);
+    const BwdEntry* e = find_bwd(p.dtype, needed_head_dim(p));
+    if (e == nullptr) compiled_out(true, p.dtype, needed_head_dim(p));
+
+    const int64_t rows = p.batch * p.heads_q * p.len_q;
+    const int64_t nkb = (p.len_k + e->block_n - 1) / e->block_n;
+    BwdWork w;
+    w.deterministic = p.deterministic;
+    w.dq_row_stride = e->head_dim;
+    w.dq_split_stride = rows * e->head_dim;
+    if (w.deterministic) {
+      // Key blocks split in chunks, one CTA per chunk and a private dQ split
+      // each (summed in a fixed order): enough CTAs to fill the GPU twice,
+      // at most 8 splits of workspace.
+      const int64_t bhk = std::max<int64_t>(1, p.batch * p.heads_kv);
+      const int64_t want = (2 * static_cast<int64_t>(env.num_sms) + bhk - 1) / bhk;
+      int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>({want, nkb, 8}));
+      const int64_t per = (nkb + nchunks - 1) / nchunks;
+      nchunks = (nkb + per - 1) / per;
+      w.nchunks = static_cast<int>(nchunks);
+      w.kb_per_chunk = static_cast<int>(per);
+    } else {
+      w.nchunks = static_cast<int>(nkb);
+      w.kb_per_chunk = 1;
+    }
+    const int nsplit = w.deterministic ? w.nchunks : 1;
+    at::Tensor dq_accum = at::zeros({nsplit, rows, e->head_dim}, q.options().dtype(at::kFloat));
+    at::Tensor dsum = at::empty({rows}, q.options().dtype(at::kFloat));
+    w.dq_accum = dq_accum.data_ptr<float>();
+    w.dsum = dsum.data_ptr<float>();
+
+    C10_CUDA_CHECK(launch_bwd_preprocess(p, w.dsum, env));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(e->fn(p, w, env));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(launch_dq_convert(p, w, nsplit, env));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (!dq4.is_alias_of(dq)) dq.copy_(dq4.view(dq.sizes()));
+  if (!dk4.is_alias_of(dk)) dk.copy_(dk4.view(dk.sizes()));
+  if (!dv4.is_alias_of(dv)) dv.copy_(dv4.view(dv.sizes()));
+  at::Tensor dmask = want_dmask ? reduce_mask_grad(dmask_full, *mask, q) : at::empty({0}, q.options());
+  return {dq, dk, dv, dmask};
+}
+
+at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
+                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  // value is not needed: check q/k with k standing in for v
+  check_inputs(q, k, k, mask, opt);
+  check_lse(lse, q);
+  c10::cuda::CUDAGuard guard(q.device());
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
+  shape.push_back(k.size(-2));
+  at::Tensor probs = at::empty(shape, q.options());
+  poison(probs);
+  at::Tensor q4 = as_4d(q), k4 = as_4d(k);
+  at::Tensor lse_c = lse.contiguous();
+  auto m4 = mask4_of(mask, q, k);
+  FwdParams p = make_fwd_params(q4, k4, k4, at::Tensor(), lse_c, m4, opt);
+  at::Tensor rng_dev;
+  if (dropout_p > 0.0) {
+    rng_dev = rng_on_device(rng, q);
+    set_common_rng(p, rng_dev, dropout_p);
+  }
+  if (probs.numel() > 0) {
+    const LaunchEnv env = make_env(q);
+    C10_CUDA_CHECK(launch_probs(p, probs.data_ptr(), env));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return probs;
+}
+
+at::Tensor dropout_mask_cuda(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
+                             double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p < 1.0, "dropout_p must be in (0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(rng.numel() == 2 && rng.scalar_type() == at::kLong,
+                    "rng_state must be the int64 tensor of 2 elements returned by the forward");
+  TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && len_q >= 0 && len_k >= 0,
+                    "batch, heads, len_q and len_k must be >= 0");
+  c10::cuda::CUDAGuard guard(rng.device());
+  at::Tensor r = rng.contiguous();
+  at::Tensor m = at::empty({batch, heads, len_q, len_k}, rng.options().dtype(at::kBool));
+  if (m.numel() > 0) {
+    C10_CUDA_CHECK(launch_dropout_mask(r.data_ptr<int64_t>(), batch, heads, len_q, len_k,
+                                       static_cast<float>(dropout_p), m.data_ptr<bool>(),
+                                       c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return m;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
+  m.impl("_attention_forward", TORCH_FN(cuda::forward_cuda));
+  m.impl("_attention_backward", TORCH_FN(cuda::backward_cuda));
+  m.impl("attention_probs", TORCH_FN(cuda::probs_cuda));
+  m.impl("_dropout_mask", TORCH_FN(cuda::dropout_mask_cuda));
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,212 @@
+// The small CUDA kernels around the flash kernels: the backward's D
+// preprocess and dQ conversion, attention_probs, and the dropout keep-mask.
+// All indexing is int64 and every loop is grid-strided, so tensors beyond
+// 2^31 elements work with bounded grids.
+#include <algorithm>
+
+#include "flash_common.cuh"
+#include "flash_fwd.cuh"
+#include "launch.h"
+
+namespace attention_ext {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_for(int64_t work_items, int per_block, int num_sms) {
+  const int64_t want = ceil_div(work_items, per_block);
+  const int64_t cap = static_cast<int64_t>(std::max(num_sms, 1)) * 32;
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, cap)));
+}
+
+// D[bh * L + i] = sum_e dO[b, h, i, e] * O[b, h, i, e]: one warp per row.
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads) bwd_preprocess_kernel(const BwdParams p, float* dsum) {
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
+    const Elem* o = static_cast<const Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i * p.o_stride.r;
+    const Elem* d = static_cast<const Elem*>(p.dout) + b * p.do_stride.b + h * p.do_stride.h + i * p.do_stride.r;
+    float acc = 0.f;
+    for (int64_t e = lane; e < p.dim_v; e += 32) acc += ElemOps<Elem>::to_float(o[e]) * ElemOps<Elem>::to_float(d[e]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) dsum[r] = acc;
+  }
+}
+
+// dq[b, h, i, e] = scale * (split_0 + split_1 + ...)[bh * L + i][e], fixed order.
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads)
+    dq_convert_kernel(const BwdParams p, const float* acc, int64_t row_stride, int64_t split_stride, int nsplit) {
+  const int64_t E = p.dim_qk;
+  const int64_t total = p.batch * p.heads_q * p.len_q * E;
+  const float scale = static_cast<float>(p.scale);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += step) {
+    const int64_t e = idx % E, r = idx / E;
+    const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
+    const float* a = acc + r * row_stride + e;
+    float s = 0.f;
+    for (int c = 0; c < nsplit; ++c) s += a[c * split_stride];
+    Elem* dq = static_cast<Elem*>(p.dq) + b * p.dq_stride.b + h * p.dq_stride.h + i * p.dq_stride.r;
+    dq[e] = ElemOps<Elem>::from_float(s * scale);
+  }
+}
+
+__device__ __forceinline__ float mask_value_any(const FwdParams& p, int64_t off) {
+  switch (p.mask_dtype) {
+    case DType::kBool: return mask_value<uint8_t>(p.mask, off);
+    case DType::kFloat16: return mask_value<__half>(p.mask, off);
+    case DType::kBFloat16: return mask_value<__nv_bfloat16>(p.mask, off);
+    default: return mask_value<float>(p.mask, off);
+  }
+}
+
+// attention_probs: a 32 x 32 tile of (query, key) per CTA iteration; scores
+// in fp32 FMA (q and k tiles staged through shared memory, 32 features at a
+// time), then P = exp2(x - lse * log2e) (0 for rows with lse = -inf) and the
+// forward's dropout: P * keep / (1 - p). Every element is written.
+constexpr int kPT = 32;
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads) probs_kernel(const FwdParams p, Elem* out) {
+  __shared__ float sq[kPT][kPT + 1];  // [query row][feature]
+  __shared__ float sk[kPT][kPT + 1];  // [key][feature]
+  const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;  // ty in [0, 8): rows ty + 8 * r
+  const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q, G = p.heads_q / p.heads_kv, E = p.dim_qk;
+  const int64_t nib = ceil_div(L, kPT), njb = ceil_div(S, kPT);
+  const int64_t tiles = p.batch * Hq * nib * njb;
+  const bool dropout = p.dropout_p > 0.f;
+  const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
+  const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t jb = tile % njb, ib = (tile / njb) % nib, bh = tile / (njb * nib);
+    const int64_t b = bh / Hq, h = bh % Hq, hk = h / G;
+    const int64_t i0 = ib * kPT, j0 = jb * kPT;
+    const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
+    const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t e0 = 0; e0 < E; e0 += kPT) {
+      __syncthreads();  // the previous chunk's reads are done
+      for (int idx = threadIdx.x; idx < kPT * kPT; idx += kThreads) {
+        const int r = idx / kPT, c = idx % kPT;
+        const bool okc = e0 + c < E;
+        sq[r][c] = (okc && i0 + r < L) ? ElemOps<Elem>::to_float(q[(i0 + r) * p.q_stride.r + e0 + c]) : 0.f;
+        sk[r][c] = (okc && j0 + r < S) ? ElemOps<Elem>::to_float(k[(j0 + r) * p.k_stride.r + e0 + c]) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int c = 0; c < kPT; ++c) {
+        const float kv = sk[tx][c];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[r] = fmaf(sq[ty + 8 * r][c], kv, acc[r]);
+      }
+    }
+    const int64_t j = j0 + tx;
+    if (j < S) {
+      const float* lse = static_cast<const float*>(p.lse) + bh * L;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = i0 + ty + 8 * r;
+        if (i >= L) continue;
+        int64_t lo, hi;
+        key_range(p, i, lo, hi);
+        float x = -kInf;
+        if (j >= lo && j < hi) {
+          x = acc[r] * scale_log2;
+          if (p.mask_kind != MaskKind::kNone) {
+            const Strides4& ms = p.mask_stride;
+            x += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c) * kLog2e;
+          }
+        }
+        const float l = lse[i];
+        float pr = l == -kInf ? 0.f : exp2f(x - l * kLog2e);
+        if (dropout) pr = rng.keep(static_cast<uint64_t>(bh), static_cast<uint64_t>(i), static_cast<uint64_t>(j))
+                              ? pr * rng.inv_keep
+                              : 0.f;
+        out[(bh * L + i) * S + j] = ElemOps<Elem>::from_float(pr);
+      }
+    }
+  }
+}
+
+// keep-mask[bh, i, j] for j in a group of four (one Philox call).
+__global__ void __launch_bounds__(kThreads) dropout_mask_kernel(const int64_t* seed_offset, int64_t rows, int64_t len_q,
+                                                              int64_t len_k, float dropout_p, bool* out) {
+  const DropoutRng rng(static_cast<uint64_t>(seed_offset[0]), static_cast<uint64_t>(seed_offset[1]), dropout_p);
+  const int64_t n4 = ceil_div(len_k, 4);
+  const int64_t total = rows * n4;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += step) {
+    const int64_t row = idx / n4, j4 = idx % n4;
+    const uint32_t bits = rng.keep4(static_cast<uint64_t>(row / len_q), static_cast<uint64_t>(row % len_q),
+                                    static_cast<uint64_t>(j4));
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int64_t j = j4 * 4 + t;
+      if (j < len_k) out[row * len_k + j] = (bits >> t) & 1u;
+    }
+  }
+}
+
+template <typename Fn>
+cudaError_t by_dtype(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::kFloat16: return fn(__half{});
+    case DType::kBFloat16: return fn(__nv_bfloat16{});
+    case DType::kFloat32: return fn(float{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_bwd_preprocess(const BwdParams& p, float* dsum, const LaunchEnv& env) {
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  if (rows == 0) return cudaSuccess;
+  const int grid = grid_for(rows, kThreads / 32, env.num_sms);
+  return by_dtype(p.dtype, [&](auto tag) {
+    using Elem = decltype(tag);
+    bwd_preprocess_kernel<Elem><<<grid, kThreads, 0, env.stream>>>(p, dsum);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, int nsplit, const LaunchEnv& env) {
+  const int64_t total = p.batch * p.heads_q * p.len_q * p.dim_qk;
+  if (total == 0) return cudaSuccess;
+  const int grid = grid_for(total, kThreads, env.num_sms);
+  return by_dtype(p.dtype, [&](auto tag) {
+    using Elem = decltype(tag);
+    dq_convert_kernel<Elem><<<grid, kThreads, 0, env.stream>>>(p, w.dq_accum, w.dq_row_stride, w.dq_split_stride,
+                                                               nsplit);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_probs(const FwdParams& p, void* probs, const LaunchEnv& env) {
+  const int64_t tiles = p.batch * p.heads_q * ceil_div(p.len_q, kPT) * ceil_div(p.len_k, kPT);
+  if (tiles == 0) return cudaSuccess;
+  const int grid = grid_for(tiles, 1, env.num_sms);
+  return by_dtype(p.dtype, [&](auto tag) {
+    using Elem = decltype(tag);
+    probs_kernel<Elem><<<grid, kThreads, 0, env.stream>>>(p, static_cast<Elem*>(probs));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,
+                                int64_t len_k, float dropout_p, bool* out, cudaStream_t stream) {
+  const int64_t rows = batch * heads * len_q;
+  const int64_t total = rows * ceil_div(len_k, 4);
+  if (total == 0) return cudaSuccess;
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 65536));
+  dropout_mask_kernel<<<grid, kThreads, 0, stream>>>(seed_offset, rows, len_q, len_k, dropout_p, out);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace attention_ext

@@ -1,0 +1,372 @@
+// Flash-attention backward on tensor cores (fp16 / bf16 / fp32 via TF32).
+//
+// One CTA = one (batch, kv head, chunk of key blocks of kBlockN keys). For a
+// key block it keeps K and V in shared memory and dK, dV in registers, and
+// walks every (query head of the GQA group, query block of kBlockM rows) that
+// can see the key block (the causal/window bounds skip the others):
+//
+//   phase 1 (warp grid WsM x WsN over kBlockM x kBlockN):
+//     S = Q K^T, dP = dO V^T; P = exp2(S*scale*log2e + mask*log2e - lse*log2e)
+//     (lse = -inf, a row that saw no key, gives P = 0), dropout keep-bits Z,
+//     dS = P o (dP o Z/(1-p) - D) with D = rowsum(dO o O) (preprocess kernel);
+//     [dmask = dS to global]; P o Z and dS go to shared memory (input dtype).
+//   phase 2 (warp grid WkvM x WkvN over kBlockN x kD):
+//     dV += (P o Z)^T dO, dK += dS^T Q
+//   phase 3 (warp grid WqM x WqN over kBlockM x kD):
+//     dQ_part = dS K, added to the fp32 dQ workspace (atomics, or plain
+//     read-modify-write into this chunk's private split when deterministic).
+// Epilogue: dK *= scale, dV *= 1/(1-p), stored in the input dtype.
+// dQ = scale * sum of the splits is written by launch_dq_convert.
+//
+// Barriers per (head, query block) item:
+//   (A) wait Q/dO/lse/D of the item; barrier -> visible; phase 3 of the
+//       previous item done reading sdS (phase 1 rewrites it)
+//   (B) sP/sdS complete before phase 2 reads them
+//   (C) phase 2 done reading sQ/sdO -> prefetch the next item's Q/dO/lse/D,
+//       which lands while phase 3 runs (phase 3 reads only sdS and sK).
+#pragma once
+
+#include "flash_common.cuh"
+#include "flash_fwd.cuh"
+#include "launch.h"
+
+namespace attention_ext {
+namespace cuda {
+
+template <typename Elem_, int kD_, int kBlockM_, int kBlockN_, int kWarps_, int kWsM_, int kWsN_, int kWkvM_,
+          int kWkvN_, int kWqM_, int kWqN_, int kPasses_ = 1>
+struct BwdConfig {
+  using Elem = Elem_;
+  using Mma = MmaTraits<Elem, kPasses_>;
+  static constexpr int kD = kD_, kBlockM = kBlockM_, kBlockN = kBlockN_, kWarps = kWarps_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kWsM = kWsM_, kWsN = kWsN_, kWkvM = kWkvM_, kWkvN = kWkvN_, kWqM = kWqM_, kWqN = kWqN_;
+  // per-warp tile shapes (16-row m-tiles x 8-col n-tiles)
+  static constexpr int MT_S = kBlockM / (16 * kWsM), NT_S = kBlockN / (8 * kWsN);
+  static constexpr int MT_KV = kBlockN / (16 * kWkvM), NT_KV = kD / (8 * kWkvN);
+  static constexpr int MT_Q = kBlockM / (16 * kWqM), NT_Q = kD / (8 * kWqN);
+  static constexpr int kPadElems = 16 / static_cast<int>(sizeof(Elem));  // +16 bytes per row (see FwdConfig)
+  static constexpr int kLd = kD + kPadElems;       // rows of sK, sV, sQ, sdO
+  static constexpr int kLdP = kBlockN + kPadElems;  // rows of sP, sdS
+  static constexpr size_t kSmem = (size_t(2 * kBlockN + 2 * kBlockM) * kLd + size_t(2 * kBlockM) * kLdP) *
+                                      sizeof(Elem) +
+                                  2 * kBlockM * sizeof(float);
+
+  static_assert(kWsM * kWsN <= kWarps && kWkvM * kWkvN == kWarps && kWqM * kWqN == kWarps, "warp grids");
+  static_assert(MT_S * 16 * kWsM == kBlockM && NT_S * 8 * kWsN == kBlockN, "S warp grid must tile the block");
+  static_assert(MT_KV * 16 * kWkvM == kBlockN && NT_KV * 8 * kWkvN == kD, "dKV warp grid must tile the block");
+  static_assert(MT_Q * 16 * kWqM == kBlockM && NT_Q * 8 * kWqN == kD, "dQ warp grid must tile the block");
+  static_assert(NT_S % 2 == 0 && NT_KV % 2 == 0 && NT_Q % 2 == 0, "n-tiles come in pairs");
+  static_assert(kBlockM <= kThreads, "one thread per query row loads lse and D");
+  static_assert(kSmem <= 99 * 1024, "must fit the 99 KB of sm_86/sm_89 (L4) shared memory");
+  static constexpr int kMaskLdB = mask_ld_bytes<kBlockN>();
+  static_assert(size_t(kBlockM) * kMaskLdB <= 2 * size_t(kBlockM) * kLdP * sizeof(Elem),
+                "the staged mask tile must fit in the sP + sdS space it aliases");
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParams p, const BwdWork w) {
+  using Elem = typename Cfg::Elem;
+  using M = typename Cfg::Mma;
+  constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
+  constexpr int kLd = Cfg::kLd, kLdP = Cfg::kLdP;
+  constexpr int MT_S = Cfg::MT_S, NT_S = Cfg::NT_S, MT_KV = Cfg::MT_KV, NT_KV = Cfg::NT_KV;
+  constexpr int MT_Q = Cfg::MT_Q, NT_Q = Cfg::NT_Q;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Elem* sK = reinterpret_cast<Elem*>(smem_raw);  // kBlockN x kLd: keys of the key block
+  Elem* sV = sK + kBlockN * kLd;                 // kBlockN x kLd: values of the key block
+  Elem* sQ = sV + kBlockN * kLd;                 // kBlockM x kLd: queries of the current item
+  Elem* sdO = sQ + kBlockM * kLd;                // kBlockM x kLd: dO of the current item
+  Elem* sP = sdO + kBlockM * kLd;                // kBlockM x kLdP: P o Z (dropout keep), [query][key]
+  Elem* sdS = sP + kBlockM * kLdP;               // kBlockM x kLdP: dS, [query][key]
+  // kBlockM rows x kMaskLdB bytes, aliasing sP and sdS: the raw explicit mask
+  // of the current tile, between (A) and (M2) of phase 1
+  unsigned char* sMask = reinterpret_cast<unsigned char*>(sP);
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kLdP);  // kBlockM: lse of the item's rows
+  float* sD = sLse + kBlockM;                                     // kBlockM: D of the item's rows
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+
+  const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) % w.nchunks;
+  const int64_t bhk = static_cast<int64_t>(blockIdx.x) / w.nchunks;
+  const int64_t b = bhk / Hkv, hk = bhk % Hkv;
+  const int64_t nkb = ceil_div(S, kBlockN);
+  const int64_t kb_begin = chunk * w.kb_per_chunk;
+  const int64_t kb_end = kb_begin + w.kb_per_chunk < nkb ? kb_begin + w.kb_per_chunk : nkb;
+  float* dq_acc = w.dq_accum + (w.deterministic ? chunk * w.dq_split_stride : 0);
+
+  const int E = static_cast<int>(p.dim_qk), Ev = static_cast<int>(p.dim_v);
+  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  const bool vec_k = vec16_ok(k, p.k_stride.r, S, E);
+  const bool vec_v = vec16_ok(v, p.v_stride.r, S, Ev);
+  Elem* dk = static_cast<Elem*>(p.dk) + b * p.dk_stride.b + hk * p.dk_stride.h;
+  Elem* dv = static_cast<Elem*>(p.dv) + b * p.dv_stride.b + hk * p.dv_stride.h;
+  const bool pair_dk = reinterpret_cast<uintptr_t>(dk) % (2 * sizeof(Elem)) == 0 && p.dk_stride.r % 2 == 0;
+  const bool pair_dv = reinterpret_cast<uintptr_t>(dv) % (2 * sizeof(Elem)) == 0 && p.dv_stride.r % 2 == 0;
+  const float* lse_g = static_cast<const float*>(p.lse);
+
+  const bool dropout = p.dropout_p > 0.f;
+  const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
+  const float keep_scale = dropout ? rng.inv_keep : 1.f;
+  const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  const float scale = static_cast<float>(p.scale);
+
+  // warp coordinates in the three warp grids
+  const bool s_active = warp < Cfg::kWsM * Cfg::kWsN;
+  const int ws_m = warp % Cfg::kWsM, ws_n = warp / Cfg::kWsM;
+  const int wkv_m = warp % Cfg::kWkvM, wkv_n = warp / Cfg::kWkvM;
+  const int wq_m = warp % Cfg::kWqM, wq_n = warp / Cfg::kWqM;
+
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const int64_t j0 = kb * kBlockN;
+    const int nk = static_cast<int>(S - j0 < kBlockN ? S - j0 : kBlockN);
+    // Query rows that see at least one key of [j0, j0 + nk): row i sees key j
+    // iff i - left <= j <= i + right.
+    int64_t ib = 0, ie = L;
+    if (p.window_right >= 0) ib = j0 - p.window_right > 0 ? j0 - p.window_right : 0;
+    if (p.window_left >= 0) ie = j0 + nk + p.window_left < L ? j0 + nk + p.window_left : L;
+    const int64_t mb_begin = ib / kBlockM;
+    const int64_t nm = ie > ib ? ceil_div(ie, kBlockM) - mb_begin : 0;
+    const int64_t n_items = G * nm;
+
+    // Issues the async loads of item `it` (query head hk*G + it/nm, query
+    // block mb_begin + it%nm): Q, dO, and the rows' lse and D.
+    auto load_item = [&](int64_t it) {
+      const int64_t h = hk * G + it / nm;
+      const int64_t i0 = (mb_begin + it % nm) * kBlockM;
+      const int nq = static_cast<int>(L - i0 < kBlockM ? L - i0 : kBlockM);
+      const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
+      const Elem* dO = static_cast<const Elem*>(p.dout) + b * p.do_stride.b + h * p.do_stride.h;
+      load_tile<Elem, kBlockM, kD, kLd, kThreads>(sQ, q + i0 * p.q_stride.r, p.q_stride.r, nq, E,
+                                                  vec16_ok(q, p.q_stride.r, L, E), tid);
+      load_tile<Elem, kBlockM, kD, kLd, kThreads>(sdO, dO + i0 * p.do_stride.r, p.do_stride.r, nq, Ev,
+                                                  vec16_ok(dO, p.do_stride.r, L, Ev), tid);
+      if (tid < kBlockM) {
+        const bool ok = tid < nq;
+        const int64_t row = (b * Hq + h) * L + i0 + (ok ? tid : 0);
+        cp_async4(smem_u32(sLse + tid), lse_g + row, ok);
+        cp_async4(smem_u32(sD + tid), w.dsum + row, ok);
+      }
+    };
+
+    // Every warp finished the previous key block (phase 3 reads sK and sdS)
+    // before sK / sV / sQ / sdO are refilled.
+    __syncthreads();
+    if (n_items > 0) {
+      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, k + j0 * p.k_stride.r, p.k_stride.r, nk, E, vec_k, tid);
+      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sV, v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vec_v, tid);
+      load_item(0);
+    }
+    cp_async_commit();
+
+    float acc_dk[MT_KV][NT_KV][4], acc_dv[MT_KV][NT_KV][4];
+    zero_acc(acc_dk);
+    zero_acc(acc_dv);
+
+    for (int64_t it = 0; it < n_items; ++it) {
+      const int64_t h = hk * G + it / nm;
+      const int64_t i0 = (mb_begin + it % nm) * kBlockM;
+      const int nq = static_cast<int>(L - i0 < kBlockM ? L - i0 : kBlockM);
+      const int64_t bh = b * Hq + h;
+
+      cp_async_wait<0>();
+      __syncthreads();  // (A)
+
+      // ---- phase 1: P and dS of this warp's part of the kBlockM x kBlockN tile
+      // The explicit mask of the tile (if any) is staged in the sP/sdS space:
+      // free since (A) (phase 3 of the previous item was its last reader); the
+      // copy lands while the S and dP products run.
+      const bool has_mask = p.mask_kind != MaskKind::kNone;
+      if (has_mask) {
+        stage_mask<kBlockM, kBlockN, kThreads>(sMask, p, b, h, i0, j0, tid);
+        cp_async_commit();
+      }
+      const int rs0 = ws_m * 16 * MT_S, cs0 = ws_n * 8 * NT_S;  // tile-local origin of the warp's part
+      float s[MT_S][NT_S][4], dp[MT_S][NT_S][4];
+      zero_acc(s);
+      zero_acc(dp);
+      if (s_active) {
+        gemm_ss<M, MT_S, NT_S, kD, true, true>(s, sQ + rs0 * kLd, kLd, sK + cs0 * kLd, kLd, lane);
+        gemm_ss<M, MT_S, NT_S, kD, true, true>(dp, sdO + rs0 * kLd, kLd, sV + cs0 * kLd, kLd, lane);
+      }
+      if (has_mask) {
+        cp_async_wait<0>();
+        __syncthreads();  // (M1) the staged mask is visible
+      }
+      if (s_active) {
+#pragma unroll
+        for (int mt = 0; mt < MT_S; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale_log2;
+        if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
+          dispatch_mask(p, [&](auto tag) {
+            using MaskT = typename decltype(tag)::type;
+            mask_tile<MaskT, Cfg::kMaskLdB>(s, p, i0 + rs0, j0 + cs0,
+                                            sMask + rs0 * Cfg::kMaskLdB + cs0 * mask_esize<MaskT>(), lane);
+          });
+        }
+        uint32_t bits[MT_S][NT_S];
+        if (dropout) dropout_bits(bits, rng, static_cast<uint64_t>(bh), i0 + rs0, j0 + cs0, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT_S; ++mt) {
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int rl = rs0 + 16 * mt + g + 8 * hr;
+            const float lse_raw = sLse[rl];
+            // rows past len_q and rows that saw no key (lse = -inf): P = exp2(x - inf) = 0
+            const float lse2 = (rl < nq && lse_raw != -kInf) ? lse_raw * kLog2e : kInf;
+            const float Drow = sD[rl];
+#pragma unroll
+            for (int nt = 0; nt < NT_S; ++nt) {
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                const int r = 2 * hr + c;
+                const float pv = exp2f(s[mt][nt][r] - lse2);
+                float dpv = dp[mt][nt][r];
+                float pz = pv;
+                if (dropout) {
+                  const bool keep = (bits[mt][nt] >> r) & 1u;
+                  dpv = keep ? dpv * keep_scale : 0.f;
+                  pz = keep ? pv : 0.f;
+                }
+                s[mt][nt][r] = pz;                 // P o Z (dV operand)
+                dp[mt][nt][r] = pv * (dpv - Drow);  // dS
+              }
+            }
+          }
+        }
+        if (p.dmask != nullptr) {  // gradient of the additive mask = dS (before the scale)
+          float* dm = static_cast<float*>(p.dmask);
+          const bool pair_dm = S % 2 == 0;
+#pragma unroll
+          for (int mt = 0; mt < MT_S; ++mt) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+              const int rl = rs0 + 16 * mt + g + 8 * hr;
+              if (rl < nq) {
+                float* row = dm + (bh * L + i0 + rl) * S + j0;
+#pragma unroll
+                for (int nt = 0; nt < NT_S; ++nt) {
+                  const int c = cs0 + 8 * nt + 2 * t;
+                  store_pair(row + c, dp[mt][nt][2 * hr], dp[mt][nt][2 * hr + 1], c < nk, c + 1 < nk, pair_dm);
+                }
+              }
+            }
+          }
+        }
+      }
+      // (M2) every warp has read its mask values before sP / sdS overwrite them
+      if (has_mask) __syncthreads();
+      if (s_active) {
+        // P o Z and dS to shared memory, [query][key] (pairs of adjacent keys)
+#pragma unroll
+        for (int mt = 0; mt < MT_S; ++mt) {
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int rl = rs0 + 16 * mt + g + 8 * hr;
+#pragma unroll
+            for (int nt = 0; nt < NT_S; ++nt) {
+              const int c = cs0 + 8 * nt + 2 * t;
+              store_pair(sP + rl * kLdP + c, s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1], true, true, true);
+              store_pair(sdS + rl * kLdP + c, dp[mt][nt][2 * hr], dp[mt][nt][2 * hr + 1], true, true, true);
+            }
+          }
+        }
+      }
+      __syncthreads();  // (B)
+
+      // ---- phase 2: dV += (P o Z)^T dO, dK += dS^T Q  (A = [key][query] view of sP / sdS)
+      {
+        const int r0 = wkv_m * 16 * MT_KV, c0 = wkv_n * 8 * NT_KV;
+        gemm_ss<M, MT_KV, NT_KV, kBlockM, false, false>(acc_dv, sP + r0, kLdP, sdO + c0, kLd, lane);
+        gemm_ss<M, MT_KV, NT_KV, kBlockM, false, false>(acc_dk, sdS + r0, kLdP, sQ + c0, kLd, lane);
+      }
+      __syncthreads();  // (C) sQ / sdO / sLse / sD are free
+      if (it + 1 < n_items) load_item(it + 1);
+      cp_async_commit();
+
+      // ---- phase 3: dQ += dS K
+      {
+        float acc_dq[MT_Q][NT_Q][4];
+        zero_acc(acc_dq);
+        const int r0 = wq_m * 16 * MT_Q, c0 = wq_n * 8 * NT_Q;
+        gemm_ss<M, MT_Q, NT_Q, kBlockN, true, false>(acc_dq, sdS + r0 * kLdP, kLdP, sK + c0, kLd, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT_Q; ++mt) {
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int rl = r0 + 16 * mt + g + 8 * hr;
+            if (rl < nq) {
+              float* row = dq_acc + (bh * L + i0 + rl) * w.dq_row_stride;
+#pragma unroll
+              for (int nt = 0; nt < NT_Q; ++nt) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                  const int col = c0 + 8 * nt + 2 * t + c;
+                  if (col < E) {
+                    // deterministic: this CTA alone owns the split, and the
+                    // same thread owns this element for every key block
+                    if (w.deterministic) {
+                      row[col] += acc_dq[mt][nt][2 * hr + c];
+                    } else {
+                      atomicAdd(row + col, acc_dq[mt][nt][2 * hr + c]);
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue: dK = scale * sum dS^T Q, dV = 1/(1-p) * sum (P o Z)^T dO
+    {
+      const int r0 = wkv_m * 16 * MT_KV, c0 = wkv_n * 8 * NT_KV;
+#pragma unroll
+      for (int mt = 0; mt < MT_KV; ++mt) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int rl = r0 + 16 * mt + g + 8 * hr;
+          if (rl < nk) {
+            Elem* dkrow = dk + (j0 + rl) * p.dk_stride.r;
+            Elem* dvrow = dv + (j0 + rl) * p.dv_stride.r;
+#pragma unroll
+            for (int nt = 0; nt < NT_KV; ++nt) {
+              const int c = c0 + 8 * nt + 2 * t;
+              store_pair(dkrow + c, acc_dk[mt][nt][2 * hr] * scale, acc_dk[mt][nt][2 * hr + 1] * scale, c < E,
+                         c + 1 < E, pair_dk);
+              store_pair(dvrow + c, acc_dv[mt][nt][2 * hr] * keep_scale, acc_dv[mt][nt][2 * hr + 1] * keep_scale,
+                         c < Ev, c + 1 < Ev, pair_dv);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class Cfg>
+cudaError_t launch_bwd(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {
+  const int64_t blocks = static_cast<int64_t>(w.nchunks) * p.batch * p.heads_kv;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  auto kernel = flash_bwd_kernel<Cfg>;
+  if (Cfg::kSmem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, env.stream>>>(p, w);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace attention_ext

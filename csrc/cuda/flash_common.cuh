@@ -1,0 +1,670 @@
+// Device building blocks shared by the CUDA forward and backward kernels:
+// PTX wrappers (cp.async, ldmatrix, mma.sync), the per-element-type MMA traits,
+// the warp-level GEMM over shared-memory tiles, the global->shared tile loader,
+// and the masking / dropout helpers that work on mma accumulator fragments.
+//
+// Torch-free: includes only the CUDA headers and the project's params/RNG.
+//
+// Notation used throughout (PTX ISA, "Matrix fragments for mma.m16n8k16"):
+//   lane = threadIdx.x % 32, g = lane / 4 ("groupID"), t = lane % 4 ("threadID_in_group").
+//   An m16n8 fp32 accumulator tile is 4 floats per thread:
+//     c[0], c[1] -> (row g,     cols 2t, 2t+1)
+//     c[2], c[3] -> (row g + 8, cols 2t, 2t+1)
+//   A warp tile of 16*MT rows x 8*NT cols is float acc[MT][NT][4]; element
+//   acc[mt][nt][r] sits at row 16*mt + g + 8*(r/2), col 8*nt + 2*t + r%2.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../attention_params.h"
+#include "../philox.h"
+
+namespace attention_ext {
+namespace cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 zero-fills the 16 bytes
+// (no global read happens, src only has to be a valid address).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+// 4-byte async copy (lse / D rows), zero-fill when !valid.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N committed groups of this thread are still in flight.
+// (Visibility to the other threads still needs a __syncthreads afterwards.)
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ldmatrix: four 8x8 tiles of 16-bit elements (each tile row = 16 contiguous
+// bytes in shared memory). Lanes 8i..8i+7 give the row addresses of tile i;
+// register i receives tile i: without .trans lane holds (row g, elements 2t, 2t+1),
+// with .trans lane holds (rows 2t and 2t+1, element g), i.e. the transpose.
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_f16_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// m16n8k8 TF32. A (16x8): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4);
+// B (8x8): b0 (k = t, n = g), b1 (k = t+4, n = g); C as above.
+__device__ __forceinline__ void mma_tf32_1688(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// Element types
+
+template <typename T>
+struct ElemOps;
+
+template <>
+struct ElemOps<__half> {
+  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
+  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+  // two floats -> one 32-bit register of two elements (lo in the low half)
+  __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct ElemOps<__nv_bfloat16> {
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct ElemOps<float> {
+  __device__ __forceinline__ static float to_float(float x) { return x; }
+  __device__ __forceinline__ static float from_float(float x) { return x; }
+};
+
+// ---------------------------------------------------------------------------
+// MMA traits: one tensor-core instruction shape per element type.
+//   kK       k extent of one mma
+//   A, B     operand fragments ready for the mma (4 and 2 registers)
+//   make_a/b turn raw 32-bit words loaded from shared memory (or packed from
+//            registers) into fragments; mma accumulates c += a * b.
+// fp32 inputs use TF32 tensor cores, either one pass (plain TF32, only when
+// the user allowed TF32) or three passes (kPasses = 3): x = big + small with
+// big = tf32(x), small = tf32(x - big), and a*b ~= a.big*b.big + a.big*b.small
+// + a.small*b.big, which keeps about fp32 accuracy (the a.small*b.small term
+// is below fp32 rounding). See README.md.
+
+template <typename Elem, int kPasses = 1>
+struct MmaTraits;
+
+template <typename Elem>
+struct MmaTraits16 {
+  static constexpr int kK = 16;
+  struct A {
+    uint32_t r[4];
+  };
+  struct B {
+    uint32_t r[2];
+  };
+  __device__ __forceinline__ static A make_a(uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    return A{{r0, r1, r2, r3}};
+  }
+  __device__ __forceinline__ static B make_b(uint32_t r0, uint32_t r1) { return B{{r0, r1}}; }
+};
+
+template <>
+struct MmaTraits<__half, 1> : MmaTraits16<__half> {
+  using Elem = __half;
+  __device__ __forceinline__ static void mma(float (&c)[4], const A& a, const B& b) { mma_f16_16816(c, a.r, b.r); }
+};
+template <>
+struct MmaTraits<__nv_bfloat16, 1> : MmaTraits16<__nv_bfloat16> {
+  using Elem = __nv_bfloat16;
+  __device__ __forceinline__ static void mma(float (&c)[4], const A& a, const B& b) { mma_bf16_16816(c, a.r, b.r); }
+};
+
+template <int kPasses>
+struct MmaTraits<float, kPasses> {
+  static_assert(kPasses == 1 || kPasses == 3, "TF32 passes must be 1 or 3");
+  using Elem = float;
+  static constexpr int kK = 8;
+  static constexpr bool kSplit = kPasses == 3;
+  struct A {
+    uint32_t big[4];
+    uint32_t small[kSplit ? 4 : 1];
+  };
+  struct B {
+    uint32_t big[2];
+    uint32_t small[kSplit ? 2 : 1];
+  };
+  __device__ __forceinline__ static void split(uint32_t raw, uint32_t& big, uint32_t& small) {
+    const float x = __uint_as_float(raw);
+    big = to_tf32(x);
+    if constexpr (kSplit) small = to_tf32(x - __uint_as_float(big));
+  }
+  __device__ __forceinline__ static A make_a(uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    A a;
+    uint32_t s[4] = {0u, 0u, 0u, 0u};
+    split(r0, a.big[0], s[0]);
+    split(r1, a.big[1], s[1]);
+    split(r2, a.big[2], s[2]);
+    split(r3, a.big[3], s[3]);
+    if constexpr (kSplit) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a.small[i] = s[i];
+    }
+    return a;
+  }
+  __device__ __forceinline__ static B make_b(uint32_t r0, uint32_t r1) {
+    B b;
+    uint32_t s[2] = {0u, 0u};
+    split(r0, b.big[0], s[0]);
+    split(r1, b.big[1], s[1]);
+    if constexpr (kSplit) {
+      b.small[0] = s[0];
+      b.small[1] = s[1];
+    }
+    return b;
+  }
+  __device__ __forceinline__ static void mma(float (&c)[4], const A& a, const B& b) {
+    if constexpr (kSplit) {  // small terms first: they are the least significant
+      mma_tf32_1688(c, a.small, b.big);
+      mma_tf32_1688(c, a.big, b.small);
+    }
+    mma_tf32_1688(c, a.big, b.big);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Operand fragments from shared memory.
+//
+// A warp's A operand is a 16*MT x K tile; its element (m, k) is at
+//   base[m * ld + k]  when A_KMAJOR (rows of m, k contiguous), else base[k * ld + m].
+// The B operand (K x N, "col" layout in mma terms) element (k, n) is at
+//   base[n * ld + k]  when B_KMAJOR, else base[k * ld + n].
+// Every shared tile row is a multiple of 16 bytes and 16-byte aligned (ldmatrix).
+//
+// 16-bit types use ldmatrix(.trans) for every layout. fp32 uses ldmatrix for
+// the k-contiguous layouts (an 8x8 b16 tile = 8 rows x 4 floats, so lane gets
+// the float (row g, col t): exactly the TF32 A/B fragment element) and scalar
+// shared loads for the others (ldmatrix cannot transpose 32-bit elements).
+
+template <class M, bool KMAJOR>
+__device__ __forceinline__ typename M::A load_a(const typename M::Elem* base, int ld, int m0, int k0, int lane) {
+  using Elem = typename M::Elem;
+  const int i = lane >> 3, r = lane & 7;
+  if constexpr (sizeof(Elem) == 2) {
+    uint32_t x[4];
+    if constexpr (KMAJOR) {
+      // tile i: rows m0 + 8*(i&1) .. +7, cols k0 + 8*(i>>1) .. +7  ->  a[i] in mma order
+      ldsm_x4(smem_u32(base + (m0 + r + 8 * (i & 1)) * ld + k0 + 8 * (i >> 1)), x);
+    } else {
+      // stored [k][m]: tile i = stored rows k0 + 8*(i>>1) .., cols m0 + 8*(i&1) .., transposed
+      ldsm_x4_trans(smem_u32(base + (k0 + r + 8 * (i >> 1)) * ld + m0 + 8 * (i & 1)), x);
+    }
+    return M::make_a(x[0], x[1], x[2], x[3]);
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+    if constexpr (KMAJOR) {
+      // tile i: rows m0 + 8*(i&1) .., floats k0 + 4*(i>>1) .. +3  ->  a0 (g,t), a1 (g+8,t), a2 (g,t+4), a3 (g+8,t+4)
+      uint32_t x[4];
+      ldsm_x4(smem_u32(base + (m0 + r + 8 * (i & 1)) * ld + k0 + 4 * (i >> 1)), x);
+      return M::make_a(x[0], x[1], x[2], x[3]);
+    } else {
+      const float* p0 = base + (k0 + t) * ld + m0 + g;
+      const float* p1 = p0 + 4 * ld;
+      return M::make_a(__float_as_uint(p0[0]), __float_as_uint(p0[8]), __float_as_uint(p1[0]),
+                       __float_as_uint(p1[8]));
+    }
+  }
+}
+
+// Two adjacent n-tiles (n0 .. n0+7 -> b0, n0+8 .. n0+15 -> b1) of the B operand.
+template <class M, bool KMAJOR>
+__device__ __forceinline__ void load_b2(typename M::B& b0, typename M::B& b1, const typename M::Elem* base, int ld,
+                                        int n0, int k0, int lane) {
+  using Elem = typename M::Elem;
+  const int i = lane >> 3, r = lane & 7;
+  if constexpr (sizeof(Elem) == 2) {
+    uint32_t x[4];
+    if constexpr (KMAJOR) {
+      // stored [n][k]: tile i = rows n0 + 8*(i>>1) .., cols k0 + 8*(i&1) ..
+      ldsm_x4(smem_u32(base + (n0 + r + 8 * (i >> 1)) * ld + k0 + 8 * (i & 1)), x);
+    } else {
+      // stored [k][n]: tile i = rows k0 + 8*(i&1) .., cols n0 + 8*(i>>1) .., transposed
+      ldsm_x4_trans(smem_u32(base + (k0 + r + 8 * (i & 1)) * ld + n0 + 8 * (i >> 1)), x);
+    }
+    b0 = M::make_b(x[0], x[1]);
+    b1 = M::make_b(x[2], x[3]);
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+    if constexpr (KMAJOR) {
+      // tile i: rows n0 + 8*(i>>1) .., floats k0 + 4*(i&1) ..  ->  b0 (k=t, n=g), b1 (k=t+4, n=g)
+      uint32_t x[4];
+      ldsm_x4(smem_u32(base + (n0 + r + 8 * (i >> 1)) * ld + k0 + 4 * (i & 1)), x);
+      b0 = M::make_b(x[0], x[1]);
+      b1 = M::make_b(x[2], x[3]);
+    } else {
+      const float* p0 = base + (k0 + t) * ld + n0 + g;
+      const float* p1 = p0 + 4 * ld;
+      b0 = M::make_b(__float_as_uint(p0[0]), __float_as_uint(p1[0]));
+      b1 = M::make_b(__float_as_uint(p0[8]), __float_as_uint(p1[8]));
+    }
+  }
+}
+
+// acc[MT][NT] += A (16*MT x KDIM) * B (KDIM x 8*NT), both operands in shared memory.
+template <class M, int MT, int NT, int KDIM, bool A_KMAJOR, bool B_KMAJOR>
+__device__ __forceinline__ void gemm_ss(float (&acc)[MT][NT][4], const typename M::Elem* sA, int lda,
+                                        const typename M::Elem* sB, int ldb, int lane) {
+  static_assert(NT % 2 == 0, "B fragments are loaded two n-tiles at a time");
+  static_assert(KDIM % M::kK == 0, "k extent must be a multiple of the mma k");
+#pragma unroll
+  for (int k0 = 0; k0 < KDIM; k0 += M::kK) {
+    typename M::A a[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) a[mt] = load_a<M, A_KMAJOR>(sA, lda, 16 * mt, k0, lane);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      typename M::B b0, b1;
+      load_b2<M, B_KMAJOR>(b0, b1, sB, ldb, 16 * np, k0, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        M::mma(acc[mt][2 * np], a[mt], b0);
+        M::mma(acc[mt][2 * np + 1], a[mt], b1);
+      }
+    }
+  }
+}
+
+// acc_o[MT][NTO] += P (16*MT x 8*NTP, fp32 accumulators of a previous mma, in
+// registers) * V (8*NTP x 8*NTO, stored [k][n] in shared memory: row = key).
+// The C layout of two adjacent n-tiles of P is the A layout of one k16 step
+// (16-bit types). For TF32 the k8 step kk takes P's n-tile kk as
+//   a0 = c0 (g, key 2t), a1 = c2 (g+8, key 2t), a2 = c1 (g, key 2t+1), a3 = c3 (g+8, key 2t+1),
+// i.e. k position t <-> key 2t and t+4 <-> key 2t+1; B is loaded with the same
+// permutation of k (rows 2t and 2t+1 of V), so the product is unchanged.
+template <class M, int MT, int NTP, int NTO>
+__device__ __forceinline__ void gemm_rs(float (&acc_o)[MT][NTO][4], const float (&p)[MT][NTP][4],
+                                        const typename M::Elem* sV, int ldv, int lane) {
+  using Elem = typename M::Elem;
+  static_assert(NTO % 2 == 0, "two n-tiles at a time");
+  if constexpr (sizeof(Elem) == 2) {
+    static_assert(NTP % 2 == 0, "k16 steps");
+#pragma unroll
+    for (int kk = 0; kk < NTP / 2; ++kk) {
+      typename M::A a[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt] = M::make_a(ElemOps<Elem>::pack2(p[mt][2 * kk][0], p[mt][2 * kk][1]),
+                          ElemOps<Elem>::pack2(p[mt][2 * kk][2], p[mt][2 * kk][3]),
+                          ElemOps<Elem>::pack2(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]),
+                          ElemOps<Elem>::pack2(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]));
+      }
+#pragma unroll
+      for (int np = 0; np < NTO / 2; ++np) {
+        typename M::B b0, b1;
+        load_b2<M, false>(b0, b1, sV, ldv, 16 * np, 16 * kk, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          M::mma(acc_o[mt][2 * np], a[mt], b0);
+          M::mma(acc_o[mt][2 * np + 1], a[mt], b1);
+        }
+      }
+    }
+  } else {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < NTP; ++kk) {
+      typename M::A a[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt] = M::make_a(__float_as_uint(p[mt][kk][0]), __float_as_uint(p[mt][kk][2]),
+                          __float_as_uint(p[mt][kk][1]), __float_as_uint(p[mt][kk][3]));
+      }
+      const float* v0 = sV + (8 * kk + 2 * t) * ldv + g;  // key 2t (k position t)
+      const float* v1 = v0 + ldv;                          // key 2t+1 (k position t+4)
+#pragma unroll
+      for (int np = 0; np < NTO / 2; ++np) {
+        const typename M::B b0 = M::make_b(__float_as_uint(v0[16 * np]), __float_as_uint(v1[16 * np]));
+        const typename M::B b1 = M::make_b(__float_as_uint(v0[16 * np + 8]), __float_as_uint(v1[16 * np + 8]));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          M::mma(acc_o[mt][2 * np], a[mt], b0);
+          M::mma(acc_o[mt][2 * np + 1], a[mt], b1);
+        }
+      }
+    }
+  }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
+}
+
+// ---------------------------------------------------------------------------
+// Global -> shared tiles
+
+// True when a (rows x ncols) tile starting at p with the given row stride can
+// be copied in 16-byte chunks (every chunk 16-byte aligned and either fully
+// inside a row or fully past its end).
+template <typename Elem>
+__device__ __forceinline__ bool vec16_ok(const Elem* p, int64_t row_stride, int64_t rows, int64_t ncols) {
+  constexpr int kEpc = 16 / sizeof(Elem);
+  return (reinterpret_cast<uintptr_t>(p) % 16 == 0) && (rows <= 1 || row_stride % kEpc == 0) && (ncols % kEpc == 0);
+}
+
+// Copies a ROWS x COLS tile (COLS = the padded head dim) into shared memory
+// with row stride LD: element (r, c) = g[r * row_stride + c] for r < nrows and
+// c < ncols, 0 elsewhere (zero padding of short tiles and of head dims below
+// the instantiation's). vec: cp.async 16-byte chunks (asynchronous: commit and
+// wait), else element-wise loads stored synchronously (misaligned inputs).
+template <typename Elem, int ROWS, int COLS, int LD, int NTHREADS>
+__device__ __forceinline__ void load_tile(Elem* s, const Elem* g, int64_t row_stride, int nrows, int ncols, bool vec,
+                                          int tid) {
+  constexpr int kEpc = 16 / sizeof(Elem);
+  static_assert(COLS % kEpc == 0, "tile width must be a multiple of 16 bytes");
+  constexpr int kCpr = COLS / kEpc;
+  constexpr int kTotal = ROWS * kCpr;
+  constexpr int kIters = (kTotal + NTHREADS - 1) / NTHREADS;
+  if (vec) {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int c = tid + it * NTHREADS;
+      if (kTotal % NTHREADS == 0 || c < kTotal) {
+        const int r = c / kCpr, col = (c % kCpr) * kEpc;
+        const bool ok = r < nrows && col < ncols;
+        const Elem* src = ok ? g + static_cast<int64_t>(r) * row_stride + col : g;
+        cp_async16(smem_u32(s + r * LD + col), src, ok);
+      }
+    }
+  } else {
+    // Rare path (misaligned views, odd head dims): not unrolled, so that the
+    // compiler does not keep dozens of independent loads in flight (registers).
+#pragma unroll 1
+    for (int c = tid; c < kTotal; c += NTHREADS) {
+      const int r = c / kCpr, col = (c % kCpr) * kEpc;
+      union {
+        uint4 u;
+        Elem e[kEpc];
+      } tmp;
+      const Elem* src = g + static_cast<int64_t>(r) * row_stride;
+#pragma unroll
+      for (int e = 0; e < kEpc; ++e) {
+        const bool ok = r < nrows && col + e < ncols;
+        tmp.e[e] = ok ? src[col + e] : ElemOps<Elem>::from_float(0.f);
+      }
+      *reinterpret_cast<uint4*>(s + r * LD + col) = tmp.u;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Masks
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename MaskT>
+__device__ __forceinline__ float mask_value(const void* m, int64_t off) {
+  if constexpr (sizeof(MaskT) == 1) {  // bool: True = attend
+    return static_cast<const uint8_t*>(m)[off] ? 0.f : -kInf;
+  } else {
+    return ElemOps<MaskT>::to_float(static_cast<const MaskT*>(m)[off]);
+  }
+}
+
+// Unsigned integer of the mask element's size (raw copies of mask bits).
+template <int kBytes>
+struct RawOf;
+template <>
+struct RawOf<1> {
+  using type = uint8_t;
+};
+template <>
+struct RawOf<2> {
+  using type = uint16_t;
+};
+template <>
+struct RawOf<4> {
+  using type = uint32_t;
+};
+
+// Bytes per shared row of a staged mask tile of kCols columns: room for fp32
+// elements plus 32 bytes, so that rows start 8 banks apart and the 2-element
+// reads of a fragment (rows g, cols 2t..2t+1) are conflict-free.
+template <int kCols>
+constexpr int mask_ld_bytes() {
+  return 4 * kCols + 32;
+}
+
+// Stages the raw bits of the explicit mask for the tile rows [row0, row0 +
+// kRows) x cols [col0, col0 + kCols) into shared memory (row stride
+// mask_ld_bytes<kCols>()). Entries outside [0, len_q) x [0, len_k) are zero
+// (they are masked by the bounds anyway). Column-contiguous masks whose rows
+// are 16-byte aligned are copied with cp.async (commit and wait like the other
+// tiles); other layouts (broadcast or strided columns, odd row lengths) are
+// read element by element and stored synchronously. Coalesced either way,
+// unlike reading the mask straight into the accumulator fragments.
+template <typename MaskT, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_mask_tile(unsigned char* sM, const FwdParams& p, int64_t b, int64_t h,
+                                               int64_t row0, int64_t col0, int tid) {
+  using Raw = typename RawOf<sizeof(MaskT)>::type;
+  constexpr int kEsz = sizeof(MaskT), kEpc = 16 / kEsz, kCpr = kCols / kEpc, kLdB = mask_ld_bytes<kCols>();
+  static_assert(kCols % kEpc == 0, "mask tile rows are whole 16-byte chunks");
+  const Strides4& ms = p.mask_stride;
+  const Raw* base = static_cast<const Raw*>(p.mask) + b * ms.b + h * ms.h;
+  const int nrows = static_cast<int>(p.len_q - row0 < kRows ? p.len_q - row0 : kRows);
+  const int ncols = static_cast<int>(p.len_k - col0 < kCols ? p.len_k - col0 : kCols);
+  const bool vec = ms.c == 1 && reinterpret_cast<uintptr_t>(base) % 16 == 0 && (ms.r * kEsz) % 16 == 0 &&
+                   (col0 * kEsz) % 16 == 0;
+  if (vec) {
+    // Not unrolled: cp.async does not block, so unrolling buys nothing but registers.
+#pragma unroll 1
+    for (int c = tid; c < kRows * kCpr; c += kThreads) {
+      {
+        const int r = c / kCpr, col = (c % kCpr) * kEpc;
+        unsigned char* dst = sM + r * kLdB + col * kEsz;
+        const Raw* src = base + (row0 + r) * ms.r + col0 + col;
+        if (r < nrows && col + kEpc <= ncols) {
+          cp_async16(smem_u32(dst), src, true);
+        } else if (r >= nrows || col >= ncols) {
+          cp_async16(smem_u32(dst), base, false);  // zero fill
+        } else {  // the chunk straddles len_k
+          Raw* d = reinterpret_cast<Raw*>(dst);
+          for (int e = 0; e < kEpc; ++e) d[e] = col + e < ncols ? src[e] : Raw(0);
+        }
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int idx = tid; idx < kRows * kCols; idx += kThreads) {
+      const int r = idx / kCols, c = idx % kCols;
+      const Raw x = (r < nrows && c < ncols) ? base[(row0 + r) * ms.r + (col0 + c) * ms.c] : Raw(0);
+      reinterpret_cast<Raw*>(sM + r * kLdB)[c] = x;
+    }
+  }
+}
+
+// Applies the window/causal bounds, the row/column limits and (MaskT not
+// void) the staged explicit mask to a warp tile of scores already scaled to
+// log2 units: x += mask * log2(e), x = -inf where the key is not visible.
+// row0 / col0: global query row / key column of the warp tile's element (0, 0);
+// sMw: the staged mask at that element, rows kLdB bytes apart.
+// Rows >= len_q are fully masked (they only exist as padding of the last tile).
+// The bounds are kept relative to col0 in 32-bit registers (clamped to the tile).
+template <typename MaskT, int kLdB, int MT, int NT>
+__device__ __forceinline__ void mask_tile(float (&s)[MT][NT][4], const FwdParams& p, int64_t row0, int64_t col0,
+                                          const unsigned char* sMw, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  constexpr int kW = 8 * NT;  // tile width
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int rl = 16 * mt + g + 8 * hr;
+      const int64_t i = row0 + rl;
+      int64_t lo = 0, hi = 0;
+      if (i < p.len_q) key_range(p, i, lo, hi);
+      // visible columns of this row inside the tile: [lo_r, hi_r)
+      const int lo_r = static_cast<int>(lo - col0 < 0 ? 0 : (lo - col0 > kW ? kW : lo - col0));
+      const int hi_r = static_cast<int>(hi - col0 < 0 ? 0 : (hi - col0 > kW ? kW : hi - col0));
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int jr = 8 * nt + 2 * t + c;
+          float& x = s[mt][nt][2 * hr + c];
+          if (jr < lo_r || jr >= hi_r) {
+            x = -kInf;
+          } else if constexpr (!std::is_same<MaskT, void>::value) {
+            x += mask_value<MaskT>(sMw + rl * kLdB, jr) * kLog2e;
+          }
+        }
+      }
+    }
+  }
+}
+
+// sizeof(MaskT), 0 for void (no mask).
+template <typename MaskT>
+constexpr int mask_esize() {
+  if constexpr (std::is_void<MaskT>::value) {
+    return 0;
+  } else {
+    return static_cast<int>(sizeof(MaskT));
+  }
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<MaskT>{}) with MaskT the element type of the explicit mask
+// (void when there is none): one uniform switch per tile, the per-element
+// code inside fn is then specialised for the mask type.
+template <typename Fn>
+__device__ __forceinline__ void dispatch_mask(const FwdParams& p, Fn&& fn) {
+  if (p.mask_kind == MaskKind::kNone) {
+    fn(TypeTag<void>{});
+  } else {
+    switch (p.mask_dtype) {
+      case DType::kBool: fn(TypeTag<uint8_t>{}); break;
+      case DType::kFloat16: fn(TypeTag<__half>{}); break;
+      case DType::kBFloat16: fn(TypeTag<__nv_bfloat16>{}); break;
+      default: fn(TypeTag<float>{}); break;
+    }
+  }
+}
+
+// Stages the explicit mask tile, if there is one (see load_mask_tile).
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void stage_mask(unsigned char* sM, const FwdParams& p, int64_t b, int64_t h, int64_t row0,
+                                           int64_t col0, int tid) {
+  if (p.mask_kind == MaskKind::kNone) return;
+  switch (p.mask_dtype) {
+    case DType::kBool: load_mask_tile<uint8_t, kRows, kCols, kThreads>(sM, p, b, h, row0, col0, tid); break;
+    case DType::kFloat16:
+    case DType::kBFloat16: load_mask_tile<__half, kRows, kCols, kThreads>(sM, p, b, h, row0, col0, tid); break;
+    default: load_mask_tile<float, kRows, kCols, kThreads>(sM, p, b, h, row0, col0, tid); break;
+  }
+}
+
+// True when every element of the (rows [i_first, i_last]) x (cols [j0, j0+n))
+// tile is visible by the window/causal bounds and inside [0, len_k), so the
+// element-wise masking can be skipped (no explicit mask either).
+__device__ __forceinline__ bool tile_fully_visible(const FwdParams& p, int64_t i_first, int64_t i_last, int64_t j0,
+                                                   int64_t n) {
+  if (p.mask_kind != MaskKind::kNone) return false;
+  int64_t lo_last, hi_last, lo_first, hi_first;
+  key_range(p, i_last, lo_last, hi_last);
+  key_range(p, i_first, lo_first, hi_first);
+  // lo and hi are non-decreasing in i: the last row has the largest lo, the first the smallest hi
+  return lo_last <= j0 && hi_first >= j0 + n;
+}
+
+// ---------------------------------------------------------------------------
+// Dropout on accumulator fragments
+//
+// Element (row i, key j) is kept iff bit j%4 of DropoutRng::keep4(bh, i, j/4)
+// is set (same counters as the CPU kernels). In an m16n8 fragment the lanes
+// t and t^1 hold keys 2t, 2t+1 of the same group of four, for rows g and g+8:
+// the even lane draws the four bits of row g, the odd lane those of row g+8,
+// and one shuffle gives each lane both.
+template <int MT, int NT>
+__device__ __forceinline__ void dropout_bits(uint32_t (&bits)[MT][NT], const DropoutRng& rng, uint64_t bh,
+                                             int64_t row0, int64_t col0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const bool odd = t & 1;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint64_t i = static_cast<uint64_t>(row0 + 16 * mt + g + (odd ? 8 : 0));
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint64_t j4 = static_cast<uint64_t>((col0 + 8 * nt) / 4 + (t >> 1));
+      const uint32_t mine = rng.keep4(bh, i, j4);
+      const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+      const uint32_t row_g = odd ? other : mine, row_g8 = odd ? mine : other;
+      const int sh = 2 * (t & 1);
+      // bit r of the result: element acc[mt][nt][r] is kept
+      bits[mt][nt] = ((row_g >> sh) & 3u) | (((row_g8 >> sh) & 3u) << 2);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace attention_ext

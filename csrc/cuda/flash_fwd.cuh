@@ -1,0 +1,279 @@
+// Flash-attention forward on tensor cores (mma.sync), one template for
+// fp16 / bf16 (m16n8k16) and fp32 (TF32 m16n8k8, 1 or 3 passes).
+//
+// One CTA = one (batch, query head, block of kBlockM query rows). Each warp
+// owns 16*kMT consecutive query rows and the full key tile width, so the
+// online softmax needs only quad shuffles. Per key tile:
+//   S = Q K^T            (Q and K from shared memory, fp32 accumulators)
+//   x = S*scale*log2e (+ mask*log2e, -inf outside the window / causal bound)
+//   online softmax in log2 units: m = max(m, rowmax x), P = exp2(x - m),
+//   O *= exp2(m_old - m), l = l*alpha + rowsum P (before dropout)
+//   dropout zeroes P (the 1/(1-p) goes into the final normalisation)
+//   O += P V             (P straight from the S accumulators, V from shared)
+// Epilogue: O /= l, lse = (m + log2 l) * ln2; rows that saw no key give O = 0,
+// lse = -inf. Key tiles that the causal/window bounds hide from every row of
+// the block are never visited; tiles fully visible skip the element-wise mask.
+//
+// Pipeline (FlashAttention-2 style, K and V single-buffered):
+//   top of iteration n:   wait K[n]; barrier; issue V[n]
+//   S = Q K[n]^T, softmax
+//   wait V[n]; barrier;   issue K[n+1]   (every warp is done with K[n])
+//   O += P V[n]           (K[n+1] lands meanwhile)
+#pragma once
+
+#include "flash_common.cuh"
+#include "launch.h"
+
+namespace attention_ext {
+namespace cuda {
+
+template <typename Elem_, int kD_, int kBlockN_, int kWarps_, int kMT_, int kPasses_ = 1>
+struct FwdConfig {
+  using Elem = Elem_;
+  using Mma = MmaTraits<Elem, kPasses_>;
+  static constexpr int kD = kD_;            // head-dim bucket (q/k and v padded to it)
+  static constexpr int kBlockN = kBlockN_;  // keys per tile
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kMT = kMT_;          // 16-row m-tiles per warp
+  static constexpr int kBlockM = 16 * kMT * kWarps;
+  static constexpr int kThreads = 32 * kWarps;
+  // +16 bytes per shared row: consecutive rows start 16 bytes apart modulo 128,
+  // so the 8 row addresses of an ldmatrix hit distinct bank groups.
+  static constexpr int kLd = kD + 16 / static_cast<int>(sizeof(Elem));
+  static constexpr int kNTS = kBlockN / 8;  // n-tiles of S per warp
+  static constexpr int kNTO = kD / 8;       // n-tiles of O per warp
+  static constexpr size_t kSmem = size_t(kBlockM + 2 * kBlockN) * kLd * sizeof(Elem);
+  static constexpr int kMaskLdB = mask_ld_bytes<kBlockN>();
+  static constexpr size_t kSmemMask = size_t(kBlockM) * kMaskLdB;  // only allocated with an explicit mask
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0, "tile sizes");
+  static_assert(kSmem + kSmemMask <= 99 * 1024, "must fit the 99 KB of sm_86/sm_89 (L4) shared memory");
+};
+
+// Stores two adjacent output elements (cols c, c+1 of a row) if inside.
+template <typename Elem>
+__device__ __forceinline__ void store_pair(Elem* dst, float x0, float x1, bool ok0, bool ok1, bool pair_ok) {
+  if (pair_ok && ok1) {
+    if constexpr (sizeof(Elem) == 2) {
+      *reinterpret_cast<uint32_t*>(dst) = ElemOps<Elem>::pack2(x0, x1);
+    } else {
+      *reinterpret_cast<float2*>(dst) = make_float2(x0, x1);
+    }
+  } else {
+    if (ok0) dst[0] = ElemOps<Elem>::from_float(x0);
+    if (ok1) dst[1] = ElemOps<Elem>::from_float(x1);
+  }
+}
+
+__device__ __forceinline__ DropoutRng make_rng(const FwdParams& p) {
+  uint64_t seed = p.seed, offset = p.offset;
+  if (p.seed_offset_ptr != nullptr) {  // graph-safe: the values of this launch live on the device
+    seed = static_cast<uint64_t>(p.seed_offset_ptr[0]);
+    offset = static_cast<uint64_t>(p.seed_offset_ptr[1]);
+  }
+  return DropoutRng(seed, offset, p.dropout_p);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParams p) {
+  using Elem = typename Cfg::Elem;
+  using M = typename Cfg::Mma;
+  constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
+  constexpr int MT = Cfg::kMT, NTS = Cfg::kNTS, NTO = Cfg::kNTO, kThreads = Cfg::kThreads;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Elem* sQ = reinterpret_cast<Elem*>(smem_raw);  // kBlockM x kLd: the block's queries (whole loop)
+  Elem* sK = sQ + kBlockM * kLd;                 // kBlockN x kLd: key tile n
+  Elem* sV = sK + kBlockN * kLd;                 // kBlockN x kLd: value tile n
+  // kBlockM rows x kMaskLdB bytes: raw explicit mask of tile n (when there is one)
+  unsigned char* sMask = reinterpret_cast<unsigned char*>(sV + kBlockN * kLd);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+
+  const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q;
+  const int64_t nmb = ceil_div(L, kBlockM);
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) / nmb;
+  const int64_t mb = nmb - 1 - static_cast<int64_t>(blockIdx.x) % nmb;  // longest causal blocks first
+  const int64_t b = bh / Hq, h = bh % Hq, hk = h / (Hq / p.heads_kv);
+  const int64_t i0 = mb * kBlockM;
+  const int nq = static_cast<int>(L - i0 < kBlockM ? L - i0 : kBlockM);
+
+  const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
+  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+  const int E = static_cast<int>(p.dim_qk), Ev = static_cast<int>(p.dim_v);
+  const bool vec_q = vec16_ok(q, p.q_stride.r, L, E);
+  const bool vec_k = vec16_ok(k, p.k_stride.r, S, E);
+  const bool vec_v = vec16_ok(v, p.v_stride.r, S, Ev);
+
+  // Union of the visible key ranges of the block's rows (bounds are monotone in i).
+  int64_t lo0, hi0, lo1, hi1;
+  key_range(p, i0, lo0, hi0);
+  key_range(p, i0 + nq - 1, lo1, hi1);
+  const int64_t jlo = lo0, jhi = hi1 > lo0 ? hi1 : lo0;
+  const int64_t n_begin = jlo / kBlockN;
+  const int64_t n_end = jhi > jlo ? ceil_div(jhi, kBlockN) : n_begin;
+
+  const bool dropout = p.dropout_p > 0.f;
+  const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
+  const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+
+  float acc_o[MT][NTO][4];
+  zero_acc(acc_o);
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    row_max[mt][0] = row_max[mt][1] = -kInf;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+  const int64_t wrow0 = i0 + warp * 16 * MT;  // query row of this warp's first row
+  const Elem* sQw = sQ + warp * 16 * MT * kLd;
+
+  if (n_begin < n_end) {
+    load_tile<Elem, kBlockM, kD, kLd, kThreads>(sQ, q + i0 * p.q_stride.r, p.q_stride.r, nq, E, vec_q, tid);
+    const int64_t j0 = n_begin * kBlockN;
+    const int nk = static_cast<int>(S - j0 < kBlockN ? S - j0 : kBlockN);
+    load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, k + j0 * p.k_stride.r, p.k_stride.r, nk, E, vec_k, tid);
+    stage_mask<kBlockM, kBlockN, kThreads>(sMask, p, b, h, i0, j0, tid);
+    cp_async_commit();
+  }
+
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int64_t j0 = n * kBlockN;
+    const int nk = static_cast<int>(S - j0 < kBlockN ? S - j0 : kBlockN);
+    // K[n] and mask[n] (and Q) have landed for this thread; the barrier makes every
+    // thread's copies visible and guarantees every warp finished O += P V[n-1],
+    // so sV can be refilled.
+    cp_async_wait<0>();
+    __syncthreads();
+    load_tile<Elem, kBlockN, kD, kLd, kThreads>(sV, v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vec_v, tid);
+    cp_async_commit();
+
+    float s[MT][NTS][4];
+    zero_acc(s);
+    gemm_ss<M, MT, NTS, kD, true, true>(s, sQw, kLd, sK, kLd, lane);
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale_log2;
+    if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
+      dispatch_mask(p, [&](auto tag) {
+        using MaskT = typename decltype(tag)::type;
+        mask_tile<MaskT, Cfg::kMaskLdB>(s, p, wrow0, j0, sMask + warp * 16 * MT * Cfg::kMaskLdB, lane);
+      });
+    }
+
+    // Online softmax (log2 units). Each row lives in the 4 lanes of a quad.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = row_max[mt][hr];
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // A row that has seen only -inf so far keeps m = -inf; subtracting 0
+        // instead avoids (-inf) - (-inf) = NaN and gives P = 0.
+        const float m_use = mx == -kInf ? 0.f : mx;
+        const float alpha = exp2f(row_max[mt][hr] - m_use);
+        row_max[mt][hr] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float e = exp2f(s[mt][nt][2 * hr + c] - m_use);
+            s[mt][nt][2 * hr + c] = e;
+            sum += e;
+          }
+        }
+        row_sum[mt][hr] = row_sum[mt][hr] * alpha + sum;  // per-lane partial sum, reduced at the end
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt) {
+          acc_o[mt][nt][2 * hr] *= alpha;
+          acc_o[mt][nt][2 * hr + 1] *= alpha;
+        }
+      }
+    }
+
+    if (dropout) {
+      uint32_t bits[MT][NTS];
+      dropout_bits(bits, rng, static_cast<uint64_t>(bh), wrow0, j0, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) s[mt][nt][r] = ((bits[mt][nt] >> r) & 1u) ? s[mt][nt][r] : 0.f;
+    }
+
+    // V[n] landed; the barrier also guarantees every warp is done with sK
+    // and sMask, which now receive tile n + 1.
+    cp_async_wait<0>();
+    __syncthreads();
+    if (n + 1 < n_end) {
+      const int64_t j1 = j0 + kBlockN;
+      const int nk1 = static_cast<int>(S - j1 < kBlockN ? S - j1 : kBlockN);
+      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, k + j1 * p.k_stride.r, p.k_stride.r, nk1, E, vec_k, tid);
+      stage_mask<kBlockM, kBlockN, kThreads>(sMask, p, b, h, i0, j1, tid);
+    }
+    cp_async_commit();
+
+    gemm_rs<M, MT, NTS, NTO>(acc_o, s, sV, kLd, lane);
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: normalise, write O and the log-sum-exp.
+  Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
+  const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
+  float* lse = static_cast<float*>(p.lse) + bh * L;
+  const float keep_scale = dropout ? rng.inv_keep : 1.f;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = row_sum[mt][hr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int64_t i = wrow0 + 16 * mt + g + 8 * hr;
+      const bool empty = !(l > 0.f);  // the row saw no key
+      const float inv = empty ? 0.f : keep_scale / l;
+      if (t == 0 && i < L) lse[i] = empty ? -kInf : row_max[mt][hr] * kLn2 + logf(l);
+      if (i < L) {
+        Elem* orow = o + i * p.o_stride.r;
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt) {
+          const int c = 8 * nt + 2 * t;
+          store_pair(orow + c, acc_o[mt][nt][2 * hr] * inv, acc_o[mt][nt][2 * hr + 1] * inv, c < Ev, c + 1 < Ev,
+                     pair_ok);
+        }
+      }
+    }
+  }
+}
+
+template <class Cfg>
+cudaError_t launch_fwd(const FwdParams& p, const LaunchEnv& env) {
+  const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  auto kernel = flash_fwd_kernel<Cfg>;
+  const size_t smem = Cfg::kSmem + (p.mask_kind != MaskKind::kNone ? Cfg::kSmemMask : 0);
+  // the attribute is a cap: always the largest variant, so concurrent launches
+  // with and without a mask never lower it under each other
+  constexpr size_t kMaxSmem = Cfg::kSmem + Cfg::kSmemMask;
+  if (kMaxSmem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSmem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, smem, env.stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace attention_ext

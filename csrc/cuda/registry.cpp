@@ -1,0 +1,59 @@
+// Registry of the compiled CUDA kernel instantiations (see launch.h). Filled
+// by static initializers of the generated fwd_/bwd_hdim<D>_<dtype>.cu files
+// when the library is loaded; read by the glue afterwards.
+#include <algorithm>
+
+#include "launch.h"
+
+namespace attention_ext {
+namespace cuda {
+namespace {
+
+// Function-local statics: constructed on first use, so the registration order
+// of the translation units does not matter.
+std::vector<FwdEntry>& fwd_table() {
+  static std::vector<FwdEntry> table;
+  return table;
+}
+std::vector<BwdEntry>& bwd_table() {
+  static std::vector<BwdEntry> table;
+  return table;
+}
+
+template <typename Entry>
+const Entry* find_in(const std::vector<Entry>& table, DType dtype, int min_head_dim) {
+  const Entry* best = nullptr;
+  for (const Entry& e : table) {
+    if (e.dtype == dtype && e.head_dim >= min_head_dim && (best == nullptr || e.head_dim < best->head_dim)) best = &e;
+  }
+  return best;
+}
+
+}  // namespace
+
+bool register_fwd(const FwdEntry& e) {
+  fwd_table().push_back(e);
+  return true;
+}
+bool register_bwd(const BwdEntry& e) {
+  bwd_table().push_back(e);
+  return true;
+}
+const FwdEntry* find_fwd(DType dtype, int min_head_dim) { return find_in(fwd_table(), dtype, min_head_dim); }
+const BwdEntry* find_bwd(DType dtype, int min_head_dim) { return find_in(bwd_table(), dtype, min_head_dim); }
+
+std::vector<int> compiled_head_dims(bool backward, DType dtype) {
+  std::vector<int> dims;
+  if (backward) {
+    for (const BwdEntry& e : bwd_table())
+      if (e.dtype == dtype) dims.push_back(e.head_dim);
+  } else {
+    for (const FwdEntry& e : fwd_table())
+      if (e.dtype == dtype) dims.push_back(e.head_dim);
+  }
+  std::sort(dims.begin(), dims.end());
+  return dims;
+}
+
+}  // namespace cuda
+}  // namespace attention_ext
