@@ -9,7 +9,7 @@ need_weights False / True, and two modes:
 * fwd    -- eval + no_grad: what inference gets (PyTorch takes its native fast path where it can)
 * fwdbwd -- train mode (dropout 0): forward + backward of the output
 
-Median times over interleaved runs; ratio = torch / ours (> 1: attention_ext is faster). A
+Median times over strictly alternating calls (noise on a shared machine hits both alike); ratio = torch / ours (> 1: attention_ext is faster). A
 markdown table is printed; the raw JSON (torch version, device name, git commit) goes to
 benchmarks/results/<device>/bench_mha_<commit>.json. Runs on CUDA when --device cuda (default:
 cuda when available).
@@ -32,17 +32,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, repeats, device, warmup=2):
-    for _ in range(warmup):
-        fn()
+def timed(fn, device):
     sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(f_ours, f_torch, repeats, device, warmup=2):
+    """Strictly alternating single calls (machine noise hits both alike): per-implementation times."""
+    for _ in range(warmup):
+        f_ours()
+        f_torch()
+    t_ours, t_torch = [], []
+    for i in range(repeats):
+        if i % 2:
+            t_ours.append(timed(f_ours, device))
+            t_torch.append(timed(f_torch, device))
+        else:
+            t_torch.append(timed(f_torch, device))
+            t_ours.append(timed(f_ours, device))
+    return t_ours, t_torch
 
 
 def device_name(device):
@@ -89,13 +100,11 @@ def run_case(args, device, dtype, masks, need_weights, mode):
         return f
 
     f_ours, f_torch = make(ours), make(ref)
-    t_ours, t_torch = [], []
-    for _ in range(3):  # interleaved, so machine noise hits both
-        t_ours.append(median_time(f_ours, max(1, args.repeats // 3), device))
-        t_torch.append(median_time(f_torch, max(1, args.repeats // 3), device))
-    t_o, t_t = min(t_ours), min(t_torch)
+    t_ours, t_torch = alternate(f_ours, f_torch, args.repeats, device)
+    t_o, t_t = statistics.median(t_ours), statistics.median(t_torch)
     return {"N": N, "L": L, "E": args.E, "H": args.H, "dtype": str(dtype).replace("torch.", ""), "masks": masks,
-            "need_weights": need_weights, "mode": mode, "ours_s": t_o, "torch_s": t_t, "ratio": t_t / t_o}
+            "need_weights": need_weights, "mode": mode, "ours_s": t_o, "torch_s": t_t, "ratio": t_t / t_o, "ours_min_s": min(t_ours),
+            "torch_min_s": min(t_torch), "ours_all_s": t_ours, "torch_all_s": t_torch}
 
 
 def main():
@@ -107,7 +116,7 @@ def main():
     ap.add_argument("--L", type=int, default=512)
     ap.add_argument("--E", type=int, default=512)
     ap.add_argument("--H", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
