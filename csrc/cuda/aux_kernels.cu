@@ -68,8 +68,9 @@ __device__ __forceinline__ float mask_value_any(const FwdParams& p, int64_t off)
 
 // attention_probs: a 32 x 32 tile of (query, key) per CTA iteration; scores
 // in fp32 FMA (q and k tiles staged through shared memory, 32 features at a
-// time), then P = exp2(x - lse * log2e) (0 for rows with lse = -inf) and the
+// time), then P = exp(x - lse) (0 for rows with lse = -inf) and the
 // forward's dropout: P * keep / (1 - p). Every element is written.
+// (P = exp2((x - lse) * log2e): see flash_fwd.cuh for why the difference comes first.)
 constexpr int kPT = 32;
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads) probs_kernel(const FwdParams p, Elem* out) {
@@ -81,7 +82,7 @@ __global__ void __launch_bounds__(kThreads) probs_kernel(const FwdParams p, Elem
   const int64_t tiles = p.batch * Hq * nib * njb;
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
-  const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  const float scale = static_cast<float>(p.scale);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t jb = tile % njb, ib = (tile / njb) % nib, bh = tile / (njb * nib);
     const int64_t b = bh / Hq, h = bh % Hq, hk = h / G;
@@ -116,14 +117,14 @@ __global__ void __launch_bounds__(kThreads) probs_kernel(const FwdParams p, Elem
         key_range(p, i, lo, hi);
         float x = -kInf;
         if (j >= lo && j < hi) {
-          x = acc[r] * scale_log2;
+          x = acc[r] * scale;
           if (p.mask_kind != MaskKind::kNone) {
             const Strides4& ms = p.mask_stride;
-            x += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c) * kLog2e;
+            x += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c);
           }
         }
         const float l = lse[i];
-        float pr = l == -kInf ? 0.f : exp2f(x - l * kLog2e);
+        float pr = l == -kInf ? 0.f : exp2f((x - l) * kLog2e);
         if (dropout) pr = rng.keep(static_cast<uint64_t>(bh), static_cast<uint64_t>(i), static_cast<uint64_t>(j))
                               ? pr * rng.inv_keep
                               : 0.f;

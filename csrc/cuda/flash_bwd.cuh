@@ -6,7 +6,7 @@
 // can see the key block (the causal/window bounds skip the others):
 //
 //   phase 1 (warp grid WsM x WsN over kBlockM x kBlockN):
-//     S = Q K^T, dP = dO V^T; P = exp2(S*scale*log2e + mask*log2e - lse*log2e)
+//     S = Q K^T, dP = dO V^T; P = exp2((S*scale + mask - lse) * log2e)
 //     (lse = -inf, a row that saw no key, gives P = 0), dropout keep-bits Z,
 //     dS = P o (dP o Z/(1-p) - D) with D = rowsum(dO o O) (preprocess kernel);
 //     [dmask = dS to global]; P o Z and dS go to shared memory (input dtype).
@@ -112,7 +112,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
   const float keep_scale = dropout ? rng.inv_keep : 1.f;
-  const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const float scale = static_cast<float>(p.scale);
 
   // warp coordinates in the three warp grids
@@ -203,7 +202,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
 #pragma unroll
           for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale_log2;
+            for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale;
         if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
           dispatch_mask(p, [&](auto tag) {
             using MaskT = typename decltype(tag)::type;
@@ -220,14 +219,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
             const int rl = rs0 + 16 * mt + g + 8 * hr;
             const float lse_raw = sLse[rl];
             // rows past len_q and rows that saw no key (lse = -inf): P = exp2(x - inf) = 0
-            const float lse2 = (rl < nq && lse_raw != -kInf) ? lse_raw * kLog2e : kInf;
+            const float lse_r = (rl < nq && lse_raw != -kInf) ? lse_raw : kInf;
             const float Drow = sD[rl];
 #pragma unroll
             for (int nt = 0; nt < NT_S; ++nt) {
 #pragma unroll
               for (int c = 0; c < 2; ++c) {
                 const int r = 2 * hr + c;
-                const float pv = exp2f(s[mt][nt][r] - lse2);
+                const float pv = exp2f((s[mt][nt][r] - lse_r) * kLog2e);
                 float dpv = dp[mt][nt][r];
                 float pz = pv;
                 if (dropout) {

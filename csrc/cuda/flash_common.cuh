@@ -540,8 +540,10 @@ __device__ __forceinline__ void load_mask_tile(unsigned char* sM, const FwdParam
 }
 
 // Applies the window/causal bounds, the row/column limits and (MaskT not
-// void) the staged explicit mask to a warp tile of scores already scaled to
-// log2 units: x += mask * log2(e), x = -inf where the key is not visible.
+// void) the staged explicit mask to a warp tile of scaled scores
+// (x = q.k * scale): x += mask, x = -inf where the key is not visible.
+// Natural units on purpose: a finite mask of finfo.min must stay finite
+// (finfo.min * log2(e) would overflow to -inf and wrongly hide the key).
 // row0 / col0: global query row / key column of the warp tile's element (0, 0);
 // sMw: the staged mask at that element, rows kLdB bytes apart.
 // Rows >= len_q are fully masked (they only exist as padding of the last tile).
@@ -571,7 +573,7 @@ __device__ __forceinline__ void mask_tile(float (&s)[MT][NT][4], const FwdParams
           if (jr < lo_r || jr >= hi_r) {
             x = -kInf;
           } else if constexpr (!std::is_same<MaskT, void>::value) {
-            x += mask_value<MaskT>(sMw + rl * kLdB, jr) * kLog2e;
+            x += mask_value<MaskT>(sMw + rl * kLdB, jr);
           }
         }
       }

@@ -5,12 +5,12 @@
 // owns 16*kMT consecutive query rows and the full key tile width, so the
 // online softmax needs only quad shuffles. Per key tile:
 //   S = Q K^T            (Q and K from shared memory, fp32 accumulators)
-//   x = S*scale*log2e (+ mask*log2e, -inf outside the window / causal bound)
-//   online softmax in log2 units: m = max(m, rowmax x), P = exp2(x - m),
-//   O *= exp2(m_old - m), l = l*alpha + rowsum P (before dropout)
+//   x = S*scale (+ mask, -inf outside the window / causal bound)
+//   online softmax: m = max(m, rowmax x), P = exp2((x - m) * log2e),
+//   O *= exp2((m_old - m) * log2e), l = l*alpha + rowsum P (before dropout)
 //   dropout zeroes P (the 1/(1-p) goes into the final normalisation)
 //   O += P V             (P straight from the S accumulators, V from shared)
-// Epilogue: O /= l, lse = (m + log2 l) * ln2; rows that saw no key give O = 0,
+// Epilogue: O /= l, lse = m + log l; rows that saw no key give O = 0,
 // lse = -inf. Key tiles that the causal/window bounds hide from every row of
 // the block are never visited; tiles fully visible skip the element-wise mask.
 //
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
 
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
-  const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  const float scale = static_cast<float>(p.scale);
 
   float acc_o[MT][NTO][4];
   zero_acc(acc_o);
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale_log2;
+        for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale;
     if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
       dispatch_mask(p, [&](auto tag) {
         using MaskT = typename decltype(tag)::type;
@@ -166,7 +166,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       });
     }
 
-    // Online softmax (log2 units). Each row lives in the 4 lanes of a quad.
+    // Online softmax. Each row lives in the 4 lanes of a quad. The differences
+    // are taken before the log2(e) factor so that finite scores near
+    // -FLT_MAX (finfo.min masks) cannot overflow to -inf.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -179,14 +181,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
         // A row that has seen only -inf so far keeps m = -inf; subtracting 0
         // instead avoids (-inf) - (-inf) = NaN and gives P = 0.
         const float m_use = mx == -kInf ? 0.f : mx;
-        const float alpha = exp2f(row_max[mt][hr] - m_use);
+        const float alpha = exp2f((row_max[mt][hr] - m_use) * kLog2e);
         row_max[mt][hr] = mx;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NTS; ++nt) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const float e = exp2f(s[mt][nt][2 * hr + c] - m_use);
+            const float e = exp2f((s[mt][nt][2 * hr + c] - m_use) * kLog2e);
             s[mt][nt][2 * hr + c] = e;
             sum += e;
           }
@@ -242,7 +244,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       const int64_t i = wrow0 + 16 * mt + g + 8 * hr;
       const bool empty = !(l > 0.f);  // the row saw no key
       const float inv = empty ? 0.f : keep_scale / l;
-      if (t == 0 && i < L) lse[i] = empty ? -kInf : row_max[mt][hr] * kLn2 + logf(l);
+      if (t == 0 && i < L) lse[i] = empty ? -kInf : row_max[mt][hr] + logf(l);
       if (i < L) {
         Elem* orow = o + i * p.o_stride.r;
 #pragma unroll
