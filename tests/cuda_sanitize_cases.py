@@ -1,0 +1,100 @@
+"""A small grid of CUDA forward/backward/probs/dropout-mask calls for
+compute-sanitizer (scripts/sanitize_cuda.sh runs this file under memcheck,
+racecheck and initcheck). Not a pytest file: it just exercises every kernel
+family (each dtype, a few head-dim buckets, tails, masks of each kind and
+layout, GQA, causal/window, dropout, deterministic and atomic dQ) on shapes
+small enough for the sanitizer's slowdown, and checks nothing is NaN.
+
+    python tests/cuda_sanitize_cases.py            # all cases
+    python tests/cuda_sanitize_cases.py --quick    # a third of them
+"""
+import argparse
+import itertools
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import attention_ext  # noqa: E402,F401
+
+ops = torch.ops.attention_ext
+
+
+def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, deterministic, layout):
+    dev = "cuda"
+    B = 2
+    torch.use_deterministic_algorithms(deterministic)
+    if layout == "blhe":
+        q = torch.randn(B, L, Hq, E, device=dev, dtype=dtype).transpose(1, 2)
+        k = torch.randn(B, S, Hkv, E, device=dev, dtype=dtype).transpose(1, 2)
+        v = torch.randn(B, S, Hkv, Ev, device=dev, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, L, E, device=dev, dtype=dtype)
+        k = torch.randn(B, Hkv, S, E, device=dev, dtype=dtype)
+        v = torch.randn(B, Hkv, S, Ev, device=dev, dtype=dtype)
+    m = None
+    if mask == "bool":
+        m = torch.rand(B, 1, L, S, device=dev) < 0.8
+    elif mask == "float":
+        m = torch.randn(1, Hq, L, S, device=dev, dtype=torch.float32)
+        m[..., ::5, :] = -math.inf  # fully masked rows
+    elif mask == "keypad":
+        m = torch.zeros(B, 1, 1, S, device=dev, dtype=dtype)
+        m[..., S // 2:] = -math.inf
+    elif mask == "strided":
+        m = (torch.rand(B, Hq, S, L, device=dev) < 0.8).transpose(-1, -2)
+    w = list(window)
+    out, lse, rng = ops._attention_forward(q, k, v, m, dropout, causal, None, Hq != Hkv, w)
+    g = torch.randn_like(out)
+    mask_grad = m is not None and m.is_floating_point()
+    dq, dk, dv, dm = ops._attention_backward(g, q, k, v, m, out, lse, rng, dropout, causal, None, Hq != Hkv, w,
+                                             mask_grad)
+    probs = ops.attention_probs(q, k, m, lse, rng, dropout, causal, None, Hq != Hkv, w)
+    if dropout > 0:
+        ops._dropout_mask(rng, B, Hq, L, S, dropout)
+    torch.cuda.synchronize()
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv), ("probs", probs)):
+        if torch.isnan(t).any():
+            raise SystemExit(f"NaN in {name} for {dtype} E={E} Ev={Ev} L={L} S={S} mask={mask}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    grid = []
+    for dtype, (E, Ev), (L, S) in itertools.product(
+        (torch.float16, torch.bfloat16, torch.float32),
+        ((64, 64), (40, 128), (256, 256)),
+        ((1, 1), (33, 70), (130, 97)),
+    ):
+        grid.append((dtype, E, Ev, L, S, 4, 4, False, (-1, -1), None, 0.0, False, "contig"))
+    variants = [
+        dict(Hkv=2, causal=True),
+        dict(window=(8, 3)),
+        dict(mask="bool"),
+        dict(mask="float"),
+        dict(mask="keypad"),
+        dict(mask="strided"),
+        dict(dropout=0.2),
+        dict(deterministic=True, causal=True),
+        dict(layout="blhe", Hkv=1),
+    ]
+    keys = ["dtype", "E", "Ev", "L", "S", "Hq", "Hkv", "causal", "window", "mask", "dropout", "deterministic", "layout"]
+    for dtype, var in itertools.product((torch.float16, torch.float32), variants):
+        base = dict(zip(keys, (dtype, 64, 64, 70, 150, 4, 4, False, (-1, -1), None, 0.0, False, "contig")))
+        base.update(var)
+        grid.append(tuple(base[k] for k in keys))
+    if args.quick:
+        grid = grid[::3]
+    for i, c in enumerate(grid):
+        print(f"[{i + 1}/{len(grid)}] {c}", flush=True)
+        case(*c)
+    torch.use_deterministic_algorithms(False)
+    print("all cases ran")
+
+
+if __name__ == "__main__":
+    main()
