@@ -13,6 +13,15 @@ import attention_ext
 from attention_ext import MultiheadAttention, replace_multihead_attention
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -14,6 +14,15 @@ from attention_ext import scaled_dot_product_attention as sdpa, use_attention_ex
 ORIG = F.scaled_dot_product_attention
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
