@@ -65,8 +65,9 @@ def header(result) -> List[str]:
              + f" · commit `{commit}`",
              "",
              f"{cfg['dtype']}, batch {cfg['batch']}, {cfg['heads']} heads, L = S; "
-             f"{'CUDA events' if cfg['timer'] == 'cuda-events' else 'wall clock'}, median of "
-             f"{cfg['min_repeats']}–{cfg['max_repeats']} repeats after warm-up"
+             f"{'CUDA events' if cfg['timer'] == 'cuda-events' else 'wall clock'} after warm-up, "
+             f"{cfg['min_repeats']}–{cfg['max_repeats']} repeats in 3 rounds interleaving the backends; "
+             f"time = median of the best round"
              + (" (**--quick**)" if cfg.get("quick") else "") + ". "
              "TFLOP/s count 4·B·H·L·S·E per forward (halved when causal, dense for the padding mask) and "
              "3.5× that for forward + backward. *ratio* = attention_ext ÷ the best PyTorch backend at that "

@@ -12,8 +12,9 @@ forward and forward + backward, across sequence lengths, head dims, and mask kin
 PyTorch's reason.
 
 Timing: CUDA events on a GPU, ``time.perf_counter`` on the CPU; after warm-up (and after
-compiling, for FlexAttention), the median of repeated calls (as many as fit a time budget,
-between a minimum and a maximum count). TFLOP/s: forward 4·B·H·L·S·E, halved for causal
+compiling, for FlexAttention), repeated calls (as many as fit a time budget, between a minimum
+and a maximum count) in 3 rounds, the backends of one point interleaved round by round; the
+time of a backend is the median of its best round (all samples are in the JSON). TFLOP/s: forward 4·B·H·L·S·E, halved for causal
 (the padding mask is counted dense); forward + backward 3.5x the forward (backward = 2.5x).
 Peak memory: see benchmarks/memory.py (CUDA: max_memory_allocated; CPU: RSS high-water mark).
 
@@ -34,7 +35,8 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Tuple
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler fallback of memory.py is chatty
 
@@ -65,8 +67,9 @@ def _first_line(msg: str, limit: int = 240) -> str:
 # ---------------------------------------------------------------------------
 class Timer:
     """Medians of repeated calls. Several functions measured at one point are interleaved: the
-    repeats run in rounds (function a, b, c, a, b, c, ...), so a burst of load from elsewhere on
-    the machine hits every backend alike instead of whichever ran at that moment."""
+    repeats run in rounds (all of a's share of round 1, then b's, c's, then round 2, ...), so a
+    burst of load from elsewhere on the machine hits every backend alike instead of whichever
+    ran at that moment; each backend's time is the median of its best round."""
 
     def __init__(self, device: torch.device, budget_s: float, min_repeats: int, max_repeats: int, warmup: int,
                  rounds: int = 3):
@@ -86,23 +89,46 @@ class Timer:
         return time.perf_counter() - t0
 
     def medians(self, fns: Dict[str, Callable[[], object]], contexts: Optional[Dict[str, Callable]] = None
-                ) -> Dict[str, Dict[str, float]]:
+                ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, BaseException]]:
+        """({name: {"time_s", "median_all_s", "min_s", "round_medians_s", "repeats"}},
+        {name: exception} for functions that raised)."""
         contexts = contexts or {}
         ctx = lambda name: contexts.get(name, contextlib.nullcontext)()
-        plan, times = {}, {}
+        plan, times, errors = {}, {}, {}
         for name, fn in fns.items():
-            with ctx(name):
-                first = min(self.once(fn) for _ in range(max(1, self.warmup)))
-            n = int(min(self.max_r, max(self.min_r, self.budget / max(first, 1e-6))))
-            plan[name] = n
+            try:
+                with ctx(name):
+                    first = min(self.once(fn) for _ in range(max(1, self.warmup)))
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this backend only
+                errors[name] = e
+                continue
+            plan[name] = int(min(self.max_r, max(self.min_r, self.budget / max(first, 1e-6))))
             times[name] = []
         for r in range(self.rounds):
             for name, fn in fns.items():
+                if name not in plan or name in errors:
+                    continue
                 k = plan[name] // self.rounds + (1 if r < plan[name] % self.rounds else 0)
-                with ctx(name):
-                    times[name] += [self.once(fn) for _ in range(k)]
-        return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "repeats": len(ts)}
-                for name, ts in times.items() if ts}
+                try:
+                    with ctx(name):
+                        times[name] += [self.once(fn) for _ in range(k)]
+                except Exception as e:  # noqa: BLE001
+                    errors[name] = e
+        timed = {}
+        for name, ts in times.items():
+            if not ts or name in errors:
+                continue
+            # ts holds the rounds one after the other: the reported time is the best round's median
+            # (a round that coincided with load from elsewhere does not count), all samples kept too
+            per_round, i = [], 0
+            for r in range(self.rounds):
+                k = plan[name] // self.rounds + (1 if r < plan[name] % self.rounds else 0)
+                if k:
+                    per_round.append(statistics.median(ts[i:i + k]))
+                i += k
+            timed[name] = {"time_s": min(per_round), "median_all_s": statistics.median(ts), "min_s": min(ts),
+                           "round_medians_s": per_round, "repeats": len(ts)}
+        return timed, errors
 
 
 # ---------------------------------------------------------------------------
@@ -172,9 +198,9 @@ class SDPA(Backend):
                 with torch.no_grad():
                     fn()
             except RuntimeError as e:
-                reasons = [str(w.message) for w in caught if "kernel not used" in str(w.message)
-                           or "not supported" in str(w.message) or "requires" in str(w.message)]
-                raise Skip(_first_line(reasons[0] if reasons else e)) from None
+                # the warnings say why each kernel was not used; the error only that none was
+                reasons = list(OrderedDict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+                raise Skip(_first_line("; ".join(reasons) if reasons else str(e), 400)) from None
         return fn
 
 
@@ -358,20 +384,17 @@ def run_op_matrix(args, device, dtype, backends, timer, progress) -> List[dict]:
             except Exception as e:  # noqa: BLE001 - recorded, the matrix goes on
                 _record_failure(row, e)
         ctxs = {be.name: be.context for be in backends}
-        try:
-            timed = timer.medians(calls, ctxs)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory on a repeat
-            timed = {}
-            for name in calls:
-                _record_failure(prow[name], e)
+        timed, errors = timer.medians(calls, ctxs)
+        for name, e in errors.items():
+            _record_failure(prow[name], e)
         fl = flops(B, H, L, S, E, causal, mode)
         for name, t in timed.items():
             try:
                 _zero_grads(*inputs[name])
                 with ctxs[name]():
                     mem, method = memory.peak_extra_bytes(calls[name], device)
-                prow[name].update(status="ok", time_s=t["median_s"], min_s=t["min_s"], repeats=t["repeats"],
-                                  tflops=fl / t["median_s"] / 1e12, peak_mem_bytes=mem, mem_method=method)
+                prow[name].update(status="ok", **t, tflops=fl / t["time_s"] / 1e12, peak_mem_bytes=mem,
+                                  mem_method=method)
             except Exception as e:  # noqa: BLE001
                 _record_failure(prow[name], e)
         rows += list(prow.values())
@@ -419,17 +442,13 @@ def run_module_matrix(args, device, dtype, timer, progress) -> List[dict]:
                 calls[name] = call
             except Exception as e:  # noqa: BLE001
                 _record_failure(prow[name], e)
-        try:
-            timed = timer.medians(calls)
-        except Exception as e:  # noqa: BLE001
-            timed = {}
-            for name in calls:
-                _record_failure(prow[name], e)
+        timed, errors = timer.medians(calls)
+        for name, e in errors.items():
+            _record_failure(prow[name], e)
         for name, t in timed.items():
             try:
                 mem, method = memory.peak_extra_bytes(calls[name], device)
-                prow[name].update(status="ok", time_s=t["median_s"], min_s=t["min_s"], repeats=t["repeats"],
-                                  peak_mem_bytes=mem, mem_method=method)
+                prow[name].update(status="ok", **t, peak_mem_bytes=mem, mem_method=method)
             except Exception as e:  # noqa: BLE001
                 _record_failure(prow[name], e)
         rows += list(prow.values())
