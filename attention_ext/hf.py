@@ -72,8 +72,10 @@ def attention_forward(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The attention function transformers calls: ``query`` (B, H, L, E), ``key`` / ``value``
     (B, H_kv, S, E); returns ``(attn_output (B, L, H, Ev), attn_weights (B, H, L, S) or None)``."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("`attention_ext` attention does not support `softcap`; use `eager` for this model")
+    for unsupported in ("softcap", "head_mask", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"`attention_ext` attention does not support `{unsupported}`; use "
+                             f"attn_implementation='eager' for this model")
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] > kv_len:
         attention_mask = attention_mask[:, :, :, :kv_len]
