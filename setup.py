@@ -9,7 +9,7 @@ Environment switches
                               torch has CUDA and nvcc is found)
   ATTENTION_EXT_HEAD_DIMS     comma list of CUDA head-dim instantiations to
                               build (default: all, see csrc/cuda/generate.py)
-  ATTENTION_EXT_DTYPES        comma list of CUDA dtypes, fp16,bf16 (default both)
+  ATTENTION_EXT_DTYPES        comma list of CUDA dtypes, fp16,bf16,fp32 (default all)
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default: the visible GPU, else "8.0;9.0")
   MAX_JOBS                    parallel compile jobs (ninja)
 """
