@@ -24,7 +24,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn

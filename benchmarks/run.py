@@ -25,8 +25,6 @@ device, driver, torch/CUDA versions, git commit), ``results.md`` (the tables), `
 import argparse
 import contextlib
 import datetime
-import json
-import math
 import os
 import platform
 import re
