@@ -14,6 +14,7 @@ was built without the CUDA kernels.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -24,7 +25,12 @@ from conftest import HAS_CUDA, CUDA_SKIP_REASON
 from reference import (assert_close_vs_baseline, max_abs_error, reference_attention, reference_grads,
                        window_visibility)
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")]
+
+
+def gpu(fn):
+    """Marks a test `cuda` and skips it where there is no GPU / no CUDA kernels."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")(fn))
+
 
 ops = torch.ops.attention_ext
 f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -34,6 +40,9 @@ DT_ID = {f32: "f32", f16: "f16", bf16: "bf16"}
 @pytest.fixture(autouse=True)
 def _exact_fp32_and_nondeterministic():
     """Every test starts with TF32 off and non-deterministic algorithms (the defaults)."""
+    if not torch.cuda.is_available():
+        yield
+        return
     tf32 = torch.backends.cuda.matmul.allow_tf32
     prec = torch.get_float32_matmul_precision()
     det = torch.are_deterministic_algorithms_enabled()
@@ -122,6 +131,7 @@ HEAD_DIMS = [(8, 8), (32, 32), (40, 40), (64, 64), (80, 80), (96, 96), (128, 128
 
 @pytest.mark.parametrize("dtype", [f16, bf16, f32], ids=lambda d: DT_ID[d])
 @pytest.mark.parametrize("E,Ev", HEAD_DIMS, ids=[f"E{e}_Ev{ev}" for e, ev in HEAD_DIMS])
+@gpu
 def test_head_dims(dtype, E, Ev):
     q, k, v = _qkv(2, 3, 3, 77, 131, E, Ev, dtype)
     _check(f"E{E}/Ev{Ev}", q, k, v)
@@ -150,6 +160,7 @@ GEOMETRY = [
 
 @pytest.mark.parametrize("dtype", [f16, bf16, f32], ids=lambda d: DT_ID[d])
 @pytest.mark.parametrize("geo", GEOMETRY, ids=lambda g: "B{}_H{}-{}_L{}_S{}_E{}_c{}_w{}-{}".format(*g[:7], *g[7]))
+@gpu
 def test_geometry(dtype, geo):
     B, Hq, Hkv, L, S, E, causal, window = geo
     q, k, v = _qkv(B, Hq, Hkv, L, S, E, E, dtype, seed=L + S)
@@ -176,6 +187,7 @@ MASKS = [
 @pytest.mark.parametrize("dtype", [f16, bf16, f32], ids=lambda d: DT_ID[d])
 @pytest.mark.parametrize("S", [96, 131])          # 131: rows of odd length (not 16-byte aligned)
 @pytest.mark.parametrize("spec", MASKS, ids=lambda m: f"{m[0]}_{'x'.join(map(str, m[1]))}{'_T' if m[2] else ''}")
+@gpu
 def test_masks(dtype, S, spec):
     kind, shape, transpose, mask_grad = spec
     B, H, L, E = 2, 4, 70, 64
@@ -197,6 +209,7 @@ def test_masks(dtype, S, spec):
 
 
 @pytest.mark.parametrize("dtype", [f16, bf16, f32], ids=lambda d: DT_ID[d])
+@gpu
 def test_fully_masked_rows_zero_and_finite(dtype):
     B, H, L, S, E = 2, 2, 40, 50, 64
     q, k, v = _qkv(B, H, H, L, S, E, E, dtype)
@@ -214,6 +227,7 @@ def test_fully_masked_rows_zero_and_finite(dtype):
 
 
 @pytest.mark.parametrize("dtype", [f16, bf16], ids=lambda d: DT_ID[d])
+@gpu
 def test_strided_views(dtype):
     """(B, L, H, E) storage seen through transpose(1, 2), and a misaligned slice
     (element-wise loads): no copies, same results."""
@@ -233,6 +247,7 @@ def test_strided_views(dtype):
 # forward / backward / attention_probs replay it
 
 @pytest.mark.parametrize("dtype", [f16, f32], ids=lambda d: DT_ID[d])
+@gpu
 def test_dropout_mask_matches_cpu_and_reference(dtype):
     p = 0.3
     B, H, L, S, E = 2, 3, 67, 93, 64
@@ -263,6 +278,7 @@ def test_dropout_mask_matches_cpu_and_reference(dtype):
         assert err <= tol * max(1.0, ref_.abs().max().item()), f"dropout {name}: {err}"
 
 
+@gpu
 def test_dropout_graph_safe_rng_state():
     """Under CUDA-graph capture the forward's rng_state is written on the device
     at each replay: two replays draw different masks, and each replay's output
@@ -296,6 +312,7 @@ def test_dropout_graph_safe_rng_state():
 
 @pytest.mark.parametrize("dtype", [f16, bf16, f32], ids=lambda d: DT_ID[d])
 @pytest.mark.parametrize("gqa", [False, True])
+@gpu
 def test_deterministic_backward_bitwise(dtype, gqa):
     # S = 1500: 12 key blocks, so the deterministic chunks hold several blocks each
     B, Hq, Hkv, L, S, E = 2, 4, (2 if gqa else 4), 300, 1500, 64
@@ -317,6 +334,7 @@ def test_deterministic_backward_bitwise(dtype, gqa):
 # CUDA graphs
 
 @pytest.mark.parametrize("deterministic", [False, True])
+@gpu
 def test_cuda_graph_forward_backward_matches_eager(deterministic):
     torch.use_deterministic_algorithms(deterministic)
     q, k, v = _qkv(2, 4, 2, 150, 170, 64, 64, bf16)
@@ -357,6 +375,7 @@ def test_cuda_graph_forward_backward_matches_eager(deterministic):
 # ---------------------------------------------------------------------------
 # float32: exact by default, TF32 only when allowed
 
+@gpu
 def test_tf32_switch():
     q, k, v = _qkv(1, 2, 2, 256, 256, 128, 128, f32, seed=3)
     ref = reference_attention(q, k, v).out
@@ -379,6 +398,7 @@ def test_tf32_switch():
 # devices and sizes
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@gpu
 def test_non_default_device():
     dev = torch.device("cuda", 1)
     q, k, v = _qkv(2, 2, 2, 65, 70, 64, 64, f16, device=dev)
@@ -391,6 +411,7 @@ def test_non_default_device():
         assert m.device == dev
 
 
+@gpu
 def test_more_than_2_31_elements():
     """B*H*L*E > 2^31 (int64 offsets): q/k/v/out and their gradients of
     2^31 + 2^18 bf16 elements each, short rows and many heads so the
@@ -418,6 +439,7 @@ def test_more_than_2_31_elements():
             assert max_abs_error(ours[:, sl], ref_) < 5e-2 * max(1.0, ref_.abs().max().item()), (name, h)
 
 
+@gpu
 def test_compiled_out_error_names_the_switch():
     """Every head dim <= 256 must have a kernel in the default build; the error
     text (for builds with ATTENTION_EXT_HEAD_DIMS) is checked when it occurs."""
@@ -426,3 +448,32 @@ def test_compiled_out_error_names_the_switch():
         ops._attention_forward(q, k, v, None, 0.0, False, None, False, [-1, -1])
     except RuntimeError as e:
         assert "ATTENTION_EXT_HEAD_DIMS" in str(e) or "ATTENTION_EXT_DTYPES" in str(e)
+
+
+# ---------------------------------------------------------------------------
+# checks that need no GPU (they run in CI)
+
+def test_generated_instantiations_up_to_date():
+    """csrc/cuda/{fwd,bwd}_hdim<D>_<dtype>.cu are exactly what generate.py writes."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "csrc", "cuda", "generate.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_fragment_model():
+    """The fragment index algebra of flash_common.cuh against the PTX semantics
+    of ldmatrix / mma (a numpy model, csrc/cuda/fragment_model.py)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("fragment_model", os.path.join(root, "csrc", "cuda",
+                                                                                "fragment_model.py"))
+    fm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fm)
+    for esz in (2, 4):
+        for ak in (True, False):
+            for bk in (True, False):
+                fm.test_ss(esz, ak, bk)
+        fm.test_rs(esz)
