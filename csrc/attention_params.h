@@ -56,7 +56,7 @@ struct FwdParams {
   int64_t window_left = -1, window_right = -1;
 
   // Dropout: probability of dropping, and the Philox key/counter base.
-  float dropout_p = 0.f;
+  double dropout_p = 0.0;
   uint64_t seed = 0, offset = 0;
   // CUDA-graph safe variant: when non-null the kernel reads seed/offset from
   // device memory (captured graphs replay with fresh values).
@@ -85,6 +85,7 @@ AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_
   lo = 0;
   hi = p.len_k;
   if (p.window_left >= 0) lo = i - p.window_left > 0 ? i - p.window_left : 0;
+  if (lo > p.len_k) lo = p.len_k;  // a row whose window starts past the last key sees nothing
   if (p.window_right >= 0) {
     int64_t h = i + p.window_right + 1;
     hi = h < hi ? h : hi;

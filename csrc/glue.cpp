@@ -131,6 +131,35 @@ void check_lse(const at::Tensor& lse, const at::Tensor& q) {
                    lse.scalar_type());
 }
 
+void check_rng_state(const at::Tensor& rng, double dropout_p) {
+  if (dropout_p <= 0.0) return;
+  TORCH_CHECK_VALUE(rng.defined() && rng.sym_numel() == 2 && rng.scalar_type() == at::kLong,
+                    "rng_state must be the int64 tensor of 2 elements returned by the forward");
+}
+
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                           const at::Tensor& rng, const at::Tensor& q, const at::Tensor& v, double dropout_p) {
+  auto qs = q.sym_sizes();
+  std::vector<c10::SymInt> osz(qs.begin(), qs.end() - 1);
+  osz.push_back(v.sym_size(-1));
+  check_same_shape(out, "output", osz, q);
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "output dtype (", out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  check_same_shape(grad_out, "grad_output", osz, q);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  check_lse(lse, q);
+  check_rng_state(rng, dropout_p);
+}
+
+void check_dropout_mask_args(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
+                             double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p < 1.0, "dropout_p must be in (0, 1), got ", dropout_p);
+  check_rng_state(rng, dropout_p);
+  TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && len_q >= 0 && len_k >= 0,
+                    "batch, heads, len_q and len_k must be >= 0, got ", batch, ", ", heads, ", ", len_q, ", ", len_k);
+}
+
 at::Tensor empty_output(const at::Tensor& q, const c10::SymInt& dim_v) {
   const int64_t r = q.dim();
   std::vector<int64_t> perm(r - 1);
@@ -228,7 +257,7 @@ FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::
   p.window_left = opt.window_left;
   p.window_right = opt.is_causal ? (opt.window_right < 0 ? 0 : std::min<int64_t>(opt.window_right, 0))
                                  : opt.window_right;
-  p.dropout_p = static_cast<float>(opt.dropout_p);
+  p.dropout_p = opt.dropout_p;
   return p;
 }
 

@@ -33,6 +33,15 @@ void check_same_shape(const at::Tensor& t, const char* name, c10::SymIntArrayRef
 // The forward's log-sum-exp: shape (..., Hq, L), dtype of empty_lse(q).
 void check_lse(const at::Tensor& lse, const at::Tensor& q);
 
+// rng_state returned by the forward: int64[2] (checked only when dropout_p > 0).
+void check_rng_state(const at::Tensor& rng, double dropout_p);
+// Everything _attention_backward takes besides check_inputs' arguments.
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                           const at::Tensor& rng, const at::Tensor& q, const at::Tensor& v, double dropout_p);
+// _dropout_mask's arguments.
+void check_dropout_mask_args(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
+                             double dropout_p);
+
 // (..., Hq, L, Ev) output laid out in q's memory order (so a (B, L, H, E) view
 // seen through transpose(1, 2) gives an output of the same kind).
 at::Tensor empty_output(const at::Tensor& q, const c10::SymInt& dim_v);

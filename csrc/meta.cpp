@@ -21,9 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool mask_grad) {
   check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
-  check_same_shape(out, "output", out.sym_sizes(), q);
-  check_same_shape(grad_out, "grad_output", out.sym_sizes(), q);
-  check_lse(lse, q);
+  check_backward_inputs(grad_out, out, lse, rng, q, v, dropout_p);
   const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
   at::Tensor dmask = want_dmask ? at::empty_symint(mask->sym_sizes(), mask->options())
                                 : at::empty({0}, q.options());
@@ -35,6 +33,7 @@ at::Tensor probs_meta(const at::Tensor& q, const at::Tensor& k, const std::optio
                       std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   check_inputs(q, k, k, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
   check_lse(lse, q);
+  check_rng_state(rng, dropout_p);
   auto qs = q.sym_sizes();
   std::vector<c10::SymInt> shape(qs.begin(), qs.end() - 1);
   shape.push_back(k.sym_size(-2));
@@ -43,6 +42,7 @@ at::Tensor probs_meta(const at::Tensor& q, const at::Tensor& k, const std::optio
 
 at::Tensor dropout_mask_meta(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
                              double dropout_p) {
+  check_dropout_mask_args(rng, batch, heads, len_q, len_k, dropout_p);
   return at::empty({batch, heads, len_q, len_k}, rng.options().dtype(at::kBool));
 }
 

@@ -42,16 +42,16 @@ AE_HOST_DEVICE U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
 struct DropoutRng {
   uint32_t k0 = 0, k1 = 0, off_lo = 0;
   uint64_t threshold = 0;  // keep iff word < threshold; threshold = (1 - p) * 2^32
-  float inv_keep = 1.f;    // 1 / (1 - p)
+  double inv_keep = 1.0;   // 1 / (1 - p), in double so float64 dropout is exact
 
   AE_HOST_DEVICE DropoutRng() {}
-  AE_HOST_DEVICE DropoutRng(uint64_t seed, uint64_t offset, float p) {
+  AE_HOST_DEVICE DropoutRng(uint64_t seed, uint64_t offset, double p) {
     k0 = static_cast<uint32_t>(seed);
     k1 = static_cast<uint32_t>(seed >> 32) ^ static_cast<uint32_t>(offset >> 32);
     off_lo = static_cast<uint32_t>(offset);
     double keep = 1.0 - static_cast<double>(p);
     threshold = static_cast<uint64_t>(keep * 4294967296.0);
-    inv_keep = static_cast<float>(1.0 / keep);
+    inv_keep = 1.0 / keep;
   }
   // Four consecutive decisions starting at key column j4 * 4 (bit t = column j4*4 + t kept).
   AE_HOST_DEVICE uint32_t keep4(uint64_t bh, uint64_t i, uint64_t j4) const {

@@ -42,8 +42,7 @@ at::Tensor make_rng_state(uint64_t seed, uint64_t offset) {
 
 void read_rng_state(const at::Tensor& rng, double dropout_p, FwdParams& p) {
   if (dropout_p <= 0.0) return;
-  TORCH_CHECK_VALUE(rng.numel() == 2 && rng.scalar_type() == at::kLong,
-                    "rng_state must be the int64 tensor of 2 elements returned by the forward");
+  check_rng_state(rng, dropout_p);
   at::Tensor r = rng.cpu();
   p.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
   p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
@@ -81,12 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     bool mask_grad) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   check_inputs(q, k, v, mask, opt);
-  auto osz = out.sym_sizes();
-  check_same_shape(out, "output", osz, q);
-  check_same_shape(grad_out, "grad_output", osz, q);
-  check_lse(lse, q);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
-                   ") must match query dtype (", q.scalar_type(), ")");
+  check_backward_inputs(grad_out, out, lse, rng, q, v, dropout_p);
   const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
 
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
@@ -130,6 +124,7 @@ at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::option
   // value is not needed: check q/k with k standing in for v
   check_inputs(q, k, k, mask, opt);
   check_lse(lse, q);
+  check_rng_state(rng, dropout_p);
   std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
   shape.push_back(k.size(-2));
   at::Tensor probs = at::empty(shape, q.options());
@@ -148,12 +143,12 @@ at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::option
 
 at::Tensor dropout_mask_cpu(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
                             double dropout_p) {
-  TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p < 1.0, "dropout_p must be in (0, 1), got ", dropout_p);
+  check_dropout_mask_args(rng, batch, heads, len_q, len_k, dropout_p);
   FwdParams p;
   read_rng_state(rng, dropout_p, p);
   at::Tensor m = at::empty({batch, heads, len_q, len_k}, rng.options().dtype(at::kBool));
   bool* out = m.data_ptr<bool>();
-  const DropoutRng r(p.seed, p.offset, static_cast<float>(dropout_p));
+  const DropoutRng r(p.seed, p.offset, dropout_p);
   cpu::parallel_for(batch * heads * len_q, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t j = 0; j < len_k; ++j) out[t * len_k + j] = r.keep(t / len_q, t % len_q, j);

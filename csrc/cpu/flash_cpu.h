@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -236,11 +237,12 @@ struct Bf16DotTile {
 template <typename T, typename Tile>
 void flash_fwd_impl(const FwdParams& p) {
   using A = acc_t<T>;
+  if (p.batch == 0 || p.heads_kv == 0) return;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, E = p.dim_qk, Ev = p.dim_v;
   const Blocks blk = choose_blocks(p, false);
   const int64_t kBlockQ = blk.q, kBlockK = blk.k;
   const int64_t nqb = cdiv(L, kBlockQ);
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = p.dropout_p > 0.0;
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
   const A ninf = -std::numeric_limits<A>::infinity();
 
@@ -311,47 +313,142 @@ void flash_fwd(const FwdParams& p) {
 // P = exp(scale * Q K^T + mask - lse) for a tile, rows with lse = -inf give 0.
 template <typename Tile, typename A>
 void recompute_probs(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                     int64_t nk, Tile& tile, A* sbuf, int64_t lds, A* tmp) {
+                     int64_t nk, Tile& tile, A* sbuf, int64_t lds, A* tmp, const A* shift, const A* rscale) {
   tile.qk(static_cast<A>(p.scale), sbuf, lds);
   mask_tile(p, b, h, i0, nq, j0, nk, sbuf, lds, tmp);
-  const A* lse = static_cast<const A*>(p.lse) + (b * p.heads_q + h) * p.len_q + i0;
   for (int64_t r = 0; r < nq; ++r) {
     A* s = sbuf + r * lds;
-    if (lse[r] == -std::numeric_limits<A>::infinity()) {
+    if (rscale[r] == A(0)) {  // row with no visible key
       std::fill(s, s + nk, A(0));
     } else {
-      exp_sub_sum(s, nk, lse[r]);
+      exp_sub_sum(s, nk, shift[r]);
+      if (rscale[r] != A(1)) scale_row(s, nk, rscale[r]);
     }
   }
+}
+
+// Per-row statistics from which the backward and attention_probs recompute
+// P_ij = exp(S_ij - shift_i) * rscale_i (rscale 0: a row with no visible key).
+// Normally shift = lse and rscale = 1. When |lse| is huge (a mask of ~finfo.min
+// on a whole row, as Hugging Face builds them), fp32 has lost log(l) in
+// lse = m + log(l); such rows get their exact max m and sum l recomputed, so
+// their probabilities stay right (uniform over equally masked keys).
+// With D given, also D_i = rowsum(P~ o dP) (the softmax-backward correction):
+// dot(dO_i, O_i) from the saved output, or, with exact_d, summed over the
+// recomputed tiles, which a reduced-precision output cannot match closely
+// enough for the gradient of a mask that broadcasts over keys.
+template <typename T, typename Tile>
+void row_stats(const BwdParams& p, const Blocks& blk, bool exact_d, std::vector<acc_t<T>>& shift,
+               std::vector<acc_t<T>>& rscale, std::vector<acc_t<T>>* D) {
+  using A = acc_t<T>;
+  const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, E = p.dim_qk, Ev = p.dim_v;
+  const int64_t bq = blk.q, bk = blk.k, nqb = cdiv(L, bq);
+  const A ninf = -std::numeric_limits<A>::infinity();
+  const A kExtreme = A(1e4);
+  const bool dropout = p.dropout_p > 0.0;
+  const DropoutRng rng(p.seed, p.offset, p.dropout_p);
+  shift.assign(p.batch * Hq * L, A(0));
+  rscale.assign(p.batch * Hq * L, A(1));
+  if (D != nullptr) D->assign(p.batch * Hq * L, A(0));
+  parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
+    std::unique_ptr<Tile> tile;
+    std::vector<A> sbuf, dpbuf, tmp(bk), mrow(bq), lrow(bq), a(Ev), c(Ev);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
+      const int64_t i0 = qb * bq, nq = std::min(bq, L - i0), row0 = bh * L + i0;
+      const A* lse = static_cast<const A*>(p.lse) + row0;
+      bool extreme = false;
+      for (int64_t r = 0; r < nq; ++r) {
+        shift[row0 + r] = lse[r] == ninf ? A(0) : lse[r];
+        rscale[row0 + r] = lse[r] == ninf ? A(0) : A(1);
+        extreme |= lse[r] != ninf && std::abs(lse[r]) > kExtreme;
+      }
+      const T* g = D == nullptr ? nullptr
+                                : static_cast<const T*>(p.dout) + b * p.do_stride.b + h * p.do_stride.h +
+                                      i0 * p.do_stride.r;
+      if (D != nullptr && !exact_d) {
+        const T* o = static_cast<const T*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i0 * p.o_stride.r;
+        for (int64_t r = 0; r < nq; ++r) {
+          load_row<T, A>(o + r * p.o_stride.r, a.data(), Ev);
+          load_row<T, A>(g + r * p.do_stride.r, c.data(), Ev);
+          (*D)[row0 + r] = dot_row(a.data(), c.data(), Ev);
+        }
+      }
+      const bool need_d = D != nullptr && exact_d;
+      if (!extreme && !need_d) continue;
+      if (!tile) {
+        tile = std::make_unique<Tile>(E, Ev, bq, bk, true);
+        sbuf.resize(bq * bk);
+        dpbuf.resize(bq * bk);
+      }
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.r;
+      const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+      const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+      tile->load_q(q, p.q_stride.r, nq);
+      int64_t jlo, jhi;
+      block_key_range(p, i0, nq, jlo, jhi);
+      if (extreme) {
+        std::fill(mrow.begin(), mrow.end(), ninf);
+        std::fill(lrow.begin(), lrow.end(), A(0));
+        for (int64_t j0 = jlo; j0 < jhi; j0 += bk) {
+          const int64_t nk = std::min(bk, jhi - j0);
+          tile->load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
+          tile->qk(static_cast<A>(p.scale), sbuf.data(), bk);
+          mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), bk, tmp.data());
+          for (int64_t r = 0; r < nq; ++r) {
+            A* s = sbuf.data() + r * bk;
+            const A mnew = std::max(mrow[r], row_max(s, nk));
+            if (mnew == ninf) continue;
+            const A alpha = mrow[r] == ninf ? A(0) : std::exp(mrow[r] - mnew);
+            lrow[r] = lrow[r] * alpha + exp_sub_sum(s, nk, mnew);
+            mrow[r] = mnew;
+          }
+        }
+        for (int64_t r = 0; r < nq; ++r) {
+          if (std::abs(lse[r]) > kExtreme && lse[r] != ninf && lrow[r] > A(0)) {
+            shift[row0 + r] = mrow[r];
+            rscale[row0 + r] = A(1) / lrow[r];
+          }
+        }
+      }
+      if (!need_d) continue;
+      tile->load_do(g, p.do_stride.r, nq);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += bk) {
+        const int64_t nk = std::min(bk, jhi - j0);
+        tile->load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
+        tile->load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
+        recompute_probs(p, b, h, i0, nq, j0, nk, *tile, sbuf.data(), bk, tmp.data(), shift.data() + row0,
+                        rscale.data() + row0);
+        tile->dov(dpbuf.data(), bk);
+        for (int64_t r = 0; r < nq; ++r) {
+          A* s = sbuf.data() + r * bk;
+          A* d = dpbuf.data() + r * bk;
+          // D = sum_j P~_j (dO . V_j) with P~ = P * keep / (1 - p), the probabilities that multiplied V
+          if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
+          (*D)[row0 + r] += dot_row(s, d, nk);
+        }
+      }
+    }
+  });
 }
 
 template <typename T, typename Tile>
 void flash_bwd_impl(const BwdParams& p) {
   using A = acc_t<T>;
+  if (p.batch == 0 || p.heads_kv == 0) return;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv, L = p.len_q, S = p.len_k;
   const int64_t E = p.dim_qk, Ev = p.dim_v;
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = p.dropout_p > 0.0;
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
 
-  // D_i = sum_e dO_ie * O_ie  (= rowsum(P o dP), the softmax-backward correction)
-  std::vector<A> D(B * Hq * L);
-  parallel_for(B * Hq, [&](int64_t t0, int64_t t1) {
-    std::vector<A> a(Ev), c(Ev);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / Hq, h = t % Hq;
-      const T* o = static_cast<const T*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
-      const T* g = static_cast<const T*>(p.dout) + b * p.do_stride.b + h * p.do_stride.h;
-      for (int64_t i = 0; i < L; ++i) {
-        load_row<T, A>(o + i * p.o_stride.r, a.data(), Ev);
-        load_row<T, A>(g + i * p.do_stride.r, c.data(), Ev);
-        D[t * L + i] = dot_row(a.data(), c.data(), Ev);
-      }
-    }
-  });
+  const Blocks blk = choose_blocks(p, true);
+  std::vector<A> D, shift, rscale;
+  // exact D for a mask gradient in reduced precision (see row_stats)
+  const bool exact_d = p.dmask != nullptr && !std::is_same_v<T, float> && !std::is_same_v<T, double>;
+  row_stats<T, Tile>(p, blk, exact_d, shift, rscale, &D);
 
   // Split the key blocks of each (batch, kv head) over several tasks only when
   // there are too few (batch, kv head) pairs to keep every thread busy.
-  const Blocks blk = choose_blocks(p, true);
   const int64_t kBlockQ = blk.q, kBlockK = blk.k;
   const int64_t nkb = cdiv(S, kBlockK);
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
@@ -398,7 +495,9 @@ void flash_bwd_impl(const BwdParams& p) {
             if (jhi <= j0 || jlo >= j0 + nk) continue;  // block sees none of these keys
             tile.load_q(q + i0 * p.q_stride.r, p.q_stride.r, nq);
             tile.load_do(dout + i0 * p.do_stride.r, p.do_stride.r, nq);
-            recompute_probs(p, b, h, i0, nq, j0, nk, tile, pbuf.data(), kBlockK, tmp.data());
+            const int64_t row0 = (b * Hq + h) * L + i0;
+            recompute_probs(p, b, h, i0, nq, j0, nk, tile, pbuf.data(), kBlockK, tmp.data(), shift.data() + row0,
+                            rscale.data() + row0);
             tile.dov(dpbuf.data(), kBlockK);  // dP = dO V^T
             const A* pv = pbuf.data();  // the probabilities that multiplied V
             if (dropout) {
@@ -469,12 +568,17 @@ void flash_bwd(const BwdParams& p) {
 template <typename T>
 void flash_probs(const FwdParams& p, T* out) {
   using A = acc_t<T>;
+  if (p.batch == 0 || p.heads_kv == 0) return;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, S = p.len_k, E = p.dim_qk;
   const Blocks blk = choose_blocks(p, false);
   const int64_t kBlockQ = blk.q, kBlockK = blk.k;
   const int64_t nqb = cdiv(L, kBlockQ);
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = p.dropout_p > 0.0;
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
+  BwdParams bp;
+  static_cast<FwdParams&>(bp) = p;
+  std::vector<A> shift, rscale;
+  row_stats<T, BlasTile<T>>(bp, blk, false, shift, rscale, nullptr);
   parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
     BlasTile<T> tile(E, E, kBlockQ, kBlockK, false);
     std::vector<A> sbuf(kBlockQ * kBlockK), tmp(kBlockK);
@@ -487,7 +591,8 @@ void flash_probs(const FwdParams& p, T* out) {
       for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, S - j0);
         tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
-        recompute_probs(p, b, h, i0, nq, j0, nk, tile, sbuf.data(), kBlockK, tmp.data());
+        recompute_probs(p, b, h, i0, nq, j0, nk, tile, sbuf.data(), kBlockK, tmp.data(), shift.data() + bh * L + i0,
+                        rscale.data() + bh * L + i0);
         for (int64_t r = 0; r < nq; ++r) {
           A* s = sbuf.data() + r * kBlockK;
           if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);

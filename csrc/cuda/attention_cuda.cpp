@@ -156,14 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     bool mask_grad) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   check_inputs(q, k, v, mask, opt);
-  auto osz = out.sym_sizes();
-  check_same_shape(out, "output", osz, q);
-  check_same_shape(grad_out, "grad_output", osz, q);
-  check_lse(lse, q);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
-                   ") must match query dtype (", q.scalar_type(), ")");
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "output dtype (", out.scalar_type(),
-                   ") must match query dtype (", q.scalar_type(), ")");
+  check_backward_inputs(grad_out, out, lse, rng, q, v, dropout_p);
   const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
   c10::cuda::CUDAGuard guard(q.device());
 
@@ -256,6 +249,7 @@ at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optio
   // value is not needed: check q/k with k standing in for v
   check_inputs(q, k, k, mask, opt);
   check_lse(lse, q);
+  check_rng_state(rng, dropout_p);
   c10::cuda::CUDAGuard guard(q.device());
   std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
   shape.push_back(k.size(-2));
@@ -280,17 +274,13 @@ at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optio
 
 at::Tensor dropout_mask_cuda(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
                              double dropout_p) {
-  TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p < 1.0, "dropout_p must be in (0, 1), got ", dropout_p);
-  TORCH_CHECK_VALUE(rng.numel() == 2 && rng.scalar_type() == at::kLong,
-                    "rng_state must be the int64 tensor of 2 elements returned by the forward");
-  TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && len_q >= 0 && len_k >= 0,
-                    "batch, heads, len_q and len_k must be >= 0");
+  check_dropout_mask_args(rng, batch, heads, len_q, len_k, dropout_p);
   c10::cuda::CUDAGuard guard(rng.device());
   at::Tensor r = rng.contiguous();
   at::Tensor m = at::empty({batch, heads, len_q, len_k}, rng.options().dtype(at::kBool));
   if (m.numel() > 0) {
     C10_CUDA_CHECK(launch_dropout_mask(r.data_ptr<int64_t>(), batch, heads, len_q, len_k,
-                                       static_cast<float>(dropout_p), m.data_ptr<bool>(),
+                                       dropout_p, m.data_ptr<bool>(),
                                        c10::cuda::getCurrentCUDAStream()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) probs_kernel(const FwdParams p, Elem
 
 // keep-mask[bh, i, j] for j in a group of four (one Philox call).
 __global__ void __launch_bounds__(kThreads) dropout_mask_kernel(const int64_t* seed_offset, int64_t rows, int64_t len_q,
-                                                              int64_t len_k, float dropout_p, bool* out) {
+                                                              int64_t len_k, double dropout_p, bool* out) {
   const DropoutRng rng(static_cast<uint64_t>(seed_offset[0]), static_cast<uint64_t>(seed_offset[1]), dropout_p);
   const int64_t n4 = ceil_div(len_k, 4);
   const int64_t total = rows * n4;
@@ -200,7 +200,7 @@ cudaError_t launch_probs(const FwdParams& p, void* probs, const LaunchEnv& env) 
 }
 
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,
-                                int64_t len_k, float dropout_p, bool* out, cudaStream_t stream) {
+                                int64_t len_k, double dropout_p, bool* out, cudaStream_t stream) {
   const int64_t rows = batch * heads * len_q;
   const int64_t total = rows * ceil_div(len_k, 4);
   if (total == 0) return cudaSuccess;

@@ -76,7 +76,7 @@ cudaError_t launch_probs(const FwdParams& p, void* probs, const LaunchEnv& env);
 // bool keep-mask (batch x heads x len_q x len_k) of the dropout with seed /
 // offset read from seed_offset (int64[2], device).
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,
-                                int64_t len_k, float dropout_p, bool* out, cudaStream_t stream);
+                                int64_t len_k, double dropout_p, bool* out, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace attention_ext
