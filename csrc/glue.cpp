@@ -261,6 +261,61 @@ FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::
   return p;
 }
 
+std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
+  if (!mask.has_value() || !mask->defined()) return std::nullopt;
+  return mask_4d(*mask, q, k);
+}
+
+BackwardSetup prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& mask, const at::Tensor& out,
+                               const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad) {
+  check_inputs(q, k, v, mask, opt);
+  check_backward_inputs(grad_out, out, lse, rng, q, v, opt.dropout_p);
+  BackwardSetup s;
+  s.dq = at::empty_like(q);
+  s.dk = at::empty_like(k);
+  s.dv = at::empty_like(v);
+  poison(s.dq);
+  poison(s.dk);
+  poison(s.dv);
+  s.q4 = as_4d(q);
+  s.k4 = as_4d(k);
+  s.v4 = as_4d(v);
+  s.o4 = as_4d(out);
+  s.g4 = as_4d(grad_out);
+  s.dq4 = as_4d(s.dq);
+  s.dk4 = as_4d(s.dk);
+  s.dv4 = as_4d(s.dv);
+  s.lse = lse.contiguous();
+  s.m4 = mask4_of(mask, q, k);
+  BwdParams& p = s.p;
+  static_cast<FwdParams&>(p) = make_fwd_params(s.q4, s.k4, s.v4, s.o4, s.lse, s.m4, opt);
+  p.dout = s.g4.data_ptr();
+  p.do_stride = strides_of(s.g4);
+  p.dq = s.dq4.data_ptr();
+  p.dk = s.dk4.data_ptr();
+  p.dv = s.dv4.data_ptr();
+  p.dq_stride = strides_of(s.dq4);
+  p.dk_stride = strides_of(s.dk4);
+  p.dv_stride = strides_of(s.dv4);
+  if (mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point()) {
+    // zero: kernels write only the tiles the window / causal bounds let them visit
+    const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    s.dmask_full = at::zeros({p.batch, p.heads_q, p.len_q, p.len_k}, q.options().dtype(acc));
+    p.dmask = s.dmask_full.data_ptr();
+  }
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
+    BackwardSetup& s, const std::optional<at::Tensor>& mask, const at::Tensor& q) {
+  if (!s.dq4.is_alias_of(s.dq)) s.dq.copy_(s.dq4.view(s.dq.sizes()));
+  if (!s.dk4.is_alias_of(s.dk)) s.dk.copy_(s.dk4.view(s.dk.sizes()));
+  if (!s.dv4.is_alias_of(s.dv)) s.dv.copy_(s.dv4.view(s.dv.sizes()));
+  at::Tensor dmask = s.dmask_full.defined() ? reduce_mask_grad(s.dmask_full, *mask, q) : at::empty({0}, q.options());
+  return {s.dq, s.dk, s.dv, dmask};
+}
+
 at::Tensor reduce_mask_grad(const at::Tensor& dmask_full, const at::Tensor& mask, const at::Tensor& q) {
   std::vector<int64_t> full(q.sizes().begin(), q.sizes().end() - 1);
   full.push_back(dmask_full.size(-1));

@@ -66,6 +66,26 @@ FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::
                           const at::Tensor& o4, const at::Tensor& lse,
                           const std::optional<at::Tensor>& mask4, const AttnOptions& opt);
 
+// attn_mask (if any) as mask_4d, else nullopt.
+std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k);
+
+// Everything a backend's backward needs besides its kernels and RNG: validated
+// inputs, gradient tensors (allocated like q/k/v, poisoned), their 4-D views,
+// the params struct, and the full-size mask-gradient buffer when one is wanted.
+struct BackwardSetup {
+  at::Tensor dq, dk, dv;
+  at::Tensor q4, k4, v4, o4, g4, dq4, dk4, dv4, lse;
+  std::optional<at::Tensor> m4;
+  at::Tensor dmask_full;
+  BwdParams p;
+};
+BackwardSetup prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& mask, const at::Tensor& out,
+                               const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad);
+// Copies views back where they were not aliases and reduces the mask gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
+    BackwardSetup& s, const std::optional<at::Tensor>& mask, const at::Tensor& q);
+
 // Reduces the float (B, Hq, L, S) mask gradient to the mask's own shape and dtype.
 at::Tensor reduce_mask_grad(const at::Tensor& dmask_full, const at::Tensor& mask,
                             const at::Tensor& q);

@@ -48,10 +48,6 @@ void read_rng_state(const at::Tensor& rng, double dropout_p, FwdParams& p) {
   p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
 }
 
-std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
-  if (!mask.has_value() || !mask->defined()) return std::nullopt;
-  return mask_4d(*mask, q, k);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
@@ -79,42 +75,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool mask_grad) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_inputs(q, k, v, mask, opt);
-  check_backward_inputs(grad_out, out, lse, rng, q, v, dropout_p);
-  const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
-
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  poison(dq);
-  poison(dk);
-  poison(dv);
-  at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out), g4 = as_4d(grad_out);
-  at::Tensor dq4 = as_4d(dq), dk4 = as_4d(dk), dv4 = as_4d(dv);
-  at::Tensor lse_c = lse.contiguous();
-  auto m4 = mask4_of(mask, q, k);
-  BwdParams p;
-  static_cast<FwdParams&>(p) = make_fwd_params(q4, k4, v4, o4, lse_c, m4, opt);
-  read_rng_state(rng, dropout_p, p);
-  p.dout = g4.data_ptr();
-  p.do_stride = strides_of(g4);
-  p.dq = dq4.data_ptr();
-  p.dk = dk4.data_ptr();
-  p.dv = dv4.data_ptr();
-  p.dq_stride = strides_of(dq4);
-  p.dk_stride = strides_of(dk4);
-  p.dv_stride = strides_of(dv4);
-  p.deterministic = true;
-  at::Tensor dmask_full;
-  if (want_dmask) {
-    const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    dmask_full = at::zeros({p.batch, p.heads_q, p.len_q, p.len_k}, q.options().dtype(acc));
-    p.dmask = dmask_full.data_ptr();
-  }
-  dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_bwd<decltype(t)>(p); });
-  if (!dq4.is_alias_of(dq)) dq.copy_(dq4.view(dq.sizes()));
-  if (!dk4.is_alias_of(dk)) dk.copy_(dk4.view(dk.sizes()));
-  if (!dv4.is_alias_of(dv)) dv.copy_(dv4.view(dv.sizes()));
-  at::Tensor dmask = want_dmask ? reduce_mask_grad(dmask_full, *mask, q) : at::empty({0}, q.options());
-  return {dq, dk, dv, dmask};
+  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
+  read_rng_state(rng, dropout_p, st.p);
+  st.p.deterministic = true;  // the CPU backward never uses atomics
+  dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_bwd<decltype(t)>(st.p); });
+  return finish_backward(st, mask, q);
 }
 
 at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,

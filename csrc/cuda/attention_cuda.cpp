@@ -82,10 +82,6 @@ LaunchEnv make_env(const at::Tensor& q) {
   return env;
 }
 
-std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
-  if (!mask.has_value() || !mask->defined()) return std::nullopt;
-  return mask_4d(*mask, q, k);
-}
 
 // The int64[2] (seed, offset) on the query's device: the kernels read it there.
 at::Tensor rng_on_device(const at::Tensor& rng, const at::Tensor& q) {
@@ -155,41 +151,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool mask_grad) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_inputs(q, k, v, mask, opt);
-  check_backward_inputs(grad_out, out, lse, rng, q, v, dropout_p);
-  const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
   c10::cuda::CUDAGuard guard(q.device());
-
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  poison(dq);
-  poison(dk);
-  poison(dv);
-  at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out), g4 = as_4d(grad_out);
-  at::Tensor dq4 = as_4d(dq), dk4 = as_4d(dk), dv4 = as_4d(dv);
-  at::Tensor lse_c = lse.contiguous();
-  auto m4 = mask4_of(mask, q, k);
-  BwdParams p;
-  static_cast<FwdParams&>(p) = make_fwd_params(q4, k4, v4, o4, lse_c, m4, opt);
+  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
+  BwdParams& p = st.p;
+  at::Tensor& dq4 = st.dq4;
+  at::Tensor& dk4 = st.dk4;
+  at::Tensor& dv4 = st.dv4;
   at::Tensor rng_dev;
   if (dropout_p > 0.0) {
     rng_dev = rng_on_device(rng, q);
     set_common_rng(p, rng_dev, dropout_p);
   }
-  p.dout = g4.data_ptr();
-  p.do_stride = strides_of(g4);
-  p.dq = dq4.data_ptr();
-  p.dk = dk4.data_ptr();
-  p.dv = dv4.data_ptr();
-  p.dq_stride = strides_of(dq4);
-  p.dk_stride = strides_of(dk4);
-  p.dv_stride = strides_of(dv4);
   p.deterministic = at::globalContext().deterministicAlgorithms();
-  at::Tensor dmask_full;
-  if (want_dmask) {
-    // zero: the kernel writes only the tiles the window / causal bounds let it visit
-    dmask_full = at::zeros({p.batch, p.heads_q, p.len_q, p.len_k}, q.options().dtype(at::kFloat));
-    p.dmask = dmask_full.data_ptr();
-  }
 
   if (p.len_q == 0 || p.len_k == 0 || p.batch * p.heads_q == 0) {
     // nothing to attend to: every gradient is zero
@@ -235,11 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     C10_CUDA_CHECK(launch_dq_convert(p, w, nsplit, env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (!dq4.is_alias_of(dq)) dq.copy_(dq4.view(dq.sizes()));
-  if (!dk4.is_alias_of(dk)) dk.copy_(dk4.view(dk.sizes()));
-  if (!dv4.is_alias_of(dv)) dv.copy_(dv4.view(dv.sizes()));
-  at::Tensor dmask = want_dmask ? reduce_mask_grad(dmask_full, *mask, q) : at::empty({0}, q.options());
-  return {dq, dk, dv, dmask};
+  return finish_backward(st, mask, q);
 }
 
 at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
