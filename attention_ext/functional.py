@@ -17,6 +17,7 @@ kernel for, a head dim above 256, a non-float dtype) are passed on to
 PyTorch's own implementation, so a patched model keeps working everywhere.
 """
 import contextlib
+import functools
 import threading
 from typing import Optional, Tuple
 
@@ -155,6 +156,19 @@ def attention_with_weights(
 # ---------------------------------------------------------------------------
 # F.scaled_dot_product_attention drop-in
 # ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _torch_rejects_mask_with_causal() -> bool:
+    """Recent PyTorch raises for an attn_mask together with is_causal=True; older
+    releases (2.11 on CPU, for one) apply both. The drop-in does what the
+    installed PyTorch does (the op itself always supports the combination)."""
+    t = torch.zeros(1, 1, 1, 1)
+    try:
+        _torch_sdpa(t, t, t, attn_mask=torch.ones(1, 1, dtype=torch.bool), is_causal=True)
+    except RuntimeError:
+        return True
+    return False
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -177,7 +191,7 @@ def scaled_dot_product_attention(
     if not supports(query, key, value):
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
-    if is_causal and attn_mask is not None:
+    if is_causal and attn_mask is not None and _torch_rejects_mask_with_causal():
         raise RuntimeError("scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     squeeze = query.dim() == 2
     if squeeze:  # (L, E): no heads dim

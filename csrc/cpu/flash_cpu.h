@@ -175,11 +175,11 @@ struct Bf16DotTile {
   int64_t ldq = 0, lddo = 0;
   // packed B operands: K^T and V (forward), plus K, V^T, Q and dO (backward)
   std::vector<uint32_t> k_t, v_r, k_r, v_t, q_r, do_r;
-  std::vector<uint16_t> abuf;  // bf16 copy of P, dS or their transposes
+  std::vector<uint16_t> abuf, abuf_lo;  // bf16 copy of P, dS or their transposes (+ low parts)
   Bf16DotTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
       : E(E_), Ev(Ev_), backward(bwd), k_t(cdiv(E_, 2) * bk), v_r(cdiv(bk, 2) * Ev_),
         k_r(bwd ? cdiv(bk, 2) * E_ : 0), v_t(bwd ? cdiv(Ev_, 2) * bk : 0), q_r(bwd ? cdiv(bq, 2) * E_ : 0),
-        do_r(bwd ? cdiv(bq, 2) * Ev_ : 0), abuf(bq * bk) {}
+        do_r(bwd ? cdiv(bq, 2) * Ev_ : 0), abuf(bq * bk), abuf_lo(bwd ? bq * bk : 0) {}
   static const uint16_t* bits(const bf16* x) { return reinterpret_cast<const uint16_t*>(x); }
   void load_q(const bf16* x, int64_t ld, int64_t n) {
     nq = n;
@@ -207,12 +207,24 @@ struct Bf16DotTile {
   void to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols) {
     for (int64_t r = 0; r < rows; ++r) f32_to_bf16(x + r * ldx, abuf.data() + r * cols, cols);
   }
-  void to_bf16_t(const float* x, int64_t ldx, int64_t rows, int64_t cols) {  // abuf = x^T
+  // The backward's P and dS are split in two bf16 terms (hi + lo) and multiplied
+  // twice, so its products are as accurate as fp32 ones (the gradients sum
+  // terms that cancel: one bf16 rounding of dS costs ~10x PyTorch's error).
+  void to_bf16_split(const float* x, int64_t ldx, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; ++r)
+      f32_to_bf16_split(x + r * ldx, abuf.data() + r * cols, abuf_lo.data() + r * cols, cols);
+  }
+  void to_bf16_split_t(const float* x, int64_t ldx, int64_t rows, int64_t cols) {  // x^T
     std::vector<float> col(rows);
     for (int64_t c = 0; c < cols; ++c) {
       for (int64_t r = 0; r < rows; ++r) col[r] = x[r * ldx + c];
-      f32_to_bf16(col.data(), abuf.data() + c * rows, rows);
+      f32_to_bf16_split(col.data(), abuf.data() + c * rows, abuf_lo.data() + c * rows, rows);
     }
+  }
+  void gemm_split(int64_t m, int64_t n, int64_t k, float alpha, int64_t lda, const uint32_t* bp, int64_t ldp,
+                  float* c, int64_t ldc) {
+    gemm_bf16_packed(m, n, k, alpha, abuf.data(), lda, bp, ldp, true, c, ldc);
+    gemm_bf16_packed(m, n, k, alpha, abuf_lo.data(), lda, bp, ldp, true, c, ldc);
   }
   void qk(float scale, float* S, int64_t lds) { gemm_bf16_packed(nq, nk, E, scale, q, ldq, k_t.data(), nk, false, S, lds); }
   void pv(const float* P, int64_t lds, float* acc) {
@@ -221,16 +233,16 @@ struct Bf16DotTile {
   }
   void dov(float* dP, int64_t lds) { gemm_bf16_packed(nq, nk, Ev, 1.f, dout, lddo, v_t.data(), nk, false, dP, lds); }
   void dv(const float* P, int64_t lds, float* dv) {
-    to_bf16_t(P, lds, nq, nk);
-    gemm_bf16_packed(nk, Ev, nq, 1.f, abuf.data(), nq, do_r.data(), Ev, true, dv, Ev);
+    to_bf16_split_t(P, lds, nq, nk);
+    gemm_split(nk, Ev, nq, 1.f, nq, do_r.data(), Ev, dv, Ev);
   }
   void dk(const float* dS, int64_t lds, float scale, float* dk) {
-    to_bf16_t(dS, lds, nq, nk);
-    gemm_bf16_packed(nk, E, nq, scale, abuf.data(), nq, q_r.data(), E, true, dk, E);
+    to_bf16_split_t(dS, lds, nq, nk);
+    gemm_split(nk, E, nq, scale, nq, q_r.data(), E, dk, E);
   }
   void dq(const float* dS, int64_t lds, float scale, float* dq) {
-    to_bf16(dS, lds, nq, nk);
-    gemm_bf16_packed(nq, E, nk, scale, abuf.data(), nk, k_r.data(), E, true, dq, E);
+    to_bf16_split(dS, lds, nq, nk);
+    gemm_split(nq, E, nk, scale, nk, k_r.data(), E, dq, E);
   }
 };
 

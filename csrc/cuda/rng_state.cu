@@ -1,5 +1,8 @@
 // See rng_state.h. Includes only torch's raw, header-only Philox state and its
 // device-side unpack (no ATen tensor headers).
+// <tuple> first: torch 2.11's UnpackRaw.cuh uses std::tuple without including it.
+#include <tuple>
+
 #include <ATen/cuda/PhiloxUtils.cuh>
 
 #include "rng_state.h"
