@@ -77,3 +77,12 @@ def skip_unsupported(device, dtype):
 def device(request):
     """'cpu' and 'cuda' (the latter skipped where unavailable)."""
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

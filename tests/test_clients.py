@@ -11,32 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention_ext
 from attention_ext import replace_multihead_attention
+from op_counter import OpCounter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[f"{func.namespace}.{func.overloadpacket.__name__}"] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def fwd(self):
-        # under inference_mode the composite op reaches the mode undecomposed
-        return self.counts["attention_ext._attention_forward"] + self.counts["attention_ext.attention"]
-
-    @property
-    def bwd(self):
-        return self.counts["attention_ext._attention_backward"]
 
 
 def _grads(model, loss):

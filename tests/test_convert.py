@@ -2,38 +2,18 @@
 attention_ext's kernels, including nn.TransformerEncoderLayer / nn.TransformerEncoder's
 native eval fast paths (checked by counting op calls, not only by comparing numbers)."""
 import copy
-from collections import Counter
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention_ext
 from attention_ext import MultiheadAttention, replace_multihead_attention
+from op_counter import OpCounter
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[f"{func.namespace}.{func.overloadpacket.__name__}"] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def ext(self):
-        return sum(n for k, n in self.counts.items() if k.startswith("attention_ext."))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Mixed(nn.Module):

@@ -2,21 +2,13 @@
 import importlib.util
 
 import pytest
-import torch
 
 from attention_ext import demo
 
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # functional runs: one thread keeps them quick on a busy shared machine (no OpenMP barriers
-    # waiting on preempted threads)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_common(out, capsys_text):

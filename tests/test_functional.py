@@ -1,40 +1,20 @@
 """attention_ext.scaled_dot_product_attention (drop-in for F.scaled_dot_product_attention) and the
 use_attention_ext() context manager that routes a model's calls of the PyTorch function through it."""
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention_ext
 from attention_ext import scaled_dot_product_attention as sdpa, use_attention_ext
+from op_counter import OpCounter
 
 ORIG = F.scaled_dot_product_attention
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[f"{func.namespace}.{func.overloadpacket.__name__}"] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def ext(self):
-        return sum(n for k, n in self.counts.items() if k.startswith("attention_ext."))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _t(*shape, dtype=torch.float64):

@@ -186,13 +186,6 @@ def _run(mod, q, k, v, kpm, am, need, avg, causal, gen_seed, dtype):
 MASK_KINDS = [None, (2, "bool"), (2, "float"), (3, "bool"), (3, "float")]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy shared machine (10x swings)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _enumerate(kw, dtype, atol, rtol, reduced=False):

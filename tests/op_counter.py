@@ -1,0 +1,28 @@
+"""Counts the ops that reach the dispatcher, to prove a model really runs attention_ext's kernels."""
+from collections import Counter
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[f"{func.namespace}.{func.overloadpacket.__name__}"] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def ext(self):
+        """Calls of any attention_ext op."""
+        return sum(n for k, n in self.counts.items() if k.startswith("attention_ext."))
+
+    @property
+    def fwd(self):
+        # under inference_mode the composite op reaches the mode undecomposed
+        return self.counts["attention_ext._attention_forward"] + self.counts["attention_ext.attention"]
+
+    @property
+    def bwd(self):
+        return self.counts["attention_ext._attention_backward"]
