@@ -316,6 +316,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
   return {s.dq, s.dk, s.dv, dmask};
 }
 
+ProbsSetup prepare_probs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                         const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt) {
+  check_inputs(q, k, k, mask, opt);  // value is not needed: k stands in for it
+  check_lse(lse, q);
+  check_rng_state(rng, opt.dropout_p);
+  ProbsSetup s;
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
+  shape.push_back(k.size(-2));
+  s.probs = at::empty(shape, q.options());
+  poison(s.probs);
+  s.q4 = as_4d(q);
+  s.k4 = as_4d(k);
+  s.lse = lse.contiguous();
+  s.m4 = mask4_of(mask, q, k);
+  s.p = make_fwd_params(s.q4, s.k4, s.k4, at::Tensor(), s.lse, s.m4, opt);
+  return s;
+}
+
 at::Tensor reduce_mask_grad(const at::Tensor& dmask_full, const at::Tensor& mask, const at::Tensor& q) {
   std::vector<int64_t> full(q.sizes().begin(), q.sizes().end() - 1);
   full.push_back(dmask_full.size(-1));

@@ -86,6 +86,16 @@ BackwardSetup prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
     BackwardSetup& s, const std::optional<at::Tensor>& mask, const at::Tensor& q);
 
+// attention_probs' shared part: validated inputs, the (poisoned) output
+// (..., Hq, L, S) contiguous, views and params (RNG left to the backend).
+struct ProbsSetup {
+  at::Tensor probs, q4, k4, lse;
+  std::optional<at::Tensor> m4;
+  FwdParams p;
+};
+ProbsSetup prepare_probs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                         const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt);
+
 // Reduces the float (B, Hq, L, S) mask gradient to the mask's own shape and dtype.
 at::Tensor reduce_mask_grad(const at::Tensor& dmask_full, const at::Tensor& mask,
                             const at::Tensor& q);

@@ -85,25 +85,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  // value is not needed: check q/k with k standing in for v
-  check_inputs(q, k, k, mask, opt);
-  check_lse(lse, q);
-  check_rng_state(rng, dropout_p);
-  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
-  shape.push_back(k.size(-2));
-  at::Tensor probs = at::empty(shape, q.options());
-  poison(probs);
-  at::Tensor q4 = as_4d(q), k4 = as_4d(k);
-  at::Tensor lse_c = lse.contiguous();
-  auto m4 = mask4_of(mask, q, k);
-  FwdParams p = make_fwd_params(q4, k4, k4, at::Tensor(), lse_c, m4, opt);
-  read_rng_state(rng, dropout_p, p);
+  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  read_rng_state(rng, dropout_p, st.p);
   dispatch_dtype(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
-    cpu::flash_probs<T>(p, static_cast<T*>(probs.data_ptr()));
+    cpu::flash_probs<T>(st.p, static_cast<T*>(st.probs.data_ptr()));
   });
-  return probs;
+  return st.probs;
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,

@@ -214,31 +214,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                       const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                       std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  // value is not needed: check q/k with k standing in for v
-  check_inputs(q, k, k, mask, opt);
-  check_lse(lse, q);
-  check_rng_state(rng, dropout_p);
   c10::cuda::CUDAGuard guard(q.device());
-  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
-  shape.push_back(k.size(-2));
-  at::Tensor probs = at::empty(shape, q.options());
-  poison(probs);
-  at::Tensor q4 = as_4d(q), k4 = as_4d(k);
-  at::Tensor lse_c = lse.contiguous();
-  auto m4 = mask4_of(mask, q, k);
-  FwdParams p = make_fwd_params(q4, k4, k4, at::Tensor(), lse_c, m4, opt);
+  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  FwdParams& p = st.p;
   at::Tensor rng_dev;
   if (dropout_p > 0.0) {
     rng_dev = rng_on_device(rng, q);
     set_common_rng(p, rng_dev, dropout_p);
   }
-  if (probs.numel() > 0) {
+  if (st.probs.numel() > 0) {
     const LaunchEnv env = make_env(q);
-    C10_CUDA_CHECK(launch_probs(p, probs.data_ptr(), env));
+    C10_CUDA_CHECK(launch_probs(p, st.probs.data_ptr(), env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return probs;
+  return st.probs;
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
