@@ -316,6 +316,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
   return {s.dq, s.dk, s.dv, dmask};
 }
 
+ForwardSetup prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, const AttnOptions& opt) {
+  check_inputs(q, k, v, mask, opt);
+  ForwardSetup s;
+  s.out = empty_output(q, v.sym_size(-1));
+  s.lse = empty_lse(q);
+  poison(s.out);
+  poison(s.lse);
+  s.q4 = as_4d(q);
+  s.k4 = as_4d(k);
+  s.v4 = as_4d(v);
+  s.o4 = as_4d(s.out);
+  s.m4 = mask4_of(mask, q, k);
+  s.p = make_fwd_params(s.q4, s.k4, s.v4, s.o4, s.lse, s.m4, opt);
+  return s;
+}
+
+void finish_forward(ForwardSetup& s) {
+  if (!s.o4.is_alias_of(s.out)) s.out.copy_(s.o4.view(s.out.sizes()));
+}
+
 ProbsSetup prepare_probs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                          const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt) {
   check_inputs(q, k, k, mask, opt);  // value is not needed: k stands in for it

@@ -86,6 +86,18 @@ BackwardSetup prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
     BackwardSetup& s, const std::optional<at::Tensor>& mask, const at::Tensor& q);
 
+// The forward's shared part: validated inputs, (poisoned) output and
+// log-sum-exp, 4-D views and params (RNG left to the backend). After the
+// kernel, finish_forward copies the output back if its 4-D view was a copy.
+struct ForwardSetup {
+  at::Tensor out, lse, q4, k4, v4, o4;
+  std::optional<at::Tensor> m4;
+  FwdParams p;
+};
+ForwardSetup prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, const AttnOptions& opt);
+void finish_forward(ForwardSetup& s);
+
 // attention_probs' shared part: validated inputs, the (poisoned) output
 // (..., Hq, L, S) contiguous, views and params (RNG left to the backend).
 struct ProbsSetup {

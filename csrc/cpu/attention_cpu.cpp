@@ -52,21 +52,13 @@ void read_rng_state(const at::Tensor& rng, double dropout_p, FwdParams& p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_inputs(q, k, v, mask, opt);
-  at::Tensor out = empty_output(q, v.sym_size(-1));
-  at::Tensor lse = empty_lse(q);
-  poison(out);
-  poison(lse);
-  at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out);
-  auto m4 = mask4_of(mask, q, k);
-  FwdParams p = make_fwd_params(q4, k4, v4, o4, lse, m4, opt);
+  ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
   auto [seed, offset] = draw_seed(dropout_p);
-  p.seed = seed;
-  p.offset = offset;
-  dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_fwd<decltype(t)>(p); });
-  if (!o4.is_alias_of(out)) out.copy_(o4.view(out.sizes()));
-  return {out, lse, make_rng_state(seed, offset)};
+  st.p.seed = seed;
+  st.p.offset = offset;
+  dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_fwd<decltype(t)>(st.p); });
+  finish_forward(st);
+  return {st.out, st.lse, make_rng_state(seed, offset)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(

@@ -100,16 +100,9 @@ void set_common_rng(FwdParams& p, const at::Tensor& rng_dev, double dropout_p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_inputs(q, k, v, mask, opt);
   c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = empty_output(q, v.sym_size(-1));
-  at::Tensor lse = empty_lse(q);
-  poison(out);
-  poison(lse);
-  at::Tensor q4 = as_4d(q), k4 = as_4d(k), v4 = as_4d(v), o4 = as_4d(out);
-  auto m4 = mask4_of(mask, q, k);
-  FwdParams p = make_fwd_params(q4, k4, v4, o4, lse, m4, opt);
+  ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  FwdParams& p = st.p;
   const LaunchEnv env = make_env(q);
 
   at::Tensor rng;
@@ -141,8 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     C10_CUDA_CHECK(e->fn(p, env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (!o4.is_alias_of(out)) out.copy_(o4.view(out.sizes()));
-  return {out, lse, rng};
+  finish_forward(st);
+  return {st.out, st.lse, rng};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
