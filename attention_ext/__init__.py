@@ -7,8 +7,6 @@ forward and backward kernels (CPU, and CUDA when built with it):
         dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
         window_size=[-1, -1])
 """
-import torch
-
 from . import _loader
 
 _loader.load()  # registers torch.ops.attention_ext.*

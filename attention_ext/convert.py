@@ -24,7 +24,6 @@ there too, so the conversion also
   layers were converted, so padded batches are not turned into nested tensors
   (the fused kernels take the padding mask instead).
 """
-import torch
 from torch import Tensor, nn
 from typing import Optional
 

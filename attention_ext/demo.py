@@ -87,11 +87,15 @@ class Encoder:
     tokens: List[str]
     labels = ("stock attention", "attention_ext")
 
-    def embed_stock(self) -> torch.Tensor:
+    def _embed(self, model) -> torch.Tensor:
+        """The sentence embedding of one of the two models (self.stock, self.ours)."""
         raise NotImplementedError
 
+    def embed_stock(self) -> torch.Tensor:
+        return self._embed(self.stock)
+
     def embed_ours(self) -> torch.Tensor:
-        raise NotImplementedError
+        return self._embed(self.ours)
 
     def attentions(self) -> List[torch.Tensor]:
         """attention_ext's weights, one (heads, T, T) tensor per layer."""
@@ -144,12 +148,6 @@ class PretrainedMiniLM(Encoder):
         with torch.no_grad():
             out = model(**self.enc)
         return _mean_pool(out.last_hidden_state, self.enc["attention_mask"])
-
-    def embed_stock(self):
-        return self._embed(self.stock)
-
-    def embed_ours(self):
-        return self._embed(self.ours)
 
     def attentions(self):
         with torch.no_grad():
@@ -209,12 +207,6 @@ class RandomBertStyle(Encoder):
         with torch.no_grad():
             h = model(self.ids)
         return _mean_pool(h, torch.ones_like(self.ids))
-
-    def embed_stock(self):
-        return self._embed(self.stock)
-
-    def embed_ours(self):
-        return self._embed(self.ours)
 
     def attentions(self):
         with torch.no_grad():
@@ -451,11 +443,11 @@ def main(argv=None) -> int:
     print(f"  model: {encoder.name} (loaded in {time.perf_counter() - t:.1f} s)")
     emb = part_embeddings(encoder, dev, repeats)
 
-    print(f"\n[2/3] attention maps (attention_ext's weights, returned like output_attentions=True)")
+    print("\n[2/3] attention maps (attention_ext's weights, returned like output_attentions=True)")
     layer = args.layer if args.layer < encoder.layers else encoder.layers - 1
     maps = part_attention_maps(encoder, layer, args.focus, out_dir, progress)
 
-    print(f"\n[3/3] training nn.TransformerEncoder: stock vs converted")
+    print("\n[3/3] training nn.TransformerEncoder: stock vs converted")
     cfg = dict(vocab=16, seq=32, batch=32, dim=64, heads=4, layers=2, lr=3e-3)
     train = part_training(dev, steps, out_dir, progress, cfg)
 
@@ -468,7 +460,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     if maps["ref_max_abs_diff"] is None:
         checks.pop("attention maps match eager")
-    print(f"\nsummary: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+    print("\nsummary: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
     print(f"demo finished in {total:.1f} s; files in {out_dir}")
     return 0 if all(checks.values()) else 1
 

@@ -106,7 +106,7 @@ def memory_tables(result, per_point: bool = True) -> List[str]:
               "torch-profiler": "CPU: peak of torch's CPU allocator during the call (torch.profiler, tensors only)",
               "cuda-max-memory-allocated": "torch.cuda.max_memory_allocated() during the call minus the memory "
                                            "allocated before it"}.get(cfg["memory_method"], cfg["memory_method"])
-    out = ["", f"#### Peak extra memory (MiB) against sequence length", "",
+    out = ["", "#### Peak extra memory (MiB) against sequence length", "",
            f"Measured: {method}. Inputs are allocated before the call; outputs, saved tensors, gradients and "
            f"scratch count. *exponent*: slope of log(memory) vs log(L) between the two longest lengths — "
            f"≈ 1 grows linearly, ≈ 2 quadratically.", ""]
@@ -147,7 +147,7 @@ def module_table(result) -> List[str]:
         return []
     cfg = result["config"]
     r0 = rows[0]
-    out = ["", f"#### `attention_ext.MultiheadAttention` vs `torch.nn.MultiheadAttention`", "",
+    out = ["", "#### `attention_ext.MultiheadAttention` vs `torch.nn.MultiheadAttention`", "",
            f"Self-attention, batch_first, embed_dim {r0['embed_dim']}, {r0['H']} heads, batch {r0['B']}, "
            f"{cfg['dtype']}; forward in eval mode under no_grad (PyTorch may take its native fast path), "
            f"forward + backward in train mode (dropout 0). *speedup* = torch time ÷ attention_ext time.", "",
