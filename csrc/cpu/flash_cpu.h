@@ -140,29 +140,53 @@ inline void load_rows(const T* base, int64_t row_stride, int64_t nrows, int64_t 
 template <typename T>
 struct BlasTile {
   using A = acc_t<T>;
+  // An operand: rows `ld` apart. Read in place when T is already the
+  // accumulation type and its rows are a valid BLAS leading dimension;
+  // otherwise converted into `buf` (rows `cols` apart).
+  struct Operand {
+    std::vector<A> buf;
+    const A* ptr = nullptr;
+    int64_t ld = 0;
+    void load(const T* x, int64_t row_stride, int64_t rows, int64_t cols) {
+      if constexpr (std::is_same_v<T, A>) {
+        if (row_stride >= cols || rows <= 1) {
+          ptr = x;
+          ld = std::max<int64_t>(row_stride, cols);
+          return;
+        }
+      }
+      load_rows(x, row_stride, rows, cols, buf.data());
+      ptr = buf.data();
+      ld = cols;
+    }
+  };
   int64_t E, Ev, nq = 0, nk = 0;
-  std::vector<A> qbuf, dobuf, kbuf, vbuf;
-  BlasTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool backward)
-      : E(E_), Ev(Ev_), qbuf(bq * E_), dobuf(backward ? bq * Ev_ : 0), kbuf(bk * E_), vbuf(bk * Ev_) {}
-  void load_q(const T* q, int64_t ld, int64_t n) { nq = n; load_rows(q, ld, n, E, qbuf.data()); }
-  void load_do(const T* d, int64_t ld, int64_t n) { load_rows(d, ld, n, Ev, dobuf.data()); }
-  void load_k(const T* k, int64_t ld, int64_t n) { nk = n; load_rows(k, ld, n, E, kbuf.data()); }
-  void load_v(const T* v, int64_t ld, int64_t n) { load_rows(v, ld, n, Ev, vbuf.data()); }
+  Operand q, dout, k, v;
+  BlasTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool backward) : E(E_), Ev(Ev_) {
+    q.buf.resize(bq * E_);
+    dout.buf.resize(backward ? bq * Ev_ : 0);
+    k.buf.resize(bk * E_);
+    v.buf.resize(bk * Ev_);
+  }
+  void load_q(const T* x, int64_t ld, int64_t n) { nq = n; q.load(x, ld, n, E); }
+  void load_do(const T* x, int64_t ld, int64_t n) { dout.load(x, ld, n, Ev); }
+  void load_k(const T* x, int64_t ld, int64_t n) { nk = n; k.load(x, ld, n, E); }
+  void load_v(const T* x, int64_t ld, int64_t n) { v.load(x, ld, n, Ev); }
   // S[nq x nk] = scale * Q K^T
-  void qk(A scale, A* S, int64_t lds) { gemm_nt<A>(nq, nk, E, scale, qbuf.data(), E, kbuf.data(), E, A(0), S, lds); }
+  void qk(A scale, A* S, int64_t lds) { gemm_nt<A>(nq, nk, E, scale, q.ptr, q.ld, k.ptr, k.ld, A(0), S, lds); }
   // acc[nq x Ev] += P V
-  void pv(const A* P, int64_t lds, A* acc) { gemm_nn<A>(nq, Ev, nk, A(1), P, lds, vbuf.data(), Ev, A(1), acc, Ev); }
+  void pv(const A* P, int64_t lds, A* acc) { gemm_nn<A>(nq, Ev, nk, A(1), P, lds, v.ptr, v.ld, A(1), acc, Ev); }
   // dP[nq x nk] = dO V^T
-  void dov(A* dP, int64_t lds) { gemm_nt<A>(nq, nk, Ev, A(1), dobuf.data(), Ev, vbuf.data(), Ev, A(0), dP, lds); }
+  void dov(A* dP, int64_t lds) { gemm_nt<A>(nq, nk, Ev, A(1), dout.ptr, dout.ld, v.ptr, v.ld, A(0), dP, lds); }
   // dV[nk x Ev] += P^T dO
-  void dv(const A* P, int64_t lds, A* dv) { gemm_tn<A>(nk, Ev, nq, A(1), P, lds, dobuf.data(), Ev, A(1), dv, Ev); }
+  void dv(const A* P, int64_t lds, A* dv) { gemm_tn<A>(nk, Ev, nq, A(1), P, lds, dout.ptr, dout.ld, A(1), dv, Ev); }
   // dK[nk x E] += scale dS^T Q
   void dk(const A* dS, int64_t lds, A scale, A* dk) {
-    gemm_tn<A>(nk, E, nq, scale, dS, lds, qbuf.data(), E, A(1), dk, E);
+    gemm_tn<A>(nk, E, nq, scale, dS, lds, q.ptr, q.ld, A(1), dk, E);
   }
   // dQ[nq x E] (row stride E) += scale dS K
   void dq(const A* dS, int64_t lds, A scale, A* dq) {
-    gemm_nn<A>(nq, E, nk, scale, dS, lds, kbuf.data(), E, A(1), dq, E);
+    gemm_nn<A>(nq, E, nk, scale, dS, lds, k.ptr, k.ld, A(1), dq, E);
   }
 };
 
