@@ -10,6 +10,10 @@ Environment switches
   ATTENTION_EXT_HEAD_DIMS     comma list of CUDA head-dim instantiations to
                               build (default: all, see csrc/cuda/generate.py)
   ATTENTION_EXT_DTYPES        comma list of CUDA dtypes, fp16,bf16,fp32 (default all)
+  ATTENTION_EXT_EMU=0|1       build attention_ext._C_emu, the CUDA kernels compiled as
+                              host C++ on a SIMT emulator (csrc/cuda/emu/), for the
+                              tests without a GPU (default: on when the CUDA toolkit's
+                              headers are found; it needs no GPU and no CUDA torch)
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default: the visible GPU, else "8.0;9.0")
   MAX_JOBS                    parallel compile jobs (ninja)
 """
@@ -95,12 +99,51 @@ def extension():
     )
 
 
+def want_emu():
+    forced = env_flag("ATTENTION_EXT_EMU")
+    have_headers = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_fp16.h"))
+    if forced is True and not have_headers:
+        raise RuntimeError("ATTENTION_EXT_EMU=1 needs the CUDA toolkit's headers (cuda_fp16.h); none found")
+    return have_headers if forced is None else forced
+
+
+def emu_extension():
+    """attention_ext._C_emu: the kernels of csrc/cuda as host C++ (see csrc/cuda/emu/simt.h).
+
+    Each CUDA translation unit is compiled through a one-line wrapper in
+    build/emu_src (so its object never collides with the nvcc one), with
+    ATTENTION_EXT_SIMT_EMU defined and hidden visibility (its copies of the
+    glue and registry stay private to this library)."""
+    wrap_dir = os.path.join("build", "emu_src")
+    os.makedirs(wrap_dir, exist_ok=True)
+    wrapped = [p for p in cuda_sources() if not p.endswith("attention_cuda.cpp") and not p.endswith("rng_state.cu")]
+    wrapped.append(os.path.join("csrc", "glue.cpp"))
+    sources = []
+    for path in wrapped:
+        name = "emu_" + os.path.splitext(os.path.basename(path))[0] + ".cpp"  # never the wrapped file's own name
+        target = os.path.join(wrap_dir, name)
+        text = '#include "%s"\n' % os.path.relpath(path, "csrc").replace(os.sep, "/")
+        if not os.path.exists(target) or open(target).read() != text:
+            with open(target, "w") as f:
+                f.write(text)
+        sources.append(target)
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "emu", "*.cpp")))
+    return CppExtension(
+        "attention_ext._C_emu",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), os.path.join(CUDA_HOME, "include")],
+        define_macros=[("ATTENTION_EXT_SIMT_EMU", "1")],
+        extra_compile_args={"cxx": ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wno-unknown-pragmas"]},
+        py_limited_api=True,
+    )
+
+
 setup(
     name="attention_ext",
     version="0.1.0",
     description="Fused attention operators (forward and backward) for PyTorch, CPU and CUDA",
     packages=find_packages(include=["attention_ext", "attention_ext.*"]),
-    ext_modules=[extension()],
+    ext_modules=[extension()] + ([emu_extension()] if want_emu() else []),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],

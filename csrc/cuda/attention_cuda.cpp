@@ -168,27 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     if (e == nullptr) compiled_out(true, p.dtype, needed_head_dim(p));
 
     const int64_t rows = p.batch * p.heads_q * p.len_q;
-    const int64_t nkb = (p.len_k + e->block_n - 1) / e->block_n;
-    BwdWork w;
-    w.deterministic = p.deterministic;
-    w.dq_row_stride = e->head_dim;
-    w.dq_split_stride = rows * e->head_dim;
-    if (w.deterministic) {
-      // Key blocks split in chunks, one CTA per chunk and a private dQ split
-      // each (summed in a fixed order): enough CTAs to fill the GPU twice,
-      // at most 8 splits of workspace.
-      const int64_t bhk = std::max<int64_t>(1, p.batch * p.heads_kv);
-      const int64_t want = (2 * static_cast<int64_t>(env.num_sms) + bhk - 1) / bhk;
-      int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>({want, nkb, 8}));
-      const int64_t per = (nkb + nchunks - 1) / nchunks;
-      nchunks = (nkb + per - 1) / per;
-      w.nchunks = static_cast<int>(nchunks);
-      w.kb_per_chunk = static_cast<int>(per);
-    } else {
-      w.nchunks = static_cast<int>(nkb);
-      w.kb_per_chunk = 1;
-    }
-    const int nsplit = w.deterministic ? w.nchunks : 1;
+    BwdWork w = plan_bwd_work(p, *e, env.num_sms, p.deterministic);
+    const int nsplit = w.nsplit;
     at::Tensor dq_accum = at::zeros({nsplit, rows, e->head_dim}, q.options().dtype(at::kFloat));
     at::Tensor dsum = at::empty({rows}, q.options().dtype(at::kFloat));
     w.dq_accum = dq_accum.data_ptr<float>();

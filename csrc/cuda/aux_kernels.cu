@@ -171,8 +171,8 @@ cudaError_t launch_bwd_preprocess(const BwdParams& p, float* dsum, const LaunchE
   const int grid = grid_for(rows, kThreads / 32, env.num_sms);
   return by_dtype(p.dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    bwd_preprocess_kernel<Elem><<<grid, kThreads, 0, env.stream>>>(p, dsum);
-    return cudaGetLastError();
+    return launch_kernel(bwd_preprocess_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "bwd_preprocess_kernel", p,
+                         dsum);
   });
 }
 
@@ -182,9 +182,8 @@ cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, int nsplit, 
   const int grid = grid_for(total, kThreads, env.num_sms);
   return by_dtype(p.dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    dq_convert_kernel<Elem><<<grid, kThreads, 0, env.stream>>>(p, w.dq_accum, w.dq_row_stride, w.dq_split_stride,
-                                                               nsplit);
-    return cudaGetLastError();
+    return launch_kernel(dq_convert_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "dq_convert_kernel", p,
+                         static_cast<const float*>(w.dq_accum), w.dq_row_stride, w.dq_split_stride, nsplit);
   });
 }
 
@@ -194,8 +193,8 @@ cudaError_t launch_probs(const FwdParams& p, void* probs, const LaunchEnv& env) 
   const int grid = grid_for(tiles, 1, env.num_sms);
   return by_dtype(p.dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    probs_kernel<Elem><<<grid, kThreads, 0, env.stream>>>(p, static_cast<Elem*>(probs));
-    return cudaGetLastError();
+    return launch_kernel(probs_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "probs_kernel", p,
+                         static_cast<Elem*>(probs));
   });
 }
 
@@ -205,8 +204,8 @@ cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64
   const int64_t total = rows * ceil_div(len_k, 4);
   if (total == 0) return cudaSuccess;
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 65536));
-  dropout_mask_kernel<<<grid, kThreads, 0, stream>>>(seed_offset, rows, len_q, len_k, dropout_p, out);
-  return cudaGetLastError();
+  return launch_kernel(dropout_mask_kernel, static_cast<unsigned>(grid), kThreads, 0, 0, stream, "dropout_mask_kernel",
+                       seed_offset, rows, len_q, len_k, dropout_p, out);
 }
 
 }  // namespace cuda

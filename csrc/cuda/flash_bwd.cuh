@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
   constexpr int MT_S = Cfg::MT_S, NT_S = Cfg::NT_S, MT_KV = Cfg::MT_KV, NT_KV = Cfg::NT_KV;
   constexpr int MT_Q = Cfg::MT_Q, NT_Q = Cfg::NT_Q;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  AE_DYNAMIC_SMEM(smem_raw);
   Elem* sK = reinterpret_cast<Elem*>(smem_raw);  // kBlockN x kLd: keys of the key block
   Elem* sV = sK + kBlockN * kLd;                 // kBlockN x kLd: values of the key block
   Elem* sQ = sV + kBlockN * kLd;                 // kBlockM x kLd: queries of the current item
@@ -357,14 +357,8 @@ cudaError_t launch_bwd(const BwdParams& p, const BwdWork& w, const LaunchEnv& en
   const int64_t blocks = static_cast<int64_t>(w.nchunks) * p.batch * p.heads_kv;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto kernel = flash_bwd_kernel<Cfg>;
-  if (Cfg::kSmem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, env.stream>>>(p, w);
-  return cudaGetLastError();
+  return launch_kernel(flash_bwd_kernel<Cfg>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, Cfg::kSmem,
+                       env.stream, "flash_bwd_kernel", p, w);
 }
 
 }  // namespace cuda

@@ -19,8 +19,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(ATTENTION_EXT_SIMT_EMU)
+#include "emu/ptx_emu.h"
+#endif
 
 #include "../attention_params.h"
 #include "../philox.h"
@@ -34,7 +39,10 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------
 // PTX wrappers
+// (emu/ptx_emu.h replaces them, with the same names, in the CPU emulation of
+// the kernels: ATTENTION_EXT_SIMT_EMU, see emu/simt.h)
 
+#if !defined(ATTENTION_EXT_SIMT_EMU)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -99,6 +107,26 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   return r;
 }
 
+// The dynamic shared memory of a kernel.
+#define AE_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+
+// kernel<<<grid, block, smem, stream>>>(args...), raising the kernel's cap of
+// dynamic shared memory to max_smem first when it is above the default 48 KB
+// (the cap is the largest variant's, so that concurrent launches with a
+// smaller smem never lower it under each other).
+template <typename... KArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem, size_t max_smem,
+                          cudaStream_t stream, const char* /*name*/, const Args&... args) {
+  if (max_smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif  // !ATTENTION_EXT_SIMT_EMU
+
 // ---------------------------------------------------------------------------
 // Element types
 
@@ -111,8 +139,10 @@ struct ElemOps<__half> {
   __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
   // two floats -> one 32-bit register of two elements (lo in the low half)
   __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, sizeof(r));  // a bit cast (no aliasing through a reinterpret_cast)
+    return r;
   }
 };
 template <>
@@ -120,8 +150,10 @@ struct ElemOps<__nv_bfloat16> {
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, sizeof(r));
+    return r;
   }
 };
 template <>

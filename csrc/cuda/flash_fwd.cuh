@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
   constexpr int MT = Cfg::kMT, NTS = Cfg::kNTS, NTO = Cfg::kNTO, kThreads = Cfg::kThreads;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  AE_DYNAMIC_SMEM(smem_raw);
   Elem* sQ = reinterpret_cast<Elem*>(smem_raw);  // kBlockM x kLd: the block's queries (whole loop)
   Elem* sK = sQ + kBlockM * kLd;                 // kBlockN x kLd: key tile n
   Elem* sV = sK + kBlockN * kLd;                 // kBlockN x kLd: value tile n
@@ -263,18 +263,9 @@ cudaError_t launch_fwd(const FwdParams& p, const LaunchEnv& env) {
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto kernel = flash_fwd_kernel<Cfg>;
   const size_t smem = Cfg::kSmem + (p.mask_kind != MaskKind::kNone ? Cfg::kSmemMask : 0);
-  // the attribute is a cap: always the largest variant, so concurrent launches
-  // with and without a mask never lower it under each other
-  constexpr size_t kMaxSmem = Cfg::kSmem + Cfg::kSmemMask;
-  if (kMaxSmem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSmem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, smem, env.stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(flash_fwd_kernel<Cfg>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
+                       Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel", p);
 }
 
 }  // namespace cuda

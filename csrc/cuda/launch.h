@@ -40,7 +40,14 @@ struct BwdWork {
   int nchunks = 1;          // CTAs per (batch, kv head) in the key dimension
   int kb_per_chunk = 1;     // key blocks per chunk
   bool deterministic = false;
+  int nsplit = 1;           // dQ splits: nchunks when deterministic, else 1
 };
+
+struct BwdEntry;
+// The CTA chunking of the key blocks and the dQ workspace layout of a backward
+// launch (sizes only: the glue allocates dq_accum as nsplit x dq_split_stride
+// floats, zero-filled, and dsum as batch * heads_q * len_q floats).
+BwdWork plan_bwd_work(const BwdParams& p, const BwdEntry& e, int num_sms, bool deterministic);
 
 using FwdLauncher = cudaError_t (*)(const FwdParams&, const LaunchEnv&);
 using BwdLauncher = cudaError_t (*)(const BwdParams&, const BwdWork&, const LaunchEnv&);

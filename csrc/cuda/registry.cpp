@@ -42,6 +42,32 @@ bool register_bwd(const BwdEntry& e) {
 const FwdEntry* find_fwd(DType dtype, int min_head_dim) { return find_in(fwd_table(), dtype, min_head_dim); }
 const BwdEntry* find_bwd(DType dtype, int min_head_dim) { return find_in(bwd_table(), dtype, min_head_dim); }
 
+BwdWork plan_bwd_work(const BwdParams& p, const BwdEntry& e, int num_sms, bool deterministic) {
+  BwdWork w;
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t nkb = (p.len_k + e.block_n - 1) / e.block_n;
+  w.deterministic = deterministic;
+  w.dq_row_stride = e.head_dim;
+  w.dq_split_stride = rows * e.head_dim;
+  if (deterministic) {
+    // Key blocks split in chunks, one CTA per chunk and a private dQ split
+    // each (summed in a fixed order): enough CTAs to fill the GPU twice, at
+    // most 8 splits of workspace.
+    const int64_t bhk = std::max<int64_t>(1, p.batch * p.heads_kv);
+    const int64_t want = (2 * static_cast<int64_t>(std::max(num_sms, 1)) + bhk - 1) / bhk;
+    int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>({want, nkb, 8}));
+    const int64_t per = (nkb + nchunks - 1) / nchunks;
+    nchunks = (nkb + per - 1) / per;
+    w.nchunks = static_cast<int>(nchunks);
+    w.kb_per_chunk = static_cast<int>(per);
+  } else {
+    w.nchunks = static_cast<int>(nkb);
+    w.kb_per_chunk = 1;
+  }
+  w.nsplit = deterministic ? w.nchunks : 1;
+  return w;
+}
+
 std::vector<int> compiled_head_dims(bool backward, DType dtype) {
   std::vector<int> dims;
   if (backward) {

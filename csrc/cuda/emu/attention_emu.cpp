@@ -1,0 +1,193 @@
+// Test-only library attention_ext_emu: the CUDA kernels of csrc/cuda/,
+// compiled as host C++ against emu/simt.h, run on CPU tensors.
+//
+// Its ops have the schemas of the internal ops of attention_ext
+// (_attention_forward, _attention_backward, attention_probs, _dropout_mask)
+// and share their validation and params filling (glue.h), so a test can run
+// the CUDA kernels' code on a machine without a GPU and compare it with the
+// float64 reference. Like attention_cuda.cpp, this glue is thin: it differs in
+// where seeds come from (torch's CPU generator), in registering the tensors'
+// byte ranges for the emulator's bounds checks, and in turning emulator faults
+// into Python exceptions.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "../../glue.h"
+#include "../launch.h"
+#include "simt.h"
+
+namespace attention_ext {
+namespace cuda {
+namespace {
+
+// The emulated device: as many "SMs" as an H100 (sizes the grids of the
+// deterministic backward and of the aux kernels as on the GPU).
+constexpr int kEmuSms = 132;
+
+LaunchEnv make_env(const at::Tensor& q) {
+  LaunchEnv env;
+  env.num_sms = kEmuSms;
+  env.allow_tf32 = q.scalar_type() == at::kFloat &&
+                   (at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST ||
+                    at::globalContext().allowTF32CuBLAS());
+  return env;
+}
+
+// Registers the byte ranges of the tensors a launch may read with cp.async.
+struct Regions {
+  explicit Regions(std::initializer_list<const at::Tensor*> ts) {
+    simt::clear_global_regions();
+    for (const at::Tensor* t : ts) {
+      if (t == nullptr || !t->defined() || t->numel() == 0) continue;
+      const auto& st = t->storage();
+      simt::add_global_region(st.data(), st.nbytes());
+    }
+  }
+  ~Regions() { simt::clear_global_regions(); }
+};
+
+// Runs a launcher; emulator faults and launch errors become Python exceptions.
+template <typename Fn>
+void run(const char* what, Fn&& fn) {
+  cudaError_t err;
+  try {
+    err = fn();
+  } catch (const simt::Error& e) {
+    TORCH_CHECK(false, "attention_ext_emu: ", what, ": ", e.what());
+  }
+  TORCH_CHECK(err == cudaSuccess, "attention_ext_emu: ", what, ": launch failed with cudaError ", static_cast<int>(err));
+}
+
+at::Tensor rng_state(const at::Tensor& rng) {
+  TORCH_CHECK_VALUE(rng.defined() && rng.numel() == 2 && rng.scalar_type() == at::kLong,
+                    "rng_state must be the int64 tensor of 2 elements returned by the forward");
+  return rng.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                                           double dropout_p, bool is_causal,
+                                                           std::optional<double> scale, bool enable_gqa,
+                                                           at::IntArrayRef window) {
+  ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  FwdParams& p = st.p;
+  const LaunchEnv env = make_env(q);
+  at::Tensor rng = at::zeros({2}, q.options().dtype(at::kLong));
+  if (dropout_p > 0.0) {
+    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    rng[0] = static_cast<int64_t>(gen->random64());
+    rng[1] = static_cast<int64_t>(gen->random64() % 1024) * 4;  // a nonzero offset exercises the counter layout
+    p.seed_offset_ptr = rng.data_ptr<int64_t>();                 // the kernel reads it, as on the GPU
+  }
+  if (p.len_q > 0 && p.batch * p.heads_q > 0) {
+    const FwdEntry* e = find_fwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
+    TORCH_CHECK(e != nullptr, "attention_ext_emu: no forward kernel for this dtype / head dim in this build");
+    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
+    Regions r({&st.q4, &st.k4, &st.v4, m});
+    run("forward", [&] { return e->fn(p, env); });
+  }
+  finish_forward(st);
+  return {st.out, st.lse, rng};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool mask_grad) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
+  BwdParams& p = st.p;
+  at::Tensor rng_c;
+  if (dropout_p > 0.0) {
+    rng_c = rng_state(rng);
+    p.seed_offset_ptr = rng_c.data_ptr<int64_t>();
+  }
+  p.deterministic = at::globalContext().deterministicAlgorithms();
+  if (p.len_q == 0 || p.len_k == 0 || p.batch * p.heads_q == 0) {
+    st.dq4.zero_();
+    st.dk4.zero_();
+    st.dv4.zero_();
+  } else {
+    const LaunchEnv env = make_env(q);
+    const BwdEntry* e = find_bwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
+    TORCH_CHECK(e != nullptr, "attention_ext_emu: no backward kernel for this dtype / head dim in this build");
+    BwdWork w = plan_bwd_work(p, *e, env.num_sms, p.deterministic);
+    const int64_t rows = p.batch * p.heads_q * p.len_q;
+    at::Tensor dq_accum = at::zeros({w.nsplit, rows, e->head_dim}, q.options().dtype(at::kFloat));
+    at::Tensor dsum = at::empty({rows}, q.options().dtype(at::kFloat));
+    w.dq_accum = dq_accum.data_ptr<float>();
+    w.dsum = dsum.data_ptr<float>();
+    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
+    Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &dsum, m});
+    run("backward preprocess", [&] { return launch_bwd_preprocess(p, w.dsum, env); });
+    run("backward", [&] { return e->fn(p, w, env); });
+    run("dq convert", [&] { return launch_dq_convert(p, w, w.nsplit, env); });
+  }
+  return finish_backward(st, mask, q);
+}
+
+at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  FwdParams& p = st.p;
+  at::Tensor rng_c;
+  if (dropout_p > 0.0) {
+    rng_c = rng_state(rng);
+    p.seed_offset_ptr = rng_c.data_ptr<int64_t>();
+  }
+  if (st.probs.numel() > 0) {
+    const LaunchEnv env = make_env(q);
+    run("attention_probs", [&] { return launch_probs(p, st.probs.data_ptr(), env); });
+  }
+  return st.probs;
+}
+
+at::Tensor dropout_mask_emu(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
+                            double dropout_p) {
+  check_dropout_mask_args(rng, batch, heads, len_q, len_k, dropout_p);
+  at::Tensor r = rng_state(rng);
+  at::Tensor m = at::empty({batch, heads, len_q, len_k}, rng.options().dtype(at::kBool));
+  if (m.numel() > 0) {
+    run("_dropout_mask", [&] {
+      return launch_dropout_mask(r.data_ptr<int64_t>(), batch, heads, len_q, len_k, dropout_p, m.data_ptr<bool>(),
+                                 nullptr);
+    });
+  }
+  return m;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY(attention_ext_emu, m) {
+  m.def(
+      "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
+      "bool is_causal, float? scale, bool enable_gqa, int[2] window_size) "
+      "-> (Tensor output, Tensor logsumexp, Tensor rng_state)");
+  m.def(
+      "_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, float? scale, "
+      "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
+  m.def(
+      "attention_probs(Tensor query, Tensor key, Tensor? attn_mask, Tensor logsumexp, Tensor rng_state, "
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
+      "int[2] window_size=[-1, -1]) -> Tensor");
+  m.def("_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(attention_ext_emu, CPU, m) {
+  m.impl("_attention_forward", TORCH_FN(cuda::forward_emu));
+  m.impl("_attention_backward", TORCH_FN(cuda::backward_emu));
+  m.impl("attention_probs", TORCH_FN(cuda::probs_emu));
+  m.impl("_dropout_mask", TORCH_FN(cuda::dropout_mask_emu));
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,338 @@
+// The fiber scheduler behind simt.h: one ucontext fiber per CUDA thread, the
+// CTAs of a grid one after another, the fibers of a CTA cooperatively (each
+// runs until it waits at a barrier or a warp collective, or ends).
+#include "simt.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <deque>
+#include <exception>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <vector>
+
+namespace attention_ext {
+namespace simt {
+namespace {
+
+struct Copy {
+  uint32_t dst;
+  const void* src;
+  int bytes;
+  int src_bytes;
+};
+
+enum class Wait { kNone, kBlock, kWarp };
+
+struct Fiber {
+  ucontext_t ctx;
+  ThreadVars v;
+  int lane = 0, warp = 0;
+  bool done = false;
+  Wait wait = Wait::kNone;
+  uint64_t wait_gen = 0;
+  std::vector<Copy> open;                  // issued, not yet committed
+  std::deque<std::vector<Copy>> committed;  // committed groups, oldest first
+};
+
+struct WarpState {
+  uint32_t in[32 * kSlot];
+  uint32_t out[32 * kSlot];
+  int arrived = 0;
+  uint64_t gen = 0;
+  const char* what = nullptr;
+};
+
+enum class Order { kForward, kReverse, kShuffle };
+
+struct Launch {
+  ucontext_t main;
+  std::vector<Fiber> fibers;
+  std::vector<WarpState> warps;
+  Fiber* cur = nullptr;
+  const std::function<void()>* kernel = nullptr;
+  std::vector<unsigned char> smem;
+  size_t smem_bytes = 0;
+  int bar_arrived = 0;
+  uint64_t bar_gen = 0;
+  std::exception_ptr error;
+  const char* name = "";
+  bool early_copies = false;
+};
+
+thread_local Launch* g_launch = nullptr;
+thread_local std::vector<std::pair<const unsigned char*, size_t>> g_regions;
+
+// Fiber stacks: reused across launches (mmap'd, with a guard page below).
+constexpr size_t kStackBytes = size_t(1) << 20;
+thread_local std::vector<unsigned char*> g_stacks;
+
+unsigned char* stack_at(size_t i) {
+  while (g_stacks.size() <= i) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED) throw Error("simt: cannot map a fiber stack");
+    mprotect(p, page, PROT_NONE);  // overflow faults instead of corrupting a neighbour
+    g_stacks.push_back(static_cast<unsigned char*>(p) + page);
+  }
+  return g_stacks[i];
+}
+
+Launch& launch() {
+  if (g_launch == nullptr || g_launch->cur == nullptr) throw Error("simt: CUDA device code called outside a launch");
+  return *g_launch;
+}
+
+std::string where(const Launch& L, const Fiber& f) {
+  std::ostringstream os;
+  os << L.name << ", block (" << f.v.block_idx.x << "," << f.v.block_idx.y << "," << f.v.block_idx.z << "), thread "
+     << f.v.thread_idx.x;
+  return os.str();
+}
+
+void yield() {
+  Launch& L = *g_launch;
+  Fiber* f = L.cur;
+  swapcontext(&f->ctx, &L.main);
+  L.cur = f;
+  f->wait = Wait::kNone;
+}
+
+void fiber_main() {
+  Launch& L = *g_launch;
+  try {
+    (*L.kernel)();
+  } catch (...) {
+    if (!L.error) L.error = std::current_exception();
+  }
+  L.cur->done = true;
+}  // returns to uc_link = L.main
+
+bool runnable(const Launch& L, const Fiber& f) {
+  if (f.done) return false;
+  switch (f.wait) {
+    case Wait::kNone: return true;
+    case Wait::kBlock: return L.bar_gen != f.wait_gen;
+    case Wait::kWarp: return L.warps[f.warp].gen != f.wait_gen;
+  }
+  return false;
+}
+
+Order order_from_env() {
+  const char* e = std::getenv("ATTENTION_EXT_EMU_ORDER");
+  if (e == nullptr || std::string(e) == "forward" || *e == 0) return Order::kForward;
+  if (std::string(e) == "reverse") return Order::kReverse;
+  if (std::string(e) == "shuffle") return Order::kShuffle;
+  throw Error(std::string("ATTENTION_EXT_EMU_ORDER must be forward, reverse or shuffle, got '") + e + "'");
+}
+
+bool early_from_env() {
+  const char* e = std::getenv("ATTENTION_EXT_EMU_CPASYNC");
+  if (e == nullptr || *e == 0 || std::string(e) == "late") return false;
+  if (std::string(e) == "early") return true;
+  throw Error(std::string("ATTENTION_EXT_EMU_CPASYNC must be early or late, got '") + e + "'");
+}
+
+void perform(Launch& L, const Copy& c) {
+  unsigned char* dst = L.smem.data() + c.dst;
+  if (c.src_bytes > 0) std::memcpy(dst, c.src, static_cast<size_t>(c.src_bytes));
+  if (c.src_bytes < c.bytes) std::memset(dst + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+}
+
+void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::mt19937& rng) {
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  std::fill(L.smem.begin(), L.smem.end(), static_cast<unsigned char>(0xff));  // NaN in every element type
+  L.bar_arrived = 0;
+  for (WarpState& w : L.warps) {
+    w.arrived = 0;
+    w.what = nullptr;
+  }
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = L.fibers[i];
+    f.v.thread_idx = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+    f.v.block_idx = bidx;
+    f.v.block_dim = block;
+    f.v.grid_dim = grid;
+    f.lane = i % 32;
+    f.warp = i / 32;
+    f.done = false;
+    f.wait = Wait::kNone;
+    f.open.clear();
+    f.committed.clear();
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stack_at(static_cast<size_t>(i));
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &L.main;
+    makecontext(&f.ctx, &fiber_main, 0);
+  }
+  std::vector<int> idx(static_cast<size_t>(n));
+  std::iota(idx.begin(), idx.end(), 0);
+  if (order == Order::kReverse) std::reverse(idx.begin(), idx.end());
+  int live = n;
+  while (live > 0) {
+    if (order == Order::kShuffle) std::shuffle(idx.begin(), idx.end(), rng);
+    bool ran = false;
+    for (int i : idx) {
+      Fiber& f = L.fibers[i];
+      if (!runnable(L, f)) continue;
+      ran = true;
+      L.cur = &f;
+      swapcontext(&L.main, &f.ctx);
+      L.cur = nullptr;
+      if (L.error) std::rethrow_exception(L.error);
+      if (f.done) {
+        --live;
+        if (L.bar_arrived > 0 && live > 0) {
+          throw Error(where(L, f) + ": thread exited while " + std::to_string(L.bar_arrived) +
+                      " threads wait at __syncthreads (the barrier can never complete)");
+        }
+      }
+    }
+    if (!ran && live > 0) {
+      std::ostringstream os;
+      os << L.name << ", block (" << bidx.x << "," << bidx.y << "," << bidx.z << "): deadlock; ";
+      int shown = 0;
+      for (const Fiber& f : L.fibers) {
+        if (f.done || shown >= 8) continue;
+        ++shown;
+        os << "thread " << f.v.thread_idx.x << " waits at "
+           << (f.wait == Wait::kBlock ? "__syncthreads" : (L.warps[f.warp].what ? L.warps[f.warp].what : "?"))
+           << "; ";
+      }
+      os << live << " threads live, " << L.bar_arrived << " at the block barrier";
+      throw Error(os.str());
+    }
+  }
+}
+
+}  // namespace
+
+const ThreadVars& vars() { return launch().cur->v; }
+
+void syncthreads() {
+  Launch& L = launch();
+  Fiber& f = *L.cur;
+  const WarpState& mine = L.warps[f.warp];
+  if (mine.arrived > 0) {
+    throw Error(where(L, f) + ": __syncthreads while other lanes of its warp wait in " + std::string(mine.what));
+  }
+  if (++L.bar_arrived == static_cast<int>(L.fibers.size())) {
+    L.bar_arrived = 0;
+    ++L.bar_gen;
+    return;
+  }
+  f.wait = Wait::kBlock;
+  f.wait_gen = L.bar_gen;
+  yield();
+}
+
+unsigned char* dynamic_smem() { return launch().smem.data(); }
+size_t dynamic_smem_bytes() { return launch().smem_bytes; }
+
+void warp_collective(const uint32_t* in, int n_in, uint32_t* out, int n_out,
+                     const std::function<void(const uint32_t*, uint32_t*)>& combine, const char* what) {
+  Launch& L = launch();
+  Fiber& f = *L.cur;
+  if (static_cast<int>(L.fibers.size()) < 32 * (f.warp + 1)) {
+    throw Error(where(L, f) + ": " + what + " in a partial warp");
+  }
+  WarpState& w = L.warps[f.warp];
+  if (w.arrived > 0 && w.what != what) {
+    throw Error(where(L, f) + ": lane " + std::to_string(f.lane) + " reaches " + what + " while other lanes wait in " +
+                w.what + " (divergent warp collective)");
+  }
+  std::memcpy(w.in + f.lane * kSlot, in, sizeof(uint32_t) * static_cast<size_t>(n_in));
+  w.what = what;
+  if (++w.arrived == 32) {
+    combine(w.in, w.out);
+    w.arrived = 0;
+    ++w.gen;
+  } else {
+    f.wait = Wait::kWarp;
+    f.wait_gen = w.gen;
+    yield();
+  }
+  std::memcpy(out, w.out + f.lane * kSlot, sizeof(uint32_t) * static_cast<size_t>(n_out));
+}
+
+void cp_async(uint32_t smem_off, const void* src, int bytes, int src_bytes) {
+  Launch& L = launch();
+  Fiber& f = *L.cur;
+  if (smem_off % static_cast<uint32_t>(bytes) != 0 || smem_off + static_cast<size_t>(bytes) > L.smem_bytes) {
+    throw Error(where(L, f) + ": cp.async of " + std::to_string(bytes) + " bytes to shared offset " +
+                std::to_string(smem_off) + " (dynamic shared memory: " + std::to_string(L.smem_bytes) +
+                " bytes; the destination must be aligned to the copy size)");
+  }
+  if (src_bytes > 0) {
+    const auto* s = static_cast<const unsigned char*>(src);
+    if (reinterpret_cast<uintptr_t>(s) % static_cast<uintptr_t>(bytes) != 0) {
+      throw Error(where(L, f) + ": cp.async source is not aligned to " + std::to_string(bytes) + " bytes");
+    }
+    if (!g_regions.empty()) {
+      bool inside = false;
+      for (const auto& r : g_regions) inside = inside || (s >= r.first && s + src_bytes <= r.first + r.second);
+      if (!inside) throw Error(where(L, f) + ": cp.async reads global memory outside every tensor of the launch");
+    }
+  }
+  const Copy c{smem_off, src, bytes, src_bytes};
+  if (L.early_copies) {
+    perform(L, c);
+  } else {
+    f.open.push_back(c);
+  }
+}
+
+void cp_async_commit() {
+  Launch& L = launch();
+  Fiber& f = *L.cur;
+  f.committed.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+void cp_async_wait(int keep_groups) {
+  Launch& L = launch();
+  Fiber& f = *L.cur;
+  while (static_cast<int>(f.committed.size()) > keep_groups) {
+    for (const Copy& c : f.committed.front()) perform(L, c);
+    f.committed.pop_front();
+  }
+}
+
+void add_global_region(const void* ptr, size_t bytes) {
+  if (ptr != nullptr && bytes > 0) g_regions.emplace_back(static_cast<const unsigned char*>(ptr), bytes);
+}
+void clear_global_regions() { g_regions.clear(); }
+
+void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel, const char* name) {
+  if (g_launch != nullptr) throw Error("simt: nested launch");
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  Launch L;
+  L.fibers.resize(static_cast<size_t>(n));
+  L.warps.resize(static_cast<size_t>((n + 31) / 32));
+  L.smem.assign(std::max<size_t>(smem_bytes, 16), 0xff);
+  L.smem_bytes = smem_bytes;
+  L.kernel = &kernel;
+  L.name = name;
+  L.early_copies = early_from_env();
+  const Order order = order_from_env();
+  std::mt19937 rng(12345);
+  g_launch = &L;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) run_block(L, grid, block, make_uint3(x, y, z), order, rng);
+  } catch (...) {
+    g_launch = nullptr;
+    throw;
+  }
+  g_launch = nullptr;
+}
+
+}  // namespace simt
+}  // namespace attention_ext

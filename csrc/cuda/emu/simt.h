@@ -1,0 +1,179 @@
+// SIMT emulation of the CUDA subset the attention kernels use, on the CPU.
+//
+// Why: the kernels in csrc/cuda/ are compiled by nvcc for the GPU, but most of
+// what can go wrong in them is index algebra (fragment layouts, tile bounds,
+// masks, the online softmax, the backward's phases and barriers), and that can
+// be checked without a GPU. With ATTENTION_EXT_SIMT_EMU defined, the very same
+// kernel sources compile as host C++ against this header: every CUDA thread
+// becomes a fiber, a CTA runs its fibers cooperatively on one OS thread
+// (switching at barriers and warp collectives only), and the PTX wrappers of
+// flash_common.cuh (cp.async, ldmatrix, mma.sync, cvt.rna.tf32) and the warp
+// intrinsics are replaced by functions that follow the PTX ISA's definitions
+// of each lane's fragment. emu/attention_emu.cpp registers the result as the
+// ops of the test-only library `attention_ext_emu` on CPU tensors.
+//
+// Checks made on the way (each raises simt::Error with the kernel state):
+//   * a barrier or warp collective that can never complete (divergence,
+//     a thread exiting while others wait)
+//   * shared-memory addresses of cp.async / ldmatrix outside the launch's
+//     dynamic shared memory or misaligned; global sources of cp.async outside
+//     every registered buffer (emu::GlobalRegions) or misaligned
+//   * dynamic shared memory above the launch's cap
+// and shared memory starts each CTA filled with 0xFF bytes (NaN in every
+// element type), cp.async data lands only at the matching cp.async.wait_group
+// (the latest moment the PTX ISA allows), and the fibers of a CTA can run in
+// forward, reverse or shuffled order between barriers
+// (ATTENTION_EXT_EMU_ORDER=forward|reverse|shuffle), so that reads that are
+// not ordered by a barrier or a wait show up as wrong results.
+//
+// What it cannot check: timing, occupancy, register spills, bank conflicts,
+// the exact fp32 summation order of the tensor cores (products are summed in
+// double and rounded once), and PTX syntax (nvcc compiles that in CI).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+// ---------------------------------------------------------------------------
+// CUDA keywords as host C++. Shared arrays declared in a kernel become
+// function-level statics: every fiber of the running CTA sees the same array
+// (CTAs of one launch run one after another on an OS thread).
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __align__
+#undef __shared__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static thread_local
+
+namespace attention_ext {
+namespace simt {
+
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Per-fiber built-in variables.
+struct ThreadVars {
+  uint3 thread_idx;
+  uint3 block_idx;
+  dim3 block_dim;
+  dim3 grid_dim;
+};
+const ThreadVars& vars();
+
+// Block-wide barrier (__syncthreads).
+void syncthreads();
+
+// Base and size of the running CTA's dynamic shared memory.
+unsigned char* dynamic_smem();
+size_t dynamic_smem_bytes();
+
+// Warp collective: every lane of the calling thread's warp contributes
+// `in` (n words); once all 32 have arrived, `combine` runs once over all
+// inputs (in[lane * kSlot + w]) and writes every lane's outputs
+// (out[lane * kSlot + w]); the caller gets its own lane's outputs.
+constexpr int kSlot = 16;
+void warp_collective(const uint32_t* in, int n_in, uint32_t* out, int n_out,
+                     const std::function<void(const uint32_t* in, uint32_t* out)>& combine, const char* what);
+
+// cp.async queue of the calling thread.
+void cp_async(uint32_t smem_off, const void* src, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int keep_groups);
+
+// Checks for global addresses read by cp.async: [ptr, ptr + bytes) ranges the
+// caller registers around a launch (empty = no check).
+void add_global_region(const void* ptr, size_t bytes);
+void clear_global_regions();
+
+// Runs `kernel` for every CTA of the grid; throws Error on a detected fault.
+void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel, const char* name);
+
+}  // namespace simt
+}  // namespace attention_ext
+
+// ---------------------------------------------------------------------------
+// Built-in variables and intrinsics.
+#define threadIdx (::attention_ext::simt::vars().thread_idx)
+#define blockIdx (::attention_ext::simt::vars().block_idx)
+#define blockDim (::attention_ext::simt::vars().block_dim)
+#define gridDim (::attention_ext::simt::vars().grid_dim)
+
+inline void __syncthreads() { ::attention_ext::simt::syncthreads(); }
+
+inline unsigned int __float_as_uint(float x) {
+  unsigned int u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned int u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+inline uint32_t __shfl_xor_sync_u32(unsigned mask, uint32_t v, int lane_mask) {
+  if (mask != 0xffffffffu) throw ::attention_ext::simt::Error("__shfl_xor_sync: only full-warp masks are emulated");
+  uint32_t out;
+  ::attention_ext::simt::warp_collective(
+      &v, 1, &out, 1,
+      [lane_mask](const uint32_t* in, uint32_t* o) {
+        for (int l = 0; l < 32; ++l) o[l * ::attention_ext::simt::kSlot] = in[((l ^ lane_mask) & 31) * ::attention_ext::simt::kSlot];
+      },
+      "__shfl_xor_sync");
+  return out;
+}
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  return __uint_as_float(__shfl_xor_sync_u32(mask, __float_as_uint(v), lane_mask));
+}
+inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask) {
+  return static_cast<int>(__shfl_xor_sync_u32(mask, static_cast<uint32_t>(v), lane_mask));
+}
+inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask) {
+  return __shfl_xor_sync_u32(mask, v, lane_mask);
+}
+
+// CTAs of a launch run one at a time per OS thread and fibers switch only at
+// barriers, so a plain add is atomic here.
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+
+// The dynamic shared memory of a kernel: `extern __shared__ T name[]` on the GPU.
+#define AE_DYNAMIC_SMEM(name) unsigned char* name = ::attention_ext::simt::dynamic_smem()
+
+namespace attention_ext {
+namespace cuda {
+
+// Launch: the emulated twin of the <<<>>> launcher in flash_common.cuh.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem, size_t max_smem,
+                          cudaStream_t /*stream*/, const char* name, const Args&... args) {
+  if (smem > (max_smem > 48 * 1024 ? max_smem : 48 * 1024)) return cudaErrorInvalidValue;
+  if (block == 0 || block > 1024 || grid == 0) return cudaErrorInvalidConfiguration;
+  simt::run_grid(dim3(grid), dim3(block), smem, [&] { kernel(args...); }, name);
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace attention_ext
