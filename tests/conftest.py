@@ -50,6 +50,13 @@ def cuda_marks():
     return (pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or ""))
 
 
+def emu_marks():
+    """Marks of a case run on the CUDA kernels' CPU emulation (tests/emu.py)."""
+    import emu
+
+    return (pytest.mark.emu, pytest.mark.skipif(not emu.LOADED, reason=emu.SKIP_REASON or ""))
+
+
 def device_params():
     """['cpu', 'cuda'] as pytest params; 'cuda' is marked `cuda` and skipped without a GPU/CUDA kernels."""
     return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=cuda_marks())]

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import attention_ext
-from conftest import cuda_marks, dtype_id, skip_unsupported
+import emu
+from conftest import cuda_marks, dtype_id, emu_marks, skip_unsupported
 from reference import assert_close_vs_baseline, reference_attention, reference_grads, window_visibility
 
 ops = torch.ops.attention_ext
@@ -308,6 +309,10 @@ def sdpa_mask(case: Case, mask, device):
 # the check
 
 def run_case(case: Case, device: str):
+    """device: 'cpu', 'cuda', or 'emu' (the CUDA kernels on the CPU emulator, CPU tensors)."""
+    attn, fwd_op = attention_ext.attention, ops._attention_forward
+    if device == "emu":
+        attn, fwd_op, device = emu.attention, emu.ops._attention_forward, "cpu"
     torch.manual_seed(_seed(case))
     bases, views = make_qkv(case, device)
     mask = make_mask(case, device)
@@ -317,7 +322,7 @@ def run_case(case: Case, device: str):
     leaves = [t.detach().clone().requires_grad_() for t in bases]
     q, k, v = views(*leaves)
     mask_ours = mask.detach().clone().requires_grad_() if case.mask_grad else mask
-    out = attention_ext.attention(q, k, v, mask_ours, **opts)
+    out = attn(q, k, v, mask_ours, **opts)
     assert out.shape == (*case.batch, case.hq, case.L, case.Dv)
     assert out.dtype == case.dtype and out.device.type == device
     if case.layout == "blhe":  # no hidden copy: the output is laid out like the query
@@ -329,7 +334,7 @@ def run_case(case: Case, device: str):
     with torch.no_grad():
         q0, k0, v0 = views(*bases)
         m0 = None if mask is None else mask.detach()
-        out_f, lse, rng = ops._attention_forward(q0, k0, v0, m0, 0.0, case.causal, case.scale, case.gqa,
+        out_f, lse, rng = fwd_op(q0, k0, v0, m0, 0.0, case.causal, case.scale, case.gqa,
                                                  list(case.window or (-1, -1)))
     acc = f64 if case.dtype == f64 else f32
     assert lse.shape == (*case.batch, case.hq, case.L) and lse.dtype == acc
@@ -394,6 +399,7 @@ def _params():
         params.append(pytest.param(c, "cpu", id=f"cpu-{c.id}"))
         if c.dtype != f64:
             params.append(pytest.param(c, "cuda", id=f"cuda-{c.id}", marks=cuda_marks()))
+            params.append(pytest.param(c, "emu", id=f"emu-{c.id}", marks=emu_marks()))
     return params
 
 

@@ -70,6 +70,12 @@ int num_sms(int device) {
 
 int needed_head_dim(const FwdParams& p) { return static_cast<int>(std::max(p.dim_qk, p.dim_v)); }
 
+const FwdEntry* find_fwd_or_fail(const FwdParams& p) {
+  const FwdEntry* e = find_fwd(p.dtype, needed_head_dim(p));
+  if (e == nullptr) compiled_out(false, p.dtype, needed_head_dim(p));
+  return e;
+}
+
 LaunchEnv make_env(const at::Tensor& q) {
   LaunchEnv env;
   env.stream = c10::cuda::getCurrentCUDAStream();
@@ -129,9 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   }
 
   if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    const FwdEntry* e = find_fwd(p.dtype, needed_head_dim(p));
-    if (e == nullptr) compiled_out(false, p.dtype, needed_head_dim(p));
-    C10_CUDA_CHECK(e->fn(p, env));
+    C10_CUDA_CHECK(find_fwd_or_fail(p)->fn(p, nullptr, env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   finish_forward(st);
@@ -171,11 +175,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     BwdWork w = plan_bwd_work(p, *e, env.num_sms, p.deterministic);
     const int nsplit = w.nsplit;
     at::Tensor dq_accum = at::zeros({nsplit, rows, e->head_dim}, q.options().dtype(at::kFloat));
-    at::Tensor dsum = at::empty({rows}, q.options().dtype(at::kFloat));
+    at::Tensor stats = at::empty({3, rows}, q.options().dtype(at::kFloat));
     w.dq_accum = dq_accum.data_ptr<float>();
-    w.dsum = dsum.data_ptr<float>();
+    const FwdStats rs = bwd_row_stats(p, stats.data_ptr<float>());
+    w.row_shift = rs.shift;
+    w.row_logl = rs.logl;
+    w.dsum = rs.dsum;
 
-    C10_CUDA_CHECK(launch_bwd_preprocess(p, w.dsum, env));
+    C10_CUDA_CHECK(launch_row_stats(p, rs, *find_fwd_or_fail(p), env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     C10_CUDA_CHECK(e->fn(p, w, env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -198,7 +205,11 @@ at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optio
   }
   if (st.probs.numel() > 0) {
     const LaunchEnv env = make_env(q);
-    C10_CUDA_CHECK(launch_probs(p, st.probs.data_ptr(), env));
+    at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
+    const FwdStats rs = probs_row_stats(p, stats.data_ptr<float>());
+    C10_CUDA_CHECK(launch_row_stats(p, rs, *find_fwd_or_fail(p), env));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(launch_probs(p, rs.shift, rs.logl, st.probs.data_ptr(), env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return st.probs;

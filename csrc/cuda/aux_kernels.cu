@@ -1,5 +1,6 @@
-// The small CUDA kernels around the flash kernels: the backward's D
-// preprocess and dQ conversion, attention_probs, and the dropout keep-mask.
+// The small CUDA kernels around the flash kernels: the row statistics of the
+// backward and attention_probs, the dQ conversion, attention_probs, and the
+// dropout keep-mask.
 // All indexing is int64 and every loop is grid-strided, so tensors beyond
 // 2^31 elements work with bounded grids.
 #include <algorithm>
@@ -20,21 +21,28 @@ int grid_for(int64_t work_items, int per_block, int num_sms) {
   return static_cast<int>(std::max<int64_t>(1, std::min(want, cap)));
 }
 
-// D[bh * L + i] = sum_e dO[b, h, i, e] * O[b, h, i, e]: one warp per row.
+// shift = lse, logl = 0 and (st.dsum, not st.exact_d) D[bh * L + i] =
+// sum_e dO[b, h, i, e] * O[b, h, i, e] from the saved output: one warp per row.
 template <typename Elem>
-__global__ void __launch_bounds__(kThreads) bwd_preprocess_kernel(const BwdParams p, float* dsum) {
+__global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParams p, const FwdStats st) {
   const int lane = threadIdx.x & 31;
   const int64_t rows = p.batch * p.heads_q * p.len_q;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  const bool want_d = st.dsum != nullptr && !st.exact_d;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    if (lane == 0) {
+      st.shift[r] = static_cast<const float*>(p.lse)[r];
+      st.logl[r] = 0.f;
+    }
+    if (!want_d) continue;
     const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
     const Elem* o = static_cast<const Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i * p.o_stride.r;
-    const Elem* d = static_cast<const Elem*>(p.dout) + b * p.do_stride.b + h * p.do_stride.h + i * p.do_stride.r;
+    const Elem* d = static_cast<const Elem*>(st.dout) + b * st.do_stride.b + h * st.do_stride.h + i * st.do_stride.r;
     float acc = 0.f;
     for (int64_t e = lane; e < p.dim_v; e += 32) acc += ElemOps<Elem>::to_float(o[e]) * ElemOps<Elem>::to_float(d[e]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) dsum[r] = acc;
+    if (lane == 0) st.dsum[r] = acc;
   }
 }
 
@@ -70,10 +78,13 @@ __device__ __forceinline__ float mask_value_any(const FwdParams& p, int64_t off)
 // in fp32 FMA (q and k tiles staged through shared memory, 32 features at a
 // time), then P = exp(x - lse) (0 for rows with lse = -inf) and the
 // forward's dropout: P * keep / (1 - p). Every element is written.
-// (P = exp2((x - lse) * log2e): see flash_fwd.cuh for why the difference comes first.)
+// P = exp2(((x - shift) - logl) * log2e) with the row statistics of
+// launch_row_stats (see FwdStats; the differences come first so that finite
+// scores near -FLT_MAX cannot overflow, see flash_fwd.cuh).
 constexpr int kPT = 32;
 template <typename Elem>
-__global__ void __launch_bounds__(kThreads) probs_kernel(const FwdParams p, Elem* out) {
+__global__ void __launch_bounds__(kThreads)
+    probs_kernel(const FwdParams p, const float* row_shift, const float* row_logl, Elem* out) {
   __shared__ float sq[kPT][kPT + 1];  // [query row][feature]
   __shared__ float sk[kPT][kPT + 1];  // [key][feature]
   const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;  // ty in [0, 8): rows ty + 8 * r
@@ -108,7 +119,6 @@ __global__ void __launch_bounds__(kThreads) probs_kernel(const FwdParams p, Elem
     }
     const int64_t j = j0 + tx;
     if (j < S) {
-      const float* lse = static_cast<const float*>(p.lse) + bh * L;
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int64_t i = i0 + ty + 8 * r;
@@ -123,8 +133,8 @@ __global__ void __launch_bounds__(kThreads) probs_kernel(const FwdParams p, Elem
             x += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c);
           }
         }
-        const float l = lse[i];
-        float pr = l == -kInf ? 0.f : exp2f((x - l) * kLog2e);
+        const float sh = row_shift[bh * L + i];
+        float pr = sh == -kInf ? 0.f : exp2f(((x - sh) - row_logl[bh * L + i]) * kLog2e);
         if (dropout) pr = rng.keep(static_cast<uint64_t>(bh), static_cast<uint64_t>(i), static_cast<uint64_t>(j))
                               ? pr * rng.inv_keep
                               : 0.f;
@@ -165,15 +175,17 @@ cudaError_t by_dtype(DType d, Fn&& fn) {
 
 }  // namespace
 
-cudaError_t launch_bwd_preprocess(const BwdParams& p, float* dsum, const LaunchEnv& env) {
+cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEntry& fwd, const LaunchEnv& env) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
   if (rows == 0) return cudaSuccess;
   const int grid = grid_for(rows, kThreads / 32, env.num_sms);
-  return by_dtype(p.dtype, [&](auto tag) {
+  const cudaError_t err = by_dtype(p.dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    return launch_kernel(bwd_preprocess_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "bwd_preprocess_kernel", p,
-                         dsum);
+    return launch_kernel(row_stats_init_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "row_stats_init_kernel", p,
+                         st);
   });
+  if (err != cudaSuccess || p.len_k == 0) return err;
+  return fwd.fn(p, &st, env);
 }
 
 cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, int nsplit, const LaunchEnv& env) {
@@ -187,14 +199,15 @@ cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, int nsplit, 
   });
 }
 
-cudaError_t launch_probs(const FwdParams& p, void* probs, const LaunchEnv& env) {
+cudaError_t launch_probs(const FwdParams& p, const float* row_shift, const float* row_logl, void* probs,
+                         const LaunchEnv& env) {
   const int64_t tiles = p.batch * p.heads_q * ceil_div(p.len_q, kPT) * ceil_div(p.len_k, kPT);
   if (tiles == 0) return cudaSuccess;
   const int grid = grid_for(tiles, 1, env.num_sms);
   return by_dtype(p.dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    return launch_kernel(probs_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "probs_kernel", p,
-                         static_cast<Elem*>(probs));
+    return launch_kernel(probs_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "probs_kernel", p, row_shift,
+                         row_logl, static_cast<Elem*>(probs));
   });
 }
 

@@ -6,9 +6,10 @@
 // can see the key block (the causal/window bounds skip the others):
 //
 //   phase 1 (warp grid WsM x WsN over kBlockM x kBlockN):
-//     S = Q K^T, dP = dO V^T; P = exp2((S*scale + mask - lse) * log2e)
-//     (lse = -inf, a row that saw no key, gives P = 0), dropout keep-bits Z,
-//     dS = P o (dP o Z/(1-p) - D) with D = rowsum(dO o O) (preprocess kernel);
+//     S = Q K^T, dP = dO V^T; P = exp2(((S*scale + mask - shift) - logl) * log2e)
+//     with the row statistics of launch_row_stats (shift = lse, logl = 0 but
+//     for rows of huge |lse|; shift = -inf, a row that saw no key, gives P = 0),
+//     dropout keep-bits Z, dS = P o (dP o Z/(1-p) - D) with D = rowsum(dO o O);
 //     [dmask = dS to global]; P o Z and dS go to shared memory (input dtype).
 //   phase 2 (warp grid WkvM x WkvN over kBlockN x kD):
 //     dV += (P o Z)^T dO, dK += dS^T Q
@@ -19,10 +20,10 @@
 // dQ = scale * sum of the splits is written by launch_dq_convert.
 //
 // Barriers per (head, query block) item:
-//   (A) wait Q/dO/lse/D of the item; barrier -> visible; phase 3 of the
+//   (A) wait Q/dO/shift/logl/D of the item; barrier -> visible; phase 3 of the
 //       previous item done reading sdS (phase 1 rewrites it)
 //   (B) sP/sdS complete before phase 2 reads them
-//   (C) phase 2 done reading sQ/sdO -> prefetch the next item's Q/dO/lse/D,
+//   (C) phase 2 done reading sQ/sdO -> prefetch the next item's Q/dO/shift/logl/D,
 //       which lands while phase 3 runs (phase 3 reads only sdS and sK).
 #pragma once
 
@@ -50,14 +51,14 @@ struct BwdConfig {
   static constexpr int kLdP = kBlockN + kPadElems;  // rows of sP, sdS
   static constexpr size_t kSmem = (size_t(2 * kBlockN + 2 * kBlockM) * kLd + size_t(2 * kBlockM) * kLdP) *
                                       sizeof(Elem) +
-                                  2 * kBlockM * sizeof(float);
+                                  3 * kBlockM * sizeof(float);
 
   static_assert(kWsM * kWsN <= kWarps && kWkvM * kWkvN == kWarps && kWqM * kWqN == kWarps, "warp grids");
   static_assert(MT_S * 16 * kWsM == kBlockM && NT_S * 8 * kWsN == kBlockN, "S warp grid must tile the block");
   static_assert(MT_KV * 16 * kWkvM == kBlockN && NT_KV * 8 * kWkvN == kD, "dKV warp grid must tile the block");
   static_assert(MT_Q * 16 * kWqM == kBlockM && NT_Q * 8 * kWqN == kD, "dQ warp grid must tile the block");
   static_assert(NT_S % 2 == 0 && NT_KV % 2 == 0 && NT_Q % 2 == 0, "n-tiles come in pairs");
-  static_assert(kBlockM <= kThreads, "one thread per query row loads lse and D");
+  static_assert(kBlockM <= kThreads, "one thread per query row loads shift, logl and D");
   static_assert(kSmem <= 99 * 1024, "must fit the 99 KB of sm_86/sm_89 (L4) shared memory");
   static constexpr int kMaskLdB = mask_ld_bytes<kBlockN>();
   static_assert(size_t(kBlockM) * kMaskLdB <= 2 * size_t(kBlockM) * kLdP * sizeof(Elem),
@@ -83,8 +84,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
   // kBlockM rows x kMaskLdB bytes, aliasing sP and sdS: the raw explicit mask
   // of the current tile, between (A) and (M2) of phase 1
   unsigned char* sMask = reinterpret_cast<unsigned char*>(sP);
-  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kLdP);  // kBlockM: lse of the item's rows
-  float* sD = sLse + kBlockM;                                     // kBlockM: D of the item's rows
+  float* sShift = reinterpret_cast<float*>(sdS + kBlockM * kLdP);  // kBlockM: shift of the item's rows
+  float* sLogl = sShift + kBlockM;                                  // kBlockM: logl of the item's rows
+  float* sD = sLogl + kBlockM;                                      // kBlockM: D of the item's rows
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -107,7 +109,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
   Elem* dv = static_cast<Elem*>(p.dv) + b * p.dv_stride.b + hk * p.dv_stride.h;
   const bool pair_dk = reinterpret_cast<uintptr_t>(dk) % (2 * sizeof(Elem)) == 0 && p.dk_stride.r % 2 == 0;
   const bool pair_dv = reinterpret_cast<uintptr_t>(dv) % (2 * sizeof(Elem)) == 0 && p.dv_stride.r % 2 == 0;
-  const float* lse_g = static_cast<const float*>(p.lse);
 
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
     const int64_t n_items = G * nm;
 
     // Issues the async loads of item `it` (query head hk*G + it/nm, query
-    // block mb_begin + it%nm): Q, dO, and the rows' lse and D.
+    // block mb_begin + it%nm): Q, dO, and the rows' shift, logl and D.
     auto load_item = [&](int64_t it) {
       const int64_t h = hk * G + it / nm;
       const int64_t i0 = (mb_begin + it % nm) * kBlockM;
@@ -147,7 +148,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
       if (tid < kBlockM) {
         const bool ok = tid < nq;
         const int64_t row = (b * Hq + h) * L + i0 + (ok ? tid : 0);
-        cp_async4(smem_u32(sLse + tid), lse_g + row, ok);
+        cp_async4(smem_u32(sShift + tid), w.row_shift + row, ok);
+        cp_async4(smem_u32(sLogl + tid), w.row_logl + row, ok);
         cp_async4(smem_u32(sD + tid), w.dsum + row, ok);
       }
     };
@@ -217,16 +219,17 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
             const int rl = rs0 + 16 * mt + g + 8 * hr;
-            const float lse_raw = sLse[rl];
-            // rows past len_q and rows that saw no key (lse = -inf): P = exp2(x - inf) = 0
-            const float lse_r = (rl < nq && lse_raw != -kInf) ? lse_raw : kInf;
+            const float shift_raw = sShift[rl];
+            // rows past len_q and rows that saw no key (shift = -inf): P = exp2(x - inf) = 0
+            const float shift_r = (rl < nq && shift_raw != -kInf) ? shift_raw : kInf;
+            const float logl_r = sLogl[rl];
             const float Drow = sD[rl];
 #pragma unroll
             for (int nt = 0; nt < NT_S; ++nt) {
 #pragma unroll
               for (int c = 0; c < 2; ++c) {
                 const int r = 2 * hr + c;
-                const float pv = exp2f((s[mt][nt][r] - lse_r) * kLog2e);
+                const float pv = exp2f(((s[mt][nt][r] - shift_r) - logl_r) * kLog2e);
                 float dpv = dp[mt][nt][r];
                 float pz = pv;
                 if (dropout) {
@@ -286,7 +289,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
         gemm_ss<M, MT_KV, NT_KV, kBlockM, false, false>(acc_dv, sP + r0, kLdP, sdO + c0, kLd, lane);
         gemm_ss<M, MT_KV, NT_KV, kBlockM, false, false>(acc_dk, sdS + r0, kLdP, sQ + c0, kLd, lane);
       }
-      __syncthreads();  // (C) sQ / sdO / sLse / sD are free
+      __syncthreads();  // (C) sQ / sdO / sShift / sLogl / sD are free
       if (it + 1 < n_items) load_item(it + 1);
       cp_async_commit();
 

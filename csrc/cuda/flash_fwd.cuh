@@ -11,7 +11,12 @@
 //   dropout zeroes P (the 1/(1-p) goes into the final normalisation)
 //   O += P V             (P straight from the S accumulators, V from shared)
 // Epilogue: O /= l, lse = m + log l; rows that saw no key give O = 0,
-// lse = -inf. Key tiles that the causal/window bounds hide from every row of
+// lse = -inf.
+// Stats mode (st.shift != nullptr, see FwdStats in launch.h): the same loop
+// for the backward's / attention_probs' row statistics; a CTA with no row of
+// |lse| > kExtremeLse (and no exact_d) leaves at once, the others store
+// shift = m, logl = log l (and D = dO . O from the fp32 O with exact_d)
+// instead of O and lse. Key tiles that the causal/window bounds hide from every row of
 // the block are never visited; tiles fully visible skip the element-wise mask.
 //
 // Pipeline (FlashAttention-2 style, K and V single-buffered):
@@ -73,8 +78,12 @@ __device__ __forceinline__ DropoutRng make_rng(const FwdParams& p) {
   return DropoutRng(seed, offset, p.dropout_p);
 }
 
+// |lse| above which fp32 lse = m + log(l) no longer keeps log(l) well enough
+// for P = exp(x - lse) (the stats mode recomputes such rows).
+constexpr float kExtremeLse = 1e4f;
+
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParams p, const FwdStats st) {
   using Elem = typename Cfg::Elem;
   using M = typename Cfg::Mma;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
@@ -97,6 +106,18 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   const int64_t b = bh / Hq, h = bh % Hq, hk = h / (Hq / p.heads_kv);
   const int64_t i0 = mb * kBlockM;
   const int nq = static_cast<int>(L - i0 < kBlockM ? L - i0 : kBlockM);
+
+  const bool stats = st.shift != nullptr;
+  if (stats && !st.exact_d) {  // uniform over the CTA: every thread returns or none does
+    bool extreme = false;
+    for (int r = tid; r < nq; r += kThreads) {
+      const float x = static_cast<const float*>(p.lse)[bh * L + i0 + r];
+      extreme = extreme || (x != -kInf && fabsf(x) > kExtremeLse);
+    }
+    if (!__syncthreads_or(extreme)) return;
+  }
+  // the output itself (P V) is needed by the forward and for the exact D only
+  const bool need_o = !stats || st.exact_d;
 
   const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
   const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
@@ -146,7 +167,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     // so sV can be refilled.
     cp_async_wait<0>();
     __syncthreads();
-    load_tile<Elem, kBlockN, kD, kLd, kThreads>(sV, v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vec_v, tid);
+    if (need_o) {
+      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sV, v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vec_v, tid);
+    }
     cp_async_commit();
 
     float s[MT][NTS][4];
@@ -225,11 +248,25 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     }
     cp_async_commit();
 
-    gemm_rs<M, MT, NTS, NTO>(acc_o, s, sV, kLd, lane);
+    if (need_o) gemm_rs<M, MT, NTS, NTO>(acc_o, s, sV, kLd, lane);
+    if constexpr (sizeof(Elem) == 2) {
+      // exact D: P V with P = hi + lo in two 16-bit terms (the product above
+      // rounded P to Elem), so that O, and D = dO . O, carry the fp32 P the
+      // backward uses; in place, to cost the forward no registers
+      if (stats && st.exact_d) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) s[mt][nt][r] -= ElemOps<Elem>::to_float(ElemOps<Elem>::from_float(s[mt][nt][r]));
+        gemm_rs<M, MT, NTS, NTO>(acc_o, s, sV, kLd, lane);
+      }
+    }
   }
   cp_async_wait<0>();
 
-  // Epilogue: normalise, write O and the log-sum-exp.
+  // Epilogue: normalise, write O and the log-sum-exp (stats mode: the row statistics).
   Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
   const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
   float* lse = static_cast<float*>(p.lse) + bh * L;
@@ -244,6 +281,29 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       const int64_t i = wrow0 + 16 * mt + g + 8 * hr;
       const bool empty = !(l > 0.f);  // the row saw no key
       const float inv = empty ? 0.f : keep_scale / l;
+      if (stats) {
+        if (t == 0 && i < L) {
+          st.shift[bh * L + i] = empty ? -kInf : row_max[mt][hr];
+          st.logl[bh * L + i] = empty ? 0.f : logf(l);
+        }
+        if (st.exact_d) {  // D = dO . O with O in fp32 (dropout included: O = sum_j P~_ij V_j)
+          const Elem* dorow = static_cast<const Elem*>(st.dout) + b * st.do_stride.b + h * st.do_stride.h +
+                              (i < L ? i : 0) * st.do_stride.r;
+          float d = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < NTO; ++nt) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int col = 8 * nt + 2 * t + c;
+              if (i < L && col < Ev) d += ElemOps<Elem>::to_float(dorow[col]) * (acc_o[mt][nt][2 * hr + c] * inv);
+            }
+          }
+          d += __shfl_xor_sync(0xffffffffu, d, 1);
+          d += __shfl_xor_sync(0xffffffffu, d, 2);
+          if (t == 0 && i < L) st.dsum[bh * L + i] = d;
+        }
+        continue;
+      }
       if (t == 0 && i < L) lse[i] = empty ? -kInf : row_max[mt][hr] + logf(l);
       if (i < L) {
         Elem* orow = o + i * p.o_stride.r;
@@ -259,13 +319,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
 }
 
 template <class Cfg>
-cudaError_t launch_fwd(const FwdParams& p, const LaunchEnv& env) {
+cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEnv& env) {
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = Cfg::kSmem + (p.mask_kind != MaskKind::kNone ? Cfg::kSmemMask : 0);
   return launch_kernel(flash_fwd_kernel<Cfg>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
-                       Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel", p);
+                       Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel", p,
+                       stats != nullptr ? *stats : FwdStats{});
 }
 
 }  // namespace cuda

@@ -82,13 +82,13 @@ struct BwdConfigFor<float, kD, kPasses> {
 // the user allowed TF32, else 3 (fp32 accuracy).
 
 template <typename Elem, int kD>
-cudaError_t run_fwd(const FwdParams& p, const LaunchEnv& env) {
+cudaError_t run_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEnv& env) {
   if constexpr (std::is_same<Elem, float>::value) {
     return BOOL_SWITCH(env.allow_tf32, kTF32, [&] {
-      return launch_fwd<typename FwdConfigFor<float, kD, kTF32 ? 1 : 3>::type>(p, env);
+      return launch_fwd<typename FwdConfigFor<float, kD, kTF32 ? 1 : 3>::type>(p, stats, env);
     });
   } else {
-    return launch_fwd<typename FwdConfigFor<Elem, kD, 1>::type>(p, env);
+    return launch_fwd<typename FwdConfigFor<Elem, kD, 1>::type>(p, stats, env);
   }
 }
 

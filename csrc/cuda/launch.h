@@ -26,6 +26,27 @@ struct LaunchEnv {
   bool allow_tf32 = false;  // float32 inputs: TF32 tensor cores allowed (else 3xTF32, fp32 accuracy)
 };
 
+// Row statistics for the backward and attention_probs, which recompute
+// P_ij = exp(x_ij - lse_i). When |lse| is huge (a whole row masked with
+// finfo.min, as Hugging Face masks padding) fp32 has lost log(l) in
+// lse = m + log(l), so those P come out wrong by up to a factor l. The
+// recomputation therefore reads P_ij = exp((x_ij - shift_i) - logl_i):
+// launch_row_stats sets shift = lse, logl = 0 for every row, then runs the
+// forward kernel in stats mode, where each CTA that holds a row with
+// |lse| > 1e4 (or every CTA, with exact_d) recomputes its rows' max m and
+// sum l and stores shift = m, logl = log(l) (and, with exact_d, the D of the
+// backward from the fp32 output instead of the rounded one: a reduced-
+// precision O is not accurate enough for the gradient of a mask that
+// broadcasts over many scores). All on the device: no host sync.
+struct FwdStats {
+  float* shift = nullptr;   // batch * heads_q * len_q
+  float* logl = nullptr;    // batch * heads_q * len_q
+  float* dsum = nullptr;    // optional: D = rowsum(dO o O), written by the init (from the saved O) or exact_d
+  const void* dout = nullptr;  // with dsum: dO, batch x heads_q x len_q x dim_v, strides do_stride
+  Strides4 do_stride;
+  bool exact_d = false;     // D from the forward's fp32 output (every CTA runs)
+};
+
 // Workspace of the backward (allocated by the glue with the caching allocator).
 struct BwdWork {
   // dQ accumulators, fp32, nsplit x (batch * heads_q * len_q) x dq_row_stride;
@@ -35,8 +56,11 @@ struct BwdWork {
   float* dq_accum = nullptr;
   int64_t dq_row_stride = 0;  // = the instantiation's head dim
   int64_t dq_split_stride = 0;
-  // D = rowsum(dO * O), fp32, batch * heads_q * len_q (written by the preprocess kernel).
+  // D = rowsum(dO * O), fp32, batch * heads_q * len_q (written by launch_row_stats).
   float* dsum = nullptr;
+  // P = exp((x - row_shift) - row_logl), fp32, batch * heads_q * len_q (see FwdStats).
+  float* row_shift = nullptr;
+  float* row_logl = nullptr;
   int nchunks = 1;          // CTAs per (batch, kv head) in the key dimension
   int kb_per_chunk = 1;     // key blocks per chunk
   bool deterministic = false;
@@ -49,7 +73,14 @@ struct BwdEntry;
 // floats, zero-filled, and dsum as batch * heads_q * len_q floats).
 BwdWork plan_bwd_work(const BwdParams& p, const BwdEntry& e, int num_sms, bool deterministic);
 
-using FwdLauncher = cudaError_t (*)(const FwdParams&, const LaunchEnv&);
+// The FwdStats of a backward over buf (3 * batch * heads_q * len_q floats:
+// shift, logl, D); exact_d for a mask gradient in fp16 / bf16.
+FwdStats bwd_row_stats(const BwdParams& p, float* buf);
+// ... of attention_probs over buf (2 * batch * heads_q * len_q floats: shift, logl).
+FwdStats probs_row_stats(const FwdParams& p, float* buf);
+
+// stats == nullptr: the forward; else the stats mode (see FwdStats).
+using FwdLauncher = cudaError_t (*)(const FwdParams&, const FwdStats*, const LaunchEnv&);
 using BwdLauncher = cudaError_t (*)(const BwdParams&, const BwdWork&, const LaunchEnv&);
 
 struct FwdEntry {
@@ -73,13 +104,17 @@ const BwdEntry* find_bwd(DType dtype, int min_head_dim);
 std::vector<int> compiled_head_dims(bool backward, DType dtype);
 
 // Small kernels (aux_kernels.cu).
-// D[bh * L + i] = sum_e dO[b, h, i, e] * O[b, h, i, e] in fp32.
-cudaError_t launch_bwd_preprocess(const BwdParams& p, float* dsum, const LaunchEnv& env);
+// Fills st (see FwdStats): shift = lse, logl = 0 and, with st.dsum and not
+// st.exact_d, D[bh * L + i] = sum_e dO[b, h, i, e] * O[b, h, i, e] in fp32 from
+// the saved output; then the forward `fwd` in stats mode.
+cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEntry& fwd, const LaunchEnv& env);
 // dq = scale * sum over splits of dq_accum (fixed order), cast to the input dtype.
 cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, int nsplit, const LaunchEnv& env);
 // probs (batch x heads_q x len_q x len_k, contiguous, input dtype) = the
-// dropped-out softmax probabilities recomputed from q, k and p.lse.
-cudaError_t launch_probs(const FwdParams& p, void* probs, const LaunchEnv& env);
+// dropped-out softmax probabilities recomputed from q, k and the row
+// statistics of launch_row_stats.
+cudaError_t launch_probs(const FwdParams& p, const float* row_shift, const float* row_logl, void* probs,
+                         const LaunchEnv& env);
 // bool keep-mask (batch x heads x len_q x len_k) of the dropout with seed /
 // offset read from seed_offset (int64[2], device).
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,

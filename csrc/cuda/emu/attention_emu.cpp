@@ -28,6 +28,12 @@ namespace {
 // deterministic backward and of the aux kernels as on the GPU).
 constexpr int kEmuSms = 132;
 
+const FwdEntry* find_fwd_or_fail(const FwdParams& p) {
+  const FwdEntry* e = find_fwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
+  TORCH_CHECK(e != nullptr, "attention_ext_emu: no forward kernel for this dtype / head dim in this build");
+  return e;
+}
+
 LaunchEnv make_env(const at::Tensor& q) {
   LaunchEnv env;
   env.num_sms = kEmuSms;
@@ -85,11 +91,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, 
     p.seed_offset_ptr = rng.data_ptr<int64_t>();                 // the kernel reads it, as on the GPU
   }
   if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    const FwdEntry* e = find_fwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
-    TORCH_CHECK(e != nullptr, "attention_ext_emu: no forward kernel for this dtype / head dim in this build");
+    const FwdEntry* e = find_fwd_or_fail(p);
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     Regions r({&st.q4, &st.k4, &st.v4, m});
-    run("forward", [&] { return e->fn(p, env); });
+    run("forward", [&] { return e->fn(p, nullptr, env); });
   }
   finish_forward(st);
   return {st.out, st.lse, rng};
@@ -120,12 +125,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     BwdWork w = plan_bwd_work(p, *e, env.num_sms, p.deterministic);
     const int64_t rows = p.batch * p.heads_q * p.len_q;
     at::Tensor dq_accum = at::zeros({w.nsplit, rows, e->head_dim}, q.options().dtype(at::kFloat));
-    at::Tensor dsum = at::empty({rows}, q.options().dtype(at::kFloat));
+    at::Tensor stats = at::empty({3, rows}, q.options().dtype(at::kFloat));
     w.dq_accum = dq_accum.data_ptr<float>();
-    w.dsum = dsum.data_ptr<float>();
+    const FwdStats rs = bwd_row_stats(p, stats.data_ptr<float>());
+    w.row_shift = rs.shift;
+    w.row_logl = rs.logl;
+    w.dsum = rs.dsum;
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
-    Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &dsum, m});
-    run("backward preprocess", [&] { return launch_bwd_preprocess(p, w.dsum, env); });
+    Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &stats, m});
+    run("row statistics", [&] { return launch_row_stats(p, rs, *find_fwd_or_fail(p), env); });
     run("backward", [&] { return e->fn(p, w, env); });
     run("dq convert", [&] { return launch_dq_convert(p, w, w.nsplit, env); });
   }
@@ -144,7 +152,12 @@ at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::option
   }
   if (st.probs.numel() > 0) {
     const LaunchEnv env = make_env(q);
-    run("attention_probs", [&] { return launch_probs(p, st.probs.data_ptr(), env); });
+    at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
+    const FwdStats rs = probs_row_stats(p, stats.data_ptr<float>());
+    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
+    Regions r({&st.q4, &st.k4, &st.lse, m});
+    run("row statistics", [&] { return launch_row_stats(p, rs, *find_fwd_or_fail(p), env); });
+    run("attention_probs", [&] { return launch_probs(p, rs.shift, rs.logl, st.probs.data_ptr(), env); });
   }
   return st.probs;
 }

@@ -60,6 +60,8 @@ struct Launch {
   size_t smem_bytes = 0;
   int bar_arrived = 0;
   uint64_t bar_gen = 0;
+  int bar_or = 0;         // OR of the predicates of the barrier being filled
+  int bar_or_result = 0;  // ... of the last completed one
   std::exception_ptr error;
   const char* name = "";
   bool early_copies = false;
@@ -149,6 +151,7 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
   const int n = static_cast<int>(block.x * block.y * block.z);
   std::fill(L.smem.begin(), L.smem.end(), static_cast<unsigned char>(0xff));  // NaN in every element type
   L.bar_arrived = 0;
+  L.bar_or = 0;
   for (WarpState& w : L.warps) {
     w.arrived = 0;
     w.what = nullptr;
@@ -215,22 +218,29 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
 
 const ThreadVars& vars() { return launch().cur->v; }
 
-void syncthreads() {
+int syncthreads_or(int pred) {
   Launch& L = launch();
   Fiber& f = *L.cur;
   const WarpState& mine = L.warps[f.warp];
   if (mine.arrived > 0) {
     throw Error(where(L, f) + ": __syncthreads while other lanes of its warp wait in " + std::string(mine.what));
   }
+  L.bar_or |= pred != 0;
   if (++L.bar_arrived == static_cast<int>(L.fibers.size())) {
     L.bar_arrived = 0;
+    L.bar_or_result = L.bar_or;
+    L.bar_or = 0;
     ++L.bar_gen;
-    return;
+    return L.bar_or_result;
   }
   f.wait = Wait::kBlock;
   f.wait_gen = L.bar_gen;
   yield();
+  // every thread reads the result before it can arrive at the next barrier
+  return L.bar_or_result;
 }
+
+void syncthreads() { syncthreads_or(0); }
 
 unsigned char* dynamic_smem() { return launch().smem.data(); }
 size_t dynamic_smem_bytes() { return launch().smem_bytes; }

@@ -79,8 +79,10 @@ struct ThreadVars {
 };
 const ThreadVars& vars();
 
-// Block-wide barrier (__syncthreads).
+// Block-wide barrier (__syncthreads); syncthreads_or also ORs a predicate
+// over the block (__syncthreads_or).
 void syncthreads();
+int syncthreads_or(int pred);
 
 // Base and size of the running CTA's dynamic shared memory.
 unsigned char* dynamic_smem();
@@ -118,6 +120,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void
 #define gridDim (::attention_ext::simt::vars().grid_dim)
 
 inline void __syncthreads() { ::attention_ext::simt::syncthreads(); }
+inline int __syncthreads_or(int pred) { return ::attention_ext::simt::syncthreads_or(pred); }
 
 inline unsigned int __float_as_uint(float x) {
   unsigned int u;

@@ -1,0 +1,285 @@
+"""The CUDA kernels, run on the CPU SIMT emulator (tests/emu.py, csrc/cuda/emu/).
+
+The float64-reference grid of test_ops.py runs on the emulator too (its
+'emu-*' cases). This file adds what that grid does not reach: every compiled
+head-dim bucket and dtype (TF32 included), the deterministic backward, dropout
+(the CUDA Philox stream must equal the CPU one), attention_probs, and the
+schedule checks: the fiber order and the cp.async landing time must not
+change a single bit of any result (a missing barrier or wait would).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import emu
+from conftest import dtype_id
+from reference import assert_close_vs_baseline, reference_attention, reference_grads, window_visibility
+
+pytestmark = [pytest.mark.emu, pytest.mark.skipif(not emu.LOADED, reason=emu.SKIP_REASON or "")]
+
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+W = [-1, -1]
+
+
+@pytest.fixture
+def tf32():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, E, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S, E, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, Ev, generator=g).to(dtype)
+    do = torch.randn(B, Hq, L, Ev, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def _flash2_rounding_grads(q, k, v, do, bmask, scale=None):
+    """(dq, dk, dv) computed in float32 with the 16-bit roundings of the
+    backward of PyTorch's CUDA FLASH backend (FlashAttention-2): P and dS are
+    rounded to the input dtype before the products that use them, D comes
+    from the rounded output. This machine has no GPU to run that backend, and
+    PyTorch's CPU backward keeps P and dS in float32, which no tensor-core
+    kernel does; this model is the yardstick of the GPU kernels' rounding."""
+    dt, f = q.dtype, torch.float32
+    G = q.shape[-3] // k.shape[-3]
+    kk, vv = (t.repeat_interleave(G, dim=-3).to(f) for t in (k, v))
+    sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = q.to(f) @ kk.transpose(-1, -2) * sc
+    if bmask.dtype == torch.bool:
+        s = s.masked_fill(~bmask, -math.inf)
+    else:
+        s = s + bmask.to(f)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    o = (p.to(dt).to(f) @ vv).to(dt).to(f)
+    dof = do.to(f)
+    ds = p * (dof @ vv.transpose(-1, -2) - (dof * o).sum(-1, keepdim=True))
+    dq = ds.to(dt).to(f) @ kk * sc
+    dk = (ds.to(dt).to(f).transpose(-1, -2) @ q.to(f) * sc).unflatten(-3, (-1, G)).sum(-3)
+    dv = (p.to(dt).to(f).transpose(-1, -2) @ dof).unflatten(-3, (-1, G)).sum(-3)
+    return dq, dk, dv
+
+
+def _check_fwd_bwd(q, k, v, do, mask=None, baseline_dtype=None, **kw):
+    """Emulated forward + backward against the float64 reference. Yardstick:
+    PyTorch's CPU SDPA in baseline_dtype (default: the input dtype); for 16-bit
+    gradients, the larger of its error and that of the FLASH backend's
+    roundings (_flash2_rounding_grads)."""
+    dt = q.dtype
+    gqa = k.shape[-3] != q.shape[-3]
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = emu.attention(qs, ks, vs, mask, enable_gqa=gqa, **kw)
+    out.backward(do)
+    rout, rlse, rdq, rdk, rdv, _ = reference_grads(q, k, v, do, mask, enable_gqa=gqa, **kw)
+    bd = baseline_dtype or dt
+    bq, bk, bv = (t.detach().to(bd).requires_grad_() for t in (q, k, v))
+    # the same visibility as one SDPA mask (SDPA has no windows)
+    L, S = q.shape[-2], k.shape[-2]
+    vis = window_visibility(L, S, kw.get("is_causal", False), kw.get("window_size"))
+    if mask is None:
+        bmask = vis
+    elif mask.dtype == torch.bool:
+        bmask = mask & vis
+    else:
+        bmask = mask.detach().to(bd).masked_fill(~vis, -math.inf)
+    bout = F.scaled_dot_product_attention(bq, bk, bv, attn_mask=bmask, enable_gqa=gqa, scale=kw.get("scale"))
+    bout.backward(do.to(bd))
+    assert_close_vs_baseline("output", out, rout, bout, dt)
+    base_grads = [bq.grad, bk.grad, bv.grad]
+    if dt in (f16, bf16):
+        model = _flash2_rounding_grads(q, k, v, do, bmask, kw.get("scale"))
+        for i, (g, ref) in enumerate(zip(model, (rdq, rdk, rdv))):
+            if (g.double() - ref).abs().max() > (base_grads[i].double() - ref).abs().nan_to_num(0.0).max():
+                base_grads[i] = g
+    for name, ours, ref, base in zip(("dq", "dk", "dv"), (qs, ks, vs), (rdq, rdk, rdv), base_grads):
+        assert ours.grad.dtype == dt
+        assert_close_vs_baseline(name, ours.grad, ref, base, dt)
+    return out, qs.grad, ks.grad, vs.grad
+
+
+# Every head-dim bucket of generate.py, with query and value head dims that are
+# not the bucket itself (padding inside the kernel), ragged L and S, causal or not.
+BUCKETS = [(32, 24), (64, 64), (72, 96), (128, 120), (160, 192), (256, 200)]
+
+
+@pytest.mark.parametrize("dtype", [f16, bf16], ids=dtype_id)
+@pytest.mark.parametrize("E,Ev", BUCKETS, ids=[f"E{e}_Ev{v}" for e, v in BUCKETS])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_head_dim_buckets_half(dtype, E, Ev, causal):
+    q, k, v, do = _inputs(1, 2, 2, 70, 101, E, Ev, dtype, seed=E + Ev + causal)
+    _check_fwd_bwd(q, k, v, do, is_causal=causal)
+
+
+@pytest.mark.parametrize("E,Ev", [(40, 64), (128, 96), (256, 256)], ids=["E40_Ev64", "E128_Ev96", "E256"])
+def test_head_dim_buckets_fp32(E, Ev):
+    """float32 without TF32: the 3-pass split keeps float32 accuracy."""
+    q, k, v, do = _inputs(1, 2, 1, 45, 77, E, Ev, f32, seed=E)
+    _check_fwd_bwd(q, k, v, do, is_causal=True)
+
+
+@pytest.mark.parametrize("E", [64, 128])
+def test_fp32_tf32_when_allowed(tf32, E):
+    """float32 with TF32 allowed (torch.set_float32_matmul_precision('high')): one
+    TF32 pass. TF32 keeps 10 mantissa bits, like float16, so PyTorch's float16
+    SDPA is the yardstick; and the result must differ from the exact 3-pass one."""
+    q, k, v, do = _inputs(2, 2, 2, 64, 64, E, E, f32, seed=E)
+    out, *_ = _check_fwd_bwd(q, k, v, do, baseline_dtype=f16)
+    torch.set_float32_matmul_precision("highest")
+    exact, _, _ = emu.ops._attention_forward(q, k, v, None, 0.0, False, None, False, W)
+    assert not torch.equal(out.detach(), exact)
+    rout = reference_attention(q, k, v).out
+    assert (exact.double() - rout).abs().max() < 1e-5 < (out.detach().double() - rout).abs().max()
+
+
+def test_gqa_window_mask_many_tiles():
+    """Several key blocks per CTA loop, GQA groups, a window and a float mask
+    broadcast over batch: the backward's (head, query block) walk."""
+    q, k, v, do = _inputs(2, 4, 1, 300, 280, 64, 64, bf16, seed=3)
+    mask = torch.randn(1, 4, 300, 280).to(bf16)
+    _check_fwd_bwd(q, k, v, do, mask, window_size=(90, 20))
+
+
+@pytest.mark.parametrize("dtype", [f16, bf16], ids=dtype_id)
+def test_deterministic_backward(dtype):
+    """torch.use_deterministic_algorithms: the backward splits the key blocks in
+    chunks with private dQ accumulators summed in a fixed order; it must agree
+    with the atomic path and give the same bits in every fiber order."""
+    q, k, v, do = _inputs(1, 2, 2, 150, 700, 64, 64, dtype, seed=5)
+    out, lse, rng = emu.ops._attention_forward(q, k, v, None, 0.0, True, None, False, W)
+    args = (do, q, k, v, None, out, lse, rng, 0.0, True, None, False, W, False)
+    atomic = emu.ops._attention_backward(*args)
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = emu.ops._attention_backward(*args)
+        with emu.schedule("shuffle", "early"):
+            det2 = emu.ops._attention_backward(*args)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b, c in zip(atomic[:3], det[:3], det2[:3]):
+        assert torch.equal(b, c)
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    _, _, rdq, rdk, rdv, _ = reference_grads(q, k, v, do, is_causal=True)
+    for ours, ref in zip(det[:3], (rdq, rdk, rdv)):
+        assert (ours.double() - ref).abs().max() < (2e-2 if dtype == bf16 else 3e-3)
+
+
+def _schedule_case():
+    torch.manual_seed(7)
+    q, k, v, do = _inputs(2, 4, 2, 77, 90, 64, 48, f16, seed=7)
+    mask = torch.randn(2, 1, 77, 90).to(f16)
+    mask[0, 0, 5] = -math.inf
+    return q, k, v, do, mask.requires_grad_()
+
+
+@pytest.mark.parametrize("order,cp_async", [("reverse", "late"), ("shuffle", "late"), ("forward", "early"),
+                                            ("reverse", "early")])
+def test_schedule_independent(order, cp_async):
+    """Same bits in every fiber order and with cp.async data landing at issue or
+    at the wait: a read not ordered by a barrier / wait would change the result."""
+    q, k, v, do, mask = _schedule_case()
+    common = dict(dropout_p=0.2, is_causal=True, enable_gqa=True)
+
+    def run():
+        torch.manual_seed(11)
+        qs, ks, vs, ms = (t.detach().clone().requires_grad_() for t in (q, k, v, mask))
+        out = emu.attention(qs, ks, vs, ms, **common)
+        out.backward(do)
+        return out.detach(), qs.grad, ks.grad, vs.grad, ms.grad
+
+    base = run()
+    with emu.schedule(order, cp_async):
+        other = run()
+    for a, b in zip(base, other):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
+def test_dropout_stream_matches_cpu(dtype):
+    """The CUDA kernels' dropout mask (Philox, counters {j/4, i, b*H+h, offset})
+    equals the CPU backend's bit for bit for the same rng_state, and the forward,
+    backward and attention_probs all apply exactly that mask."""
+    p = 0.3
+    q, k, v, do = _inputs(2, 3, 3, 37, 45, 32, 32, dtype, seed=9)
+    torch.manual_seed(123)
+    out, lse, rng = emu.ops._attention_forward(q, k, v, None, p, False, None, False, W)
+    assert rng[1] != 0  # the emulator's glue draws a nonzero offset: the layout is exercised
+    keep = emu.ops._dropout_mask(rng, 2, 3, 37, 45, p)
+    assert torch.equal(keep, torch.ops.attention_ext._dropout_mask(rng, 2, 3, 37, 45, p))
+    assert 0.6 < keep.float().mean() < 0.8
+    r = reference_attention(q, k, v, dropout_p=p, dropout_mask=keep)
+    tol = 1e-5 if dtype == f32 else 2e-2
+    assert (out.double() - r.out).abs().max() < tol
+    probs = emu.ops.attention_probs(q, k, None, lse, rng, p)
+    assert (probs.double() - r.probs_dropped).abs().max() < tol * 10
+    dq, dk, dv, _ = emu.ops._attention_backward(do, q, k, v, None, out, lse, rng, p, False, None, False, W, False)
+    rq, rk, rv = (t.detach().double().requires_grad_() for t in (q, k, v))
+    rr = reference_attention(rq, rk, rv, dropout_p=p, dropout_mask=keep)
+    g = torch.autograd.grad(rr.out, (rq, rk, rv), do.double())
+    for ours, ref in zip((dq, dk, dv), g):
+        assert (ours.double() - ref).abs().max() < tol * 3
+
+
+def test_attention_probs_extreme_rows():
+    """attention_probs: finfo.min rows are uniform over their keys (the row
+    statistics recomputed on the device), -inf rows are 0, others match."""
+    torch.manual_seed(9)
+    q = torch.randn(2, 4, 21, 16)
+    k = torch.randn(2, 2, 150, 16)
+    m = torch.randn(2, 1, 21, 150)
+    m[0, 0, 3] = -math.inf
+    m[1, 0, 4] = torch.finfo(f32).min
+    m[1, 0, 6, ::2] = torch.finfo(f32).min  # partly: the other keys carry the row
+    _, lse, rng = emu.ops._attention_forward(q, k, k[..., :8], m, 0.0, True, None, True, [40, -1])
+    probs = emu.ops.attention_probs(q, k, m, lse, rng, 0.0, True, None, True, [40, -1])
+    r = reference_attention(q, k, k[..., :8], m, is_causal=True, enable_gqa=True, window_size=(40, -1))
+    torch.testing.assert_close(probs.double(), r.probs, rtol=1e-5, atol=1e-6)
+    assert torch.all(probs[0, :, 3] == 0)
+    assert torch.allclose(probs[1, :, 4, :5].double(), torch.full((4, 5), 0.2, dtype=f64))
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
+def test_extreme_rows_backward(dtype):
+    """Whole rows at finfo.min (Hugging Face pads so) are uniform over their
+    keys: the backward must use their exact row statistics, not exp(x - lse),
+    whose fp32 lse has lost log(l). (A row shifted by a large finite offset
+    such as -1e6 cannot be tested this way: fp32 scores near -1e6 keep only
+    1/16 of resolution, in PyTorch as here.)"""
+    q, k, v, do = _inputs(1, 2, 2, 40, 50, 32, 32, dtype, seed=13)
+    m = torch.randn(1, 1, 40, 50)
+    m[..., 2, :] = torch.finfo(f32).min
+    m[..., 7, 1::3] = torch.finfo(f32).min
+    m.requires_grad_()
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = emu.attention(qs, ks, vs, m)
+    out.backward(do)
+    rout, _, rdq, rdk, rdv, rdm = reference_grads(q, k, v, do, m, mask_requires_grad=True)
+    tol = 1e-4 if dtype == f32 else 3e-2
+    for name, ours, ref in (("out", out, rout), ("dq", qs.grad, rdq), ("dk", ks.grad, rdk), ("dv", vs.grad, rdv),
+                            ("dmask", m.grad, rdm)):
+        err = (ours.detach().double() - ref).abs().max().item()
+        assert err < tol, f"{name}: {err}"
+
+
+def test_fully_masked_rows_and_empty_windows():
+    """Rows that see no key: output 0, lse -inf, zero gradients, no NaN."""
+    q, k, v, do = _inputs(1, 2, 2, 60, 20, 64, 64, f16, seed=17)
+    mask = torch.ones(1, 1, 60, 20, dtype=torch.bool)
+    mask[..., 10:20, :] = False
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = emu.attention(qs, ks, vs, mask, window_size=(3, 3))  # rows >= 23 see no key either
+    out.backward(do)
+    _, lse, _ = emu.ops._attention_forward(q, k, v, mask, 0.0, False, None, False, [3, 3])
+    dead = torch.zeros(60, dtype=torch.bool)
+    dead[10:20] = True
+    dead[23:] = True
+    assert torch.all(out.detach()[..., dead, :] == 0) and torch.all(torch.isneginf(lse[..., dead]))
+    assert torch.all(qs.grad[..., dead, :] == 0)
+    for t in (out, qs.grad, ks.grad, vs.grad):
+        assert not torch.isnan(t).any()
+    _check_fwd_bwd(q, k, v, do, mask, window_size=(3, 3))
