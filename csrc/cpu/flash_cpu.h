@@ -135,8 +135,8 @@ inline void load_rows(const T* base, int64_t row_stride, int64_t nrows, int64_t 
 // BlasTile converts the operands to the accumulation type and calls the BLAS
 // (exact fp32/fp64 arithmetic). Bf16DotTile (bfloat16 on CPUs with
 // AVX512-BF16) keeps the operands in bfloat16 and uses the dot-product tiles
-// of gemm_bf16.cpp; the probabilities and dS are rounded to bfloat16 before
-// their products, as every bf16 flash kernel does.
+// of gemm_bf16.cpp for the products of two bf16 tensors (QK^T, PV, dO V^T);
+// the forward rounds P to bfloat16 before PV, as every bf16 flash kernel does.
 template <typename T>
 struct BlasTile {
   using A = acc_t<T>;
@@ -197,29 +197,35 @@ struct Bf16DotTile {
   const uint16_t* q = nullptr;
   const uint16_t* dout = nullptr;
   int64_t ldq = 0, lddo = 0;
-  // packed B operands: K^T and V (forward), plus K, V^T, Q and dO (backward)
-  std::vector<uint32_t> k_t, v_r, k_r, v_t, q_r, do_r;
-  std::vector<uint16_t> abuf, abuf_lo;  // bf16 copy of P, dS or their transposes (+ low parts)
+  // packed B operands: K^T and V (forward), K^T and V^T (backward)
+  std::vector<uint32_t> k_t, v_r, v_t;
+  std::vector<uint16_t> abuf;  // bf16 copy of P (forward)
+  // Backward: P^T dO, dS^T Q and dS K multiply an fp32 P or dS whose single
+  // bf16 rounding costs ~10x PyTorch's error (the gradients sum terms that
+  // cancel), so they run in fp32 through the BLAS on fp32 copies of Q, dO, K.
+  // That is as fast as two bf16 products with P and dS split into hi + lo
+  // terms, needs no transpose of P or dS, and is exact in fp32.
+  std::vector<float> qf, dof, kf;
   Bf16DotTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
-      : E(E_), Ev(Ev_), backward(bwd), k_t(cdiv(E_, 2) * bk), v_r(cdiv(bk, 2) * Ev_),
-        k_r(bwd ? cdiv(bk, 2) * E_ : 0), v_t(bwd ? cdiv(Ev_, 2) * bk : 0), q_r(bwd ? cdiv(bq, 2) * E_ : 0),
-        do_r(bwd ? cdiv(bq, 2) * Ev_ : 0), abuf(bq * bk), abuf_lo(bwd ? bq * bk : 0) {}
+      : E(E_), Ev(Ev_), backward(bwd), k_t(cdiv(E_, 2) * bk), v_r(bwd ? 0 : cdiv(bk, 2) * Ev_),
+        v_t(bwd ? cdiv(Ev_, 2) * bk : 0), abuf(bwd ? 0 : bq * bk), qf(bwd ? bq * E_ : 0), dof(bwd ? bq * Ev_ : 0),
+        kf(bwd ? bk * E_ : 0) {}
   static const uint16_t* bits(const bf16* x) { return reinterpret_cast<const uint16_t*>(x); }
   void load_q(const bf16* x, int64_t ld, int64_t n) {
     nq = n;
     q = bits(x);
     ldq = ld;
-    if (backward) pack_rows_bf16(q, ld, n, E, q_r.data());
+    if (backward) load_rows(x, ld, n, E, qf.data());
   }
   void load_do(const bf16* x, int64_t ld, int64_t n) {
     dout = bits(x);
     lddo = ld;
-    pack_rows_bf16(dout, ld, n, Ev, do_r.data());
+    load_rows(x, ld, n, Ev, dof.data());
   }
   void load_k(const bf16* x, int64_t ld, int64_t n) {
     nk = n;
     pack_trans_bf16(bits(x), ld, n, E, k_t.data());
-    if (backward) pack_rows_bf16(bits(x), ld, n, E, k_r.data());
+    if (backward) load_rows(x, ld, n, E, kf.data());
   }
   void load_v(const bf16* x, int64_t ld, int64_t n) {
     if (backward) {
@@ -228,45 +234,20 @@ struct Bf16DotTile {
       pack_rows_bf16(bits(x), ld, n, Ev, v_r.data());
     }
   }
-  void to_bf16(const float* x, int64_t ldx, int64_t rows, int64_t cols) {
-    for (int64_t r = 0; r < rows; ++r) f32_to_bf16(x + r * ldx, abuf.data() + r * cols, cols);
-  }
-  // The backward's P and dS are split in two bf16 terms (hi + lo) and multiplied
-  // twice, so its products are as accurate as fp32 ones (the gradients sum
-  // terms that cancel: one bf16 rounding of dS costs ~10x PyTorch's error).
-  void to_bf16_split(const float* x, int64_t ldx, int64_t rows, int64_t cols) {
-    for (int64_t r = 0; r < rows; ++r)
-      f32_to_bf16_split(x + r * ldx, abuf.data() + r * cols, abuf_lo.data() + r * cols, cols);
-  }
-  void to_bf16_split_t(const float* x, int64_t ldx, int64_t rows, int64_t cols) {  // x^T
-    std::vector<float> col(rows);
-    for (int64_t c = 0; c < cols; ++c) {
-      for (int64_t r = 0; r < rows; ++r) col[r] = x[r * ldx + c];
-      f32_to_bf16_split(col.data(), abuf.data() + c * rows, abuf_lo.data() + c * rows, rows);
-    }
-  }
-  void gemm_split(int64_t m, int64_t n, int64_t k, float alpha, int64_t lda, const uint32_t* bp, int64_t ldp,
-                  float* c, int64_t ldc) {
-    gemm_bf16_packed(m, n, k, alpha, abuf.data(), lda, bp, ldp, true, c, ldc);
-    gemm_bf16_packed(m, n, k, alpha, abuf_lo.data(), lda, bp, ldp, true, c, ldc);
-  }
   void qk(float scale, float* S, int64_t lds) { gemm_bf16_packed(nq, nk, E, scale, q, ldq, k_t.data(), nk, false, S, lds); }
   void pv(const float* P, int64_t lds, float* acc) {
-    to_bf16(P, lds, nq, nk);
+    for (int64_t r = 0; r < nq; ++r) f32_to_bf16(P + r * lds, abuf.data() + r * nk, nk);
     gemm_bf16_packed(nq, Ev, nk, 1.f, abuf.data(), nk, v_r.data(), Ev, true, acc, Ev);
   }
   void dov(float* dP, int64_t lds) { gemm_bf16_packed(nq, nk, Ev, 1.f, dout, lddo, v_t.data(), nk, false, dP, lds); }
   void dv(const float* P, int64_t lds, float* dv) {
-    to_bf16_split_t(P, lds, nq, nk);
-    gemm_split(nk, Ev, nq, 1.f, nq, do_r.data(), Ev, dv, Ev);
+    gemm_tn<float>(nk, Ev, nq, 1.f, P, lds, dof.data(), Ev, 1.f, dv, Ev);
   }
   void dk(const float* dS, int64_t lds, float scale, float* dk) {
-    to_bf16_split_t(dS, lds, nq, nk);
-    gemm_split(nk, E, nq, scale, nq, q_r.data(), E, dk, E);
+    gemm_tn<float>(nk, E, nq, scale, dS, lds, qf.data(), E, 1.f, dk, E);
   }
   void dq(const float* dS, int64_t lds, float scale, float* dq) {
-    to_bf16_split(dS, lds, nq, nk);
-    gemm_split(nq, E, nk, scale, nk, k_r.data(), E, dq, E);
+    gemm_nn<float>(nq, E, nk, scale, dS, lds, kf.data(), E, 1.f, dq, E);
   }
 };
 

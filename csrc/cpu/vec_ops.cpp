@@ -104,20 +104,6 @@ AE_CLONES void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
-AE_CLONES void f32_to_bf16_split(const float* src, uint16_t* hi, uint16_t* lo, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t u = f2u(src[j]);
-    uint32_t h = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-    h = nan ? ((u >> 16) | 0x40u) : h;
-    float rest = src[j] - u2f(h << 16);
-    uint32_t r = f2u(rest);
-    uint32_t l = (r + 0x7FFFu + ((r >> 16) & 1u)) >> 16;
-    hi[j] = static_cast<uint16_t>(h);
-    lo[j] = static_cast<uint16_t>(nan || (u & 0x7F800000u) == 0x7F800000u ? 0u : l);
-  }
-}
-
 AE_CLONES void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     uint32_t h = src[j];

@@ -25,8 +25,6 @@ void add_row(float* x, const float* y, int64_t n);
 void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
 void f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
-// x = hi + lo with hi = bf16(x), lo = bf16(x - hi): two bf16 terms carry ~16 bits of x.
-void f32_to_bf16_split(const float* src, uint16_t* hi, uint16_t* lo, int64_t n);
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n);
 
 // ---- double (scalar) ----
