@@ -203,8 +203,9 @@ struct Bf16DotTile {
   // Backward: P^T dO, dS^T Q and dS K multiply an fp32 P or dS whose single
   // bf16 rounding costs ~10x PyTorch's error (the gradients sum terms that
   // cancel), so they run in fp32 through the BLAS on fp32 copies of Q, dO, K.
-  // That is as fast as two bf16 products with P and dS split into hi + lo
-  // terms, needs no transpose of P or dS, and is exact in fp32.
+  // That is at least as fast as two bf16 products with P and dS split into
+  // hi + lo terms (as fast on Zen 4, ~2x faster where the BLAS runs AVX-512:
+  // benchmarks/NOTES.md, entry 7), needs no transpose of P or dS, and is exact in fp32.
   std::vector<float> qf, dof, kf;
   Bf16DotTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
       : E(E_), Ev(Ev_), backward(bwd), k_t(cdiv(E_, 2) * bk), v_r(bwd ? 0 : cdiv(bk, 2) * Ev_),
