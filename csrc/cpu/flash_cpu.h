@@ -41,6 +41,18 @@ struct Blocks {
 };
 Blocks choose_blocks(const FwdParams& p, bool backward);
 
+// The bfloat16 product path (forward and backward; attention_probs always uses
+// BlasTile): the AVX512-BF16 dot-product tiles (Bf16DotTile) or fp32 copies
+// through the BLAS (BlasTile<bf16>). ATTENTION_EXT_CPU_BF16=dot|blas|auto
+// (default auto), read once (runtime.cpp); a bad value throws an error naming
+// the variable. "dot" falls back to the BLAS on a CPU without AVX512-BF16.
+enum class Bf16Path { kAuto, kDot, kBlas };
+Bf16Path bf16_path_requested();
+// The path in use, decided at the first bfloat16 call and cached for the
+// process: auto times one forward tile step through both paths
+// (flash_cpu_bf16.cpp) because which is faster depends on the CPU (NOTES 3, 7, 8).
+bool bf16_use_dot();
+
 inline int64_t dtype_size(DType d) {
   switch (d) {
     case DType::kFloat32: return 4;
@@ -134,7 +146,7 @@ inline void load_rows(const T* base, int64_t row_stride, int64_t nrows, int64_t 
 //
 // BlasTile converts the operands to the accumulation type and calls the BLAS
 // (exact fp32/fp64 arithmetic). Bf16DotTile (bfloat16 on CPUs with
-// AVX512-BF16) keeps the operands in bfloat16 and uses the dot-product tiles
+// AVX512-BF16, where bf16_use_dot() picks it) keeps the operands in bfloat16 and uses the dot-product tiles
 // of gemm_bf16.cpp for the products of two bf16 tensors (QK^T, PV, dO V^T);
 // the forward rounds P to bfloat16 before PV, as every bf16 flash kernel does.
 template <typename T>
@@ -323,7 +335,7 @@ void flash_fwd_impl(const FwdParams& p) {
 template <typename T>
 void flash_fwd(const FwdParams& p) {
   if constexpr (std::is_same_v<T, bf16>) {
-    if (bf16_dot_available()) return flash_fwd_impl<T, Bf16DotTile>(p);
+    if (bf16_use_dot()) return flash_fwd_impl<T, Bf16DotTile>(p);
   }
   flash_fwd_impl<T, BlasTile<T>>(p);
 }
@@ -576,7 +588,7 @@ void flash_bwd_impl(const BwdParams& p) {
 template <typename T>
 void flash_bwd(const BwdParams& p) {
   if constexpr (std::is_same_v<T, bf16>) {
-    if (bf16_dot_available()) return flash_bwd_impl<T, Bf16DotTile>(p);
+    if (bf16_use_dot()) return flash_bwd_impl<T, Bf16DotTile>(p);
   }
   flash_bwd_impl<T, BlasTile<T>>(p);
 }

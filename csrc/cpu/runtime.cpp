@@ -4,10 +4,12 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include "flash_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <type_traits>
 
@@ -39,6 +41,17 @@ Blocks choose_blocks(const FwdParams& p, bool backward) {
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
   while (q > 16 && p.batch * p.heads_q * ((p.len_q + q - 1) / q) < want) q /= 2;
   return {q, 512};
+}
+
+Bf16Path bf16_path_requested() {
+  // ATTENTION_EXT_CPU_BF16=dot|blas|auto (default auto), read once like the
+  // block overrides above; unlike them a bad value is an error, not ignored:
+  // a typo would otherwise silently benchmark the wrong path.
+  static const char* env = std::getenv("ATTENTION_EXT_CPU_BF16");
+  if (env == nullptr || std::strcmp(env, "") == 0 || std::strcmp(env, "auto") == 0) return Bf16Path::kAuto;
+  if (std::strcmp(env, "dot") == 0) return Bf16Path::kDot;
+  if (std::strcmp(env, "blas") == 0) return Bf16Path::kBlas;
+  TORCH_CHECK_VALUE(false, "ATTENTION_EXT_CPU_BF16 must be 'dot', 'blas' or 'auto' (the default), got '", env, "'");
 }
 
 // BLAS: the Fortran interface (sgemm_/dgemm_, LP64) that torch's own CPU
