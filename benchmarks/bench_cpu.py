@@ -6,19 +6,53 @@ Forward and forward+backward, fp32 and bf16, causal and not (B=4, H=8, L=S=1024,
 E=64 by default). Reports median times, TFLOP/s (forward 4*B*H*L*S*E, halved for
 causal; backward 2.5x forward) and the ratio torch/ours (> 1: ours is faster).
 Raw JSON goes to benchmarks/results/cpu/.
+
+bfloat16 runs on one of two product paths, chosen once per process
+(ATTENTION_EXT_CPU_BF16=dot|blas|auto, default auto: timed at the first bf16
+call); the header and the JSON say which one this run used. To compare them,
+run the script once per value of the variable.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 import attention_ext
+
+
+_FINGERPRINT = """
+import hashlib, torch, attention_ext
+g = torch.Generator().manual_seed(1234)
+q, k, v = (torch.randn(1, 2, 64, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+print(hashlib.sha1(attention_ext.attention(q, k, v).view(torch.int16).numpy().tobytes()).hexdigest())
+"""
+
+
+def bf16_path_in_use():
+    """'dot' or 'blas': the bf16 path of this process. The library has no query for it, so a
+    fixed forward's output bits are compared with those of processes forced to each path
+    (the dot tiles round P to bf16 before P V, the BLAS path does not)."""
+    ns = {}
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        exec(_FINGERPRINT, ns)
+    mine = buf.getvalue().strip()
+    forced = {}
+    for path in ("dot", "blas"):
+        env = dict(os.environ, ATTENTION_EXT_CPU_BF16=path)
+        forced[path] = subprocess.run([sys.executable, "-c", _FINGERPRINT], env=env, capture_output=True,
+                                      text=True, check=True).stdout.strip()
+    if forced["dot"] == forced["blas"]:
+        return "blas"  # no AVX512-BF16: dot falls back to the BLAS
+    return next((p for p, fp in forced.items() if fp == mine), "unknown")
 
 
 def median_time(fn, repeats, warmup=2):
@@ -83,6 +117,10 @@ def main():
     L = 256 if args.quick else args.L
     rows = []
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+    bf16_requested = os.environ.get("ATTENTION_EXT_CPU_BF16") or "auto"
+    bf16_used = bf16_path_in_use() if "bfloat16" in args.dtypes.split(",") else None
+    if bf16_used is not None:
+        print(f"bf16 path: ATTENTION_EXT_CPU_BF16={bf16_requested} -> {bf16_used}")
     print("| dtype | causal | mode | ours ms | torch ms | ours TFLOP/s | torch TFLOP/s | torch/ours |")
     print("|---|---|---|---|---|---|---|---|")
     for dt in args.dtypes.split(","):
@@ -105,7 +143,8 @@ def main():
         pass
     with open(out, "w") as f:
         json.dump({"device": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
-                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+                   "date": time.strftime("%Y-%m-%d"), "bf16_path_requested": bf16_requested,
+                   "bf16_path_in_use": bf16_used, "rows": rows}, f, indent=1)
     print("saved", out)
 
 
