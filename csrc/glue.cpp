@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <numeric>
@@ -188,6 +189,13 @@ void poison(const at::Tensor& t) {
   }();
   if (enabled && t.defined() && t.numel() > 0 && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
+
+bool log_kernels() {
+  const char* e = std::getenv("ATTENTION_EXT_LOG_KERNEL");
+  return e != nullptr && e[0] == '1';
+}
+
+void log_kernel(const std::string& line) { std::fprintf(stderr, "attention_ext: %s\n", line.c_str()); }
 
 at::Tensor as_4d(const at::Tensor& t) {
   at::Tensor x = t;

@@ -3,6 +3,8 @@
 // allocation, and filling the torch-free params structs.
 #pragma once
 
+#include <string>
+
 #include <ATen/ATen.h>
 
 #include <optional>
@@ -52,6 +54,13 @@ at::Tensor empty_lse(const at::Tensor& q);
 // fills a freshly allocated output with NaN before a kernel writes it, so an
 // element a kernel forgets to write cannot pass a test by luck.
 void poison(const at::Tensor& t);
+
+// With ATTENTION_EXT_LOG_KERNEL=1 in the environment (read at every call),
+// each op prints one line on stderr naming the backend and the kernel that
+// runs ("attention_ext: cuda forward: ..."): which instantiation, tile path
+// or fallback a call takes is then visible without a profiler.
+bool log_kernels();
+void log_kernel(const std::string& line);
 
 // (B, H, L, E) view of a (..., H, L, E) tensor whose last dim is unit-stride.
 at::Tensor as_4d(const at::Tensor& t);

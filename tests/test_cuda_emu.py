@@ -315,3 +315,21 @@ def test_int64_offsets(impl):
     for name, ours, ref in (("out", out, rout), ("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
         err = (ours.detach().double() - ref).abs().max().item()
         assert err < 2e-2, f"{name}: {err}"
+
+
+def test_kernel_log(capfd, monkeypatch):
+    """ATTENTION_EXT_LOG_KERNEL=1 names the instantiation each call runs: the
+    smallest compiled head-dim bucket >= max(E, Ev), the fp32 path, the dQ mode."""
+    monkeypatch.setenv("ATTENTION_EXT_LOG_KERNEL", "1")
+    q, k, v, do = _inputs(1, 2, 2, 20, 30, 100, 72, bf16, seed=1)
+    out, lse, rng = emu.ops._attention_forward(q, k, v, None, 0.0, False, None, False, W)
+    emu.ops._attention_backward(do, q, k, v, None, out, lse, rng, 0.0, False, None, False, W, False)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    emu.ops._attention_forward(q32, k32, v32, None, 0.0, False, None, False, W)
+    err = capfd.readouterr().err
+    assert "emu forward: sm80 mma.sync kernel, head-dim bucket 128, bf16" in err, err
+    assert "emu backward: sm80 mma.sync kernel, head-dim bucket 128, bf16, dQ atomics" in err, err
+    assert "emu forward: sm80 mma.sync kernel, head-dim bucket 128, fp32 (3xTF32)" in err, err
+    monkeypatch.delenv("ATTENTION_EXT_LOG_KERNEL")
+    emu.ops._attention_forward(q, k, v, None, 0.0, False, None, False, W)
+    assert "attention_ext:" not in capfd.readouterr().err

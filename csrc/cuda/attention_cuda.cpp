@@ -135,7 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   }
 
   if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    C10_CUDA_CHECK(find_fwd_or_fail(p)->fn(p, nullptr, env));
+    const FwdEntry* e = find_fwd_or_fail(p);
+    if (log_kernels()) log_kernel(describe_kernel("cuda forward", e->head_dim, p.dtype, env));
+    C10_CUDA_CHECK(e->fn(p, nullptr, env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   finish_forward(st);
@@ -184,6 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
     C10_CUDA_CHECK(launch_row_stats(p, rs, *find_fwd_or_fail(p), env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (log_kernels()) {
+      log_kernel(describe_kernel("cuda backward", e->head_dim, p.dtype, env) +
+                 (w.deterministic ? ", deterministic (" + std::to_string(w.nsplit) + " dQ splits)" : ", dQ atomics"));
+    }
     C10_CUDA_CHECK(e->fn(p, w, env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     C10_CUDA_CHECK(launch_dq_convert(p, w, nsplit, env));

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../attention_params.h"
@@ -100,6 +101,9 @@ bool register_bwd(const BwdEntry& e);
 // The compiled entry with the smallest head dim >= min_head_dim, or nullptr.
 const FwdEntry* find_fwd(DType dtype, int min_head_dim);
 const BwdEntry* find_bwd(DType dtype, int min_head_dim);
+// One line naming a kernel and how it is launched, for log_kernel:
+// "<what>: sm80 mma.sync kernel, head-dim bucket D, dtype [3xTF32|TF32]".
+std::string describe_kernel(const char* what, int head_dim, DType dtype, const LaunchEnv& env);
 // Head dims compiled for a dtype (sorted), for error messages.
 std::vector<int> compiled_head_dims(bool backward, DType dtype);
 

@@ -94,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, 
     const FwdEntry* e = find_fwd_or_fail(p);
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     Regions r({&st.q4, &st.k4, &st.v4, m});
+    if (log_kernels()) log_kernel(describe_kernel("emu forward", e->head_dim, p.dtype, env));
     run("forward", [&] { return e->fn(p, nullptr, env); });
   }
   finish_forward(st);
@@ -134,6 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &stats, m});
     run("row statistics", [&] { return launch_row_stats(p, rs, *find_fwd_or_fail(p), env); });
+    if (log_kernels()) {
+      log_kernel(describe_kernel("emu backward", e->head_dim, p.dtype, env) +
+                 (w.deterministic ? ", deterministic (" + std::to_string(w.nsplit) + " dQ splits)" : ", dQ atomics"));
+    }
     run("backward", [&] { return e->fn(p, w, env); });
     run("dq convert", [&] { return launch_dq_convert(p, w, w.nsplit, env); });
   }
