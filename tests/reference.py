@@ -155,6 +155,36 @@ def dropout_keep_mask(rng_state: torch.Tensor, q: torch.Tensor, S: int, dropout_
     return m.reshape(*q.shape[:-3], Hq, L, S)
 
 
+def flash2_rounding_grads(q, k, v, do, bmask, scale=None):
+    """(dq, dk, dv) in the input dtype, computed in float32 with the 16-bit
+    roundings of the backward of PyTorch's CUDA FLASH backend
+    (FlashAttention-2): P and dS are rounded to the input dtype before the
+    products that use them, D comes from the rounded output, the gradients are
+    rounded per head and again after the GQA sum. Without a GPU that backend
+    cannot run, and PyTorch's CPU backward keeps P and dS in float32, which no
+    tensor-core kernel does; this model is the yardstick of the GPU kernels'
+    rounding."""
+    dt, f = q.dtype, torch.float32
+    G = q.shape[-3] // k.shape[-3]
+    kk, vv = (t.repeat_interleave(G, dim=-3).to(f) for t in (k, v))
+    sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = q.to(f) @ kk.transpose(-1, -2) * sc
+    if bmask.dtype == torch.bool:
+        s = s.masked_fill(~bmask, -math.inf)
+    else:
+        s = s + bmask.to(f)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    o = (p.to(dt).to(f) @ vv).to(dt).to(f)
+    dof = do.to(f)
+    ds = p * (dof @ vv.transpose(-1, -2) - (dof * o).sum(-1, keepdim=True))
+    dq = (ds.to(dt).to(f) @ kk * sc).to(dt)
+    # per expanded head in the input dtype, then summed over the GQA group (as
+    # SDPA does for enable_gqa), and rounded again
+    dk = (ds.to(dt).to(f).transpose(-1, -2) @ q.to(f) * sc).to(dt).to(f).unflatten(-3, (-1, G)).sum(-3).to(dt)
+    dv = (p.to(dt).to(f).transpose(-1, -2) @ dof).to(dt).to(f).unflatten(-3, (-1, G)).sum(-3).to(dt)
+    return dq, dk, dv
+
+
 # ---------------------------------------------------------------------------
 # Comparison helpers: the error of the op under test against the float64
 # reference must be at most twice the error of PyTorch's own implementation in

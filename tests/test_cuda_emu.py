@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import emu
 from conftest import dtype_id
-from reference import assert_close_vs_baseline, reference_attention, reference_grads, window_visibility
+from reference import (assert_close_vs_baseline, flash2_rounding_grads, reference_attention, reference_grads,
+                       window_visibility)
 
 pytestmark = [pytest.mark.emu, pytest.mark.skipif(not emu.LOADED, reason=emu.SKIP_REASON or "")]
 
@@ -40,37 +41,11 @@ def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed):
     return q, k, v, do
 
 
-def _flash2_rounding_grads(q, k, v, do, bmask, scale=None):
-    """(dq, dk, dv) computed in float32 with the 16-bit roundings of the
-    backward of PyTorch's CUDA FLASH backend (FlashAttention-2): P and dS are
-    rounded to the input dtype before the products that use them, D comes
-    from the rounded output. This machine has no GPU to run that backend, and
-    PyTorch's CPU backward keeps P and dS in float32, which no tensor-core
-    kernel does; this model is the yardstick of the GPU kernels' rounding."""
-    dt, f = q.dtype, torch.float32
-    G = q.shape[-3] // k.shape[-3]
-    kk, vv = (t.repeat_interleave(G, dim=-3).to(f) for t in (k, v))
-    sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    s = q.to(f) @ kk.transpose(-1, -2) * sc
-    if bmask.dtype == torch.bool:
-        s = s.masked_fill(~bmask, -math.inf)
-    else:
-        s = s + bmask.to(f)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    o = (p.to(dt).to(f) @ vv).to(dt).to(f)
-    dof = do.to(f)
-    ds = p * (dof @ vv.transpose(-1, -2) - (dof * o).sum(-1, keepdim=True))
-    dq = ds.to(dt).to(f) @ kk * sc
-    dk = (ds.to(dt).to(f).transpose(-1, -2) @ q.to(f) * sc).unflatten(-3, (-1, G)).sum(-3)
-    dv = (p.to(dt).to(f).transpose(-1, -2) @ dof).unflatten(-3, (-1, G)).sum(-3)
-    return dq, dk, dv
-
-
 def _check_fwd_bwd(q, k, v, do, mask=None, baseline_dtype=None, **kw):
     """Emulated forward + backward against the float64 reference. Yardstick:
     PyTorch's CPU SDPA in baseline_dtype (default: the input dtype); for 16-bit
     gradients, the larger of its error and that of the FLASH backend's
-    roundings (_flash2_rounding_grads)."""
+    roundings (reference.flash2_rounding_grads)."""
     dt = q.dtype
     gqa = k.shape[-3] != q.shape[-3]
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
@@ -93,7 +68,7 @@ def _check_fwd_bwd(q, k, v, do, mask=None, baseline_dtype=None, **kw):
     assert_close_vs_baseline("output", out, rout, bout, dt)
     base_grads = [bq.grad, bk.grad, bv.grad]
     if dt in (f16, bf16):
-        model = _flash2_rounding_grads(q, k, v, do, bmask, kw.get("scale"))
+        model = flash2_rounding_grads(q, k, v, do, bmask, kw.get("scale"))
         for i, (g, ref) in enumerate(zip(model, (rdq, rdk, rdv))):
             if (g.double() - ref).abs().max() > (base_grads[i].double() - ref).abs().nan_to_num(0.0).max():
                 base_grads[i] = g
