@@ -678,3 +678,17 @@ def test_backward_op_direct(device, L, S, causal, window):
     mb = m > 0
     _, _, _, dmb = ops._attention_backward(g, q, k, v, mb, out, lse, rng, 0.0, causal, None, False, w, True)
     assert dmb.shape == (0,)
+
+
+def test_kernel_log_cpu(capfd, monkeypatch):
+    """ATTENTION_EXT_LOG_KERNEL=1: each CPU call names its kernel path and tile blocks."""
+    monkeypatch.setenv("ATTENTION_EXT_LOG_KERNEL", "1")
+    q = torch.randn(1, 2, 30, 16, requires_grad=True)
+    out = attention_ext.attention(q, q, q, is_causal=True)
+    out.sum().backward()
+    err = capfd.readouterr().err
+    assert "attention_ext: cpu forward: flash kernel, fp32 (BLAS tiles), blocks " in err, err
+    assert "attention_ext: cpu backward: flash kernel, fp32 (BLAS tiles), blocks " in err, err
+    monkeypatch.delenv("ATTENTION_EXT_LOG_KERNEL")
+    attention_ext.attention(q, q, q)
+    assert "attention_ext:" not in capfd.readouterr().err

@@ -56,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   auto [seed, offset] = draw_seed(dropout_p);
   st.p.seed = seed;
   st.p.offset = offset;
+  if (log_kernels()) log_kernel(cpu::describe_kernel("cpu forward", st.p, false));
   dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_fwd<decltype(t)>(st.p); });
   finish_forward(st);
   return {st.out, st.lse, make_rng_state(seed, offset)};
@@ -70,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
   read_rng_state(rng, dropout_p, st.p);
   st.p.deterministic = true;  // the CPU backward never uses atomics
+  if (log_kernels()) log_kernel(cpu::describe_kernel("cpu backward", st.p, true));
   dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_bwd<decltype(t)>(st.p); });
   return finish_backward(st, mask, q);
 }

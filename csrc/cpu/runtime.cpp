@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "flash_cpu.h"
 
@@ -21,6 +22,22 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
 }
 
 int num_threads() { return at::get_num_threads(); }
+
+std::string describe_kernel(const char* what, const FwdParams& p, bool backward) {
+  const Blocks b = choose_blocks(p, backward);
+  const char* path = "?";
+  switch (p.dtype) {
+    case DType::kFloat32: path = "fp32 (BLAS tiles)"; break;
+    case DType::kFloat64: path = "fp64 (BLAS tiles)"; break;
+    case DType::kFloat16: path = "fp16 (fp32 BLAS tiles)"; break;
+    case DType::kBFloat16:
+      path = bf16_use_dot() ? "bf16 (AVX512-BF16 dot-product tiles)" : "bf16 (fp32 BLAS tiles)";
+      break;
+    default: break;
+  }
+  return std::string(what) + ": flash kernel, " + path + ", blocks " + std::to_string(b.q) + "x" +
+         std::to_string(b.k);
+}
 
 Blocks choose_blocks(const FwdParams& p, bool backward) {
   // ATTENTION_EXT_CPU_BLOCKS="q,k" overrides (for tuning).
