@@ -23,6 +23,7 @@
 #include "../glue.h"
 #include "launch.h"
 #include "rng_state.h"
+#include "workspace.h"
 
 namespace attention_ext {
 namespace cuda {
@@ -173,26 +174,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const BwdEntry* e = find_bwd(p.dtype, needed_head_dim(p));
     if (e == nullptr) compiled_out(true, p.dtype, needed_head_dim(p));
 
-    const int64_t rows = p.batch * p.heads_q * p.len_q;
-    BwdWork w = plan_bwd_work(p, *e, env.num_sms, p.deterministic);
-    const int nsplit = w.nsplit;
-    at::Tensor dq_accum = at::zeros({nsplit, rows, e->head_dim}, q.options().dtype(at::kFloat));
-    at::Tensor stats = at::empty({3, rows}, q.options().dtype(at::kFloat));
-    w.dq_accum = dq_accum.data_ptr<float>();
-    const FwdStats rs = bwd_row_stats(p, stats.data_ptr<float>());
-    w.row_shift = rs.shift;
-    w.row_logl = rs.logl;
-    w.dsum = rs.dsum;
-
-    C10_CUDA_CHECK(launch_row_stats(p, rs, *find_fwd_or_fail(p), env));
+    const BwdWorkspace ws = make_bwd_workspace(p, *e, env.num_sms, q.options());
+    C10_CUDA_CHECK(launch_row_stats(p, ws.row_stats, *find_fwd_or_fail(p), env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (log_kernels()) {
-      log_kernel(describe_kernel("cuda backward", e->head_dim, p.dtype, env) +
-                 (w.deterministic ? ", deterministic (" + std::to_string(w.nsplit) + " dQ splits)" : ", dQ atomics"));
-    }
-    C10_CUDA_CHECK(e->fn(p, w, env));
+    if (log_kernels()) log_kernel(describe_kernel("cuda backward", e->head_dim, p.dtype, env, &ws.work));
+    C10_CUDA_CHECK(e->fn(p, ws.work, env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    C10_CUDA_CHECK(launch_dq_convert(p, w, nsplit, env));
+    C10_CUDA_CHECK(launch_dq_convert(p, ws.work, env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return finish_backward(st, mask, q);

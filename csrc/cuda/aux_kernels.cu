@@ -188,14 +188,14 @@ cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEn
   return fwd.fn(p, &st, env);
 }
 
-cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, int nsplit, const LaunchEnv& env) {
+cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {
   const int64_t total = p.batch * p.heads_q * p.len_q * p.dim_qk;
   if (total == 0) return cudaSuccess;
   const int grid = grid_for(total, kThreads, env.num_sms);
   return by_dtype(p.dtype, [&](auto tag) {
     using Elem = decltype(tag);
     return launch_kernel(dq_convert_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "dq_convert_kernel", p,
-                         static_cast<const float*>(w.dq_accum), w.dq_row_stride, w.dq_split_stride, nsplit);
+                         static_cast<const float*>(w.dq_accum), w.dq_row_stride, w.dq_split_stride, w.nsplit);
   });
 }
 

@@ -102,8 +102,10 @@ bool register_bwd(const BwdEntry& e);
 const FwdEntry* find_fwd(DType dtype, int min_head_dim);
 const BwdEntry* find_bwd(DType dtype, int min_head_dim);
 // One line naming a kernel and how it is launched, for log_kernel:
-// "<what>: sm80 mma.sync kernel, head-dim bucket D, dtype [3xTF32|TF32]".
-std::string describe_kernel(const char* what, int head_dim, DType dtype, const LaunchEnv& env);
+// "<what>: sm80 mma.sync kernel, head-dim bucket D, dtype [3xTF32|TF32]"
+// and, for a backward (w given), how dQ is reduced.
+std::string describe_kernel(const char* what, int head_dim, DType dtype, const LaunchEnv& env,
+                            const BwdWork* w = nullptr);
 // Head dims compiled for a dtype (sorted), for error messages.
 std::vector<int> compiled_head_dims(bool backward, DType dtype);
 
@@ -112,8 +114,8 @@ std::vector<int> compiled_head_dims(bool backward, DType dtype);
 // st.exact_d, D[bh * L + i] = sum_e dO[b, h, i, e] * O[b, h, i, e] in fp32 from
 // the saved output; then the forward `fwd` in stats mode.
 cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEntry& fwd, const LaunchEnv& env);
-// dq = scale * sum over splits of dq_accum (fixed order), cast to the input dtype.
-cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, int nsplit, const LaunchEnv& env);
+// dq = scale * sum over the w.nsplit splits of dq_accum (fixed order), cast to the input dtype.
+cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const LaunchEnv& env);
 // probs (batch x heads_q x len_q x len_k, contiguous, input dtype) = the
 // dropped-out softmax probabilities recomputed from q, k and the row
 // statistics of launch_row_stats.

@@ -85,14 +85,18 @@ FwdStats bwd_row_stats(const BwdParams& p, float* buf) {
   return st;
 }
 
-std::string describe_kernel(const char* what, int head_dim, DType dtype, const LaunchEnv& env) {
+std::string describe_kernel(const char* what, int head_dim, DType dtype, const LaunchEnv& env, const BwdWork* w) {
   std::string s = std::string(what) + ": sm80 mma.sync kernel, head-dim bucket " + std::to_string(head_dim) + ", ";
   switch (dtype) {
-    case DType::kFloat16: return s + "fp16";
-    case DType::kBFloat16: return s + "bf16";
-    case DType::kFloat32: return s + (env.allow_tf32 ? "fp32 (TF32)" : "fp32 (3xTF32)");
-    default: return s + "?";
+    case DType::kFloat16: s += "fp16"; break;
+    case DType::kBFloat16: s += "bf16"; break;
+    case DType::kFloat32: s += env.allow_tf32 ? "fp32 (TF32)" : "fp32 (3xTF32)"; break;
+    default: s += "?"; break;
   }
+  if (w != nullptr) {
+    s += w->deterministic ? ", deterministic (" + std::to_string(w->nsplit) + " dQ splits)" : ", dQ atomics";
+  }
+  return s;
 }
 
 std::vector<int> compiled_head_dims(bool backward, DType dtype) {

@@ -17,7 +17,9 @@
 #include <mutex>
 
 #include "../../glue.h"
+#include "../../schemas.h"
 #include "../launch.h"
+#include "../workspace.h"
 #include "simt.h"
 
 namespace attention_ext {
@@ -123,24 +125,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     const LaunchEnv env = make_env(q);
     const BwdEntry* e = find_bwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
     TORCH_CHECK(e != nullptr, "attention_ext_emu: no backward kernel for this dtype / head dim in this build");
-    BwdWork w = plan_bwd_work(p, *e, env.num_sms, p.deterministic);
-    const int64_t rows = p.batch * p.heads_q * p.len_q;
-    at::Tensor dq_accum = at::zeros({w.nsplit, rows, e->head_dim}, q.options().dtype(at::kFloat));
-    at::Tensor stats = at::empty({3, rows}, q.options().dtype(at::kFloat));
-    w.dq_accum = dq_accum.data_ptr<float>();
-    const FwdStats rs = bwd_row_stats(p, stats.data_ptr<float>());
-    w.row_shift = rs.shift;
-    w.row_logl = rs.logl;
-    w.dsum = rs.dsum;
+    const BwdWorkspace ws = make_bwd_workspace(p, *e, env.num_sms, q.options());
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
-    Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &stats, m});
-    run("row statistics", [&] { return launch_row_stats(p, rs, *find_fwd_or_fail(p), env); });
-    if (log_kernels()) {
-      log_kernel(describe_kernel("emu backward", e->head_dim, p.dtype, env) +
-                 (w.deterministic ? ", deterministic (" + std::to_string(w.nsplit) + " dQ splits)" : ", dQ atomics"));
-    }
-    run("backward", [&] { return e->fn(p, w, env); });
-    run("dq convert", [&] { return launch_dq_convert(p, w, w.nsplit, env); });
+    Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, m});
+    run("row statistics", [&] { return launch_row_stats(p, ws.row_stats, *find_fwd_or_fail(p), env); });
+    if (log_kernels()) log_kernel(describe_kernel("emu backward", e->head_dim, p.dtype, env, &ws.work));
+    run("backward", [&] { return e->fn(p, ws.work, env); });
+    run("dq convert", [&] { return launch_dq_convert(p, ws.work, env); });
   }
   return finish_backward(st, mask, q);
 }
@@ -185,20 +176,10 @@ at::Tensor dropout_mask_emu(const at::Tensor& rng, int64_t batch, int64_t heads,
 }  // namespace cuda
 
 TORCH_LIBRARY(attention_ext_emu, m) {
-  m.def(
-      "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
-      "bool is_causal, float? scale, bool enable_gqa, int[2] window_size) "
-      "-> (Tensor output, Tensor logsumexp, Tensor rng_state)");
-  m.def(
-      "_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, float? scale, "
-      "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
-  m.def(
-      "attention_probs(Tensor query, Tensor key, Tensor? attn_mask, Tensor logsumexp, Tensor rng_state, "
-      "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
-      "int[2] window_size=[-1, -1]) -> Tensor");
-  m.def("_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor");
+  m.def(schema::kForward);
+  m.def(schema::kBackward);
+  m.def(schema::kProbs);
+  m.def(schema::kDropoutMask);
 }
 
 TORCH_LIBRARY_IMPL(attention_ext_emu, CPU, m) {
