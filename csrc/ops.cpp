@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "glue.h"
+#include "schemas.h"
 
 namespace attention_ext {
 namespace {
@@ -107,21 +108,10 @@ TORCH_LIBRARY(attention_ext, m) {
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
       "bool is_causal=False, float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1]) -> Tensor",
       {at::Tag::nondeterministic_seeded});
-  m.def(
-      "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
-      "bool is_causal, float? scale, bool enable_gqa, int[2] window_size) "
-      "-> (Tensor output, Tensor logsumexp, Tensor rng_state)",
-      {at::Tag::nondeterministic_seeded});
-  m.def(
-      "_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, float? scale, "
-      "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)");
-  m.def(
-      "attention_probs(Tensor query, Tensor key, Tensor? attn_mask, Tensor logsumexp, Tensor rng_state, "
-      "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
-      "int[2] window_size=[-1, -1]) -> Tensor");
-  m.def("_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor");
+  m.def(schema::kForward, {at::Tag::nondeterministic_seeded});
+  m.def(schema::kBackward);
+  m.def(schema::kProbs);
+  m.def(schema::kDropoutMask);
 }
 
 TORCH_LIBRARY_IMPL(attention_ext, CompositeImplicitAutograd, m) {

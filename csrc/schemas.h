@@ -1,0 +1,27 @@
+// Schemas of attention_ext's internal ops, in one place: csrc/ops.cpp defines
+// them in the one TORCH_LIBRARY block of the extension, and the test-only
+// library of the emulated CUDA kernels (csrc/cuda/emu/attention_emu.cpp)
+// defines its twins with the very same signatures.
+#pragma once
+
+namespace attention_ext {
+namespace schema {
+
+inline constexpr const char* kForward =
+    "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
+    "bool is_causal, float? scale, bool enable_gqa, int[2] window_size) "
+    "-> (Tensor output, Tensor logsumexp, Tensor rng_state)";
+inline constexpr const char* kBackward =
+    "_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+    "Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, float? scale, "
+    "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad) "
+    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)";
+inline constexpr const char* kProbs =
+    "attention_probs(Tensor query, Tensor key, Tensor? attn_mask, Tensor logsumexp, Tensor rng_state, "
+    "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
+    "int[2] window_size=[-1, -1]) -> Tensor";
+inline constexpr const char* kDropoutMask =
+    "_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor";
+
+}  // namespace schema
+}  // namespace attention_ext
