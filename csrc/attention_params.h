@@ -80,6 +80,12 @@ struct BwdParams : FwdParams {
   bool deterministic = false;
 };
 
+// |lse| above which the backward and attention_probs of every backend stop
+// trusting P = exp(x - lse): in lse = m + log(l), fp32 has lost log(l) (a whole
+// row masked with finfo.min), so such rows get their exact max m and sum l
+// recomputed (CPU: row_stats in cpu/flash_cpu.h; CUDA: launch_row_stats).
+constexpr double kExtremeLse = 1e4;
+
 // Visible key range [lo, hi) of query row i, before any explicit mask.
 AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_t& hi) {
   lo = 0;

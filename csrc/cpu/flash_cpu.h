@@ -374,7 +374,7 @@ void row_stats(const BwdParams& p, const Blocks& blk, bool exact_d, std::vector<
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, E = p.dim_qk, Ev = p.dim_v;
   const int64_t bq = blk.q, bk = blk.k, nqb = cdiv(L, bq);
   const A ninf = -std::numeric_limits<A>::infinity();
-  const A kExtreme = A(1e4);
+  const A kExtreme = A(kExtremeLse);
   const bool dropout = p.dropout_p > 0.0;
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
   shift.assign(p.batch * Hq * L, A(0));

@@ -78,10 +78,6 @@ __device__ __forceinline__ DropoutRng make_rng(const FwdParams& p) {
   return DropoutRng(seed, offset, p.dropout_p);
 }
 
-// |lse| above which fp32 lse = m + log(l) no longer keeps log(l) well enough
-// for P = exp(x - lse) (the stats mode recomputes such rows).
-constexpr float kExtremeLse = 1e4f;
-
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParams p, const FwdStats st) {
   using Elem = typename Cfg::Elem;
@@ -112,7 +108,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     bool extreme = false;
     for (int r = tid; r < nq; r += kThreads) {
       const float x = static_cast<const float*>(p.lse)[bh * L + i0 + r];
-      extreme = extreme || (x != -kInf && fabsf(x) > kExtremeLse);
+      extreme = extreme || (x != -kInf && fabsf(x) > static_cast<float>(kExtremeLse));
     }
     if (!__syncthreads_or(extreme)) return;
   }
