@@ -308,3 +308,35 @@ def test_kernel_log(capfd, monkeypatch):
     monkeypatch.delenv("ATTENTION_EXT_LOG_KERNEL")
     emu.ops._attention_forward(q, k, v, None, 0.0, False, None, False, W)
     assert "attention_ext:" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("divergent_barrier", "thread exited while 16 threads wait at __syncthreads"),
+    ("divergent_shuffle", "deadlock; thread 0 waits at __shfl_xor_sync"),
+    ("ldmatrix_outside", "ldmatrix: lane 0 gives row address 64, which is not a 16-byte aligned row inside the 64"),
+    ("shared_outside", "shared-memory address outside the launch's dynamic shared memory"),
+    ("cp_async_misaligned", "the destination must be aligned to the copy size"),
+    ("cp_async_outside", "cp.async reads global memory outside every tensor of the launch"),
+])
+def test_emulator_catches_faults(fault, message):
+    """Each check of the emulator fires on a kernel that has the fault (and a
+    well-formed kernel using the same instructions passes)."""
+    emu.ops._selftest("clean")
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(")):
+        emu.ops._selftest(fault)
+
+
+def test_emulator_selftest_unknown_fault():
+    with pytest.raises(ValueError, match="_selftest: unknown fault 'nope'"):
+        emu.ops._selftest("nope")
+
+
+def test_emulator_schedule_variables_checked(monkeypatch):
+    """A bad ATTENTION_EXT_EMU_ORDER / _CPASYNC value is an error naming the variable."""
+    q, k, v, _ = _inputs(1, 1, 1, 8, 8, 32, 32, f16, seed=0)
+    for var, allowed in (("ATTENTION_EXT_EMU_ORDER", "forward, reverse or shuffle"),
+                         ("ATTENTION_EXT_EMU_CPASYNC", "early or late")):
+        monkeypatch.setenv(var, "sideways")
+        with pytest.raises(RuntimeError, match=f"{var} must be {allowed}, got 'sideways'"):
+            emu.ops._attention_forward(q, k, v, None, 0.0, False, None, False, W)
+        monkeypatch.delenv(var)
