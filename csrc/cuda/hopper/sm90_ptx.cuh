@@ -1,0 +1,142 @@
+// PTX wrappers of the Hopper (sm_90a) kernels: mbarriers, TMA bulk tensor
+// copies, wgmma, register reallocation, named barriers.
+//
+// Torch-free. In the CPU emulation of the kernels (ATTENTION_EXT_SIMT_EMU, see
+// ../emu/simt.h) ../emu/sm90_emu.h defines the same names with the semantics
+// of the PTX ISA; everything below the #else is the GPU side.
+//
+// Shared-memory addresses are 32-bit shared-window addresses (smem_u32 of
+// flash_common.cuh). The wgmma wrappers (wgmma_ss / wgmma_rs) are generated
+// into wgmma_ops.cuh by gen_wgmma.py.
+#pragma once
+
+#include <cstdint>
+
+#include "../flash_common.cuh"
+#include "tma_desc.h"
+
+namespace attention_ext {
+namespace cuda {
+namespace sm90 {
+
+// Matrix descriptor of a wgmma operand in shared memory (PTX ISA, "Matrix
+// Descriptor Format"): bits 0-13 start address >> 4, 16-29 leading-dimension
+// byte offset >> 4, 32-45 stride-dimension byte offset >> 4, 49-51 base offset
+// (0: every swizzle atom used here is 1024-byte aligned), 62-63 swizzle
+// (0 none, 1 128B, 2 64B, 3 32B).
+enum Swizzle : int { kSwizzleNone = 0, kSwizzle128B = 1, kSwizzle64B = 2, kSwizzle32B = 3 };
+__host__ __device__ __forceinline__ uint64_t make_smem_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes,
+                                                            int swizzle) {
+  return (static_cast<uint64_t>((smem_addr & 0x3ffff) >> 4)) |
+         (static_cast<uint64_t>((lbo_bytes & 0x3ffff) >> 4) << 16) |
+         (static_cast<uint64_t>((sbo_bytes & 0x3ffff) >> 4) << 32) | (static_cast<uint64_t>(swizzle & 3) << 62);
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace attention_ext
+
+#if defined(ATTENTION_EXT_SIMT_EMU)
+#include "../emu/sm90_emu.h"
+#else
+
+namespace attention_ext {
+namespace cuda {
+namespace sm90 {
+
+// ---------------------------------------------------------------------------
+// mbarrier (a 64-bit object in shared memory). A phase completes when its
+// pending arrival count reaches 0 and its transaction count (bytes announced
+// by expect_tx and not yet delivered by TMA) is 0.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the initialisations visible to the async proxy (TMA) and the other threads.
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// One arrival, and `bytes` more expected from TMA in the current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Blocks until the phase of parity `parity` has completed (the barrier's
+// current phase parity differs from `parity`); a fresh barrier is in phase 0,
+// so waiting on parity 1 returns at once.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "LAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra LAB_WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// ---------------------------------------------------------------------------
+// TMA (the bulk tensor copy engine).
+__device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* d) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(d)) : "memory");
+}
+// Copies the box at element coordinates (c0, c1, c2, c3) (innermost first) of
+// the 4-d tensor map `d` into shared memory at dst (laid out as the map's
+// swizzle says; elements outside the tensor are zero) and delivers its bytes
+// to the transaction count of `bar`.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, int c2,
+                                            int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(d)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+// Orders this thread's earlier generic-proxy shared-memory writes before later
+// async-proxy accesses (wgmma operands, TMA) of that memory.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---------------------------------------------------------------------------
+// wgmma bookkeeping (all four warps of a warpgroup execute these together).
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most N committed wgmma groups of the warpgroup are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of an accumulator across the
+// asynchronous wgmma that owns it.
+__device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void reg_fence(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// ---------------------------------------------------------------------------
+// Register reallocation between warpgroups (needs a register cap at entry:
+// __launch_bounds__(threads, 1)).
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+
+// Named barriers (ids 1..15; 0 is __syncthreads): `nthreads` (a multiple of
+// 32) threads take part; sync waits, arrive does not.
+__device__ __forceinline__ void named_barrier_sync(int id, int nthreads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int nthreads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace attention_ext
+
+#include "wgmma_ops.cuh"
+
+#endif  // ATTENTION_EXT_SIMT_EMU

@@ -1,0 +1,47 @@
+// Tensor maps of the TMA copies (host side). Torch-free.
+//
+// On the GPU a TmaDesc is the driver's CUtensorMap (128 bytes, 64-byte
+// aligned), passed to kernels by value inside a __grid_constant__ params
+// struct; make_tma_desc_4d fills it with cuTensorMapEncodeTiled (reached
+// through the runtime's driver entry point, so the extension does not link
+// libcuda). In the CPU emulation (ATTENTION_EXT_SIMT_EMU) it is a plain struct
+// that ../emu/sm90_emu.h reads.
+#pragma once
+
+#include <cstdint>
+
+#if !defined(ATTENTION_EXT_SIMT_EMU)
+#include <cuda.h>
+#endif
+
+namespace attention_ext {
+namespace cuda {
+namespace sm90 {
+
+#if defined(ATTENTION_EXT_SIMT_EMU)
+struct alignas(64) TmaDesc {
+  const void* base = nullptr;
+  int elem_bytes = 0;
+  int rank = 0;
+  uint64_t dims[5] = {};          // elements, innermost first
+  uint64_t strides[5] = {};       // bytes; strides[0] = elem_bytes
+  uint32_t box[5] = {};           // elements per dimension of the copied box
+  int swizzle = 0;                // Swizzle of sm90_ptx.cuh (0 none, 1 128B, 2 64B, 3 32B)
+};
+#else
+struct alignas(64) TmaDesc {
+  CUtensorMap map;
+};
+#endif
+
+// A 4-d tensor map over 16-bit elements: dims innermost first (dims[0]
+// contiguous), strides_bytes[i] the byte stride of dims[i + 1] (multiples of
+// 16), box the elements copied per dimension (box[0] * 2 bytes <= the swizzle
+// width), swizzle a Swizzle value. Returns nullptr on success, otherwise why
+// the map cannot be made (the caller then uses the sm80 kernels).
+const char* make_tma_desc_4d(TmaDesc* out, const void* base, const uint64_t dims[4], const uint64_t strides_bytes[3],
+                             const uint32_t box[4], int swizzle);
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace attention_ext
