@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <deque>
 #include <exception>
+#include <map>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -27,7 +28,7 @@ struct Copy {
   int src_bytes;
 };
 
-enum class Wait { kNone, kBlock, kWarp };
+enum class Wait { kNone, kBlock, kWarp, kCond };
 
 struct Fiber {
   ucontext_t ctx;
@@ -36,6 +37,8 @@ struct Fiber {
   bool done = false;
   Wait wait = Wait::kNone;
   uint64_t wait_gen = 0;
+  std::function<bool()> ready;                // Wait::kCond
+  std::function<std::string()> waits_on;      // Wait::kCond, for deadlock reports
   std::vector<Copy> open;                  // issued, not yet committed
   std::deque<std::vector<Copy>> committed;  // committed groups, oldest first
 };
@@ -65,6 +68,7 @@ struct Launch {
   std::exception_ptr error;
   const char* name = "";
   bool early_copies = false;
+  std::unique_ptr<CtaState> ext[kCtaSlots];  // per-CTA extension state (sm90_emu.cpp)
 };
 
 thread_local Launch* g_launch = nullptr;
@@ -91,7 +95,7 @@ Launch& launch() {
   return *g_launch;
 }
 
-std::string where(const Launch& L, const Fiber& f) {
+std::string where_of(const Launch& L, const Fiber& f) {
   std::ostringstream os;
   os << L.name << ", block (" << f.v.block_idx.x << "," << f.v.block_idx.y << "," << f.v.block_idx.z << "), thread "
      << f.v.thread_idx.x;
@@ -110,18 +114,36 @@ void fiber_main() {
   Launch& L = *g_launch;
   try {
     (*L.kernel)();
+    const int rank = static_cast<int>(L.cur - L.fibers.data());
+    for (auto& e : L.ext)
+      if (e) e->thread_exit(rank);
   } catch (...) {
     if (!L.error) L.error = std::current_exception();
   }
   L.cur->done = true;
 }  // returns to uc_link = L.main
 
-bool runnable(const Launch& L, const Fiber& f) {
+// Runs a waiting fiber's condition (or description) as if from that fiber, so
+// that the extension code it calls sees the fiber as the current thread.
+template <typename R>
+R as_fiber(Launch& L, const Fiber& f, const std::function<R()>& fn) {
+  Fiber* saved = L.cur;
+  L.cur = const_cast<Fiber*>(&f);
+  struct Restore {
+    Launch& L;
+    Fiber* saved;
+    ~Restore() { L.cur = saved; }
+  } restore{L, saved};
+  return fn();
+}
+
+bool runnable(Launch& L, const Fiber& f) {
   if (f.done) return false;
   switch (f.wait) {
     case Wait::kNone: return true;
     case Wait::kBlock: return L.bar_gen != f.wait_gen;
     case Wait::kWarp: return L.warps[f.warp].gen != f.wait_gen;
+    case Wait::kCond: return as_fiber(L, f, f.ready);
   }
   return false;
 }
@@ -152,6 +174,7 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
   std::fill(L.smem.begin(), L.smem.end(), static_cast<unsigned char>(0xff));  // NaN in every element type
   L.bar_arrived = 0;
   L.bar_or = 0;
+  for (auto& e : L.ext) e.reset();
   for (WarpState& w : L.warps) {
     w.arrived = 0;
     w.what = nullptr;
@@ -166,6 +189,8 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
     f.warp = i / 32;
     f.done = false;
     f.wait = Wait::kNone;
+    f.ready = nullptr;
+    f.waits_on = nullptr;
     f.open.clear();
     f.committed.clear();
     getcontext(&f.ctx);
@@ -192,21 +217,46 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
       if (f.done) {
         --live;
         if (L.bar_arrived > 0 && live > 0) {
-          throw Error(where(L, f) + ": thread exited while " + std::to_string(L.bar_arrived) +
+          throw Error(where_of(L, f) + ": thread exited while " + std::to_string(L.bar_arrived) +
                       " threads wait at __syncthreads (the barrier can never complete)");
         }
       }
     }
     if (!ran && live > 0) {
+      // what each live thread waits on, threads with the same wait grouped
+      std::vector<std::pair<std::string, std::vector<int>>> waits;
+      for (int i = 0; i < n; ++i) {
+        const Fiber& f = L.fibers[i];
+        if (f.done) continue;
+        std::string w;
+        switch (f.wait) {
+          case Wait::kBlock: w = "__syncthreads"; break;
+          case Wait::kWarp: w = L.warps[f.warp].what ? L.warps[f.warp].what : "?"; break;
+          case Wait::kCond: w = f.waits_on ? as_fiber(L, f, f.waits_on) : "?"; break;
+          case Wait::kNone: w = "nothing"; break;
+        }
+        auto it = std::find_if(waits.begin(), waits.end(), [&](const auto& p) { return p.first == w; });
+        if (it == waits.end()) {
+          waits.push_back({w, {i}});
+        } else {
+          it->second.push_back(i);
+        }
+      }
       std::ostringstream os;
       os << L.name << ", block (" << bidx.x << "," << bidx.y << "," << bidx.z << "): deadlock; ";
       int shown = 0;
-      for (const Fiber& f : L.fibers) {
-        if (f.done || shown >= 8) continue;
-        ++shown;
-        os << "thread " << f.v.thread_idx.x << " waits at "
-           << (f.wait == Wait::kBlock ? "__syncthreads" : (L.warps[f.warp].what ? L.warps[f.warp].what : "?"))
-           << "; ";
+      for (const auto& [w, ids] : waits) {
+        if (shown++ >= 8) break;
+        os << (ids.size() == 1 ? "thread " : "threads ");
+        // compact ranges: 0-31,64
+        for (size_t a = 0; a < ids.size();) {
+          size_t b = a;
+          while (b + 1 < ids.size() && ids[b + 1] == ids[b] + 1) ++b;
+          os << (a ? "," : "") << ids[a];
+          if (b > a) os << "-" << ids[b];
+          a = b + 1;
+        }
+        os << " wait" << (ids.size() == 1 ? "s" : "") << " at " << w << "; ";
       }
       os << live << " threads live, " << L.bar_arrived << " at the block barrier";
       throw Error(os.str());
@@ -223,7 +273,7 @@ int syncthreads_or(int pred) {
   Fiber& f = *L.cur;
   const WarpState& mine = L.warps[f.warp];
   if (mine.arrived > 0) {
-    throw Error(where(L, f) + ": __syncthreads while other lanes of its warp wait in " + std::string(mine.what));
+    throw Error(where_of(L, f) + ": __syncthreads while other lanes of its warp wait in " + std::string(mine.what));
   }
   L.bar_or |= pred != 0;
   if (++L.bar_arrived == static_cast<int>(L.fibers.size())) {
@@ -250,11 +300,11 @@ void warp_collective(const uint32_t* in, int n_in, uint32_t* out, int n_out,
   Launch& L = launch();
   Fiber& f = *L.cur;
   if (static_cast<int>(L.fibers.size()) < 32 * (f.warp + 1)) {
-    throw Error(where(L, f) + ": " + what + " in a partial warp");
+    throw Error(where_of(L, f) + ": " + what + " in a partial warp");
   }
   WarpState& w = L.warps[f.warp];
   if (w.arrived > 0 && w.what != what) {
-    throw Error(where(L, f) + ": lane " + std::to_string(f.lane) + " reaches " + what + " while other lanes wait in " +
+    throw Error(where_of(L, f) + ": lane " + std::to_string(f.lane) + " reaches " + what + " while other lanes wait in " +
                 w.what + " (divergent warp collective)");
   }
   std::memcpy(w.in + f.lane * kSlot, in, sizeof(uint32_t) * static_cast<size_t>(n_in));
@@ -275,19 +325,19 @@ void cp_async(uint32_t smem_off, const void* src, int bytes, int src_bytes) {
   Launch& L = launch();
   Fiber& f = *L.cur;
   if (smem_off % static_cast<uint32_t>(bytes) != 0 || smem_off + static_cast<size_t>(bytes) > L.smem_bytes) {
-    throw Error(where(L, f) + ": cp.async of " + std::to_string(bytes) + " bytes to shared offset " +
+    throw Error(where_of(L, f) + ": cp.async of " + std::to_string(bytes) + " bytes to shared offset " +
                 std::to_string(smem_off) + " (dynamic shared memory: " + std::to_string(L.smem_bytes) +
                 " bytes; the destination must be aligned to the copy size)");
   }
   if (src_bytes > 0) {
     const auto* s = static_cast<const unsigned char*>(src);
     if (reinterpret_cast<uintptr_t>(s) % static_cast<uintptr_t>(bytes) != 0) {
-      throw Error(where(L, f) + ": cp.async source is not aligned to " + std::to_string(bytes) + " bytes");
+      throw Error(where_of(L, f) + ": cp.async source is not aligned to " + std::to_string(bytes) + " bytes");
     }
     if (!g_regions.empty()) {
       bool inside = false;
       for (const auto& r : g_regions) inside = inside || (s >= r.first && s + src_bytes <= r.first + r.second);
-      if (!inside) throw Error(where(L, f) + ": cp.async reads global memory outside every tensor of the launch");
+      if (!inside) throw Error(where_of(L, f) + ": cp.async reads global memory outside every tensor of the launch");
     }
   }
   const Copy c{smem_off, src, bytes, src_bytes};
@@ -313,6 +363,40 @@ void cp_async_wait(int keep_groups) {
     f.committed.pop_front();
   }
 }
+
+bool global_read_ok(const void* ptr, size_t bytes) {
+  if (g_regions.empty()) return true;
+  const auto* s = static_cast<const unsigned char*>(ptr);
+  for (const auto& r : g_regions)
+    if (s >= r.first && s + bytes <= r.first + r.second) return true;
+  return false;
+}
+
+int thread_rank() {
+  Launch& L = launch();
+  return static_cast<int>(L.cur - L.fibers.data());
+}
+int num_threads() { return static_cast<int>(launch().fibers.size()); }
+std::string where() {
+  Launch& L = launch();
+  return where_of(L, *L.cur);
+}
+bool early_async() { return launch().early_copies; }
+
+void block_until(std::function<bool()> ready, std::function<std::string()> describe) {
+  Launch& L = launch();
+  if (ready()) return;
+  Fiber& f = *L.cur;
+  f.ready = std::move(ready);
+  f.waits_on = std::move(describe);
+  f.wait = Wait::kCond;
+  yield();
+  f.ready = nullptr;
+  f.waits_on = nullptr;
+}
+
+CtaState* cta_state(int slot) { return launch().ext[slot].get(); }
+void set_cta_state(int slot, std::unique_ptr<CtaState> state) { launch().ext[slot] = std::move(state); }
 
 void add_global_region(const void* ptr, size_t bytes) {
   if (ptr != nullptr && bytes > 0) g_regions.emplace_back(static_cast<const unsigned char*>(ptr), bytes);

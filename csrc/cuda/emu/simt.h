@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -105,6 +106,37 @@ void cp_async_wait(int keep_groups);
 // caller registers around a launch (empty = no check).
 void add_global_region(const void* ptr, size_t bytes);
 void clear_global_regions();
+
+// Is a global range inside a registered region? (true when none are registered)
+bool global_read_ok(const void* ptr, size_t bytes);
+
+// ---------------------------------------------------------------------------
+// Hooks for emulated asynchronous hardware (emu/sm90_emu.cpp: mbarriers, TMA,
+// wgmma, named barriers).
+//
+// Linear index of the calling thread in its CTA, the CTA's thread count, and
+// "kernel, block (x,y,z), thread t" for error messages.
+int thread_rank();
+int num_threads();
+std::string where();
+// ATTENTION_EXT_EMU_CPASYNC=early: asynchronous copies / operations take
+// effect at issue instead of at the latest moment the PTX ISA allows.
+bool early_async();
+// Blocks the calling fiber until ready() holds. The scheduler polls ready()
+// (it may make progress itself, e.g. land a pending copy) whenever it looks
+// for a fiber to run; if no fiber can run, the deadlock error lists what each
+// waiting thread waits on (describe()).
+void block_until(std::function<bool()> ready, std::function<std::string()> describe);
+// Per-CTA state of an extension: slot `slot` of the running CTA (nullptr until
+// set); all slots are destroyed when the next CTA starts. thread_exit runs in
+// each thread's fiber when the kernel function returns (it may throw Error).
+struct CtaState {
+  virtual ~CtaState() = default;
+  virtual void thread_exit(int /*rank*/) {}
+};
+constexpr int kCtaSlots = 2;
+CtaState* cta_state(int slot);
+void set_cta_state(int slot, std::unique_ptr<CtaState> state);
 
 // Runs `kernel` for every CTA of the grid; throws Error on a detected fault.
 void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel, const char* name);
