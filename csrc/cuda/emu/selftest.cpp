@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "../hopper/sm90_ptx.cuh"
 #include "ptx_emu.h"
 #include "simt.h"
 
@@ -61,13 +62,135 @@ __global__ void selftest_kernel(int fault, const float* inside, const float* out
   }
 }
 
+// The Hopper faults (sm90_emu.h): one warpgroup, 8 KiB of shared memory, an
+// mbarrier at 0x40, a 64 x 64 16-bit global tensor `g` behind the map `d`.
+enum Sm90Fault : int {
+  kSm90Clean,
+  kMbarDeadlock,
+  kMbarUninit,
+  kMbarExtraArrival,
+  kWgmmaNonUniform,
+  kWgmmaOutside,
+  kWgmmaNotWaited,
+  kTmaMisaligned,
+  kNamedBarrierDeadlock
+};
+
+__global__ void sm90_selftest_kernel(int fault, const sm90::TmaDesc* d, float* out) {
+  using namespace sm90;
+  AE_DYNAMIC_SMEM(smem);
+  const uint32_t base = smem_u32(smem), bar = base + 0x40;
+  const int tid = threadIdx.x;
+  float acc[4] = {};
+  // A (64 x 16) and B (16 x 8), K-major, no swizzle, at 1024 / 4096 as TMA
+  // lands boxes of 8 x 64: core matrices of 8 rows x 16 bytes; the second 8 k
+  // at +LBO = 1024, the next 8 rows at +SBO = 128.
+  const uint64_t da = make_smem_desc(base + 1024, 64 * 16, 128, kSwizzleNone);
+  const uint64_t db = make_smem_desc(base + 4096, 64 * 16, 128, kSwizzleNone);
+  if (fault != kMbarUninit && tid == 0) {
+    mbar_init(bar, 1);
+    mbar_fence_init();
+  }
+  __syncthreads();
+  switch (fault) {
+    case kSm90Clean: {
+      if (tid == 0) {
+        mbar_arrive_expect_tx(bar, 4 * 1024);
+        tma_load_4d(base + 1024, d, bar, 0, 0, 0, 0);  // box 8 x 64: A's two k halves come from
+        tma_load_4d(base + 2048, d, bar, 8, 0, 0, 0);  // columns 0..7 and 8..15 of g
+        tma_load_4d(base + 4096, d, bar, 0, 0, 0, 0);  // B^T (8 x 16): rows 0..7 of the same
+        tma_load_4d(base + 5120, d, bar, 8, 0, 0, 0);
+      }
+      mbar_wait(bar, 0);
+      wgmma_fence();
+      wgmma_ss<8, __half, 0, 0>(acc, da, db, 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      named_barrier_sync(1, 128);
+      setmaxnreg_inc<240>();
+      if (tid == 0) out[0] = acc[0];
+      break;
+    }
+    case kMbarDeadlock:
+      mbar_wait(bar, 0);  // nobody arrives
+      break;
+    case kMbarUninit:
+      if (tid == 0) mbar_arrive(bar);
+      break;
+    case kMbarExtraArrival:
+      if (tid == 0) {
+        mbar_arrive_expect_tx(bar, 16);  // the only arrival; 16 bytes still pending
+        mbar_arrive(bar);
+      }
+      break;
+    case kWgmmaNonUniform:
+      wgmma_fence();
+      wgmma_ss<8, __half, 0, 0>(acc, tid == 77 ? da + 1 : da, db, 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      break;
+    case kWgmmaOutside:
+      wgmma_fence();
+      wgmma_ss<8, __half, 0, 0>(acc, make_smem_desc(base + 8192 - 1024, 64 * 16, 128, kSwizzleNone), db, 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      break;
+    case kWgmmaNotWaited:
+      wgmma_fence();
+      wgmma_ss<8, __half, 0, 0>(acc, da, db, 0);
+      wgmma_commit();
+      break;
+    case kTmaMisaligned:
+      if (tid == 0) {
+        const uint64_t dims[4] = {64, 64, 1, 1}, strides[3] = {128, 128 * 64, 128 * 64};
+        const uint32_t box[4] = {64, 8, 1, 1};
+        TmaDesc sw128;
+        make_tma_desc_4d(&sw128, d->base, dims, strides, box, kSwizzle128B);
+        mbar_arrive_expect_tx(bar, 1024);
+        tma_load_4d(base + 512, &sw128, bar, 0, 0, 0, 0);  // 128B swizzle needs 1024-byte alignment
+      }
+      break;
+    case kNamedBarrierDeadlock:
+      if (tid < 64) named_barrier_sync(1, 128);  // the other 64 threads never come
+      break;
+  }
+}
+
 void selftest(std::string kind) {
   static const char* kNames[] = {"clean",           "divergent_barrier",     "divergent_shuffle", "ldmatrix_outside",
                                  "shared_outside", "cp_async_misaligned", "cp_async_outside"};
-  int fault = -1;
+  static const char* kSm90Names[] = {"sm90_clean",           "mbarrier_deadlock", "mbarrier_uninit",
+                                     "mbarrier_extra_arrival", "wgmma_nonuniform",  "wgmma_outside",
+                                     "wgmma_not_waited",     "tma_misaligned",    "named_barrier_deadlock"};
+  int fault = -1, sm90_fault = -1;
   for (int i = 0; i < 7; ++i)
     if (kind == kNames[i]) fault = i;
-  TORCH_CHECK_VALUE(fault >= 0, "_selftest: unknown fault '", kind, "'");
+  for (int i = 0; i < 9; ++i)
+    if (kind == kSm90Names[i]) sm90_fault = i;
+  TORCH_CHECK_VALUE(fault >= 0 || sm90_fault >= 0, "_selftest: unknown fault '", kind, "'");
+  if (sm90_fault >= 0) {
+    alignas(16) static uint16_t g[64 * 64];
+    alignas(16) static float out[4];
+    for (int i = 0; i < 64 * 64; ++i) g[i] = 0x3c00;  // 1.0 in f16
+    sm90::TmaDesc d;
+    const uint64_t dims[4] = {64, 64, 1, 1}, strides[3] = {128, 128 * 64, 128 * 64};
+    const uint32_t box[4] = {8, 64, 1, 1};
+    const char* err = sm90::make_tma_desc_4d(&d, g, dims, strides, box, sm90::kSwizzleNone);
+    TORCH_CHECK(err == nullptr, "_selftest: make_tma_desc_4d: ", err);
+    simt::clear_global_regions();
+    simt::add_global_region(g, sizeof(g));
+    try {
+      const cudaError_t e = launch_kernel(sm90_selftest_kernel, 1, 128, 8192, 8192, nullptr, "sm90_selftest_kernel",
+                                          sm90_fault, static_cast<const sm90::TmaDesc*>(&d), static_cast<float*>(out));
+      simt::clear_global_regions();
+      TORCH_CHECK(e == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
+    } catch (const simt::Error& e) {
+      simt::clear_global_regions();
+      TORCH_CHECK(false, "attention_ext_emu: ", e.what());
+    }
+    TORCH_CHECK(sm90_fault != kSm90Clean || out[0] == 16.f, "_selftest: sm90_clean computed ", out[0], ", not 16");
+    return;
+  }
   alignas(16) static float inside[16], outside[16], out[32];
   simt::clear_global_regions();
   simt::add_global_region(inside, sizeof(inside));
