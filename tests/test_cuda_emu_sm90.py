@@ -114,14 +114,15 @@ def test_tma_hazard_detected(order):
 
 
 SM90_FAULTS = [
-    ("mbarrier_deadlock", r"deadlock; threads 0-127 wait at mbarrier.try_wait.parity 0 on mbarrier at smem 0x40"),
+    ("mbarrier_deadlock", r"deadlock; thread 0 waits at mbarrier.try_wait.parity 0 on mbarrier at smem 0x40 \(phase 0, 1 of 1 arrivals pending, tx-count 0\) \(so do threads 1-127\)"),
     ("mbarrier_uninit", "mbarrier.arrive on an uninitialised mbarrier at smem 0x40"),
     ("mbarrier_extra_arrival", "more arrivals than pending in the current phase"),
     ("wgmma_nonuniform", "thread 77: wgmma.mma_async op #0 of warpgroup 0 is not warpgroup-uniform: A descriptor"),
     ("wgmma_outside", r"operand A .* is outside the 8192 bytes of dynamic shared memory"),
     ("wgmma_not_waited", "thread exits with 1 wgmma.mma_async ops it has not waited for"),
     ("tma_misaligned", "the destination must be aligned to 1024 bytes for 128B swizzle"),
-    ("named_barrier_deadlock", r"deadlock; threads 0-63 wait at named barrier 1 \(64 of 128 threads arrived\)"),
+    ("tma_outside", "TMA load .* reads global memory outside every tensor of the launch"),
+    ("named_barrier_deadlock", r"deadlock; thread 0 waits at named barrier 1 \(64 of 128 threads arrived\) \(so do threads 1-63\)"),
 ]
 
 

@@ -73,6 +73,7 @@ enum Sm90Fault : int {
   kWgmmaOutside,
   kWgmmaNotWaited,
   kTmaMisaligned,
+  kTmaOutside,
   kNamedBarrierDeadlock
 };
 
@@ -150,6 +151,18 @@ __global__ void sm90_selftest_kernel(int fault, const sm90::TmaDesc* d, float* o
         tma_load_4d(base + 512, &sw128, bar, 0, 0, 0, 0);  // 128B swizzle needs 1024-byte alignment
       }
       break;
+    case kTmaOutside:
+      if (tid == 0) {
+        // a map over the 64 x 64 elements that follow g, which no tensor of the launch covers
+        const uint64_t dims[4] = {64, 64, 1, 1}, strides[3] = {128, 128 * 64, 128 * 64};
+        const uint32_t box[4] = {8, 64, 1, 1};
+        TmaDesc past;
+        make_tma_desc_4d(&past, static_cast<const uint16_t*>(d->base) + 64 * 64, dims, strides, box, kSwizzleNone);
+        mbar_arrive_expect_tx(bar, 1024);
+        tma_load_4d(base + 1024, &past, bar, 0, 0, 0, 0);
+      }
+      mbar_wait(bar, 0);
+      break;
     case kNamedBarrierDeadlock:
       if (tid < 64) named_barrier_sync(1, 128);  // the other 64 threads never come
       break;
@@ -161,15 +174,16 @@ void selftest(std::string kind) {
                                  "shared_outside", "cp_async_misaligned", "cp_async_outside"};
   static const char* kSm90Names[] = {"sm90_clean",           "mbarrier_deadlock", "mbarrier_uninit",
                                      "mbarrier_extra_arrival", "wgmma_nonuniform",  "wgmma_outside",
-                                     "wgmma_not_waited",     "tma_misaligned",    "named_barrier_deadlock"};
+                                     "wgmma_not_waited",     "tma_misaligned",    "tma_outside",
+                                     "named_barrier_deadlock"};
   int fault = -1, sm90_fault = -1;
   for (int i = 0; i < 7; ++i)
     if (kind == kNames[i]) fault = i;
-  for (int i = 0; i < 9; ++i)
+  for (int i = 0; i < 10; ++i)
     if (kind == kSm90Names[i]) sm90_fault = i;
   TORCH_CHECK_VALUE(fault >= 0 || sm90_fault >= 0, "_selftest: unknown fault '", kind, "'");
   if (sm90_fault >= 0) {
-    alignas(16) static uint16_t g[64 * 64];
+    alignas(16) static uint16_t g[2 * 64 * 64];  // the second half: outside the registered region
     alignas(16) static float out[4];
     for (int i = 0; i < 64 * 64; ++i) g[i] = 0x3c00;  // 1.0 in f16
     sm90::TmaDesc d;
@@ -178,7 +192,7 @@ void selftest(std::string kind) {
     const char* err = sm90::make_tma_desc_4d(&d, g, dims, strides, box, sm90::kSwizzleNone);
     TORCH_CHECK(err == nullptr, "_selftest: make_tma_desc_4d: ", err);
     simt::clear_global_regions();
-    simt::add_global_region(g, sizeof(g));
+    simt::add_global_region(g, sizeof(g) / 2);
     try {
       const cudaError_t e = launch_kernel(sm90_selftest_kernel, 1, 128, 8192, 8192, nullptr, "sm90_selftest_kernel",
                                           sm90_fault, static_cast<const sm90::TmaDesc*>(&d), static_cast<float*>(out));

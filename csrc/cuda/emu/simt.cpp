@@ -247,16 +247,20 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
       int shown = 0;
       for (const auto& [w, ids] : waits) {
         if (shown++ >= 8) break;
-        os << (ids.size() == 1 ? "thread " : "threads ");
-        // compact ranges: 0-31,64
-        for (size_t a = 0; a < ids.size();) {
-          size_t b = a;
-          while (b + 1 < ids.size() && ids[b + 1] == ids[b] + 1) ++b;
-          os << (a ? "," : "") << ids[a];
-          if (b > a) os << "-" << ids[b];
-          a = b + 1;
+        // "thread 0 waits at X (so do threads 1-15,32); "
+        os << "thread " << ids[0] << " waits at " << w;
+        if (ids.size() > 1) {
+          os << " (so do thread" << (ids.size() > 2 ? "s " : " ");
+          for (size_t a = 1; a < ids.size();) {
+            size_t b = a;
+            while (b + 1 < ids.size() && ids[b + 1] == ids[b] + 1) ++b;
+            os << (a > 1 ? "," : "") << ids[a];
+            if (b > a) os << "-" << ids[b];
+            a = b + 1;
+          }
+          os << ")";
         }
-        os << " wait" << (ids.size() == 1 ? "s" : "") << " at " << w << "; ";
+        os << "; ";
       }
       os << live << " threads live, " << L.bar_arrived << " at the block barrier";
       throw Error(os.str());

@@ -12,6 +12,14 @@
 // of each lane's fragment. emu/attention_emu.cpp registers the result as the
 // ops of the test-only library `attention_ext_emu` on CPU tensors.
 //
+// The Hopper PTX of hopper/sm90_ptx.cuh (mbarriers, TMA tensor loads with
+// swizzle, wgmma with shared-memory descriptors or register A fragments, named
+// barriers, setmaxnreg) is emulated by emu/sm90_emu.h / sm90_emu.cpp on top of
+// two hooks below: block_until (a fiber blocks on any condition, e.g. an
+// mbarrier phase or a warpgroup's wgmma op; the scheduler polls it, and a
+// deadlock report says what each waiting thread waits on) and per-CTA
+// extension state (reset at every CTA start, with a thread-exit check).
+//
 // Checks made on the way (each raises simt::Error with the kernel state):
 //   * a barrier or warp collective that can never complete (divergence,
 //     a thread exiting while others wait)
@@ -19,9 +27,17 @@
 //     dynamic shared memory or misaligned; global sources of cp.async outside
 //     every registered buffer (emu::GlobalRegions) or misaligned
 //   * dynamic shared memory above the launch's cap
+//   * Hopper: mbarriers used before init / misplaced / over-arrived, waits
+//     that can never complete (mbarrier, wgmma, named barrier), TMA
+//     destinations misaligned for their swizzle or outside shared memory,
+//     TMA reads outside every registered buffer, wgmma descriptors that are
+//     not warpgroup-uniform or read outside shared memory, wgmma without a
+//     prior wgmma.fence or never waited for
 // and shared memory starts each CTA filled with 0xFF bytes (NaN in every
 // element type), cp.async data lands only at the matching cp.async.wait_group
-// (the latest moment the PTX ISA allows), and the fibers of a CTA can run in
+// and TMA data only when a thread waits on its mbarrier, wgmma ops execute at
+// the wgmma.wait_group that needs them (the latest moments the PTX ISA
+// allows; ATTENTION_EXT_EMU_CPASYNC=early: all at issue), and the fibers of a CTA can run in
 // forward, reverse or shuffled order between barriers
 // (ATTENTION_EXT_EMU_ORDER=forward|reverse|shuffle), so that reads that are
 // not ordered by a barrier or a wait show up as wrong results.
