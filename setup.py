@@ -14,7 +14,9 @@ Environment switches
                               host C++ on a SIMT emulator (csrc/cuda/emu/), for the
                               tests without a GPU (default: on when the CUDA toolkit's
                               headers are found; it needs no GPU and no CUDA torch)
-  TORCH_CUDA_ARCH_LIST        CUDA architectures (default: the visible GPU, else "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default: the visible GPUs, else "8.0;9.0a"; 9.0 is
+                              built as 9.0a, the target with wgmma / setmaxnreg that the Hopper
+                              kernels need; a list naming plain "9.0" builds no Hopper kernels)
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 import glob
@@ -54,7 +56,9 @@ def cuda_sources():
     keep_dims = set(head_dims.split(",")) if head_dims else None
     keep_dtypes = set(dtypes.split(",")) if dtypes else None
     sources = []
-    for path in sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))):
+    paths = glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
+    paths += glob.glob(os.path.join("csrc", "cuda", "hopper", "*.cpp"))
+    for path in sorted(paths):
         name = os.path.basename(path)
         # instantiation files are named <kind>_hdim<D>_<dtype>[_<variant>].cu
         if "_hdim" in name:
@@ -69,14 +73,28 @@ def cuda_sources():
     return sources
 
 
+def default_arch_list():
+    """The visible GPUs' architectures (9.0 as 9.0a), else 8.0 and 9.0a."""
+    archs = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            arch = "%d.%d" % (major, minor) + ("a" if (major, minor) == (9, 0) else "")
+            if arch not in archs:
+                archs.append(arch)
+    return ";".join(archs) if archs else "8.0;9.0a"
+
+
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     define_macros = []
     if want_cuda():
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
         define_macros.append(("ATTENTION_EXT_WITH_CUDA", "1"))
+        if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";"):
+            define_macros.append(("ATTENTION_EXT_SM90A", "1"))  # the Hopper kernels are built: register them
         head_dims = os.environ.get("ATTENTION_EXT_HEAD_DIMS")
         if head_dims:
             define_macros.append(("ATTENTION_EXT_HEAD_DIMS", head_dims.replace(",", "_")))
@@ -116,7 +134,8 @@ def emu_extension():
     glue and registry stay private to this library)."""
     wrap_dir = os.path.join("build", "emu_src")
     os.makedirs(wrap_dir, exist_ok=True)
-    wrapped = [p for p in cuda_sources() if not p.endswith("attention_cuda.cpp") and not p.endswith("rng_state.cu")]
+    host_only = ("attention_cuda.cpp", "rng_state.cu", "tma_desc.cpp")  # the emulator has its own twins
+    wrapped = [p for p in cuda_sources() if not p.endswith(host_only)]
     wrapped.append(os.path.join("csrc", "glue.cpp"))
     sources = []
     for path in wrapped:
@@ -133,7 +152,7 @@ def emu_extension():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), os.path.join(CUDA_HOME, "include")],
         define_macros=[("ATTENTION_EXT_SIMT_EMU", "1")],
-        extra_compile_args={"cxx": ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wno-unknown-pragmas"]},
+        extra_compile_args={"cxx": ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]},
         py_limited_api=True,
     )
 

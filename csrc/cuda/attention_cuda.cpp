@@ -81,6 +81,10 @@ LaunchEnv make_env(const at::Tensor& q) {
   LaunchEnv env;
   env.stream = c10::cuda::getCurrentCUDAStream();
   env.num_sms = num_sms(q.get_device());
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  env.arch = 10 * major + minor;
   // float32: TF32 tensor cores only when the user allowed them for matmuls
   // (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision).
   env.allow_tf32 = q.scalar_type() == at::kFloat &&
@@ -136,9 +140,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   }
 
   if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    const FwdEntry* e = find_fwd_or_fail(p);
-    if (log_kernels()) log_kernel(describe_kernel("cuda forward", e->head_dim, p.dtype, env));
-    C10_CUDA_CHECK(e->fn(p, nullptr, env));
+    // the Hopper kernel when it covers the call (it declines with cudaErrorNotSupported), else sm80
+    const Sm90FwdEntry* h = find_fwd_sm90(p, env);
+    const cudaError_t herr = h != nullptr ? h->fn(p, env) : cudaErrorNotSupported;
+    if (herr != cudaErrorNotSupported) {
+      if (log_kernels()) log_kernel(describe_kernel_sm90("cuda forward", h->head_dim, p.dtype));
+      C10_CUDA_CHECK(herr);
+    } else {
+      (void)cudaGetLastError();
+      const FwdEntry* e = find_fwd_or_fail(p);
+      if (log_kernels()) log_kernel(describe_kernel("cuda forward", e->head_dim, p.dtype, env));
+      C10_CUDA_CHECK(e->fn(p, nullptr, env));
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   finish_forward(st);
@@ -174,14 +187,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const BwdEntry* e = find_bwd(p.dtype, needed_head_dim(p));
     if (e == nullptr) compiled_out(true, p.dtype, needed_head_dim(p));
 
-    const BwdWorkspace ws = make_bwd_workspace(p, *e, env.num_sms, q.options());
-    C10_CUDA_CHECK(launch_row_stats(p, ws.row_stats, *find_fwd_or_fail(p), env));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (log_kernels()) log_kernel(describe_kernel("cuda backward", e->head_dim, p.dtype, env, &ws.work));
-    C10_CUDA_CHECK(e->fn(p, ws.work, env));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    C10_CUDA_CHECK(launch_dq_convert(p, ws.work, env));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const std::string ran = run_backward(p, env, q.options(), *find_fwd_or_fail(p), *e, "cuda backward",
+                                         [](const char*, const BwdWorkspace&, auto&& fn) {
+                                           C10_CUDA_CHECK(fn());
+                                           C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                         });
+    if (log_kernels()) log_kernel(ran);
   }
   return finish_backward(st, mask, q);
 }

@@ -25,6 +25,7 @@ struct LaunchEnv {
   cudaStream_t stream = nullptr;
   int num_sms = 1;
   bool allow_tf32 = false;  // float32 inputs: TF32 tensor cores allowed (else 3xTF32, fp32 accuracy)
+  int arch = 0;             // compute capability of the device, major * 10 + minor (90: Hopper)
 };
 
 // Row statistics for the backward and attention_probs, which recompute
@@ -96,7 +97,28 @@ struct BwdEntry {
   BwdLauncher fn = nullptr;
 };
 
+// Hopper (sm_90a) forward kernels (hopper/flash_fwd_sm90.cuh): a launcher
+// returns cudaErrorNotSupported, without launching, for a call outside what
+// it covers, and the caller then runs the sm80 kernel.
+using Sm90FwdLauncher = cudaError_t (*)(const FwdParams&, const LaunchEnv&);
+struct Sm90FwdEntry {
+  int head_dim = 0;
+  DType dtype = DType::kFloat32;
+  Sm90FwdLauncher fn = nullptr;
+};
+
 bool register_fwd(const FwdEntry& e);
+bool register_fwd_sm90(const Sm90FwdEntry& e);
+// The Hopper forward entry for p on a device of env.arch, or nullptr: only on
+// sm_90, for fp16 / bf16 without a mask or with a key-padding one, unless the environment
+// variable ATTENTION_EXT_DISABLE_SM90=1 turns the Hopper kernels off.
+const Sm90FwdEntry* find_fwd_sm90(const FwdParams& p, const LaunchEnv& env);
+std::string describe_kernel_sm90(const char* what, int head_dim, DType dtype);
+// Hopper backward kernels (hopper/flash_bwd_sm90.cuh), BwdEntry launchers
+// with the same decline protocol: only on sm_90, fp16 / bf16, no dropout, no
+// mask gradient, not deterministic, no mask or a key-padding one.
+bool register_bwd_sm90(const BwdEntry& e);
+const BwdEntry* find_bwd_sm90(const BwdParams& p, const LaunchEnv& env);
 bool register_bwd(const BwdEntry& e);
 // The compiled entry with the smallest head dim >= min_head_dim, or nullptr.
 const FwdEntry* find_fwd(DType dtype, int min_head_dim);

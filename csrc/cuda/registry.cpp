@@ -2,6 +2,8 @@
 // by static initializers of the generated fwd_/bwd_hdim<D>_<dtype>.cu files
 // when the library is loaded; read by the glue afterwards.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "launch.h"
 
@@ -18,6 +20,34 @@ std::vector<FwdEntry>& fwd_table() {
 std::vector<BwdEntry>& bwd_table() {
   static std::vector<BwdEntry> table;
   return table;
+}
+std::vector<Sm90FwdEntry>& fwd_sm90_table() {
+  static std::vector<Sm90FwdEntry> table;
+  return table;
+}
+std::vector<BwdEntry>& bwd_sm90_table() {
+  static std::vector<BwdEntry> table;
+  return table;
+}
+
+// The calls the Hopper kernels may take (the launchers check the rest: head
+// dims, TMA alignment).
+bool sm90_eligible(const FwdParams& p, const LaunchEnv& env) {
+  if (env.arch != 90) return false;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  // explicit masks: only key padding (broadcast over the query rows)
+  if (p.mask_kind != MaskKind::kNone && p.mask_stride.r != 0 && p.len_q != 1) return false;
+  const char* off = std::getenv("ATTENTION_EXT_DISABLE_SM90");
+  return off == nullptr || std::strcmp(off, "1") != 0;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16: return "fp16";
+    case DType::kBFloat16: return "bf16";
+    case DType::kFloat32: return "fp32";
+    default: return "?";
+  }
 }
 
 template <typename Entry>
@@ -39,6 +69,31 @@ bool register_bwd(const BwdEntry& e) {
   bwd_table().push_back(e);
   return true;
 }
+bool register_fwd_sm90(const Sm90FwdEntry& e) {
+  fwd_sm90_table().push_back(e);
+  return true;
+}
+
+const Sm90FwdEntry* find_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
+  if (!sm90_eligible(p, env)) return nullptr;
+  return find_in(fwd_sm90_table(), p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
+}
+
+bool register_bwd_sm90(const BwdEntry& e) {
+  bwd_sm90_table().push_back(e);
+  return true;
+}
+
+const BwdEntry* find_bwd_sm90(const BwdParams& p, const LaunchEnv& env) {
+  if (!sm90_eligible(p, env) || p.dropout_p > 0.0 || p.dmask != nullptr || p.deterministic) return nullptr;
+  return find_in(bwd_sm90_table(), p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
+}
+
+std::string describe_kernel_sm90(const char* what, int head_dim, DType dtype) {
+  return std::string(what) + ": sm90a wgmma + TMA kernel (warp-specialised), head-dim bucket " +
+         std::to_string(head_dim) + ", " + dtype_name(dtype);
+}
+
 const FwdEntry* find_fwd(DType dtype, int min_head_dim) { return find_in(fwd_table(), dtype, min_head_dim); }
 const BwdEntry* find_bwd(DType dtype, int min_head_dim) { return find_in(bwd_table(), dtype, min_head_dim); }
 
@@ -87,11 +142,10 @@ FwdStats bwd_row_stats(const BwdParams& p, float* buf) {
 
 std::string describe_kernel(const char* what, int head_dim, DType dtype, const LaunchEnv& env, const BwdWork* w) {
   std::string s = std::string(what) + ": sm80 mma.sync kernel, head-dim bucket " + std::to_string(head_dim) + ", ";
-  switch (dtype) {
-    case DType::kFloat16: s += "fp16"; break;
-    case DType::kBFloat16: s += "bf16"; break;
-    case DType::kFloat32: s += env.allow_tf32 ? "fp32 (TF32)" : "fp32 (3xTF32)"; break;
-    default: s += "?"; break;
+  if (dtype == DType::kFloat32) {
+    s += env.allow_tf32 ? "fp32 (TF32)" : "fp32 (3xTF32)";
+  } else {
+    s += dtype_name(dtype);
   }
   if (w != nullptr) {
     s += w->deterministic ? ", deterministic (" + std::to_string(w->nsplit) + " dQ splits)" : ", dQ atomics";

@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "launch.h"
 
 namespace attention_ext {
@@ -32,6 +34,34 @@ inline BwdWorkspace make_bwd_workspace(const BwdParams& p, const BwdEntry& e, in
   ws.work.row_logl = ws.row_stats.logl;
   ws.work.dsum = ws.row_stats.dsum;
   return ws;
+}
+
+// The backward as both glues run it: the row statistics (launch_row_stats),
+// the Hopper kernel when it covers the call (its launcher declines with
+// cudaErrorNotSupported before launching anything), else the sm80 kernel,
+// then the dQ conversion. launch(what, workspace, fn) runs one launcher and
+// checks its error. Returns the kernel-log line of the kernel that ran.
+template <class Launch>
+std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& fwd,
+                         const BwdEntry& sm80, const char* what, Launch&& launch) {
+  if (const BwdEntry* h = find_bwd_sm90(p, env)) {
+    const BwdWorkspace ws = make_bwd_workspace(p, *h, env.num_sms, like);
+    launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
+    cudaError_t err = cudaSuccess;
+    launch("backward", ws, [&] {
+      err = h->fn(p, ws.work, env);
+      return err == cudaErrorNotSupported ? cudaSuccess : err;
+    });
+    if (err != cudaErrorNotSupported) {
+      launch("dq convert", ws, [&] { return launch_dq_convert(p, ws.work, env); });
+      return describe_kernel_sm90(what, h->head_dim, p.dtype);
+    }
+  }
+  const BwdWorkspace ws = make_bwd_workspace(p, sm80, env.num_sms, like);
+  launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
+  launch("backward", ws, [&] { return sm80.fn(p, ws.work, env); });
+  launch("dq convert", ws, [&] { return launch_dq_convert(p, ws.work, env); });
+  return describe_kernel(what, sm80.head_dim, p.dtype, env, &ws.work);
 }
 
 }  // namespace cuda

@@ -14,6 +14,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <mutex>
 
 #include "../../glue.h"
@@ -39,6 +40,10 @@ const FwdEntry* find_fwd_or_fail(const FwdParams& p) {
 LaunchEnv make_env(const at::Tensor& q) {
   LaunchEnv env;
   env.num_sms = kEmuSms;
+  // the emulated device's compute capability: 80 unless ATTENTION_EXT_EMU_ARCH says
+  // otherwise (90 runs the Hopper kernels where they cover the call)
+  const char* arch = std::getenv("ATTENTION_EXT_EMU_ARCH");
+  env.arch = arch != nullptr && *arch != 0 ? std::atoi(arch) : 80;
   env.allow_tf32 = q.scalar_type() == at::kFloat &&
                    (at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST ||
                     at::globalContext().allowTF32CuBLAS());
@@ -96,8 +101,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, 
     const FwdEntry* e = find_fwd_or_fail(p);
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     Regions r({&st.q4, &st.k4, &st.v4, m});
-    if (log_kernels()) log_kernel(describe_kernel("emu forward", e->head_dim, p.dtype, env));
-    run("forward", [&] { return e->fn(p, nullptr, env); });
+    const Sm90FwdEntry* h = find_fwd_sm90(p, env);
+    cudaError_t herr = cudaErrorNotSupported;
+    if (h != nullptr) run("forward", [&] { herr = h->fn(p, env); return herr == cudaErrorNotSupported ? cudaSuccess : herr; });
+    if (herr != cudaErrorNotSupported) {
+      if (log_kernels()) log_kernel(describe_kernel_sm90("emu forward", h->head_dim, p.dtype));
+    } else {
+      if (log_kernels()) log_kernel(describe_kernel("emu forward", e->head_dim, p.dtype, env));
+      run("forward", [&] { return e->fn(p, nullptr, env); });
+    }
   }
   finish_forward(st);
   return {st.out, st.lse, rng};
@@ -125,13 +137,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     const LaunchEnv env = make_env(q);
     const BwdEntry* e = find_bwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
     TORCH_CHECK(e != nullptr, "attention_ext_emu: no backward kernel for this dtype / head dim in this build");
-    const BwdWorkspace ws = make_bwd_workspace(p, *e, env.num_sms, q.options());
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
-    Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, m});
-    run("row statistics", [&] { return launch_row_stats(p, ws.row_stats, *find_fwd_or_fail(p), env); });
-    if (log_kernels()) log_kernel(describe_kernel("emu backward", e->head_dim, p.dtype, env, &ws.work));
-    run("backward", [&] { return e->fn(p, ws.work, env); });
-    run("dq convert", [&] { return launch_dq_convert(p, ws.work, env); });
+    const std::string ran = run_backward(p, env, q.options(), *find_fwd_or_fail(p), *e, "emu backward",
+                                         [&](const char* what, const BwdWorkspace& ws, auto&& fn) {
+                                           Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, m});
+                                           run(what, fn);
+                                         });
+    if (log_kernels()) log_kernel(ran);
   }
   return finish_backward(st, mask, q);
 }

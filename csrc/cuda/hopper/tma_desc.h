@@ -29,8 +29,8 @@ struct alignas(64) TmaDesc {
   int swizzle = 0;                // Swizzle of sm90_ptx.cuh (0 none, 1 128B, 2 64B, 3 32B)
 };
 #else
-struct alignas(64) TmaDesc {
-  CUtensorMap map;
+struct TmaDesc {
+  CUtensorMap map;  // 64-byte aligned by its own declaration
 };
 #endif
 
