@@ -18,6 +18,12 @@ FlashAttention convention). Times are medians of CUDA-event timings of
 alternating calls (ours, then each baseline, repeated), after warm-up.
 A backend that rejects an input is reported as "n/a".
 
+On an sm_90 GPU (H100 / H200) "attention_ext" is the Hopper kernel wherever it
+covers the input (csrc/cuda/hopper/), and a second column, "ours_sm80",
+times the same op with ATTENTION_EXT_DISABLE_SM90=1 (the sm80 mma.sync
+kernels), so each run shows what the Hopper kernels add. Every row records
+which kernel ran (the ATTENTION_EXT_LOG_KERNEL line of its first call).
+
 Raw results (device, torch, CUDA, commit, every timing) go to
 benchmarks/results/<device>/cuda_<date>.json and a markdown table of TFLOP/s
 and ratios (ours / baseline, > 1: ours faster) to the .md beside it.
@@ -95,16 +101,58 @@ def sdpa_fns(backend, q, k, v, mask, causal, g):
     return fwd, bwd
 
 
-def ours_fns(q, k, v, mask, causal, g):
+class _Env:
+    """Sets environment variables around a call (the ops read them at every call)."""
+
+    def __init__(self, **env):
+        self.env = env
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ours_fns(q, k, v, mask, causal, g, sm80=False):
+    env = {"ATTENTION_EXT_DISABLE_SM90": "1"} if sm80 else {}
+
     def fwd():
-        return ops._attention_forward(q, k, v, mask, 0.0, causal, None, False, [-1, -1])
+        with _Env(**env):
+            return ops._attention_forward(q, k, v, mask, 0.0, causal, None, False, [-1, -1])
 
     out, lse, rng = fwd()
 
     def bwd():
-        return ops._attention_backward(g, q, k, v, mask, out, lse, rng, 0.0, causal, None, False, [-1, -1], False)
+        with _Env(**env):
+            return ops._attention_backward(g, q, k, v, mask, out, lse, rng, 0.0, causal, None, False, [-1, -1],
+                                           False)
 
     return fwd, bwd
+
+
+def kernel_names(q, k, v, mask, causal, g):
+    """The kernel-log lines of one forward and one backward (stderr of a subprocess-free capture:
+    the C++ side writes to fd 2, which is redirected to a temporary file)."""
+    import tempfile
+    fwd, bwd = ours_fns(q, k, v, mask, causal, g)
+    with tempfile.TemporaryFile(mode="w+") as tmp, _Env(ATTENTION_EXT_LOG_KERNEL="1"):
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            fwd()
+            bwd()
+            torch.cuda.synchronize()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        return [ln.strip() for ln in tmp.read().splitlines() if "attention_ext:" in ln]
 
 
 def run_point(L, E, dtype, causal, masked, backends, reps, tokens=16384, hidden=2048):
@@ -114,10 +162,12 @@ def run_point(L, E, dtype, causal, masked, backends, reps, tokens=16384, hidden=
     g = torch.randn(B, H, L, E, device="cuda", dtype=dtype)
     mask = torch.randn(B, 1, L, L, device="cuda", dtype=dtype) if masked else None
     fns = {"attention_ext": ours_fns(q, k, v, mask, causal, g)}
+    if torch.cuda.get_device_capability() == (9, 0):
+        fns["ours_sm80"] = ours_fns(q, k, v, mask, causal, g, sm80=True)
     for be in backends:
         fns[be] = sdpa_fns(be, q, k, v, mask, causal, g)
     res = {"B": B, "H": H, "L": L, "S": L, "E": E, "dtype": str(dtype).replace("torch.", ""), "causal": causal,
-           "masked": masked, "ms": {}, "tflops": {}}
+           "masked": masked, "ms": {}, "tflops": {}, "kernels": kernel_names(q, k, v, mask, causal, g)}
     for mode in ("fwd", "bwd"):
         idx = 0 if mode == "fwd" else 1
         live = {name: f[idx] for name, f in fns.items() if f is not None}
@@ -143,10 +193,14 @@ def run_point(L, E, dtype, causal, masked, backends, reps, tokens=16384, hidden=
     return res
 
 
+def label(backend):
+    return "our sm80" if backend == "ours_sm80" else backend.split("_")[0]
+
+
 def table(results, backends):
     lines = []
     head = "| dtype | mask | E | L | causal | mode | ours TFLOP/s | " + " | ".join(
-        f"{b.split('_')[0]} TFLOP/s | ours/{b.split('_')[0]}" for b in backends) + " |"
+        f"{label(b)} TFLOP/s | ours/{label(b)}" for b in backends) + " |"
     lines.append(head)
     lines.append("|" + "---|" * (6 + 1 + 2 * len(backends)))
     for r in results:
@@ -185,6 +239,7 @@ def main():
                     k: (round(v, 1) if v else None) for k, v in r["tflops"].items()}, flush=True)
     # inputs only EFFICIENT accepts among the fused backends
     extra = [(torch.float32, False), (torch.bfloat16, True)]
+    sm80 = ["ours_sm80"] if torch.cuda.get_device_capability() == (9, 0) else []
     for dtype, masked in extra:
         for E in (64, 128):
             # SDPA takes no attn_mask together with is_causal: masked points are non-causal
@@ -210,9 +265,9 @@ def main():
           f"torch {torch.__version__}, CUDA {torch.version.cuda}, commit {meta['commit'][:12]}, "
           f"B*L = 16k tokens, H*E = 2048, median of {reps}; ratio = ours / baseline (> 1: ours faster).", "",
           "## bf16 vs every SDPA backend", "",
-          table([r for r in results if r["dtype"] == "bfloat16" and not r["masked"]], BACKENDS), "",
+          table([r for r in results if r["dtype"] == "bfloat16" and not r["masked"]], sm80 + BACKENDS), "",
           "## fp32 and float-masked bf16 vs EFFICIENT_ATTENTION", "",
-          table([r for r in results if r["dtype"] == "float32" or r["masked"]], ["EFFICIENT_ATTENTION"]), ""]
+          table([r for r in results if r["dtype"] == "float32" or r["masked"]], sm80 + ["EFFICIENT_ATTENTION"]), ""]
     with open(path[:-5] + ".md", "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
