@@ -5,22 +5,20 @@
 // One CTA = one (batch, query head, block of 128 query rows), 3 warpgroups:
 //   warpgroup 0, the producer: gives its registers away (setmaxnreg.dec) and
 //     one thread issues every TMA copy: Q once, then K[n] and V[n] of each
-//     visible key tile into stage n % kStages, after the consumers released
-//     that stage (bar_empty);
+//     visible key tile into stage n % kStages, each after the consumers
+//     released the previous tile's K (bar_k_empty) or V (bar_v_empty);
 //   warpgroups 1 and 2, the consumers: 64 query rows each (setmaxnreg.inc),
-//     per key tile
-//       wait K[n];  S = Q K^T          wgmma m64 n128 k16, A and B from shared memory
-//       x = S * scale (-inf outside the window / causal bound / keys)
-//       online softmax on the S registers (each row in the 4 lanes of a quad,
-//       the layout of the sm80 kernel with one 16-row m-tile per warp)
-//       wait V[n];  O += P V           wgmma m64 nD k16, P from registers (the
-//                                      D fragment of two n8 tiles of S is the
-//                                      A fragment of one k16 step), V N-major
-//       release the stage (one arrival per consumer warp on bar_empty)
+//     in rounds: round it issues S[it] = Q K[it]^T (wgmma m64 n128 k16, A and
+//     B from shared memory) together with O += P[it-1] V[it-1] (wgmma m64 nD
+//     k16, P from registers: the D fragment of two n8 tiles of S is the A
+//     fragment of one k16 step; V N-major), waits for S[it] only, releases
+//     K[it], runs the scale / masks / online softmax of S[it] (each row in
+//     the 4 lanes of a quad, the layout of the sm80 kernel with one 16-row
+//     m-tile per warp) while P V is in flight, then waits for it, releases
+//     V[it-1], rescales O and packs P[it] (intra-warpgroup pipelining);
+//     the two consumers take turns issuing their products (ping-pong on two
+//     named barriers), so one's softmax overlaps the other's products;
 //   and write O and the log-sum-exp from registers.
-// The two consumer warpgroups run independently, so one's softmax overlaps
-// the other's matrix products on the tensor cores.
-//
 // Shared memory: Q (128 x D), kStages x K (128 x D), kStages x V (128 x D),
 // each stored as D/64 panels of rows x 128 bytes in the 128-byte swizzle that
 // TMA writes and wgmma reads (PTX ISA "Shared Memory Matrix Layout":
@@ -73,7 +71,7 @@ struct Sm90FwdConfig {
   static constexpr int kNTO = kD / 8;
   static constexpr uint32_t kQBytes = kBlockM * kD * 2;
   static constexpr uint32_t kKVBytes = kBlockN * kD * 2;
-  static constexpr uint32_t kBarBytes = 8 * (1 + 3 * kStages);
+  static constexpr uint32_t kBarBytes = 8 * (1 + 4 * kStages);
   // + 1024: the dynamic shared memory is re-aligned to the 1024-byte swizzle atom
   static constexpr size_t kSmem = size_t(kQBytes) + 2 * kStages * size_t(kKVBytes) + 1024 + kBarBytes;
   // registers per thread after reallocation: 2 x 128 x 240 + 128 x 24 <= 64K
@@ -105,7 +103,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
   const uint32_t bar_q = sBar;
   auto bar_k = [&](int s) { return sBar + 8u * (1 + s); };
   auto bar_v = [&](int s) { return sBar + 8u * (1 + kStages + s); };
-  auto bar_empty = [&](int s) { return sBar + 8u * (1 + 2 * kStages + s); };
+  auto bar_k_empty = [&](int s) { return sBar + 8u * (1 + 2 * kStages + s); };
+  auto bar_v_empty = [&](int s) { return sBar + 8u * (1 + 3 * kStages + s); };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
 
@@ -131,7 +130,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
-      mbar_init(bar_empty(s), Cfg::kConsumerWarps);
+      mbar_init(bar_k_empty(s), Cfg::kConsumerWarps);
+      mbar_init(bar_v_empty(s), Cfg::kConsumerWarps);
     }
     mbar_fence_init();
   }
@@ -153,13 +153,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       for (int it = 0; it < n_tiles; ++it) {
         const int s = it % kStages;
         const uint32_t phase = static_cast<uint32_t>(it / kStages) & 1u;
-        mbar_wait(bar_empty(s), phase ^ 1u);  // the consumers released the stage's previous tile
         const int j0 = static_cast<int>((n_begin + it) * kBlockN);
+        mbar_wait(bar_k_empty(s), phase ^ 1u);  // the S product of the stage's previous tile is done
         mbar_arrive_expect_tx(bar_k(s), Cfg::kKVBytes);
 #pragma unroll
         for (int pn = 0; pn < kPanels; ++pn) {
           tma_load_4d(sK0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tk, bar_k(s), 64 * pn, j0, hk32, b32);
         }
+        mbar_wait(bar_v_empty(s), phase ^ 1u);  // ... and its P V product
         mbar_arrive_expect_tx(bar_v(s), Cfg::kKVBytes);
 #pragma unroll
         for (int pn = 0; pn < kPanels; ++pn) {
@@ -184,17 +185,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
   float acc_o[1][NTO][4];
   zero_acc(acc_o);
   float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.f, 0.f};
+  float sacc[1][NTS][4];     // S of the newest tile, then its P (fp32)
+  uint32_t pa[NTS / 2][4];   // P of the previous tile: the A fragments of its P V product
 
-  if (n_tiles > 0) mbar_wait(bar_q, 0);
-  for (int it = 0; it < n_tiles; ++it) {
-    const int s = it % kStages;
-    const uint32_t phase = static_cast<uint32_t>(it / kStages) & 1u;
-    const int64_t j0 = (n_begin + it) * kBlockN;
-
-    // S = Q K^T
-    float sacc[1][NTS][4];
-    mbar_wait(bar_k(s), phase);
-    wgmma_fence();
+  // S = Q K[stage]^T, issued (not waited for).
+  auto issue_s = [&](int s) {
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t off = static_cast<uint32_t>(kk & 3) * 32u;  // k16 step inside the 64-element panel
@@ -205,12 +200,31 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       wgmma_ss<kBlockN, Elem, 0, 0>(flat(sacc), da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  // O += P V[stage] with P = pa, issued (not waited for).
+  auto issue_pv = [&](int s) {
+#pragma unroll
+    for (int kk = 0; kk < NTS / 2; ++kk) {
+      const uint64_t db = make_smem_desc(sV0 + s * Cfg::kKVBytes + kk * 2048, kBlockN * 128, 1024, kSwizzle128B);
+      wgmma_rs<kD, Elem, 1>(flat(acc_o), pa[kk], db, 1);
+    }
+    wgmma_commit();
+  };
+  auto fence_s = [&] {
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
       for (int r = 0; r < 4; ++r) reg_fence(sacc[0][nt][r]);
-
+  };
+  auto fence_o = [&] {
+#pragma unroll
+    for (int nt = 0; nt < NTO; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) reg_fence(acc_o[0][nt][r]);
+  };
+  // S of tile j0 -> P in sacc (scale, masks, online softmax, dropout); returns
+  // through alpha the factor by which O and l must be rescaled.
+  auto softmax = [&](int64_t j0, float (&alpha)[2]) {
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
@@ -239,7 +253,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
         });
       }
     }
-
     // Online softmax (as in the sm80 kernel: differences before the log2(e)
     // factor, m = -inf rows subtract 0).
 #pragma unroll
@@ -250,7 +263,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_use = mx == -kInf ? 0.f : mx;
-      const float alpha = exp2f((row_max[hr] - m_use) * kLog2e);
+      alpha[hr] = exp2f((row_max[hr] - m_use) * kLog2e);
       row_max[hr] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -262,12 +275,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
           sum += e;
         }
       }
-      row_sum[hr] = row_sum[hr] * alpha + sum;
-#pragma unroll
-      for (int nt = 0; nt < NTO; ++nt) {
-        acc_o[0][nt][2 * hr] *= alpha;
-        acc_o[0][nt][2 * hr + 1] *= alpha;
-      }
+      row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
     }
     if (dropout) {
       uint32_t bits[1][NTS];
@@ -277,9 +285,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
 #pragma unroll
         for (int r = 0; r < 4; ++r) sacc[0][nt][r] = ((bits[0][nt] >> r) & 1u) ? sacc[0][nt][r] : 0.f;
     }
-
-    // P as the A fragments of the k16 steps of P V
-    uint32_t pa[NTS / 2][4];
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int nt = 0; nt < NTO; ++nt) {
+      acc_o[0][nt][0] *= alpha[0];
+      acc_o[0][nt][1] *= alpha[0];
+      acc_o[0][nt][2] *= alpha[1];
+      acc_o[0][nt][3] *= alpha[1];
+    }
+  };
+  auto pack_p = [&] {
 #pragma unroll
     for (int kk = 0; kk < NTS / 2; ++kk) {
       pa[kk][0] = ElemOps<Elem>::pack2(sacc[0][2 * kk][0], sacc[0][2 * kk][1]);
@@ -287,27 +303,76 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       pa[kk][2] = ElemOps<Elem>::pack2(sacc[0][2 * kk + 1][0], sacc[0][2 * kk + 1][1]);
       pa[kk][3] = ElemOps<Elem>::pack2(sacc[0][2 * kk + 1][2], sacc[0][2 * kk + 1][3]);
     }
+  };
 
-    // O += P V
-    mbar_wait(bar_v(s), phase);
-#pragma unroll
-    for (int nt = 0; nt < NTO; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) reg_fence(acc_o[0][nt][r]);
+  // Ping-pong: the two consumers take turns issuing their products (named
+  // barriers 1 + c, 256 threads: this warpgroup's sync + the other's arrive),
+  // so that one's softmax runs while the other's products occupy the tensor
+  // cores. Rounds per warpgroup: n_tiles + 1 (S of tile 0; S of tile it with
+  // P V of tile it - 1; P V of the last tile). Warpgroup 1 opens the first
+  // turn of warpgroup 0 and skips its arrival of the last round, so every
+  // barrier instance gets exactly 256 threads.
+  const int rounds = n_tiles > 0 ? n_tiles + 1 : 0;
+  int round = 0;
+  auto turn_begin = [&] { named_barrier_sync(1 + c, 256); };
+  auto turn_end = [&] {
+    if (!(c == 1 && round == rounds - 1)) named_barrier_arrive(1 + (1 - c), 256);
+    ++round;
+  };
+  if (c == 1 && rounds > 0) named_barrier_arrive(1, 256);
+
+  // Intra-warpgroup pipelining: the S product of tile it is issued together
+  // with the P V product of tile it - 1, and the softmax of tile it runs while
+  // that P V product is still in flight; O is rescaled once it has landed.
+  //   round 0:        S[0];                       softmax(S[0])
+  //   round it:       S[it], P[it-1] V[it-1];     wait S; softmax(S[it]); wait P V; rescale O
+  //   round n_tiles:  P[last] V[last]
+  if (n_tiles > 0) {
+    mbar_wait(bar_q, 0);
+    mbar_wait(bar_k(0), 0);
+    turn_begin();
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < NTS / 2; ++kk) {
-      const uint64_t db = make_smem_desc(sV0 + s * Cfg::kKVBytes + kk * 2048, kBlockN * 128, 1024, kSwizzle128B);
-      wgmma_rs<kD, Elem, 1>(flat(acc_o), pa[kk], db, 1);
-    }
-    wgmma_commit();
+    issue_s(0);
+    turn_end();
     wgmma_wait<0>();
-#pragma unroll
-    for (int nt = 0; nt < NTO; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) reg_fence(acc_o[0][nt][r]);
-    // every wgmma of this warpgroup that read the stage has completed
-    if (lane == 0) mbar_arrive(bar_empty(s));
+    fence_s();
+    if (lane == 0) mbar_arrive(bar_k_empty(0));
+    float alpha[2];
+    softmax(n_begin * kBlockN, alpha);  // O = 0: nothing to rescale
+    pack_p();
+  }
+  for (int it = 1; it < n_tiles; ++it) {
+    const int s = it % kStages, sp = (it - 1) % kStages;
+    mbar_wait(bar_k(s), static_cast<uint32_t>(it / kStages) & 1u);
+    mbar_wait(bar_v(sp), static_cast<uint32_t>((it - 1) / kStages) & 1u);
+    turn_begin();
+    fence_o();
+    wgmma_fence();
+    issue_s(s);
+    issue_pv(sp);
+    turn_end();
+    wgmma_wait<1>();  // S[it] has landed (K[it] is free); P V of tile it - 1 may still run
+    fence_s();
+    if (lane == 0) mbar_arrive(bar_k_empty(s));
+    float alpha[2];
+    softmax((n_begin + it) * kBlockN, alpha);
+    wgmma_wait<0>();  // P V of tile it - 1 done: V[it - 1] is free, O can be rescaled, pa rewritten
+    fence_o();
+    if (lane == 0) mbar_arrive(bar_v_empty(sp));
+    rescale_o(alpha);
+    pack_p();
+  }
+  if (n_tiles > 0) {
+    const int sp = (n_tiles - 1) % kStages;
+    mbar_wait(bar_v(sp), static_cast<uint32_t>((n_tiles - 1) / kStages) & 1u);
+    turn_begin();
+    fence_o();
+    wgmma_fence();
+    issue_pv(sp);
+    turn_end();
+    wgmma_wait<0>();
+    fence_o();
+    if (lane == 0) mbar_arrive(bar_v_empty(sp));
   }
 
   // Epilogue: normalise, write O and the log-sum-exp.
