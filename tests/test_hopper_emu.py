@@ -83,11 +83,13 @@ def _kernel_log(fn):
 
 
 @pytest.mark.parametrize("dtype", [f16, bf16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("E", [64, 128, 256, 200])
 def test_buckets(sm90, dtype, E):
-    """Both head-dim buckets, several key tiles (S = 300: 3 tiles, the last ragged), two query blocks."""
+    """Every head-dim bucket (200 runs on 256), several key tiles (S = 300: 3 tiles of 128
+    or 5 of 64, the last ragged), two query blocks, causal and not."""
     q, k, v, _ = _inputs(1, 2, 2, 160, 300, E, E, dtype, seed=E)
     _check(q, k, v)
+    _check(q, k, v, is_causal=True)
 
 
 @pytest.mark.parametrize("dtype", [f16, bf16], ids=["fp16", "bf16"])
@@ -197,7 +199,7 @@ def test_schedules_bit_identical(sm90, order, landing):
 
 def test_kernel_log_and_fallbacks():
     """The log names the Hopper kernel for covered calls and the sm80 kernel for
-    the rest: an explicit mask, fp32, a head dim above 128, rows not 16-byte aligned."""
+    the rest: an explicit (non key-padding) mask, fp32, rows not 16-byte aligned."""
     err = _kernel_log(
         "q = torch.randn(1, 2, 20, 64, dtype=torch.bfloat16)\n"
         "o = lambda *a: emu.ops._attention_forward(*a)\n"
@@ -211,7 +213,8 @@ def test_kernel_log_and_fallbacks():
     lines = [ln for ln in err.splitlines() if "emu forward" in ln]
     assert len(lines) == 5, err
     assert "sm90a wgmma + TMA" in lines[0] and "bucket 64" in lines[0] and "bf16" in lines[0]
-    for ln in lines[1:]:
+    assert "sm90a wgmma + TMA" in lines[3] and "bucket 256" in lines[3]  # E = 192 runs on the 256 bucket
+    for ln in (lines[1], lines[2], lines[4]):
         assert "sm80 mma.sync" in ln, ln
 
 
@@ -276,8 +279,8 @@ def test_backward_key_padding(sm90):
 
 
 def test_backward_kernel_log():
-    """Covered backward calls name the Hopper kernel; dropout, a mask gradient and the
-    deterministic mode fall back to the sm80 kernel."""
+    """Covered backward calls name the Hopper kernel; dropout, a mask gradient, the
+    deterministic mode and head dim 256 fall back to the sm80 kernel."""
     err = _kernel_log(
         "q = torch.randn(1, 2, 20, 64, dtype=torch.float16, requires_grad=True)\n"
         "emu.attention(q, q, q).sum().backward()\n"
@@ -285,9 +288,14 @@ def test_backward_kernel_log():
         "m = torch.zeros(20, 20, dtype=torch.float16, requires_grad=True)\n"
         "emu.attention(q, q, q, m).sum().backward()\n"
         "torch.use_deterministic_algorithms(True)\n"
-        "emu.attention(q, q, q).sum().backward()\n")
+        "emu.attention(q, q, q).sum().backward()\n"
+        "torch.use_deterministic_algorithms(False)\n"
+        "r = torch.randn(1, 2, 20, 256, dtype=torch.float16, requires_grad=True)\n"
+        "emu.attention(r, r, r).sum().backward()\n")
     lines = [ln for ln in err.splitlines() if "emu backward" in ln]
-    assert len(lines) == 4, err
+    assert len(lines) == 5, err
+    fwd = [ln for ln in err.splitlines() if "emu forward" in ln]
+    assert "sm90a" in fwd[-1] and "bucket 256" in fwd[-1]  # the forward covers 256, the backward does not
     assert "sm90a" in lines[0] and "bucket 64" in lines[0]
     for ln in lines[1:]:
         assert "sm80 mma.sync" in ln, ln

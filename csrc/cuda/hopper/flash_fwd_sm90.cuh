@@ -30,8 +30,8 @@
 //
 // Covered (the dispatcher in registry.cpp falls back to the sm80 kernels
 // otherwise): fp16 / bf16, no mask or a key-padding mask (one row of bool /
-// additive values per (batch, head), broadcast over the queries), head dims <= the bucket (64 or
-// 128; zero-filled by TMA past E / Ev), any window / causal bound, GQA / MQA,
+// additive values per (batch, head), broadcast over the queries), head dims <= the bucket (64,
+// 128 or 256; zero-filled by TMA past E / Ev), any window / causal bound, GQA / MQA,
 // dropout, q / k / v / out with 16-byte aligned bases and strides (TMA).
 #pragma once
 
@@ -57,12 +57,12 @@ struct Sm90FwdParams {
   TmaDesc tq, tk, tv;  // 4-d maps (dim, row, head, batch) of q, k, v
 };
 
-template <typename Elem_, int kD_, int kStages_>
+template <typename Elem_, int kD_, int kBlockN_, int kStages_>
 struct Sm90FwdConfig {
   using Elem = Elem_;
   static constexpr int kD = kD_;
   static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = kBlockN_;  // keys per tile (S is m64 n kBlockN per consumer)
   static constexpr int kStages = kStages_;
   static constexpr int kThreads = 384;
   static constexpr int kConsumerWarps = 8;
@@ -453,7 +453,9 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
 
 template <typename Elem, int kD>
 cudaError_t run_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
-  using Cfg = Sm90FwdConfig<Elem, kD, (kD <= 64 ? 4 : 2)>;
+  // D = 64: 4 stages of 128 keys (80 KB + Q); 128: 2 stages (160 KB); 256: 2 stages of 64 keys
+  // (192 KB; O alone is 128 registers per thread)
+  using Cfg = Sm90FwdConfig<Elem, kD, (kD <= 128 ? 128 : 64), (kD <= 64 ? 4 : 2)>;
   return launch_fwd_sm90<Cfg>(p, env);
 }
 
