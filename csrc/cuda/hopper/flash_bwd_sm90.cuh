@@ -19,8 +19,9 @@
 //       dV  += P^T dO         wgmma m64 nD, A = P^T from registers, dO N-major
 //       dK  += dS^T Q         same with Q
 //       dS^T -> shared memory (the 128-byte swizzle, queries contiguous)
-//       dQ_c = dS_c K_c       wgmma m64 nD, A = dS M-major, B = K N-major;
-//                             added to the fp32 dQ workspace (RED atomics)
+//       dQ_c = dS_c K_c       wgmma m64 nD, A = dS M-major, B = K N-major
+//                             (for D = 64 the three last products in one group);
+//                             added to the fp32 dQ workspace (red.global.add.v2.f32)
 //     then one arrival per consumer warp releases the stage.
 //   Epilogue: dK *= scale, written with dV from registers.
 // The two consumer warpgroups share nothing but the Q / dO stages, so one's
@@ -68,6 +69,9 @@ struct Sm90BwdConfig {
       2 * size_t(kKVBytes) + 2 * kStages * size_t(kQBytes) + kDSBytes + 1024 + kBarBytes;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
+  // dV, dK and dQ in one wgmma group (else dQ waits for dV, dK): only where
+  // the three accumulators and the A fragments fit the consumers' registers
+  static constexpr bool kFuseDq = kD <= 64;
   static_assert(kD % 64 == 0, "head-dim bucket: whole 64-element panels");
   static_assert(kSmem <= 227 * 1024, "sm_90 shared memory per block");
 };
@@ -262,8 +266,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       dsa[kk][3] = ElemOps<Elem>::pack2(dpt[0][2 * kk + 1][2], dpt[0][2 * kk + 1][3]);
     }
 
-    // dV += P^T dO, dK += dS^T Q (B N-major: 16 queries = 2048 B per k16 step,
-    // LBO = the 64-row panel stride)
+    // dS^T to shared memory: key row r (of this warpgroup's 64), queries q, q+1
+    // in the 128-byte swizzle (16-byte chunk index ^= r % 8). The previous
+    // item's dQ product, the last reader, completed before the barrier that
+    // ended that item.
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = 16 * cw + g + 8 * hr;
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt) {
+        const int byte = 2 * (8 * nt + 2 * t);
+        const int sw = r * 128 + ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15));
+        *reinterpret_cast<uint32_t*>(smem + (sdSc - sK) + sw) = dsa[nt >> 1][(nt & 1) * 2 + hr];
+      }
+    }
+    fence_proxy_async();                // the generic-proxy stores, before wgmma reads them
+    named_barrier_sync(1 + c, 128);     // every thread of the warpgroup wrote its part
+
+    // One group of three products, one wait (D = 64; two groups for D = 128):
+    //   dV += P^T dO, dK += dS^T Q   (A from registers; B N-major: 16 queries =
+    //                                 2048 B per k16 step, LBO = the 64-row panel stride)
+    //   dQ_c = dS_c K_c              (A = dS, 64 queries x 64 keys, M-major; B = K_c N-major)
+    float acc_dq[1][NTD][4];
 #pragma unroll
     for (int nt = 0; nt < NTD; ++nt)
 #pragma unroll
@@ -282,38 +306,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       const uint64_t db = make_smem_desc(sQ + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
       wgmma_rs<kD, Elem, 1>(flat(acc_dk), dsa[kk], db, 1);
     }
-    wgmma_commit();
-    // wait here, while pa / dsa are still live: the registers of an A operand
-    // must not be reused before its wgmma completes
-    wgmma_wait<0>();
+    if constexpr (!Cfg::kFuseDq) {
+      // D = 128: dK, dV, dQ and the A fragments together exceed the 240
+      // registers (ptxas serialises and spills): finish dV, dK first
+      wgmma_commit();
+      wgmma_wait<0>();
 #pragma unroll
-    for (int nt = 0; nt < NTD; ++nt)
+      for (int nt = 0; nt < NTD; ++nt)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        reg_fence(acc_dv[0][nt][r]);
-        reg_fence(acc_dk[0][nt][r]);
-      }
-
-    // dS^T to shared memory: key row r (of this warpgroup's 64), queries q, q+1
-    // in the 128-byte swizzle (16-byte chunk index ^= r % 8). The previous
-    // item's dQ product, the last reader, completed before the barrier that
-    // ended that item.
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = 16 * cw + g + 8 * hr;
-#pragma unroll
-      for (int nt = 0; nt < NTS; ++nt) {
-        const int byte = 2 * (8 * nt + 2 * t);
-        const int sw = r * 128 + ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15));
-        *reinterpret_cast<uint32_t*>(smem + (sdSc - sK) + sw) = dsa[nt >> 1][(nt & 1) * 2 + hr];
-      }
+        for (int r = 0; r < 4; ++r) {
+          reg_fence(acc_dv[0][nt][r]);
+          reg_fence(acc_dk[0][nt][r]);
+        }
+      wgmma_fence();
     }
-    fence_proxy_async();                // the generic-proxy stores, before wgmma reads them
-    named_barrier_sync(1 + c, 128);     // every thread of the warpgroup wrote its part
-
-    // dQ_c = dS_c K_c: A = dS (64 queries x 64 keys, M-major), B = K_c (keys x D, N-major)
-    float acc_dq[1][NTD][4];
-    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 64 / 16; ++kk) {
       const uint64_t da = make_smem_desc(sdSc + kk * 2048, 64 * 128, 1024, kSwizzle128B);
@@ -325,7 +331,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
 #pragma unroll
     for (int nt = 0; nt < NTD; ++nt)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) reg_fence(acc_dq[0][nt][r]);
+      for (int r = 0; r < 4; ++r) {
+        reg_fence(acc_dq[0][nt][r]);
+        reg_fence(acc_dv[0][nt][r]);
+        reg_fence(acc_dk[0][nt][r]);
+      }
     if (lane == 0) mbar_arrive(bar_empty(s));
     // the next item rewrites sdS: every warp of the warpgroup is past its dQ product
     named_barrier_sync(1 + c, 128);
@@ -338,10 +348,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
         float* row = w.dq_accum + (bh * L + i) * w.dq_row_stride;
 #pragma unroll
         for (int nt = 0; nt < NTD; ++nt) {
-#pragma unroll
-          for (int cc = 0; cc < 2; ++cc) {
-            const int col = 8 * nt + 2 * t + cc;
-            if (col < E) atomicAdd(row + col, acc_dq[0][nt][2 * hr + cc]);
+          const int col = 8 * nt + 2 * t;
+          if (col + 1 < E) {
+            red_add_v2(row + col, acc_dq[0][nt][2 * hr], acc_dq[0][nt][2 * hr + 1]);  // 8-byte aligned: col even
+          } else if (col < E) {
+            atomicAdd(row + col, acc_dq[0][nt][2 * hr]);
           }
         }
       }

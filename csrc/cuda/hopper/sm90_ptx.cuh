@@ -124,6 +124,11 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
 }
 
+// Two adjacent fp32 atomic adds in one instruction (p 8-byte aligned), no return value.
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
 // Named barriers (ids 1..15; 0 is __syncthreads): `nthreads` (a multiple of
 // 32) threads take part; sync waits, arrive does not.
 __device__ __forceinline__ void named_barrier_sync(int id, int nthreads) {
