@@ -14,6 +14,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 
@@ -39,7 +40,10 @@ const FwdEntry* find_fwd_or_fail(const FwdParams& p) {
 
 LaunchEnv make_env(const at::Tensor& q) {
   LaunchEnv env;
-  env.num_sms = kEmuSms;
+  // ATTENTION_EXT_EMU_SMS: the emulated multiprocessor count (persistent grids,
+  // the deterministic backward's chunking), default 132 as on an H100
+  const char* sms = std::getenv("ATTENTION_EXT_EMU_SMS");
+  env.num_sms = sms != nullptr && *sms != 0 ? std::max(1, std::atoi(sms)) : kEmuSms;
   // the emulated device's compute capability: 80 unless ATTENTION_EXT_EMU_ARCH says
   // otherwise (90 runs the Hopper kernels where they cover the call)
   const char* arch = std::getenv("ATTENTION_EXT_EMU_ARCH");

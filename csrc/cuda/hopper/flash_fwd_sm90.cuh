@@ -2,7 +2,8 @@
 // shared-memory pipeline on mbarriers, wgmma for both matrix products,
 // producer / consumer warp specialisation with register reallocation.
 //
-// One CTA = one (batch, query head, block of 128 query rows), 3 warpgroups:
+// Persistent: one CTA per multiprocessor walks output tiles (batch, query
+// head, block of 128 query rows), longest causal blocks first; 3 warpgroups:
 //   warpgroup 0, the producer: gives its registers away (setmaxnreg.dec) and
 //     one thread issues every TMA copy: Q once, then K[n] and V[n] of each
 //     visible key tile into stage n % kStages, each after the consumers
@@ -36,6 +37,7 @@
 #pragma once
 
 #include "../flash_fwd.cuh"
+#include "../static_switch.h"
 #include "sm90_ptx.cuh"
 
 #if defined(ATTENTION_EXT_SIMT_EMU) && !defined(__grid_constant__)
@@ -71,11 +73,12 @@ struct Sm90FwdConfig {
   static constexpr int kNTO = kD / 8;
   static constexpr uint32_t kQBytes = kBlockM * kD * 2;
   static constexpr uint32_t kKVBytes = kBlockN * kD * 2;
-  static constexpr uint32_t kBarBytes = 8 * (1 + 4 * kStages);
+  static constexpr uint32_t kBarBytes = 8 * (2 + 4 * kStages);
   // + 1024: the dynamic shared memory is re-aligned to the 1024-byte swizzle atom
   static constexpr size_t kSmem = size_t(kQBytes) + 2 * kStages * size_t(kKVBytes) + 1024 + kBarBytes;
-  // registers per thread after reallocation: 2 x 128 x 240 + 128 x 24 <= 64K
-  static constexpr int kProducerRegs = 24;
+  // registers per thread after reallocation: 2 x 128 x 240 + 128 x 32 = 64K
+  // (the producer's tile loop needs more than 24 without spilling)
+  static constexpr int kProducerRegs = 32;
   static constexpr int kConsumerRegs = 240;
   static_assert(kD % 64 == 0, "head-dim bucket: whole 64-element panels");
   static_assert(kSmem <= 227 * 1024, "sm_90 shared memory per block");
@@ -86,7 +89,9 @@ __device__ __forceinline__ float (&flat(float (&a)[1][N][4]))[4 * N] {
   return reinterpret_cast<float(&)[4 * N]>(a);
 }
 
-template <class Cfg>
+// kDropout / kMask: compiled separately so that the common case carries no
+// RNG state or mask pointer in the consumers' 240 registers.
+template <class Cfg, bool kDropout, bool kMask>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdParams P) {
 #if defined(AE_SM90_BODY)
   using Elem = typename Cfg::Elem;
@@ -100,33 +105,51 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
   const uint32_t sK0 = sQ + Cfg::kQBytes;
   const uint32_t sV0 = sK0 + kStages * Cfg::kKVBytes;
   const uint32_t sBar = sV0 + kStages * Cfg::kKVBytes;
-  const uint32_t bar_q = sBar;
-  auto bar_k = [&](int s) { return sBar + 8u * (1 + s); };
-  auto bar_v = [&](int s) { return sBar + 8u * (1 + kStages + s); };
-  auto bar_k_empty = [&](int s) { return sBar + 8u * (1 + 2 * kStages + s); };
-  auto bar_v_empty = [&](int s) { return sBar + 8u * (1 + 3 * kStages + s); };
+  const uint32_t bar_q = sBar, bar_q_empty = sBar + 8;
+  auto bar_k = [&](int s) { return sBar + 8u * (2 + s); };
+  auto bar_v = [&](int s) { return sBar + 8u * (2 + kStages + s); };
+  auto bar_k_empty = [&](int s) { return sBar + 8u * (2 + 2 * kStages + s); };
+  auto bar_v_empty = [&](int s) { return sBar + 8u * (2 + 3 * kStages + s); };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
 
-  const int64_t L = p.len_q, Hq = p.heads_q;
-  const int64_t nmb = ceil_div(L, kBlockM);
-  const int64_t bh = static_cast<int64_t>(blockIdx.x) / nmb;
-  const int64_t mb = nmb - 1 - static_cast<int64_t>(blockIdx.x) % nmb;  // longest causal blocks first
-  const int64_t b = bh / Hq, h = bh % Hq, hk = h / (Hq / p.heads_kv);
-  const int64_t i0 = mb * kBlockM;
-  const int nq = static_cast<int>(L - i0 < kBlockM ? L - i0 : kBlockM);
+  // 32-bit tile arithmetic (the launcher checks that L, S, B, H and the tile
+  // count fit): 64-bit divisions would cost the 32-register producer spills
+  const int64_t L = p.len_q;
+  const int Hq = static_cast<int>(p.heads_q), G = static_cast<int>(p.heads_q / p.heads_kv);
+  const int nmb = static_cast<int>(ceil_div(L, kBlockM));
+  const int BH = static_cast<int>(p.batch) * Hq;
+  const int total = nmb * BH;  // output tiles (batch, head, query block)
 
-  // Union of the visible key ranges of the block's rows (bounds are monotone in i).
-  int64_t lo0, hi0, lo1, hi1;
-  key_range(p, i0, lo0, hi0);
-  key_range(p, i0 + nq - 1, lo1, hi1);
-  const int64_t jlo = lo0, jhi = hi1 > lo0 ? hi1 : lo0;
-  const int64_t n_begin = jlo / kBlockN;
-  const int64_t n_end = jhi > jlo ? ceil_div(jhi, kBlockN) : n_begin;
-  const int n_tiles = static_cast<int>(n_end - n_begin);
+  // Persistent grid: CTA x takes tiles x, x + gridDim, ... of a longest-first
+  // order (the last query blocks, which see the most keys under a causal mask,
+  // come first for every (batch, head)), so the static round-robin hands out
+  // the big causal tiles before the small ones.
+  struct Tile {
+    int bh, b, h, hk, i0, n_begin, nq, n_tiles;
+  };
+  auto tile_at = [&](int id) {
+    Tile T;
+    const int mb = nmb - 1 - id / BH;
+    T.bh = id % BH;
+    T.b = T.bh / Hq;
+    T.h = T.bh % Hq;
+    T.hk = T.h / G;
+    T.i0 = mb * kBlockM;
+    T.nq = static_cast<int>(L - T.i0 < kBlockM ? L - T.i0 : kBlockM);
+    // Union of the visible key ranges of the block's rows (bounds are monotone in i).
+    int64_t lo0, hi0, lo1, hi1;
+    key_range(p, T.i0, lo0, hi0);
+    key_range(p, T.i0 + T.nq - 1, lo1, hi1);
+    const int64_t jlo = lo0, jhi = hi1 > lo0 ? hi1 : lo0;
+    T.n_begin = static_cast<int>(jlo / kBlockN);
+    T.n_tiles = static_cast<int>(jhi > jlo ? ceil_div(jhi, kBlockN) - T.n_begin : 0);
+    return T;
+  };
 
   if (tid == 0) {
     mbar_init(bar_q, 1);
+    mbar_init(bar_q_empty, Cfg::kConsumerWarps);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
@@ -137,35 +160,46 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
   }
   __syncthreads();  // the last CTA-wide barrier: the roles split here
 
+  // Pipeline positions, counted over the CTA's whole sequence of tiles in both
+  // roles: kv = key tiles loaded so far (stage kv % kStages, phase
+  // (kv / kStages) & 1), qi = query blocks loaded so far (tiles that see a key).
   if (wg == 0) {
     // ---- producer -------------------------------------------------------
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (tid == 0 && n_tiles > 0) {
+    if (tid == 0) {
       tma_prefetch_desc(&P.tq);
       tma_prefetch_desc(&P.tk);
       tma_prefetch_desc(&P.tv);
-      const int hq32 = static_cast<int>(h), hk32 = static_cast<int>(hk), b32 = static_cast<int>(b);
-      mbar_arrive_expect_tx(bar_q, Cfg::kQBytes);
-#pragma unroll
-      for (int pn = 0; pn < kPanels; ++pn) {
-        tma_load_4d(sQ + pn * (kBlockM * 128), &P.tq, bar_q, 64 * pn, static_cast<int>(i0), hq32, b32);
-      }
-      for (int it = 0; it < n_tiles; ++it) {
-        const int s = it % kStages;
-        const uint32_t phase = static_cast<uint32_t>(it / kStages) & 1u;
-        const int j0 = static_cast<int>((n_begin + it) * kBlockN);
-        mbar_wait(bar_k_empty(s), phase ^ 1u);  // the S product of the stage's previous tile is done
-        mbar_arrive_expect_tx(bar_k(s), Cfg::kKVBytes);
+      uint32_t kv = 0;  // wraps modulo 2^32: kStages divides it, stages and phases stay right
+      uint32_t qi = 0;
+      for (int id = static_cast<int>(blockIdx.x); id < total; id += static_cast<int>(gridDim.x)) {
+        const Tile T = tile_at(id);
+        if (T.n_tiles == 0) continue;
+        const int hq32 = T.h, hk32 = T.hk, b32 = T.b;
+        mbar_wait(bar_q_empty, (qi & 1u) ^ 1u);  // the consumers are done with the previous block's Q
+        mbar_arrive_expect_tx(bar_q, Cfg::kQBytes);
 #pragma unroll
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(sK0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tk, bar_k(s), 64 * pn, j0, hk32, b32);
+          tma_load_4d(sQ + pn * (kBlockM * 128), &P.tq, bar_q, 64 * pn, T.i0, hq32, b32);
         }
-        mbar_wait(bar_v_empty(s), phase ^ 1u);  // ... and its P V product
-        mbar_arrive_expect_tx(bar_v(s), Cfg::kKVBytes);
+        for (int it = 0; it < T.n_tiles; ++it, ++kv) {
+          const int s = static_cast<int>(kv % kStages);
+          const uint32_t phase = (kv / kStages) & 1u;
+          const int j0 = (T.n_begin + it) * kBlockN;
+          mbar_wait(bar_k_empty(s), phase ^ 1u);  // the S product of the stage's previous tile is done
+          mbar_arrive_expect_tx(bar_k(s), Cfg::kKVBytes);
 #pragma unroll
-        for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(sV0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tv, bar_v(s), 64 * pn, j0, hk32, b32);
+          for (int pn = 0; pn < kPanels; ++pn) {
+            tma_load_4d(sK0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tk, bar_k(s), 64 * pn, j0, hk32, b32);
+          }
+          mbar_wait(bar_v_empty(s), phase ^ 1u);  // ... and its P V product
+          mbar_arrive_expect_tx(bar_v(s), Cfg::kKVBytes);
+#pragma unroll
+          for (int pn = 0; pn < kPanels; ++pn) {
+            tma_load_4d(sV0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tv, bar_v(s), 64 * pn, j0, hk32, b32);
+          }
         }
+        ++qi;
       }
     }
     return;
@@ -176,230 +210,247 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
   const int c = wg - 1;             // consumer warpgroup: query rows 64c .. 64c + 63 of the block
   const int cw = warp & 3;          // warp in the warpgroup: rows 16 cw .. 16 cw + 15
   const int g = lane >> 2, t = lane & 3;
-  const int64_t wrow0 = i0 + 64 * c + 16 * cw;
 
-  const bool dropout = p.dropout_p > 0.f;
+  constexpr bool dropout = kDropout;
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
   const float scale = static_cast<float>(p.scale);
+  uint32_t kv = 0;  // as in the producer
+  uint32_t qi = 0;
 
-  float acc_o[1][NTO][4];
-  zero_acc(acc_o);
-  float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.f, 0.f};
-  float sacc[1][NTS][4];     // S of the newest tile, then its P (fp32)
-  uint32_t pa[NTS / 2][4];   // P of the previous tile: the A fragments of its P V product
+#pragma unroll 1
+  for (int id = static_cast<int>(blockIdx.x); id < total; id += static_cast<int>(gridDim.x)) {
+    const Tile T = tile_at(id);
+    const int64_t bh = T.bh, b = T.b, h = T.h, i0 = T.i0, n_begin = T.n_begin;  // 64-bit for the offsets
+    const int nq = T.nq, n_tiles = T.n_tiles;
+    const int64_t wrow0 = i0 + 64 * c + 16 * cw;
 
-  // S = Q K[stage]^T, issued (not waited for).
-  auto issue_s = [&](int s) {
+    float acc_o[1][NTO][4];
+    zero_acc(acc_o);
+    float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.f, 0.f};
+    float sacc[1][NTS][4];     // S of the newest tile, then its P (fp32)
+    uint32_t pa[NTS / 2][4];   // P of the previous tile: the A fragments of its P V product
+
+    // S = Q K[stage]^T, issued (not waited for).
+    auto issue_s = [&](int s) {
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t off = static_cast<uint32_t>(kk & 3) * 32u;  // k16 step inside the 64-element panel
-      const uint64_t da =
-          make_smem_desc(sQ + (kk >> 2) * (kBlockM * 128) + c * (64 * 128) + off, 16, 1024, kSwizzle128B);
-      const uint64_t db = make_smem_desc(sK0 + s * Cfg::kKVBytes + (kk >> 2) * (kBlockN * 128) + off, 16, 1024,
-                                         kSwizzle128B);
-      wgmma_ss<kBlockN, Elem, 0, 0>(flat(sacc), da, db, kk > 0 ? 1 : 0);
-    }
-    wgmma_commit();
-  };
-  // O += P V[stage] with P = pa, issued (not waited for).
-  auto issue_pv = [&](int s) {
-#pragma unroll
-    for (int kk = 0; kk < NTS / 2; ++kk) {
-      const uint64_t db = make_smem_desc(sV0 + s * Cfg::kKVBytes + kk * 2048, kBlockN * 128, 1024, kSwizzle128B);
-      wgmma_rs<kD, Elem, 1>(flat(acc_o), pa[kk], db, 1);
-    }
-    wgmma_commit();
-  };
-  auto fence_s = [&] {
-#pragma unroll
-    for (int nt = 0; nt < NTS; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) reg_fence(sacc[0][nt][r]);
-  };
-  auto fence_o = [&] {
-#pragma unroll
-    for (int nt = 0; nt < NTO; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) reg_fence(acc_o[0][nt][r]);
-  };
-  // S of tile j0 -> P in sacc (scale, masks, online softmax, dropout); returns
-  // through alpha the factor by which O and l must be rescaled.
-  auto softmax = [&](int64_t j0, float (&alpha)[2]) {
-#pragma unroll
-    for (int nt = 0; nt < NTS; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) sacc[0][nt][r] *= scale;
-    if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
-      mask_tile<void, 0>(sacc, p, wrow0, j0, nullptr, lane);
-      if (p.mask_kind != MaskKind::kNone) {
-        // a key-padding mask (the same for every query row: zero row stride),
-        // read per column straight from global memory (L1 / L2 resident)
-        dispatch_mask(p, [&](auto tag) {
-          using MaskT = typename decltype(tag)::type;
-          if constexpr (!std::is_same<MaskT, void>::value) {
-            const void* mrow = static_cast<const unsigned char*>(p.mask) +
-                               (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
-#pragma unroll
-            for (int nt = 0; nt < NTS; ++nt) {
-#pragma unroll
-              for (int cc = 0; cc < 2; ++cc) {
-                const int64_t j = j0 + 8 * nt + 2 * t + cc;
-                const float m = j < p.len_k ? mask_value<MaskT>(mrow, j * p.mask_stride.c) : 0.f;
-                sacc[0][nt][cc] += m;
-                sacc[0][nt][2 + cc] += m;
-              }
-            }
-          }
-        });
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t off = static_cast<uint32_t>(kk & 3) * 32u;  // k16 step inside the 64-element panel
+        const uint64_t da =
+            make_smem_desc(sQ + (kk >> 2) * (kBlockM * 128) + c * (64 * 128) + off, 16, 1024, kSwizzle128B);
+        const uint64_t db = make_smem_desc(sK0 + s * Cfg::kKVBytes + (kk >> 2) * (kBlockN * 128) + off, 16, 1024,
+                                           kSwizzle128B);
+        wgmma_ss<kBlockN, Elem, 0, 0>(flat(sacc), da, db, kk > 0 ? 1 : 0);
       }
-    }
-    // Online softmax (as in the sm80 kernel: differences before the log2(e)
-    // factor, m = -inf rows subtract 0).
+      wgmma_commit();
+    };
+    // O += P V[stage] with P = pa, issued (not waited for).
+    auto issue_pv = [&](int s) {
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float mx = row_max[hr];
-#pragma unroll
-      for (int nt = 0; nt < NTS; ++nt) mx = fmaxf(mx, fmaxf(sacc[0][nt][2 * hr], sacc[0][nt][2 * hr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = mx == -kInf ? 0.f : mx;
-      alpha[hr] = exp2f((row_max[hr] - m_use) * kLog2e);
-      row_max[hr] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NTS; ++nt) {
-#pragma unroll
-        for (int cc = 0; cc < 2; ++cc) {
-          const float e = exp2f((sacc[0][nt][2 * hr + cc] - m_use) * kLog2e);
-          sacc[0][nt][2 * hr + cc] = e;
-          sum += e;
-        }
+      for (int kk = 0; kk < NTS / 2; ++kk) {
+        const uint64_t db = make_smem_desc(sV0 + s * Cfg::kKVBytes + kk * 2048, kBlockN * 128, 1024, kSwizzle128B);
+        wgmma_rs<kD, Elem, 1>(flat(acc_o), pa[kk], db, 1);
       }
-      row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
-    }
-    if (dropout) {
-      uint32_t bits[1][NTS];
-      dropout_bits(bits, rng, static_cast<uint64_t>(bh), wrow0, j0, lane);
+      wgmma_commit();
+    };
+    auto fence_s = [&] {
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) sacc[0][nt][r] = ((bits[0][nt] >> r) & 1u) ? sacc[0][nt][r] : 0.f;
-    }
-  };
-  auto rescale_o = [&](const float (&alpha)[2]) {
+        for (int r = 0; r < 4; ++r) reg_fence(sacc[0][nt][r]);
+    };
+    auto fence_o = [&] {
 #pragma unroll
-    for (int nt = 0; nt < NTO; ++nt) {
-      acc_o[0][nt][0] *= alpha[0];
-      acc_o[0][nt][1] *= alpha[0];
-      acc_o[0][nt][2] *= alpha[1];
-      acc_o[0][nt][3] *= alpha[1];
-    }
-  };
-  auto pack_p = [&] {
+      for (int nt = 0; nt < NTO; ++nt)
 #pragma unroll
-    for (int kk = 0; kk < NTS / 2; ++kk) {
-      pa[kk][0] = ElemOps<Elem>::pack2(sacc[0][2 * kk][0], sacc[0][2 * kk][1]);
-      pa[kk][1] = ElemOps<Elem>::pack2(sacc[0][2 * kk][2], sacc[0][2 * kk][3]);
-      pa[kk][2] = ElemOps<Elem>::pack2(sacc[0][2 * kk + 1][0], sacc[0][2 * kk + 1][1]);
-      pa[kk][3] = ElemOps<Elem>::pack2(sacc[0][2 * kk + 1][2], sacc[0][2 * kk + 1][3]);
-    }
-  };
-
-  // Ping-pong: the two consumers take turns issuing their products (named
-  // barriers 1 + c, 256 threads: this warpgroup's sync + the other's arrive),
-  // so that one's softmax runs while the other's products occupy the tensor
-  // cores. Rounds per warpgroup: n_tiles + 1 (S of tile 0; S of tile it with
-  // P V of tile it - 1; P V of the last tile). Warpgroup 1 opens the first
-  // turn of warpgroup 0 and skips its arrival of the last round, so every
-  // barrier instance gets exactly 256 threads.
-  const int rounds = n_tiles > 0 ? n_tiles + 1 : 0;
-  int round = 0;
-  auto turn_begin = [&] { named_barrier_sync(1 + c, 256); };
-  auto turn_end = [&] {
-    if (!(c == 1 && round == rounds - 1)) named_barrier_arrive(1 + (1 - c), 256);
-    ++round;
-  };
-  if (c == 1 && rounds > 0) named_barrier_arrive(1, 256);
-
-  // Intra-warpgroup pipelining: the S product of tile it is issued together
-  // with the P V product of tile it - 1, and the softmax of tile it runs while
-  // that P V product is still in flight; O is rescaled once it has landed.
-  //   round 0:        S[0];                       softmax(S[0])
-  //   round it:       S[it], P[it-1] V[it-1];     wait S; softmax(S[it]); wait P V; rescale O
-  //   round n_tiles:  P[last] V[last]
-  if (n_tiles > 0) {
-    mbar_wait(bar_q, 0);
-    mbar_wait(bar_k(0), 0);
-    turn_begin();
-    wgmma_fence();
-    issue_s(0);
-    turn_end();
-    wgmma_wait<0>();
-    fence_s();
-    if (lane == 0) mbar_arrive(bar_k_empty(0));
-    float alpha[2];
-    softmax(n_begin * kBlockN, alpha);  // O = 0: nothing to rescale
-    pack_p();
-  }
-  for (int it = 1; it < n_tiles; ++it) {
-    const int s = it % kStages, sp = (it - 1) % kStages;
-    mbar_wait(bar_k(s), static_cast<uint32_t>(it / kStages) & 1u);
-    mbar_wait(bar_v(sp), static_cast<uint32_t>((it - 1) / kStages) & 1u);
-    turn_begin();
-    fence_o();
-    wgmma_fence();
-    issue_s(s);
-    issue_pv(sp);
-    turn_end();
-    wgmma_wait<1>();  // S[it] has landed (K[it] is free); P V of tile it - 1 may still run
-    fence_s();
-    if (lane == 0) mbar_arrive(bar_k_empty(s));
-    float alpha[2];
-    softmax((n_begin + it) * kBlockN, alpha);
-    wgmma_wait<0>();  // P V of tile it - 1 done: V[it - 1] is free, O can be rescaled, pa rewritten
-    fence_o();
-    if (lane == 0) mbar_arrive(bar_v_empty(sp));
-    rescale_o(alpha);
-    pack_p();
-  }
-  if (n_tiles > 0) {
-    const int sp = (n_tiles - 1) % kStages;
-    mbar_wait(bar_v(sp), static_cast<uint32_t>((n_tiles - 1) / kStages) & 1u);
-    turn_begin();
-    fence_o();
-    wgmma_fence();
-    issue_pv(sp);
-    turn_end();
-    wgmma_wait<0>();
-    fence_o();
-    if (lane == 0) mbar_arrive(bar_v_empty(sp));
-  }
-
-  // Epilogue: normalise, write O and the log-sum-exp.
-  Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
-  const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
-  float* lse = static_cast<float*>(p.lse) + bh * L;
-  const float keep_scale = dropout ? rng.inv_keep : 1.f;
-  const int Ev = static_cast<int>(p.dim_v);
+        for (int r = 0; r < 4; ++r) reg_fence(acc_o[0][nt][r]);
+    };
+    // S of tile j0 -> P in sacc (scale, masks, online softmax, dropout); returns
+    // through alpha the factor by which O and l must be rescaled.
+    auto softmax = [&](int64_t j0, float (&alpha)[2]) {
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float l = row_sum[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int64_t i = wrow0 + g + 8 * hr;
-    const bool empty = !(l > 0.f);  // the row saw no key
-    const float inv = empty ? 0.f : keep_scale / l;
-    if (t == 0 && i < L) lse[i] = empty ? -kInf : row_max[hr] + logf(l);
-    if (i < L) {
-      Elem* orow = o + i * p.o_stride.r;
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sacc[0][nt][r] *= scale;
+      if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
+        mask_tile<void, 0>(sacc, p, wrow0, j0, nullptr, lane);
+        if constexpr (kMask) {
+          // a key-padding mask (the same for every query row: zero row stride),
+          // read per column straight from global memory (L1 / L2 resident)
+          dispatch_mask(p, [&](auto tag) {
+            using MaskT = typename decltype(tag)::type;
+            if constexpr (!std::is_same<MaskT, void>::value) {
+              const void* mrow = static_cast<const unsigned char*>(p.mask) +
+                                 (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
+#pragma unroll
+              for (int nt = 0; nt < NTS; ++nt) {
+#pragma unroll
+                for (int cc = 0; cc < 2; ++cc) {
+                  const int64_t j = j0 + 8 * nt + 2 * t + cc;
+                  const float m = j < p.len_k ? mask_value<MaskT>(mrow, j * p.mask_stride.c) : 0.f;
+                  sacc[0][nt][cc] += m;
+                  sacc[0][nt][2 + cc] += m;
+                }
+              }
+            }
+          });
+        }
+      }
+      // Online softmax (as in the sm80 kernel: differences before the log2(e)
+      // factor, m = -inf rows subtract 0).
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = row_max[hr];
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt) mx = fmaxf(mx, fmaxf(sacc[0][nt][2 * hr], sacc[0][nt][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_use = mx == -kInf ? 0.f : mx;
+        alpha[hr] = exp2f((row_max[hr] - m_use) * kLog2e);
+        row_max[hr] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt) {
+#pragma unroll
+          for (int cc = 0; cc < 2; ++cc) {
+            const float e = exp2f((sacc[0][nt][2 * hr + cc] - m_use) * kLog2e);
+            sacc[0][nt][2 * hr + cc] = e;
+            sum += e;
+          }
+        }
+        row_sum[hr] = row_sum[hr] * alpha[hr] + sum;
+      }
+      if constexpr (dropout) {
+        uint32_t bits[1][NTS];
+        dropout_bits(bits, rng, static_cast<uint64_t>(bh), wrow0, j0, lane);
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) sacc[0][nt][r] = ((bits[0][nt] >> r) & 1u) ? sacc[0][nt][r] : 0.f;
+      }
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
       for (int nt = 0; nt < NTO; ++nt) {
-        const int col = 8 * nt + 2 * t;
-        store_pair(orow + col, acc_o[0][nt][2 * hr] * inv, acc_o[0][nt][2 * hr + 1] * inv, col < Ev, col + 1 < Ev,
-                   pair_ok);
+        acc_o[0][nt][0] *= alpha[0];
+        acc_o[0][nt][1] *= alpha[0];
+        acc_o[0][nt][2] *= alpha[1];
+        acc_o[0][nt][3] *= alpha[1];
+      }
+    };
+    auto pack_p = [&] {
+#pragma unroll
+      for (int kk = 0; kk < NTS / 2; ++kk) {
+        pa[kk][0] = ElemOps<Elem>::pack2(sacc[0][2 * kk][0], sacc[0][2 * kk][1]);
+        pa[kk][1] = ElemOps<Elem>::pack2(sacc[0][2 * kk][2], sacc[0][2 * kk][3]);
+        pa[kk][2] = ElemOps<Elem>::pack2(sacc[0][2 * kk + 1][0], sacc[0][2 * kk + 1][1]);
+        pa[kk][3] = ElemOps<Elem>::pack2(sacc[0][2 * kk + 1][2], sacc[0][2 * kk + 1][3]);
+      }
+    };
+
+    // Ping-pong: the two consumers take turns issuing their products (named
+    // barriers 1 + c, 256 threads: this warpgroup's sync + the other's arrive),
+    // so that one's softmax runs while the other's products occupy the tensor
+    // cores. Rounds per warpgroup: n_tiles + 1 (S of tile 0; S of tile it with
+    // P V of tile it - 1; P V of the last tile). Warpgroup 1 opens the first
+    // turn of warpgroup 0 and skips its arrival of the last round, so every
+    // barrier instance gets exactly 256 threads.
+    const int rounds = n_tiles > 0 ? n_tiles + 1 : 0;
+    int round = 0;
+    auto turn_begin = [&] { named_barrier_sync(1 + c, 256); };
+    auto turn_end = [&] {
+      if (!(c == 1 && round == rounds - 1)) named_barrier_arrive(1 + (1 - c), 256);
+      ++round;
+    };
+    if (c == 1 && rounds > 0) named_barrier_arrive(1, 256);
+
+    // Intra-warpgroup pipelining: the S product of tile it is issued together
+    // with the P V product of tile it - 1, and the softmax of tile it runs while
+    // that P V product is still in flight; O is rescaled once it has landed.
+    //   round 0:        S[0];                       softmax(S[0])
+    //   round it:       S[it], P[it-1] V[it-1];     wait S; softmax(S[it]); wait P V; rescale O
+    //   round n_tiles:  P[last] V[last]
+    auto stage = [&](int it) { return static_cast<int>((kv + static_cast<uint32_t>(it)) % kStages); };
+    auto phase = [&](int it) { return ((kv + static_cast<uint32_t>(it)) / kStages) & 1u; };
+    if (n_tiles > 0) {
+      mbar_wait(bar_q, qi & 1u);
+      mbar_wait(bar_k(stage(0)), phase(0));
+      turn_begin();
+      wgmma_fence();
+      issue_s(stage(0));
+      turn_end();
+      wgmma_wait<0>();
+      fence_s();
+      if (lane == 0) mbar_arrive(bar_k_empty(stage(0)));
+      float alpha[2];
+      softmax(n_begin * kBlockN, alpha);  // O = 0: nothing to rescale
+      pack_p();
+    }
+#pragma unroll 1
+    for (int it = 1; it < n_tiles; ++it) {
+      const int s = stage(it), sp = stage(it - 1);
+      mbar_wait(bar_k(s), phase(it));
+      mbar_wait(bar_v(sp), phase(it - 1));
+      turn_begin();
+      fence_o();
+      wgmma_fence();
+      issue_s(s);
+      issue_pv(sp);
+      turn_end();
+      wgmma_wait<1>();  // S[it] has landed (K[it] is free); P V of tile it - 1 may still run
+      fence_s();
+      if (lane == 0) mbar_arrive(bar_k_empty(s));
+      float alpha[2];
+      softmax((n_begin + it) * kBlockN, alpha);
+      wgmma_wait<0>();  // P V of tile it - 1 done: V[it - 1] is free, O can be rescaled, pa rewritten
+      fence_o();
+      if (lane == 0) mbar_arrive(bar_v_empty(sp));
+      rescale_o(alpha);
+      pack_p();
+    }
+    if (n_tiles > 0) {
+      const int sp = stage(n_tiles - 1);
+      mbar_wait(bar_v(sp), phase(n_tiles - 1));
+      turn_begin();
+      fence_o();
+      wgmma_fence();
+      issue_pv(sp);
+      turn_end();
+      wgmma_wait<0>();
+      fence_o();
+      if (lane == 0) {
+        mbar_arrive(bar_v_empty(sp));
+        mbar_arrive(bar_q_empty);  // the block's last S product read Q long before
+      }
+      kv += static_cast<uint32_t>(n_tiles);
+      ++qi;
+    }
+
+    // Epilogue: normalise, write O and the log-sum-exp.
+    Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
+    const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
+    float* lse = static_cast<float*>(p.lse) + bh * L;
+    const float keep_scale = dropout ? rng.inv_keep : 1.f;
+    const int Ev = static_cast<int>(p.dim_v);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = row_sum[hr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int64_t i = wrow0 + g + 8 * hr;
+      const bool empty = !(l > 0.f);  // the row saw no key
+      const float inv = empty ? 0.f : keep_scale / l;
+      if (t == 0 && i < L) lse[i] = empty ? -kInf : row_max[hr] + logf(l);
+      if (i < L) {
+        Elem* orow = o + i * p.o_stride.r;
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt) {
+          const int col = 8 * nt + 2 * t;
+          store_pair(orow + col, acc_o[0][nt][2 * hr] * inv, acc_o[0][nt][2 * hr + 1] * inv, col < Ev, col + 1 < Ev,
+                     pair_ok);
+        }
       }
     }
-  }
+  }  // tiles
 #endif  // AE_SM90_BODY
 }
 
@@ -431,12 +482,8 @@ inline bool covers_mask(const FwdParams& p) {
 
 // Launches the kernel, or returns cudaErrorNotSupported without launching
 // when the call is outside what it covers (the caller runs the sm80 kernel).
-template <class Cfg>
+template <class Cfg, bool kDropout, bool kMask>
 cudaError_t launch_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
-  if (!covers_mask(p) || p.dim_qk > Cfg::kD || p.dim_v > Cfg::kD) return cudaErrorNotSupported;
-  if (p.len_q > 0x7fffffff || p.len_k > 0x7fffffff || p.heads_q > 0x7fffffff || p.batch > 0x7fffffff) {
-    return cudaErrorNotSupported;  // TMA coordinates are int32
-  }
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorNotSupported;
@@ -447,16 +494,31 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
       make_operand_desc(&P.tv, p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.dim_v, Cfg::kBlockN) != nullptr) {
     return cudaErrorNotSupported;
   }
-  return launch_kernel(flash_fwd_sm90_kernel<Cfg>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem,
-                       Cfg::kSmem, env.stream, "flash_fwd_sm90_kernel", P);
+  // persistent: one CTA per multiprocessor (the shared memory and the 384 x 168
+  // registers of a CTA leave room for no second one), each walking its tiles
+  const int64_t grid = blocks < env.num_sms ? blocks : (env.num_sms > 0 ? env.num_sms : 1);
+  return launch_kernel(flash_fwd_sm90_kernel<Cfg, kDropout, kMask>, static_cast<unsigned>(grid), Cfg::kThreads,
+                       Cfg::kSmem, Cfg::kSmem, env.stream, "flash_fwd_sm90_kernel", P);
 }
 
+// Keys per tile, by head dim: the consumers' 240 registers hold S (kBlockN / 2),
+// P of the previous tile (kBlockN / 4) and O (D / 2) at once, plus the
+// softmax's and the dropout's state: 128 for D = 64; 112 for D = 128 (96 with
+// dropout); 64 for D = 256 (48 with a mask; O alone is 128 registers). test_hopper_build.py
+// holds every variant to 0 bytes of spills. Stages: 4 for D = 64, else 2.
 template <typename Elem, int kD>
 cudaError_t run_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
-  // D = 64: 4 stages of 128 keys (80 KB + Q); 128: 2 stages (160 KB); 256: 2 stages of 64 keys
-  // (192 KB; O alone is 128 registers per thread)
-  using Cfg = Sm90FwdConfig<Elem, kD, (kD <= 128 ? 128 : 64), (kD <= 64 ? 4 : 2)>;
-  return launch_fwd_sm90<Cfg>(p, env);
+  if (!covers_mask(p) || p.dim_qk > kD || p.dim_v > kD) return cudaErrorNotSupported;
+  if (p.len_q > 0x7fffffff || p.len_k > 0x7fffffff || p.heads_q > 0x7fffffff || p.batch > 0x7fffffff) {
+    return cudaErrorNotSupported;  // TMA coordinates and the tile arithmetic are 32-bit
+  }
+  return BOOL_SWITCH(p.dropout_p > 0.0, kDropout, [&] {
+    return BOOL_SWITCH(p.mask_kind != MaskKind::kNone, kMask, [&] {
+      constexpr int kBlockN = kD <= 64 ? 128 : kD <= 128 ? (kDropout ? 96 : 112) : (kMask ? 48 : 64);
+      using Cfg = Sm90FwdConfig<Elem, kD, kBlockN, (kD <= 64 ? 4 : 2)>;
+      return launch_fwd_sm90<Cfg, kDropout, kMask>(p, env);
+    });
+  });
 }
 
 }  // namespace sm90
