@@ -8,10 +8,11 @@ tensor beyond 2^31 elements.
 
 Tolerance (as test_ops.py): error(ours vs float64) <= 2 x error(PyTorch's
 F.scaled_dot_product_attention math backend in the same dtype) + a floor.
-The kernel-correctness tests take the `be` fixture and run twice: on the GPU
-(marked `cuda`, skipped where there is no GPU or no CUDA kernels) and on the
+The kernel-correctness tests take the `be` fixture and run three times: on the
+GPU (marked `cuda`, skipped where there is no GPU or no CUDA kernels), on the
 CPU SIMT emulator of the same kernels (marked `emu`, tests/emu.py), which
-runs everywhere. The rest (graphs, streams, devices, TF32 switch, memory
+runs everywhere, and on the emulator as an sm_90 device (`emu90`: the fp16 /
+bf16 cases that the Hopper kernels cover run through them). The rest (graphs, streams, devices, TF32 switch, memory
 sizes) is GPU-only.
 """
 from __future__ import annotations
@@ -55,9 +56,18 @@ class Backend:
         return ops.attention(*args) if self.name == "cuda" else emu.attention(*args)
 
 
-@pytest.fixture(params=[pytest.param("cuda", marks=cuda_marks()), pytest.param("emu", marks=emu_marks())])
-def be(request):
-    return Backend(request.param)
+@pytest.fixture(params=[pytest.param("cuda", marks=cuda_marks()), pytest.param("emu", marks=emu_marks()),
+                        pytest.param("emu90", marks=emu_marks())])
+def be(request, monkeypatch):
+    """'emu90': the emulator as an sm_90 device (ATTENTION_EXT_EMU_ARCH=90), so that the
+    fp16 / bf16 cases the Hopper kernels cover run through them (the rest through the sm80
+    kernels, as on an H100); float32 never reaches them and is left to the 'emu' case."""
+    if request.param == "emu90":
+        params = getattr(request.node, "callspec", None)
+        if params is not None and params.params.get("dtype") == f32:
+            pytest.skip("float32 never runs on the Hopper kernels: the 'emu' case covers it")
+        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
+    return Backend("emu" if request.param == "emu90" else request.param)
 
 
 @pytest.fixture(autouse=True)
