@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     const std::string ran = run_backward(p, env, q.options(), *find_fwd_or_fail(p), *e, "emu backward",
                                          [&](const char* what, const BwdWorkspace& ws, auto&& fn) {
-                                           Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, m});
+                                           Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, m});
                                            run(what, fn);
                                          });
     if (log_kernels()) log_kernel(ran);

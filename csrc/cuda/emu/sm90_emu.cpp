@@ -65,7 +65,16 @@ struct Warpgroup {
   uint64_t executed = 0;
 };
 
+// One cp.reduce.async.bulk.tensor (add) of a thread, not yet performed.
+struct TmaReduce {
+  uint32_t src;
+  TmaDesc desc;
+  int c[4];
+};
+
 struct ThreadWg {
+  std::vector<TmaReduce> bulk_open;              // issued, not yet committed
+  std::deque<std::vector<TmaReduce>> bulk_groups;  // committed, not yet performed (late), oldest first
   uint64_t issued = 0;           // ops issued by this thread
   std::deque<uint64_t> groups;   // committed groups, oldest first: op count at commit
   uint64_t waited = 0;           // ops covered by a completed wait_group
@@ -86,6 +95,11 @@ struct State : simt::CtaState {
   NamedBar named[16];
 
   void thread_exit(int rank) override {
+    if (rank < static_cast<int>(threads.size()) &&
+        (!threads[rank].bulk_groups.empty() || !threads[rank].bulk_open.empty())) {
+      throw Error(simt::where() + ": thread exits with bulk async copies (cp.reduce.async.bulk) it has not waited "
+                  "for (cp.async.bulk.commit_group + cp.async.bulk.wait_group)");
+    }
     if (rank < static_cast<int>(threads.size()) && threads[rank].issued != threads[rank].waited) {
       throw Error(simt::where() + ": thread exits with " + std::to_string(threads[rank].issued - threads[rank].waited) +
                   " wgmma.mma_async ops it has not waited for (wgmma.commit_group + wgmma.wait_group)");
@@ -479,6 +493,79 @@ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, i
   }
 }
 
+// cp.reduce.async.bulk.tensor .add (PTX ISA, cp.reduce.async.bulk.tensor; 5.5.3 tiled mode): each
+// element of the box inside the tensor is added to global memory (fp32 maps);
+// elements outside are skipped. Shared memory is read when the copy is
+// performed: at the bulk wait_group that covers it (late, the latest moment)
+// or at issue (early).
+void perform_reduce(const TmaReduce& r) {
+  const TmaDesc& d = r.desc;
+  if (d.elem_bytes != 4) throw Error(simt::where() + ": cp.reduce.async.bulk.tensor .add emulated for fp32 maps only");
+  const unsigned char* smem = simt::dynamic_smem();
+  auto* gbase = static_cast<unsigned char*>(const_cast<void*>(d.base));
+  uint64_t off = 0;
+  for (uint32_t i3 = 0; i3 < d.box[3]; ++i3) {
+    for (uint32_t i2 = 0; i2 < d.box[2]; ++i2) {
+      for (uint32_t i1 = 0; i1 < d.box[1]; ++i1) {
+        const int64_t x[4] = {0, int64_t(r.c[1]) + i1, int64_t(r.c[2]) + i2, int64_t(r.c[3]) + i3};
+        bool row_in = true;
+        int64_t row_byte = 0;
+        for (int k = 1; k < 4; ++k) {
+          row_in = row_in && x[k] >= 0 && x[k] < static_cast<int64_t>(d.dims[k]);
+          row_byte += x[k] * static_cast<int64_t>(d.strides[k]);
+        }
+        for (uint32_t i0 = 0; i0 < d.box[0]; ++i0, off += 4) {
+          const int64_t x0 = int64_t(r.c[0]) + i0;
+          if (!row_in || x0 < 0 || x0 >= static_cast<int64_t>(d.dims[0])) continue;
+          unsigned char* g = gbase + row_byte + x0 * 4;
+          if (!simt::global_read_ok(g, 4)) {
+            throw Error(simt::where() + ": TMA reduce writes global memory outside every tensor of the launch");
+          }
+          float a, b;
+          std::memcpy(&a, g, 4);
+          std::memcpy(&b, smem + swizzle_addr(r.src + static_cast<uint32_t>(off), d.swizzle), 4);
+          a += b;
+          std::memcpy(g, &a, 4);
+        }
+      }
+    }
+  }
+}
+
+void tma_reduce_add_4d(const TmaDesc* d, uint32_t src, int c0, int c1, int c2, int c3) {
+  if (d == nullptr || d->rank != 4 || d->base == nullptr) {
+    throw Error(simt::where() + ": cp.reduce.async.bulk.tensor with a tensor map that make_tma_desc_4d did not fill");
+  }
+  const int swb = swizzle_bytes(d->swizzle);
+  const uint32_t align = swb == 0 ? 128u : swb * 8u;
+  uint64_t bytes = static_cast<uint64_t>(d->elem_bytes);
+  for (int k = 0; k < 4; ++k) bytes *= d->box[k];
+  if (src % align != 0 || src + bytes > simt::dynamic_smem_bytes()) {
+    throw Error(simt::where() + ": cp.reduce.async.bulk.tensor of " + std::to_string(bytes) + " bytes from smem " +
+                hex(src) + " (out of range, or not aligned to " + std::to_string(align) + " bytes)");
+  }
+  const TmaReduce r{src, *d, {c0, c1, c2, c3}};
+  if (simt::early_async()) {
+    perform_reduce(r);
+  } else {
+    state().threads[simt::thread_rank()].bulk_open.push_back(r);
+  }
+}
+
+void bulk_commit() {
+  ThreadWg& t = state().threads[simt::thread_rank()];
+  t.bulk_groups.push_back(std::move(t.bulk_open));
+  t.bulk_open.clear();
+}
+
+void bulk_wait_groups(int n) {
+  ThreadWg& t = state().threads[simt::thread_rank()];
+  while (static_cast<int>(t.bulk_groups.size()) > n) {
+    for (const TmaReduce& r : t.bulk_groups.front()) perform_reduce(r);
+    t.bulk_groups.pop_front();
+  }
+}
+
 void wgmma_fence() { state().threads[simt::thread_rank()].fenced = true; }
 
 void wgmma_commit() {
@@ -562,8 +649,9 @@ void named_barrier_arrive(int id, int nthreads) { named_bar(id, nthreads, false)
 // The emulated tensor map: cuTensorMapEncodeTiled's checks (CUDA driver API),
 // then the fields sm90_emu reads.
 const char* make_tma_desc_4d(TmaDesc* out, const void* base, const uint64_t dims[4], const uint64_t strides_bytes[3],
-                             const uint32_t box[4], int swizzle) {
-  constexpr int kElem = 2;
+                             const uint32_t box[4], int swizzle, int elem_bytes) {
+  if (elem_bytes != 2 && elem_bytes != 4) return "elements of 2 or 4 bytes only";
+  const int kElem = elem_bytes;
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return "base address not 16-byte aligned";
   for (int i = 0; i < 3; ++i) {
     if (strides_bytes[i] % 16 != 0) return "a stride is not a multiple of 16 bytes";

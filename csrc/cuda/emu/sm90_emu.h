@@ -45,6 +45,18 @@ void mbar_wait(uint32_t bar, uint32_t parity);
 inline void tma_prefetch_desc(const TmaDesc*) {}
 void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, int c2, int c3);
 inline void fence_proxy_async() {}
+void tma_reduce_add_4d(const TmaDesc* d, uint32_t src, int c0, int c1, int c2, int c3);
+void bulk_commit();
+void bulk_wait_groups(int n);
+// The emulator performs a reduce when its group is waited for (or at issue): .read or not, the same.
+template <int N>
+inline void bulk_wait_read() {
+  bulk_wait_groups(N);
+}
+template <int N>
+inline void bulk_wait() {
+  bulk_wait_groups(N);
+}
 
 // wgmma bookkeeping (PTX ISA wgmma.fence / commit_group / wait_group)
 void wgmma_fence();

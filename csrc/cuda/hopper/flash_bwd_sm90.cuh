@@ -21,7 +21,9 @@
 //       dS^T -> shared memory (the 128-byte swizzle, queries contiguous)
 //       dQ_c = dS_c K_c       wgmma m64 nD, A = dS M-major, B = K N-major
 //                             (for D = 64 the three last products in one group);
-//                             added to the fp32 dQ workspace (red.global.add.v2.f32)
+//                             staged in shared memory and added to the fp32 dQ
+//                             workspace by TMA reduce-adds (one thread, async,
+//                             no per-element atomics)
 //     then one arrival per consumer warp releases the stage.
 //   Epilogue: dK *= scale, written with dV from registers.
 // The two consumer warpgroups share nothing but the Q / dO stages, so one's
@@ -47,6 +49,7 @@ struct Sm90BwdParams {
   BwdParams p;
   BwdWork w;
   TmaDesc tq, tk, tv, tdo;  // 4-d maps (dim, row, head, batch)
+  TmaDesc tdq;              // fp32 map of the dQ workspace (dim, row, head, batch), for the TMA reduce-add
 };
 
 template <typename Elem_, int kD_, int kStages_>
@@ -64,9 +67,10 @@ struct Sm90BwdConfig {
   static constexpr uint32_t kKVBytes = kBlockN * kD * 2;
   static constexpr uint32_t kQBytes = kBlockM * kD * 2;
   static constexpr uint32_t kDSBytes = kBlockN * kBlockM * 2;  // dS^T: 128 keys x 64 queries
+  static constexpr uint32_t kDQBytes = kBlockM * kD * 4;        // per consumer: its fp32 dQ partial
   static constexpr uint32_t kBarBytes = 8 * (1 + 2 * kStages);
   static constexpr size_t kSmem =
-      2 * size_t(kKVBytes) + 2 * kStages * size_t(kQBytes) + kDSBytes + 1024 + kBarBytes;
+      2 * size_t(kKVBytes) + 2 * kStages * size_t(kQBytes) + kDSBytes + 2 * size_t(kDQBytes) + 1024 + kBarBytes;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   // dV, dK and dQ in one wgmma group (else dQ waits for dV, dK): only where
@@ -93,7 +97,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   const uint32_t sQ0 = sV + Cfg::kKVBytes;                    // kStages x Q tiles
   const uint32_t sdO0 = sQ0 + kStages * Cfg::kQBytes;         // kStages x dO tiles
   const uint32_t sdS = sdO0 + kStages * Cfg::kQBytes;         // dS^T, 128 keys x 64 queries
-  const uint32_t sBar = sdS + Cfg::kDSBytes;
+  const uint32_t sdQ = sdS + Cfg::kDSBytes;                   // 2 x the consumers' dQ partials
+  const uint32_t sBar = sdQ + 2 * Cfg::kDQBytes;
   const uint32_t bar_kv = sBar;
   auto bar_full = [&](int s) { return sBar + 8u * (1 + s); };
   auto bar_empty = [&](int s) { return sBar + 8u * (1 + kStages + s); };
@@ -161,6 +166,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   const float scale = static_cast<float>(p.scale);
   const uint32_t sKc = sK + c * (64 * 128), sVc = sV + c * (64 * 128);  // this warpgroup's keys in panel 0
   const uint32_t sdSc = sdS + c * (64 * 128);
+  const uint32_t sdQc = sdQ + c * Cfg::kDQBytes;
 
   float acc_dk[1][NTD][4], acc_dv[1][NTD][4];
   zero_acc(acc_dk);
@@ -281,7 +287,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       }
     }
     fence_proxy_async();                // the generic-proxy stores, before wgmma reads them
-    named_barrier_sync(1 + c, 128);     // every thread of the warpgroup wrote its part
+    // the previous item's dQ reduce has read sdQ_c (its issuing thread waits), so
+    // that the stores below may overwrite it once every thread is past the barrier
+    if ((tid & 127) == 0) bulk_wait_read<0>();
+    named_barrier_sync(1 + c, 128);     // every thread of the warpgroup wrote its part of dS
 
     // One group of three products, one wait (D = 64; two groups for D = 128):
     //   dV += P^T dO, dK += dS^T Q   (A from registers; B N-major: 16 queries =
@@ -337,27 +346,40 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
         reg_fence(acc_dk[0][nt][r]);
       }
     if (lane == 0) mbar_arrive(bar_empty(s));
-    // the next item rewrites sdS: every warp of the warpgroup is past its dQ product
-    named_barrier_sync(1 + c, 128);
 
-    const int E = static_cast<int>(p.dim_qk);
+    // dQ_c to shared memory as the fp32 map's boxes expect them: kD / 32 panels
+    // of 64 rows x 128 B in the 128-byte swizzle (pairs of columns: 8 bytes
+    // inside one 16-byte chunk), then one thread adds the panels to the dQ
+    // workspace with TMA reduce-adds (elements past L are skipped by TMA).
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int64_t i = i0 + 16 * cw + g + 8 * hr;
-      if (i < L) {
-        float* row = w.dq_accum + (bh * L + i) * w.dq_row_stride;
+      const int r = 16 * cw + g + 8 * hr;
 #pragma unroll
-        for (int nt = 0; nt < NTD; ++nt) {
-          const int col = 8 * nt + 2 * t;
-          if (col + 1 < E) {
-            red_add_v2(row + col, acc_dq[0][nt][2 * hr], acc_dq[0][nt][2 * hr + 1]);  // 8-byte aligned: col even
-          } else if (col < E) {
-            atomicAdd(row + col, acc_dq[0][nt][2 * hr]);
-          }
-        }
+      for (int nt = 0; nt < NTD; ++nt) {
+        const int col = 8 * nt + 2 * t;
+        const int byte = (col & 31) * 4;
+        const uint32_t a = sdQc + (col >> 5) * (kBlockM * 128) + r * 128 +
+                           ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15));
+        float2 v2;
+        v2.x = acc_dq[0][nt][2 * hr];
+        v2.y = acc_dq[0][nt][2 * hr + 1];
+        *reinterpret_cast<float2*>(smem + (a - sK)) = v2;
       }
     }
+    fence_proxy_async();  // the stores, before the async proxy (TMA) reads them
+    // every thread wrote its part of dQ_c, and is past its dQ product (the next
+    // item rewrites sdS)
+    named_barrier_sync(1 + c, 128);
+    if ((tid & 127) == 0) {
+#pragma unroll
+      for (int pn = 0; pn < kD / 32; ++pn) {
+        tma_reduce_add_4d(&P.tdq, sdQc + pn * (kBlockM * 128), 32 * pn, static_cast<int>(i0), static_cast<int>(h),
+                          static_cast<int>(b));
+      }
+      bulk_commit();
+    }
   }
+  if ((tid & 127) == 0) bulk_wait<0>();  // the reduces are complete before the CTA (and its shared memory) ends
 
   // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO.
   const int E = static_cast<int>(p.dim_qk), Ev = static_cast<int>(p.dim_v);
@@ -405,6 +427,16 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEn
       make_operand_desc(&P.tk, p.k, p.k_stride, p.batch, p.heads_kv, p.len_k, p.dim_qk, Cfg::kBlockN) != nullptr ||
       make_operand_desc(&P.tv, p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.dim_v, Cfg::kBlockN) != nullptr) {
     return cudaErrorNotSupported;
+  }
+  {  // dQ workspace: rows (b * Hq + h) * L + i of kD floats
+    const uint64_t row = static_cast<uint64_t>(Cfg::kD) * 4;
+    const uint64_t dims[4] = {static_cast<uint64_t>(Cfg::kD), static_cast<uint64_t>(p.len_q),
+                              static_cast<uint64_t>(p.heads_q), static_cast<uint64_t>(p.batch)};
+    const uint64_t strides[3] = {row, row * dims[1], row * dims[1] * dims[2]};
+    const uint32_t box[4] = {32, Cfg::kBlockM, 1, 1};
+    if (make_tma_desc_4d(&P.tdq, w.dq_accum, dims, strides, box, kSwizzle128B, 4) != nullptr) {
+      return cudaErrorNotSupported;
+    }
   }
   return launch_kernel(flash_bwd_sm90_kernel<Cfg>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem,
                        Cfg::kSmem, env.stream, "flash_bwd_sm90_kernel", P);

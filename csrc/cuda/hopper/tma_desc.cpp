@@ -29,7 +29,8 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
 }  // namespace
 
 const char* make_tma_desc_4d(TmaDesc* out, const void* base, const uint64_t dims[4], const uint64_t strides_bytes[3],
-                             const uint32_t box[4], int swizzle) {
+                             const uint32_t box[4], int swizzle, int elem_bytes) {
+  if (elem_bytes != 2 && elem_bytes != 4) return "elements of 2 or 4 bytes only";
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return "base address not 16-byte aligned";
   for (int i = 0; i < 3; ++i) {
     if (strides_bytes[i] % 16 != 0) return "a stride is not a multiple of 16 bytes";
@@ -45,7 +46,8 @@ const char* make_tma_desc_4d(TmaDesc* out, const void* base, const uint64_t dims
                                 : swizzle == 2 ? CU_TENSOR_MAP_SWIZZLE_64B
                                 : swizzle == 3 ? CU_TENSOR_MAP_SWIZZLE_32B
                                                : CU_TENSOR_MAP_SWIZZLE_NONE;
-  const CUresult r = fn(&out->map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base),
+  const CUtensorMapDataType type = elem_bytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16;
+  const CUresult r = fn(&out->map, type, 4, const_cast<void*>(base),
                         reinterpret_cast<const cuuint64_t*>(dims), reinterpret_cast<const cuuint64_t*>(strides_bytes),
                         reinterpret_cast<const cuuint32_t*>(box), elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, sw,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);

@@ -34,13 +34,14 @@ struct TmaDesc {
 };
 #endif
 
-// A 4-d tensor map over 16-bit elements: dims innermost first (dims[0]
-// contiguous), strides_bytes[i] the byte stride of dims[i + 1] (multiples of
-// 16), box the elements copied per dimension (box[0] * 2 bytes <= the swizzle
-// width), swizzle a Swizzle value. Returns nullptr on success, otherwise why
-// the map cannot be made (the caller then uses the sm80 kernels).
+// A 4-d tensor map over 16-bit (fp16 / bf16 copies) or 4-byte (fp32, for
+// reductions) elements: dims innermost first (dims[0] contiguous),
+// strides_bytes[i] the byte stride of dims[i + 1] (multiples of 16), box the
+// elements copied per dimension (box[0] * elem_bytes <= the swizzle width),
+// swizzle a Swizzle value. Returns nullptr on success, otherwise why the map
+// cannot be made (the caller then uses the sm80 kernels).
 const char* make_tma_desc_4d(TmaDesc* out, const void* base, const uint64_t dims[4], const uint64_t strides_bytes[3],
-                             const uint32_t box[4], int swizzle);
+                             const uint32_t box[4], int swizzle, int elem_bytes = 2);
 
 }  // namespace sm90
 }  // namespace cuda
