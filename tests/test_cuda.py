@@ -484,7 +484,6 @@ def test_more_than_2_31_elements():
 
 
 @gpu
-@gpu
 @pytest.mark.parametrize("dtype", [f16, bf16], ids=lambda d: DT_ID[d])
 def test_hopper_kernels_run_on_sm90(dtype, capfd, monkeypatch):
     """On an sm_90 GPU the covered calls run the Hopper kernels (the kernel log says
@@ -514,6 +513,32 @@ def test_hopper_kernels_run_on_sm90(dtype, capfd, monkeypatch):
         assert err90 <= 2 * err80 + 1e-3, (name, err90, err80)
 
 
+@gpu
+@pytest.mark.parametrize("dtype", [f16, bf16], ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("swizzle", [0, 32, 64, 128])
+@pytest.mark.parametrize("layout", ["A-K_B-K", "A-K_B-N", "A-M_B-K", "A-M_B-N", "A-reg_B-K", "A-reg_B-N"])
+@pytest.mark.parametrize("n", [64, 128, 256])
+def test_sm90_layout_selftest(dtype, swizzle, layout, n):
+    """The Hopper layout self-test on the GPU: one TMA + wgmma GEMM per shared-memory
+    layout (K- or MN-major A and B, A from registers, every swizzle). The emulator
+    passes all of them (test_cuda_emu_sm90.py) with its own reading of the PTX ISA's
+    layouts; here the hardware says which readings hold, layout by layout, before the
+    attention kernels that rely on K-major SW128 (Q, K) and N-major SW128 (V, dO, Q, K)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU (H100 / H200)")
+    a_part, b_part = layout.split("_")
+    torch.manual_seed(n + swizzle)
+    K = 128
+    a = torch.randn(64, K, device="cuda").to(dtype)
+    b = torch.randn(K, n, device="cuda").to(dtype)
+    d = ops._sm90_gemm_selftest(a, b, swizzle, a_part == "A-M", b_part == "B-N", a_part == "A-reg")
+    ref = a.double() @ b.double()
+    # fp32 accumulation over K = 128 in k16 steps: a few fp32 roundings of sums of ~|a||b|
+    tol = 1e-5 * (a.double().abs() @ b.double().abs()).max().item()
+    assert (d.double() - ref).abs().max().item() <= tol
+
+
+@gpu
 def test_compiled_out_error_names_the_switch():
     """Every head dim <= 256 must have a kernel in the default build; the error
     text (for builds with ATTENTION_EXT_HEAD_DIMS) is checked when it occurs."""
