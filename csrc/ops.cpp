@@ -112,6 +112,7 @@ TORCH_LIBRARY(attention_ext, m) {
   m.def(schema::kBackward);
   m.def(schema::kProbs);
   m.def(schema::kDropoutMask);
+  m.def(schema::kSm90GemmSelftest);
 }
 
 TORCH_LIBRARY_IMPL(attention_ext, CompositeImplicitAutograd, m) {
@@ -125,6 +126,7 @@ TORCH_LIBRARY_IMPL(attention_ext, Autograd, m) {
   m.impl("_attention_backward", torch::CppFunction::makeFallthrough());
   m.impl("attention_probs", torch::CppFunction::makeFallthrough());
   m.impl("_dropout_mask", torch::CppFunction::makeFallthrough());
+  m.impl("_sm90_gemm_selftest", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace attention_ext

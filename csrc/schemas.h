@@ -23,5 +23,11 @@ inline constexpr const char* kProbs =
 inline constexpr const char* kDropoutMask =
     "_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor";
 
+// Test-only: the Hopper layout self-test GEMM (csrc/cuda/hopper/sm90_gemm_selftest.cuh),
+// D (64 x n, fp32) = a (64 x K) @ b (K x n) through TMA and wgmma; CUDA on sm_90 only.
+inline constexpr const char* kSm90GemmSelftest =
+    "_sm90_gemm_selftest(Tensor a, Tensor b, int swizzle, bool a_mn_major, bool b_mn_major, bool a_in_regs) "
+    "-> Tensor";
+
 }  // namespace schema
 }  // namespace attention_ext

@@ -23,6 +23,7 @@
 #include "../glue.h"
 #include "launch.h"
 #include "rng_state.h"
+#include "sm90_selftest_glue.h"
 #include "workspace.h"
 
 namespace attention_ext {
@@ -235,6 +236,26 @@ at::Tensor dropout_mask_cuda(const at::Tensor& rng, int64_t batch, int64_t heads
   return m;
 }
 
+// The Hopper layout self-test (test-only; see hopper/sm90_gemm_selftest.cuh).
+at::Tensor sm90_gemm_selftest_cuda(const at::Tensor& a, const at::Tensor& b, int64_t swizzle, bool a_mn_major,
+                                   bool b_mn_major, bool a_in_regs) {
+  c10::cuda::CUDAGuard guard(a.device());
+  TORCH_CHECK_VALUE(b.device() == a.device(), "_sm90_gemm_selftest: a and b must be on the same device");
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, a.get_device()));
+  TORCH_CHECK(major == 9 && minor == 0, "_sm90_gemm_selftest needs an sm_90 GPU, got compute capability ", major, ".",
+              minor);
+  sm90::GemmSetup s = sm90::prepare_sm90_gemm(a, b, swizzle, a_mn_major, b_mn_major, a_in_regs, b.size(1));
+  const cudaError_t err =
+      launch_sm90_gemm_selftest(s.p, s.n, s.half, s.smem, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err != cudaErrorNotSupported,
+              "_sm90_gemm_selftest: this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)");
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return s.out;
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -243,6 +264,7 @@ TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
   m.impl("_attention_backward", TORCH_FN(cuda::backward_cuda));
   m.impl("attention_probs", TORCH_FN(cuda::probs_cuda));
   m.impl("_dropout_mask", TORCH_FN(cuda::dropout_mask_cuda));
+  m.impl("_sm90_gemm_selftest", TORCH_FN(cuda::sm90_gemm_selftest_cuda));
 }
 
 }  // namespace attention_ext

@@ -131,6 +131,13 @@ std::string describe_kernel(const char* what, int head_dim, DType dtype, const L
 // Head dims compiled for a dtype (sorted), for error messages.
 std::vector<int> compiled_head_dims(bool backward, DType dtype);
 
+// The Hopper layout self-test GEMM (sm90_selftest.cu); cudaErrorNotSupported
+// when the build has no sm_90a code.
+namespace sm90 {
+struct GemmParams;
+}
+cudaError_t launch_sm90_gemm_selftest(const sm90::GemmParams& p, int n, bool half, size_t smem, cudaStream_t stream);
+
 // Small kernels (aux_kernels.cu).
 // Fills st (see FwdStats): shift = lse, logl = 0 and, with st.dsum and not
 // st.exact_d, D[bh * L + i] = sum_e dO[b, h, i, e] * O[b, h, i, e] in fp32 from

@@ -23,8 +23,7 @@ namespace sm90 {
 // Descriptor Format"): bits 0-13 start address >> 4, 16-29 leading-dimension
 // byte offset >> 4, 32-45 stride-dimension byte offset >> 4, 49-51 base offset
 // (0: every swizzle atom used here is 1024-byte aligned), 62-63 swizzle
-// (0 none, 1 128B, 2 64B, 3 32B).
-enum Swizzle : int { kSwizzleNone = 0, kSwizzle128B = 1, kSwizzle64B = 2, kSwizzle32B = 3 };
+// (0 none, 1 128B, 2 64B, 3 32B: the Swizzle of tma_desc.h).
 __host__ __device__ __forceinline__ uint64_t make_smem_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes,
                                                             int swizzle) {
   return (static_cast<uint64_t>((smem_addr & 0x3ffff) >> 4)) |

@@ -18,6 +18,9 @@ namespace attention_ext {
 namespace cuda {
 namespace sm90 {
 
+// Swizzle modes, numbered as the wgmma matrix descriptor encodes them.
+enum Swizzle : int { kSwizzleNone = 0, kSwizzle128B = 1, kSwizzle64B = 2, kSwizzle32B = 3 };
+
 #if defined(ATTENTION_EXT_SIMT_EMU)
 struct alignas(64) TmaDesc {
   const void* base = nullptr;
