@@ -99,4 +99,14 @@ AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_
   if (hi < lo) hi = lo;
 }
 
+// Query rows [ib, ie) that can see a key of [j0, j1) (the inverse of
+// key_range, before any explicit mask): row i sees key j iff
+// j - window_right <= i <= j + window_left.
+AE_HOST_DEVICE void query_range(const FwdParams& p, int64_t j0, int64_t j1, int64_t& ib, int64_t& ie) {
+  ib = 0;
+  ie = p.len_q;
+  if (p.window_right >= 0) ib = j0 - p.window_right > 0 ? j0 - p.window_right : 0;
+  if (p.window_left >= 0) ie = j1 + p.window_left < p.len_q ? j1 + p.window_left : p.len_q;
+}
+
 }  // namespace attention_ext

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import emu
-from test_cuda_emu import _check_fwd_bwd
+from test_cuda_emu import _check_fwd_bwd, _inputs
 from reference import assert_close_vs_baseline, reference_attention, reference_grads, window_visibility
 
 pytestmark = [pytest.mark.emu, pytest.mark.skipif(not emu.LOADED, reason=emu.SKIP_REASON or "")]
@@ -37,15 +37,6 @@ def sm90(monkeypatch):
     """The emulated device is an H100: the Hopper kernels run where they cover the call
     (outputs start as NaN: conftest sets ATTENTION_EXT_POISON=1)."""
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
-
-
-def _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, L, E, generator=g).to(dtype)
-    k = torch.randn(B, Hkv, S, E, generator=g).to(dtype)
-    v = torch.randn(B, Hkv, S, Ev, generator=g).to(dtype)
-    do = torch.randn(B, Hq, L, Ev, generator=g).to(dtype)
-    return q, k, v, do
 
 
 def _forward(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None, window=W):

@@ -126,9 +126,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
     const int nk = static_cast<int>(S - j0 < kBlockN ? S - j0 : kBlockN);
     // Query rows that see at least one key of [j0, j0 + nk): row i sees key j
     // iff i - left <= j <= i + right.
-    int64_t ib = 0, ie = L;
-    if (p.window_right >= 0) ib = j0 - p.window_right > 0 ? j0 - p.window_right : 0;
-    if (p.window_left >= 0) ie = j0 + nk + p.window_left < L ? j0 + nk + p.window_left : L;
+    int64_t ib, ie;
+    query_range(p, j0, j0 + nk, ib, ie);
     const int64_t mb_begin = ib / kBlockM;
     const int64_t nm = ie > ib ? ceil_div(ie, kBlockM) - mb_begin : 0;
     const int64_t n_items = G * nm;

@@ -45,7 +45,10 @@ inline GemmSetup prepare_sm90_gemm(const at::Tensor& a, const at::Tensor& b, int
   TORCH_CHECK_VALUE(swizzle == 0 || swizzle == 32 || swizzle == 64 || swizzle == 128,
                     "_sm90_gemm: swizzle is 0, 32, 64 or 128 (bytes)");
   TORCH_CHECK_VALUE(!(a_in_regs && a_mn_major), "_sm90_gemm: A from registers has no major-ness");
-  const int sw = swizzle == 128 ? kSwizzle128B : swizzle == 64 ? kSwizzle64B : swizzle == 32 ? kSwizzle32B : kSwizzleNone;
+  const int sw = swizzle == 128  ? kSwizzle128B
+                 : swizzle == 64 ? kSwizzle64B
+                 : swizzle == 32 ? kSwizzle32B
+                                 : kSwizzleNone;
   const int e = span_elems(sw);
   const int N = static_cast<int>(n);
   GemmSetup s;

@@ -650,21 +650,8 @@ void named_barrier_arrive(int id, int nthreads) { named_bar(id, nthreads, false)
 // then the fields sm90_emu reads.
 const char* make_tma_desc_4d(TmaDesc* out, const void* base, const uint64_t dims[4], const uint64_t strides_bytes[3],
                              const uint32_t box[4], int swizzle, int elem_bytes) {
-  if (elem_bytes != 2 && elem_bytes != 4) return "elements of 2 or 4 bytes only";
+  if (const char* err = check_tma_desc_4d(base, dims, strides_bytes, box, swizzle, elem_bytes)) return err;
   const int kElem = elem_bytes;
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return "base address not 16-byte aligned";
-  for (int i = 0; i < 3; ++i) {
-    if (strides_bytes[i] % 16 != 0) return "a stride is not a multiple of 16 bytes";
-    if (strides_bytes[i] >= (uint64_t(1) << 40)) return "a stride is 2^40 bytes or more";
-  }
-  for (int i = 0; i < 4; ++i) {
-    if (dims[i] == 0 || dims[i] > (uint64_t(1) << 32)) return "a dimension is 0 or above 2^32";
-    if (box[i] == 0 || box[i] > 256) return "a box dimension is 0 or above 256";
-  }
-  if (swizzle < 0 || swizzle > 3) return "unknown swizzle mode";
-  if ((box[0] * kElem) % 16 != 0) return "the box's inner dimension is not a multiple of 16 bytes";
-  const int swb = swizzle_bytes(swizzle);
-  if (swb != 0 && box[0] * kElem > static_cast<uint32_t>(swb)) return "the box's inner dimension exceeds the swizzle span";
   *out = TmaDesc{};
   out->base = base;
   out->elem_bytes = kElem;

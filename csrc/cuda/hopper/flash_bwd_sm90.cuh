@@ -113,9 +113,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   const int64_t j0 = kb * kBlockN;
   const int nk = static_cast<int>(S - j0 < kBlockN ? S - j0 : kBlockN);
   // Query rows that see at least one key of [j0, j0 + nk).
-  int64_t ib = 0, ie = L;
-  if (p.window_right >= 0) ib = j0 - p.window_right > 0 ? j0 - p.window_right : 0;
-  if (p.window_left >= 0) ie = j0 + nk + p.window_left < L ? j0 + nk + p.window_left : L;
+  int64_t ib, ie;
+  query_range(p, j0, j0 + nk, ib, ie);
   const int64_t mb_begin = ib / kBlockM;
   const int64_t nm = ie > ib ? ceil_div(ie, kBlockM) - mb_begin : 0;
   const int n_items = static_cast<int>(G * nm);
@@ -224,13 +223,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     }
     wgmma_commit();
     wgmma_wait<0>();
-#pragma unroll
-    for (int nt = 0; nt < NTS; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        reg_fence(st[0][nt][r]);
-        reg_fence(dpt[0][nt][r]);
-      }
+    reg_fence_all(st);
+    reg_fence_all(dpt);
 
     // P^T and dS^T, element (key row jrow[hr], query column i0 + 8nt + 2t + cc)
     const bool all_visible = i0 + kBlockM <= L && tile_fully_visible(p, i0, i0 + kBlockM - 1, j0, kBlockN);
@@ -297,13 +291,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     //                                 2048 B per k16 step, LBO = the 64-row panel stride)
     //   dQ_c = dS_c K_c              (A = dS, 64 queries x 64 keys, M-major; B = K_c N-major)
     float acc_dq[1][NTD][4];
-#pragma unroll
-    for (int nt = 0; nt < NTD; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        reg_fence(acc_dv[0][nt][r]);
-        reg_fence(acc_dk[0][nt][r]);
-      }
+    reg_fence_all(acc_dv);
+    reg_fence_all(acc_dk);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < NTS / 2; ++kk) {
@@ -320,13 +309,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       // registers (ptxas serialises and spills): finish dV, dK first
       wgmma_commit();
       wgmma_wait<0>();
-#pragma unroll
-      for (int nt = 0; nt < NTD; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          reg_fence(acc_dv[0][nt][r]);
-          reg_fence(acc_dk[0][nt][r]);
-        }
+      reg_fence_all(acc_dv);
+      reg_fence_all(acc_dk);
       wgmma_fence();
     }
 #pragma unroll
@@ -337,14 +321,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     }
     wgmma_commit();
     wgmma_wait<0>();  // every read of the stage and of sdS is done
-#pragma unroll
-    for (int nt = 0; nt < NTD; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        reg_fence(acc_dq[0][nt][r]);
-        reg_fence(acc_dv[0][nt][r]);
-        reg_fence(acc_dk[0][nt][r]);
-      }
+    reg_fence_all(acc_dq);
+    reg_fence_all(acc_dv);
+    reg_fence_all(acc_dk);
     if (lane == 0) mbar_arrive(bar_empty(s));
 
     // dQ_c to shared memory as the fp32 map's boxes expect them: kD / 32 panels

@@ -40,16 +40,6 @@
 #include "../static_switch.h"
 #include "sm90_ptx.cuh"
 
-#if defined(ATTENTION_EXT_SIMT_EMU) && !defined(__grid_constant__)
-#define __grid_constant__
-#endif
-
-// The kernel body exists for sm_90a (and the emulator); other targets of a
-// multi-architecture build get an empty kernel that the dispatcher never runs.
-#if defined(ATTENTION_EXT_SIMT_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define AE_SM90_BODY 1
-#endif
-
 namespace attention_ext {
 namespace cuda {
 namespace sm90 {
@@ -252,18 +242,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       }
       wgmma_commit();
     };
-    auto fence_s = [&] {
-#pragma unroll
-      for (int nt = 0; nt < NTS; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) reg_fence(sacc[0][nt][r]);
-    };
-    auto fence_o = [&] {
-#pragma unroll
-      for (int nt = 0; nt < NTO; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) reg_fence(acc_o[0][nt][r]);
-    };
+    auto fence_s = [&] { reg_fence_all(sacc); };
+    auto fence_o = [&] { reg_fence_all(acc_o); };
     // S of tile j0 -> P in sacc (scale, masks, online softmax, dropout); returns
     // through alpha the factor by which O and l must be rescaled.
     auto softmax = [&](int64_t j0, float (&alpha)[2]) {

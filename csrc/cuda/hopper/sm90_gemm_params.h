@@ -14,7 +14,9 @@ namespace sm90 {
 
 // Elements of one swizzle row (the TMA box's inner extent): 16-byte core
 // matrix rows without swizzle.
-constexpr int span_elems(int sw) { return sw == kSwizzle128B ? 64 : sw == kSwizzle64B ? 32 : sw == kSwizzle32B ? 16 : 8; }
+__host__ __device__ constexpr int span_elems(int sw) {
+  return sw == kSwizzle128B ? 64 : sw == kSwizzle64B ? 32 : sw == kSwizzle32B ? 16 : 8;
+}
 
 struct GemmParams {
   TmaDesc ta, tb;

@@ -14,13 +14,6 @@
 #include "sm90_gemm_params.h"
 #include "sm90_ptx.cuh"
 
-#if defined(ATTENTION_EXT_SIMT_EMU) && !defined(__grid_constant__)
-#define __grid_constant__
-#endif
-#if defined(ATTENTION_EXT_SIMT_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define AE_SM90_BODY 1
-#endif
-
 namespace attention_ext {
 namespace cuda {
 namespace sm90 {
@@ -138,11 +131,16 @@ cudaError_t launch_sm90_gemm(const GemmParams& p, size_t smem, cudaStream_t stre
 
 // Launches the self-test GEMM for N in {64, 128, 256}; smem from tile_bytes.
 inline cudaError_t run_sm90_gemm(const GemmParams& p, int n, bool half, size_t smem, cudaStream_t stream) {
-  if (n == 64) return half ? launch_sm90_gemm<64, __half>(p, smem, stream) : launch_sm90_gemm<64, __nv_bfloat16>(p, smem, stream);
-  if (n == 128) {
-    return half ? launch_sm90_gemm<128, __half>(p, smem, stream) : launch_sm90_gemm<128, __nv_bfloat16>(p, smem, stream);
+  if (n == 64) {
+    return half ? launch_sm90_gemm<64, __half>(p, smem, stream)
+                : launch_sm90_gemm<64, __nv_bfloat16>(p, smem, stream);
   }
-  return half ? launch_sm90_gemm<256, __half>(p, smem, stream) : launch_sm90_gemm<256, __nv_bfloat16>(p, smem, stream);
+  if (n == 128) {
+    return half ? launch_sm90_gemm<128, __half>(p, smem, stream)
+                : launch_sm90_gemm<128, __nv_bfloat16>(p, smem, stream);
+  }
+  return half ? launch_sm90_gemm<256, __half>(p, smem, stream)
+              : launch_sm90_gemm<256, __nv_bfloat16>(p, smem, stream);
 }
 
 }  // namespace sm90

@@ -15,6 +15,17 @@
 #include "../flash_common.cuh"
 #include "tma_desc.h"
 
+#if defined(ATTENTION_EXT_SIMT_EMU) && !defined(__grid_constant__)
+#define __grid_constant__
+#endif
+
+// Kernel bodies that use these wrappers exist for sm_90a (and the emulator);
+// the other targets of a multi-architecture build compile them empty, and the
+// dispatch never launches them there.
+#if defined(ATTENTION_EXT_SIMT_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define AE_SM90_BODY 1
+#endif
+
 namespace attention_ext {
 namespace cuda {
 namespace sm90 {
@@ -166,3 +177,20 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int nthreads) {
 #include "wgmma_ops.cuh"
 
 #endif  // ATTENTION_EXT_SIMT_EMU
+
+namespace attention_ext {
+namespace cuda {
+namespace sm90 {
+
+// reg_fence over a whole accumulator fragment (see reg_fence).
+template <int N>
+__device__ __forceinline__ void reg_fence_all(float (&acc)[1][N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) reg_fence(acc[0][i][r]);
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace attention_ext

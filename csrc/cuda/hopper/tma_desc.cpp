@@ -30,15 +30,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
 
 const char* make_tma_desc_4d(TmaDesc* out, const void* base, const uint64_t dims[4], const uint64_t strides_bytes[3],
                              const uint32_t box[4], int swizzle, int elem_bytes) {
-  if (elem_bytes != 2 && elem_bytes != 4) return "elements of 2 or 4 bytes only";
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return "base address not 16-byte aligned";
-  for (int i = 0; i < 3; ++i) {
-    if (strides_bytes[i] % 16 != 0) return "a stride is not a multiple of 16 bytes";
-    if (strides_bytes[i] >= (uint64_t(1) << 40)) return "a stride is 2^40 bytes or more";
-  }
-  for (int i = 0; i < 4; ++i) {
-    if (dims[i] == 0 || dims[i] > (uint64_t(1) << 32)) return "a dimension is 0 or above 2^32";
-  }
+  if (const char* err = check_tma_desc_4d(base, dims, strides_bytes, box, swizzle, elem_bytes)) return err;
   PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn();
   if (fn == nullptr) return "the driver has no cuTensorMapEncodeTiled";
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
