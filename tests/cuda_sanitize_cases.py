@@ -43,6 +43,8 @@ def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, determinist
     elif mask == "keypad":
         m = torch.zeros(B, 1, 1, S, device=dev, dtype=dtype)
         m[..., S // 2:] = -math.inf
+    elif mask == "keypad_bool":  # the key-padding mask the Hopper kernels read (forward and backward)
+        m = (torch.arange(S, device=dev) < S // 2 + 1).view(1, 1, 1, S).expand(B, 1, 1, S)
     elif mask == "strided":
         m = (torch.rand(B, Hq, S, L, device=dev) < 0.8).transpose(-1, -2)
     w = list(window)
@@ -89,6 +91,11 @@ def main():
         grid.append(tuple(base[k] for k in keys))
     if args.quick:
         grid = grid[::3]
+    # On sm_90: the Hopper kernels' own cases (bool key padding through the
+    # backward too; a persistent forward with more tiles than multiprocessors,
+    # causal, so that CTAs walk several tiles of different lengths)
+    grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, False, (-1, -1), "keypad_bool", 0.0, False, "contig"))
+    grid.append((torch.float16, 64, 64, 2048, 2048, 8, 8, True, (-1, -1), None, 0.0, False, "contig"))
     for i, c in enumerate(grid):
         print(f"[{i + 1}/{len(grid)}] {c}", flush=True)
         case(*c)
