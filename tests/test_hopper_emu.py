@@ -292,7 +292,8 @@ def test_backward_key_padding(sm90):
 
 def test_backward_kernel_log():
     """Covered backward calls name the Hopper kernel; dropout, a mask gradient, the
-    deterministic mode and head dim 256 fall back to the sm80 kernel."""
+    deterministic mode, head dim 256 and rows TMA cannot read (72-byte rows) fall back
+    to the sm80 kernel, decided before any row statistics or workspace are made."""
     err = _kernel_log(
         "q = torch.randn(1, 2, 20, 64, dtype=torch.float16, requires_grad=True)\n"
         "emu.attention(q, q, q).sum().backward()\n"
@@ -303,11 +304,14 @@ def test_backward_kernel_log():
         "emu.attention(q, q, q).sum().backward()\n"
         "torch.use_deterministic_algorithms(False)\n"
         "r = torch.randn(1, 2, 20, 256, dtype=torch.float16, requires_grad=True)\n"
-        "emu.attention(r, r, r).sum().backward()\n")
+        "emu.attention(r, r, r).sum().backward()\n"
+        "u = torch.randn(1, 2, 20, 36, dtype=torch.float16, requires_grad=True)\n"
+        "emu.attention(u, u, u).sum().backward()\n")
     lines = [ln for ln in err.splitlines() if "emu backward" in ln]
-    assert len(lines) == 5, err
+    assert len(lines) == 6, err
     fwd = [ln for ln in err.splitlines() if "emu forward" in ln]
-    assert "sm90a" in fwd[-1] and "bucket 256" in fwd[-1]  # the forward covers 256, the backward does not
+    assert "sm90a" in fwd[-2] and "bucket 256" in fwd[-2]  # the forward covers 256, the backward does not
+    assert "sm80 mma.sync" in fwd[-1]  # 72-byte rows: neither direction
     assert "sm90a" in lines[0] and "bucket 64" in lines[0]
     for ln in lines[1:]:
         assert "sm80 mma.sync" in ln, ln

@@ -141,19 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   }
 
   if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    // the Hopper kernel when it covers the call (it declines with cudaErrorNotSupported), else sm80
-    const Sm90FwdEntry* h = find_fwd_sm90(p, env);
-    const cudaError_t herr = h != nullptr ? h->fn(p, env) : cudaErrorNotSupported;
-    if (herr != cudaErrorNotSupported) {
-      if (log_kernels()) log_kernel(describe_kernel_sm90("cuda forward", h->head_dim, p.dtype));
-      C10_CUDA_CHECK(herr);
-    } else {
-      (void)cudaGetLastError();
-      const FwdEntry* e = find_fwd_or_fail(p);
-      if (log_kernels()) log_kernel(describe_kernel("cuda forward", e->head_dim, p.dtype, env));
-      C10_CUDA_CHECK(e->fn(p, nullptr, env));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const std::string ran = run_forward(p, env, *find_fwd_or_fail(p), "cuda forward", [](auto&& fn) {
+      C10_CUDA_CHECK(fn());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (log_kernels()) log_kernel(ran);
   }
   finish_forward(st);
   return {st.out, st.lse, rng};

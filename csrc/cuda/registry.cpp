@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "hopper/tma_desc.h"
 #include "launch.h"
 
 namespace attention_ext {
@@ -30,13 +31,31 @@ std::vector<BwdEntry>& bwd_sm90_table() {
   return table;
 }
 
-// The calls the Hopper kernels may take (the launchers check the rest: head
-// dims, TMA alignment).
+// Whether TMA can read a (batch, heads, rows, dim) view: the checks of
+// cuTensorMapEncodeTiled on the map the launchers will build, so that the
+// backward's row statistics and workspace are only ever made for the kernel
+// that then runs (a launcher still declines if the driver itself rejects a map).
+bool tma_readable(const void* base, const Strides4& st, int64_t batch, int64_t heads, int64_t rows, int64_t dim) {
+  uint64_t dims[4], strides[3];
+  if (!sm90::tma_view(st.r, st.h, st.b, batch, heads, rows, dim, dims, strides)) return false;
+  const uint32_t box[4] = {64, 64, 1, 1};
+  return sm90::check_tma_desc_4d(base, dims, strides, box, sm90::kSwizzle128B, 2) == nullptr;
+}
+
+// The calls the Hopper kernels may take (the launchers check the head dims).
 bool sm90_eligible(const FwdParams& p, const LaunchEnv& env) {
   if (env.arch != 90) return false;
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
   // explicit masks: only key padding (broadcast over the query rows)
   if (p.mask_kind != MaskKind::kNone && p.mask_stride.r != 0 && p.len_q != 1) return false;
+  if (p.len_q > 0x7fffffff || p.len_k > 0x7fffffff || p.heads_q > 0x7fffffff || p.batch > 0x7fffffff) {
+    return false;  // TMA coordinates and the tile arithmetic are 32-bit
+  }
+  if (!tma_readable(p.q, p.q_stride, p.batch, p.heads_q, p.len_q, p.dim_qk) ||
+      !tma_readable(p.k, p.k_stride, p.batch, p.heads_kv, p.len_k, p.dim_qk) ||
+      !tma_readable(p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.dim_v)) {
+    return false;
+  }
   const char* off = std::getenv("ATTENTION_EXT_DISABLE_SM90");
   return off == nullptr || std::strcmp(off, "1") != 0;
 }
@@ -86,6 +105,7 @@ bool register_bwd_sm90(const BwdEntry& e) {
 
 const BwdEntry* find_bwd_sm90(const BwdParams& p, const LaunchEnv& env) {
   if (!sm90_eligible(p, env) || p.dropout_p > 0.0 || p.dmask != nullptr || p.deterministic) return nullptr;
+  if (!tma_readable(p.dout, p.do_stride, p.batch, p.heads_q, p.len_q, p.dim_v)) return nullptr;
   return find_in(bwd_sm90_table(), p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
 }
 

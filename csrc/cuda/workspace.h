@@ -1,4 +1,4 @@
-// The backward's workspace, shared by the two glues that launch the CUDA
+// The forward and backward launch sequences and the backward's workspace, shared by the two glues that launch the CUDA
 // kernels (attention_cuda.cpp on the GPU, emu/attention_emu.cpp on the CPU
 // emulator), so that the emulated path allocates and wires exactly what the
 // GPU path does. ATen-level: the tensors come from the caching allocator of
@@ -34,6 +34,25 @@ inline BwdWorkspace make_bwd_workspace(const BwdParams& p, const BwdEntry& e, in
   ws.work.row_logl = ws.row_stats.logl;
   ws.work.dsum = ws.row_stats.dsum;
   return ws;
+}
+
+// The forward as both glues run it: the Hopper kernel when it covers the call
+// (its launcher declines with cudaErrorNotSupported before launching
+// anything), else the sm80 kernel. launch(fn) runs one launcher and checks its
+// error. Returns the kernel-log line of the kernel that ran.
+template <class Launch>
+std::string run_forward(const FwdParams& p, const LaunchEnv& env, const FwdEntry& sm80, const char* what,
+                        Launch&& launch) {
+  if (const Sm90FwdEntry* h = find_fwd_sm90(p, env)) {
+    cudaError_t err = cudaSuccess;
+    launch([&] {
+      err = h->fn(p, env);
+      return err == cudaErrorNotSupported ? cudaSuccess : err;
+    });
+    if (err != cudaErrorNotSupported) return describe_kernel_sm90(what, h->head_dim, p.dtype);
+  }
+  launch([&] { return sm80.fn(p, nullptr, env); });
+  return describe_kernel(what, sm80.head_dim, p.dtype, env);
 }
 
 // The backward as both glues run it: the row statistics (launch_row_stats),

@@ -105,15 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, 
     const FwdEntry* e = find_fwd_or_fail(p);
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     Regions r({&st.q4, &st.k4, &st.v4, m});
-    const Sm90FwdEntry* h = find_fwd_sm90(p, env);
-    cudaError_t herr = cudaErrorNotSupported;
-    if (h != nullptr) run("forward", [&] { herr = h->fn(p, env); return herr == cudaErrorNotSupported ? cudaSuccess : herr; });
-    if (herr != cudaErrorNotSupported) {
-      if (log_kernels()) log_kernel(describe_kernel_sm90("emu forward", h->head_dim, p.dtype));
-    } else {
-      if (log_kernels()) log_kernel(describe_kernel("emu forward", e->head_dim, p.dtype, env));
-      run("forward", [&] { return e->fn(p, nullptr, env); });
-    }
+    const std::string ran = run_forward(p, env, *e, "emu forward", [&](auto&& fn) { run("forward", fn); });
+    if (log_kernels()) log_kernel(ran);
   }
   finish_forward(st);
   return {st.out, st.lse, rng};
@@ -144,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     const std::string ran = run_backward(p, env, q.options(), *find_fwd_or_fail(p), *e, "emu backward",
                                          [&](const char* what, const BwdWorkspace& ws, auto&& fn) {
-                                           Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, m});
+                                           Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats,
+                                                      &ws.dq_accum, m});
                                            run(what, fn);
                                          });
     if (log_kernels()) log_kernel(ran);

@@ -437,19 +437,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
 // ---------------------------------------------------------------------------
 // Host side.
 
-// TMA view of a (batch, heads, rows, dim) tensor: dims (dim, rows, heads,
-// batch), box (64, box_rows, 1, 1), 128-byte swizzle. Size-1 dimensions get a
-// harmless stride (TMA wants every stride a multiple of 16 bytes).
+// TMA map of a (batch, heads, rows, dim) tensor (tma_view): box (64,
+// box_rows, 1, 1), 128-byte swizzle.
 inline const char* make_operand_desc(TmaDesc* d, const void* base, const Strides4& st, int64_t batch, int64_t heads,
                                      int64_t rows, int64_t dim, uint32_t box_rows) {
-  const uint64_t dims[4] = {static_cast<uint64_t>(dim), static_cast<uint64_t>(rows), static_cast<uint64_t>(heads),
-                            static_cast<uint64_t>(batch)};
-  uint64_t strides[3] = {static_cast<uint64_t>(st.r) * 2, static_cast<uint64_t>(st.h) * 2,
-                         static_cast<uint64_t>(st.b) * 2};
-  if (rows == 1) strides[0] = (static_cast<uint64_t>(dim) * 2 + 15) / 16 * 16;
-  if (heads == 1) strides[1] = strides[0] * dims[1];
-  if (batch == 1) strides[2] = strides[1] * dims[2];
-  if (st.r < 0 || st.h < 0 || st.b < 0) return "negative stride";
+  uint64_t dims[4], strides[3];
+  if (!tma_view(st.r, st.h, st.b, batch, heads, rows, dim, dims, strides)) return "negative stride";
   const uint32_t box[4] = {64, box_rows, 1, 1};
   return make_tma_desc_4d(d, base, dims, strides, box, kSwizzle128B);
 }

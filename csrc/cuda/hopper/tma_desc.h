@@ -46,6 +46,24 @@ struct TmaDesc {
 const char* make_tma_desc_4d(TmaDesc* out, const void* base, const uint64_t dims[4], const uint64_t strides_bytes[3],
                              const uint32_t box[4], int swizzle, int elem_bytes = 2);
 
+// The 4-d map (dim, rows, heads, batch) of a (batch, heads, rows, dim) view of
+// 16-bit elements with element strides (r, h, b): its dims and byte strides,
+// a size-1 dimension's stride replaced by a harmless one (TMA wants every
+// stride a multiple of 16 bytes, even where it is never used). false for
+// negative strides.
+inline bool tma_view(int64_t st_r, int64_t st_h, int64_t st_b, int64_t batch, int64_t heads, int64_t rows,
+                     int64_t dim, uint64_t dims[4], uint64_t strides[3]) {
+  if (st_r < 0 || st_h < 0 || st_b < 0) return false;
+  dims[0] = static_cast<uint64_t>(dim);
+  dims[1] = static_cast<uint64_t>(rows);
+  dims[2] = static_cast<uint64_t>(heads);
+  dims[3] = static_cast<uint64_t>(batch);
+  strides[0] = rows == 1 ? (static_cast<uint64_t>(dim) * 2 + 15) / 16 * 16 : static_cast<uint64_t>(st_r) * 2;
+  strides[1] = heads == 1 ? strides[0] * dims[1] : static_cast<uint64_t>(st_h) * 2;
+  strides[2] = batch == 1 ? strides[1] * dims[2] : static_cast<uint64_t>(st_b) * 2;
+  return true;
+}
+
 // cuTensorMapEncodeTiled's requirements (CUDA driver API) on those arguments,
 // checked before the driver sees them (and by the emulator, which has no
 // driver): nullptr, or the first one violated.
