@@ -340,3 +340,18 @@ def test_emulator_schedule_variables_checked(monkeypatch):
         with pytest.raises(RuntimeError, match=f"{var} must be {allowed}, got 'sideways'"):
             emu.ops._attention_forward(q, k, v, None, 0.0, False, None, False, W)
         monkeypatch.delenv(var)
+
+
+@pytest.mark.parametrize("var,value,allowed", [
+    ("ATTENTION_EXT_EMU_ARCH", "hopper", "a compute capability such as 80 or 90"),
+    ("ATTENTION_EXT_EMU_ARCH", "70", "a compute capability such as 80 or 90"),
+    ("ATTENTION_EXT_EMU_SMS", "0", "a multiprocessor count"),
+    ("ATTENTION_EXT_EMU_SMS", "12x", "a multiprocessor count"),
+])
+def test_emulator_device_variables_checked(monkeypatch, var, value, allowed):
+    """A bad emulated compute capability or multiprocessor count is an error naming the
+    variable (it used to fall back silently to an sm_80 device or one SM)."""
+    q, k, v, _ = _inputs(1, 1, 1, 8, 8, 32, 32, f16, seed=0)
+    monkeypatch.setenv(var, value)
+    with pytest.raises(RuntimeError, match=f"{var} must be {allowed}.*got '{value}'"):
+        emu.ops._attention_forward(q, k, v, None, 0.0, False, None, False, W)

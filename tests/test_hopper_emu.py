@@ -243,17 +243,21 @@ def test_disable_switch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [f16, bf16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("E", [64, 128, 256])
 def test_backward_buckets(sm90, dtype, E):
-    """dQ, dK, dV of both buckets: two key blocks (the second ragged), three query blocks."""
+    """dQ, dK, dV of every bucket: two key blocks of 128 (64 and 128) or four of 64 (256,
+    the head-dim split), the last ragged; three query blocks."""
     q, k, v, do = _inputs(1, 2, 2, 150, 200, E, E, dtype, seed=20 + E)
     _check_fwd_bwd(q, k, v, do)
 
 
-@pytest.mark.parametrize("case", ["causal", "window", "gqa", "mqa-causal", "small-dims", "scale"])
+@pytest.mark.parametrize("case", ["causal", "window", "gqa", "mqa-causal", "small-dims", "scale",
+                                  "d256-gqa-causal", "d256-window", "d256-small-dims"])
 def test_backward_features(sm90, case):
     """Causal / window bounds per (key row, query column), GQA (dK / dV summed over the
-    group in registers), head dims below the bucket and E != Ev, a custom scale."""
+    group in registers), head dims below the bucket and E != Ev, a custom scale; the same
+    for the head-dim split of bucket 256 (its two consumers own different query columns of
+    S^T and different head dims of dK, dV, dQ)."""
     if case == "causal":
         q, k, v, do = _inputs(1, 2, 2, 200, 200, 64, 64, bf16, seed=30)
         _check_fwd_bwd(q, k, v, do, is_causal=True)
@@ -269,15 +273,25 @@ def test_backward_features(sm90, case):
     elif case == "small-dims":
         q, k, v, do = _inputs(1, 2, 2, 90, 150, 40, 56, bf16, seed=34)
         _check_fwd_bwd(q, k, v, do)
-    else:
+    elif case == "scale":
         q, k, v, do = _inputs(1, 1, 1, 64, 128, 128, 96, f16, seed=35)
         _check_fwd_bwd(q, k, v, do, scale=0.05)
+    elif case == "d256-gqa-causal":
+        q, k, v, do = _inputs(1, 4, 2, 140, 140, 256, 256, bf16, seed=38)
+        _check_fwd_bwd(q, k, v, do, is_causal=True)
+    elif case == "d256-window":
+        q, k, v, do = _inputs(1, 2, 2, 150, 170, 256, 256, f16, seed=39)
+        _check_fwd_bwd(q, k, v, do, window_size=(50, 30))
+    else:
+        q, k, v, do = _inputs(1, 2, 1, 90, 110, 200, 136, bf16, seed=40)
+        _check_fwd_bwd(q, k, v, do)
 
 
-def test_backward_key_padding(sm90):
+@pytest.mark.parametrize("E", [64, 256])
+def test_backward_key_padding(sm90, E):
     """A bool key-padding mask, one sequence fully padded (zero gradients, no NaN)."""
     B, H, L, S = 3, 2, 40, 150
-    q, k, v, do = _inputs(B, H, H, L, S, 64, 64, bf16, seed=36)
+    q, k, v, do = _inputs(B, H, H, L, S, E, E, bf16, seed=36)
     lengths = torch.tensor([150, 61, 0])
     mask = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
@@ -291,37 +305,41 @@ def test_backward_key_padding(sm90):
 
 
 def test_backward_kernel_log():
-    """Covered backward calls name the Hopper kernel; dropout, a mask gradient, the
-    deterministic mode, head dim 256 and rows TMA cannot read (72-byte rows) fall back
-    to the sm80 kernel, decided before any row statistics or workspace are made."""
+    """Covered backward calls name the Hopper kernel (head dims 64 and 256: the key split
+    and the head-dim split); dropout, a mask gradient, the deterministic mode and rows TMA
+    cannot read (72-byte rows) fall back to the sm80 kernel, decided before any row
+    statistics or workspace are made."""
     err = _kernel_log(
         "q = torch.randn(1, 2, 20, 64, dtype=torch.float16, requires_grad=True)\n"
         "emu.attention(q, q, q).sum().backward()\n"
+        "r = torch.randn(1, 2, 20, 256, dtype=torch.float16, requires_grad=True)\n"
+        "emu.attention(r, r, r).sum().backward()\n"
         "emu.attention(q, q, q, dropout_p=0.2).sum().backward()\n"
         "m = torch.zeros(20, 20, dtype=torch.float16, requires_grad=True)\n"
         "emu.attention(q, q, q, m).sum().backward()\n"
         "torch.use_deterministic_algorithms(True)\n"
         "emu.attention(q, q, q).sum().backward()\n"
         "torch.use_deterministic_algorithms(False)\n"
-        "r = torch.randn(1, 2, 20, 256, dtype=torch.float16, requires_grad=True)\n"
-        "emu.attention(r, r, r).sum().backward()\n"
         "u = torch.randn(1, 2, 20, 36, dtype=torch.float16, requires_grad=True)\n"
         "emu.attention(u, u, u).sum().backward()\n")
     lines = [ln for ln in err.splitlines() if "emu backward" in ln]
     assert len(lines) == 6, err
     fwd = [ln for ln in err.splitlines() if "emu forward" in ln]
-    assert "sm90a" in fwd[-2] and "bucket 256" in fwd[-2]  # the forward covers 256, the backward does not
     assert "sm80 mma.sync" in fwd[-1]  # 72-byte rows: neither direction
     assert "sm90a" in lines[0] and "bucket 64" in lines[0]
-    for ln in lines[1:]:
+    assert "sm90a" in lines[1] and "bucket 256" in lines[1]
+    for ln in lines[2:]:
         assert "sm80 mma.sync" in ln, ln
 
 
 @pytest.mark.parametrize("order,landing", [("reverse", "late"), ("shuffle", "early")])
-def test_backward_schedules(sm90, order, landing):
+@pytest.mark.parametrize("E", [64, 256])
+def test_backward_schedules(sm90, order, landing, E):
     """dK and dV (register accumulators) are bit-identical across schedules; dQ (atomics
-    from two warpgroups) equal up to the order of its fp32 additions."""
-    q, k, v, do = _inputs(1, 2, 1, 100, 190, 64, 64, bf16, seed=37)
+    from two warpgroups) equal up to the order of its fp32 additions. At 256 this also
+    covers the head-dim split's shared P^T / dS^T buffers and its dQ staging in the stage
+    the producer refills."""
+    q, k, v, do = _inputs(1, 2, 1, 100, 190, E, E, bf16, seed=37)
 
     def grads():
         qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))

@@ -5,7 +5,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_bwd_sm90(BwdEntry{128, DType::kFloat16, 128, &sm90::run_bwd_sm90<__half, 128>});
+const bool kRegistered = register_bwd_sm90(
+    BwdEntry{128, DType::kFloat16, sm90::Sm90BwdCfg<__half, 128>::kBlockN, &sm90::run_bwd_sm90<__half, 128>});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

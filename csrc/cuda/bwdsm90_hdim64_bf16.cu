@@ -5,7 +5,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_bwd_sm90(BwdEntry{64, DType::kBFloat16, 128, &sm90::run_bwd_sm90<__nv_bfloat16, 64>});
+const bool kRegistered = register_bwd_sm90(
+    BwdEntry{64, DType::kBFloat16, sm90::Sm90BwdCfg<__nv_bfloat16, 64>::kBlockN, &sm90::run_bwd_sm90<__nv_bfloat16, 64>});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

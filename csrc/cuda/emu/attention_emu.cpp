@@ -38,16 +38,25 @@ const FwdEntry* find_fwd_or_fail(const FwdParams& p) {
   return e;
 }
 
+// An integer from the environment variable `name` in [lo, hi], or `fallback`
+// when it is unset or empty; anything else is an error that names it.
+int env_int(const char* name, int fallback, int lo, int hi, const char* what) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == 0) return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  TORCH_CHECK(end != e && *end == 0 && v >= lo && v <= hi, name, " must be ", what, ", got '", e, "'");
+  return static_cast<int>(v);
+}
+
 LaunchEnv make_env(const at::Tensor& q) {
   LaunchEnv env;
   // ATTENTION_EXT_EMU_SMS: the emulated multiprocessor count (persistent grids,
   // the deterministic backward's chunking), default 132 as on an H100
-  const char* sms = std::getenv("ATTENTION_EXT_EMU_SMS");
-  env.num_sms = sms != nullptr && *sms != 0 ? std::max(1, std::atoi(sms)) : kEmuSms;
+  env.num_sms = env_int("ATTENTION_EXT_EMU_SMS", kEmuSms, 1, 1 << 16, "a multiprocessor count in 1..65536");
   // the emulated device's compute capability: 80 unless ATTENTION_EXT_EMU_ARCH says
   // otherwise (90 runs the Hopper kernels where they cover the call)
-  const char* arch = std::getenv("ATTENTION_EXT_EMU_ARCH");
-  env.arch = arch != nullptr && *arch != 0 ? std::atoi(arch) : 80;
+  env.arch = env_int("ATTENTION_EXT_EMU_ARCH", 80, 80, 120, "a compute capability such as 80 or 90 (80..120)");
   env.allow_tf32 = q.scalar_type() == at::kFloat &&
                    (at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST ||
                     at::globalContext().allowTF32CuBLAS());

@@ -1,7 +1,8 @@
 // Flash-attention backward for Hopper (sm_90a): TMA + mbarrier pipeline,
 // wgmma for all five matrix products, producer / consumer warp specialisation.
 //
-// One CTA = one (batch, kv head, block of 128 keys), 3 warpgroups:
+// Head dims 64 and 128 ("key split"): one CTA = one (batch, kv head, block
+// of 128 keys), 3 warpgroups:
 //   warpgroup 0, the producer (setmaxnreg.dec): one thread loads K and V of
 //     the key block once, then Q[m] and dO[m] of every (query head of the GQA
 //     group, 64-row query block m) that can see the key block into stage
@@ -25,9 +26,17 @@
 //                             workspace by TMA reduce-adds (one thread, async,
 //                             no per-element atomics)
 //     then one arrival per consumer warp releases the stage.
-//   Epilogue: dK *= scale, written with dV from registers.
-// The two consumer warpgroups share nothing but the Q / dO stages, so one's
-// element-wise work overlaps the other's products on the tensor cores.
+//   The two consumer warpgroups share nothing but the Q / dO stages, so one's
+//   element-wise work overlaps the other's products on the tensor cores.
+// Head dim 256 ("dim split"): dK and dV of 64 keys x 256 dims would take 256
+// registers per thread, so a CTA takes 64 keys and the consumers split the
+// head dim: consumer c computes S^T and dP^T for the 64 keys and its half of
+// the item's queries (wgmma m64 n32), writes P^T and dS^T to shared memory,
+// and after one barrier between the consumers owns dims 128c .. 128c + 127:
+// dV_c += P^T dO_c, dK_c += dS^T Q_c (A and B from shared memory) and
+// dQ_c = dS K_c, staged in its half of the Q / dO stage and added to the
+// workspace by TMA reduce-adds before the stage is released.
+// Epilogue: dK *= scale, written with dV from registers.
 // dQ = scale * workspace, in the input dtype, by launch_dq_convert.
 //
 // Shared-memory layouts are those of flash_fwd_sm90.cuh (D/64 panels of
@@ -36,7 +45,7 @@
 //
 // Covered (else the sm80 backward runs): fp16 / bf16, no dropout, no mask
 // gradient, not deterministic, no mask or a key-padding mask, head dims <=
-// the bucket (64 or 128), TMA-compatible q / k / v / dO.
+// the bucket (64, 128 or 256), TMA-compatible q / k / v / dO.
 #pragma once
 
 #include "flash_fwd_sm90.cuh"
@@ -56,29 +65,177 @@ template <typename Elem_, int kD_, int kStages_>
 struct Sm90BwdConfig {
   using Elem = Elem_;
   static constexpr int kD = kD_;
-  static constexpr int kBlockM = 64;   // queries per item
-  static constexpr int kBlockN = 128;  // keys per CTA: 2 consumer warpgroups x 64
+  // D <= 128: the consumers split the keys (64 each) and each holds dK, dV of
+  // its keys over the whole head dim. D = 256: dK and dV of 64 keys over 256
+  // dims alone would take 256 registers per thread, so the consumers split
+  // the head dim instead (128 each) over the same 64 keys, and share P^T and
+  // dS^T through shared memory.
+  static constexpr bool kDimSplit = kD > 128;
+  static constexpr int kBlockM = 64;                      // queries per item
+  static constexpr int kBlockN = kDimSplit ? 64 : 128;    // keys per CTA
   static constexpr int kStages = kStages_;
   static constexpr int kThreads = 384;
   static constexpr int kConsumerWarps = 8;
   static constexpr int kPanels = kD / 64;
-  static constexpr int kNTS = kBlockM / 8;  // n8 tiles of S^T (query columns)
-  static constexpr int kNTD = kD / 8;       // n8 tiles of dK, dV, dQ
+  static constexpr int kWgQueries = kDimSplit ? kBlockM / 2 : kBlockM;  // query columns of S^T, dP^T per consumer
+  static constexpr int kWgDims = kDimSplit ? kD / 2 : kD;               // head-dim columns of dK, dV, dQ per consumer
+  static constexpr int kNTS = kWgQueries / 8;  // n8 tiles of S^T
+  static constexpr int kNTD = kWgDims / 8;     // n8 tiles of dK, dV, dQ
   static constexpr uint32_t kKVBytes = kBlockN * kD * 2;
   static constexpr uint32_t kQBytes = kBlockM * kD * 2;
-  static constexpr uint32_t kDSBytes = kBlockN * kBlockM * 2;  // dS^T: 128 keys x 64 queries
-  static constexpr uint32_t kDQBytes = kBlockM * kD * 4;        // per consumer: its fp32 dQ partial
+  static constexpr uint32_t kDSBytes = kBlockN * kBlockM * 2;  // dS^T (or P^T): keys x 64 queries
+  // dim split: P^T and dS^T, double-buffered (then one barrier per item
+  // orders both the writes and the reuse); else dS^T, once
+  static constexpr uint32_t kTileBytes = kDimSplit ? 2 * 2 * kDSBytes : kDSBytes;
+  // per consumer, its fp32 dQ partial; the dim split stages dQ in its half of
+  // the Q / dO stage instead (a 64-row x 256 staging area does not fit)
+  static constexpr uint32_t kDQBytes = kDimSplit ? 0 : kBlockM * kD * 4;
   static constexpr uint32_t kBarBytes = 8 * (1 + 2 * kStages);
-  static constexpr size_t kSmem =
-      2 * size_t(kKVBytes) + 2 * kStages * size_t(kQBytes) + kDSBytes + 2 * size_t(kDQBytes) + 1024 + kBarBytes;
+  static constexpr size_t kSmem = 2 * size_t(kKVBytes) + 2 * kStages * size_t(kQBytes) + kTileBytes +
+                                  2 * size_t(kDQBytes) + 1024 + kBarBytes;
+  // releases of a stage: every consumer warp, or (dim split) the thread of
+  // each consumer whose dQ reduce has read its half of the stage
+  static constexpr int kEmptyArrivals = kDimSplit ? 2 : kConsumerWarps;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   // dV, dK and dQ in one wgmma group (else dQ waits for dV, dK): only where
-  // the three accumulators and the A fragments fit the consumers' registers
-  static constexpr bool kFuseDq = kD <= 64;
+  // the three accumulators (and the A fragments of the key split) fit the
+  // consumers' registers
+  static constexpr bool kFuseDq = kD <= 64 || kDimSplit;
   static_assert(kD % 64 == 0, "head-dim bucket: whole 64-element panels");
   static_assert(kSmem <= 227 * 1024, "sm_90 shared memory per block");
 };
+
+template <typename Elem, int kD>
+using Sm90BwdCfg = Sm90BwdConfig<Elem, kD, 2>;
+
+namespace bwd {
+
+// Key-padding mask values (0 or -inf / the additive value) of the thread's
+// two key rows for query head h: one value per (batch, head, key).
+__device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int64_t h, const int64_t (&jrow)[2],
+                                              float (&kmask)[2]) {
+  dispatch_mask(p, [&](auto tag) {
+    using MaskT = typename decltype(tag)::type;
+    if constexpr (!std::is_same<MaskT, void>::value) {
+      const void* mrow = static_cast<const unsigned char*>(p.mask) +
+                         (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        kmask[hr] = jrow[hr] < p.len_k ? mask_value<MaskT>(mrow, jrow[hr] * p.mask_stride.c) : 0.f;
+      }
+    }
+  });
+}
+
+// S^T -> P^T and dP^T -> dS^T in place; element (key row jrow[hr], query
+// column i_col0 + 8 nt + 2 t + cc) of the wgmma D fragment:
+//   P^T = exp((S^T scale [+ key mask] - shift_i) - logl_i)   (row statistics
+//         of launch_row_stats; 0 outside the window / causal bound, past L
+//         or S, and in rows that saw no key)
+//   dS^T = P^T o (dP^T - D_i)
+template <int NTS>
+__device__ __forceinline__ void softmax_grad(const BwdParams& p, const BwdWork& w, float (&st)[1][NTS][4],
+                                             float (&dpt)[1][NTS][4], const int64_t (&jrow)[2],
+                                             const float (&kmask)[2], int64_t bh, int64_t i_col0, bool all_visible,
+                                             float scale, int t) {
+  const int64_t L = p.len_q, S = p.len_k;
+#pragma unroll
+  for (int nt = 0; nt < NTS; ++nt) {
+#pragma unroll
+    for (int cc = 0; cc < 2; ++cc) {
+      const int64_t i = i_col0 + 8 * nt + 2 * t + cc;
+      const bool row_ok = i < L;
+      const int64_t stat = bh * L + (row_ok ? i : 0);
+      const float shift_raw = w.row_shift[stat];
+      const float shift = (row_ok && shift_raw != -kInf) ? shift_raw : kInf;
+      const float logl = w.row_logl[stat];
+      const float dsum = w.dsum[stat];
+      int64_t lo = 0, hi = S;
+      if (!all_visible && row_ok) key_range(p, i, lo, hi);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = 2 * hr + cc;
+        const bool vis = all_visible || (row_ok && jrow[hr] >= lo && jrow[hr] < hi);
+        const float x = st[0][nt][r] * scale + kmask[hr];
+        const float pv = vis ? exp2f(((x - shift) - logl) * kLog2e) : 0.f;
+        st[0][nt][r] = pv;
+        dpt[0][nt][r] = pv * (dpt[0][nt][r] - dsum);
+      }
+    }
+  }
+}
+
+// A keys x queries fragment (the thread's rows 16 cw + g + 8 hr, columns
+// col0 + 8 nt + 2 t, + 1) into a tile of 64 rows x 128 B in the 128-byte
+// swizzle (16-byte chunk index ^= row % 8), the layout of a K-major wgmma
+// operand (keys = M) and of an M-major one (queries = M).
+template <typename Elem, int NTS>
+__device__ __forceinline__ void store_kq_tile(unsigned char* tile, const float (&x)[1][NTS][4], int col0, int cw,
+                                              int g, int t) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = 16 * cw + g + 8 * hr;
+#pragma unroll
+    for (int nt = 0; nt < NTS; ++nt) {
+      const int byte = 2 * (col0 + 8 * nt + 2 * t);
+      const int sw = r * 128 + ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15));
+      *reinterpret_cast<uint32_t*>(tile + sw) = ElemOps<Elem>::pack2(x[0][nt][2 * hr], x[0][nt][2 * hr + 1]);
+    }
+  }
+}
+
+// A dQ fragment (64 queries x 8 NTD dims) as the fp32 map's boxes expect it:
+// box(k) = the generic address of the box of dims 32k .. 32k + 31, 64 rows x
+// 128 B in the 128-byte swizzle (pairs of columns: 8 bytes inside one
+// 16-byte chunk).
+template <int NTD, class Box>
+__device__ __forceinline__ void stage_dq(const float (&acc)[1][NTD][4], Box box, int cw, int g, int t) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int r = 16 * cw + g + 8 * hr;
+#pragma unroll
+    for (int nt = 0; nt < NTD; ++nt) {
+      const int col = 8 * nt + 2 * t;
+      const int byte = (col & 31) * 4;
+      unsigned char* a = box(col >> 5) + r * 128 + ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15));
+      float2 v2;
+      v2.x = acc[0][nt][2 * hr];
+      v2.y = acc[0][nt][2 * hr + 1];
+      *reinterpret_cast<float2*>(a) = v2;
+    }
+  }
+}
+
+// dK = scale * sum dS^T Q and dV = sum P^T dO of the thread's key rows,
+// head-dim columns col0 + 8 nt + 2 t, + 1.
+template <typename Elem, int NTD>
+__device__ __forceinline__ void store_dk_dv(const BwdParams& p, int64_t b, int64_t hk, const int64_t (&jrow)[2],
+                                            int col0, const float (&acc_dk)[1][NTD][4],
+                                            const float (&acc_dv)[1][NTD][4], float scale, int t) {
+  const int E = static_cast<int>(p.dim_qk), Ev = static_cast<int>(p.dim_v);
+  Elem* dk = static_cast<Elem*>(p.dk) + b * p.dk_stride.b + hk * p.dk_stride.h;
+  Elem* dv = static_cast<Elem*>(p.dv) + b * p.dv_stride.b + hk * p.dv_stride.h;
+  const bool pair_dk = reinterpret_cast<uintptr_t>(dk) % (2 * sizeof(Elem)) == 0 && p.dk_stride.r % 2 == 0;
+  const bool pair_dv = reinterpret_cast<uintptr_t>(dv) % (2 * sizeof(Elem)) == 0 && p.dv_stride.r % 2 == 0;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int64_t j = jrow[hr];
+    if (j < p.len_k) {
+      Elem* dkrow = dk + j * p.dk_stride.r;
+      Elem* dvrow = dv + j * p.dv_stride.r;
+#pragma unroll
+      for (int nt = 0; nt < NTD; ++nt) {
+        const int col = col0 + 8 * nt + 2 * t;
+        store_pair(dkrow + col, acc_dk[0][nt][2 * hr] * scale, acc_dk[0][nt][2 * hr + 1] * scale, col < E,
+                   col + 1 < E, pair_dk);
+        store_pair(dvrow + col, acc_dv[0][nt][2 * hr], acc_dv[0][nt][2 * hr + 1], col < Ev, col + 1 < Ev, pair_dv);
+      }
+    }
+  }
+}
+
+}  // namespace bwd
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const __grid_constant__ Sm90BwdParams P) {
@@ -86,6 +243,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   using Elem = typename Cfg::Elem;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int NTS = Cfg::kNTS, NTD = Cfg::kNTD, kPanels = Cfg::kPanels;
+  constexpr bool kDimSplit = Cfg::kDimSplit;
   const BwdParams& p = P.p;
   const BwdWork& w = P.w;
 
@@ -93,11 +251,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sK = (raw + 1023u) & ~1023u;
   unsigned char* smem = smem_raw + (sK - raw);  // generic pointer of sK
+  auto gen = [&](uint32_t a) { return smem + (a - sK); };
   const uint32_t sV = sK + Cfg::kKVBytes;
-  const uint32_t sQ0 = sV + Cfg::kKVBytes;                    // kStages x Q tiles
-  const uint32_t sdO0 = sQ0 + kStages * Cfg::kQBytes;         // kStages x dO tiles
-  const uint32_t sdS = sdO0 + kStages * Cfg::kQBytes;         // dS^T, 128 keys x 64 queries
-  const uint32_t sdQ = sdS + Cfg::kDSBytes;                   // 2 x the consumers' dQ partials
+  const uint32_t sQ0 = sV + Cfg::kKVBytes;             // kStages x Q tiles
+  const uint32_t sdO0 = sQ0 + kStages * Cfg::kQBytes;  // kStages x dO tiles
+  const uint32_t sTiles = sdO0 + kStages * Cfg::kQBytes;  // dS^T (key split); 2 x (P^T, dS^T) (dim split)
+  const uint32_t sdQ = sTiles + Cfg::kTileBytes;           // 2 x the consumers' dQ partials (key split)
   const uint32_t sBar = sdQ + 2 * Cfg::kDQBytes;
   const uint32_t bar_kv = sBar;
   auto bar_full = [&](int s) { return sBar + 8u * (1 + s); };
@@ -123,7 +282,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     mbar_init(bar_kv, 1);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_full(s), 1);
-      mbar_init(bar_empty(s), Cfg::kConsumerWarps);
+      mbar_init(bar_empty(s), Cfg::kEmptyArrivals);
     }
     mbar_fence_init();
   }
@@ -159,26 +318,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
 
   // ---- consumers ----------------------------------------------------------
   setmaxnreg_inc<Cfg::kConsumerRegs>();
-  const int c = wg - 1;     // keys 64c .. 64c + 63 of the block
-  const int cw = warp & 3;  // warp in the warpgroup: key rows 16 cw .. 16 cw + 15
+  const int c = wg - 1;     // key split: keys 64c .. 64c + 63; dim split: head dims c kWgDims ..
+  const int cw = warp & 3;  // warp in the warpgroup: key rows 16 cw .. 16 cw + 15 of its 64
   const int g = lane >> 2, t = lane & 3;
   const float scale = static_cast<float>(p.scale);
-  const uint32_t sKc = sK + c * (64 * 128), sVc = sV + c * (64 * 128);  // this warpgroup's keys in panel 0
-  const uint32_t sdSc = sdS + c * (64 * 128);
-  const uint32_t sdQc = sdQ + c * Cfg::kDQBytes;
+  const int key0 = kDimSplit ? 0 : 64 * c;  // the warpgroup's first key in the block
 
   float acc_dk[1][NTD][4], acc_dv[1][NTD][4];
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
-  // the two key rows of this thread (block-local 64c + 16cw + g + 8hr) and
-  // their key-padding mask values (0 or -inf / the additive value)
+  // the two key rows of this thread and their key-padding mask values
   int64_t jrow[2];
   float kmask[2] = {0.f, 0.f};
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    jrow[hr] = j0 + 64 * c + 16 * cw + g + 8 * hr;
-  }
+  for (int hr = 0; hr < 2; ++hr) jrow[hr] = j0 + key0 + 16 * cw + g + 8 * hr;
 
   if (n_items > 0) mbar_wait(bar_kv, 0);
   for (int it = 0; it < n_items; ++it) {
@@ -188,22 +342,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     const int64_t i0 = (mb_begin + it % nm) * kBlockM;
     const int64_t bh = b * Hq + h;
     const uint32_t sQ = sQ0 + s * Cfg::kQBytes, sdO = sdO0 + s * Cfg::kQBytes;
+    if (p.mask_kind != MaskKind::kNone) bwd::load_key_mask(p, b, h, jrow, kmask);
 
-    if (p.mask_kind != MaskKind::kNone) {  // key padding: one value per (batch, head, key)
-      dispatch_mask(p, [&](auto tag) {
-        using MaskT = typename decltype(tag)::type;
-        if constexpr (!std::is_same<MaskT, void>::value) {
-          const void* mrow = static_cast<const unsigned char*>(p.mask) +
-                             (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            kmask[hr] = jrow[hr] < S ? mask_value<MaskT>(mrow, jrow[hr] * p.mask_stride.c) : 0.f;
-          }
-        }
-      });
-    }
-
-    // S^T = K_c Q^T and dP^T = V_c dO^T (64 keys x 64 queries each)
+    // S^T = K_c Q^T and dP^T = V_c dO^T: 64 keys (the warpgroup's, or the
+    // block's) x kWgQueries queries (the item's, or the warpgroup's half)
+    const uint32_t sKc = sK + key0 * 128, sVc = sV + key0 * 128;
+    const uint32_t qoff = kDimSplit ? c * (Cfg::kWgQueries * 128) : 0;  // 1024-byte aligned: the swizzle atom
     float st[1][NTS][4], dpt[1][NTS][4];
     mbar_wait(bar_full(s), phase);
     wgmma_fence();
@@ -211,176 +355,184 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t off = static_cast<uint32_t>(kk & 3) * 32u;  // k16 step inside the 64-element panel
       const uint64_t da = make_smem_desc(sKc + (kk >> 2) * (kBlockN * 128) + off, 16, 1024, kSwizzle128B);
-      const uint64_t db = make_smem_desc(sQ + (kk >> 2) * (kBlockM * 128) + off, 16, 1024, kSwizzle128B);
-      wgmma_ss<kBlockM, Elem, 0, 0>(flat(st), da, db, kk > 0 ? 1 : 0);
+      const uint64_t db = make_smem_desc(sQ + (kk >> 2) * (kBlockM * 128) + qoff + off, 16, 1024, kSwizzle128B);
+      wgmma_ss<Cfg::kWgQueries, Elem, 0, 0>(flat(st), da, db, kk > 0 ? 1 : 0);
     }
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t off = static_cast<uint32_t>(kk & 3) * 32u;
       const uint64_t da = make_smem_desc(sVc + (kk >> 2) * (kBlockN * 128) + off, 16, 1024, kSwizzle128B);
-      const uint64_t db = make_smem_desc(sdO + (kk >> 2) * (kBlockM * 128) + off, 16, 1024, kSwizzle128B);
-      wgmma_ss<kBlockM, Elem, 0, 0>(flat(dpt), da, db, kk > 0 ? 1 : 0);
+      const uint64_t db = make_smem_desc(sdO + (kk >> 2) * (kBlockM * 128) + qoff + off, 16, 1024, kSwizzle128B);
+      wgmma_ss<Cfg::kWgQueries, Elem, 0, 0>(flat(dpt), da, db, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence_all(st);
     reg_fence_all(dpt);
 
-    // P^T and dS^T, element (key row jrow[hr], query column i0 + 8nt + 2t + cc)
+    const int qcol0 = kDimSplit ? c * Cfg::kWgQueries : 0;  // the thread's first query column in the item
     const bool all_visible = i0 + kBlockM <= L && tile_fully_visible(p, i0, i0 + kBlockM - 1, j0, kBlockN);
-    uint32_t pa[NTS / 2][4], dsa[NTS / 2][4];
+    bwd::softmax_grad(p, w, st, dpt, jrow, kmask, bh, i0 + qcol0, all_visible, scale, t);
+
+    float acc_dq[1][NTD][4];
+    if constexpr (!kDimSplit) {
+      // ---- key split: P^T and dS^T are A fragments from registers ----------
+      uint32_t pa[NTS / 2][4], dsa[NTS / 2][4];
 #pragma unroll
-    for (int nt = 0; nt < NTS; ++nt) {
-#pragma unroll
-      for (int cc = 0; cc < 2; ++cc) {
-        const int64_t i = i0 + 8 * nt + 2 * t + cc;
-        const bool row_ok = i < L;
-        const int64_t stat = bh * L + (row_ok ? i : 0);
-        const float shift_raw = w.row_shift[stat];
-        // queries past L and rows that saw no key (shift = -inf): P = 0
-        const float shift = (row_ok && shift_raw != -kInf) ? shift_raw : kInf;
-        const float logl = w.row_logl[stat];
-        const float dsum = w.dsum[stat];
-        int64_t lo = 0, hi = S;
-        if (!all_visible && row_ok) key_range(p, i, lo, hi);
+      for (int kk = 0; kk < NTS / 2; ++kk) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          const int r = 2 * hr + cc;
-          const bool vis = all_visible || (row_ok && jrow[hr] >= lo && jrow[hr] < hi);
-          const float x = st[0][nt][r] * scale + kmask[hr];
-          const float pv = vis ? exp2f(((x - shift) - logl) * kLog2e) : 0.f;
-          st[0][nt][r] = pv;
-          dpt[0][nt][r] = pv * (dpt[0][nt][r] - dsum);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            pa[kk][2 * half + hr] = ElemOps<Elem>::pack2(st[0][2 * kk + half][2 * hr], st[0][2 * kk + half][2 * hr + 1]);
+            dsa[kk][2 * half + hr] =
+                ElemOps<Elem>::pack2(dpt[0][2 * kk + half][2 * hr], dpt[0][2 * kk + half][2 * hr + 1]);
+          }
         }
       }
-    }
-#pragma unroll
-    for (int kk = 0; kk < NTS / 2; ++kk) {
-      pa[kk][0] = ElemOps<Elem>::pack2(st[0][2 * kk][0], st[0][2 * kk][1]);
-      pa[kk][1] = ElemOps<Elem>::pack2(st[0][2 * kk][2], st[0][2 * kk][3]);
-      pa[kk][2] = ElemOps<Elem>::pack2(st[0][2 * kk + 1][0], st[0][2 * kk + 1][1]);
-      pa[kk][3] = ElemOps<Elem>::pack2(st[0][2 * kk + 1][2], st[0][2 * kk + 1][3]);
-      dsa[kk][0] = ElemOps<Elem>::pack2(dpt[0][2 * kk][0], dpt[0][2 * kk][1]);
-      dsa[kk][1] = ElemOps<Elem>::pack2(dpt[0][2 * kk][2], dpt[0][2 * kk][3]);
-      dsa[kk][2] = ElemOps<Elem>::pack2(dpt[0][2 * kk + 1][0], dpt[0][2 * kk + 1][1]);
-      dsa[kk][3] = ElemOps<Elem>::pack2(dpt[0][2 * kk + 1][2], dpt[0][2 * kk + 1][3]);
-    }
+      // dS^T to shared memory (this warpgroup's 64 keys x 64 queries) for dQ.
+      // The previous item's dQ product, the last reader, completed before the
+      // barrier that ended that item.
+      const uint32_t sdSc = sTiles + c * (64 * 128);
+      bwd::store_kq_tile<Elem>(gen(sdSc), dpt, 0, cw, g, t);
+      fence_proxy_async();  // the generic-proxy stores, before wgmma reads them
+      // the previous item's dQ reduce has read sdQ_c (its issuing thread
+      // waits), so that the stores below may overwrite it once every thread is
+      // past the barrier
+      if ((tid & 127) == 0) bulk_wait_read<0>();
+      named_barrier_sync(1 + c, 128);  // every thread of the warpgroup wrote its part of dS
 
-    // dS^T to shared memory: key row r (of this warpgroup's 64), queries q, q+1
-    // in the 128-byte swizzle (16-byte chunk index ^= r % 8). The previous
-    // item's dQ product, the last reader, completed before the barrier that
-    // ended that item.
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = 16 * cw + g + 8 * hr;
-#pragma unroll
-      for (int nt = 0; nt < NTS; ++nt) {
-        const int byte = 2 * (8 * nt + 2 * t);
-        const int sw = r * 128 + ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15));
-        *reinterpret_cast<uint32_t*>(smem + (sdSc - sK) + sw) = dsa[nt >> 1][(nt & 1) * 2 + hr];
-      }
-    }
-    fence_proxy_async();                // the generic-proxy stores, before wgmma reads them
-    // the previous item's dQ reduce has read sdQ_c (its issuing thread waits), so
-    // that the stores below may overwrite it once every thread is past the barrier
-    if ((tid & 127) == 0) bulk_wait_read<0>();
-    named_barrier_sync(1 + c, 128);     // every thread of the warpgroup wrote its part of dS
-
-    // One group of three products, one wait (D = 64; two groups for D = 128):
-    //   dV += P^T dO, dK += dS^T Q   (A from registers; B N-major: 16 queries =
-    //                                 2048 B per k16 step, LBO = the 64-row panel stride)
-    //   dQ_c = dS_c K_c              (A = dS, 64 queries x 64 keys, M-major; B = K_c N-major)
-    float acc_dq[1][NTD][4];
-    reg_fence_all(acc_dv);
-    reg_fence_all(acc_dk);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < NTS / 2; ++kk) {
-      const uint64_t db = make_smem_desc(sdO + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
-      wgmma_rs<kD, Elem, 1>(flat(acc_dv), pa[kk], db, 1);
-    }
-#pragma unroll
-    for (int kk = 0; kk < NTS / 2; ++kk) {
-      const uint64_t db = make_smem_desc(sQ + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
-      wgmma_rs<kD, Elem, 1>(flat(acc_dk), dsa[kk], db, 1);
-    }
-    if constexpr (!Cfg::kFuseDq) {
-      // D = 128: dK, dV, dQ and the A fragments together exceed the 240
-      // registers (ptxas serialises and spills): finish dV, dK first
-      wgmma_commit();
-      wgmma_wait<0>();
+      //   dV += P^T dO, dK += dS^T Q   (A from registers; B N-major: 16 queries =
+      //                                 2048 B per k16 step, LBO = the 64-row panel stride)
+      //   dQ_c = dS_c K_c              (A = dS, 64 queries x 64 keys, M-major; B = K_c N-major)
       reg_fence_all(acc_dv);
       reg_fence_all(acc_dk);
       wgmma_fence();
-    }
 #pragma unroll
-    for (int kk = 0; kk < 64 / 16; ++kk) {
-      const uint64_t da = make_smem_desc(sdSc + kk * 2048, 64 * 128, 1024, kSwizzle128B);
-      const uint64_t db = make_smem_desc(sKc + kk * 2048, kBlockN * 128, 1024, kSwizzle128B);
-      wgmma_ss<kD, Elem, 1, 1>(flat(acc_dq), da, db, kk > 0 ? 1 : 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();  // every read of the stage and of sdS is done
-    reg_fence_all(acc_dq);
-    reg_fence_all(acc_dv);
-    reg_fence_all(acc_dk);
-    if (lane == 0) mbar_arrive(bar_empty(s));
+      for (int kk = 0; kk < NTS / 2; ++kk) {
+        const uint64_t db = make_smem_desc(sdO + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
+        wgmma_rs<kD, Elem, 1>(flat(acc_dv), pa[kk], db, 1);
+      }
+#pragma unroll
+      for (int kk = 0; kk < NTS / 2; ++kk) {
+        const uint64_t db = make_smem_desc(sQ + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
+        wgmma_rs<kD, Elem, 1>(flat(acc_dk), dsa[kk], db, 1);
+      }
+      if constexpr (!Cfg::kFuseDq) {
+        // D = 128: dK, dV, dQ and the A fragments together exceed the 240
+        // registers (ptxas serialises and spills): finish dV, dK first
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence_all(acc_dv);
+        reg_fence_all(acc_dk);
+        wgmma_fence();
+      }
+#pragma unroll
+      for (int kk = 0; kk < 64 / 16; ++kk) {
+        const uint64_t da = make_smem_desc(sdSc + kk * 2048, 64 * 128, 1024, kSwizzle128B);
+        const uint64_t db = make_smem_desc(sKc + kk * 2048, kBlockN * 128, 1024, kSwizzle128B);
+        wgmma_ss<kD, Elem, 1, 1>(flat(acc_dq), da, db, kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // every read of the stage and of sdS is done
+      reg_fence_all(acc_dq);
+      reg_fence_all(acc_dv);
+      reg_fence_all(acc_dk);
+      if (lane == 0) mbar_arrive(bar_empty(s));
 
-    // dQ_c to shared memory as the fp32 map's boxes expect them: kD / 32 panels
-    // of 64 rows x 128 B in the 128-byte swizzle (pairs of columns: 8 bytes
-    // inside one 16-byte chunk), then one thread adds the panels to the dQ
-    // workspace with TMA reduce-adds (elements past L are skipped by TMA).
+      // dQ_c to its staging area, then one thread adds it to the dQ workspace
+      // with TMA reduce-adds (elements past L are skipped by TMA)
+      const uint32_t sdQc = sdQ + c * Cfg::kDQBytes;
+      bwd::stage_dq(acc_dq, [&](int k) { return gen(sdQc + k * (kBlockM * 128)); }, cw, g, t);
+      fence_proxy_async();  // the stores, before the async proxy (TMA) reads them
+      // every thread wrote its part of dQ_c, and is past its dQ product (the
+      // next item rewrites sdS)
+      named_barrier_sync(1 + c, 128);
+      if ((tid & 127) == 0) {
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int r = 16 * cw + g + 8 * hr;
-#pragma unroll
-      for (int nt = 0; nt < NTD; ++nt) {
-        const int col = 8 * nt + 2 * t;
-        const int byte = (col & 31) * 4;
-        const uint32_t a = sdQc + (col >> 5) * (kBlockM * 128) + r * 128 +
-                           ((((byte >> 4) ^ (r & 7)) << 4) | (byte & 15));
-        float2 v2;
-        v2.x = acc_dq[0][nt][2 * hr];
-        v2.y = acc_dq[0][nt][2 * hr + 1];
-        *reinterpret_cast<float2*>(smem + (a - sK)) = v2;
+        for (int k = 0; k < kD / 32; ++k) {
+          tma_reduce_add_4d(&P.tdq, sdQc + k * (kBlockM * 128), 32 * k, static_cast<int>(i0), static_cast<int>(h),
+                            static_cast<int>(b));
+        }
+        bulk_commit();
       }
-    }
-    fence_proxy_async();  // the stores, before the async proxy (TMA) reads them
-    // every thread wrote its part of dQ_c, and is past its dQ product (the next
-    // item rewrites sdS)
-    named_barrier_sync(1 + c, 128);
-    if ((tid & 127) == 0) {
+    } else {
+      // ---- dim split: P^T and dS^T through shared memory -------------------
+      // Each warpgroup writes its 32 query columns of both; the barrier below
+      // publishes them. Double buffering makes that barrier enough for the
+      // reuse too: a warpgroup writes buffer it % 2 again at item it + 2, after
+      // the barrier of item it + 1, which the other passed only after its
+      // products of item it had completed.
+      const uint32_t sP = sTiles + (it & 1) * (2 * Cfg::kDSBytes), sdS = sP + Cfg::kDSBytes;
+      bwd::store_kq_tile<Elem>(gen(sP), st, qcol0, cw, g, t);
+      bwd::store_kq_tile<Elem>(gen(sdS), dpt, qcol0, cw, g, t);
+      fence_proxy_async();                 // the generic-proxy stores, before wgmma reads them
+      named_barrier_sync(3, 256);          // both consumers wrote their halves
+
+      // This warpgroup's head dims c kWgDims .. (two 64-dim panels, 2c and 2c + 1):
+      //   dV_c += P^T dO_c, dK_c += dS^T Q_c   (A: 64 keys x 64 queries, K-major,
+      //                                         B N-major, 2048 B per k16 step)
+      //   dQ_c = dS K_c                        (A = dS M-major; B = K_c N-major)
+      const uint32_t pan = 2 * c;
+      reg_fence_all(acc_dv);
+      reg_fence_all(acc_dk);
+      wgmma_fence();
 #pragma unroll
-      for (int pn = 0; pn < kD / 32; ++pn) {
-        tma_reduce_add_4d(&P.tdq, sdQc + pn * (kBlockM * 128), 32 * pn, static_cast<int>(i0), static_cast<int>(h),
-                          static_cast<int>(b));
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        const uint64_t da = make_smem_desc(sP + kk * 32, 16, 1024, kSwizzle128B);
+        const uint64_t db = make_smem_desc(sdO + pan * (kBlockM * 128) + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
+        wgmma_ss<Cfg::kWgDims, Elem, 0, 1>(flat(acc_dv), da, db, 1);
       }
-      bulk_commit();
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        const uint64_t da = make_smem_desc(sdS + kk * 32, 16, 1024, kSwizzle128B);
+        const uint64_t db = make_smem_desc(sQ + pan * (kBlockM * 128) + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
+        wgmma_ss<Cfg::kWgDims, Elem, 0, 1>(flat(acc_dk), da, db, 1);
+      }
+      if constexpr (!Cfg::kFuseDq) {
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence_all(acc_dv);
+        reg_fence_all(acc_dk);
+        wgmma_fence();
+      }
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const uint64_t da = make_smem_desc(sdS + kk * 2048, 64 * 128, 1024, kSwizzle128B);
+        const uint64_t db = make_smem_desc(sK + pan * (kBlockN * 128) + kk * 2048, kBlockN * 128, 1024, kSwizzle128B);
+        wgmma_ss<Cfg::kWgDims, Elem, 1, 1>(flat(acc_dq), da, db, kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence_all(acc_dq);
+      reg_fence_all(acc_dv);
+      reg_fence_all(acc_dk);
+
+      // dQ_c staged in this warpgroup's half of the stage, Q panels 2c, 2c + 1
+      // then dO panels 2c, 2c + 1 (8 KB each, one fp32 box of 32 dims): since
+      // the barrier above only this warpgroup reads them, and its products
+      // are complete. One thread adds the boxes to the dQ workspace, waits
+      // until TMA has read them and releases the stage.
+      bwd::stage_dq(acc_dq, [&](int k) { return gen((k < 2 ? sQ : sdO) + (pan + (k & 1)) * (kBlockM * 128)); }, cw, g,
+                    t);
+      fence_proxy_async();
+      named_barrier_sync(1 + c, 128);  // every thread wrote its part of dQ_c
+      if ((tid & 127) == 0) {
+#pragma unroll
+        for (int k = 0; k < Cfg::kWgDims / 32; ++k) {
+          const uint32_t box = (k < 2 ? sQ : sdO) + (pan + (k & 1)) * (kBlockM * 128);
+          tma_reduce_add_4d(&P.tdq, box, c * Cfg::kWgDims + 32 * k, static_cast<int>(i0), static_cast<int>(h),
+                            static_cast<int>(b));
+        }
+        bulk_commit();
+        bulk_wait_read<0>();
+        mbar_arrive(bar_empty(s));
+      }
     }
   }
   if ((tid & 127) == 0) bulk_wait<0>();  // the reduces are complete before the CTA (and its shared memory) ends
 
-  // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO.
-  const int E = static_cast<int>(p.dim_qk), Ev = static_cast<int>(p.dim_v);
-  Elem* dk = static_cast<Elem*>(p.dk) + b * p.dk_stride.b + hk * p.dk_stride.h;
-  Elem* dv = static_cast<Elem*>(p.dv) + b * p.dv_stride.b + hk * p.dv_stride.h;
-  const bool pair_dk = reinterpret_cast<uintptr_t>(dk) % (2 * sizeof(Elem)) == 0 && p.dk_stride.r % 2 == 0;
-  const bool pair_dv = reinterpret_cast<uintptr_t>(dv) % (2 * sizeof(Elem)) == 0 && p.dv_stride.r % 2 == 0;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int64_t j = jrow[hr];
-    if (j < S) {
-      Elem* dkrow = dk + j * p.dk_stride.r;
-      Elem* dvrow = dv + j * p.dv_stride.r;
-#pragma unroll
-      for (int nt = 0; nt < NTD; ++nt) {
-        const int col = 8 * nt + 2 * t;
-        store_pair(dkrow + col, acc_dk[0][nt][2 * hr] * scale, acc_dk[0][nt][2 * hr + 1] * scale, col < E,
-                   col + 1 < E, pair_dk);
-        store_pair(dvrow + col, acc_dv[0][nt][2 * hr], acc_dv[0][nt][2 * hr + 1], col < Ev, col + 1 < Ev, pair_dv);
-      }
-    }
-  }
+  bwd::store_dk_dv<Elem>(p, b, hk, jrow, kDimSplit ? c * Cfg::kWgDims : 0, acc_dk, acc_dv, scale, t);
 #endif  // AE_SM90_BODY
 }
 
@@ -423,7 +575,7 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEn
 
 template <typename Elem, int kD>
 cudaError_t run_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {
-  return launch_bwd_sm90<Sm90BwdConfig<Elem, kD, 2>>(p, w, env);
+  return launch_bwd_sm90<Sm90BwdCfg<Elem, kD>>(p, w, env);
 }
 
 }  // namespace sm90

@@ -9,7 +9,7 @@ the checked-in file is current.
 import pathlib
 import sys
 
-NS = (48, 64, 96, 112, 128, 256)
+NS = (32, 48, 64, 96, 112, 128, 256)
 TYPES = (("__half", "f16"), ("__nv_bfloat16", "bf16"))
 OUT = pathlib.Path(__file__).with_name("wgmma_ops.cuh")
 
