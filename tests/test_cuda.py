@@ -485,14 +485,15 @@ def test_more_than_2_31_elements():
 
 @gpu
 @pytest.mark.parametrize("dtype", [f16, bf16], ids=lambda d: DT_ID[d])
-def test_hopper_kernels_run_on_sm90(dtype, capfd, monkeypatch):
+@pytest.mark.parametrize("E", [64, 128, 256])
+def test_hopper_kernels_run_on_sm90(dtype, E, capfd, monkeypatch):
     """On an sm_90 GPU the covered calls run the Hopper kernels (the kernel log says
     so), and their results agree with the float64 reference as closely as the sm80
     kernels' (ATTENTION_EXT_DISABLE_SM90=1) do, up to the same <= 2x PyTorch yardstick."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an sm_90 GPU (H100 / H200)")
     torch.manual_seed(0)
-    q, k, v, do = (torch.randn(2, 4, 333, 128, device="cuda", dtype=dtype) for _ in range(4))
+    q, k, v, do = (torch.randn(2, 4, 333, E, device="cuda", dtype=dtype) for _ in range(4))
     k, v = k[:, :2], v[:, :2]
     results = {}
     for name, off in (("sm90", "0"), ("sm80", "1")):
