@@ -90,13 +90,21 @@ struct Sm90BwdConfig {
   // per consumer, its fp32 dQ partial; the dim split stages dQ in its half of
   // the Q / dO stage instead (a 64-row x 256 staging area does not fit)
   static constexpr uint32_t kDQBytes = kDimSplit ? 0 : kBlockM * kD * 4;
+  // per stage, the row statistics of the item's queries (shift, logl, D),
+  // copied by the producer's second warp
+  static constexpr uint32_t kStatBytes = 3 * kBlockM * 4;
   static constexpr uint32_t kBarBytes = 8 * (1 + 2 * kStages);
   static constexpr size_t kSmem = 2 * size_t(kKVBytes) + 2 * kStages * size_t(kQBytes) + kTileBytes +
-                                  2 * size_t(kDQBytes) + 1024 + kBarBytes;
+                                  2 * size_t(kDQBytes) + kStages * size_t(kStatBytes) + 1024 + kBarBytes;
+  // arrivals that fill a stage: the TMA thread's (with the bytes) and the 32
+  // of the statistics warp
+  static constexpr int kFullArrivals = 1 + 32;
   // releases of a stage: every consumer warp, or (dim split) the thread of
   // each consumer whose dQ reduce has read its half of the stage
   static constexpr int kEmptyArrivals = kDimSplit ? 2 : kConsumerWarps;
-  static constexpr int kProducerRegs = 24;
+  // registers per thread after reallocation: 2 x 128 x 240 + 128 x 32 = 64K
+  // (the statistics warp's loop spills at 24)
+  static constexpr int kProducerRegs = 32;
   static constexpr int kConsumerRegs = 240;
   // dV, dK and dQ in one wgmma group (else dQ waits for dV, dK): only where
   // the three accumulators (and the A fragments of the key split) fit the
@@ -129,28 +137,30 @@ __device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int
 }
 
 // S^T -> P^T and dP^T -> dS^T in place; element (key row jrow[hr], query
-// column i_col0 + 8 nt + 2 t + cc) of the wgmma D fragment:
+// column i0 + q, q = qcol0 + 8 nt + 2 t + cc) of the wgmma D fragment, with
+// stats = the item's row statistics in shared memory (shift[q], logl[kRows +
+// q], D[2 kRows + q]):
 //   P^T = exp((S^T scale [+ key mask] - shift_i) - logl_i)   (row statistics
 //         of launch_row_stats; 0 outside the window / causal bound, past L
 //         or S, and in rows that saw no key)
 //   dS^T = P^T o (dP^T - D_i)
-template <int NTS>
-__device__ __forceinline__ void softmax_grad(const BwdParams& p, const BwdWork& w, float (&st)[1][NTS][4],
+template <int kRows, int NTS>
+__device__ __forceinline__ void softmax_grad(const BwdParams& p, const float* stats, float (&st)[1][NTS][4],
                                              float (&dpt)[1][NTS][4], const int64_t (&jrow)[2],
-                                             const float (&kmask)[2], int64_t bh, int64_t i_col0, bool all_visible,
+                                             const float (&kmask)[2], int64_t i0, int qcol0, bool all_visible,
                                              float scale, int t) {
   const int64_t L = p.len_q, S = p.len_k;
 #pragma unroll
   for (int nt = 0; nt < NTS; ++nt) {
 #pragma unroll
     for (int cc = 0; cc < 2; ++cc) {
-      const int64_t i = i_col0 + 8 * nt + 2 * t + cc;
+      const int q = qcol0 + 8 * nt + 2 * t + cc;
+      const int64_t i = i0 + q;
       const bool row_ok = i < L;
-      const int64_t stat = bh * L + (row_ok ? i : 0);
-      const float shift_raw = w.row_shift[stat];
+      const float shift_raw = stats[q];
       const float shift = (row_ok && shift_raw != -kInf) ? shift_raw : kInf;
-      const float logl = w.row_logl[stat];
-      const float dsum = w.dsum[stat];
+      const float logl = stats[kRows + q];
+      const float dsum = stats[2 * kRows + q];
       int64_t lo = 0, hi = S;
       if (!all_visible && row_ok) key_range(p, i, lo, hi);
 #pragma unroll
@@ -257,7 +267,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   const uint32_t sdO0 = sQ0 + kStages * Cfg::kQBytes;  // kStages x dO tiles
   const uint32_t sTiles = sdO0 + kStages * Cfg::kQBytes;  // dS^T (key split); 2 x (P^T, dS^T) (dim split)
   const uint32_t sdQ = sTiles + Cfg::kTileBytes;           // 2 x the consumers' dQ partials (key split)
-  const uint32_t sBar = sdQ + 2 * Cfg::kDQBytes;
+  const uint32_t sStat0 = sdQ + 2 * Cfg::kDQBytes;        // kStages x the item's row statistics
+  const uint32_t sBar = sStat0 + kStages * Cfg::kStatBytes;
   const uint32_t bar_kv = sBar;
   auto bar_full = [&](int s) { return sBar + 8u * (1 + s); };
   auto bar_empty = [&](int s) { return sBar + 8u * (1 + kStages + s); };
@@ -281,7 +292,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   if (tid == 0) {
     mbar_init(bar_kv, 1);
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_full(s), 1);
+      mbar_init(bar_full(s), Cfg::kFullArrivals);
       mbar_init(bar_empty(s), Cfg::kEmptyArrivals);
     }
     mbar_fence_init();
@@ -312,6 +323,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
           tma_load_4d(sdO0 + s * Cfg::kQBytes + pn * (kBlockM * 128), &P.tdo, bar_full(s), 64 * pn, i0, h32, b32);
         }
       }
+    } else if (warp == 1 && n_items > 0) {
+      // The second warp copies each item's row statistics (shift, logl and D
+      // of its 64 queries; 0 past L, where the consumers ignore them) into
+      // the stage, so that the consumers read them from shared memory right
+      // after their S^T product instead of waiting on global loads there.
+      for (int it = 0; it < n_items; ++it) {
+        const int s = it % kStages;
+        const uint32_t phase = static_cast<uint32_t>(it / kStages) & 1u;
+        const int64_t bh = b * Hq + hk * G + it / nm;
+        const int64_t i0 = (mb_begin + it % nm) * kBlockM;
+        float* dst = reinterpret_cast<float*>(gen(sStat0 + s * Cfg::kStatBytes));
+        mbar_wait(bar_empty(s), phase ^ 1u);
+#pragma unroll
+        for (int r = lane; r < kBlockM; r += 32) {
+          const bool ok = i0 + r < L;
+          const int64_t idx = bh * L + i0 + r;
+          dst[r] = ok ? w.row_shift[idx] : 0.f;
+          dst[kBlockM + r] = ok ? w.row_logl[idx] : 0.f;
+          dst[2 * kBlockM + r] = ok ? w.dsum[idx] : 0.f;
+        }
+        mbar_arrive(bar_full(s));  // release: the stores above before the consumers' acquire
+      }
     }
     return;
   }
@@ -340,7 +373,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     const uint32_t phase = static_cast<uint32_t>(it / kStages) & 1u;
     const int64_t h = hk * G + it / nm;
     const int64_t i0 = (mb_begin + it % nm) * kBlockM;
-    const int64_t bh = b * Hq + h;
     const uint32_t sQ = sQ0 + s * Cfg::kQBytes, sdO = sdO0 + s * Cfg::kQBytes;
     if (p.mask_kind != MaskKind::kNone) bwd::load_key_mask(p, b, h, jrow, kmask);
 
@@ -372,7 +404,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
 
     const int qcol0 = kDimSplit ? c * Cfg::kWgQueries : 0;  // the thread's first query column in the item
     const bool all_visible = i0 + kBlockM <= L && tile_fully_visible(p, i0, i0 + kBlockM - 1, j0, kBlockN);
-    bwd::softmax_grad(p, w, st, dpt, jrow, kmask, bh, i0 + qcol0, all_visible, scale, t);
+    bwd::softmax_grad<kBlockM>(p, reinterpret_cast<const float*>(gen(sStat0 + s * Cfg::kStatBytes)), st, dpt, jrow, kmask, i0,
+                      qcol0, all_visible, scale, t);
 
     float acc_dq[1][NTD][4];
     if constexpr (!kDimSplit) {
