@@ -3,6 +3,7 @@ forced to each of its CUDA backends, in the same run.
 
     python benchmarks/bench_cuda.py                 # the full matrix (about 10 minutes on an H100)
     python benchmarks/bench_cuda.py --quick         # L in {512, 4096}, fewer repeats
+    python benchmarks/bench_cuda.py --issue         # the Hopper issue's grid only: bf16, L 1k-16k, vs cuDNN and FLASH
     python benchmarks/bench_cuda.py --out DIR       # raw JSON + table into DIR
 
 Matrix (bf16 unless said): B*L = 16k tokens, H*E = 2048, L in {512, 1k, 2k,
@@ -26,7 +27,9 @@ which kernel ran (the ATTENTION_EXT_LOG_KERNEL line of its first call).
 
 Raw results (device, torch, CUDA, commit, every timing) go to
 benchmarks/results/<device>/cuda_<date>.json and a markdown table of TFLOP/s
-and ratios (ours / baseline, > 1: ours faster) to the .md beside it.
+and ratios (ours / baseline, > 1: ours faster) to the .md beside it; both are
+rewritten after every point, so a run stopped by a time limit keeps what it
+measured.
 """
 from __future__ import annotations
 
@@ -219,42 +222,52 @@ def table(results, backends):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--issue", action="store_true",
+                    help="the Hopper issue's grid only (bf16, L 1k..16k, E 64 / 128, causal and not; cuDNN, FLASH)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda.py needs a CUDA GPU")
-    reps = args.reps or (5 if args.quick else 15)
-    lengths = [512, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    reps = args.reps or (5 if args.quick else 7 if args.issue else 15)
+    lengths = ([512, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384] if args.issue else
+               [512, 1024, 2048, 4096, 8192, 16384])
+    backends = ["CUDNN_ATTENTION", "FLASH_ATTENTION"] if args.issue else BACKENDS
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
+    sm80 = ["ours_sm80"] if torch.cuda.get_device_capability() == (9, 0) else []
+    points = [(L, E, torch.bfloat16, causal, False, backends) for E in (128, 64) for causal in (False, True)
+              for L in lengths]
+    if not args.issue:
+        # inputs only EFFICIENT accepts among the fused backends; SDPA takes no
+        # attn_mask together with is_causal: masked points are non-causal
+        for dtype, masked in ((torch.float32, False), (torch.bfloat16, True)):
+            for E in (64, 128):
+                for causal in ((False,) if masked else (False, True)):
+                    for L in lengths[:4] if not args.quick else lengths:
+                        points.append((L, E, dtype, causal, masked, ["EFFICIENT_ATTENTION"]))
 
     results = []
-    for E in (64, 128):
-        for causal in (False, True):
-            for L in lengths:
-                r = run_point(L, E, torch.bfloat16, causal, False, BACKENDS, reps)
-                results.append(r)
-                print(json.dumps({k: r[k] for k in ("dtype", "E", "L", "causal")}), {
-                    k: (round(v, 1) if v else None) for k, v in r["tflops"].items()}, flush=True)
-    # inputs only EFFICIENT accepts among the fused backends
-    extra = [(torch.float32, False), (torch.bfloat16, True)]
-    sm80 = ["ours_sm80"] if torch.cuda.get_device_capability() == (9, 0) else []
-    for dtype, masked in extra:
-        for E in (64, 128):
-            # SDPA takes no attn_mask together with is_causal: masked points are non-causal
-            for causal in ((False,) if masked else (False, True)):
-                for L in lengths[:4] if not args.quick else lengths:
-                    r = run_point(L, E, dtype, causal, masked, ["EFFICIENT_ATTENTION"], reps)
-                    results.append(r)
-                    print(json.dumps({k: r[k] for k in ("dtype", "masked", "E", "L", "causal")}), {
-                        k: (round(v, 1) if v else None) for k, v in r["tflops"].items()}, flush=True)
+    for L, E, dtype, causal, masked, bes in points:
+        r = run_point(L, E, dtype, causal, masked, bes, reps)
+        results.append(r)
+        print(json.dumps({k: r[k] for k in ("dtype", "masked", "E", "L", "causal")}), {
+            k: (round(v, 1) if v else None) for k, v in r["tflops"].items()}, flush=True)
+        path = save(results, args, reps, sm80, backends)
+    print(open(path[:-5] + ".md").read())
+    print(f"raw results: {path}")
 
+
+_STAMP = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+
+
+def save(results, args, reps, sm80, backends):
+    """Writes the raw JSON and the markdown tables of the points measured so far."""
     dev = torch.cuda.get_device_name()
     slug = re.sub(r"[^A-Za-z0-9]+", "_", dev).strip("_").lower()
     out_dir = args.out or os.path.join(HERE, "results", slug)
     os.makedirs(out_dir, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    stamp = _STAMP
     meta = {"device": dev, "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
             "cuda": torch.version.cuda, "commit": commit(), "date": stamp, "reps": reps,
             "tokens": 16384, "hidden": 2048}
@@ -265,13 +278,12 @@ def main():
           f"torch {torch.__version__}, CUDA {torch.version.cuda}, commit {meta['commit'][:12]}, "
           f"B*L = 16k tokens, H*E = 2048, median of {reps}; ratio = ours / baseline (> 1: ours faster).", "",
           "## bf16 vs every SDPA backend", "",
-          table([r for r in results if r["dtype"] == "bfloat16" and not r["masked"]], sm80 + BACKENDS), "",
+          table([r for r in results if r["dtype"] == "bfloat16" and not r["masked"]], sm80 + backends), "",
           "## fp32 and float-masked bf16 vs EFFICIENT_ATTENTION", "",
           table([r for r in results if r["dtype"] == "float32" or r["masked"]], sm80 + ["EFFICIENT_ATTENTION"]), ""]
     with open(path[:-5] + ".md", "w") as f:
         f.write("\n".join(md))
-    print("\n".join(md))
-    print(f"raw results: {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -5,6 +5,16 @@
 #   bash scripts/gpu_session.sh build test        # build (MAX_JOBS=16) + GPU tests
 #   bash scripts/gpu_session.sh sanitize          # compute-sanitizer, quick grid
 #   bash scripts/gpu_session.sh bench             # bench_cuda.py + python -m benchmarks.run
+#   bash scripts/gpu_session.sh first             # all a 15-minute lease allows, in one call
+#
+# `first` is for a session whose whole device time is about 15 minutes, a
+# minute or more of it the machine's start: one command of at most ~9.5
+# minutes, each step under its own time limit, the most informative first --
+# build for 9.0a only (~3 min on 16 cores), the Hopper GPU tests (layout
+# self-test, Hopper vs sm80 kernels against float64), the issue's benchmark
+# grid against cuDNN / FLASH (results rewritten after every point), then as
+# much of the whole GPU suite as the remaining time allows. Run it with
+# timeout_s=600:  run(command="bash scripts/gpu_session.sh first", timeout_s=600)
 #
 # Uses the machine's own python (torch 2.11 there, no network: no venv, no
 # pip). Logs and results go to $OUT (the device tool brings them back; at most
@@ -38,8 +48,27 @@ for stage in "$@"; do
       "$PY" -m benchmarks.run --quick --out "$OUT/run" > "$OUT/bench_run.log" 2>&1 || rc=1
       tail -20 "$OUT/bench_run.log"
       ;;
+    first)
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+      TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" timeout 240 "$PY" setup.py -q build_ext --inplace \
+        > "$OUT/build.log" 2>&1 || { rc=1; tail -40 "$OUT/build.log"; }
+      echo "== build: $(( $(date +%s) - start )) s"
+      ATTENTION_EXT_POISON=1 timeout 100 "$PY" -m pytest -q -ra -m cuda tests/test_cuda.py \
+        -k "sm90 or hopper" > "$OUT/test_hopper.log" 2>&1 || rc=1
+      tail -15 "$OUT/test_hopper.log"
+      echo "== hopper tests: $(( $(date +%s) - start )) s"
+      PYTHONUNBUFFERED=1 timeout 200 "$PY" benchmarks/bench_cuda.py --issue --out "$OUT/bench" \
+        > "$OUT/bench_cuda.log" 2>&1 || rc=1
+      tail -30 "$OUT/bench_cuda.log"
+      echo "== bench: $(( $(date +%s) - start )) s"
+      left=$(( 540 - ($(date +%s) - start) ))
+      if [ "$left" -gt 20 ]; then
+        ATTENTION_EXT_POISON=1 timeout "$left" "$PY" -m pytest -q -ra -m cuda tests/ > "$OUT/test_cuda.log" 2>&1 || rc=1
+        tail -20 "$OUT/test_cuda.log"
+      fi
+      ;;
     *)
-      echo "unknown stage '$stage' (build, test, sanitize, bench)" >&2
+      echo "unknown stage '$stage' (build, test, sanitize, bench, first)" >&2
       exit 2
       ;;
   esac
