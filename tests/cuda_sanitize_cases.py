@@ -94,9 +94,10 @@ def main():
     # On sm_90: the Hopper kernels' own cases (bool key padding through the
     # backward too; a persistent forward with more tiles than multiprocessors,
     # causal, so that CTAs walk several tiles of different lengths; the
-    # backward's head-dim split at 256, GQA and causal)
+    # backward's head-dim split at 256, GQA and causal; the backward's dropout)
     grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, False, (-1, -1), "keypad_bool", 0.0, False, "contig"))
     grid.append((torch.float16, 256, 256, 150, 130, 4, 2, True, (-1, -1), "keypad_bool", 0.0, False, "contig"))
+    grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, True, (-1, -1), None, 0.2, False, "contig"))  # dropout
     grid.append((torch.float16, 64, 64, 512, 512, 36, 36, True, (-1, -1), None, 0.0, False, "contig"))  # 288 tiles
     for i, c in enumerate(grid):
         print(f"[{i + 1}/{len(grid)}] {c}", flush=True)

@@ -306,7 +306,7 @@ def test_backward_key_padding(sm90, E):
 
 def test_backward_kernel_log():
     """Covered backward calls name the Hopper kernel (head dims 64 and 256: the key split
-    and the head-dim split); dropout, a mask gradient, the deterministic mode and rows TMA
+    and the head-dim split; dropout); a mask gradient, the deterministic mode and rows TMA
     cannot read (72-byte rows) fall back to the sm80 kernel, decided before any row
     statistics or workspace are made."""
     err = _kernel_log(
@@ -328,22 +328,57 @@ def test_backward_kernel_log():
     assert "sm80 mma.sync" in fwd[-1]  # 72-byte rows: neither direction
     assert "sm90a" in lines[0] and "bucket 64" in lines[0]
     assert "sm90a" in lines[1] and "bucket 256" in lines[1]
-    for ln in lines[2:]:
+    assert "sm90a" in lines[2] and "bucket 64" in lines[2]  # dropout
+    for ln in lines[3:]:
         assert "sm80 mma.sync" in ln, ln
 
 
+@pytest.mark.parametrize("E,dtype,Hkv,causal", [(64, f16, 2, False), (128, bf16, 1, True), (256, f16, 2, True)],
+                         ids=["64", "128-mqa-causal", "256-gqa-causal"])
+def test_backward_dropout(sm90, E, dtype, Hkv, causal):
+    """The Hopper backward with dropout applies the forward's keep-mask (the shared Philox
+    stream, drawn in the transposed key-major fragments): dQ, dK, dV against the float64
+    reference built with _dropout_mask's mask, within 3x the error of the same
+    computation in the input dtype by PyTorch (softmax, then P o Z / (1 - p)). Ragged
+    lengths, so that draws past L and S are made and discarded."""
+    p = 0.3
+    B, Hq, L, S = 1, 4, 90, 150
+    q, k, v, do = _inputs(B, Hq, Hkv, L, S, E, E, dtype, seed=41 + E)
+    torch.manual_seed(5)
+    out, lse, rng = _forward(q, k, v, dropout_p=p, is_causal=causal)
+    keep = emu.ops._dropout_mask(rng, B, Hq, L, S, p)
+    dq, dk, dv, _ = emu.ops._attention_backward(do, q, k, v, None, out, lse, rng, p, causal, None, Hkv != Hq, W, False)
+    rq, rk, rv = (t.detach().double().requires_grad_() for t in (q, k, v))
+    r = reference_attention(rq, rk, rv, dropout_p=p, dropout_mask=keep, is_causal=causal, enable_gqa=Hkv != Hq)
+    g = torch.autograd.grad(r.out, (rq, rk, rv), do.double())
+    # the same computation in the input dtype by PyTorch's CPU SDPA, with the mask as
+    # an explicit dropout (P o Z / (1 - p)): its error is the yardstick
+    bq, bk, bv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    scores = (bq @ bk.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * E ** -0.5
+    scores = scores.masked_fill(~window_visibility(L, S, causal), float("-inf"))
+    probs = torch.softmax(scores.float(), -1).to(dtype) * keep / (1 - p)
+    (probs @ bv.repeat_interleave(Hq // Hkv, 1)).backward(do)
+    for name, ours, ref, base in zip(("dq", "dk", "dv"), (dq, dk, dv), g, (bq.grad, bk.grad, bv.grad)):
+        assert torch.isfinite(ours).all(), name
+        # the yardstick itself is a close computation (a wrong one would widen the tolerance)
+        assert (base.double() - ref).abs().max() < 0.05 * ref.abs().max(), name
+        assert_close_vs_baseline(name, ours, ref, base, dtype, factor=3.0)
+
+
 @pytest.mark.parametrize("order,landing", [("reverse", "late"), ("shuffle", "early")])
-@pytest.mark.parametrize("E", [64, 256])
-def test_backward_schedules(sm90, order, landing, E):
+@pytest.mark.parametrize("E,dropout", [(64, 0.0), (256, 0.0), (128, 0.2)])
+def test_backward_schedules(sm90, order, landing, E, dropout):
     """dK and dV (register accumulators) are bit-identical across schedules; dQ (atomics
     from two warpgroups) equal up to the order of its fp32 additions. At 256 this also
     covers the head-dim split's shared P^T / dS^T buffers and its dQ staging in the stage
-    the producer refills."""
+    the producer refills; with dropout, the generator words in shared memory and the
+    keep-bit shuffles."""
     q, k, v, do = _inputs(1, 2, 1, 100, 190, E, E, bf16, seed=37)
 
     def grads():
+        torch.manual_seed(3)
         qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-        emu.attention(qs, ks, vs, is_causal=True, enable_gqa=True).backward(do)
+        emu.attention(qs, ks, vs, is_causal=True, enable_gqa=True, dropout_p=dropout).backward(do)
         return qs.grad, ks.grad, vs.grad
 
     with emu.schedule("forward", "late"):

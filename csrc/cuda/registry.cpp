@@ -104,7 +104,7 @@ bool register_bwd_sm90(const BwdEntry& e) {
 }
 
 const BwdEntry* find_bwd_sm90(const BwdParams& p, const LaunchEnv& env) {
-  if (!sm90_eligible(p, env) || p.dropout_p > 0.0 || p.dmask != nullptr || p.deterministic) return nullptr;
+  if (!sm90_eligible(p, env) || p.dmask != nullptr || p.deterministic) return nullptr;
   if (!tma_readable(p.dout, p.do_stride, p.batch, p.heads_q, p.len_q, p.dim_v)) return nullptr;
   return find_in(bwd_sm90_table(), p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
 }

@@ -192,6 +192,24 @@ inline uint32_t __shfl_xor_sync_u32(unsigned mask, uint32_t v, int lane_mask) {
       "__shfl_xor_sync");
   return out;
 }
+// __shfl_sync: lane l gets the value of lane src_lane (of lane l) % 32.
+inline uint32_t __shfl_sync_u32(unsigned mask, uint32_t v, int src_lane) {
+  if (mask != 0xffffffffu) throw ::attention_ext::simt::Error("__shfl_sync: only full-warp masks are emulated");
+  const uint32_t in[2] = {v, static_cast<uint32_t>(src_lane)};
+  uint32_t out;
+  ::attention_ext::simt::warp_collective(
+      in, 2, &out, 1,
+      [](const uint32_t* x, uint32_t* o) {
+        constexpr int k = ::attention_ext::simt::kSlot;
+        for (int l = 0; l < 32; ++l) o[l * k] = x[(x[l * k + 1] & 31) * k];
+      },
+      "__shfl_sync");
+  return out;
+}
+inline unsigned __shfl_sync(unsigned mask, unsigned v, int src_lane) { return __shfl_sync_u32(mask, v, src_lane); }
+inline float __shfl_sync(unsigned mask, float v, int src_lane) {
+  return __uint_as_float(__shfl_sync_u32(mask, __float_as_uint(v), src_lane));
+}
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
   return __uint_as_float(__shfl_xor_sync_u32(mask, __float_as_uint(v), lane_mask));
 }

@@ -43,9 +43,10 @@
 // rows x 128 B, 128-byte swizzle): K / V / Q / dO are K-major operands of
 // S^T and dP^T and N-major operands (trans-b) of dV, dK and dQ.
 //
-// Covered (else the sm80 backward runs): fp16 / bf16, no dropout, no mask
-// gradient, not deterministic, no mask or a key-padding mask, head dims <=
-// the bucket (64, 128 or 256), TMA-compatible q / k / v / dO.
+// Covered (else the sm80 backward runs): fp16 / bf16, dropout (the shared
+// Philox stream), no mask gradient, not deterministic, no mask or a
+// key-padding mask, head dims <= the bucket (64, 128 or 256), TMA-compatible
+// q / k / v / dO.
 #pragma once
 
 #include "flash_fwd_sm90.cuh"
@@ -93,7 +94,8 @@ struct Sm90BwdConfig {
   // per stage, the row statistics of the item's queries (shift, logl, D),
   // copied by the producer's second warp
   static constexpr uint32_t kStatBytes = 3 * kBlockM * 4;
-  static constexpr uint32_t kBarBytes = 8 * (1 + 2 * kStages);
+  // the mbarriers, then the dropout generator's key and threshold (16 B)
+  static constexpr uint32_t kBarBytes = 8 * (1 + 2 * kStages) + 16;
   static constexpr size_t kSmem = 2 * size_t(kKVBytes) + 2 * kStages * size_t(kQBytes) + kTileBytes +
                                   2 * size_t(kDQBytes) + kStages * size_t(kStatBytes) + 1024 + kBarBytes;
   // arrivals that fill a stage: the TMA thread's (with the bytes) and the 32
@@ -121,7 +123,7 @@ namespace bwd {
 
 // Key-padding mask values (0 or -inf / the additive value) of the thread's
 // two key rows for query head h: one value per (batch, head, key).
-__device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int64_t h, const int64_t (&jrow)[2],
+__device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int64_t h, const int (&jrow)[2],
                                               float (&kmask)[2]) {
   dispatch_mask(p, [&](auto tag) {
     using MaskT = typename decltype(tag)::type;
@@ -130,7 +132,7 @@ __device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int
                          (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        kmask[hr] = jrow[hr] < p.len_k ? mask_value<MaskT>(mrow, jrow[hr] * p.mask_stride.c) : 0.f;
+        kmask[hr] = jrow[hr] < p.len_k ? mask_value<MaskT>(mrow, static_cast<int64_t>(jrow[hr]) * p.mask_stride.c) : 0.f;
       }
     }
   });
@@ -144,11 +146,15 @@ __device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int
 //         of launch_row_stats; 0 outside the window / causal bound, past L
 //         or S, and in rows that saw no key)
 //   dS^T = P^T o (dP^T - D_i)
-template <int kRows, int NTS>
+// With dropout (kDropout, the keep-bits of dropout_bits_t, keep_scale =
+// 1 / (1 - p)), as in the sm80 backward: st becomes P^T o Z (the dV operand,
+// scaled by keep_scale once in the epilogue) and dS^T = P^T o (dP^T o Z
+// keep_scale - D_i).
+template <int kRows, bool kDropout, int NTS>
 __device__ __forceinline__ void softmax_grad(const BwdParams& p, const float* stats, float (&st)[1][NTS][4],
-                                             float (&dpt)[1][NTS][4], const int64_t (&jrow)[2],
+                                             float (&dpt)[1][NTS][4], const int (&jrow)[2],
                                              const float (&kmask)[2], int64_t i0, int qcol0, bool all_visible,
-                                             float scale, int t) {
+                                             float scale, int t, uint32_t bits, float keep_scale) {
   const int64_t L = p.len_q, S = p.len_k;
 #pragma unroll
   for (int nt = 0; nt < NTS; ++nt) {
@@ -169,11 +175,48 @@ __device__ __forceinline__ void softmax_grad(const BwdParams& p, const float* st
         const bool vis = all_visible || (row_ok && jrow[hr] >= lo && jrow[hr] < hi);
         const float x = st[0][nt][r] * scale + kmask[hr];
         const float pv = vis ? exp2f(((x - shift) - logl) * kLog2e) : 0.f;
-        st[0][nt][r] = pv;
-        dpt[0][nt][r] = pv * (dpt[0][nt][r] - dsum);
+        if constexpr (kDropout) {
+          const bool keep = (bits >> (4 * nt + r)) & 1u;
+          st[0][nt][r] = keep ? pv : 0.f;
+          dpt[0][nt][r] = pv * ((keep ? dpt[0][nt][r] * keep_scale : 0.f) - dsum);
+        } else {
+          st[0][nt][r] = pv;
+          dpt[0][nt][r] = pv * (dpt[0][nt][r] - dsum);
+        }
       }
     }
   }
+}
+
+// Dropout keep-bits of a transposed (keys x queries) wgmma D fragment: the
+// element (key jrow0 + g + 8 hr, query i_col0 + 8 nt + 2 t + cc) is kept iff
+// bit 4 nt + 2 hr + cc of the result is set (NTS <= 8). As everywhere, the
+// decision of (query i, key j) is bit j % 4 of keep4(bh, i, j / 4), so
+// the four lanes that share t and g / 4 need the same four draws per n8 tile
+// (cc, hr = 0, 1): lane g % 4 = m draws combination m and the four exchange
+// them by shuffles (one Philox per lane and tile, as in the forward).
+// jrow0 (the warp's first key) is a multiple of 4. The tiles are drawn one
+// after the other (not unrolled, the bits packed in one register): unrolled,
+// ptxas interleaves the eight Philox chains and the D = 128 consumers spill.
+template <int NTS>
+__device__ __forceinline__ uint32_t dropout_bits_t(const DropoutRng& rng, uint64_t bh, int64_t jrow0, int64_t i_col0,
+                                                   int lane) {
+  static_assert(NTS <= 8, "four bits per n8 tile in one 32-bit word");
+  const int g = lane >> 2, t = lane & 3, m = g & 3;
+  const uint64_t j4 = static_cast<uint64_t>(jrow0 / 4 + (g >> 2) + 2 * (m >> 1));
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int nt = 0; nt < NTS; ++nt) {
+    const uint32_t mine = rng.keep4(bh, static_cast<uint64_t>(i_col0 + 8 * nt + 2 * t + (m & 1)), j4);
+    uint32_t b = 0;
+#pragma unroll
+    for (int combo = 0; combo < 4; ++combo) {
+      const uint32_t w = __shfl_sync(0xffffffffu, mine, (((g & ~3) + combo) << 2) | t);
+      b |= ((w >> m) & 1u) << (2 * (combo >> 1) + (combo & 1));
+    }
+    bits |= b << (4 * nt);
+  }
+  return bits;
 }
 
 // A keys x queries fragment (the thread's rows 16 cw + g + 8 hr, columns
@@ -217,12 +260,12 @@ __device__ __forceinline__ void stage_dq(const float (&acc)[1][NTD][4], Box box,
   }
 }
 
-// dK = scale * sum dS^T Q and dV = sum P^T dO of the thread's key rows,
+// dK = scale * sum dS^T Q and dV = dv_scale * sum P^T dO of the thread's key rows,
 // head-dim columns col0 + 8 nt + 2 t, + 1.
 template <typename Elem, int NTD>
-__device__ __forceinline__ void store_dk_dv(const BwdParams& p, int64_t b, int64_t hk, const int64_t (&jrow)[2],
+__device__ __forceinline__ void store_dk_dv(const BwdParams& p, int64_t b, int64_t hk, const int (&jrow)[2],
                                             int col0, const float (&acc_dk)[1][NTD][4],
-                                            const float (&acc_dv)[1][NTD][4], float scale, int t) {
+                                            const float (&acc_dv)[1][NTD][4], float scale, float dv_scale, int t) {
   const int E = static_cast<int>(p.dim_qk), Ev = static_cast<int>(p.dim_v);
   Elem* dk = static_cast<Elem*>(p.dk) + b * p.dk_stride.b + hk * p.dk_stride.h;
   Elem* dv = static_cast<Elem*>(p.dv) + b * p.dv_stride.b + hk * p.dv_stride.h;
@@ -239,7 +282,8 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int64_t b, int64
         const int col = col0 + 8 * nt + 2 * t;
         store_pair(dkrow + col, acc_dk[0][nt][2 * hr] * scale, acc_dk[0][nt][2 * hr + 1] * scale, col < E,
                    col + 1 < E, pair_dk);
-        store_pair(dvrow + col, acc_dv[0][nt][2 * hr], acc_dv[0][nt][2 * hr + 1], col < Ev, col + 1 < Ev, pair_dv);
+        store_pair(dvrow + col, acc_dv[0][nt][2 * hr] * dv_scale, acc_dv[0][nt][2 * hr + 1] * dv_scale, col < Ev,
+                   col + 1 < Ev, pair_dv);
       }
     }
   }
@@ -247,7 +291,9 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int64_t b, int64
 
 }  // namespace bwd
 
-template <class Cfg>
+// kDropout: compiled separately so that the common case carries no RNG state
+// in the consumers' registers.
+template <class Cfg, bool kDropout>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const __grid_constant__ Sm90BwdParams P) {
 #if defined(AE_SM90_BODY)
   using Elem = typename Cfg::Elem;
@@ -296,6 +342,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       mbar_init(bar_empty(s), Cfg::kEmptyArrivals);
     }
     mbar_fence_init();
+  }
+  uint32_t* rng_words = reinterpret_cast<uint32_t*>(gen(sBar + 8u * (1 + 2 * kStages)));
+  if (kDropout && tid == 32) {
+    // The consumers rebuild the generator from these words at every item
+    // (shared-memory loads the compiler cannot hoist out of the loop): a
+    // DropoutRng kept in registers through the loop made the D = 128
+    // consumers spill.
+    const DropoutRng r = make_rng(p);
+    rng_words[0] = r.k0;
+    rng_words[1] = r.k1;
+    rng_words[2] = r.off_lo;
+    rng_words[3] = static_cast<uint32_t>(r.threshold);  // < 2^32: p > 0
   }
   __syncthreads();  // the last CTA-wide barrier: the roles split here
 
@@ -356,30 +414,45 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   const int g = lane >> 2, t = lane & 3;
   const float scale = static_cast<float>(p.scale);
   const int key0 = kDimSplit ? 0 : 64 * c;  // the warpgroup's first key in the block
+  const float keep_scale = kDropout ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p.dropout_p))) : 1.f;
 
   float acc_dk[1][NTD][4], acc_dv[1][NTD][4];
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
   // the two key rows of this thread and their key-padding mask values
-  int64_t jrow[2];
+  int jrow[2];  // 32-bit: the launcher checks S < 2^31
   float kmask[2] = {0.f, 0.f};
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) jrow[hr] = j0 + key0 + 16 * cw + g + 8 * hr;
+  for (int hr = 0; hr < 2; ++hr) jrow[hr] = static_cast<int>(j0) + key0 + 16 * cw + g + 8 * hr;
 
   if (n_items > 0) mbar_wait(bar_kv, 0);
   for (int it = 0; it < n_items; ++it) {
     const int s = it % kStages;
     const uint32_t phase = static_cast<uint32_t>(it / kStages) & 1u;
-    const int64_t h = hk * G + it / nm;
-    const int64_t i0 = (mb_begin + it % nm) * kBlockM;
+    // 32-bit (the launcher checks L, Hq < 2^31): registers are scarce here
+    const int h = static_cast<int>(hk * G + it / nm);
+    const int i0 = static_cast<int>((mb_begin + it % nm) * kBlockM);
     const uint32_t sQ = sQ0 + s * Cfg::kQBytes, sdO = sdO0 + s * Cfg::kQBytes;
-    if (p.mask_kind != MaskKind::kNone) bwd::load_key_mask(p, b, h, jrow, kmask);
 
     // S^T = K_c Q^T and dP^T = V_c dO^T: 64 keys (the warpgroup's, or the
     // block's) x kWgQueries queries (the item's, or the warpgroup's half)
     const uint32_t sKc = sK + key0 * 128, sVc = sV + key0 * 128;
     const uint32_t qoff = kDimSplit ? c * (Cfg::kWgQueries * 128) : 0;  // 1024-byte aligned: the swizzle atom
+    const int qcol0 = kDimSplit ? c * Cfg::kWgQueries : 0;  // the thread's first query column in the item
+    // dropout keep-bits, drawn before the products (their temporaries then do
+    // not coexist with the S^T / dP^T accumulators) by a generator rebuilt
+    // from shared memory (kept in registers through the loop, its state made
+    // the D = 128 consumers spill)
+    uint32_t bits = 0;
+    if constexpr (kDropout) {
+      DropoutRng rng;
+      rng.k0 = rng_words[0];
+      rng.k1 = rng_words[1];
+      rng.off_lo = rng_words[2];
+      rng.threshold = rng_words[3];
+      bits = bwd::dropout_bits_t<NTS>(rng, static_cast<uint64_t>(b * Hq + h), j0 + key0 + 16 * cw, i0 + qcol0, lane);
+    }
     float st[1][NTS][4], dpt[1][NTS][4];
     mbar_wait(bar_full(s), phase);
     wgmma_fence();
@@ -402,15 +475,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     reg_fence_all(st);
     reg_fence_all(dpt);
 
-    const int qcol0 = kDimSplit ? c * Cfg::kWgQueries : 0;  // the thread's first query column in the item
+    // key-padding mask values, loaded here rather than before the products
+    // (fewer registers live across them)
+    if (p.mask_kind != MaskKind::kNone) bwd::load_key_mask(p, b, h, jrow, kmask);
     const bool all_visible = i0 + kBlockM <= L && tile_fully_visible(p, i0, i0 + kBlockM - 1, j0, kBlockN);
-    bwd::softmax_grad<kBlockM>(p, reinterpret_cast<const float*>(gen(sStat0 + s * Cfg::kStatBytes)), st, dpt, jrow, kmask, i0,
-                      qcol0, all_visible, scale, t);
+    bwd::softmax_grad<kBlockM, kDropout>(p, reinterpret_cast<const float*>(gen(sStat0 + s * Cfg::kStatBytes)), st,
+                                         dpt, jrow, kmask, i0, qcol0, all_visible, scale, t, bits, keep_scale);
 
     float acc_dq[1][NTD][4];
     if constexpr (!kDimSplit) {
-      // ---- key split: P^T and dS^T are A fragments from registers ----------
-      uint32_t pa[NTS / 2][4], dsa[NTS / 2][4];
+      // ---- key split: P^T (and dS^T) are A fragments from registers --------
+      // With dropout, dK reads dS^T from shared memory instead (16 registers
+      // fewer in the products: as a fragment, the D = 128 variant spilled
+      // 28 B, this way 8 B).
+      constexpr bool kDsFromSmem = kDropout;
+      uint32_t pa[NTS / 2][4], dsa[kDsFromSmem ? 1 : NTS / 2][4];
 #pragma unroll
       for (int kk = 0; kk < NTS / 2; ++kk) {
 #pragma unroll
@@ -418,12 +497,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             pa[kk][2 * half + hr] = ElemOps<Elem>::pack2(st[0][2 * kk + half][2 * hr], st[0][2 * kk + half][2 * hr + 1]);
-            dsa[kk][2 * half + hr] =
-                ElemOps<Elem>::pack2(dpt[0][2 * kk + half][2 * hr], dpt[0][2 * kk + half][2 * hr + 1]);
+            if constexpr (!kDsFromSmem) {
+              dsa[kk][2 * half + hr] =
+                  ElemOps<Elem>::pack2(dpt[0][2 * kk + half][2 * hr], dpt[0][2 * kk + half][2 * hr + 1]);
+            }
           }
         }
       }
-      // dS^T to shared memory (this warpgroup's 64 keys x 64 queries) for dQ.
+      // dS^T to shared memory (this warpgroup's 64 keys x 64 queries) for dQ
+      // (M-major A) and, with dropout, dK (K-major A).
       // The previous item's dQ product, the last reader, completed before the
       // barrier that ended that item.
       const uint32_t sdSc = sTiles + c * (64 * 128);
@@ -435,8 +517,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       if ((tid & 127) == 0) bulk_wait_read<0>();
       named_barrier_sync(1 + c, 128);  // every thread of the warpgroup wrote its part of dS
 
-      //   dV += P^T dO, dK += dS^T Q   (A from registers; B N-major: 16 queries =
-      //                                 2048 B per k16 step, LBO = the 64-row panel stride)
+      //   dV += P^T dO, dK += dS^T Q   (A from registers (dS^T from shared memory with
+      //                                 dropout); B N-major: 16 queries = 2048 B per k16
+      //                                 step, LBO = the 64-row panel stride)
       //   dQ_c = dS_c K_c              (A = dS, 64 queries x 64 keys, M-major; B = K_c N-major)
       reg_fence_all(acc_dv);
       reg_fence_all(acc_dk);
@@ -449,7 +532,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
 #pragma unroll
       for (int kk = 0; kk < NTS / 2; ++kk) {
         const uint64_t db = make_smem_desc(sQ + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
-        wgmma_rs<kD, Elem, 1>(flat(acc_dk), dsa[kk], db, 1);
+        if constexpr (kDsFromSmem) {
+          const uint64_t da = make_smem_desc(sdSc + kk * 32, 16, 1024, kSwizzle128B);
+          wgmma_ss<kD, Elem, 0, 1>(flat(acc_dk), da, db, 1);
+        } else {
+          wgmma_rs<kD, Elem, 1>(flat(acc_dk), dsa[kk], db, 1);
+        }
       }
       if constexpr (!Cfg::kFuseDq) {
         // D = 128: dK, dV, dQ and the A fragments together exceed the 240
@@ -565,16 +653,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   }
   if ((tid & 127) == 0) bulk_wait<0>();  // the reduces are complete before the CTA (and its shared memory) ends
 
-  bwd::store_dk_dv<Elem>(p, b, hk, jrow, kDimSplit ? c * Cfg::kWgDims : 0, acc_dk, acc_dv, scale, t);
+  bwd::store_dk_dv<Elem>(p, b, hk, jrow, kDimSplit ? c * Cfg::kWgDims : 0, acc_dk, acc_dv, scale, keep_scale, t);
 #endif  // AE_SM90_BODY
 }
 
 // Launches the kernel, or returns cudaErrorNotSupported without launching
 // when the call is outside what it covers (the caller runs the sm80 kernel).
-template <class Cfg>
+template <class Cfg, bool kDropout>
 cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {
-  if (!covers_mask(p) || p.dim_qk > Cfg::kD || p.dim_v > Cfg::kD || p.dropout_p > 0.0 || p.dmask != nullptr ||
-      w.deterministic || w.nsplit != 1 || w.dq_row_stride != Cfg::kD) {
+  if (!covers_mask(p) || p.dim_qk > Cfg::kD || p.dim_v > Cfg::kD || p.dmask != nullptr || w.deterministic || w.nsplit != 1 || w.dq_row_stride != Cfg::kD) {
     return cudaErrorNotSupported;
   }
   if (p.len_q > 0x7fffffff || p.len_k > 0x7fffffff || p.heads_q > 0x7fffffff || p.batch > 0x7fffffff) {
@@ -602,13 +689,13 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEn
       return cudaErrorNotSupported;
     }
   }
-  return launch_kernel(flash_bwd_sm90_kernel<Cfg>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem,
+  return launch_kernel(flash_bwd_sm90_kernel<Cfg, kDropout>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem,
                        Cfg::kSmem, env.stream, "flash_bwd_sm90_kernel", P);
 }
 
 template <typename Elem, int kD>
 cudaError_t run_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {
-  return launch_bwd_sm90<Sm90BwdCfg<Elem, kD>>(p, w, env);
+  return BOOL_SWITCH(p.dropout_p > 0.0, kDropout, [&] { return launch_bwd_sm90<Sm90BwdCfg<Elem, kD>, kDropout>(p, w, env); });
 }
 
 }  // namespace sm90
