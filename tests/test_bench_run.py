@@ -113,3 +113,31 @@ def test_cpu_memory_measure_sees_allocations():
     nbytes, method = p.stdout.split()[-2:]
     assert method in ("rss-hwm", "torch-profiler")
     assert 7 * 2**20 <= int(nbytes) <= 16 * 2**20
+
+
+def test_bench_cuda_tables_and_incremental_save(tmp_path, monkeypatch):
+    """bench_cuda.py's bookkeeping without a GPU (a crash at the end of a GPU session
+    would cost the session's numbers): save() after each point writes a JSON that
+    holds every point so far and a markdown table with one row per point and mode,
+    ratios = ours / baseline."""
+    from benchmarks import bench_cuda
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU 90")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    args = type("A", (), {"out": str(tmp_path)})()
+    results = []
+    for L in (1024, 2048):
+        results.append({"B": 16, "H": 16, "L": L, "S": L, "E": 128, "dtype": "bfloat16", "causal": False,
+                        "masked": False, "ms": {}, "kernels": [],
+                        "tflops": {"attention_ext/fwd": 500.0, "attention_ext/bwd": 300.0,
+                                   "ours_sm80/fwd": 250.0, "ours_sm80/bwd": 150.0,
+                                   "CUDNN_ATTENTION/fwd": 400.0, "CUDNN_ATTENTION/bwd": None}})
+        path = bench_cuda.save(results, args, 7, ["ours_sm80"], ["CUDNN_ATTENTION"])
+        saved = json.load(open(path))
+        assert saved["meta"]["device"] == "Fake GPU 90" and len(saved["results"]) == len(results)
+    md = open(path[:-5] + ".md").read()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| bfloat16")]
+    assert len(rows) == 4, md  # 2 lengths x fwd / bwd
+    assert "| 500.0 | 250.0 | 2.00 | 400.0 | 1.25 |" in rows[0], rows[0]
+    assert rows[1].endswith("| n/a | n/a |"), rows[1]  # cuDNN rejected the backward

@@ -128,8 +128,7 @@ __device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int
   dispatch_mask(p, [&](auto tag) {
     using MaskT = typename decltype(tag)::type;
     if constexpr (!std::is_same<MaskT, void>::value) {
-      const void* mrow = static_cast<const unsigned char*>(p.mask) +
-                         (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
+      const void* mrow = key_mask_row<MaskT>(p, b, h);
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         kmask[hr] = jrow[hr] < p.len_k ? mask_value<MaskT>(mrow, static_cast<int64_t>(jrow[hr]) * p.mask_stride.c) : 0.f;
@@ -610,13 +609,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
         const uint64_t db = make_smem_desc(sQ + pan * (kBlockM * 128) + kk * 2048, kBlockM * 128, 1024, kSwizzle128B);
         wgmma_ss<Cfg::kWgDims, Elem, 0, 1>(flat(acc_dk), da, db, 1);
       }
-      if constexpr (!Cfg::kFuseDq) {
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence_all(acc_dv);
-        reg_fence_all(acc_dk);
-        wgmma_fence();
-      }
+      static_assert(Cfg::kFuseDq, "dim split: dV, dK and dQ in one wgmma group (no A fragments in registers)");
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
         const uint64_t da = make_smem_desc(sdS + kk * 2048, 64 * 128, 1024, kSwizzle128B);

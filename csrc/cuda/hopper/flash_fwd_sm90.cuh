@@ -79,6 +79,14 @@ __device__ __forceinline__ float (&flat(float (&a)[1][N][4]))[4 * N] {
   return reinterpret_cast<float(&)[4 * N]>(a);
 }
 
+// The key-padding mask row of (batch b, head h): one MaskT per key at stride
+// mask_stride.c, the same for every query row.
+template <typename MaskT>
+__device__ __forceinline__ const void* key_mask_row(const FwdParams& p, int64_t b, int64_t h) {
+  return static_cast<const unsigned char*>(p.mask) +
+         (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
+}
+
 // kDropout / kMask: compiled separately so that the common case carries no
 // RNG state or mask pointer in the consumers' 240 registers.
 template <class Cfg, bool kDropout, bool kMask>
@@ -259,8 +267,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
           dispatch_mask(p, [&](auto tag) {
             using MaskT = typename decltype(tag)::type;
             if constexpr (!std::is_same<MaskT, void>::value) {
-              const void* mrow = static_cast<const unsigned char*>(p.mask) +
-                                 (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
+              const void* mrow = key_mask_row<MaskT>(p, b, h);
 #pragma unroll
               for (int nt = 0; nt < NTS; ++nt) {
 #pragma unroll
