@@ -113,6 +113,18 @@ def test_tma_hazard_detected(order):
         assert torch.equal(emu.ops._sm90_tma_hazard(x, False), x)
 
 
+@pytest.mark.parametrize("order", ["forward", "shuffle"])
+@pytest.mark.parametrize("landing", ["late", "early"])
+def test_proxy_fence_required(order, landing):
+    """Generic-proxy stores to shared memory read by the async proxy (a TMA reduce-add
+    here; wgmma operands alike) need fence.proxy.async in between: without it the
+    emulated async proxy reads the CTA's initial fill (NaN), with it the data."""
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
+    with emu.schedule(order, landing):
+        assert torch.equal(emu.ops._sm90_proxy_hazard(x, True), x)
+        assert emu.ops._sm90_proxy_hazard(x, False).isnan().all()
+
+
 SM90_FAULTS = [
     ("mbarrier_deadlock", r"deadlock; thread 0 waits at mbarrier.try_wait.parity 0 on mbarrier at smem 0x40 \(phase 0, 1 of 1 arrivals pending, tx-count 0\) \(so do threads 1-127\)"),
     ("mbarrier_uninit", "mbarrier.arrive on an uninitialised mbarrier at smem 0x40"),

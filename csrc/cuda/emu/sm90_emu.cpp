@@ -88,6 +88,12 @@ struct NamedBar {
 };
 
 struct State : simt::CtaState {
+  // the async proxy's view of shared memory (see sm90_emu.h, proxies): made
+  // at the first async access as the CTA's shared memory starts (the 0xff
+  // fill of simt.cpp), then refreshed from the generic view at the first async
+  // read after a fence_proxy_async
+  std::vector<unsigned char> async_view;
+  bool fence_pending = false;
   std::map<uint32_t, Mbar> bars;
   std::map<uint32_t, std::vector<TmaCopy>> in_flight;  // late TMA copies per mbarrier, issue order
   std::vector<Warpgroup> wgs;
@@ -118,6 +124,31 @@ State& state() {
     simt::set_cta_state(0, std::move(fresh));
   }
   return *s;
+}
+
+// Shared memory as the async proxy reads it (wgmma operands, TMA reduce
+// sources): the generic view as of the first async read after the latest
+// fence.proxy.async.
+std::vector<unsigned char>& async_view() {
+  State& st = state();
+  if (st.async_view.empty()) st.async_view.assign(simt::dynamic_smem_bytes(), 0xff);
+  return st.async_view;
+}
+
+const unsigned char* async_smem() {
+  std::vector<unsigned char>& v = async_view();
+  State& st = state();
+  if (st.fence_pending) {
+    std::memcpy(v.data(), simt::dynamic_smem(), v.size());
+    st.fence_pending = false;
+  }
+  return v.data();
+}
+
+// An async-proxy write (TMA load) of `bytes` at shared address a: both views.
+void async_write(uint32_t a, const void* src, size_t bytes) {
+  std::memcpy(simt::dynamic_smem() + a, src, bytes);
+  std::memcpy(async_view().data() + a, src, bytes);
 }
 
 // ---------------------------------------------------------------------------
@@ -200,7 +231,6 @@ uint32_t swizzle_addr(uint32_t addr, int sw) {
 
 void perform(uint32_t bar, const TmaCopy& c) {
   const TmaDesc& d = c.desc;
-  unsigned char* smem = simt::dynamic_smem();
   const int eb = d.elem_bytes;
   const auto* gbase = static_cast<const unsigned char*>(d.base);
   uint64_t off = 0;  // linear byte offset in the box, dimension 0 fastest
@@ -225,10 +255,11 @@ void perform(uint32_t bar, const TmaCopy& c) {
         for (uint32_t i0 = 0; i0 < d.box[0]; ++i0, off += eb) {
           const int64_t x0 = int64_t(c.c[0]) + i0;
           const uint32_t a = swizzle_addr(c.dst + static_cast<uint32_t>(off), d.swizzle);
+          static const unsigned char kZero[8] = {};
           if (row_in && x0 >= 0 && x0 < static_cast<int64_t>(d.dims[0])) {
-            std::memcpy(smem + a, gbase + row_byte + x0 * eb, static_cast<size_t>(eb));
+            async_write(a, gbase + row_byte + x0 * eb, static_cast<size_t>(eb));
           } else {
-            std::memset(smem + a, 0, static_cast<size_t>(eb));  // 5.5.3.3 zero fill
+            async_write(a, kZero, static_cast<size_t>(eb));  // 5.5.3.3 zero fill
           }
         }
       }
@@ -310,7 +341,7 @@ void read_operand(uint64_t desc, bool mn_major, int rows, int kind, const char* 
                   std::vector<float>& out, bool is_b) {
   const MatDesc md = decode(desc);
   const size_t bytes = simt::dynamic_smem_bytes();
-  const unsigned char* smem = simt::dynamic_smem();
+  const unsigned char* smem = async_smem();
   auto fail = [&](const std::string& why) {
     throw Error(simt::where() + ": wgmma.mma_async op #" + std::to_string(op) + " of warpgroup " + std::to_string(wg) +
                 ": operand " + which + " (descriptor " + hex(desc) + "): " + why);
@@ -501,7 +532,7 @@ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, i
 void perform_reduce(const TmaReduce& r) {
   const TmaDesc& d = r.desc;
   if (d.elem_bytes != 4) throw Error(simt::where() + ": cp.reduce.async.bulk.tensor .add emulated for fp32 maps only");
-  const unsigned char* smem = simt::dynamic_smem();
+  const unsigned char* smem = async_smem();
   auto* gbase = static_cast<unsigned char*>(const_cast<void*>(d.base));
   uint64_t off = 0;
   for (uint32_t i3 = 0; i3 < d.box[3]; ++i3) {
@@ -551,6 +582,10 @@ void tma_reduce_add_4d(const TmaDesc* d, uint32_t src, int c0, int c1, int c2, i
     state().threads[simt::thread_rank()].bulk_open.push_back(r);
   }
 }
+
+// fence.proxy.async: the generic proxy's shared-memory writes so far become
+// visible to the async proxy (at its next read: see async_smem).
+void fence_proxy_async() { state().fence_pending = true; }
 
 void bulk_commit() {
   ThreadWg& t = state().threads[simt::thread_rank()];

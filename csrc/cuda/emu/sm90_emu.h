@@ -17,8 +17,17 @@
 //               accumulators at that moment
 //   named bars  bar.sync / bar.arrive with ids 0..15 (the emulator keeps them
 //               apart from __syncthreads)
-//   no-ops      mbar_fence_init, fence_proxy_async, tma_prefetch_desc,
-//               reg_fence, setmaxnreg (its operand is checked at compile time)
+//   proxies     the async proxy (wgmma operands, TMA reduce sources) reads
+//               its own view of shared memory, which TMA writes along with
+//               the generic one and which takes the generic proxy's writes
+//               only after a fence_proxy_async: a generic store read by wgmma
+//               or TMA without a fence between them reads stale data here
+//               (PTX ISA 8.6, proxies). The view catches up with everything
+//               written before the first async read that follows any thread's
+//               fence, so a fence missing in all threads is caught, one
+//               missing in some threads only if no other fence intervenes.
+//   no-ops      mbar_fence_init, tma_prefetch_desc, reg_fence, setmaxnreg
+//               (its operand is checked at compile time)
 #pragma once
 
 #include <cuda_bf16.h>
@@ -44,7 +53,7 @@ void mbar_wait(uint32_t bar, uint32_t parity);
 // TMA (PTX ISA cp.async.bulk.tensor; 5.5 Tensors)
 inline void tma_prefetch_desc(const TmaDesc*) {}
 void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, int c2, int c3);
-inline void fence_proxy_async() {}
+void fence_proxy_async();
 void tma_reduce_add_4d(const TmaDesc* d, uint32_t src, int c0, int c1, int c2, int c3);
 void bulk_commit();
 void bulk_wait_groups(int n);

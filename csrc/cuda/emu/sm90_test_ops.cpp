@@ -13,6 +13,12 @@
 //       y = x (R x 64, 16-bit) through shared memory: one TMA load, then every
 //       thread copies shared memory out, after waiting on the mbarrier only if
 //       `wait` (without the wait the late landing leaves NaN behind).
+//   _sm90_proxy_hazard(x, fence) -> y
+//       y = x (64 x 32, fp32) through shared memory the other way: every
+//       thread stores its part of x (generic proxy), then fence.proxy.async
+//       only if `fence`, a CTA barrier, and one thread adds the tile to a
+//       zeroed y with a TMA reduce-add (async proxy). Without the fence the
+//       async proxy reads the CTA's initial fill (NaN).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -93,6 +99,45 @@ at::Tensor sm90_tma_hazard(const at::Tensor& x, bool wait) {
   return out;
 }
 
+__global__ void proxy_hazard_kernel(const TmaDesc* d, const float* x, int fence) {
+  AE_DYNAMIC_SMEM(smem);
+  const uint32_t base = smem_u32(smem);
+  for (int i = threadIdx.x; i < 64 * 32; i += blockDim.x) {
+    std::memcpy(smem + 4 * i, &x[i], 4);  // row-major, 128-byte rows: the unswizzled box
+  }
+  if (fence) fence_proxy_async();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    tma_reduce_add_4d(d, base, 0, 0, 0, 0);
+    bulk_commit();
+    bulk_wait<0>();
+  }
+}
+
+at::Tensor sm90_proxy_hazard(const at::Tensor& x, bool fence) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == 64 && x.size(1) == 32 && x.scalar_type() == at::kFloat,
+                    "_sm90_proxy_hazard: x is 64 x 32 float32");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::zeros_like(xc);
+  TmaDesc d;
+  const uint64_t dims[4] = {32, 64, 1, 1};
+  const uint64_t strides[3] = {128, 128 * 64, 128 * 64};
+  const uint32_t box[4] = {32, 64, 1, 1};
+  const char* bad = make_tma_desc_4d(&d, out.data_ptr(), dims, strides, box, kSwizzleNone, 4);
+  TORCH_CHECK(bad == nullptr, "_sm90_proxy_hazard: make_tma_desc_4d: ", bad);
+  Regions r({&out});
+  cudaError_t err;
+  try {
+    err = launch_kernel(proxy_hazard_kernel, 1, 128, 64 * 128, 64 * 128, nullptr, "proxy_hazard_kernel",
+                        static_cast<const TmaDesc*>(&d), static_cast<const float*>(xc.data_ptr()),
+                        static_cast<int>(fence));
+  } catch (const simt::Error& e) {
+    TORCH_CHECK(false, "attention_ext_emu: _sm90_proxy_hazard: ", e.what());
+  }
+  TORCH_CHECK(err == cudaSuccess, "attention_ext_emu: _sm90_proxy_hazard: launch failed");
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -100,6 +145,7 @@ TORCH_LIBRARY_FRAGMENT(attention_ext_emu, m) {
   m.def("_sm90_gemm(Tensor a, Tensor b, int swizzle, bool a_mn_major, bool b_mn_major, bool a_in_regs, int n) -> Tensor",
         &cuda::sm90_gemm);
   m.def("_sm90_tma_hazard(Tensor x, bool wait) -> Tensor", &cuda::sm90_tma_hazard);
+  m.def("_sm90_proxy_hazard(Tensor x, bool fence) -> Tensor", &cuda::sm90_proxy_hazard);
 }
 
 }  // namespace attention_ext
