@@ -12,8 +12,11 @@
 # minutes, each step under its own time limit, the most informative first --
 # build for 9.0a only (~3 min on 16 cores), the Hopper GPU tests (layout
 # self-test, Hopper vs sm80 kernels against float64), the benchmark
-# grid against cuDNN / FLASH (results rewritten after every point), then as
-# much of the whole GPU suite as the remaining time allows. Run it with
+# grid against cuDNN / FLASH (results rewritten after every point), a
+# kernel-by-kernel profile (profile_cuda.py: ours vs cuDNN at L = 4k), then as
+# much of the whole GPU suite as the remaining time allows. 8 files come back:
+# gpu.txt, build.log, test_hopper.log, bench/ (JSON + table), bench_cuda.log,
+# profile.txt, test_cuda.log. Run it with
 # timeout_s=600:  run(command="bash scripts/gpu_session.sh first", timeout_s=600)
 #
 # Uses the machine's own python (torch 2.11 there, no network: no venv, no
@@ -61,6 +64,8 @@ for stage in "$@"; do
         > "$OUT/bench_cuda.log" 2>&1 || rc=1
       tail -30 "$OUT/bench_cuda.log"
       echo "== bench: $(( $(date +%s) - start )) s"
+      PYTHONUNBUFFERED=1 timeout 60 "$PY" benchmarks/profile_cuda.py > "$OUT/profile.txt" 2>&1 || rc=1
+      echo "== profile: $(( $(date +%s) - start )) s"
       left=$(( 540 - ($(date +%s) - start) ))
       if [ "$left" -gt 20 ]; then
         ATTENTION_EXT_POISON=1 timeout "$left" "$PY" -m pytest -q -ra -m cuda tests/ > "$OUT/test_cuda.log" 2>&1 || rc=1
