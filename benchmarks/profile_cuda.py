@@ -40,7 +40,8 @@ def kernel_times(fn, reps=5):
     times = collections.defaultdict(float)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            times[ev.name] += ev.device_time / reps
+            us = getattr(ev, "device_time", None)
+            times[ev.name] += (us if us is not None else ev.cuda_time) / reps
     return dict(times)
 
 
