@@ -51,8 +51,10 @@ struct DropoutRng {
     off_lo = static_cast<uint32_t>(offset);
     double keep = 1.0 - static_cast<double>(p);
     threshold = static_cast<uint64_t>(keep * 4294967296.0);
-    inv_keep = 1.0 / keep;
+    inv_keep = inv_keep_of(p);
   }
+  // 1 / (1 - p): the scale of the kept elements.
+  AE_HOST_DEVICE static double inv_keep_of(double p) { return 1.0 / (1.0 - p); }
   // Four consecutive decisions starting at key column j4 * 4 (bit t = column j4*4 + t kept).
   AE_HOST_DEVICE uint32_t keep4(uint64_t bh, uint64_t i, uint64_t j4) const {
     U32x4 r = philox4x32_10(U32x4{static_cast<uint32_t>(j4), static_cast<uint32_t>(i),

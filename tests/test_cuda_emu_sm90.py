@@ -123,6 +123,8 @@ def test_proxy_fence_required(order, landing):
     with emu.schedule(order, landing):
         assert torch.equal(emu.ops._sm90_proxy_hazard(x, True), x)
         assert emu.ops._sm90_proxy_hazard(x, False).isnan().all()
+    with pytest.raises(ValueError, match="_sm90_proxy_hazard: x is 64 x 32 float32"):
+        emu.ops._sm90_proxy_hazard(x.double(), True)
 
 
 SM90_FAULTS = [

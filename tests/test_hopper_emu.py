@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import emu
 from test_cuda_emu import _check_fwd_bwd, _inputs
-from reference import assert_close_vs_baseline, reference_attention, reference_grads, window_visibility
+from reference import (assert_close_vs_baseline, expand_kv, reference_attention, reference_grads,
+                       window_visibility)
 
 pytestmark = [pytest.mark.emu, pytest.mark.skipif(not emu.LOADED, reason=emu.SKIP_REASON or "")]
 
@@ -354,10 +355,10 @@ def test_backward_dropout(sm90, E, dtype, Hkv, causal):
     # the same computation in the input dtype by PyTorch's CPU SDPA, with the mask as
     # an explicit dropout (P o Z / (1 - p)): its error is the yardstick
     bq, bk, bv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    scores = (bq @ bk.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * E ** -0.5
+    scores = (bq @ expand_kv(bk, Hq).transpose(-1, -2)) * E ** -0.5
     scores = scores.masked_fill(~window_visibility(L, S, causal), float("-inf"))
     probs = torch.softmax(scores.float(), -1).to(dtype) * keep / (1 - p)
-    (probs @ bv.repeat_interleave(Hq // Hkv, 1)).backward(do)
+    (probs @ expand_kv(bv, Hq)).backward(do)
     for name, ours, ref, base in zip(("dq", "dk", "dv"), (dq, dk, dv), g, (bq.grad, bk.grad, bv.grad)):
         assert torch.isfinite(ours).all(), name
         # the yardstick itself is a close computation (a wrong one would widen the tolerance)

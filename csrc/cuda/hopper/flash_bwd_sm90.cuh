@@ -131,7 +131,8 @@ __device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int
       const void* mrow = key_mask_row<MaskT>(p, b, h);
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        kmask[hr] = jrow[hr] < p.len_k ? mask_value<MaskT>(mrow, static_cast<int64_t>(jrow[hr]) * p.mask_stride.c) : 0.f;
+        const int64_t j = jrow[hr];
+        kmask[hr] = j < p.len_k ? mask_value<MaskT>(mrow, j * p.mask_stride.c) : 0.f;
       }
     }
   });
@@ -413,7 +414,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   const int g = lane >> 2, t = lane & 3;
   const float scale = static_cast<float>(p.scale);
   const int key0 = kDimSplit ? 0 : 64 * c;  // the warpgroup's first key in the block
-  const float keep_scale = kDropout ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p.dropout_p))) : 1.f;
+  const float keep_scale = kDropout ? static_cast<float>(DropoutRng::inv_keep_of(p.dropout_p)) : 1.f;
 
   float acc_dk[1][NTD][4], acc_dv[1][NTD][4];
   zero_acc(acc_dk);
@@ -563,7 +564,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       // dQ_c to its staging area, then one thread adds it to the dQ workspace
       // with TMA reduce-adds (elements past L are skipped by TMA)
       const uint32_t sdQc = sdQ + c * Cfg::kDQBytes;
-      bwd::stage_dq(acc_dq, [&](int k) { return gen(sdQc + k * (kBlockM * 128)); }, cw, g, t);
+      auto dq_box = [&](int k) { return sdQc + k * (kBlockM * 128); };  // shared address of box k
+      bwd::stage_dq(acc_dq, [&](int k) { return gen(dq_box(k)); }, cw, g, t);
       fence_proxy_async();  // the stores, before the async proxy (TMA) reads them
       // every thread wrote its part of dQ_c, and is past its dQ product (the
       // next item rewrites sdS)
@@ -571,7 +573,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       if ((tid & 127) == 0) {
 #pragma unroll
         for (int k = 0; k < kD / 32; ++k) {
-          tma_reduce_add_4d(&P.tdq, sdQc + k * (kBlockM * 128), 32 * k, static_cast<int>(i0), static_cast<int>(h),
+          tma_reduce_add_4d(&P.tdq, dq_box(k), 32 * k, static_cast<int>(i0), static_cast<int>(h),
                             static_cast<int>(b));
         }
         bulk_commit();
@@ -627,15 +629,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       // the barrier above only this warpgroup reads them, and its products
       // are complete. One thread adds the boxes to the dQ workspace, waits
       // until TMA has read them and releases the stage.
-      bwd::stage_dq(acc_dq, [&](int k) { return gen((k < 2 ? sQ : sdO) + (pan + (k & 1)) * (kBlockM * 128)); }, cw, g,
-                    t);
+      auto dq_box = [&](int k) { return (k < 2 ? sQ : sdO) + (pan + (k & 1)) * (kBlockM * 128); };
+      bwd::stage_dq(acc_dq, [&](int k) { return gen(dq_box(k)); }, cw, g, t);
       fence_proxy_async();
       named_barrier_sync(1 + c, 128);  // every thread wrote its part of dQ_c
       if ((tid & 127) == 0) {
 #pragma unroll
         for (int k = 0; k < Cfg::kWgDims / 32; ++k) {
-          const uint32_t box = (k < 2 ? sQ : sdO) + (pan + (k & 1)) * (kBlockM * 128);
-          tma_reduce_add_4d(&P.tdq, box, c * Cfg::kWgDims + 32 * k, static_cast<int>(i0), static_cast<int>(h),
+          tma_reduce_add_4d(&P.tdq, dq_box(k), c * Cfg::kWgDims + 32 * k, static_cast<int>(i0), static_cast<int>(h),
                             static_cast<int>(b));
         }
         bulk_commit();
