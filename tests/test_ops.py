@@ -680,6 +680,49 @@ def test_backward_op_direct(device, L, S, causal, window):
     assert dmb.shape == (0,)
 
 
+def _half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of `dtype` at |x| (float64 x): the error of rounding x correctly to dtype."""
+    bits = {bf16: 7, f16: 10}[dtype]
+    _, e = torch.frexp(x.abs())  # |x| = m 2^e, m in [0.5, 1)
+    ulp = torch.ldexp(torch.ones_like(x), e - 1 - bits)
+    return 0.5 * ulp.clamp_min(torch.finfo(dtype).smallest_normal * 2.0 ** -bits)
+
+
+@pytest.mark.parametrize("dtype", [bf16, f16], ids=dtype_id)
+@pytest.mark.parametrize(
+    "L,S,E,Ev,hq,hkv,causal,mask",
+    [(9, 13, 1, 8, 2, 2, False, None), (64, 96, 32, 32, 4, 2, False, "keypad"), (128, 128, 64, 64, 2, 1, True, None),
+     (40, 70, 16, 24, 2, 2, False, "float")],
+    ids=["head_dim_1", "gqa_keypad", "causal_S128", "float_mask"],
+)
+def test_short_rows_backward_rounds_correctly(dtype, L, S, E, Ev, hq, hkv, causal, mask):
+    """CPU backward in half precision, rows of at most one key tile (128 keys): dq, dk and dv are the
+    float64 reference gradients rounded to the dtype, up to fp32 accumulation error. Here D = sum_j P dP
+    comes from the tile; dot(dO, O) with O rounded to the dtype put dk an ulp off (1.5 half-ulps)."""
+    torch.manual_seed(L * 1000 + S + E)
+    q = torch.randn(3, hq, L, E).to(dtype).requires_grad_()
+    k = torch.randn(3, hkv, S, E).to(dtype).requires_grad_()
+    v = torch.randn(3, hkv, S, Ev).to(dtype).requires_grad_()
+    if mask == "keypad":
+        m = torch.arange(S).view(1, 1, 1, S) < torch.tensor([S, S - 20, 7]).view(3, 1, 1, 1)
+    elif mask == "float":
+        m = torch.randn(3, 1, L, S).to(dtype)
+    else:
+        m = None
+    out = attention_ext.attention(q, k, v, m, is_causal=causal, enable_gqa=hq != hkv)
+    g = torch.randn(out.shape).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    r64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    rm = m if m is None or m.dtype == torch.bool else m.double()
+    r = reference_attention(*r64, rm, is_causal=causal, enable_gqa=hq != hkv)
+    rgrads = torch.autograd.grad(r.out, r64, g.double())
+    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+        excess = (a.double() - b).abs() - _half_ulp(b, dtype)
+        worst = float(excess.max())
+        assert worst <= 1e-4 * float(b.abs().max()), (
+            f"{name}: {worst:.3g} beyond correct rounding at {tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))}")
+
+
 def test_kernel_log_cpu(capfd, monkeypatch):
     """ATTENTION_EXT_LOG_KERNEL=1: each CPU call names its kernel path and tile blocks."""
     monkeypatch.setenv("ATTENTION_EXT_LOG_KERNEL", "1")

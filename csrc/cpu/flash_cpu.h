@@ -528,6 +528,21 @@ void flash_bwd_impl(const BwdParams& p) {
             const int64_t row0 = (b * Hq + h) * L + i0;
             recompute_probs(p, b, h, i0, nq, j0, nk, tile, pbuf.data(), kBlockK, tmp.data(), shift.data() + row0,
                             rscale.data() + row0);
+            // A tile that holds every key the query block sees (short rows) is a whole softmax row.
+            // Then P is renormalised to sum to 1 and D_i = sum_j P_ij dP~_ij is taken from the tile
+            // (below) instead of dO . O from row_stats. Each half matters: D from the output rounded
+            // to T put bf16 dK an ulp off where PyTorch's CPU SDPA rounds correctly; D from the tile
+            // without renormalising inherits P's error where scores are large (exp(S - lse) with S
+            // rounded differently than in the forward: P ~ 1 + 1e-4 on a one-hot row at scale 10),
+            // which dO . O, from the forward's normalised weights, does not.
+            const bool whole_rows = jlo >= j0 && jhi <= j0 + nk;
+            if (whole_rows) {
+              for (int64_t r = 0; r < nq; ++r) {
+                A* pr = pbuf.data() + r * kBlockK;
+                const A sum = row_sum(pr, nk);
+                if (sum > A(0)) scale_row(pr, nk, A(1) / sum);
+              }
+            }
             tile.dov(dpbuf.data(), kBlockK);  // dP = dO V^T
             const A* pv = pbuf.data();  // the probabilities that multiplied V
             if (dropout) {
@@ -544,7 +559,8 @@ void flash_bwd_impl(const BwdParams& p) {
             const A* Drow = D.data() + (b * Hq + h) * L + i0;
             for (int64_t r = 0; r < nq; ++r) {
               A* ds = dpbuf.data() + r * kBlockK;
-              softmax_grad_row(ds, pbuf.data() + r * kBlockK, ds, nk, Drow[r]);
+              const A* pr = pbuf.data() + r * kBlockK;
+              softmax_grad_row(ds, pr, ds, nk, whole_rows ? dot_row(pr, ds, nk) : Drow[r]);
             }
             if (p.dmask != nullptr) {
               A* dm = static_cast<A*>(p.dmask) + ((b * Hq + h) * L + i0) * S + j0;

@@ -86,6 +86,13 @@ AE_CLONES float dot_row(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+AE_CLONES float row_sum(const float* x, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += x[j];
+  return s;
+}
+
 AE_CLONES void add_row(float* x, const float* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] += y[j];
 }

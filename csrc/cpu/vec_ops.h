@@ -21,6 +21,7 @@ void scale_row(float* x, int64_t n, float a);
 // ds[j] = p[j] * (dp[j] - d)
 void softmax_grad_row(float* ds, const float* p, const float* dp, int64_t n, float d);
 float dot_row(const float* a, const float* b, int64_t n);
+float row_sum(const float* x, int64_t n);
 void add_row(float* x, const float* y, int64_t n);
 void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
 void f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
@@ -50,6 +51,11 @@ inline void softmax_grad_row(double* ds, const double* p, const double* dp, int6
 inline double dot_row(const double* a, const double* b, int64_t n) {
   double s = 0;
   for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+inline double row_sum(const double* x, int64_t n) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += x[j];
   return s;
 }
 inline void add_row(double* x, const double* y, int64_t n) {
