@@ -7,14 +7,12 @@ E=64 by default). Reports median times, TFLOP/s (forward 4*B*H*L*S*E, halved for
 causal; backward 2.5x forward) and the ratio torch/ours (> 1: ours is faster).
 Raw JSON goes to benchmarks/results/cpu/.
 
-bfloat16 runs on one of two product paths, chosen once per process
-(ATTENTION_EXT_CPU_BF16=dot|blas|auto, default auto: timed at the first bf16
+bfloat16 runs on one of three product paths, chosen once per process
+(ATTENTION_EXT_CPU_BF16=dot|mkl|blas|auto, default auto: timed at the first bf16
 call); the header and the JSON say which one this run used. To compare them,
 run the script once per value of the variable.
 """
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
@@ -29,30 +27,19 @@ import torch.nn.functional as F
 import attention_ext
 
 
-_FINGERPRINT = """
-import hashlib, torch, attention_ext
-g = torch.Generator().manual_seed(1234)
-q, k, v = (torch.randn(1, 2, 64, 64, generator=g).to(torch.bfloat16) for _ in range(3))
-print(hashlib.sha1(attention_ext.attention(q, k, v).view(torch.int16).numpy().tobytes()).hexdigest())
-"""
+_BF16_PATHS = {"AVX512-BF16 dot-product tiles": "dot", "BLAS bf16 GEMM tiles": "mkl", "fp32 BLAS tiles": "blas"}
 
 
 def bf16_path_in_use():
-    """'dot' or 'blas': the bf16 path of this process. The library has no query for it, so a
-    fixed forward's output bits are compared with those of processes forced to each path
-    (the dot tiles round P to bf16 before P V, the BLAS path does not)."""
-    ns = {}
-    with contextlib.redirect_stdout(io.StringIO()) as buf:
-        exec(_FINGERPRINT, ns)
-    mine = buf.getvalue().strip()
-    forced = {}
-    for path in ("dot", "blas"):
-        env = dict(os.environ, ATTENTION_EXT_CPU_BF16=path)
-        forced[path] = subprocess.run([sys.executable, "-c", _FINGERPRINT], env=env, capture_output=True,
-                                      text=True, check=True).stdout.strip()
-    if forced["dot"] == forced["blas"]:
-        return "blas"  # no AVX512-BF16: dot falls back to the BLAS
-    return next((p for p, fp in forced.items() if fp == mine), "unknown")
+    """'dot', 'mkl' or 'blas': the bf16 path of this process, named by the kernel log of one call."""
+    q = torch.randn(1, 1, 8, 16).to(torch.bfloat16)
+    with attention_ext.debug.kernel_log() as lines:
+        attention_ext.attention(q, q, q)
+    for line in lines:
+        for name, path in _BF16_PATHS.items():
+            if f"bf16 ({name})" in line:
+                return path
+    return "unknown"
 
 
 def median_time(fn, repeats, warmup=2):

@@ -140,22 +140,13 @@ def ours_fns(q, k, v, mask, causal, g, sm80=False):
 
 
 def kernel_names(q, k, v, mask, causal, g):
-    """The kernel-log lines of one forward and one backward (stderr of a subprocess-free capture:
-    the C++ side writes to fd 2, which is redirected to a temporary file)."""
-    import tempfile
+    """The kernel-log lines of one forward and one backward (attention_ext.debug.kernel_log)."""
     fwd, bwd = ours_fns(q, k, v, mask, causal, g)
-    with tempfile.TemporaryFile(mode="w+") as tmp, _Env(ATTENTION_EXT_LOG_KERNEL="1"):
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            fwd()
-            bwd()
-            torch.cuda.synchronize()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        tmp.seek(0)
-        return [ln.strip() for ln in tmp.read().splitlines() if "attention_ext:" in ln]
+    with attention_ext.debug.kernel_log() as lines:
+        fwd()
+        bwd()
+        torch.cuda.synchronize()
+    return lines
 
 
 def run_point(L, E, dtype, causal, masked, backends, reps, tokens=16384, hidden=2048):

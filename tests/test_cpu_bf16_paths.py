@@ -1,19 +1,25 @@
-"""Both CPU bfloat16 product paths, whichever one this CPU would pick.
+"""Every CPU bfloat16 product path, whichever one this CPU would pick.
 
-bfloat16 runs either on the AVX512-BF16 dot-product tiles or on fp32 copies
-through the BLAS (csrc/cpu/flash_cpu_bf16.cpp: bf16_use_dot). The choice is
-made once per process, at the first bfloat16 call (ATTENTION_EXT_CPU_BF16=
-dot|blas|auto, auto timing both), so each path runs here in its own subprocess
-with the variable set, through tests/test_ops.py's run_case: forward and
-backward against the float64 reference, error at most 2x PyTorch's own bf16
-SDPA error. float16 always takes the BLAS path and is covered by test_ops.py.
+bfloat16 runs on AMX tiles, on the AVX512-BF16 dot-product tiles, on the BLAS's
+own bf16 GEMM (MKL's cblas_gemm_bf16bf16f32, itself on AMX where the CPU has it)
+or on fp32 copies through the BLAS (csrc/cpu/flash_cpu_bf16.cpp: bf16_path). The
+choice is made once per process, at the first bfloat16 call (ATTENTION_EXT_CPU_BF16=
+amx|dot|mkl|blas|auto, auto timing every available path), so each path runs here in
+its own subprocess with the variable set, through tests/test_ops.py's run_case:
+forward and backward against the float64 reference, error at most 2x PyTorch's
+own bf16 SDPA error. float16 always takes the fp32 BLAS path and is covered by
+test_ops.py.
 
-That a forced path really is the one that ran is checked on the outputs: the
-dot tiles round P to bfloat16 before P V, the BLAS path does not, so the two
-give different bits for the same inputs (on a CPU without AVX512-BF16 "dot"
-falls back to the BLAS and the bits are equal).
+That a forced path really is the one that ran is checked twice: by the kernel
+log (ATTENTION_EXT_LOG_KERNEL=1 names the path), and on the outputs: amx, dot and
+mkl round P to bfloat16 before P V, the fp32 BLAS path does not, and the dot
+tiles sum in a different order than the AMX tiles, so different paths give different
+bits for the same inputs (except amx and MKL's GEMM, which on a CPU with AMX run the
+same tile instruction over k in the same order).
+A path the CPU or the BLAS lacks falls back to the fp32 BLAS path, and only then.
 """
 import os
+import re
 import subprocess
 import sys
 from functools import lru_cache
@@ -49,7 +55,7 @@ CASES = [
 # fmt: on
 
 _WORKER = r"""
-import hashlib, sys, traceback
+import hashlib, os, sys, traceback
 sys.path.insert(0, {tests!r})
 import torch
 import attention_ext
@@ -57,13 +63,17 @@ import test_cpu_bf16_paths as m
 import test_ops
 
 def fingerprint():
-    # a fixed bf16 forward: different bits on the two paths (see the module docstring)
+    # a fixed bf16 forward: output (bf16) and log-sum-exp (fp32) bits, different on every path
+    # (see the module docstring; the bf16 output alone can hide fp32 summation-order differences)
     g = torch.Generator().manual_seed(1234)
     q, k, v = (torch.randn(1, 2, 64, 64, generator=g).to(torch.bfloat16) for _ in range(3))
-    out = attention_ext.attention(q, k, v)
-    return hashlib.sha1(out.view(torch.int16).numpy().tobytes()).hexdigest()
+    out, lse, _ = torch.ops.attention_ext._attention_forward(q, k, v, None, 0.0, False, None, False, [-1, -1])
+    return hashlib.sha1(out.view(torch.int16).numpy().tobytes() + lse.numpy().tobytes()).hexdigest()
 
+os.environ["ATTENTION_EXT_LOG_KERNEL"] = "1"
 print("FINGERPRINT", fingerprint(), flush=True)
+sys.stderr.flush()
+del os.environ["ATTENTION_EXT_LOG_KERNEL"]
 for case in (m.CASES if {run_cases!r} else []):
     try:
         test_ops.run_case(case, "cpu")
@@ -85,34 +95,57 @@ def run_worker(path: str, run_cases: bool = True):
     fp = next(line.split()[1] for line in lines if line.startswith("FINGERPRINT"))
     passed = [line.split()[1] for line in lines if line.startswith("PASS")]
     failed = [line.split()[1] for line in lines if line.startswith("FAIL")]
-    return fp, passed, failed, r.stderr
+    ran = sorted(set(re.findall(r"cpu forward: flash kernel, bf16 \(([^)]*)\)", r.stderr)))
+    assert len(ran) == 1, f"ATTENTION_EXT_CPU_BF16={path}: kernel log names {ran}:\n{r.stderr[-2000:]}"
+    return fp, passed, failed, r.stderr, ran[0]
 
 
-def cpu_has_avx512_bf16() -> bool:
+def cpu_has(flag: str) -> bool:
+    """The CPU (and the kernel, which lists only what it supports) has this /proc/cpuinfo flag."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+            return any(line.startswith("flags") and flag in line.split() for line in f)
     except OSError:
         return False
 
 
-@pytest.mark.parametrize("path", ["dot", "blas"])
+AMX, DOT, MKL, BLAS = "AMX tiles", "AVX512-BF16 dot-product tiles", "BLAS bf16 GEMM tiles", "fp32 BLAS tiles"
+
+
+def mkl_bf16_gemm_expected() -> bool:
+    """torch's BLAS is MKL on x86-64 (then cblas_gemm_bf16bf16f32 is there)."""
+    return torch.backends.mkl.is_available() and os.uname().machine == "x86_64"
+
+
+@pytest.mark.parametrize("path", ["amx", "dot", "mkl", "blas"])
 def test_forced_path_vs_reference(path):
-    _, passed, failed, stderr = run_worker(path)
+    _, passed, failed, stderr, _ = run_worker(path)
     assert not failed, f"ATTENTION_EXT_CPU_BF16={path}: cases {failed} failed:\n{stderr[-6000:]}"
     assert sorted(passed) == sorted(c.name for c in CASES), (passed, stderr[-2000:])
 
 
 def test_forced_paths_are_the_paths_used():
-    """dot and blas give different bits where the CPU has AVX512-BF16 (else dot falls back to
-    the BLAS: equal bits), and auto gives the bits of one of them."""
-    fp_dot, fp_blas = run_worker("dot", False)[0], run_worker("blas", False)[0]
-    if cpu_has_avx512_bf16():
-        assert fp_dot != fp_blas, "ATTENTION_EXT_CPU_BF16=dot and =blas gave identical outputs: one is not applied"
-    else:
-        assert fp_dot == fp_blas, "without AVX512-BF16, dot must fall back to the BLAS path"
+    """Each forced path runs (by the kernel log) where the CPU and the BLAS have it, the fp32 BLAS
+    path otherwise; different paths give different bits, the same path the same bits; auto picks
+    one of the paths the CPU has and gives its bits."""
+    runs = {p: run_worker(p, False) for p in ("amx", "dot", "mkl", "blas")}
+    fp = {p: r[0] for p, r in runs.items()}
+    ran = {p: r[4] for p, r in runs.items()}
+    assert ran["blas"] == BLAS
+    assert ran["dot"] == (DOT if cpu_has("avx512_bf16") else BLAS), ran
+    assert ran["amx"] == (AMX if cpu_has("avx512_bf16") and cpu_has("amx_bf16") and cpu_has("amx_tile") else BLAS), ran
+    assert ran["mkl"] == (MKL if mkl_bf16_gemm_expected() else BLAS), ran
+    for a in fp:
+        for b in fp:
+            if a < b:
+                same_path = ran[a] == ran[b]
+                if not same_path and {ran[a], ran[b]} == {AMX, MKL}:
+                    continue  # MKL's bf16 GEMM runs the same tile instruction over k in the same order: same bits
+                assert (fp[a] == fp[b]) == same_path, f"{a} ({ran[a]}) vs {b} ({ran[b]}): fingerprints {fp[a]} {fp[b]}"
     for path in ("auto", ""):
-        assert run_worker(path, False)[0] in (fp_dot, fp_blas), f"ATTENTION_EXT_CPU_BF16={path!r}"
+        r = run_worker(path, False)
+        assert r[4] in ran.values(), (path, r[4], ran)
+        assert r[0] == fp[next(p for p in ran if ran[p] == r[4])], f"ATTENTION_EXT_CPU_BF16={path!r}"
 
 
 _BAD_VALUE = r"""
@@ -137,5 +170,5 @@ def test_bad_value_raises_naming_the_variable():
     assert len(lines) == 2, r.stdout
     for line in lines:
         assert line.startswith("ERROR"), r.stdout
-        assert "ATTENTION_EXT_CPU_BF16" in line and "'fast'" in line, line
+        assert "ATTENTION_EXT_CPU_BF16" in line and "'fast'" in line and "'amx'" in line, line
         assert "'dot'" in line and "'blas'" in line and "'auto'" in line, line

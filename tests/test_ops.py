@@ -9,6 +9,7 @@ in the same dtype, same inputs) + a small floor (reference.ABS_FLOOR).
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import zlib
@@ -735,3 +736,24 @@ def test_kernel_log_cpu(capfd, monkeypatch):
     monkeypatch.delenv("ATTENTION_EXT_LOG_KERNEL")
     attention_ext.attention(q, q, q)
     assert "attention_ext:" not in capfd.readouterr().err
+
+
+def test_debug_kernel_log(capfd, monkeypatch):
+    """attention_ext.debug.kernel_log(): the log lines of the block's calls, in order, handed back
+    rather than printed; the environment variable is restored afterwards (unset, or its old value)."""
+    monkeypatch.delenv("ATTENTION_EXT_LOG_KERNEL", raising=False)
+    q = torch.randn(1, 2, 30, 16, requires_grad=True)
+    with attention_ext.debug.kernel_log() as lines:
+        attention_ext.attention(q, q, q, is_causal=True).sum().backward()
+        attention_ext.attention(q.detach().double(), q.detach().double(), q.detach().double())
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("cpu forward: flash kernel, fp32 (BLAS tiles), blocks "), lines
+    assert lines[1].startswith("cpu backward: flash kernel, fp32 (BLAS tiles), blocks "), lines
+    assert lines[2].startswith("cpu forward: flash kernel, fp64 (BLAS tiles), blocks "), lines
+    assert "ATTENTION_EXT_LOG_KERNEL" not in os.environ
+    attention_ext.attention(q, q, q)
+    assert "attention_ext:" not in capfd.readouterr().err
+    monkeypatch.setenv("ATTENTION_EXT_LOG_KERNEL", "0")
+    with attention_ext.debug.kernel_log() as lines:
+        attention_ext.attention(q, q, q)
+    assert len(lines) == 1 and os.environ["ATTENTION_EXT_LOG_KERNEL"] == "0"

@@ -25,6 +25,7 @@
 #include "../attention_params.h"
 #include "../philox.h"
 #include "runtime.h"
+#include "gemm_amx.h"
 #include "gemm_bf16.h"
 #include "vec_ops.h"
 
@@ -42,16 +43,18 @@ struct Blocks {
 Blocks choose_blocks(const FwdParams& p, bool backward);
 
 // The bfloat16 product path (forward and backward; attention_probs always uses
-// BlasTile): the AVX512-BF16 dot-product tiles (Bf16DotTile) or fp32 copies
-// through the BLAS (BlasTile<bf16>). ATTENTION_EXT_CPU_BF16=dot|blas|auto
-// (default auto), read once (runtime.cpp); a bad value throws an error naming
-// the variable. "dot" falls back to the BLAS on a CPU without AVX512-BF16.
-enum class Bf16Path { kAuto, kDot, kBlas };
+// BlasTile): AMX tiles (Bf16AmxTile), the AVX512-BF16 dot-product tiles
+// (Bf16DotTile), the BLAS's bf16 GEMM (Bf16GemmTile: MKL, itself on AMX where
+// the CPU has it) or fp32 copies through the BLAS (BlasTile<bf16>).
+// ATTENTION_EXT_CPU_BF16=amx|dot|mkl|blas|auto (default auto), read once
+// (runtime.cpp); a bad value throws an error naming the variable. amx, dot and
+// mkl fall back to the fp32 BLAS path where they are not available.
+enum class Bf16Path { kAuto, kDot, kBlas, kMkl, kAmx };
 Bf16Path bf16_path_requested();
-// The path in use, decided at the first bfloat16 call and cached for the
-// process: auto times one forward tile step through both paths
-// (flash_cpu_bf16.cpp) because which is faster depends on the CPU (NOTES 3, 7, 8).
-bool bf16_use_dot();
+// The path in use (never kAuto), decided at the first bfloat16 call and cached
+// for the process: auto times one forward tile step through every available
+// path (flash_cpu_bf16.cpp) because which is fastest depends on the CPU (NOTES 3, 7, 8, 12).
+Bf16Path bf16_path();
 
 inline int64_t dtype_size(DType d) {
   switch (d) {
@@ -146,7 +149,7 @@ inline void load_rows(const T* base, int64_t row_stride, int64_t nrows, int64_t 
 //
 // BlasTile converts the operands to the accumulation type and calls the BLAS
 // (exact fp32/fp64 arithmetic). Bf16DotTile (bfloat16 on CPUs with
-// AVX512-BF16, where bf16_use_dot() picks it) keeps the operands in bfloat16 and uses the dot-product tiles
+// AVX512-BF16, where bf16_path() picks it) keeps the operands in bfloat16 and uses the dot-product tiles
 // of gemm_bf16.cpp for the products of two bf16 tensors (QK^T, PV, dO V^T);
 // the forward rounds P to bfloat16 before PV, as every bf16 flash kernel does.
 template <typename T>
@@ -202,28 +205,42 @@ struct BlasTile {
   }
 };
 
-struct Bf16DotTile {
+// What the two bf16-operand tiles share: the backward's products with an fp32 P
+// or dS (P^T dO, dS^T Q, dS K). A single bf16 rounding of P or dS costs ~10x
+// PyTorch's error (the gradients sum terms that cancel), so these run in fp32
+// through the BLAS on fp32 copies of Q, dO, K. That is at least as fast as two
+// bf16 products with P and dS split into hi + lo terms (as fast on Zen 4, ~2x
+// faster where the BLAS runs AVX-512: benchmarks/NOTES.md, entry 7), needs no
+// transpose of P or dS, and is exact in fp32.
+struct Bf16TileBase {
   using A = float;
   int64_t E, Ev, nq = 0, nk = 0;
   bool backward;
+  std::vector<float> qf, dof, kf;
+  Bf16TileBase(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
+      : E(E_), Ev(Ev_), backward(bwd), qf(bwd ? bq * E_ : 0), dof(bwd ? bq * Ev_ : 0), kf(bwd ? bk * E_ : 0) {}
+  static const uint16_t* bits(const bf16* x) { return reinterpret_cast<const uint16_t*>(x); }
+  void dv(const float* P, int64_t lds, float* dv) {
+    gemm_tn<float>(nk, Ev, nq, 1.f, P, lds, dof.data(), Ev, 1.f, dv, Ev);
+  }
+  void dk(const float* dS, int64_t lds, float scale, float* dk) {
+    gemm_tn<float>(nk, E, nq, scale, dS, lds, qf.data(), E, 1.f, dk, E);
+  }
+  void dq(const float* dS, int64_t lds, float scale, float* dq) {
+    gemm_nn<float>(nq, E, nk, scale, dS, lds, kf.data(), E, 1.f, dq, E);
+  }
+};
+
+struct Bf16DotTile : Bf16TileBase {
   const uint16_t* q = nullptr;
   const uint16_t* dout = nullptr;
   int64_t ldq = 0, lddo = 0;
   // packed B operands: K^T and V (forward), K^T and V^T (backward)
   std::vector<uint32_t> k_t, v_r, v_t;
   std::vector<uint16_t> abuf;  // bf16 copy of P (forward)
-  // Backward: P^T dO, dS^T Q and dS K multiply an fp32 P or dS whose single
-  // bf16 rounding costs ~10x PyTorch's error (the gradients sum terms that
-  // cancel), so they run in fp32 through the BLAS on fp32 copies of Q, dO, K.
-  // That is at least as fast as two bf16 products with P and dS split into
-  // hi + lo terms (as fast on Zen 4, ~2x faster where the BLAS runs AVX-512:
-  // benchmarks/NOTES.md, entry 7), needs no transpose of P or dS, and is exact in fp32.
-  std::vector<float> qf, dof, kf;
   Bf16DotTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
-      : E(E_), Ev(Ev_), backward(bwd), k_t(cdiv(E_, 2) * bk), v_r(bwd ? 0 : cdiv(bk, 2) * Ev_),
-        v_t(bwd ? cdiv(Ev_, 2) * bk : 0), abuf(bwd ? 0 : bq * bk), qf(bwd ? bq * E_ : 0), dof(bwd ? bq * Ev_ : 0),
-        kf(bwd ? bk * E_ : 0) {}
-  static const uint16_t* bits(const bf16* x) { return reinterpret_cast<const uint16_t*>(x); }
+      : Bf16TileBase(E_, Ev_, bq, bk, bwd), k_t(cdiv(E_, 2) * bk), v_r(bwd ? 0 : cdiv(bk, 2) * Ev_),
+        v_t(bwd ? cdiv(Ev_, 2) * bk : 0), abuf(bwd ? 0 : bq * bk) {}
   void load_q(const bf16* x, int64_t ld, int64_t n) {
     nq = n;
     q = bits(x);
@@ -237,14 +254,14 @@ struct Bf16DotTile {
   }
   void load_k(const bf16* x, int64_t ld, int64_t n) {
     nk = n;
-    pack_trans_bf16(bits(x), ld, n, E, k_t.data());
+    pack_trans_bf16(bits(x), ld, n, E, k_t.data(), n);
     if (backward) load_rows(x, ld, n, E, kf.data());
   }
   void load_v(const bf16* x, int64_t ld, int64_t n) {
     if (backward) {
-      pack_trans_bf16(bits(x), ld, n, Ev, v_t.data());
+      pack_trans_bf16(bits(x), ld, n, Ev, v_t.data(), n);
     } else {
-      pack_rows_bf16(bits(x), ld, n, Ev, v_r.data());
+      pack_rows_bf16(bits(x), ld, n, Ev, v_r.data(), Ev);
     }
   }
   void qk(float scale, float* S, int64_t lds) { gemm_bf16_packed(nq, nk, E, scale, q, ldq, k_t.data(), nk, false, S, lds); }
@@ -253,14 +270,114 @@ struct Bf16DotTile {
     gemm_bf16_packed(nq, Ev, nk, 1.f, abuf.data(), nk, v_r.data(), Ev, true, acc, Ev);
   }
   void dov(float* dP, int64_t lds) { gemm_bf16_packed(nq, nk, Ev, 1.f, dout, lddo, v_t.data(), nk, false, dP, lds); }
-  void dv(const float* P, int64_t lds, float* dv) {
-    gemm_tn<float>(nk, Ev, nq, 1.f, P, lds, dof.data(), Ev, 1.f, dv, Ev);
+};
+
+// AMX tiles (gemm_bf16_amx) for the products of two bf16 tensors, Q K^T, P V and
+// dO V^T, on padded copies (gemm_amx.h): Q and dO in rows of round_up(E, 32)
+// with zero columns past E; K^T, V^T (over head dims) and V (over keys) in the
+// blocked pair packing, zero rows past the head dim written once at
+// construction, past the keys at every V load; P rounded to bf16 in rows with
+// zero columns past the block's keys, up to the next multiple of 32.
+struct Bf16AmxTile : Bf16TileBase {
+  int64_t Ep, Evp, bkp;  // padded sizes
+  std::vector<uint16_t> qpad, dopad, abuf;
+  std::vector<uint32_t> k_t, v_r, v_t;
+  Bf16AmxTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
+      : Bf16TileBase(E_, Ev_, bq, bk, bwd), Ep(round_up(E_, 32)), Evp(round_up(Ev_, 32)), bkp(round_up(bk, 32)),
+        qpad(round_up(bq, 16) * Ep, 0), dopad(bwd ? round_up(bq, 16) * Evp : 0, 0),
+        abuf(bwd ? 0 : round_up(bq, 16) * bkp, 0), k_t(round_up(bk, 16) * Ep / 2, 0),
+        v_r(bwd ? 0 : round_up(Ev_, 16) * bkp / 2, 0), v_t(bwd ? round_up(bk, 16) * Evp / 2 : 0, 0) {}
+  static void copy_rows(const bf16* x, int64_t ld, int64_t n, int64_t cols, uint16_t* dst, int64_t ldd) {
+    for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * ldd, x + r * ld, cols * sizeof(uint16_t));
   }
-  void dk(const float* dS, int64_t lds, float scale, float* dk) {
-    gemm_tn<float>(nk, E, nq, scale, dS, lds, qf.data(), E, 1.f, dk, E);
+  void load_q(const bf16* x, int64_t ld, int64_t n) {
+    nq = n;
+    copy_rows(x, ld, n, E, qpad.data(), Ep);
+    if (backward) load_rows(x, ld, n, E, qf.data());
   }
-  void dq(const float* dS, int64_t lds, float scale, float* dq) {
-    gemm_nn<float>(nq, E, nk, scale, dS, lds, kf.data(), E, 1.f, dq, E);
+  void load_do(const bf16* x, int64_t ld, int64_t n) {
+    copy_rows(x, ld, n, Ev, dopad.data(), Evp);
+    load_rows(x, ld, n, Ev, dof.data());
+  }
+  void load_k(const bf16* x, int64_t ld, int64_t n) {
+    nk = n;
+    pack_trans_amx(bits(x), ld, n, E, k_t.data());
+    if (backward) load_rows(x, ld, n, E, kf.data());
+  }
+  void load_v(const bf16* x, int64_t ld, int64_t n) {
+    if (backward) {
+      pack_trans_amx(bits(x), ld, n, Ev, v_t.data());
+      return;
+    }
+    pack_rows_amx(bits(x), ld, n, Ev, v_r.data());
+    // each group's packed rows past this block's keys, up to the next multiple of 32 keys: zero
+    const int64_t rows = round_up(n, 32) / 2, from = (n + 1) / 2;
+    for (int64_t g = 0; g < cdiv(Ev, 16); ++g)
+      std::memset(v_r.data() + (g * rows + from) * 16, 0, (rows - from) * 16 * sizeof(uint32_t));
+  }
+  void qk(float scale, float* S, int64_t lds) { gemm_bf16_amx(nq, nk, E, scale, qpad.data(), Ep, k_t.data(), false, S, lds); }
+  void pv(const float* P, int64_t lds, float* acc) {
+    const int64_t ka = round_up(nk, 32);
+    for (int64_t r = 0; r < nq; ++r) {
+      uint16_t* ar = abuf.data() + r * bkp;
+      f32_to_bf16(P + r * lds, ar, nk);
+      std::memset(ar + nk, 0, (ka - nk) * sizeof(uint16_t));
+    }
+    gemm_bf16_amx(nq, Ev, nk, 1.f, abuf.data(), bkp, v_r.data(), true, acc, Ev);
+  }
+  void dov(float* dP, int64_t lds) { gemm_bf16_amx(nq, nk, Ev, 1.f, dopad.data(), Evp, v_t.data(), false, dP, lds); }
+};
+
+// The BLAS's own bf16 GEMM (gemm_bf16_rowmajor: MKL, on AMX tiles where the CPU
+// has them) for the products of two bf16 tensors, Q K^T, P V and dO V^T, reading
+// the operands in place (no packing: the BLAS packs); P rounded to bf16 before
+// P V as in Bf16DotTile. The backward's other products as in Bf16TileBase.
+struct Bf16GemmTile : Bf16TileBase {
+  // rows `ld` apart, in place when the rows are a valid leading dimension, else copied to `buf`
+  struct Rows {
+    std::vector<uint16_t> buf;
+    const uint16_t* ptr = nullptr;
+    int64_t ld = 0;
+    void load(const bf16* x, int64_t row_stride, int64_t rows, int64_t cols) {
+      if (row_stride >= cols || rows <= 1) {
+        ptr = bits(x);
+        ld = std::max<int64_t>(row_stride, cols);
+        return;
+      }
+      buf.resize(rows * cols);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(buf.data() + r * cols, x + r * row_stride, cols * sizeof(bf16));
+      ptr = buf.data();
+      ld = cols;
+    }
+  };
+  Rows q, dout, k, v;
+  std::vector<uint16_t> abuf;  // bf16 copy of P (forward)
+  Bf16GemmTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
+      : Bf16TileBase(E_, Ev_, bq, bk, bwd), abuf(bwd ? 0 : bq * bk) {}
+  void load_q(const bf16* x, int64_t ld, int64_t n) {
+    nq = n;
+    q.load(x, ld, n, E);
+    if (backward) load_rows(x, ld, n, E, qf.data());
+  }
+  void load_do(const bf16* x, int64_t ld, int64_t n) {
+    dout.load(x, ld, n, Ev);
+    load_rows(x, ld, n, Ev, dof.data());
+  }
+  void load_k(const bf16* x, int64_t ld, int64_t n) {
+    nk = n;
+    k.load(x, ld, n, E);
+    if (backward) load_rows(x, ld, n, E, kf.data());
+  }
+  void load_v(const bf16* x, int64_t ld, int64_t n) { v.load(x, ld, n, Ev); }
+  void qk(float scale, float* S, int64_t lds) {
+    gemm_bf16_rowmajor(true, nq, nk, E, scale, q.ptr, q.ld, k.ptr, k.ld, 0.f, S, lds);
+  }
+  void pv(const float* P, int64_t lds, float* acc) {
+    for (int64_t r = 0; r < nq; ++r) f32_to_bf16(P + r * lds, abuf.data() + r * nk, nk);
+    gemm_bf16_rowmajor(false, nq, Ev, nk, 1.f, abuf.data(), nk, v.ptr, v.ld, 1.f, acc, Ev);
+  }
+  void dov(float* dP, int64_t lds) {
+    gemm_bf16_rowmajor(true, nq, nk, Ev, 1.f, dout.ptr, dout.ld, v.ptr, v.ld, 0.f, dP, lds);
   }
 };
 
@@ -335,7 +452,12 @@ void flash_fwd_impl(const FwdParams& p) {
 template <typename T>
 void flash_fwd(const FwdParams& p) {
   if constexpr (std::is_same_v<T, bf16>) {
-    if (bf16_use_dot()) return flash_fwd_impl<T, Bf16DotTile>(p);
+    switch (bf16_path()) {
+      case Bf16Path::kDot: return flash_fwd_impl<T, Bf16DotTile>(p);
+      case Bf16Path::kMkl: return flash_fwd_impl<T, Bf16GemmTile>(p);
+      case Bf16Path::kAmx: return flash_fwd_impl<T, Bf16AmxTile>(p);
+      default: break;
+    }
   }
   flash_fwd_impl<T, BlasTile<T>>(p);
 }
@@ -604,7 +726,12 @@ void flash_bwd_impl(const BwdParams& p) {
 template <typename T>
 void flash_bwd(const BwdParams& p) {
   if constexpr (std::is_same_v<T, bf16>) {
-    if (bf16_use_dot()) return flash_bwd_impl<T, Bf16DotTile>(p);
+    switch (bf16_path()) {
+      case Bf16Path::kDot: return flash_bwd_impl<T, Bf16DotTile>(p);
+      case Bf16Path::kMkl: return flash_bwd_impl<T, Bf16GemmTile>(p);
+      case Bf16Path::kAmx: return flash_bwd_impl<T, Bf16AmxTile>(p);
+      default: break;
+    }
   }
   flash_bwd_impl<T, BlasTile<T>>(p);
 }

@@ -1,7 +1,9 @@
 // One element type per translation unit (compile time, and parallel builds).
 #include "flash_cpu.h"
 
+#include <array>
 #include <chrono>
+#include <memory>
 
 namespace attention_ext::cpu {
 template void flash_fwd<bf16>(const FwdParams&);
@@ -31,15 +33,19 @@ double time_forward_step(Tile& tile, const std::vector<bf16>& q, const std::vect
   return best;
 }
 
-// The dot-product tiles win 1.5x on Zen 4 (NOTES 3: MKL's sgemm runs AVX2
-// there) and lose ~1.5x on an Intel Xeon whose sgemm runs AVX-512 while
-// vdpbf16ps issues at ~0.6x the FMA rate (NOTES 7, 8), so no CPU flag decides
-// it: time one forward tile step of the default forward tiles (128 x 512,
-// head dim 64) through both paths on every thread at once (as the kernels run:
-// the BLAS single-threaded inside the parallel region, cores sharing their
-// caches and ports), fastest of 5 alternated reps each. ~5-10 ms, once.
-// Within 10% the dot tiles are kept: they need no fp32 copies of the operands.
-bool calibrate_dot() {
+// Which product path is fastest depends on the CPU, not on a flag: the dot-product
+// tiles win 1.5x on Zen 4 (NOTES 3: MKL's sgemm runs AVX2 there) and lose ~1.5x
+// on an Intel Xeon whose sgemm runs AVX-512 while vdpbf16ps issues at ~0.6x the
+// FMA rate (NOTES 7, 8); on a Xeon with AMX (Sapphire Rapids) the AMX tiles and
+// MKL's bf16 GEMM (itself on AMX) beat both (NOTES 12), while on Zen 4 MKL's bf16
+// GEMM ran at sgemm speed (NOTES 3). So: time one forward tile step of the
+// default forward tiles (128 x 512, head dim 64) through every available path
+// on every thread at once (as the kernels run: the BLAS single-threaded inside
+// the parallel region, cores sharing their caches and ports), fastest of 5
+// alternated reps each. ~5-20 ms, once. The fastest wins, except that the
+// dot tiles are kept within 10% of the fastest of the BLAS paths (they need no
+// fp32 copies of the operands and do not depend on the BLAS).
+Bf16Path calibrate() {
   constexpr int64_t bq = 128, bk = 512, E = 64;
   constexpr int kReps = 5;
   std::vector<bf16> q(bq * E), k(bk * E), v(bk * E);
@@ -53,46 +59,65 @@ bool calibrate_dot() {
   };
   for (auto* t : {&q, &k, &v})
     for (auto& e : *t) e = next();
+  constexpr int kPaths = 4;
+  const Bf16Path paths[kPaths] = {Bf16Path::kAmx, Bf16Path::kDot, Bf16Path::kMkl, Bf16Path::kBlas};
+  const bool avail[kPaths] = {amx_available(), bf16_dot_available(), bf16_gemm_available(), true};
   const int64_t nt = std::max(1, num_threads());
-  std::vector<double> t_dot(nt, 0.0), t_blas(nt, 0.0);
+  std::vector<std::array<double, kPaths>> t(nt);  // seconds per thread and path
   parallel_for(nt, [&](int64_t i0, int64_t i1) {
-    Bf16DotTile dot(E, E, bq, bk, false);
+    std::unique_ptr<Bf16AmxTile> amx;
+    std::unique_ptr<Bf16DotTile> dot;
+    if (avail[0]) amx = std::make_unique<Bf16AmxTile>(E, E, bq, bk, false);
+    if (avail[1]) dot = std::make_unique<Bf16DotTile>(E, E, bq, bk, false);
+    Bf16GemmTile mkl(E, E, bq, bk, false);
     BlasTile<bf16> blas(E, E, bq, bk, false);
     std::vector<float> s(bq * bk), acc(bq * E, 0.f);
-    // one untimed step each: first-touch of the buffers, MKL's lazy setup
-    time_forward_step(dot, q, k, v, bq, bk, E, s, acc, 1);
-    time_forward_step(blas, q, k, v, bq, bk, E, s, acc, 1);
-    for (int64_t i = i0; i < i1; ++i) {
-      double d = 1e30, b = 1e30;
-      for (int r = 0; r < kReps; ++r) {  // alternated, so a burst of machine noise hits both
-        d = std::min(d, time_forward_step(dot, q, k, v, bq, bk, E, s, acc, 1));
-        b = std::min(b, time_forward_step(blas, q, k, v, bq, bk, E, s, acc, 1));
+    auto step = [&](int i) {
+      switch (i) {
+        case 0: return time_forward_step(*amx, q, k, v, bq, bk, E, s, acc, 1);
+        case 1: return time_forward_step(*dot, q, k, v, bq, bk, E, s, acc, 1);
+        case 2: return time_forward_step(mkl, q, k, v, bq, bk, E, s, acc, 1);
+        default: return time_forward_step(blas, q, k, v, bq, bk, E, s, acc, 1);
       }
-      t_dot[i] = d;
-      t_blas[i] = b;
+    };
+    // one untimed step each: first-touch of the buffers, the BLAS's lazy setup
+    for (int i = 0; i < kPaths; ++i)
+      if (avail[i]) step(i);
+    for (int64_t th = i0; th < i1; ++th) {
+      std::array<double, kPaths> best;
+      best.fill(1e30);
+      for (int r = 0; r < kReps; ++r)  // alternated, so a burst of machine noise hits every path
+        for (int i = 0; i < kPaths; ++i)
+          if (avail[i]) best[i] = std::min(best[i], step(i));
+      t[th] = best;
     }
   });
-  double sd = 0, sb = 0;
-  for (int64_t i = 0; i < nt; ++i) {
-    sd += t_dot[i];
-    sb += t_blas[i];
-  }
-  return sd <= 1.1 * sb;
+  std::array<double, kPaths> sum;
+  sum.fill(0.0);
+  for (int64_t th = 0; th < nt; ++th)
+    for (int i = 0; i < kPaths; ++i) sum[i] += t[th][i];
+  int fastest = -1;
+  for (int i = 0; i < kPaths; ++i)
+    if (avail[i] && i != 1 && (fastest < 0 || sum[i] < sum[fastest])) fastest = i;
+  if (avail[1] && sum[1] <= 1.1 * sum[fastest]) return Bf16Path::kDot;
+  return paths[fastest];
 }
 
 }  // namespace
 
-bool bf16_use_dot() {
+Bf16Path bf16_path() {
   // A function-local static: initialised once, thread-safely (concurrent first
   // callers wait); if the environment value is bad the initialiser throws and
   // every later call throws the same error again.
-  static const bool use_dot = [] {
+  static const Bf16Path path = [] {
     const Bf16Path want = bf16_path_requested();
-    if (!bf16_dot_available() || want == Bf16Path::kBlas) return false;
-    if (want == Bf16Path::kDot) return true;
-    return calibrate_dot();
+    if (want == Bf16Path::kBlas) return Bf16Path::kBlas;
+    if (want == Bf16Path::kDot) return bf16_dot_available() ? Bf16Path::kDot : Bf16Path::kBlas;
+    if (want == Bf16Path::kMkl) return bf16_gemm_available() ? Bf16Path::kMkl : Bf16Path::kBlas;
+    if (want == Bf16Path::kAmx) return amx_available() ? Bf16Path::kAmx : Bf16Path::kBlas;
+    return calibrate();
   }();
-  return use_dot;
+  return path;
 }
 
 }  // namespace attention_ext::cpu

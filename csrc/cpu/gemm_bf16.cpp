@@ -76,12 +76,13 @@ inline __mmask16 low_mask16(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<_
 // the transposed one as 16 x 16 blocks of 32-bit words, a bf16 pair of a row
 // of B^T being one packed word. (A scalar strided loop took ~20% of the time
 // of the products it fed.)
-AE_BF16_TARGET void pack_rows_bf16(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, uint32_t* packed) {
+AE_BF16_TARGET void pack_rows_bf16(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, uint32_t* packed,
+                                   int64_t ldp) {
   for (int64_t p = 0; p < (k + 1) / 2; ++p) {
     const uint16_t* r0 = b + (2 * p) * ldb;
     const bool has_r1 = 2 * p + 1 < k;
     const uint16_t* r1 = has_r1 ? b + (2 * p + 1) * ldb : r0;
-    uint32_t* out = packed + p * n;
+    uint32_t* out = packed + p * ldp;
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 m = low_mask16(n - j);
       const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + j));
@@ -91,7 +92,8 @@ AE_BF16_TARGET void pack_rows_bf16(const uint16_t* b, int64_t ldb, int64_t k, in
   }
 }
 
-AE_BF16_TARGET void pack_trans_bf16(const uint16_t* bt, int64_t ldbt, int64_t n, int64_t k, uint32_t* packed) {
+AE_BF16_TARGET void pack_trans_bf16(const uint16_t* bt, int64_t ldbt, int64_t n, int64_t k, uint32_t* packed,
+                                    int64_t ldp) {
   const int64_t kp = k / 2;
   __m512i r[16];
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
@@ -103,25 +105,25 @@ AE_BF16_TARGET void pack_trans_bf16(const uint16_t* bt, int64_t ldbt, int64_t n,
         r[i] = i < nj ? _mm512_maskz_loadu_epi32(mp, bt + (j0 + i) * ldbt + 2 * p0) : _mm512_setzero_si512();
       transpose16x16(r);
       const __mmask16 mj = low_mask16(nj);
-      for (int64_t i = 0; i < np; ++i) _mm512_mask_storeu_epi32(packed + (p0 + i) * n + j0, mj, r[i]);
+      for (int64_t i = 0; i < np; ++i) _mm512_mask_storeu_epi32(packed + (p0 + i) * ldp + j0, mj, r[i]);
     }
     if (k & 1)
-      for (int64_t j = j0; j < j0 + nj; ++j) packed[kp * n + j] = static_cast<uint32_t>(bt[j * ldbt + k - 1]);
+      for (int64_t j = j0; j < j0 + nj; ++j) packed[kp * ldp + j] = static_cast<uint32_t>(bt[j * ldbt + k - 1]);
   }
 }
 #pragma GCC diagnostic pop
 #else
 // Without the AVX-512 target these are never called (bf16_dot_available() is
 // false); plain versions keep the build complete.
-void pack_rows_bf16(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, uint32_t* packed) {
+void pack_rows_bf16(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, uint32_t* packed, int64_t ldp) {
   for (int64_t p = 0; p < (k + 1) / 2; ++p)
     for (int64_t j = 0; j < n; ++j)
-      packed[p * n + j] = b[2 * p * ldb + j] | (2 * p + 1 < k ? static_cast<uint32_t>(b[(2 * p + 1) * ldb + j]) << 16 : 0u);
+      packed[p * ldp + j] = b[2 * p * ldb + j] | (2 * p + 1 < k ? static_cast<uint32_t>(b[(2 * p + 1) * ldb + j]) << 16 : 0u);
 }
-void pack_trans_bf16(const uint16_t* bt, int64_t ldbt, int64_t n, int64_t k, uint32_t* packed) {
+void pack_trans_bf16(const uint16_t* bt, int64_t ldbt, int64_t n, int64_t k, uint32_t* packed, int64_t ldp) {
   for (int64_t p = 0; p < (k + 1) / 2; ++p)
     for (int64_t j = 0; j < n; ++j)
-      packed[p * n + j] = bt[j * ldbt + 2 * p] | (2 * p + 1 < k ? static_cast<uint32_t>(bt[j * ldbt + 2 * p + 1]) << 16 : 0u);
+      packed[p * ldp + j] = bt[j * ldbt + 2 * p] | (2 * p + 1 < k ? static_cast<uint32_t>(bt[j * ldbt + 2 * p + 1]) << 16 : 0u);
 }
 #endif
 

@@ -31,7 +31,12 @@ std::string describe_kernel(const char* what, const FwdParams& p, bool backward)
     case DType::kFloat64: path = "fp64 (BLAS tiles)"; break;
     case DType::kFloat16: path = "fp16 (fp32 BLAS tiles)"; break;
     case DType::kBFloat16:
-      path = bf16_use_dot() ? "bf16 (AVX512-BF16 dot-product tiles)" : "bf16 (fp32 BLAS tiles)";
+      switch (bf16_path()) {
+        case Bf16Path::kDot: path = "bf16 (AVX512-BF16 dot-product tiles)"; break;
+        case Bf16Path::kMkl: path = "bf16 (BLAS bf16 GEMM tiles)"; break;
+        case Bf16Path::kAmx: path = "bf16 (AMX tiles)"; break;
+        default: path = "bf16 (fp32 BLAS tiles)"; break;
+      }
       break;
     default: break;
   }
@@ -61,14 +66,17 @@ Blocks choose_blocks(const FwdParams& p, bool backward) {
 }
 
 Bf16Path bf16_path_requested() {
-  // ATTENTION_EXT_CPU_BF16=dot|blas|auto (default auto), read once like the
+  // ATTENTION_EXT_CPU_BF16=amx|dot|mkl|blas|auto (default auto), read once like the
   // block overrides above; unlike them a bad value is an error, not ignored:
   // a typo would otherwise silently benchmark the wrong path.
   static const char* env = std::getenv("ATTENTION_EXT_CPU_BF16");
   if (env == nullptr || std::strcmp(env, "") == 0 || std::strcmp(env, "auto") == 0) return Bf16Path::kAuto;
   if (std::strcmp(env, "dot") == 0) return Bf16Path::kDot;
   if (std::strcmp(env, "blas") == 0) return Bf16Path::kBlas;
-  TORCH_CHECK_VALUE(false, "ATTENTION_EXT_CPU_BF16 must be 'dot', 'blas' or 'auto' (the default), got '", env, "'");
+  if (std::strcmp(env, "mkl") == 0) return Bf16Path::kMkl;
+  if (std::strcmp(env, "amx") == 0) return Bf16Path::kAmx;
+  TORCH_CHECK_VALUE(false, "ATTENTION_EXT_CPU_BF16 must be 'amx', 'dot', 'mkl', 'blas' or 'auto' (the default), got '",
+                    env, "'");
 }
 
 // BLAS: the Fortran interface (sgemm_/dgemm_, LP64) that torch's own CPU
@@ -79,6 +87,9 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's extension (CBLAS enums as int: row-major 101, no-trans 111, trans 112; MKL_BF16 = uint16_t)
+void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                            float*, int) __attribute__((weak));
 }
 
 namespace {
@@ -131,6 +142,22 @@ template <typename A>
 void gemm_tn(int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
              int64_t ldb, A beta, A* c, int64_t ldc) {
   colmajor_gemm<A>(false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+bool bf16_gemm_available() { return cblas_gemm_bf16bf16f32 != nullptr; }
+
+void gemm_bf16_rowmajor(bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                        const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // C = beta C, without asking the BLAS about an empty product
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+    return;
+  }
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, trans_b ? kTrans : kNoTrans, static_cast<int>(m), static_cast<int>(n),
+                         static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
+                         static_cast<int>(ldc));
 }
 
 #define AE_INSTANTIATE_GEMM(A)                                                                   \

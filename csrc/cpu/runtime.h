@@ -27,4 +27,12 @@ template <typename A>
 void gemm_tn(int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
              int64_t ldb, A beta, A* c, int64_t ldc);
 
+// bfloat16 x bfloat16 -> float GEMM of the BLAS (MKL's cblas_gemm_bf16bf16f32, which runs on AMX
+// tiles where the CPU has them), row-major, operands as raw bf16 bits:
+//   C[m x n] = alpha * A[m x k] * op(B) + beta * C,  op(B) = B[k x n] or, with trans_b, B[n x k]^T.
+// Products are exact and accumulate in fp32. Only when bf16_gemm_available() (torch built with MKL).
+bool bf16_gemm_available();
+void gemm_bf16_rowmajor(bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                        const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
 }  // namespace attention_ext::cpu
