@@ -7,8 +7,8 @@ E=64 by default). Reports median times, TFLOP/s (forward 4*B*H*L*S*E, halved for
 causal; backward 2.5x forward) and the ratio torch/ours (> 1: ours is faster).
 Raw JSON goes to benchmarks/results/cpu/.
 
-bfloat16 runs on one of three product paths, chosen once per process
-(ATTENTION_EXT_CPU_BF16=dot|mkl|blas|auto, default auto: timed at the first bf16
+bfloat16 runs on one of four product paths, chosen once per process
+(ATTENTION_EXT_CPU_BF16=amx|dot|mkl|blas|auto, default auto: timed at the first bf16
 call); the header and the JSON say which one this run used. To compare them,
 run the script once per value of the variable.
 """
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 import attention_ext
 
 
-_BF16_PATHS = {"AVX512-BF16 dot-product tiles": "dot", "BLAS bf16 GEMM tiles": "mkl", "fp32 BLAS tiles": "blas"}
+_BF16_PATHS = {"AMX tiles": "amx", "AVX512-BF16 dot-product tiles": "dot", "BLAS bf16 GEMM tiles": "mkl", "fp32 BLAS tiles": "blas"}
 
 
 def bf16_path_in_use():
-    """'dot', 'mkl' or 'blas': the bf16 path of this process, named by the kernel log of one call."""
+    """'amx', 'dot', 'mkl' or 'blas': the bf16 path of this process, named by the kernel log of one call."""
     q = torch.randn(1, 1, 8, 16).to(torch.bfloat16)
     with attention_ext.debug.kernel_log() as lines:
         attention_ext.attention(q, q, q)
