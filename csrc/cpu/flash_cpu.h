@@ -276,17 +276,29 @@ struct Bf16DotTile : Bf16TileBase {
 // dO V^T, on padded copies (gemm_amx.h): Q and dO in rows of round_up(E, 32)
 // with zero columns past E; K^T, V^T (over head dims) and V (over keys) in the
 // blocked pair packing, zero rows past the head dim written once at
-// construction, past the keys at every V load; P rounded to bf16 in rows with
+// construction, past the keys at every V packing; P rounded to bf16 in rows with
 // zero columns past the block's keys, up to the next multiple of 32.
 struct Bf16AmxTile : Bf16TileBase {
   int64_t Ep, Evp, bkp;  // padded sizes
   std::vector<uint16_t> qpad, dopad, abuf;
-  std::vector<uint32_t> k_t, v_r, v_t;
+  std::vector<uint32_t> k_t, v_t;  // backward
+  // Forward: K^T and V packed for the last kSlots key blocks, by source address. A thread runs the query
+  // blocks of a head one after another (parallel_for hands out contiguous ranges) and each of them walks
+  // the same key blocks, so a head's K and V are packed once per thread instead of once per query block.
+  static constexpr int kSlots = 4;
+  struct Slot {
+    const bf16* k = nullptr;
+    const bf16* v = nullptr;
+    int64_t ld_k = 0, ld_v = 0, n = -1;
+    std::vector<uint32_t> k_t, v_r;
+  };
+  std::vector<Slot> slots;
+  int cur = 0, next = 0;
   Bf16AmxTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
       : Bf16TileBase(E_, Ev_, bq, bk, bwd), Ep(round_up(E_, 32)), Evp(round_up(Ev_, 32)), bkp(round_up(bk, 32)),
         qpad(round_up(bq, 16) * Ep, 0), dopad(bwd ? round_up(bq, 16) * Evp : 0, 0),
-        abuf(bwd ? 0 : round_up(bq, 16) * bkp, 0), k_t(round_up(bk, 16) * Ep / 2, 0),
-        v_r(bwd ? 0 : round_up(Ev_, 16) * bkp / 2, 0), v_t(bwd ? round_up(bk, 16) * Evp / 2 : 0, 0) {}
+        abuf(bwd ? 0 : round_up(bq, 16) * bkp, 0), k_t(bwd ? round_up(bk, 16) * Ep / 2 : 0, 0),
+        v_t(bwd ? round_up(bk, 16) * Evp / 2 : 0, 0), slots(bwd ? 0 : kSlots) {}
   static void copy_rows(const bf16* x, int64_t ld, int64_t n, int64_t cols, uint16_t* dst, int64_t ldd) {
     for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * ldd, x + r * ld, cols * sizeof(uint16_t));
   }
@@ -301,21 +313,49 @@ struct Bf16AmxTile : Bf16TileBase {
   }
   void load_k(const bf16* x, int64_t ld, int64_t n) {
     nk = n;
-    pack_trans_amx(bits(x), ld, n, E, k_t.data());
-    if (backward) load_rows(x, ld, n, E, kf.data());
+    if (backward) {
+      pack_trans_amx(bits(x), ld, n, E, k_t.data());
+      load_rows(x, ld, n, E, kf.data());
+      return;
+    }
+    for (int i = 0; i < kSlots; ++i) {
+      if (slots[i].k == x && slots[i].ld_k == ld && slots[i].n == n) {
+        cur = i;
+        return;
+      }
+    }
+    cur = next;
+    next = (next + 1) % kSlots;
+    Slot& sl = slots[cur];
+    if (sl.k_t.empty()) {  // zero-filled: the rows past the head dim stay zero
+      sl.k_t.assign(round_up(bkp, 16) * Ep / 2, 0);
+      sl.v_r.assign(round_up(Ev, 16) * bkp / 2, 0);
+    }
+    pack_trans_amx(bits(x), ld, n, E, sl.k_t.data());
+    sl.k = x;
+    sl.ld_k = ld;
+    sl.n = n;
+    sl.v = nullptr;
   }
   void load_v(const bf16* x, int64_t ld, int64_t n) {
     if (backward) {
       pack_trans_amx(bits(x), ld, n, Ev, v_t.data());
       return;
     }
-    pack_rows_amx(bits(x), ld, n, Ev, v_r.data());
+    Slot& sl = slots[cur];  // the block whose K was just loaded
+    if (sl.v == x && sl.ld_v == ld) return;
+    pack_rows_amx(bits(x), ld, n, Ev, sl.v_r.data());
     // each group's packed rows past this block's keys, up to the next multiple of 32 keys: zero
     const int64_t rows = round_up(n, 32) / 2, from = (n + 1) / 2;
     for (int64_t g = 0; g < cdiv(Ev, 16); ++g)
-      std::memset(v_r.data() + (g * rows + from) * 16, 0, (rows - from) * 16 * sizeof(uint32_t));
+      std::memset(sl.v_r.data() + (g * rows + from) * 16, 0, (rows - from) * 16 * sizeof(uint32_t));
+    sl.v = x;
+    sl.ld_v = ld;
   }
-  void qk(float scale, float* S, int64_t lds) { gemm_bf16_amx(nq, nk, E, scale, qpad.data(), Ep, k_t.data(), false, S, lds); }
+  void qk(float scale, float* S, int64_t lds) {
+    const uint32_t* kp = backward ? k_t.data() : slots[cur].k_t.data();
+    gemm_bf16_amx(nq, nk, E, scale, qpad.data(), Ep, kp, false, S, lds);
+  }
   void pv(const float* P, int64_t lds, float* acc) {
     const int64_t ka = round_up(nk, 32);
     for (int64_t r = 0; r < nq; ++r) {
@@ -323,7 +363,7 @@ struct Bf16AmxTile : Bf16TileBase {
       f32_to_bf16(P + r * lds, ar, nk);
       std::memset(ar + nk, 0, (ka - nk) * sizeof(uint16_t));
     }
-    gemm_bf16_amx(nq, Ev, nk, 1.f, abuf.data(), bkp, v_r.data(), true, acc, Ev);
+    gemm_bf16_amx(nq, Ev, nk, 1.f, abuf.data(), bkp, slots[cur].v_r.data(), true, acc, Ev);
   }
   void dov(float* dP, int64_t lds) { gemm_bf16_amx(nq, nk, Ev, 1.f, dopad.data(), Evp, v_t.data(), false, dP, lds); }
 };
