@@ -51,6 +51,10 @@ CASES = [
     Case("odd_head_dim_gqa_window", dtype=bf16, batch=(1,), hq=4, hkv=1, L=140, S=150, E=17, Ev=64,
          window=(30, 5)),
     Case("head_dim_1", dtype=bf16, batch=(), hq=2, L=9, S=13, E=1, Ev=8),
+    # the AMX tiles move a power-of-two scale into Q (and store Q K^T straight into the score tile);
+    # any other scale goes through the product's alpha
+    Case("scale_pow2", dtype=bf16, batch=(1,), hq=2, L=70, S=600, E=32, scale=0.25, causal=True),
+    Case("scale_other_e128", dtype=bf16, batch=(2,), hq=2, L=50, S=130, E=128, Ev=96),
     # more key blocks (6 of 512) than the AMX tiles keep packed (4): slots are evicted and reused
     Case("many_key_blocks", dtype=bf16, batch=(2,), hq=2, hkv=1, L=40, S=2600, E=64, Ev=40),
 ]

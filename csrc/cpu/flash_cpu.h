@@ -279,7 +279,8 @@ struct Bf16DotTile : Bf16TileBase {
 // construction, past the keys at every V packing; P rounded to bf16 in rows with
 // zero columns past the block's keys, up to the next multiple of 32.
 struct Bf16AmxTile : Bf16TileBase {
-  int64_t Ep, Evp, bkp;  // padded sizes
+  int64_t bq, Ep, Evp, bkp;  // rows of the callers' tile buffers; padded sizes
+  float q_scale = 1.f;       // what the bf16 copy of Q has been multiplied by (a power of two)
   std::vector<uint16_t> qpad, dopad, abuf;
   std::vector<uint32_t> k_t, v_t;  // backward
   // Forward: K^T and V packed for the last kSlots key blocks, by source address. A thread runs the query
@@ -294,8 +295,9 @@ struct Bf16AmxTile : Bf16TileBase {
   };
   std::vector<Slot> slots;
   int cur = 0, next = 0;
-  Bf16AmxTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
-      : Bf16TileBase(E_, Ev_, bq, bk, bwd), Ep(round_up(E_, 32)), Evp(round_up(Ev_, 32)), bkp(round_up(bk, 32)),
+  Bf16AmxTile(int64_t E_, int64_t Ev_, int64_t bq_, int64_t bk, bool bwd)
+      : Bf16TileBase(E_, Ev_, bq_, bk, bwd), bq(bq_), Ep(round_up(E_, 32)), Evp(round_up(Ev_, 32)),
+        bkp(round_up(bk, 32)),
         qpad(round_up(bq, 16) * Ep, 0), dopad(bwd ? round_up(bq, 16) * Evp : 0, 0),
         abuf(bwd ? 0 : round_up(bq, 16) * bkp, 0), k_t(bwd ? round_up(bk, 16) * Ep / 2 : 0, 0),
         v_t(bwd ? round_up(bk, 16) * Evp / 2 : 0, 0), slots(bwd ? 0 : kSlots) {}
@@ -305,6 +307,7 @@ struct Bf16AmxTile : Bf16TileBase {
   void load_q(const bf16* x, int64_t ld, int64_t n) {
     nq = n;
     copy_rows(x, ld, n, E, qpad.data(), Ep);
+    q_scale = 1.f;
     if (backward) load_rows(x, ld, n, E, qf.data());
   }
   void load_do(const bf16* x, int64_t ld, int64_t n) {
@@ -352,9 +355,27 @@ struct Bf16AmxTile : Bf16TileBase {
     sl.v = x;
     sl.ld_v = ld;
   }
+  // S and dP are the callers' tile buffers, bq x lds: whole 16 x 16 tiles fit when bq is a multiple of 16
+  // (choose_blocks' sizes are) and the keys round up within lds; then the products are stored straight
+  // into them. Q K^T also needs alpha = 1 for that: a power-of-two scale (head dims 64, 256, 16, 4, 1)
+  // is moved into the bf16 copy of Q, exactly, once per query block.
+  bool whole_tiles(int64_t lds) const { return bq % 16 == 0 && round_up(nk, 16) <= lds; }
   void qk(float scale, float* S, int64_t lds) {
     const uint32_t* kp = backward ? k_t.data() : slots[cur].k_t.data();
-    gemm_bf16_amx(nq, nk, E, scale, qpad.data(), Ep, kp, false, S, lds);
+    int e = 0;
+    const bool pow2 = scale > 0.f && std::frexp(scale, &e) == 0.5f && e > -100 && e < 100;
+    if (pow2 && whole_tiles(lds)) {
+      if (q_scale != scale) {
+        const float f = scale / q_scale;  // a power of two: exact unless a value underflows
+        for (int64_t r = 0; r < nq; ++r) {
+          uint16_t* qr = qpad.data() + r * Ep;
+          for (int64_t j = 0; j < E; ++j) qr[j] = scale_bf16_bits(qr[j], f);
+        }
+        q_scale = scale;
+      }
+      return gemm_bf16_amx(nq, nk, E, 1.f, qpad.data(), Ep, kp, false, S, lds, true);
+    }
+    gemm_bf16_amx(nq, nk, E, scale / q_scale, qpad.data(), Ep, kp, false, S, lds);
   }
   void pv(const float* P, int64_t lds, float* acc) {
     const int64_t ka = round_up(nk, 32);
@@ -365,7 +386,18 @@ struct Bf16AmxTile : Bf16TileBase {
     }
     gemm_bf16_amx(nq, Ev, nk, 1.f, abuf.data(), bkp, slots[cur].v_r.data(), true, acc, Ev);
   }
-  void dov(float* dP, int64_t lds) { gemm_bf16_amx(nq, nk, Ev, 1.f, dopad.data(), Evp, v_t.data(), false, dP, lds); }
+  void dov(float* dP, int64_t lds) {
+    gemm_bf16_amx(nq, nk, Ev, 1.f, dopad.data(), Evp, v_t.data(), false, dP, lds, whole_tiles(lds));
+  }
+  // x * f for a bf16 x and a power of two f, rounded back to bf16 (exact for normal results)
+  static uint16_t scale_bf16_bits(uint16_t x, float f) {
+    uint32_t u = static_cast<uint32_t>(x) << 16;
+    float v;
+    std::memcpy(&v, &u, 4);
+    v *= f;
+    std::memcpy(&u, &v, 4);
+    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
 };
 
 // The BLAS's own bf16 GEMM (gemm_bf16_rowmajor: MKL, on AMX tiles where the CPU

@@ -54,9 +54,10 @@ struct alignas(64) TileConfig {
 
 // One block of MR x NR tiles of C at (i0, j0): valid rows mr <= 16 MR, columns nc <= 16 NR.
 // B: the blocked packing of gemm_amx.h from the block's first column group on.
+// direct: C = A B into whole tiles of C (see gemm_amx.h), no scratch, no epilogue.
 template <int MR, int NR>
 AE_AMX_TARGET void block(int64_t kp, float alpha, const uint16_t* a, int64_t lda, const uint32_t* bp, int64_t mr,
-                         int64_t nc, bool accumulate, float* c, int64_t ldc) {
+                         int64_t nc, bool accumulate, bool direct, float* c, int64_t ldc) {
   _tile_zero(0);
   if constexpr (NR == 2) _tile_zero(1);
   if constexpr (MR == 2) _tile_zero(2);
@@ -72,6 +73,14 @@ AE_AMX_TARGET void block(int64_t kp, float alpha, const uint16_t* a, int64_t lda
     if constexpr (NR == 2) _tile_dpbf16ps(1, 4, 7);
     if constexpr (MR == 2) _tile_dpbf16ps(2, 5, 6);
     if constexpr (MR == 2 && NR == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  if (direct) {
+    const int64_t sc = ldc * 4;
+    _tile_stored(0, c, sc);
+    if constexpr (NR == 2) _tile_stored(1, c + 16, sc);
+    if constexpr (MR == 2) _tile_stored(2, c + 16 * ldc, sc);
+    if constexpr (MR == 2 && NR == 2) _tile_stored(3, c + 16 * ldc + 16, sc);
+    return;
   }
   alignas(64) float out[4][16 * 16];
   _tile_stored(0, out[0], 64);
@@ -115,7 +124,7 @@ void pack_rows_amx(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, uint32_
 }
 
 AE_AMX_TARGET void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
-                                 const uint32_t* bp, bool accumulate, float* c, int64_t ldc) {
+                                 const uint32_t* bp, bool accumulate, float* c, int64_t ldc, bool c_whole_tiles) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     if (!accumulate)
@@ -129,6 +138,7 @@ AE_AMX_TARGET void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, float alpha, c
   }
   _tile_loadconfig(&cfg);
   const int64_t kp = round_up(k, 32);
+  const bool direct = c_whole_tiles && alpha == 1.f && !accumulate;
   // columns outer: a 32-column panel of B (two groups, 2 x kp / 2 x 16 words) stays in L1 while every row
   // block of A passes over it; the whole A (at most 128 x 128 bf16 here) fits L1 besides
   for (int64_t j0 = 0; j0 < n; j0 += 32) {
@@ -139,11 +149,11 @@ AE_AMX_TARGET void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, float alpha, c
       const uint16_t* ai = a + i0 * lda;
       float* cij = c + i0 * ldc + j0;
       if (mr > 16) {
-        if (nc > 16) block<2, 2>(kp, alpha, ai, lda, bj, mr, nc, accumulate, cij, ldc);
-        else block<2, 1>(kp, alpha, ai, lda, bj, mr, nc, accumulate, cij, ldc);
+        if (nc > 16) block<2, 2>(kp, alpha, ai, lda, bj, mr, nc, accumulate, direct, cij, ldc);
+        else block<2, 1>(kp, alpha, ai, lda, bj, mr, nc, accumulate, direct, cij, ldc);
       } else {
-        if (nc > 16) block<1, 2>(kp, alpha, ai, lda, bj, mr, nc, accumulate, cij, ldc);
-        else block<1, 1>(kp, alpha, ai, lda, bj, mr, nc, accumulate, cij, ldc);
+        if (nc > 16) block<1, 2>(kp, alpha, ai, lda, bj, mr, nc, accumulate, direct, cij, ldc);
+        else block<1, 1>(kp, alpha, ai, lda, bj, mr, nc, accumulate, direct, cij, ldc);
       }
     }
   }
@@ -154,7 +164,8 @@ AE_AMX_TARGET void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, float alpha, c
 bool amx_available() { return false; }
 void pack_trans_amx(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*) {}
 void pack_rows_amx(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*) {}
-void gemm_bf16_amx(int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint32_t*, bool, float*, int64_t) {}
+void gemm_bf16_amx(int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint32_t*, bool, float*, int64_t,
+                   bool) {}
 #endif
 
 }  // namespace attention_ext::cpu

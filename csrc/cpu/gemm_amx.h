@@ -9,7 +9,10 @@
 //     group g holding columns 16 g .. 16 g + 15 (pack with ldp = 16 per group);
 //     rows [(k + 1) / 2, kp / 2) of each group zero (finite is not enough: they
 //     meet A's zeros); columns past n may hold anything (their results are dropped).
-// Only the m x n block of C is written.
+// Only the m x n block of C is written, unless c_whole_tiles says that C has
+// round_up(m, 16) rows of round_up(n, 16) writable columns: then, with alpha = 1
+// and no accumulation, the tiles are stored straight into C (no scratch and
+// scaling pass) and the padding rows / columns of C receive garbage.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +27,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // C[m x n] (float, ldc) = alpha * A[m x k] * B (+ C when accumulate).
 void gemm_bf16_amx(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint32_t* bp,
-                   bool accumulate, float* c, int64_t ldc);
+                   bool accumulate, float* c, int64_t ldc, bool c_whole_tiles = false);
 
 // Packs into that layout: B = Bt^T from n x k rows of Bt (ld ldbt), or B from k x n rows (ld ldb);
 // writes rows [0, (k + 1) / 2) of each of the ceil(n / 16) groups (kp / 2 rows apart).
