@@ -36,6 +36,19 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Per-thread buffers that the kernels write before they read them: allocated without the zero-fill of a
+// std::vector (a score tile of 128 x 512 floats per thread and call was 8% of a short call's time),
+// or zero-filled when asked (padding that must stay zero).
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  explicit Scratch(int64_t n = 0, bool zero = false) { resize(n, zero); }
+  void resize(int64_t n, bool zero = false) { p.reset(n <= 0 ? nullptr : zero ? new T[n]() : new T[n]); }
+  T* data() { return p.get(); }
+  const T* data() const { return p.get(); }
+  bool empty() const { return !p; }
+};
+
 // Tile sizes: query rows per task, key rows per step (see choose_blocks in runtime.cpp).
 struct Blocks {
   int64_t q, k;
@@ -276,13 +289,13 @@ struct Bf16DotTile : Bf16TileBase {
 // dO V^T, on padded copies (gemm_amx.h): Q and dO in rows of round_up(E, 32)
 // with zero columns past E; K^T, V^T (over head dims) and V (over keys) in the
 // blocked pair packing, zero rows past the head dim written once at
-// construction, past the keys at every V packing; P rounded to bf16 in rows with
+// allocation (only when the head dim is not a multiple of 32), past the keys at every V packing; P rounded to bf16 in rows with
 // zero columns past the block's keys, up to the next multiple of 32.
 struct Bf16AmxTile : Bf16TileBase {
   int64_t bq, Ep, Evp, bkp;  // rows of the callers' tile buffers; padded sizes
   float q_scale = 1.f;       // what the bf16 copy of Q has been multiplied by (a power of two)
-  std::vector<uint16_t> qpad, dopad, abuf;
-  std::vector<uint32_t> k_t, v_t;  // backward
+  Scratch<uint16_t> qpad, dopad, abuf;
+  Scratch<uint32_t> k_t, v_t;  // backward
   // Forward: K^T and V packed for the last kSlots key blocks, by source address. A thread runs the query
   // blocks of a head one after another (parallel_for hands out contiguous ranges) and each of them walks
   // the same key blocks, so a head's K and V are packed once per thread instead of once per query block.
@@ -291,16 +304,16 @@ struct Bf16AmxTile : Bf16TileBase {
     const bf16* k = nullptr;
     const bf16* v = nullptr;
     int64_t ld_k = 0, ld_v = 0, n = -1;
-    std::vector<uint32_t> k_t, v_r;
+    Scratch<uint32_t> k_t, v_r;
   };
   std::vector<Slot> slots;
   int cur = 0, next = 0;
   Bf16AmxTile(int64_t E_, int64_t Ev_, int64_t bq_, int64_t bk, bool bwd)
       : Bf16TileBase(E_, Ev_, bq_, bk, bwd), bq(bq_), Ep(round_up(E_, 32)), Evp(round_up(Ev_, 32)),
         bkp(round_up(bk, 32)),
-        qpad(round_up(bq, 16) * Ep, 0), dopad(bwd ? round_up(bq, 16) * Evp : 0, 0),
-        abuf(bwd ? 0 : round_up(bq, 16) * bkp, 0), k_t(bwd ? round_up(bk, 16) * Ep / 2 : 0, 0),
-        v_t(bwd ? round_up(bk, 16) * Evp / 2 : 0, 0), slots(bwd ? 0 : kSlots) {}
+        qpad(round_up(bq, 16) * Ep, Ep != E), dopad(bwd ? round_up(bq, 16) * Evp : 0, Evp != Ev),
+        abuf(bwd ? 0 : round_up(bq, 16) * bkp), k_t(bwd ? round_up(bk, 16) * Ep / 2 : 0, Ep != E),
+        v_t(bwd ? round_up(bk, 16) * Evp / 2 : 0, Evp != Ev), slots(bwd ? 0 : kSlots) {}
   static void copy_rows(const bf16* x, int64_t ld, int64_t n, int64_t cols, uint16_t* dst, int64_t ldd) {
     for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * ldd, x + r * ld, cols * sizeof(uint16_t));
   }
@@ -330,9 +343,9 @@ struct Bf16AmxTile : Bf16TileBase {
     cur = next;
     next = (next + 1) % kSlots;
     Slot& sl = slots[cur];
-    if (sl.k_t.empty()) {  // zero-filled: the rows past the head dim stay zero
-      sl.k_t.assign(round_up(bkp, 16) * Ep / 2, 0);
-      sl.v_r.assign(round_up(Ev, 16) * bkp / 2, 0);
+    if (sl.k_t.empty()) {  // K^T zero-filled when it has rows past the head dim (they stay zero)
+      sl.k_t.resize(round_up(bkp, 16) * Ep / 2, Ep != E);
+      sl.v_r.resize(round_up(Ev, 16) * bkp / 2);
     }
     pack_trans_amx(bits(x), ld, n, E, sl.k_t.data());
     sl.k = x;
@@ -358,7 +371,7 @@ struct Bf16AmxTile : Bf16TileBase {
   // S and dP are the callers' tile buffers, bq x lds: whole 16 x 16 tiles fit when bq is a multiple of 16
   // (choose_blocks' sizes are) and the keys round up within lds; then the products are stored straight
   // into them. Q K^T also needs alpha = 1 for that: a power-of-two scale (head dims 64, 256, 16, 4, 1)
-  // is moved into the bf16 copy of Q, exactly, once per query block.
+  // is moved into the bf16 copy of Q, exactly (exponent arithmetic), once per query block.
   bool whole_tiles(int64_t lds) const { return bq % 16 == 0 && round_up(nk, 16) <= lds; }
   void qk(float scale, float* S, int64_t lds) {
     const uint32_t* kp = backward ? k_t.data() : slots[cur].k_t.data();
@@ -366,11 +379,9 @@ struct Bf16AmxTile : Bf16TileBase {
     const bool pow2 = scale > 0.f && std::frexp(scale, &e) == 0.5f && e > -100 && e < 100;
     if (pow2 && whole_tiles(lds)) {
       if (q_scale != scale) {
-        const float f = scale / q_scale;  // a power of two: exact unless a value underflows
-        for (int64_t r = 0; r < nq; ++r) {
-          uint16_t* qr = qpad.data() + r * Ep;
-          for (int64_t j = 0; j < E; ++j) qr[j] = scale_bf16_bits(qr[j], f);
-        }
+        int eq = 0;
+        std::frexp(q_scale, &eq);
+        for (int64_t r = 0; r < nq; ++r) scale_bf16_pow2(qpad.data() + r * Ep, E, e - eq);
         q_scale = scale;
       }
       return gemm_bf16_amx(nq, nk, E, 1.f, qpad.data(), Ep, kp, false, S, lds, true);
@@ -388,15 +399,6 @@ struct Bf16AmxTile : Bf16TileBase {
   }
   void dov(float* dP, int64_t lds) {
     gemm_bf16_amx(nq, nk, Ev, 1.f, dopad.data(), Evp, v_t.data(), false, dP, lds, whole_tiles(lds));
-  }
-  // x * f for a bf16 x and a power of two f, rounded back to bf16 (exact for normal results)
-  static uint16_t scale_bf16_bits(uint16_t x, float f) {
-    uint32_t u = static_cast<uint32_t>(x) << 16;
-    float v;
-    std::memcpy(&v, &u, 4);
-    v *= f;
-    std::memcpy(&u, &v, 4);
-    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   }
 };
 
@@ -467,7 +469,8 @@ void flash_fwd_impl(const FwdParams& p) {
 
   parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
     Tile tile(E, Ev, kBlockQ, kBlockK, false);
-    std::vector<A> sbuf(kBlockQ * kBlockK), acc(kBlockQ * Ev), tmp(kBlockK), mrow(kBlockQ), lrow(kBlockQ);
+    Scratch<A> sbuf(kBlockQ * kBlockK);
+    std::vector<A> acc(kBlockQ * Ev), tmp(kBlockK), mrow(kBlockQ), lrow(kBlockQ);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
       const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
@@ -576,7 +579,8 @@ void row_stats(const BwdParams& p, const Blocks& blk, bool exact_d, std::vector<
   if (D != nullptr) D->assign(p.batch * Hq * L, A(0));
   parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
     std::unique_ptr<Tile> tile;
-    std::vector<A> sbuf, dpbuf, tmp(bk), mrow(bq), lrow(bq), a(Ev), c(Ev);
+    Scratch<A> sbuf, dpbuf;
+    std::vector<A> tmp(bk), mrow(bq), lrow(bq), a(Ev), c(Ev);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
       const int64_t i0 = qb * bq, nq = std::min(bq, L - i0), row0 = bh * L + i0;
@@ -685,8 +689,8 @@ void flash_bwd_impl(const BwdParams& p) {
 
   parallel_for(B * Hkv * nchunks, [&](int64_t t0, int64_t t1) {
     Tile tile(E, Ev, kBlockQ, kBlockK, true);
-    std::vector<A> pbuf(kBlockQ * kBlockK), pdbuf(dropout ? kBlockQ * kBlockK : 0), dpbuf(kBlockQ * kBlockK),
-        dkacc(kBlockK * E), dvacc(kBlockK * Ev), tmp(kBlockK), dq_local(nchunks == 1 ? G * L * E : 0);
+    Scratch<A> pbuf(kBlockQ * kBlockK), pdbuf(dropout ? kBlockQ * kBlockK : 0), dpbuf(kBlockQ * kBlockK);
+    std::vector<A> dkacc(kBlockK * E), dvacc(kBlockK * Ev), tmp(kBlockK), dq_local(nchunks == 1 ? G * L * E : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % nchunks, bhk = t / nchunks, hk = bhk % Hkv, b = bhk / Hkv;
       // dq accumulator of this task: G x L x E, row-major
@@ -826,7 +830,8 @@ void flash_probs(const FwdParams& p, T* out) {
   row_stats<T, BlasTile<T>>(bp, blk, false, shift, rscale, nullptr);
   parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
     BlasTile<T> tile(E, E, kBlockQ, kBlockK, false);
-    std::vector<A> sbuf(kBlockQ * kBlockK), tmp(kBlockK);
+    Scratch<A> sbuf(kBlockQ * kBlockK);
+    std::vector<A> tmp(kBlockK);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
       const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);

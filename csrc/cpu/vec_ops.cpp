@@ -97,6 +97,19 @@ AE_CLONES void add_row(float* x, const float* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] += y[j];
 }
 
+AE_CLONES void scale_bf16_pow2(uint16_t* x, int64_t n, int e) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t v = x[j];
+    const int ex = (v >> 7) & 0xFF;
+    const int ne = ex + e;
+    const uint16_t sign = v & 0x8000u;
+    uint16_t r = static_cast<uint16_t>(v + (e << 7));                      // normal result: exponent + e
+    r = ne <= 0 ? sign : r;                                                  // underflow: signed zero
+    r = ne >= 255 ? static_cast<uint16_t>(sign | 0x7F80u) : r;               // overflow: infinity
+    x[j] = (ex == 0 || ex == 255) ? v : r;                                   // zero, subnormal, inf, NaN: kept
+  }
+}
+
 AE_CLONES void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = u2f(static_cast<uint32_t>(src[j]) << 16);
 }

@@ -23,6 +23,9 @@ void softmax_grad_row(float* ds, const float* p, const float* dp, int64_t n, flo
 float dot_row(const float* a, const float* b, int64_t n);
 float row_sum(const float* x, int64_t n);
 void add_row(float* x, const float* y, int64_t n);
+// x[j] *= 2^e for bfloat16 bits, exactly where the result is a normal number (results below that flush
+// to a signed zero, above it to infinity; zeros, subnormals, infinities and NaN are left as they are)
+void scale_bf16_pow2(uint16_t* x, int64_t n, int e);
 void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
 void f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
