@@ -233,6 +233,10 @@ struct Bf16TileBase {
   Bf16TileBase(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
       : E(E_), Ev(Ev_), backward(bwd), qf(bwd ? bq * E_ : 0), dof(bwd ? bq * Ev_ : 0), kf(bwd ? bk * E_ : 0) {}
   static const uint16_t* bits(const bf16* x) { return reinterpret_cast<const uint16_t*>(x); }
+  // n rows of `cols` bf16 values, `ld` apart, to rows `ldd` apart
+  static void copy_rows(const bf16* x, int64_t ld, int64_t n, int64_t cols, uint16_t* dst, int64_t ldd) {
+    for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * ldd, x + r * ld, cols * sizeof(uint16_t));
+  }
   void dv(const float* P, int64_t lds, float* dv) {
     gemm_tn<float>(nk, Ev, nq, 1.f, P, lds, dof.data(), Ev, 1.f, dv, Ev);
   }
@@ -314,9 +318,6 @@ struct Bf16AmxTile : Bf16TileBase {
         qpad(round_up(bq, 16) * Ep, Ep != E), dopad(bwd ? round_up(bq, 16) * Evp : 0, Evp != Ev),
         abuf(bwd ? 0 : round_up(bq, 16) * bkp), k_t(bwd ? round_up(bk, 16) * Ep / 2 : 0, Ep != E),
         v_t(bwd ? round_up(bk, 16) * Evp / 2 : 0, Evp != Ev), slots(bwd ? 0 : kSlots) {}
-  static void copy_rows(const bf16* x, int64_t ld, int64_t n, int64_t cols, uint16_t* dst, int64_t ldd) {
-    for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * ldd, x + r * ld, cols * sizeof(uint16_t));
-  }
   void load_q(const bf16* x, int64_t ld, int64_t n) {
     nq = n;
     copy_rows(x, ld, n, E, qpad.data(), Ep);
@@ -419,7 +420,7 @@ struct Bf16GemmTile : Bf16TileBase {
         return;
       }
       buf.resize(rows * cols);
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(buf.data() + r * cols, x + r * row_stride, cols * sizeof(bf16));
+      copy_rows(x, row_stride, rows, cols, buf.data(), cols);
       ptr = buf.data();
       ld = cols;
     }

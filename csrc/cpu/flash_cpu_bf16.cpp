@@ -3,7 +3,6 @@
 
 #include <array>
 #include <chrono>
-#include <memory>
 
 namespace attention_ext::cpu {
 template void flash_fwd<bf16>(const FwdParams&);
@@ -45,6 +44,16 @@ double time_forward_step(Tile& tile, const std::vector<bf16>& q, const std::vect
 // alternated reps each. ~5-20 ms, once. The fastest wins, except that the
 // dot tiles are kept within 10% of the fastest of the BLAS paths (they need no
 // fp32 copies of the operands and do not depend on the BLAS).
+// Whether this CPU and torch's BLAS have the path (the fp32 BLAS path: always).
+bool available(Bf16Path path) {
+  switch (path) {
+    case Bf16Path::kAmx: return amx_available();
+    case Bf16Path::kDot: return bf16_dot_available();
+    case Bf16Path::kMkl: return bf16_gemm_available();
+    default: return true;
+  }
+}
+
 Bf16Path calibrate() {
   constexpr int64_t bq = 128, bk = 512, E = 64;
   constexpr int kReps = 5;
@@ -61,21 +70,21 @@ Bf16Path calibrate() {
     for (auto& e : *t) e = next();
   constexpr int kPaths = 4;
   const Bf16Path paths[kPaths] = {Bf16Path::kAmx, Bf16Path::kDot, Bf16Path::kMkl, Bf16Path::kBlas};
-  const bool avail[kPaths] = {amx_available(), bf16_dot_available(), bf16_gemm_available(), true};
+  bool avail[kPaths];
+  for (int i = 0; i < kPaths; ++i) avail[i] = available(paths[i]);
   const int64_t nt = std::max(1, num_threads());
   std::vector<std::array<double, kPaths>> t(nt);  // seconds per thread and path
   parallel_for(nt, [&](int64_t i0, int64_t i1) {
-    std::unique_ptr<Bf16AmxTile> amx;
-    std::unique_ptr<Bf16DotTile> dot;
-    if (avail[0]) amx = std::make_unique<Bf16AmxTile>(E, E, bq, bk, false);
-    if (avail[1]) dot = std::make_unique<Bf16DotTile>(E, E, bq, bk, false);
+    // constructing a tile only allocates: the instructions of a path run in step(), for available paths only
+    Bf16AmxTile amx(E, E, bq, bk, false);
+    Bf16DotTile dot(E, E, bq, bk, false);
     Bf16GemmTile mkl(E, E, bq, bk, false);
     BlasTile<bf16> blas(E, E, bq, bk, false);
     std::vector<float> s(bq * bk), acc(bq * E, 0.f);
     auto step = [&](int i) {
       switch (i) {
-        case 0: return time_forward_step(*amx, q, k, v, bq, bk, E, s, acc, 1);
-        case 1: return time_forward_step(*dot, q, k, v, bq, bk, E, s, acc, 1);
+        case 0: return time_forward_step(amx, q, k, v, bq, bk, E, s, acc, 1);
+        case 1: return time_forward_step(dot, q, k, v, bq, bk, E, s, acc, 1);
         case 2: return time_forward_step(mkl, q, k, v, bq, bk, E, s, acc, 1);
         default: return time_forward_step(blas, q, k, v, bq, bk, E, s, acc, 1);
       }
@@ -111,11 +120,8 @@ Bf16Path bf16_path() {
   // every later call throws the same error again.
   static const Bf16Path path = [] {
     const Bf16Path want = bf16_path_requested();
-    if (want == Bf16Path::kBlas) return Bf16Path::kBlas;
-    if (want == Bf16Path::kDot) return bf16_dot_available() ? Bf16Path::kDot : Bf16Path::kBlas;
-    if (want == Bf16Path::kMkl) return bf16_gemm_available() ? Bf16Path::kMkl : Bf16Path::kBlas;
-    if (want == Bf16Path::kAmx) return amx_available() ? Bf16Path::kAmx : Bf16Path::kBlas;
-    return calibrate();
+    if (want == Bf16Path::kAuto) return calibrate();
+    return available(want) ? want : Bf16Path::kBlas;  // a forced path the CPU lacks: the fp32 BLAS
   }();
   return path;
 }

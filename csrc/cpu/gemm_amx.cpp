@@ -1,10 +1,11 @@
 // AMX tile products (see gemm_amx.h). C is computed in blocks of up to 2 x 2
 // tiles of 16 x 16 floats (tiles 0-3), from two A tiles (16 rows x 32 bf16,
 // tiles 4-5) and two B tiles (16 packed rows x 16 columns, 1 KB each, contiguous
-// in the blocked packing; tiles 6-7) per step
-// of 32 along k; each block is stored to a scratch tile and scaled / added into
-// C for its valid rows and columns only. Compiled for the AMX target only and
-// used after the runtime check.
+// in the blocked packing; tiles 6-7) per step of 32 along k. Each block goes
+// through a scratch tile, scaled / added into C for its valid rows and columns
+// only, or, where C takes whole tiles (c_whole_tiles, alpha = 1, no
+// accumulation), straight into C. Compiled for the AMX target only and used
+// after the runtime check.
 #include "gemm_amx.h"
 
 #include <algorithm>
