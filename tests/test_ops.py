@@ -556,6 +556,61 @@ def test_fully_masked_everything(device, dtype):
     assert torch.all(out == 0)
 
 
+@pytest.mark.parametrize("where", ["q_row", "k_row", "k_row_causal", "v_col"])
+@pytest.mark.parametrize("dtype", [f32, f16, bf16], ids=dtype_id)
+def test_nan_inputs_propagate_like_pytorch(device, dtype, where):
+    """A NaN in an input gives NaN exactly where PyTorch's SDPA (float64, math) gives it, in the output and in
+    every gradient, and finite values everywhere else. A row whose scores are all NaN (a NaN in its query)
+    used to look like a fully masked row to the CPU kernels: output 0 and lse -inf, silently. With a causal
+    mask, a NaN key reaches only the rows that see it (the reference runs each row on its visible keys;
+    PyTorch's math backend adds -inf to the masked NaN scores and spreads NaN to every row, its CPU flash
+    kernel to whole key blocks of the gradients); there the gradients may have more NaN in the NaN's head
+    (see below)."""
+    torch.manual_seed(11)
+    # two key blocks of the CPU forward (512 keys each): a NaN row maximum is carried from block to block
+    q, k, v = (torch.randn(1, 2, n, 64, dtype=dtype, device=device) for n in (37, 600, 600))
+    causal = where == "k_row_causal"
+    if where == "q_row":
+        q[0, 1, 3, 7] = float("nan")
+    elif where in ("k_row", "k_row_causal"):
+        k[0, 0, 20, 5] = float("nan")
+    else:
+        v[0, 1, 100, 9] = float("nan")
+    do = torch.randn(1, 2, 37, 64, dtype=dtype, device=device)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention_ext.attention(*ours, is_causal=causal)
+    out.backward(do)
+    ref = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        if causal:  # row by row over its visible keys: the math backend adds -inf to a masked NaN score (NaN)
+            rout = torch.cat([F.scaled_dot_product_attention(ref[0][..., i:i + 1, :], ref[1][..., :i + 1, :],
+                                                             ref[2][..., :i + 1, :]) for i in range(37)], dim=-2)
+        else:
+            rout = F.scaled_dot_product_attention(*ref)
+    rout.backward(do.cpu().double())
+    for name, got, want in [("out", out, rout)] + [(n, a.grad, b.grad) for n, a, b in zip("qkv", ours, ref)]:
+        got = got.detach().cpu()
+        want_nan = want.isnan()
+        if causal and name != "out":
+            # The gradients are computed over whole tiles, where a masked key still meets the NaN: dQ = dS K
+            # (0 x NaN in the NaN's column for the rows that do not see it), and the rows that are NaN give
+            # NaN probabilities on their masked keys as well. PyTorch's CPU flash kernel spreads such NaNs
+            # further (whole key blocks of dK and dV). So here: NaN wherever the reference has NaN, and in
+            # the head of the NaN only.
+            extra = got.isnan() & ~want_nan
+            assert extra[:, 1].sum() == 0, f"d{name}: NaN in the head without one"
+            want_nan = want_nan | extra
+        assert torch.equal(got.isnan(), want_nan), (
+            f"{name}: NaN at {got.isnan().sum().item()} places, PyTorch at {want.isnan().sum().item()}")
+        assert got.isfinite().sum() == (~want_nan).sum(), f"{name}: inf where PyTorch is finite"
+    if where == "q_row":  # the rows without a NaN are still right
+        keep = torch.ones(37, dtype=torch.bool)
+        keep[3] = False
+        base = F.scaled_dot_product_attention(q, k, v)  # PyTorch in the same dtype sets the tolerance
+        assert_close_vs_baseline("out, rows without NaN", out[0, 1, keep].detach().cpu(), rout[0, 1, keep].detach(),
+                                 base[0, 1, keep].cpu(), dtype)
+
+
 def test_empty_and_zero_length(device):
     """Zero-sized batch / lengths give empty (or zero) results without error."""
     for qs, ks in [((0, 2, 5, 8), (0, 2, 7, 8)), ((2, 2, 0, 8), (2, 2, 7, 8))]:

@@ -36,6 +36,14 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether a row of scores holds a NaN (row_max skips them, so a row of only NaN scores looks fully masked).
+template <typename A>
+inline bool has_nan(const A* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (x[j] != x[j]) return true;
+  return false;
+}
+
 // Per-thread buffers that the kernels write before they read them: allocated without the zero-fill of a
 // std::vector (a score tile of 128 x 512 floats per thread and call was 8% of a short call's time),
 // or zero-filled when asked (padding that must stay zero).
@@ -229,6 +237,9 @@ struct Bf16TileBase {
   using A = float;
   int64_t E, Ev, nq = 0, nk = 0;
   bool backward;
+  // Forward: the softmax wrote this key block's P as bf16 into the tile (p_row, exp_sub_sum_bf16), so pv
+  // has no conversion to do; cleared by pv.
+  bool p_ready = false;
   std::vector<float> qf, dof, kf;
   Bf16TileBase(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
       : E(E_), Ev(Ev_), backward(bwd), qf(bwd ? bq * E_ : 0), dof(bwd ? bq * Ev_ : 0), kf(bwd ? bk * E_ : 0) {}
@@ -282,8 +293,12 @@ struct Bf16DotTile : Bf16TileBase {
     }
   }
   void qk(float scale, float* S, int64_t lds) { gemm_bf16_packed(nq, nk, E, scale, q, ldq, k_t.data(), nk, false, S, lds); }
+  uint16_t* p_row(int64_t r) { return abuf.data() + r * nk; }
+  int64_t p_cols() const { return nk; }
   void pv(const float* P, int64_t lds, float* acc) {
-    for (int64_t r = 0; r < nq; ++r) f32_to_bf16(P + r * lds, abuf.data() + r * nk, nk);
+    if (!p_ready)
+      for (int64_t r = 0; r < nq; ++r) f32_to_bf16(P + r * lds, p_row(r), nk);
+    p_ready = false;
     gemm_bf16_packed(nq, Ev, nk, 1.f, abuf.data(), nk, v_r.data(), Ev, true, acc, Ev);
   }
   void dov(float* dP, int64_t lds) { gemm_bf16_packed(nq, nk, Ev, 1.f, dout, lddo, v_t.data(), nk, false, dP, lds); }
@@ -389,13 +404,14 @@ struct Bf16AmxTile : Bf16TileBase {
     }
     gemm_bf16_amx(nq, nk, E, scale / q_scale, qpad.data(), Ep, kp, false, S, lds);
   }
+  uint16_t* p_row(int64_t r) { return abuf.data() + r * bkp; }
+  int64_t p_cols() const { return round_up(nk, 32); }  // zero past the keys
   void pv(const float* P, int64_t lds, float* acc) {
-    const int64_t ka = round_up(nk, 32);
-    for (int64_t r = 0; r < nq; ++r) {
-      uint16_t* ar = abuf.data() + r * bkp;
-      f32_to_bf16(P + r * lds, ar, nk);
-      std::memset(ar + nk, 0, (ka - nk) * sizeof(uint16_t));
+    for (int64_t r = 0; r < nq && !p_ready; ++r) {
+      f32_to_bf16(P + r * lds, p_row(r), nk);
+      std::memset(p_row(r) + nk, 0, (p_cols() - nk) * sizeof(uint16_t));
     }
+    p_ready = false;
     gemm_bf16_amx(nq, Ev, nk, 1.f, abuf.data(), bkp, slots[cur].v_r.data(), true, acc, Ev);
   }
   void dov(float* dP, int64_t lds) {
@@ -447,8 +463,12 @@ struct Bf16GemmTile : Bf16TileBase {
   void qk(float scale, float* S, int64_t lds) {
     gemm_bf16_rowmajor(true, nq, nk, E, scale, q.ptr, q.ld, k.ptr, k.ld, 0.f, S, lds);
   }
+  uint16_t* p_row(int64_t r) { return abuf.data() + r * nk; }
+  int64_t p_cols() const { return nk; }
   void pv(const float* P, int64_t lds, float* acc) {
-    for (int64_t r = 0; r < nq; ++r) f32_to_bf16(P + r * lds, abuf.data() + r * nk, nk);
+    if (!p_ready)
+      for (int64_t r = 0; r < nq; ++r) f32_to_bf16(P + r * lds, p_row(r), nk);
+    p_ready = false;
     gemm_bf16_rowmajor(false, nq, Ev, nk, 1.f, abuf.data(), nk, v.ptr, v.ld, 1.f, acc, Ev);
   }
   void dov(float* dP, int64_t lds) {
@@ -490,20 +510,35 @@ void flash_fwd_impl(const FwdParams& p) {
         tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
         tile.qk(static_cast<A>(p.scale), sbuf.data(), kBlockK);
         mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), kBlockK, tmp.data());
+        // bf16 tiles without dropout: the exponentials go straight to the tile's bf16 P (one pass, no
+        // fp32 P written and read again)
+        bool bf16_p = false;
+        if constexpr (std::is_base_of_v<Bf16TileBase, Tile>) bf16_p = !dropout;
         for (int64_t r = 0; r < nq; ++r) {
           A* s = sbuf.data() + r * kBlockK;
-          const A mnew = std::max(mrow[r], row_max(s, nk));
-          if (mnew == ninf) {  // nothing visible in this row so far
-            std::fill(s, s + nk, A(0));
-            continue;
+          A mnew = std::max(mrow[r], row_max(s, nk));  // row_max skips NaN; a NaN max stays NaN
+          if (mnew == ninf) {
+            if (!has_nan(s, nk)) {  // nothing visible in this row so far
+              std::fill(s, s + nk, A(0));
+              if constexpr (std::is_base_of_v<Bf16TileBase, Tile>)
+                if (bf16_p) std::fill(tile.p_row(r), tile.p_row(r) + tile.p_cols(), uint16_t(0));
+              continue;
+            }
+            mnew = std::numeric_limits<A>::quiet_NaN();  // only NaN scores: the row is NaN, as in PyTorch
           }
-          const A sum = exp_sub_sum(s, nk, mnew);
+          A sum;
+          if constexpr (std::is_base_of_v<Bf16TileBase, Tile>) {
+            sum = bf16_p ? exp_sub_sum_bf16(s, nk, mnew, tile.p_row(r), tile.p_cols()) : exp_sub_sum(s, nk, mnew);
+          } else {
+            sum = exp_sub_sum(s, nk, mnew);
+          }
           const A alpha = mrow[r] == ninf ? A(0) : std::exp(mrow[r] - mnew);
           lrow[r] = lrow[r] * alpha + sum;
           if (alpha != A(1)) scale_row(acc.data() + r * Ev, Ev, alpha);
           mrow[r] = mnew;
           if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
         }
+        if constexpr (std::is_base_of_v<Bf16TileBase, Tile>) tile.p_ready = bf16_p;
         tile.load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
         tile.pv(sbuf.data(), kBlockK, acc.data());
       }
@@ -512,7 +547,7 @@ void flash_fwd_impl(const FwdParams& p) {
       A* lse = static_cast<A*>(p.lse) + (b * Hq + h) * L + i0;
       for (int64_t r = 0; r < nq; ++r) {
         A* a = acc.data() + r * Ev;
-        if (lrow[r] > A(0)) {
+        if (lrow[r] != A(0)) {  // a NaN sum (NaN scores) gives a NaN row and lse
           scale_row(a, Ev, A(1) / lrow[r]);
           lse[r] = mrow[r] + std::log(lrow[r]);
         } else {  // every key masked: output 0, lse -inf
@@ -626,8 +661,11 @@ void row_stats(const BwdParams& p, const Blocks& blk, bool exact_d, std::vector<
           mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), bk, tmp.data());
           for (int64_t r = 0; r < nq; ++r) {
             A* s = sbuf.data() + r * bk;
-            const A mnew = std::max(mrow[r], row_max(s, nk));
-            if (mnew == ninf) continue;
+            A mnew = std::max(mrow[r], row_max(s, nk));
+            if (mnew == ninf) {
+              if (!has_nan(s, nk)) continue;
+              mnew = std::numeric_limits<A>::quiet_NaN();
+            }
             const A alpha = mrow[r] == ninf ? A(0) : std::exp(mrow[r] - mnew);
             lrow[r] = lrow[r] * alpha + exp_sub_sum(s, nk, mnew);
             mrow[r] = mnew;

@@ -3,6 +3,7 @@
 // and picks one at load time (ifunc), so no -march flag is needed.
 #include "vec_ops.h"
 
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -11,6 +12,20 @@
 #define AE_CLONES
 #endif
 #define AE_INLINE static inline __attribute__((always_inline))
+
+// exp_sub_sum and its bf16-writing form are written out in AVX-512 intrinsics as
+// well, used after a runtime check: GCC's vectorisation of exp_nonpos (the
+// clone above) takes about twice the instructions (the rounding, integer shift
+// and the two blends against the single vscalefps with a zeroing mask here),
+// and this pass is a fifth of the bf16 forward's time (benchmarks/NOTES.md,
+// entry 13). The results are bit-identical to exp_nonpos.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define AE_HAVE_AVX512_ROWS 1
+#define AE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#else
+#define AE_HAVE_AVX512_ROWS 0
+#endif
 
 namespace attention_ext::cpu {
 namespace {
@@ -51,16 +66,7 @@ AE_INLINE float exp_nonpos(float x) {
   return x != x ? x : y;
 }
 
-}  // namespace
-
-AE_CLONES float row_max(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
-
-AE_CLONES float exp_sub_sum(float* x, int64_t n, float m) {
+AE_CLONES float exp_sub_sum_generic(float* x, int64_t n, float m) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
@@ -69,6 +75,118 @@ AE_CLONES float exp_sub_sum(float* x, int64_t n, float m) {
     s += e;
   }
   return s;
+}
+
+#if AE_HAVE_AVX512_ROWS
+// GCC 12 flags the deliberately undefined source operand inside the masked and
+// reducing intrinsics as uninitialised (GCC bug 105593, fixed in 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// 0: AVX-512 F/BW/VL, 1: and AVX512-BF16. ATTENTION_EXT_CPU_AVX512=0 turns these rows off (the tests
+// compare their bits with the generic loops').
+bool cpu_has(int which) {
+  static const int level = [] {
+    const char* env = std::getenv("ATTENTION_EXT_CPU_AVX512");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return -1;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl"))
+      return -1;
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+  }();
+  return level >= which;
+}
+
+// exp_nonpos on 16 lanes, the same operations in the same order (so the same bits): clamp at -87, n =
+// round(x log2 e), r = x - n ln 2 in two parts, the degree-6 polynomial, then p * 2^n by vscalefps, zeroed
+// where x < -87 (a -inf score gives exactly 0); NaN compares unordered, so it is kept and propagates.
+AE_AVX512_TARGET AE_INLINE __m512 exp_nonpos16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
+  const __m512 xc = _mm512_max_ps(lo, x);  // second operand returned for NaN: x
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.38888889e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+AE_AVX512_TARGET AE_INLINE __mmask16 tail_mask(int64_t left) {
+  return static_cast<__mmask16>((1u << left) - 1u);
+}
+
+AE_AVX512_TARGET float exp_sub_sum_avx512(float* x, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 s = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm));
+    s = _mm512_add_ps(s, e);
+    _mm512_storeu_ps(x + j, e);
+  }
+  if (j < n) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm)));
+    s = _mm512_add_ps(s, e);
+    _mm512_mask_storeu_ps(x + j, k, e);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
+// vcvtneps2bf16 rounds to nearest even and keeps NaN a quiet NaN, as f32_to_bf16 does.
+AE_AVX512_TARGET float exp_sub_sum_bf16_avx512(const float* x, int64_t n, float m, uint16_t* dst, int64_t npad) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 s = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm));
+    s = _mm512_add_ps(s, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+  if (j < n) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm)));
+    s = _mm512_add_ps(s, e);
+    _mm256_mask_storeu_epi16(dst + j, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+  if (npad > n) std::memset(dst + n, 0, (npad - n) * sizeof(uint16_t));
+  return _mm512_reduce_add_ps(s);
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+float exp_sub_sum(float* x, int64_t n, float m) {
+#if AE_HAVE_AVX512_ROWS
+  if (cpu_has(0)) return exp_sub_sum_avx512(x, n, m);
+#endif
+  return exp_sub_sum_generic(x, n, m);
+}
+
+float exp_sub_sum_bf16(float* x, int64_t n, float m, uint16_t* dst, int64_t npad) {
+#if AE_HAVE_AVX512_ROWS
+  if (cpu_has(1)) return exp_sub_sum_bf16_avx512(x, n, m, dst, npad);
+#endif
+  const float s = exp_sub_sum(x, n, m);
+  f32_to_bf16(x, dst, n);
+  if (npad > n) std::memset(dst + n, 0, (npad - n) * sizeof(uint16_t));
+  return s;
+}
+
+AE_CLONES float row_max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
 }
 
 AE_CLONES void scale_row(float* x, int64_t n, float a) {

@@ -17,6 +17,9 @@ float row_max(const float* x, int64_t n);
 // x[j] = exp(x[j] - m); returns the sum of the new values. Values below
 // exp(-87) flush to 0 (so a -inf score gives exactly 0).
 float exp_sub_sum(float* x, int64_t n, float m);
+// The same sum, with the values rounded to bfloat16 (nearest even) into dst[0, n) and
+// dst[n, npad) zeroed; x itself may or may not be overwritten with them.
+float exp_sub_sum_bf16(float* x, int64_t n, float m, uint16_t* dst, int64_t npad);
 void scale_row(float* x, int64_t n, float a);
 // ds[j] = p[j] * (dp[j] - d)
 void softmax_grad_row(float* ds, const float* p, const float* dp, int64_t n, float d);
