@@ -111,6 +111,10 @@ CASES = [
     _c("bool_1S", L=20, S=30, mask="bool", mask_shape="1S"),
     _c("bool_S", L=20, S=30, mask="bool", mask_shape="S"),
     _c("bool_keypad_full", batch=(3,), L=20, S=30, mask="bool", mask_shape="keypad", fully_masked=True),
+    # key tiles that a key-padding mask leaves whole (skipped) next to padded ones; one value for all
+    _c("bool_keypad_prefix", batch=(3,), hq=2, L=70, S=600, mask="bool", mask_shape="keypad_prefix"),
+    _c("bool_11_true", L=20, S=30, mask="bool", mask_shape="11"),
+    _c("bool_11_false", L=20, S=30, mask="bool", mask_shape="11", fully_masked=True),
     _c("bool_HLS", L=12, S=14, mask="bool", mask_shape="HLS"),
     _c("bool_full", L=12, S=14, mask="bool", mask_shape="full"),
     _c("bool_L1_rows", L=12, S=14, mask="bool", mask_shape="L1", fully_masked=True),
@@ -243,6 +247,8 @@ def mask_shape(case: Case):
         "1S": (1, S),
         "S": (S,),
         "keypad": (*b, 1, 1, S),
+        "keypad_prefix": (*b, 1, 1, S),
+        "11": (1, 1),
         "HLS": (Hq, L, S),
         "full": (*b, Hq, L, S),
         "L1": (L, 1),
@@ -263,6 +269,13 @@ def make_mask(case: Case, device):
         m = torch.rand(*store, device=device) < 0.7
         if case.mask_shape in ("L1",):
             m[:] = True
+        if case.mask_shape == "11":  # one value for every query and key
+            m[:] = not case.fully_masked
+        if case.mask_shape == "keypad_prefix":  # padding: batch element i sees its first S - i S / (2 B) keys
+            m = m.reshape(-1, S := case.S)
+            for i in range(m.shape[0]):
+                m[i] = torch.arange(S, device=device) < S - i * S // (2 * m.shape[0])
+            m = m.reshape(store)
     else:
         mdt = f32 if case.mask == "float" else case.dtype
         m = torch.randn(*store, device=device).to(mdt)

@@ -107,6 +107,14 @@ void mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
                int64_t nk, A* S, int64_t lds, A* tmp) {
   const A ninf = -std::numeric_limits<A>::infinity();
   const int64_t esize = dtype_size(p.mask_dtype);
+  const Strides4& ms = p.mask_stride;
+  MaskKind kind = p.mask_kind;
+  // A boolean mask that is the same for every row (a key-padding mask broadcast over queries) and keeps
+  // every key of this tile has nothing to do: one scan of its bytes per tile instead of one per row.
+  if (kind == MaskKind::kBool && ms.r == 0 && (ms.c == 1 || ms.c == 0)) {
+    const char* row = static_cast<const char*>(p.mask) + b * ms.b + h * ms.h + j0 * ms.c;
+    if (ms.c == 1 ? std::memchr(row, 0, static_cast<size_t>(nk)) == nullptr : *row != 0) kind = MaskKind::kNone;
+  }
   for (int64_t r = 0; r < nq; ++r) {
     const int64_t i = i0 + r;
     A* s = S + r * lds;
@@ -114,11 +122,14 @@ void mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
     key_range(p, i, lo, hi);
     for (int64_t j = j0; j < std::min(lo, j0 + nk); ++j) s[j - j0] = ninf;
     for (int64_t j = std::max(hi, j0); j < j0 + nk; ++j) s[j - j0] = ninf;
-    if (p.mask_kind == MaskKind::kNone) continue;
-    const Strides4& ms = p.mask_stride;
+    if (kind == MaskKind::kNone) continue;
     const char* base = static_cast<const char*>(p.mask) + (b * ms.b + h * ms.h + i * ms.r + j0 * ms.c) * esize;
-    if (p.mask_kind == MaskKind::kBool) {
-      for (int64_t j = 0; j < nk; ++j) s[j] = base[j * ms.c] ? s[j] : ninf;
+    if (kind == MaskKind::kBool) {
+      if (ms.c == 1) {
+        mask_bool_row(s, reinterpret_cast<const uint8_t*>(base), nk);
+      } else {
+        for (int64_t j = 0; j < nk; ++j) s[j] = base[j * ms.c] ? s[j] : ninf;
+      }
       continue;
     }
     if constexpr (std::is_same_v<A, float>) {
@@ -159,6 +170,19 @@ inline void block_key_range(const FwdParams& p, int64_t i0, int64_t nq, int64_t&
   key_range(p, i0 + nq - 1, l1, h1);
   lo = l0;
   hi = std::max(h1, l0);
+}
+
+// The same, narrowed by a boolean mask that is the same for every query row (a key-padding mask, stride
+// 0 over rows): keys it hides at either end are left out, so the tiles of padding are never computed
+// (their probabilities and gradients are 0). An empty range (every key hidden) gives lo = hi.
+inline void block_key_range(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t& lo,
+                            int64_t& hi) {
+  block_key_range(p, i0, nq, lo, hi);
+  const Strides4& ms = p.mask_stride;
+  if (p.mask_kind != MaskKind::kBool || ms.r != 0) return;
+  const char* row = static_cast<const char*>(p.mask) + b * ms.b + h * ms.h;
+  while (hi > lo && !row[(hi - 1) * ms.c]) --hi;
+  while (lo < hi && !row[lo * ms.c]) ++lo;
 }
 
 template <typename T, typename A>
@@ -504,7 +528,7 @@ void flash_fwd_impl(const FwdParams& p) {
       std::fill(lrow.begin(), lrow.end(), A(0));
 
       int64_t jlo, jhi;
-      block_key_range(p, i0, nq, jlo, jhi);
+      block_key_range(p, b, h, i0, nq, jlo, jhi);
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, jhi - j0);
         tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
@@ -650,7 +674,7 @@ void row_stats(const BwdParams& p, const Blocks& blk, bool exact_d, std::vector<
       const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
       tile->load_q(q, p.q_stride.r, nq);
       int64_t jlo, jhi;
-      block_key_range(p, i0, nq, jlo, jhi);
+      block_key_range(p, b, h, i0, nq, jlo, jhi);
       if (extreme) {
         std::fill(mrow.begin(), mrow.end(), ninf);
         std::fill(lrow.begin(), lrow.end(), A(0));
@@ -758,7 +782,7 @@ void flash_bwd_impl(const BwdParams& p) {
           for (int64_t qb = 0; qb < nqb; ++qb) {
             const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
             int64_t jlo, jhi;
-            block_key_range(p, i0, nq, jlo, jhi);
+            block_key_range(p, b, h, i0, nq, jlo, jhi);
             if (jhi <= j0 || jlo >= j0 + nk) continue;  // block sees none of these keys
             tile.load_q(q + i0 * p.q_stride.r, p.q_stride.r, nq);
             tile.load_do(dout + i0 * p.do_stride.r, p.do_stride.r, nq);

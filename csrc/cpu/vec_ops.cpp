@@ -215,6 +215,11 @@ AE_CLONES void add_row(float* x, const float* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] += y[j];
 }
 
+AE_CLONES void mask_bool_row(float* x, const uint8_t* keep, int64_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) x[j] = keep[j] ? x[j] : ninf;
+}
+
 AE_CLONES void scale_bf16_pow2(uint16_t* x, int64_t n, int e) {
   for (int64_t j = 0; j < n; ++j) {
     const uint16_t v = x[j];

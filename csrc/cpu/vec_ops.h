@@ -26,6 +26,8 @@ void softmax_grad_row(float* ds, const float* p, const float* dp, int64_t n, flo
 float dot_row(const float* a, const float* b, int64_t n);
 float row_sum(const float* x, int64_t n);
 void add_row(float* x, const float* y, int64_t n);
+// x[j] = keep[j] ? x[j] : -inf (a boolean mask row of bytes 0 / 1)
+void mask_bool_row(float* x, const uint8_t* keep, int64_t n);
 // x[j] *= 2^e for bfloat16 bits, exactly where the result is a normal number (results below that flush
 // to a signed zero, above it to infinity; zeros, subnormals, infinities and NaN are left as they are)
 void scale_bf16_pow2(uint16_t* x, int64_t n, int e);
@@ -66,6 +68,9 @@ inline double row_sum(const double* x, int64_t n) {
 }
 inline void add_row(double* x, const double* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] += y[j];
+}
+inline void mask_bool_row(double* x, const uint8_t* keep, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = keep[j] ? x[j] : -std::numeric_limits<double>::infinity();
 }
 
 // ---- element types ----
