@@ -1,4 +1,4 @@
-"""The CPU kernels' AVX-512 softmax rows against the generic loops.
+"""The CPU kernels' AVX-512 / F16C rows against the generic loops.
 
 csrc/cpu/vec_ops.cpp computes exp(s - m) and its row sum twice over: as plain loops
 that GCC vectorises for any x86-64 CPU, and in AVX-512 intrinsics (vscalefps), which
@@ -6,7 +6,9 @@ the kernels use when the CPU has AVX-512; for bfloat16 tiles the intrinsics also
 round P to bf16 in the same pass (vcvtneps2bf16, AVX512-BF16). Each exponential is
 the same operations in the same order (bit-identical), but the row sums add the 16
 lanes in another order, so results may differ in the last bit of the fp32 sums.
-ATTENTION_EXT_CPU_AVX512=0 switches the intrinsics off; the choice is made once per
+float16 <-> float32 conversions likewise run on the conversion instructions (AVX-512,
+or F16C) or as bit-level loops; those agree exactly (up to a NaN's payload).
+ATTENTION_EXT_CPU_AVX512=0 switches all of these intrinsics off; the choice is made once per
 process, so each side runs in its own subprocess. On a CPU with AVX-512 the rest of
 the suite runs the intrinsics, so here:
   - the generic loops run the whole reference grid of test_ops.py (float64 reference,
@@ -15,7 +17,10 @@ the suite runs the intrinsics, so here:
     inputs that reach every branch (-inf scores, rows that see no key, scores near
     the -87 flush, rows that are not multiples of 16 long, dropout, which keeps the
     fp32 P, and NaN inputs): NaN in the same places, and within a few units of the
-    last place (fp32) or one bf16 rounding step of each other elsewhere.
+    last place (fp32) or one bf16 / fp16 rounding step of each other elsewhere;
+  - every float16 and bfloat16 value passes through the kernels' conversions unchanged
+    (bfloat16 subnormals, below 1.2e-38, may become 0: the AMX and AVX512-BF16 product
+    instructions read them as zero).
 """
 import os
 import subprocess
@@ -34,7 +39,7 @@ from attention_ext import ops
 
 g = torch.Generator().manual_seed(7)
 results = {}
-for dtype in (torch.float32, torch.bfloat16):
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for (L, S, E) in ((37, 83, 64), (130, 530, 32), (16, 16, 128)):
         q = (torch.randn(2, 3, L, E, generator=g) * 4).to(dtype)   # wide scores: some far below the row max
         k = torch.randn(2, 3, S, E, generator=g).to(dtype)
@@ -53,6 +58,18 @@ for dtype in (torch.float32, torch.bfloat16):
     qn = q.clone()
     qn[0, 0, 3, 5] = float("nan")
     results[f"{dtype}-nan"] = ops.attention_forward(qn, k, v, None, 0.0, False, None, False, None)[:2]
+# every 16-bit pattern as a value (one key, so P = 1 and the output is the value itself): the conversions
+# to float32 and back are exact both ways (zeros may lose their sign, NaN its payload)
+bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+for dtype in (torch.float16, torch.bfloat16):
+    v = bits.view(dtype).reshape(256, 1, 1, 256)
+    qk = torch.randn(256, 1, 1, 8).to(dtype)
+    out = ops.attention(qk, qk, v)
+    same = (out.view(torch.int16) == v.view(torch.int16)) | (out.isnan() & v.isnan()) | ((out == 0) & (v == 0))
+    if dtype == torch.bfloat16:  # the bf16 tile instructions (AMX, AVX512-BF16) read subnormals as zero
+        same |= (out == 0) & (v.abs() < torch.finfo(dtype).tiny)
+    assert same.all(), f"{dtype}: {(~same).sum().item()} values changed, e.g. {v[~same][:4]} -> {out[~same][:4]}"
+    results[f"{dtype}-all-values"] = (out,)
 torch.save(results, sys.argv[1])
 if __RUN_GRID__:
     sys.path.insert(0, __TESTS__)
@@ -88,7 +105,7 @@ def run(avx512: bool, path: str) -> dict:
                     reason="this CPU has no AVX-512, so only the generic loops exist here (and every test runs them)")
 def test_avx512_rows_against_generic(tmp_path):
     fast, generic = run(True, str(tmp_path / "fast.pt")), run(False, str(tmp_path / "generic.pt"))
-    assert fast.keys() == generic.keys() and len(fast) == 32  # 2 dtypes x 3 shapes x (4 masks + dropout) + NaN
+    assert fast.keys() == generic.keys() and len(fast) == 50  # 3 dtypes x 3 shapes x (4 masks + dropout) + NaN, + 2
     for key in fast:
         for i, (a, b) in enumerate(zip(fast[key], generic[key])):
             where = f"{key}, result {i}"
@@ -96,8 +113,9 @@ def test_avx512_rows_against_generic(tmp_path):
             assert torch.equal(a.isinf(), b.isinf()) and torch.equal(a[a.isinf()], b[b.isinf()]), where
             ok = a.isfinite()
             a64, b64 = a[ok].double(), b[ok].double()
-            if a.dtype == torch.bfloat16:  # one bf16 rounding step of a value of the size of the largest
-                tol = 2.0 ** -7 * a64.abs().max().item() if a64.numel() else 0.0
+            if a.dtype in (torch.bfloat16, torch.float16):  # one rounding step of a value the size of the largest
+                step = 2.0 ** -7 if a.dtype == torch.bfloat16 else 2.0 ** -10
+                tol = step * a64.abs().max().item() if a64.numel() else 0.0
             else:  # an fp32 sum in another order: a few ulps of the largest value
                 tol = 16 * torch.finfo(torch.float32).eps * a64.abs().max().item() if a64.numel() else 0.0
             err = (a64 - b64).abs().max().item() if a64.numel() else 0.0
