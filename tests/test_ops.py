@@ -114,6 +114,10 @@ CASES = [
     # key tiles that a key-padding mask leaves whole (skipped) next to padded ones; one value for all
     _c("bool_keypad_prefix", batch=(3,), hq=2, L=70, S=600, mask="bool", mask_shape="keypad_prefix"),
     _c("bool_11_true", L=20, S=30, mask="bool", mask_shape="11"),
+    # causal masks with left padding given as tensors (row by row; rows before a pad see nothing), also read
+    # through a key stride other than 1: the key range of each block is narrowed to what its rows see
+    _c("bool_causal_leftpad", batch=(3,), hq=2, L=300, S=300, mask="bool", mask_shape="causal_leftpad"),
+    _c("bool_causal_leftpad_t", batch=(4,), hq=1, L=200, S=260, E=32, mask="bool", mask_shape="causal_leftpad_t"),
     _c("bool_11_false", L=20, S=30, mask="bool", mask_shape="11", fully_masked=True),
     _c("bool_HLS", L=12, S=14, mask="bool", mask_shape="HLS"),
     _c("bool_full", L=12, S=14, mask="bool", mask_shape="full"),
@@ -249,6 +253,8 @@ def mask_shape(case: Case):
         "keypad": (*b, 1, 1, S),
         "keypad_prefix": (*b, 1, 1, S),
         "11": (1, 1),
+        "causal_leftpad": (*b, 1, L, S),
+        "causal_leftpad_t": (*b, 1, L, S),
         "HLS": (Hq, L, S),
         "full": (*b, Hq, L, S),
         "L1": (L, 1),
@@ -271,6 +277,12 @@ def make_mask(case: Case, device):
             m[:] = True
         if case.mask_shape == "11":  # one value for every query and key
             m[:] = not case.fully_masked
+        if case.mask_shape.startswith("causal_leftpad"):  # Hugging Face's mask for a left-padded batch
+            i, j = torch.arange(case.L, device=device)[:, None], torch.arange(case.S, device=device)[None, :]
+            pads = [0, case.S // 6, case.S - 10, 1][:shape[0]]
+            m = torch.stack([(j <= i + case.S - case.L) & (j >= pad) for pad in pads]).unsqueeze(1)
+            if case.mask_shape.endswith("_t"):  # the same values stored transposed: key stride L, not 1
+                m = m.transpose(-1, -2).contiguous().transpose(-1, -2)
         if case.mask_shape == "keypad_prefix":  # padding: batch element i sees its first S - i S / (2 B) keys
             m = m.reshape(-1, S := case.S)
             for i in range(m.shape[0]):

@@ -172,17 +172,61 @@ inline void block_key_range(const FwdParams& p, int64_t i0, int64_t nq, int64_t&
   hi = std::max(h1, l0);
 }
 
-// The same, narrowed by a boolean mask that is the same for every query row (a key-padding mask, stride
-// 0 over rows): keys it hides at either end are left out, so the tiles of padding are never computed
-// (their probabilities and gradients are 0). An empty range (every key hidden) gives lo = hi.
+// First index in [s, e) whose byte is nonzero (e if none), and one past the last (s if none): a boolean
+// mask row scanned 8 bytes at a time.
+inline int64_t first_set(const char* row, int64_t s, int64_t e) {
+  for (uint64_t w; s + 8 <= e; s += 8) {
+    std::memcpy(&w, row + s, 8);
+    if (w != 0) break;
+  }
+  for (; s < e; ++s)
+    if (row[s]) return s;
+  return e;
+}
+inline int64_t end_set(const char* row, int64_t s, int64_t e) {
+  for (uint64_t w; e - 8 >= s; e -= 8) {
+    std::memcpy(&w, row + e - 8, 8);
+    if (w != 0) break;
+  }
+  for (; e > s; --e)
+    if (row[e - 1]) return e;
+  return s;
+}
+
+// The same, narrowed by a boolean mask to the keys some row of the block can see: the tiles that the
+// mask hides from every row (padding, the upper triangle of a causal mask given as a tensor, as Hugging
+// Face models pass them) are never computed; their probabilities and gradients are 0. An empty range
+// (every key hidden) gives lo = hi. Rows are scanned from the ends inwards, the last row first (for a
+// causal mask it sees the most), each stopping where the union so far begins.
 inline void block_key_range(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t& lo,
                             int64_t& hi) {
   block_key_range(p, i0, nq, lo, hi);
+  if (p.mask_kind != MaskKind::kBool || lo >= hi) return;
   const Strides4& ms = p.mask_stride;
-  if (p.mask_kind != MaskKind::kBool || ms.r != 0) return;
-  const char* row = static_cast<const char*>(p.mask) + b * ms.b + h * ms.h;
-  while (hi > lo && !row[(hi - 1) * ms.c]) --hi;
-  while (lo < hi && !row[lo * ms.c]) ++lo;
+  const char* base = static_cast<const char*>(p.mask) + b * ms.b + h * ms.h;
+  int64_t ulo = hi, uhi = lo;  // union of the rows' visible ranges, empty so far
+  for (int64_t r = (ms.r == 0 ? 0 : nq - 1); r >= 0; --r) {
+    const char* row = base + (i0 + r) * ms.r;
+    if (ms.c == 1) {
+      uhi = std::max(uhi, end_set(row, std::max(uhi, lo), hi));
+      ulo = std::min(ulo, first_set(row, lo, std::min(ulo, hi)));
+    } else if (ms.c == 0) {
+      if (row[0]) ulo = lo, uhi = hi;
+    } else {
+      int64_t e = hi, f = lo;
+      while (e > std::max(uhi, lo) && !row[(e - 1) * ms.c]) --e;
+      while (f < std::min(ulo, hi) && !row[f * ms.c]) ++f;
+      uhi = std::max(uhi, e);
+      ulo = std::min(ulo, f);
+    }
+    if (ulo == lo && uhi == hi) break;
+  }
+  if (ulo >= uhi) {
+    hi = lo;
+  } else {
+    lo = ulo;
+    hi = uhi;
+  }
 }
 
 template <typename T, typename A>
@@ -749,6 +793,14 @@ void flash_bwd_impl(const BwdParams& p) {
   std::vector<A> dq_part;
   if (nchunks > 1) dq_part.assign(nchunks * B * Hq * L * E, A(0));
   const int64_t nqb = cdiv(L, kBlockQ);
+  // every query block's key range, once (block_key_range scans a boolean mask), not once per key block
+  std::vector<int64_t> kr(2 * B * Hq * nqb);
+  parallel_for(B * Hq * nqb, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = (t % nqb) * kBlockQ, bh = t / nqb;
+      block_key_range(p, bh / Hq, bh % Hq, i0, std::min(kBlockQ, L - i0), kr[2 * t], kr[2 * t + 1]);
+    }
+  });
 
   parallel_for(B * Hkv * nchunks, [&](int64_t t0, int64_t t1) {
     Tile tile(E, Ev, kBlockQ, kBlockK, true);
@@ -781,8 +833,7 @@ void flash_bwd_impl(const BwdParams& p) {
           const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride.b + h * p.do_stride.h;
           for (int64_t qb = 0; qb < nqb; ++qb) {
             const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
-            int64_t jlo, jhi;
-            block_key_range(p, b, h, i0, nq, jlo, jhi);
+            const int64_t jlo = kr[2 * ((b * Hq + h) * nqb + qb)], jhi = kr[2 * ((b * Hq + h) * nqb + qb) + 1];
             if (jhi <= j0 || jlo >= j0 + nk) continue;  // block sees none of these keys
             tile.load_q(q + i0 * p.q_stride.r, p.q_stride.r, nq);
             tile.load_do(dout + i0 * p.do_stride.r, p.do_stride.r, nq);
