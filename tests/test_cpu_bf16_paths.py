@@ -87,6 +87,13 @@ for case in (m.CASES if {run_cases!r} else []):
     except Exception:
         print("FAIL", case.name, flush=True)
         traceback.print_exc()
+if {run_cases!r}:
+    try:
+        test_ops.check_probs_bf16_masked("cpu")
+        print("PASS probs_bf16_masked", flush=True)
+    except Exception:
+        print("FAIL probs_bf16_masked", flush=True)
+        traceback.print_exc()
 """
 
 
@@ -127,7 +134,7 @@ def mkl_bf16_gemm_expected() -> bool:
 def test_forced_path_vs_reference(path):
     _, passed, failed, stderr, _ = run_worker(path)
     assert not failed, f"ATTENTION_EXT_CPU_BF16={path}: cases {failed} failed:\n{stderr[-6000:]}"
-    assert sorted(passed) == sorted(c.name for c in CASES), (passed, stderr[-2000:])
+    assert sorted(passed) == sorted([c.name for c in CASES] + ["probs_bf16_masked"]), (passed, stderr[-2000:])
 
 
 def test_forced_paths_are_the_paths_used():

@@ -725,6 +725,27 @@ def test_attention_probs_dtypes(device, dtype):
     torch.testing.assert_close(p.double(), r.probs, rtol=tol, atol=tol)
 
 
+def check_probs_bf16_masked(device):
+    """bf16 attention_probs over several key tiles (forward blocks of 512 keys) with a causal boolean mask
+    with left padding (key ranges narrowed per query block, the rest written as zeros): the reference
+    softmax rounded to bf16, zeros where masked. Also run on every CPU bf16 path (test_cpu_bf16_paths)."""
+    torch.manual_seed(12)
+    L = S = 700
+    q, k = (torch.randn(2, 2, L, 64, dtype=bf16, device=device) for _ in range(2))
+    i, j = torch.arange(L, device=device)[:, None], torch.arange(S, device=device)[None, :]
+    m = torch.stack([(j <= i) & (j >= pad) for pad in (0, 520)]).unsqueeze(1)
+    _, lse, rng = ops._attention_forward(q, k, k, m, 0.0, False, None, False, [-1, -1])
+    p = ops.attention_probs(q, k, m, lse, rng)
+    r = reference_attention(q, k, k, m).probs
+    assert p.dtype == bf16 and p.shape == (2, 2, L, S)
+    assert torch.all(p[~m.expand(2, 2, L, S)] == 0)
+    torch.testing.assert_close(p.double(), r, rtol=1e-2, atol=1e-2)
+
+
+def test_attention_probs_bf16_masked(device):
+    check_probs_bf16_masked(device)
+
+
 @pytest.mark.parametrize(
     "L,S,causal,window",
     [(15, 17, True, None), (30, 6, False, (1, 1)), (200, 50, False, (10, 10)), (70, 300, True, (100, 0))],

@@ -928,8 +928,11 @@ void flash_bwd(const BwdParams& p) {
 
 // Attention probabilities (after dropout, as the forward applied them),
 // recomputed from q, k and the log-sum-exp; out is batch x heads_q x len_q x len_k contiguous.
-template <typename T>
-void flash_probs(const FwdParams& p, T* out) {
+// The attention weights, tile by tile with the forward's product path (the same Q K^T as the forward
+// that produced lse). Key tiles outside a query block's key range (causal, window, boolean masks:
+// block_key_range) are written as zeros without computing them.
+template <typename T, typename Tile>
+void flash_probs_impl(const FwdParams& p, T* out) {
   using A = acc_t<T>;
   if (p.batch == 0 || p.heads_kv == 0) return;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, S = p.len_k, E = p.dim_qk;
@@ -943,7 +946,7 @@ void flash_probs(const FwdParams& p, T* out) {
   std::vector<A> shift, rscale;
   row_stats<T, BlasTile<T>>(bp, blk, false, shift, rscale, nullptr);
   parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
-    BlasTile<T> tile(E, E, kBlockQ, kBlockK, false);
+    Tile tile(E, E, kBlockQ, kBlockK, false);
     Scratch<A> sbuf(kBlockQ * kBlockK);
     std::vector<A> tmp(kBlockK);
     for (int64_t t = t0; t < t1; ++t) {
@@ -951,20 +954,40 @@ void flash_probs(const FwdParams& p, T* out) {
       const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
       const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.r;
       const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+      T* o = out + (bh * L + i0) * S;
+      int64_t jlo, jhi;
+      block_key_range(p, b, h, i0, nq, jlo, jhi);
+      for (int64_t r = 0; r < nq; ++r) {  // keys no row of the block sees
+        std::memset(static_cast<void*>(o + r * S), 0, jlo * sizeof(T));
+        std::memset(static_cast<void*>(o + r * S + jhi), 0, (S - jhi) * sizeof(T));
+      }
       tile.load_q(q, p.q_stride.r, nq);
-      for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, S - j0);
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, jhi - j0);
         tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
         recompute_probs(p, b, h, i0, nq, j0, nk, tile, sbuf.data(), kBlockK, tmp.data(), shift.data() + bh * L + i0,
                         rscale.data() + bh * L + i0);
         for (int64_t r = 0; r < nq; ++r) {
           A* s = sbuf.data() + r * kBlockK;
           if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
-          store_row<T, A>(s, out + (bh * L + i0 + r) * S + j0, nk);
+          store_row<T, A>(s, o + r * S + j0, nk);
         }
       }
     }
   });
+}
+
+template <typename T>
+void flash_probs(const FwdParams& p, T* out) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    switch (bf16_path()) {
+      case Bf16Path::kDot: return flash_probs_impl<T, Bf16DotTile>(p, out);
+      case Bf16Path::kMkl: return flash_probs_impl<T, Bf16GemmTile>(p, out);
+      case Bf16Path::kAmx: return flash_probs_impl<T, Bf16AmxTile>(p, out);
+      default: break;
+    }
+  }
+  flash_probs_impl<T, BlasTile<T>>(p, out);
 }
 
 }  // namespace attention_ext::cpu
