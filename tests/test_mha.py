@@ -518,3 +518,25 @@ def test_torch_compile_fullgraph(need_weights):
         torch.testing.assert_close(w2, w1, atol=1e-5, rtol=1e-4)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_averaged_weights_half_precision(dtype):
+    """average_attn_weights=True in bf16 / fp16 (summed over heads in float32, plane by plane): the mean of the
+    per-head weights, rounded once to the dtype, and the gradient through it is the per-head one averaged."""
+    torch.manual_seed(3)
+    m = MultiheadAttention(64, 8, batch_first=True, dtype=dtype)
+    x = torch.randn(2, 40, 64, dtype=dtype)
+    _, w_heads = m(x, x, x, average_attn_weights=False)
+    ref = w_heads.double().mean(dim=1)
+    xa = x.clone().requires_grad_()
+    _, w = m(xa, xa, xa)
+    assert w.dtype == dtype and w.shape == (2, 40, 40)
+    step = torch.finfo(dtype).eps  # one rounding of values <= 1
+    assert (w.double() - ref).abs().max().item() <= step
+    g = torch.randn(w.shape, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((w.double() * g).sum(), xa)
+    xb = x.clone().requires_grad_()
+    _, wb = m(xb, xb, xb, average_attn_weights=False)
+    (gx_ref,) = torch.autograd.grad((wb.double().mean(dim=1) * g).sum(), xb)
+    torch.testing.assert_close(gx.double(), gx_ref.double(), atol=4 * step * gx_ref.abs().max().item(), rtol=0)
