@@ -123,42 +123,46 @@ AE_AVX512_TARGET AE_INLINE __mmask16 tail_mask(int64_t left) {
   return static_cast<__mmask16>((1u << left) - 1u);
 }
 
-AE_AVX512_TARGET float exp_sub_sum_avx512(float* x, int64_t n, float m) {
+// sum_j exp(x[j] - m), each value handed to store (16 lanes at a time; the tail under a mask).
+template <class Store>
+AE_AVX512_TARGET AE_INLINE float exp_sub_sum16(const float* x, int64_t n, float m, const Store& store) {
   const __m512 vm = _mm512_set1_ps(m);
   __m512 s = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
     const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm));
     s = _mm512_add_ps(s, e);
-    _mm512_storeu_ps(x + j, e);
+    store(j, e, static_cast<__mmask16>(0xFFFF));
   }
   if (j < n) {
     const __mmask16 k = tail_mask(n - j);
     const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm)));
     s = _mm512_add_ps(s, e);
-    _mm512_mask_storeu_ps(x + j, k, e);
+    store(j, e, k);
   }
   return _mm512_reduce_add_ps(s);
 }
 
+struct StoreF32 {
+  float* x;
+  AE_AVX512_TARGET void operator()(int64_t j, __m512 e, __mmask16 k) const { _mm512_mask_storeu_ps(x + j, k, e); }
+};
 // vcvtneps2bf16 rounds to nearest even and keeps NaN a quiet NaN, as f32_to_bf16 does.
-AE_AVX512_TARGET float exp_sub_sum_bf16_avx512(const float* x, int64_t n, float m, uint16_t* dst, int64_t npad) {
-  const __m512 vm = _mm512_set1_ps(m);
-  __m512 s = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm));
-    s = _mm512_add_ps(s, e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
-  }
-  if (j < n) {
-    const __mmask16 k = tail_mask(n - j);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm)));
-    s = _mm512_add_ps(s, e);
+struct StoreBf16 {
+  uint16_t* dst;
+  AE_AVX512_TARGET void operator()(int64_t j, __m512 e, __mmask16 k) const {
     _mm256_mask_storeu_epi16(dst + j, k, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
   }
+};
+
+AE_AVX512_TARGET float exp_sub_sum_avx512(float* x, int64_t n, float m) {
+  return exp_sub_sum16(x, n, m, StoreF32{x});
+}
+
+AE_AVX512_TARGET float exp_sub_sum_bf16_avx512(const float* x, int64_t n, float m, uint16_t* dst, int64_t npad) {
+  const float s = exp_sub_sum16(x, n, m, StoreBf16{dst});
   if (npad > n) std::memset(dst + n, 0, (npad - n) * sizeof(uint16_t));
-  return _mm512_reduce_add_ps(s);
+  return s;
 }
 #pragma GCC diagnostic pop
 #endif
