@@ -36,12 +36,16 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Whether a row of scores holds a NaN (row_max skips them, so a row of only NaN scores looks fully masked).
+// The running maximum of a softmax row after a new tile of scores: -inf while nothing is visible, and
+// NaN when the row so far holds only NaN scores (row_max skips NaN, so without the check such a row
+// would look fully masked and give 0 where PyTorch gives NaN). A NaN maximum stays NaN.
 template <typename A>
-inline bool has_nan(const A* x, int64_t n) {
+inline A running_max(A m, const A* s, int64_t n) {
+  const A mnew = std::max(m, row_max(s, n));
+  if (mnew != -std::numeric_limits<A>::infinity()) return mnew;
   for (int64_t j = 0; j < n; ++j)
-    if (x[j] != x[j]) return true;
-  return false;
+    if (s[j] != s[j]) return std::numeric_limits<A>::quiet_NaN();
+  return mnew;
 }
 
 // Per-thread buffers that the kernels write before they read them: allocated without the zero-fill of a
@@ -547,6 +551,7 @@ struct Bf16GemmTile : Bf16TileBase {
 template <typename T, typename Tile>
 void flash_fwd_impl(const FwdParams& p) {
   using A = acc_t<T>;
+  constexpr bool kBf16Tile = std::is_base_of_v<Bf16TileBase, Tile>;  // P to bf16 in the tile (p_row)
   if (p.batch == 0 || p.heads_kv == 0) return;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, E = p.dim_qk, Ev = p.dim_v;
   const Blocks blk = choose_blocks(p, false);
@@ -580,22 +585,18 @@ void flash_fwd_impl(const FwdParams& p) {
         mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), kBlockK, tmp.data());
         // bf16 tiles without dropout: the exponentials go straight to the tile's bf16 P (one pass, no
         // fp32 P written and read again)
-        bool bf16_p = false;
-        if constexpr (std::is_base_of_v<Bf16TileBase, Tile>) bf16_p = !dropout;
+        const bool bf16_p = kBf16Tile && !dropout;
         for (int64_t r = 0; r < nq; ++r) {
           A* s = sbuf.data() + r * kBlockK;
-          A mnew = std::max(mrow[r], row_max(s, nk));  // row_max skips NaN; a NaN max stays NaN
-          if (mnew == ninf) {
-            if (!has_nan(s, nk)) {  // nothing visible in this row so far
-              std::fill(s, s + nk, A(0));
-              if constexpr (std::is_base_of_v<Bf16TileBase, Tile>)
-                if (bf16_p) std::fill(tile.p_row(r), tile.p_row(r) + tile.p_cols(), uint16_t(0));
-              continue;
-            }
-            mnew = std::numeric_limits<A>::quiet_NaN();  // only NaN scores: the row is NaN, as in PyTorch
+          const A mnew = running_max(mrow[r], s, nk);
+          if (mnew == ninf) {  // nothing visible in this row so far
+            std::fill(s, s + nk, A(0));
+            if constexpr (kBf16Tile)
+              if (bf16_p) std::fill(tile.p_row(r), tile.p_row(r) + tile.p_cols(), uint16_t(0));
+            continue;
           }
           A sum;
-          if constexpr (std::is_base_of_v<Bf16TileBase, Tile>) {
+          if constexpr (kBf16Tile) {
             sum = bf16_p ? exp_sub_sum_bf16(s, nk, mnew, tile.p_row(r), tile.p_cols()) : exp_sub_sum(s, nk, mnew);
           } else {
             sum = exp_sub_sum(s, nk, mnew);
@@ -606,7 +607,7 @@ void flash_fwd_impl(const FwdParams& p) {
           mrow[r] = mnew;
           if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
         }
-        if constexpr (std::is_base_of_v<Bf16TileBase, Tile>) tile.p_ready = bf16_p;
+        if constexpr (kBf16Tile) tile.p_ready = bf16_p;
         tile.load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
         tile.pv(sbuf.data(), kBlockK, acc.data());
       }
@@ -628,17 +629,27 @@ void flash_fwd_impl(const FwdParams& p) {
   });
 }
 
-template <typename T>
-void flash_fwd(const FwdParams& p) {
+// Calls f(TileTag<Tile>{}) with the product path for T: bf16's chosen path (bf16_path), else the BLAS.
+template <typename Tile>
+struct TileTag {
+  using type = Tile;
+};
+template <typename T, typename F>
+void with_tile(F&& f) {
   if constexpr (std::is_same_v<T, bf16>) {
     switch (bf16_path()) {
-      case Bf16Path::kDot: return flash_fwd_impl<T, Bf16DotTile>(p);
-      case Bf16Path::kMkl: return flash_fwd_impl<T, Bf16GemmTile>(p);
-      case Bf16Path::kAmx: return flash_fwd_impl<T, Bf16AmxTile>(p);
+      case Bf16Path::kDot: return f(TileTag<Bf16DotTile>{});
+      case Bf16Path::kMkl: return f(TileTag<Bf16GemmTile>{});
+      case Bf16Path::kAmx: return f(TileTag<Bf16AmxTile>{});
       default: break;
     }
   }
-  flash_fwd_impl<T, BlasTile<T>>(p);
+  f(TileTag<BlasTile<T>>{});
+}
+
+template <typename T>
+void flash_fwd(const FwdParams& p) {
+  with_tile<T>([&](auto tag) { flash_fwd_impl<T, typename decltype(tag)::type>(p); });
 }
 
 // P = exp(scale * Q K^T + mask - lse) for a tile, rows with lse = -inf give 0.
@@ -729,11 +740,8 @@ void row_stats(const BwdParams& p, const Blocks& blk, bool exact_d, std::vector<
           mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), bk, tmp.data());
           for (int64_t r = 0; r < nq; ++r) {
             A* s = sbuf.data() + r * bk;
-            A mnew = std::max(mrow[r], row_max(s, nk));
-            if (mnew == ninf) {
-              if (!has_nan(s, nk)) continue;
-              mnew = std::numeric_limits<A>::quiet_NaN();
-            }
+            const A mnew = running_max(mrow[r], s, nk);
+            if (mnew == ninf) continue;
             const A alpha = mrow[r] == ninf ? A(0) : std::exp(mrow[r] - mnew);
             lrow[r] = lrow[r] * alpha + exp_sub_sum(s, nk, mnew);
             mrow[r] = mnew;
@@ -915,22 +923,13 @@ void flash_bwd_impl(const BwdParams& p) {
 
 template <typename T>
 void flash_bwd(const BwdParams& p) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    switch (bf16_path()) {
-      case Bf16Path::kDot: return flash_bwd_impl<T, Bf16DotTile>(p);
-      case Bf16Path::kMkl: return flash_bwd_impl<T, Bf16GemmTile>(p);
-      case Bf16Path::kAmx: return flash_bwd_impl<T, Bf16AmxTile>(p);
-      default: break;
-    }
-  }
-  flash_bwd_impl<T, BlasTile<T>>(p);
+  with_tile<T>([&](auto tag) { flash_bwd_impl<T, typename decltype(tag)::type>(p); });
 }
 
-// Attention probabilities (after dropout, as the forward applied them),
-// recomputed from q, k and the log-sum-exp; out is batch x heads_q x len_q x len_k contiguous.
-// The attention weights, tile by tile with the forward's product path (the same Q K^T as the forward
-// that produced lse). Key tiles outside a query block's key range (causal, window, boolean masks:
-// block_key_range) are written as zeros without computing them.
+// Attention probabilities (after dropout, as the forward applied them), recomputed from q, k and the
+// log-sum-exp tile by tile with the forward's product path (the same Q K^T as the forward that produced
+// lse); out is batch x heads_q x len_q x len_k contiguous. Key tiles outside a query block's key range
+// (causal, window, boolean masks: block_key_range) are written as zeros without computing them.
 template <typename T, typename Tile>
 void flash_probs_impl(const FwdParams& p, T* out) {
   using A = acc_t<T>;
@@ -979,15 +978,7 @@ void flash_probs_impl(const FwdParams& p, T* out) {
 
 template <typename T>
 void flash_probs(const FwdParams& p, T* out) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    switch (bf16_path()) {
-      case Bf16Path::kDot: return flash_probs_impl<T, Bf16DotTile>(p, out);
-      case Bf16Path::kMkl: return flash_probs_impl<T, Bf16GemmTile>(p, out);
-      case Bf16Path::kAmx: return flash_probs_impl<T, Bf16AmxTile>(p, out);
-      default: break;
-    }
-  }
-  flash_probs_impl<T, BlasTile<T>>(p, out);
+  with_tile<T>([&](auto tag) { flash_probs_impl<T, typename decltype(tag)::type>(p, out); });
 }
 
 }  // namespace attention_ext::cpu

@@ -83,20 +83,24 @@ AE_CLONES float exp_sub_sum_generic(float* x, int64_t n, float m) {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-// 0: AVX-512 F/BW/VL, 1: and AVX512-BF16. ATTENTION_EXT_CPU_AVX512=0 turns these rows off (the tests
-// compare their bits with the generic loops').
-bool cpu_has(int which) {
+// What the hand-written rows may use, probed once: 2 = AVX-512 F/BW/VL and AVX512-BF16, 1 = AVX-512
+// F/BW/VL, 0 = F16C only (float16 conversions), -1 = nothing. ATTENTION_EXT_CPU_AVX512=0 turns them all
+// off (the tests compare them with the generic loops).
+int isa_level() {
   static const int level = [] {
     const char* env = std::getenv("ATTENTION_EXT_CPU_AVX512");
     if (env != nullptr && std::strcmp(env, "0") == 0) return -1;
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-        !__builtin_cpu_supports("avx512vl"))
-      return -1;
-    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+      return __builtin_cpu_supports("avx512bf16") ? 2 : 1;
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c") ? 0 : -1;
   }();
-  return level >= which;
+  return level;
 }
+bool has_avx512() { return isa_level() >= 1; }
+bool has_avx512_bf16() { return isa_level() >= 2; }
+bool has_f16c() { return isa_level() >= 0; }  // every AVX-512 CPU has F16C
 
 // exp_nonpos on 16 lanes, the same operations in the same order (so the same bits): clamp at -87, n =
 // round(x log2 e), r = x - n ln 2 in two parts, the degree-6 polynomial, then p * 2^n by vscalefps, zeroed
@@ -171,14 +175,14 @@ AE_AVX512_TARGET float exp_sub_sum_bf16_avx512(const float* x, int64_t n, float 
 
 float exp_sub_sum(float* x, int64_t n, float m) {
 #if AE_HAVE_AVX512_ROWS
-  if (cpu_has(0)) return exp_sub_sum_avx512(x, n, m);
+  if (has_avx512()) return exp_sub_sum_avx512(x, n, m);
 #endif
   return exp_sub_sum_generic(x, n, m);
 }
 
 float exp_sub_sum_bf16(float* x, int64_t n, float m, uint16_t* dst, int64_t npad) {
 #if AE_HAVE_AVX512_ROWS
-  if (cpu_has(1)) return exp_sub_sum_bf16_avx512(x, n, m, dst, npad);
+  if (has_avx512_bf16()) return exp_sub_sum_bf16_avx512(x, n, m, dst, npad);
 #endif
   const float s = exp_sub_sum(x, n, m);
   f32_to_bf16(x, dst, n);
@@ -294,15 +298,6 @@ AE_CLONES void f32_to_f16_generic(const float* src, uint16_t* dst, int64_t n) {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-bool has_f16c() {
-  static const bool ok = [] {
-    const char* env = std::getenv("ATTENTION_EXT_CPU_AVX512");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-}
 
 AE_AVX512_TARGET void f16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
   int64_t j = 0;
@@ -343,7 +338,7 @@ AE_F16C_TARGET void f32_to_f16_f16c(const float* src, uint16_t* dst, int64_t n) 
 
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 #if AE_HAVE_AVX512_ROWS
-  if (cpu_has(0)) return f16_to_f32_avx512(src, dst, n);
+  if (has_avx512()) return f16_to_f32_avx512(src, dst, n);
   if (has_f16c()) return f16_to_f32_f16c(src, dst, n);
 #endif
   f16_to_f32_generic(src, dst, n);
@@ -351,7 +346,7 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
 #if AE_HAVE_AVX512_ROWS
-  if (cpu_has(0)) return f32_to_f16_avx512(src, dst, n);
+  if (has_avx512()) return f32_to_f16_avx512(src, dst, n);
   if (has_f16c()) return f32_to_f16_f16c(src, dst, n);
 #endif
   f32_to_f16_generic(src, dst, n);

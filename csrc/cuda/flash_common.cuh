@@ -217,17 +217,15 @@ struct MmaTraits<float, kPasses> {
     uint32_t big[2];
     uint32_t small[kSplit ? 2 : 1];
   };
-  // x = big + small, each a TF32 value. An infinity or NaN goes into big alone (x - big would be NaN:
-  // an inf in K made its whole row NaN where PyTorch gives numbers); a finite x that rounds up to
-  // infinity keeps its truncated bits in big instead.
+  // x = big + small, each a TF32 value. A finite x that rounds up to infinity keeps its truncated bits
+  // in big instead. (For x = +-inf or NaN, small is NaN; mma never adds it: see there.)
   __device__ __forceinline__ static bool finite_bits(uint32_t u) { return (u & 0x7F800000u) != 0x7F800000u; }
   __device__ __forceinline__ static void split(uint32_t raw, uint32_t& big, uint32_t& small) {
     const float x = __uint_as_float(raw);
     big = to_tf32(x);
     if constexpr (kSplit) {
       if (!finite_bits(big) && finite_bits(raw)) big = raw & 0xFFFFE000u;
-      const float d = x - __uint_as_float(big);
-      small = finite_bits(__float_as_uint(d)) ? to_tf32(d) : 0u;
+      small = to_tf32(x - __uint_as_float(big));
     }
   }
   __device__ __forceinline__ static A make_a(uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
@@ -255,10 +253,11 @@ struct MmaTraits<float, kPasses> {
     return b;
   }
   // 3 passes: c + big big, then the two small terms on top. Where c + big big is not finite, an
-  // infinity is among the big parts (or came before), and the small terms must not be added: a
-  // finite operand's small part times the other's infinite big part is an infinity of either sign
-  // (inf - inf = NaN), and a zero small part times it is NaN, where IEEE arithmetic on the float32
-  // values gives the infinity (tests/test_special_values.py, through the emulator).
+  // infinity or NaN is among the big parts (or came before), and the small terms must not be added:
+  // an infinite operand's small part is NaN, a finite operand's small part times the other's infinite
+  // big part is an infinity of either sign (inf - inf = NaN), and a zero small part times it is NaN,
+  // where IEEE arithmetic on the float32 values gives the infinity (tests/test_special_values.py,
+  // through the emulator). Where it is finite, every big part it met was finite, so are the small terms.
   __device__ __forceinline__ static void mma(float (&c)[4], const A& a, const B& b) {
     mma_tf32_1688(c, a.big, b.big);
     if constexpr (kSplit) {
