@@ -77,7 +77,8 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 # attention output + probabilities, both differentiable
 # ---------------------------------------------------------------------------
 class _AttentionWithWeights(torch.autograd.Function):
-    """(output, probs) from one fused forward; probs recomputed from the log-sum-exp.
+    """(output, probs) from one fused op, ``_attention_forward_weights`` (on the CPU one pass: the
+    weights come from the forward's own score tiles; on CUDA the forward, then ``attention_probs``).
 
     The backward of the output is the fused backward kernel; a gradient flowing
     into ``probs`` (when the caller uses the weights in its loss) is
@@ -86,18 +87,18 @@ class _AttentionWithWeights(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
-        out, lse, rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW)
-        probs = _ops.attention_probs(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW)
+    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, average_heads):
+        out, lse, rng, probs = _ops._attention_forward_weights(q, k, v, mask, dropout_p, is_causal, scale,
+                                                               enable_gqa, _NO_WINDOW, average_heads)
         ctx.save_for_backward(q, k, v, mask, out, lse, rng)
-        ctx.opts = (dropout_p, is_causal, scale, enable_gqa)
+        ctx.opts = (dropout_p, is_causal, scale, enable_gqa, average_heads)
         ctx.set_materialize_grads(False)  # unused weights: no gradient work for them at all
         return out, probs
 
     @staticmethod
     def backward(ctx, g_out, g_probs):
         q, k, v, mask, out, lse, rng = ctx.saved_tensors
-        dropout_p, is_causal, scale, enable_gqa = ctx.opts
+        dropout_p, is_causal, scale, enable_gqa, average_heads = ctx.opts
         mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
         if g_out is not None:
             dq, dk, dv, dmask = _ops._attention_backward(
@@ -112,6 +113,8 @@ class _AttentionWithWeights(torch.autograd.Function):
             acc = torch.float64 if q.dtype == torch.float64 else torch.float32
             p = _ops.attention_probs(q, k, mask, lse, rng, 0.0, is_causal, scale, enable_gqa, _NO_WINDOW).to(acc)
             g = g_probs.to(acc)
+            if average_heads:  # the mean over the heads: each head's weights get 1 / heads of it
+                g = (g / q.shape[-3]).unsqueeze(-3).expand(p.shape)
             if dropout_p > 0:
                 lead = p.shape[:-3]
                 bsz = 1
@@ -133,7 +136,7 @@ class _AttentionWithWeights(torch.autograd.Function):
             dk = dk + dk_h.to(dk.dtype)
             if mask_grad:
                 dmask = dmask + ds.sum_to_size(mask.shape).to(dmask.dtype)
-        return dq, dk, dv, dmask, None, None, None, None
+        return dq, dk, dv, dmask, None, None, None, None, None
 
 
 def attention_with_weights(
@@ -145,12 +148,14 @@ def attention_with_weights(
     is_causal: bool = False,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
+    average_heads: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(output, probs)``: the fused attention output and the attention weights
     ``(..., heads, L, S)`` (with the forward's dropout applied, as PyTorch's
-    MultiheadAttention returns them). Gradients flow through both."""
+    MultiheadAttention returns them), or with ``average_heads`` their mean over
+    the heads, ``(..., L, S)`` (averaged in float32). Gradients flow through both."""
     return _AttentionWithWeights.apply(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
-                                       bool(enable_gqa))
+                                       bool(enable_gqa), bool(average_heads))
 
 
 # ---------------------------------------------------------------------------

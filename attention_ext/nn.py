@@ -14,9 +14,10 @@ working. Only ``forward`` differs: it always runs this project's fused kernels
   mask plus a 2-D mask (never ``(N, heads, L, S)`` unless a 3-D mask asks for
   it), nothing at all for a causal mask given with the ``is_causal`` hint;
 * ``need_weights=True`` (PyTorch's default, which makes PyTorch fall back to
-  an unfused path): the output still comes from the fused kernel and the
-  weights are recomputed from its log-sum-exp by ``attention_probs``; both
-  are differentiable.
+  an unfused path): output and weights come from one fused op (on the CPU
+  the weights are written from the forward's own score tiles; on CUDA they
+  are recomputed from its log-sum-exp by ``attention_probs``); both are
+  differentiable.
 
 Differences from PyTorch: a query row whose keys are all masked gives 0 (and
 zero weights) instead of NaN; with dropout the random mask differs from
@@ -223,7 +224,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
-            out, weights = attention_with_weights(q, k, v, mask, dropout_p, use_causal)
+            out, weights = attention_with_weights(q, k, v, mask, dropout_p, use_causal,
+                                                  average_heads=average_attn_weights)
         else:
             out = _ops.attention(q, k, v, mask, dropout_p, use_causal, None, False, _NO_WINDOW)
             weights = None
@@ -232,25 +234,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         # the kernel lays its output out in q's order of dims, so this permute + reshape is a view
         out = out.permute((0, 2, 1, 3) if bf else (2, 0, 1, 3)).reshape(query.shape[0], query.shape[1], embed_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-        if weights is not None and average_attn_weights:
-            weights = self._head_mean(weights)
         if not is_batched:
             out = out.squeeze(1)
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
-
-    @staticmethod
-    def _head_mean(weights: Tensor) -> Tensor:
-        """weights.mean(dim=1), summed in float32 plane by plane: for bf16 / fp16 weights on the CPU,
-        Tensor.mean converts the whole (N, heads, L, S) tensor to float32 first, which took 5x the time
-        of this (and more than the attention itself)."""
-        if weights.dtype not in (torch.bfloat16, torch.float16) or weights.shape[1] == 1:
-            return weights.mean(dim=1)
-        acc = weights[:, 0].to(torch.float32, copy=True)
-        for h in range(1, weights.shape[1]):
-            acc = acc.add_(weights[:, h])
-        return acc.div_(weights.shape[1]).to(weights.dtype)
 
     @staticmethod
     def _flat(t: Tensor) -> Tensor:

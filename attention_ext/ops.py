@@ -63,8 +63,9 @@ def attention_probs(
     query, key, logsumexp, attn_mask=None, rng_state=None, dropout_p=0.0, is_causal=False, scale=None,
     enable_gqa=False, window_size=None,
 ) -> torch.Tensor:
-    """Attention weights (..., heads, L, S) recomputed from q, k and the forward's log-sum-exp
-    (with the forward's dropout applied when ``rng_state`` and ``dropout_p`` are given)."""
+    """Attention weights (..., heads, L, S) recomputed from q and k, normalised with the forward's
+    log-sum-exp on the CPU and with row sums of the recomputed scores on CUDA (with the forward's
+    dropout applied when ``rng_state`` and ``dropout_p`` are given)."""
     if rng_state is None:
         if dropout_p > 0:
             raise ValueError("attention_probs: dropout_p > 0 needs the rng_state returned by the forward")

@@ -182,6 +182,15 @@ at::Tensor empty_lse(const at::Tensor& q) {
   return at::empty_symint(s.slice(0, s.size() - 1), q.options().dtype(acc));
 }
 
+at::Tensor empty_weights(const at::Tensor& q, const at::Tensor& k, bool average_heads) {
+  auto qs = q.sym_sizes();
+  std::vector<c10::SymInt> shape(qs.begin(), qs.end() - 3);  // the batch dims
+  if (!average_heads) shape.push_back(q.sym_size(-3));
+  shape.push_back(q.sym_size(-2));
+  shape.push_back(k.sym_size(-2));
+  return at::empty_symint(shape, q.options());
+}
+
 void poison(const at::Tensor& t) {
   static const bool enabled = [] {
     const char* e = std::getenv("ATTENTION_EXT_POISON");
@@ -351,9 +360,7 @@ ProbsSetup prepare_probs(const at::Tensor& q, const at::Tensor& k, const std::op
   check_lse(lse, q);
   check_rng_state(rng, opt.dropout_p);
   ProbsSetup s;
-  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
-  shape.push_back(k.size(-2));
-  s.probs = at::empty(shape, q.options());
+  s.probs = empty_weights(q, k);
   poison(s.probs);
   s.q4 = as_4d(q);
   s.k4 = as_4d(k);

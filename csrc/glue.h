@@ -49,6 +49,8 @@ void check_dropout_mask_args(const at::Tensor& rng, int64_t batch, int64_t heads
 at::Tensor empty_output(const at::Tensor& q, const c10::SymInt& dim_v);
 // (..., Hq, L) log-sum-exp: float32 (float64 for float64 inputs).
 at::Tensor empty_lse(const at::Tensor& q);
+// (..., Hq, L, S) attention weights, contiguous, q's dtype; (..., L, S) with average_heads.
+at::Tensor empty_weights(const at::Tensor& q, const at::Tensor& k, bool average_heads = false);
 
 // With ATTENTION_EXT_POISON=1 in the environment (the test suite sets it),
 // fills a freshly allocated output with NaN before a kernel writes it, so an
@@ -116,6 +118,20 @@ struct ProbsSetup {
 };
 ProbsSetup prepare_probs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                          const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt);
+
+// _attention_forward_weights as a backend's forward followed by its attention_probs (weights recomputed
+// from the log-sum-exp, with the forward's dropout mask) and, with average_heads, their mean over the heads
+// in float32; the CUDA backends use it, the CPU fuses all three.
+template <typename Fwd, typename Probs>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_then_probs(
+    Fwd&& fwd, Probs&& probs, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal, std::optional<double> scale,
+    bool enable_gqa, at::IntArrayRef window, bool average_heads) {
+  auto [out, lse, rng] = fwd(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+  at::Tensor w = probs(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window);
+  if (average_heads) w = w.sum(-3, false, at::kFloat).div_(static_cast<double>(q.size(-3))).to(w.scalar_type());
+  return {out, lse, rng, w};
+}
 
 // Reduces the float (B, Hq, L, S) mask gradient to the mask's own shape and dtype.
 at::Tensor reduce_mask_grad(const at::Tensor& dmask_full, const at::Tensor& mask,

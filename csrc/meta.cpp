@@ -15,6 +15,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_meta(
   return {empty_output(q, v.sym_size(-1)), empty_lse(q), at::empty({2}, q.options().dtype(at::kLong))};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool average_heads) {
+  auto [out, lse, rng] = forward_meta(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+  return {out, lse, rng, empty_weights(q, k, average_heads)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
@@ -34,10 +42,7 @@ at::Tensor probs_meta(const at::Tensor& q, const at::Tensor& k, const std::optio
   check_inputs(q, k, k, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
   check_lse(lse, q);
   check_rng_state(rng, dropout_p);
-  auto qs = q.sym_sizes();
-  std::vector<c10::SymInt> shape(qs.begin(), qs.end() - 1);
-  shape.push_back(k.sym_size(-2));
-  return at::empty_symint(shape, q.options());
+  return empty_weights(q, k);
 }
 
 at::Tensor dropout_mask_meta(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
@@ -50,6 +55,7 @@ at::Tensor dropout_mask_meta(const at::Tensor& rng, int64_t batch, int64_t heads
 
 TORCH_LIBRARY_IMPL(attention_ext, Meta, m) {
   m.impl("_attention_forward", TORCH_FN(forward_meta));
+  m.impl("_attention_forward_weights", TORCH_FN(forward_weights_meta));
   m.impl("_attention_backward", TORCH_FN(backward_meta));
   m.impl("attention_probs", TORCH_FN(probs_meta));
   m.impl("_dropout_mask", TORCH_FN(dropout_mask_meta));

@@ -109,6 +109,7 @@ TORCH_LIBRARY(attention_ext, m) {
       "bool is_causal=False, float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1]) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   m.def(schema::kForward, {at::Tag::nondeterministic_seeded});
+  m.def(schema::kForwardWeights, {at::Tag::nondeterministic_seeded});
   m.def(schema::kBackward);
   m.def(schema::kProbs);
   m.def(schema::kDropoutMask);
@@ -123,6 +124,7 @@ TORCH_LIBRARY_IMPL(attention_ext, CompositeImplicitAutograd, m) {
 // differentiable entry point): their outputs never require grad.
 TORCH_LIBRARY_IMPL(attention_ext, Autograd, m) {
   m.impl("_attention_forward", torch::CppFunction::makeFallthrough());
+  m.impl("_attention_forward_weights", torch::CppFunction::makeFallthrough());
   m.impl("_attention_backward", torch::CppFunction::makeFallthrough());
   m.impl("attention_probs", torch::CppFunction::makeFallthrough());
   m.impl("_dropout_mask", torch::CppFunction::makeFallthrough());

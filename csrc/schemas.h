@@ -16,6 +16,13 @@ inline constexpr const char* kBackward =
     "Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, float? scale, "
     "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad) "
     "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)";
+// The forward that also returns the attention weights (..., Hq, L, S), dropout applied, or with
+// average_heads their mean over the query heads (..., L, S): what MultiheadAttention's need_weights=True
+// needs, on the CPU without attention_probs' second pass over Q K^T.
+inline constexpr const char* kForwardWeights =
+    "_attention_forward_weights(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
+    "bool is_causal, float? scale, bool enable_gqa, int[2] window_size, bool average_heads) "
+    "-> (Tensor output, Tensor logsumexp, Tensor rng_state, Tensor weights)";
 inline constexpr const char* kProbs =
     "attention_probs(Tensor query, Tensor key, Tensor? attn_mask, Tensor logsumexp, Tensor rng_state, "
     "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "

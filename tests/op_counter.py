@@ -20,8 +20,14 @@ class OpCounter(TorchDispatchMode):
 
     @property
     def fwd(self):
-        # under inference_mode the composite op reaches the mode undecomposed
-        return self.counts["attention_ext._attention_forward"] + self.counts["attention_ext.attention"]
+        # under inference_mode the composite op reaches the mode undecomposed; the weights op is a forward too
+        return (self.counts["attention_ext._attention_forward"] + self.counts["attention_ext.attention"] +
+                self.weights)
+
+    @property
+    def weights(self):
+        """Forwards that also returned the attention weights (need_weights / output_attentions)."""
+        return self.counts["attention_ext._attention_forward_weights"]
 
     @property
     def bwd(self):

@@ -69,6 +69,9 @@ def test_opcheck_forward_backward_probs(device, sid):
     opcheck(ops._attention_backward.default,
             (grad, q, k, v, m, out, lse, rng, p, causal, scale, gqa, w, mask_grad), test_utils=ALL_TESTS)
     opcheck(ops.attention_probs.default, (q, k, m, lse, rng, p, causal, scale, gqa, w), test_utils=ALL_TESTS)
+    for avg in (False, True):
+        opcheck(ops._attention_forward_weights.default, (q, k, v, m, p, causal, scale, gqa, w, avg),
+                test_utils=ALL_TESTS)
 
 
 def test_opcheck_dropout(device):
@@ -79,6 +82,7 @@ def test_opcheck_dropout(device):
             (torch.randn_like(out), q, k, v, m, out, lse, rng, 0.25, causal, scale, gqa, w, True), test_utils=ALL_TESTS)
     opcheck(ops.attention_probs.default, (q, k, m, lse, rng, 0.25, causal, scale, gqa, w), test_utils=ALL_TESTS)
     opcheck(ops._dropout_mask.default, (rng, 2, 3, 7, 9, 0.25), test_utils=ALL_TESTS)
+    opcheck(ops._attention_forward_weights.default, (q, k, v, m, 0.25, causal, scale, gqa, w, True), test_utils=NO_AOT)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     opcheck(ops.attention.default, (qg, kg, vg), dict(attn_mask=m, dropout_p=0.25), test_utils=NO_AOT)
 
@@ -93,6 +97,7 @@ def test_fake_tensor_shapes_strides_dtypes():
         grad = torch.randn_like(real[0])
         real_b = ops._attention_backward(grad, q, k, v, m, *real, p, causal, scale, gqa, w, True)
         real_p = ops.attention_probs(q, k, m, real[1], real[2], p, causal, scale, gqa, w)
+        real_w = [ops._attention_forward_weights(q, k, v, m, p, causal, scale, gqa, w, a) for a in (False, True)]
         with FakeTensorMode(allow_non_fake_inputs=False) as mode:
             fq, fk, fv, fg = (mode.from_tensor(t) for t in (q, k, v, grad))
             fm = None if m is None else mode.from_tensor(m)
@@ -100,8 +105,11 @@ def test_fake_tensor_shapes_strides_dtypes():
             fo, fl, fr = fake
             fake_b = ops._attention_backward(fg, fq, fk, fv, fm, fo, fl, fr, p, causal, scale, gqa, w, True)
             fake_p = ops.attention_probs(fq, fk, fm, fl, fr, p, causal, scale, gqa, w)
-        for name, r, f in zip(("out", "lse", "rng", "dq", "dk", "dv", "dmask", "probs"),
-                              (*real, *real_b, real_p), (*fake, *fake_b, fake_p)):
+            fake_w = [ops._attention_forward_weights(fq, fk, fv, fm, p, causal, scale, gqa, w, a) for a in (False, True)]
+        names = ("out", "lse", "rng", "dq", "dk", "dv", "dmask", "probs") + tuple(
+            f"{a}_{n}" for a in ("weights_op", "weights_op_avg") for n in ("out", "lse", "rng", "weights"))
+        for name, r, f in zip(names, (*real, *real_b, real_p, *real_w[0], *real_w[1]),
+                              (*fake, *fake_b, fake_p, *fake_w[0], *fake_w[1])):
             assert r.shape == f.shape, (sid, name, r.shape, f.shape)
             assert r.dtype == f.dtype, (sid, name, r.dtype, f.dtype)
             if r.numel() > 1:

@@ -218,6 +218,25 @@ def test_attention_probs_extreme_rows():
     assert torch.allclose(probs[1, :, 4, :5].double(), torch.full((4, 5), 0.2, dtype=f64))
 
 
+def test_attention_probs_large_scores_fp32():
+    """fp32 scores in the hundreds (scale 10): attention_probs normalises with row sums of its own scores,
+    so its weights are as accurate as PyTorch's fp32 softmax of the same scores (with the forward's lse,
+    computed from the tensor-core scores, they were ~10x off), per head and in the averaged weights of
+    _attention_forward_weights."""
+    torch.manual_seed(11)
+    q, k, v = torch.randn(2, 2, 65, 64), torch.randn(2, 2, 300, 64), torch.randn(2, 2, 300, 32)
+    r = reference_attention(q, k, v, is_causal=True, scale=10.0)
+    s = (q @ k.transpose(-1, -2) * 10.0).masked_fill(~r.visible, -math.inf)
+    base = torch.softmax(s, dim=-1)
+    _, lse, rng = emu.ops._attention_forward(q, k, v, None, 0.0, True, 10.0, False, [-1, -1])
+    probs = emu.ops.attention_probs(q, k, None, lse, rng, 0.0, True, 10.0, False, [-1, -1])
+    assert_close_vs_baseline("probs", probs, r.probs, base, f32)
+    out, _, _, w = emu.ops._attention_forward_weights(q, k, v, None, 0.0, True, 10.0, False, [-1, -1], True)
+    assert_close_vs_baseline("averaged weights", w, r.probs.mean(-3), base.mean(-3), f32)
+    assert_close_vs_baseline("output", out, r.out, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=10.0),
+                             f32)
+
+
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
 def test_extreme_rows_backward(dtype):
     """Whole rows at finfo.min (Hugging Face pads so) are uniform over their

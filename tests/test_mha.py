@@ -399,13 +399,14 @@ def test_masks_merged_without_heads_dim():
     assert is_causal and mask.shape == (n, 1, 1, l)
     mask, is_causal = _mask_arg(m, x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
     assert is_causal and mask is None
-    # need_weights=True still goes through the fused forward (+ the probabilities op)
+    # need_weights=True still goes through one fused op (forward and weights, the head mean included)
     with OpLog() as log:
-        m(x, x, x, need_weights=True)
+        _, w = m(x, x, x, need_weights=True)
     ops = sorted(str(f.overloadpacket.__name__) for f, _ in log.ext_calls())
-    assert ops == ["_attention_forward", "attention_probs"]
+    assert ops == ["_attention_forward_weights"]
     names = log.names()
-    assert "bmm" not in names and "_softmax" not in names
+    assert "bmm" not in names and "_softmax" not in names and "mean" not in names
+    assert w.shape == (n, l, l)
 
 
 def test_fallback_for_large_head_dim():
@@ -522,8 +523,9 @@ def test_torch_compile_fullgraph(need_weights):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_averaged_weights_half_precision(dtype):
-    """average_attn_weights=True in bf16 / fp16 (summed over heads in float32, plane by plane): the mean of the
-    per-head weights, rounded once to the dtype, and the gradient through it is the per-head one averaged."""
+    """average_attn_weights=True in bf16 / fp16 (averaged over the heads in float32 by the op, then rounded once):
+    the mean of the per-head weights within one rounding, and the gradient through it is the per-head one
+    averaged."""
     torch.manual_seed(3)
     m = MultiheadAttention(64, 8, batch_first=True, dtype=dtype)
     x = torch.randn(2, 40, 64, dtype=dtype)

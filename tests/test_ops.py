@@ -334,11 +334,34 @@ def sdpa_mask(case: Case, mask, device):
 # --------------------------------------------------------------------------------------------
 # the check
 
+def check_forward_weights(case: Case, fw_op, qkv, mask, r, sout, slse, scores, averaged_only=False):
+    """_attention_forward_weights (what MultiheadAttention's need_weights=True runs) on the same inputs:
+    output and log-sum-exp as close to the reference as _attention_forward's must be, and weights (per head, and their mean
+    over the heads) against the float64 reference's probabilities, with PyTorch's softmax of the same
+    float32 scores, rounded to the dtype, as the error baseline (averaged_only: the mean only)."""
+    dt = case.dtype
+    base = torch.softmax(scores, dim=-1).to(dt)  # NaN on dead rows: no tolerance from there
+    for avg in ((True,) if averaged_only else (False, True)):
+        out_w, lse_w, _, w = fw_op(*qkv, mask, 0.0, case.causal, case.scale, case.gqa, list(case.window or (-1, -1)),
+                                   avg)
+        # (not bit for bit the same as _attention_forward's: with the head mean, or very long rows, the CPU
+        # runs fewer query rows per product)
+        assert_close_vs_baseline("output (with weights)", out_w, r.out, sout, dt)
+        assert_close_vs_baseline("logsumexp (with weights)", lse_w, r.lse, slse, dt)
+        assert torch.equal(torch.isneginf(lse_w), torch.isneginf(r.lse))
+        ref, bw = r.probs, base
+        if avg:  # the baseline averages its rounded per-head weights in float32 and rounds once
+            ref, bw = r.probs.mean(dim=-3), base.float().mean(dim=-3).to(dt)
+        assert w.dtype == dt and w.shape == ref.shape, (w.dtype, tuple(w.shape), tuple(ref.shape))
+        assert w.is_contiguous()
+        assert_close_vs_baseline("weights (head mean)" if avg else "weights", w, ref, bw, dt)
+
 def run_case(case: Case, device: str):
     """device: 'cpu', 'cuda', or 'emu' (the CUDA kernels on the CPU emulator, CPU tensors)."""
-    attn, fwd_op = attention_ext.attention, ops._attention_forward
-    if device == "emu":
-        attn, fwd_op, device = emu.attention, emu.ops._attention_forward, "cpu"
+    attn, fwd_op, fw_op = attention_ext.attention, ops._attention_forward, ops._attention_forward_weights
+    emulated = device == "emu"
+    if emulated:
+        attn, fwd_op, fw_op, device = emu.attention, emu.ops._attention_forward, emu.ops._attention_forward_weights, "cpu"
     torch.manual_seed(_seed(case))
     bases, views = make_qkv(case, device)
     mask = make_mask(case, device)
@@ -410,6 +433,9 @@ def run_case(case: Case, device: str):
         assert g is not None, "the float mask requires grad but got no gradient"
         assert g.shape == mask_ours.shape and g.dtype == mask_ours.dtype, (g.shape, g.dtype)
         assert_close_vs_baseline("dmask", g, rgrads[3], sgrads[3], dt)
+
+    check_forward_weights(case, fw_op, (q0, k0, v0), m0, r, sout, slse, scores.masked_fill(~vis, -math.inf),
+                          averaged_only=emulated)
 
     # rows that see no key: exactly 0 output and gradient, -inf lse
     dead = ~r.visible.any(-1)  # (..., Hq, L)

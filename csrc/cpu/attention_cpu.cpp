@@ -49,17 +49,41 @@ void read_rng_state(const at::Tensor& rng, double dropout_p, FwdParams& p) {
 }
 
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+// The forward, and with `weights` defined the attention weights from the same pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    const at::Tensor& weights, bool average_heads) {
   ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
   auto [seed, offset] = draw_seed(dropout_p);
   st.p.seed = seed;
   st.p.offset = offset;
-  if (log_kernels()) log_kernel(cpu::describe_kernel("cpu forward", st.p, false));
-  dispatch_dtype(q.scalar_type(), [&](auto t) { cpu::flash_fwd<decltype(t)>(st.p); });
+  if (log_kernels())
+    log_kernel(cpu::describe_kernel(weights.defined() ? "cpu forward with weights" : "cpu forward", st.p, false));
+  dispatch_dtype(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    cpu::flash_fwd<T>(st.p, weights.defined() ? static_cast<T*>(weights.data_ptr()) : nullptr, average_heads);
+  });
   finish_forward(st);
   return {st.out, st.lse, make_rng_state(seed, offset)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  return run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, at::Tensor(), false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool average_heads) {
+  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  at::Tensor w = empty_weights(q, k, average_heads);
+  poison(w);
+  auto [out, lse, rng] =
+      run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, w, average_heads);
+  return {out, lse, rng, w};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -107,6 +131,7 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng, int64_t batch, int64_t heads,
 
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
   m.impl("_attention_forward", TORCH_FN(forward_cpu));
+  m.impl("_attention_forward_weights", TORCH_FN(forward_weights_cpu));
   m.impl("_attention_backward", TORCH_FN(backward_cpu));
   m.impl("attention_probs", TORCH_FN(probs_cpu));
   m.impl("_dropout_mask", TORCH_FN(dropout_mask_cpu));

@@ -548,26 +548,43 @@ struct Bf16GemmTile : Bf16TileBase {
   }
 };
 
+// The forward. With `weights`, also the attention weights P (dropout applied) from the same pass: the
+// score tiles of a query block go side by side into one row-wide buffer instead of overwriting each other,
+// each tile's running maximum is remembered, and once a row's final maximum m and sum l are known its
+// weights are exp(S - m_tile) * exp(m_tile - m) / l, one multiply per element (attention_probs recomputes
+// Q K^T and the exponentials instead). weights is batch x heads_q x len_q x len_k, contiguous, or with
+// average_heads batch x len_q x len_k: the mean over the query heads, summed in float32 (a task then owns
+// a query block of every head of a batch element, so no two tasks write the same weights).
 template <typename T, typename Tile>
-void flash_fwd_impl(const FwdParams& p) {
+void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
   using A = acc_t<T>;
   constexpr bool kBf16Tile = std::is_base_of_v<Bf16TileBase, Tile>;  // P to bf16 in the tile (p_row)
   if (p.batch == 0 || p.heads_kv == 0) return;
-  const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, E = p.dim_qk, Ev = p.dim_v;
+  const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, S = p.len_k, E = p.dim_qk, Ev = p.dim_v;
+  const bool keep = weights != nullptr, avg = keep && average_heads;
   const Blocks blk = choose_blocks(p, false);
-  const int64_t kBlockQ = blk.q, kBlockK = blk.k;
+  const int64_t kBlockK = blk.k, ntiles = cdiv(S, kBlockK);
+  // score rows: one tile wide, or (weights) every key plus room for a tile product stored in whole 16 x 16
+  // tiles past the last key; then at most ~4 MB of them per thread (fewer query rows for very long rows),
+  // and with the head average still 4 tasks per thread where the rows allow
+  const int64_t lds = keep ? round_up(S, 32) + 32 : kBlockK;
+  int64_t kBlockQ = blk.q;
+  while (keep && kBlockQ > 16 && kBlockQ * lds > (int64_t(1) << 20)) kBlockQ /= 2;
+  while (avg && kBlockQ > 16 && p.batch * cdiv(L, kBlockQ) < 4 * static_cast<int64_t>(num_threads())) kBlockQ /= 2;
   const int64_t nqb = cdiv(L, kBlockQ);
   const bool dropout = p.dropout_p > 0.0;
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
   const A ninf = -std::numeric_limits<A>::infinity();
 
-  parallel_for(p.batch * Hq * nqb, [&](int64_t t0, int64_t t1) {
+  parallel_for(p.batch * (avg ? 1 : Hq) * nqb, [&](int64_t t0, int64_t t1) {
     Tile tile(E, Ev, kBlockQ, kBlockK, false);
-    Scratch<A> sbuf(kBlockQ * kBlockK);
+    Scratch<A> sbuf(kBlockQ * lds), wsum(avg ? kBlockQ * S : 0);
     std::vector<A> acc(kBlockQ * Ev), tmp(kBlockK), mrow(kBlockQ), lrow(kBlockQ);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t qb = t % nqb, bh = t / nqb, h = bh % Hq, b = bh / Hq, hk = h / G;
-      const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
+    std::vector<A> mtile(keep ? kBlockQ * ntiles : 0);  // (weights) each row's running maximum after each tile
+
+    // output and lse of query rows i0 .. i0 + nq - 1 of head h; the keys [jlo, jhi) it computed
+    auto attend = [&](int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t& jlo, int64_t& jhi) {
+      const int64_t bh = b * Hq + h, hk = h / G;
       const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.r;
       const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
       const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
@@ -576,19 +593,20 @@ void flash_fwd_impl(const FwdParams& p) {
       std::fill(mrow.begin(), mrow.end(), ninf);
       std::fill(lrow.begin(), lrow.end(), A(0));
 
-      int64_t jlo, jhi;
       block_key_range(p, b, h, i0, nq, jlo, jhi);
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, jhi - j0);
+        const int64_t nk = std::min(kBlockK, jhi - j0), jt = (j0 - jlo) / kBlockK;
+        A* const sb = sbuf.data() + (keep ? j0 - jlo : 0);
         tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
-        tile.qk(static_cast<A>(p.scale), sbuf.data(), kBlockK);
-        mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), kBlockK, tmp.data());
+        tile.qk(static_cast<A>(p.scale), sb, lds);
+        mask_tile(p, b, h, i0, nq, j0, nk, sb, lds, tmp.data());
         // bf16 tiles without dropout: the exponentials go straight to the tile's bf16 P (one pass, no
-        // fp32 P written and read again)
-        const bool bf16_p = kBf16Tile && !dropout;
+        // fp32 P written and read again); the weights need the fp32 exponentials kept
+        const bool bf16_p = kBf16Tile && !dropout && !keep;
         for (int64_t r = 0; r < nq; ++r) {
-          A* s = sbuf.data() + r * kBlockK;
+          A* s = sb + r * lds;
           const A mnew = running_max(mrow[r], s, nk);
+          if (keep) mtile[r * ntiles + jt] = mnew;
           if (mnew == ninf) {  // nothing visible in this row so far
             std::fill(s, s + nk, A(0));
             if constexpr (kBf16Tile)
@@ -609,11 +627,11 @@ void flash_fwd_impl(const FwdParams& p) {
         }
         if constexpr (kBf16Tile) tile.p_ready = bf16_p;
         tile.load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
-        tile.pv(sbuf.data(), kBlockK, acc.data());
+        tile.pv(sb, lds, acc.data());
       }
 
       T* o = static_cast<T*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i0 * p.o_stride.r;
-      A* lse = static_cast<A*>(p.lse) + (b * Hq + h) * L + i0;
+      A* lse = static_cast<A*>(p.lse) + bh * L + i0;
       for (int64_t r = 0; r < nq; ++r) {
         A* a = acc.data() + r * Ev;
         if (lrow[r] != A(0)) {  // a NaN sum (NaN scores) gives a NaN row and lse
@@ -624,6 +642,46 @@ void flash_fwd_impl(const FwdParams& p) {
           lse[r] = -std::numeric_limits<A>::infinity();
         }
         store_row<T, A>(a, o + r * p.o_stride.r, Ev);
+      }
+    };
+    // (weights) the exponentials of row r, keys [jlo, jhi), turned into its probabilities in place
+    auto normalise = [&](int64_t r, int64_t jlo, int64_t jhi) {
+      A* s = sbuf.data() + r * lds;
+      const A inv_l = lrow[r] != A(0) ? A(1) / lrow[r] : A(0);  // 0: a row that sees no key
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+        const A mt = mtile[r * ntiles + (j0 - jlo) / kBlockK];
+        // exp(m_tile - m) / l: 0 for tiles before the row saw any key (their exponentials are 0 too)
+        const A f = mt == ninf || inv_l == A(0) ? A(0) : std::exp(mt - mrow[r]) * inv_l;
+        scale_row(s + (j0 - jlo), std::min(kBlockK, jhi - j0), f);
+      }
+      return s;
+    };
+
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t qb = t % nqb, i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
+      int64_t jlo, jhi;
+      if (!avg) {
+        const int64_t bh = t / nqb;
+        attend(bh / Hq, bh % Hq, i0, nq, jlo, jhi);
+        if (!keep) continue;
+        T* w = weights + (bh * L + i0) * S;
+        for (int64_t r = 0; r < nq; ++r, w += S) {
+          std::memset(static_cast<void*>(w), 0, jlo * sizeof(T));  // keys no row of the block sees
+          std::memset(static_cast<void*>(w + jhi), 0, (S - jhi) * sizeof(T));
+          store_row<T, A>(normalise(r, jlo, jhi), w + jlo, jhi - jlo);
+        }
+        continue;
+      }
+      const int64_t b = t / nqb;
+      std::fill(wsum.data(), wsum.data() + nq * S, A(0));
+      for (int64_t h = 0; h < Hq; ++h) {
+        attend(b, h, i0, nq, jlo, jhi);
+        for (int64_t r = 0; r < nq; ++r) add_row(wsum.data() + r * S + jlo, normalise(r, jlo, jhi), jhi - jlo);
+      }
+      T* w = weights + (b * L + i0) * S;
+      for (int64_t r = 0; r < nq; ++r) {
+        scale_row(wsum.data() + r * S, S, A(1) / A(Hq));
+        store_row<T, A>(wsum.data() + r * S, w + r * S, S);
       }
     }
   });
@@ -648,8 +706,8 @@ void with_tile(F&& f) {
 }
 
 template <typename T>
-void flash_fwd(const FwdParams& p) {
-  with_tile<T>([&](auto tag) { flash_fwd_impl<T, typename decltype(tag)::type>(p); });
+void flash_fwd(const FwdParams& p, T* weights, bool average_heads) {
+  with_tile<T>([&](auto tag) { flash_fwd_impl<T, typename decltype(tag)::type>(p, weights, average_heads); });
 }
 
 // P = exp(scale * Q K^T + mask - lse) for a tile, rows with lse = -inf give 0.

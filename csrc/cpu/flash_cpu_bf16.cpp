@@ -5,7 +5,7 @@
 #include <chrono>
 
 namespace attention_ext::cpu {
-template void flash_fwd<bf16>(const FwdParams&);
+template void flash_fwd<bf16>(const FwdParams&, bf16*, bool);
 template void flash_bwd<bf16>(const BwdParams&);
 template void flash_probs<bf16>(const FwdParams&, bf16*);
 

@@ -2,7 +2,7 @@
 #include "flash_cpu.h"
 
 namespace attention_ext::cpu {
-template void flash_fwd<double>(const FwdParams&);
+template void flash_fwd<double>(const FwdParams&, double*, bool);
 template void flash_bwd<double>(const BwdParams&);
 template void flash_probs<double>(const FwdParams&, double*);
 }  // namespace attention_ext::cpu

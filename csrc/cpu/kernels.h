@@ -9,8 +9,10 @@
 
 namespace attention_ext::cpu {
 
+// weights: nullptr, or the attention weights, written in the same pass: batch x heads_q x len_q x len_k,
+// contiguous, or with average_heads batch x len_q x len_k (their mean over the query heads)
 template <typename T>
-void flash_fwd(const FwdParams& p);
+void flash_fwd(const FwdParams& p, T* weights = nullptr, bool average_heads = false);
 template <typename T>
 void flash_bwd(const BwdParams& p);
 // out: batch x heads_q x len_q x len_k, contiguous

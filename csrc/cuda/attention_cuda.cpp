@@ -204,10 +204,7 @@ at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optio
   if (st.probs.numel() > 0) {
     const LaunchEnv env = make_env(q);
     at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
-    const FwdStats rs = probs_row_stats(p, stats.data_ptr<float>());
-    C10_CUDA_CHECK(launch_row_stats(p, rs, *find_fwd_or_fail(p), env));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    C10_CUDA_CHECK(launch_probs(p, rs.shift, rs.logl, st.probs.data_ptr(), env));
+    C10_CUDA_CHECK(launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return st.probs;
@@ -248,11 +245,20 @@ at::Tensor sm90_gemm_selftest_cuda(const at::Tensor& a, const at::Tensor& b, int
   return s.out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool average_heads) {
+  return forward_then_probs(forward_cuda, probs_cuda, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
+                            average_heads);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
   m.impl("_attention_forward", TORCH_FN(cuda::forward_cuda));
+  m.impl("_attention_forward_weights", TORCH_FN(cuda::forward_weights_cuda));
   m.impl("_attention_backward", TORCH_FN(cuda::backward_cuda));
   m.impl("attention_probs", TORCH_FN(cuda::probs_cuda));
   m.impl("_dropout_mask", TORCH_FN(cuda::dropout_mask_cuda));

@@ -74,72 +74,136 @@ __device__ __forceinline__ float mask_value_any(const FwdParams& p, int64_t off)
   }
 }
 
-// attention_probs: a 32 x 32 tile of (query, key) per CTA iteration; scores
-// in fp32 FMA (q and k tiles staged through shared memory, 32 features at a
-// time), then P = exp(x - lse) (0 for rows with lse = -inf) and the
-// forward's dropout: P * keep / (1 - p). Every element is written.
-// P = exp2(((x - shift) - logl) * log2e) with the row statistics of
-// launch_row_stats (see FwdStats; the differences come first so that finite
-// scores near -FLT_MAX cannot overflow, see flash_fwd.cuh).
+// attention_probs in two kernels that compute every score the same way (score_tile): probs_stats_kernel
+// takes each row's max m and sum l over all its keys, probs_kernel writes P = exp((x - m) - log l) and the
+// forward's dropout, P * keep / (1 - p). The forward's log-sum-exp is not used: it comes from the tensor-core
+// scores, which differ from these in the last bits, and with |scores| in the hundreds (fp32, large scales)
+// exp(x - lse) was then off by ~10x PyTorch's error; normalising over the very scores it exponentiates, each
+// row sums to 1 to rounding, whatever the magnitude (and rows masked with finfo.min need no special case).
 constexpr int kPT = 32;
+using TileBuf = float[kPT][kPT + 1];
+
+// x[r] = scale * q_i . k_j + mask for rows i = i0 + ty + 8 r and key j = j0 + tx of one 32 x 32 tile (-inf
+// where not visible), in fp32 FMA with q and k staged through shared memory, 32 features at a time.
+// Every thread of the CTA calls it (it synchronises).
+template <typename Elem>
+__device__ __forceinline__ void score_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t j0,
+                                           TileBuf& sq, TileBuf& sk, float (&x)[4]) {
+  const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;  // ty in [0, 8): rows ty + 8 * r
+  const int64_t L = p.len_q, S = p.len_k, E = p.dim_qk, hk = h / (p.heads_q / p.heads_kv);
+  const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
+  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t e0 = 0; e0 < E; e0 += kPT) {
+    __syncthreads();  // the previous chunk's (or tile's) reads are done
+    for (int idx = threadIdx.x; idx < kPT * kPT; idx += kThreads) {
+      const int r = idx / kPT, c = idx % kPT;
+      const bool okc = e0 + c < E;
+      sq[r][c] = (okc && i0 + r < L) ? ElemOps<Elem>::to_float(q[(i0 + r) * p.q_stride.r + e0 + c]) : 0.f;
+      sk[r][c] = (okc && j0 + r < S) ? ElemOps<Elem>::to_float(k[(j0 + r) * p.k_stride.r + e0 + c]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int c = 0; c < kPT; ++c) {
+      const float kv = sk[tx][c];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[r] = fmaf(sq[ty + 8 * r][c], kv, acc[r]);
+    }
+  }
+  const int64_t j = j0 + tx;
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t i = i0 + ty + 8 * r;
+    x[r] = -kInf;
+    if (i >= L || j >= S) continue;
+    int64_t lo, hi;
+    key_range(p, i, lo, hi);
+    if (j < lo || j >= hi) continue;
+    x[r] = acc[r] * scale;
+    if (p.mask_kind != MaskKind::kNone) {
+      const Strides4& ms = p.mask_stride;
+      x[r] += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c);
+    }
+  }
+}
+
+// shift = m and logl = log(l) of each row over all its keys (shift -inf: no visible key, the row's P is 0;
+// NaN: a NaN score, the row's P is NaN, as the forward's output): one CTA per 32 rows, each thread keeps
+// an online max / sum of its 4 rows over the key column it owns in every tile, then the warp combines them.
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads) probs_stats_kernel(const FwdParams p, float* shift, float* logl) {
+  __shared__ TileBuf sq, sk;
+  const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;
+  const int64_t L = p.len_q, Hq = p.heads_q, nib = ceil_div(L, kPT), njb = ceil_div(p.len_k, kPT);
+  for (int64_t blk = blockIdx.x; blk < p.batch * Hq * nib; blk += gridDim.x) {
+    const int64_t ib = blk % nib, bh = blk / nib;
+    float m[4], l[4];
+    bool nan[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) m[r] = -kInf, l[r] = 0.f, nan[r] = false;
+    for (int64_t jb = 0; jb < njb; ++jb) {
+      float x[4];
+      score_tile<Elem>(p, bh / Hq, bh % Hq, ib * kPT, jb * kPT, sq, sk, x);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        if (x[r] != x[r]) {
+          nan[r] = true;
+        } else if (x[r] > m[r]) {  // a new maximum (-inf never is one)
+          l[r] = (m[r] == -kInf ? 0.f : l[r] * exp2f((m[r] - x[r]) * kLog2e)) + 1.f;
+          m[r] = x[r];
+        } else if (x[r] != -kInf) {
+          l[r] += exp2f((x[r] - m[r]) * kLog2e);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      for (int off = 16; off > 0; off >>= 1) {  // the 32 lanes of a warp are the 32 key columns of its rows
+        const float m2 = __shfl_xor_sync(0xffffffffu, m[r], off), l2 = __shfl_xor_sync(0xffffffffu, l[r], off);
+        nan[r] = __shfl_xor_sync(0xffffffffu, static_cast<int>(nan[r]), off) != 0 || nan[r];
+        const float mm = fmaxf(m[r], m2);
+        l[r] = (m[r] == -kInf ? 0.f : l[r] * exp2f((m[r] - mm) * kLog2e)) +
+               (m2 == -kInf ? 0.f : l2 * exp2f((m2 - mm) * kLog2e));
+        m[r] = mm;
+      }
+      const int64_t i = ib * kPT + ty + 8 * r;
+      if (tx == 0 && i < L) {
+        shift[bh * L + i] = nan[r] ? std::numeric_limits<float>::quiet_NaN() : m[r];
+        logl[bh * L + i] = m[r] == -kInf ? 0.f : logf(l[r]);
+      }
+    }
+  }
+}
+
+// P = exp2(((x - shift) - logl) * log2e) (the differences first, so that finite scores near -FLT_MAX cannot
+// overflow, see flash_fwd.cuh), 0 for rows with shift = -inf, then the dropout. Every element is written.
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads)
     probs_kernel(const FwdParams p, const float* row_shift, const float* row_logl, Elem* out) {
-  __shared__ float sq[kPT][kPT + 1];  // [query row][feature]
-  __shared__ float sk[kPT][kPT + 1];  // [key][feature]
-  const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;  // ty in [0, 8): rows ty + 8 * r
-  const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q, G = p.heads_q / p.heads_kv, E = p.dim_qk;
+  __shared__ TileBuf sq, sk;
+  const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;
+  const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q;
   const int64_t nib = ceil_div(L, kPT), njb = ceil_div(S, kPT);
   const int64_t tiles = p.batch * Hq * nib * njb;
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
-  const float scale = static_cast<float>(p.scale);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t jb = tile % njb, ib = (tile / njb) % nib, bh = tile / (njb * nib);
-    const int64_t b = bh / Hq, h = bh % Hq, hk = h / G;
-    const int64_t i0 = ib * kPT, j0 = jb * kPT;
-    const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
-    const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t e0 = 0; e0 < E; e0 += kPT) {
-      __syncthreads();  // the previous chunk's reads are done
-      for (int idx = threadIdx.x; idx < kPT * kPT; idx += kThreads) {
-        const int r = idx / kPT, c = idx % kPT;
-        const bool okc = e0 + c < E;
-        sq[r][c] = (okc && i0 + r < L) ? ElemOps<Elem>::to_float(q[(i0 + r) * p.q_stride.r + e0 + c]) : 0.f;
-        sk[r][c] = (okc && j0 + r < S) ? ElemOps<Elem>::to_float(k[(j0 + r) * p.k_stride.r + e0 + c]) : 0.f;
-      }
-      __syncthreads();
-#pragma unroll 8
-      for (int c = 0; c < kPT; ++c) {
-        const float kv = sk[tx][c];
+    const int64_t i0 = ib * kPT, j0 = jb * kPT, j = j0 + tx;
+    float x[4];
+    score_tile<Elem>(p, bh / Hq, bh % Hq, i0, j0, sq, sk, x);
+    if (j >= S) continue;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) acc[r] = fmaf(sq[ty + 8 * r][c], kv, acc[r]);
-      }
-    }
-    const int64_t j = j0 + tx;
-    if (j < S) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int64_t i = i0 + ty + 8 * r;
-        if (i >= L) continue;
-        int64_t lo, hi;
-        key_range(p, i, lo, hi);
-        float x = -kInf;
-        if (j >= lo && j < hi) {
-          x = acc[r] * scale;
-          if (p.mask_kind != MaskKind::kNone) {
-            const Strides4& ms = p.mask_stride;
-            x += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c);
-          }
-        }
-        const float sh = row_shift[bh * L + i];
-        float pr = sh == -kInf ? 0.f : exp2f(((x - sh) - row_logl[bh * L + i]) * kLog2e);
-        if (dropout) pr = rng.keep(static_cast<uint64_t>(bh), static_cast<uint64_t>(i), static_cast<uint64_t>(j))
-                              ? pr * rng.inv_keep
-                              : 0.f;
-        out[(bh * L + i) * S + j] = ElemOps<Elem>::from_float(pr);
-      }
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = i0 + ty + 8 * r;
+      if (i >= L) continue;
+      const float sh = row_shift[bh * L + i];
+      float pr = sh == -kInf ? 0.f : exp2f(((x[r] - sh) - row_logl[bh * L + i]) * kLog2e);
+      if (dropout) pr = rng.keep(static_cast<uint64_t>(bh), static_cast<uint64_t>(i), static_cast<uint64_t>(j))
+                            ? pr * rng.inv_keep
+                            : 0.f;
+      out[(bh * L + i) * S + j] = ElemOps<Elem>::from_float(pr);
     }
   }
 }
@@ -199,15 +263,21 @@ cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const Launch
   });
 }
 
-cudaError_t launch_probs(const FwdParams& p, const float* row_shift, const float* row_logl, void* probs,
-                         const LaunchEnv& env) {
+cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, const LaunchEnv& env) {
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
   const int64_t tiles = p.batch * p.heads_q * ceil_div(p.len_q, kPT) * ceil_div(p.len_k, kPT);
   if (tiles == 0) return cudaSuccess;
-  const int grid = grid_for(tiles, 1, env.num_sms);
+  float* shift = row_stats;
+  float* logl = row_stats + rows;
   return by_dtype(p.dtype, [&](auto tag) {
     using Elem = decltype(tag);
-    return launch_kernel(probs_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "probs_kernel", p, row_shift,
-                         row_logl, static_cast<Elem*>(probs));
+    const cudaError_t err =
+        launch_kernel(probs_stats_kernel<Elem>, grid_for(p.batch * p.heads_q * ceil_div(p.len_q, kPT), 1, env.num_sms),
+                      kThreads, 0, 0, env.stream, "probs_stats_kernel", p, shift, logl);
+    if (err != cudaSuccess) return err;
+    return launch_kernel(probs_kernel<Elem>, grid_for(tiles, 1, env.num_sms), kThreads, 0, 0, env.stream,
+                         "probs_kernel", p, static_cast<const float*>(shift), static_cast<const float*>(logl),
+                         static_cast<Elem*>(probs));
   });
 }
 

@@ -28,7 +28,7 @@ struct LaunchEnv {
   int arch = 0;             // compute capability of the device, major * 10 + minor (90: Hopper)
 };
 
-// Row statistics for the backward and attention_probs, which recompute
+// Row statistics for the backward, which recomputes
 // P_ij = exp(x_ij - lse_i). When |lse| is huge (a whole row masked with
 // finfo.min, as Hugging Face masks padding) fp32 has lost log(l) in
 // lse = m + log(l), so those P come out wrong by up to a factor l. The
@@ -78,8 +78,6 @@ BwdWork plan_bwd_work(const BwdParams& p, const BwdEntry& e, int num_sms, bool d
 // The FwdStats of a backward over buf (3 * batch * heads_q * len_q floats:
 // shift, logl, D); exact_d for a mask gradient in fp16 / bf16.
 FwdStats bwd_row_stats(const BwdParams& p, float* buf);
-// ... of attention_probs over buf (2 * batch * heads_q * len_q floats: shift, logl).
-FwdStats probs_row_stats(const FwdParams& p, float* buf);
 
 // stats == nullptr: the forward; else the stats mode (see FwdStats).
 using FwdLauncher = cudaError_t (*)(const FwdParams&, const FwdStats*, const LaunchEnv&);
@@ -146,10 +144,10 @@ cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEn
 // dq = scale * sum over the w.nsplit splits of dq_accum (fixed order), cast to the input dtype.
 cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const LaunchEnv& env);
 // probs (batch x heads_q x len_q x len_k, contiguous, input dtype) = the
-// dropped-out softmax probabilities recomputed from q, k and the row
-// statistics of launch_row_stats.
-cudaError_t launch_probs(const FwdParams& p, const float* row_shift, const float* row_logl, void* probs,
-                         const LaunchEnv& env);
+// dropped-out softmax probabilities recomputed from q and k, normalised by
+// row statistics taken from the same scores (row_stats: workspace of
+// 2 * batch * heads_q * len_q floats); the forward's log-sum-exp is not read.
+cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, const LaunchEnv& env);
 // bool keep-mask (batch x heads x len_q x len_k) of the dropout with seed /
 // offset read from seed_offset (int64[2], device).
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,

@@ -143,16 +143,11 @@ BwdWork plan_bwd_work(const BwdParams& p, const BwdEntry& e, int num_sms, bool d
   return w;
 }
 
-FwdStats probs_row_stats(const FwdParams& p, float* buf) {
+FwdStats bwd_row_stats(const BwdParams& p, float* buf) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
   FwdStats st;
   st.shift = buf;
   st.logl = buf + rows;
-  return st;
-}
-
-FwdStats bwd_row_stats(const BwdParams& p, float* buf) {
-  FwdStats st = probs_row_stats(p, buf);
   st.dsum = buf + 2 * p.batch * p.heads_q * p.len_q;
   st.dout = p.dout;
   st.do_stride = p.do_stride;

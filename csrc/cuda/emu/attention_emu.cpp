@@ -168,11 +168,7 @@ at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::option
   if (st.probs.numel() > 0) {
     const LaunchEnv env = make_env(q);
     at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
-    const FwdStats rs = probs_row_stats(p, stats.data_ptr<float>());
-    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
-    Regions r({&st.q4, &st.k4, &st.lse, m});
-    run("row statistics", [&] { return launch_row_stats(p, rs, *find_fwd_or_fail(p), env); });
-    run("attention_probs", [&] { return launch_probs(p, rs.shift, rs.logl, st.probs.data_ptr(), env); });
+    run("attention_probs", [&] { return launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env); });
   }
   return st.probs;
 }
@@ -191,11 +187,20 @@ at::Tensor dropout_mask_emu(const at::Tensor& rng, int64_t batch, int64_t heads,
   return m;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_emu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    bool average_heads) {
+  return forward_then_probs(forward_emu, probs_emu, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
+                            average_heads);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY(attention_ext_emu, m) {
   m.def(schema::kForward);
+  m.def(schema::kForwardWeights);
   m.def(schema::kBackward);
   m.def(schema::kProbs);
   m.def(schema::kDropoutMask);
@@ -203,6 +208,7 @@ TORCH_LIBRARY(attention_ext_emu, m) {
 
 TORCH_LIBRARY_IMPL(attention_ext_emu, CPU, m) {
   m.impl("_attention_forward", TORCH_FN(cuda::forward_emu));
+  m.impl("_attention_forward_weights", TORCH_FN(cuda::forward_weights_emu));
   m.impl("_attention_backward", TORCH_FN(cuda::backward_emu));
   m.impl("attention_probs", TORCH_FN(cuda::probs_emu));
   m.impl("_dropout_mask", TORCH_FN(cuda::dropout_mask_emu));
