@@ -94,6 +94,12 @@ if {run_cases!r}:
     except Exception:
         print("FAIL probs_bf16_masked", flush=True)
         traceback.print_exc()
+    try:
+        test_ops.check_score_jumps("cpu", torch.bfloat16)
+        print("PASS score_jumps", flush=True)
+    except Exception:
+        print("FAIL score_jumps", flush=True)
+        traceback.print_exc()
 """
 
 
@@ -134,7 +140,8 @@ def mkl_bf16_gemm_expected() -> bool:
 def test_forced_path_vs_reference(path):
     _, passed, failed, stderr, _ = run_worker(path)
     assert not failed, f"ATTENTION_EXT_CPU_BF16={path}: cases {failed} failed:\n{stderr[-6000:]}"
-    assert sorted(passed) == sorted([c.name for c in CASES] + ["probs_bf16_masked"]), (passed, stderr[-2000:])
+    expected = [c.name for c in CASES] + ["probs_bf16_masked", "score_jumps"]
+    assert sorted(passed) == sorted(expected), (passed, stderr[-2000:])
 
 
 def test_forced_paths_are_the_paths_used():

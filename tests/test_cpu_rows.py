@@ -81,7 +81,13 @@ if __RUN_GRID__:
         except Exception:
             failed.append(case.id)
             traceback.print_exc()
-    print("RAN", len(test_ops.CASES), "FAILED", failed)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the bf16 one-pass softmax's redo
+        try:
+            test_ops.check_score_jumps("cpu", dtype)
+        except Exception:
+            failed.append(f"score_jumps-{dtype}")
+            traceback.print_exc()
+    print("RAN", len(test_ops.CASES) + 3, "FAILED", failed)
 """
 
 
@@ -97,7 +103,7 @@ def run(avx512: bool, path: str) -> dict:
     assert r.returncode == 0, f"ATTENTION_EXT_CPU_AVX512={side}:\n{r.stderr[-4000:]}"
     if not avx512:
         import test_ops
-        assert f"RAN {len(test_ops.CASES)} FAILED []" in r.stdout, f"generic loops: reference grid failed:\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
+        assert f"RAN {len(test_ops.CASES) + 3} FAILED []" in r.stdout, f"generic loops: reference grid failed:\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
     return torch.load(path)
 
 

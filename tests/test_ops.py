@@ -514,6 +514,48 @@ def test_expanded_grad_output(device, Ev):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def check_score_jumps(device, dtype):
+    """Scores that jump far above everything a row has seen: past its first 16 keys, and from one key block
+    (512 keys on the CPU) to the next, by 4 to 200, per row, with rows whose first keys are masked (-inf)
+    or at finfo.min. The CPU's bf16 forward exponentiates against a reference (the running max, or the max
+    of the first 16 scores) and keeps it unless a tile exceeds it by more than 8; both outcomes and the
+    redo must give the output, lse and gradients of the reference. Also run on every CPU bf16 path."""
+    torch.manual_seed(21)
+    L, S, E = 24, 1200, 32
+    q, k, v = (torch.randn(2, 2, n, E, device=device).to(dtype) for n in (L, S, S))
+    m = torch.zeros(2, 1, L, S, device=device)
+    jump = torch.linspace(4, 200, L, device=device)[:, None]
+    m[..., 16:] += jump / 2                      # above the first 16 keys
+    m[..., 512:] += jump / 2                     # and again in the next key block
+    m[..., 1100:] -= jump                        # then lower again
+    m[0, 0, 3, :40] = -math.inf                  # a row whose first 16 keys are masked
+    m = m.to(dtype)
+    m[1, 0, 5, :20] = torch.finfo(dtype).min     # ... or at the most negative finite value
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = m
+    out = attention_ext.attention(q, k, v, mask)
+    _, lse, _ = ops._attention_forward(q.detach(), k.detach(), v.detach(), mask.detach(), 0.0, False, None, False,
+                                       [-1, -1])
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    rq, rk, rv = (t.detach().double().requires_grad_() for t in (q, k, v))
+    r = reference_attention(rq, rk, rv, mask.detach().double())
+    rgrads = torch.autograd.grad(r.out, (rq, rk, rv), do.double())
+    sq, sk, sv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    sout = F.scaled_dot_product_attention(sq, sk, sv, attn_mask=mask.detach())
+    sgrads = torch.autograd.grad(sout, (sq, sk, sv), do)
+    slse = torch.logsumexp((sq.detach() @ sk.detach().transpose(-1, -2)).float() * E ** -0.5 + m.float(), dim=-1)
+    assert_close_vs_baseline("output", out, r.out, sout, dtype)
+    assert_close_vs_baseline("logsumexp", lse, r.lse, slse, dtype)
+    for name, g, rg, sg in zip(("dq", "dk", "dv"), grads, rgrads, sgrads):
+        assert_close_vs_baseline(name, g, rg, sg, dtype)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16, f16], ids=dtype_id)
+def test_score_jumps(device, dtype):
+    check_score_jumps(device, dtype)
+
+
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
 def test_finfo_min_row_is_uniform_not_dead(device, dtype):
     """A query row whose additive mask is finfo.min everywhere (HF-style masks) is NOT a

@@ -605,6 +605,26 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
         const bool bf16_p = kBf16Tile && !dropout && !keep;
         for (int64_t r = 0; r < nq; ++r) {
           A* s = sb + r * lds;
+          if constexpr (kBf16Tile) {
+            // One pass instead of two (max, then exponentials): the running max, or for a row's first tile
+            // the max of its first 16 scores, serves as the reference, and the pass also finds the tile's
+            // max. Unless that exceeds the reference by more than kSlack (the values would pass e^kSlack;
+            // also for NaN or +inf scores), the reference stays: P = exp(S - ref) <= e^kSlack, l and the
+            // output sum those, and lse = ref + log l. Otherwise the tile is redone below with its max.
+            if (bf16_p) {
+              constexpr A kSlack = 8;
+              const A ref = mrow[r] != ninf ? mrow[r] : row_max(s, std::min<int64_t>(nk, 16));
+              A tmax;
+              if (std::isfinite(ref)) {
+                const A sum = exp_sub_sum_max_bf16(s, nk, ref, tile.p_row(r), tile.p_cols(), &tmax);
+                if (tmax <= ref + kSlack) {
+                  lrow[r] += sum;  // 0 before the row's first visible tile, so the same as = sum then
+                  mrow[r] = ref;
+                  continue;
+                }
+              }
+            }
+          }
           const A mnew = running_max(mrow[r], s, nk);
           if (keep) mtile[r * ntiles + jt] = mnew;
           if (mnew == ninf) {  // nothing visible in this row so far

@@ -3,6 +3,7 @@
 // and picks one at load time (ifunc), so no -march flag is needed.
 #include "vec_ops.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -127,23 +128,31 @@ AE_AVX512_TARGET AE_INLINE __mmask16 tail_mask(int64_t left) {
   return static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// sum_j exp(x[j] - m), each value handed to store (16 lanes at a time; the tail under a mask).
+// sum_j exp(x[j] - m), each value handed to store (16 lanes at a time; the tail under a mask); with
+// xmax, also max_j x[j] there.
 template <class Store>
-AE_AVX512_TARGET AE_INLINE float exp_sub_sum16(const float* x, int64_t n, float m, const Store& store) {
+AE_AVX512_TARGET AE_INLINE float exp_sub_sum16(const float* x, int64_t n, float m, const Store& store,
+                                               float* xmax = nullptr) {
   const __m512 vm = _mm512_set1_ps(m);
   __m512 s = _mm512_setzero_ps();
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm));
+    const __m512 v = _mm512_loadu_ps(x + j);
+    if (xmax != nullptr) mx = _mm512_max_ps(v, mx);  // NaN in v: mx kept (the caller's check catches it in s)
+    const __m512 e = exp_nonpos16(_mm512_sub_ps(v, vm));
     s = _mm512_add_ps(s, e);
     store(j, e, static_cast<__mmask16>(0xFFFF));
   }
   if (j < n) {
     const __mmask16 k = tail_mask(n - j);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), vm)));
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
+    if (xmax != nullptr) mx = _mm512_mask_max_ps(mx, k, v, mx);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpos16(_mm512_sub_ps(v, vm)));
     s = _mm512_add_ps(s, e);
     store(j, e, k);
   }
+  if (xmax != nullptr) *xmax = _mm512_reduce_max_ps(mx);
   return _mm512_reduce_add_ps(s);
 }
 
@@ -163,8 +172,9 @@ AE_AVX512_TARGET float exp_sub_sum_avx512(float* x, int64_t n, float m) {
   return exp_sub_sum16(x, n, m, StoreF32{x});
 }
 
-AE_AVX512_TARGET float exp_sub_sum_bf16_avx512(const float* x, int64_t n, float m, uint16_t* dst, int64_t npad) {
-  const float s = exp_sub_sum16(x, n, m, StoreBf16{dst});
+AE_AVX512_TARGET float exp_sub_sum_bf16_avx512(const float* x, int64_t n, float m, uint16_t* dst, int64_t npad,
+                                              float* xmax = nullptr) {
+  const float s = exp_sub_sum16(x, n, m, StoreBf16{dst}, xmax);
   if (npad > n) std::memset(dst + n, 0, (npad - n) * sizeof(uint16_t));
   return s;
 }
@@ -187,6 +197,24 @@ float exp_sub_sum_bf16(float* x, int64_t n, float m, uint16_t* dst, int64_t npad
   const float s = exp_sub_sum(x, n, m);
   f32_to_bf16(x, dst, n);
   if (npad > n) std::memset(dst + n, 0, (npad - n) * sizeof(uint16_t));
+  return s;
+}
+
+float exp_sub_sum_max_bf16(const float* x, int64_t n, float m, uint16_t* dst, int64_t npad, float* xmax) {
+#if AE_HAVE_AVX512_ROWS
+  if (has_avx512_bf16()) return exp_sub_sum_bf16_avx512(x, n, m, dst, npad, xmax);
+#endif
+  float buf[256];  // x is not written: the exponentials go through a stack buffer, 256 at a time
+  float s = 0.f, mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; j += 256) {
+    const int64_t c = std::min<int64_t>(256, n - j);
+    mx = std::max(mx, row_max(x + j, c));
+    std::memcpy(buf, x + j, c * sizeof(float));
+    s += exp_sub_sum(buf, c, m);
+    f32_to_bf16(buf, dst + j, c);
+  }
+  if (npad > n) std::memset(dst + n, 0, (npad - n) * sizeof(uint16_t));
+  *xmax = mx;
   return s;
 }
 

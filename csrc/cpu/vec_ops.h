@@ -20,6 +20,9 @@ float exp_sub_sum(float* x, int64_t n, float m);
 // The same sum, with the values rounded to bfloat16 (nearest even) into dst[0, n) and
 // dst[n, npad) zeroed; x itself may or may not be overwritten with them.
 float exp_sub_sum_bf16(float* x, int64_t n, float m, uint16_t* dst, int64_t npad);
+// exp_sub_sum_bf16 that never writes x and also stores max_j x[j] in *xmax (where x holds a NaN, *xmax may
+// or may not be NaN: the sum is NaN either way). For m below that max (a reference, not the maximum).
+float exp_sub_sum_max_bf16(const float* x, int64_t n, float m, uint16_t* dst, int64_t npad, float* xmax);
 void scale_row(float* x, int64_t n, float a);
 // ds[j] = p[j] * (dp[j] - d)
 void softmax_grad_row(float* ds, const float* p, const float* dp, int64_t n, float d);
