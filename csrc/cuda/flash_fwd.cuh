@@ -275,7 +275,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int64_t i = wrow0 + 16 * mt + g + 8 * hr;
-      const bool empty = !(l > 0.f);  // the row saw no key
+      // the row saw no key; a NaN sum (NaN scores) is not that: its output and lse are NaN, so that the
+      // backward's P is NaN too, as PyTorch's gradients are
+      const bool empty = l == 0.f;
       const float inv = empty ? 0.f : keep_scale / l;
       if (stats) {
         if (t == 0 && i < L) {
