@@ -137,6 +137,21 @@ def test_invalid_input_raises(call, exc, pattern):
         call("cpu")
 
 
+@pytest.mark.parametrize("average_heads", [False, True], ids=["heads", "mean"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("call,exc,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_forward_weights_raises_the_same(call, exc, pattern, device, average_heads, monkeypatch):
+    """_attention_forward_weights (need_weights=True) validates exactly like _attention_forward: every case
+    above, with the forward swapped for it (on the CPU the weights are allocated only after validation)."""
+    def fwd_weights(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, window=W):
+        return ops._attention_forward_weights(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
+                                              average_heads)
+
+    monkeypatch.setitem(globals(), "fwd", fwd_weights)
+    with pytest.raises(exc, match=pattern):
+        call(device)
+
+
 @pytest.mark.parametrize("call,exc,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_meta_kernels_raise_the_same(call, exc, pattern):
     """Meta (fake) kernels, used by torch.compile, validate exactly like the real ones."""

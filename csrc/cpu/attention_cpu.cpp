@@ -49,41 +49,43 @@ void read_rng_state(const at::Tensor& rng, double dropout_p, FwdParams& p) {
 }
 
 
-// The forward, and with `weights` defined the attention weights from the same pass.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
+// The forward, and with `with_weights` the attention weights from the same pass (allocated once the
+// inputs are validated; undefined otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    const at::Tensor& weights, bool average_heads) {
+    bool with_weights, bool average_heads) {
   ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  at::Tensor w;
+  if (with_weights) {
+    w = empty_weights(q, k, average_heads);
+    poison(w);
+  }
   auto [seed, offset] = draw_seed(dropout_p);
   st.p.seed = seed;
   st.p.offset = offset;
   if (log_kernels())
-    log_kernel(cpu::describe_kernel(weights.defined() ? "cpu forward with weights" : "cpu forward", st.p, false));
+    log_kernel(cpu::describe_kernel(with_weights ? "cpu forward with weights" : "cpu forward", st.p, false));
   dispatch_dtype(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
-    cpu::flash_fwd<T>(st.p, weights.defined() ? static_cast<T*>(weights.data_ptr()) : nullptr, average_heads);
+    cpu::flash_fwd<T>(st.p, with_weights ? static_cast<T*>(w.data_ptr()) : nullptr, average_heads);
   });
   finish_forward(st);
-  return {st.out, st.lse, make_rng_state(seed, offset)};
+  return {st.out, st.lse, make_rng_state(seed, offset), w};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  return run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, at::Tensor(), false);
+  auto [out, lse, rng, w] = run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, false, false);
+  return {out, lse, rng};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool average_heads) {
-  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
-  at::Tensor w = empty_weights(q, k, average_heads);
-  poison(w);
-  auto [out, lse, rng] =
-      run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, w, average_heads);
-  return {out, lse, rng, w};
+  return run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, true, average_heads);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(

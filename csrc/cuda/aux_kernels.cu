@@ -1,6 +1,6 @@
 // The small CUDA kernels around the flash kernels: the row statistics of the
-// backward and attention_probs, the dQ conversion, attention_probs, and the
-// dropout keep-mask.
+// backward, the dQ conversion, attention_probs (its own row statistics, then
+// P), and the dropout keep-mask.
 // All indexing is int64 and every loop is grid-strided, so tensors beyond
 // 2^31 elements work with bounded grids.
 #include <algorithm>

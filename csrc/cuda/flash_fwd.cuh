@@ -13,7 +13,7 @@
 // Epilogue: O /= l, lse = m + log l; rows that saw no key give O = 0,
 // lse = -inf.
 // Stats mode (st.shift != nullptr, see FwdStats in launch.h): the same loop
-// for the backward's / attention_probs' row statistics; a CTA with no row of
+// for the backward's row statistics; a CTA with no row of
 // |lse| > kExtremeLse (and no exact_d) leaves at once, the others store
 // shift = m, logl = log l (and D = dO . O from the fp32 O with exact_d)
 // instead of O and lse. Key tiles that the causal/window bounds hide from every row of

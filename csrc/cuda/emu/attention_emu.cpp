@@ -2,7 +2,8 @@
 // compiled as host C++ against emu/simt.h, run on CPU tensors.
 //
 // Its ops have the schemas of the internal ops of attention_ext
-// (_attention_forward, _attention_backward, attention_probs, _dropout_mask)
+// (_attention_forward, _attention_forward_weights, _attention_backward,
+// attention_probs, _dropout_mask)
 // and share their validation and params filling (glue.h), so a test can run
 // the CUDA kernels' code on a machine without a GPU and compare it with the
 // float64 reference. Like attention_cuda.cpp, this glue is thin: it differs in
