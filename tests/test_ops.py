@@ -119,6 +119,18 @@ CASES = [
     _c("bool_causal_leftpad", batch=(3,), hq=2, L=300, S=300, mask="bool", mask_shape="causal_leftpad"),
     _c("bool_causal_leftpad_t", batch=(4,), hq=1, L=200, S=260, E=32, mask="bool", mask_shape="causal_leftpad_t"),
     _c("bool_11_false", L=20, S=30, mask="bool", mask_shape="11", fully_masked=True),
+    # whole key tiles hidden at both ends of a row's range, in every layout the kernels narrow by: one key
+    # range per batch element (one with no key at all), read with the key stride 1, through a misaligned base
+    # (stride 1) and with stride 2; one block-diagonal mask per head (packed documents, GQA groups whose heads
+    # differ); a decode row (L = 1) with a key range per head
+    _c("bool_keypad_mid", batch=(4,), hq=2, L=70, S=600, E=32, mask="bool", mask_shape="keypad_mid"),
+    _c("bool_keypad_mid_shift", batch=(4,), hq=2, L=40, S=300, E=16, mask="bool", mask_shape="keypad_mid_shift"),
+    _c("bool_keypad_mid_stride2", batch=(4,), hq=2, L=40, S=300, E=16, mask="bool",
+       mask_shape="keypad_mid_stride2"),
+    _c("bool_docs_gqa_causal", batch=(2,), hq=4, hkv=2, L=300, S=300, E=32, mask="bool", mask_shape="docs",
+       causal=True),
+    _c("bool_docs_L_lt_S", batch=(1,), hq=2, L=150, S=400, E=16, mask="bool", mask_shape="docs"),
+    _c("bool_docs_decode", batch=(2,), hq=4, hkv=1, L=1, S=700, E=64, mask="bool", mask_shape="docs"),
     _c("bool_HLS", L=12, S=14, mask="bool", mask_shape="HLS"),
     _c("bool_full", L=12, S=14, mask="bool", mask_shape="full"),
     _c("bool_L1_rows", L=12, S=14, mask="bool", mask_shape="L1", fully_masked=True),
@@ -252,6 +264,10 @@ def mask_shape(case: Case):
         "S": (S,),
         "keypad": (*b, 1, 1, S),
         "keypad_prefix": (*b, 1, 1, S),
+        "keypad_mid": (*b, 1, 1, S),
+        "keypad_mid_shift": (*b, 1, 1, S),
+        "keypad_mid_stride2": (*b, 1, 1, S),
+        "docs": (*b, Hq, L, S),
         "11": (1, 1),
         "causal_leftpad": (*b, 1, L, S),
         "causal_leftpad_t": (*b, 1, L, S),
@@ -287,6 +303,33 @@ def make_mask(case: Case, device):
             m = m.reshape(-1, S := case.S)
             for i in range(m.shape[0]):
                 m[i] = torch.arange(S, device=device) < S - i * S // (2 * m.shape[0])
+            m = m.reshape(store)
+        if case.mask_shape.startswith("keypad_mid"):  # batch element i sees keys [a_i, b_i); element 0 none
+            m = m.reshape(-1, S := case.S)
+            j = torch.arange(S, device=device)
+            for i in range(1, m.shape[0]):
+                a, e = sorted(torch.randint(0, S + 1, (2,)).tolist())
+                m[i] = (j >= a) & (j < max(e, a + 1))
+            m[0] = False
+            m = m.reshape(store)
+            if case.mask_shape.endswith("_shift"):  # the same values one byte into a buffer: base not 16-aligned
+                buf = torch.zeros(*store[:-1], S + 1, dtype=torch.bool, device=device)
+                buf[..., 1:] = m
+                m = buf[..., 1:]
+            elif case.mask_shape.endswith("_stride2"):
+                buf = torch.zeros(*store[:-1], 2 * S, dtype=torch.bool, device=device)
+                buf[..., ::2] = m
+                m = buf[..., ::2]
+        if case.mask_shape == "docs":  # block diagonal per (batch, head): each row sees the keys of its document
+            m = m.reshape(-1, case.L, case.S)
+            for x in range(m.shape[0]):
+                kcut = sorted(torch.randint(1, case.S, (3,)).tolist())
+                qcut = [c * case.L // case.S for c in kcut]
+                doc_q = torch.bucketize(torch.arange(case.L, device=device), torch.tensor(qcut, device=device),
+                                        right=True)
+                doc_k = torch.bucketize(torch.arange(case.S, device=device), torch.tensor(kcut, device=device),
+                                        right=True)
+                m[x] = doc_q[:, None] == doc_k[None, :]
             m = m.reshape(store)
     else:
         mdt = f32 if case.mask == "float" else case.dtype
@@ -647,6 +690,57 @@ def test_fully_masked_everything(device, dtype):
     mb = torch.zeros(9, 9, dtype=torch.bool, device=device)
     out = attention_ext.attention(q, k, v, mb)
     assert torch.all(out == 0)
+
+
+def check_hidden_key_tiles(attn, device, dtype, layout, E=32):
+    """Key tiles that a boolean mask hides from every row of a query block are skipped, not computed and
+    masked: with NaN in the keys and values of every key more than 128 keys away from each mask row's
+    visible span (every kernel's key tile is at most 128 keys wide, or starts at the first visible key as
+    the CPU's 512-key tiles do), the output and dq are still the float64 reference's, and dk / dv are exactly
+    0 there. PyTorch computes every tile: a NaN value times a zero weight is NaN, so this is no comparison
+    with PyTorch. Layouts: a key-padding mask (B, 1, 1, S) (one row for all queries), the same mask
+    materialised per query row (B, 1, L, S) (narrowed tile by tile from both ends), and a decode row
+    (L = 1) with one key range per head."""
+    torch.manual_seed(21)
+    B, H, S = 3, 2, 1700
+    L = 1 if layout == "decode_per_head" else 150
+    spans = [(0, 100), (600, 1000), (1100, 1537)] + [(30, 40), (530, 1030), (1536, 1700)]  # visible [lo, hi)
+    nb = B * H if layout == "decode_per_head" else B
+    j = torch.arange(S, device=device)
+    rows = torch.stack([(j >= lo) & (j < hi) for lo, hi in spans[:nb]])
+    mask = rows.view(B, H, 1, S) if layout == "decode_per_head" else rows.view(B, 1, 1, S)
+    if layout == "keypad_rows":
+        mask = mask.expand(B, 1, L, S).contiguous()
+    q = torch.randn(B, H, L, E, dtype=dtype, device=device)
+    k, v = (torch.randn(B, H, S, E, dtype=dtype, device=device) for _ in range(2))
+    g = torch.randn(B, H, L, E, dtype=dtype, device=device)
+    r = reference_attention(q.double(), k.double(), v.double(), mask)
+    _, _, rdq, rdk, rdv, _ = reference_grads(q, k, v, g, mask)
+    far = torch.zeros(B, H, S, dtype=torch.bool, device=device)
+    for x, (lo, hi) in enumerate(spans[:nb]):
+        b_, h_ = (x // H, x % H) if layout == "decode_per_head" else (x, slice(None))
+        far[b_, h_] = (j < lo - 128) | (j >= hi + 128)
+    assert far.any(dim=-1).all()
+    kp, vp = k.clone(), v.clone()
+    kp[far], vp[far] = math.nan, math.nan
+    kp, vp, qq = (t.requires_grad_() for t in (kp, vp, q.clone()))
+    out = attn(qq, kp, vp, mask)
+    out.backward(g)
+    tol = {f32: 1e-4, f16: 1e-2, bf16: 3e-2}[dtype]
+    for name, a, ref in [("output", out, r.out), ("dq", qq.grad, rdq), ("dk", kp.grad, rdk), ("dv", vp.grad, rdv)]:
+        assert torch.isfinite(a).all(), f"{name}: NaN from keys the mask hides (their tiles were computed)"
+        torch.testing.assert_close(a.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    assert (kp.grad[far] == 0).all() and (vp.grad[far] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["keypad", "keypad_rows", "decode_per_head"])
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_marks()),
+                                    pytest.param("emu", marks=emu_marks())])
+def test_hidden_key_tiles_are_not_read(device, dtype, layout):
+    """check_hidden_key_tiles on each backend (the Hopper kernels: test_hopper_emu.py)."""
+    attn = emu.attention if device == "emu" else attention_ext.attention
+    check_hidden_key_tiles(attn, "cpu" if device == "emu" else device, dtype, layout)
 
 
 @pytest.mark.parametrize("where", ["q_row", "k_row", "k_row_causal", "v_col"])

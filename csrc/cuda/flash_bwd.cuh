@@ -3,7 +3,8 @@
 // One CTA = one (batch, kv head, chunk of key blocks of kBlockN keys). For a
 // key block it keeps K and V in shared memory and dK, dV in registers, and
 // walks every (query head of the GQA group, query block of kBlockM rows) that
-// can see the key block (the causal/window bounds skip the others):
+// can see the key block (the causal/window bounds skip the others, and a
+// boolean mask those at either end that it hides from the key block):
 //
 //   phase 1 (warp grid WsM x WsN over kBlockM x kBlockN):
 //     S = Q K^T, dP = dO V^T; P = exp2(((S*scale + mask - shift) - logl) * log2e)
@@ -128,8 +129,20 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
     // iff i - left <= j <= i + right.
     int64_t ib, ie;
     query_range(p, j0, j0 + nk, ib, ie);
-    const int64_t mb_begin = ib / kBlockM;
-    const int64_t nm = ie > ib ? ceil_div(ie, kBlockM) - mb_begin : 0;
+    int64_t mb_begin = ib / kBlockM;
+    int64_t nm = ie > ib ? ceil_div(ie, kBlockM) - mb_begin : 0;
+    // A boolean mask: only the query blocks between the first and the last that
+    // hold a true element of this key block (in any head of the group); none if
+    // the mask hides the keys from every row (padding): dK = dV = 0.
+    if (p.mask_kind == MaskKind::kBool && nm > 0) {
+      // sShift is free: every warp passed (C) of this CTA's last item, and the
+      // barrier below precedes the next load_item
+      int64_t* bounds = reinterpret_cast<int64_t*>(sShift);
+      narrow_query_blocks<kBlockM, kThreads>(bool_mask_ref(p), b, hk * G, p.mask_stride.h == 0 ? 1 : G, j0, nk,
+                                             mb_begin, nm, bounds, tid);
+      mb_begin = bounds[0];
+      nm = bounds[1];
+    }
     const int64_t n_items = G * nm;
 
     // Issues the async loads of item `it` (query head hk*G + it/nm, query

@@ -673,6 +673,181 @@ __device__ __forceinline__ void stage_mask(unsigned char* sM, const FwdParams& p
   }
 }
 
+// ---------------------------------------------------------------------------
+// Boolean masks: the tiles they hide from every row are never computed
+//
+// A boolean mask that is false over a whole (query block, key block) tile makes
+// every P of the tile 0: the tile changes no output, statistic or gradient, so
+// the kernels narrow their loops to the tiles that hold a true element (key
+// padding, a causal or block-diagonal mask passed as a tensor). Boolean only:
+// an additive mask's gradient must be written everywhere, and -inf in it is
+// rarer. Only at the two ends of a loop, not holes in its middle.
+//
+// The two narrowing functions run once per loop, before it, and are out of
+// line with plain arguments and their results in shared memory: inlined, their
+// registers made the forward and backward spill more in the loops (ptxas,
+// sm_80: the D = 128 forward from 8 to 54 bytes of spill stores).
+
+// The boolean mask as the narrowing reads it.
+struct BoolMaskRef {
+  const unsigned char* ptr = nullptr;
+  Strides4 st;  // elements (= bytes)
+  int64_t len_q = 0, len_k = 0;
+};
+__device__ __forceinline__ BoolMaskRef bool_mask_ref(const FwdParams& p) {
+  BoolMaskRef m;
+  m.ptr = static_cast<const unsigned char*>(p.mask);
+  m.st = p.mask_stride;
+  m.len_q = p.len_q;
+  m.len_k = p.len_k;
+  return m;
+}
+
+// Whether the mask of (b, h) has a true element in rows [i0, i0 + nrows) x keys
+// [j0, j0 + ncols) (one row when it broadcasts over the rows). Called by every
+// thread of the CTA (a barrier); the same answer for all.
+template <int kThreads>
+__device__ __forceinline__ bool mask_tile_any(const BoolMaskRef& m, int64_t b, int64_t h, int64_t i0, int nrows,
+                                              int64_t j0, int ncols, int tid) {
+  const Strides4& ms = m.st;
+  const unsigned char* base = m.ptr + b * ms.b + h * ms.h + i0 * ms.r;
+  if (ms.r == 0) nrows = 1;
+  const bool vec = ms.c == 1 && reinterpret_cast<uintptr_t>(base + j0) % 16 == 0 && (nrows == 1 || ms.r % 16 == 0);
+  bool any = false;
+  if (vec) {
+    const int cpr = (ncols + 15) / 16;  // 16-byte chunks per row, the last one maybe partial
+#pragma unroll 1
+    for (int c = tid; c < nrows * cpr && !any; c += kThreads) {
+      const int r = c / cpr, col = (c % cpr) * 16;
+      const unsigned char* src = base + r * ms.r + j0 + col;
+      if (col + 16 <= ncols) {
+        const uint4 x = *reinterpret_cast<const uint4*>(src);
+        any = (x.x | x.y | x.z | x.w) != 0u;
+      } else {
+        for (int e = 0; e < ncols - col; ++e) any = any || src[e] != 0;
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = tid; idx < nrows * ncols && !any; idx += kThreads) {
+      any = base[(idx / ncols) * ms.r + (j0 + idx % ncols) * ms.c] != 0;
+    }
+  }
+  return __syncthreads_or(any) != 0;
+}
+
+// The key tiles [n_begin, n_end) (kBlockN keys each) of the query rows [i0, i0 +
+// nq) of (b, h), narrowed to those holding a true element: out[0], out[1]
+// (shared memory; n_begin == n_end when none does). A mask row shared by every
+// query row (key padding) is scanned once, all threads at once, with min / max
+// reductions through `red` (2 * kThreads / 32 ints of shared memory); other
+// masks tile by tile from both ends (one barrier per tile). Every thread of the
+// CTA calls it; out and red are written before its last barrier, and red is
+// free again on return.
+template <int kBlockN, int kThreads>
+__device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, int64_t h, int64_t i0, int nq,
+                                              int64_t n_begin, int64_t n_end, int64_t* out, int* red, int tid) {
+  const int64_t S = m.len_k;
+  const Strides4& ms = m.st;
+  if ((ms.r == 0 || nq == 1) && n_end - n_begin > 2 && n_end < (int64_t(1) << 30)) {
+    const unsigned char* row = m.ptr + b * ms.b + h * ms.h + i0 * ms.r;
+    const int64_t js = n_begin * kBlockN, je = n_end * kBlockN < S ? n_end * kBlockN : S;
+    int tmin = 0x7fffffff, tmax = -1;  // first and last tile with a true element
+    if (ms.c == 1 && reinterpret_cast<uintptr_t>(row + js) % 16 == 0) {
+#pragma unroll 1
+      for (int64_t j = js + 16 * static_cast<int64_t>(tid); j < je; j += 16 * kThreads) {
+        bool any;
+        if (j + 16 <= je) {
+          const uint4 x = *reinterpret_cast<const uint4*>(row + j);
+          any = (x.x | x.y | x.z | x.w) != 0u;
+        } else {
+          any = false;
+          for (int64_t e = j; e < je; ++e) any = any || row[e] != 0;
+        }
+        if (any) {  // a 16-byte chunk lies in one tile (kBlockN is a multiple of 16)
+          const int tile = static_cast<int>(j / kBlockN);
+          tmin = tile < tmin ? tile : tmin;
+          tmax = tile > tmax ? tile : tmax;
+        }
+      }
+    } else {
+#pragma unroll 1
+      for (int64_t j = js + tid; j < je; j += kThreads) {
+        if (row[j * ms.c] != 0) {
+          const int tile = static_cast<int>(j / kBlockN);
+          tmin = tile < tmin ? tile : tmin;
+          tmax = tile > tmax ? tile : tmax;
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int a = __shfl_xor_sync(0xffffffffu, tmin, o), c = __shfl_xor_sync(0xffffffffu, tmax, o);
+      tmin = a < tmin ? a : tmin;
+      tmax = c > tmax ? c : tmax;
+    }
+    constexpr int kWarps = kThreads / 32;
+    if ((tid & 31) == 0) {
+      red[tid >> 5] = tmin;
+      red[kWarps + (tid >> 5)] = tmax;
+    }
+    __syncthreads();
+    if (tid == 0) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        tmin = red[w] < tmin ? red[w] : tmin;
+        tmax = red[kWarps + w] > tmax ? red[kWarps + w] : tmax;
+      }
+      out[0] = tmax < 0 ? n_begin : tmin;
+      out[1] = tmax < 0 ? n_begin : static_cast<int64_t>(tmax) + 1;
+    }
+    __syncthreads();
+    return;
+  }
+  auto ncols = [&](int64_t n) { return static_cast<int>(S - n * kBlockN < kBlockN ? S - n * kBlockN : kBlockN); };
+  while (n_end > n_begin && !mask_tile_any<kThreads>(m, b, h, i0, nq, (n_end - 1) * kBlockN, ncols(n_end - 1), tid))
+    --n_end;
+  while (n_begin < n_end && !mask_tile_any<kThreads>(m, b, h, i0, nq, n_begin * kBlockN, ncols(n_begin), tid))
+    ++n_begin;
+  if (tid == 0) {
+    out[0] = n_begin;
+    out[1] = n_end;
+  }
+  __syncthreads();
+}
+
+// The backward's twin: of the query blocks [mb_begin, mb_begin + nm) (kBlockM
+// rows each), those between the first and the last that hold a true element
+// for the keys [j0, j0 + nk) in any of the nh heads h0 .. h0 + nh - 1: out[0] =
+// first block, out[1] = count (0: the mask hides the keys from every row).
+// Conventions as narrow_key_tiles.
+template <int kBlockM, int kThreads>
+__device__ __noinline__ void narrow_query_blocks(const BoolMaskRef m, int64_t b, int64_t h0, int64_t nh, int64_t j0,
+                                                 int nk, int64_t mb_begin, int64_t nm, int64_t* out, int tid) {
+  auto block_any = [&](int64_t mb) {
+    const int64_t i0 = mb * kBlockM;
+    const int nq = static_cast<int>(m.len_q - i0 < kBlockM ? m.len_q - i0 : kBlockM);
+    for (int64_t hh = h0; hh < h0 + nh; ++hh) {
+      if (mask_tile_any<kThreads>(m, b, hh, i0, nq, j0, nk, tid)) return true;
+    }
+    return false;
+  };
+  if (m.st.r == 0) {  // the same row for every query: one look
+    if (!block_any(mb_begin)) nm = 0;
+  } else {
+    while (nm > 0 && !block_any(mb_begin + nm - 1)) --nm;
+    while (nm > 0 && !block_any(mb_begin)) {
+      ++mb_begin;
+      --nm;
+    }
+  }
+  if (tid == 0) {
+    out[0] = mb_begin;
+    out[1] = nm;
+  }
+  __syncthreads();
+}
+
 // True when every element of the (rows [i_first, i_last]) x (cols [j0, j0+n))
 // tile is visible by the window/causal bounds and inside [0, len_k), so the
 // element-wise masking can be skipped (no explicit mask either).

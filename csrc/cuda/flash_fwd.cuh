@@ -17,7 +17,9 @@
 // |lse| > kExtremeLse (and no exact_d) leaves at once, the others store
 // shift = m, logl = log l (and D = dO . O from the fp32 O with exact_d)
 // instead of O and lse. Key tiles that the causal/window bounds hide from every row of
-// the block are never visited; tiles fully visible skip the element-wise mask.
+// the block are never visited, nor those a boolean mask hides from every row
+// at either end of the block's key range (narrow_key_tiles); tiles fully
+// visible skip the element-wise mask.
 //
 // Pipeline (FlashAttention-2 style, K and V single-buffered):
 //   top of iteration n:   wait K[n]; barrier; issue V[n]
@@ -128,8 +130,17 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   key_range(p, i0, lo0, hi0);
   key_range(p, i0 + nq - 1, lo1, hi1);
   const int64_t jlo = lo0, jhi = hi1 > lo0 ? hi1 : lo0;
-  const int64_t n_begin = jlo / kBlockN;
-  const int64_t n_end = jhi > jlo ? ceil_div(jhi, kBlockN) : n_begin;
+  int64_t n_begin = jlo / kBlockN;
+  int64_t n_end = jhi > jlo ? ceil_div(jhi, kBlockN) : n_begin;
+  // a boolean mask: only the tiles between its first and last true element (sMask is free until the loop)
+  if (p.mask_kind == MaskKind::kBool && n_begin < n_end) {
+    int64_t* bounds = reinterpret_cast<int64_t*>(sMask) + 8;  // past the 64 bytes of reduction scratch
+    narrow_key_tiles<kBlockN, kThreads>(bool_mask_ref(p), b, h, i0, nq, n_begin, n_end, bounds,
+                                        reinterpret_cast<int*>(sMask), tid);
+    n_begin = bounds[0];
+    n_end = bounds[1];
+    __syncthreads();  // read by all before the first mask tile lands there
+  }
 
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
