@@ -63,6 +63,12 @@ struct FwdParams {
   const int64_t* seed_offset_ptr = nullptr;
   // Where the kernel records the seed/offset it used (int64[2]), may be null.
   int64_t* rng_state_out = nullptr;
+  // Optional (CUDA Hopper kernels): for a boolean mask that is the same for
+  // every query row (key padding), keys [key_bounds[2 bh], key_bounds[2 bh + 1])
+  // of (batch, query head) bh hold its first and last true element (an empty
+  // range when it has none): keys outside it are hidden from every row, and
+  // the kernels skip their tiles. Filled on the device by launch_key_bounds.
+  const int32_t* key_bounds = nullptr;
 };
 
 struct BwdParams : FwdParams {

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import emu
 from test_cuda_emu import _check_fwd_bwd, _inputs
+from test_ops import check_hidden_key_tiles
 from reference import (assert_close_vs_baseline, expand_kv, reference_attention, reference_grads,
                        window_visibility)
 
@@ -303,6 +304,20 @@ def test_backward_key_padding(sm90, E):
     for name, ours, ref, base in zip(("dq", "dk", "dv"), (qs, ks, vs), (rdq, rdk, rdv), (bq, bk, bv)):
         assert_close_vs_baseline(name, ours.grad[:2], ref[:2], base.grad, bf16, factor=3.0)
         assert torch.equal(ours.grad[2], torch.zeros_like(ours.grad[2])), name
+
+
+@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("layout", ["keypad", "decode_per_head"])
+def test_key_padding_tiles_skipped(sm90, layout, E):
+    """The Hopper forward and backward skip the key tiles outside a boolean key-padding mask's span of
+    true keys (FwdParams::key_bounds, launch_key_bounds): NaN keys and values there change nothing
+    (test_ops.check_hidden_key_tiles); the kernel log says the Hopper kernels ran."""
+    check_hidden_key_tiles(emu.attention, "cpu", bf16, layout, E=E)
+    log = _kernel_log(f"q = torch.randn(1, 2, 8, {E}, dtype=torch.bfloat16, requires_grad=True)\n"
+                      f"k, v = (torch.randn(1, 2, 300, {E}, dtype=torch.bfloat16) for _ in range(2))\n"
+                      "m = (torch.arange(300) < 200).view(1, 1, 1, 300)\n"
+                      "emu.attention(q, k, v, m).sum().backward()\n")
+    assert "emu forward: sm90a" in log and "emu backward: sm90a" in log, log
 
 
 def test_backward_kernel_log():

@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   }
 
   if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    const std::string ran = run_forward(p, env, *find_fwd_or_fail(p), "cuda forward", [](auto&& fn) {
+    const std::string ran = run_forward(p, env, q.options(), *find_fwd_or_fail(p), "cuda forward", [](auto&& fn) {
       C10_CUDA_CHECK(fn());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -227,6 +227,41 @@ __global__ void __launch_bounds__(kThreads) dropout_mask_kernel(const int64_t* s
   }
 }
 
+// One CTA per (batch, query head): the first and last true key of its mask row.
+__global__ void __launch_bounds__(kThreads) key_bounds_kernel(const FwdParams p, int32_t* out) {
+  const int64_t bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const unsigned char* row = static_cast<const unsigned char*>(p.mask) + b * p.mask_stride.b + h * p.mask_stride.h;
+  const int S = static_cast<int>(p.len_k);
+  int lo = 0x7fffffff, hi = 0;  // the first true key, one past the last
+  for (int j = threadIdx.x; j < S; j += kThreads) {
+    if (row[j * p.mask_stride.c] != 0) {
+      lo = j < lo ? j : lo;
+      hi = j + 1;  // j grows: this thread's last true key so far
+    }
+  }
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int a = __shfl_xor_sync(0xffffffffu, lo, o), c = __shfl_xor_sync(0xffffffffu, hi, o);
+    lo = a < lo ? a : lo;
+    hi = c > hi ? c : hi;
+  }
+  __shared__ int red[2 * (kThreads / 32)];
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    red[warp] = lo;
+    red[kThreads / 32 + warp] = hi;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) {
+      lo = red[w] < lo ? red[w] : lo;
+      hi = red[kThreads / 32 + w] > hi ? red[kThreads / 32 + w] : hi;
+    }
+    out[2 * bh] = hi > 0 ? lo : 0;
+    out[2 * bh + 1] = hi;
+  }
+}
+
 template <typename Fn>
 cudaError_t by_dtype(DType d, Fn&& fn) {
   switch (d) {
@@ -279,6 +314,14 @@ cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, cons
                          "probs_kernel", p, static_cast<const float*>(shift), static_cast<const float*>(logl),
                          static_cast<Elem*>(probs));
   });
+}
+
+cudaError_t launch_key_bounds(const FwdParams& p, int32_t* out, const LaunchEnv& env) {
+  const int64_t rows = p.batch * p.heads_q;
+  if (rows == 0) return cudaSuccess;
+  if (rows > 0x7fffffff || p.len_k > 0x7fffffff || p.mask_kind != MaskKind::kBool) return cudaErrorInvalidValue;
+  return launch_kernel(key_bounds_kernel, static_cast<unsigned>(rows), kThreads, 0, 0, env.stream, "key_bounds_kernel",
+                       p, out);
 }
 
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,

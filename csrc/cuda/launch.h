@@ -148,6 +148,11 @@ cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const Launch
 // row statistics taken from the same scores (row_stats: workspace of
 // 2 * batch * heads_q * len_q floats); the forward's log-sum-exp is not read.
 cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, const LaunchEnv& env);
+// out[2 bh], out[2 bh + 1] = the first and one past the last true key of the
+// boolean mask row of each (batch, query head) bh (0, 0 for a row with none): the
+// FwdParams::key_bounds of a key-padding mask (mask_stride.r == 0, or len_q == 1),
+// batch * heads_q * 2 ints.
+cudaError_t launch_key_bounds(const FwdParams& p, int32_t* out, const LaunchEnv& env);
 // bool keep-mask (batch x heads x len_q x len_k) of the dropout with seed /
 // offset read from seed_offset (int64[2], device).
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,

@@ -36,17 +36,34 @@ inline BwdWorkspace make_bwd_workspace(const BwdParams& p, const BwdEntry& e, in
   return ws;
 }
 
+// The Hopper kernels' params: p, plus FwdParams::key_bounds (in `bounds`) for a
+// boolean key-padding mask, so that they skip the key tiles it hides. (The sm80
+// kernels narrow by any boolean mask themselves, inside each CTA.)
+template <class P, class Launch>
+P with_key_bounds(const P& p, const LaunchEnv& env, const at::TensorOptions& like, at::Tensor& bounds,
+                  Launch&& launch) {
+  P ph = p;
+  if (p.mask_kind == MaskKind::kBool && (p.mask_stride.r == 0 || p.len_q == 1) && p.batch * p.heads_q > 0) {
+    bounds = at::empty({p.batch * p.heads_q * 2}, like.dtype(at::kInt));
+    launch([&] { return launch_key_bounds(p, bounds.data_ptr<int32_t>(), env); });
+    ph.key_bounds = bounds.data_ptr<int32_t>();
+  }
+  return ph;
+}
+
 // The forward as both glues run it: the Hopper kernel when it covers the call
 // (its launcher declines with cudaErrorNotSupported before launching
 // anything), else the sm80 kernel. launch(fn) runs one launcher and checks its
 // error. Returns the kernel-log line of the kernel that ran.
 template <class Launch>
-std::string run_forward(const FwdParams& p, const LaunchEnv& env, const FwdEntry& sm80, const char* what,
-                        Launch&& launch) {
+std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& sm80,
+                        const char* what, Launch&& launch) {
   if (const Sm90FwdEntry* h = find_fwd_sm90(p, env)) {
+    at::Tensor bounds;
+    const FwdParams ph = with_key_bounds(p, env, like, bounds, launch);
     cudaError_t err = cudaSuccess;
     launch([&] {
-      err = h->fn(p, env);
+      err = h->fn(ph, env);
       return err == cudaErrorNotSupported ? cudaSuccess : err;
     });
     if (err != cudaErrorNotSupported) return describe_kernel_sm90(what, h->head_dim, p.dtype);
@@ -66,9 +83,12 @@ std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::Ten
   if (const BwdEntry* h = find_bwd_sm90(p, env)) {
     const BwdWorkspace ws = make_bwd_workspace(p, *h, env.num_sms, like);
     launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
+    at::Tensor bounds;
+    const BwdParams ph =
+        with_key_bounds(p, env, like, bounds, [&](auto&& fn) { launch("key bounds", ws, std::forward<decltype(fn)>(fn)); });
     cudaError_t err = cudaSuccess;
     launch("backward", ws, [&] {
-      err = h->fn(p, ws.work, env);
+      err = h->fn(ph, ws.work, env);
       return err == cudaErrorNotSupported ? cudaSuccess : err;
     });
     if (err != cudaErrorNotSupported) {

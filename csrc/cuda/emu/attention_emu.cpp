@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, 
     const FwdEntry* e = find_fwd_or_fail(p);
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     Regions r({&st.q4, &st.k4, &st.v4, m});
-    const std::string ran = run_forward(p, env, *e, "emu forward", [&](auto&& fn) { run("forward", fn); });
+    const std::string ran = run_forward(p, env, q.options(), *e, "emu forward", [&](auto&& fn) { run("forward", fn); });
     if (log_kernels()) log_kernel(ran);
   }
   finish_forward(st);

@@ -332,7 +332,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   int64_t ib, ie;
   query_range(p, j0, j0 + nk, ib, ie);
   const int64_t mb_begin = ib / kBlockM;
-  const int64_t nm = ie > ib ? ceil_div(ie, kBlockM) - mb_begin : 0;
+  int64_t nm = ie > ib ? ceil_div(ie, kBlockM) - mb_begin : 0;
+  if (p.key_bounds != nullptr) {  // a key-padding mask that hides these keys from every head of the group
+    bool seen = false;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int32_t* kbnd = p.key_bounds + 2 * (b * Hq + hk * G + gi);
+      seen = seen || (kbnd[0] < j0 + nk && kbnd[1] > j0);
+    }
+    if (!seen) nm = 0;  // no item: dK = dV = 0
+  }
   const int n_items = static_cast<int>(G * nm);
 
   if (tid == 0) {

@@ -31,7 +31,9 @@
 //
 // Covered (the dispatcher in registry.cpp falls back to the sm80 kernels
 // otherwise): fp16 / bf16, no mask or a key-padding mask (one row of bool /
-// additive values per (batch, head), broadcast over the queries), head dims <= the bucket (64,
+// additive values per (batch, head), broadcast over the queries; for a boolean
+// one the glue passes FwdParams::key_bounds and the key tiles outside its span
+// of true keys are never loaded), head dims <= the bucket (64,
 // 128 or 256; zero-filled by TMA past E / Ev), any window / causal bound, GQA / MQA,
 // dropout, q / k / v / out with 16-byte aligned bases and strides (TMA).
 #pragma once
@@ -142,6 +144,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
     const int64_t jlo = lo0, jhi = hi1 > lo0 ? hi1 : lo0;
     T.n_begin = static_cast<int>(jlo / kBlockN);
     T.n_tiles = static_cast<int>(jhi > jlo ? ceil_div(jhi, kBlockN) - T.n_begin : 0);
+    if (kMask && p.key_bounds != nullptr) {
+      // a key-padding mask: only the tiles of its span of true keys (32-bit, one 8-byte load: the
+      // consumers of the dropout variants have no register to spare)
+      const int2 kb = *reinterpret_cast<const int2*>(p.key_bounds + 2 * T.bh);
+      const int nb = kb.x / kBlockN, ne = kb.y > kb.x ? (kb.y + kBlockN - 1) / kBlockN : nb;
+      const int b0 = T.n_begin > nb ? T.n_begin : nb;
+      const int e0 = T.n_begin + T.n_tiles < ne ? T.n_begin + T.n_tiles : ne;
+      T.n_begin = b0;
+      T.n_tiles = e0 > b0 ? e0 - b0 : 0;
+    }
     return T;
   };
 
