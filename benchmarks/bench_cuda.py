@@ -12,7 +12,10 @@ separately (the backward alone, from saved forward outputs), against FLASH_ATTEN
 EFFICIENT_ATTENTION and CUDNN_ATTENTION. Then the inputs only EFFICIENT accepts
 among the fused backends: fp32 (E = 64, 128) and a float additive mask
 (B, 1, L, S) in bf16 (non-causal: SDPA takes no mask with is_causal), for
-L up to 4k, against EFFICIENT_ATTENTION.
+L up to 4k, against EFFICIENT_ATTENTION; and a boolean key-padding mask
+(B, 1, 1, L; batch element b keeps its first L - b L / (2 B) keys) in bf16,
+L = 1k and 4k, against EFFICIENT_ATTENTION and CUDNN_ATTENTION (FLOPs counted
+dense, so skipped padding shows as a higher rate).
 
 TFLOP/s: forward 4*B*H*L*S*E (halved when causal), backward 2.5x that (the
 FlashAttention convention). Times are medians of CUDA-event timings of
@@ -154,7 +157,12 @@ def run_point(L, E, dtype, causal, masked, backends, reps, tokens=16384, hidden=
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=dtype) for _ in range(3))
     g = torch.randn(B, H, L, E, device="cuda", dtype=dtype)
-    mask = torch.randn(B, 1, L, L, device="cuda", dtype=dtype) if masked else None
+    mask = None
+    if masked == "pad":  # key padding: batch element b sees its first L - b L / (2 B) keys
+        keep = L - torch.arange(B, device="cuda") * L // (2 * B)
+        mask = (torch.arange(L, device="cuda")[None, :] < keep[:, None]).view(B, 1, 1, L)
+    elif masked:
+        mask = torch.randn(B, 1, L, L, device="cuda", dtype=dtype)
     fns = {"attention_ext": ours_fns(q, k, v, mask, causal, g)}
     if torch.cuda.get_device_capability() == (9, 0):
         fns["ours_sm80"] = ours_fns(q, k, v, mask, causal, g, sm80=True)
@@ -191,6 +199,10 @@ def label(backend):
     return "our sm80" if backend == "ours_sm80" else backend.split("_")[0]
 
 
+def mask_label(masked):
+    return {False: "-", True: "float", "float": "float", "pad": "bool padding"}[masked]
+
+
 def table(results, backends):
     lines = []
     head = "| dtype | mask | E | L | causal | mode | ours TFLOP/s | " + " | ".join(
@@ -200,7 +212,7 @@ def table(results, backends):
     for r in results:
         for mode in ("fwd", "bwd"):
             ours = r["tflops"].get(f"attention_ext/{mode}")
-            cells = [r["dtype"], "float" if r["masked"] else "-", str(r["E"]), str(r["L"]), str(r["causal"]), mode,
+            cells = [r["dtype"], mask_label(r["masked"]), str(r["E"]), str(r["L"]), str(r["causal"]), mode,
                      f"{ours:.1f}" if ours else "n/a"]
             for b in backends:
                 t = r["tflops"].get(f"{b}/{mode}")
@@ -232,11 +244,16 @@ def main():
     if not args.issue:
         # inputs only EFFICIENT accepts among the fused backends; SDPA takes no
         # attn_mask together with is_causal: masked points are non-causal
-        for dtype, masked in ((torch.float32, False), (torch.bfloat16, True)):
+        for dtype, masked in ((torch.float32, False), (torch.bfloat16, "float")):
             for E in (64, 128):
                 for causal in ((False,) if masked else (False, True)):
                     for L in lengths[:4] if not args.quick else lengths:
                         points.append((L, E, dtype, causal, masked, ["EFFICIENT_ATTENTION"]))
+        # a boolean key-padding mask (B, 1, 1, L), as padded batches bring: the tiles it hides are skipped
+        # (the FLOP count stays dense); EFFICIENT and cuDNN take it
+        for E in (64, 128):
+            for L in (1024, 4096):
+                points.append((L, E, torch.bfloat16, False, "pad", ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]))
 
     results = []
     for L, E, dtype, causal, masked, bes in points:
@@ -271,7 +288,10 @@ def save(results, args, reps, sm80, backends):
           "## bf16 vs every SDPA backend", "",
           table([r for r in results if r["dtype"] == "bfloat16" and not r["masked"]], sm80 + backends), "",
           "## fp32 and float-masked bf16 vs EFFICIENT_ATTENTION", "",
-          table([r for r in results if r["dtype"] == "float32" or r["masked"]], sm80 + ["EFFICIENT_ATTENTION"]), ""]
+          table([r for r in results if r["dtype"] == "float32" or r["masked"] in (True, "float")],
+                sm80 + ["EFFICIENT_ATTENTION"]), "",
+          "## bf16 with a boolean key-padding mask vs EFFICIENT_ATTENTION and CUDNN_ATTENTION", "",
+          table([r for r in results if r["masked"] == "pad"], sm80 + ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]), ""]
     with open(path[:-5] + ".md", "w") as f:
         f.write("\n".join(md))
     return path

@@ -141,3 +141,15 @@ def test_bench_cuda_tables_and_incremental_save(tmp_path, monkeypatch):
     assert len(rows) == 4, md  # 2 lengths x fwd / bwd
     assert "| 500.0 | 250.0 | 2.00 | 400.0 | 1.25 |" in rows[0], rows[0]
     assert rows[1].endswith("| n/a | n/a |"), rows[1]  # cuDNN rejected the backward
+    # a key-padding point goes to its own table, against EFFICIENT and cuDNN
+    results.append({"B": 4, "H": 16, "L": 4096, "S": 4096, "E": 128, "dtype": "bfloat16", "causal": False,
+                    "masked": "pad", "ms": {}, "kernels": [],
+                    "tflops": {"attention_ext/fwd": 600.0, "attention_ext/bwd": 400.0,
+                               "EFFICIENT_ATTENTION/fwd": 200.0, "EFFICIENT_ATTENTION/bwd": 100.0,
+                               "CUDNN_ATTENTION/fwd": 300.0, "CUDNN_ATTENTION/bwd": None}})
+    md = open(bench_cuda.save(results, args, 7, [], ["CUDNN_ATTENTION"])[:-5] + ".md").read()
+    pad_section = md.split("boolean key-padding mask")[1]
+    pad_rows = [ln for ln in pad_section.splitlines() if ln.startswith("| bfloat16")]
+    assert len(pad_rows) == 2 and "| bool padding |" in pad_rows[0], pad_section
+    assert "| 600.0 | 200.0 | 3.00 | 300.0 | 2.00 |" in pad_rows[0], pad_rows[0]
+    assert len([ln for ln in md.split("boolean key-padding mask")[0].splitlines() if "bool padding" in ln]) == 0
