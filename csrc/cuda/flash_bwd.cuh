@@ -60,6 +60,7 @@ struct BwdConfig {
   static_assert(MT_Q * 16 * kWqM == kBlockM && NT_Q * 8 * kWqN == kD, "dQ warp grid must tile the block");
   static_assert(NT_S % 2 == 0 && NT_KV % 2 == 0 && NT_Q % 2 == 0, "n-tiles come in pairs");
   static_assert(kBlockM <= kThreads, "one thread per query row loads shift, logl and D");
+  static_assert(kBlockM >= 2 * kWarps, "sLogl holds the mask narrowing's reduction scratch");
   static_assert(kSmem <= 99 * 1024, "must fit the 99 KB of sm_86/sm_89 (L4) shared memory");
   static constexpr int kMaskLdB = mask_ld_bytes<kBlockN>();
   static_assert(size_t(kBlockM) * kMaskLdB <= 2 * size_t(kBlockM) * kLdP * sizeof(Elem),
@@ -135,11 +136,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
     // hold a true element of this key block (in any head of the group); none if
     // the mask hides the keys from every row (padding): dK = dV = 0.
     if (p.mask_kind == MaskKind::kBool && nm > 0) {
-      // sShift is free: every warp passed (C) of this CTA's last item, and the
-      // barrier below precedes the next load_item
+      // sShift and sLogl are free: every warp passed (C) of this CTA's last
+      // item, and the barrier below precedes the next load_item
       int64_t* bounds = reinterpret_cast<int64_t*>(sShift);
       narrow_query_blocks<kBlockM, kThreads>(bool_mask_ref(p), b, hk * G, p.mask_stride.h == 0 ? 1 : G, j0, nk,
-                                             mb_begin, nm, bounds, tid);
+                                             mb_begin, nm, bounds, reinterpret_cast<int*>(sLogl), tid);
       mb_begin = bounds[0];
       nm = bounds[1];
     }

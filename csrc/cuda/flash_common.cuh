@@ -687,6 +687,15 @@ __device__ __forceinline__ void stage_mask(unsigned char* sM, const FwdParams& p
 // line with plain arguments and their results in shared memory: inlined, their
 // registers made the forward and backward spill more in the loops (ptxas,
 // sm_80: the D = 128 forward from 8 to 54 bytes of spill stores).
+// The backward's (narrow_query_blocks) scans the mask in chunks of 1, 2, 4,
+// then 8 query blocks from each end, 16 bytes per thread at a time where the
+// layout allows, with min / max reductions: a long masked run (the rows above
+// the diagonal of a causal mask passed as a tensor) costs a few barriers, not
+// one per block. The forward's (narrow_key_tiles) scans a key-padding row in
+// one such pass, but other masks one tile per barrier: the chunked version,
+// called from the forward, raised the D = 128 forward's spill stores from 10 to
+// 148 bytes (ptxas; where they land cannot be seen without a disassembler), so
+// it waits for a GPU to tell whether the barriers or the spills cost more.
 
 // The boolean mask as the narrowing reads it.
 struct BoolMaskRef {
@@ -701,6 +710,109 @@ __device__ __forceinline__ BoolMaskRef bool_mask_ref(const FwdParams& p) {
   m.len_q = p.len_q;
   m.len_k = p.len_k;
   return m;
+}
+
+// Over the rows [r0, r1) x keys [js, je) of one (batch, head) of the mask
+// (`base`: its element (0, 0); a mask that broadcasts over the rows is read as
+// one row), the smallest and largest unit holding a true element, a unit being
+// kUnit rows (kByRows) or kUnit keys; lo > hi when none. Every thread of the
+// CTA calls it and gets the same answer; red: 2 * kThreads / 32 ints of shared
+// memory, free again on return.
+template <int kUnit, bool kByRows, int kThreads>
+__device__ __forceinline__ void scan_mask(const unsigned char* base, const Strides4& ms, int64_t r0, int64_t r1,
+                                          int64_t js, int64_t je, int* red, int tid, int& lo, int& hi) {
+  if (ms.r == 0) r1 = r0 + 1;
+  lo = 0x7fffffff;
+  hi = -1;
+  auto hit = [&](int64_t r, int64_t j) {
+    const int u = static_cast<int>((kByRows ? r : j) / kUnit);
+    lo = u < lo ? u : lo;
+    hi = u > hi ? u : hi;
+  };
+  const int64_t nrows = r1 - r0, w = je - js;
+  if (ms.c == 1 && reinterpret_cast<uintptr_t>(base + r0 * ms.r + js) % 16 == 0 && (nrows == 1 || ms.r % 16 == 0)) {
+    const int64_t cpr = (w + 15) / 16;  // 16-byte chunks per row, the last one maybe partial
+#pragma unroll 1
+    for (int64_t c = tid; c < nrows * cpr; c += kThreads) {
+      const int64_t r = r0 + c / cpr, j = js + (c % cpr) * 16;
+      const unsigned char* src = base + r * ms.r + j;
+      bool any = false;
+      if (j + 16 <= je) {
+        const uint4 x = *reinterpret_cast<const uint4*>(src);
+        any = (x.x | x.y | x.z | x.w) != 0u;
+      } else {
+        for (int64_t e = 0; e < je - j; ++e) any = any || src[e] != 0;
+      }
+      if (any) hit(r, j);  // a 16-byte chunk lies in one key unit (kUnit is a multiple of 16)
+    }
+  } else {
+#pragma unroll 1
+    for (int64_t idx = tid; idx < nrows * w; idx += kThreads) {
+      const int64_t r = r0 + idx / w, j = js + idx % w;
+      if (base[r * ms.r + j * ms.c] != 0) hit(r, j);
+    }
+  }
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int a = __shfl_xor_sync(0xffffffffu, lo, o), c = __shfl_xor_sync(0xffffffffu, hi, o);
+    lo = a < lo ? a : lo;
+    hi = c > hi ? c : hi;
+  }
+  constexpr int kWarps = kThreads / 32;
+  if ((tid & 31) == 0) {
+    red[tid >> 5] = lo;
+    red[kWarps + (tid >> 5)] = hi;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int w8 = 0; w8 < kWarps; ++w8) {
+    lo = red[w8] < lo ? red[w8] : lo;
+    hi = red[kWarps + w8] > hi ? red[kWarps + w8] : hi;
+  }
+  __syncthreads();  // every thread has read red
+}
+
+// The units [u_begin, u_end) narrowed to those between the first and the last
+// for which any(u0, u1, lo, hi) (a scan of units [u0, u1)) finds a true
+// element: chunks of 1, 2, 4, then 8 units from the end, then from the front
+// (unless the end's scan already reached it). Empty: u_begin == u_end.
+template <class Scan>
+__device__ __forceinline__ void narrow_units(int64_t& u_begin, int64_t& u_end, Scan&& scan) {
+  int lo = 0, hi = -1;
+  int64_t chunk = 1, e = u_end;
+  bool found = false, front_done = false;
+  while (e > u_begin) {
+    const int64_t s0 = e - chunk > u_begin ? e - chunk : u_begin;
+    scan(s0, e, lo, hi);
+    if (hi >= 0) {
+      found = true;
+      u_end = static_cast<int64_t>(hi) + 1;
+      if (s0 == u_begin) {
+        u_begin = lo;
+        front_done = true;
+      }
+      break;
+    }
+    e = s0;
+    chunk = chunk < 8 ? 2 * chunk : 8;
+  }
+  if (!found) {
+    u_end = u_begin;
+    return;
+  }
+  chunk = 1;
+  // finds at the latest the unit found above; bounded all the same (a mask
+  // written while the kernel reads it must not hang the loop)
+  for (int64_t s0 = u_begin; !front_done && s0 < u_end;) {
+    const int64_t e1 = s0 + chunk < u_end ? s0 + chunk : u_end;
+    scan(s0, e1, lo, hi);
+    if (hi >= 0) {
+      u_begin = lo;
+      front_done = true;
+    }
+    s0 = e1;
+    chunk = chunk < 8 ? 2 * chunk : 8;
+  }
 }
 
 // Whether the mask of (b, h) has a true element in rows [i0, i0 + nrows) x keys
@@ -819,31 +931,38 @@ __device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, in
 // The backward's twin: of the query blocks [mb_begin, mb_begin + nm) (kBlockM
 // rows each), those between the first and the last that hold a true element
 // for the keys [j0, j0 + nk) in any of the nh heads h0 .. h0 + nh - 1: out[0] =
-// first block, out[1] = count (0: the mask hides the keys from every row).
-// Conventions as narrow_key_tiles.
+// first block, out[1] = count (0: the mask hides the keys from every row: a
+// mask that broadcasts over the rows is read once). Conventions as
+// narrow_key_tiles.
 template <int kBlockM, int kThreads>
 __device__ __noinline__ void narrow_query_blocks(const BoolMaskRef m, int64_t b, int64_t h0, int64_t nh, int64_t j0,
-                                                 int nk, int64_t mb_begin, int64_t nm, int64_t* out, int tid) {
-  auto block_any = [&](int64_t mb) {
-    const int64_t i0 = mb * kBlockM;
-    const int nq = static_cast<int>(m.len_q - i0 < kBlockM ? m.len_q - i0 : kBlockM);
-    for (int64_t hh = h0; hh < h0 + nh; ++hh) {
-      if (mask_tile_any<kThreads>(m, b, hh, i0, nq, j0, nk, tid)) return true;
-    }
-    return false;
-  };
-  if (m.st.r == 0) {  // the same row for every query: one look
-    if (!block_any(mb_begin)) nm = 0;
-  } else {
-    while (nm > 0 && !block_any(mb_begin + nm - 1)) --nm;
-    while (nm > 0 && !block_any(mb_begin)) {
-      ++mb_begin;
-      --nm;
+                                                 int nk, int64_t mb_begin, int64_t nm, int64_t* out, int* red,
+                                                 int tid) {
+  int64_t mb_end = mb_begin + nm;
+  if (mb_end < (int64_t(1) << 30)) {  // block indices in 32 bits
+    auto scan = [&](int64_t u0, int64_t u1, int& lo, int& hi) {
+      lo = 0x7fffffff;
+      hi = -1;
+      for (int64_t hh = h0; hh < h0 + nh; ++hh) {
+        int l2, h2;
+        scan_mask<kBlockM, true, kThreads>(m.ptr + b * m.st.b + hh * m.st.h, m.st, u0 * kBlockM,
+                                           u1 * kBlockM < m.len_q ? u1 * kBlockM : m.len_q, j0, j0 + nk, red, tid,
+                                           l2, h2);
+        lo = l2 < lo ? l2 : lo;
+        hi = h2 > hi ? h2 : hi;
+      }
+    };
+    if (m.st.r == 0) {  // the same row for every query (key padding): one look decides for all blocks
+      int lo, hi;
+      scan(mb_begin, mb_begin + 1, lo, hi);
+      if (hi < 0) mb_end = mb_begin;
+    } else {
+      narrow_units(mb_begin, mb_end, scan);
     }
   }
   if (tid == 0) {
     out[0] = mb_begin;
-    out[1] = nm;
+    out[1] = mb_end - mb_begin;
   }
   __syncthreads();
 }
