@@ -861,6 +861,9 @@ __device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, in
                                               int64_t n_begin, int64_t n_end, int64_t* out, int* red, int tid) {
   const int64_t S = m.len_k;
   const Strides4& ms = m.st;
+  // The one-row pass below is scan_mask's, written out again on purpose: calling scan_mask from here
+  // (rather than from the backward's narrow_query_blocks) raised the forward's spill stores from 10 to 148
+  // bytes (ptxas, sm_80, D = 64 and 128), as the chunked narrowing did.
   if ((ms.r == 0 || nq == 1) && n_end - n_begin > 2 && n_end < (int64_t(1) << 30)) {
     const unsigned char* row = m.ptr + b * ms.b + h * ms.h + i0 * ms.r;
     const int64_t js = n_begin * kBlockN, je = n_end * kBlockN < S ? n_end * kBlockN : S;
