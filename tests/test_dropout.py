@@ -108,6 +108,7 @@ CASES = [
     ("batch2d_causal", (2, 2, 2, 21, 16), (2, 2, 2, 21, 16), 8, dict(is_causal=True)),
     ("gqa_window_mask", (2, 4, 70, 32), (2, 2, 300, 32), 24, dict(enable_gqa=True, window_size=(50, 10), mask=True)),
     ("big_S_chunked", (1, 1, 70, 16), (1, 1, 600, 16), 16, dict(is_causal=True)),
+    ("short_rows_gqa_mask", (2, 4, 4, 40), (2, 2, 130, 40), 24, dict(enable_gqa=True, mask=True)),
 ]
 
 

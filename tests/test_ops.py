@@ -197,6 +197,21 @@ CASES = [
     ],
     _c("L1000_causal", dtype=bf16, batch=(1,), hq=2, L=1000, S=1000, E=64, causal=True),
     _c("decode_L1_S1000", dtype=f16, batch=(2,), hq=2, L=1, S=1000, E=128),
+    # --- short query rows (L <= 4: the CPU forward reads K and V in place, RowTile), every dtype: head dims
+    # off the 16-lane vectors and past 128, strided rows, masks with gradient, causal / window, GQA ---
+    *[
+        _c(n, dtype=dt, **kw)
+        for dt in (f32, f16, bf16)
+        for n, kw in [
+            ("rows_L1_gqa_S1000", dict(batch=(2,), hq=4, hkv=2, L=1, S=1000, E=64)),
+            ("rows_L3_hd200_Ev40_blhe_mask", dict(batch=(2,), hq=4, hkv=2, L=3, S=530, E=200, Ev=40, layout="blhe",
+                                                  mask="float", mask_shape="HLS", mask_grad=True)),
+            ("rows_L4_Ev136_sliced_window", dict(batch=(1,), hq=2, L=4, S=300, E=24, Ev=136, layout="sliced",
+                                                 causal=True, window=(100, 0))),
+            ("rows_L2_keypad_poison", dict(batch=(3,), hq=2, L=2, S=70, E=20, Ev=12, mask="bool", mask_shape="keypad",
+                                           layout="poison", fully_masked=True)),
+        ]
+    ],
     # --- float64 (CPU only) ---
     _c("basic", dtype=f64),
     _c("rank3_causal_float_mask_grad", dtype=f64, batch=(), hq=2, L=13, S=17, E=8, causal=True, mask="floatq",

@@ -548,6 +548,63 @@ struct Bf16GemmTile : Bf16TileBase {
   }
 };
 
+// Short query blocks (decoding: one query, or a few, against a long key cache). The tile paths pay per
+// key block for whole tiles: the AMX and dot-product paths pack K^T and V into their layouts and multiply
+// 16-row tiles, the BLAS path converts K and V to float32 copies; with one query row that is several
+// times the work of reading K and V once, which is all such a call needs (it is memory-bound). Here
+// Q K^T and P V are dot products and row updates straight from K and V in place (dot_rows, axpy_rows:
+// AVX-512 where the CPU has it), in float32 with P kept in float32.
+template <typename T>
+struct RowTile {
+  using A = float;
+  static constexpr RowKind kKind = std::is_same_v<T, bf16> ? RowKind::kBf16
+                                   : std::is_same_v<T, f16> ? RowKind::kF16
+                                                            : RowKind::kF32;
+  int64_t E, Ev, nq = 0, nk = 0, ldk = 0, ldv = 0;
+  std::vector<float> qf;
+  std::vector<uint16_t> qb;  // bfloat16: the query rows' own bits, for the AVX512-BF16 dot products
+  const T* k = nullptr;
+  const T* v = nullptr;
+  RowTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t /*bk*/, bool /*backward*/)
+      : E(E_), Ev(Ev_), qf(bq * E_), qb(kKind == RowKind::kBf16 ? bq * E_ : 0) {}
+  // n query rows into rows r0 .. r0 + n - 1 of the block (a block may hold rows of several heads)
+  void load_q(const T* x, int64_t ld, int64_t n, int64_t r0 = 0) {
+    nq = r0 + n;
+    load_rows(x, ld, n, E, qf.data() + r0 * E);
+    if constexpr (kKind == RowKind::kBf16)
+      for (int64_t r = 0; r < n; ++r) std::memcpy(qb.data() + (r0 + r) * E, x + r * ld, E * sizeof(uint16_t));
+  }
+  void load_k(const T* x, int64_t ld, int64_t n) {
+    nk = n;
+    k = x;
+    ldk = ld;
+  }
+  void load_v(const T* x, int64_t ld, int64_t /*n*/) {
+    v = x;
+    ldv = ld;
+  }
+  void qk(float scale, float* S, int64_t lds) {
+    dot_rows(qf.data(), qb.empty() ? nullptr : qb.data(), nq, E, k, kKind, ldk, nk, E, scale, S, lds);
+  }
+  void pv(const float* P, int64_t lds, float* acc) { axpy_rows(P, lds, nq, v, kKind, ldv, nk, Ev, acc, Ev); }
+};
+
+// Query lengths up to this take RowTile in the forward (float32 / bfloat16 / float16): measured against the
+// tile paths on a Sapphire Rapids Xeon (benchmarks/NOTES.md, entry 18), the rows win up to 8 rows in fp32
+// and fp16, up to ~4 in bf16 against AMX tiles.
+inline int64_t row_tile_max_rows(DType d) { return d == DType::kBFloat16 ? 4 : d == DType::kFloat64 ? 0 : 8; }
+inline bool use_row_tile(const FwdParams& p) { return p.len_q <= row_tile_max_rows(p.dtype); }
+// With RowTile, the query heads of a GQA group that share K and V can run as one block of rows, so that
+// each key and value row is read (and converted) once for all of them: the most heads, a divisor of the
+// group, whose rows stay within the rows a block kernel keeps in registers (8) and that still leave two
+// tasks per thread.
+inline int64_t row_group_heads(const FwdParams& p) {
+  const int64_t G = p.heads_q / p.heads_kv, want = 2 * static_cast<int64_t>(num_threads());
+  for (int64_t ng = G; ng > 1; --ng)
+    if (G % ng == 0 && ng * p.len_q <= 8 && p.batch * (p.heads_q / ng) >= want) return ng;
+  return 1;
+}
+
 // The forward. With `weights`, also the attention weights P (dropout applied) from the same pass: the
 // score tiles of a query block go side by side into one row-wide buffer instead of overwriting each other,
 // each tile's running maximum is remembered, and once a row's final maximum m and sum l are known its
@@ -562,6 +619,10 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
   if (p.batch == 0 || p.heads_kv == 0) return;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, S = p.len_k, E = p.dim_qk, Ev = p.dim_v;
   const bool keep = weights != nullptr, avg = keep && average_heads;
+  // heads per task: a GQA group's heads together (RowTile, short queries, no weights), else 1
+  int64_t ng = 1;
+  if constexpr (std::is_same_v<Tile, RowTile<T>>)
+    if (!keep) ng = row_group_heads(p);
   const Blocks blk = choose_blocks(p, false);
   const int64_t kBlockK = blk.k, ntiles = cdiv(S, kBlockK);
   // score rows: one tile wide, or (weights) every key plus room for a tile product stored in whole 16 x 16
@@ -576,34 +637,49 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
   const DropoutRng rng(p.seed, p.offset, p.dropout_p);
   const A ninf = -std::numeric_limits<A>::infinity();
 
-  parallel_for(p.batch * (avg ? 1 : Hq) * nqb, [&](int64_t t0, int64_t t1) {
+  parallel_for(p.batch * (avg ? 1 : Hq / ng) * nqb, [&](int64_t t0, int64_t t1) {
     Tile tile(E, Ev, kBlockQ, kBlockK, false);
     Scratch<A> sbuf(kBlockQ * lds), wsum(avg ? kBlockQ * S : 0);
     std::vector<A> acc(kBlockQ * Ev), tmp(kBlockK), mrow(kBlockQ), lrow(kBlockQ);
     std::vector<A> mtile(keep ? kBlockQ * ntiles : 0);  // (weights) each row's running maximum after each tile
 
-    // output and lse of query rows i0 .. i0 + nq - 1 of head h; the keys [jlo, jhi) it computed
-    auto attend = [&](int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t& jlo, int64_t& jhi) {
-      const int64_t bh = b * Hq + h, hk = h / G;
-      const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h + i0 * p.q_stride.r;
+    // output and lse of query rows i0 .. i0 + nq - 1 of heads h .. h + nh - 1 (nh > 1: one GQA group's
+    // heads, RowTile only; block row r is row i0 + r % nq of head h + r / nq); the keys [jlo, jhi) it computed
+    auto attend = [&](int64_t b, int64_t h, int64_t nh, int64_t i0, int64_t nq, int64_t& jlo, int64_t& jhi) {
+      const int64_t hk = h / G, R = nh * nq;
       const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
       const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
-      tile.load_q(q, p.q_stride.r, nq);
+      for (int64_t g = 0; g < nh; ++g) {
+        const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (h + g) * p.q_stride.h + i0 * p.q_stride.r;
+        if constexpr (std::is_same_v<Tile, RowTile<T>>) {
+          tile.load_q(q, p.q_stride.r, nq, g * nq);
+        } else {
+          tile.load_q(q, p.q_stride.r, nq);
+        }
+      }
       std::fill(acc.begin(), acc.end(), A(0));
       std::fill(mrow.begin(), mrow.end(), ninf);
       std::fill(lrow.begin(), lrow.end(), A(0));
 
       block_key_range(p, b, h, i0, nq, jlo, jhi);
+      for (int64_t g = 1; g < nh; ++g) {  // the union of the heads' ranges
+        int64_t lo, hi;
+        block_key_range(p, b, h + g, i0, nq, lo, hi);
+        if (lo >= hi) continue;
+        if (jlo >= jhi) jlo = lo, jhi = hi;
+        jlo = std::min(jlo, lo);
+        jhi = std::max(jhi, hi);
+      }
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, jhi - j0), jt = (j0 - jlo) / kBlockK;
         A* const sb = sbuf.data() + (keep ? j0 - jlo : 0);
         tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
         tile.qk(static_cast<A>(p.scale), sb, lds);
-        mask_tile(p, b, h, i0, nq, j0, nk, sb, lds, tmp.data());
+        for (int64_t g = 0; g < nh; ++g) mask_tile(p, b, h + g, i0, nq, j0, nk, sb + g * nq * lds, lds, tmp.data());
         // bf16 tiles without dropout: the exponentials go straight to the tile's bf16 P (one pass, no
         // fp32 P written and read again); the weights need the fp32 exponentials kept
         const bool bf16_p = kBf16Tile && !dropout && !keep;
-        for (int64_t r = 0; r < nq; ++r) {
+        for (int64_t r = 0; r < R; ++r) {
           A* s = sb + r * lds;
           if constexpr (kBf16Tile) {
             // One pass instead of two (max, then exponentials): the running max, or for a row's first tile
@@ -643,25 +719,25 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
           lrow[r] = lrow[r] * alpha + sum;
           if (alpha != A(1)) scale_row(acc.data() + r * Ev, Ev, alpha);
           mrow[r] = mnew;
-          if (dropout) dropout_row(rng, static_cast<uint64_t>(bh), i0 + r, j0, nk, s);
+          if (dropout) dropout_row(rng, static_cast<uint64_t>(b * Hq + h + r / nq), i0 + r % nq, j0, nk, s);
         }
         if constexpr (kBf16Tile) tile.p_ready = bf16_p;
         tile.load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
         tile.pv(sb, lds, acc.data());
       }
 
-      T* o = static_cast<T*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i0 * p.o_stride.r;
-      A* lse = static_cast<A*>(p.lse) + bh * L + i0;
-      for (int64_t r = 0; r < nq; ++r) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t hr = h + r / nq, i = i0 + r % nq;
         A* a = acc.data() + r * Ev;
+        A& lse = static_cast<A*>(p.lse)[(b * Hq + hr) * L + i];
         if (lrow[r] != A(0)) {  // a NaN sum (NaN scores) gives a NaN row and lse
           scale_row(a, Ev, A(1) / lrow[r]);
-          lse[r] = mrow[r] + std::log(lrow[r]);
+          lse = mrow[r] + std::log(lrow[r]);
         } else {  // every key masked: output 0, lse -inf
           std::fill(a, a + Ev, A(0));
-          lse[r] = -std::numeric_limits<A>::infinity();
+          lse = -std::numeric_limits<A>::infinity();
         }
-        store_row<T, A>(a, o + r * p.o_stride.r, Ev);
+        store_row<T, A>(a, static_cast<T*>(p.out) + b * p.o_stride.b + hr * p.o_stride.h + i * p.o_stride.r, Ev);
       }
     };
     // (weights) the exponentials of row r, keys [jlo, jhi), turned into its probabilities in place
@@ -681,8 +757,8 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
       const int64_t qb = t % nqb, i0 = qb * kBlockQ, nq = std::min(kBlockQ, L - i0);
       int64_t jlo, jhi;
       if (!avg) {
-        const int64_t bh = t / nqb;
-        attend(bh / Hq, bh % Hq, i0, nq, jlo, jhi);
+        const int64_t bh = t / nqb * ng;  // the task's first head
+        attend(bh / Hq, bh % Hq, ng, i0, nq, jlo, jhi);
         if (!keep) continue;
         T* w = weights + (bh * L + i0) * S;
         for (int64_t r = 0; r < nq; ++r, w += S) {
@@ -695,7 +771,7 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
       const int64_t b = t / nqb;
       std::fill(wsum.data(), wsum.data() + nq * S, A(0));
       for (int64_t h = 0; h < Hq; ++h) {
-        attend(b, h, i0, nq, jlo, jhi);
+        attend(b, h, 1, i0, nq, jlo, jhi);
         for (int64_t r = 0; r < nq; ++r) add_row(wsum.data() + r * S + jlo, normalise(r, jlo, jhi), jhi - jlo);
       }
       T* w = weights + (b * L + i0) * S;
@@ -727,6 +803,8 @@ void with_tile(F&& f) {
 
 template <typename T>
 void flash_fwd(const FwdParams& p, T* weights, bool average_heads) {
+  if constexpr (!std::is_same_v<T, double>)
+    if (use_row_tile(p)) return flash_fwd_impl<T, RowTile<T>>(p, weights, average_heads);
   with_tile<T>([&](auto tag) { flash_fwd_impl<T, typename decltype(tag)::type>(p, weights, average_heads); });
 }
 

@@ -26,6 +26,7 @@ int num_threads() { return at::get_num_threads(); }
 std::string describe_kernel(const char* what, const FwdParams& p, bool backward) {
   const Blocks b = choose_blocks(p, backward);
   const char* path = "?";
+  const bool rows = !backward && use_row_tile(p);
   switch (p.dtype) {
     case DType::kFloat32: path = "fp32 (BLAS tiles)"; break;
     case DType::kFloat64: path = "fp64 (BLAS tiles)"; break;
@@ -40,6 +41,7 @@ std::string describe_kernel(const char* what, const FwdParams& p, bool backward)
       break;
     default: break;
   }
+  if (rows) path = "short query rows (keys and values read in place)";
   return std::string(what) + ": flash kernel, " + path + ", blocks " + std::to_string(b.q) + "x" +
          std::to_string(b.k);
 }

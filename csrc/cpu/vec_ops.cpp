@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define AE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -378,6 +379,252 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   if (has_f16c()) return f32_to_f16_f16c(src, dst, n);
 #endif
   f32_to_f16_generic(src, dst, n);
+}
+
+// ---- dot_rows / axpy_rows: keys and values read in place, for short query blocks ----
+namespace {
+
+AE_INLINE int64_t row_kind_size(RowKind kind) { return kind == RowKind::kF32 ? 4 : 2; }
+
+// Row x (e elements of `kind`) as float: in place for float32, else converted into buf.
+const float* row_as_f32(const char* x, RowKind kind, int64_t e, float* buf) {
+  if (kind == RowKind::kF32) return reinterpret_cast<const float*>(x);
+  if (kind == RowKind::kBf16) {
+    bf16_to_f32(reinterpret_cast<const uint16_t*>(x), buf, e);
+  } else {
+    f16_to_f32(reinterpret_cast<const uint16_t*>(x), buf, e);
+  }
+  return buf;
+}
+
+AE_CLONES void axpy_row(float* acc, const float* x, float a, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) acc[d] += a * x[d];
+}
+
+void dot_rows_generic(const float* q, int64_t nr, int64_t ldq, const void* x, RowKind kind, int64_t ld, int64_t n,
+                      int64_t e, float scale, float* s, int64_t lds) {
+  std::vector<float> buf(kind == RowKind::kF32 ? 0 : e);
+  const int64_t step = ld * row_kind_size(kind);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* xj = row_as_f32(static_cast<const char*>(x) + j * step, kind, e, buf.data());
+    for (int64_t r = 0; r < nr; ++r) s[r * lds + j] = scale * dot_row(q + r * ldq, xj, e);
+  }
+}
+
+void axpy_rows_generic(const float* p, int64_t ldp, int64_t nr, const void* x, RowKind kind, int64_t ld, int64_t n,
+                       int64_t e, float* acc, int64_t ldacc) {
+  std::vector<float> buf(kind == RowKind::kF32 ? 0 : e);
+  const int64_t step = ld * row_kind_size(kind);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* xj = row_as_f32(static_cast<const char*>(x) + j * step, kind, e, buf.data());
+    for (int64_t r = 0; r < nr; ++r) axpy_row(acc + r * ldacc, xj, p[r * ldp + j], e);
+  }
+}
+
+#if AE_HAVE_AVX512_ROWS
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// 16 elements of a row from element i on, as float (exact conversions), lanes outside m zero.
+template <RowKind K>
+AE_AVX512_TARGET AE_INLINE __m512 load16(const char* row, int64_t i, __mmask16 m) {
+  if constexpr (K == RowKind::kF32) {
+    return _mm512_maskz_loadu_ps(m, reinterpret_cast<const float*>(row) + i);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(row) + i);
+    if constexpr (K == RowKind::kBf16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+AE_AVX512_TARGET AE_INLINE __m256 add_halves(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+// The four sums of a0 .. a3, in that order.
+AE_AVX512_TARGET AE_INLINE __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(add_halves(a0), add_halves(a1)),
+                                  _mm256_hadd_ps(add_halves(a2), add_halves(a3)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// a[r][u] += q_r[d, d + width) . x_u[same] for the keys u < nu (the others read nothing), lanes outside m zero.
+template <RowKind K, int NR, bool kDp>
+AE_AVX512_TARGET AE_INLINE void dot_step(__m512 (&a)[NR][4], const float* q, const uint16_t* qb, int64_t ldq,
+                                         const char* const* xs, int nu, int64_t d, uint32_t m) {
+  if constexpr (kDp) {
+    __m512i kv[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u)
+      kv[u] = u < nu ? _mm512_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(xs[u]) + d)
+                     : _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m512i qv = _mm512_maskz_loadu_epi16(m, qb + r * ldq + d);
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u)
+        a[r][u] = _mm512_dpbf16_ps(a[r][u], reinterpret_cast<__m512bh>(qv), reinterpret_cast<__m512bh>(kv[u]));
+    }
+  } else {
+    const __mmask16 m16 = static_cast<__mmask16>(m);
+    __m512 kv[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) kv[u] = u < nu ? load16<K>(xs[u], d, m16) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m512 qv = _mm512_maskz_loadu_ps(m16, q + r * ldq + d);
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm512_fmadd_ps(qv, kv[u], a[r][u]);
+    }
+  }
+}
+
+// NR query rows against keys 4 at a time: each key chunk is loaded (and converted) once for all rows. With
+// kDp (bfloat16 keys, AVX512-BF16), 32 elements per vdpbf16ps against the bf16 copy of the queries.
+template <RowKind K, int NR, bool kDp>
+AE_AVX512_TARGET void dot_rows_nr(const float* q, const uint16_t* qb, int64_t ldq, const char* base, int64_t step,
+                                  int64_t n, int64_t e, float scale, float* s, int64_t lds) {
+  constexpr int64_t kW = kDp ? 32 : 16;  // elements per vector
+  const int64_t full = e / kW * kW;
+  const uint32_t all = kDp ? 0xFFFFFFFFu : 0xFFFFu, tail = static_cast<uint32_t>((uint64_t(1) << (e - full)) - 1);
+  const __m128 sc = _mm_set1_ps(scale);
+  const char* xs[4];
+  __m512 a[NR][4];
+  for (int64_t j = 0; j < n; j += 4) {
+    const int nu = static_cast<int>(n - j < 4 ? n - j : 4);
+    for (int u = 0; u < 4; ++u) xs[u] = base + (j + (u < nu ? u : 0)) * step;
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < full; d += kW) dot_step<K, NR, kDp>(a, q, qb, ldq, xs, nu, d, all);
+    if (full < e) dot_step<K, NR, kDp>(a, q, qb, ldq, xs, nu, full, tail);
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m128 v = _mm_mul_ps(reduce4(a[r][0], a[r][1], a[r][2], a[r][3]), sc);
+      _mm_mask_storeu_ps(s + r * lds + j, static_cast<__mmask8>((1u << nu) - 1u), v);
+    }
+  }
+}
+
+// acc rows r < NR, columns [d0, d0 + 16 NV) += sum_j p_r[j] x_j[...]: each value chunk is loaded (and
+// converted) once for all rows; the last vector under `last`.
+template <RowKind K, int NR, int NV>
+AE_AVX512_TARGET AE_INLINE void axpy_chunk(const float* p, int64_t ldp, const char* base, int64_t step, int64_t n,
+                                           int64_t d0, __mmask16 last, float* acc, int64_t ldacc) {
+  __m512 a[NR][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c)
+      a[r][c] = _mm512_maskz_loadu_ps(c == NV - 1 ? last : 0xFFFF, acc + r * ldacc + d0 + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    const char* xj = base + j * step;
+    __m512 xv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) xv[c] = load16<K>(xj, d0 + 16 * c, c == NV - 1 ? last : 0xFFFF);
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[r * ldp + j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) a[r][c] = _mm512_fmadd_ps(pj, xv[c], a[r][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c)
+      _mm512_mask_storeu_ps(acc + r * ldacc + d0 + 16 * c, c == NV - 1 ? last : 0xFFFF, a[r][c]);
+}
+
+template <RowKind K, int NR>
+AE_AVX512_TARGET void axpy_rows_nr(const float* p, int64_t ldp, const char* base, int64_t step, int64_t n,
+                                   int64_t e, float* acc, int64_t ldacc) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= e; d0 += 64) axpy_chunk<K, NR, 4>(p, ldp, base, step, n, d0, 0xFFFF, acc, ldacc);
+  const int64_t rem = e - d0;
+  if (rem == 0) return;
+  const int nv = static_cast<int>((rem + 15) / 16);
+  const __mmask16 last = tail_mask(rem - 16 * (nv - 1));
+  switch (nv) {
+    case 1: return axpy_chunk<K, NR, 1>(p, ldp, base, step, n, d0, last, acc, ldacc);
+    case 2: return axpy_chunk<K, NR, 2>(p, ldp, base, step, n, d0, last, acc, ldacc);
+    case 3: return axpy_chunk<K, NR, 3>(p, ldp, base, step, n, d0, last, acc, ldacc);
+    default: return axpy_chunk<K, NR, 4>(p, ldp, base, step, n, d0, last, acc, ldacc);
+  }
+}
+
+// Rows in groups of up to 4 (the register budget of the kernels above).
+template <RowKind K, bool kDp>
+AE_AVX512_TARGET void dot_rows_avx512(const float* q, const uint16_t* qb, int64_t nr, int64_t ldq, const void* x,
+                                      int64_t ld, int64_t n, int64_t e, float scale, float* s, int64_t lds) {
+  const char* base = static_cast<const char*>(x);
+  const int64_t step = ld * row_kind_size(K);
+  for (int64_t r = 0; r < nr; r += 4) {
+    const float* qr = q + r * ldq;
+    const uint16_t* qbr = kDp ? qb + r * ldq : nullptr;
+    float* sr = s + r * lds;
+    switch (nr - r < 4 ? nr - r : 4) {
+      case 1: dot_rows_nr<K, 1, kDp>(qr, qbr, ldq, base, step, n, e, scale, sr, lds); break;
+      case 2: dot_rows_nr<K, 2, kDp>(qr, qbr, ldq, base, step, n, e, scale, sr, lds); break;
+      case 3: dot_rows_nr<K, 3, kDp>(qr, qbr, ldq, base, step, n, e, scale, sr, lds); break;
+      default: dot_rows_nr<K, 4, kDp>(qr, qbr, ldq, base, step, n, e, scale, sr, lds); break;
+    }
+  }
+}
+
+template <RowKind K>
+AE_AVX512_TARGET void axpy_rows_avx512(const float* p, int64_t ldp, int64_t nr, const void* x, int64_t ld, int64_t n,
+                                       int64_t e, float* acc, int64_t ldacc) {
+  const char* base = static_cast<const char*>(x);
+  const int64_t step = ld * row_kind_size(K);
+  for (int64_t r = 0; r < nr; r += 4) {
+    const float* pr = p + r * ldp;
+    float* ar = acc + r * ldacc;
+    switch (nr - r < 4 ? nr - r : 4) {
+      case 1: axpy_rows_nr<K, 1>(pr, ldp, base, step, n, e, ar, ldacc); break;
+      case 2: axpy_rows_nr<K, 2>(pr, ldp, base, step, n, e, ar, ldacc); break;
+      case 3: axpy_rows_nr<K, 3>(pr, ldp, base, step, n, e, ar, ldacc); break;
+      default: axpy_rows_nr<K, 4>(pr, ldp, base, step, n, e, ar, ldacc); break;
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+void dot_rows(const float* q, const uint16_t* qb, int64_t nr, int64_t ldq, const void* x, RowKind kind, int64_t ld,
+              int64_t n, int64_t e, float scale, float* s, int64_t lds) {
+#if AE_HAVE_AVX512_ROWS
+  if (has_avx512()) {
+    switch (kind) {
+      case RowKind::kBf16:
+        if (has_avx512_bf16() && qb != nullptr)
+          return dot_rows_avx512<RowKind::kBf16, true>(q, qb, nr, ldq, x, ld, n, e, scale, s, lds);
+        return dot_rows_avx512<RowKind::kBf16, false>(q, qb, nr, ldq, x, ld, n, e, scale, s, lds);
+      case RowKind::kF16: return dot_rows_avx512<RowKind::kF16, false>(q, qb, nr, ldq, x, ld, n, e, scale, s, lds);
+      default: return dot_rows_avx512<RowKind::kF32, false>(q, qb, nr, ldq, x, ld, n, e, scale, s, lds);
+    }
+  }
+#endif
+  dot_rows_generic(q, nr, ldq, x, kind, ld, n, e, scale, s, lds);
+}
+
+void axpy_rows(const float* p, int64_t ldp, int64_t nr, const void* x, RowKind kind, int64_t ld, int64_t n,
+               int64_t e, float* acc, int64_t ldacc) {
+#if AE_HAVE_AVX512_ROWS
+  if (has_avx512()) {
+    switch (kind) {
+      case RowKind::kBf16: return axpy_rows_avx512<RowKind::kBf16>(p, ldp, nr, x, ld, n, e, acc, ldacc);
+      case RowKind::kF16: return axpy_rows_avx512<RowKind::kF16>(p, ldp, nr, x, ld, n, e, acc, ldacc);
+      default: return axpy_rows_avx512<RowKind::kF32>(p, ldp, nr, x, ld, n, e, acc, ldacc);
+    }
+  }
+#endif
+  axpy_rows_generic(p, ldp, nr, x, kind, ld, n, e, acc, ldacc);
 }
 
 float bf16_to_float(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }

@@ -39,6 +39,21 @@ void f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n);
 
+// ---- rows of keys / values read in place (the short-query forward, RowTile in flash_cpu.h) ----
+// The element type of such rows: float32, or the bits of bfloat16 / float16.
+enum class RowKind { kF32, kBf16, kF16 };
+// Rows of keys: x_j = x + j * ld holds e elements of `kind` (j < n). For the query rows r < nr (q + r * ldq,
+// e floats each): s[r * lds + j] = scale * sum_d q_r[d] * x_j[d], products and sums in float32. With
+// kind == kBf16, qb holds the same query rows as bfloat16 bits (exact copies, rows ldq apart) for the
+// AVX512-BF16 dot-product instruction (denormal inputs read as zero there, as on the bf16 tile paths);
+// otherwise qb may be null.
+void dot_rows(const float* q, const uint16_t* qb, int64_t nr, int64_t ldq, const void* x, RowKind kind, int64_t ld,
+              int64_t n, int64_t e, float scale, float* s, int64_t lds);
+// Rows of values x_j as above: acc[r * ldacc + d] += sum_j p[r * ldp + j] * x_j[d] for r < nr, d < e, in
+// float32, j in order.
+void axpy_rows(const float* p, int64_t ldp, int64_t nr, const void* x, RowKind kind, int64_t ld, int64_t n,
+               int64_t e, float* acc, int64_t ldacc);
+
 // ---- double (scalar) ----
 inline double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
