@@ -153,3 +153,28 @@ def test_bench_cuda_tables_and_incremental_save(tmp_path, monkeypatch):
     assert len(pad_rows) == 2 and "| bool padding |" in pad_rows[0], pad_section
     assert "| 600.0 | 200.0 | 3.00 | 300.0 | 2.00 |" in pad_rows[0], pad_rows[0]
     assert len([ln for ln in md.split("boolean key-padding mask")[0].splitlines() if "bool padding" in ln]) == 0
+
+
+def test_bench_decode_quick(tmp_path):
+    """benchmarks/bench_decode.py --quick: every point measured against PyTorch, outputs agreeing, JSON written."""
+    out = tmp_path / "decode.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_decode.py"), "--quick", "--device", "cpu",
+                        "--dtypes", "float32,bfloat16", "--budget", "0.001", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    for key in ("device", "threads", "torch", "commit", "date"):
+        assert res[key] not in (None, ""), key
+    rows = res["rows"]
+    # 2 dtypes x 1 model x 2 cache lengths x 2 query lengths
+    assert len(rows) == 8
+    assert {(r["dtype"], r["S"], r["L"]) for r in rows} == {
+        (d, s, l) for d in ("float32", "bfloat16") for s in (256, 1024) for l in (1, 4)}
+    for r in rows:
+        assert r["Hq"] == 32 and r["Hkv"] == 8
+        assert r["ours_s"] > 0 and r["torch_s"] > 0 and r["ours_GBps"] > 0
+        assert r["speedup"] == pytest.approx(r["torch_s"] / r["ours_s"])
+        # the same attention as PyTorch's (values of order 1: an absolute bound per dtype)
+        assert r["max_abs_diff_vs_torch"] < (1e-5 if r["dtype"] == "float32" else 2e-2), r
+    assert "| bfloat16 | 1 | 32 / 8 | 128 | 1024 | 4 |" in p.stdout

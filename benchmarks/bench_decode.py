@@ -1,0 +1,136 @@
+"""Decoding benchmark: a few query rows against a long key / value cache, attention_ext vs PyTorch.
+
+    python benchmarks/bench_decode.py [--quick] [--device cpu|cuda] [--dtypes float32,bfloat16,float16]
+
+LLM-style shapes (32 query heads of dim 128; 32 key / value heads, or 8 with grouped-query attention;
+cache lengths 1k-8k; 1 or 4 query rows) in the same run as F.scaled_dot_product_attention
+(enable_gqa=True where the heads differ; PyTorch picks its backend). Such a call is bound by
+reading K and V, so besides the times and the ratio (torch / ours, > 1: ours is faster) it reports the
+bandwidth each achieves, counting the bytes of K and V once. Forward only, no gradient.
+Medians of interleaved repeats (CUDA: device events); raw JSON into
+benchmarks/results/<device>/bench_decode_<commit>.json.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import attention_ext
+
+# (batch, query heads, key / value heads, head dim)
+MODELS = [(1, 32, 32, 128), (1, 32, 8, 128), (4, 32, 8, 128)]
+CACHE = [1024, 4096, 8192]
+ROWS = [1, 4]
+
+
+def timer(device):
+    if device == "cuda":
+        def run(fn, n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / n
+    else:
+        def run(fn, n):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - t0) / n
+    return run
+
+
+def measure(fns, device, budget):
+    """Median seconds per call of each function, rounds interleaving them."""
+    run = timer(device)
+    for fn in fns.values():
+        fn()
+    one = max(run(fns["ours"], 1), 1e-6)
+    n = max(1, int(budget / 10 / one))
+    times = {name: [] for name in fns}
+    for _ in range(7):
+        for name, fn in fns.items():
+            times[name].append(run(fn, n))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_point(B, Hq, Hkv, E, S, L, dtype, device, budget):
+    g = torch.Generator(device="cpu").manual_seed(S + L + Hkv)
+    q = torch.randn(B, Hq, L, E, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, S, E, generator=g).to(device, dtype)
+    v = torch.randn(B, Hkv, S, E, generator=g).to(device, dtype)
+    gqa = Hq != Hkv
+    with torch.no_grad():
+        ours = attention_ext.attention(q, k, v, enable_gqa=gqa)
+        ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        err = (ours.double() - ref.double()).abs().max().item()
+        t = measure({"ours": lambda: attention_ext.attention(q, k, v, enable_gqa=gqa),
+                     "torch": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)}, device, budget)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    return {"B": B, "Hq": Hq, "Hkv": Hkv, "E": E, "S": S, "L": L, "dtype": str(dtype).replace("torch.", ""),
+            "ours_s": t["ours"], "torch_s": t["torch"], "speedup": t["torch"] / t["ours"],
+            "ours_GBps": kv_bytes / t["ours"] / 1e9, "torch_GBps": kv_bytes / t["torch"] / 1e9,
+            "max_abs_diff_vs_torch": err}
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one model, short caches, few repeats")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of repeats per point and backend")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models, caches = (MODELS[1:2], [256, 1024]) if args.quick else (MODELS, CACHE)
+    budget = args.budget if args.budget is not None else (0.02 if args.quick else 0.5)
+    name = device_name(device)
+    print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| dtype | B | Hq / Hkv | E | S | L | ours ms | torch ms | ours GB/s | torch GB/s | torch/ours |")
+    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for dt in args.dtypes.split(","):
+        for (B, Hq, Hkv, E) in models:
+            for S in caches:
+                for L in ROWS:
+                    r = run_point(B, Hq, Hkv, E, S, L, getattr(torch, dt), device, budget)
+                    rows.append(r)
+                    print(f"| {r['dtype']} | {B} | {Hq} / {Hkv} | {E} | {S} | {L} | {r['ours_s'] * 1e3:.3f} | "
+                          f"{r['torch_s'] * 1e3:.3f} | {r['ours_GBps']:.1f} | {r['torch_GBps']:.1f} | "
+                          f"{r['speedup']:.2f} |", flush=True)
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    folder = "cpu" if device == "cpu" else name.replace(" ", "_")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", folder,
+                                   f"bench_decode_{commit}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"device": name, "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
+                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+    print("saved", out)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
