@@ -638,10 +638,12 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
   const A ninf = -std::numeric_limits<A>::infinity();
 
   parallel_for(p.batch * (avg ? 1 : Hq / ng) * nqb, [&](int64_t t0, int64_t t1) {
-    Tile tile(E, Ev, kBlockQ, kBlockK, false);
-    Scratch<A> sbuf(kBlockQ * lds), wsum(avg ? kBlockQ * S : 0);
-    std::vector<A> acc(kBlockQ * Ev), tmp(kBlockK), mrow(kBlockQ), lrow(kBlockQ);
-    std::vector<A> mtile(keep ? kBlockQ * ntiles : 0);  // (weights) each row's running maximum after each tile
+    // rows of a block: sized by the query length where that is shorter than a block (whole 16-row tiles)
+    const int64_t bq = std::min(kBlockQ, round_up(L, 16)) * ng;
+    Tile tile(E, Ev, bq, kBlockK, false);
+    Scratch<A> sbuf(bq * lds), wsum(avg ? bq * S : 0);
+    std::vector<A> acc(bq * Ev), tmp(kBlockK), mrow(bq), lrow(bq);
+    std::vector<A> mtile(keep ? bq * ntiles : 0);  // (weights) each row's running maximum after each tile
 
     // output and lse of query rows i0 .. i0 + nq - 1 of heads h .. h + nh - 1 (nh > 1: one GQA group's
     // heads, RowTile only; block row r is row i0 + r % nq of head h + r / nq); the keys [jlo, jhi) it computed
@@ -657,9 +659,9 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
           tile.load_q(q, p.q_stride.r, nq);
         }
       }
-      std::fill(acc.begin(), acc.end(), A(0));
-      std::fill(mrow.begin(), mrow.end(), ninf);
-      std::fill(lrow.begin(), lrow.end(), A(0));
+      std::fill(acc.begin(), acc.begin() + R * Ev, A(0));
+      std::fill(mrow.begin(), mrow.begin() + R, ninf);
+      std::fill(lrow.begin(), lrow.begin() + R, A(0));
 
       block_key_range(p, b, h, i0, nq, jlo, jhi);
       for (int64_t g = 1; g < nh; ++g) {  // the union of the heads' ranges
