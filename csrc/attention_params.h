@@ -69,6 +69,14 @@ struct FwdParams {
   // range when it has none): keys outside it are hidden from every row, and
   // the kernels skip their tiles. Filled on the device by launch_key_bounds.
   const int32_t* key_bounds = nullptr;
+  // Optional (CUDA sm80 forward, flash-decoding): with num_splits > 1 the key tiles of each (batch, head,
+  // query block) are shared among num_splits CTAs, which write their partial outputs, normalised by their own
+  // sums, to o_accum (num_splits x batch * heads_q * len_q x dim_v, fp32) and their row maxima m and sums l
+  // to lse_accum (2 x num_splits x batch * heads_q * len_q: all m, then all l) instead of out / lse; a
+  // combine kernel merges them.
+  int num_splits = 1;
+  float* o_accum = nullptr;
+  float* lse_accum = nullptr;
 };
 
 struct BwdParams : FwdParams {

@@ -523,6 +523,30 @@ def test_attention_vs_reference(case, device):
     run_case(case, device)
 
 
+# Flash-decoding on the CUDA kernels: the key tiles of each (batch, head, query block) shared among CTAs
+# whose partial outputs (O / l, m, l in fp32) are merged by a second kernel (csrc/cuda/flash_fwd.cuh,
+# aux_kernels.cu's fwd_combine_kernel). The planner splits by itself only where a grid leaves SMs idle (the
+# long-S grid cases above do, on the emulator's 132 SMs); ATTENTION_EXT_FWD_SPLITS forces a count: 3 (uneven
+# shares) or 64 (more shares than key tiles, so some are empty). Output, lse, gradients (from the merged
+# lse) and the weights op, on decode rows with per-head masks, causal blocks whose key ranges differ,
+# windows, additive masks with gradient, fully masked rows and large scores.
+SPLIT_CASES = {"bool_docs_decode-f32": 3, "window_causal-f32": 64, "float_big_S600_grad-f32": 3,
+               "bool_keypad_full-f32": 64, "scale_large_scores-f32": 3, "scale_large_scores-bf16": 64,
+               "hd40_sliced_causal_window-f16": 3, "rows_L2_keypad_poison-bf16": 64}
+
+
+@pytest.mark.parametrize("case,device,splits", [
+    pytest.param(c, d, SPLIT_CASES[c.id], id=f"{d}-{c.id}-{SPLIT_CASES[c.id]}", marks=marks)
+    for c in CASES if c.id in SPLIT_CASES for d, marks in (("emu", emu_marks()), ("cuda", cuda_marks()))])
+def test_split_keys_forward(case, device, splits, monkeypatch):
+    assert sum(c.id in SPLIT_CASES for c in CASES) == len(SPLIT_CASES)
+    skip_unsupported(device, case.dtype)
+    monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", str(splits))
+    with attention_ext.debug.kernel_log() as lines:
+        run_case(case, device)
+    assert any(f"keys split {splits} ways" in ln for ln in lines), lines
+
+
 def test_case_ids_unique():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]

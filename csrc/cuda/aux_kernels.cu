@@ -262,6 +262,44 @@ __global__ void __launch_bounds__(kThreads) key_bounds_kernel(const FwdParams p,
   }
 }
 
+// Flash-decoding's merge (p.num_splits > 1, see flash_fwd.cuh): one warp per row. From each share's row max
+// m_s and sum l_s: w_s = l_s exp(m_s - M) with M = max m_s, lse = M + log sum w_s, out = sum_s (w_s / sum w) O_s.
+// A share with no visible key has m_s = -inf and weight 0; a row with none at all gives 0 and -inf, and a NaN
+// in any share (NaN scores) a NaN row and lse, as without splits.
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const FwdParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  const int ns = p.num_splits;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const float* ms = p.lse_accum + r;              // m_s at ms[s * rows]
+    const float* ls = p.lse_accum + ns * rows + r;  // l_s at ls[s * rows]
+    float m = -kInf;
+    bool nan = false;
+    for (int s = 0; s < ns; ++s) {
+      nan = nan || ms[s * rows] != ms[s * rows] || ls[s * rows] != ls[s * rows];
+      m = fmaxf(m, ms[s * rows]);
+    }
+    const bool empty = !nan && m == -kInf;
+    float sum = 0.f;  // sum_s w_s
+    for (int s = 0; s < ns && !empty; ++s)
+      sum += ms[s * rows] == -kInf ? 0.f : ls[s * rows] * exp2f((ms[s * rows] - m) * kLog2e);
+    if (nan) sum = __uint_as_float(0x7fc00000u);
+    if (lane == 0) static_cast<float*>(p.lse)[r] = empty ? -kInf : m + logf(sum);
+    const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
+    Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i * p.o_stride.r;
+    const float inv = empty ? 0.f : 1.f / sum;
+    for (int64_t e = lane; e < p.dim_v; e += 32) {
+      float acc = 0.f;
+      for (int s = 0; s < ns && !empty; ++s)
+        if (ms[s * rows] != -kInf || nan)
+          acc += ls[s * rows] * exp2f((ms[s * rows] - m) * kLog2e) * inv * p.o_accum[(s * rows + r) * p.dim_v + e];
+      o[e] = ElemOps<Elem>::from_float(acc);
+    }
+  }
+}
+
 template <typename Fn>
 cudaError_t by_dtype(DType d, Fn&& fn) {
   switch (d) {
@@ -285,6 +323,17 @@ cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEn
   });
   if (err != cudaSuccess || p.len_k == 0) return err;
   return fwd.fn(p, &st, env);
+}
+
+cudaError_t launch_fwd_combine(const FwdParams& p, const LaunchEnv& env) {
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  if (rows == 0) return cudaSuccess;
+  if (p.num_splits < 2 || p.o_accum == nullptr || p.lse_accum == nullptr) return cudaErrorInvalidValue;
+  const int grid = grid_for(rows, kThreads / 32, env.num_sms);
+  return by_dtype(p.dtype, [&](auto tag) {
+    using Elem = decltype(tag);
+    return launch_kernel(fwd_combine_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "fwd_combine_kernel", p);
+  });
 }
 
 cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {

@@ -11,7 +11,11 @@
 //   dropout zeroes P (the 1/(1-p) goes into the final normalisation)
 //   O += P V             (P straight from the S accumulators, V from shared)
 // Epilogue: O /= l, lse = m + log l; rows that saw no key give O = 0,
-// lse = -inf.
+// lse = -inf. Split keys (p.num_splits > 1, flash-decoding for grids too small
+// to fill the GPU): CTA s of a (batch, head, query block) takes the s-th share
+// of its key tiles and writes O / l, m and l of that share in fp32 to
+// p.o_accum / p.lse_accum; launch_fwd_combine merges the shares (from m and l,
+// not from m + log l, whose rounding at |m| ~ 100s would cost fp32 accuracy).
 // Stats mode (st.shift != nullptr, see FwdStats in launch.h): the same loop
 // for the backward's row statistics; a CTA with no row of
 // |lse| > kExtremeLse (and no exact_d) leaves at once, the others store
@@ -99,8 +103,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
 
   const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q;
   const int64_t nmb = ceil_div(L, kBlockM);
-  const int64_t bh = static_cast<int64_t>(blockIdx.x) / nmb;
-  const int64_t mb = nmb - 1 - static_cast<int64_t>(blockIdx.x) % nmb;  // longest causal blocks first
+  // blockIdx.x = split * (nmb * batch * Hq) + cta; split = 0 unless the keys are split (taken again where
+  // needed rather than kept live through the loop: registers)
+  const int64_t cta = static_cast<int64_t>(blockIdx.x) % (nmb * p.batch * Hq);
+  const int64_t bh = cta / nmb;
+  const int64_t mb = nmb - 1 - cta % nmb;  // longest causal blocks first
   const int64_t b = bh / Hq, h = bh % Hq, hk = h / (Hq / p.heads_kv);
   const int64_t i0 = mb * kBlockM;
   const int nq = static_cast<int>(L - i0 < kBlockM ? L - i0 : kBlockM);
@@ -140,6 +147,13 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     n_begin = bounds[0];
     n_end = bounds[1];
     __syncthreads();  // read by all before the first mask tile lands there
+  }
+  if (p.num_splits > 1) {  // this CTA's share of the tiles (possibly none)
+    const int64_t split = static_cast<int64_t>(blockIdx.x) / (nmb * p.batch * Hq);
+    const int64_t per = ceil_div(n_end - n_begin, p.num_splits);
+    const int64_t s0 = n_begin + split * per < n_end ? n_begin + split * per : n_end;
+    n_begin = s0;
+    n_end = s0 + per < n_end ? s0 + per : n_end;
   }
 
   const bool dropout = p.dropout_p > 0.f;
@@ -276,7 +290,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   // Epilogue: normalise, write O and the log-sum-exp (stats mode: the row statistics).
   Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
   const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
-  float* lse = static_cast<float*>(p.lse) + bh * L;
+  const bool partial = p.num_splits > 1;
+  // first row of this CTA's share in the split buffers: (split * batch * Hq + bh) * L
+  const int64_t part = (static_cast<int64_t>(blockIdx.x) / (nmb * p.batch * Hq) * p.batch * Hq + bh) * L;
+  float* lse = partial ? p.lse_accum + part : static_cast<float*>(p.lse) + bh * L;
   const float keep_scale = dropout ? rng.inv_keep : 1.f;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -313,8 +330,21 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
         }
         continue;
       }
-      if (t == 0 && i < L) lse[i] = empty ? -kInf : row_max[mt][hr] + logf(l);
-      if (i < L) {
+      if (partial && t == 0 && i < L) {
+        lse[i] = empty ? -kInf : row_max[mt][hr];
+        lse[p.num_splits * p.batch * Hq * L + i] = l;
+      } else if (t == 0 && i < L) {
+        lse[i] = empty ? -kInf : row_max[mt][hr] + logf(l);
+      }
+      if (partial && i < L) {
+        float* orow = p.o_accum + (part + i) * Ev;
+#pragma unroll
+        for (int nt = 0; nt < NTO; ++nt) {
+          const int c = 8 * nt + 2 * t;
+          store_pair(orow + c, acc_o[mt][nt][2 * hr] * inv, acc_o[mt][nt][2 * hr + 1] * inv, c < Ev, c + 1 < Ev,
+                     Ev % 2 == 0);
+        }
+      } else if (i < L) {
         Elem* orow = o + i * p.o_stride.r;
 #pragma unroll
         for (int nt = 0; nt < NTO; ++nt) {
@@ -329,7 +359,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
 
 template <class Cfg>
 cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEnv& env) {
-  const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q;
+  if (p.num_splits < 1 || (p.num_splits > 1 && (stats != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr)))
+    return cudaErrorInvalidValue;  // split keys: the forward only, into its buffers
+  const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = Cfg::kSmem + (p.mask_kind != MaskKind::kNone ? Cfg::kSmemMask : 0);

@@ -4,7 +4,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_fwd(FwdEntry{128, DType::kFloat32, &run_fwd<float, 128>});
+const bool kRegistered = register_fwd(FwdEntry{128, DType::kFloat32, &run_fwd<float, 128>, fwd_block_m<float, 128>(),
+                                               fwd_block_n<float, 128>()});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

@@ -4,7 +4,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_fwd(FwdEntry{256, DType::kFloat16, &run_fwd<__half, 256>});
+const bool kRegistered = register_fwd(FwdEntry{256, DType::kFloat16, &run_fwd<__half, 256>, fwd_block_m<__half, 256>(),
+                                               fwd_block_n<__half, 256>()});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

@@ -4,7 +4,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_fwd(FwdEntry{256, DType::kFloat32, &run_fwd<float, 256>});
+const bool kRegistered = register_fwd(FwdEntry{256, DType::kFloat32, &run_fwd<float, 256>, fwd_block_m<float, 256>(),
+                                               fwd_block_n<float, 256>()});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

@@ -4,7 +4,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_fwd(FwdEntry{32, DType::kBFloat16, &run_fwd<__nv_bfloat16, 32>});
+const bool kRegistered = register_fwd(FwdEntry{32, DType::kBFloat16, &run_fwd<__nv_bfloat16, 32>, fwd_block_m<__nv_bfloat16, 32>(),
+                                               fwd_block_n<__nv_bfloat16, 32>()});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

@@ -4,7 +4,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_fwd(FwdEntry{32, DType::kFloat16, &run_fwd<__half, 32>});
+const bool kRegistered = register_fwd(FwdEntry{32, DType::kFloat16, &run_fwd<__half, 32>, fwd_block_m<__half, 32>(),
+                                               fwd_block_n<__half, 32>()});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

@@ -4,7 +4,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_fwd(FwdEntry{64, DType::kFloat16, &run_fwd<__half, 64>});
+const bool kRegistered = register_fwd(FwdEntry{64, DType::kFloat16, &run_fwd<__half, 64>, fwd_block_m<__half, 64>(),
+                                               fwd_block_n<__half, 64>()});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

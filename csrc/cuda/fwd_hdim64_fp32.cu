@@ -4,7 +4,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_fwd(FwdEntry{64, DType::kFloat32, &run_fwd<float, 64>});
+const bool kRegistered = register_fwd(FwdEntry{64, DType::kFloat32, &run_fwd<float, 64>, fwd_block_m<float, 64>(),
+                                               fwd_block_n<float, 64>()});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

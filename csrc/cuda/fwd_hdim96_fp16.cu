@@ -4,7 +4,8 @@
 namespace attention_ext {
 namespace cuda {
 namespace {
-const bool kRegistered = register_fwd(FwdEntry{96, DType::kFloat16, &run_fwd<__half, 96>});
+const bool kRegistered = register_fwd(FwdEntry{96, DType::kFloat16, &run_fwd<__half, 96>, fwd_block_m<__half, 96>(),
+                                               fwd_block_n<__half, 96>()});
 }  // namespace
 }  // namespace cuda
 }  // namespace attention_ext

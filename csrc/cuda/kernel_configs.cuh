@@ -84,6 +84,9 @@ struct BwdConfigFor<float, kD, kPasses> {
 template <typename Elem, int kD>
 cudaError_t run_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEnv& env) {
   if constexpr (std::is_same<Elem, float>::value) {
+    static_assert(FwdConfigFor<float, kD, 1>::type::kBlockM == FwdConfigFor<float, kD, 3>::type::kBlockM &&
+                      FwdConfigFor<float, kD, 1>::type::kBlockN == FwdConfigFor<float, kD, 3>::type::kBlockN,
+                  "both fp32 variants must tile alike (plan_fwd_splits reads one FwdEntry)");
     return BOOL_SWITCH(env.allow_tf32, kTF32, [&] {
       return launch_fwd<typename FwdConfigFor<float, kD, kTF32 ? 1 : 3>::type>(p, stats, env);
     });
@@ -105,6 +108,14 @@ cudaError_t run_bwd(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) 
   }
 }
 
+template <typename Elem, int kD>
+constexpr int fwd_block_m() {
+  return FwdConfigFor<Elem, kD, 1>::type::kBlockM;
+}
+template <typename Elem, int kD>
+constexpr int fwd_block_n() {
+  return FwdConfigFor<Elem, kD, 1>::type::kBlockN;
+}
 template <typename Elem, int kD>
 constexpr int bwd_block_n() {
   return BwdConfigFor<Elem, kD, 1>::type::kBlockN;

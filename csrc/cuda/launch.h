@@ -87,6 +87,8 @@ struct FwdEntry {
   int head_dim = 0;
   DType dtype = DType::kFloat32;
   FwdLauncher fn = nullptr;
+  int block_m = 0;  // query rows per CTA
+  int block_n = 0;  // keys per tile
 };
 struct BwdEntry {
   int head_dim = 0;
@@ -94,6 +96,11 @@ struct BwdEntry {
   int block_n = 0;  // keys per CTA tile (sizes the chunking of the dQ workspace)
   BwdLauncher fn = nullptr;
 };
+
+// Flash-decoding: how many CTAs share the key tiles of each (batch, head, query block) of an sm80 forward
+// (FwdParams::num_splits; 1: no split). Split when the grid leaves SMs idle (few heads and short queries, as
+// in decoding) and there are key tiles enough to share. ATTENTION_EXT_FWD_SPLITS=n forces n (tests).
+int plan_fwd_splits(const FwdParams& p, const FwdEntry& e, int num_sms);
 
 // Hopper (sm_90a) forward kernels (hopper/flash_fwd_sm90.cuh): a launcher
 // returns cudaErrorNotSupported, without launching, for a call outside what
@@ -141,6 +148,8 @@ cudaError_t launch_sm90_gemm_selftest(const sm90::GemmParams& p, int n, bool hal
 // st.exact_d, D[bh * L + i] = sum_e dO[b, h, i, e] * O[b, h, i, e] in fp32 from
 // the saved output; then the forward `fwd` in stats mode.
 cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEntry& fwd, const LaunchEnv& env);
+// out and lse from the p.num_splits shares in p.o_accum / p.lse_accum (see FwdParams::num_splits).
+cudaError_t launch_fwd_combine(const FwdParams& p, const LaunchEnv& env);
 // dq = scale * sum over the w.nsplit splits of dq_accum (fixed order), cast to the input dtype.
 cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const LaunchEnv& env);
 // probs (batch x heads_q x len_q x len_k, contiguous, input dtype) = the

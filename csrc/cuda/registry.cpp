@@ -117,6 +117,20 @@ std::string describe_kernel_sm90(const char* what, int head_dim, DType dtype) {
 const FwdEntry* find_fwd(DType dtype, int min_head_dim) { return find_in(fwd_table(), dtype, min_head_dim); }
 const BwdEntry* find_bwd(DType dtype, int min_head_dim) { return find_in(bwd_table(), dtype, min_head_dim); }
 
+int plan_fwd_splits(const FwdParams& p, const FwdEntry& e, int num_sms) {
+  const int64_t tiles = (p.len_k + e.block_n - 1) / std::max(e.block_n, 1);
+  if (const char* env = std::getenv("ATTENTION_EXT_FWD_SPLITS"); env != nullptr && *env != 0) {
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (end != env && *end == 0 && n >= 1 && n <= 1024) return static_cast<int>(n);
+  }
+  const int64_t ctas = (p.len_q + e.block_m - 1) / std::max(e.block_m, 1) * p.batch * p.heads_q;
+  if (ctas == 0 || ctas >= num_sms || tiles < 8) return 1;
+  // about two CTAs per SM, each with at least 4 key tiles of its own, at most 64 shares
+  const int64_t want = (2 * static_cast<int64_t>(num_sms) + ctas - 1) / ctas;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, tiles / 4, 64})));
+}
+
 BwdWork plan_bwd_work(const BwdParams& p, const BwdEntry& e, int num_sms, bool deterministic) {
   BwdWork w;
   const int64_t rows = p.batch * p.heads_q * p.len_q;

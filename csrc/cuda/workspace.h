@@ -9,6 +9,7 @@
 
 #include <string>
 
+#include "../glue.h"
 #include "launch.h"
 
 namespace attention_ext {
@@ -58,6 +59,25 @@ P with_key_bounds(const P& p, const LaunchEnv& env, const at::TensorOptions& lik
 template <class Launch>
 std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& sm80,
                         const char* what, Launch&& launch) {
+  // Flash-decoding (few CTAs, many keys: decoding with a KV cache): the sm80 kernel with its key tiles shared
+  // among several CTAs, then the merge. Taken before the Hopper kernels too (their persistent grid has the
+  // same few tiles to hand out) where it multiplies the CTAs at work by 4 or more; below that, the Hopper
+  // kernel's faster tiles win back what the idle SMs cost.
+  const int splits = plan_fwd_splits(p, sm80, env.num_sms);
+  if (splits > 1 && (splits >= 4 || find_fwd_sm90(p, env) == nullptr)) {
+    const int64_t rows = p.batch * p.heads_q * p.len_q;
+    at::Tensor o_accum = at::empty({splits, rows, p.dim_v}, like.dtype(at::kFloat));
+    at::Tensor lse_accum = at::empty({2, splits, rows}, like.dtype(at::kFloat));
+    poison(o_accum);  // (tests) every share writes all its rows, empty or not
+    poison(lse_accum);
+    FwdParams ps = p;
+    ps.num_splits = splits;
+    ps.o_accum = o_accum.data_ptr<float>();
+    ps.lse_accum = lse_accum.data_ptr<float>();
+    launch([&] { return sm80.fn(ps, nullptr, env); });
+    launch([&] { return launch_fwd_combine(ps, env); });
+    return describe_kernel(what, sm80.head_dim, p.dtype, env) + ", keys split " + std::to_string(splits) + " ways";
+  }
   if (const Sm90FwdEntry* h = find_fwd_sm90(p, env)) {
     at::Tensor bounds;
     const FwdParams ph = with_key_bounds(p, env, like, bounds, launch);
