@@ -2,7 +2,7 @@
 compute-sanitizer (scripts/sanitize_cuda.sh runs this file under memcheck,
 racecheck and initcheck). Not a pytest file: it just exercises every kernel
 family (each dtype, a few head-dim buckets, tails, masks of each kind and
-layout, GQA, causal/window, dropout, deterministic and atomic dQ) on shapes
+layout, GQA, causal/window, dropout, deterministic and atomic dQ, split keys) on shapes
 small enough for the sanitizer's slowdown, and checks nothing is NaN.
 
     python tests/cuda_sanitize_cases.py            # all cases
@@ -99,6 +99,11 @@ def main():
     grid.append((torch.float16, 256, 256, 150, 130, 4, 2, True, (-1, -1), "keypad_bool", 0.0, False, "contig"))
     grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, True, (-1, -1), None, 0.2, False, "contig"))  # dropout
     grid.append((torch.float16, 64, 64, 512, 512, 36, 36, True, (-1, -1), None, 0.0, False, "contig"))  # 288 tiles
+    # split keys (flash-decoding): few CTAs, many key tiles, so the forward shares each CTA's tiles among
+    # several CTAs and merges them (fwd_combine_kernel); decode rows with GQA and key padding, and short
+    # fp32 rows with a float mask (fully masked rows)
+    grid.append((torch.bfloat16, 128, 128, 1, 2048, 4, 2, False, (-1, -1), "keypad_bool", 0.0, False, "contig"))
+    grid.append((torch.float32, 64, 40, 3, 1000, 4, 4, False, (-1, -1), "float", 0.0, False, "blhe"))
     for i, c in enumerate(grid):
         print(f"[{i + 1}/{len(grid)}] {c}", flush=True)
         case(*c)
