@@ -712,6 +712,33 @@ __device__ __forceinline__ BoolMaskRef bool_mask_ref(const FwdParams& p) {
   return m;
 }
 
+// Block-wide min of lo and max of hi, first step: a warp-shuffle reduction, then each warp's pair into red
+// (2 * kThreads / 32 ints of shared memory) and a barrier; fold_min_max then folds the warps' pairs in.
+template <int kThreads>
+__device__ __forceinline__ void min_max_to_smem(int& lo, int& hi, int* red, int tid) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int a = __shfl_xor_sync(0xffffffffu, lo, o), c = __shfl_xor_sync(0xffffffffu, hi, o);
+    lo = a < lo ? a : lo;
+    hi = c > hi ? c : hi;
+  }
+  constexpr int kWarps = kThreads / 32;
+  if ((tid & 31) == 0) {
+    red[tid >> 5] = lo;
+    red[kWarps + (tid >> 5)] = hi;
+  }
+  __syncthreads();
+}
+template <int kThreads>
+__device__ __forceinline__ void fold_min_max(int& lo, int& hi, const int* red) {
+  constexpr int kWarps = kThreads / 32;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    lo = red[w] < lo ? red[w] : lo;
+    hi = red[kWarps + w] > hi ? red[kWarps + w] : hi;
+  }
+}
+
 // Over the rows [r0, r1) x keys [js, je) of one (batch, head) of the mask
 // (`base`: its element (0, 0); a mask that broadcasts over the rows is read as
 // one row), the smallest and largest unit holding a true element, a unit being
@@ -752,23 +779,8 @@ __device__ __forceinline__ void scan_mask(const unsigned char* base, const Strid
       if (base[r * ms.r + j * ms.c] != 0) hit(r, j);
     }
   }
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int a = __shfl_xor_sync(0xffffffffu, lo, o), c = __shfl_xor_sync(0xffffffffu, hi, o);
-    lo = a < lo ? a : lo;
-    hi = c > hi ? c : hi;
-  }
-  constexpr int kWarps = kThreads / 32;
-  if ((tid & 31) == 0) {
-    red[tid >> 5] = lo;
-    red[kWarps + (tid >> 5)] = hi;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int w8 = 0; w8 < kWarps; ++w8) {
-    lo = red[w8] < lo ? red[w8] : lo;
-    hi = red[kWarps + w8] > hi ? red[kWarps + w8] : hi;
-  }
+  min_max_to_smem<kThreads>(lo, hi, red, tid);
+  fold_min_max<kThreads>(lo, hi, red);
   __syncthreads();  // every thread has read red
 }
 
@@ -861,9 +873,10 @@ __device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, in
                                               int64_t n_begin, int64_t n_end, int64_t* out, int* red, int tid) {
   const int64_t S = m.len_k;
   const Strides4& ms = m.st;
-  // The one-row pass below is scan_mask's, written out again on purpose: calling scan_mask from here
-  // (rather than from the backward's narrow_query_blocks) raised the forward's spill stores from 10 to 148
-  // bytes (ptxas, sm_80, D = 64 and 128), as the chunked narrowing did.
+  // The one-row scan below is a narrower form of scan_mask's (it shares only the reduction,
+  // min_max_to_smem / fold_min_max): calling scan_mask from here (rather than from the backward's
+  // narrow_query_blocks) raised the forward's spill stores from 10 to 148 bytes (ptxas, sm_80, D = 64 and
+  // 128), as the chunked narrowing did.
   if ((ms.r == 0 || nq == 1) && n_end - n_begin > 2 && n_end < (int64_t(1) << 30)) {
     const unsigned char* row = m.ptr + b * ms.b + h * ms.h + i0 * ms.r;
     const int64_t js = n_begin * kBlockN, je = n_end * kBlockN < S ? n_end * kBlockN : S;
@@ -895,24 +908,9 @@ __device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, in
         }
       }
     }
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int a = __shfl_xor_sync(0xffffffffu, tmin, o), c = __shfl_xor_sync(0xffffffffu, tmax, o);
-      tmin = a < tmin ? a : tmin;
-      tmax = c > tmax ? c : tmax;
-    }
-    constexpr int kWarps = kThreads / 32;
-    if ((tid & 31) == 0) {
-      red[tid >> 5] = tmin;
-      red[kWarps + (tid >> 5)] = tmax;
-    }
-    __syncthreads();
+    min_max_to_smem<kThreads>(tmin, tmax, red, tid);
     if (tid == 0) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        tmin = red[w] < tmin ? red[w] : tmin;
-        tmax = red[kWarps + w] > tmax ? red[kWarps + w] : tmax;
-      }
+      fold_min_max<kThreads>(tmin, tmax, red);
       out[0] = tmax < 0 ? n_begin : tmin;
       out[1] = tmax < 0 ? n_begin : static_cast<int64_t>(tmax) + 1;
     }

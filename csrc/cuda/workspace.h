@@ -63,8 +63,9 @@ std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::Tens
   // among several CTAs, then the merge. Taken before the Hopper kernels too (their persistent grid has the
   // same few tiles to hand out) where it multiplies the CTAs at work by 4 or more; below that, the Hopper
   // kernel's faster tiles win back what the idle SMs cost.
+  const Sm90FwdEntry* h = find_fwd_sm90(p, env);
   const int splits = plan_fwd_splits(p, sm80, env.num_sms);
-  if (splits > 1 && (splits >= 4 || find_fwd_sm90(p, env) == nullptr)) {
+  if (splits > 1 && (splits >= 4 || h == nullptr)) {
     const int64_t rows = p.batch * p.heads_q * p.len_q;
     at::Tensor o_accum = at::empty({splits, rows, p.dim_v}, like.dtype(at::kFloat));
     at::Tensor lse_accum = at::empty({2, splits, rows}, like.dtype(at::kFloat));
@@ -78,7 +79,7 @@ std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::Tens
     launch([&] { return launch_fwd_combine(ps, env); });
     return describe_kernel(what, sm80.head_dim, p.dtype, env) + ", keys split " + std::to_string(splits) + " ways";
   }
-  if (const Sm90FwdEntry* h = find_fwd_sm90(p, env)) {
+  if (h != nullptr) {
     at::Tensor bounds;
     const FwdParams ph = with_key_bounds(p, env, like, bounds, launch);
     cudaError_t err = cudaSuccess;
