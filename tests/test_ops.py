@@ -547,6 +547,17 @@ def test_split_keys_forward(case, device, splits, monkeypatch):
     assert any(f"keys split {splits} ways" in ln for ln in lines), lines
 
 
+@pytest.mark.parametrize("device", [pytest.param("emu", marks=emu_marks()), pytest.param("cuda", marks=cuda_marks())])
+@pytest.mark.parametrize("value", ["3x", "0", "2000"])
+def test_split_keys_bad_setting_is_an_error(device, value, monkeypatch):
+    monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", value)
+    fn = emu.attention if device == "emu" else attention_ext.attention
+    dev = "cpu" if device == "emu" else "cuda"
+    q = torch.randn(1, 2, 1, 16, device=dev)
+    with pytest.raises(ValueError, match=rf"ATTENTION_EXT_FWD_SPLITS must be a number of key shares in 1\.\.1024, got '{value}'"):
+        fn(q, q, q)
+
+
 def test_case_ids_unique():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]

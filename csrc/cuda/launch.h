@@ -99,7 +99,7 @@ struct BwdEntry {
 
 // Flash-decoding: how many CTAs share the key tiles of each (batch, head, query block) of an sm80 forward
 // (FwdParams::num_splits; 1: no split). Split when the grid leaves SMs idle (few heads and short queries, as
-// in decoding) and there are key tiles enough to share. ATTENTION_EXT_FWD_SPLITS=n forces n (tests).
+// in decoding) and there are key tiles enough to share. (ATTENTION_EXT_FWD_SPLITS=n forces n: workspace.h.)
 int plan_fwd_splits(const FwdParams& p, const FwdEntry& e, int num_sms);
 
 // Hopper (sm_90a) forward kernels (hopper/flash_fwd_sm90.cuh): a launcher

@@ -119,11 +119,6 @@ const BwdEntry* find_bwd(DType dtype, int min_head_dim) { return find_in(bwd_tab
 
 int plan_fwd_splits(const FwdParams& p, const FwdEntry& e, int num_sms) {
   const int64_t tiles = (p.len_k + e.block_n - 1) / std::max(e.block_n, 1);
-  if (const char* env = std::getenv("ATTENTION_EXT_FWD_SPLITS"); env != nullptr && *env != 0) {
-    char* end = nullptr;
-    const long n = std::strtol(env, &end, 10);
-    if (end != env && *end == 0 && n >= 1 && n <= 1024) return static_cast<int>(n);
-  }
   const int64_t ctas = (p.len_q + e.block_m - 1) / std::max(e.block_m, 1) * p.batch * p.heads_q;
   if (ctas == 0 || ctas >= num_sms || tiles < 8) return 1;
   // about two CTAs per SM, each with at least 4 key tiles of its own, at most 64 shares

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "../glue.h"
@@ -52,6 +53,18 @@ P with_key_bounds(const P& p, const LaunchEnv& env, const at::TensorOptions& lik
   return ph;
 }
 
+// ATTENTION_EXT_FWD_SPLITS=n (tests): the forward's keys split n ways whatever plan_fwd_splits says; 0 when
+// unset. A bad value is an error, not ignored: a typo would silently test the planner's choice instead.
+inline int forced_fwd_splits() {
+  const char* e = std::getenv("ATTENTION_EXT_FWD_SPLITS");
+  if (e == nullptr || *e == 0) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(e, &end, 10);
+  TORCH_CHECK_VALUE(end != e && *end == 0 && n >= 1 && n <= 1024,
+                    "ATTENTION_EXT_FWD_SPLITS must be a number of key shares in 1..1024, got '", e, "'");
+  return static_cast<int>(n);
+}
+
 // The forward as both glues run it: the Hopper kernel when it covers the call
 // (its launcher declines with cudaErrorNotSupported before launching
 // anything), else the sm80 kernel. launch(fn) runs one launcher and checks its
@@ -64,7 +77,8 @@ std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::Tens
   // same few tiles to hand out) where it multiplies the CTAs at work by 4 or more; below that, the Hopper
   // kernel's faster tiles win back what the idle SMs cost.
   const Sm90FwdEntry* h = find_fwd_sm90(p, env);
-  const int splits = plan_fwd_splits(p, sm80, env.num_sms);
+  const int forced = forced_fwd_splits();
+  const int splits = forced > 0 ? forced : plan_fwd_splits(p, sm80, env.num_sms);
   if (splits > 1 && (splits >= 4 || h == nullptr)) {
     const int64_t rows = p.batch * p.heads_q * p.len_q;
     at::Tensor o_accum = at::empty({splits, rows, p.dim_v}, like.dtype(at::kFloat));
