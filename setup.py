@@ -136,7 +136,7 @@ def emu_extension():
     os.makedirs(wrap_dir, exist_ok=True)
     host_only = ("attention_cuda.cpp", "rng_state.cu", "tma_desc.cpp")  # the emulator has its own twins
     wrapped = [p for p in cuda_sources() if not p.endswith(host_only)]
-    wrapped.append(os.path.join("csrc", "glue.cpp"))
+    wrapped += [os.path.join("csrc", "glue.cpp"), os.path.join("csrc", "varlen.cpp")]
     sources = []
     for path in wrapped:
         name = "emu_" + os.path.splitext(os.path.basename(path))[0] + ".cpp"  # never the wrapped file's own name

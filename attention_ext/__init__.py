@@ -6,11 +6,13 @@ forward and backward kernels (CPU, and CUDA when built with it):
     torch.ops.attention_ext.attention(query, key, value, attn_mask=None,
         dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
         window_size=[-1, -1])
+    torch.ops.attention_ext.attention_varlen(query, key, value, cu_seqlens_q,
+        cu_seqlens_k, ...)   # packed variable-length sequences
 """
 from . import _loader
 
 _loader.load()  # registers torch.ops.attention_ext.*
-from .ops import attention, attention_forward, attention_backward, attention_probs
+from .ops import attention, attention_varlen, nested_attention, attention_forward, attention_backward, attention_probs
 from .functional import scaled_dot_product_attention, use_attention_ext, attention_with_weights
 from .nn import MultiheadAttention
 from .convert import replace_multihead_attention
@@ -20,7 +22,7 @@ from . import viz  # plotting helpers; matplotlib itself is imported only when a
 
 _hf.register_on_import()  # attn_implementation="attention_ext" in transformers (lazily; never imports it)
 
-__all__ = ["attention", "attention_forward", "attention_backward", "attention_probs"]
+__all__ = ["attention", "attention_varlen", "nested_attention", "attention_forward", "attention_backward", "attention_probs"]
 __all__ += ["scaled_dot_product_attention", "use_attention_ext", "attention_with_weights", "MultiheadAttention",
             "replace_multihead_attention"]
 __version__ = "0.1.0"

@@ -12,8 +12,10 @@
   ``need_weights=True`` and by the Hugging Face integration with
   ``output_attentions=True``).
 
-Inputs the kernels cannot take (nested tensors, a device the library has no
-kernel for, a head dim above 256, a non-float dtype) are passed on to
+Jagged nested tensors (variable-length batches) run through the varlen op. Inputs
+the kernels cannot take (strided nested tensors, a mask with nested tensors, a
+device the library has no kernel for, a head dim above 256, a non-float dtype)
+are passed on to
 PyTorch's own implementation, so a patched model keeps working everywhere.
 """
 import contextlib
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _loader
+from . import ops as _ops_py
 
 _loader.load()
 _ops = torch.ops.attention_ext
@@ -62,6 +65,18 @@ def supports_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if query.dtype == torch.float64 and query.device.type not in ("cpu", "meta"):
         return False
     return has_kernel(query.device)
+
+
+def _jagged_supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Jagged nested tensors (batch, heads, ragged length, E) the varlen op takes (without a mask)."""
+    ts = (query, key, value)
+    if not all(t.is_nested and t.layout == torch.jagged and t.dim() == 4 and t._ragged_idx == 2 for t in ts):
+        return False
+    if query.dtype not in _FLOAT_DTYPES or any(t.dtype != query.dtype for t in ts):
+        return False
+    if query.dtype == torch.float64 and query.device.type != "cpu":
+        return False
+    return 1 <= query.shape[-1] <= 256 and 1 <= value.shape[-1] <= 256 and has_kernel(query.device)
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -193,6 +208,9 @@ def scaled_dot_product_attention(
     see no key gives 0 (PyTorch's math path gives NaN). Inputs the kernels
     cannot take are handed to PyTorch's implementation.
     """
+    if attn_mask is None and _jagged_supported(query, key, value):
+        return _ops_py.nested_attention(query, key, value, dropout_p=float(dropout_p), is_causal=bool(is_causal),
+                                        scale=scale, enable_gqa=bool(enable_gqa))
     if not supports(query, key, value):
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)

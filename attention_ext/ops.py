@@ -38,7 +38,71 @@ def attention(
     i - left <= j <= i + right (-1: unbounded). A query row that sees no key
     returns 0 (and zero gradient).
     """
+    if query.is_nested or key.is_nested or value.is_nested:
+        if attn_mask is not None:
+            raise ValueError("attn_mask is not supported with nested (variable-length) tensors: each sequence's "
+                             "own length bounds its keys; use is_causal or window_size for more")
+        return nested_attention(query, key, value, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                enable_gqa=enable_gqa, window_size=window_size)
     return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _window(window_size))
+
+
+def attention_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    window_size: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Attention over variable-length sequences packed without padding (FlashAttention's varlen layout),
+    differentiable.
+
+    query (total_q, heads, E), key (total_k, heads_kv, E), value (total_k, heads_kv, Ev); sequence b is rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of the query and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of key and
+    value (int32 or int64 offsets, batch + 1 of them, from 0 to the totals). Each sequence attends only to its
+    own keys, with :func:`attention`'s semantics (``is_causal`` top-left aligned per sequence, windows,
+    GQA, dropout). ``max_seqlen_*`` are optional and, when given, checked. Returns (total_q, heads, Ev).
+    On CUDA, offsets on the GPU are read back to the host (a sync): pass them on the CPU to avoid it.
+    """
+    return _ops.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 dropout_p, is_causal, scale, enable_gqa, _window(window_size))
+
+
+def _packed(t: torch.Tensor, name: str):
+    """(values (total, heads, E), offsets) of a jagged nested tensor (batch, heads, ragged length, E)."""
+    if not t.is_nested or t.layout != torch.jagged:
+        raise ValueError(f"{name} must be a nested tensor with layout=torch.jagged like the others, got "
+                         f"{'a strided nested tensor' if t.is_nested else 'a dense tensor'}")
+    if t.dim() != 4 or t._ragged_idx != 2:
+        raise ValueError(f"{name} must be a jagged nested tensor of shape (batch, heads, ragged length, E), "
+                         f"as scaled_dot_product_attention takes it, got shape {tuple(t.shape)} with the ragged "
+                         f"dimension at {t._ragged_idx}")
+    t = t.transpose(1, 2)  # (batch, ragged length, heads, E): values are (total, heads, E)
+    if t._lengths is not None:  # a view with holes between the sequences: pack it
+        t = t.contiguous()
+    return t.values(), t.offsets()
+
+
+def nested_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                     window_size=None):
+    """:func:`attention` for jagged nested tensors (batch, heads, ragged length, E), the variable-length
+    inputs ``F.scaled_dot_product_attention`` accepts: computed by :func:`attention_varlen` on their packed
+    values, returned as a jagged nested tensor (batch, heads, ragged length of query, Ev)."""
+    q, cu_q = _packed(query, "query")
+    k, cu_k = _packed(key, "key")
+    v, cu_v = _packed(value, "value")
+    if cu_v is not cu_k and not torch.equal(cu_v, cu_k):
+        raise ValueError("key and value must have the same sequence lengths")
+    out = attention_varlen(q, k, v, cu_q, cu_k, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                           enable_gqa=enable_gqa, window_size=window_size)
+    return torch.nested.nested_tensor_from_jagged(out, offsets=cu_q).transpose(1, 2)
 
 
 def attention_forward(

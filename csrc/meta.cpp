@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "glue.h"
+#include "varlen.h"
 
 namespace attention_ext {
 namespace {
@@ -51,9 +52,33 @@ at::Tensor dropout_mask_meta(const at::Tensor& rng, int64_t batch, int64_t heads
   return at::empty({batch, heads, len_q, len_k}, rng.options().dtype(at::kBool));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    std::optional<int64_t>, std::optional<int64_t>, double dropout_p, bool is_causal, std::optional<double> scale,
+    bool enable_gqa, at::IntArrayRef window) {
+  check_varlen_inputs(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = heads_first(empty_output(heads_first(q), v.sym_size(2)));
+  at::Tensor lse = at::empty_symint({q.sym_size(0) * q.sym_size(1)}, q.options().dtype(acc));
+  at::Tensor rng = at::empty_symint({cu_q.sym_size(0) - 1, 2}, q.options().dtype(at::kLong));
+  return {out, lse, rng};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
+    at::IntArrayRef window) {
+  check_varlen_inputs(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
+  return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attention_ext, Meta, m) {
+  m.impl("_attention_varlen_forward", TORCH_FN(varlen_forward_meta));
+  m.impl("_attention_varlen_backward", TORCH_FN(varlen_backward_meta));
   m.impl("_attention_forward", TORCH_FN(forward_meta));
   m.impl("_attention_forward_weights", TORCH_FN(forward_weights_meta));
   m.impl("_attention_backward", TORCH_FN(backward_meta));

@@ -8,6 +8,7 @@
 
 #include "../glue.h"
 #include "../philox.h"
+#include "../varlen.h"
 #include "kernels.h"
 
 namespace attention_ext {
@@ -129,9 +130,85 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng, int64_t batch, int64_t heads,
   return m;
 }
 
+// Variable-length sequences: one kernel call per sequence (batch 1, its rows of the packed tensors), all in
+// one parallel region where the sequences are short (cpu::run_jobs); sequence b draws dropout with offset b.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
+  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
+  ForwardSetup st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
+  auto [seed, offset] = draw_seed(dropout_p);
+  st.p.seed = seed;
+  st.p.offset = offset;
+  at::Tensor lse = st.lse.view({-1});
+  at::Tensor out = heads_first(st.out);
+  fill_empty_forward(off, out, lse, q.size(1));
+  const std::vector<FwdParams> ps = split_sequences(st.p, off);
+  at::Tensor rng = at::empty({off.batch(), 2}, at::TensorOptions().dtype(at::kLong));
+  std::vector<double> cost(off.batch());
+  int64_t* rd = rng.data_ptr<int64_t>();
+  for (int64_t b = 0; b < off.batch(); ++b) {
+    rd[2 * b] = static_cast<int64_t>(seed);
+    rd[2 * b + 1] = static_cast<int64_t>(ps[b].offset);
+    cost[b] = off.len_k(b) == 0 ? 0.0 : static_cast<double>(off.len_q(b)) * static_cast<double>(off.len_k(b));
+  }
+  if (log_kernels()) log_kernel("cpu varlen forward: " + std::to_string(off.batch()) + " sequences, flash kernel per sequence");
+  cpu::warm_up(st.p.dtype);
+  dispatch_dtype(q.scalar_type(), [&](auto t) {
+    cpu::run_jobs(cost, [&](int64_t b) {
+      if (off.len_q(b) > 0 && off.len_k(b) > 0) cpu::flash_fwd<decltype(t)>(ps[b]);
+    });
+  });
+  finish_forward(st);
+  return {heads_first(st.out), lse, rng};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
+    at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
+  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
+  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0));
+  // prepare_backward checks a (Hq, total_q) logsumexp and an int64[2] rng state: the packed ones are checked
+  // above, and each sequence's seed and offset are read from its own row below
+  const at::Tensor rng2 = at::zeros({2}, at::TensorOptions().dtype(at::kLong));
+  BackwardSetup st = prepare_backward(heads_first(grad_out), heads_first(q), heads_first(k), heads_first(v),
+                                      std::nullopt, heads_first(out), lse.view({q.size(1), q.size(0)}), rng2, opt,
+                                      false);
+  st.p.deterministic = true;
+  fill_empty_backward(off, heads_first(st.dq), heads_first(st.dk), heads_first(st.dv));
+  std::vector<BwdParams> ps = split_sequences(st.p, off);
+  std::vector<double> cost(off.batch());
+  const at::Tensor r = dropout_p > 0.0 ? rng.to(at::kCPU).contiguous() : at::Tensor();
+  for (int64_t b = 0; b < off.batch(); ++b) {
+    if (r.defined()) {
+      ps[b].seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[2 * b]);
+      ps[b].offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[2 * b + 1]);
+    }
+    cost[b] = static_cast<double>(off.len_q(b)) * static_cast<double>(off.len_k(b));
+  }
+  if (log_kernels()) log_kernel("cpu varlen backward: " + std::to_string(off.batch()) + " sequences, flash kernel per sequence");
+  cpu::warm_up(st.p.dtype);
+  dispatch_dtype(q.scalar_type(), [&](auto t) {
+    cpu::run_jobs(cost, [&](int64_t b) {
+      if (off.len_q(b) > 0 && off.len_k(b) > 0) cpu::flash_bwd<decltype(t)>(ps[b]);
+    });
+  });
+  auto [dq, dk, dv, dm] = finish_backward(st, std::nullopt, heads_first(q));
+  return {heads_first(dq), heads_first(dk), heads_first(dv)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
+  m.impl("_attention_varlen_forward", TORCH_FN(varlen_forward_cpu));
+  m.impl("_attention_varlen_backward", TORCH_FN(varlen_backward_cpu));
   m.impl("_attention_forward", TORCH_FN(forward_cpu));
   m.impl("_attention_forward_weights", TORCH_FN(forward_weights_cpu));
   m.impl("_attention_backward", TORCH_FN(backward_cpu));

@@ -19,6 +19,10 @@ void flash_bwd(const BwdParams& p);
 template <typename T>
 void flash_probs(const FwdParams& p, T* out);
 
+// Settles what the kernels decide once per process (the bf16 product path's calibration, timed on every
+// thread), so that it is not first decided inside a parallel region, on one thread.
+void warm_up(DType dtype);
+
 // One line naming the kernel path a call takes, for ATTENTION_EXT_LOG_KERNEL:
 // "<what>: flash kernel, <dtype> (<product path>), blocks QxK".
 std::string describe_kernel(const char* what, const FwdParams& p, bool backward);

@@ -2,6 +2,8 @@
 // at::parallel_for uses torch's own OpenMP pool).
 #include "runtime.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,7 +23,34 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(b, e); });
 }
 
-int num_threads() { return at::get_num_threads(); }
+int num_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+void run_jobs(const std::vector<double>& cost, const std::function<void(int64_t)>& fn) {
+  const int64_t n = static_cast<int64_t>(cost.size()), nt = num_threads();
+  if (nt <= 1 || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  double total = 0;
+  for (double c : cost) total += c;
+  std::vector<int64_t> shared;
+  for (int64_t i = 0; i < n; ++i)
+    if (cost[i] > total / static_cast<double>(2 * nt)) {
+      fn(i);
+    } else {
+      shared.push_back(i);
+    }
+  std::stable_sort(shared.begin(), shared.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::atomic<int64_t> next{0};
+  const int64_t ns = static_cast<int64_t>(shared.size());
+  at::parallel_for(0, std::min<int64_t>(nt, ns), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1)) < ns;) fn(shared[i]);
+  });
+}
+
+void warm_up(DType dtype) {
+  if (dtype == DType::kBFloat16) (void)bf16_path();
+}
 
 std::string describe_kernel(const char* what, const FwdParams& p, bool backward) {
   const Blocks b = choose_blocks(p, backward);

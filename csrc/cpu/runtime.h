@@ -6,12 +6,20 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace attention_ext::cpu {
 
-// Runs fn(begin, end) over [0, n) in at most num_threads() contiguous chunks.
+// Runs fn(begin, end) over [0, n) in at most num_threads() contiguous chunks (inline, in one chunk, when
+// called from inside a parallel region).
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+// The threads a kernel called now can use: 1 inside a parallel region (its parallel_for runs inline there).
 int num_threads();
+// Runs fn(i) for every independent job i (the sequences of a variable-length call), cost[i] its relative work:
+// jobs worth more than a thread's fair share run one after another, each on every thread (their kernels'
+// own parallel_for); the rest share one parallel region, handed out dynamically, costliest first, each
+// running on one thread.
+void run_jobs(const std::vector<double>& cost, const std::function<void(int64_t)>& fn);
 
 // Row-major GEMMs on contiguous-row matrices (leading dimensions in elements):
 //   gemm_nt: C[m x n] = alpha * A[m x k] * B[n x k]^T + beta * C

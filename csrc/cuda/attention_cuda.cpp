@@ -21,6 +21,7 @@
 #include <sstream>
 
 #include "../glue.h"
+#include "../varlen.h"
 #include "launch.h"
 #include "rng_state.h"
 #include "sm90_selftest_glue.h"
@@ -253,10 +254,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
                             average_heads);
 }
 
+// Variable-length sequences: sequence by sequence through the kernels above (varlen.h); cu_seqlens on the
+// GPU are copied to the host first (a sync), so pass them on the CPU where the caller has them there.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  return varlen_forward_by_sequence(forward_cuda, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
+                                    enable_gqa, window);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
+    at::IntArrayRef window) {
+  return varlen_backward_by_sequence(backward_cuda, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p,
+                                     is_causal, scale, enable_gqa, window);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
+  m.impl("_attention_varlen_forward", TORCH_FN(cuda::varlen_forward_cuda));
+  m.impl("_attention_varlen_backward", TORCH_FN(cuda::varlen_backward_cuda));
   m.impl("_attention_forward", TORCH_FN(cuda::forward_cuda));
   m.impl("_attention_forward_weights", TORCH_FN(cuda::forward_weights_cuda));
   m.impl("_attention_backward", TORCH_FN(cuda::backward_cuda));

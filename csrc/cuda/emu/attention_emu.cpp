@@ -20,6 +20,7 @@
 #include <mutex>
 
 #include "../../glue.h"
+#include "../../varlen.h"
 #include "../../schemas.h"
 #include "../launch.h"
 #include "../workspace.h"
@@ -196,6 +197,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_emu(
                             average_heads);
 }
 
+// Variable-length sequences: the CUDA backend's sequence-by-sequence composition (varlen.h) over the
+// emulated kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  return varlen_forward_by_sequence(forward_emu, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
+                                    enable_gqa, window);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
+    at::IntArrayRef window) {
+  return varlen_backward_by_sequence(backward_emu, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p,
+                                     is_causal, scale, enable_gqa, window);
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -203,6 +223,8 @@ TORCH_LIBRARY(attention_ext_emu, m) {
   m.def(schema::kForward);
   m.def(schema::kForwardWeights);
   m.def(schema::kBackward);
+  m.def(schema::kVarlenForward);
+  m.def(schema::kVarlenBackward);
   m.def(schema::kProbs);
   m.def(schema::kDropoutMask);
 }
@@ -211,6 +233,8 @@ TORCH_LIBRARY_IMPL(attention_ext_emu, CPU, m) {
   m.impl("_attention_forward", TORCH_FN(cuda::forward_emu));
   m.impl("_attention_forward_weights", TORCH_FN(cuda::forward_weights_emu));
   m.impl("_attention_backward", TORCH_FN(cuda::backward_emu));
+  m.impl("_attention_varlen_forward", TORCH_FN(cuda::varlen_forward_emu));
+  m.impl("_attention_varlen_backward", TORCH_FN(cuda::varlen_backward_emu));
   m.impl("attention_probs", TORCH_FN(cuda::probs_emu));
   m.impl("_dropout_mask", TORCH_FN(cuda::dropout_mask_emu));
 }

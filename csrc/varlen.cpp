@@ -1,0 +1,160 @@
+#include "varlen.h"
+
+#include <sstream>
+#include <type_traits>
+
+namespace attention_ext {
+
+namespace {
+
+void check_offsets_tensor(const at::Tensor& cu, const char* name, const at::Tensor& cu_q) {
+  TORCH_CHECK_VALUE(cu.defined(), name, " must be a tensor");
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, name,
+                   " must be int32 or int64 (batch + 1 sequence offsets), got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.sym_size(0) >= 1, name,
+                    " must be 1-D with batch + 1 >= 1 offsets (0, len_0, len_0 + len_1, ...), got shape ",
+                    cu.sym_sizes());
+  TORCH_CHECK_VALUE(cu.sym_size(0) == cu_q.sym_size(0), name, " has ", cu.sym_size(0),
+                    " offsets but cu_seqlens_q has ", cu_q.sym_size(0), "; both need batch + 1");
+}
+
+std::vector<int64_t> host_offsets(const at::Tensor& cu) {
+  at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* d = c.data_ptr<int64_t>();
+  return std::vector<int64_t>(d, d + c.numel());
+}
+
+void check_values(const std::vector<int64_t>& o, const char* name, int64_t total, const char* tensor,
+                  std::optional<int64_t> max_len, const char* max_name) {
+  TORCH_CHECK_VALUE(o.front() == 0, name, "[0] must be 0, got ", o.front());
+  int64_t longest = 0;
+  for (size_t b = 0; b + 1 < o.size(); ++b) {
+    TORCH_CHECK_VALUE(o[b + 1] >= o[b], name, " must not decrease, but ", name, "[", b + 1, "] = ", o[b + 1],
+                      " < ", name, "[", b, "] = ", o[b]);
+    longest = std::max(longest, o[b + 1] - o[b]);
+  }
+  TORCH_CHECK_VALUE(o.back() == total, name, "[-1] must be the number of rows of ", tensor, " (", total, "), got ",
+                    o.back());
+  if (max_len.has_value())
+    TORCH_CHECK_VALUE(longest <= *max_len, max_name, " is ", *max_len, " but ", name, " holds a sequence of length ",
+                      longest);
+}
+
+template <typename P>
+void move_common(P& p, const VarlenOffsets& off, int64_t b, size_t es, size_t acc_es) {
+  auto at_row = [](auto* ptr, int64_t row, int64_t stride, size_t bytes) {
+    using C = std::conditional_t<std::is_const_v<std::remove_pointer_t<decltype(ptr)>>, const char*, char*>;
+    return ptr == nullptr ? ptr : reinterpret_cast<decltype(ptr)>(reinterpret_cast<C>(ptr) + row * stride * bytes);
+  };
+  const int64_t rq = off.q[b], rk = off.k[b];
+  p.q = at_row(p.q, rq, p.q_stride.r, es);
+  p.k = at_row(p.k, rk, p.k_stride.r, es);
+  p.v = at_row(p.v, rk, p.v_stride.r, es);
+  p.out = at_row(p.out, rq, p.o_stride.r, es);
+  p.lse = at_row(p.lse, p.heads_q * rq, 1, acc_es);
+  p.len_q = off.len_q(b);
+  p.len_k = off.len_k(b);
+  p.offset += static_cast<uint64_t>(b);
+  if constexpr (std::is_same_v<P, BwdParams>) {
+    p.dout = at_row(p.dout, rq, p.do_stride.r, es);
+    p.dq = at_row(p.dq, rq, p.dq_stride.r, es);
+    p.dk = at_row(p.dk, rk, p.dk_stride.r, es);
+    p.dv = at_row(p.dv, rk, p.dv_stride.r, es);
+  }
+}
+
+size_t elem_size(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kFloat64: return 8;
+    default: return 4;
+  }
+}
+
+template <typename P>
+std::vector<P> split(const P& whole, const VarlenOffsets& off) {
+  TORCH_INTERNAL_ASSERT(whole.batch == 1 && whole.mask == nullptr, "split_sequences takes one packed call");
+  const size_t es = elem_size(whole.dtype), acc_es = whole.dtype == DType::kFloat64 ? 8 : 4;
+  std::vector<P> ps(off.batch(), whole);
+  for (int64_t b = 0; b < off.batch(); ++b) move_common(ps[b], off, b, es, acc_es);
+  return ps;
+}
+
+}  // namespace
+
+void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                         const at::Tensor& cu_k, const AttnOptions& opt) {
+  TORCH_CHECK_VALUE(q.defined() && k.defined() && v.defined(), "query, key and value must be tensors");
+  TORCH_CHECK_VALUE(q.dim() == 3, "query must be packed as (total_q, heads, E) for variable-length attention, got ",
+                    q.dim(), " dimensions with shape ", q.sym_sizes());
+  TORCH_CHECK_VALUE(k.dim() == 3, "key must be packed as (total_k, heads_kv, E) for variable-length attention, got ",
+                    k.dim(), " dimensions with shape ", k.sym_sizes());
+  TORCH_CHECK_VALUE(v.dim() == 3, "value must be packed as (total_k, heads_kv, Ev) for variable-length attention, got ",
+                    v.dim(), " dimensions with shape ", v.sym_sizes());
+  check_inputs(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
+  check_offsets_tensor(cu_q, "cu_seqlens_q", cu_q);
+  check_offsets_tensor(cu_k, "cu_seqlens_k", cu_q);
+  TORCH_CHECK(cu_q.device() == q.device() || cu_q.device().is_cpu(), "cu_seqlens_q is on ", cu_q.device(),
+              " but query is on ", q.device(), "; put it on the query's device or on the CPU");
+  TORCH_CHECK(cu_k.device() == q.device() || cu_k.device().is_cpu(), "cu_seqlens_k is on ", cu_k.device(),
+              " but query is on ", q.device(), "; put it on the query's device or on the CPU");
+}
+
+void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
+                                  const at::Tensor& cu_q, const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& rng, double dropout_p) {
+  const std::vector<c10::SymInt> osz{q.sym_size(0), q.sym_size(1), v.sym_size(2)};
+  check_same_shape(out, "output", osz, q);
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "output dtype (", out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  check_same_shape(grad_out, "grad_output", osz, q);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  const std::vector<c10::SymInt> lsz{q.sym_size(0) * q.sym_size(1)};
+  check_same_shape(lse, "logsumexp", lsz, q);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(lse.scalar_type() == acc, "logsumexp must be ", acc, " (as returned by the forward), got ",
+                   lse.scalar_type());
+  if (dropout_p > 0.0) {
+    const std::vector<c10::SymInt> rsz{cu_q.sym_size(0) - 1, 2};
+    TORCH_CHECK_VALUE(rng.defined() && rng.sym_sizes().equals(rsz) && rng.scalar_type() == at::kLong,
+                      "rng_state must be the int64 (batch, 2) tensor returned by the varlen forward");
+  }
+}
+
+VarlenOffsets read_offsets(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t total_q, int64_t total_k,
+                           std::optional<int64_t> max_q, std::optional<int64_t> max_k) {
+  VarlenOffsets off;
+  off.q = host_offsets(cu_q);
+  off.k = host_offsets(cu_k);
+  check_values(off.q, "cu_seqlens_q", total_q, "query", max_q, "max_seqlen_q");
+  check_values(off.k, "cu_seqlens_k", total_k, "key", max_k, "max_seqlen_k");
+  return off;
+}
+
+std::vector<FwdParams> split_sequences(const FwdParams& whole, const VarlenOffsets& off) { return split(whole, off); }
+std::vector<BwdParams> split_sequences(const BwdParams& whole, const VarlenOffsets& off) { return split(whole, off); }
+
+void fill_empty_forward(const VarlenOffsets& off, const at::Tensor& out, const at::Tensor& lse, int64_t heads_q) {
+  for (int64_t b = 0; b < off.batch(); ++b) {
+    const int64_t L = off.len_q(b);
+    if (L == 0 || off.len_k(b) != 0) continue;
+    out.narrow(0, off.q[b], L).zero_();
+    lse.narrow(0, heads_q * off.q[b], heads_q * L).fill_(-std::numeric_limits<double>::infinity());
+  }
+}
+
+void fill_empty_backward(const VarlenOffsets& off, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  for (int64_t b = 0; b < off.batch(); ++b) {
+    const int64_t L = off.len_q(b), S = off.len_k(b);
+    if (L == 0) {
+      dk.narrow(0, off.k[b], S).zero_();
+      dv.narrow(0, off.k[b], S).zero_();
+    } else if (S == 0) {
+      dq.narrow(0, off.q[b], L).zero_();
+    }
+  }
+}
+
+}  // namespace attention_ext

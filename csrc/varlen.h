@@ -1,0 +1,114 @@
+// Variable-length (packed) sequences: the glue every backend shares for _attention_varlen_forward /
+// _attention_varlen_backward (layout in schemas.h). Sequence b of a call is an ordinary attention call of
+// batch 1 over rows of the packed tensors, so the kernels run unchanged on per-sequence params:
+//   - the CPU runs them in one parallel region (csrc/cpu/attention_cpu.cpp, cpu::run_tasks);
+//   - the CUDA backend (and its emulator) goes sequence by sequence through its own forward / backward
+//     (varlen_forward_by_sequence below): one launch per sequence, nothing fused across sequences.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "glue.h"
+
+namespace attention_ext {
+
+// Shapes, dtypes and devices (SymInt-safe: the Meta kernels call it too). Raises errors naming the argument.
+void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                         const at::Tensor& cu_k, const AttnOptions& opt);
+// logsumexp (flat, Hq * total_q), output and grad_output (total_q, Hq, Ev), rng_state (batch, 2).
+void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
+                                  const at::Tensor& cu_q, const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& rng, double dropout_p);
+
+// The offsets read on the host (a copy, and so a device sync, when they live on a GPU) and checked: they start
+// at 0, never decrease and end at the total; max_seqlen_* (when given) bound the lengths.
+struct VarlenOffsets {
+  std::vector<int64_t> q, k;  // batch + 1 each
+  int64_t batch() const { return static_cast<int64_t>(q.size()) - 1; }
+  int64_t len_q(int64_t b) const { return q[b + 1] - q[b]; }
+  int64_t len_k(int64_t b) const { return k[b + 1] - k[b]; }
+};
+VarlenOffsets read_offsets(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t total_q, int64_t total_k,
+                           std::optional<int64_t> max_q = std::nullopt, std::optional<int64_t> max_k = std::nullopt);
+
+// (heads, total, dim) view of a (total, heads, dim) packed tensor: what the ops' (..., H, L, E) glue takes.
+inline at::Tensor heads_first(const at::Tensor& t) { return t.transpose(0, 1); }
+
+// Per-sequence params from the params of the whole packed call (batch 1, rows = every token): pointers moved
+// to sequence b's first row, its lengths, and Philox offset + b. Backward params move the gradients too.
+std::vector<FwdParams> split_sequences(const FwdParams& whole, const VarlenOffsets& off);
+std::vector<BwdParams> split_sequences(const BwdParams& whole, const VarlenOffsets& off);
+
+// Sequences the kernels never see: no query row (nothing to compute forward; zero key gradients) or no key
+// (zero output, logsumexp -inf, zero query gradients). The glue writes those rows itself.
+void fill_empty_forward(const VarlenOffsets& off, const at::Tensor& out, const at::Tensor& lse, int64_t heads_q);
+void fill_empty_backward(const VarlenOffsets& off, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+
+// _attention_varlen_forward through a backend's forward (fwd has _attention_forward's signature): one call per
+// sequence on views of the packed tensors, outputs copied into the packed results.
+template <typename Fwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
+    Fwd&& fwd, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p,
+    bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
+  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
+  const int64_t Hq = q.size(1);
+  at::Tensor out = heads_first(empty_output(heads_first(q), v.sym_size(2)));  // in q's memory order
+  at::Tensor lse = at::empty({Hq * q.size(0)}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble
+                                                                                                : at::kFloat));
+  at::Tensor rng = at::zeros({off.batch(), 2}, q.options().dtype(at::kLong));
+  poison(out);
+  poison(lse);
+  fill_empty_forward(off, out, lse, Hq);
+  for (int64_t b = 0; b < off.batch(); ++b) {
+    const int64_t L = off.len_q(b), S = off.len_k(b);
+    if (L == 0 || S == 0) continue;
+    auto [o, l, r] = fwd(heads_first(q.narrow(0, off.q[b], L)), heads_first(k.narrow(0, off.k[b], S)),
+                         heads_first(v.narrow(0, off.k[b], S)), std::nullopt, dropout_p, is_causal, scale, enable_gqa,
+                         window);
+    out.narrow(0, off.q[b], L).copy_(heads_first(o));
+    lse.narrow(0, Hq * off.q[b], Hq * L).copy_(l.reshape({-1}));
+    rng.select(0, b).copy_(r.reshape({-1}));
+  }
+  return {out, lse, rng};
+}
+
+// _attention_varlen_backward through a backend's backward (_attention_backward's signature).
+template <typename Bwd>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_by_sequence(
+    Bwd&& bwd, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
+    at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
+  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
+  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0));
+  const int64_t Hq = q.size(1);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  poison(dq);
+  poison(dk);
+  poison(dv);
+  fill_empty_backward(off, dq, dk, dv);
+  for (int64_t b = 0; b < off.batch(); ++b) {
+    const int64_t L = off.len_q(b), S = off.len_k(b);
+    if (L == 0 || S == 0) continue;
+    auto rows = [&](const at::Tensor& t, int64_t start, int64_t n) { return heads_first(t.narrow(0, start, n)); };
+    auto [gq, gk, gv, gm] =
+        bwd(rows(grad_out, off.q[b], L), rows(q, off.q[b], L), rows(k, off.k[b], S), rows(v, off.k[b], S),
+            std::nullopt, rows(out, off.q[b], L), lse.narrow(0, Hq * off.q[b], Hq * L).view({Hq, L}),
+            rng.select(0, b), dropout_p, is_causal, scale, enable_gqa, window, false);
+    dq.narrow(0, off.q[b], L).copy_(heads_first(gq));
+    dk.narrow(0, off.k[b], S).copy_(heads_first(gk));
+    dv.narrow(0, off.k[b], S).copy_(heads_first(gv));
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace attention_ext

@@ -1,0 +1,348 @@
+"""Variable-length (packed) sequences: torch.ops.attention_ext.attention_varlen (FlashAttention's varlen
+layout, cu_seqlens offsets) and jagged nested tensors through attention_ext.attention /
+scaled_dot_product_attention.
+
+Every sequence is checked against the float64 reference computed on that sequence alone (tests/reference.py),
+with the tolerance set by PyTorch's own SDPA on the same sequence in the same dtype; gradients likewise. The
+CPU kernels run here; the CUDA backend's sequence-by-sequence composition runs on the emulated kernels.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import attention_ext
+import emu
+from reference import assert_close_vs_baseline, max_abs_error, reference_attention, reference_grads
+
+ops = torch.ops.attention_ext
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
+
+# name: (query lengths, key lengths, heads_q, heads_kv, E, Ev, options)
+CASES = {
+    "self": ([37, 5, 130, 1], None, 4, 4, 32, 32, {}),
+    "self_causal": ([37, 5, 130, 1], None, 4, 4, 64, 64, dict(is_causal=True)),
+    "cross": ([7, 50, 3], [20, 9, 140], 2, 2, 16, 24, {}),
+    "cross_causal": ([7, 50, 3], [20, 9, 140], 2, 2, 16, 16, dict(is_causal=True)),
+    "window_gqa": ([64, 17, 90], None, 6, 2, 48, 48, dict(window_size=(5, 3), enable_gqa=True)),
+    "mqa_scale": ([33, 8], [12, 70], 4, 1, 8, 40, dict(enable_gqa=True, scale=0.37)),
+    "empty_sequences": ([0, 9, 4, 0, 6], [3, 0, 5, 0, 6], 3, 3, 16, 16, {}),
+    "head_dim_1": ([9, 4], None, 2, 2, 1, 3, {}),
+    "head_dim_256": ([20, 3], None, 2, 2, 256, 256, dict(is_causal=True)),
+    "one_sequence": ([300], None, 2, 2, 32, 32, {}),
+    "many_short": ([3, 11, 1, 7, 2, 9, 16, 5, 4, 13, 1, 8], None, 2, 2, 16, 16, dict(is_causal=True)),
+}
+
+
+def offsets(lengths, dtype=torch.int32):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=dtype)
+
+
+def make_case(name, dtype, seed=0, requires_grad=True):
+    lq, lk, hq, hkv, e, ev, kw = CASES[name]
+    lk = lq if lk is None else lk
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lq), sum(lk)
+    q = torch.randn(tq, hq, e, generator=g).to(dtype)
+    k = torch.randn(tk, hkv, e, generator=g).to(dtype)
+    v = torch.randn(tk, hkv, ev, generator=g).to(dtype)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, offsets(lq), offsets(lk, torch.int64), kw
+
+
+def per_sequence(cu_q, cu_k):
+    for b in range(len(cu_q) - 1):
+        yield b, int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+
+
+def heads_first(t):
+    return t.transpose(0, 1)
+
+
+def torch_sdpa(q, k, v, kw):
+    """PyTorch's SDPA on one sequence (heads, L, E) in the inputs' dtype: the yardstick of the tolerance."""
+    kw = dict(kw)
+    window = kw.pop("window_size", None)
+    causal = kw.pop("is_causal", False)
+    mask = None
+    if window is not None or (causal and q.shape[-2] != k.shape[-2]):
+        from reference import window_visibility
+        mask = window_visibility(q.shape[-2], k.shape[-2], causal, window)
+        causal = False
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        return None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kw)
+
+
+def reference(q, k, v, cu_q, cu_k, kw, grad=None, dropout_p=0.0, rng=None):
+    """Float64 reference, PyTorch baseline and (with grad) gradients, each concatenated over the sequences."""
+    Hq, Ev = q.shape[1], v.shape[2]
+    out64, base, lse64 = torch.empty(q.shape[0], Hq, Ev, dtype=torch.float64), [], []
+    dq64, dk64, dv64 = (torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v))
+    bq, bk, bv = (torch.zeros(t.shape, dtype=t.dtype) for t in (q, k, v))
+    rkw = {n: kw[n] for n in ("is_causal", "scale", "enable_gqa", "window_size") if n in kw}
+    for b, q0, q1, k0, k1 in per_sequence(cu_q, cu_k):
+        qs, ks, vs = heads_first(q[q0:q1]), heads_first(k[k0:k1]), heads_first(v[k0:k1])
+        keep = None
+        if dropout_p > 0:
+            keep = ops._dropout_mask(rng[b], 1, Hq, q1 - q0, k1 - k0, dropout_p)[0]
+        if grad is None:
+            r = reference_attention(qs, ks, vs, dropout_p=dropout_p, dropout_mask=keep, **rkw)
+            o, l = r.out, r.lse
+        else:
+            o, l, gq, gk, gv, _ = reference_grads(qs, ks, vs, heads_first(grad[q0:q1]), dropout_p=dropout_p,
+                                                  dropout_mask=keep, **rkw)
+            dq64[q0:q1], dk64[k0:k1], dv64[k0:k1] = heads_first(gq), heads_first(gk), heads_first(gv)
+        out64[q0:q1] = heads_first(o.detach())
+        lse64.append(l.reshape(-1))
+        if dropout_p == 0:
+            with torch.enable_grad():
+                ql, kl, vl = (t.detach().requires_grad_() for t in (qs, ks, vs))
+                o_b = torch_sdpa(ql, kl, vl, rkw)
+                if o_b is not None:
+                    base.append((q0, q1, k0, k1, o_b))
+                    if grad is not None:
+                        g = torch.autograd.grad(o_b, (ql, kl, vl), heads_first(grad[q0:q1]))
+                        bq[q0:q1], bk[k0:k1], bv[k0:k1] = (heads_first(x) for x in g)
+    bo = torch.zeros(q.shape[0], Hq, Ev, dtype=q.dtype)
+    for q0, q1, _, _, o_b in base:
+        bo[q0:q1] = heads_first(o_b.detach())
+    have_base = dropout_p == 0
+    return dict(out=out64, lse=torch.cat(lse64) if lse64 else torch.empty(0, dtype=torch.float64),
+                dq=dq64, dk=dk64, dv=dv64, base_out=bo if have_base else None, base_dq=bq if have_base else None,
+                base_dk=bk if have_base else None, base_dv=bv if have_base else None)
+
+
+def check(ours, ref, dtype, names=("out", "dq", "dk", "dv")):
+    for name in names:
+        assert_close_vs_baseline(name, ours[name], ref[name], ref.get("base_" + name), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[_IDS[d] for d in DTYPES])
+@pytest.mark.parametrize("case", list(CASES))
+def test_varlen_cpu(case, dtype, one_thread):
+    q, k, v, cu_q, cu_k, kw = make_case(case, dtype)
+    out = ops.attention_varlen(q, k, v, cu_q, cu_k, **{n: (list(x) if n == "window_size" else x)
+                                                       for n, x in kw.items()})
+    grad = torch.randn(out.shape).to(dtype)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad)
+    check(dict(out=out, dq=dq, dk=dk, dv=dv), ref, dtype)
+    # the internal forward's log-sum-exp: sequence b's (Hq, L_b) block at Hq * cu_seqlens_q[b]
+    _, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, kw.get("is_causal", False),
+                                                kw.get("scale"), kw.get("enable_gqa", False),
+                                                list(kw.get("window_size", (-1, -1))))
+    assert lse.shape == (q.shape[0] * q.shape[1],) and rng.shape == (len(cu_q) - 1, 2)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert max_abs_error(lse, ref["lse"]) <= tol
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_varlen_threads_share_sequences(threads):
+    """Many short sequences and a long one: the short ones share one parallel region (one thread each), the
+    long one runs on every thread; the results match the reference either way."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lens = [5, 17, 3, 400, 9, 2, 33, 64, 1, 8, 21]
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(sum(lens), 2, 32, generator=g).requires_grad_() for _ in range(3))
+        cu = offsets(lens)
+        for causal in (False, True):
+            out = ops.attention_varlen(q, k, v, cu, cu, is_causal=causal)
+            grad = torch.randn(out.shape, generator=g)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+            ref = reference(q, k, v, cu, cu, dict(is_causal=causal), grad=grad)
+            check(dict(out=out, dq=dq, dk=dk, dv=dv), ref, torch.float32)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_varlen_matches_padded_batch(one_thread):
+    """Equal lengths: the same numbers as the dense op on the (batch, heads, L, E) view."""
+    B, L, H, E = 3, 40, 2, 16
+    q, k, v = (torch.randn(B * L, H, E, dtype=torch.float64) for _ in range(3))
+    cu = torch.arange(B + 1, dtype=torch.int32) * L
+    out = ops.attention_varlen(q, k, v, cu, cu, is_causal=True)
+    dense = ops.attention(*(t.view(B, L, H, E).transpose(1, 2) for t in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(out, dense.transpose(1, 2).reshape(B * L, H, E), rtol=0, atol=1e-12)
+
+
+def test_varlen_strided_views(one_thread):
+    """q, k, v as slices of one packed (total, 3, heads, E) projection, int64 offsets, max_seqlen given."""
+    lens = [12, 30, 7]
+    qkv = torch.randn(sum(lens), 3, 4, 16, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    cu = offsets(lens, torch.int64)
+    out = ops.attention_varlen(q, k, v, cu, cu, max_seqlen_q=30, max_seqlen_k=30, is_causal=True)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    dqkv, = torch.autograd.grad(out, qkv, grad)
+    ref = reference(q, k, v, cu, cu, dict(is_causal=True), grad=grad)
+    check(dict(out=out, dq=dqkv[:, 0], dk=dqkv[:, 1], dv=dqkv[:, 2]), ref, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_varlen_dropout(dtype, one_thread):
+    """Each sequence draws its own dropout mask (offset + b in rng_state's row b) and the backward replays it."""
+    p = 0.3
+    q, k, v, cu_q, cu_k, kw = make_case("cross", dtype, seed=3)
+    torch.manual_seed(7)
+    out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, p, False, None, False, [-1, -1])
+    assert rng.shape == (3, 2) and len(set(rng[:, 1].tolist())) == 3
+    grad = torch.randn(out.shape).to(dtype)
+    dq, dk, dv = ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, p, False, None, False,
+                                                [-1, -1])
+    ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad, dropout_p=p, rng=rng)
+    floor = {torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
+    for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
+        err = max_abs_error(x, ref[name])
+        assert err <= floor, f"{name}: {err:.3g}"
+    # two sequences with identical data get different masks
+    x = torch.randn(16, 2, 8)
+    qq = torch.cat([x, x])
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+    o = ops.attention_varlen(qq, qq, qq, cu, cu, dropout_p=0.5)
+    assert not torch.equal(o[:16], o[16:])
+
+
+def test_varlen_emulated_cuda_composition():
+    """The CUDA backend's varlen (one launch per sequence through its forward / backward) on the emulated
+    kernels: output, log-sum-exp and gradients against the reference."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    for case, dtype in (("empty_sequences", torch.float16), ("window_gqa", torch.bfloat16), ("cross_causal",
+                                                                                             torch.float32)):
+        q, k, v, cu_q, cu_k, kw = make_case(case, dtype, requires_grad=False)
+        args = (kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False),
+                list(kw.get("window_size", (-1, -1))))
+        out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, *args)
+        grad = torch.randn(out.shape).to(dtype)
+        dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, 0.0, *args)
+        ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad)
+        # the tensor-core kernels round P and dS to the input dtype (as FlashAttention-2 does): 4x PyTorch's
+        # CPU error, whose backward keeps them in float32
+        for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
+            assert_close_vs_baseline(f"{case} {name}", x, ref[name], ref["base_" + name], dtype, factor=4.0)
+        assert max_abs_error(lse, ref["lse"]) <= 1e-3, case
+
+
+def _jagged(lengths, heads, dim, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.nested.nested_tensor([torch.randn(n, heads, dim, generator=g, dtype=dtype) for n in lengths],
+                                   layout=torch.jagged, requires_grad=True)
+    return t, t.transpose(1, 2)  # the leaf, and the (batch, heads, ragged, E) view SDPA takes
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_nested_tensors_match_pytorch(cross, one_thread):
+    """Jagged nested tensors through attention_ext.scaled_dot_product_attention and attention_ext.attention:
+    the same output and gradients (into the nested leaves) as PyTorch's SDPA on them."""
+    lq, lk = [5, 19, 3], ([8, 2, 30] if cross else [5, 19, 3])
+    q, qt = _jagged(lq, 4, 16, seed=1)
+    k, kt = _jagged(lk, 4, 16, seed=2)
+    v, vt = _jagged(lk, 4, 16, seed=3)
+    ref = F.scaled_dot_product_attention(qt, kt, vt)
+    for fn in (attention_ext.scaled_dot_product_attention, attention_ext.attention):
+        out = fn(qt, kt, vt)
+        assert out.is_nested and out.shape[:2] == ref.shape[:2] and out.shape[-1] == ref.shape[-1]
+        torch.testing.assert_close(out.values(), ref.values(), rtol=0, atol=1e-12)
+        g = torch.autograd.grad(out.values().sum(), (q, k, v), retain_graph=True)
+        gr = torch.autograd.grad(ref.values().sum(), (q, k, v), retain_graph=True)
+        for a, b in zip(g, gr):
+            torch.testing.assert_close(a.values(), b.values(), rtol=0, atol=1e-12)
+
+
+def test_nested_causal_gqa_against_reference(one_thread):
+    """is_causal (top-left per sequence) and GQA with nested tensors, against the per-sequence reference."""
+    lens = [6, 25, 1]
+    q, qt = _jagged(lens, 6, 8, seed=4)
+    k, kt = _jagged(lens, 2, 8, seed=5)
+    v, vt = _jagged(lens, 2, 8, seed=6)
+    out = attention_ext.attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    for b, (qs, ks, vs, os_) in enumerate(zip(qt.unbind(), kt.unbind(), vt.unbind(), out.unbind())):
+        r = reference_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        assert max_abs_error(os_, r.out) <= 1e-12, b
+
+
+def test_varlen_errors():
+    q, k, v = torch.randn(10, 2, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 4, 10]), torch.tensor([0, 5, 12])
+    bad = [
+        (dict(cu_seqlens_q=torch.tensor([0.0, 4.0, 10.0])), TypeError, "cu_seqlens_q must be int32 or int64"),
+        (dict(cu_seqlens_q=torch.tensor([[0, 4, 10]])), ValueError, "cu_seqlens_q must be 1-D"),
+        (dict(cu_seqlens_k=torch.tensor([0, 12])), ValueError, "cu_seqlens_k has 2 offsets but cu_seqlens_q has 3"),
+        (dict(cu_seqlens_q=torch.tensor([1, 4, 10])), ValueError, r"cu_seqlens_q\[0\] must be 0"),
+        (dict(cu_seqlens_q=torch.tensor([0, 6, 4])), ValueError, "cu_seqlens_q must not decrease"),
+        (dict(cu_seqlens_k=torch.tensor([0, 5, 11])), ValueError, r"cu_seqlens_k\[-1\] must be the number of rows "
+                                                                  r"of key \(12\), got 11"),
+        (dict(max_seqlen_q=5), ValueError, "max_seqlen_q is 5 but cu_seqlens_q holds a sequence of length 6"),
+        (dict(query=torch.randn(2, 5, 2, 8)), ValueError, r"query must be packed as \(total_q, heads, E\)"),
+        (dict(value=torch.randn(11, 2, 8)), ValueError, "value length"),
+        (dict(key=torch.randn(12, 3, 8), value=torch.randn(12, 3, 8)), ValueError, "enable_gqa"),
+        (dict(dropout_p=1.5), ValueError, "dropout_p"),
+    ]
+    base = dict(query=q, key=k, value=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    for change, exc, msg in bad:
+        kw = dict(base, **change)
+        with pytest.raises(exc, match=msg):
+            ops.attention_varlen(**kw)
+    # nested tensors: a clear error from the dense op, and for a mask
+    _, qt = _jagged([3, 4], 2, 8)
+    with pytest.raises(ValueError, match="takes dense tensors; for nested"):
+        ops.attention(qt, qt, qt)
+    with pytest.raises(ValueError, match="attn_mask is not supported with nested"):
+        attention_ext.attention(qt, qt, qt, attn_mask=torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_varlen_opcheck_and_compile(one_thread):
+    q, k, v, cu_q, cu_k, kw = make_case("cross_causal", torch.float32, seed=2)
+    opcheck(ops.attention_varlen.default, (q, k, v, cu_q, cu_k), dict(is_causal=True))
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    out, lse, rng = ops._attention_varlen_forward(qd, kd, vd, cu_q, cu_k, None, None, 0.0, True, None, False, [-1, -1])
+    opcheck(ops._attention_varlen_forward.default, (qd, kd, vd, cu_q, cu_k, None, None, 0.0, True, None, False,
+                                                    [-1, -1]))
+    opcheck(ops._attention_varlen_backward.default, (torch.randn_like(out), qd, kd, vd, cu_q, cu_k, out, lse, rng,
+                                                     0.0, True, None, False, [-1, -1]))
+
+    def f(q, k, v, cu_q, cu_k):
+        return ops.attention_varlen(q, k, v, cu_q, cu_k, is_causal=True).square().sum()
+
+    eager = torch.autograd.grad(f(q, k, v, cu_q, cu_k), (q, k, v))
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, cu_q, cu_k),
+                                   (q, k, v))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_varlen_autocast(one_thread):
+    q, k, v, cu_q, cu_k, _ = make_case("self", torch.float32, requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.attention_varlen(q, k, v, cu_q, cu_k)
+    assert out.dtype == torch.bfloat16
+    ref = ops.attention_varlen(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu_q, cu_k)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert math.isfinite(float(out.float().abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the emulated kernels run above)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+def test_varlen_cuda(dtype):
+    """On a GPU: forward and backward against the reference, offsets on the GPU and on the CPU alike."""
+    q, k, v, cu_q, cu_k, kw = make_case("window_gqa", dtype, requires_grad=False)
+    grad = torch.randn(q.shape[0], q.shape[1], v.shape[2]).to(dtype)
+    ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad)
+    for where in ("cuda", "cpu"):
+        qc, kc, vc = (t.cuda().requires_grad_() for t in (q, k, v))
+        out = ops.attention_varlen(qc, kc, vc, cu_q.to(where), cu_k.to(where), window_size=list(kw["window_size"]),
+                                   enable_gqa=True)
+        dq, dk, dv = torch.autograd.grad(out, (qc, kc, vc), grad.cuda())
+        for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
+            assert_close_vs_baseline(f"{where} {name}", x.cpu(), ref[name], ref["base_" + name], dtype, factor=4.0)
