@@ -18,7 +18,10 @@ The attention function handles grouped-query attention (fewer key/value heads
 than query heads: read in place, never repeated), boolean and additive float
 masks, the module's ``is_causal``, ``scaling``, dropout (``dropout`` is 0 in
 eval), and returns the attention weights (differentiable, after dropout like
-"eager") when the model is asked for them (``output_attentions=True``).
+"eager") when the model is asked for them (``output_attentions=True``). Padding-free
+packed batches (``cu_seq_lens_q`` / ``cu_seq_lens_k`` from
+``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, as for "flash_attention_2")
+run through ``attention_varlen``: each sequence attends to itself only.
 """
 import importlib.abc
 import importlib.util
@@ -59,6 +62,27 @@ def _wants_weights(module, kwargs) -> bool:
     return False
 
 
+def _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs):
+    """Padding-free batches (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): one row of
+    sequences packed end to end, with their boundaries in ``cu_seq_lens_q`` / ``cu_seq_lens_k``. Each sequence
+    then attends to itself only, through attention_varlen (causal per sequence, the model's sliding window).
+    Returns the (1, total, H, Ev) output, or None when the call is not such a batch."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None or query.shape[0] != 1 or kwargs.get("position_bias") is not None:
+        return None
+    if _wants_weights(module, kwargs) or not supports(query, key, value):
+        return None
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window = list(_NO_WINDOW)
+    sliding = kwargs.get("sliding_window")
+    if sliding is not None and int(sliding) > 0:  # the last `sliding` positions, the query's own included
+        window[0] = int(sliding) - 1
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, E)
+    out = _ops.attention_varlen(q, k, v, cu_q, cu_k, None, None, float(dropout), causal, scaling,
+                                query.shape[1] != key.shape[1], window)
+    return out.unsqueeze(0)
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -77,6 +101,9 @@ def attention_forward(
             raise ValueError(f"`attention_ext` attention does not support `{unsupported}`; use "
                              f"attn_implementation='eager' for this model")
     q_len, kv_len = query.shape[-2], key.shape[-2]
+    packed = _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs)
+    if packed is not None:
+        return packed, None
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] > kv_len:
         attention_mask = attention_mask[:, :, :, :kv_len]
     if is_causal is None:

@@ -178,3 +178,28 @@ def test_bench_decode_quick(tmp_path):
         # the same attention as PyTorch's (values of order 1: an absolute bound per dtype)
         assert r["max_abs_diff_vs_torch"] < (1e-5 if r["dtype"] == "float32" else 2e-2), r
     assert "| bfloat16 | 1 | 32 / 8 | 128 | 1024 | 4 |" in p.stdout
+
+
+def test_bench_varlen_quick(tmp_path):
+    """benchmarks/bench_varlen.py --quick: every backend timed at every point, outputs agreeing, JSON written."""
+    out = tmp_path / "varlen.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_varlen.py"), "--quick", "--device", "cpu",
+                        "--dtypes", "float32,bfloat16", "--budget", "0.001", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    for key in ("device", "threads", "torch", "commit", "date"):
+        assert res[key] not in (None, ""), key
+    rows = res["rows"]
+    # 2 dtypes x 2 modes x causal or not x 1 batch
+    assert {(r["dtype"], r["mode"], r["causal"]) for r in rows} == {
+        (d, m, c) for d in ("float32", "bfloat16") for m in ("fwd", "fwd+bwd") for c in (False, True)}
+    assert len(rows) == 8
+    for r in rows:
+        names = ["ours", "torch-padded", "torch-loop"] + ([] if r["causal"] else ["torch-nested"])
+        for name in names:
+            assert r[name + "_s"] > 0 and r[name + "_TFLOPs"] > 0, (name, r)
+        best = min(names[1:], key=lambda n: r[n + "_s"])
+        assert r["best_torch"] == best and r["speedup_vs_best"] == pytest.approx(r[best + "_s"] / r["ours_s"])
+        assert r["max_abs_diff_vs_torch"] < (1e-5 if r["dtype"] == "float32" else 2e-2), r

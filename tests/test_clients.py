@@ -317,3 +317,30 @@ def test_hf_attention_function_against_eager(mask_kind):
     out2, w2 = attention_ext.hf.attention_forward(module, q, k, v, ours_mask, scaling=0.3)
     assert w2 is None
     torch.testing.assert_close(out2, out)
+
+
+def test_hf_llama_padding_free_packed_batch():
+    """Sequences packed into one row with FlashAttention's kwargs (DataCollatorWithFlattening): the logits and
+    the gradients equal those of each sequence run alone, and the varlen op is what runs."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation="attention_ext")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    lens = [7, 12, 3]
+    seqs = [torch.randint(1, 120, (1, n)) for n in lens]
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)
+    batch = collator([{"input_ids": s[0].tolist()} for s in seqs])
+    assert batch["input_ids"].shape == (1, sum(lens)) and "cu_seq_lens_q" in batch
+    kw = {n: batch[n] for n in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    with OpCounter() as c:
+        packed = model(input_ids=batch["input_ids"], **kw).logits
+    assert c.counts["attention_ext._attention_varlen_forward"] == 2 and c.fwd == 0, c.counts
+    alone = torch.cat([model(input_ids=s).logits for s in seqs], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    w = torch.randn(packed.shape)
+    g_packed = _grads(model, (model(input_ids=batch["input_ids"], **kw).logits * w).sum())
+    g_alone = _grads(model, (torch.cat([model(input_ids=s).logits for s in seqs], dim=1) * w).sum())
+    for n in g_packed:
+        torch.testing.assert_close(g_packed[n], g_alone[n], atol=1e-5, rtol=1e-3, msg=lambda m: f"grad {n}: {m}")
