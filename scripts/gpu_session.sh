@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_session.sh build test        # build (MAX_JOBS=16) + GPU tests
 #   bash scripts/gpu_session.sh sanitize          # compute-sanitizer, quick grid
-#   bash scripts/gpu_session.sh bench             # bench_cuda.py + python -m benchmarks.run + bench_decode.py
+#   bash scripts/gpu_session.sh bench             # bench_cuda.py + benchmarks.run + bench_decode.py + bench_varlen.py
 #   bash scripts/gpu_session.sh first             # all a 15-minute lease allows, in one call
 #
 # `first` is for a session whose whole device time is about 15 minutes, a
@@ -52,7 +52,9 @@ for stage in "$@"; do
       tail -20 "$OUT/bench_run.log"
       # decoding shapes (split keys against SDPA): the table goes into bench_run.log (8 files come back at most)
       "$PY" benchmarks/bench_decode.py --dtypes bfloat16 --out /tmp/bench_decode.json >> "$OUT/bench_run.log" 2>&1 || rc=1
-      tail -22 "$OUT/bench_run.log"
+      # packed variable-length batches (one launch per sequence on CUDA) against SDPA's ways
+      "$PY" benchmarks/bench_varlen.py --dtypes bfloat16 --out /tmp/bench_varlen.json >> "$OUT/bench_run.log" 2>&1 || rc=1
+      tail -40 "$OUT/bench_run.log"
       ;;
     first)
       nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1

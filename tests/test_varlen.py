@@ -16,6 +16,7 @@ from torch.library import opcheck
 
 import attention_ext
 import emu
+from conftest import cuda_marks
 from reference import assert_close_vs_baseline, max_abs_error, reference_attention, reference_grads
 
 ops = torch.ops.attention_ext
@@ -213,6 +214,7 @@ def test_varlen_dropout(dtype, one_thread):
     assert not torch.equal(o[:16], o[16:])
 
 
+@pytest.mark.emu
 def test_varlen_emulated_cuda_composition():
     """The CUDA backend's varlen (one launch per sequence through its forward / backward) on the emulated
     kernels: output, log-sum-exp and gradients against the reference."""
@@ -332,8 +334,9 @@ def test_varlen_autocast(one_thread):
     assert math.isfinite(float(out.float().abs().max()))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the emulated kernels run above)")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=cuda_marks()) for d in (torch.float16, torch.bfloat16,
+                                                                                   torch.float32)],
+                         ids=["f16", "bf16", "f32"])
 def test_varlen_cuda(dtype):
     """On a GPU: forward and backward against the reference, offsets on the GPU and on the CPU alike."""
     q, k, v, cu_q, cu_k, kw = make_case("window_gqa", dtype, requires_grad=False)
