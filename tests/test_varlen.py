@@ -349,3 +349,26 @@ def test_varlen_cuda(dtype):
         dq, dk, dv = torch.autograd.grad(out, (qc, kc, vc), grad.cuda())
         for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
             assert_close_vs_baseline(f"{where} {name}", x.cpu(), ref[name], ref["base_" + name], dtype, factor=4.0)
+
+
+def test_nested_tensors_under_compile_and_mismatched_lengths(one_thread):
+    """torch.compile(fullgraph=True) through the nested path gives eager's output and gradients; key and value
+    nested tensors of different lengths are refused by name."""
+    q, _ = _jagged([5, 9, 3], 4, 16, seed=7)
+    k, _ = _jagged([5, 9, 3], 4, 16, seed=8)
+    v, _ = _jagged([5, 9, 3], 4, 16, seed=9)
+
+    def f(q, k, v):
+        return attention_ext.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True).transpose(1, 2)
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(compiled.values(), eager.values(), rtol=0, atol=0)
+    ge = torch.autograd.grad(eager.values().sum(), (q, k, v))
+    gc = torch.autograd.grad(compiled.values().sum(), (q, k, v))
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(a.values(), b.values(), rtol=0, atol=0)
+    _, vt = _jagged([9, 5, 3], 4, 16, seed=9)
+    with pytest.raises(ValueError, match="key and value must have the same sequence lengths"):
+        attention_ext.attention(q.transpose(1, 2), k.transpose(1, 2), vt)
