@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
   // above, and each sequence's seed and offset are read from its own row below
   const at::Tensor rng2 = at::zeros({2}, at::TensorOptions().dtype(at::kLong));
   BackwardSetup st = prepare_backward(heads_first(grad_out), heads_first(q), heads_first(k), heads_first(v),
-                                      std::nullopt, heads_first(out), lse.view({q.size(1), q.size(0)}), rng2, opt,
+                                      std::nullopt, heads_first(out), lse.reshape({q.size(1), q.size(0)}), rng2, opt,
                                       false);
   st.p.deterministic = true;
   fill_empty_backward(off, heads_first(st.dq), heads_first(st.dk), heads_first(st.dv));
