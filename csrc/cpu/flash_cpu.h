@@ -16,9 +16,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -50,12 +52,47 @@ inline A running_max(A m, const A* s, int64_t n) {
 
 // Per-thread buffers that the kernels write before they read them: allocated without the zero-fill of a
 // std::vector (a score tile of 128 x 512 floats per thread and call was 8% of a short call's time),
-// or zero-filled when asked (padding that must stay zero).
+// or zero-filled when asked (padding that must stay zero). Aligned to 64 bytes, a cache line: operator new
+// aligns to 16 only, and a large block (mmap'ed by malloc) then starts 16 bytes into a page, so that
+// every 64-byte row load of AVX-512 and AMX straddled two lines (benchmarks/NOTES.md, entry 21).
+struct AlignedFree {
+  void operator()(void* x) const { std::free(x); }
+};
+inline void* alloc64(size_t bytes) {
+  void* x = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (x == nullptr) throw std::bad_alloc();
+  return x;
+}
+// std::vector's allocator with the same alignment (the tiles' operand copies and packed blocks).
+template <typename T>
+struct Align64 {
+  using value_type = T;
+  Align64() = default;
+  template <typename U>
+  Align64(const Align64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(alloc64(n * sizeof(T))); }
+  void deallocate(T* x, size_t) { std::free(x); }
+  template <typename U>
+  bool operator==(const Align64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Align64<U>&) const { return false; }
+};
+template <typename T>
+using AVec = std::vector<T, Align64<T>>;
 template <typename T>
 struct Scratch {
-  std::unique_ptr<T[]> p;
+  static_assert(std::is_trivial_v<T>, "Scratch holds plain numbers");
+  std::unique_ptr<T[], AlignedFree> p;
   explicit Scratch(int64_t n = 0, bool zero = false) { resize(n, zero); }
-  void resize(int64_t n, bool zero = false) { p.reset(n <= 0 ? nullptr : zero ? new T[n]() : new T[n]); }
+  void resize(int64_t n, bool zero = false) {
+    if (n <= 0) {
+      p.reset();
+      return;
+    }
+    T* x = static_cast<T*>(alloc64(static_cast<size_t>(n) * sizeof(T)));
+    if (zero) std::memset(static_cast<void*>(x), 0, static_cast<size_t>(n) * sizeof(T));
+    p.reset(x);
+  }
   T* data() { return p.get(); }
   const T* data() const { return p.get(); }
   bool empty() const { return !p; }
@@ -252,7 +289,7 @@ struct BlasTile {
   // accumulation type and its rows are a valid BLAS leading dimension;
   // otherwise converted into `buf` (rows `cols` apart).
   struct Operand {
-    std::vector<A> buf;
+    AVec<A> buf;
     const A* ptr = nullptr;
     int64_t ld = 0;
     void load(const T* x, int64_t row_stride, int64_t rows, int64_t cols) {
@@ -312,7 +349,7 @@ struct Bf16TileBase {
   // Forward: the softmax wrote this key block's P as bf16 into the tile (p_row, exp_sub_sum_bf16), so pv
   // has no conversion to do; cleared by pv.
   bool p_ready = false;
-  std::vector<float> qf, dof, kf;
+  AVec<float> qf, dof, kf;
   Bf16TileBase(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
       : E(E_), Ev(Ev_), backward(bwd), qf(bwd ? bq * E_ : 0), dof(bwd ? bq * Ev_ : 0), kf(bwd ? bk * E_ : 0) {}
   static const uint16_t* bits(const bf16* x) { return reinterpret_cast<const uint16_t*>(x); }
@@ -336,8 +373,8 @@ struct Bf16DotTile : Bf16TileBase {
   const uint16_t* dout = nullptr;
   int64_t ldq = 0, lddo = 0;
   // packed B operands: K^T and V (forward), K^T and V^T (backward)
-  std::vector<uint32_t> k_t, v_r, v_t;
-  std::vector<uint16_t> abuf;  // bf16 copy of P (forward)
+  AVec<uint32_t> k_t, v_r, v_t;
+  AVec<uint16_t> abuf;  // bf16 copy of P (forward)
   Bf16DotTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
       : Bf16TileBase(E_, Ev_, bq, bk, bwd), k_t(cdiv(E_, 2) * bk), v_r(bwd ? 0 : cdiv(bk, 2) * Ev_),
         v_t(bwd ? cdiv(Ev_, 2) * bk : 0), abuf(bwd ? 0 : bq * bk) {}
@@ -498,7 +535,7 @@ struct Bf16AmxTile : Bf16TileBase {
 struct Bf16GemmTile : Bf16TileBase {
   // rows `ld` apart, in place when the rows are a valid leading dimension, else copied to `buf`
   struct Rows {
-    std::vector<uint16_t> buf;
+    AVec<uint16_t> buf;
     const uint16_t* ptr = nullptr;
     int64_t ld = 0;
     void load(const bf16* x, int64_t row_stride, int64_t rows, int64_t cols) {
@@ -514,7 +551,7 @@ struct Bf16GemmTile : Bf16TileBase {
     }
   };
   Rows q, dout, k, v;
-  std::vector<uint16_t> abuf;  // bf16 copy of P (forward)
+  AVec<uint16_t> abuf;  // bf16 copy of P (forward)
   Bf16GemmTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool bwd)
       : Bf16TileBase(E_, Ev_, bq, bk, bwd), abuf(bwd ? 0 : bq * bk) {}
   void load_q(const bf16* x, int64_t ld, int64_t n) {
@@ -561,8 +598,8 @@ struct RowTile {
                                    : std::is_same_v<T, f16> ? RowKind::kF16
                                                             : RowKind::kF32;
   int64_t E, Ev, nq = 0, nk = 0, ldk = 0, ldv = 0;
-  std::vector<float> qf;
-  std::vector<uint16_t> qb;  // bfloat16: the query rows' own bits, for the AVX512-BF16 dot products
+  AVec<float> qf;
+  AVec<uint16_t> qb;  // bfloat16: the query rows' own bits, for the AVX512-BF16 dot products
   const T* k = nullptr;
   const T* v = nullptr;
   RowTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t /*bk*/, bool /*backward*/)
@@ -641,8 +678,8 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
     // rows of a block: sized by the query length where that is shorter than a block (whole 16-row tiles)
     const int64_t bq = std::min(kBlockQ, round_up(L, 16)) * ng;
     Tile tile(E, Ev, bq, kBlockK, false);
-    Scratch<A> sbuf(bq * lds), wsum(avg ? bq * S : 0);
-    std::vector<A> acc(bq * Ev), tmp(kBlockK), mrow(bq), lrow(bq);
+    Scratch<A> sbuf(bq * lds), wsum(avg ? bq * S : 0), acc(bq * Ev);  // acc: cleared per block (attend)
+    std::vector<A> tmp(kBlockK), mrow(bq), lrow(bq);
     std::vector<A> mtile(keep ? bq * ntiles : 0);  // (weights) each row's running maximum after each tile
 
     // output and lse of query rows i0 .. i0 + nq - 1 of heads h .. h + nh - 1 (nh > 1: one GQA group's
@@ -659,7 +696,7 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
           tile.load_q(q, p.q_stride.r, nq);
         }
       }
-      std::fill(acc.begin(), acc.begin() + R * Ev, A(0));
+      std::fill(acc.data(), acc.data() + R * Ev, A(0));
       std::fill(mrow.begin(), mrow.begin() + R, ninf);
       std::fill(lrow.begin(), lrow.begin() + R, A(0));
 
@@ -971,13 +1008,14 @@ void flash_bwd_impl(const BwdParams& p) {
   parallel_for(B * Hkv * nchunks, [&](int64_t t0, int64_t t1) {
     Tile tile(E, Ev, kBlockQ, kBlockK, true);
     Scratch<A> pbuf(kBlockQ * kBlockK), pdbuf(dropout ? kBlockQ * kBlockK : 0), dpbuf(kBlockQ * kBlockK);
-    std::vector<A> dkacc(kBlockK * E), dvacc(kBlockK * Ev), tmp(kBlockK), dq_local(nchunks == 1 ? G * L * E : 0);
+    Scratch<A> dkacc(kBlockK * E), dvacc(kBlockK * Ev), dq_local(nchunks == 1 ? G * L * E : 0);  // cleared before use
+    std::vector<A> tmp(kBlockK);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % nchunks, bhk = t / nchunks, hk = bhk % Hkv, b = bhk / Hkv;
       // dq accumulator of this task: G x L x E, row-major
       A* dq_acc;
       if (nchunks == 1) {
-        std::fill(dq_local.begin(), dq_local.end(), A(0));
+        std::fill(dq_local.data(), dq_local.data() + G * L * E, A(0));
         dq_acc = dq_local.data();
       } else {
         dq_acc = dq_part.data() + ((c * B + b) * Hq + hk * G) * L * E;
@@ -991,8 +1029,8 @@ void flash_bwd_impl(const BwdParams& p) {
         const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, S - j0);
         tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
         tile.load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
-        std::fill(dkacc.begin(), dkacc.end(), A(0));
-        std::fill(dvacc.begin(), dvacc.end(), A(0));
+        std::fill(dkacc.data(), dkacc.data() + kBlockK * E, A(0));
+        std::fill(dvacc.data(), dvacc.data() + kBlockK * Ev, A(0));
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g;
           const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;

@@ -15,9 +15,8 @@ namespace {
 // then K loaded, S = Q K^T, V loaded, acc += S V: what the forward does per
 // (query block, key block) pair, packing or fp32 copies included).
 template <typename Tile>
-double time_forward_step(Tile& tile, const std::vector<bf16>& q, const std::vector<bf16>& k,
-                         const std::vector<bf16>& v, int64_t bq, int64_t bk, int64_t E, std::vector<float>& s,
-                         std::vector<float>& acc, int reps) {
+double time_forward_step(Tile& tile, const AVec<bf16>& q, const AVec<bf16>& k, const AVec<bf16>& v, int64_t bq,
+                         int64_t bk, int64_t E, AVec<float>& s, AVec<float>& acc, int reps) {
   double best = 1e30;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -57,7 +56,7 @@ bool available(Bf16Path path) {
 Bf16Path calibrate() {
   constexpr int64_t bq = 128, bk = 512, E = 64;
   constexpr int kReps = 5;
-  std::vector<bf16> q(bq * E), k(bk * E), v(bk * E);
+  AVec<bf16> q(bq * E), k(bk * E), v(bk * E);  // aligned as the kernels' buffers are
   uint32_t x = 12345u;  // deterministic inputs in [-1, 1)
   auto next = [&x]() {
     x = x * 1664525u + 1013904223u;
@@ -80,7 +79,7 @@ Bf16Path calibrate() {
     Bf16DotTile dot(E, E, bq, bk, false);
     Bf16GemmTile mkl(E, E, bq, bk, false);
     BlasTile<bf16> blas(E, E, bq, bk, false);
-    std::vector<float> s(bq * bk), acc(bq * E, 0.f);
+    AVec<float> s(bq * bk), acc(bq * E, 0.f);
     auto step = [&](int i) {
       switch (i) {
         case 0: return time_forward_step(amx, q, k, v, bq, bk, E, s, acc, 1);
