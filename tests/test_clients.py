@@ -344,3 +344,16 @@ def test_hf_llama_padding_free_packed_batch():
     g_alone = _grads(model, (torch.cat([model(input_ids=s).logits for s in seqs], dim=1) * w).sum())
     for n in g_packed:
         torch.testing.assert_close(g_packed[n], g_alone[n], atol=1e-5, rtol=1e-3, msg=lambda m: f"grad {n}: {m}")
+    # with output_attentions the dense path runs, under a mask built from the same boundaries: the same
+    # logits, and each sequence's weights are those of the sequence alone, zero across sequences
+    out = model(input_ids=batch["input_ids"], output_attentions=True, **kw)
+    torch.testing.assert_close(out.logits, alone, atol=1e-5, rtol=1e-4)
+    cu = [0] + torch.tensor(lens).cumsum(0).tolist()
+    for layer, a in enumerate(out.attentions):
+        assert a.shape == (1, 4, sum(lens), sum(lens))
+        for b, s in enumerate(seqs):
+            ref = model(input_ids=s, output_attentions=True).attentions[layer]
+            blk = a[:, :, cu[b]:cu[b + 1]]
+            torch.testing.assert_close(blk[..., cu[b]:cu[b + 1]], ref, atol=1e-5, rtol=1e-4)
+            assert blk[..., :cu[b]].abs().max() == 0 if cu[b] else True
+            assert blk[..., cu[b + 1]:].abs().max() == 0 if cu[b + 1] < sum(lens) else True
