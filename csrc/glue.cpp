@@ -138,17 +138,22 @@ void check_rng_state(const at::Tensor& rng, double dropout_p) {
                     "rng_state must be the int64 tensor of 2 elements returned by the forward");
 }
 
+void check_output_and_grad(const at::Tensor& grad_out, const at::Tensor& out, c10::SymIntArrayRef out_shape,
+                           const at::Tensor& q) {
+  check_same_shape(out, "output", out_shape, q);
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "output dtype (", out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+  check_same_shape(grad_out, "grad_output", out_shape, q);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
+                   ") must match query dtype (", q.scalar_type(), ")");
+}
+
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
                            const at::Tensor& rng, const at::Tensor& q, const at::Tensor& v, double dropout_p) {
   auto qs = q.sym_sizes();
   std::vector<c10::SymInt> osz(qs.begin(), qs.end() - 1);
   osz.push_back(v.sym_size(-1));
-  check_same_shape(out, "output", osz, q);
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "output dtype (", out.scalar_type(),
-                   ") must match query dtype (", q.scalar_type(), ")");
-  check_same_shape(grad_out, "grad_output", osz, q);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
-                   ") must match query dtype (", q.scalar_type(), ")");
+  check_output_and_grad(grad_out, out, osz, q);
   check_lse(lse, q);
   check_rng_state(rng, dropout_p);
 }

@@ -37,6 +37,9 @@ void check_lse(const at::Tensor& lse, const at::Tensor& q);
 
 // rng_state returned by the forward: int64[2] (checked only when dropout_p > 0).
 void check_rng_state(const at::Tensor& rng, double dropout_p);
+// output and grad_output of a backward: shape `out_shape` and the query's dtype.
+void check_output_and_grad(const at::Tensor& grad_out, const at::Tensor& out, c10::SymIntArrayRef out_shape,
+                           const at::Tensor& q);
 // Everything _attention_backward takes besides check_inputs' arguments.
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
                            const at::Tensor& rng, const at::Tensor& q, const at::Tensor& v, double dropout_p);

@@ -104,13 +104,7 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
 void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
                                   const at::Tensor& cu_q, const at::Tensor& out, const at::Tensor& lse,
                                   const at::Tensor& rng, double dropout_p) {
-  const std::vector<c10::SymInt> osz{q.sym_size(0), q.sym_size(1), v.sym_size(2)};
-  check_same_shape(out, "output", osz, q);
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "output dtype (", out.scalar_type(),
-                   ") must match query dtype (", q.scalar_type(), ")");
-  check_same_shape(grad_out, "grad_output", osz, q);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type(), "grad_output dtype (", grad_out.scalar_type(),
-                   ") must match query dtype (", q.scalar_type(), ")");
+  check_output_and_grad(grad_out, out, {q.sym_size(0), q.sym_size(1), v.sym_size(2)}, q);
   const std::vector<c10::SymInt> lsz{q.sym_size(0) * q.sym_size(1)};
   check_same_shape(lse, "logsumexp", lsz, q);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -121,6 +115,13 @@ void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
     TORCH_CHECK_VALUE(rng.defined() && rng.sym_sizes().equals(rsz) && rng.scalar_type() == at::kLong,
                       "rng_state must be the int64 (batch, 2) tensor returned by the varlen forward");
   }
+}
+
+VarlenOffsets prepare_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                             const at::Tensor& cu_k, const AttnOptions& opt, std::optional<int64_t> max_q,
+                             std::optional<int64_t> max_k) {
+  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
+  return read_offsets(cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
 }
 
 VarlenOffsets read_offsets(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t total_q, int64_t total_k,

@@ -35,6 +35,11 @@ struct VarlenOffsets {
 VarlenOffsets read_offsets(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t total_q, int64_t total_k,
                            std::optional<int64_t> max_q = std::nullopt, std::optional<int64_t> max_k = std::nullopt);
 
+// check_varlen_inputs, then read_offsets: what every backend's varlen forward and backward start with.
+VarlenOffsets prepare_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                             const at::Tensor& cu_k, const AttnOptions& opt,
+                             std::optional<int64_t> max_q = std::nullopt, std::optional<int64_t> max_k = std::nullopt);
+
 // (heads, total, dim) view of a (total, heads, dim) packed tensor: what the ops' (..., H, L, E) glue takes.
 inline at::Tensor heads_first(const at::Tensor& t) { return t.transpose(0, 1); }
 
@@ -55,9 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
     Fwd&& fwd, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
     const at::Tensor& cu_k, std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p,
     bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
-  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
+  const VarlenOffsets off =
+      prepare_varlen(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
   const int64_t Hq = q.size(1);
   at::Tensor out = heads_first(empty_output(heads_first(q), v.sym_size(2)));  // in q's memory order
   at::Tensor lse = at::empty({Hq * q.size(0)}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble
@@ -86,10 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_by_sequence(
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
     at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
-  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0));
+  const VarlenOffsets off =
+      prepare_varlen(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window));
   const int64_t Hq = q.size(1);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   poison(dq);

@@ -137,8 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
-  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
+  const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
   ForwardSetup st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
   auto [seed, offset] = draw_seed(dropout_p);
   st.p.seed = seed;
@@ -163,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     });
   });
   finish_forward(st);
-  return {heads_first(st.out), lse, rng};
+  return {out, lse, rng};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
@@ -172,9 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
     at::IntArrayRef window) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
-  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0));
+  const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
   // prepare_backward checks a (Hq, total_q) logsumexp and an int64[2] rng state: the packed ones are checked
   // above, and each sequence's seed and offset are read from its own row below
   const at::Tensor rng2 = at::zeros({2}, at::TensorOptions().dtype(at::kLong));
