@@ -60,6 +60,11 @@ def supports_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """Whether the fused kernels take these tensors' kind (layout, dtype, device), whatever their shapes."""
     if query.is_nested or key.is_nested or value.is_nested:
         return False
+    return _kernels_take(query, key, value)
+
+
+def _kernels_take(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """dtype and device (dense or nested alike)."""
     if query.dtype not in _FLOAT_DTYPES or query.dtype != key.dtype or query.dtype != value.dtype:
         return False
     if query.dtype == torch.float64 and query.device.type not in ("cpu", "meta"):
@@ -69,14 +74,10 @@ def supports_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def _jagged_supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Jagged nested tensors (batch, heads, ragged length, E) the varlen op takes (without a mask)."""
-    ts = (query, key, value)
-    if not all(t.is_nested and t.layout == torch.jagged and t.dim() == 4 and t._ragged_idx == 2 for t in ts):
+    if not all(t.is_nested and t.layout == torch.jagged and t.dim() == 4 and t._ragged_idx == 2
+               for t in (query, key, value)):
         return False
-    if query.dtype not in _FLOAT_DTYPES or any(t.dtype != query.dtype for t in ts):
-        return False
-    if query.dtype == torch.float64 and query.device.type != "cpu":
-        return False
-    return 1 <= query.shape[-1] <= 256 and 1 <= value.shape[-1] <= 256 and has_kernel(query.device)
+    return 1 <= query.shape[-1] <= 256 and 1 <= value.shape[-1] <= 256 and _kernels_take(query, key, value)
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:

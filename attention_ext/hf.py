@@ -75,30 +75,30 @@ def _packed_mask(cu_q, cu_k, total_q, total_k, causal, left, device):
         mask &= j[None, :] <= i[:, None]
     if left >= 0:
         mask &= j[None, :] >= i[:, None] - left
-    return ("mask", mask[None, None])
+    return mask[None, None]
 
 
 def _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs):
     """Padding-free batches (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): one row of
     sequences packed end to end, with their boundaries in ``cu_seq_lens_q`` / ``cu_seq_lens_k``. Each sequence
     then attends to itself only, through attention_varlen (causal per sequence, the model's sliding window).
-    Returns the (1, total, H, Ev) output, or None when the call is not such a batch; with
-    ``output_attentions`` (or inputs the kernels cannot take), the sequence boundaries as a boolean mask for
-    the dense path instead, so that no sequence sees another's keys there either."""
+    Returns ``(output, mask)``: the (1, total, H, Ev) output; or, with ``output_attentions`` (or inputs the
+    kernels cannot take), the sequence boundaries as a boolean mask for the dense path, so that no sequence
+    sees another's keys there either; ``(None, None)`` when the call is not such a batch."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None or cu_k is None or query.shape[0] != 1 or kwargs.get("position_bias") is not None:
-        return None
+        return None, None
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     window = list(_NO_WINDOW)
     sliding = kwargs.get("sliding_window")
     if sliding is not None and int(sliding) > 0:  # the last `sliding` positions, the query's own included
         window[0] = int(sliding) - 1
     if _wants_weights(module, kwargs) or not supports(query, key, value):
-        return _packed_mask(cu_q, cu_k, query.shape[-2], key.shape[-2], causal, window[0], query.device)
+        return None, _packed_mask(cu_q, cu_k, query.shape[-2], key.shape[-2], causal, window[0], query.device)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, E)
     out = _ops.attention_varlen(q, k, v, cu_q, cu_k, None, None, float(dropout), causal, scaling,
                                 query.shape[1] != key.shape[1], window)
-    return out.unsqueeze(0)
+    return out.unsqueeze(0), None
 
 
 def attention_forward(
@@ -119,11 +119,11 @@ def attention_forward(
             raise ValueError(f"`attention_ext` attention does not support `{unsupported}`; use "
                              f"attn_implementation='eager' for this model")
     q_len, kv_len = query.shape[-2], key.shape[-2]
-    packed = _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs)
-    if isinstance(packed, tuple):  # a packed batch on the dense path: its boundaries as the mask
-        attention_mask, is_causal = packed[1], False
-    elif packed is not None:
-        return packed, None
+    packed_out, packed_mask = _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs)
+    if packed_out is not None:
+        return packed_out, None
+    if packed_mask is not None:  # a packed batch on the dense path: its boundaries are the mask
+        attention_mask, is_causal = packed_mask, False
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] > kv_len:
         attention_mask = attention_mask[:, :, :, :kv_len]
     if is_causal is None:

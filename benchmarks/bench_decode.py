@@ -116,20 +116,25 @@ def main(argv=None):
                     print(f"| {r['dtype']} | {B} | {Hq} / {Hkv} | {E} | {S} | {L} | {r['ours_s'] * 1e3:.3f} | "
                           f"{r['torch_s'] * 1e3:.3f} | {r['ours_GBps']:.1f} | {r['torch_GBps']:.1f} | "
                           f"{r['speedup']:.2f} |", flush=True)
+    save_results(device, name, "bench_decode", rows, args.out)
+    return rows
+
+
+def save_results(device, name, stem, rows, out=None, **extra):
+    """Raw JSON (device, threads, torch, commit, date, rows, extra) into `out`, or by default into
+    benchmarks/results/<cpu or GPU name>/<stem>_<commit>.json."""
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                          cwd=os.path.dirname(os.path.abspath(__file__))).strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     folder = "cpu" if device == "cpu" else name.replace(" ", "_")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", folder,
-                                   f"bench_decode_{commit}.json")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", folder, f"{stem}_{commit}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"device": name, "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
-                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+                   "date": time.strftime("%Y-%m-%d"), **extra, "rows": rows}, f, indent=1)
     print("saved", out)
-    return rows
 
 
 if __name__ == "__main__":

@@ -15,11 +15,8 @@ forward + backward). Medians of interleaved repeats; raw JSON into
 benchmarks/results/<device>/bench_varlen_<commit>.json.
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 import warnings
 
 import torch
@@ -29,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention_ext  # noqa: E402
 import statistics  # noqa: E402
 
-from bench_decode import device_name, timer  # noqa: E402
+from bench_decode import device_name, save_results, timer  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")
 H, E = 8, 64
@@ -152,19 +149,7 @@ def main(argv=None):
                     print(f"| {r['dtype']} | {mode} | {causal} | {n} | {longest} | {r['tokens']} | {ms('ours_s')} | "
                           f"{ms('torch-nested_s')} | {ms('torch-padded_s')} | {ms('torch-loop_s')} | "
                           f"{r['speedup_vs_best']:.2f} ({r['best_torch']}) |", flush=True)
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    folder = "cpu" if device == "cpu" else name.replace(" ", "_")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", folder,
-                                   f"bench_varlen_{commit}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"device": name, "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
-                   "date": time.strftime("%Y-%m-%d"), "heads": H, "head_dim": E, "rows": rows}, f, indent=1)
-    print("saved", out)
+    save_results(device, name, "bench_varlen", rows, args.out, heads=H, head_dim=E)
     return rows
 
 
