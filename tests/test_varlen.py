@@ -372,3 +372,26 @@ def test_nested_tensors_under_compile_and_mismatched_lengths(one_thread):
     _, vt = _jagged([9, 5, 3], 4, 16, seed=9)
     with pytest.raises(ValueError, match="key and value must have the same sequence lengths"):
         attention_ext.attention(q.transpose(1, 2), k.transpose(1, 2), vt)
+
+
+def test_varlen_more_bad_inputs():
+    """The offsets' device, the backward's saved tensors, and nested inputs that are not (batch, heads,
+    ragged, E) jagged tensors: each refused with a message naming the argument."""
+    q, k, v = torch.randn(10, 2, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 4, 10]), torch.tensor([0, 5, 12])
+    with pytest.raises(RuntimeError, match="cu_seqlens_q is on meta but query is on cpu"):
+        ops.attention_varlen(q, k, v, cu_q.to("meta"), cu_k)
+    out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.5, False, None, False, [-1, -1])
+    args = (q, k, v, cu_q, cu_k)
+    with pytest.raises(ValueError, match=r"rng_state must be the int64 \(batch, 2\) tensor"):
+        ops._attention_varlen_backward(out, *args, out, lse, rng[0], 0.5, False, None, False, [-1, -1])
+    with pytest.raises(ValueError, match="logsumexp must have shape"):
+        ops._attention_varlen_backward(out, *args, out, lse[:-1], rng, 0.5, False, None, False, [-1, -1])
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        ops._attention_varlen_backward(out[:-1], *args, out, lse, rng, 0.5, False, None, False, [-1, -1])
+    _, qt = _jagged([3, 4], 2, 8)
+    dense = torch.randn(2, 2, 4, 8)
+    with pytest.raises(ValueError, match="key must be a nested tensor with layout=torch.jagged"):
+        attention_ext.attention(qt, dense, qt)
+    with pytest.raises(ValueError, match=r"query must be a jagged nested tensor of shape \(batch, heads, ragged"):
+        attention_ext.attention(qt.transpose(1, 2), qt, qt)
