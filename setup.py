@@ -117,9 +117,14 @@ def extension():
     )
 
 
+# The toolkit's headers for the emulator: torch's CUDA_HOME, or (a CPU build of torch, which sets none)
+# the toolkit found above.
+CUDA_HEADERS_HOME = CUDA_HOME or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+
+
 def want_emu():
     forced = env_flag("ATTENTION_EXT_EMU")
-    have_headers = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_fp16.h"))
+    have_headers = CUDA_HEADERS_HOME is not None and os.path.exists(os.path.join(CUDA_HEADERS_HOME, "include", "cuda_fp16.h"))
     if forced is True and not have_headers:
         raise RuntimeError("ATTENTION_EXT_EMU=1 needs the CUDA toolkit's headers (cuda_fp16.h); none found")
     return have_headers if forced is None else forced
@@ -150,7 +155,7 @@ def emu_extension():
     return CppExtension(
         "attention_ext._C_emu",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), os.path.join(CUDA_HOME, "include")],
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), os.path.join(CUDA_HEADERS_HOME, "include")],
         define_macros=[("ATTENTION_EXT_SIMT_EMU", "1")],
         extra_compile_args={"cxx": ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]},
         py_limited_api=True,
