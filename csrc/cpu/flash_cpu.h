@@ -83,8 +83,10 @@ template <typename T>
 struct Scratch {
   static_assert(std::is_trivial_v<T>, "Scratch holds plain numbers");
   std::unique_ptr<T[], AlignedFree> p;
+  int64_t n_ = 0;
   explicit Scratch(int64_t n = 0, bool zero = false) { resize(n, zero); }
   void resize(int64_t n, bool zero = false) {
+    n_ = std::max<int64_t>(n, 0);
     if (n <= 0) {
       p.reset();
       return;
@@ -96,6 +98,7 @@ struct Scratch {
   T* data() { return p.get(); }
   const T* data() const { return p.get(); }
   bool empty() const { return !p; }
+  int64_t size() const { return n_; }
 };
 
 // Tile sizes: query rows per task, key rows per step (see choose_blocks in runtime.cpp).
@@ -287,9 +290,10 @@ struct BlasTile {
   using A = acc_t<T>;
   // An operand: rows `ld` apart. Read in place when T is already the
   // accumulation type and its rows are a valid BLAS leading dimension;
-  // otherwise converted into `buf` (rows `cols` apart).
+  // otherwise converted into `buf` (rows `cols` apart), allocated at its first use (float32 / float64
+  // inputs in the usual layouts never need it).
   struct Operand {
-    AVec<A> buf;
+    Scratch<A> buf;
     const A* ptr = nullptr;
     int64_t ld = 0;
     void load(const T* x, int64_t row_stride, int64_t rows, int64_t cols) {
@@ -300,6 +304,7 @@ struct BlasTile {
           return;
         }
       }
+      if (buf.size() < rows * cols) buf.resize(rows * cols);
       load_rows(x, row_stride, rows, cols, buf.data());
       ptr = buf.data();
       ld = cols;
@@ -307,12 +312,7 @@ struct BlasTile {
   };
   int64_t E, Ev, nq = 0, nk = 0;
   Operand q, dout, k, v;
-  BlasTile(int64_t E_, int64_t Ev_, int64_t bq, int64_t bk, bool backward) : E(E_), Ev(Ev_) {
-    q.buf.resize(bq * E_);
-    dout.buf.resize(backward ? bq * Ev_ : 0);
-    k.buf.resize(bk * E_);
-    v.buf.resize(bk * Ev_);
-  }
+  BlasTile(int64_t E_, int64_t Ev_, int64_t, int64_t, bool) : E(E_), Ev(Ev_) {}
   void load_q(const T* x, int64_t ld, int64_t n) { nq = n; q.load(x, ld, n, E); }
   void load_do(const T* x, int64_t ld, int64_t n) { dout.load(x, ld, n, Ev); }
   void load_k(const T* x, int64_t ld, int64_t n) { nk = n; k.load(x, ld, n, E); }
