@@ -77,7 +77,17 @@ struct FwdParams {
   int num_splits = 1;
   float* o_accum = nullptr;
   float* lse_accum = nullptr;
+  // Optional (CUDA sm80 forward): packed variable-length sequences in one launch. batch is then the number of
+  // sequences and len_q / len_k bound their lengths; sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b + 1])
+  // of q / out and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k / v (batch strides unused), its log-sum-exp
+  // the (heads_q, L_b) block at heads_q * cu_seqlens_q[b] of lse, and its dropout stream is (seed,
+  // offset + b) (from seed_offset_ptr[2 b], [2 b + 1] when that is set). The kernel sees each sequence as a
+  // call of batch 1 (sequence_params, cuda/flash_fwd.cuh; the host-side twin for the other backends is
+  // split_sequences, varlen.h).
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
 };
+
 
 struct BwdParams : FwdParams {
   // batch x heads_q x len_q x dim_v

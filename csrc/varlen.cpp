@@ -1,5 +1,7 @@
 #include "varlen.h"
 
+#include <algorithm>
+#include <limits>
 #include <sstream>
 #include <type_traits>
 
@@ -132,6 +134,31 @@ VarlenOffsets read_offsets(const at::Tensor& cu_q, const at::Tensor& cu_k, int64
   check_values(off.q, "cu_seqlens_q", total_q, "query", max_q, "max_seqlen_q");
   check_values(off.k, "cu_seqlens_k", total_k, "key", max_k, "max_seqlen_k");
   return off;
+}
+
+PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& cu_q, const at::Tensor& cu_k, const AttnOptions& opt,
+                                     std::optional<int64_t> max_q, std::optional<int64_t> max_k) {
+  PackedForward s;
+  s.off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
+  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(q.size(0) <= kMaxRows && k.size(0) <= kMaxRows, "attention_varlen on ", q.device(),
+                    " takes at most 2^31 - 1 packed rows, got ", q.size(0), " queries and ", k.size(0), " keys");
+  s.st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
+  s.out = heads_first(s.st.out);
+  s.lse = s.st.lse.view({-1});
+  s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
+  s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
+  FwdParams& p = s.st.p;
+  p.batch = s.off.batch();
+  p.len_q = p.len_k = 0;
+  for (int64_t b = 0; b < s.off.batch(); ++b) {
+    p.len_q = std::max(p.len_q, s.off.len_q(b));
+    p.len_k = std::max(p.len_k, s.off.len_k(b));
+  }
+  p.cu_seqlens_q = s.cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = s.cu_k.data_ptr<int32_t>();
+  return s;
 }
 
 std::vector<FwdParams> split_sequences(const FwdParams& whole, const VarlenOffsets& off) { return split(whole, off); }

@@ -2,8 +2,10 @@
 // _attention_varlen_backward (layout in schemas.h). Sequence b of a call is an ordinary attention call of
 // batch 1 over rows of the packed tensors, so the kernels run unchanged on per-sequence params:
 //   - the CPU runs them in one parallel region (csrc/cpu/attention_cpu.cpp, cpu::run_tasks);
-//   - the CUDA backend (and its emulator) goes sequence by sequence through its own forward / backward
-//     (varlen_forward_by_sequence below): one launch per sequence, nothing fused across sequences.
+//   - the CUDA backend (and its emulator) runs the forward as one launch of the sm80 kernel over every
+//     sequence (prepare_packed_forward below; FwdParams::cu_seqlens_q) or, where a Hopper kernel covers
+//     long sequences, sequence by sequence (varlen_forward_by_sequence); the backward goes sequence by
+//     sequence through its own backward (varlen_backward_by_sequence): one launch per sequence.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,6 +54,20 @@ std::vector<BwdParams> split_sequences(const BwdParams& whole, const VarlenOffse
 // (zero output, logsumexp -inf, zero query gradients). The glue writes those rows itself.
 void fill_empty_forward(const VarlenOffsets& off, const at::Tensor& out, const at::Tensor& lse, int64_t heads_q);
 void fill_empty_backward(const VarlenOffsets& off, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+
+// The packed call as one launch (the CUDA sm80 forward and its emulator; FwdParams::cu_seqlens_q): the checked
+// offsets, the outputs (out (total_q, Hq, Ev) in q's memory order and lse (Hq * total_q), poisoned), the
+// offsets as int32 on the query's device, and params with batch = the sequences and len_q / len_k = the longest
+// of them. Sequences without a query row have no CTA; those without a key get output 0 and lse -inf from the
+// kernel itself.
+struct PackedForward {
+  VarlenOffsets off;
+  ForwardSetup st;
+  at::Tensor out, lse, cu_q, cu_k;
+};
+PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& cu_q, const at::Tensor& cu_k, const AttnOptions& opt,
+                                     std::optional<int64_t> max_q, std::optional<int64_t> max_k);
 
 // _attention_varlen_forward through a backend's forward (fwd has _attention_forward's signature): one call per
 // sequence on views of the packed tensors, outputs copied into the packed results.

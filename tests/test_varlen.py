@@ -4,7 +4,8 @@ scaled_dot_product_attention.
 
 Every sequence is checked against the float64 reference computed on that sequence alone (tests/reference.py),
 with the tolerance set by PyTorch's own SDPA on the same sequence in the same dtype; gradients likewise. The
-CPU kernels run here; the CUDA backend's sequence-by-sequence composition runs on the emulated kernels.
+CPU kernels run here; the CUDA backend's (one launch over the packed sequences forward, sequence by sequence
+backward) runs on the emulated kernels.
 """
 import math
 import warnings
@@ -82,8 +83,10 @@ def torch_sdpa(q, k, v, kw):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kw)
 
 
-def reference(q, k, v, cu_q, cu_k, kw, grad=None, dropout_p=0.0, rng=None):
-    """Float64 reference, PyTorch baseline and (with grad) gradients, each concatenated over the sequences."""
+def reference(q, k, v, cu_q, cu_k, kw, grad=None, dropout_p=0.0, rng=None, mask_fn=None):
+    """Float64 reference, PyTorch baseline and (with grad) gradients, each concatenated over the sequences.
+    With dropout, sequence b's keep mask is mask_fn(rng[b], 1, Hq, L_b, S_b, p) (default: the CPU kernels')."""
+    mask_fn = mask_fn or ops._dropout_mask
     Hq, Ev = q.shape[1], v.shape[2]
     out64, base, lse64 = torch.empty(q.shape[0], Hq, Ev, dtype=torch.float64), [], []
     dq64, dk64, dv64 = (torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v))
@@ -93,7 +96,7 @@ def reference(q, k, v, cu_q, cu_k, kw, grad=None, dropout_p=0.0, rng=None):
         qs, ks, vs = heads_first(q[q0:q1]), heads_first(k[k0:k1]), heads_first(v[k0:k1])
         keep = None
         if dropout_p > 0:
-            keep = ops._dropout_mask(rng[b], 1, Hq, q1 - q0, k1 - k0, dropout_p)[0]
+            keep = mask_fn(rng[b], 1, Hq, q1 - q0, k1 - k0, dropout_p)[0]
         if grad is None:
             r = reference_attention(qs, ks, vs, dropout_p=dropout_p, dropout_mask=keep, **rkw)
             o, l = r.out, r.lse
@@ -215,17 +218,22 @@ def test_varlen_dropout(dtype, one_thread):
 
 
 @pytest.mark.emu
-def test_varlen_emulated_cuda_composition():
-    """The CUDA backend's varlen (one launch per sequence through its forward / backward) on the emulated
-    kernels: output, log-sum-exp and gradients against the reference."""
+def test_varlen_emulated_cuda():
+    """The CUDA backend's varlen on the emulated kernels: the forward in one launch over the packed sequences
+    (FwdParams::cu_seqlens_q; a lone sequence runs as an ordinary call), the backward sequence by sequence.
+    Output, log-sum-exp and gradients against the reference; the kernel log names the path."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
-    for case, dtype in (("empty_sequences", torch.float16), ("window_gqa", torch.bfloat16), ("cross_causal",
-                                                                                             torch.float32)):
+    for case, dtype in (("empty_sequences", torch.float16), ("window_gqa", torch.bfloat16),
+                        ("cross_causal", torch.float32), ("mqa_scale", torch.float16),
+                        ("many_short", torch.bfloat16), ("one_sequence", torch.float16)):
         q, k, v, cu_q, cu_k, kw = make_case(case, dtype, requires_grad=False)
         args = (kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False),
                 list(kw.get("window_size", (-1, -1))))
-        out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, *args)
+        with attention_ext.debug.kernel_log() as lines:
+            out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, *args)
+        packed = len(cu_q) > 2
+        assert len(lines) == 1 and ("packed sequences in one launch" in lines[0]) == packed, (case, lines)
         grad = torch.randn(out.shape).to(dtype)
         dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, 0.0, *args)
         ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad)
@@ -234,6 +242,35 @@ def test_varlen_emulated_cuda_composition():
         for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
             assert_close_vs_baseline(f"{case} {name}", x, ref[name], ref["base_" + name], dtype, factor=4.0)
         assert max_abs_error(lse, ref["lse"]) <= 1e-3, case
+
+
+@pytest.mark.emu
+def test_varlen_emulated_cuda_dropout():
+    """Dropout in the one-launch forward: sequence b draws (seed, offset + b), row b of rng_state, the stream
+    of a batch-1 call; the mask _dropout_mask gives for that row is the one applied (output against the
+    reference under it), and the sequence-by-sequence backward replays it (gradients)."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    p = 0.3
+    q, k, v, cu_q, cu_k, kw = make_case("cross", torch.float16, seed=4, requires_grad=False)
+    torch.manual_seed(11)
+    out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, p, False, None, False,
+                                                      [-1, -1])
+    assert rng.shape == (3, 2) and len(set(rng[:, 0].tolist())) == 1
+    assert rng[:, 1].tolist() == [int(rng[0, 1]) + b for b in range(3)]
+    grad = torch.randn(out.shape).to(q.dtype)
+    dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, p, False, None,
+                                                    False, [-1, -1])
+    masks = {}
+
+    def dropout_mask(r, *shape):
+        masks[len(masks)] = emu.ops._dropout_mask(r, *shape)
+        return masks[len(masks) - 1]
+
+    ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad, dropout_p=p, rng=rng, mask_fn=dropout_mask)
+    assert len(masks) == 3 and all(0.5 < m.float().mean() < 0.9 for m in masks.values())
+    for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
+        assert max_abs_error(x, ref[name]) <= 2e-2, name
 
 
 def _jagged(lengths, heads, dim, dtype=torch.float64, seed=0):

@@ -110,6 +110,26 @@ void set_common_rng(FwdParams& p, const at::Tensor& rng_dev, double dropout_p) {
   if (dropout_p > 0.0) p.seed_offset_ptr = rng_dev.data_ptr<int64_t>();
 }
 
+// The forward's rng_state: with dropout, Philox (seed, offset) from torch's CUDA generator. Under graph capture
+// the state holds device pointers that each replay refreshes: the one-thread kernel unpacks it on the device
+// into rng_state, which the attention kernel (and the backward) then read. Zeros without dropout.
+at::Tensor draw_rng_state(const at::Tensor& q, double dropout_p, const LaunchEnv& env) {
+  if (dropout_p <= 0.0) return at::zeros({2}, q.options().dtype(at::kLong));
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(q.get_device()));
+  at::PhiloxCudaState state;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    // our counters are {key column / 4, query row, batch * head, offset}: any
+    // distinct offset gives an independent stream, 4 is the generator's unit
+    state = gen->philox_cuda_state(4);
+  }
+  at::Tensor rng = at::empty({2}, q.options().dtype(at::kLong));
+  C10_CUDA_CHECK(launch_write_rng_state(state, rng.data_ptr<int64_t>(), env.stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return rng;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
@@ -118,28 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   FwdParams& p = st.p;
   const LaunchEnv env = make_env(q);
 
-  at::Tensor rng;
-  if (dropout_p > 0.0) {
-    // Philox (seed, offset) from torch's CUDA generator. Under graph capture
-    // the state holds device pointers that each replay refreshes: the
-    // one-thread kernel unpacks it on the device into rng_state, which the
-    // attention kernel (and the backward) then read.
-    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-        std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(q.get_device()));
-    at::PhiloxCudaState state;
-    {
-      std::lock_guard<std::mutex> lock(gen->mutex_);
-      // our counters are {key column / 4, query row, batch * head, offset}: any
-      // distinct offset gives an independent stream, 4 is the generator's unit
-      state = gen->philox_cuda_state(4);
-    }
-    rng = at::empty({2}, q.options().dtype(at::kLong));
-    C10_CUDA_CHECK(launch_write_rng_state(state, rng.data_ptr<int64_t>(), env.stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    p.seed_offset_ptr = rng.data_ptr<int64_t>();
-  } else {
-    rng = at::zeros({2}, q.options().dtype(at::kLong));
-  }
+  at::Tensor rng = draw_rng_state(q, dropout_p, env);
+  if (dropout_p > 0.0) p.seed_offset_ptr = rng.data_ptr<int64_t>();
 
   if (p.len_q > 0 && p.batch * p.heads_q > 0) {
     const std::string ran = run_forward(p, env, q.options(), *find_fwd_or_fail(p), "cuda forward", [](auto&& fn) {
@@ -254,14 +254,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
                             average_heads);
 }
 
-// Variable-length sequences: sequence by sequence through the kernels above (varlen.h); cu_seqlens on the
-// GPU are copied to the host first (a sync), so pass them on the CPU where the caller has them there.
+// Variable-length sequences: the forward in one launch over the packed sequences (or sequence by sequence where
+// workspace.h's packed_in_one_launch says so), the backward sequence by sequence (varlen.h). Offsets on the GPU
+// are read back once (a sync) to check them; offsets on the CPU cost no sync.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  return varlen_forward_by_sequence(forward_cuda, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
-                                    enable_gqa, window);
+  c10::cuda::CUDAGuard guard(q.device());
+  const LaunchEnv env = make_env(q);
+  return run_varlen_forward(
+      forward_cuda, [&] { return draw_rng_state(q, dropout_p, env); }, find_fwd_or_fail,
+      [](auto&& fn) {
+        C10_CUDA_CHECK(fn());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      },
+      env, "cuda varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(

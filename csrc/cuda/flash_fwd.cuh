@@ -84,8 +84,31 @@ __device__ __forceinline__ DropoutRng make_rng(const FwdParams& p) {
   return DropoutRng(seed, offset, p.dropout_p);
 }
 
-template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParams p, const FwdStats st) {
+// Sequence b of a packed call (FwdParams::cu_seqlens_q) as a call of its own, of batch 1: pointers moved to its
+// first rows, its lengths, its block of the log-sum-exp and its dropout stream (the device twin of
+// split_sequences in varlen.h).
+template <typename Elem>
+__device__ __forceinline__ FwdParams sequence_params(const FwdParams& p, int64_t b) {
+  FwdParams s = p;
+  const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+  s.batch = 1;
+  s.len_q = p.cu_seqlens_q[b + 1] - q0;
+  s.len_k = p.cu_seqlens_k[b + 1] - k0;
+  s.q = static_cast<const Elem*>(p.q) + q0 * p.q_stride.r;
+  s.k = static_cast<const Elem*>(p.k) + k0 * p.k_stride.r;
+  s.v = static_cast<const Elem*>(p.v) + k0 * p.v_stride.r;
+  s.out = static_cast<Elem*>(p.out) + q0 * p.o_stride.r;
+  s.lse = static_cast<float*>(p.lse) + p.heads_q * q0;
+  s.offset = p.offset + static_cast<uint64_t>(b);
+  if (p.seed_offset_ptr != nullptr) s.seed_offset_ptr = p.seed_offset_ptr + 2 * b;
+  s.cu_seqlens_q = s.cu_seqlens_k = nullptr;
+  return s;
+}
+
+// kPacked: a packed call (FwdParams::cu_seqlens_q), a kernel of its own so that the ordinary one keeps its
+// registers (selecting the sequence's params at run time cost the fp16 / bf16 kernels ~120 bytes of spills).
+template <class Cfg, bool kPacked>
+__global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParams p_call, const FwdStats st) {
   using Elem = typename Cfg::Elem;
   using M = typename Cfg::Mma;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
@@ -101,15 +124,24 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
 
-  const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q;
-  const int64_t nmb = ceil_div(L, kBlockM);
+  const int64_t Hq = p_call.heads_q;
+  const int64_t nmb = ceil_div(p_call.len_q, kBlockM);
   // blockIdx.x = split * (nmb * batch * Hq) + cta; split = 0 unless the keys are split (taken again where
   // needed rather than kept live through the loop: registers)
-  const int64_t cta = static_cast<int64_t>(blockIdx.x) % (nmb * p.batch * Hq);
-  const int64_t bh = cta / nmb;
+  const int64_t cta = static_cast<int64_t>(blockIdx.x) % (nmb * p_call.batch * Hq);
+  const int64_t bh_call = cta / nmb;
   const int64_t mb = nmb - 1 - cta % nmb;  // longest causal blocks first
-  const int64_t b = bh / Hq, h = bh % Hq, hk = h / (Hq / p.heads_kv);
+  const int64_t h = bh_call % Hq, hk = h / (Hq / p_call.heads_kv);
+  // packed sequences: from here on the CTA's sequence is the call (batch 1); the grid covers the longest
+  // sequence, so a query block past the end of this one has nothing to do
+  FwdParams seq;
+  if constexpr (kPacked) seq = sequence_params<Elem>(p_call, bh_call / Hq);
+  const FwdParams& p = kPacked ? seq : p_call;
+  const int64_t bh = kPacked ? h : bh_call, b = kPacked ? 0 : bh_call / Hq;
+  const int64_t L = p.len_q, S = p.len_k;
   const int64_t i0 = mb * kBlockM;
+  if constexpr (kPacked)
+    if (i0 >= L) return;  // uniform over the CTA
   const int nq = static_cast<int>(L - i0 < kBlockM ? L - i0 : kBlockM);
 
   const bool stats = st.shift != nullptr;
@@ -291,7 +323,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
   const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
   const bool partial = p.num_splits > 1;
-  // first row of this CTA's share in the split buffers: (split * batch * Hq + bh) * L
+  // first row of this CTA's share in the split buffers: (split * batch * Hq + bh) * L (never packed calls)
   const int64_t part = (static_cast<int64_t>(blockIdx.x) / (nmb * p.batch * Hq) * p.batch * Hq + bh) * L;
   float* lse = partial ? p.lse_accum + part : static_cast<float*>(p.lse) + bh * L;
   const float keep_scale = dropout ? rng.inv_keep : 1.f;
@@ -361,11 +393,17 @@ template <class Cfg>
 cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEnv& env) {
   if (p.num_splits < 1 || (p.num_splits > 1 && (stats != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr)))
     return cudaErrorInvalidValue;  // split keys: the forward only, into its buffers
+  if (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || stats != nullptr || p.cu_seqlens_k == nullptr ||
+                                    p.mask_kind != MaskKind::kNone))
+    return cudaErrorInvalidValue;  // packed sequences: the plain forward, without a mask
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = Cfg::kSmem + (p.mask_kind != MaskKind::kNone ? Cfg::kSmemMask : 0);
-  return launch_kernel(flash_fwd_kernel<Cfg>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
+  if (p.cu_seqlens_q != nullptr)
+    return launch_kernel(flash_fwd_kernel<Cfg, true>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
+                         Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel (packed)", p, FwdStats{});
+  return launch_kernel(flash_fwd_kernel<Cfg, false>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
                        Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel", p,
                        stats != nullptr ? *stats : FwdStats{});
 }

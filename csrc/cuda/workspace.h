@@ -11,6 +11,7 @@
 #include <string>
 
 #include "../glue.h"
+#include "../varlen.h"
 #include "launch.h"
 
 namespace attention_ext {
@@ -105,6 +106,51 @@ std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::Tens
   }
   launch([&] { return sm80.fn(p, nullptr, env); });
   return describe_kernel(what, sm80.head_dim, p.dtype, env);
+}
+
+// Packed sequences (attention_varlen): one launch of the sm80 kernel over all of them (true), or sequence by
+// sequence through run_forward (false). A single sequence is an ordinary call (the Hopper kernels and the
+// split keys of decoding apply); where a Hopper kernel covers the call and the sequences are long (1024 query
+// rows or more on average: a guess, not yet measured on a GPU), its faster tiles should win back the launches.
+inline bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& off, const LaunchEnv& env) {
+  if (off.batch() <= 1) return false;
+  FwdParams one = packed;
+  one.batch = 1;
+  one.cu_seqlens_q = one.cu_seqlens_k = nullptr;
+  const int64_t mean_rows = off.q.back() / off.batch();
+  return mean_rows < 1024 || find_fwd_sm90(one, env) == nullptr;
+}
+
+// _attention_varlen_forward as both glues run it: one launch of the sm80 kernel over the packed sequences
+// (FwdParams::cu_seqlens_q) where packed_in_one_launch says so, else sequence by sequence through the glue's
+// forward `fwd`. draw_rng() gives the call's int64[2] (seed, offset) (zeros without dropout); sequence b
+// takes (seed, offset + b), row b of the returned rng_state. find(p) is the glue's sm80 entry for p (or its
+// error); launch(fn) runs one launcher and checks its error.
+template <class Fwd, class DrawRng, class Find, class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
+    Fwd&& fwd, DrawRng&& draw_rng, Find&& find, Launch&& launch, const LaunchEnv& env, const char* what,
+    const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k,
+                                           make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
+  if (!packed_in_one_launch(s.st.p, s.off, env))
+    return varlen_forward_by_sequence(fwd, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
+                                      window);
+  FwdParams& p = s.st.p;
+  at::Tensor rng = draw_rng().view({1, 2}).repeat({s.off.batch(), 1});
+  if (dropout_p > 0.0) {
+    rng.select(1, 1).add_(at::arange(s.off.batch(), rng.options()));
+    p.seed_offset_ptr = rng.data_ptr<int64_t>();
+  }
+  const FwdEntry* sm80 = find(p);
+  if (p.len_q > 0 && p.heads_q > 0) launch([&] { return sm80->fn(p, nullptr, env); });
+  if (log_kernels())
+    log_kernel(describe_kernel(what, sm80->head_dim, p.dtype, env) + ", " + std::to_string(p.batch) +
+               " packed sequences in one launch");
+  finish_forward(s.st);
+  return {s.out, s.lse, rng};
 }
 
 // The backward as both glues run it: the row statistics (launch_row_stats),

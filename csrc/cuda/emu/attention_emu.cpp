@@ -96,6 +96,17 @@ at::Tensor rng_state(const at::Tensor& rng) {
   return rng.contiguous();
 }
 
+// The forward's rng_state, from torch's CPU generator (zeros without dropout).
+at::Tensor draw_rng_state(double dropout_p) {
+  at::Tensor rng = at::zeros({2}, at::TensorOptions().dtype(at::kLong));
+  if (dropout_p <= 0.0) return rng;
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  rng[0] = static_cast<int64_t>(gen->random64());
+  rng[1] = static_cast<int64_t>(gen->random64() % 1024) * 4;  // a nonzero offset exercises the counter layout
+  return rng;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                            double dropout_p, bool is_causal,
@@ -104,14 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, 
   ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
   FwdParams& p = st.p;
   const LaunchEnv env = make_env(q);
-  at::Tensor rng = at::zeros({2}, q.options().dtype(at::kLong));
-  if (dropout_p > 0.0) {
-    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    rng[0] = static_cast<int64_t>(gen->random64());
-    rng[1] = static_cast<int64_t>(gen->random64() % 1024) * 4;  // a nonzero offset exercises the counter layout
-    p.seed_offset_ptr = rng.data_ptr<int64_t>();                 // the kernel reads it, as on the GPU
-  }
+  at::Tensor rng = draw_rng_state(dropout_p);
+  if (dropout_p > 0.0) p.seed_offset_ptr = rng.data_ptr<int64_t>();  // the kernel reads it, as on the GPU
   if (p.len_q > 0 && p.batch * p.heads_q > 0) {
     const FwdEntry* e = find_fwd_or_fail(p);
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
@@ -197,14 +202,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_emu(
                             average_heads);
 }
 
-// Variable-length sequences: the CUDA backend's sequence-by-sequence composition (varlen.h) over the
-// emulated kernels.
+// Variable-length sequences as the CUDA backend runs them (attention_cuda.cpp), over the emulated kernels: the
+// forward in one launch over the packed sequences where packed_in_one_launch says so, else sequence by sequence.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  return varlen_forward_by_sequence(forward_emu, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
-                                    enable_gqa, window);
+  Regions r({&q, &k, &v});
+  return run_varlen_forward(
+      forward_emu, [&] { return draw_rng_state(dropout_p); }, find_fwd_or_fail,
+      [](auto&& fn) { run("varlen forward", fn); },
+      make_env(q), "emu varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
+      window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
