@@ -129,13 +129,12 @@ inline bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& o
 template <class Fwd, class DrawRng, class Find, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     Fwd&& fwd, DrawRng&& draw_rng, Find&& find, Launch&& launch, const LaunchEnv& env, const char* what,
-    const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k,
                                            make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
-  if (!packed_in_one_launch(s.st.p, s.off, env))
+  if (!packed_in_one_launch(s.st.p, s.off, env))  // (reads the offsets again: one more sync for GPU offsets)
     return varlen_forward_by_sequence(fwd, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
                                       window);
   FwdParams& p = s.st.p;
