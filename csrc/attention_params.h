@@ -88,7 +88,6 @@ struct FwdParams {
   const int32_t* cu_seqlens_k = nullptr;
 };
 
-
 struct BwdParams : FwdParams {
   // batch x heads_q x len_q x dim_v
   const void* dout = nullptr;

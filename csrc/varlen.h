@@ -69,34 +69,28 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
                                      const at::Tensor& cu_q, const at::Tensor& cu_k, const AttnOptions& opt,
                                      std::optional<int64_t> max_q, std::optional<int64_t> max_k);
 
-// _attention_varlen_forward through a backend's forward (fwd has _attention_forward's signature): one call per
-// sequence on views of the packed tensors, outputs copied into the packed results.
+// _attention_varlen_forward through a backend's forward (fwd has _attention_forward's signature), into the
+// packed call's outputs as prepare_packed_forward made them (its offsets read and checked once): one call per
+// sequence on views of the packed tensors, each result copied into out / lse. Returns the rng_state (batch, 2).
 template <typename Fwd>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
-    Fwd&& fwd, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-    const at::Tensor& cu_k, std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p,
-    bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  const VarlenOffsets off =
-      prepare_varlen(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
+at::Tensor varlen_forward_by_sequence(Fwd&& fwd, const PackedForward& s, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, double dropout_p, bool is_causal,
+                                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  const VarlenOffsets& off = s.off;
   const int64_t Hq = q.size(1);
-  at::Tensor out = heads_first(empty_output(heads_first(q), v.sym_size(2)));  // in q's memory order
-  at::Tensor lse = at::empty({Hq * q.size(0)}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble
-                                                                                                : at::kFloat));
   at::Tensor rng = at::zeros({off.batch(), 2}, q.options().dtype(at::kLong));
-  poison(out);
-  poison(lse);
-  fill_empty_forward(off, out, lse, Hq);
+  fill_empty_forward(off, s.out, s.lse, Hq);
   for (int64_t b = 0; b < off.batch(); ++b) {
     const int64_t L = off.len_q(b), S = off.len_k(b);
     if (L == 0 || S == 0) continue;
     auto [o, l, r] = fwd(heads_first(q.narrow(0, off.q[b], L)), heads_first(k.narrow(0, off.k[b], S)),
                          heads_first(v.narrow(0, off.k[b], S)), std::nullopt, dropout_p, is_causal, scale, enable_gqa,
                          window);
-    out.narrow(0, off.q[b], L).copy_(heads_first(o));
-    lse.narrow(0, Hq * off.q[b], Hq * L).copy_(l.reshape({-1}));
+    s.out.narrow(0, off.q[b], L).copy_(heads_first(o));
+    s.lse.narrow(0, Hq * off.q[b], Hq * L).copy_(l.reshape({-1}));
     rng.select(0, b).copy_(r.reshape({-1}));
   }
-  return {out, lse, rng};
+  return rng;
 }
 
 // _attention_varlen_backward through a backend's backward (_attention_backward's signature).

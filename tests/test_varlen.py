@@ -273,6 +273,19 @@ def test_varlen_emulated_cuda_dropout():
         assert max_abs_error(x, ref[name]) <= 2e-2, name
 
 
+@pytest.mark.emu
+def test_varlen_emulated_cuda_row_limit():
+    """The one-launch forward reads int32 offsets: more than 2^31 - 1 packed rows is refused by name (expanded
+    views, nothing allocated)."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    n = 2**31
+    q = torch.zeros(1, 2, 8, dtype=torch.float16).expand(n, 2, 8)
+    cu = torch.tensor([0, n - 5, n], dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"at most 2\^31 - 1 packed rows, got 2147483648 queries"):
+        emu.ops._attention_varlen_forward(q, q, q, cu, cu, None, None, 0.0, False, None, False, [-1, -1])
+
+
 def _jagged(lengths, heads, dim, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = torch.nested.nested_tensor([torch.randn(n, heads, dim, generator=g, dtype=dtype) for n in lengths],

@@ -123,9 +123,9 @@ inline bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& o
 
 // _attention_varlen_forward as both glues run it: one launch of the sm80 kernel over the packed sequences
 // (FwdParams::cu_seqlens_q) where packed_in_one_launch says so, else sequence by sequence through the glue's
-// forward `fwd`. draw_rng() gives the call's int64[2] (seed, offset) (zeros without dropout); sequence b
-// takes (seed, offset + b), row b of the returned rng_state. find(p) is the glue's sm80 entry for p (or its
-// error); launch(fn) runs one launcher and checks its error.
+// forward `fwd` into the same outputs (the offsets read once either way). draw_rng() gives the call's int64[2]
+// (seed, offset) (zeros without dropout); sequence b takes (seed, offset + b), row b of the returned rng_state.
+// find(p) is the glue's sm80 entry for p (or its error); launch(fn) runs one launcher and checks its error.
 template <class Fwd, class DrawRng, class Find, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     Fwd&& fwd, DrawRng&& draw_rng, Find&& find, Launch&& launch, const LaunchEnv& env, const char* what,
@@ -134,9 +134,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k,
                                            make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
-  if (!packed_in_one_launch(s.st.p, s.off, env))  // (reads the offsets again: one more sync for GPU offsets)
-    return varlen_forward_by_sequence(fwd, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-                                      window);
+  if (!packed_in_one_launch(s.st.p, s.off, env)) {
+    at::Tensor rng = varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
+    finish_forward(s.st);
+    return {s.out, s.lse, rng};
+  }
   FwdParams& p = s.st.p;
   at::Tensor rng = draw_rng().view({1, 2}).repeat({s.off.batch(), 1});
   if (dropout_p > 0.0) {
