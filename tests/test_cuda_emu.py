@@ -345,6 +345,45 @@ def test_emulator_catches_faults(fault, message):
         emu.ops._selftest(fault)
 
 
+@pytest.mark.parametrize("threads", ["1", "2", "5"])
+def test_emulator_threads(monkeypatch, threads):
+    """The CTAs of a grid run on ATTENTION_EXT_EMU_THREADS OS threads: atomic adds
+    from every CTA all land (a plain add loses some of 409600 at once), and a fault
+    is reported from the lowest faulting block, as the serial order would meet it."""
+    monkeypatch.setenv("ATTENTION_EXT_EMU_THREADS", threads)
+    emu.ops._selftest("grid_atomics")
+    with pytest.raises(RuntimeError, match=r"grid_selftest_kernel, block \(5,0,0\), thread \d+: thread exited while"):
+        emu.ops._selftest("grid_fault")
+
+
+@pytest.mark.parametrize("value", ["0", "two", "300"])
+def test_emulator_threads_setting_checked(monkeypatch, value):
+    monkeypatch.setenv("ATTENTION_EXT_EMU_THREADS", value)
+    with pytest.raises(RuntimeError, match="ATTENTION_EXT_EMU_THREADS must be a whole number from 1 to 256, got '%s'"
+                       % value):
+        emu.ops._selftest("clean")
+
+
+def test_emulator_threads_same_results(monkeypatch):
+    """One OS thread or four: the forward and the deterministic backward are bitwise
+    the same (each CTA's arithmetic does not depend on which thread runs it)."""
+    q, k, v = (torch.randn(2, 3, 150, 64, dtype=torch.bfloat16) for _ in range(3))
+    do = torch.randn(2, 3, 150, 64, dtype=torch.bfloat16)
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for threads in ("1", "4"):
+            monkeypatch.setenv("ATTENTION_EXT_EMU_THREADS", threads)
+            out, lse, rng = emu.ops._attention_forward(q, k, v, None, 0.0, True, None, False, [-1, -1])
+            grads = emu.ops._attention_backward(do, q, k, v, None, out, lse, rng, 0.0, True, None, False, [-1, -1],
+                                                False)
+            runs.append((out, lse) + tuple(grads[:3]))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_emulator_selftest_unknown_fault():
     with pytest.raises(ValueError, match="_selftest: unknown fault 'nope'"):
         emu.ops._selftest("nope")

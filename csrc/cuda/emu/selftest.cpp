@@ -169,7 +169,36 @@ __global__ void sm90_selftest_kernel(int fault, const sm90::TmaDesc* d, float* o
   }
 }
 
+// A grid of 64 CTAs (ATTENTION_EXT_EMU_THREADS OS threads run them): every
+// thread adds 1 to out[0] 50 times through atomicAdd and 50 times through
+// red.global.add.v2 (out[0], out[1]), or ("grid_fault") the CTAs from block 5
+// on stop at a divergent barrier.
+__global__ void grid_selftest_kernel(bool fault, float* out) {
+  const int tid = threadIdx.x;
+  if (fault) {
+    if (blockIdx.x >= 5 && tid < 16) __syncthreads();
+    return;
+  }
+  for (int i = 0; i < 50; ++i) {
+    atomicAdd(out, 1.f);
+    sm90::red_add_v2(out, 1.f, 1.f);
+  }
+}
+
 void selftest(std::string kind) {
+  if (kind == "grid_atomics" || kind == "grid_fault") {
+    alignas(16) float out[2] = {0.f, 0.f};
+    try {
+      const cudaError_t e = launch_kernel(grid_selftest_kernel, 64, 64, 0, 0, nullptr, "grid_selftest_kernel",
+                                          kind == "grid_fault", static_cast<float*>(out));
+      TORCH_CHECK(e == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
+    } catch (const simt::Error& e) {
+      TORCH_CHECK(false, "attention_ext_emu: ", e.what());
+    }
+    TORCH_CHECK(kind == "grid_fault" || (out[0] == 64 * 64 * 100 && out[1] == 64 * 64 * 50), "_selftest: ", kind,
+                " summed ", out[0], " and ", out[1], ", not ", 64 * 64 * 100, " and ", 64 * 64 * 50);
+    return;
+  }
   static const char* kNames[] = {"clean",           "divergent_barrier",     "divergent_shuffle", "ldmatrix_outside",
                                  "shared_outside", "cp_async_misaligned", "cp_async_outside"};
   static const char* kSm90Names[] = {"sm90_clean",           "mbarrier_deadlock", "mbarrier_uninit",

@@ -1,25 +1,108 @@
-// The fiber scheduler behind simt.h: one ucontext fiber per CUDA thread, the
-// CTAs of a grid one after another, the fibers of a CTA cooperatively (each
-// runs until it waits at a barrier or a warp collective, or ends).
+// The fiber scheduler behind simt.h: one fiber per CUDA thread, the
+// CTAs of a grid dealt out to a few OS threads in block order (each runs its
+// CTAs one after another), the fibers of a CTA cooperatively (each runs until
+// it waits at a barrier or a warp collective, or ends).
 #include "simt.h"
 
+#include <sched.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <deque>
 #include <exception>
 #include <map>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <sstream>
+#include <thread>
 #include <vector>
+
+#if defined(__x86_64__)
+// A fiber switch without swapcontext's signal-mask system call (nearly half the
+// emulator's time went to it): the callee-saved registers, the x87 control word
+// and MXCSR go onto the old stack, its stack pointer into *save_sp, and the new
+// fiber's are restored from next_sp (System V AMD64 ABI).
+extern "C" void attention_ext_simt_switch(void** save_sp, void* next_sp);
+asm(R"(
+  .text
+  .globl attention_ext_simt_switch
+  .hidden attention_ext_simt_switch
+  .type attention_ext_simt_switch, @function
+attention_ext_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw (%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  fldcw (%rsp)
+  ldmxcsr 8(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size attention_ext_simt_switch, .-attention_ext_simt_switch
+)");
+#endif
 
 namespace attention_ext {
 namespace simt {
 namespace {
+
+// The saved state of a fiber (or of the scheduler).
+struct Context {
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+// Prepares `c` to start entry() (which never returns) on the given stack.
+void make_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+#if defined(__x86_64__)
+  auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15));
+  uint32_t mxcsr = 0;
+  uint16_t fpcw = 0;
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpcw));
+  top[-1] = 0;                                   // entry's return address: none (ends the unwinder's walk)
+  top[-2] = reinterpret_cast<uint64_t>(entry);   // where the first switch's ret lands
+  for (int r = 3; r <= 8; ++r) top[-r] = 0;      // rbp, rbx, r12 .. r15
+  top[-9] = mxcsr;                               // 8(%rsp)
+  top[-10] = fpcw;                               // (%rsp)
+  c.sp = top - 10;
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+#endif
+}
+
+// Saves the running context into `from` and resumes `to`.
+inline void switch_context(Context& from, Context& to) {
+#if defined(__x86_64__)
+  attention_ext_simt_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
 
 struct Copy {
   uint32_t dst;
@@ -31,7 +114,7 @@ struct Copy {
 enum class Wait { kNone, kBlock, kWarp, kCond };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   ThreadVars v;
   int lane = 0, warp = 0;
   bool done = false;
@@ -54,7 +137,7 @@ struct WarpState {
 enum class Order { kForward, kReverse, kShuffle };
 
 struct Launch {
-  ucontext_t main;
+  Context main;
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
   Fiber* cur = nullptr;
@@ -105,7 +188,7 @@ std::string where_of(const Launch& L, const Fiber& f) {
 void yield() {
   Launch& L = *g_launch;
   Fiber* f = L.cur;
-  swapcontext(&f->ctx, &L.main);
+  switch_context(f->ctx, L.main);
   L.cur = f;
   f->wait = Wait::kNone;
 }
@@ -121,7 +204,9 @@ void fiber_main() {
     if (!L.error) L.error = std::current_exception();
   }
   L.cur->done = true;
-}  // returns to uc_link = L.main
+  switch_context(L.cur->ctx, L.main);  // never resumed: the fiber is done
+  std::abort();
+}
 
 // Runs a waiting fiber's condition (or description) as if from that fiber, so
 // that the extension code it calls sees the fiber as the current thread.
@@ -193,11 +278,7 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
     f.waits_on = nullptr;
     f.open.clear();
     f.committed.clear();
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stack_at(static_cast<size_t>(i));
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &L.main;
-    makecontext(&f.ctx, &fiber_main, 0);
+    make_context(f.ctx, stack_at(static_cast<size_t>(i)), kStackBytes, &fiber_main);
   }
   std::vector<int> idx(static_cast<size_t>(n));
   std::iota(idx.begin(), idx.end(), 0);
@@ -211,7 +292,7 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
       if (!runnable(L, f)) continue;
       ran = true;
       L.cur = &f;
-      swapcontext(&L.main, &f.ctx);
+      switch_context(L.main, f.ctx);
       L.cur = nullptr;
       if (L.error) std::rethrow_exception(L.error);
       if (f.done) {
@@ -407,29 +488,146 @@ void add_global_region(const void* ptr, size_t bytes) {
 }
 void clear_global_regions() { g_regions.clear(); }
 
+namespace {
+
+// OS threads that run CTAs: ATTENTION_EXT_EMU_THREADS, else the CPUs this
+// process may use (at most 16).
+int workers_from_env() {
+  if (const char* e = std::getenv("ATTENTION_EXT_EMU_THREADS"); e != nullptr && *e != 0) {
+    char* end = nullptr;
+    const long n = std::strtol(e, &end, 10);
+    if (*end != 0 || n < 1 || n > 256) {
+      throw Error(std::string("ATTENTION_EXT_EMU_THREADS must be a whole number from 1 to 256, got '") + e + "'");
+    }
+    return static_cast<int>(n);
+  }
+  cpu_set_t set;
+  const int n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+  return std::clamp(n, 1, 16);
+}
+
+// Helper threads kept for the life of the process (their fiber stacks too);
+// the thread that launches is worker 0. Started again after a fork.
+class Pool {
+ public:
+  // Runs body(w) for w = 0 .. n-1 at once and returns when every call has.
+  void run(int n, const std::function<void(int)>& body) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      while (static_cast<int>(threads_.size()) < n - 1) {
+        const int w = static_cast<int>(threads_.size()) + 1;
+        threads_.emplace_back([this, w] { loop(w); });
+        threads_.back().detach();
+      }
+      body_ = &body;
+      want_ = n;
+      pending_ = n - 1;
+      ++gen_;
+    }
+    wake_.notify_all();
+    body(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    body_ = nullptr;
+  }
+
+ private:
+  void loop(int w) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* body = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return gen_ != seen; });
+        seen = gen_;
+        if (w >= want_) continue;
+        body = body_;
+      }
+      (*body)(w);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* body_ = nullptr;
+  int want_ = 0, pending_ = 0;
+  uint64_t gen_ = 0;
+};
+
+std::mutex g_pool_mu;  // one launch at a time uses the pool
+
+Pool& pool() {
+  // Never destroyed (detached threads may still wait on it at exit); a forked
+  // child has none of the parent's threads, so it starts its own.
+  static Pool* p = nullptr;
+  static pid_t owner = 0;
+  if (p == nullptr || owner != getpid()) {
+    p = new Pool();
+    owner = getpid();
+  }
+  return *p;
+}
+
+}  // namespace
+
 void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& kernel, const char* name) {
   if (g_launch != nullptr) throw Error("simt: nested launch");
   const int n = static_cast<int>(block.x * block.y * block.z);
-  Launch L;
-  L.fibers.resize(static_cast<size_t>(n));
-  L.warps.resize(static_cast<size_t>((n + 31) / 32));
-  L.smem.assign(std::max<size_t>(smem_bytes, 16), 0xff);
-  L.smem_bytes = smem_bytes;
-  L.kernel = &kernel;
-  L.name = name;
-  L.early_copies = early_from_env();
+  const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
+  const bool early = early_from_env();
   const Order order = order_from_env();
-  std::mt19937 rng(12345);
-  g_launch = &L;
-  try {
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) run_block(L, grid, block, make_uint3(x, y, z), order, rng);
-  } catch (...) {
+  const int workers = static_cast<int>(std::min<size_t>(static_cast<size_t>(workers_from_env()), blocks));
+  const auto regions = g_regions;
+
+  // Blocks are handed out in x-fastest order. After a fault no new block
+  // starts; the fault of the lowest block is reported, which is the one the
+  // serial order would have met first (every lower block had started).
+  std::atomic<size_t> next{0};
+  std::atomic<bool> stop{false};
+  std::mutex err_mu;
+  size_t err_block = blocks;
+  std::exception_ptr err;
+  const std::function<void(int)> body = [&](int w) {
+    Launch L;
+    L.fibers.resize(static_cast<size_t>(n));
+    L.warps.resize(static_cast<size_t>((n + 31) / 32));
+    L.smem.assign(std::max<size_t>(smem_bytes, 16), 0xff);
+    L.smem_bytes = smem_bytes;
+    L.kernel = &kernel;
+    L.name = name;
+    L.early_copies = early;
+    std::mt19937 rng(12345u + static_cast<unsigned>(w));
+    if (w > 0) g_regions = regions;
+    g_launch = &L;
+    while (!stop.load(std::memory_order_relaxed)) {
+      const size_t i = next.fetch_add(1);
+      if (i >= blocks) break;
+      const uint3 bidx = make_uint3(static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                                    static_cast<unsigned>(i / (static_cast<size_t>(grid.x) * grid.y)));
+      try {
+        run_block(L, grid, block, bidx, order, rng);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(err_mu);
+        if (i < err_block) {
+          err_block = i;
+          err = std::current_exception();
+        }
+        stop = true;
+      }
+    }
     g_launch = nullptr;
-    throw;
+    if (w > 0) g_regions.clear();
+  };
+  if (workers <= 1) {
+    body(0);
+  } else {
+    std::lock_guard<std::mutex> lock(g_pool_mu);
+    pool().run(workers, body);
   }
-  g_launch = nullptr;
+  if (err) std::rethrow_exception(err);
 }
 
 }  // namespace simt

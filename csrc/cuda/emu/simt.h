@@ -6,7 +6,9 @@
 // be checked without a GPU. With ATTENTION_EXT_SIMT_EMU defined, the very same
 // kernel sources compile as host C++ against this header: every CUDA thread
 // becomes a fiber, a CTA runs its fibers cooperatively on one OS thread
-// (switching at barriers and warp collectives only), and the PTX wrappers of
+// (switching at barriers and warp collectives only; the CTAs of a grid are
+// dealt out to ATTENTION_EXT_EMU_THREADS OS threads, default: the CPUs),
+// and the PTX wrappers of
 // flash_common.cuh (cp.async, ldmatrix, mma.sync, cvt.rna.tf32) and the warp
 // intrinsics are replaced by functions that follow the PTX ISA's definitions
 // of each lane's fragment. emu/attention_emu.cpp registers the result as the
@@ -64,7 +66,7 @@
 // ---------------------------------------------------------------------------
 // CUDA keywords as host C++. Shared arrays declared in a kernel become
 // function-level statics: every fiber of the running CTA sees the same array
-// (CTAs of one launch run one after another on an OS thread).
+// (each OS thread runs its CTAs of a launch one after another).
 #undef __global__
 #undef __device__
 #undef __host__
@@ -221,12 +223,18 @@ inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask) {
   return __shfl_xor_sync_u32(mask, v, lane_mask);
 }
 
-// CTAs of a launch run one at a time per OS thread and fibers switch only at
-// barriers, so a plain add is atomic here.
+// CTAs run on several OS threads: a compare-and-swap loop, as on the GPU.
 inline float atomicAdd(float* p, float v) {
-  const float old = *p;
-  *p = old + v;
-  return old;
+  uint32_t* u = reinterpret_cast<uint32_t*>(p);
+  uint32_t seen = __atomic_load_n(u, __ATOMIC_RELAXED);
+  for (;;) {
+    float old, sum;
+    std::memcpy(&old, &seen, 4);
+    sum = old + v;
+    uint32_t want;
+    std::memcpy(&want, &sum, 4);
+    if (__atomic_compare_exchange_n(u, &seen, want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return old;
+  }
 }
 
 // The dynamic shared memory of a kernel: `extern __shared__ T name[]` on the GPU.

@@ -525,7 +525,7 @@ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, i
 }
 
 // cp.reduce.async.bulk.tensor .add (PTX ISA, cp.reduce.async.bulk.tensor; 5.5.3 tiled mode): each
-// element of the box inside the tensor is added to global memory (fp32 maps);
+// element of the box inside the tensor is added to global memory atomically (fp32 maps);
 // elements outside are skipped. Shared memory is read when the copy is
 // performed: at the bulk wait_group that covers it (late, the latest moment)
 // or at issue (early).
@@ -552,11 +552,9 @@ void perform_reduce(const TmaReduce& r) {
           if (!simt::global_read_ok(g, 4)) {
             throw Error(simt::where() + ": TMA reduce writes global memory outside every tensor of the launch");
           }
-          float a, b;
-          std::memcpy(&a, g, 4);
+          float b;
           std::memcpy(&b, smem + swizzle_addr(r.src + static_cast<uint32_t>(off), d.swizzle), 4);
-          a += b;
-          std::memcpy(g, &a, 4);
+          atomicAdd(reinterpret_cast<float*>(g), b);  // other CTAs add to the same rows from other OS threads
         }
       }
     }

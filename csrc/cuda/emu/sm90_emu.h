@@ -89,11 +89,11 @@ inline void setmaxnreg_dec() {
   static_assert(R >= 24 && R <= 256 && R % 8 == 0, "setmaxnreg: the register count must be in 24..256, a multiple of 8");
 }
 
-// red.global.add.v2.f32: fibers switch only at blocking points, so plain adds are atomic here.
+// red.global.add.v2.f32: CTAs run on several OS threads, so two atomic adds (simt.h's atomicAdd).
 inline void red_add_v2(float* p, float a, float b) {
   if (reinterpret_cast<uintptr_t>(p) % 8 != 0) throw simt::Error("red.global.add.v2.f32: address not 8-byte aligned");
-  p[0] += a;
-  p[1] += b;
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
 }
 
 // Named barriers (PTX ISA bar.sync / bar.arrive)
