@@ -88,12 +88,9 @@ CASES = [
     _c("hd128_Ev8_gqa_causal", batch=(2,), hq=8, hkv=2, L=65, S=65, E=128, Ev=8, causal=True),
     _c("hd256_Ev1", batch=(1,), hq=1, L=7, S=9, E=256, Ev=1),
     _c("mqa_window", batch=(2,), hq=4, hkv=1, L=31, S=40, E=64, window=(3, 5)),
-    # the two long float32 cases run on the CPU and a GPU, not on the emulator, whose float32 kernel (three
-    # TF32 products per tile) took 25 s and 68 s of CI there; the same geometries run emulated in bf16 / fp16
-    # below, and float32 runs emulated in every other case
-    _c("decode_L1_S1000", batch=(2,), hq=4, hkv=2, L=1, S=1000, E=64, emu=False),
+    _c("decode_L1_S1000", batch=(2,), hq=4, hkv=2, L=1, S=1000, E=64),
     _c("L1000_S7", batch=(1,), hq=2, L=1000, S=7, E=8),
-    _c("L1000_causal", batch=(1,), hq=2, L=1000, S=1000, E=64, causal=True, emu=False),
+    _c("L1000_causal", batch=(1,), hq=2, L=1000, S=1000, E=64, causal=True),
     _c("S600_chunked_dq", batch=(1,), hq=1, L=70, S=600, E=40),
     _c("L1_S1", batch=(3,), hq=2, L=1, S=1, E=8),
     _c("scale_custom", batch=(2,), hq=2, L=13, S=17, E=32, scale=0.37),
@@ -203,15 +200,14 @@ CASES = [
     _c("decode_L1_S1000", dtype=f16, batch=(2,), hq=2, L=1, S=1000, E=128),
     # --- short query rows (L <= 4: the CPU forward reads K and V in place, RowTile, a GQA group's heads in one
     # block), every dtype: head dims off the 16-lane vectors and past 128, strided rows, masks with gradient,
-    # causal / window, GQA. The two long ones run on the CPU and a GPU, not on the emulator (~90 s of CI; the
-    # CUDA kernels' decode rows are the decode cases above) ---
+    # causal / window, GQA ---
     *[
         _c(n, dtype=dt, **kw)
         for dt in (f32, f16, bf16)
         for n, kw in [
-            ("rows_L1_gqa_S1000", dict(batch=(2,), hq=4, hkv=2, L=1, S=1000, E=64, emu=False)),
+            ("rows_L1_gqa_S1000", dict(batch=(2,), hq=4, hkv=2, L=1, S=1000, E=64)),
             ("rows_L3_hd200_Ev40_blhe_mask", dict(batch=(2,), hq=4, hkv=2, L=3, S=530, E=200, Ev=40, layout="blhe",
-                                                  mask="float", mask_shape="HLS", mask_grad=True, emu=False)),
+                                                  mask="float", mask_shape="HLS", mask_grad=True)),
             ("rows_L4_Ev136_sliced_window", dict(batch=(1,), hq=2, L=4, S=300, E=24, Ev=136, layout="sliced",
                                                  causal=True, window=(100, 0))),
             ("rows_L2_keypad_poison", dict(batch=(3,), hq=2, L=2, S=70, E=20, Ev=12, mask="bool",
