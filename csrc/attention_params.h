@@ -77,16 +77,24 @@ struct FwdParams {
   int num_splits = 1;
   float* o_accum = nullptr;
   float* lse_accum = nullptr;
-  // Optional (CUDA sm80 forward): packed variable-length sequences in one launch. batch is then the number of
-  // sequences and len_q / len_k bound their lengths; sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b + 1])
-  // of q / out and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k / v (batch strides unused), its log-sum-exp
-  // the (heads_q, L_b) block at heads_q * cu_seqlens_q[b] of lse, and its dropout stream is (seed,
-  // offset + b) (from seed_offset_ptr[2 b], [2 b + 1] when that is set). The kernel sees each sequence as a
-  // call of batch 1 (sequence_params, cuda/flash_fwd.cuh; the host-side twin for the other backends is
-  // split_sequences, varlen.h).
+  // Optional (CUDA sm80 forward and backward): packed variable-length sequences in one launch. batch is then
+  // the number of sequences and len_q / len_k bound their lengths; sequence b is rows
+  // [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q / out (and dout, dq) and [cu_seqlens_k[b], cu_seqlens_k[b + 1])
+  // of k / v (and dk, dv; batch strides unused), its log-sum-exp (and every per-row buffer of the backward) the
+  // (heads_q, L_b) block at heads_q * cu_seqlens_q[b], and its dropout stream is (seed, offset + b) (from
+  // seed_offset_ptr[2 b], [2 b + 1] when that is set). The kernels see each sequence as a call of batch 1
+  // (sequence_params, cuda/flash_fwd.cuh and flash_bwd.cuh; the host-side twin for the other backends is
+  // split_sequences, varlen.h). total_q = cu_seqlens_q[batch], the packed query rows.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0;
 };
+
+// Rows of the per-row buffers (log-sum-exp, the backward's statistics and dQ workspace): heads_q x every query
+// row of the call, packed or not.
+AE_HOST_DEVICE int64_t stat_rows(const FwdParams& p) {
+  return p.cu_seqlens_q != nullptr ? p.heads_q * p.total_q : p.batch * p.heads_q * p.len_q;
+}
 
 struct BwdParams : FwdParams {
   // batch x heads_q x len_q x dim_v

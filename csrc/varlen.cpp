@@ -136,28 +136,62 @@ VarlenOffsets read_offsets(const at::Tensor& cu_q, const at::Tensor& cu_k, int64
   return off;
 }
 
+namespace {
+
+// The kernels' offsets are int32.
+void check_packed_rows(const at::Tensor& q, const at::Tensor& k) {
+  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(q.size(0) <= kMaxRows && k.size(0) <= kMaxRows, "attention_varlen on ", q.device(),
+                    " takes at most 2^31 - 1 packed rows, got ", q.size(0), " queries and ", k.size(0), " keys");
+}
+
+// The params of the whole packed call (batch 1, every token) made those of a packed launch.
+void set_packed(FwdParams& p, const VarlenOffsets& off, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                int64_t total_q) {
+  p.batch = off.batch();
+  p.len_q = p.len_k = 0;
+  for (int64_t b = 0; b < off.batch(); ++b) {
+    p.len_q = std::max(p.len_q, off.len_q(b));
+    p.len_k = std::max(p.len_k, off.len_k(b));
+  }
+  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  p.total_q = total_q;
+}
+
+}  // namespace
+
 PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cu_q, const at::Tensor& cu_k, const AttnOptions& opt,
                                      std::optional<int64_t> max_q, std::optional<int64_t> max_k) {
   PackedForward s;
   s.off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
-  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(q.size(0) <= kMaxRows && k.size(0) <= kMaxRows, "attention_varlen on ", q.device(),
-                    " takes at most 2^31 - 1 packed rows, got ", q.size(0), " queries and ", k.size(0), " keys");
+  check_packed_rows(q, k);
   s.st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
   s.out = heads_first(s.st.out);
   s.lse = s.st.lse.view({-1});
   s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
   s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
-  FwdParams& p = s.st.p;
-  p.batch = s.off.batch();
-  p.len_q = p.len_k = 0;
-  for (int64_t b = 0; b < s.off.batch(); ++b) {
-    p.len_q = std::max(p.len_q, s.off.len_q(b));
-    p.len_k = std::max(p.len_k, s.off.len_k(b));
-  }
-  p.cu_seqlens_q = s.cu_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = s.cu_k.data_ptr<int32_t>();
+  set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0));
+  return s;
+}
+
+PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tensor& grad_out, const at::Tensor& q,
+                                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                                       const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& rng, const AttnOptions& opt) {
+  TORCH_INTERNAL_ASSERT(off.batch() >= 2, "prepare_packed_backward: at least 2 sequences");
+  check_packed_rows(q, k);
+  PackedBackward s;
+  const int64_t Hq = q.size(1);
+  // lse as (heads_q, total): its (heads_q, L_b) blocks one after another, which is all prepare_backward needs
+  // of it (the pointer; the kernels find each sequence's block); rng row 0 stands for the (batch, 2) rng_state
+  s.st = prepare_backward(heads_first(grad_out), heads_first(q), heads_first(k), heads_first(v), std::nullopt,
+                          heads_first(out), lse.view({Hq, q.size(0)}), opt.dropout_p > 0.0 ? rng.select(0, 0) : rng,
+                          opt, false);
+  s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
+  s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
+  set_packed(s.st.p, off, s.cu_q, s.cu_k, q.size(0));
   return s;
 }
 

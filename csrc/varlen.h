@@ -4,8 +4,8 @@
 //   - the CPU runs them in one parallel region (csrc/cpu/attention_cpu.cpp, cpu::run_tasks);
 //   - the CUDA backend (and its emulator) runs the forward as one launch of the sm80 kernel over every
 //     sequence (prepare_packed_forward below; FwdParams::cu_seqlens_q) or, where a Hopper kernel covers
-//     long sequences, sequence by sequence (varlen_forward_by_sequence); the backward goes sequence by
-//     sequence through its own backward (varlen_backward_by_sequence): one launch per sequence.
+//     long sequences, sequence by sequence (varlen_forward_by_sequence); the backward likewise
+//     (prepare_packed_backward, or varlen_backward_by_sequence through its own backward).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -93,21 +93,30 @@ at::Tensor varlen_forward_by_sequence(Fwd&& fwd, const PackedForward& s, const a
   return rng;
 }
 
-// _attention_varlen_backward through a backend's backward (_attention_backward's signature).
+// The packed backward as one launch (the CUDA sm80 backward and its emulator; FwdParams::cu_seqlens_q): the
+// setup of prepare_backward over the (heads, total, dim) views of the packed tensors (gradients poisoned), the
+// offsets as int32 on the query's device, and params with batch = the sequences, len_q / len_k = the longest of
+// them and total_q. The caller has checked the inputs (check_varlen_backward_inputs) and read the offsets, at
+// least 2 sequences. The rng_state pointer is left to the backend (sequence b reads row b).
+struct PackedBackward {
+  BackwardSetup st;
+  at::Tensor cu_q, cu_k;
+};
+PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tensor& grad_out, const at::Tensor& q,
+                                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                                       const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
+                                       const at::Tensor& rng, const AttnOptions& opt);
+
+// _attention_varlen_backward through a backend's backward (_attention_backward's signature), sequence by
+// sequence on views of the packed tensors, into dq, dk, dv (packed like q, k, v; the offsets read once by the
+// caller).
 template <typename Bwd>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_by_sequence(
-    Bwd&& bwd, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window) {
-  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
-  const VarlenOffsets off =
-      prepare_varlen(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+void varlen_backward_by_sequence(Bwd&& bwd, const VarlenOffsets& off, const at::Tensor& grad_out,
+                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                 const at::Tensor& lse, const at::Tensor& rng, const at::Tensor& dq,
+                                 const at::Tensor& dk, const at::Tensor& dv, double dropout_p, bool is_causal,
+                                 std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   const int64_t Hq = q.size(1);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  poison(dq);
-  poison(dk);
-  poison(dv);
   fill_empty_backward(off, dq, dk, dv);
   for (int64_t b = 0; b < off.batch(); ++b) {
     const int64_t L = off.len_q(b), S = off.len_k(b);
@@ -121,7 +130,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_by_sequence(
     dk.narrow(0, off.k[b], S).copy_(heads_first(gk));
     dv.narrow(0, off.k[b], S).copy_(heads_first(gv));
   }
-  return {dq, dk, dv};
 }
 
 }  // namespace attention_ext

@@ -219,14 +219,16 @@ def test_varlen_dropout(dtype, one_thread):
 
 @pytest.mark.emu
 def test_varlen_emulated_cuda():
-    """The CUDA backend's varlen on the emulated kernels: the forward in one launch over the packed sequences
-    (FwdParams::cu_seqlens_q; a lone sequence runs as an ordinary call), the backward sequence by sequence.
-    Output, log-sum-exp and gradients against the reference; the kernel log names the path."""
+    """The CUDA backend's varlen on the emulated kernels: the forward and the backward (row statistics, the
+    backward kernel, the dQ conversion) each in one launch over the packed sequences (FwdParams::cu_seqlens_q;
+    a lone sequence runs as an ordinary call). Output, log-sum-exp and gradients against the reference; the
+    kernel log names the path."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     for case, dtype in (("empty_sequences", torch.float16), ("window_gqa", torch.bfloat16),
                         ("cross_causal", torch.float32), ("mqa_scale", torch.float16),
-                        ("many_short", torch.bfloat16), ("one_sequence", torch.float16)):
+                        ("many_short", torch.bfloat16), ("one_sequence", torch.float16),
+                        ("head_dim_256", torch.bfloat16), ("self", torch.float32)):
         q, k, v, cu_q, cu_k, kw = make_case(case, dtype, requires_grad=False)
         args = (kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False),
                 list(kw.get("window_size", (-1, -1))))
@@ -235,7 +237,13 @@ def test_varlen_emulated_cuda():
         packed = len(cu_q) > 2
         assert len(lines) == 1 and ("packed sequences in one launch" in lines[0]) == packed, (case, lines)
         grad = torch.randn(out.shape).to(dtype)
-        dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, 0.0, *args)
+        with attention_ext.debug.kernel_log() as lines:
+            dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, 0.0, *args)
+        if packed:
+            assert len(lines) == 1 and lines[0].startswith("emu varlen backward: sm80") and \
+                "packed sequences in one launch" in lines[0], (case, lines)
+        else:
+            assert len(lines) == 1 and lines[0].startswith("emu backward:"), (case, lines)
         ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad)
         # the tensor-core kernels round P and dS to the input dtype (as FlashAttention-2 does): 4x PyTorch's
         # CPU error, whose backward keeps them in float32
@@ -245,10 +253,61 @@ def test_varlen_emulated_cuda():
 
 
 @pytest.mark.emu
+def test_varlen_emulated_cuda_backward_modes():
+    """The one-launch backward in deterministic mode (a private dQ split per chunk of key blocks, summed in a
+    fixed order: bitwise the same twice, and as close to the reference), and with scores so large that the
+    log-sum-exp exceeds 1e4 (the row statistics are recomputed by the packed forward kernel in stats mode: the
+    same gradients as the ordinary backward of each sequence)."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    q, k, v, cu_q, cu_k, kw = make_case("self_causal", torch.bfloat16, seed=7, requires_grad=False)
+    out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, True, None, False,
+                                                      [-1, -1])
+    grad = torch.randn(out.shape).to(q.dtype)
+    ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad)
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            with attention_ext.debug.kernel_log() as lines:
+                runs.append(emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, 0.0, True,
+                                                               None, False, [-1, -1]))
+            assert len(lines) == 1 and "deterministic (" in lines[0] and "packed sequences" in lines[0], lines
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    for name, x in zip(("dq", "dk", "dv"), runs[0]):
+        assert_close_vs_baseline(f"deterministic {name}", x, ref[name], ref["base_" + name], q.dtype, factor=4.0)
+
+    # Every score of a row near 1e6 (a shared first feature) but spread by O(1): the softmax is not one-hot, and
+    # P = exp(x - lse) is off by up to ~6% (fp32's spacing at 1e6) without the recomputed statistics. Against
+    # the ordinary (batch-1) emulated backward of each sequence, which tests/test_cuda.py holds to the reference
+    q, k, v, cu_q, cu_k, kw = make_case("cross", torch.float32, seed=8, requires_grad=False)
+    q[..., 0] = 4.0e6
+    k[..., 0] = 1.0
+    out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, False, None, False,
+                                                      [-1, -1])
+    assert lse.abs().max() > 1e6
+    grad = torch.randn(out.shape)
+    packed = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, 0.0, False, None, False,
+                                                [-1, -1])
+    for b, q0, q1, k0, k1 in per_sequence(cu_q, cu_k):
+        rows = lambda t, a, z: heads_first(t[a:z])  # noqa: E731
+        hq = q.shape[1]
+        ordinary = emu.ops._attention_backward(rows(grad, q0, q1), rows(q, q0, q1), rows(k, k0, k1), rows(v, k0, k1),
+                                               None, rows(out, q0, q1), lse[hq * q0:hq * q1].view(hq, -1),
+                                               rng[b], 0.0, False, None, False, [-1, -1], False)
+        for name, x, y, a, z in (("dq", packed[0], ordinary[0], q0, q1), ("dk", packed[1], ordinary[1], k0, k1),
+                                 ("dv", packed[2], ordinary[2], k0, k1)):
+            assert max_abs_error(x[a:z], heads_first(y)) <= 1e-5 * (1 + y.abs().max()), (b, name)
+
+
+@pytest.mark.emu
 def test_varlen_emulated_cuda_dropout():
     """Dropout in the one-launch forward: sequence b draws (seed, offset + b), row b of rng_state, the stream
     of a batch-1 call; the mask _dropout_mask gives for that row is the one applied (output against the
-    reference under it), and the sequence-by-sequence backward replays it (gradients)."""
+    reference under it), and the one-launch backward replays it (gradients)."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     p = 0.3

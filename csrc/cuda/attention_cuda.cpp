@@ -254,9 +254,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
                             average_heads);
 }
 
-// Variable-length sequences: the forward in one launch over the packed sequences (or sequence by sequence where
-// workspace.h's packed_in_one_launch says so), the backward sequence by sequence (varlen.h). Offsets on the GPU
-// are read back once (a sync) to check them; offsets on the CPU cost no sync.
+// Variable-length sequences: forward and backward in one launch (each kernel) over the packed sequences, or
+// sequence by sequence where workspace.h's packed_in_one_launch says so. Offsets on the GPU are read back once
+// (a sync) to check them; offsets on the CPU cost no sync.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
@@ -277,8 +277,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
     at::IntArrayRef window) {
-  return varlen_backward_by_sequence(backward_cuda, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p,
-                                     is_causal, scale, enable_gqa, window);
+  c10::cuda::CUDAGuard guard(q.device());
+  return run_varlen_backward(
+      backward_cuda, [&](const at::Tensor& r) { return r.to(q.device()).contiguous(); }, find_fwd_or_fail,
+      [](const BwdParams& p) {
+        const BwdEntry* e = find_bwd(p.dtype, needed_head_dim(p));
+        if (e == nullptr) compiled_out(true, p.dtype, needed_head_dim(p));
+        return e;
+      },
+      [](const char*, const BackwardSetup&, const BwdWorkspace&, auto&& fn) {
+        C10_CUDA_CHECK(fn());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      },
+      make_env(q), "cuda varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
+      enable_gqa, window);
 }
 
 }  // namespace

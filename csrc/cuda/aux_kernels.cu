@@ -21,12 +21,37 @@ int grid_for(int64_t work_items, int per_block, int num_sms) {
   return static_cast<int>(std::max<int64_t>(1, std::min(want, cap)));
 }
 
-// shift = lse, logl = 0 and (st.dsum, not st.exact_d) D[bh * L + i] =
-// sum_e dO[b, h, i, e] * O[b, h, i, e] from the saved output: one warp per row.
+// Row r of the per-row buffers (stat_rows: (b * heads_q + h) * len_q + i, or for packed sequences
+// heads_q * cu_seqlens_q[b] + h * L_b + i): its batch index (0 when packed: rows address the packed tensors), its
+// head and its row in q / out / dO (for packed sequences the packed row cu_seqlens_q[b] + i).
+struct RowAt {
+  int64_t b, h, i;
+};
+__device__ __forceinline__ RowAt row_at(const FwdParams& p, int64_t r) {
+  if (p.cu_seqlens_q == nullptr) {
+    const int64_t bh = r / p.len_q;
+    return {bh / p.heads_q, bh % p.heads_q, r % p.len_q};
+  }
+  // the last sequence b with heads_q * cu_seqlens_q[b] <= r (empty sequences before it hold no row)
+  int64_t lo = 0, hi = p.batch;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.heads_q * p.cu_seqlens_q[mid] <= r) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int64_t q0 = p.cu_seqlens_q[lo], len = p.cu_seqlens_q[lo + 1] - q0, local = r - p.heads_q * q0;
+  return {0, local / len, q0 + local % len};
+}
+
+// shift = lse, logl = 0 and (st.dsum, not st.exact_d) D[r] = sum_e dO[b, h, i, e] * O[b, h, i, e] from the
+// saved output (row r at (b, h, i): row_at): one warp per row.
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParams p, const FwdStats st) {
   const int lane = threadIdx.x & 31;
-  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t rows = stat_rows(p);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
   const bool want_d = st.dsum != nullptr && !st.exact_d;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; r < rows; r += warps) {
@@ -35,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParam
       st.logl[r] = 0.f;
     }
     if (!want_d) continue;
-    const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
+    const auto [b, h, i] = row_at(p, r);
     const Elem* o = static_cast<const Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i * p.o_stride.r;
     const Elem* d = static_cast<const Elem*>(st.dout) + b * st.do_stride.b + h * st.do_stride.h + i * st.do_stride.r;
     float acc = 0.f;
@@ -46,17 +71,17 @@ __global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParam
   }
 }
 
-// dq[b, h, i, e] = scale * (split_0 + split_1 + ...)[bh * L + i][e], fixed order.
+// dq[b, h, i, e] = scale * (split_0 + split_1 + ...)[r][e] (row r at (b, h, i): row_at), fixed order.
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads)
     dq_convert_kernel(const BwdParams p, const float* acc, int64_t row_stride, int64_t split_stride, int nsplit) {
   const int64_t E = p.dim_qk;
-  const int64_t total = p.batch * p.heads_q * p.len_q * E;
+  const int64_t total = stat_rows(p) * E;
   const float scale = static_cast<float>(p.scale);
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += step) {
     const int64_t e = idx % E, r = idx / E;
-    const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
+    const auto [b, h, i] = row_at(p, r);
     const float* a = acc + r * row_stride + e;
     float s = 0.f;
     for (int c = 0; c < nsplit; ++c) s += a[c * split_stride];
@@ -313,7 +338,7 @@ cudaError_t by_dtype(DType d, Fn&& fn) {
 }  // namespace
 
 cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEntry& fwd, const LaunchEnv& env) {
-  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t rows = stat_rows(p);
   if (rows == 0) return cudaSuccess;
   const int grid = grid_for(rows, kThreads / 32, env.num_sms);
   const cudaError_t err = by_dtype(p.dtype, [&](auto tag) {
@@ -337,7 +362,7 @@ cudaError_t launch_fwd_combine(const FwdParams& p, const LaunchEnv& env) {
 }
 
 cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {
-  const int64_t total = p.batch * p.heads_q * p.len_q * p.dim_qk;
+  const int64_t total = stat_rows(p) * p.dim_qk;
   if (total == 0) return cudaSuccess;
   const int grid = grid_for(total, kThreads, env.num_sms);
   return by_dtype(p.dtype, [&](auto tag) {

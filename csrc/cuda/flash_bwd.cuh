@@ -19,6 +19,8 @@
 //     read-modify-write into this chunk's private split when deterministic).
 // Epilogue: dK *= scale, dV *= 1/(1-p), stored in the input dtype.
 // dQ = scale * sum of the splits is written by launch_dq_convert.
+// Packed sequences (kPacked, FwdParams::cu_seqlens_q): the CTAs of (b, kv head, chunk) take sequence b's
+// params and workspace block (sequence_params, sequence_work) and run as a batch-1 call.
 //
 // Barriers per (head, query block) item:
 //   (A) wait Q/dO/shift/logl/D of the item; barrier -> visible; phase 3 of the
@@ -67,8 +69,33 @@ struct BwdConfig {
                 "the staged mask tile must fit in the sP + sdS space it aliases");
 };
 
-template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParams p, const BwdWork w) {
+// Sequence b of a packed call (FwdParams::cu_seqlens_q) as a backward of its own, of batch 1: sequence_params
+// of the forward plus dO, dQ, dK, dV moved to its first rows, and the per-row buffers of the workspace to its
+// (heads_q, L_b) block.
+template <typename Elem>
+__device__ __forceinline__ BwdParams sequence_params(const BwdParams& p, int64_t b) {
+  BwdParams s = p;
+  static_cast<FwdParams&>(s) = sequence_params<Elem>(static_cast<const FwdParams&>(p), b);
+  const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+  s.dout = static_cast<const Elem*>(p.dout) + q0 * p.do_stride.r;
+  s.dq = static_cast<Elem*>(p.dq) + q0 * p.dq_stride.r;
+  s.dk = static_cast<Elem*>(p.dk) + k0 * p.dk_stride.r;
+  s.dv = static_cast<Elem*>(p.dv) + k0 * p.dv_stride.r;
+  return s;
+}
+__device__ __forceinline__ BwdWork sequence_work(const BwdWork& w, const BwdParams& p, int64_t b) {
+  BwdWork s = w;
+  const int64_t r0 = p.heads_q * p.cu_seqlens_q[b];
+  s.dq_accum += r0 * w.dq_row_stride;
+  s.dsum += r0;
+  s.row_shift += r0;
+  s.row_logl += r0;
+  return s;
+}
+
+// kPacked: a packed call, a kernel of its own (as the forward's, for the ordinary kernel's registers).
+template <class Cfg, bool kPacked>
+__global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParams p_call, const BwdWork w_call) {
   using Elem = typename Cfg::Elem;
   using M = typename Cfg::Mma;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
@@ -93,10 +120,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
 
-  const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
-  const int64_t chunk = static_cast<int64_t>(blockIdx.x) % w.nchunks;
-  const int64_t bhk = static_cast<int64_t>(blockIdx.x) / w.nchunks;
-  const int64_t b = bhk / Hkv, hk = bhk % Hkv;
+  const int64_t Hq = p_call.heads_q, Hkv = p_call.heads_kv, G = Hq / Hkv;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) % w_call.nchunks;
+  const int64_t bhk = static_cast<int64_t>(blockIdx.x) / w_call.nchunks;
+  const int64_t hk = bhk % Hkv;
+  // packed sequences: from here on the CTA's sequence is the call (batch 1); the chunks cover the longest
+  // sequence's key blocks, so a chunk past the end of this one has nothing to do
+  BwdParams seq;
+  BwdWork seq_w;
+  if constexpr (kPacked) {
+    seq = sequence_params<Elem>(p_call, bhk / Hkv);
+    seq_w = sequence_work(w_call, p_call, bhk / Hkv);
+  }
+  const BwdParams& p = kPacked ? seq : p_call;
+  const BwdWork& w = kPacked ? seq_w : w_call;
+  const int64_t b = kPacked ? 0 : bhk / Hkv;
+  const int64_t L = p.len_q, S = p.len_k;
   const int64_t nkb = ceil_div(S, kBlockN);
   const int64_t kb_begin = chunk * w.kb_per_chunk;
   const int64_t kb_end = kb_begin + w.kb_per_chunk < nkb ? kb_begin + w.kb_per_chunk : nkb;
@@ -373,8 +412,13 @@ cudaError_t launch_bwd(const BwdParams& p, const BwdWork& w, const LaunchEnv& en
   const int64_t blocks = static_cast<int64_t>(w.nchunks) * p.batch * p.heads_kv;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  return launch_kernel(flash_bwd_kernel<Cfg>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, Cfg::kSmem,
-                       env.stream, "flash_bwd_kernel", p, w);
+  if (p.cu_seqlens_q != nullptr) {
+    if (p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone) return cudaErrorInvalidValue;
+    return launch_kernel(flash_bwd_kernel<Cfg, true>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem,
+                         Cfg::kSmem, env.stream, "flash_bwd_kernel (packed)", p, w);
+  }
+  return launch_kernel(flash_bwd_kernel<Cfg, false>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem,
+                       Cfg::kSmem, env.stream, "flash_bwd_kernel", p, w);
 }
 
 }  // namespace cuda

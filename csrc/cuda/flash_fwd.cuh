@@ -327,6 +327,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   const int64_t part = (static_cast<int64_t>(blockIdx.x) / (nmb * p.batch * Hq) * p.batch * Hq + bh) * L;
   float* lse = partial ? p.lse_accum + part : static_cast<float*>(p.lse) + bh * L;
   const float keep_scale = dropout ? rng.inv_keep : 1.f;
+  // stats mode of a packed call: the sequence's block of the statistics starts at row heads_q * q0, its dO at
+  // row q0 (taken here rather than kept live through the loop: registers)
+  int64_t st_q0 = 0;
+  if constexpr (kPacked)
+    if (stats) st_q0 = p_call.cu_seqlens_q[static_cast<int64_t>(blockIdx.x) % (nmb * p_call.batch * Hq) / nmb / Hq];
+  const int64_t st_row0 = Hq * st_q0;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -341,12 +347,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       const float inv = empty ? 0.f : keep_scale / l;
       if (stats) {
         if (t == 0 && i < L) {
-          st.shift[bh * L + i] = empty ? -kInf : row_max[mt][hr];
-          st.logl[bh * L + i] = empty ? 0.f : logf(l);
+          st.shift[st_row0 + bh * L + i] = empty ? -kInf : row_max[mt][hr];
+          st.logl[st_row0 + bh * L + i] = empty ? 0.f : logf(l);
         }
         if (st.exact_d) {  // D = dO . O with O in fp32 (dropout included: O = sum_j P~_ij V_j)
           const Elem* dorow = static_cast<const Elem*>(st.dout) + b * st.do_stride.b + h * st.do_stride.h +
-                              (i < L ? i : 0) * st.do_stride.r;
+                              (st_q0 + (i < L ? i : 0)) * st.do_stride.r;
           float d = 0.f;
 #pragma unroll
           for (int nt = 0; nt < NTO; ++nt) {
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
           }
           d += __shfl_xor_sync(0xffffffffu, d, 1);
           d += __shfl_xor_sync(0xffffffffu, d, 2);
-          if (t == 0 && i < L) st.dsum[bh * L + i] = d;
+          if (t == 0 && i < L) st.dsum[st_row0 + bh * L + i] = d;
         }
         continue;
       }
@@ -393,16 +399,16 @@ template <class Cfg>
 cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEnv& env) {
   if (p.num_splits < 1 || (p.num_splits > 1 && (stats != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr)))
     return cudaErrorInvalidValue;  // split keys: the forward only, into its buffers
-  if (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || stats != nullptr || p.cu_seqlens_k == nullptr ||
-                                    p.mask_kind != MaskKind::kNone))
-    return cudaErrorInvalidValue;  // packed sequences: the plain forward, without a mask
+  if (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone))
+    return cudaErrorInvalidValue;  // packed sequences: without split keys or a mask
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = Cfg::kSmem + (p.mask_kind != MaskKind::kNone ? Cfg::kSmemMask : 0);
   if (p.cu_seqlens_q != nullptr)
     return launch_kernel(flash_fwd_kernel<Cfg, true>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
-                         Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel (packed)", p, FwdStats{});
+                         Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel (packed)", p,
+                         stats != nullptr ? *stats : FwdStats{});
   return launch_kernel(flash_fwd_kernel<Cfg, false>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
                        Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel", p,
                        stats != nullptr ? *stats : FwdStats{});

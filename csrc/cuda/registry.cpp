@@ -45,6 +45,7 @@ bool tma_readable(const void* base, const Strides4& st, int64_t batch, int64_t h
 // The calls the Hopper kernels may take (the launchers check the head dims).
 bool sm90_eligible(const FwdParams& p, const LaunchEnv& env) {
   if (env.arch != 90) return false;
+  if (p.cu_seqlens_q != nullptr) return false;  // packed sequences: the sm80 kernels only
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
   // explicit masks: only key padding (broadcast over the query rows)
   if (p.mask_kind != MaskKind::kNone && p.mask_stride.r != 0 && p.len_q != 1) return false;
@@ -128,7 +129,7 @@ int plan_fwd_splits(const FwdParams& p, const FwdEntry& e, int num_sms) {
 
 BwdWork plan_bwd_work(const BwdParams& p, const BwdEntry& e, int num_sms, bool deterministic) {
   BwdWork w;
-  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t rows = stat_rows(p);
   const int64_t nkb = (p.len_k + e.block_n - 1) / e.block_n;
   w.deterministic = deterministic;
   w.dq_row_stride = e.head_dim;
@@ -153,11 +154,11 @@ BwdWork plan_bwd_work(const BwdParams& p, const BwdEntry& e, int num_sms, bool d
 }
 
 FwdStats bwd_row_stats(const BwdParams& p, float* buf) {
-  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t rows = stat_rows(p);
   FwdStats st;
   st.shift = buf;
   st.logl = buf + rows;
-  st.dsum = buf + 2 * p.batch * p.heads_q * p.len_q;
+  st.dsum = buf + 2 * rows;
   st.dout = p.dout;
   st.do_stride = p.do_stride;
   st.exact_d = p.dmask != nullptr && p.dtype != DType::kFloat32;

@@ -27,7 +27,7 @@ struct BwdWorkspace {
 inline BwdWorkspace make_bwd_workspace(const BwdParams& p, const BwdEntry& e, int num_sms,
                                        const at::TensorOptions& like) {
   BwdWorkspace ws;
-  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t rows = stat_rows(p);
   ws.work = plan_bwd_work(p, e, num_sms, p.deterministic);
   ws.dq_accum = at::zeros({ws.work.nsplit, rows, e.head_dim}, like.dtype(at::kFloat));
   ws.stats = at::empty({3, rows}, like.dtype(at::kFloat));
@@ -152,6 +152,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
                " packed sequences in one launch");
   finish_forward(s.st);
   return {s.out, s.lse, rng};
+}
+
+// _attention_varlen_backward as both glues run it: where the forward would take one launch (the same rule with
+// the Hopper backward), the row statistics, the sm80 backward and the dQ conversion each in one launch over the
+// packed sequences; else sequence by sequence through the glue's backward `bwd` (the offsets read once either
+// way). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels read it (sequence b: row b);
+// find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors); launch(what, setup, workspace, fn)
+// runs one launcher and checks its error.
+template <class Bwd, class RngOnKernels, class FindFwd, class FindBwd, class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
+    Bwd&& bwd, RngOnKernels&& rng_on_kernels, FindFwd&& find_fwd, FindBwd&& find_bwd, Launch&& launch,
+    const LaunchEnv& env, const char* what, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale,
+    bool enable_gqa, at::IntArrayRef window) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
+  const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
+  auto by_sequence = [&](const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+    varlen_backward_by_sequence(bwd, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p, is_causal, scale,
+                                enable_gqa, window);
+    return std::make_tuple(dq, dk, dv);
+  };
+  if (off.batch() <= 1) {
+    at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    poison(dq);
+    poison(dk);
+    poison(dv);
+    return by_sequence(dq, dk, dv);
+  }
+  PackedBackward s = prepare_packed_backward(off, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, opt);
+  BwdParams& p = s.st.p;
+  p.deterministic = at::globalContext().deterministicAlgorithms();
+  BwdParams one = p;
+  one.batch = 1;
+  one.cu_seqlens_q = one.cu_seqlens_k = nullptr;
+  if (off.q.back() / off.batch() >= 1024 && find_bwd_sm90(one, env) != nullptr)
+    return by_sequence(heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
+  const at::Tensor rng_k = rng_on_kernels(rng);
+  if (dropout_p > 0.0) p.seed_offset_ptr = rng_k.template data_ptr<int64_t>();
+  fill_empty_backward(off, heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
+  if (p.len_q > 0 && p.len_k > 0 && p.heads_q > 0) {
+    const FwdEntry* fwd = find_fwd(p);
+    const BwdEntry* sm80 = find_bwd(p);
+    const BwdWorkspace ws = make_bwd_workspace(p, *sm80, env.num_sms, q.options());
+    launch("row statistics", s.st, ws, [&] { return launch_row_stats(p, ws.row_stats, *fwd, env); });
+    launch("backward", s.st, ws, [&] { return sm80->fn(p, ws.work, env); });
+    launch("dq convert", s.st, ws, [&] { return launch_dq_convert(p, ws.work, env); });
+    if (log_kernels())
+      log_kernel(describe_kernel(what, sm80->head_dim, p.dtype, env, &ws.work) + ", " + std::to_string(p.batch) +
+                 " packed sequences in one launch");
+  }
+  auto [gq, gk, gv, gm] = finish_backward(s.st, std::nullopt, heads_first(q));
+  return {heads_first(gq), heads_first(gk), heads_first(gv)};
 }
 
 // The backward as both glues run it: the row statistics (launch_row_stats),

@@ -202,8 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_emu(
                             average_heads);
 }
 
-// Variable-length sequences as the CUDA backend runs them (attention_cuda.cpp), over the emulated kernels: the
-// forward in one launch over the packed sequences where packed_in_one_launch says so, else sequence by sequence.
+// Variable-length sequences as the CUDA backend runs them (attention_cuda.cpp), over the emulated kernels: forward
+// and backward in one launch over the packed sequences where packed_in_one_launch says so, else sequence by
+// sequence.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
@@ -221,8 +222,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
     at::IntArrayRef window) {
-  return varlen_backward_by_sequence(backward_emu, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p,
-                                     is_causal, scale, enable_gqa, window);
+  return run_varlen_backward(
+      backward_emu, [](const at::Tensor& r) { return r.contiguous(); }, find_fwd_or_fail,
+      [](const BwdParams& p) {
+        const BwdEntry* e = find_bwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
+        TORCH_CHECK(e != nullptr, "attention_ext_emu: no backward kernel for this dtype / head dim in this build");
+        return e;
+      },
+      [](const char* what, const BackwardSetup& st, const BwdWorkspace& ws, auto&& fn) {
+        Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum});
+        run(what, fn);
+      },
+      make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
+      enable_gqa, window);
 }
 
 }  // namespace
