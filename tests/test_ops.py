@@ -513,13 +513,32 @@ def _params():
             params.append(pytest.param(c, "cuda", id=f"cuda-{c.id}", marks=cuda_marks()))
             if c.emu:
                 params.append(pytest.param(c, "emu", id=f"emu-{c.id}", marks=emu_marks()))
+                if c.dtype in (f16, bf16):
+                    params.append(pytest.param(c, "emu90", id=f"emu90-{c.id}", marks=emu_marks()))
     return params
 
 
+def _reaches_hopper(case: Case) -> bool:
+    """Cases the Hopper kernels must take on an sm_90 device (a subset of those they cover: no mask, head dims
+    of their buckets, the plain layout)."""
+    return case.mask is None and case.E == case.Dv and case.E in (64, 128, 256) and case.layout == "contig"
+
+
 @pytest.mark.parametrize("case,device", _params())
-def test_attention_vs_reference(case, device):
+def test_attention_vs_reference(case, device, monkeypatch):
+    """'emu90': the emulator as an sm_90 device (ATTENTION_EXT_EMU_ARCH=90): the half-precision cases through
+    the Hopper kernels where they cover them (through the sm80 kernels otherwise, as on an H100)."""
     skip_unsupported(device, case.dtype)
-    run_case(case, device)
+    if device != "emu90":
+        run_case(case, device)
+        return
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
+    with attention_ext.debug.kernel_log() as lines:
+        run_case(case, "emu")
+    if _reaches_hopper(case):
+        # the forward may split the keys instead (flash-decoding: few query blocks, plan_fwd_splits)
+        assert any(ln.startswith("emu forward: sm90a") or "keys split" in ln for ln in lines), lines
+        assert any(ln.startswith("emu backward: sm90a") for ln in lines), lines
 
 
 # Flash-decoding on the CUDA kernels: the key tiles of each (batch, head, query block) shared among CTAs
