@@ -256,31 +256,36 @@ def test_varlen_emulated_cuda():
 def test_varlen_emulated_hopper(monkeypatch):
     """On an sm_90 device (the emulator with ATTENTION_EXT_EMU_ARCH=90) the varlen ops keep the Hopper kernels
     where they pay: a lone sequence is an ordinary call, and sequences of 1024 query rows or more on average go
-    sequence by sequence through them (forward and backward); shorter ones take the packed sm80 launches."""
+    sequence by sequence through them, the forward only where the Hopper kernel would run such a sequence whole
+    (on a 132-SM device 2 heads x 9 query blocks would split their keys instead: one packed launch); shorter
+    sequences take the packed sm80 launches. Output, lse and gradients against the reference."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
     g = torch.Generator().manual_seed(21)
-    for lengths, hopper in (([300], True), ([1100, 1000], True), ([200, 90, 31], False)):
+    # (lengths, emulated SMs, forward, backward): "hopper" = one Hopper launch per sequence, "packed" = one
+    # sm80 launch for all
+    for lengths, sms, fwd_kind, bwd_kind in (([300], "132", "hopper", "hopper"),
+                                             ([1100, 1000], "16", "hopper", "hopper"),
+                                             ([1100, 1000], "132", "packed", "hopper"),
+                                             ([200, 90, 31], "132", "packed", "packed")):
+        monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", sms)
         total = sum(lengths)
         q, k, v = (torch.randn(total, 2, 64, generator=g).to(torch.bfloat16) for _ in range(3))
         cu = offsets(lengths)
-        kw = dict(is_causal=True)
         with attention_ext.debug.kernel_log() as lines:
             out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu, cu, None, None, 0.0, True, None, False,
                                                               [-1, -1])
             grad = torch.randn(out.shape, generator=g).to(q.dtype)
             dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu, cu, out, lse, rng, 0.0, True, None,
                                                             False, [-1, -1])
-        fwd = [ln for ln in lines if "forward" in ln]
-        bwd = [ln for ln in lines if "backward" in ln]
-        if hopper:  # the forward of few query blocks may split the keys instead (flash-decoding)
-            assert len(fwd) == len(lengths) and all("sm90a" in ln or "keys split" in ln for ln in fwd), lines
-            assert len(bwd) == len(lengths) and all("sm90a" in ln for ln in bwd), lines
-        else:
-            assert len(fwd) == 1 and "sm80" in fwd[0] and "packed sequences" in fwd[0], lines
-            assert len(bwd) == 1 and "sm80" in bwd[0] and "packed sequences" in bwd[0], lines
-        ref = reference(q, k, v, cu, cu, kw, grad=grad)
+        for kind, direction in ((fwd_kind, "forward"), (bwd_kind, "backward")):
+            got = [ln for ln in lines if direction in ln]
+            if kind == "hopper":
+                assert len(got) == len(lengths) and all("sm90a" in ln for ln in got), (lengths, sms, lines)
+            else:
+                assert len(got) == 1 and "sm80" in got[0] and "packed sequences" in got[0], (lengths, sms, lines)
+        ref = reference(q, k, v, cu, cu, dict(is_causal=True), grad=grad)
         for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
             assert_close_vs_baseline(f"{lengths} {name}", x, ref[name], ref["base_" + name], q.dtype, factor=4.0)
         assert max_abs_error(lse, ref["lse"]) <= 1e-3, lengths

@@ -66,6 +66,17 @@ inline int forced_fwd_splits() {
   return static_cast<int>(n);
 }
 
+// The key shares run_forward gives p: n > 1 where flash-decoding runs (the sm80 kernel with its key tiles
+// shared among n CTAs, then the merge), else 1 (the Hopper kernel h, if any, or the sm80 kernel, whole).
+// Taken before the Hopper kernels too (their persistent grid has the same few tiles to hand out) where it
+// multiplies the CTAs at work by 4 or more; below that, the Hopper kernel's faster tiles win back what the
+// idle SMs cost.
+inline int fwd_key_splits(const FwdParams& p, const FwdEntry& sm80, const Sm90FwdEntry* h, const LaunchEnv& env) {
+  const int forced = forced_fwd_splits();
+  const int splits = forced > 0 ? forced : plan_fwd_splits(p, sm80, env.num_sms);
+  return splits > 1 && (splits >= 4 || h == nullptr) ? splits : 1;
+}
+
 // The forward as both glues run it: the Hopper kernel when it covers the call
 // (its launcher declines with cudaErrorNotSupported before launching
 // anything), else the sm80 kernel. launch(fn) runs one launcher and checks its
@@ -73,14 +84,10 @@ inline int forced_fwd_splits() {
 template <class Launch>
 std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& sm80,
                         const char* what, Launch&& launch) {
-  // Flash-decoding (few CTAs, many keys: decoding with a KV cache): the sm80 kernel with its key tiles shared
-  // among several CTAs, then the merge. Taken before the Hopper kernels too (their persistent grid has the
-  // same few tiles to hand out) where it multiplies the CTAs at work by 4 or more; below that, the Hopper
-  // kernel's faster tiles win back what the idle SMs cost.
+  // flash-decoding (few CTAs, many keys: decoding with a KV cache)
   const Sm90FwdEntry* h = find_fwd_sm90(p, env);
-  const int forced = forced_fwd_splits();
-  const int splits = forced > 0 ? forced : plan_fwd_splits(p, sm80, env.num_sms);
-  if (splits > 1 && (splits >= 4 || h == nullptr)) {
+  const int splits = fwd_key_splits(p, sm80, h, env);
+  if (splits > 1) {
     const int64_t rows = p.batch * p.heads_q * p.len_q;
     at::Tensor o_accum = at::empty({splits, rows, p.dim_v}, like.dtype(at::kFloat));
     at::Tensor lse_accum = at::empty({2, splits, rows}, like.dtype(at::kFloat));
@@ -108,17 +115,30 @@ std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::Tens
   return describe_kernel(what, sm80.head_dim, p.dtype, env);
 }
 
-// Packed sequences (attention_varlen): one launch of the sm80 kernel over all of them (true), or sequence by
-// sequence through run_forward (false). A single sequence is an ordinary call (the Hopper kernels and the
-// split keys of decoding apply); where a Hopper kernel covers the call and the sequences are long (1024 query
-// rows or more on average: a guess, not yet measured on a GPU), its faster tiles should win back the launches.
-inline bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& off, const LaunchEnv& env) {
-  if (off.batch() <= 1) return false;
-  FwdParams one = packed;
+// A sequence of average length of a packed call, as a call of its own.
+template <class P>
+P mean_sequence(const P& packed, const VarlenOffsets& off) {
+  P one = packed;
   one.batch = 1;
   one.cu_seqlens_q = one.cu_seqlens_k = nullptr;
-  const int64_t mean_rows = off.q.back() / off.batch();
-  return mean_rows < 1024 || find_fwd_sm90(one, env) == nullptr;
+  one.len_q = off.q.back() / off.batch();
+  one.len_k = off.k.back() / off.batch();
+  return one;
+}
+
+// Packed sequences (attention_varlen): one launch of the sm80 kernel over all of them (true), or sequence by
+// sequence through run_forward (false). A single sequence is an ordinary call (the Hopper kernels and the
+// split keys of decoding apply); where the sequences are long (1024 query rows or more on average: a guess,
+// not yet measured on a GPU) and the Hopper kernel would run such a sequence whole, its faster tiles should
+// win back the launches.
+// sm80: the call's sm80 entry (taken only for 2 sequences or more).
+template <class FindSm80>
+bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& off, FindSm80&& sm80, const LaunchEnv& env) {
+  if (off.batch() <= 1) return false;
+  const FwdParams one = mean_sequence(packed, off);
+  if (one.len_q < 1024) return true;
+  const Sm90FwdEntry* h = find_fwd_sm90(one, env);
+  return h == nullptr || fwd_key_splits(one, *sm80(), h, env) > 1;
 }
 
 // _attention_varlen_forward as both glues run it: one launch of the sm80 kernel over the packed sequences
@@ -134,12 +154,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k,
                                            make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
-  if (!packed_in_one_launch(s.st.p, s.off, env)) {
+  FwdParams& p = s.st.p;
+  if (!packed_in_one_launch(p, s.off, [&] { return find(p); }, env)) {
     at::Tensor rng = varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
     finish_forward(s.st);
     return {s.out, s.lse, rng};
   }
-  FwdParams& p = s.st.p;
   at::Tensor rng = draw_rng().view({1, 2}).repeat({s.off.batch(), 1});
   if (dropout_p > 0.0) {
     rng.select(1, 1).add_(at::arange(s.off.batch(), rng.options()));
@@ -155,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
 }
 
 // _attention_varlen_backward as both glues run it: where the forward would take one launch (the same rule with
-// the Hopper backward), the row statistics, the sm80 backward and the dQ conversion each in one launch over the
+// the Hopper backward, which has no split keys), the row statistics, the sm80 backward and the dQ conversion each in one launch over the
 // packed sequences; else sequence by sequence through the glue's backward `bwd` (the offsets read once either
 // way). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels read it (sequence b: row b);
 // find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors); launch(what, setup, workspace, fn)
@@ -185,10 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
   PackedBackward s = prepare_packed_backward(off, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, opt);
   BwdParams& p = s.st.p;
   p.deterministic = at::globalContext().deterministicAlgorithms();
-  BwdParams one = p;
-  one.batch = 1;
-  one.cu_seqlens_q = one.cu_seqlens_k = nullptr;
-  if (off.q.back() / off.batch() >= 1024 && find_bwd_sm90(one, env) != nullptr)
+  const BwdParams one = mean_sequence(p, off);
+  if (one.len_q >= 1024 && find_bwd_sm90(one, env) != nullptr)
     return by_sequence(heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
   const at::Tensor rng_k = rng_on_kernels(rng);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng_k.template data_ptr<int64_t>();
