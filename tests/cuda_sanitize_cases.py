@@ -2,7 +2,8 @@
 compute-sanitizer (scripts/sanitize_cuda.sh runs this file under memcheck,
 racecheck and initcheck). Not a pytest file: it just exercises every kernel
 family (each dtype, a few head-dim buckets, tails, masks of each kind and
-layout, GQA, causal/window, dropout, deterministic and atomic dQ, split keys) on shapes
+layout, GQA, causal/window, dropout, deterministic and atomic dQ, split keys, packed variable-length
+sequences) on shapes
 small enough for the sanitizer's slowdown, and checks nothing is NaN.
 
     python tests/cuda_sanitize_cases.py            # all cases
@@ -62,6 +63,27 @@ def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, determinist
             raise SystemExit(f"NaN in {name} for {dtype} E={E} Ev={Ev} L={L} S={S} mask={mask}")
 
 
+def varlen_case(dtype, lengths_q, lengths_k, Hq, Hkv, E, causal, dropout, deterministic):
+    """attention_varlen over packed sequences (the packed sm80 forward and backward, one launch each)."""
+    dev = "cuda"
+    torch.use_deterministic_algorithms(deterministic)
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lengths_q)), device=dev, dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lengths_k)), device=dev, dtype=torch.int32)
+    q = torch.randn(sum(lengths_q), Hq, E, device=dev, dtype=dtype)
+    k = torch.randn(sum(lengths_k), Hkv, E, device=dev, dtype=dtype)
+    v = torch.randn(sum(lengths_k), Hkv, E, device=dev, dtype=dtype)
+    w = [-1, -1]
+    out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, dropout, causal, None,
+                                                  Hq != Hkv, w)
+    g = torch.randn_like(out)
+    dq, dk, dv = ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, dropout, causal, None,
+                                                Hq != Hkv, w)
+    torch.cuda.synchronize()
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        if torch.isnan(t).any():
+            raise SystemExit(f"NaN in varlen {name} for {dtype} lengths {lengths_q} / {lengths_k}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -107,6 +129,16 @@ def main():
     for i, c in enumerate(grid):
         print(f"[{i + 1}/{len(grid)}] {c}", flush=True)
         case(*c)
+    # packed variable-length sequences: an empty sequence, GQA and causal; cross lengths with dropout; the
+    # deterministic backward in float32
+    varlen = [
+        (torch.float16, [70, 0, 130, 5], [70, 0, 130, 5], 4, 2, 64, True, 0.0, False),
+        (torch.bfloat16, [33, 200, 1], [90, 17, 64], 2, 2, 128, False, 0.2, False),
+        (torch.float32, [40, 75], [40, 75], 2, 1, 40, True, 0.0, True),
+    ]
+    for i, c in enumerate(varlen):
+        print(f"[varlen {i + 1}/{len(varlen)}] {c}", flush=True)
+        varlen_case(*c)
     torch.use_deterministic_algorithms(False)
     print("all cases ran")
 
