@@ -6,7 +6,8 @@ A batch of sequences of random lengths (uniform in [max/8, max], a fixed seed), 
 attention, causal or not, forward (no grad) and forward + backward. In the same run:
 - ours: attention_varlen on the packed (total, heads, 64) tensors;
 - torch-nested: F.scaled_dot_product_attention on jagged nested tensors (what PyTorch takes for such
-  batches; not causal: PyTorch's CPU build refuses is_causal there);
+  batches; on CUDA its FlashAttention-2 varlen kernel; causal on CUDA only: PyTorch's CPU build refuses
+  is_causal there);
 - torch-padded: F.scaled_dot_product_attention on the batch padded to the longest sequence, with a boolean
   mask (key padding, and the causal triangle); the padding itself is not timed;
 - torch-loop: F.scaled_dot_product_attention called once per sequence.
@@ -76,7 +77,7 @@ def run_point(n, longest, causal, dtype, device, budget, mode):
     if causal:
         mask = mask & torch.ones(Lmax, Lmax, dtype=torch.bool, device=device).tril()
     nested = None
-    if not causal:
+    if not causal or device != "cpu":
         nested = [torch.nested.nested_tensor_from_jagged(t, offsets=cu_dev.long()).transpose(1, 2)
                   for t in (q, k, v)]
     seqs = [[t[s:s + L].transpose(0, 1) for t in (q, k, v)] for s, L in zip(cu[:-1].tolist(), lens)]
@@ -103,7 +104,7 @@ def run_point(n, longest, causal, dtype, device, budget, mode):
            "torch-loop": call(lambda: [F.scaled_dot_product_attention(*s, is_causal=causal) for s in seqs],
                               [q, k, v])}
     if nested is not None:
-        fns["torch-nested"] = call(lambda: F.scaled_dot_product_attention(*nested), nested)
+        fns["torch-nested"] = call(lambda: F.scaled_dot_product_attention(*nested, is_causal=causal), nested)
     # outputs agree (padded rows left out)
     with torch.no_grad():
         ours = attention_ext.attention_varlen(q, k, v, cu, cu, is_causal=causal).double()
