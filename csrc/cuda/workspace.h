@@ -175,11 +175,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
 }
 
 // _attention_varlen_backward as both glues run it: where the forward would take one launch (the same rule with
-// the Hopper backward, which has no split keys), the row statistics, the sm80 backward and the dQ conversion each in one launch over the
-// packed sequences; else sequence by sequence through the glue's backward `bwd` (the offsets read once either
-// way). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels read it (sequence b: row b);
-// find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors); launch(what, setup, workspace, fn)
-// runs one launcher and checks its error.
+// the Hopper backward, which has no split keys), the row statistics, the sm80 backward and the dQ conversion
+// each in one launch over the packed sequences; else sequence by sequence through the glue's backward `bwd`
+// (the offsets read once either way). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels
+// read it (sequence b: row b); find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors);
+// launch(what, setup, workspace, fn) runs one launcher and checks its error.
 template <class Bwd, class RngOnKernels, class FindFwd, class FindBwd, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     Bwd&& bwd, RngOnKernels&& rng_on_kernels, FindFwd&& find_fwd, FindBwd&& find_bwd, Launch&& launch,
