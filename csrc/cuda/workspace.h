@@ -210,8 +210,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     return by_sequence(heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
   const at::Tensor rng_k = rng_on_kernels(rng);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng_k.template data_ptr<int64_t>();
-  fill_empty_backward(off, heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
-  if (p.len_q > 0 && p.len_k > 0 && p.heads_q > 0) {
+  if (p.len_q == 0 || p.len_k == 0 || p.heads_q == 0) {
+    // no kernel runs: every gradient row belongs to an empty sequence (the kernels write those rows themselves:
+    // 0 for dK / dV of keys no query sees, and dQ of rows without a key from the zeroed workspace)
+    fill_empty_backward(off, heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
+  } else {
     const FwdEntry* fwd = find_fwd(p);
     const BwdEntry* sm80 = find_bwd(p);
     const BwdWorkspace ws = make_bwd_workspace(p, *sm80, env.num_sms, q.options());
