@@ -50,7 +50,6 @@ class Case:
     fully_masked: bool = False         # mask makes some query rows see no key
     layout: str = "contig"             # see make_qkv
     scale: Optional[float] = None
-    emu: bool = True                   # also on the CUDA kernels through the CPU emulator (CI time)
 
     @property
     def Hkv(self):
@@ -511,10 +510,9 @@ def _params():
         params.append(pytest.param(c, "cpu", id=f"cpu-{c.id}"))
         if c.dtype != f64:
             params.append(pytest.param(c, "cuda", id=f"cuda-{c.id}", marks=cuda_marks()))
-            if c.emu:
-                params.append(pytest.param(c, "emu", id=f"emu-{c.id}", marks=emu_marks()))
-                if c.dtype in (f16, bf16):
-                    params.append(pytest.param(c, "emu90", id=f"emu90-{c.id}", marks=emu_marks()))
+            params.append(pytest.param(c, "emu", id=f"emu-{c.id}", marks=emu_marks()))
+            if c.dtype in (f16, bf16):
+                params.append(pytest.param(c, "emu90", id=f"emu90-{c.id}", marks=emu_marks()))
     return params
 
 

@@ -514,11 +514,7 @@ class Pool {
   void run(int n, const std::function<void(int)>& body) {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      while (static_cast<int>(threads_.size()) < n - 1) {
-        const int w = static_cast<int>(threads_.size()) + 1;
-        threads_.emplace_back([this, w] { loop(w); });
-        threads_.back().detach();
-      }
+      for (; started_ < n - 1; ++started_) std::thread([this, w = started_ + 1] { loop(w); }).detach();
       body_ = &body;
       want_ = n;
       pending_ = n - 1;
@@ -551,9 +547,8 @@ class Pool {
 
   std::mutex mu_;
   std::condition_variable wake_, done_;
-  std::vector<std::thread> threads_;
   const std::function<void(int)>* body_ = nullptr;
-  int want_ = 0, pending_ = 0;
+  int started_ = 0, want_ = 0, pending_ = 0;  // started_: helper threads (workers 1 .. started_)
   uint64_t gen_ = 0;
 };
 
