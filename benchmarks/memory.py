@@ -9,13 +9,19 @@ high-water mark is used. Writing ``5`` to ``/proc/self/clear_refs`` resets the k
 *touched* during the call beyond what was resident before it. This counts everything: tensors
 from torch's allocator and scratch buffers that kernels take straight from ``malloc`` (for
 example the fused kernels' per-thread tiles, invisible to torch's profiler). To make it honest,
-glibc's malloc is told (``mallopt``) to serve blocks of 64 KiB and more with fresh ``mmap``s and
-to give them back on ``free`` (a fixed threshold instead of glibc's adaptive one), so a large
-buffer freed by an earlier call cannot be reused silently and hide the allocation. Small blocks
-(< 64 KiB) may still come from memory that was already resident and then go uncounted; at the
+``malloc_trim(0)`` runs just before the call: glibc hands the pages of every freed block back to
+the kernel (the top of each arena is released, free chunks inside it are ``madvise``d away), so
+a buffer an earlier call freed is not resident any more and counts again when it is reused. Small
+blocks (a page or less, kept in malloc's caches) may still be reused without counting; at the
 sizes benchmarked they are noise. Where ``clear_refs`` is not writable (not Linux, restricted
 containers) the fallback is torch's profiler (``profile_memory=True``): the peak of the running
 sum of the allocations and frees torch's CPU allocator reports during the call (tensors only).
+
+Only the measurement trims: malloc keeps its default, adaptive behaviour for the timings, the
+allocator a user's process has. (Until 2026-11-30 the benchmark fixed glibc's thresholds with
+``mallopt`` for the whole run instead, so every block of 64 KiB or more was a fresh ``mmap``
+whose pages faulted in on each call; that slowed every backend's timings, the ones with more
+scratch most: benchmarks/NOTES.md, entry 25.)
 """
 import ctypes
 import os
@@ -23,24 +29,23 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 64 * 1024
-_configured = False
-
-
-def configure_malloc() -> bool:
-    """Fixed glibc malloc thresholds (see the module doc); True when applied."""
-    global _configured
-    if _configured:
-        return True
+def _libc():
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, 4 * _MMAP_THRESHOLD) == 1 and ok
-    except (OSError, AttributeError):
-        ok = False
-    _configured = ok
-    return ok
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_free_memory() -> bool:
+    """glibc's ``malloc_trim(0)``: the pages of freed blocks go back to the kernel. True when called."""
+    fn = getattr(_LIBC, "malloc_trim", None)
+    if fn is None:
+        return False
+    fn(ctypes.c_size_t(0))
+    return True
 
 
 def _status_bytes() -> dict:
@@ -63,13 +68,14 @@ def _reset_hwm() -> bool:
 
 
 def cpu_method() -> str:
-    """'rss-hwm' where the RSS high-water mark can be reset, else 'torch-profiler'."""
+    """'rss-hwm-trim' where the RSS high-water mark can be reset, else 'torch-profiler'."""
     if os.path.exists("/proc/self/status") and _reset_hwm():
-        return "rss-hwm"
+        return "rss-hwm-trim"
     return "torch-profiler"
 
 
 def _cpu_peak_rss(fn: Callable[[], object]) -> int:
+    release_free_memory()
     _reset_hwm()
     before = _status_bytes()["VmRSS"]
     fn()
@@ -102,6 +108,6 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device, method: Opt
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base, "cuda-max-memory-allocated"
     method = method or cpu_method()
-    if method == "rss-hwm":
+    if method == "rss-hwm-trim":
         return _cpu_peak_rss(fn), method
     return _cpu_peak_profiler(fn), method

@@ -101,7 +101,11 @@ def memory_tables(result, per_point: bool = True) -> List[str]:
     rows = result["op"]
     cfg = result["config"]
     names = _backends(rows)
-    method = {"rss-hwm": "CPU: peak resident memory (VmHWM) above the resident memory before the call, "
+    method = {"rss-hwm-trim": "CPU: peak resident memory (VmHWM) above the resident memory before the call, "
+                              "freed blocks' pages handed back to the kernel (malloc_trim) just before it "
+                              "(benchmarks/memory.py)",
+              # results before 2026-11-30: the whole run, timings included, had malloc thresholds fixed
+              "rss-hwm": "CPU: peak resident memory (VmHWM) above the resident memory before the call, "
                          "glibc malloc set to mmap blocks ≥ 64 KiB (benchmarks/memory.py)",
               "torch-profiler": "CPU: peak of torch's CPU allocator during the call (torch.profiler, tensors only)",
               "cuda-max-memory-allocated": "torch.cuda.max_memory_allocated() during the call minus the memory "

@@ -547,8 +547,6 @@ def main(argv=None) -> int:
 
     out_dir = args.out or os.path.join(HERE, "results", device_slug(device))
     os.makedirs(out_dir, exist_ok=True)
-    if device.type == "cpu":
-        memory.configure_malloc()
     mem_method = "cuda-max-memory-allocated" if device.type == "cuda" else memory.cpu_method()
     env = environment(device)
     config = dict(quick=args.quick, dtype=args.dtype, batch=args.batch, heads=args.heads, lengths=args.lengths,
