@@ -15,6 +15,16 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Whether the call records an autograd node: grad mode on and an input that requires grad. Otherwise
+// (no_grad, inference mode, inputs without requires_grad) the forward op runs alone, without building
+// the autograd function's context and saved values (about half the fixed cost of a small call).
+bool needs_graph(std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : inputs)
+    if (t != nullptr && t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
@@ -103,10 +113,25 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     "attention_ext.attention or attention_ext.scaled_dot_product_attention, which pack them for "
                     "attention_varlen, or call torch.ops.attention_ext.attention_varlen with packed values and "
                     "offsets");
+  if (!needs_graph({&q, &k, &v, mask.has_value() ? &*mask : nullptr}))
+    return std::get<0>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window));
   return AttentionFunction::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
 // Variable-length (packed) sequences: the same pattern over _attention_varlen_forward / _backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_varlen_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("attention_ext::_attention_varlen_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, std::optional<int64_t>, std::optional<int64_t>, double, bool,
+                           std::optional<double>, bool, at::IntArrayRef)>();
+  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
+}
+
 class AttentionVarlenBackwardFunction : public torch::autograd::Function<AttentionVarlenBackwardFunction> {
  public:
   static variable_list forward(AutogradContext*, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
@@ -135,14 +160,8 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
                             const at::Tensor& cu_q, const at::Tensor& cu_k, std::optional<int64_t> max_q,
                             std::optional<int64_t> max_k, double dropout_p, bool is_causal,
                             std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("attention_ext::_attention_varlen_forward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, std::optional<int64_t>, std::optional<int64_t>, double, bool,
-                             std::optional<double>, bool, at::IntArrayRef)>();
     auto [out, lse, rng] =
-        op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
+        call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
     ctx->save_for_backward({q, k, v, cu_q, cu_k, out, lse, rng});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
@@ -168,6 +187,9 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& cu_k, std::optional<int64_t> max_q, std::optional<int64_t> max_k,
                             double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
                             at::IntArrayRef window) {
+  if (!needs_graph({&q, &k, &v}))
+    return std::get<0>(call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
+                                           enable_gqa, window));
   return AttentionVarlenFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
                                         window);
 }

@@ -180,3 +180,45 @@ def test_attention_with_weights_gqa_gradients(mask_kind):
     g2 = torch.autograd.grad((p @ vv * go).sum() + (p * gw).sum(), leaves)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("which", ["no_grad", "inference_mode", "no_input_requires_grad"])
+def test_forward_without_graph_matches_and_records_nothing(which):
+    """Without anything to differentiate the op runs its forward alone (no autograd node): same bits as
+    with a graph, no grad_fn, and the varlen op alike."""
+    from reference import reference_attention
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g) for _ in range(3))
+    mask = torch.randn(9, 9, generator=g)
+    with_graph = attention_ext.attention(q.requires_grad_(), k, v, attn_mask=mask, is_causal=True).detach()
+    q = q.detach()
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(which)
+    qq = q.clone().requires_grad_(which != "no_input_requires_grad")
+    with ctx if ctx is not None else torch.enable_grad():
+        out = attention_ext.attention(qq, k, v, attn_mask=mask, is_causal=True)
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+        packed = attention_ext.attention_varlen(qq[0].transpose(0, 1).reshape(9, 3, 16).contiguous().requires_grad_(
+            which != "no_input_requires_grad"), k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous(),
+            cu, cu)
+    assert out.grad_fn is None and not out.requires_grad
+    assert packed.grad_fn is None and not packed.requires_grad
+    assert torch.equal(out, with_graph)
+    ref = reference_attention(q, k, v, mask, is_causal=True).out
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_only_the_mask_requires_grad():
+    """A float mask is an input of the graph too: with only the mask requiring grad the op still records its
+    node, and the mask's gradient matches the float64 reference."""
+    from reference import reference_grads
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, 7, 8, generator=g) for _ in range(3))
+    mask = torch.randn(2, 1, 7, 7, generator=g).requires_grad_()
+    go = torch.randn(2, 2, 7, 8, generator=g)
+    out = attention_ext.attention(q, k, v, attn_mask=mask)
+    assert out.grad_fn is not None
+    (dmask,) = torch.autograd.grad(out, mask, go)
+    ref = reference_grads(q, k, v, go, mask, mask_requires_grad=True)[5]
+    assert (dmask.double() - ref).abs().max() < 1e-5
