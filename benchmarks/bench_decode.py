@@ -75,10 +75,21 @@ def run_point(B, Hq, Hkv, E, S, L, dtype, device, budget):
         err = (ours.double() - ref.double()).abs().max().item()
         t = measure({"ours": lambda: attention_ext.attention(q, k, v, enable_gqa=gqa),
                      "torch": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)}, device, budget)
+        unpacked = None
+        if device == "cuda" and gqa and L == 1:
+            # the CUDA kernels pack a GQA group's query heads into one CTA's rows (ATTENTION_EXT_PACK_GQA,
+            # read at each call): the same point with one CTA per query head, for the gain
+            os.environ["ATTENTION_EXT_PACK_GQA"] = "0"
+            try:
+                unpacked = measure({"ours": lambda: attention_ext.attention(q, k, v, enable_gqa=gqa)}, device,
+                                   budget)["ours"]
+            finally:
+                del os.environ["ATTENTION_EXT_PACK_GQA"]
     kv_bytes = 2 * k.numel() * k.element_size()
     return {"B": B, "Hq": Hq, "Hkv": Hkv, "E": E, "S": S, "L": L, "dtype": str(dtype).replace("torch.", ""),
             "ours_s": t["ours"], "torch_s": t["torch"], "speedup": t["torch"] / t["ours"],
             "ours_GBps": kv_bytes / t["ours"] / 1e9, "torch_GBps": kv_bytes / t["torch"] / 1e9,
+            "ours_unpacked_s": unpacked, "pack_gain": None if unpacked is None else unpacked / t["ours"],
             "max_abs_diff_vs_torch": err}
 
 
@@ -104,8 +115,9 @@ def main(argv=None):
     budget = args.budget if args.budget is not None else (0.02 if args.quick else 0.5)
     name = device_name(device)
     print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| dtype | B | Hq / Hkv | E | S | L | ours ms | torch ms | ours GB/s | torch GB/s | torch/ours |")
-    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("| dtype | B | Hq / Hkv | E | S | L | ours ms | torch ms | ours GB/s | torch GB/s | torch/ours "
+          "| GQA packing gain |")
+    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for dt in args.dtypes.split(","):
         for (B, Hq, Hkv, E) in models:
@@ -113,9 +125,10 @@ def main(argv=None):
                 for L in ROWS:
                     r = run_point(B, Hq, Hkv, E, S, L, getattr(torch, dt), device, budget)
                     rows.append(r)
+                    gain = "—" if r["pack_gain"] is None else f"{r['pack_gain']:.2f}"
                     print(f"| {r['dtype']} | {B} | {Hq} / {Hkv} | {E} | {S} | {L} | {r['ours_s'] * 1e3:.3f} | "
                           f"{r['torch_s'] * 1e3:.3f} | {r['ours_GBps']:.1f} | {r['torch_GBps']:.1f} | "
-                          f"{r['speedup']:.2f} |", flush=True)
+                          f"{r['speedup']:.2f} | {gain} |", flush=True)
     save_results(device, name, "bench_decode", rows, args.out)
     return rows
 

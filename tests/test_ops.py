@@ -574,6 +574,106 @@ def test_split_keys_bad_setting_is_an_error(device, value, monkeypatch):
         fn(q, q, q)
 
 
+# Decoding with grouped-query attention on the CUDA kernels: the G query heads of a key / value head run as G
+# rows of one head (csrc/cuda/workspace.h, pack_gqa_rows), so each K / V tile is read once per group. Output
+# and lse against the float64 reference (2x PyTorch's CPU error in the same dtype) for the layouts the stride
+# folding must get right (a (B, 1, H, E) query seen through transpose, a key-padding mask broadcast over heads,
+# a per-head float mask, MQA), with split keys (flash-decoding after packing) and, as an sm_90 device, the
+# Hopper kernel; what must not pack (dropout, causal, windows, two query rows) runs as before; and
+# ATTENTION_EXT_PACK_GQA=0 turns it off.
+PACK_CASES = {
+    # id: (dtype, Hq, Hkv, S, E, mask, query layout, forced key splits, emulated arch)
+    "f16_G4_none": (f16, 8, 2, 300, 64, None, "contig", None, None),
+    "bf16_G4_keypad_transposed": (bf16, 8, 2, 300, 64, "keypad", "bhle_from_blhe", None, None),
+    "f32_G3_perhead_float": (f32, 6, 2, 129, 40, "perhead", "contig", None, None),
+    "bf16_mqa_G8_split": (bf16, 8, 1, 700, 128, "keypad", "contig", 5, None),
+    "f16_G4_hopper": (f16, 8, 2, 300, 128, None, "contig", None, "90"),
+}
+
+
+def _decode_inputs(dtype, Hq, Hkv, S, E, mask, layout, device, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    B = 2
+    q = torch.randn(B, 1, Hq, E, generator=g).transpose(1, 2) if layout == "bhle_from_blhe" else \
+        torch.randn(B, Hq, 1, E, generator=g)
+    k, v = torch.randn(B, Hkv, S, E, generator=g), torch.randn(B, Hkv, S, E, generator=g)
+    m = None
+    if mask == "keypad":
+        m = torch.arange(S)[None, None, None, :] < torch.tensor([S, S // 3])[:, None, None, None]  # (B, 1, 1, S)
+    elif mask == "perhead":
+        m = torch.randn(B, Hq, 1, S, generator=g)
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    return q, k, v, (m.to(device) if m is not None else None)
+
+
+def _decode_check(q, k, v, m, out, lse):
+    r = reference_attention(q.cpu(), k.cpu(), v.cpu(), m.cpu() if m is not None else None, enable_gqa=True)
+    bq, bk, bv = (t.cpu() for t in (q, k, v))
+    sout = F.scaled_dot_product_attention(bq, bk, bv, attn_mask=m.cpu() if m is not None else None, enable_gqa=True)
+    assert_close_vs_baseline("output", out.cpu(), r.out, sout, q.dtype)
+    assert (lse.cpu().double() - r.lse).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("device", [pytest.param("emu", marks=emu_marks()), pytest.param("cuda", marks=cuda_marks())])
+@pytest.mark.parametrize("cid", list(PACK_CASES))
+def test_gqa_decode_heads_packed(device, cid, monkeypatch):
+    dtype, Hq, Hkv, S, E, mask, layout, splits, arch = PACK_CASES[cid]
+    if arch is not None:
+        if device != "emu":
+            pytest.skip("the emulated sm_90 device only")
+        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", arch)
+    if splits is not None:
+        monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", str(splits))
+    fwd = emu.ops._attention_forward if device == "emu" else ops._attention_forward
+    dev = "cpu" if device == "emu" else "cuda"
+    q, k, v, m = _decode_inputs(dtype, Hq, Hkv, S, E, mask, layout, dev)
+    results = {}
+    for pack in ("1", "0"):
+        monkeypatch.setenv("ATTENTION_EXT_PACK_GQA", pack)
+        with attention_ext.debug.kernel_log() as lines:
+            out, lse, _ = fwd(q, k, v, m, 0.0, False, None, True, [-1, -1])
+        assert out.shape == (2, Hq, 1, E) and lse.shape == (2, Hq, 1)
+        packed = [ln for ln in lines if f"GQA heads packed {Hq // Hkv} per CTA" in ln]
+        assert bool(packed) == (pack == "1"), lines
+        if splits is not None:
+            assert any(f"keys split {splits} ways" in ln for ln in lines), lines
+        if arch == "90" and pack == "1":
+            assert any(ln.startswith("emu forward: sm90a") for ln in lines), lines
+        _decode_check(q, k, v, m, out, lse)
+        results[pack] = out
+    if layout == "bhle_from_blhe":  # the output follows the query's layout
+        assert results["1"].transpose(1, 2).is_contiguous(), results["1"].stride()
+
+
+@pytest.mark.parametrize("device", [pytest.param("emu", marks=emu_marks()), pytest.param("cuda", marks=cuda_marks())])
+@pytest.mark.parametrize("what", ["dropout", "causal", "window", "two_rows"])
+def test_gqa_heads_not_packed(device, what):
+    """Row-dependent semantics keep one CTA per query head (dropout's streams, causal / window bounds, rows)."""
+    fwd = emu.ops._attention_forward if device == "emu" else ops._attention_forward
+    dev = "cpu" if device == "emu" else "cuda"
+    q, k, v, _ = _decode_inputs(f16, 8, 2, 200, 64, None, "contig", dev)
+    if what == "two_rows":
+        q = torch.cat([q, q.flip(0)], dim=2)
+    kw = dict(dropout_p=0.3 if what == "dropout" else 0.0, is_causal=what == "causal",
+              window=[50, 0] if what == "window" else [-1, -1])
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse, _ = fwd(q, k, v, None, kw["dropout_p"], kw["is_causal"], None, True, kw["window"])
+    assert lines and not any("GQA heads packed" in ln for ln in lines), lines
+    if what != "dropout":
+        r = reference_attention(q.cpu(), k.cpu(), v.cpu(), None, enable_gqa=True, is_causal=kw["is_causal"],
+                                window_size=kw["window"] if what == "window" else None)
+        assert (out.cpu().double() - r.out).abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("device", [pytest.param("emu", marks=emu_marks()), pytest.param("cuda", marks=cuda_marks())])
+def test_pack_gqa_bad_setting_is_an_error(device, monkeypatch):
+    monkeypatch.setenv("ATTENTION_EXT_PACK_GQA", "yes")
+    fwd = emu.ops._attention_forward if device == "emu" else ops._attention_forward
+    q, k, v, _ = _decode_inputs(f16, 4, 2, 20, 16, None, "contig", "cpu" if device == "emu" else "cuda")
+    with pytest.raises(ValueError, match="ATTENTION_EXT_PACK_GQA must be 0 or 1, got 'yes'"):
+        fwd(q, k, v, None, 0.0, False, None, True, [-1, -1])
+
+
 def test_case_ids_unique():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]

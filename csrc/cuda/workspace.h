@@ -66,6 +66,41 @@ inline int forced_fwd_splits() {
   return static_cast<int>(n);
 }
 
+// ATTENTION_EXT_PACK_GQA=0 (benchmarks, tests): decoding with grouped-query attention runs one CTA per query
+// head as before pack_gqa_rows; unset or 1: packed. Any other value is an error.
+inline bool pack_gqa_enabled() {
+  const char* e = std::getenv("ATTENTION_EXT_PACK_GQA");
+  if (e == nullptr || *e == 0) return true;
+  TORCH_CHECK_VALUE((e[0] == '0' || e[0] == '1') && e[1] == 0, "ATTENTION_EXT_PACK_GQA must be 0 or 1, got '", e,
+                    "'");
+  return e[0] == '1';
+}
+
+// Decoding with grouped-query attention (one query row per head, heads_q = G * heads_kv): the G query heads
+// that share a key / value head become G rows of one head, so the CTA of a group (or each CTA of a key share)
+// reads every K and V tile once for the group instead of G CTAs reading it G times (FlashAttention's
+// pack_gqa; the CPU kernels group such heads the same way). Only strides change: query head hk * G + g, row
+// 0, is row g of head hk (the head strides of q, out and the mask grow G times, their row strides become the
+// old head strides: any layout, broadcast masks included), and the log-sum-exp's (batch, heads_q, 1) layout
+// is the same memory as (batch, heads_kv, G). Not with dropout (its streams are numbered by head and row),
+// causal or window bounds (they depend on the row index) or packed sequences. True when p was changed.
+inline bool pack_gqa_rows(FwdParams& p) {
+  const int64_t G = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
+  if (G <= 1 || p.len_q != 1 || p.dropout_p > 0.0 || p.window_left >= 0 || p.window_right >= 0 ||
+      p.cu_seqlens_q != nullptr || p.num_splits > 1 || !pack_gqa_enabled())
+    return false;
+  auto fold = [G](Strides4& s) {
+    s.r = s.h;
+    s.h *= G;
+  };
+  fold(p.q_stride);
+  fold(p.o_stride);
+  if (p.mask_kind != MaskKind::kNone) fold(p.mask_stride);
+  p.heads_q = p.heads_kv;
+  p.len_q = G;
+  return true;
+}
+
 // The key shares run_forward gives p: n > 1 where flash-decoding runs (the sm80 kernel with its key tiles
 // shared among n CTAs, then the merge), else 1 (the Hopper kernel h, if any, or the sm80 kernel, whole).
 // Taken before the Hopper kernels too (their persistent grid has the same few tiles to hand out) where it
@@ -77,13 +112,11 @@ inline int fwd_key_splits(const FwdParams& p, const FwdEntry& sm80, const Sm90Fw
   return splits > 1 && (splits >= 4 || h == nullptr) ? splits : 1;
 }
 
-// The forward as both glues run it: the Hopper kernel when it covers the call
-// (its launcher declines with cudaErrorNotSupported before launching
-// anything), else the sm80 kernel. launch(fn) runs one launcher and checks its
-// error. Returns the kernel-log line of the kernel that ran.
+// The forward of run_forward once the GQA heads are packed (or not): the Hopper kernel when it covers the call
+// (its launcher declines with cudaErrorNotSupported before launching anything), else the sm80 kernel.
 template <class Launch>
-std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& sm80,
-                        const char* what, Launch&& launch) {
+std::string run_forward_unpacked(const FwdParams& p, const LaunchEnv& env, const at::TensorOptions& like,
+                                 const FwdEntry& sm80, const char* what, Launch&& launch) {
   // flash-decoding (few CTAs, many keys: decoding with a KV cache)
   const Sm90FwdEntry* h = find_fwd_sm90(p, env);
   const int splits = fwd_key_splits(p, sm80, h, env);
@@ -113,6 +146,18 @@ std::string run_forward(const FwdParams& p, const LaunchEnv& env, const at::Tens
   }
   launch([&] { return sm80.fn(p, nullptr, env); });
   return describe_kernel(what, sm80.head_dim, p.dtype, env);
+}
+
+// The forward as both glues run it: decoding GQA heads packed into rows (pack_gqa_rows), split keys where the
+// grid is too small (flash-decoding), the Hopper kernel when it covers the call, else the sm80 kernel.
+// launch(fn) runs one launcher and checks its error. Returns the kernel-log line of the kernel that ran.
+template <class Launch>
+std::string run_forward(const FwdParams& p_call, const LaunchEnv& env, const at::TensorOptions& like,
+                        const FwdEntry& sm80, const char* what, Launch&& launch) {
+  FwdParams p = p_call;
+  const int64_t group = p.heads_q / (p.heads_kv > 0 ? p.heads_kv : 1);
+  const std::string packed = pack_gqa_rows(p) ? ", GQA heads packed " + std::to_string(group) + " per CTA" : "";
+  return run_forward_unpacked(p, env, like, sm80, what, launch) + packed;
 }
 
 // A sequence of average length of a packed call, as a call of its own.
