@@ -862,8 +862,9 @@ def test_fully_masked_everything(device, dtype):
     assert torch.all(out == 0)
 
 
-def check_hidden_key_tiles(attn, device, dtype, layout, E=32):
-    """Key tiles that a boolean mask hides from every row of a query block are skipped, not computed and
+def check_hidden_key_tiles(attn, device, dtype, layout, E=32, kind="bool"):
+    """Key tiles that a boolean mask (kind 'bool': False) or an additive one ('additive': -inf, finite values
+    elsewhere, with a gradient) hides from every row of a query block are skipped, not computed and
     masked: with NaN in the keys and values of every key more than 128 keys away from each mask row's
     visible span (every kernel's key tile is at most 128 keys wide, or starts at the first visible key as
     the CPU's 512-key tiles do), the output and dq are still the float64 reference's, and dk / dv are exactly
@@ -881,11 +882,14 @@ def check_hidden_key_tiles(attn, device, dtype, layout, E=32):
     mask = rows.view(B, H, 1, S) if layout == "decode_per_head" else rows.view(B, 1, 1, S)
     if layout == "keypad_rows":
         mask = mask.expand(B, 1, L, S).contiguous()
+    if kind == "additive":  # float32 masks for float32 inputs, the inputs' dtype otherwise (2-byte -inf)
+        mdt = f32 if dtype == f32 else dtype
+        mask = torch.where(mask, 0.5 * torch.randn(mask.shape, device=device), -math.inf).to(mdt).requires_grad_()
     q = torch.randn(B, H, L, E, dtype=dtype, device=device)
     k, v = (torch.randn(B, H, S, E, dtype=dtype, device=device) for _ in range(2))
     g = torch.randn(B, H, L, E, dtype=dtype, device=device)
-    r = reference_attention(q.double(), k.double(), v.double(), mask)
-    _, _, rdq, rdk, rdv, _ = reference_grads(q, k, v, g, mask)
+    r = reference_attention(q.double(), k.double(), v.double(), mask.detach())
+    _, _, rdq, rdk, rdv, rdm = reference_grads(q, k, v, g, mask.detach(), mask_requires_grad=kind == "additive")
     far = torch.zeros(B, H, S, dtype=torch.bool, device=device)
     for x, (lo, hi) in enumerate(spans[:nb]):
         b_, h_ = (x // H, x % H) if layout == "decode_per_head" else (x, slice(None))
@@ -896,8 +900,12 @@ def check_hidden_key_tiles(attn, device, dtype, layout, E=32):
     kp, vp, qq = (t.requires_grad_() for t in (kp, vp, q.clone()))
     out = attn(qq, kp, vp, mask)
     out.backward(g)
-    tol = {f32: 1e-4, f16: 1e-2, bf16: 3e-2}[dtype]
-    for name, a, ref in [("output", out, r.out), ("dq", qq.grad, rdq), ("dk", kp.grad, rdk), ("dv", vp.grad, rdv)]:
+    tol = {f64: 1e-10, f32: 1e-4, f16: 1e-2, bf16: 3e-2}[dtype]
+    checks = [("output", out, r.out), ("dq", qq.grad, rdq), ("dk", kp.grad, rdk), ("dv", vp.grad, rdv)]
+    if kind == "additive":
+        assert mask.grad is not None and mask.grad.shape == mask.shape
+        checks.append(("dmask", mask.grad, rdm))
+    for name, a, ref in checks:
         assert torch.isfinite(a).all(), f"{name}: NaN from keys the mask hides (their tiles were computed)"
         torch.testing.assert_close(a.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
     assert (kp.grad[far] == 0).all() and (vp.grad[far] == 0).all()
@@ -907,10 +915,17 @@ def check_hidden_key_tiles(attn, device, dtype, layout, E=32):
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_marks()),
                                     pytest.param("emu", marks=emu_marks())])
-def test_hidden_key_tiles_are_not_read(device, dtype, layout):
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_hidden_key_tiles_are_not_read(device, dtype, layout, kind):
     """check_hidden_key_tiles on each backend (the Hopper kernels: test_hopper_emu.py)."""
     attn = emu.attention if device == "emu" else attention_ext.attention
-    check_hidden_key_tiles(attn, "cpu" if device == "emu" else device, dtype, layout)
+    check_hidden_key_tiles(attn, "cpu" if device == "emu" else device, dtype, layout, kind=kind)
+
+
+@pytest.mark.parametrize("dtype", [f16, f64], ids=dtype_id)
+def test_hidden_key_tiles_additive_mask_dtypes(dtype):
+    """The CPU narrowing by -inf for the other mask element sizes: float16 (0xFC00) and float64 masks."""
+    check_hidden_key_tiles(attention_ext.attention, "cpu", dtype, "keypad_rows", kind="additive")
 
 
 @pytest.mark.parametrize("where", ["q_row", "k_row", "k_row_causal", "v_col"])

@@ -216,50 +216,81 @@ inline void block_key_range(const FwdParams& p, int64_t i0, int64_t nq, int64_t&
   hi = std::max(h1, l0);
 }
 
-// First index in [s, e) whose byte is nonzero (e if none), and one past the last (s if none): a boolean
-// mask row scanned 8 bytes at a time.
-inline int64_t first_set(const char* row, int64_t s, int64_t e) {
-  for (uint64_t w; s + 8 <= e; s += 8) {
-    std::memcpy(&w, row + s, 8);
-    if (w != 0) break;
+// What a hidden mask element looks like: a false byte of a boolean mask, -inf in an additive one (its
+// element size and bit pattern; `word`: 8 bytes of hidden elements). Anything else can be visible (NaN
+// included: it must reach the scores).
+struct HiddenKey {
+  int64_t esize = 1;
+  uint64_t elem = 0, word = 0;
+};
+inline HiddenKey hidden_key(const FwdParams& p) {
+  HiddenKey k;
+  if (p.mask_kind == MaskKind::kBool) return k;
+  k.esize = dtype_size(p.mask_dtype);
+  switch (p.mask_dtype) {
+    case DType::kFloat64: k.elem = 0xFFF0000000000000ull; break;
+    case DType::kFloat32: k.elem = 0xFF800000ull; break;
+    case DType::kBFloat16: k.elem = 0xFF80ull; break;
+    default: k.elem = 0xFC00ull; break;  // float16
+  }
+  for (int64_t i = 0; i < 8; i += k.esize) k.word |= k.elem << (8 * i);
+  return k;
+}
+inline bool is_hidden(const char* x, const HiddenKey& k) {
+  uint64_t v = 0;
+  std::memcpy(&v, x, static_cast<size_t>(k.esize));
+  return v == k.elem;
+}
+
+// First element index in [s, e) of a mask row (elements k.esize bytes, contiguous) that is not hidden (e if
+// none), and one past the last (s if none), 8 bytes at a time.
+inline int64_t first_visible(const char* row, int64_t s, int64_t e, const HiddenKey& k) {
+  const int64_t per = 8 / k.esize;
+  for (uint64_t w; s + per <= e; s += per) {
+    std::memcpy(&w, row + s * k.esize, 8);
+    if (w != k.word) break;
   }
   for (; s < e; ++s)
-    if (row[s]) return s;
+    if (!is_hidden(row + s * k.esize, k)) return s;
   return e;
 }
-inline int64_t end_set(const char* row, int64_t s, int64_t e) {
-  for (uint64_t w; e - 8 >= s; e -= 8) {
-    std::memcpy(&w, row + e - 8, 8);
-    if (w != 0) break;
+inline int64_t end_visible(const char* row, int64_t s, int64_t e, const HiddenKey& k) {
+  const int64_t per = 8 / k.esize;
+  for (uint64_t w; e - per >= s; e -= per) {
+    std::memcpy(&w, row + (e - per) * k.esize, 8);
+    if (w != k.word) break;
   }
   for (; e > s; --e)
-    if (row[e - 1]) return e;
+    if (!is_hidden(row + (e - 1) * k.esize, k)) return e;
   return s;
 }
 
-// The same, narrowed by a boolean mask to the keys some row of the block can see: the tiles that the
-// mask hides from every row (padding, the upper triangle of a causal mask given as a tensor, as Hugging
-// Face models pass them) are never computed; their probabilities and gradients are 0. An empty range
+// The same, narrowed by a mask to the keys some row of the block can see: the tiles that a boolean mask
+// (false) or an additive one (-inf) hides from every row (padding, the upper triangle of a causal mask
+// given as a tensor, as Hugging Face models and nn.Transformer's generate_square_subsequent_mask give them)
+// are never computed; their probabilities and gradients (the float mask's too) are 0. An empty range
 // (every key hidden) gives lo = hi. Rows are scanned from the ends inwards, the last row first (for a
 // causal mask it sees the most), each stopping where the union so far begins.
 inline void block_key_range(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t& lo,
                             int64_t& hi) {
   block_key_range(p, i0, nq, lo, hi);
-  if (p.mask_kind != MaskKind::kBool || lo >= hi) return;
+  if (p.mask_kind == MaskKind::kNone || lo >= hi) return;
+  const HiddenKey key = hidden_key(p);
   const Strides4& ms = p.mask_stride;
-  const char* base = static_cast<const char*>(p.mask) + b * ms.b + h * ms.h;
+  const char* base = static_cast<const char*>(p.mask) + (b * ms.b + h * ms.h) * key.esize;
   int64_t ulo = hi, uhi = lo;  // union of the rows' visible ranges, empty so far
   for (int64_t r = (ms.r == 0 ? 0 : nq - 1); r >= 0; --r) {
-    const char* row = base + (i0 + r) * ms.r;
+    const char* row = base + (i0 + r) * ms.r * key.esize;
     if (ms.c == 1) {
-      uhi = std::max(uhi, end_set(row, std::max(uhi, lo), hi));
-      ulo = std::min(ulo, first_set(row, lo, std::min(ulo, hi)));
+      uhi = std::max(uhi, end_visible(row, std::max(uhi, lo), hi, key));
+      ulo = std::min(ulo, first_visible(row, lo, std::min(ulo, hi), key));
     } else if (ms.c == 0) {
-      if (row[0]) ulo = lo, uhi = hi;
+      if (!is_hidden(row, key)) ulo = lo, uhi = hi;
     } else {
+      const int64_t step = ms.c * key.esize;
       int64_t e = hi, f = lo;
-      while (e > std::max(uhi, lo) && !row[(e - 1) * ms.c]) --e;
-      while (f < std::min(ulo, hi) && !row[f * ms.c]) ++f;
+      while (e > std::max(uhi, lo) && is_hidden(row + (e - 1) * step, key)) --e;
+      while (f < std::min(ulo, hi) && is_hidden(row + f * step, key)) ++f;
       uhi = std::max(uhi, e);
       ulo = std::min(ulo, f);
     }

@@ -171,14 +171,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
     query_range(p, j0, j0 + nk, ib, ie);
     int64_t mb_begin = ib / kBlockM;
     int64_t nm = ie > ib ? ceil_div(ie, kBlockM) - mb_begin : 0;
-    // A boolean mask: only the query blocks between the first and the last that
-    // hold a true element of this key block (in any head of the group); none if
-    // the mask hides the keys from every row (padding): dK = dV = 0.
-    if (p.mask_kind == MaskKind::kBool && nm > 0) {
+    // A mask: only the query blocks between the first and the last that hold an
+    // element of this key block that lets its key be seen (true, or not -inf; in
+    // any head of the group); none if the mask hides the keys from every row
+    // (padding): dK = dV = 0 (and a float mask's gradient stays 0 there).
+    if (p.mask_kind != MaskKind::kNone && nm > 0) {
       // sShift and sLogl are free: every warp passed (C) of this CTA's last
       // item, and the barrier below precedes the next load_item
       int64_t* bounds = reinterpret_cast<int64_t*>(sShift);
-      narrow_query_blocks<kBlockM, kThreads>(bool_mask_ref(p), b, hk * G, p.mask_stride.h == 0 ? 1 : G, j0, nk,
+      narrow_query_blocks<kBlockM, kThreads>(mask_ref(p), b, hk * G, p.mask_stride.h == 0 ? 1 : G, j0, nk,
                                              mb_begin, nm, bounds, reinterpret_cast<int*>(sLogl), tid);
       mb_begin = bounds[0];
       nm = bounds[1];

@@ -697,19 +697,44 @@ __device__ __forceinline__ void stage_mask(unsigned char* sM, const FwdParams& p
 // 148 bytes (ptxas; where they land cannot be seen without a disassembler), so
 // it waits for a GPU to tell whether the barriers or the spills cost more.
 
-// The boolean mask as the narrowing reads it.
-struct BoolMaskRef {
+// The mask as the narrowing reads it: an element hides its key when its bits are `hidden` (a boolean
+// mask's false, an additive mask's -inf; anything else, NaN included, may be seen). esize bytes per
+// element (1, 2 or 4: bool, fp16 / bf16, fp32), strides in elements.
+struct MaskRef {
   const unsigned char* ptr = nullptr;
-  Strides4 st;  // elements (= bytes)
+  Strides4 st;
   int64_t len_q = 0, len_k = 0;
+  int esize = 1;
+  uint32_t hidden = 0, hidden4 = 0;  // one hidden element; 4 bytes of them
 };
-__device__ __forceinline__ BoolMaskRef bool_mask_ref(const FwdParams& p) {
-  BoolMaskRef m;
+__device__ __forceinline__ MaskRef mask_ref(const FwdParams& p) {
+  MaskRef m;
   m.ptr = static_cast<const unsigned char*>(p.mask);
   m.st = p.mask_stride;
   m.len_q = p.len_q;
   m.len_k = p.len_k;
+  if (p.mask_kind == MaskKind::kAdditive) {
+    if (p.mask_dtype == DType::kFloat32) {
+      m.esize = 4;
+      m.hidden = m.hidden4 = 0xFF800000u;
+    } else {
+      m.esize = 2;
+      m.hidden = p.mask_dtype == DType::kBFloat16 ? 0xFF80u : 0xFC00u;
+      m.hidden4 = m.hidden | (m.hidden << 16);
+    }
+  }
   return m;
+}
+// Element e (in elements from ptr) of the mask: does it let its key be seen?
+__device__ __forceinline__ bool mask_sees(const MaskRef& m, const unsigned char* ptr, int64_t e) {
+  const unsigned char* x = ptr + e * m.esize;
+  if (m.esize == 1) return *x != 0;
+  if (m.esize == 2) return *reinterpret_cast<const uint16_t*>(x) != m.hidden;
+  return *reinterpret_cast<const uint32_t*>(x) != m.hidden;
+}
+// Whether 16 bytes of mask elements let any key be seen.
+__device__ __forceinline__ bool chunk_sees(const MaskRef& m, const uint4& x) {
+  return x.x != m.hidden4 || x.y != m.hidden4 || x.z != m.hidden4 || x.w != m.hidden4;
 }
 
 // Block-wide min of lo and max of hi, first step: a warp-shuffle reduction, then each warp's pair into red
@@ -746,8 +771,8 @@ __device__ __forceinline__ void fold_min_max(int& lo, int& hi, const int* red) {
 // CTA calls it and gets the same answer; red: 2 * kThreads / 32 ints of shared
 // memory, free again on return.
 template <int kUnit, bool kByRows, int kThreads>
-__device__ __forceinline__ void scan_mask(const unsigned char* base, const Strides4& ms, int64_t r0, int64_t r1,
-                                          int64_t js, int64_t je, int* red, int tid, int& lo, int& hi) {
+__device__ __forceinline__ void scan_mask(const MaskRef& m, const unsigned char* base, const Strides4& ms, int64_t r0,
+                                          int64_t r1, int64_t js, int64_t je, int* red, int tid, int& lo, int& hi) {
   if (ms.r == 0) r1 = r0 + 1;
   lo = 0x7fffffff;
   hi = -1;
@@ -756,19 +781,19 @@ __device__ __forceinline__ void scan_mask(const unsigned char* base, const Strid
     lo = u < lo ? u : lo;
     hi = u > hi ? u : hi;
   };
-  const int64_t nrows = r1 - r0, w = je - js;
-  if (ms.c == 1 && reinterpret_cast<uintptr_t>(base + r0 * ms.r + js) % 16 == 0 && (nrows == 1 || ms.r % 16 == 0)) {
-    const int64_t cpr = (w + 15) / 16;  // 16-byte chunks per row, the last one maybe partial
+  const int64_t nrows = r1 - r0, w = je - js, per = 16 / m.esize;  // elements per 16-byte chunk
+  if (ms.c == 1 && reinterpret_cast<uintptr_t>(base + (r0 * ms.r + js) * m.esize) % 16 == 0 &&
+      (nrows == 1 || (ms.r * m.esize) % 16 == 0)) {
+    const int64_t cpr = (w + per - 1) / per;  // 16-byte chunks per row, the last one maybe partial
 #pragma unroll 1
     for (int64_t c = tid; c < nrows * cpr; c += kThreads) {
-      const int64_t r = r0 + c / cpr, j = js + (c % cpr) * 16;
-      const unsigned char* src = base + r * ms.r + j;
+      const int64_t r = r0 + c / cpr, j = js + (c % cpr) * per;
+      const unsigned char* row = base + r * ms.r * m.esize;
       bool any = false;
-      if (j + 16 <= je) {
-        const uint4 x = *reinterpret_cast<const uint4*>(src);
-        any = (x.x | x.y | x.z | x.w) != 0u;
+      if (j + per <= je) {
+        any = chunk_sees(m, *reinterpret_cast<const uint4*>(row + j * m.esize));
       } else {
-        for (int64_t e = 0; e < je - j; ++e) any = any || src[e] != 0;
+        for (int64_t e = j; e < je; ++e) any = any || mask_sees(m, row, e);
       }
       if (any) hit(r, j);  // a 16-byte chunk lies in one key unit (kUnit is a multiple of 16)
     }
@@ -776,7 +801,7 @@ __device__ __forceinline__ void scan_mask(const unsigned char* base, const Strid
 #pragma unroll 1
     for (int64_t idx = tid; idx < nrows * w; idx += kThreads) {
       const int64_t r = r0 + idx / w, j = js + idx % w;
-      if (base[r * ms.r + j * ms.c] != 0) hit(r, j);
+      if (mask_sees(m, base, r * ms.r + j * ms.c)) hit(r, j);
     }
   }
   min_max_to_smem<kThreads>(lo, hi, red, tid);
@@ -831,30 +856,31 @@ __device__ __forceinline__ void narrow_units(int64_t& u_begin, int64_t& u_end, S
 // [j0, j0 + ncols) (one row when it broadcasts over the rows). Called by every
 // thread of the CTA (a barrier); the same answer for all.
 template <int kThreads>
-__device__ __forceinline__ bool mask_tile_any(const BoolMaskRef& m, int64_t b, int64_t h, int64_t i0, int nrows,
+__device__ __forceinline__ bool mask_tile_any(const MaskRef& m, int64_t b, int64_t h, int64_t i0, int nrows,
                                               int64_t j0, int ncols, int tid) {
   const Strides4& ms = m.st;
-  const unsigned char* base = m.ptr + b * ms.b + h * ms.h + i0 * ms.r;
+  const unsigned char* base = m.ptr + (b * ms.b + h * ms.h + i0 * ms.r) * m.esize;
   if (ms.r == 0) nrows = 1;
-  const bool vec = ms.c == 1 && reinterpret_cast<uintptr_t>(base + j0) % 16 == 0 && (nrows == 1 || ms.r % 16 == 0);
+  const int per = 16 / m.esize;  // elements per 16-byte chunk
+  const bool vec = ms.c == 1 && reinterpret_cast<uintptr_t>(base + j0 * m.esize) % 16 == 0 &&
+                   (nrows == 1 || (ms.r * m.esize) % 16 == 0);
   bool any = false;
   if (vec) {
-    const int cpr = (ncols + 15) / 16;  // 16-byte chunks per row, the last one maybe partial
+    const int cpr = (ncols + per - 1) / per;  // 16-byte chunks per row, the last one maybe partial
 #pragma unroll 1
     for (int c = tid; c < nrows * cpr && !any; c += kThreads) {
-      const int r = c / cpr, col = (c % cpr) * 16;
-      const unsigned char* src = base + r * ms.r + j0 + col;
-      if (col + 16 <= ncols) {
-        const uint4 x = *reinterpret_cast<const uint4*>(src);
-        any = (x.x | x.y | x.z | x.w) != 0u;
+      const int r = c / cpr, col = (c % cpr) * per;
+      const unsigned char* row = base + r * ms.r * m.esize;
+      if (col + per <= ncols) {
+        any = chunk_sees(m, *reinterpret_cast<const uint4*>(row + (j0 + col) * m.esize));
       } else {
-        for (int e = 0; e < ncols - col; ++e) any = any || src[e] != 0;
+        for (int e = col; e < ncols; ++e) any = any || mask_sees(m, row, j0 + e);
       }
     }
   } else {
 #pragma unroll 1
     for (int idx = tid; idx < nrows * ncols && !any; idx += kThreads) {
-      any = base[(idx / ncols) * ms.r + (j0 + idx % ncols) * ms.c] != 0;
+      any = mask_sees(m, base, (idx / ncols) * ms.r + (j0 + idx % ncols) * ms.c);
     }
   }
   return __syncthreads_or(any) != 0;
@@ -869,7 +895,7 @@ __device__ __forceinline__ bool mask_tile_any(const BoolMaskRef& m, int64_t b, i
 // CTA calls it; out and red are written before its last barrier, and red is
 // free again on return.
 template <int kBlockN, int kThreads>
-__device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, int64_t h, int64_t i0, int nq,
+__device__ __noinline__ void narrow_key_tiles(const MaskRef m, int64_t b, int64_t h, int64_t i0, int nq,
                                               int64_t n_begin, int64_t n_end, int64_t* out, int* red, int tid) {
   const int64_t S = m.len_k;
   const Strides4& ms = m.st;
@@ -878,19 +904,19 @@ __device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, in
   // narrow_query_blocks) raised the forward's spill stores from 10 to 148 bytes (ptxas, sm_80, D = 64 and
   // 128), as the chunked narrowing did.
   if ((ms.r == 0 || nq == 1) && n_end - n_begin > 2 && n_end < (int64_t(1) << 30)) {
-    const unsigned char* row = m.ptr + b * ms.b + h * ms.h + i0 * ms.r;
+    const unsigned char* row = m.ptr + (b * ms.b + h * ms.h + i0 * ms.r) * m.esize;
     const int64_t js = n_begin * kBlockN, je = n_end * kBlockN < S ? n_end * kBlockN : S;
-    int tmin = 0x7fffffff, tmax = -1;  // first and last tile with a true element
-    if (ms.c == 1 && reinterpret_cast<uintptr_t>(row + js) % 16 == 0) {
+    const int64_t per = 16 / m.esize;  // elements per 16-byte chunk
+    int tmin = 0x7fffffff, tmax = -1;  // first and last tile with an element that sees its key
+    if (ms.c == 1 && reinterpret_cast<uintptr_t>(row + js * m.esize) % 16 == 0) {
 #pragma unroll 1
-      for (int64_t j = js + 16 * static_cast<int64_t>(tid); j < je; j += 16 * kThreads) {
+      for (int64_t j = js + per * static_cast<int64_t>(tid); j < je; j += per * kThreads) {
         bool any;
-        if (j + 16 <= je) {
-          const uint4 x = *reinterpret_cast<const uint4*>(row + j);
-          any = (x.x | x.y | x.z | x.w) != 0u;
+        if (j + per <= je) {
+          any = chunk_sees(m, *reinterpret_cast<const uint4*>(row + j * m.esize));
         } else {
           any = false;
-          for (int64_t e = j; e < je; ++e) any = any || row[e] != 0;
+          for (int64_t e = j; e < je; ++e) any = any || mask_sees(m, row, e);
         }
         if (any) {  // a 16-byte chunk lies in one tile (kBlockN is a multiple of 16)
           const int tile = static_cast<int>(j / kBlockN);
@@ -901,7 +927,7 @@ __device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, in
     } else {
 #pragma unroll 1
       for (int64_t j = js + tid; j < je; j += kThreads) {
-        if (row[j * ms.c] != 0) {
+        if (mask_sees(m, row, j * ms.c)) {
           const int tile = static_cast<int>(j / kBlockN);
           tmin = tile < tmin ? tile : tmin;
           tmax = tile > tmax ? tile : tmax;
@@ -936,7 +962,7 @@ __device__ __noinline__ void narrow_key_tiles(const BoolMaskRef m, int64_t b, in
 // mask that broadcasts over the rows is read once). Conventions as
 // narrow_key_tiles.
 template <int kBlockM, int kThreads>
-__device__ __noinline__ void narrow_query_blocks(const BoolMaskRef m, int64_t b, int64_t h0, int64_t nh, int64_t j0,
+__device__ __noinline__ void narrow_query_blocks(const MaskRef m, int64_t b, int64_t h0, int64_t nh, int64_t j0,
                                                  int nk, int64_t mb_begin, int64_t nm, int64_t* out, int* red,
                                                  int tid) {
   int64_t mb_end = mb_begin + nm;
@@ -946,7 +972,7 @@ __device__ __noinline__ void narrow_query_blocks(const BoolMaskRef m, int64_t b,
       hi = -1;
       for (int64_t hh = h0; hh < h0 + nh; ++hh) {
         int l2, h2;
-        scan_mask<kBlockM, true, kThreads>(m.ptr + b * m.st.b + hh * m.st.h, m.st, u0 * kBlockM,
+        scan_mask<kBlockM, true, kThreads>(m, m.ptr + (b * m.st.b + hh * m.st.h) * m.esize, m.st, u0 * kBlockM,
                                            u1 * kBlockM < m.len_q ? u1 * kBlockM : m.len_q, j0, j0 + nk, red, tid,
                                            l2, h2);
         lo = l2 < lo ? l2 : lo;

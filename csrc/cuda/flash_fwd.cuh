@@ -21,7 +21,7 @@
 // |lse| > kExtremeLse (and no exact_d) leaves at once, the others store
 // shift = m, logl = log l (and D = dO . O from the fp32 O with exact_d)
 // instead of O and lse. Key tiles that the causal/window bounds hide from every row of
-// the block are never visited, nor those a boolean mask hides from every row
+// the block are never visited, nor those a boolean (false) or additive (-inf) mask hides from every row
 // at either end of the block's key range (narrow_key_tiles); tiles fully
 // visible skip the element-wise mask.
 //
@@ -171,10 +171,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   const int64_t jlo = lo0, jhi = hi1 > lo0 ? hi1 : lo0;
   int64_t n_begin = jlo / kBlockN;
   int64_t n_end = jhi > jlo ? ceil_div(jhi, kBlockN) : n_begin;
-  // a boolean mask: only the tiles between its first and last true element (sMask is free until the loop)
-  if (p.mask_kind == MaskKind::kBool && n_begin < n_end) {
+  // a mask: only the tiles between the first and last element that lets its key be seen (true, or not
+  // -inf) (sMask is free until the loop)
+  if (p.mask_kind != MaskKind::kNone && n_begin < n_end) {
     int64_t* bounds = reinterpret_cast<int64_t*>(sMask) + 8;  // past the 64 bytes of reduction scratch
-    narrow_key_tiles<kBlockN, kThreads>(bool_mask_ref(p), b, h, i0, nq, n_begin, n_end, bounds,
+    narrow_key_tiles<kBlockN, kThreads>(mask_ref(p), b, h, i0, nq, n_begin, n_end, bounds,
                                         reinterpret_cast<int*>(sMask), tid);
     n_begin = bounds[0];
     n_end = bounds[1];
