@@ -132,3 +132,24 @@ def test_avx512_rows_against_generic(tmp_path):
                 tol = ulps * torch.finfo(torch.float32).eps * a64.abs().max().item() if a64.numel() else 0.0
             err = (a64 - b64).abs().max().item() if a64.numel() else 0.0
             assert err <= tol, f"{where}: AVX-512 and generic differ by {err:.3g} (tolerance {tol:.3g})"
+
+
+@pytest.mark.parametrize("L,G,expect", [(1, 4, 4), (4, 4, 4), (2, 8, 8), (4, 8, 4), (3, 8, 4), (8, 4, 2)])
+def test_gqa_heads_grouped_per_block(L, G, expect):
+    """Short query rows: the heads of a GQA group run as one block of at most 16 rows (the most heads, a divisor
+    of the group, leaving two tasks per thread); the kernel log says how many. Same output as one head per block
+    (grouping off where the tasks would be too few: a single kv head of one batch element)."""
+    import attention_ext
+    from reference import reference_attention
+
+    torch.manual_seed(5)
+    B, Hkv, S = 2, 2, 300
+    q = torch.randn(B, Hkv * G, L, 32)
+    k, v = torch.randn(B, Hkv, S, 32), torch.randn(B, Hkv, S, 32)
+    with attention_ext.debug.kernel_log() as lines, torch.no_grad():
+        out = attention_ext.attention(q, k, v, enable_gqa=True)
+    nt = torch.get_num_threads()
+    if B * Hkv * G // expect < 2 * nt:
+        pytest.skip(f"{nt} threads: fewer heads per block would be chosen")
+    assert any(f"a GQA group's heads {expect} per block" in ln for ln in lines), lines
+    assert (out.double() - reference_attention(q, k, v, enable_gqa=True).out).abs().max() < 1e-5

@@ -211,6 +211,8 @@ CASES = [
                                                  causal=True, window=(100, 0))),
             ("rows_L2_keypad_poison", dict(batch=(3,), hq=2, L=2, S=70, E=20, Ev=12, mask="bool",
                                            mask_shape="keypad", layout="poison", fully_masked=True)),
+            # four heads of a group x 4 rows: one block of 16 rows (fp32 / fp16), with a mask per head
+            ("rows_L4_gqa4_docs", dict(batch=(2,), hq=8, hkv=2, L=4, S=400, E=64, mask="bool", mask_shape="docs")),
         ]
     ],
     # --- float64 (CPU only) ---

@@ -67,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
   st.p.seed = seed;
   st.p.offset = offset;
   if (log_kernels())
-    log_kernel(cpu::describe_kernel(with_weights ? "cpu forward with weights" : "cpu forward", st.p, false));
+    log_kernel(cpu::describe_kernel(with_weights ? "cpu forward with weights" : "cpu forward", st.p, false,
+                                    with_weights));
   dispatch_dtype(q.scalar_type(), [&](auto t) {
     using T = decltype(t);
     cpu::flash_fwd<T>(st.p, with_weights ? static_cast<T*>(w.data_ptr()) : nullptr, average_heads);

@@ -25,6 +25,6 @@ void warm_up(DType dtype);
 
 // One line naming the kernel path a call takes, for ATTENTION_EXT_LOG_KERNEL:
 // "<what>: flash kernel, <dtype> (<product path>), blocks QxK".
-std::string describe_kernel(const char* what, const FwdParams& p, bool backward);
+std::string describe_kernel(const char* what, const FwdParams& p, bool backward, bool weights = false);
 
 }  // namespace attention_ext::cpu

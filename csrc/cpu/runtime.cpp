@@ -52,7 +52,7 @@ void warm_up(DType dtype) {
   if (dtype == DType::kBFloat16) (void)bf16_path();
 }
 
-std::string describe_kernel(const char* what, const FwdParams& p, bool backward) {
+std::string describe_kernel(const char* what, const FwdParams& p, bool backward, bool weights) {
   const Blocks b = choose_blocks(p, backward);
   const char* path = "?";
   const bool rows = !backward && use_row_tile(p);
@@ -70,8 +70,13 @@ std::string describe_kernel(const char* what, const FwdParams& p, bool backward)
       break;
     default: break;
   }
-  if (rows) path = "short query rows (keys and values read in place)";
-  return std::string(what) + ": flash kernel, " + path + ", blocks " + std::to_string(b.q) + "x" +
+  std::string grouped;
+  if (rows) {
+    path = "short query rows (keys and values read in place)";
+    const int64_t ng = weights ? 1 : row_group_heads(p);
+    if (ng > 1) grouped = ", a GQA group's heads " + std::to_string(ng) + " per block";
+  }
+  return std::string(what) + ": flash kernel, " + path + grouped + ", blocks " + std::to_string(b.q) + "x" +
          std::to_string(b.k);
 }
 
