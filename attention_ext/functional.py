@@ -170,6 +170,13 @@ def attention_with_weights(
     ``(..., heads, L, S)`` (with the forward's dropout applied, as PyTorch's
     MultiheadAttention returns them), or with ``average_heads`` their mean over
     the heads, ``(..., L, S)`` (averaged in float32). Gradients flow through both."""
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
+        # nothing to differentiate: the op alone, without an autograd function's context (as the C++ ops do)
+        out, _, _, probs = _ops._attention_forward_weights(query, key, value, attn_mask, float(dropout_p),
+                                                           bool(is_causal), scale, bool(enable_gqa), _NO_WINDOW,
+                                                           bool(average_heads))
+        return out, probs
     return _AttentionWithWeights.apply(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
                                        bool(enable_gqa), bool(average_heads))
 

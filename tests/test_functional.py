@@ -222,3 +222,21 @@ def test_only_the_mask_requires_grad():
     (dmask,) = torch.autograd.grad(out, mask, go)
     ref = reference_grads(q, k, v, go, mask, mask_requires_grad=True)[5]
     assert (dmask.double() - ref).abs().max() < 1e-5
+
+
+def test_attention_with_weights_without_graph():
+    """attention_with_weights with nothing to differentiate runs the op alone: the same bits as with a graph
+    (output and averaged weights), and no grad_fn."""
+    from attention_ext.functional import attention_with_weights
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 4, 10, 16, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 10, 10, generator=g) > 0.2
+    o1, w1 = attention_with_weights(q.clone().requires_grad_(), k, v, mask, average_heads=True)
+    with torch.no_grad():
+        o2, w2 = attention_with_weights(q, k, v, mask, average_heads=True)
+    o3, w3 = attention_with_weights(q, k, v, mask, average_heads=True)
+    for o, w in ((o2, w2), (o3, w3)):
+        assert o.grad_fn is None and w.grad_fn is None
+        assert torch.equal(o, o1.detach()) and torch.equal(w, w1.detach())
+    assert w1.grad_fn is not None
