@@ -608,6 +608,11 @@ def _decode_inputs(dtype, Hq, Hkv, S, E, mask, layout, device, seed=3):
     return q, k, v, (m.to(device) if m is not None else None)
 
 
+def _forward_op(device):
+    """(_attention_forward of the emulated or the real CUDA kernels, the device of their tensors)."""
+    return (emu.ops._attention_forward, "cpu") if device == "emu" else (ops._attention_forward, "cuda")
+
+
 def _decode_check(q, k, v, m, out, lse):
     r = reference_attention(q.cpu(), k.cpu(), v.cpu(), m.cpu() if m is not None else None, enable_gqa=True)
     bq, bk, bv = (t.cpu() for t in (q, k, v))
@@ -626,8 +631,7 @@ def test_gqa_decode_heads_packed(device, cid, monkeypatch):
         monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", arch)
     if splits is not None:
         monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", str(splits))
-    fwd = emu.ops._attention_forward if device == "emu" else ops._attention_forward
-    dev = "cpu" if device == "emu" else "cuda"
+    fwd, dev = _forward_op(device)
     q, k, v, m = _decode_inputs(dtype, Hq, Hkv, S, E, mask, layout, dev)
     results = {}
     for pack in ("1", "0"):
@@ -651,8 +655,7 @@ def test_gqa_decode_heads_packed(device, cid, monkeypatch):
 @pytest.mark.parametrize("what", ["dropout", "causal", "window", "two_rows"])
 def test_gqa_heads_not_packed(device, what):
     """Row-dependent semantics keep one CTA per query head (dropout's streams, causal / window bounds, rows)."""
-    fwd = emu.ops._attention_forward if device == "emu" else ops._attention_forward
-    dev = "cpu" if device == "emu" else "cuda"
+    fwd, dev = _forward_op(device)
     q, k, v, _ = _decode_inputs(f16, 8, 2, 200, 64, None, "contig", dev)
     if what == "two_rows":
         q = torch.cat([q, q.flip(0)], dim=2)
@@ -670,8 +673,8 @@ def test_gqa_heads_not_packed(device, what):
 @pytest.mark.parametrize("device", [pytest.param("emu", marks=emu_marks()), pytest.param("cuda", marks=cuda_marks())])
 def test_pack_gqa_bad_setting_is_an_error(device, monkeypatch):
     monkeypatch.setenv("ATTENTION_EXT_PACK_GQA", "yes")
-    fwd = emu.ops._attention_forward if device == "emu" else ops._attention_forward
-    q, k, v, _ = _decode_inputs(f16, 4, 2, 20, 16, None, "contig", "cpu" if device == "emu" else "cuda")
+    fwd, dev = _forward_op(device)
+    q, k, v, _ = _decode_inputs(f16, 4, 2, 20, 16, None, "contig", dev)
     with pytest.raises(ValueError, match="ATTENTION_EXT_PACK_GQA must be 0 or 1, got 'yes'"):
         fwd(q, k, v, None, 0.0, False, None, True, [-1, -1])
 

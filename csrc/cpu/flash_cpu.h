@@ -1028,7 +1028,7 @@ void flash_bwd_impl(const BwdParams& p) {
   std::vector<A> dq_part;
   if (nchunks > 1) dq_part.assign(nchunks * B * Hq * L * E, A(0));
   const int64_t nqb = cdiv(L, kBlockQ);
-  // every query block's key range, once (block_key_range scans a boolean mask), not once per key block
+  // every query block's key range, once (block_key_range scans the mask), not once per key block
   std::vector<int64_t> kr(2 * B * Hq * nqb);
   parallel_for(B * Hq * nqb, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -1157,7 +1157,7 @@ void flash_bwd(const BwdParams& p) {
 // Attention probabilities (after dropout, as the forward applied them), recomputed from q, k and the
 // log-sum-exp tile by tile with the forward's product path (the same Q K^T as the forward that produced
 // lse); out is batch x heads_q x len_q x len_k contiguous. Key tiles outside a query block's key range
-// (causal, window, boolean masks: block_key_range) are written as zeros without computing them.
+// (causal, window, masks' false / -inf: block_key_range) are written as zeros without computing them.
 template <typename T, typename Tile>
 void flash_probs_impl(const FwdParams& p, T* out) {
   using A = acc_t<T>;

@@ -4,7 +4,7 @@
 // key block it keeps K and V in shared memory and dK, dV in registers, and
 // walks every (query head of the GQA group, query block of kBlockM rows) that
 // can see the key block (the causal/window bounds skip the others, and a
-// boolean mask those at either end that it hides from the key block):
+// mask those at either end that it hides from the key block):
 //
 //   phase 1 (warp grid WsM x WsN over kBlockM x kBlockN):
 //     S = Q K^T, dP = dO V^T; P = exp2(((S*scale + mask - shift) - logl) * log2e)

@@ -674,14 +674,15 @@ __device__ __forceinline__ void stage_mask(unsigned char* sM, const FwdParams& p
 }
 
 // ---------------------------------------------------------------------------
-// Boolean masks: the tiles they hide from every row are never computed
+// Masks: the tiles they hide from every row are never computed
 //
-// A boolean mask that is false over a whole (query block, key block) tile makes
-// every P of the tile 0: the tile changes no output, statistic or gradient, so
-// the kernels narrow their loops to the tiles that hold a true element (key
-// padding, a causal or block-diagonal mask passed as a tensor). Boolean only:
-// an additive mask's gradient must be written everywhere, and -inf in it is
-// rarer. Only at the two ends of a loop, not holes in its middle.
+// A boolean mask that is false (an additive one that is -inf) over a whole
+// (query block, key block) tile makes every P of the tile 0: the tile changes
+// no output, statistic or gradient (an additive mask's gradient there is 0,
+// which the zero-filled gradient buffer already holds), so the kernels narrow
+// their loops to the tiles that hold an element letting its key be seen (key
+// padding, a causal or block-diagonal mask passed as a tensor). Only at the two
+// ends of a loop, not holes in its middle.
 //
 // The two narrowing functions run once per loop, before it, and are out of
 // line with plain arguments and their results in shared memory: inlined, their

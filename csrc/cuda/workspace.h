@@ -83,12 +83,13 @@ inline bool pack_gqa_enabled() {
 // 0, is row g of head hk (the head strides of q, out and the mask grow G times, their row strides become the
 // old head strides: any layout, broadcast masks included), and the log-sum-exp's (batch, heads_q, 1) layout
 // is the same memory as (batch, heads_kv, G). Not with dropout (its streams are numbered by head and row),
-// causal or window bounds (they depend on the row index) or packed sequences. True when p was changed.
-inline bool pack_gqa_rows(FwdParams& p) {
+// causal or window bounds (they depend on the row index) or packed sequences. Returns G where p was changed,
+// else 1.
+inline int64_t pack_gqa_rows(FwdParams& p) {
   const int64_t G = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
   if (G <= 1 || p.len_q != 1 || p.dropout_p > 0.0 || p.window_left >= 0 || p.window_right >= 0 ||
-      p.cu_seqlens_q != nullptr || p.num_splits > 1 || !pack_gqa_enabled())
-    return false;
+      p.cu_seqlens_q != nullptr || !pack_gqa_enabled())
+    return 1;
   auto fold = [G](Strides4& s) {
     s.r = s.h;
     s.h *= G;
@@ -98,7 +99,7 @@ inline bool pack_gqa_rows(FwdParams& p) {
   if (p.mask_kind != MaskKind::kNone) fold(p.mask_stride);
   p.heads_q = p.heads_kv;
   p.len_q = G;
-  return true;
+  return G;
 }
 
 // The key shares run_forward gives p: n > 1 where flash-decoding runs (the sm80 kernel with its key tiles
@@ -155,9 +156,9 @@ template <class Launch>
 std::string run_forward(const FwdParams& p_call, const LaunchEnv& env, const at::TensorOptions& like,
                         const FwdEntry& sm80, const char* what, Launch&& launch) {
   FwdParams p = p_call;
-  const int64_t group = p.heads_q / (p.heads_kv > 0 ? p.heads_kv : 1);
-  const std::string packed = pack_gqa_rows(p) ? ", GQA heads packed " + std::to_string(group) + " per CTA" : "";
-  return run_forward_unpacked(p, env, like, sm80, what, launch) + packed;
+  const int64_t group = pack_gqa_rows(p);
+  const std::string ran = run_forward_unpacked(p, env, like, sm80, what, launch);
+  return group > 1 ? ran + ", GQA heads packed " + std::to_string(group) + " per CTA" : ran;
 }
 
 // A sequence of average length of a packed call, as a call of its own.
