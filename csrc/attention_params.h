@@ -84,10 +84,11 @@ struct FwdParams {
   // (heads_q, L_b) block at heads_q * cu_seqlens_q[b], and its dropout stream is (seed, offset + b) (from
   // seed_offset_ptr[2 b], [2 b + 1] when that is set). The kernels see each sequence as a call of batch 1
   // (sequence_params, cuda/flash_fwd.cuh and flash_bwd.cuh; the host-side twin for the other backends is
-  // split_sequences, varlen.h). total_q = cu_seqlens_q[batch], the packed query rows.
+  // split_sequences, varlen.h). total_q = cu_seqlens_q[batch], the packed query rows; total_k =
+  // cu_seqlens_k[batch], the packed key rows.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
-  int64_t total_q = 0;
+  int64_t total_q = 0, total_k = 0;
 };
 
 // Rows of the per-row buffers (log-sum-exp, the backward's statistics and dQ workspace): heads_q x every query
@@ -117,18 +118,20 @@ struct BwdParams : FwdParams {
 // recomputed (CPU: row_stats in cpu/flash_cpu.h; CUDA: launch_row_stats).
 constexpr double kExtremeLse = 1e4;
 
-// Visible key range [lo, hi) of query row i, before any explicit mask.
-AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_t& hi) {
+// Visible key range [lo, hi) of query row i, before any explicit mask, with len_k keys (p.len_k, or a packed
+// sequence's own).
+AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t len_k, int64_t i, int64_t& lo, int64_t& hi) {
   lo = 0;
-  hi = p.len_k;
+  hi = len_k;
   if (p.window_left >= 0) lo = i - p.window_left > 0 ? i - p.window_left : 0;
-  if (lo > p.len_k) lo = p.len_k;  // a row whose window starts past the last key sees nothing
+  if (lo > len_k) lo = len_k;  // a row whose window starts past the last key sees nothing
   if (p.window_right >= 0) {
     int64_t h = i + p.window_right + 1;
     hi = h < hi ? h : hi;
   }
   if (hi < lo) hi = lo;
 }
+AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_t& hi) { key_range(p, p.len_k, i, lo, hi); }
 
 // Query rows [ib, ie) that can see a key of [j0, j1) (the inverse of
 // key_range, before any explicit mask): row i sees key j iff

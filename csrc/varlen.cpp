@@ -147,7 +147,7 @@ void check_packed_rows(const at::Tensor& q, const at::Tensor& k) {
 
 // The params of the whole packed call (batch 1, every token) made those of a packed launch.
 void set_packed(FwdParams& p, const VarlenOffsets& off, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                int64_t total_q) {
+                int64_t total_q, int64_t total_k) {
   p.batch = off.batch();
   p.len_q = p.len_k = 0;
   for (int64_t b = 0; b < off.batch(); ++b) {
@@ -157,6 +157,7 @@ void set_packed(FwdParams& p, const VarlenOffsets& off, const at::Tensor& cu_q, 
   p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
   p.total_q = total_q;
+  p.total_k = total_k;
 }
 
 }  // namespace
@@ -172,7 +173,7 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
   s.lse = s.st.lse.view({-1});
   s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
   s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
-  set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0));
+  set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0), k.size(0));
   return s;
 }
 
@@ -191,7 +192,7 @@ PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tenso
                           opt, false);
   s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
   s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
-  set_packed(s.st.p, off, s.cu_q, s.cu_k, q.size(0));
+  set_packed(s.st.p, off, s.cu_q, s.cu_k, q.size(0), k.size(0));
   return s;
 }
 

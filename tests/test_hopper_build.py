@@ -33,6 +33,15 @@ def test_every_hopper_instantiation_is_checked():
 # every arrangement tried (draws before / during / after the S^T product,
 # generator state in shared memory, 32-bit indices) left 4-28 B somewhere.
 ALLOWED_SPILL = {("bwdsm90_hdim128_fp16.cu", True): 8, ("bwdsm90_hdim128_bf16.cu", True): 8}
+# The D = 64 forward of packed sequences with dropout: the tile count, computed before the warpgroups split,
+# stored once (4 B) and loaded by each role at its start and at its exit (16 B per CTA, none per tile).
+PACKED_FWD_DROPOUT_SPILL = {"fwdsm90_hdim64_fp16.cu": 16, "fwdsm90_hdim64_bf16.cu": 16}
+
+
+def _allowed_spill(name, mangled):
+    if "flash_fwd_sm90" in mangled and mangled.endswith("Lb1ELb0ELb1EEEvNS1_13Sm90FwdParamsE"):
+        return PACKED_FWD_DROPOUT_SPILL.get(name, 0)
+    return ALLOWED_SPILL.get((name, "Lb1E" in mangled and "bwd_sm90" in mangled), 0)
 
 
 def _compile(name, out_dir):
@@ -63,5 +72,5 @@ def test_ptxas_report_clean(name, reports):
                          r"(\d+) bytes spill loads", report, re.S)
     assert kernels and len(kernels) == report.count("Compiling entry function"), report
     for mangled, stack, stores, loads in kernels:
-        allowed = ALLOWED_SPILL.get((name, "Lb1E" in mangled and "bwd_sm90" in mangled), 0)
+        allowed = _allowed_spill(name, mangled)
         assert int(stores) <= allowed and int(loads) <= allowed and int(stack) <= 2 * allowed, (mangled, report)

@@ -255,20 +255,20 @@ def test_varlen_emulated_cuda():
 @pytest.mark.emu
 def test_varlen_emulated_hopper(monkeypatch):
     """On an sm_90 device (the emulator with ATTENTION_EXT_EMU_ARCH=90) the varlen ops keep the Hopper kernels
-    where they pay: a lone sequence is an ordinary call, and sequences of 1024 query rows or more on average go
-    sequence by sequence through them, the forward only where the Hopper kernel would run such a sequence whole
-    (on a 132-SM device 2 heads x 9 query blocks would split their keys instead: one packed launch); shorter
-    sequences take the packed sm80 launches. Output, lse and gradients against the reference."""
+    where they pay: a lone sequence is an ordinary call; the forward of sequences of 128 query rows or more on
+    average is one packed Hopper launch; the backward of sequences of 1024 query rows or more on average goes
+    sequence by sequence through the Hopper backward; shorter sequences take the packed sm80 launches. Output,
+    lse and gradients against the reference."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
     g = torch.Generator().manual_seed(21)
     # (lengths, emulated SMs, forward, backward): "hopper" = one Hopper launch per sequence, "packed" = one
-    # sm80 launch for all
+    # sm80 launch for all, "hopper packed" = one Hopper launch for all
     for lengths, sms, fwd_kind, bwd_kind in (([300], "132", "hopper", "hopper"),
-                                             ([1100, 1000], "16", "hopper", "hopper"),
-                                             ([1100, 1000], "132", "packed", "hopper"),
-                                             ([200, 90, 31], "132", "packed", "packed")):
+                                             ([1100, 1000], "16", "hopper packed", "hopper"),
+                                             ([200, 90, 31], "132", "packed", "packed"),
+                                             ([200, 90, 130], "132", "hopper packed", "packed")):
         monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", sms)
         total = sum(lengths)
         q, k, v = (torch.randn(total, 2, 64, generator=g).to(torch.bfloat16) for _ in range(3))
@@ -283,12 +283,128 @@ def test_varlen_emulated_hopper(monkeypatch):
             got = [ln for ln in lines if direction in ln]
             if kind == "hopper":
                 assert len(got) == len(lengths) and all("sm90a" in ln for ln in got), (lengths, sms, lines)
+            elif kind == "hopper packed":
+                assert len(got) == 1 and "sm90a" in got[0] and "packed sequences" in got[0], (lengths, sms, lines)
             else:
                 assert len(got) == 1 and "sm80" in got[0] and "packed sequences" in got[0], (lengths, sms, lines)
         ref = reference(q, k, v, cu, cu, dict(is_causal=True), grad=grad)
         for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
             assert_close_vs_baseline(f"{lengths} {name}", x, ref[name], ref["base_" + name], q.dtype, factor=4.0)
         assert max_abs_error(lse, ref["lse"]) <= 1e-3, lengths
+
+
+# name: (query lengths, key lengths, heads_q, heads_kv, E, Ev, options): packed Hopper forwards (128 query rows
+# or more on average), with sequences without queries or without keys, and tiles overhanging a sequence's end
+HOPPER_PACKED = {
+    "cross_causal_gqa": ([130, 257, 3, 0, 260], [300, 7, 129, 50, 0], 4, 2, 64, 64,
+                         dict(is_causal=True, enable_gqa=True)),
+    "window_ev": ([140, 129, 200], None, 2, 2, 128, 96, dict(window_size=(70, 20))),
+    "mqa_scale_256": ([150, 131], [129, 260], 2, 1, 200, 256, dict(enable_gqa=True, scale=0.2)),
+}
+
+
+def _hopper_packed_case(name, dtype=torch.bfloat16, seed=0):
+    lq, lk, hq, hkv, e, ev, kw = HOPPER_PACKED[name]
+    lk = lq if lk is None else lk
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lq), hq, e, generator=g).to(dtype)
+    k = torch.randn(sum(lk), hkv, e, generator=g).to(dtype)
+    v = torch.randn(sum(lk), hkv, ev, generator=g).to(dtype)
+    args = (kw.get("is_causal", False), kw.get("scale"), kw.get("enable_gqa", False),
+            list(kw.get("window_size", (-1, -1))))
+    return q, k, v, offsets(lq), offsets(lk), kw, args
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("case", list(HOPPER_PACKED))
+def test_varlen_emulated_hopper_packed(case, monkeypatch):
+    """The Hopper forward over packed sequences in one launch (its kPacked variant): 5 emulated multiprocessors,
+    so that each persistent CTA walks tiles of several sequences through one pipeline; cross lengths, causal,
+    windows, GQA / MQA, E != Ev, head dims below the bucket, sequences without queries or keys (rows of 0,
+    lse -inf). Output and lse against the float64 reference; every row written (outputs start as NaN)."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
+    monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", "5")
+    q, k, v, cu_q, cu_k, kw, args = _hopper_packed_case(case)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, *args)
+    n = len(cu_q) - 1
+    assert len(lines) == 1 and "sm90a" in lines[0] and f"{n} packed sequences in one launch" in lines[0], lines
+    ref = reference(q, k, v, cu_q, cu_k, kw)
+    assert_close_vs_baseline(f"{case} out", out, ref["out"], ref["base_out"], q.dtype)
+    assert max_abs_error(lse, ref["lse"]) <= 1e-3, case
+
+
+@pytest.mark.emu
+def test_varlen_emulated_hopper_packed_sequences_isolated(monkeypatch):
+    """A tile that overhangs its sequence's end reads zeros, not the next sequence's rows: with the middle
+    sequence's queries, keys and values all NaN / inf, the other sequences' outputs and lse keep every bit
+    (0 x inf in P V would reach them otherwise)."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
+    lengths = [130, 120, 150]  # 133 query rows on average: the packed Hopper forward
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(sum(lengths), 2, 64, generator=g).to(torch.float16) for _ in range(3))
+    cu = offsets(lengths)
+    args = (None, None, 0.0, False, None, False, [-1, -1])
+    with attention_ext.debug.kernel_log() as lines:
+        clean = emu.ops._attention_varlen_forward(q, k, v, cu, cu, *args)
+    assert len(lines) == 1 and "sm90a" in lines[0] and "3 packed sequences" in lines[0], lines
+    mid = slice(130, 250)
+    q[mid], k[mid], v[mid] = float("nan"), float("nan"), float("inf")
+    dirty = emu.ops._attention_varlen_forward(q, k, v, cu, cu, *args)
+    for rows in (slice(0, 130), slice(250, 400)):
+        assert torch.equal(clean[0][rows], dirty[0][rows])
+    for b, (q0, q1) in enumerate(((0, 130), (250, 400))):  # lse: (heads, L_b) blocks one after another
+        assert torch.equal(clean[1][2 * q0:2 * q1], dirty[1][2 * q0:2 * q1]), b
+    assert torch.isnan(dirty[0][mid]).all()
+
+
+@pytest.mark.emu
+def test_varlen_emulated_hopper_packed_dropout(monkeypatch):
+    """Dropout in the packed Hopper forward: sequence b draws (seed, offset + b), the stream of a batch-1 call
+    (output against the reference under _dropout_mask's masks, as the sm80 packed launch is); with head dim
+    256 the launcher declines (the consumers have no registers for the generator) and the packed sm80 launch
+    runs instead, under the same masks."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
+    p = 0.25
+    for case, kernel in (("cross_causal_gqa", "sm90a"), ("mqa_scale_256", "sm80")):
+        q, k, v, cu_q, cu_k, kw, args = _hopper_packed_case(case, torch.float16, seed=3)
+        torch.manual_seed(11)
+        with attention_ext.debug.kernel_log() as lines:
+            out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, p, *args)
+        assert len(lines) == 1 and kernel in lines[0] and "packed sequences in one launch" in lines[0], lines
+        n = len(cu_q) - 1
+        assert rng[:, 1].tolist() == [int(rng[0, 1]) + b for b in range(n)]
+        ref = reference(q, k, v, cu_q, cu_k, kw, dropout_p=p, rng=rng, mask_fn=emu.ops._dropout_mask)
+        assert max_abs_error(out, ref["out"]) <= 2e-2, case
+        assert max_abs_error(lse, ref["lse"]) <= 1e-3, case
+
+
+@pytest.mark.emu
+def test_varlen_emulated_hopper_packed_schedule_independent(monkeypatch):
+    """The packed Hopper forward gives the same bits in every fiber order and whether TMA data and wgmma results
+    land at issue or at the wait, dropout included."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
+    monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", "3")
+    q, k, v, cu_q, cu_k, kw, args = _hopper_packed_case("cross_causal_gqa", seed=9)
+
+    def run():
+        torch.manual_seed(5)
+        return emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.2, *args)
+
+    with emu.schedule("forward", "late"):
+        base = run()
+    with emu.schedule("shuffle", "early"):
+        other = run()
+    for a, b in zip(base, other):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.emu

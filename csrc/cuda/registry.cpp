@@ -42,11 +42,41 @@ bool tma_readable(const void* base, const Strides4& st, int64_t batch, int64_t h
   return sm90::check_tma_desc_4d(base, dims, strides, box, sm90::kSwizzle128B, 2) == nullptr;
 }
 
+// ATTENTION_EXT_DISABLE_SM90=1: the sm80 kernels even on an sm_90 device.
+bool sm90_switched_off() {
+  const char* off = std::getenv("ATTENTION_EXT_DISABLE_SM90");
+  return off != nullptr && std::strcmp(off, "1") == 0;
+}
+
+// Whether TMA can read packed sequences' rows (total, heads, dim) through the
+// map packed_operand_desc makes (R: the longest sequence's rows).
+bool tma_readable_packed(const void* base, const Strides4& st, int64_t heads, int64_t R, int64_t total, int64_t dim) {
+  if (st.r < 0 || st.h < 0) return false;
+  const uint64_t rs = static_cast<uint64_t>(st.r) * 2;
+  const uint64_t dims[4] = {static_cast<uint64_t>(dim), static_cast<uint64_t>(std::max<int64_t>(R, 1)),
+                            static_cast<uint64_t>(heads), static_cast<uint64_t>(total) + 1};
+  const uint64_t strides[3] = {rs, heads == 1 ? rs * dims[1] : static_cast<uint64_t>(st.h) * 2, rs};
+  const uint32_t box[4] = {64, 64, 1, 1};
+  return sm90::check_tma_desc_4d(base, dims, strides, box, sm90::kSwizzle128B, 2) == nullptr;
+}
+
 // The calls the Hopper kernels may take (the launchers check the head dims).
+// Packed sequences: the forward only (find_bwd_sm90 declines them).
 bool sm90_eligible(const FwdParams& p, const LaunchEnv& env) {
   if (env.arch != 90) return false;
-  if (p.cu_seqlens_q != nullptr) return false;  // packed sequences: the sm80 kernels only
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  if (p.cu_seqlens_q != nullptr) {
+    if (p.mask_kind != MaskKind::kNone || p.len_q > 0x7fffffff || p.len_k > 0x7fffffff ||
+        p.total_q > 0x7ffffffe || p.total_k > 0x7ffffffe || p.heads_q > 0x7fffffff || p.batch > 0x7fffffff) {
+      return false;
+    }
+    if (!tma_readable_packed(p.q, p.q_stride, p.heads_q, p.len_q, p.total_q, p.dim_qk) ||
+        !tma_readable_packed(p.k, p.k_stride, p.heads_kv, p.len_k, p.total_k, p.dim_qk) ||
+        !tma_readable_packed(p.v, p.v_stride, p.heads_kv, p.len_k, p.total_k, p.dim_v)) {
+      return false;
+    }
+    return !sm90_switched_off();
+  }
   // explicit masks: only key padding (broadcast over the query rows)
   if (p.mask_kind != MaskKind::kNone && p.mask_stride.r != 0 && p.len_q != 1) return false;
   if (p.len_q > 0x7fffffff || p.len_k > 0x7fffffff || p.heads_q > 0x7fffffff || p.batch > 0x7fffffff) {
@@ -57,8 +87,7 @@ bool sm90_eligible(const FwdParams& p, const LaunchEnv& env) {
       !tma_readable(p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.dim_v)) {
     return false;
   }
-  const char* off = std::getenv("ATTENTION_EXT_DISABLE_SM90");
-  return off == nullptr || std::strcmp(off, "1") != 0;
+  return !sm90_switched_off();
 }
 
 const char* dtype_name(DType dtype) {
@@ -105,7 +134,7 @@ bool register_bwd_sm90(const BwdEntry& e) {
 }
 
 const BwdEntry* find_bwd_sm90(const BwdParams& p, const LaunchEnv& env) {
-  if (!sm90_eligible(p, env) || p.dmask != nullptr || p.deterministic) return nullptr;
+  if (!sm90_eligible(p, env) || p.cu_seqlens_q != nullptr || p.dmask != nullptr || p.deterministic) return nullptr;
   if (!tma_readable(p.dout, p.do_stride, p.batch, p.heads_q, p.len_q, p.dim_v)) return nullptr;
   return find_in(bwd_sm90_table(), p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
 }

@@ -187,9 +187,19 @@ bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& off, Fin
   return h == nullptr || fwd_key_splits(one, *sm80(), h, env) > 1;
 }
 
-// _attention_varlen_forward as both glues run it: one launch of the sm80 kernel over the packed sequences
-// (FwdParams::cu_seqlens_q) where packed_in_one_launch says so, else sequence by sequence through the glue's
-// forward `fwd` into the same outputs (the offsets read once either way). draw_rng() gives the call's int64[2]
+// Packed sequences on an sm_90 device: the Hopper forward that takes them all in one launch, or nullptr. Taken
+// where they average 128 query rows or more (one Hopper block; a guess, not yet measured on a GPU): its
+// persistent grid then has whole blocks to hand out, and per tile it is the kernel an ordinary call gets, so it
+// also replaces the launch per sequence of long ones. Shorter sequences go to the sm80 kernel's smaller blocks.
+inline const Sm90FwdEntry* packed_fwd_sm90(const FwdParams& packed, const VarlenOffsets& off, const LaunchEnv& env) {
+  if (off.batch() <= 1 || mean_sequence(packed, off).len_q < 128) return nullptr;
+  return find_fwd_sm90(packed, env);
+}
+
+// _attention_varlen_forward as both glues run it: one launch over the packed sequences (FwdParams::cu_seqlens_q)
+// of the Hopper kernel where packed_fwd_sm90 gives one, else of the sm80 kernel where packed_in_one_launch says
+// so, else sequence by sequence through the glue's forward `fwd` into the same outputs (the offsets read once
+// either way). draw_rng() gives the call's int64[2]
 // (seed, offset) (zeros without dropout); sequence b takes (seed, offset + b), row b of the returned rng_state.
 // find(p) is the glue's sm80 entry for p (or its error); launch(fn) runs one launcher and checks its error.
 template <class Fwd, class DrawRng, class Find, class Launch>
@@ -201,7 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
   PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k,
                                            make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
   FwdParams& p = s.st.p;
-  if (!packed_in_one_launch(p, s.off, [&] { return find(p); }, env)) {
+  const Sm90FwdEntry* hopper = packed_fwd_sm90(p, s.off, env);
+  if (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env)) {
     at::Tensor rng = varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
     finish_forward(s.st);
     return {s.out, s.lse, rng};
@@ -211,11 +222,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     rng.select(1, 1).add_(at::arange(s.off.batch(), rng.options()));
     p.seed_offset_ptr = rng.data_ptr<int64_t>();
   }
-  const FwdEntry* sm80 = find(p);
-  if (p.len_q > 0 && p.heads_q > 0) launch([&] { return sm80->fn(p, nullptr, env); });
-  if (log_kernels())
-    log_kernel(describe_kernel(what, sm80->head_dim, p.dtype, env) + ", " + std::to_string(p.batch) +
-               " packed sequences in one launch");
+  std::string ran;
+  if (hopper != nullptr && p.len_q > 0 && p.heads_q > 0) {
+    cudaError_t err = cudaSuccess;
+    launch([&] {
+      err = hopper->fn(p, env);  // declines (cudaErrorNotSupported) before launching anything
+      return err == cudaErrorNotSupported ? cudaSuccess : err;
+    });
+    if (err != cudaErrorNotSupported) ran = describe_kernel_sm90(what, hopper->head_dim, p.dtype);
+  }
+  if (ran.empty()) {
+    const FwdEntry* sm80 = find(p);
+    if (p.len_q > 0 && p.heads_q > 0) launch([&] { return sm80->fn(p, nullptr, env); });
+    ran = describe_kernel(what, sm80->head_dim, p.dtype, env);
+  }
+  if (log_kernels()) log_kernel(ran + ", " + std::to_string(p.batch) + " packed sequences in one launch");
   finish_forward(s.st);
   return {s.out, s.lse, rng};
 }

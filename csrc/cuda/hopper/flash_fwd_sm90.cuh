@@ -36,6 +36,18 @@
 // of true keys are never loaded), head dims <= the bucket (64,
 // 128 or 256; zero-filled by TMA past E / Ev), any window / causal bound, GQA / MQA,
 // dropout, q / k / v / out with 16-byte aligned bases and strides (TMA).
+//
+// Packed sequences (kPacked, FwdParams::cu_seqlens_q: attention_varlen) in
+// the same launch: the tiles are (sequence, head, query block) over the
+// longest sequence (blocks past a sequence's end have nothing to do), and
+// each tile reads its sequence's offsets and lengths. TMA zero-fills only past
+// the end of a tensor, so that a tile that overhangs its sequence reads zeros
+// rather than the next sequence's rows (whose values may be inf or NaN: 0 x
+// inf in P V would reach this sequence), the maps of packed q, k and v are
+// made so that every sequence ends where a dimension does: rows (dim, r, head,
+// n) at address base - R rows + (r + n) rows, R the longest sequence. Row j of
+// a sequence [s, e) is (r, n) = (R - (e - s) + j, e): r < R exactly for its own
+// rows, and r >= 0 for all of them (packed_operand_desc).
 #pragma once
 
 #include "../flash_fwd.cuh"
@@ -89,15 +101,21 @@ __device__ __forceinline__ const void* key_mask_row(const FwdParams& p, int64_t 
          (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
 }
 
-// kDropout / kMask: compiled separately so that the common case carries no
-// RNG state or mask pointer in the consumers' 240 registers.
-template <class Cfg, bool kDropout, bool kMask>
+// A load issued where it stands (not one the compiler may replace by an
+// earlier load's value kept in a register).
+__device__ __forceinline__ int64_t load_volatile(const int32_t* x) { return *static_cast<const volatile int32_t*>(x); }
+
+// kDropout / kMask / kPacked: compiled separately so that the common case
+// carries no RNG state, mask pointer or sequence offsets in the consumers' 240
+// registers.
+template <class Cfg, bool kDropout, bool kMask, bool kPacked>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdParams P) {
 #if defined(AE_SM90_BODY)
+  static_assert(!(kPacked && kMask), "packed sequences come without a mask");
   using Elem = typename Cfg::Elem;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int NTS = Cfg::kNTS, NTO = Cfg::kNTO, kPanels = Cfg::kPanels;
-  const FwdParams& p = P.p;
+  const FwdParams& pc = P.p;  // the call's params (packed: len_q / len_k the longest sequence's)
 
   AE_DYNAMIC_SMEM(smem_raw);
   const uint32_t raw = smem_u32(smem_raw);
@@ -115,39 +133,66 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
 
   // 32-bit tile arithmetic (the launcher checks that L, S, B, H and the tile
   // count fit): 64-bit divisions would cost the 32-register producer spills
-  const int64_t L = p.len_q;
-  const int Hq = static_cast<int>(p.heads_q), G = static_cast<int>(p.heads_q / p.heads_kv);
-  const int nmb = static_cast<int>(ceil_div(L, kBlockM));
-  const int BH = static_cast<int>(p.batch) * Hq;
-  const int total = nmb * BH;  // output tiles (batch, head, query block)
+  // (the head counts are read from the params where used rather than computed once before the roles split:
+  // values live across the split cost the packed variants spills)
+  auto heads = [&] { return static_cast<int>(pc.heads_q); };
+  auto batch_heads = [&] { return static_cast<int>(pc.batch) * heads(); };
+  const int total = static_cast<int>(ceil_div(pc.len_q, kBlockM)) * batch_heads();  // tiles (batch, head, query block)
 
   // Persistent grid: CTA x takes tiles x, x + gridDim, ... of a longest-first
   // order (the last query blocks, which see the most keys under a causal mask,
   // come first for every (batch, head)), so the static round-robin hands out
   // the big causal tiles before the small ones.
+  // A tile's TMA coordinates: Q rows (qr, qn) (its row and batch coordinates),
+  // key tile j0 at rows (kr0 + j0, kn); ordinary calls (i0, b) and (j0, b),
+  // packed ones as the maps of packed_operand_desc want them. L / S: the
+  // sequence's lengths (ordinary: the call's).
   struct Tile {
     int bh, b, h, hk, i0, n_begin, nq, n_tiles;
+    int qr, qn, kr0, kn;
+    int L, S;
   };
   auto tile_at = [&](int id) {
     Tile T;
-    const int mb = nmb - 1 - id / BH;
-    T.bh = id % BH;
-    T.b = T.bh / Hq;
-    T.h = T.bh % Hq;
-    T.hk = T.h / G;
+    const int mb = static_cast<int>(ceil_div(pc.len_q, kBlockM)) - 1 - id / batch_heads();
+    T.bh = id % batch_heads();
+    T.b = T.bh / heads();
+    T.h = T.bh % heads();
+    T.hk = T.h / static_cast<int>(pc.heads_q / pc.heads_kv);
     T.i0 = mb * kBlockM;
-    T.nq = static_cast<int>(L - T.i0 < kBlockM ? L - T.i0 : kBlockM);
+    if constexpr (kPacked) {
+      const int q0 = pc.cu_seqlens_q[T.b], q1 = pc.cu_seqlens_q[T.b + 1];
+      const int k0 = pc.cu_seqlens_k[T.b], k1 = pc.cu_seqlens_k[T.b + 1];
+      T.L = q1 - q0;
+      T.S = k1 - k0;
+      T.qr = static_cast<int>(pc.len_q) - T.L + T.i0;
+      T.qn = q1;
+      T.kr0 = static_cast<int>(pc.len_k) - T.S;
+      T.kn = k1;
+      if (T.i0 >= T.L) {  // past the end of this sequence
+        T.nq = T.n_begin = T.n_tiles = 0;
+        return T;
+      }
+    } else {
+      T.L = static_cast<int>(pc.len_q);
+      T.S = static_cast<int>(pc.len_k);
+      T.qr = T.i0;
+      T.qn = T.b;
+      T.kr0 = 0;
+      T.kn = T.b;
+    }
+    T.nq = T.L - T.i0 < kBlockM ? T.L - T.i0 : kBlockM;
     // Union of the visible key ranges of the block's rows (bounds are monotone in i).
     int64_t lo0, hi0, lo1, hi1;
-    key_range(p, T.i0, lo0, hi0);
-    key_range(p, T.i0 + T.nq - 1, lo1, hi1);
+    key_range(pc, T.S, T.i0, lo0, hi0);
+    key_range(pc, T.S, T.i0 + T.nq - 1, lo1, hi1);
     const int64_t jlo = lo0, jhi = hi1 > lo0 ? hi1 : lo0;
     T.n_begin = static_cast<int>(jlo / kBlockN);
     T.n_tiles = static_cast<int>(jhi > jlo ? ceil_div(jhi, kBlockN) - T.n_begin : 0);
-    if (kMask && p.key_bounds != nullptr) {
+    if (kMask && pc.key_bounds != nullptr) {
       // a key-padding mask: only the tiles of its span of true keys (32-bit, one 8-byte load: the
       // consumers of the dropout variants have no register to spare)
-      const int2 kb = *reinterpret_cast<const int2*>(p.key_bounds + 2 * T.bh);
+      const int2 kb = *reinterpret_cast<const int2*>(pc.key_bounds + 2 * T.bh);
       const int nb = kb.x / kBlockN, ne = kb.y > kb.x ? (kb.y + kBlockN - 1) / kBlockN : nb;
       const int b0 = T.n_begin > nb ? T.n_begin : nb;
       const int e0 = T.n_begin + T.n_tiles < ne ? T.n_begin + T.n_tiles : ne;
@@ -185,12 +230,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       for (int id = static_cast<int>(blockIdx.x); id < total; id += static_cast<int>(gridDim.x)) {
         const Tile T = tile_at(id);
         if (T.n_tiles == 0) continue;
-        const int hq32 = T.h, hk32 = T.hk, b32 = T.b;
         mbar_wait(bar_q_empty, (qi & 1u) ^ 1u);  // the consumers are done with the previous block's Q
         mbar_arrive_expect_tx(bar_q, Cfg::kQBytes);
 #pragma unroll
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(sQ + pn * (kBlockM * 128), &P.tq, bar_q, 64 * pn, T.i0, hq32, b32);
+          tma_load_4d(sQ + pn * (kBlockM * 128), &P.tq, bar_q, 64 * pn, T.qr, T.h, T.qn);
         }
         for (int it = 0; it < T.n_tiles; ++it, ++kv) {
           const int s = static_cast<int>(kv % kStages);
@@ -200,13 +244,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
           mbar_arrive_expect_tx(bar_k(s), Cfg::kKVBytes);
 #pragma unroll
           for (int pn = 0; pn < kPanels; ++pn) {
-            tma_load_4d(sK0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tk, bar_k(s), 64 * pn, j0, hk32, b32);
+            tma_load_4d(sK0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tk, bar_k(s), 64 * pn, T.kr0 + j0, T.hk,
+                        T.kn);
           }
           mbar_wait(bar_v_empty(s), phase ^ 1u);  // ... and its P V product
           mbar_arrive_expect_tx(bar_v(s), Cfg::kKVBytes);
 #pragma unroll
           for (int pn = 0; pn < kPanels; ++pn) {
-            tma_load_4d(sV0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tv, bar_v(s), 64 * pn, j0, hk32, b32);
+            tma_load_4d(sV0 + s * Cfg::kKVBytes + pn * (kBlockN * 128), &P.tv, bar_v(s), 64 * pn, T.kr0 + j0, T.hk,
+                        T.kn);
           }
         }
         ++qi;
@@ -222,15 +268,43 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
   const int g = lane >> 2, t = lane & 3;
 
   constexpr bool dropout = kDropout;
-  const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
-  const float scale = static_cast<float>(p.scale);
+  const DropoutRng rng_call = dropout && !kPacked ? make_rng(pc) : DropoutRng();
+  const float scale = static_cast<float>(pc.scale);
   uint32_t kv = 0;  // as in the producer
   uint32_t qi = 0;
 
 #pragma unroll 1
   for (int id = static_cast<int>(blockIdx.x); id < total; id += static_cast<int>(gridDim.x)) {
     const Tile T = tile_at(id);
-    const int64_t bh = T.bh, b = T.b, h = T.h, i0 = T.i0, n_begin = T.n_begin;  // 64-bit for the offsets
+    // packed: the tile's sequence is a call of batch 1 (sequence_params without the pointers: the epilogue
+    // moves those), with its dropout stream (seed, offset + b). The consumers of D = 256 have no register to
+    // spare through the loop, so nothing of the sequence is kept: the masks take its keys' count
+    // (seq_params) and the dropout its generator (tile_rng), each read again where needed; its query rows
+    // past its end are rows the epilogue does not write (TMA filled them with zeros), so len_q stays the
+    // call's.
+    auto seq_params = [&] {
+      FwdParams seq = pc;
+      if constexpr (kPacked) {
+        const int sb = (id % batch_heads()) / heads();
+        seq.len_k = load_volatile(pc.cu_seqlens_k + sb + 1) - load_volatile(pc.cu_seqlens_k + sb);
+      }
+      return seq;
+    };
+    auto tile_rng = [&] {
+      if constexpr (kPacked) {
+        const int sb = (id % batch_heads()) / heads();
+        uint64_t seed = pc.seed, offset = pc.offset + static_cast<uint64_t>(sb);
+        if (pc.seed_offset_ptr != nullptr) {
+          seed = static_cast<uint64_t>(*static_cast<const volatile int64_t*>(pc.seed_offset_ptr + 2 * sb));
+          offset = static_cast<uint64_t>(*static_cast<const volatile int64_t*>(pc.seed_offset_ptr + 2 * sb + 1));
+        }
+        return DropoutRng(seed, offset, pc.dropout_p);
+      } else {
+        return rng_call;
+      }
+    };
+    // 64-bit for the offsets; packed: (batch, head) = (0, h) of the sequence
+    const int64_t bh = kPacked ? T.h : T.bh, b = kPacked ? 0 : T.b, h = T.h, i0 = T.i0, n_begin = T.n_begin;
     const int nq = T.nq, n_tiles = T.n_tiles;
     const int64_t wrow0 = i0 + 64 * c + 16 * cw;
 
@@ -271,6 +345,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) sacc[0][nt][r] *= scale;
+      const FwdParams p = seq_params();
       if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
         mask_tile<void, 0>(sacc, p, wrow0, j0, nullptr, lane);
         if constexpr (kMask) {
@@ -320,7 +395,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       }
       if constexpr (dropout) {
         uint32_t bits[1][NTS];
-        dropout_bits(bits, rng, static_cast<uint64_t>(bh), wrow0, j0, lane);
+        dropout_bits(bits, tile_rng(), static_cast<uint64_t>(bh), wrow0, j0, lane);
 #pragma unroll
         for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
@@ -425,11 +500,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
     }
 
     // Epilogue: normalise, write O and the log-sum-exp.
-    Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
-    const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
-    float* lse = static_cast<float*>(p.lse) + bh * L;
-    const float keep_scale = dropout ? rng.inv_keep : 1.f;
-    const int Ev = static_cast<int>(p.dim_v);
+    // packed: the sequence's rows of out, and its (heads_q, L) block of the log-sum-exp (its offsets read
+    // again rather than kept in registers through the loop)
+    int64_t q0 = 0, L = pc.len_q;
+    if constexpr (kPacked) {
+      const int sb = (id % batch_heads()) / heads();
+      q0 = load_volatile(pc.cu_seqlens_q + sb);
+      L = load_volatile(pc.cu_seqlens_q + sb + 1) - q0;
+    }
+    Elem* o = static_cast<Elem*>(pc.out) + q0 * pc.o_stride.r + b * pc.o_stride.b + h * pc.o_stride.h;
+    const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && pc.o_stride.r % 2 == 0;
+    float* lse = static_cast<float*>(pc.lse) + pc.heads_q * q0 + bh * L;
+    const float keep_scale = dropout ? static_cast<float>(DropoutRng::inv_keep_of(pc.dropout_p)) : 1.f;
+    const int Ev = static_cast<int>(pc.dim_v);
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       float l = row_sum[hr];
@@ -442,7 +525,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       const float inv = empty ? 0.f : keep_scale / l;
       if (t == 0 && i < L) lse[i] = empty ? -kInf : row_max[hr] + logf(l);
       if (i < L) {
-        Elem* orow = o + i * p.o_stride.r;
+        Elem* orow = o + i * pc.o_stride.r;
 #pragma unroll
         for (int nt = 0; nt < NTO; ++nt) {
           const int col = 8 * nt + 2 * t;
@@ -468,6 +551,24 @@ inline const char* make_operand_desc(TmaDesc* d, const void* base, const Strides
   return make_tma_desc_4d(d, base, dims, strides, box, kSwizzle128B);
 }
 
+// The map of packed sequences' rows (total, heads, dim) with element strides
+// (r, h), box (64, box_rows, 1, 1): (dim, r, head, n) at base + (r + n - R)
+// rows, r < R = the longest sequence's rows, n <= total (see the kernel's
+// comment: row j of sequence [s, e) is (R - (e - s) + j, e)). Only rows
+// [0, total) are ever read; the map's base itself lies R rows before the
+// tensor's.
+inline const char* packed_operand_desc(TmaDesc* d, const void* base, const Strides4& st, int64_t heads, int64_t R,
+                                       int64_t total, int64_t dim, uint32_t box_rows) {
+  if (st.r < 0 || st.h < 0 || R <= 0) return "negative stride or no rows";
+  const uint64_t rs = static_cast<uint64_t>(st.r) * 2;
+  const uint64_t dims[4] = {static_cast<uint64_t>(dim), static_cast<uint64_t>(R), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(total) + 1};
+  const uint64_t strides[3] = {rs, heads == 1 ? rs * dims[1] : static_cast<uint64_t>(st.h) * 2, rs};
+  const uint32_t box[4] = {64, box_rows, 1, 1};
+  const void* shifted = static_cast<const unsigned char*>(base) - static_cast<ptrdiff_t>(rs * static_cast<uint64_t>(R));
+  return make_tma_desc_4d(d, shifted, dims, strides, box, kSwizzle128B);
+}
+
 // Masks the kernel reads: none, or a key-padding mask (bool or additive, the
 // same for every query row).
 inline bool covers_mask(const FwdParams& p) {
@@ -476,22 +577,30 @@ inline bool covers_mask(const FwdParams& p) {
 
 // Launches the kernel, or returns cudaErrorNotSupported without launching
 // when the call is outside what it covers (the caller runs the sm80 kernel).
-template <class Cfg, bool kDropout, bool kMask>
+template <class Cfg, bool kDropout, bool kMask, bool kPacked>
 cudaError_t launch_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorNotSupported;
   Sm90FwdParams P;
   P.p = p;
-  if (make_operand_desc(&P.tq, p.q, p.q_stride, p.batch, p.heads_q, p.len_q, p.dim_qk, Cfg::kBlockM) != nullptr ||
-      make_operand_desc(&P.tk, p.k, p.k_stride, p.batch, p.heads_kv, p.len_k, p.dim_qk, Cfg::kBlockN) != nullptr ||
-      make_operand_desc(&P.tv, p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.dim_v, Cfg::kBlockN) != nullptr) {
+  if (kPacked) {
+    // packed: k / v rows hold the sequences' keys; a sequence without keys still has its rows written (0, -inf)
+    const int64_t R_k = p.len_k > 0 ? p.len_k : 1;
+    if (packed_operand_desc(&P.tq, p.q, p.q_stride, p.heads_q, p.len_q, p.total_q, p.dim_qk, Cfg::kBlockM) != nullptr ||
+        packed_operand_desc(&P.tk, p.k, p.k_stride, p.heads_kv, R_k, p.total_k, p.dim_qk, Cfg::kBlockN) != nullptr ||
+        packed_operand_desc(&P.tv, p.v, p.v_stride, p.heads_kv, R_k, p.total_k, p.dim_v, Cfg::kBlockN) != nullptr) {
+      return cudaErrorNotSupported;
+    }
+  } else if (make_operand_desc(&P.tq, p.q, p.q_stride, p.batch, p.heads_q, p.len_q, p.dim_qk, Cfg::kBlockM) != nullptr ||
+             make_operand_desc(&P.tk, p.k, p.k_stride, p.batch, p.heads_kv, p.len_k, p.dim_qk, Cfg::kBlockN) != nullptr ||
+             make_operand_desc(&P.tv, p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.dim_v, Cfg::kBlockN) != nullptr) {
     return cudaErrorNotSupported;
   }
   // persistent: one CTA per multiprocessor (the shared memory and the 384 x 168
   // registers of a CTA leave room for no second one), each walking its tiles
   const int64_t grid = blocks < env.num_sms ? blocks : (env.num_sms > 0 ? env.num_sms : 1);
-  return launch_kernel(flash_fwd_sm90_kernel<Cfg, kDropout, kMask>, static_cast<unsigned>(grid), Cfg::kThreads,
+  return launch_kernel(flash_fwd_sm90_kernel<Cfg, kDropout, kMask, kPacked>, static_cast<unsigned>(grid), Cfg::kThreads,
                        Cfg::kSmem, Cfg::kSmem, env.stream, "flash_fwd_sm90_kernel", P);
 }
 
@@ -507,10 +616,24 @@ cudaError_t run_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
     return cudaErrorNotSupported;  // TMA coordinates and the tile arithmetic are 32-bit
   }
   return BOOL_SWITCH(p.dropout_p > 0.0, kDropout, [&] {
+    if (p.cu_seqlens_q != nullptr) {  // packed sequences (no mask)
+      // D = 256 with dropout: the per-sequence generator leaves the consumers ~10 registers short (spills in
+      // the loop), so the sm80 kernel takes those
+      if constexpr (kD > 128 && kDropout) {
+        return cudaErrorNotSupported;
+      } else {
+        if (p.mask_kind != MaskKind::kNone || p.total_q > 0x7ffffffe || p.total_k > 0x7ffffffe) {
+          return cudaErrorNotSupported;
+        }
+        constexpr int kBlockN = kD <= 64 ? 128 : kD <= 128 ? (kDropout ? 96 : 112) : 64;
+        using Cfg = Sm90FwdConfig<Elem, kD, kBlockN, (kD <= 64 ? 4 : 2)>;
+        return launch_fwd_sm90<Cfg, kDropout, false, true>(p, env);
+      }
+    }
     return BOOL_SWITCH(p.mask_kind != MaskKind::kNone, kMask, [&] {
       constexpr int kBlockN = kD <= 64 ? 128 : kD <= 128 ? (kDropout ? 96 : 112) : (kMask ? 48 : 64);
       using Cfg = Sm90FwdConfig<Elem, kD, kBlockN, (kD <= 64 ? 4 : 2)>;
-      return launch_fwd_sm90<Cfg, kDropout, kMask>(p, env);
+      return launch_fwd_sm90<Cfg, kDropout, kMask, false>(p, env);
     });
   });
 }
