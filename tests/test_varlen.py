@@ -642,6 +642,23 @@ def test_varlen_cuda(dtype):
             assert_close_vs_baseline(f"{where} {name}", x.cpu(), ref[name], ref["base_" + name], dtype, factor=4.0)
 
 
+@pytest.mark.parametrize("case", [pytest.param(c, marks=cuda_marks()) for c in HOPPER_PACKED])
+def test_varlen_cuda_hopper_packed(case):
+    """On a GPU: the packed Hopper forward's cases against the reference. On an H100 / H200 the kernel log must
+    name the Hopper kernel (the driver accepted its tensor maps, whose base lies before the tensor's); other GPUs
+    run the packed sm80 kernel."""
+    q, k, v, cu_q, cu_k, kw, args = _hopper_packed_case(case)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse, _ = ops._attention_varlen_forward(q.cuda(), k.cuda(), v.cuda(), cu_q.cuda(), cu_k.cuda(), None,
+                                                    None, 0.0, *args)
+    assert len(lines) == 1 and "packed sequences in one launch" in lines[0], lines
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert "sm90a" in lines[0], lines
+    ref = reference(q, k, v, cu_q, cu_k, kw)
+    assert_close_vs_baseline(f"{case} out", out.cpu(), ref["out"], ref["base_out"], q.dtype)
+    assert max_abs_error(lse.cpu(), ref["lse"]) <= 1e-3, case
+
+
 def test_nested_tensors_under_compile_and_mismatched_lengths(one_thread):
     """torch.compile(fullgraph=True) through the nested path gives eager's output and gradients; key and value
     nested tensors of different lengths are refused by name."""
