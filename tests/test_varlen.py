@@ -255,23 +255,23 @@ def test_varlen_emulated_cuda():
 @pytest.mark.emu
 def test_varlen_emulated_hopper(monkeypatch):
     """On an sm_90 device (the emulator with ATTENTION_EXT_EMU_ARCH=90) the varlen ops keep the Hopper kernels
-    where they pay: a lone sequence is an ordinary call; the forward of sequences of 128 query rows or more on
-    average is one packed Hopper launch; the backward of sequences of 1024 query rows or more on average goes
-    sequence by sequence through the Hopper backward; shorter sequences take the packed sm80 launches. Output,
-    lse and gradients against the reference."""
+    where they pay: a lone sequence is an ordinary call; the forward of several is one packed Hopper launch
+    wherever that kernel covers the call (fp32 is not covered: one packed sm80 launch); the backward of sequences
+    of 1024 query rows or more on average goes sequence by sequence through the Hopper backward, shorter ones
+    take the packed sm80 launches. Output, lse and gradients against the reference."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
     g = torch.Generator().manual_seed(21)
-    # (lengths, emulated SMs, forward, backward): "hopper" = one Hopper launch per sequence, "packed" = one
-    # sm80 launch for all, "hopper packed" = one Hopper launch for all
-    for lengths, sms, fwd_kind, bwd_kind in (([300], "132", "hopper", "hopper"),
-                                             ([1100, 1000], "16", "hopper packed", "hopper"),
-                                             ([200, 90, 31], "132", "packed", "packed"),
-                                             ([200, 90, 130], "132", "hopper packed", "packed")):
+    # (lengths, emulated SMs, dtype, forward, backward): "hopper" = one Hopper launch per sequence, "packed" =
+    # one sm80 launch for all, "hopper packed" = one Hopper launch for all
+    for lengths, sms, dtype, fwd_kind, bwd_kind in (([300], "132", torch.bfloat16, "hopper", "hopper"),
+                                                    ([1100, 1000], "16", torch.bfloat16, "hopper packed", "hopper"),
+                                                    ([200, 90, 31], "132", torch.bfloat16, "hopper packed", "packed"),
+                                                    ([200, 90, 31], "132", torch.float32, "packed", "packed")):
         monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", sms)
         total = sum(lengths)
-        q, k, v = (torch.randn(total, 2, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(total, 2, 64, generator=g).to(dtype) for _ in range(3))
         cu = offsets(lengths)
         with attention_ext.debug.kernel_log() as lines:
             out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu, cu, None, None, 0.0, True, None, False,
@@ -293,8 +293,8 @@ def test_varlen_emulated_hopper(monkeypatch):
         assert max_abs_error(lse, ref["lse"]) <= 1e-3, lengths
 
 
-# name: (query lengths, key lengths, heads_q, heads_kv, E, Ev, options): packed Hopper forwards (128 query rows
-# or more on average), with sequences without queries or without keys, and tiles overhanging a sequence's end
+# name: (query lengths, key lengths, heads_q, heads_kv, E, Ev, options): packed Hopper forwards, with sequences
+# without queries or without keys, and tiles overhanging a sequence's end
 HOPPER_PACKED = {
     "cross_causal_gqa": ([130, 257, 3, 0, 260], [300, 7, 129, 50, 0], 4, 2, 64, 64,
                          dict(is_causal=True, enable_gqa=True)),
@@ -344,7 +344,7 @@ def test_varlen_emulated_hopper_packed_sequences_isolated(monkeypatch):
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
-    lengths = [130, 120, 150]  # 133 query rows on average: the packed Hopper forward
+    lengths = [130, 120, 150]
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(sum(lengths), 2, 64, generator=g).to(torch.float16) for _ in range(3))
     cu = offsets(lengths)

@@ -187,13 +187,12 @@ bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& off, Fin
   return h == nullptr || fwd_key_splits(one, *sm80(), h, env) > 1;
 }
 
-// Packed sequences on an sm_90 device: the Hopper forward that takes them all in one launch, or nullptr. Taken
-// where they average 128 query rows or more (one Hopper block; a guess, not yet measured on a GPU): its
-// persistent grid then has whole blocks to hand out, and per tile it is the kernel an ordinary call gets, so it
-// also replaces the launch per sequence of long ones. Shorter sequences go to the sm80 kernel's smaller blocks.
+// Packed sequences on an sm_90 device: the Hopper forward that takes them all in one launch, or nullptr. Per
+// 128-row query block it is the kernel an ordinary call gets, and the sm80 kernel's blocks are as tall (64 rows
+// for head dims above 128), so it is taken wherever it covers the call, short sequences included; it also
+// replaces the launch per sequence of long ones.
 inline const Sm90FwdEntry* packed_fwd_sm90(const FwdParams& packed, const VarlenOffsets& off, const LaunchEnv& env) {
-  if (off.batch() <= 1 || mean_sequence(packed, off).len_q < 128) return nullptr;
-  return find_fwd_sm90(packed, env);
+  return off.batch() > 1 ? find_fwd_sm90(packed, env) : nullptr;
 }
 
 // _attention_varlen_forward as both glues run it: one launch over the packed sequences (FwdParams::cu_seqlens_q)
