@@ -61,7 +61,7 @@ for stage in "$@"; do
       TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" timeout 240 "$PY" setup.py -q build_ext --inplace \
         > "$OUT/build.log" 2>&1 || { rc=1; tail -40 "$OUT/build.log"; }
       echo "== build: $(( $(date +%s) - start )) s"
-      ATTENTION_EXT_POISON=1 timeout 100 "$PY" -m pytest -q -ra -m cuda tests/test_cuda.py \
+      ATTENTION_EXT_POISON=1 timeout 100 "$PY" -m pytest -q -ra -m cuda tests/test_cuda.py tests/test_varlen.py \
         -k "sm90 or hopper" > "$OUT/test_hopper.log" 2>&1 || rc=1
       tail -15 "$OUT/test_hopper.log"
       echo "== hopper tests: $(( $(date +%s) - start )) s"

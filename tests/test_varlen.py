@@ -254,11 +254,10 @@ def test_varlen_emulated_cuda():
 
 @pytest.mark.emu
 def test_varlen_emulated_hopper(monkeypatch):
-    """On an sm_90 device (the emulator with ATTENTION_EXT_EMU_ARCH=90) the varlen ops keep the Hopper kernels
-    where they pay: a lone sequence is an ordinary call; the forward of several is one packed Hopper launch
-    wherever that kernel covers the call (fp32 is not covered: one packed sm80 launch); the backward of sequences
-    of 1024 query rows or more on average goes sequence by sequence through the Hopper backward, shorter ones
-    take the packed sm80 launches. Output, lse and gradients against the reference."""
+    """On an sm_90 device (the emulator with ATTENTION_EXT_EMU_ARCH=90) the varlen ops keep the Hopper kernels:
+    a lone sequence is an ordinary call; the forward and the backward of several are one packed Hopper launch
+    each wherever those kernels cover the call (fp32 is not covered: the packed sm80 launches). Output, lse and
+    gradients against the reference."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
@@ -266,8 +265,10 @@ def test_varlen_emulated_hopper(monkeypatch):
     # (lengths, emulated SMs, dtype, forward, backward): "hopper" = one Hopper launch per sequence, "packed" =
     # one sm80 launch for all, "hopper packed" = one Hopper launch for all
     for lengths, sms, dtype, fwd_kind, bwd_kind in (([300], "132", torch.bfloat16, "hopper", "hopper"),
-                                                    ([1100, 1000], "16", torch.bfloat16, "hopper packed", "hopper"),
-                                                    ([200, 90, 31], "132", torch.bfloat16, "hopper packed", "packed"),
+                                                    ([1100, 1000], "16", torch.bfloat16, "hopper packed",
+                                                     "hopper packed"),
+                                                    ([200, 90, 31], "132", torch.bfloat16, "hopper packed",
+                                                     "hopper packed"),
                                                     ([200, 90, 31], "132", torch.float32, "packed", "packed")):
         monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", sms)
         total = sum(lengths)
@@ -318,10 +319,11 @@ def _hopper_packed_case(name, dtype=torch.bfloat16, seed=0):
 @pytest.mark.emu
 @pytest.mark.parametrize("case", list(HOPPER_PACKED))
 def test_varlen_emulated_hopper_packed(case, monkeypatch):
-    """The Hopper forward over packed sequences in one launch (its kPacked variant): 5 emulated multiprocessors,
-    so that each persistent CTA walks tiles of several sequences through one pipeline; cross lengths, causal,
-    windows, GQA / MQA, E != Ev, head dims below the bucket, sequences without queries or keys (rows of 0,
-    lse -inf). Output and lse against the float64 reference; every row written (outputs start as NaN)."""
+    """The Hopper forward and backward over packed sequences in one launch each (their kPacked variants): 5
+    emulated multiprocessors, so that each persistent forward CTA walks tiles of several sequences through one
+    pipeline; cross lengths, causal, windows, GQA / MQA, E != Ev, head dims below the bucket, sequences without
+    queries or keys (rows of 0, lse -inf, zero gradients). Output, lse, dQ, dK and dV against the float64
+    reference; every row written (outputs start as NaN)."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
@@ -331,32 +333,50 @@ def test_varlen_emulated_hopper_packed(case, monkeypatch):
         out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, *args)
     n = len(cu_q) - 1
     assert len(lines) == 1 and "sm90a" in lines[0] and f"{n} packed sequences in one launch" in lines[0], lines
-    ref = reference(q, k, v, cu_q, cu_k, kw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
+    with attention_ext.debug.kernel_log() as lines:
+        dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, 0.0, *args)
+    assert len(lines) == 1 and "sm90a" in lines[0] and f"{n} packed sequences in one launch" in lines[0], lines
+    ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad)
     assert_close_vs_baseline(f"{case} out", out, ref["out"], ref["base_out"], q.dtype)
     assert max_abs_error(lse, ref["lse"]) <= 1e-3, case
+    # the tensor-core backward rounds P and dS to the input dtype (as FlashAttention does): 4x PyTorch's CPU
+    # error, whose backward keeps them in float32 (the yardstick of every emulated backward here)
+    for name, x in dict(dq=dq, dk=dk, dv=dv).items():
+        assert_close_vs_baseline(f"{case} {name}", x, ref[name], ref["base_" + name], q.dtype, factor=4.0)
 
 
 @pytest.mark.emu
 def test_varlen_emulated_hopper_packed_sequences_isolated(monkeypatch):
-    """A tile that overhangs its sequence's end reads zeros, not the next sequence's rows: with the middle
-    sequence's queries, keys and values all NaN / inf, the other sequences' outputs and lse keep every bit
-    (0 x inf in P V would reach them otherwise)."""
+    """A tile that overhangs its sequence's end reads zeros, not the next sequence's rows, and the backward's dQ
+    reduce-adds of rows past a sequence's end are dropped: with the middle sequence's queries, keys, values and
+    output gradient all NaN / inf, the other sequences' outputs, lse and gradients keep every bit (0 x inf in
+    P V, or in dS = P (dP - D) with dP = dO V^T, would reach them otherwise). One emulator thread, so that the
+    dQ reduce-adds come in the same order."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
+    monkeypatch.setenv("ATTENTION_EXT_EMU_THREADS", "1")
     lengths = [130, 120, 150]
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(sum(lengths), 2, 64, generator=g).to(torch.float16) for _ in range(3))
     cu = offsets(lengths)
     args = (None, None, 0.0, False, None, False, [-1, -1])
+    grad = torch.randn(q.shape, generator=g).to(q.dtype)
+
+    def run():
+        o, l_, r = emu.ops._attention_varlen_forward(q, k, v, cu, cu, *args)
+        return (o, l_) + tuple(emu.ops._attention_varlen_backward(grad, q, k, v, cu, cu, o, l_, r, *args[2:]))
+
     with attention_ext.debug.kernel_log() as lines:
-        clean = emu.ops._attention_varlen_forward(q, k, v, cu, cu, *args)
-    assert len(lines) == 1 and "sm90a" in lines[0] and "3 packed sequences" in lines[0], lines
+        clean = run()
+    assert len(lines) == 2 and all("sm90a" in ln and "3 packed sequences" in ln for ln in lines), lines
     mid = slice(130, 250)
-    q[mid], k[mid], v[mid] = float("nan"), float("nan"), float("inf")
-    dirty = emu.ops._attention_varlen_forward(q, k, v, cu, cu, *args)
+    q[mid], k[mid], v[mid], grad[mid] = float("nan"), float("nan"), float("inf"), float("nan")
+    dirty = run()
     for rows in (slice(0, 130), slice(250, 400)):
-        assert torch.equal(clean[0][rows], dirty[0][rows])
+        for i in (0, 2, 3, 4):  # out, dq, dk, dv
+            assert torch.equal(clean[i][rows], dirty[i][rows]), i
     for b, (q0, q1) in enumerate(((0, 130), (250, 400))):  # lse: (heads, L_b) blocks one after another
         assert torch.equal(clean[1][2 * q0:2 * q1], dirty[1][2 * q0:2 * q1]), b
     assert torch.isnan(dirty[0][mid]).all()
@@ -364,10 +384,10 @@ def test_varlen_emulated_hopper_packed_sequences_isolated(monkeypatch):
 
 @pytest.mark.emu
 def test_varlen_emulated_hopper_packed_dropout(monkeypatch):
-    """Dropout in the packed Hopper forward: sequence b draws (seed, offset + b), the stream of a batch-1 call
-    (output against the reference under _dropout_mask's masks, as the sm80 packed launch is); with head dim
-    256 the launcher declines (the consumers have no registers for the generator) and the packed sm80 launch
-    runs instead, under the same masks."""
+    """Dropout in the packed Hopper forward and backward: sequence b draws (seed, offset + b), the stream of a
+    batch-1 call (output and gradients against the reference under _dropout_mask's masks, as the sm80 packed
+    launches are); with head dim 256 the forward's launcher declines (its consumers have no registers for the
+    generator) and the packed sm80 forward runs instead, under the same masks."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
@@ -377,34 +397,44 @@ def test_varlen_emulated_hopper_packed_dropout(monkeypatch):
         torch.manual_seed(11)
         with attention_ext.debug.kernel_log() as lines:
             out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, p, *args)
-        assert len(lines) == 1 and kernel in lines[0] and "packed sequences in one launch" in lines[0], lines
+            grad = torch.randn(out.shape).to(q.dtype)
+            dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, p, *args)
+        assert len(lines) == 2 and kernel in lines[0] and "sm90a" in lines[1], lines
+        assert all("packed sequences in one launch" in ln for ln in lines), lines
         n = len(cu_q) - 1
         assert rng[:, 1].tolist() == [int(rng[0, 1]) + b for b in range(n)]
-        ref = reference(q, k, v, cu_q, cu_k, kw, dropout_p=p, rng=rng, mask_fn=emu.ops._dropout_mask)
-        assert max_abs_error(out, ref["out"]) <= 2e-2, case
+        ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad, dropout_p=p, rng=rng, mask_fn=emu.ops._dropout_mask)
+        for name, x in dict(out=out, dq=dq, dk=dk, dv=dv).items():
+            assert max_abs_error(x, ref[name]) <= 2e-2, (case, name)
         assert max_abs_error(lse, ref["lse"]) <= 1e-3, case
 
 
 @pytest.mark.emu
 def test_varlen_emulated_hopper_packed_schedule_independent(monkeypatch):
-    """The packed Hopper forward gives the same bits in every fiber order and whether TMA data and wgmma results
-    land at issue or at the wait, dropout included."""
+    """The packed Hopper forward and backward give the same bits in every fiber order and whether TMA data and
+    wgmma results land at issue or at the wait, dropout included (dQ, summed by TMA reduce-adds in whichever
+    order the CTAs reach them, up to rounding)."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
     monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", "3")
     q, k, v, cu_q, cu_k, kw, args = _hopper_packed_case("cross_causal_gqa", seed=9)
+    grad = torch.randn(q.shape[0], q.shape[1], v.shape[2]).to(q.dtype)
 
     def run():
         torch.manual_seed(5)
-        return emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.2, *args)
+        o, l_, r = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.2, *args)
+        return (o, l_, r) + tuple(emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, o, l_, r, 0.2, *args))
 
     with emu.schedule("forward", "late"):
         base = run()
     with emu.schedule("shuffle", "early"):
         other = run()
-    for a, b in zip(base, other):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(base, other)):
+        if i == 3:  # dq
+            assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)
+        else:
+            assert torch.equal(a, b), i
 
 
 @pytest.mark.emu
@@ -644,19 +674,23 @@ def test_varlen_cuda(dtype):
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=cuda_marks()) for c in HOPPER_PACKED])
 def test_varlen_cuda_hopper_packed(case):
-    """On a GPU: the packed Hopper forward's cases against the reference. On an H100 / H200 the kernel log must
-    name the Hopper kernel (the driver accepted its tensor maps, whose base lies before the tensor's); other GPUs
-    run the packed sm80 kernel."""
+    """On a GPU: the packed Hopper kernels' cases, forward and backward, against the reference. On an H100 / H200
+    the kernel log must name the Hopper kernels (the driver accepted their tensor maps, whose base lies before
+    the tensor's); other GPUs run the packed sm80 kernels."""
     q, k, v, cu_q, cu_k, kw, args = _hopper_packed_case(case)
+    grad = torch.randn(q.shape[0], q.shape[1], v.shape[2]).to(q.dtype)
+    qc, kc, vc, cq, ck = (t.cuda() for t in (q, k, v, cu_q, cu_k))
     with attention_ext.debug.kernel_log() as lines:
-        out, lse, _ = ops._attention_varlen_forward(q.cuda(), k.cuda(), v.cuda(), cu_q.cuda(), cu_k.cuda(), None,
-                                                    None, 0.0, *args)
-    assert len(lines) == 1 and "packed sequences in one launch" in lines[0], lines
+        out, lse, rng = ops._attention_varlen_forward(qc, kc, vc, cq, ck, None, None, 0.0, *args)
+        dq, dk, dv = ops._attention_varlen_backward(grad.cuda(), qc, kc, vc, cq, ck, out, lse, rng, 0.0, *args)
+    assert len(lines) == 2 and all("packed sequences in one launch" in ln for ln in lines), lines
     if torch.cuda.get_device_capability() == (9, 0):
-        assert "sm90a" in lines[0], lines
-    ref = reference(q, k, v, cu_q, cu_k, kw)
+        assert all("sm90a" in ln for ln in lines), lines
+    ref = reference(q, k, v, cu_q, cu_k, kw, grad=grad)
     assert_close_vs_baseline(f"{case} out", out.cpu(), ref["out"], ref["base_out"], q.dtype)
     assert max_abs_error(lse.cpu(), ref["lse"]) <= 1e-3, case
+    for name, x in dict(dq=dq, dk=dk, dv=dv).items():
+        assert_close_vs_baseline(f"{case} {name}", x.cpu(), ref[name], ref["base_" + name], q.dtype, factor=4.0)
 
 
 def test_nested_tensors_under_compile_and_mismatched_lengths(one_thread):

@@ -60,8 +60,8 @@ bool tma_readable_packed(const void* base, const Strides4& st, int64_t heads, in
   return sm90::check_tma_desc_4d(base, dims, strides, box, sm90::kSwizzle128B, 2) == nullptr;
 }
 
-// The calls the Hopper kernels may take (the launchers check the head dims).
-// Packed sequences: the forward only (find_bwd_sm90 declines them).
+// The calls the Hopper kernels may take (the launchers check the head dims),
+// packed sequences included.
 bool sm90_eligible(const FwdParams& p, const LaunchEnv& env) {
   if (env.arch != 90) return false;
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
@@ -134,8 +134,15 @@ bool register_bwd_sm90(const BwdEntry& e) {
 }
 
 const BwdEntry* find_bwd_sm90(const BwdParams& p, const LaunchEnv& env) {
-  if (!sm90_eligible(p, env) || p.cu_seqlens_q != nullptr || p.dmask != nullptr || p.deterministic) return nullptr;
-  if (!tma_readable(p.dout, p.do_stride, p.batch, p.heads_q, p.len_q, p.dim_v)) return nullptr;
+  if (!sm90_eligible(p, env) || p.dmask != nullptr || p.deterministic) return nullptr;
+  if (p.cu_seqlens_q != nullptr) {
+    if (p.heads_q * p.total_q > 0x7ffffffe ||  // the dQ workspace map's row coordinates
+        !tma_readable_packed(p.dout, p.do_stride, p.heads_q, p.len_q, p.total_q, p.dim_v)) {
+      return nullptr;
+    }
+  } else if (!tma_readable(p.dout, p.do_stride, p.batch, p.heads_q, p.len_q, p.dim_v)) {
+    return nullptr;
+  }
   return find_in(bwd_sm90_table(), p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
 }
 

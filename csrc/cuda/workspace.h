@@ -240,10 +240,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
   return {s.out, s.lse, rng};
 }
 
-// _attention_varlen_backward as both glues run it: where the forward would take one launch (the same rule with
-// the Hopper backward, which has no split keys), the row statistics, the sm80 backward and the dQ conversion
-// each in one launch over the packed sequences; else sequence by sequence through the glue's backward `bwd`
-// (the offsets read once either way). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels
+// _attention_varlen_backward as both glues run it: the row statistics, the backward kernel and the dQ
+// conversion each in one launch over the packed sequences; the backward kernel the Hopper one where it covers
+// the call (packed, as the forward), else the sm80 one. Without a packed Hopper backward, sequences of 1024+
+// query rows on average that the ordinary Hopper backward covers go sequence by sequence through the glue's
+// backward `bwd` (the offsets read once either way). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels
 // read it (sequence b: row b); find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors);
 // launch(what, setup, workspace, fn) runs one launcher and checks its error.
 template <class Bwd, class RngOnKernels, class FindFwd, class FindBwd, class Launch>
@@ -271,8 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
   PackedBackward s = prepare_packed_backward(off, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, opt);
   BwdParams& p = s.st.p;
   p.deterministic = at::globalContext().deterministicAlgorithms();
+  const BwdEntry* hopper = find_bwd_sm90(p, env);
   const BwdParams one = mean_sequence(p, off);
-  if (one.len_q >= 1024 && find_bwd_sm90(one, env) != nullptr)
+  if (hopper == nullptr && one.len_q >= 1024 && find_bwd_sm90(one, env) != nullptr)
     return by_sequence(heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
   const at::Tensor rng_k = rng_on_kernels(rng);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng_k.template data_ptr<int64_t>();
@@ -282,14 +284,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     fill_empty_backward(off, heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
   } else {
     const FwdEntry* fwd = find_fwd(p);
-    const BwdEntry* sm80 = find_bwd(p);
-    const BwdWorkspace ws = make_bwd_workspace(p, *sm80, env.num_sms, q.options());
-    launch("row statistics", s.st, ws, [&] { return launch_row_stats(p, ws.row_stats, *fwd, env); });
-    launch("backward", s.st, ws, [&] { return sm80->fn(p, ws.work, env); });
-    launch("dq convert", s.st, ws, [&] { return launch_dq_convert(p, ws.work, env); });
-    if (log_kernels())
-      log_kernel(describe_kernel(what, sm80->head_dim, p.dtype, env, &ws.work) + ", " + std::to_string(p.batch) +
-                 " packed sequences in one launch");
+    std::string ran;
+    if (hopper != nullptr) {  // as run_backward: its own workspace (dQ rows of its head dim)
+      const BwdWorkspace ws = make_bwd_workspace(p, *hopper, env.num_sms, q.options());
+      launch("row statistics", s.st, ws, [&] { return launch_row_stats(p, ws.row_stats, *fwd, env); });
+      cudaError_t err = cudaSuccess;
+      launch("backward", s.st, ws, [&] {
+        err = hopper->fn(p, ws.work, env);  // declines (cudaErrorNotSupported) before launching anything
+        return err == cudaErrorNotSupported ? cudaSuccess : err;
+      });
+      if (err != cudaErrorNotSupported) {
+        launch("dq convert", s.st, ws, [&] { return launch_dq_convert(p, ws.work, env); });
+        ran = describe_kernel_sm90(what, hopper->head_dim, p.dtype);
+      }
+    }
+    if (ran.empty()) {
+      const BwdEntry* sm80 = find_bwd(p);
+      const BwdWorkspace ws = make_bwd_workspace(p, *sm80, env.num_sms, q.options());
+      launch("row statistics", s.st, ws, [&] { return launch_row_stats(p, ws.row_stats, *fwd, env); });
+      launch("backward", s.st, ws, [&] { return sm80->fn(p, ws.work, env); });
+      launch("dq convert", s.st, ws, [&] { return launch_dq_convert(p, ws.work, env); });
+      ran = describe_kernel(what, sm80->head_dim, p.dtype, env, &ws.work);
+    }
+    if (log_kernels()) log_kernel(ran + ", " + std::to_string(p.batch) + " packed sequences in one launch");
   }
   auto [gq, gk, gv, gm] = finish_backward(s.st, std::nullopt, heads_first(q));
   return {heads_first(gq), heads_first(gk), heads_first(gv)};

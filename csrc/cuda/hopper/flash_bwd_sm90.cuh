@@ -47,6 +47,16 @@
 // Philox stream), no mask gradient, not deterministic, no mask or a
 // key-padding mask, head dims <= the bucket (64, 128 or 256), TMA-compatible
 // q / k / v / dO.
+//
+// Packed sequences (kPacked, attention_varlen): the CTAs are (sequence, kv
+// head, key block) over the longest sequence's keys; a CTA whose block lies
+// past its sequence's keys returns at once, the others run as a batch-1 call
+// of their sequence. Q, dO, K and V are read through the maps of
+// packed_operand_desc (flash_fwd_sm90.cuh: a tile overhanging the sequence
+// reads zeros, not the next sequence's rows), and the dQ workspace, whose
+// rows are the (heads_q, L_b) block of sequence b at heads_q * cu_seqlens_q[b]
+// (stat_rows), through a map of the same kind over its (head, sequence)
+// blocks of rows: the reduce-adds of rows past L_b are dropped by TMA.
 #pragma once
 
 #include "flash_fwd_sm90.cuh"
@@ -94,8 +104,9 @@ struct Sm90BwdConfig {
   // per stage, the row statistics of the item's queries (shift, logl, D),
   // copied by the producer's second warp
   static constexpr uint32_t kStatBytes = 3 * kBlockM * 4;
-  // the mbarriers, then the dropout generator's key and threshold (16 B)
-  static constexpr uint32_t kBarBytes = 8 * (1 + 2 * kStages) + 16;
+  // the mbarriers, then the dropout generator's key and threshold (16 B), then (packed) the sequence's
+  // lengths and first rows (16 B)
+  static constexpr uint32_t kBarBytes = 8 * (1 + 2 * kStages) + 32;
   static constexpr size_t kSmem = 2 * size_t(kKVBytes) + 2 * kStages * size_t(kQBytes) + kTileBytes +
                                   2 * size_t(kDQBytes) + kStages * size_t(kStatBytes) + 1024 + kBarBytes;
   // arrivals that fill a stage: the TMA thread's (with the bytes) and the 32
@@ -291,16 +302,16 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int64_t b, int64
 
 }  // namespace bwd
 
-// kDropout: compiled separately so that the common case carries no RNG state
-// in the consumers' registers.
-template <class Cfg, bool kDropout>
+// kDropout / kPacked: compiled separately so that the common case carries no
+// RNG state or sequence offsets in the consumers' registers.
+template <class Cfg, bool kDropout, bool kPacked>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const __grid_constant__ Sm90BwdParams P) {
 #if defined(AE_SM90_BODY)
   using Elem = typename Cfg::Elem;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int NTS = Cfg::kNTS, NTD = Cfg::kNTD, kPanels = Cfg::kPanels;
   constexpr bool kDimSplit = Cfg::kDimSplit;
-  const BwdParams& p = P.p;
+  const BwdParams& pc = P.p;  // the call's params (packed: len_q / len_k the longest sequence's)
   const BwdWork& w = P.w;
 
   AE_DYNAMIC_SMEM(smem_raw);
@@ -321,11 +332,33 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
 
-  const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
-  const int64_t nkb = ceil_div(S, kBlockN);
+  const int64_t Hq = pc.heads_q, Hkv = pc.heads_kv, G = Hq / Hkv;
+  const int64_t nkb = ceil_div(pc.len_k, kBlockN);
   const int64_t kb = static_cast<int64_t>(blockIdx.x) % nkb;
   const int64_t bhk = static_cast<int64_t>(blockIdx.x) / nkb;
-  const int64_t b = bhk / Hkv, hk = bhk % Hkv;
+  const int64_t hk = bhk % Hkv;
+  // packed: from here on the CTA's sequence is the call, of batch 1 (b = 0): its lengths, its dK / dV rows
+  // and its dropout stream (seed, offset + sequence); q0 / k0 its first query / key row
+  BwdParams seq;
+  int64_t q0 = 0, k0 = 0;
+  if constexpr (kPacked) {
+    const int64_t sb = bhk / Hkv;
+    q0 = pc.cu_seqlens_q[sb];
+    k0 = pc.cu_seqlens_k[sb];
+    seq = pc;
+    seq.batch = 1;
+    seq.len_q = pc.cu_seqlens_q[sb + 1] - q0;
+    seq.len_k = pc.cu_seqlens_k[sb + 1] - k0;
+    seq.dk = static_cast<Elem*>(pc.dk) + k0 * pc.dk_stride.r;
+    seq.dv = static_cast<Elem*>(pc.dv) + k0 * pc.dv_stride.r;
+    seq.offset = pc.offset + static_cast<uint64_t>(sb);
+    if (pc.seed_offset_ptr != nullptr) seq.seed_offset_ptr = pc.seed_offset_ptr + 2 * sb;
+    seq.cu_seqlens_q = seq.cu_seqlens_k = nullptr;
+    if (kb * kBlockN >= seq.len_k) return;  // the block lies past this sequence's keys (uniform over the CTA)
+  }
+  const BwdParams& p = kPacked ? seq : pc;
+  const int64_t L = p.len_q, S = p.len_k;
+  const int64_t b = kPacked ? 0 : bhk / Hkv;
   const int64_t j0 = kb * kBlockN;
   const int nk = static_cast<int>(S - j0 < kBlockN ? S - j0 : kBlockN);
   // Query rows that see at least one key of [j0, j0 + nk).
@@ -352,6 +385,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     mbar_fence_init();
   }
   uint32_t* rng_words = reinterpret_cast<uint32_t*>(gen(sBar + 8u * (1 + 2 * kStages)));
+  // packed: the sequence's L, S, q0, k0, which the consumers read again where needed rather than keep in
+  // registers through their loop (the D = 128 ones spilled them)
+  int32_t* seq_words = reinterpret_cast<int32_t*>(rng_words + 4);
+  if (kPacked && tid == 64) {
+    seq_words[0] = static_cast<int32_t>(L);
+    seq_words[1] = static_cast<int32_t>(S);
+    seq_words[2] = static_cast<int32_t>(q0);
+    seq_words[3] = static_cast<int32_t>(k0);
+  }
   if (kDropout && tid == 32) {
     // The consumers rebuild the generator from these words at every item
     // (shared-memory loads the compiler cannot hoist out of the loop): a
@@ -369,12 +411,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     // ---- producer -------------------------------------------------------
     setmaxnreg_dec<Cfg::kProducerRegs>();
     if (tid == 0 && n_items > 0) {
-      const int b32 = static_cast<int>(b), hk32 = static_cast<int>(hk);
+      // TMA rows (r, n): ordinary (row, batch); packed as packed_operand_desc's maps want them
+      const int hk32 = static_cast<int>(hk);
+      const int kr = static_cast<int>(kPacked ? pc.len_k - S + j0 : j0), kn = static_cast<int>(kPacked ? k0 + S : b);
+      const int qr0 = static_cast<int>(kPacked ? pc.len_q - L : 0), qn = static_cast<int>(kPacked ? q0 + L : b);
       mbar_arrive_expect_tx(bar_kv, 2 * Cfg::kKVBytes);
 #pragma unroll
       for (int pn = 0; pn < kPanels; ++pn) {
-        tma_load_4d(sK + pn * (kBlockN * 128), &P.tk, bar_kv, 64 * pn, static_cast<int>(j0), hk32, b32);
-        tma_load_4d(sV + pn * (kBlockN * 128), &P.tv, bar_kv, 64 * pn, static_cast<int>(j0), hk32, b32);
+        tma_load_4d(sK + pn * (kBlockN * 128), &P.tk, bar_kv, 64 * pn, kr, hk32, kn);
+        tma_load_4d(sV + pn * (kBlockN * 128), &P.tv, bar_kv, 64 * pn, kr, hk32, kn);
       }
       for (int it = 0; it < n_items; ++it) {
         const int s = it % kStages;
@@ -385,8 +430,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
         mbar_arrive_expect_tx(bar_full(s), 2 * Cfg::kQBytes);
 #pragma unroll
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(sQ0 + s * Cfg::kQBytes + pn * (kBlockM * 128), &P.tq, bar_full(s), 64 * pn, i0, h32, b32);
-          tma_load_4d(sdO0 + s * Cfg::kQBytes + pn * (kBlockM * 128), &P.tdo, bar_full(s), 64 * pn, i0, h32, b32);
+          tma_load_4d(sQ0 + s * Cfg::kQBytes + pn * (kBlockM * 128), &P.tq, bar_full(s), 64 * pn, qr0 + i0, h32, qn);
+          tma_load_4d(sdO0 + s * Cfg::kQBytes + pn * (kBlockM * 128), &P.tdo, bar_full(s), 64 * pn, qr0 + i0, h32,
+                      qn);
         }
       }
     } else if (warp == 1 && n_items > 0) {
@@ -397,14 +443,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       for (int it = 0; it < n_items; ++it) {
         const int s = it % kStages;
         const uint32_t phase = static_cast<uint32_t>(it / kStages) & 1u;
-        const int64_t bh = b * Hq + hk * G + it / nm;
+        // the item's rows: (b * Hq + h) * L + i, packed Hq * q0 + h * L + i (stat_rows)
+        const int64_t row0 = (kPacked ? Hq * q0 : b * Hq * L) + (hk * G + it / nm) * L;
         const int64_t i0 = (mb_begin + it % nm) * kBlockM;
         float* dst = reinterpret_cast<float*>(gen(sStat0 + s * Cfg::kStatBytes));
         mbar_wait(bar_empty(s), phase ^ 1u);
 #pragma unroll
         for (int r = lane; r < kBlockM; r += 32) {
           const bool ok = i0 + r < L;
-          const int64_t idx = bh * L + i0 + r;
+          const int64_t idx = row0 + i0 + r;
           dst[r] = ok ? w.row_shift[idx] : 0.f;
           dst[kBlockM + r] = ok ? w.row_logl[idx] : 0.f;
           dst[2 * kBlockM + r] = ok ? w.dsum[idx] : 0.f;
@@ -417,12 +464,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
 
   // ---- consumers ----------------------------------------------------------
   setmaxnreg_inc<Cfg::kConsumerRegs>();
+  // the call's params as the consumers use them: packed, the sequence's, from seq_words (volatile shared-memory
+  // loads, issued where they stand)
+  auto params_now = [&] {
+    if constexpr (kPacked) {
+      const volatile int32_t* sw = seq_words;
+      BwdParams ps = pc;
+      ps.batch = 1;
+      ps.len_q = sw[0];
+      ps.len_k = sw[1];
+      ps.dk = static_cast<Elem*>(pc.dk) + static_cast<int64_t>(sw[3]) * pc.dk_stride.r;
+      ps.dv = static_cast<Elem*>(pc.dv) + static_cast<int64_t>(sw[3]) * pc.dv_stride.r;
+      return ps;
+    } else {
+      return pc;
+    }
+  };
   const int c = wg - 1;     // key split: keys 64c .. 64c + 63; dim split: head dims c kWgDims ..
   const int cw = warp & 3;  // warp in the warpgroup: key rows 16 cw .. 16 cw + 15 of its 64
   const int g = lane >> 2, t = lane & 3;
-  const float scale = static_cast<float>(p.scale);
+  const float scale = static_cast<float>(pc.scale);
   const int key0 = kDimSplit ? 0 : 64 * c;  // the warpgroup's first key in the block
-  const float keep_scale = kDropout ? static_cast<float>(DropoutRng::inv_keep_of(p.dropout_p)) : 1.f;
+  const float keep_scale = kDropout ? static_cast<float>(DropoutRng::inv_keep_of(pc.dropout_p)) : 1.f;
 
   float acc_dk[1][NTD][4], acc_dv[1][NTD][4];
   zero_acc(acc_dk);
@@ -485,9 +548,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
 
     // key-padding mask values, loaded here rather than before the products
     // (fewer registers live across them)
-    if (p.mask_kind != MaskKind::kNone) bwd::load_key_mask(p, b, h, jrow, kmask);
-    const bool all_visible = i0 + kBlockM <= L && tile_fully_visible(p, i0, i0 + kBlockM - 1, j0, kBlockN);
-    bwd::softmax_grad<kBlockM, kDropout>(p, reinterpret_cast<const float*>(gen(sStat0 + s * Cfg::kStatBytes)), st,
+    const BwdParams pi = params_now();
+    if (pi.mask_kind != MaskKind::kNone) bwd::load_key_mask(pi, b, h, jrow, kmask);
+    const bool all_visible =
+        i0 + kBlockM <= pi.len_q && tile_fully_visible(pi, i0, i0 + kBlockM - 1, j0, kBlockN);
+    bwd::softmax_grad<kBlockM, kDropout>(pi, reinterpret_cast<const float*>(gen(sStat0 + s * Cfg::kStatBytes)), st,
                                          dpt, jrow, kmask, i0, qcol0, all_visible, scale, t, bits, keep_scale);
 
     float acc_dq[1][NTD][4];
@@ -581,8 +646,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       if ((tid & 127) == 0) {
 #pragma unroll
         for (int k = 0; k < kD / 32; ++k) {
-          tma_reduce_add_4d(&P.tdq, dq_box(k), 32 * k, static_cast<int>(i0), static_cast<int>(h),
-                            static_cast<int>(b));
+          if constexpr (kPacked) {
+            const volatile int32_t* sw = seq_words;
+            const int Ls = sw[0], q0s = sw[2];
+            tma_reduce_add_4d(&P.tdq, dq_box(k), 32 * k, static_cast<int>(pc.len_q) - Ls + i0, 0,
+                              static_cast<int>(Hq * q0s + (h + 1) * Ls));
+          } else {
+            tma_reduce_add_4d(&P.tdq, dq_box(k), 32 * k, static_cast<int>(i0), static_cast<int>(h),
+                              static_cast<int>(b));
+          }
         }
         bulk_commit();
       }
@@ -644,8 +716,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
       if ((tid & 127) == 0) {
 #pragma unroll
         for (int k = 0; k < Cfg::kWgDims / 32; ++k) {
-          tma_reduce_add_4d(&P.tdq, dq_box(k), c * Cfg::kWgDims + 32 * k, static_cast<int>(i0), static_cast<int>(h),
-                            static_cast<int>(b));
+          if constexpr (kPacked) {
+            const volatile int32_t* sw = seq_words;
+            const int Ls = sw[0], q0s = sw[2];
+            tma_reduce_add_4d(&P.tdq, dq_box(k), c * Cfg::kWgDims + 32 * k, static_cast<int>(pc.len_q) - Ls + i0, 0,
+                              static_cast<int>(Hq * q0s + (h + 1) * Ls));
+          } else {
+            tma_reduce_add_4d(&P.tdq, dq_box(k), c * Cfg::kWgDims + 32 * k, static_cast<int>(i0),
+                              static_cast<int>(h), static_cast<int>(b));
+          }
         }
         bulk_commit();
         bulk_wait_read<0>();
@@ -655,13 +734,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   }
   if ((tid & 127) == 0) bulk_wait<0>();  // the reduces are complete before the CTA (and its shared memory) ends
 
-  bwd::store_dk_dv<Elem>(p, b, hk, jrow, kDimSplit ? c * Cfg::kWgDims : 0, acc_dk, acc_dv, scale, keep_scale, t);
+  bwd::store_dk_dv<Elem>(params_now(), b, hk, jrow, kDimSplit ? c * Cfg::kWgDims : 0, acc_dk, acc_dv, scale, keep_scale,
+                         t);
 #endif  // AE_SM90_BODY
 }
 
 // Launches the kernel, or returns cudaErrorNotSupported without launching
 // when the call is outside what it covers (the caller runs the sm80 kernel).
-template <class Cfg, bool kDropout>
+template <class Cfg, bool kDropout, bool kPacked>
 cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {
   if (!covers_mask(p) || p.dim_qk > Cfg::kD || p.dim_v > Cfg::kD || p.dmask != nullptr || w.deterministic || w.nsplit != 1 || w.dq_row_stride != Cfg::kD) {
     return cudaErrorNotSupported;
@@ -675,13 +755,38 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEn
   Sm90BwdParams P;
   P.p = p;
   P.w = w;
-  if (make_operand_desc(&P.tq, p.q, p.q_stride, p.batch, p.heads_q, p.len_q, p.dim_qk, Cfg::kBlockM) != nullptr ||
-      make_operand_desc(&P.tdo, p.dout, p.do_stride, p.batch, p.heads_q, p.len_q, p.dim_v, Cfg::kBlockM) != nullptr ||
-      make_operand_desc(&P.tk, p.k, p.k_stride, p.batch, p.heads_kv, p.len_k, p.dim_qk, Cfg::kBlockN) != nullptr ||
-      make_operand_desc(&P.tv, p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.dim_v, Cfg::kBlockN) != nullptr) {
+  if (kPacked) {
+    if (p.mask_kind != MaskKind::kNone || p.total_q > 0x7ffffffe || p.total_k > 0x7ffffffe ||
+        p.heads_q * p.total_q > 0x7ffffffe) {
+      return cudaErrorNotSupported;
+    }
+    if (packed_operand_desc(&P.tq, p.q, p.q_stride, p.heads_q, p.len_q, p.total_q, p.dim_qk, Cfg::kBlockM) != nullptr ||
+        packed_operand_desc(&P.tdo, p.dout, p.do_stride, p.heads_q, p.len_q, p.total_q, p.dim_v, Cfg::kBlockM) !=
+            nullptr ||
+        packed_operand_desc(&P.tk, p.k, p.k_stride, p.heads_kv, p.len_k, p.total_k, p.dim_qk, Cfg::kBlockN) != nullptr ||
+        packed_operand_desc(&P.tv, p.v, p.v_stride, p.heads_kv, p.len_k, p.total_k, p.dim_v, Cfg::kBlockN) != nullptr) {
+      return cudaErrorNotSupported;
+    }
+    // dQ workspace: the (heads_q, L_b) blocks of rows of kD floats, one per sequence (stat_rows). The block of
+    // (head h, sequence [s, e)) ends at row n = Hq s + (h + 1) L_b; row i of it is (r, n) = (R - L_b + i, n) at
+    // base - R rows + (r + n) rows (R the longest sequence), inside the map exactly for i < L_b
+    const uint64_t row = static_cast<uint64_t>(Cfg::kD) * 4;
+    const uint64_t R = static_cast<uint64_t>(p.len_q);
+    const uint64_t dims[4] = {static_cast<uint64_t>(Cfg::kD), R, 1, static_cast<uint64_t>(p.heads_q * p.total_q) + 1};
+    const uint64_t strides[3] = {row, row * R, row};
+    const uint32_t box[4] = {32, Cfg::kBlockM, 1, 1};
+    const void* base = reinterpret_cast<const unsigned char*>(w.dq_accum) - static_cast<ptrdiff_t>(row * R);
+    if (make_tma_desc_4d(&P.tdq, base, dims, strides, box, kSwizzle128B, 4) != nullptr) return cudaErrorNotSupported;
+  } else if (make_operand_desc(&P.tq, p.q, p.q_stride, p.batch, p.heads_q, p.len_q, p.dim_qk, Cfg::kBlockM) != nullptr ||
+             make_operand_desc(&P.tdo, p.dout, p.do_stride, p.batch, p.heads_q, p.len_q, p.dim_v, Cfg::kBlockM) !=
+                 nullptr ||
+             make_operand_desc(&P.tk, p.k, p.k_stride, p.batch, p.heads_kv, p.len_k, p.dim_qk, Cfg::kBlockN) !=
+                 nullptr ||
+             make_operand_desc(&P.tv, p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.dim_v, Cfg::kBlockN) !=
+                 nullptr) {
     return cudaErrorNotSupported;
   }
-  {  // dQ workspace: rows (b * Hq + h) * L + i of kD floats
+  if (!kPacked) {  // dQ workspace: rows (b * Hq + h) * L + i of kD floats
     const uint64_t row = static_cast<uint64_t>(Cfg::kD) * 4;
     const uint64_t dims[4] = {static_cast<uint64_t>(Cfg::kD), static_cast<uint64_t>(p.len_q),
                               static_cast<uint64_t>(p.heads_q), static_cast<uint64_t>(p.batch)};
@@ -691,13 +796,16 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEn
       return cudaErrorNotSupported;
     }
   }
-  return launch_kernel(flash_bwd_sm90_kernel<Cfg, kDropout>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem,
-                       Cfg::kSmem, env.stream, "flash_bwd_sm90_kernel", P);
+  return launch_kernel(flash_bwd_sm90_kernel<Cfg, kDropout, kPacked>, static_cast<unsigned>(blocks), Cfg::kThreads,
+                       Cfg::kSmem, Cfg::kSmem, env.stream, "flash_bwd_sm90_kernel", P);
 }
 
 template <typename Elem, int kD>
 cudaError_t run_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {
-  return BOOL_SWITCH(p.dropout_p > 0.0, kDropout, [&] { return launch_bwd_sm90<Sm90BwdCfg<Elem, kD>, kDropout>(p, w, env); });
+  return BOOL_SWITCH(p.dropout_p > 0.0, kDropout, [&] {
+    if (p.cu_seqlens_q != nullptr) return launch_bwd_sm90<Sm90BwdCfg<Elem, kD>, kDropout, true>(p, w, env);
+    return launch_bwd_sm90<Sm90BwdCfg<Elem, kD>, kDropout, false>(p, w, env);
+  });
 }
 
 }  // namespace sm90
