@@ -410,6 +410,34 @@ def test_varlen_emulated_hopper_packed_dropout(monkeypatch):
 
 
 @pytest.mark.emu
+def test_varlen_emulated_hopper_packed_switch(monkeypatch):
+    """ATTENTION_EXT_PACKED_SM90=0 runs the packed sm80 kernels on an sm_90 device instead (same results up to
+    rounding); a value other than 0 or 1 is an error naming the variable."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "90")
+    q, k, v, cu_q, cu_k, kw, args = _hopper_packed_case("window_ev", seed=4)
+    grad = torch.randn(q.shape[0], q.shape[1], v.shape[2]).to(q.dtype)
+
+    def run():
+        with attention_ext.debug.kernel_log() as lines:
+            o, l_, r = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, *args)
+            grads = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, o, l_, r, 0.0, *args)
+        return (o,) + tuple(grads), lines
+
+    hopper, lines = run()
+    assert len(lines) == 2 and all("sm90a" in ln for ln in lines), lines
+    monkeypatch.setenv("ATTENTION_EXT_PACKED_SM90", "0")
+    sm80, lines = run()
+    assert len(lines) == 2 and all("sm80" in ln and "packed sequences" in ln for ln in lines), lines
+    for name, a, b in zip(("out", "dq", "dk", "dv"), hopper, sm80):
+        assert max_abs_error(a, b) <= 3e-2, name
+    monkeypatch.setenv("ATTENTION_EXT_PACKED_SM90", "on")
+    with pytest.raises(ValueError, match="ATTENTION_EXT_PACKED_SM90 must be 0 or 1, got 'on'"):
+        emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, *args)
+
+
+@pytest.mark.emu
 def test_varlen_emulated_hopper_packed_schedule_independent(monkeypatch):
     """The packed Hopper forward and backward give the same bits in every fiber order and whether TMA data and
     wgmma results land at issue or at the wait, dropout included (dQ, summed by TMA reduce-adds in whichever

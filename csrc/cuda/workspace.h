@@ -76,6 +76,18 @@ inline bool pack_gqa_enabled() {
   return e[0] == '1';
 }
 
+// ATTENTION_EXT_PACKED_SM90=0 (benchmarks; a way around the packed Hopper kernels, not yet run on a GPU):
+// attention_varlen on an sm_90 device runs the packed sm80 kernels (long sequences: the Hopper kernels sequence
+// by sequence) as before the packed Hopper kernels; unset or 1: the packed Hopper kernels. Any other value is an
+// error.
+inline bool packed_sm90_enabled() {
+  const char* e = std::getenv("ATTENTION_EXT_PACKED_SM90");
+  if (e == nullptr || *e == 0) return true;
+  TORCH_CHECK_VALUE((e[0] == '0' || e[0] == '1') && e[1] == 0, "ATTENTION_EXT_PACKED_SM90 must be 0 or 1, got '",
+                    e, "'");
+  return e[0] == '1';
+}
+
 // Decoding with grouped-query attention (one query row per head, heads_q = G * heads_kv): the G query heads
 // that share a key / value head become G rows of one head, so the CTA of a group (or each CTA of a key share)
 // reads every K and V tile once for the group instead of G CTAs reading it G times (FlashAttention's
@@ -192,7 +204,7 @@ bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& off, Fin
 // for head dims above 128), so it is taken wherever it covers the call, short sequences included; it also
 // replaces the launch per sequence of long ones.
 inline const Sm90FwdEntry* packed_fwd_sm90(const FwdParams& packed, const VarlenOffsets& off, const LaunchEnv& env) {
-  return off.batch() > 1 ? find_fwd_sm90(packed, env) : nullptr;
+  return off.batch() > 1 && packed_sm90_enabled() ? find_fwd_sm90(packed, env) : nullptr;
 }
 
 // _attention_varlen_forward as both glues run it: one launch over the packed sequences (FwdParams::cu_seqlens_q)
@@ -272,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
   PackedBackward s = prepare_packed_backward(off, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, opt);
   BwdParams& p = s.st.p;
   p.deterministic = at::globalContext().deterministicAlgorithms();
-  const BwdEntry* hopper = find_bwd_sm90(p, env);
+  const BwdEntry* hopper = packed_sm90_enabled() ? find_bwd_sm90(p, env) : nullptr;
   const BwdParams one = mean_sequence(p, off);
   if (hopper == nullptr && one.len_q >= 1024 && find_bwd_sm90(one, env) != nullptr)
     return by_sequence(heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
