@@ -10,7 +10,9 @@ attention, causal or not, forward (no grad) and forward + backward. In the same 
   is_causal there);
 - torch-padded: F.scaled_dot_product_attention on the batch padded to the longest sequence, with a boolean
   mask (key padding, and the causal triangle); the padding itself is not timed;
-- torch-loop: F.scaled_dot_product_attention called once per sequence.
+- torch-loop: F.scaled_dot_product_attention called once per sequence;
+- on an H100 / H200 (fp16 / bf16), ours again with ATTENTION_EXT_PACKED_SM90=0: the packed sm80 kernels instead
+  of the packed Hopper ones, for the gain of the latter (not a PyTorch backend: left out of "best torch").
 FLOPs count only the real tokens (sum over sequences of 4 * heads * L_b^2 * E, halved for causal; 3.5x for
 forward + backward). Medians of interleaved repeats; raw JSON into
 benchmarks/results/<device>/bench_varlen_<commit>.json.
@@ -111,6 +113,14 @@ def run_point(n, longest, causal, dtype, device, budget, mode):
         ref = torch.cat([F.scaled_dot_product_attention(*s, is_causal=causal).transpose(0, 1) for s in seqs]).double()
         err = (ours - ref).abs().max().item()
     t = measure(fns, device, budget)
+    sm80 = None
+    if device == "cuda" and torch.cuda.get_device_capability() == (9, 0) and dtype != torch.float32:
+        # ATTENTION_EXT_PACKED_SM90 is read at each call
+        os.environ["ATTENTION_EXT_PACKED_SM90"] = "0"
+        try:
+            sm80 = measure({"ours": fns["ours"]}, device, budget)["ours"]
+        finally:
+            del os.environ["ATTENTION_EXT_PACKED_SM90"]
     flops = sum(4 * H * L * L * E for L in lens) / (2 if causal else 1) * (3.5 if grad else 1)
     row = {"n": n, "longest": longest, "tokens": total, "causal": causal, "mode": mode,
            "dtype": str(dtype).replace("torch.", ""), "max_abs_diff_vs_torch": err}
@@ -120,6 +130,8 @@ def run_point(n, longest, causal, dtype, device, budget, mode):
     best = min((s, name) for name, s in t.items() if name != "ours")
     row["best_torch"] = best[1]
     row["speedup_vs_best"] = best[0] / t["ours"]
+    row["ours_packed_sm80_s"] = sm80
+    row["packed_hopper_gain"] = None if sm80 is None else sm80 / t["ours"]
     return row
 
 
@@ -137,8 +149,8 @@ def main(argv=None):
     name = device_name(device)
     print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| dtype | mode | causal | sequences | longest | tokens | ours ms | torch-nested ms | torch-padded ms | "
-          "torch-loop ms | best torch / ours |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "torch-loop ms | best torch / ours | packed sm80 / packed Hopper |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for dt in args.dtypes.split(","):
         for mode in ("fwd", "fwd+bwd"):
@@ -149,7 +161,9 @@ def main(argv=None):
                     ms = lambda key: f"{r[key] * 1e3:.2f}" if key in r else "—"  # noqa: E731
                     print(f"| {r['dtype']} | {mode} | {causal} | {n} | {longest} | {r['tokens']} | {ms('ours_s')} | "
                           f"{ms('torch-nested_s')} | {ms('torch-padded_s')} | {ms('torch-loop_s')} | "
-                          f"{r['speedup_vs_best']:.2f} ({r['best_torch']}) |", flush=True)
+                          f"{r['speedup_vs_best']:.2f} ({r['best_torch']}) | "
+                          f"{'—' if r['packed_hopper_gain'] is None else format(r['packed_hopper_gain'], '.2f')} |",
+                          flush=True)
     save_results(device, name, "bench_varlen", rows, args.out, heads=H, head_dim=E)
     return rows
 
