@@ -89,6 +89,10 @@ inline void setmaxnreg_dec() {
   static_assert(R >= 24 && R <= 256 && R % 8 == 0, "setmaxnreg: the register count must be in 24..256, a multiple of 8");
 }
 
+// ld.global.nc issued where it stands (sm90_ptx.cuh): here a plain load.
+inline int32_t load_here(const int32_t* p) { return *static_cast<const volatile int32_t*>(p); }
+inline int64_t load_here(const int64_t* p) { return *static_cast<const volatile int64_t*>(p); }
+
 // red.global.add.v2.f32: CTAs run on several OS threads, so two atomic adds (simt.h's atomicAdd).
 inline void red_add_v2(float* p, float a, float b) {
   if (reinterpret_cast<uintptr_t>(p) % 8 != 0) throw simt::Error("red.global.add.v2.f32: address not 8-byte aligned");

@@ -101,10 +101,6 @@ __device__ __forceinline__ const void* key_mask_row(const FwdParams& p, int64_t 
          (b * p.mask_stride.b + h * p.mask_stride.h) * static_cast<int64_t>(sizeof(MaskT));
 }
 
-// A load issued where it stands (not one the compiler may replace by an
-// earlier load's value kept in a register).
-__device__ __forceinline__ int64_t load_volatile(const int32_t* x) { return *static_cast<const volatile int32_t*>(x); }
-
 // kDropout / kMask / kPacked: compiled separately so that the common case
 // carries no RNG state, mask pointer or sequence offsets in the consumers' 240
 // registers.
@@ -279,14 +275,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
     // packed: the tile's sequence is a call of batch 1 (sequence_params without the pointers: the epilogue
     // moves those), with its dropout stream (seed, offset + b). The consumers of D = 256 have no register to
     // spare through the loop, so nothing of the sequence is kept: the masks take its keys' count
-    // (seq_params) and the dropout its generator (tile_rng), each read again where needed; its query rows
+    // (seq_params) and the dropout its generator (tile_rng), each read again where needed (load_here: L1
+    // hits, never hoisted into registers); its query rows
     // past its end are rows the epilogue does not write (TMA filled them with zeros), so len_q stays the
     // call's.
     auto seq_params = [&] {
       FwdParams seq = pc;
       if constexpr (kPacked) {
         const int sb = (id % batch_heads()) / heads();
-        seq.len_k = load_volatile(pc.cu_seqlens_k + sb + 1) - load_volatile(pc.cu_seqlens_k + sb);
+        seq.len_k = load_here(pc.cu_seqlens_k + sb + 1) - load_here(pc.cu_seqlens_k + sb);
       }
       return seq;
     };
@@ -295,8 +292,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
         const int sb = (id % batch_heads()) / heads();
         uint64_t seed = pc.seed, offset = pc.offset + static_cast<uint64_t>(sb);
         if (pc.seed_offset_ptr != nullptr) {
-          seed = static_cast<uint64_t>(*static_cast<const volatile int64_t*>(pc.seed_offset_ptr + 2 * sb));
-          offset = static_cast<uint64_t>(*static_cast<const volatile int64_t*>(pc.seed_offset_ptr + 2 * sb + 1));
+          seed = static_cast<uint64_t>(load_here(pc.seed_offset_ptr + 2 * sb));
+          offset = static_cast<uint64_t>(load_here(pc.seed_offset_ptr + 2 * sb + 1));
         }
         return DropoutRng(seed, offset, pc.dropout_p);
       } else {
@@ -505,8 +502,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
     int64_t q0 = 0, L = pc.len_q;
     if constexpr (kPacked) {
       const int sb = (id % batch_heads()) / heads();
-      q0 = load_volatile(pc.cu_seqlens_q + sb);
-      L = load_volatile(pc.cu_seqlens_q + sb + 1) - q0;
+      q0 = load_here(pc.cu_seqlens_q + sb);
+      L = load_here(pc.cu_seqlens_q + sb + 1) - q0;
     }
     Elem* o = static_cast<Elem*>(pc.out) + q0 * pc.o_stride.r + b * pc.o_stride.b + h * pc.o_stride.h;
     const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && pc.o_stride.r % 2 == 0;

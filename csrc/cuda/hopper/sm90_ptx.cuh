@@ -156,6 +156,20 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
 }
 
+// A load of read-only global data issued where it stands: asm volatile keeps the compiler from hoisting it out
+// of a loop or merging it with an earlier load of the same address (whose value it would then keep in a
+// register through the loop), and ld.global.nc keeps it an L1 hit (ld.volatile would go to L2 each time).
+__device__ __forceinline__ int32_t load_here(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ int64_t load_here(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.global.nc.b64 %0, [%1];\n" : "=l"(v) : "l"(p));
+  return v;
+}
+
 // Two adjacent fp32 atomic adds in one instruction (p 8-byte aligned), no return value.
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
