@@ -276,9 +276,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
     // moves those), with its dropout stream (seed, offset + b). The consumers of D = 256 have no register to
     // spare through the loop, so nothing of the sequence is kept: the masks take its keys' count
     // (seq_params) and the dropout its generator (tile_rng), each read again where needed (load_here: L1
-    // hits, never hoisted into registers); its query rows
-    // past its end are rows the epilogue does not write (TMA filled them with zeros), so len_q stays the
-    // call's.
+    // hits, never hoisted into registers); its query rows past its end are rows the epilogue does not write
+    // (TMA filled them with zeros), so len_q stays the call's.
     auto seq_params = [&] {
       FwdParams seq = pc;
       if constexpr (kPacked) {
