@@ -360,12 +360,12 @@ void finish_forward(ForwardSetup& s) {
 }
 
 ProbsSetup prepare_probs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                         const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt) {
+                         const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt, bool average_heads) {
   check_inputs(q, k, k, mask, opt);  // value is not needed: k stands in for it
   check_lse(lse, q);
   check_rng_state(rng, opt.dropout_p);
   ProbsSetup s;
-  s.probs = empty_weights(q, k);
+  s.probs = empty_weights(q, k, average_heads);
   poison(s.probs);
   s.q4 = as_4d(q);
   s.k4 = as_4d(k);

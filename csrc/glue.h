@@ -119,20 +119,21 @@ struct ProbsSetup {
   std::optional<at::Tensor> m4;
   FwdParams p;
 };
+// probs: (..., heads, L, S), or with average_heads (..., L, S) for the mean over the heads (empty_weights).
 ProbsSetup prepare_probs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                         const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt);
+                         const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt,
+                         bool average_heads = false);
 
-// _attention_forward_weights as a backend's forward followed by its attention_probs (weights recomputed
-// from the log-sum-exp, with the forward's dropout mask) and, with average_heads, their mean over the heads
-// in float32; the CUDA backends use it, the CPU fuses all three.
-template <typename Fwd, typename Probs>
+// _attention_forward_weights as a backend's forward followed by its attention weights (recomputed with the
+// forward's dropout mask; weights(..., average_heads) gives their mean over the heads, in float32, when
+// asked); the CUDA backends use it, the CPU fuses all three.
+template <typename Fwd, typename Weights>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_then_probs(
-    Fwd&& fwd, Probs&& probs, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    Fwd&& fwd, Weights&& weights, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal, std::optional<double> scale,
     bool enable_gqa, at::IntArrayRef window, bool average_heads) {
   auto [out, lse, rng] = fwd(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
-  at::Tensor w = probs(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window);
-  if (average_heads) w = w.sum(-3, false, at::kFloat).div_(static_cast<double>(q.size(-3))).to(w.scalar_type());
+  at::Tensor w = weights(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads);
   return {out, lse, rng, w};
 }
 

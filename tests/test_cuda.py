@@ -351,6 +351,26 @@ def test_dropout_graph_safe_rng_state():
         assert max_abs_error(o, ref.out) < 2e-2
 
 
+@gpu
+def test_averaged_weights_never_hold_per_head_weights():
+    """need_weights=True's default, the head mean: the probabilities kernel sums the heads of each tile itself,
+    so the call's peak memory stays far below the per-head weights it would otherwise write (16 heads x
+    1024 x 1024 bf16 = 32 MiB), and the mean equals attention_probs' per-head weights averaged in fp32."""
+    q, k, v = _qkv(1, 16, 16, 1024, 1024, 64, 64, bf16)
+    ops._attention_forward_weights(q, k, v, None, 0.0, False, None, False, [-1, -1], True)  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, lse, rng, w = ops._attention_forward_weights(q, k, v, None, 0.0, False, None, False, [-1, -1], True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    per_head_bytes = 16 * 1024 * 1024 * 2
+    assert w.shape == (1, 1024, 1024)
+    assert peak < per_head_bytes / 4, f"peak {peak / 2**20:.1f} MiB"
+    per_head = ops.attention_probs(q, k, None, lse, rng, 0.0, False, None, False, [-1, -1])
+    assert (w.float() - per_head.float().mean(dim=-3)).abs().max().item() <= 2.0 ** -9
+
+
 # ---------------------------------------------------------------------------
 # deterministic backward
 

@@ -239,6 +239,26 @@ def test_attention_probs_large_scores_fp32():
                              f32)
 
 
+@pytest.mark.parametrize("dtype", [f32, f16], ids=dtype_id)
+def test_averaged_weights_with_dropout_and_gqa(dtype):
+    """The head mean of _attention_forward_weights (nn.MultiheadAttention's default weights) comes from the
+    probabilities kernel itself, which walks every head of a tile and sums in fp32 (the per-head weights are
+    never written): it equals the fp32 mean of attention_probs' per-head weights under the same dropout mask,
+    with GQA, a causal bound and a key-padding mask, and has the shape (B, L, S)."""
+    q, k, v, _ = _inputs(2, 6, 2, 45, 70, 32, 32, dtype, seed=17)
+    keep = torch.rand(2, 1, 1, 70, generator=torch.Generator().manual_seed(3)) > 0.2
+    torch.manual_seed(5)
+    out, lse, rng, w = emu.ops._attention_forward_weights(q, k, v, keep, 0.3, True, None, True, [-1, -1], True)
+    assert w.shape == (2, 45, 70) and w.dtype == dtype
+    per_head = emu.ops.attention_probs(q, k, keep, lse, rng, 0.3, True, None, True, [-1, -1])
+    want = per_head.float().mean(dim=-3)
+    # the same fp32 terms in the same order, divided once; rounded to the dtype once (per_head was rounded
+    # per head before its mean: up to one rounding step of the dtype apart)
+    tol = 2e-6 if dtype == f32 else 2.0 ** -10
+    assert (w.float() - want).abs().max() <= tol * max(1.0, want.abs().max().item())
+    assert torch.isfinite(w).all() and (w >= 0).all()
+
+
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
 def test_extreme_rows_backward(dtype):
     """Whole rows at finfo.min (Hugging Face pads so) are uniform over their

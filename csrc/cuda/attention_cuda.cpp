@@ -191,11 +191,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   return finish_backward(st, mask, q);
 }
 
-at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+// The attention weights, or with average_heads their mean over the heads (never the per-head ones in memory).
+at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                        const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
+                        std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
   c10::cuda::CUDAGuard guard(q.device());
-  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window),
+                                average_heads);
   FwdParams& p = st.p;
   at::Tensor rng_dev;
   if (dropout_p > 0.0) {
@@ -205,10 +207,16 @@ at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optio
   if (st.probs.numel() > 0) {
     const LaunchEnv env = make_env(q);
     at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env));
+    C10_CUDA_CHECK(launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env, average_heads));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return st.probs;
+}
+
+at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
+                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  return weights_cuda(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false);
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
@@ -250,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool average_heads) {
-  return forward_then_probs(forward_cuda, probs_cuda, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
+  return forward_then_probs(forward_cuda, weights_cuda, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
                             average_heads);
 }
 

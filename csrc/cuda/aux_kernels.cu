@@ -8,6 +8,7 @@
 #include "flash_common.cuh"
 #include "flash_fwd.cuh"
 #include "launch.h"
+#include "static_switch.h"
 
 namespace attention_ext {
 namespace cuda {
@@ -203,32 +204,49 @@ __global__ void __launch_bounds__(kThreads) probs_stats_kernel(const FwdParams p
 
 // P = exp2(((x - shift) - logl) * log2e) (the differences first, so that finite scores near -FLT_MAX cannot
 // overflow, see flash_fwd.cuh), 0 for rows with shift = -inf, then the dropout. Every element is written.
-template <typename Elem>
+// kAverage (nn.MultiheadAttention's default weights): out is batch x len_q x len_k, the mean of P over the
+// query heads, summed in fp32 in the CTA of a (batch, 32 x 32 tile) that walks every head, so that the
+// per-head weights (heads_q times larger) never reach memory.
+template <typename Elem, bool kAverage>
 __global__ void __launch_bounds__(kThreads)
     probs_kernel(const FwdParams p, const float* row_shift, const float* row_logl, Elem* out) {
   __shared__ TileBuf sq, sk;
   const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;
   const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q;
   const int64_t nib = ceil_div(L, kPT), njb = ceil_div(S, kPT);
-  const int64_t tiles = p.batch * Hq * nib * njb;
+  const int64_t heads_per_tile = kAverage ? Hq : 1;
+  const int64_t tiles = p.batch * (Hq / heads_per_tile) * nib * njb;
   const bool dropout = p.dropout_p > 0.f;
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t jb = tile % njb, ib = (tile / njb) % nib, bh = tile / (njb * nib);
+    const int64_t jb = tile % njb, ib = (tile / njb) % nib, bh0 = tile / (njb * nib) * heads_per_tile;
     const int64_t i0 = ib * kPT, j0 = jb * kPT, j = j0 + tx;
-    float x[4];
-    score_tile<Elem>(p, bh / Hq, bh % Hq, i0, j0, sq, sk, x);
-    if (j >= S) continue;
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t bh = bh0; bh < bh0 + heads_per_tile; ++bh) {
+      float x[4];
+      score_tile<Elem>(p, bh / Hq, bh % Hq, i0, j0, sq, sk, x);  // every thread: it synchronises
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int64_t i = i0 + ty + 8 * r;
-      if (i >= L) continue;
-      const float sh = row_shift[bh * L + i];
-      float pr = sh == -kInf ? 0.f : exp2f(((x[r] - sh) - row_logl[bh * L + i]) * kLog2e);
-      if (dropout) pr = rng.keep(static_cast<uint64_t>(bh), static_cast<uint64_t>(i), static_cast<uint64_t>(j))
-                            ? pr * rng.inv_keep
-                            : 0.f;
-      out[(bh * L + i) * S + j] = ElemOps<Elem>::from_float(pr);
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = i0 + ty + 8 * r;
+        if (i >= L || j >= S) continue;
+        const float sh = row_shift[bh * L + i];
+        float pr = sh == -kInf ? 0.f : exp2f(((x[r] - sh) - row_logl[bh * L + i]) * kLog2e);
+        if (dropout) pr = rng.keep(static_cast<uint64_t>(bh), static_cast<uint64_t>(i), static_cast<uint64_t>(j))
+                              ? pr * rng.inv_keep
+                              : 0.f;
+        if constexpr (kAverage) {
+          sum[r] += pr;
+        } else {
+          out[(bh * L + i) * S + j] = ElemOps<Elem>::from_float(pr);
+        }
+      }
+    }
+    if constexpr (kAverage) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = i0 + ty + 8 * r;
+        if (i < L && j < S) out[(bh0 / Hq * L + i) * S + j] = ElemOps<Elem>::from_float(sum[r] / static_cast<float>(Hq));
+      }
     }
   }
 }
@@ -372,9 +390,9 @@ cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const Launch
   });
 }
 
-cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, const LaunchEnv& env) {
+cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, const LaunchEnv& env, bool average_heads) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
-  const int64_t tiles = p.batch * p.heads_q * ceil_div(p.len_q, kPT) * ceil_div(p.len_k, kPT);
+  const int64_t tiles = p.batch * (average_heads ? 1 : p.heads_q) * ceil_div(p.len_q, kPT) * ceil_div(p.len_k, kPT);
   if (tiles == 0) return cudaSuccess;
   float* shift = row_stats;
   float* logl = row_stats + rows;
@@ -384,9 +402,11 @@ cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, cons
         launch_kernel(probs_stats_kernel<Elem>, grid_for(p.batch * p.heads_q * ceil_div(p.len_q, kPT), 1, env.num_sms),
                       kThreads, 0, 0, env.stream, "probs_stats_kernel", p, shift, logl);
     if (err != cudaSuccess) return err;
-    return launch_kernel(probs_kernel<Elem>, grid_for(tiles, 1, env.num_sms), kThreads, 0, 0, env.stream,
-                         "probs_kernel", p, static_cast<const float*>(shift), static_cast<const float*>(logl),
-                         static_cast<Elem*>(probs));
+    return BOOL_SWITCH(average_heads, kAverage, [&] {
+      return launch_kernel(probs_kernel<Elem, kAverage>, grid_for(tiles, 1, env.num_sms), kThreads, 0, 0, env.stream,
+                           "probs_kernel", p, static_cast<const float*>(shift), static_cast<const float*>(logl),
+                           static_cast<Elem*>(probs));
+    });
   });
 }
 

@@ -156,7 +156,10 @@ cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const Launch
 // dropped-out softmax probabilities recomputed from q and k, normalised by
 // row statistics taken from the same scores (row_stats: workspace of
 // 2 * batch * heads_q * len_q floats); the forward's log-sum-exp is not read.
-cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, const LaunchEnv& env);
+// average_heads: probs is batch x len_q x len_k, the mean over the query heads (summed in fp32), and the
+// per-head weights are never written.
+cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, const LaunchEnv& env,
+                         bool average_heads = false);
 // out[2 bh], out[2 bh + 1] = the first and one past the last true key of the
 // boolean mask row of each (batch, query head) bh (0, 0 for a row with none): the
 // FwdParams::key_bounds of a key-padding mask (mask_stride.r == 0, or len_q == 1),

@@ -162,10 +162,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
   return finish_backward(st, mask, q);
 }
 
-at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+at::Tensor weights_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                       const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
+                       std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
+  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window),
+                                average_heads);
   FwdParams& p = st.p;
   at::Tensor rng_c;
   if (dropout_p > 0.0) {
@@ -175,9 +176,16 @@ at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::option
   if (st.probs.numel() > 0) {
     const LaunchEnv env = make_env(q);
     at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
-    run("attention_probs", [&] { return launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env); });
+    run("attention_probs",
+        [&] { return launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env, average_heads); });
   }
   return st.probs;
+}
+
+at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+  return weights_emu(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false);
 }
 
 at::Tensor dropout_mask_emu(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
@@ -198,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_emu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool average_heads) {
-  return forward_then_probs(forward_emu, probs_emu, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
+  return forward_then_probs(forward_emu, weights_emu, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
                             average_heads);
 }
 
