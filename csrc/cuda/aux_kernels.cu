@@ -109,33 +109,12 @@ __device__ __forceinline__ float mask_value_any(const FwdParams& p, int64_t off)
 constexpr int kPT = 32;
 using TileBuf = float[kPT][kPT + 1];
 
-// x[r] = scale * q_i . k_j + mask for rows i = i0 + ty + 8 r and key j = j0 + tx of one 32 x 32 tile (-inf
-// where not visible), in fp32 FMA with q and k staged through shared memory, 32 features at a time.
-// Every thread of the CTA calls it (it synchronises).
-template <typename Elem>
-__device__ __forceinline__ void score_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t j0,
-                                           TileBuf& sq, TileBuf& sk, float (&x)[4]) {
-  const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;  // ty in [0, 8): rows ty + 8 * r
-  const int64_t L = p.len_q, S = p.len_k, E = p.dim_qk, hk = h / (p.heads_q / p.heads_kv);
-  const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
-  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t e0 = 0; e0 < E; e0 += kPT) {
-    __syncthreads();  // the previous chunk's (or tile's) reads are done
-    for (int idx = threadIdx.x; idx < kPT * kPT; idx += kThreads) {
-      const int r = idx / kPT, c = idx % kPT;
-      const bool okc = e0 + c < E;
-      sq[r][c] = (okc && i0 + r < L) ? ElemOps<Elem>::to_float(q[(i0 + r) * p.q_stride.r + e0 + c]) : 0.f;
-      sk[r][c] = (okc && j0 + r < S) ? ElemOps<Elem>::to_float(k[(j0 + r) * p.k_stride.r + e0 + c]) : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int c = 0; c < kPT; ++c) {
-      const float kv = sk[tx][c];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[r] = fmaf(sq[ty + 8 * r][c], kv, acc[r]);
-    }
-  }
+// The masks and scale of a tile: x[r] = scale * acc[r] + mask for rows i = i0 + ty + 8 r and key j = j0 + tx
+// (-inf where not visible).
+__device__ __forceinline__ void score_epilogue(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t j0,
+                                               const float (&acc)[4], float (&x)[4]) {
+  const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;
+  const int64_t L = p.len_q, S = p.len_k;
   const int64_t j = j0 + tx;
   const float scale = static_cast<float>(p.scale);
 #pragma unroll
@@ -152,6 +131,81 @@ __device__ __forceinline__ void score_tile(const FwdParams& p, int64_t b, int64_
       x[r] += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c);
     }
   }
+}
+
+// x[r] = scale * q_i . k_j + mask for rows i = i0 + ty + 8 r and key j = j0 + tx of one 32 x 32 tile (-inf
+// where not visible), q and k staged through shared memory 32 features at a time. fp32: in fp32 FMA (the
+// exact fp32 scores, whatever TF32 setting the forward ran with). fp16 / bf16: on the tensor cores, warp w
+// computing the 16 x 8 sub-tile (rows 16 (w / 4), keys 8 (w % 4)) with mma.m16n8k16 (products exact in fp32,
+// fp32 sums: as accurate as the FMA loop, in another order), its accumulators passed through shared memory to
+// the FMA loop's layout. Every thread of the CTA calls it (it synchronises).
+template <typename Elem>
+__device__ __forceinline__ void score_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t j0,
+                                           TileBuf& sq, TileBuf& sk, float (&x)[4]) {
+  const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;  // ty in [0, 8): rows ty + 8 * r
+  const int64_t L = p.len_q, S = p.len_k, E = p.dim_qk, hk = h / (p.heads_q / p.heads_kv);
+  const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_stride.b + h * p.q_stride.h;
+  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if constexpr (std::is_same<Elem, float>::value) {
+    for (int64_t e0 = 0; e0 < E; e0 += kPT) {
+      __syncthreads();  // the previous chunk's (or tile's) reads are done
+      for (int idx = threadIdx.x; idx < kPT * kPT; idx += kThreads) {
+        const int r = idx / kPT, c = idx % kPT;
+        const bool okc = e0 + c < E;
+        sq[r][c] = (okc && i0 + r < L) ? q[(i0 + r) * p.q_stride.r + e0 + c] : 0.f;
+        sk[r][c] = (okc && j0 + r < S) ? k[(j0 + r) * p.k_stride.r + e0 + c] : 0.f;
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int c = 0; c < kPT; ++c) {
+        const float kv = sk[tx][c];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[r] = fmaf(sq[ty + 8 * r][c], kv, acc[r]);
+      }
+    }
+  } else {
+    static_assert(kThreads == 256 && kPT == 32, "8 warps, one 16 x 8 sub-tile of the 32 x 32 tile each");
+    using M = MmaTraits<Elem>;
+    constexpr int kLd = kPT + 8;  // Elem per staged row: 80 bytes, so a fragment's 8 rows hit distinct banks
+    static_assert(sizeof(Elem) * kPT * kLd <= sizeof(TileBuf), "the staged tile fits the float tile's memory");
+    Elem(*q16)[kLd] = reinterpret_cast<Elem(*)[kLd]>(&sq[0][0]);
+    Elem(*k16)[kLd] = reinterpret_cast<Elem(*)[kLd]>(&sk[0][0]);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int wr = 16 * (warp / 4), wc = 8 * (warp % 4);
+    auto word = [](Elem(*m)[kLd], int row, int col) { return *reinterpret_cast<const uint32_t*>(&m[row][col]); };
+    const Elem zero = ElemOps<Elem>::from_float(0.f);
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t e0 = 0; e0 < E; e0 += kPT) {
+      __syncthreads();  // the previous chunk's (or tile's) reads are done
+      for (int idx = threadIdx.x; idx < kPT * kPT; idx += kThreads) {
+        const int r = idx / kPT, col = idx % kPT;
+        const bool okc = e0 + col < E;
+        q16[r][col] = (okc && i0 + r < L) ? q[(i0 + r) * p.q_stride.r + e0 + col] : zero;
+        k16[r][col] = (okc && j0 + r < S) ? k[(j0 + r) * p.k_stride.r + e0 + col] : zero;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kPT; kk += 16) {
+        // A (16 x 16, row-major): (g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8); B (16 x 8, k x n):
+        // k rows 2t and 2t + 8 of key n = g, i.e. features 2t, 2t + 8 of k row g (PTX ISA fragment layouts)
+        const auto a = M::make_a(word(q16, wr + g, kk + 2 * t), word(q16, wr + g + 8, kk + 2 * t),
+                                 word(q16, wr + g, kk + 2 * t + 8), word(q16, wr + g + 8, kk + 2 * t + 8));
+        const auto bf = M::make_b(word(k16, wc + g, kk + 2 * t), word(k16, wc + g, kk + 2 * t + 8));
+        M::mma(c, a, bf);
+      }
+    }
+    __syncthreads();  // every warp is done with q16 / k16: sq holds the tile's scores next
+    // C (16 x 8): (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
+    sq[wr + g][wc + 2 * t] = c[0];
+    sq[wr + g][wc + 2 * t + 1] = c[1];
+    sq[wr + g + 8][wc + 2 * t] = c[2];
+    sq[wr + g + 8][wc + 2 * t + 1] = c[3];
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[r] = sq[ty + 8 * r][tx];
+  }
+  score_epilogue(p, b, h, i0, j0, acc, x);
 }
 
 // shift = m and logl = log(l) of each row over all its keys (shift -inf: no visible key, the row's P is 0;
