@@ -46,12 +46,16 @@ struct DropoutRng {
 
   AE_HOST_DEVICE DropoutRng() {}
   AE_HOST_DEVICE DropoutRng(uint64_t seed, uint64_t offset, double p) {
-    k0 = static_cast<uint32_t>(seed);
-    k1 = static_cast<uint32_t>(seed >> 32) ^ static_cast<uint32_t>(offset >> 32);
-    off_lo = static_cast<uint32_t>(offset);
+    set_key(seed, offset);
     double keep = 1.0 - static_cast<double>(p);
     threshold = static_cast<uint64_t>(keep * 4294967296.0);
     inv_keep = inv_keep_of(p);
+  }
+  // The key words of (seed, offset); the threshold stays.
+  AE_HOST_DEVICE void set_key(uint64_t seed, uint64_t offset) {
+    k0 = static_cast<uint32_t>(seed);
+    k1 = static_cast<uint32_t>(seed >> 32) ^ static_cast<uint32_t>(offset >> 32);
+    off_lo = static_cast<uint32_t>(offset);
   }
   // 1 / (1 - p): the scale of the kept elements.
   AE_HOST_DEVICE static double inv_keep_of(double p) { return 1.0 / (1.0 - p); }

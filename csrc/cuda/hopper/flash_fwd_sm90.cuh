@@ -264,7 +264,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
   const int g = lane >> 2, t = lane & 3;
 
   constexpr bool dropout = kDropout;
-  const DropoutRng rng_call = dropout && !kPacked ? make_rng(pc) : DropoutRng();
+  // packed: the threshold only (each sequence's key words are set per tile, tile_rng)
+  const DropoutRng rng_call = !dropout ? DropoutRng() : kPacked ? DropoutRng(0, 0, pc.dropout_p) : make_rng(pc);
   const float scale = static_cast<float>(pc.scale);
   uint32_t kv = 0;  // as in the producer
   uint32_t qi = 0;
@@ -294,7 +295,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
           seed = static_cast<uint64_t>(load_here(pc.seed_offset_ptr + 2 * sb));
           offset = static_cast<uint64_t>(load_here(pc.seed_offset_ptr + 2 * sb + 1));
         }
-        return DropoutRng(seed, offset, pc.dropout_p);
+        // the key words only: the threshold comes from the call's generator (no double arithmetic per tile)
+        DropoutRng r = rng_call;
+        r.set_key(seed, offset);
+        return r;
       } else {
         return rng_call;
       }
@@ -613,18 +617,12 @@ cudaError_t run_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
   }
   return BOOL_SWITCH(p.dropout_p > 0.0, kDropout, [&] {
     if (p.cu_seqlens_q != nullptr) {  // packed sequences (no mask)
-      // D = 256 with dropout: the per-sequence generator leaves the consumers ~10 registers short (spills in
-      // the loop), so the sm80 kernel takes those
-      if constexpr (kD > 128 && kDropout) {
+      if (p.mask_kind != MaskKind::kNone || p.total_q > 0x7ffffffe || p.total_k > 0x7ffffffe) {
         return cudaErrorNotSupported;
-      } else {
-        if (p.mask_kind != MaskKind::kNone || p.total_q > 0x7ffffffe || p.total_k > 0x7ffffffe) {
-          return cudaErrorNotSupported;
-        }
-        constexpr int kBlockN = kD <= 64 ? 128 : kD <= 128 ? (kDropout ? 96 : 112) : 64;
-        using Cfg = Sm90FwdConfig<Elem, kD, kBlockN, (kD <= 64 ? 4 : 2)>;
-        return launch_fwd_sm90<Cfg, kDropout, false, true>(p, env);
       }
+      constexpr int kBlockN = kD <= 64 ? 128 : kD <= 128 ? (kDropout ? 96 : 112) : 64;
+      using Cfg = Sm90FwdConfig<Elem, kD, kBlockN, (kD <= 64 ? 4 : 2)>;
+      return launch_fwd_sm90<Cfg, kDropout, false, true>(p, env);
     }
     return BOOL_SWITCH(p.mask_kind != MaskKind::kNone, kMask, [&] {
       constexpr int kBlockN = kD <= 64 ? 128 : kD <= 128 ? (kDropout ? 96 : 112) : (kMask ? 48 : 64);
