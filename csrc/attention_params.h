@@ -131,7 +131,9 @@ AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t len_k, int64_t i, int6
   }
   if (hi < lo) hi = lo;
 }
-AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_t& hi) { key_range(p, p.len_k, i, lo, hi); }
+AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_t& hi) {
+  key_range(p, p.len_k, i, lo, hi);
+}
 
 // Query rows [ib, ie) that can see a key of [j0, j1) (the inverse of
 // key_range, before any explicit mask): row i sees key j iff

@@ -49,15 +49,16 @@ bool sm90_switched_off() {
 }
 
 // Whether TMA can read packed sequences' rows (total, heads, dim) through the
-// map packed_operand_desc makes (R: the longest sequence's rows).
+// map the launchers will build (sm90::tma_view_packed; R: the longest
+// sequence's rows, at least 1).
 bool tma_readable_packed(const void* base, const Strides4& st, int64_t heads, int64_t R, int64_t total, int64_t dim) {
-  if (st.r < 0 || st.h < 0) return false;
-  const uint64_t rs = static_cast<uint64_t>(st.r) * 2;
-  const uint64_t dims[4] = {static_cast<uint64_t>(dim), static_cast<uint64_t>(std::max<int64_t>(R, 1)),
-                            static_cast<uint64_t>(heads), static_cast<uint64_t>(total) + 1};
-  const uint64_t strides[3] = {rs, heads == 1 ? rs * dims[1] : static_cast<uint64_t>(st.h) * 2, rs};
+  uint64_t dims[4], strides[3];
+  const void* shifted = nullptr;
+  if (!sm90::tma_view_packed(base, st.r, st.h, heads, std::max<int64_t>(R, 1), total, dim, dims, strides, &shifted)) {
+    return false;
+  }
   const uint32_t box[4] = {64, 64, 1, 1};
-  return sm90::check_tma_desc_4d(base, dims, strides, box, sm90::kSwizzle128B, 2) == nullptr;
+  return sm90::check_tma_desc_4d(shifted, dims, strides, box, sm90::kSwizzle128B, 2) == nullptr;
 }
 
 // The calls the Hopper kernels may take (the launchers check the head dims),

@@ -125,6 +125,18 @@ inline int fwd_key_splits(const FwdParams& p, const FwdEntry& sm80, const Sm90Fw
   return splits > 1 && (splits >= 4 || h == nullptr) ? splits : 1;
 }
 
+// Runs the launcher fn through launch(fn) unless it declines the call (cudaErrorNotSupported, returned before
+// launching anything: a Hopper launcher outside what its kernel covers). Returns whether it ran.
+template <class Launch, class Fn>
+bool launched_unless_declined(Launch&& launch, Fn&& fn) {
+  cudaError_t err = cudaSuccess;
+  launch([&] {
+    err = fn();
+    return err == cudaErrorNotSupported ? cudaSuccess : err;
+  });
+  return err != cudaErrorNotSupported;
+}
+
 // The forward of run_forward once the GQA heads are packed (or not): the Hopper kernel when it covers the call
 // (its launcher declines with cudaErrorNotSupported before launching anything), else the sm80 kernel.
 template <class Launch>
@@ -150,12 +162,9 @@ std::string run_forward_unpacked(const FwdParams& p, const LaunchEnv& env, const
   if (h != nullptr) {
     at::Tensor bounds;
     const FwdParams ph = with_key_bounds(p, env, like, bounds, launch);
-    cudaError_t err = cudaSuccess;
-    launch([&] {
-      err = h->fn(ph, env);
-      return err == cudaErrorNotSupported ? cudaSuccess : err;
-    });
-    if (err != cudaErrorNotSupported) return describe_kernel_sm90(what, h->head_dim, p.dtype);
+    if (launched_unless_declined(launch, [&] { return h->fn(ph, env); })) {
+      return describe_kernel_sm90(what, h->head_dim, p.dtype);
+    }
   }
   launch([&] { return sm80.fn(p, nullptr, env); });
   return describe_kernel(what, sm80.head_dim, p.dtype, env);
@@ -234,13 +243,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     p.seed_offset_ptr = rng.data_ptr<int64_t>();
   }
   std::string ran;
-  if (hopper != nullptr && p.len_q > 0 && p.heads_q > 0) {
-    cudaError_t err = cudaSuccess;
-    launch([&] {
-      err = hopper->fn(p, env);  // declines (cudaErrorNotSupported) before launching anything
-      return err == cudaErrorNotSupported ? cudaSuccess : err;
-    });
-    if (err != cudaErrorNotSupported) ran = describe_kernel_sm90(what, hopper->head_dim, p.dtype);
+  if (hopper != nullptr && p.len_q > 0 && p.heads_q > 0 &&
+      launched_unless_declined(launch, [&] { return hopper->fn(p, env); })) {
+    ran = describe_kernel_sm90(what, hopper->head_dim, p.dtype);
   }
   if (ran.empty()) {
     const FwdEntry* sm80 = find(p);
@@ -250,6 +255,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
   if (log_kernels()) log_kernel(ran + ", " + std::to_string(p.batch) + " packed sequences in one launch");
   finish_forward(s.st);
   return {s.out, s.lse, rng};
+}
+
+// The backward as both glues run it: the row statistics (launch_row_stats),
+// the Hopper kernel when it covers the call (its launcher declines with
+// cudaErrorNotSupported before launching anything), else the sm80 kernel,
+// then the dQ conversion. launch(what, workspace, fn) runs one launcher and
+// checks its error. Returns the kernel-log line of the kernel that ran.
+// sm90 = false: the sm80 kernels whatever the device (ATTENTION_EXT_PACKED_SM90=0).
+template <class Launch>
+std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& fwd,
+                         const BwdEntry& sm80, const char* what, Launch&& launch, bool sm90 = true) {
+  if (const BwdEntry* h = sm90 ? find_bwd_sm90(p, env) : nullptr) {
+    const BwdWorkspace ws = make_bwd_workspace(p, *h, env.num_sms, like);
+    launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
+    at::Tensor bounds;
+    const BwdParams ph =
+        with_key_bounds(p, env, like, bounds, [&](auto&& fn) { launch("key bounds", ws, std::forward<decltype(fn)>(fn)); });
+    if (launched_unless_declined([&](auto&& fn) { launch("backward", ws, std::forward<decltype(fn)>(fn)); },
+                                 [&] { return h->fn(ph, ws.work, env); })) {
+      launch("dq convert", ws, [&] { return launch_dq_convert(p, ws.work, env); });
+      return describe_kernel_sm90(what, h->head_dim, p.dtype);
+    }
+  }
+  const BwdWorkspace ws = make_bwd_workspace(p, sm80, env.num_sms, like);
+  launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
+  launch("backward", ws, [&] { return sm80.fn(p, ws.work, env); });
+  launch("dq convert", ws, [&] { return launch_dq_convert(p, ws.work, env); });
+  return describe_kernel(what, sm80.head_dim, p.dtype, env, &ws.work);
 }
 
 // _attention_varlen_backward as both glues run it: the row statistics, the backward kernel and the dQ
@@ -295,64 +328,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     // 0 for dK / dV of keys no query sees, and dQ of rows without a key from the zeroed workspace)
     fill_empty_backward(off, heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
   } else {
-    const FwdEntry* fwd = find_fwd(p);
-    std::string ran;
-    if (hopper != nullptr) {  // as run_backward: its own workspace (dQ rows of its head dim)
-      const BwdWorkspace ws = make_bwd_workspace(p, *hopper, env.num_sms, q.options());
-      launch("row statistics", s.st, ws, [&] { return launch_row_stats(p, ws.row_stats, *fwd, env); });
-      cudaError_t err = cudaSuccess;
-      launch("backward", s.st, ws, [&] {
-        err = hopper->fn(p, ws.work, env);  // declines (cudaErrorNotSupported) before launching anything
-        return err == cudaErrorNotSupported ? cudaSuccess : err;
-      });
-      if (err != cudaErrorNotSupported) {
-        launch("dq convert", s.st, ws, [&] { return launch_dq_convert(p, ws.work, env); });
-        ran = describe_kernel_sm90(what, hopper->head_dim, p.dtype);
-      }
-    }
-    if (ran.empty()) {
-      const BwdEntry* sm80 = find_bwd(p);
-      const BwdWorkspace ws = make_bwd_workspace(p, *sm80, env.num_sms, q.options());
-      launch("row statistics", s.st, ws, [&] { return launch_row_stats(p, ws.row_stats, *fwd, env); });
-      launch("backward", s.st, ws, [&] { return sm80->fn(p, ws.work, env); });
-      launch("dq convert", s.st, ws, [&] { return launch_dq_convert(p, ws.work, env); });
-      ran = describe_kernel(what, sm80->head_dim, p.dtype, env, &ws.work);
-    }
+    const std::string ran =
+        run_backward(p, env, q.options(), *find_fwd(p), *find_bwd(p), what,
+                     [&](const char* step, const BwdWorkspace& ws, auto&& fn) {
+                       launch(step, s.st, ws, std::forward<decltype(fn)>(fn));
+                     },
+                     packed_sm90_enabled());
     if (log_kernels()) log_kernel(ran + ", " + std::to_string(p.batch) + " packed sequences in one launch");
   }
   auto [gq, gk, gv, gm] = finish_backward(s.st, std::nullopt, heads_first(q));
   return {heads_first(gq), heads_first(gk), heads_first(gv)};
-}
-
-// The backward as both glues run it: the row statistics (launch_row_stats),
-// the Hopper kernel when it covers the call (its launcher declines with
-// cudaErrorNotSupported before launching anything), else the sm80 kernel,
-// then the dQ conversion. launch(what, workspace, fn) runs one launcher and
-// checks its error. Returns the kernel-log line of the kernel that ran.
-template <class Launch>
-std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& fwd,
-                         const BwdEntry& sm80, const char* what, Launch&& launch) {
-  if (const BwdEntry* h = find_bwd_sm90(p, env)) {
-    const BwdWorkspace ws = make_bwd_workspace(p, *h, env.num_sms, like);
-    launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
-    at::Tensor bounds;
-    const BwdParams ph =
-        with_key_bounds(p, env, like, bounds, [&](auto&& fn) { launch("key bounds", ws, std::forward<decltype(fn)>(fn)); });
-    cudaError_t err = cudaSuccess;
-    launch("backward", ws, [&] {
-      err = h->fn(ph, ws.work, env);
-      return err == cudaErrorNotSupported ? cudaSuccess : err;
-    });
-    if (err != cudaErrorNotSupported) {
-      launch("dq convert", ws, [&] { return launch_dq_convert(p, ws.work, env); });
-      return describe_kernel_sm90(what, h->head_dim, p.dtype);
-    }
-  }
-  const BwdWorkspace ws = make_bwd_workspace(p, sm80, env.num_sms, like);
-  launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
-  launch("backward", ws, [&] { return sm80.fn(p, ws.work, env); });
-  launch("dq convert", ws, [&] { return launch_dq_convert(p, ws.work, env); });
-  return describe_kernel(what, sm80.head_dim, p.dtype, env, &ws.work);
 }
 
 }  // namespace cuda

@@ -337,8 +337,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
   const int64_t kb = static_cast<int64_t>(blockIdx.x) % nkb;
   const int64_t bhk = static_cast<int64_t>(blockIdx.x) / nkb;
   const int64_t hk = bhk % Hkv;
-  // packed: from here on the CTA's sequence is the call, of batch 1 (b = 0): its lengths, its dK / dV rows
-  // and its dropout stream (seed, offset + sequence); q0 / k0 its first query / key row
+  // packed: from here on the CTA's sequence is the call, of batch 1 (b = 0): its lengths and its dropout
+  // stream (seed, offset + sequence); q0 / k0 its first query / key row (the consumers take theirs from
+  // seq_words: params_now)
   BwdParams seq;
   int64_t q0 = 0, k0 = 0;
   if constexpr (kPacked) {
@@ -349,8 +350,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     seq.batch = 1;
     seq.len_q = pc.cu_seqlens_q[sb + 1] - q0;
     seq.len_k = pc.cu_seqlens_k[sb + 1] - k0;
-    seq.dk = static_cast<Elem*>(pc.dk) + k0 * pc.dk_stride.r;
-    seq.dv = static_cast<Elem*>(pc.dv) + k0 * pc.dv_stride.r;
     seq.offset = pc.offset + static_cast<uint64_t>(sb);
     if (pc.seed_offset_ptr != nullptr) seq.seed_offset_ptr = pc.seed_offset_ptr + 2 * sb;
     seq.cu_seqlens_q = seq.cu_seqlens_k = nullptr;

@@ -551,21 +551,15 @@ inline const char* make_operand_desc(TmaDesc* d, const void* base, const Strides
   return make_tma_desc_4d(d, base, dims, strides, box, kSwizzle128B);
 }
 
-// The map of packed sequences' rows (total, heads, dim) with element strides
-// (r, h), box (64, box_rows, 1, 1): (dim, r, head, n) at base + (r + n - R)
-// rows, r < R = the longest sequence's rows, n <= total (see the kernel's
-// comment: row j of sequence [s, e) is (R - (e - s) + j, e)). Only rows
-// [0, total) are ever read; the map's base itself lies R rows before the
-// tensor's.
+// The map of packed sequences' rows (tma_view_packed), box (64, box_rows, 1, 1).
 inline const char* packed_operand_desc(TmaDesc* d, const void* base, const Strides4& st, int64_t heads, int64_t R,
                                        int64_t total, int64_t dim, uint32_t box_rows) {
-  if (st.r < 0 || st.h < 0 || R <= 0) return "negative stride or no rows";
-  const uint64_t rs = static_cast<uint64_t>(st.r) * 2;
-  const uint64_t dims[4] = {static_cast<uint64_t>(dim), static_cast<uint64_t>(R), static_cast<uint64_t>(heads),
-                            static_cast<uint64_t>(total) + 1};
-  const uint64_t strides[3] = {rs, heads == 1 ? rs * dims[1] : static_cast<uint64_t>(st.h) * 2, rs};
+  uint64_t dims[4], strides[3];
+  const void* shifted = nullptr;
+  if (!tma_view_packed(base, st.r, st.h, heads, R, total, dim, dims, strides, &shifted)) {
+    return "negative stride or no rows";
+  }
   const uint32_t box[4] = {64, box_rows, 1, 1};
-  const void* shifted = static_cast<const unsigned char*>(base) - static_cast<ptrdiff_t>(rs * static_cast<uint64_t>(R));
   return make_tma_desc_4d(d, shifted, dims, strides, box, kSwizzle128B);
 }
 

@@ -8,6 +8,7 @@
 // that ../emu/sm90_emu.h reads.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if !defined(ATTENTION_EXT_SIMT_EMU)
@@ -61,6 +62,28 @@ inline bool tma_view(int64_t st_r, int64_t st_h, int64_t st_b, int64_t batch, in
   strides[0] = rows == 1 ? (static_cast<uint64_t>(dim) * 2 + 15) / 16 * 16 : static_cast<uint64_t>(st_r) * 2;
   strides[1] = heads == 1 ? strides[0] * dims[1] : static_cast<uint64_t>(st_h) * 2;
   strides[2] = batch == 1 ? strides[1] * dims[2] : static_cast<uint64_t>(st_b) * 2;
+  return true;
+}
+
+// The map of packed sequences' rows (total, heads, dim) of 16-bit elements with
+// element strides (r, h), whose every sequence ends where a dimension does:
+// (dim, r, head, n) at base - R rows + (r + n) rows, r < R = the longest
+// sequence's rows, n <= total; row j of sequence [s, e) is (R - (e - s) + j, e),
+// inside the map exactly for j < e - s (flash_fwd_sm90.cuh). Its dims, byte
+// strides and the shifted base (never read itself: only rows [0, total) are);
+// false for negative strides or R < 1.
+inline bool tma_view_packed(const void* base, int64_t st_r, int64_t st_h, int64_t heads, int64_t R, int64_t total,
+                            int64_t dim, uint64_t dims[4], uint64_t strides[3], const void** shifted) {
+  if (st_r < 0 || st_h < 0 || R < 1) return false;
+  const uint64_t rs = static_cast<uint64_t>(st_r) * 2;
+  dims[0] = static_cast<uint64_t>(dim);
+  dims[1] = static_cast<uint64_t>(R);
+  dims[2] = static_cast<uint64_t>(heads);
+  dims[3] = static_cast<uint64_t>(total) + 1;
+  strides[0] = rs;
+  strides[1] = heads == 1 ? rs * dims[1] : static_cast<uint64_t>(st_h) * 2;
+  strides[2] = rs;
+  *shifted = static_cast<const unsigned char*>(base) - static_cast<ptrdiff_t>(rs * dims[1]);
   return true;
 }
 
