@@ -259,6 +259,20 @@ def test_averaged_weights_with_dropout_and_gqa(dtype):
     assert torch.isfinite(w).all() and (w >= 0).all()
 
 
+def test_averaged_weights_allocate_no_per_head_weights():
+    """The head mean never materialises the per-head weights: no allocation inside the op (torch's profiler,
+    CPU memory of every aten::empty) is as large as (B, H, L, S) of the dtype, which the former weights-then-sum
+    path allocated."""
+    from torch.profiler import ProfilerActivity, profile
+    q, k, _, _ = _inputs(1, 8, 8, 64, 96, 32, 32, f16, seed=19)
+    per_head_bytes = 8 * 64 * 96 * 2
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        w = emu.ops._attention_forward_weights(q, k, k, None, 0.0, False, None, False, [-1, -1], True)[3]
+    assert w.shape == (1, 64, 96)
+    allocs = [e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::") and e.cpu_memory_usage > 0]
+    assert allocs and max(allocs) < per_head_bytes, allocs
+
+
 @pytest.mark.parametrize("dtype", [f32, bf16], ids=dtype_id)
 def test_extreme_rows_backward(dtype):
     """Whole rows at finfo.min (Hugging Face pads so) are uniform over their
