@@ -21,6 +21,7 @@ Environment switches
 """
 import glob
 import os
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -130,6 +131,19 @@ def want_emu():
     return have_headers if forced is None else forced
 
 
+def emu_access_hooks():
+    """Racecheck on the emulator (csrc/cuda/emu/racecheck.h) sees the kernels' loads and stores through
+    the -fsanitize=thread instrumentation, whose hooks racecheck.cpp defines (no TSan runtime is linked).
+    GCC is told to leave out the function entry / exit hooks, which racecheck does not use."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        version = ""
+    gcc = "clang" not in version.lower()
+    return ["-fsanitize=thread"] + (["--param=tsan-instrument-func-entry-exit=0"] if gcc else [])
+
+
 def emu_extension():
     """attention_ext._C_emu: the kernels of csrc/cuda as host C++ (see csrc/cuda/emu/simt.h).
 
@@ -141,25 +155,50 @@ def emu_extension():
     os.makedirs(wrap_dir, exist_ok=True)
     host_only = ("attention_cuda.cpp", "rng_state.cu", "tma_desc.cpp")  # the emulator has its own twins
     wrapped = [p for p in cuda_sources() if not p.endswith(host_only)]
-    wrapped += [os.path.join("csrc", "glue.cpp"), os.path.join("csrc", "varlen.cpp")]
-    sources = []
-    for path in wrapped:
+    glue = [os.path.join("csrc", "glue.cpp"), os.path.join("csrc", "varlen.cpp")]
+    sources, plain = [], []
+    for path in wrapped + glue:
         name = "emu_" + os.path.splitext(os.path.basename(path))[0] + ".cpp"  # never the wrapped file's own name
         target = os.path.join(wrap_dir, name)
         text = '#include "%s"\n' % os.path.relpath(path, "csrc").replace(os.sep, "/")
         if not os.path.exists(target) or open(target).read() != text:
             with open(target, "w") as f:
                 f.write(text)
-        sources.append(target)
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "emu", "*.cpp")))
-    return CppExtension(
+        (plain if path in glue else sources).append(target)
+    # the emulator's own runtime and the glue need no access hooks; the test kernels do
+    emu_dir = os.path.join("csrc", "cuda", "emu")
+    runtime = ("simt.cpp", "sm90_emu.cpp", "racecheck.cpp", "attention_emu.cpp")
+    for path in sorted(glob.glob(os.path.join(emu_dir, "*.cpp"))):
+        (plain if os.path.basename(path) in runtime else sources).append(path)
+    hooks = emu_access_hooks()
+    ext = CppExtension(
         "attention_ext._C_emu",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), os.path.join(CUDA_HEADERS_HOME, "include")],
-        define_macros=[("ATTENTION_EXT_SIMT_EMU", "1")],
-        extra_compile_args={"cxx": ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]},
+        define_macros=[("ATTENTION_EXT_SIMT_EMU", "1")] + ([("ATTENTION_EXT_EMU_ACCESS_HOOKS", "1")] if hooks else []),
+        extra_compile_args={"cxx": ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]
+                            + hooks},
         py_limited_api=True,
     )
+    ext.plain_sources = plain  # compiled without the hooks' flags (Build.build_extension)
+    ext.hook_flags = hooks
+    return ext
+
+
+class Build(BuildExtension):
+    """torch's BuildExtension (ninja), and an extension's `plain_sources` compiled first with its flags
+    less `hook_flags`, into objects it links (the emulator: the access instrumentation only where
+    racecheck needs it, since every instrumented load costs a call)."""
+
+    def build_extension(self, ext):
+        plain = getattr(ext, "plain_sources", None)
+        if plain:
+            args = {k: [f for f in v if f not in ext.hook_flags] for k, v in ext.extra_compile_args.items()}
+            objects = self.compiler.compile(plain, output_dir=os.path.join(self.build_temp, "plain"),
+                                            macros=ext.define_macros, include_dirs=ext.include_dirs,
+                                            debug=self.debug, extra_postargs=args, depends=ext.depends)
+            ext.extra_objects = list(ext.extra_objects or []) + [o for o in objects if o not in ext.extra_objects]
+        super().build_extension(ext)
 
 
 setup(
@@ -168,7 +207,7 @@ setup(
     description="Fused attention operators (forward and backward) for PyTorch, CPU and CUDA",
     packages=find_packages(include=["attention_ext", "attention_ext.*"]),
     ext_modules=[extension()] + ([emu_extension()] if want_emu() else []),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     zip_safe=False,

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "racecheck.h"
 #include "simt.h"
 
 namespace attention_ext {
@@ -19,33 +20,46 @@ namespace cuda {
 
 namespace emu_detail {
 
-inline float f16_bits(uint32_t h) {
-  __half_raw r;
-  r.x = static_cast<unsigned short>(h);
-  return __half2float(__half(r));
+// (AE_EMU_PLAIN, see simt.h: what the mma / wgmma emulation calls per element.)
+// fp16 bits to float, exactly (by hand: cuda_fp16's host conversion would not inline here).
+AE_EMU_PLAIN inline float f16_bits(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
+    const float x = static_cast<float>(man) * 5.9604644775390625e-8f;
+    std::memcpy(&u, &x, 4);
+    u |= sign;
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
 }
-inline float bf16_bits(uint32_t h) {
+AE_EMU_PLAIN inline float bf16_bits(uint32_t h) {
   const uint32_t u = (h & 0xffffu) << 16;
   float x;
   std::memcpy(&x, &u, 4);
   return x;
 }
 // The tensor cores read a TF32 operand from the upper 19 bits of the register.
-inline float tf32_bits(uint32_t u) {
+AE_EMU_PLAIN inline float tf32_bits(uint32_t u) {
   u &= 0xffffe000u;
   float x;
   std::memcpy(&x, &u, 4);
   return x;
 }
-inline uint32_t f32_bits(float x) {
+AE_EMU_PLAIN inline uint32_t f32_bits(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
   return u;
 }
 
 // Word w of lane l in a collective's in/out arrays.
-inline uint32_t& at(uint32_t* a, int l, int w) { return a[l * simt::kSlot + w]; }
-inline uint32_t at(const uint32_t* a, int l, int w) { return a[l * simt::kSlot + w]; }
+AE_EMU_PLAIN inline uint32_t& at(uint32_t* a, int l, int w) { return a[l * simt::kSlot + w]; }
+AE_EMU_PLAIN inline uint32_t at(const uint32_t* a, int l, int w) { return a[l * simt::kSlot + w]; }
 
 // kind 0: f16, 1: bf16 (m16n8k16); 2: tf32 (m16n8k8)
 template <int kKind>
@@ -57,7 +71,7 @@ inline void mma_emu(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
   for (int i = 0; i < 4; ++i) in[6 + i] = f32_bits(c[i]);
   simt::warp_collective(
       in, 10, out, 4,
-      [](const uint32_t* x, uint32_t* o) {
+      [](const uint32_t* x, uint32_t* o) AE_EMU_PLAIN {
         constexpr int K = kKind == 2 ? 8 : 16;
         float A[16][16], B[16][8];
         for (int m = 0; m < 16; ++m) {
@@ -106,7 +120,7 @@ inline void ldsm_emu(uint32_t addr, uint32_t (&r)[4]) {
   uint32_t out[4];
   simt::warp_collective(
       &addr, 1, out, 4,
-      [](const uint32_t* x, uint32_t* o) {
+      [](const uint32_t* x, uint32_t* o) AE_EMU_PLAIN {
         const unsigned char* smem = simt::dynamic_smem();
         const size_t bytes = simt::dynamic_smem_bytes();
         for (int l = 0; l < 32; ++l) {
@@ -117,7 +131,9 @@ inline void ldsm_emu(uint32_t addr, uint32_t (&r)[4]) {
                               std::to_string(bytes) + " bytes of dynamic shared memory");
           }
         }
-        auto elem = [&](int tile, int row, int col) -> uint32_t {  // 16-bit element of an 8x8 tile
+        // racecheck: the 32 rows are read by this lane (the warp's last to arrive), once the others arrived
+        for (int l = 0; l < 32; ++l) simt::race::access(at(x, l, 0), 16, false, "ldmatrix");
+        auto elem = [&](int tile, int row, int col) AE_EMU_PLAIN -> uint32_t {  // 16-bit element of an 8x8 tile
           uint16_t v;
           std::memcpy(&v, smem + at(x, 8 * tile + row, 0) + 2 * col, 2);
           return v;

@@ -21,22 +21,30 @@ enum Fault : int {
   kLdmatrixOutside,
   kSharedAddressOutside,
   kCpAsyncMisaligned,
-  kCpAsyncOutside
+  kCpAsyncOutside,
+  // racecheck (ATTENTION_EXT_EMU_RACECHECK=1); the hazards named are those of the forward order
+  kRaceRaw,      // thread 0 writes a word, thread 1 reads it, nothing between
+  kRaceWar,      // thread 0 reads a word, thread 1 then writes it
+  kRaceWaw,      // threads 0 and 1 write the same word
+  kRaceCpAsync   // a thread reads its cp.async destination before cp.async.wait_group
 };
 
 __global__ void selftest_kernel(int fault, const float* inside, const float* outside, float* out) {
   AE_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x;
   switch (fault) {
-    case kClean: {  // a well-formed use of everything checked below
-      cp_async16(smem_u32(smem + 16 * (tid % 4)), inside + 4 * (tid % 4), true);
+    case kClean: {  // a well-formed use of everything checked below (racecheck too)
+      if (tid < 4) cp_async16(smem_u32(smem + 16 * tid), inside + 4 * tid, true);
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
       uint32_t r[4];
       ldsm_x4(smem_u32(smem + 16 * (tid % 4)), r);
       const float x = __shfl_xor_sync(0xffffffffu, static_cast<float>(r[0] & 1u), 1);
-      if (tid == 0) out[0] = x;
+      __syncthreads();  // every lane's ldmatrix is done before shared memory is written again
+      if (tid == 5) reinterpret_cast<float*>(smem)[0] = x;
+      __syncthreads();
+      if (tid == 0) out[0] = reinterpret_cast<const float*>(smem)[0];
       break;
     }
     case kDivergentBarrier:
@@ -59,6 +67,31 @@ __global__ void selftest_kernel(int fault, const float* inside, const float* out
     case kCpAsyncOutside:
       cp_async16(smem_u32(smem), outside, true);
       break;
+    case kRaceRaw: {
+      float* f = reinterpret_cast<float*>(smem);
+      if (tid == 0) f[3] = 1.f;
+      if (tid == 1) out[0] = f[3];
+      break;
+    }
+    case kRaceWar: {
+      float* f = reinterpret_cast<float*>(smem);
+      if (tid == 2) f[3] = 1.f;
+      __syncthreads();
+      if (tid == 0) out[0] = f[3];
+      if (tid == 1) f[3] = 2.f;
+      break;
+    }
+    case kRaceWaw: {
+      float* f = reinterpret_cast<float*>(smem);
+      if (tid < 2) f[3] = 1.f;
+      break;
+    }
+    case kRaceCpAsync:
+      if (tid < 4) cp_async16(smem_u32(smem + 16 * tid), inside + 4 * tid, true);
+      cp_async_commit();
+      if (tid == 0) out[0] = reinterpret_cast<const float*>(smem)[0];
+      cp_async_wait<0>();
+      break;
   }
 }
 
@@ -74,7 +107,10 @@ enum Sm90Fault : int {
   kWgmmaNotWaited,
   kTmaMisaligned,
   kTmaOutside,
-  kNamedBarrierDeadlock
+  kNamedBarrierDeadlock,
+  // racecheck
+  kRaceTmaUnwaited,   // a thread reads a TMA load's destination without waiting on its mbarrier
+  kRaceWgmmaReleased  // the A operand's buffer is refilled while the wgmma reading it is still in flight
 };
 
 __global__ void sm90_selftest_kernel(int fault, const sm90::TmaDesc* d, float* out) {
@@ -110,6 +146,13 @@ __global__ void sm90_selftest_kernel(int fault, const sm90::TmaDesc* d, float* o
       named_barrier_sync(1, 128);
       setmaxnreg_inc<240>();
       if (tid == 0) out[0] = acc[0];
+      // A's buffer refilled once every thread waited for the wgmma: ordered (racecheck)
+      if (tid == 0) {
+        mbar_arrive_expect_tx(bar, 1024);
+        tma_load_4d(base + 1024, d, bar, 16, 0, 0, 0);
+      }
+      mbar_wait(bar, 1);
+      if (tid == 1) out[1] = reinterpret_cast<const float*>(smem + 1024)[1];
       break;
     }
     case kMbarDeadlock:
@@ -166,6 +209,34 @@ __global__ void sm90_selftest_kernel(int fault, const sm90::TmaDesc* d, float* o
     case kNamedBarrierDeadlock:
       if (tid < 64) named_barrier_sync(1, 128);  // the other 64 threads never come
       break;
+    case kRaceTmaUnwaited:
+      if (tid == 0) {
+        mbar_arrive_expect_tx(bar, 1024);
+        tma_load_4d(base + 1024, d, bar, 0, 0, 0, 0);
+      }
+      if (tid == 1) out[1] = reinterpret_cast<const float*>(smem + 1024)[1];
+      mbar_wait(bar, 0);
+      break;
+    case kRaceWgmmaReleased:
+      if (tid == 0) {
+        mbar_arrive_expect_tx(bar, 4 * 1024);
+        tma_load_4d(base + 1024, d, bar, 0, 0, 0, 0);
+        tma_load_4d(base + 2048, d, bar, 8, 0, 0, 0);
+        tma_load_4d(base + 4096, d, bar, 0, 0, 0, 0);
+        tma_load_4d(base + 5120, d, bar, 8, 0, 0, 0);
+      }
+      mbar_wait(bar, 0);
+      wgmma_fence();
+      wgmma_ss<8, __half, 0, 0>(acc, da, db, 0);
+      wgmma_commit();
+      named_barrier_sync(1, 128);  // every thread issued: the op is in flight
+      if (tid == 0) {              // too early: nobody has waited for the wgmma
+        mbar_arrive_expect_tx(bar, 1024);
+        tma_load_4d(base + 1024, d, bar, 16, 0, 0, 0);
+      }
+      wgmma_wait<0>();
+      mbar_wait(bar, 1);
+      break;
   }
 }
 
@@ -199,16 +270,17 @@ void selftest(std::string kind) {
                 " summed ", out[0], " and ", out[1], ", not ", 64 * 64 * 100, " and ", 64 * 64 * 50);
     return;
   }
-  static const char* kNames[] = {"clean",           "divergent_barrier",     "divergent_shuffle", "ldmatrix_outside",
-                                 "shared_outside", "cp_async_misaligned", "cp_async_outside"};
-  static const char* kSm90Names[] = {"sm90_clean",           "mbarrier_deadlock", "mbarrier_uninit",
-                                     "mbarrier_extra_arrival", "wgmma_nonuniform",  "wgmma_outside",
-                                     "wgmma_not_waited",     "tma_misaligned",    "tma_outside",
-                                     "named_barrier_deadlock"};
+  static const char* kNames[] = {"clean",           "divergent_barrier",   "divergent_shuffle", "ldmatrix_outside",
+                                 "shared_outside",  "cp_async_misaligned", "cp_async_outside",  "race_raw",
+                                 "race_war",        "race_waw",            "race_cp_async"};
+  static const char* kSm90Names[] = {"sm90_clean",           "mbarrier_deadlock",  "mbarrier_uninit",
+                                     "mbarrier_extra_arrival", "wgmma_nonuniform",   "wgmma_outside",
+                                     "wgmma_not_waited",     "tma_misaligned",     "tma_outside",
+                                     "named_barrier_deadlock", "race_tma_unwaited", "race_wgmma_released"};
   int fault = -1, sm90_fault = -1;
-  for (int i = 0; i < 7; ++i)
+  for (int i = 0; i < static_cast<int>(sizeof(kNames) / sizeof(kNames[0])); ++i)
     if (kind == kNames[i]) fault = i;
-  for (int i = 0; i < 10; ++i)
+  for (int i = 0; i < static_cast<int>(sizeof(kSm90Names) / sizeof(kSm90Names[0])); ++i)
     if (kind == kSm90Names[i]) sm90_fault = i;
   TORCH_CHECK_VALUE(fault >= 0 || sm90_fault >= 0, "_selftest: unknown fault '", kind, "'");
   if (sm90_fault >= 0) {

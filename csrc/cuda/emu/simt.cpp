@@ -4,6 +4,8 @@
 // it waits at a barrier or a warp collective, or ends).
 #include "simt.h"
 
+#include "racecheck.h"
+
 #include <sched.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -132,6 +134,7 @@ struct WarpState {
   int arrived = 0;
   uint64_t gen = 0;
   const char* what = nullptr;
+  race::Clock acc, done;  // racecheck: the lanes' clocks as they arrive; at the last collective
 };
 
 enum class Order { kForward, kReverse, kShuffle };
@@ -148,9 +151,11 @@ struct Launch {
   uint64_t bar_gen = 0;
   int bar_or = 0;         // OR of the predicates of the barrier being filled
   int bar_or_result = 0;  // ... of the last completed one
+  race::Clock bar_acc, bar_done;  // racecheck: __syncthreads as it fills; the last completed one
   std::exception_ptr error;
   const char* name = "";
   bool early_copies = false;
+  bool racecheck = false;
   std::unique_ptr<CtaState> ext[kCtaSlots];  // per-CTA extension state (sm90_emu.cpp)
 };
 
@@ -214,10 +219,14 @@ template <typename R>
 R as_fiber(Launch& L, const Fiber& f, const std::function<R()>& fn) {
   Fiber* saved = L.cur;
   L.cur = const_cast<Fiber*>(&f);
+  race::set_current(static_cast<int>(&f - L.fibers.data()));
   struct Restore {
     Launch& L;
     Fiber* saved;
-    ~Restore() { L.cur = saved; }
+    ~Restore() {
+      L.cur = saved;
+      race::set_current(saved != nullptr ? static_cast<int>(saved - L.fibers.data()) : -1);
+    }
   } restore{L, saved};
   return fn();
 }
@@ -248,10 +257,17 @@ bool early_from_env() {
   throw Error(std::string("ATTENTION_EXT_EMU_CPASYNC must be early or late, got '") + e + "'");
 }
 
-void perform(Launch& L, const Copy& c) {
-  unsigned char* dst = L.smem.data() + c.dst;
-  if (c.src_bytes > 0) std::memcpy(dst, c.src, static_cast<size_t>(c.src_bytes));
-  if (c.src_bytes < c.bytes) std::memset(dst + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+// Lands a cp.async (in its thread's fiber); racecheck: a write at this moment,
+// the end of the copy's flight (late) or its issue (early).
+void perform(Launch& L, const Copy& c, bool was_in_flight) {
+  {
+    race::Quiet quiet;
+    unsigned char* dst = L.smem.data() + c.dst;
+    if (c.src_bytes > 0) std::memcpy(dst, c.src, static_cast<size_t>(c.src_bytes));
+    if (c.src_bytes < c.bytes) std::memset(dst + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+  }
+  if (was_in_flight) race::in_flight(c.dst, static_cast<size_t>(c.bytes), true, -1);
+  race::record(c.dst, static_cast<size_t>(c.bytes), true, race::now(), "cp.async");
 }
 
 void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::mt19937& rng) {
@@ -259,11 +275,21 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
   std::fill(L.smem.begin(), L.smem.end(), static_cast<unsigned char>(0xff));  // NaN in every element type
   L.bar_arrived = 0;
   L.bar_or = 0;
+  L.bar_acc.clear();
+  L.bar_done.clear();
   for (auto& e : L.ext) e.reset();
   for (WarpState& w : L.warps) {
     w.arrived = 0;
     w.what = nullptr;
+    w.acc.clear();
+    w.done.clear();
   }
+  struct RaceCta {  // racecheck's state of this CTA, from here to its end (or fault)
+    explicit RaceCta(bool on, int n, Launch& L) {
+      if (on) race::begin_cta(n, L.smem.data(), L.smem_bytes);
+    }
+    ~RaceCta() { race::end_cta(); }
+  } race_cta(L.racecheck, n, L);
   for (int i = 0; i < n; ++i) {
     Fiber& f = L.fibers[i];
     f.v.thread_idx = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
@@ -292,9 +318,12 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
       if (!runnable(L, f)) continue;
       ran = true;
       L.cur = &f;
+      race::set_current(i);
       switch_context(L.main, f.ctx);
+      race::set_current(-1);
       L.cur = nullptr;
       if (L.error) std::rethrow_exception(L.error);
+      if (*race::failure() != 0) throw Error(race::failure());
       if (f.done) {
         --live;
         if (L.bar_arrived > 0 && live > 0) {
@@ -361,17 +390,22 @@ int syncthreads_or(int pred) {
     throw Error(where_of(L, f) + ": __syncthreads while other lanes of its warp wait in " + std::string(mine.what));
   }
   L.bar_or |= pred != 0;
+  race::release(L.bar_acc);
   if (++L.bar_arrived == static_cast<int>(L.fibers.size())) {
     L.bar_arrived = 0;
     L.bar_or_result = L.bar_or;
     L.bar_or = 0;
+    L.bar_done = std::move(L.bar_acc);
+    L.bar_acc.clear();
+    race::acquire(L.bar_done);
     ++L.bar_gen;
     return L.bar_or_result;
   }
   f.wait = Wait::kBlock;
   f.wait_gen = L.bar_gen;
   yield();
-  // every thread reads the result before it can arrive at the next barrier
+  // every thread reads the result (and the barrier's clock) before it can arrive at the next barrier
+  race::acquire(L.bar_done);
   return L.bar_or_result;
 }
 
@@ -395,13 +429,20 @@ void warp_collective(const uint32_t* in, int n_in, uint32_t* out, int n_out,
   std::memcpy(w.in + f.lane * kSlot, in, sizeof(uint32_t) * static_cast<size_t>(n_in));
   w.what = what;
   if (++w.arrived == 32) {
+    // racecheck: the lanes meet here; what combine reads (ldmatrix) is read by this lane, after the others arrived
+    race::acquire(w.acc);
     combine(w.in, w.out);
+    race::release(w.acc);
+    w.done = std::move(w.acc);
+    w.acc.clear();
     w.arrived = 0;
     ++w.gen;
   } else {
+    race::release(w.acc);
     f.wait = Wait::kWarp;
     f.wait_gen = w.gen;
     yield();
+    race::acquire(w.done);
   }
   std::memcpy(out, w.out + f.lane * kSlot, sizeof(uint32_t) * static_cast<size_t>(n_out));
 }
@@ -426,9 +467,11 @@ void cp_async(uint32_t smem_off, const void* src, int bytes, int src_bytes) {
     }
   }
   const Copy c{smem_off, src, bytes, src_bytes};
+  race::check(smem_off, static_cast<size_t>(bytes), true, "cp.async");
   if (L.early_copies) {
-    perform(L, c);
+    perform(L, c, false);
   } else {
+    race::in_flight(smem_off, static_cast<size_t>(bytes), true, 1);
     f.open.push_back(c);
   }
 }
@@ -444,7 +487,7 @@ void cp_async_wait(int keep_groups) {
   Launch& L = launch();
   Fiber& f = *L.cur;
   while (static_cast<int>(f.committed.size()) > keep_groups) {
-    for (const Copy& c : f.committed.front()) perform(L, c);
+    for (const Copy& c : f.committed.front()) perform(L, c, true);
     f.committed.pop_front();
   }
 }
@@ -574,6 +617,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void
   const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
   const bool early = early_from_env();
   const Order order = order_from_env();
+  const bool racecheck = race::wanted();
   const int workers = static_cast<int>(std::min<size_t>(static_cast<size_t>(workers_from_env()), blocks));
   const auto regions = g_regions;
 
@@ -594,6 +638,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void
     L.kernel = &kernel;
     L.name = name;
     L.early_copies = early;
+    L.racecheck = racecheck;
     std::mt19937 rng(12345u + static_cast<unsigned>(w));
     if (w > 0) g_regions = regions;
     g_launch = &L;

@@ -44,6 +44,10 @@
 // (ATTENTION_EXT_EMU_ORDER=forward|reverse|shuffle), so that reads that are
 // not ordered by a barrier or a wait show up as wrong results.
 //
+// With ATTENTION_EXT_EMU_RACECHECK=1, emu/racecheck.h also proves every
+// shared-memory access ordered against the others (vector clocks over the
+// barriers, collectives, mbarriers and asynchronous waits above).
+//
 // What it cannot check: timing, occupancy, register spills, bank conflicts,
 // the exact fp32 summation order of the tensor cores (products are summed in
 // double and rounded once), and PTX syntax (nvcc compiles that in CI).
@@ -82,6 +86,12 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __shared__ static thread_local
+
+// Emulator code that racecheck need not see (arithmetic on registers, copies
+// the emulator records itself), left out of the -fsanitize=thread access
+// instrumentation for speed. Such a function inlines only others like it, so
+// it works on raw pointers (see emu/racecheck.h).
+#define AE_EMU_PLAIN __attribute__((no_sanitize("thread")))
 
 namespace attention_ext {
 namespace simt {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "ptx_emu.h"
+#include "racecheck.h"
 
 namespace attention_ext {
 namespace cuda {
@@ -19,6 +20,7 @@ namespace sm90 {
 namespace {
 
 using simt::Error;
+namespace race = simt::race;
 
 std::string hex(uint64_t v) {
   char b[32];
@@ -39,6 +41,8 @@ struct Mbar {
   uint32_t pending = 0;
   int64_t tx = 0;
   uint64_t phase = 0;  // phases completed so far; parity = phase & 1
+  race::Clock acc;      // racecheck: the arrivals (and landed copies) of the current phase
+  race::Clock done[2];  // ... of the last completed phase of each parity
 };
 
 struct TmaCopy {
@@ -46,6 +50,8 @@ struct TmaCopy {
   TmaDesc desc;
   int c[4];
   uint32_t bytes;
+  race::Epoch by;     // racecheck: the issuing thread at issue (the landed write's epoch)
+  race::Clock clock;  // ... and its clock, which the complete-tx releases into the mbarrier
 };
 
 // One wgmma.mma_async of a warpgroup: what must be uniform, and each thread's
@@ -63,6 +69,7 @@ struct WgOp {
 struct Warpgroup {
   std::deque<WgOp> ops;  // ops[0] is op number `executed`
   uint64_t executed = 0;
+  std::vector<race::Epoch> exec;  // racecheck: the epoch at which op i executed (acquired by the waits for it)
 };
 
 // One cp.reduce.async.bulk.tensor (add) of a thread, not yet performed.
@@ -70,6 +77,7 @@ struct TmaReduce {
   uint32_t src;
   TmaDesc desc;
   int c[4];
+  uint32_t bytes;
 };
 
 struct ThreadWg {
@@ -78,6 +86,7 @@ struct ThreadWg {
   uint64_t issued = 0;           // ops issued by this thread
   std::deque<uint64_t> groups;   // committed groups, oldest first: op count at commit
   uint64_t waited = 0;           // ops covered by a completed wait_group
+  uint64_t acquired = 0;         // racecheck: the ops whose execution this thread acquired
   bool fenced = false;
 };
 
@@ -85,6 +94,7 @@ struct NamedBar {
   int expected = 0;
   int arrived = 0;
   uint64_t gen = 0;
+  race::Clock acc, done[2];  // racecheck: arrivals of the current generation; the last two completed
 };
 
 struct State : simt::CtaState {
@@ -139,6 +149,7 @@ const unsigned char* async_smem() {
   std::vector<unsigned char>& v = async_view();
   State& st = state();
   if (st.fence_pending) {
+    race::Quiet quiet;  // the emulator's copy, not a kernel's read
     std::memcpy(v.data(), simt::dynamic_smem(), v.size());
     st.fence_pending = false;
   }
@@ -187,6 +198,8 @@ void try_complete(uint32_t bar, Mbar& m) {
                 ": more transaction bytes completed than expected in this phase (the phase can never complete)");
   }
   if (m.pending == 0 && m.tx == 0) {
+    m.done[m.phase & 1] = std::move(m.acc);
+    m.acc.clear();
     ++m.phase;
     m.pending = m.expected;
   }
@@ -211,25 +224,27 @@ void arrive(uint32_t bar, uint32_t bytes, const char* op) {
                 ": more arrivals than pending in the current phase");
   }
   --m.pending;
+  race::release(m.acc);
   try_complete(bar, m);
 }
 
 // ---------------------------------------------------------------------------
 // TMA: the tiled mode of 5.5.3 and the swizzling modes of 5.5.7.
 
-int swizzle_bytes(int sw) { return sw == 1 ? 128 : sw == 2 ? 64 : sw == 3 ? 32 : 0; }
+AE_EMU_PLAIN int swizzle_bytes(int sw) { return sw == 1 ? 128 : sw == 2 ? 64 : sw == 3 ? 32 : 0; }
 
 // 5.5.7: with the 32/64/128-byte swizzle, the 16-byte chunk index inside each
 // 128-byte line of shared memory (address bits 4..6) is XORed with the line
 // index modulo 2/4/8 (address bits 7..9), i.e. CuTe's Swizzle<1|2|3, 4, 3> on
 // byte addresses; the pattern repeats every 256/512/1024 bytes.
-uint32_t swizzle_addr(uint32_t addr, int sw) {
+AE_EMU_PLAIN uint32_t swizzle_addr(uint32_t addr, int sw) {
   const int bits = sw == 1 ? 3 : sw == 2 ? 2 : sw == 3 ? 1 : 0;
   const uint32_t mask = (1u << bits) - 1u;
   return addr ^ (((addr >> 7) & mask) << 4);
 }
 
 void perform(uint32_t bar, const TmaCopy& c) {
+  race::Quiet quiet;  // recorded by the caller, as the issuing thread's write
   const TmaDesc& d = c.desc;
   const int eb = d.elem_bytes;
   const auto* gbase = static_cast<const unsigned char*>(d.base);
@@ -276,7 +291,11 @@ void land(uint32_t bar) {
   it->second.clear();
   for (const TmaCopy& c : copies) {
     perform(bar, c);
-    complete_tx(bar, mbar(bar, "TMA complete-tx"), c.bytes);
+    race::in_flight(c.dst, c.bytes, true, -1);
+    race::record(c.dst, c.bytes, true, c.by, "a TMA load");
+    Mbar& m = mbar(bar, "TMA complete-tx");
+    race::join(m.acc, c.clock);
+    complete_tx(bar, m, c.bytes);
   }
 }
 
@@ -291,7 +310,7 @@ struct MatDesc {
 // 9.7.15.5.1.2.2 "Matrix Descriptor Format": bits 0-13 start address >> 4,
 // 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension byte
 // offset >> 4, 49-51 base offset, 62-63 swizzle (0 none, 1 128B, 2 64B, 3 32B).
-MatDesc decode(uint64_t d) {
+AE_EMU_PLAIN MatDesc decode(uint64_t d) {
   return {static_cast<uint32_t>(d & 0x3fff) << 4, static_cast<uint32_t>((d >> 16) & 0x3fff) << 4,
           static_cast<uint32_t>((d >> 32) & 0x3fff) << 4, static_cast<int>((d >> 49) & 7), static_cast<int>(d >> 62)};
 }
@@ -314,7 +333,7 @@ MatDesc decode(uint64_t d) {
 // then the swizzle (Swizzle<1|2|3,4,3>) on the byte address, the same
 // function of the address as TMA's (5.5.7), so a k16 step inside a swizzle
 // row is a start address + 32 bytes.
-uint32_t operand_addr(const MatDesc& md, bool mn_major, int mn, int k) {
+AE_EMU_PLAIN uint32_t operand_addr(const MatDesc& md, bool mn_major, int mn, int k) {
   const int swb = swizzle_bytes(md.swizzle);
   uint32_t off;
   if (!mn_major) {
@@ -334,11 +353,11 @@ uint32_t operand_addr(const MatDesc& md, bool mn_major, int mn, int k) {
   return md.swizzle == 0 ? md.start + off : swizzle_addr(md.start + off, md.swizzle);
 }
 
-float elem(uint32_t bits, int kind) { return kind == 0 ? emu_detail::f16_bits(bits) : emu_detail::bf16_bits(bits); }
+AE_EMU_PLAIN float elem(uint32_t bits, int kind) { return kind == 0 ? emu_detail::f16_bits(bits) : emu_detail::bf16_bits(bits); }
 
 // Reads operand `which` (A: 64 x 16, B: 16 x N as out[k * n + j]) from shared memory.
-void read_operand(uint64_t desc, bool mn_major, int rows, int kind, const char* which, int wg, uint64_t op,
-                  std::vector<float>& out, bool is_b) {
+AE_EMU_PLAIN void read_operand(uint64_t desc, bool mn_major, int rows, int kind, const char* which, int wg,
+                               uint64_t op, float* out, bool is_b) {
   const MatDesc md = decode(desc);
   const size_t bytes = simt::dynamic_smem_bytes();
   const unsigned char* smem = async_smem();
@@ -367,8 +386,60 @@ void read_operand(uint64_t desc, bool mn_major, int rows, int kind, const char* 
   }
 }
 
+// racecheck: the shared-memory elements an op reads (A unless from
+// registers, then B), each passed to fn(address, "operand"); those outside
+// shared memory are left to read_operand's check.
+template <typename Fn>
+void for_operand_elems(const WgOp& op, Fn&& fn) {
+  const size_t bytes = simt::dynamic_smem_bytes();
+  auto walk = [&](uint64_t desc, bool mn_major, int rows, const char* what) {
+    const MatDesc md = decode(desc);
+    if (md.base_offset != 0 || md.start % 16 != 0) return;
+    for (int mn = 0; mn < rows; ++mn) {
+      for (int k = 0; k < 16; ++k) {
+        const uint32_t a = operand_addr(md, mn_major, mn, k);
+        if (a + size_t(2) <= bytes) fn(a, what);
+      }
+    }
+  };
+  if (!op.a_regs) walk(op.da, op.ta != 0, 64, "a wgmma A operand");
+  walk(op.db, op.tb != 0, op.n, "a wgmma B operand");
+}
+
+// D = A B + (scale_d ? D : 0) over raw arrays, left out of the access
+// instrumentation (AE_EMU_PLAIN: registers only, and the emulator's copies).
+// Accumulator D (9.7.15.5.1.1.1, Figure 149): thread t (warp w, g = lane / 4,
+// q = lane % 4) holds d[4j + 0/1] = (16w + g, 8j + 2q + 0/1) and
+// d[4j + 2/3] = (16w + g + 8, 8j + 2q + 0/1). All of D is computed before any
+// of it is written (scale_d reads the old values).
+AE_EMU_PLAIN void accumulate(const float* A, const float* B, int n, bool scale_d, float* const* d) {
+  float out[128 * 128];  // 128 threads x at most n / 2 = 128 values
+  for (int t = 0; t < 128; ++t) {
+    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
+    for (int i = 0; i < n / 2; ++i) {
+      const int j = i / 4, m = 16 * w + g + 8 * ((i % 4) / 2), col = 8 * j + 2 * q + i % 2;
+      double acc = scale_d ? static_cast<double>(d[t][i]) : 0.0;
+      for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[m * 16 + k]) * B[static_cast<size_t>(k) * n + col];
+      out[t * (n / 2) + i] = static_cast<float>(acc);
+    }
+  }
+  for (int t = 0; t < 128; ++t) {
+    for (int i = 0; i < n / 2; ++i) d[t][i] = out[t * (n / 2) + i];
+  }
+}
+
 // Executes op (all 128 threads issued it): D = A B + (scale_d ? D : 0).
 void execute(int wg, uint64_t num, const WgOp& op) {
+  if (race::on()) {  // its reads end here, at the epoch of the thread whose wait (or issue) executes it
+    const race::Epoch e = race::now();
+    for_operand_elems(op, [&](uint32_t a, const char* what) {
+      race::in_flight(a, 2, false, -1);
+      race::record(a, 2, false, e, what);
+    });
+    std::vector<race::Epoch>& exec = state().wgs[wg].exec;
+    if (exec.size() <= num) exec.resize(num + 1);
+    exec[num] = e;
+  }
   const int n = op.n;
   std::vector<float> A(64 * 16), B(static_cast<size_t>(16) * n);
   if (op.a_regs) {
@@ -385,23 +456,10 @@ void execute(int wg, uint64_t num, const WgOp& op) {
       }
     }
   } else {
-    read_operand(op.da, op.ta != 0, 64, op.kind, "A", wg, num, A, false);
+    read_operand(op.da, op.ta != 0, 64, op.kind, "A", wg, num, A.data(), false);
   }
-  read_operand(op.db, op.tb != 0, n, op.kind, "B", wg, num, B, true);
-  // Accumulator D (9.7.15.5.1.1.1, Figure 149): thread t (warp w, g = lane / 4,
-  // q = lane % 4) holds d[4j + 0/1] = (16w + g, 8j + 2q + 0/1) and
-  // d[4j + 2/3] = (16w + g + 8, 8j + 2q + 0/1).
-  std::vector<float> out(static_cast<size_t>(64) * n);
-  for (int t = 0; t < 128; ++t) {
-    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
-    for (int i = 0; i < n / 2; ++i) {
-      const int j = i / 4, m = 16 * w + g + 8 * ((i % 4) / 2), col = 8 * j + 2 * q + i % 2;
-      double acc = op.scale_d ? static_cast<double>(op.d[t][i]) : 0.0;
-      for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[m * 16 + k]) * B[static_cast<size_t>(k) * n + col];
-      out[static_cast<size_t>(t) * (n / 2) + i] = static_cast<float>(acc);
-    }
-  }
-  for (int t = 0; t < 128; ++t) std::memcpy(op.d[t], &out[static_cast<size_t>(t) * (n / 2)], sizeof(float) * (n / 2));
+  read_operand(op.db, op.tb != 0, n, op.kind, "B", wg, num, B.data(), true);
+  accumulate(A.data(), B.data(), n, op.scale_d, op.d);
 }
 
 // Executes the ops of warpgroup wg, in issue order, up to op `upto` (exclusive)
@@ -443,18 +501,23 @@ void named_bar(int id, int nthreads, bool wait) {
                 std::to_string(b.expected));
   }
   b.expected = nthreads;
+  const uint64_t gen = b.gen;
+  race::release(b.acc);
   if (++b.arrived == nthreads) {
     b.arrived = 0;
+    b.done[gen & 1] = std::move(b.acc);
+    b.acc.clear();
     ++b.gen;
+    if (wait) race::acquire(b.done[gen & 1]);
     return;
   }
   if (!wait) return;
-  const uint64_t gen = b.gen;
   simt::block_until([&b, gen] { return b.gen != gen; },
                     [&b, id] {
                       return "named barrier " + std::to_string(id) + " (" + std::to_string(b.arrived) + " of " +
                              std::to_string(b.expected) + " threads arrived)";
                     });
+  race::acquire(b.done[gen & 1]);
 }
 
 }  // namespace
@@ -490,11 +553,13 @@ void mbar_wait(uint32_t bar, uint32_t parity) {
     land(bar);  // a thread waits: the latest moment for the copies of this barrier
     return (mm.phase & 1u) != p;
   };
-  if ((m.phase & 1u) != p) return;
-  simt::block_until(ready, [bar, p] {
-    const State& s = state();
-    return "mbarrier.try_wait.parity " + std::to_string(p) + " on " + describe(bar, s.bars.at(bar));
-  });
+  if ((m.phase & 1u) == p) {
+    simt::block_until(ready, [bar, p] {
+      const State& s = state();
+      return "mbarrier.try_wait.parity " + std::to_string(p) + " on " + describe(bar, s.bars.at(bar));
+    });
+  }
+  race::acquire(mbar(bar, "mbarrier.try_wait.parity").done[p]);  // the completed phase of parity p
 }
 
 void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, int c2, int c3) {
@@ -515,12 +580,18 @@ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, i
                 " bytes; the destination must be aligned to " + std::to_string(align) + " bytes for " +
                 (swb ? std::to_string(swb) + "B swizzle" : std::string("no swizzle")) + ")");
   }
-  TmaCopy c{dst, *d, {c0, c1, c2, c3}, static_cast<uint32_t>(bytes)};
+  TmaCopy c{dst, *d, {c0, c1, c2, c3}, static_cast<uint32_t>(bytes), {}, {}};
+  race::check(dst, bytes, true, "a TMA load");
+  c.by = race::now();
+  race::snapshot(c.clock);
   if (simt::early_async()) {
     perform(bar, c);
+    race::record(dst, bytes, true, c.by, "a TMA load");
+    race::join(m.acc, c.clock);
     complete_tx(bar, m, c.bytes);
   } else {
-    state().in_flight[bar].push_back(c);
+    race::in_flight(dst, bytes, true, 1);
+    state().in_flight[bar].push_back(std::move(c));
   }
 }
 
@@ -573,10 +644,13 @@ void tma_reduce_add_4d(const TmaDesc* d, uint32_t src, int c0, int c1, int c2, i
     throw Error(simt::where() + ": cp.reduce.async.bulk.tensor of " + std::to_string(bytes) + " bytes from smem " +
                 hex(src) + " (out of range, or not aligned to " + std::to_string(align) + " bytes)");
   }
-  const TmaReduce r{src, *d, {c0, c1, c2, c3}};
+  const TmaReduce r{src, *d, {c0, c1, c2, c3}, static_cast<uint32_t>(bytes)};
+  race::check(src, bytes, false, "a TMA reduce source");
   if (simt::early_async()) {
     perform_reduce(r);
+    race::record(src, bytes, false, race::now(), "a TMA reduce source");
   } else {
+    race::in_flight(src, bytes, false, 1);
     state().threads[simt::thread_rank()].bulk_open.push_back(r);
   }
 }
@@ -594,7 +668,11 @@ void bulk_commit() {
 void bulk_wait_groups(int n) {
   ThreadWg& t = state().threads[simt::thread_rank()];
   while (static_cast<int>(t.bulk_groups.size()) > n) {
-    for (const TmaReduce& r : t.bulk_groups.front()) perform_reduce(r);
+    for (const TmaReduce& r : t.bulk_groups.front()) {
+      perform_reduce(r);
+      race::in_flight(r.src, r.bytes, false, -1);
+      race::record(r.src, r.bytes, false, race::now(), "a TMA reduce source");
+    }
     t.bulk_groups.pop_front();
   }
 }
@@ -624,6 +702,11 @@ void wgmma_wait_groups(int n) {
                     });
   while (static_cast<int>(t.groups.size()) > n) t.groups.pop_front();
   t.waited = std::max(t.waited, upto);
+  if (race::on()) {  // the ops it waited for are complete: so are their reads (only theirs)
+    const std::vector<race::Epoch>& exec = state().wgs[wg].exec;
+    for (uint64_t i = t.acquired; i < upto && i < exec.size(); ++i) race::acquire_epoch(exec[i]);
+    t.acquired = std::max(t.acquired, upto);
+  }
 }
 
 void wgmma_issue(int n, int kind, int trans_a, int trans_b, const uint32_t* a, uint64_t desc_a, uint64_t desc_b,
@@ -672,6 +755,12 @@ void wgmma_issue(int n, int kind, int trans_a, int trans_b, const uint32_t* a, u
   op.d[lt] = d;
   if (a != nullptr) std::memcpy(op.a[lt], a, sizeof(op.a[lt]));
   ++op.issued;
+  if (race::on()) {
+    // its operands must be written before the issue (checked for one thread of each warp); they are in flight
+    // from the issue of the warpgroup's last thread until the op executes
+    if (lt % 32 == 0) for_operand_elems(op, [](uint32_t e, const char* what) { race::check(e, 2, false, what); });
+    if (op.issued == 128) for_operand_elems(op, [](uint32_t e, const char*) { race::in_flight(e, 2, false, 1); });
+  }
   if (simt::early_async() && op.issued == 128) advance(wg, num + 1);
 }
 

@@ -1,0 +1,194 @@
+"""Racecheck: the CUDA kernels' shared-memory accesses proven ordered on the CPU emulator.
+
+With ATTENTION_EXT_EMU_RACECHECK=1 the emulator (csrc/cuda/emu/racecheck.h) gives every CUDA thread a
+vector clock, takes every way the kernels order threads (__syncthreads, named barriers, warp collectives,
+mbarriers, the waits of cp.async / TMA / wgmma) as an edge, keeps asynchronous copies and wgmma operand
+reads in flight from issue to completion, and checks every load and store of dynamic shared memory (seen
+through GCC's -fsanitize=thread instrumentation) against the last write and the reads since: what
+compute-sanitizer's racecheck does on a GPU, for code no GPU has run yet.
+
+What these tests pin down: each kind of race is caught, with both threads named, in small kernels that
+have it (and the same kernels without it pass); the attention kernels, sm80 and Hopper, forward and
+backward, over their features (masks, dropout, GQA, windows, head-dim buckets, packed sequences, split
+keys, the deterministic backward, the weights kernel), have no race; and racecheck changes no result bit.
+"""
+import pytest
+import torch
+
+import attention_ext
+import emu
+from test_cuda_emu import _inputs
+
+pytestmark = [pytest.mark.emu, pytest.mark.skipif(not emu.LOADED, reason=emu.SKIP_REASON or "")]
+
+bf16, f16 = torch.bfloat16, torch.float16
+
+
+@pytest.fixture
+def racecheck(monkeypatch):
+    monkeypatch.setenv("ATTENTION_EXT_EMU_RACECHECK", "1")
+
+
+RACES = [
+    ("race_raw", r"thread 1 \(warp 0, warpgroup 0\) reads shared memory at byte 0xc \(a load\) while the write of "
+                 r"thread 0 .* is not ordered before it: a read-after-write race"),
+    ("race_war", r"thread 1 .* writes shared memory at byte 0xc \(a store\) while the read of thread 0 .* "
+                 r"write-after-read race"),
+    ("race_waw", r"thread 1 .* writes shared memory at byte 0xc .* the write of thread 0 .* write-after-write race"),
+    ("race_cp_async", r"thread 0 .* reads shared memory at byte 0x0 \(a load\) while an asynchronous write to it "
+                      r"\(cp.async / TMA load\) is in flight"),
+    ("race_tma_unwaited", r"thread 1 .* reads shared memory at byte 0x404 \(a load\) while the write of thread 0 .* "
+                          r"\(a TMA load\) is not ordered before it"),
+    ("race_wgmma_released", r"thread 0 .* writes shared memory at byte 0x400 \(a TMA load\) while the read of "
+                            r"thread \d+ .* \(a wgmma A operand\) is not ordered before it"),
+]
+
+
+@pytest.mark.parametrize("fault,message", RACES, ids=[r[0] for r in RACES])
+def test_racecheck_catches_races(racecheck, fault, message):
+    """Each kind of race is reported, naming both threads and accesses, and the well-formed kernels using the
+    same instructions (cp.async, ldmatrix, shuffles, barriers; TMA, mbarriers, wgmma, a buffer refilled after
+    the wgmma reading it was waited for) pass."""
+    emu.ops._selftest("clean")
+    emu.ops._selftest("sm90_clean")
+    with pytest.raises(RuntimeError, match="racecheck: .*" + message):
+        emu.ops._selftest(fault)
+
+
+@pytest.mark.parametrize("fault", [r[0] for r in RACES])
+def test_races_are_invisible_without_racecheck(fault):
+    """The same kernels run without an error when racecheck is off: these races are found only by it."""
+    emu.ops._selftest(fault)
+
+
+@pytest.mark.parametrize("value", ["2", "yes"])
+def test_racecheck_setting_checked(monkeypatch, value):
+    monkeypatch.setenv("ATTENTION_EXT_EMU_RACECHECK", value)
+    with pytest.raises(RuntimeError, match="ATTENTION_EXT_EMU_RACECHECK must be 0 or 1, got '" + value + "'"):
+        emu.ops._selftest("clean")
+
+
+def _mask(kind, B, Hq, L, S, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bool":
+        m = torch.rand(B, 1, L, S, generator=g) > 0.3
+        m[..., 0] = True
+        return m
+    if kind == "padding":
+        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        m[..., S - S // 3:] = False
+        return m
+    if kind == "float":
+        return torch.randn(B, Hq, L, S, generator=g).to(dtype).requires_grad_()
+    return None
+
+
+# name: (arch, B, Hq, Hkv, L, S, E, Ev, dtype, mask, keywords, what the kernel log must name of the forward
+# and the backward). Each loop runs
+# past the pipeline's depth (several key / query tiles per block), where a buffer is refilled while others
+# are read: moving the Hopper forward's release of a V stage above the wgmma wait that ends its P V
+# product passes every other emulated test (the data lands late enough) and fails racecheck only here.
+SM80, SM90 = ("sm80 mma.sync", "sm80 mma.sync"), ("sm90a", "sm90a")
+KERNELS = {
+    "sm80_causal_bf16_64": ("80", 1, 2, 2, 300, 300, 64, 64, bf16, None, dict(is_causal=True), SM80),
+    "sm80_gqa_window_f16_128": ("80", 1, 4, 2, 70, 100, 128, 128, f16, None, dict(window_size=(16, 8)), SM80),
+    "sm80_bool_dropout_fp32_64": ("80", 1, 2, 2, 40, 300, 64, 64, torch.float32, "bool", dict(dropout_p=0.2),
+                                  ("3xTF32", "3xTF32")),
+    "sm80_float_mask_bf16_256": ("80", 1, 2, 1, 33, 200, 256, 256, bf16, "float", {},
+                                 ("mma.sync kernel, head-dim bucket 256", "mma.sync kernel, head-dim bucket 256")),
+    "sm80_padding_e96_ev64": ("80", 2, 2, 2, 50, 260, 96, 64, f16, "padding", {}, ("bucket 96", "bucket 96")),
+    "sm80_decode_gqa_split": ("80", 1, 8, 2, 1, 450, 64, 64, bf16, None, {}, ("keys split", "sm80 mma.sync")),
+    "sm90_causal_bf16_64": ("90", 1, 2, 2, 640, 640, 64, 64, bf16, None, dict(is_causal=True), SM90),
+    "sm90_gqa_window_f16_128": ("90", 1, 4, 2, 130, 200, 128, 96, f16, None, dict(window_size=(40, 10)), SM90),
+    "sm90_padding_dropout_bf16_128": ("90", 1, 4, 2, 130, 600, 128, 128, bf16, "padding", dict(dropout_p=0.3),
+                                      SM90),
+    "sm90_bf16_256": ("90", 1, 1, 1, 140, 400, 256, 256, bf16, None, {},
+                      ("wgmma + TMA kernel (warp-specialised), head-dim bucket 256", "sm90a")),
+}
+# few emulated multiprocessors, so that the forward does not split the keys (an sm80 kernel) to fill them
+FEW_SMS = {"sm90_padding_dropout_bf16_128"}
+
+
+def _run(case):
+    arch, B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind, kw, kernel = KERNELS[case]
+    q, k, v, do = _inputs(B, Hq, Hkv, L, S, E, Ev, dtype, 0)
+    mask = _mask(mask_kind, B, Hq, L, S, dtype)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(3)
+    with attention_ext.debug.kernel_log() as lines:
+        out = emu.attention(qs, ks, vs, mask, enable_gqa=Hq != Hkv, **kw)
+        out.backward(do)
+    assert len(lines) == 2 and kernel[0] in lines[0] and kernel[1] in lines[1], lines
+    grads = [qs.grad, ks.grad, vs.grad] + ([mask.grad] if mask is not None and mask.requires_grad else [])
+    return [out.detach()] + grads
+
+
+@pytest.mark.parametrize("case", list(KERNELS))
+def test_kernels_race_free(case, monkeypatch):
+    """Forward and backward of each kernel family under racecheck: no race, and the very same bits as
+    without it (one emulator thread, so that dQ's atomic adds come in one order)."""
+    arch = KERNELS[case][0]
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", arch)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_THREADS", "1")
+    if case in FEW_SMS:
+        monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", "4")
+    plain = _run(case)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_RACECHECK", "1")
+    checked = _run(case)
+    for a, b in zip(plain, checked):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
+
+
+def test_deterministic_backward_race_free(racecheck, monkeypatch):
+    """The deterministic backward (dQ summed in a fixed order through shared memory, no atomics)."""
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "80")
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _run("sm80_causal_bf16_64")
+        second = _run("sm80_causal_bf16_64")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_packed_sequences_race_free(racecheck, monkeypatch, arch):
+    """attention_varlen's packed kernels (sm80, and Hopper's kPacked variants with 3 emulated multiprocessors,
+    so that a persistent CTA walks tiles of several sequences)."""
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", arch)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_SMS", "3")
+    lens_q, lens_k = [200, 3, 0, 130], [600, 40, 17, 0]
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lens_q), 4, 64, generator=g).to(bf16)
+    k = torch.randn(sum(lens_k), 2, 64, generator=g).to(bf16)
+    v = torch.randn(sum(lens_k), 2, 64, generator=g).to(bf16)
+    args = (True, None, True, [-1, -1])
+    out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, 0.0, *args)
+    grad = torch.randn(out.shape, generator=g).to(bf16)
+    dq, dk, dv = emu.ops._attention_varlen_backward(grad, q, k, v, cu_q, cu_k, out, lse, rng, 0.0, *args)
+    for x in (out, dq, dk, dv):
+        assert torch.isfinite(x).all()
+
+
+def test_weights_kernel_race_free(racecheck, monkeypatch):
+    """need_weights: the forward with the head-mean weights, and attention_probs (fp16 scores on tensor cores)."""
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "80")
+    q, k, v, _ = _inputs(1, 4, 2, 40, 70, 64, 64, f16, 0)
+    out, lse, rng, w = emu.ops._attention_forward_weights(q, k, v, None, 0.0, False, None, True, [-1, -1], True)
+    probs = emu.ops.attention_probs(q, k, None, lse, rng, 0.0, False, None, True, [-1, -1])
+    assert torch.isfinite(w).all() and torch.isfinite(probs).all()
+    assert torch.allclose(probs.float().mean(1), w.float(), atol=1e-3)
+
+
+@pytest.mark.parametrize("order,cp_async", [("reverse", "early"), ("shuffle", "late")])
+@pytest.mark.parametrize("case", ["sm80_causal_bf16_64", "sm90_causal_bf16_64"])
+def test_race_free_in_other_schedules(racecheck, monkeypatch, case, order, cp_async):
+    """The edges do not depend on the schedule: other fiber orders, and copies / wgmma taking effect at issue."""
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", KERNELS[case][0])
+    with emu.schedule(order, cp_async):
+        for x in _run(case):
+            assert torch.isfinite(x).all()
