@@ -108,6 +108,9 @@ __device__ __forceinline__ float mask_value_any(const FwdParams& p, int64_t off)
 // row sums to 1 to rounding, whatever the magnitude (and rows masked with finfo.min need no special case).
 constexpr int kPT = 32;
 using TileBuf = float[kPT][kPT + 1];
+// The weights kernels' two tiles live in dynamic shared memory, as every kernel's here (the emulator fills it
+// with NaN at each CTA's start and its racecheck watches it).
+constexpr size_t kTileSmem = 2 * sizeof(TileBuf);
 
 // The masks and scale of a tile: x[r] = scale * acc[r] + mask for rows i = i0 + ty + 8 r and key j = j0 + tx
 // (-inf where not visible).
@@ -213,7 +216,9 @@ __device__ __forceinline__ void score_tile(const FwdParams& p, int64_t b, int64_
 // an online max / sum of its 4 rows over the key column it owns in every tile, then the warp combines them.
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads) probs_stats_kernel(const FwdParams p, float* shift, float* logl) {
-  __shared__ TileBuf sq, sk;
+  AE_DYNAMIC_SMEM(smem_raw);
+  TileBuf& sq = reinterpret_cast<TileBuf*>(smem_raw)[0];
+  TileBuf& sk = reinterpret_cast<TileBuf*>(smem_raw)[1];
   const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;
   const int64_t L = p.len_q, Hq = p.heads_q, nib = ceil_div(L, kPT), njb = ceil_div(p.len_k, kPT);
   for (int64_t blk = blockIdx.x; blk < p.batch * Hq * nib; blk += gridDim.x) {
@@ -264,7 +269,9 @@ __global__ void __launch_bounds__(kThreads) probs_stats_kernel(const FwdParams p
 template <typename Elem, bool kAverage>
 __global__ void __launch_bounds__(kThreads)
     probs_kernel(const FwdParams p, const float* row_shift, const float* row_logl, Elem* out) {
-  __shared__ TileBuf sq, sk;
+  AE_DYNAMIC_SMEM(smem_raw);
+  TileBuf& sq = reinterpret_cast<TileBuf*>(smem_raw)[0];
+  TileBuf& sk = reinterpret_cast<TileBuf*>(smem_raw)[1];
   const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;
   const int64_t L = p.len_q, S = p.len_k, Hq = p.heads_q;
   const int64_t nib = ceil_div(L, kPT), njb = ceil_div(S, kPT);
@@ -342,7 +349,8 @@ __global__ void __launch_bounds__(kThreads) key_bounds_kernel(const FwdParams p,
     lo = a < lo ? a : lo;
     hi = c > hi ? c : hi;
   }
-  __shared__ int red[2 * (kThreads / 32)];
+  AE_DYNAMIC_SMEM(smem_raw);
+  int* red = reinterpret_cast<int*>(smem_raw);  // 2 * kThreads / 32 ints
   const int warp = threadIdx.x / 32;
   if (threadIdx.x % 32 == 0) {
     red[warp] = lo;
@@ -454,10 +462,11 @@ cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, cons
     using Elem = decltype(tag);
     const cudaError_t err =
         launch_kernel(probs_stats_kernel<Elem>, grid_for(p.batch * p.heads_q * ceil_div(p.len_q, kPT), 1, env.num_sms),
-                      kThreads, 0, 0, env.stream, "probs_stats_kernel", p, shift, logl);
+                      kThreads, kTileSmem, 0, env.stream, "probs_stats_kernel", p, shift, logl);
     if (err != cudaSuccess) return err;
     return BOOL_SWITCH(average_heads, kAverage, [&] {
-      return launch_kernel(probs_kernel<Elem, kAverage>, grid_for(tiles, 1, env.num_sms), kThreads, 0, 0, env.stream,
+      return launch_kernel(probs_kernel<Elem, kAverage>, grid_for(tiles, 1, env.num_sms), kThreads, kTileSmem, 0,
+                           env.stream,
                            "probs_kernel", p, static_cast<const float*>(shift), static_cast<const float*>(logl),
                            static_cast<Elem*>(probs));
     });
@@ -468,8 +477,8 @@ cudaError_t launch_key_bounds(const FwdParams& p, int32_t* out, const LaunchEnv&
   const int64_t rows = p.batch * p.heads_q;
   if (rows == 0) return cudaSuccess;
   if (rows > 0x7fffffff || p.len_k > 0x7fffffff || p.mask_kind != MaskKind::kBool) return cudaErrorInvalidValue;
-  return launch_kernel(key_bounds_kernel, static_cast<unsigned>(rows), kThreads, 0, 0, env.stream, "key_bounds_kernel",
-                       p, out);
+  return launch_kernel(key_bounds_kernel, static_cast<unsigned>(rows), kThreads, 2 * (kThreads / 32) * sizeof(int), 0,
+                       env.stream, "key_bounds_kernel", p, out);
 }
 
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,
