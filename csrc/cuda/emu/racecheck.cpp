@@ -2,9 +2,10 @@
 // of each CTA's dynamic shared memory, and the access hooks that GCC's
 // -fsanitize=thread instrumentation calls in the emulated kernels.
 //
-// Nothing in this file may be instrumented itself (a hook that calls a hook),
-// hence AE_NO_TSAN on every function and raw arrays in the paths the hooks
-// take; the hooks return after one load of a global while no CTA is checked.
+// setup.py compiles this file without the instrumentation; AE_NO_TSAN on
+// every function keeps it correct with it too (a hook must not call a hook,
+// and all of them inline into one another). The hooks return after one load
+// of a global while no CTA is checked.
 #include "racecheck.h"
 
 #include <algorithm>
@@ -59,7 +60,6 @@ struct State {
   std::vector<int32_t> free_vecs;
   int32_t vecs = 0;
   int cur = -1;
-  int quiet = 0;
   bool failed = false;
   std::string failure;
 };
@@ -83,7 +83,7 @@ AE_NO_TSAN inline bool idle() { return g_active.load(std::memory_order_relaxed) 
 AE_NO_TSAN inline State* live() {
   if (idle()) return nullptr;
   State* s = t_state;
-  if (s == nullptr || s->cur < 0 || s->quiet > 0 || s->failed) return nullptr;
+  if (s == nullptr || s->cur < 0 || s->failed) return nullptr;
   return s;
 }
 
@@ -264,7 +264,6 @@ AE_NO_TSAN void begin_cta(int threads, unsigned char* smem, size_t bytes) {
   s->vecs = 0;
   s->free_vecs.clear();
   s->cur = -1;
-  s->quiet = 0;
   s->failed = false;
   s->failure.clear();
   t_state = s;
@@ -389,13 +388,6 @@ AE_NO_TSAN void in_flight(uint32_t off, size_t bytes, bool write, int delta) {
     uint16_t& f = write ? s->cells[w].infl_w : s->cells[w].infl_r;
     f = static_cast<uint16_t>(f + delta);
   }
-}
-
-AE_NO_TSAN Quiet::Quiet() {
-  if (t_state != nullptr) ++t_state->quiet;
-}
-AE_NO_TSAN Quiet::~Quiet() {
-  if (t_state != nullptr) --t_state->quiet;
 }
 
 }  // namespace race

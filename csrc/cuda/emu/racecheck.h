@@ -82,15 +82,6 @@ void record(uint32_t off, size_t bytes, bool write, const Epoch& e, const char* 
 // in_flight: an asynchronous write (or read) of the bytes starts (delta 1) or ends (-1).
 void in_flight(uint32_t off, size_t bytes, bool write, int delta);
 
-// The emulator's own accesses to shared memory (landing copies, the async
-// proxy's view) are not the kernel's: the hooks ignore them while a Quiet lives.
-struct Quiet {
-  Quiet();
-  ~Quiet();
-  Quiet(const Quiet&) = delete;
-  Quiet& operator=(const Quiet&) = delete;
-};
-
 }  // namespace race
 }  // namespace simt
 }  // namespace attention_ext

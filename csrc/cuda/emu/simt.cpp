@@ -260,12 +260,9 @@ bool early_from_env() {
 // Lands a cp.async (in its thread's fiber); racecheck: a write at this moment,
 // the end of the copy's flight (late) or its issue (early).
 void perform(Launch& L, const Copy& c, bool was_in_flight) {
-  {
-    race::Quiet quiet;
-    unsigned char* dst = L.smem.data() + c.dst;
-    if (c.src_bytes > 0) std::memcpy(dst, c.src, static_cast<size_t>(c.src_bytes));
-    if (c.src_bytes < c.bytes) std::memset(dst + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
-  }
+  unsigned char* dst = L.smem.data() + c.dst;
+  if (c.src_bytes > 0) std::memcpy(dst, c.src, static_cast<size_t>(c.src_bytes));
+  if (c.src_bytes < c.bytes) std::memset(dst + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
   if (was_in_flight) race::in_flight(c.dst, static_cast<size_t>(c.bytes), true, -1);
   race::record(c.dst, static_cast<size_t>(c.bytes), true, race::now(), "cp.async");
 }

@@ -87,10 +87,10 @@
 #define __align__(n) alignas(n)
 #define __shared__ static thread_local
 
-// Emulator code that racecheck need not see (arithmetic on registers, copies
-// the emulator records itself), left out of the -fsanitize=thread access
-// instrumentation for speed. Such a function inlines only others like it, so
-// it works on raw pointers (see emu/racecheck.h).
+// Emulator code inlined into the instrumented kernels (emu/ptx_emu.h: the
+// mma / ldmatrix arithmetic on registers) that racecheck need not see, left out
+// of the -fsanitize=thread access instrumentation for speed. Such a function
+// inlines only others like it, so it works on raw pointers (emu/racecheck.h).
 #define AE_EMU_PLAIN __attribute__((no_sanitize("thread")))
 
 namespace attention_ext {

@@ -149,7 +149,6 @@ const unsigned char* async_smem() {
   std::vector<unsigned char>& v = async_view();
   State& st = state();
   if (st.fence_pending) {
-    race::Quiet quiet;  // the emulator's copy, not a kernel's read
     std::memcpy(v.data(), simt::dynamic_smem(), v.size());
     st.fence_pending = false;
   }
@@ -231,20 +230,19 @@ void arrive(uint32_t bar, uint32_t bytes, const char* op) {
 // ---------------------------------------------------------------------------
 // TMA: the tiled mode of 5.5.3 and the swizzling modes of 5.5.7.
 
-AE_EMU_PLAIN int swizzle_bytes(int sw) { return sw == 1 ? 128 : sw == 2 ? 64 : sw == 3 ? 32 : 0; }
+int swizzle_bytes(int sw) { return sw == 1 ? 128 : sw == 2 ? 64 : sw == 3 ? 32 : 0; }
 
 // 5.5.7: with the 32/64/128-byte swizzle, the 16-byte chunk index inside each
 // 128-byte line of shared memory (address bits 4..6) is XORed with the line
 // index modulo 2/4/8 (address bits 7..9), i.e. CuTe's Swizzle<1|2|3, 4, 3> on
 // byte addresses; the pattern repeats every 256/512/1024 bytes.
-AE_EMU_PLAIN uint32_t swizzle_addr(uint32_t addr, int sw) {
+uint32_t swizzle_addr(uint32_t addr, int sw) {
   const int bits = sw == 1 ? 3 : sw == 2 ? 2 : sw == 3 ? 1 : 0;
   const uint32_t mask = (1u << bits) - 1u;
   return addr ^ (((addr >> 7) & mask) << 4);
 }
 
 void perform(uint32_t bar, const TmaCopy& c) {
-  race::Quiet quiet;  // recorded by the caller, as the issuing thread's write
   const TmaDesc& d = c.desc;
   const int eb = d.elem_bytes;
   const auto* gbase = static_cast<const unsigned char*>(d.base);
@@ -282,6 +280,17 @@ void perform(uint32_t bar, const TmaCopy& c) {
   }
 }
 
+// A TMA load's bytes land and complete its transactions on `bar` (racecheck:
+// the issuing thread's write, at its issue epoch; its clock released into the phase).
+void land_copy(uint32_t bar, const TmaCopy& c, bool was_in_flight) {
+  perform(bar, c);
+  if (was_in_flight) race::in_flight(c.dst, c.bytes, true, -1);
+  race::record(c.dst, c.bytes, true, c.by, "a TMA load");
+  Mbar& m = mbar(bar, "TMA complete-tx");
+  race::join(m.acc, c.clock);
+  complete_tx(bar, m, c.bytes);
+}
+
 // Lands the late copies of `bar` (the latest moment: a thread is waiting on it).
 void land(uint32_t bar) {
   State& s = state();
@@ -289,14 +298,7 @@ void land(uint32_t bar) {
   if (it == s.in_flight.end() || it->second.empty()) return;
   std::vector<TmaCopy> copies = std::move(it->second);
   it->second.clear();
-  for (const TmaCopy& c : copies) {
-    perform(bar, c);
-    race::in_flight(c.dst, c.bytes, true, -1);
-    race::record(c.dst, c.bytes, true, c.by, "a TMA load");
-    Mbar& m = mbar(bar, "TMA complete-tx");
-    race::join(m.acc, c.clock);
-    complete_tx(bar, m, c.bytes);
-  }
+  for (const TmaCopy& c : copies) land_copy(bar, c, true);
 }
 
 // ---------------------------------------------------------------------------
@@ -310,7 +312,7 @@ struct MatDesc {
 // 9.7.15.5.1.2.2 "Matrix Descriptor Format": bits 0-13 start address >> 4,
 // 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension byte
 // offset >> 4, 49-51 base offset, 62-63 swizzle (0 none, 1 128B, 2 64B, 3 32B).
-AE_EMU_PLAIN MatDesc decode(uint64_t d) {
+MatDesc decode(uint64_t d) {
   return {static_cast<uint32_t>(d & 0x3fff) << 4, static_cast<uint32_t>((d >> 16) & 0x3fff) << 4,
           static_cast<uint32_t>((d >> 32) & 0x3fff) << 4, static_cast<int>((d >> 49) & 7), static_cast<int>(d >> 62)};
 }
@@ -333,7 +335,7 @@ AE_EMU_PLAIN MatDesc decode(uint64_t d) {
 // then the swizzle (Swizzle<1|2|3,4,3>) on the byte address, the same
 // function of the address as TMA's (5.5.7), so a k16 step inside a swizzle
 // row is a start address + 32 bytes.
-AE_EMU_PLAIN uint32_t operand_addr(const MatDesc& md, bool mn_major, int mn, int k) {
+uint32_t operand_addr(const MatDesc& md, bool mn_major, int mn, int k) {
   const int swb = swizzle_bytes(md.swizzle);
   uint32_t off;
   if (!mn_major) {
@@ -353,11 +355,11 @@ AE_EMU_PLAIN uint32_t operand_addr(const MatDesc& md, bool mn_major, int mn, int
   return md.swizzle == 0 ? md.start + off : swizzle_addr(md.start + off, md.swizzle);
 }
 
-AE_EMU_PLAIN float elem(uint32_t bits, int kind) { return kind == 0 ? emu_detail::f16_bits(bits) : emu_detail::bf16_bits(bits); }
+float elem(uint32_t bits, int kind) { return kind == 0 ? emu_detail::f16_bits(bits) : emu_detail::bf16_bits(bits); }
 
 // Reads operand `which` (A: 64 x 16, B: 16 x N as out[k * n + j]) from shared memory.
-AE_EMU_PLAIN void read_operand(uint64_t desc, bool mn_major, int rows, int kind, const char* which, int wg,
-                               uint64_t op, float* out, bool is_b) {
+void read_operand(uint64_t desc, bool mn_major, int rows, int kind, const char* which, int wg, uint64_t op,
+                  std::vector<float>& out, bool is_b) {
   const MatDesc md = decode(desc);
   const size_t bytes = simt::dynamic_smem_bytes();
   const unsigned char* smem = async_smem();
@@ -406,28 +408,6 @@ void for_operand_elems(const WgOp& op, Fn&& fn) {
   walk(op.db, op.tb != 0, op.n, "a wgmma B operand");
 }
 
-// D = A B + (scale_d ? D : 0) over raw arrays, left out of the access
-// instrumentation (AE_EMU_PLAIN: registers only, and the emulator's copies).
-// Accumulator D (9.7.15.5.1.1.1, Figure 149): thread t (warp w, g = lane / 4,
-// q = lane % 4) holds d[4j + 0/1] = (16w + g, 8j + 2q + 0/1) and
-// d[4j + 2/3] = (16w + g + 8, 8j + 2q + 0/1). All of D is computed before any
-// of it is written (scale_d reads the old values).
-AE_EMU_PLAIN void accumulate(const float* A, const float* B, int n, bool scale_d, float* const* d) {
-  float out[128 * 128];  // 128 threads x at most n / 2 = 128 values
-  for (int t = 0; t < 128; ++t) {
-    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
-    for (int i = 0; i < n / 2; ++i) {
-      const int j = i / 4, m = 16 * w + g + 8 * ((i % 4) / 2), col = 8 * j + 2 * q + i % 2;
-      double acc = scale_d ? static_cast<double>(d[t][i]) : 0.0;
-      for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[m * 16 + k]) * B[static_cast<size_t>(k) * n + col];
-      out[t * (n / 2) + i] = static_cast<float>(acc);
-    }
-  }
-  for (int t = 0; t < 128; ++t) {
-    for (int i = 0; i < n / 2; ++i) d[t][i] = out[t * (n / 2) + i];
-  }
-}
-
 // Executes op (all 128 threads issued it): D = A B + (scale_d ? D : 0).
 void execute(int wg, uint64_t num, const WgOp& op) {
   if (race::on()) {  // its reads end here, at the epoch of the thread whose wait (or issue) executes it
@@ -456,10 +436,23 @@ void execute(int wg, uint64_t num, const WgOp& op) {
       }
     }
   } else {
-    read_operand(op.da, op.ta != 0, 64, op.kind, "A", wg, num, A.data(), false);
+    read_operand(op.da, op.ta != 0, 64, op.kind, "A", wg, num, A, false);
   }
-  read_operand(op.db, op.tb != 0, n, op.kind, "B", wg, num, B.data(), true);
-  accumulate(A.data(), B.data(), n, op.scale_d, op.d);
+  read_operand(op.db, op.tb != 0, n, op.kind, "B", wg, num, B, true);
+  // Accumulator D (9.7.15.5.1.1.1, Figure 149): thread t (warp w, g = lane / 4,
+  // q = lane % 4) holds d[4j + 0/1] = (16w + g, 8j + 2q + 0/1) and
+  // d[4j + 2/3] = (16w + g + 8, 8j + 2q + 0/1).
+  std::vector<float> out(static_cast<size_t>(64) * n);
+  for (int t = 0; t < 128; ++t) {
+    const int w = t / 32, g = (t % 32) / 4, q = t % 4;
+    for (int i = 0; i < n / 2; ++i) {
+      const int j = i / 4, m = 16 * w + g + 8 * ((i % 4) / 2), col = 8 * j + 2 * q + i % 2;
+      double acc = op.scale_d ? static_cast<double>(op.d[t][i]) : 0.0;
+      for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[m * 16 + k]) * B[static_cast<size_t>(k) * n + col];
+      out[static_cast<size_t>(t) * (n / 2) + i] = static_cast<float>(acc);
+    }
+  }
+  for (int t = 0; t < 128; ++t) std::memcpy(op.d[t], &out[static_cast<size_t>(t) * (n / 2)], sizeof(float) * (n / 2));
 }
 
 // Executes the ops of warpgroup wg, in issue order, up to op `upto` (exclusive)
@@ -566,7 +559,7 @@ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, i
   if (d == nullptr || d->rank != 4 || d->base == nullptr) {
     throw Error(simt::where() + ": cp.async.bulk.tensor.4d with a tensor map that make_tma_desc_4d did not fill");
   }
-  Mbar& m = mbar(bar, "cp.async.bulk.tensor (its mbarrier)");
+  mbar(bar, "cp.async.bulk.tensor (its mbarrier)");  // an initialised mbarrier, checked at issue
   const int swb = swizzle_bytes(d->swizzle);
   // 5.5.7: the swizzle is a function of the shared address, so the box must
   // start at the pattern's repeat (256 / 512 / 1024 bytes); TMA itself needs
@@ -585,10 +578,7 @@ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, i
   c.by = race::now();
   race::snapshot(c.clock);
   if (simt::early_async()) {
-    perform(bar, c);
-    race::record(dst, bytes, true, c.by, "a TMA load");
-    race::join(m.acc, c.clock);
-    complete_tx(bar, m, c.bytes);
+    land_copy(bar, c, false);
   } else {
     race::in_flight(dst, bytes, true, 1);
     state().in_flight[bar].push_back(std::move(c));
@@ -632,6 +622,13 @@ void perform_reduce(const TmaReduce& r) {
   }
 }
 
+// Performs a reduce (racecheck: its source read by the calling thread, the issuer, now).
+void reduce_now(const TmaReduce& r, bool was_in_flight) {
+  perform_reduce(r);
+  if (was_in_flight) race::in_flight(r.src, r.bytes, false, -1);
+  race::record(r.src, r.bytes, false, race::now(), "a TMA reduce source");
+}
+
 void tma_reduce_add_4d(const TmaDesc* d, uint32_t src, int c0, int c1, int c2, int c3) {
   if (d == nullptr || d->rank != 4 || d->base == nullptr) {
     throw Error(simt::where() + ": cp.reduce.async.bulk.tensor with a tensor map that make_tma_desc_4d did not fill");
@@ -647,8 +644,7 @@ void tma_reduce_add_4d(const TmaDesc* d, uint32_t src, int c0, int c1, int c2, i
   const TmaReduce r{src, *d, {c0, c1, c2, c3}, static_cast<uint32_t>(bytes)};
   race::check(src, bytes, false, "a TMA reduce source");
   if (simt::early_async()) {
-    perform_reduce(r);
-    race::record(src, bytes, false, race::now(), "a TMA reduce source");
+    reduce_now(r, false);
   } else {
     race::in_flight(src, bytes, false, 1);
     state().threads[simt::thread_rank()].bulk_open.push_back(r);
@@ -668,11 +664,7 @@ void bulk_commit() {
 void bulk_wait_groups(int n) {
   ThreadWg& t = state().threads[simt::thread_rank()];
   while (static_cast<int>(t.bulk_groups.size()) > n) {
-    for (const TmaReduce& r : t.bulk_groups.front()) {
-      perform_reduce(r);
-      race::in_flight(r.src, r.bytes, false, -1);
-      race::record(r.src, r.bytes, false, race::now(), "a TMA reduce source");
-    }
+    for (const TmaReduce& r : t.bulk_groups.front()) reduce_now(r, true);
     t.bulk_groups.pop_front();
   }
 }
