@@ -116,6 +116,8 @@ class _AttentionWithWeights(torch.autograd.Function):
         q, k, v, mask, out, lse, rng = ctx.saved_tensors
         dropout_p, is_causal, scale, enable_gqa, average_heads = ctx.opts
         mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return _math_backward(q, k, v, mask, rng, ctx.opts, g_out, g_probs, mask_grad) + (None,) * 5
         if g_out is not None:
             dq, dk, dv, dmask = _ops._attention_backward(
                 g_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW, mask_grad)
@@ -155,6 +157,32 @@ class _AttentionWithWeights(torch.autograd.Function):
         return dq, dk, dv, dmask, None, None, None, None, None
 
 
+def _math_backward(q, k, v, mask, rng, opts, g_out, g_probs, mask_grad):
+    """(dq, dk, dv, dmask) recomputed through ``_attention_math`` (plain ATen operations, the forward's dropout
+    mask) with a graph, so that they can be differentiated again (the C++ attention's double backward does
+    the same)."""
+    dropout_p, is_causal, scale, enable_gqa, average_heads = opts
+    with torch.enable_grad():
+        def leaf(t):  # views stop the gradients at the inputs and keep their graph (see csrc/ops.cpp)
+            return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+        qi, ki, vi = leaf(q), leaf(k), leaf(v)
+        mi = leaf(mask) if mask_grad else mask
+        out, weights = _ops._attention_math(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW, rng,
+                                            average_heads)
+        ys = [y for y, g in ((out, g_out), (weights, g_probs)) if g is not None]
+        gys = [g for g in (g_out, g_probs) if g is not None]
+        wrt = [qi, ki, vi] + ([mi] if mask_grad else [])
+        grads = torch.autograd.grad(ys, wrt, gys, create_graph=True, allow_unused=True)
+    return tuple(grads) + ((None,) if not mask_grad else ())
+
+
+def _has_tangent(*tensors) -> bool:
+    """Whether a forward-mode AD level is open and an input is a dual tensor carrying a tangent."""
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def attention_with_weights(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -170,6 +198,16 @@ def attention_with_weights(
     ``(..., heads, L, S)`` (with the forward's dropout applied, as PyTorch's
     MultiheadAttention returns them), or with ``average_heads`` their mean over
     the heads, ``(..., L, S)`` (averaged in float32). Gradients flow through both."""
+    if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                              or _has_tangent(query, key, value, attn_mask)):
+        # torch.func transforms and forward-mode AD: the weights exist in full anyway, so the ATen composite,
+        # which every transform goes through (its dropout mask drawn by the fused forward)
+        rng = None
+        if dropout_p > 0:
+            rng = _ops._attention_forward(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
+                                          bool(enable_gqa), _NO_WINDOW)[2]
+        return _ops._attention_math(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
+                                    bool(enable_gqa), _NO_WINDOW, rng, bool(average_heads))
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
         # nothing to differentiate: the op alone, without an autograd function's context (as the C++ ops do)

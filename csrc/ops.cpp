@@ -3,10 +3,12 @@
 // autograd::Function over the internal forward/backward ops, so autograd works
 // from Python, from C++ through LibTorch, and under torch.compile, which traces
 // through it down to the internal ops and their Meta kernels).
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "glue.h"
+#include "composite.h"
 #include "schemas.h"
 
 namespace attention_ext {
@@ -23,6 +25,40 @@ bool needs_graph(std::initializer_list<const at::Tensor*> inputs) {
   for (const at::Tensor* t : inputs)
     if (t != nullptr && t->defined() && t->requires_grad()) return true;
   return false;
+}
+
+// Whether an input carries a forward-mode tangent (a dual tensor of torch.autograd.forward_ad, level 0).
+bool has_tangent(std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* t : inputs)
+    if (t != nullptr && t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
+  return false;
+}
+
+// Whether a torch.func transform (grad, vjp, jvp, vmap, ...) is running, so that a C++ autograd function
+// would raise: functorch's own check, the one torch::autograd::Function::apply makes. (The TLS object
+// stays once a transform has run; the check fails only while a transform's layer is on the stack.)
+bool functorch_active() {
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) return false;
+  try {
+    tls->checkSupportsCppAutogradFunction();
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
+std::tuple<at::Tensor, at::Tensor> call_math(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& mask, double dropout_p,
+                                             bool is_causal, std::optional<double> scale, bool enable_gqa,
+                                             at::IntArrayRef window, const std::optional<at::Tensor>& rng) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("attention_ext::_attention_math", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           double, bool, std::optional<double>, bool, at::IntArrayRef,
+                           const std::optional<at::Tensor>&, bool)>();
+  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
@@ -50,9 +86,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
   return op.call(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad);
 }
 
-// First-order gradients as an autograd function of their own, so that with
-// create_graph=True the gradients carry a node whose backward raises a clear
-// error (instead of silently not requiring grad).
+// First-order gradients as an autograd function of their own, so that with create_graph=True they can be
+// differentiated again: the double backward recomputes the attention in plain ATen operations
+// (attention_math, with the forward's dropout mask) and differentiates its gradients with autograd. The
+// L x S scores exist only then, as in PyTorch's math backend, the one SDPA backend with a double backward.
 class AttentionBackwardFunction : public torch::autograd::Function<AttentionBackwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& q,
@@ -62,13 +99,60 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
                                at::IntArrayRef window, bool mask_grad) {
     auto [dq, dk, dv, dmask] = call_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
                                              enable_gqa, window, mask_grad);
+    const bool has_mask = mask.has_value() && mask->defined();
+    ctx->save_for_backward({grad, q, k, v, has_mask ? *mask : at::Tensor(), rng});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["enable_gqa"] = enable_gqa;
+    ctx->saved_data["window"] = window.vec();
+    ctx->saved_data["mask_grad"] = mask_grad;
     return {dq, dk, dv, dmask};
   }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "attention_ext.attention does not support double backward (differentiating its gradients); "
-                "use create_graph=False, or torch.nn.functional.scaled_dot_product_attention's math backend "
-                "for higher-order gradients");
+
+  static variable_list backward(AutogradContext* ctx, variable_list ggrads) {
+    auto saved = ctx->get_saved_variables();
+    const bool create_graph = at::GradMode::is_enabled();
+    at::AutoGradMode grad_mode(true);
+    // differentiable stand-ins: a view of each input that requires grad (so that the gradients below are
+    // partial derivatives, stopping there, and keep their graph back to the input for higher orders), a
+    // fresh leaf for each that does not
+    auto leaf = [](const at::Tensor& t) { return t.requires_grad() ? t.view_as(t) : t.detach().requires_grad_(true); };
+    at::Tensor g = leaf(saved[0]), q = leaf(saved[1]), k = leaf(saved[2]), v = leaf(saved[3]);
+    const at::Tensor& mask_saved = saved[4];
+    const bool float_mask = mask_saved.defined() && mask_saved.is_floating_point();
+    at::Tensor m = float_mask ? leaf(mask_saved) : mask_saved;
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    const auto window = ctx->saved_data["window"].toIntVector();
+    std::optional<at::Tensor> mask = m.defined() ? std::optional<at::Tensor>(m) : std::nullopt;
+    std::optional<at::Tensor> rng = saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
+    at::Tensor out = std::get<0>(call_math(q, k, v, mask, dropout_p, ctx->saved_data["is_causal"].toBool(),
+                                           ctx->saved_data["scale"].toOptional<double>(),
+                                           ctx->saved_data["enable_gqa"].toBool(), window, rng));
+    // the first-order gradients again, now with a graph
+    variable_list wrt = {q, k, v};
+    if (float_mask) wrt.push_back(m);
+    variable_list first = torch::autograd::grad({out}, wrt, {g}, /*retain_graph=*/true, /*create_graph=*/true,
+                                                /*allow_unused=*/true);
+    // ... and their vector-Jacobian product with the incoming gradients
+    variable_list ys, gys;
+    for (size_t i = 0; i < first.size(); ++i) {
+      const bool wanted = i < 3 || ctx->saved_data["mask_grad"].toBool();
+      if (wanted && i < ggrads.size() && ggrads[i].defined() && first[i].defined() && first[i].requires_grad()) {
+        ys.push_back(first[i]);
+        gys.push_back(ggrads[i]);
+      }
+    }
+    variable_list inputs = {g, q, k, v};
+    if (float_mask) inputs.push_back(m);
+    variable_list second(inputs.size());
+    if (!ys.empty())
+      second = torch::autograd::grad(ys, inputs, gys, /*retain_graph=*/create_graph, create_graph,
+                                     /*allow_unused=*/true);
+    variable_list result(14);
+    for (size_t i = 0; i < 4; ++i) result[i] = second[i];
+    if (float_mask) result[4] = second[4];
+    return result;
   }
 };
 
@@ -113,8 +197,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     "attention_ext.attention or attention_ext.scaled_dot_product_attention, which pack them for "
                     "attention_varlen, or call torch.ops.attention_ext.attention_varlen with packed values and "
                     "offsets");
-  if (!needs_graph({&q, &k, &v, mask.has_value() ? &*mask : nullptr}))
-    return std::get<0>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window));
+  const at::Tensor* m = mask.has_value() ? &*mask : nullptr;
+  const bool graph = needs_graph({&q, &k, &v, m});
+  if (has_tangent({&q, &k, &v, m}) || (graph && functorch_active())) {
+    // forward-mode AD, or a torch.func transform that differentiates: the fused kernels have no formula
+    // for the one and C++ autograd functions cannot run under the other, so the ATen composite does both
+    // (its dropout mask drawn by the fused forward, which also validates the inputs first)
+    std::optional<at::Tensor> rng;
+    if (dropout_p > 0.0) rng = std::get<2>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window));
+    return std::get<0>(call_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng));
+  }
+  if (!graph) return std::get<0>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window));
   return AttentionFunction::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
@@ -187,6 +280,14 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& cu_k, std::optional<int64_t> max_q, std::optional<int64_t> max_k,
                             double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
                             at::IntArrayRef window) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !has_tangent({&q, &k, &v}),
+      "attention_ext.attention_varlen has no forward-mode AD (dual tensors, torch.func.jvp / jacfwd); "
+      "attention_ext.attention with a boolean mask has");
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(functorch_active() && needs_graph({&q, &k, &v})),
+      "attention_ext.attention_varlen cannot be differentiated under torch.func transforms (grad, vjp, "
+      "jacrev, ...); use torch.autograd, or attention_ext.attention with a boolean mask");
   if (!needs_graph({&q, &k, &v}))
     return std::get<0>(call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
                                            enable_gqa, window));
@@ -210,6 +311,7 @@ TORCH_LIBRARY(attention_ext, m) {
   m.def(schema::kVarlenForward, {at::Tag::nondeterministic_seeded});
   m.def(schema::kVarlenBackward);
   m.def(schema::kForwardWeights, {at::Tag::nondeterministic_seeded});
+  m.def(schema::kMath);
   m.def(schema::kBackward);
   m.def(schema::kProbs);
   m.def(schema::kDropoutMask);
@@ -219,6 +321,7 @@ TORCH_LIBRARY(attention_ext, m) {
 TORCH_LIBRARY_IMPL(attention_ext, CompositeImplicitAutograd, m) {
   m.impl("attention", TORCH_FN(attention));
   m.impl("attention_varlen", TORCH_FN(attention_varlen));
+  m.impl("_attention_math", TORCH_FN(attention_math));
 }
 
 // The internal ops are not differentiable by themselves (attention is the

@@ -1,5 +1,5 @@
 """torch.autograd.gradcheck (float64, CPU) of attention_ext.attention wrt query,
-key, value and a float mask, and the double-backward error."""
+key, value and a float mask, and gradgradcheck of its double backward."""
 import math
 
 import pytest
@@ -70,9 +70,9 @@ def _mask(kind, shape, qs, ks, g):
     return torch.randn(*shape, dtype=f64, generator=g).requires_grad_()
 
 
-@pytest.mark.parametrize("name,qs,ks,vs,mask,opts", CASES, ids=[c[0] for c in CASES])
-def test_gradcheck(name, qs, ks, vs, mask, opts):
-    q, k, v, g = _inputs(qs, ks, vs, seed=len(name) * 7919 + sum(map(ord, name)))
+def _case_fn(name, qs, ks, vs, mask, opts, seed):
+    """(fn, inputs): the attention of a case on NaN-padded views, and the inputs to differentiate."""
+    q, k, v, g = _inputs(qs, ks, vs, seed=seed + sum(map(ord, name)))
     m = _mask(*(mask or (None, None)), qs, ks, g)
     inputs = (q, k, v) + ((m,) if m is not None and m.requires_grad else ())
 
@@ -80,19 +80,28 @@ def test_gradcheck(name, qs, ks, vs, mask, opts):
         mm = rest[0] if rest else m
         return attention_ext.attention(_poisoned(q), _poisoned(k), _poisoned(v), mm, **opts)
 
+    return fn, inputs
+
+
+@pytest.mark.parametrize("name,qs,ks,vs,mask,opts", CASES, ids=[c[0] for c in CASES])
+def test_gradcheck(name, qs, ks, vs, mask, opts):
+    fn, inputs = _case_fn(name, qs, ks, vs, mask, opts, seed=len(name) * 7919)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def test_gradcheck_dropout_fixed_seed():
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck],
+                         ids=["gradcheck", "gradgradcheck"])
+def test_gradcheck_dropout_fixed_seed(check):
     """With the generator reseeded inside the function every evaluation uses the same
-    dropout mask, so gradcheck checks that the backward replays that very mask."""
+    dropout mask, so gradcheck checks that the backward (and gradgradcheck that the
+    double backward) replays that very mask."""
     q, k, v, _ = _inputs((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 3), seed=5)
 
     def fn(q, k, v):
         torch.manual_seed(1234)
         return attention_ext.attention(q, k, v, dropout_p=0.3, is_causal=True)
 
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert check(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 def test_fully_masked_rows_have_zero_grad():
@@ -111,28 +120,45 @@ def test_fully_masked_rows_have_zero_grad():
         assert not torch.isnan(t.grad).any()
 
 
-def test_create_graph_first_order_ok_and_double_backward_raises():
+def test_create_graph_first_order_unchanged():
+    """create_graph=True gives the fused backward's first-order gradients, which then carry a graph."""
     q, k, v, g = _inputs((1, 2, 5, 4), (1, 2, 6, 4), (1, 2, 6, 3), seed=4)
     out = attention_ext.attention(q, k, v, is_causal=True)
     go = torch.randn(out.shape, dtype=f64, generator=g)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), go, create_graph=True)
-    # first-order gradients are still right with create_graph=True
     _, _, rdq, rdk, rdv, _ = reference_grads(q, k, v, go, is_causal=True)
     for a, b in [(dq, rdq), (dk, rdk), (dv, rdv)]:
+        assert a.requires_grad
         torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
-    # ... and differentiating them again raises a clear error
-    with pytest.raises(RuntimeError, match="double backward"):
-        (dq.square().sum() + dk.sum()).backward()
-    out2 = attention_ext.attention(q, k, v)
-    (dv2,) = torch.autograd.grad(out2.sum(), (v,), create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(dv2.sum(), (q,))
 
 
-def test_gradgradcheck_raises():
-    q, k, v, _ = _inputs((1, 1, 3, 2), (1, 1, 3, 2), (1, 1, 3, 2), seed=6)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.gradgradcheck(attention_ext.attention, (q, k, v))
+@pytest.mark.parametrize("name,qs,ks,vs,mask,opts", CASES, ids=[c[0] for c in CASES])
+def test_gradgradcheck(name, qs, ks, vs, mask, opts):
+    """The double backward (attention_math recomputed, csrc/ops.cpp) against finite differences of the
+    fused first-order gradients, for every gradcheck case, the float mask's gradient included."""
+    fn, inputs = _case_fn(name, qs, ks, vs, mask, opts, seed=len(name) * 104729)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_third_order():
+    """Gradients of the double backward's gradients: the recomputation keeps its graph (create_graph)."""
+    q, k, v, g = _inputs((1, 1, 3, 2), (1, 1, 4, 2), (1, 1, 4, 2), seed=6)
+
+    def fn(q, k, v):
+        return attention_ext.attention(q, k, v, is_causal=True)
+
+    def ref(q, k, v):
+        from reference import reference_attention
+        return reference_attention(q, k, v, is_causal=True).out
+
+    got, want = [], []
+    for f, dst in ((fn, got), (ref, want)):
+        out = f(q, k, v)
+        (dq,) = torch.autograd.grad(out.sin().sum(), (q,), create_graph=True)
+        (dk,) = torch.autograd.grad(dq.square().sum(), (k,), create_graph=True)
+        dst.extend(torch.autograd.grad(dk.cos().sum(), (q, k, v)))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_internal_ops_not_differentiable():

@@ -12,6 +12,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/forward_grad.h>
 
 #include <dlfcn.h>
 
@@ -153,6 +154,43 @@ void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
   check_close(c.name + " logsumexp", lse, r.lse, 1e-5, 1e-5);
 }
 
+// Higher-order and forward-mode derivatives from C++: a gradient penalty (create_graph, then backward; the
+// double backward recomputes the attention in ATen operations) against the reference's, and a dual tensor's
+// tangent against a central difference of the reference.
+void run_higher_order(const c10::TypedOperatorHandle<AttentionFn>& attention) {
+  const std::vector<int64_t> no_window{-1, -1};
+  at::Tensor q = leaf(at::randn({1, 2, 6, 4}, at::kDouble)), k = leaf(at::randn({1, 2, 7, 4}, at::kDouble));
+  at::Tensor v = leaf(at::randn({1, 2, 7, 3}, at::kDouble)), w = at::randn({1, 2, 6, 3}, at::kDouble);
+  auto penalty = [&](const at::Tensor& out) {
+    at::Tensor gq = torch::autograd::grad({(out * w).sum()}, {q}, {}, /*retain_graph=*/true,
+                                          /*create_graph=*/true)[0];
+    return torch::autograd::grad({gq.square().sum()}, {q, k, v});
+  };
+  auto got = penalty(attention.call(q, k, v, std::nullopt, 0.0, true, std::nullopt, false, no_window));
+  auto want = penalty(reference(q, k, v, std::nullopt, true, false, no_window).out);
+  const char* names[] = {"q", "k", "v"};
+  for (size_t t = 0; t < 3; ++t)
+    check_close(std::string("double backward d") + names[t], got[t], want[t], 1e-9, 1e-11);
+
+  at::Tensor q0 = q.detach(), k0 = k.detach(), v0 = v.detach();
+  at::Tensor tq = at::randn_like(q0), tk = at::randn_like(k0), tv = at::randn_like(v0);
+  const uint64_t level = torch::autograd::ForwardADLevel::get_next_idx();
+  at::Tensor out = attention.call(at::_make_dual(q0, tq, level), at::_make_dual(k0, tk, level),
+                                  at::_make_dual(v0, tv, level), std::nullopt, 0.0, true, std::nullopt, false,
+                                  no_window);
+  at::Tensor tangent = std::get<1>(at::_unpack_dual(out, level));
+  torch::autograd::ForwardADLevel::release_idx(level);
+  const double eps = 1e-6;
+  auto ref = [&](double s) {
+    return reference(q0 + s * tq, k0 + s * tk, v0 + s * tv, std::nullopt, true, false, no_window).out;
+  };
+  if (!tangent.defined()) {
+    fail("forward-mode AD: the output has no tangent");
+  } else {
+    check_close("forward-mode AD tangent", tangent, (ref(eps) - ref(-eps)) / (2 * eps), 1e-7, 1e-8);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -185,6 +223,7 @@ int main(int argc, char** argv) {
     win.window = {3, 1};
     cases.push_back(win);
     for (const auto& c : cases) run_case(attention, forward, c);
+    run_higher_order(attention);
 
     // errors surface as the c10 exception types (ValueError / TypeError in Python)
     try {

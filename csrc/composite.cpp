@@ -1,0 +1,98 @@
+// attention_math: see composite.h.
+#include "composite.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <limits>
+
+#include "glue.h"
+
+namespace attention_ext {
+namespace {
+
+at::Tensor dropout_keep(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
+                        double dropout_p) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("attention_ext::_dropout_mask", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, double)>();
+  return op.call(rng, batch, heads, len_q, len_k, dropout_p);
+}
+
+// (L, S) bool: the keys is_causal and the window leave to each query row; undefined when they leave all.
+at::Tensor band_visibility(int64_t len_q, int64_t len_k, const AttnOptions& opt, const at::Device& device) {
+  if (!opt.is_causal && opt.window_left < 0 && opt.window_right < 0) return at::Tensor();
+  const auto idx = at::TensorOptions().dtype(at::kLong).device(device);
+  at::Tensor i = at::arange(len_q, idx).unsqueeze(1);
+  at::Tensor j = at::arange(len_k, idx).unsqueeze(0);
+  at::Tensor vis = at::ones({len_q, len_k}, idx.dtype(at::kBool));
+  if (opt.is_causal) vis = vis & (j <= i);
+  if (opt.window_left >= 0) vis = vis & (j >= i - opt.window_left);
+  if (opt.window_right >= 0) vis = vis & (j <= i + opt.window_right);
+  return vis;
+}
+
+at::Tensor both(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a & b;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const std::optional<at::Tensor>& mask, double dropout_p,
+                                                  bool is_causal, std::optional<double> scale, bool enable_gqa,
+                                                  at::IntArrayRef window, const std::optional<at::Tensor>& rng,
+                                                  bool average_heads) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  check_inputs(q, k, v, mask, opt);
+  const bool dropout = dropout_p > 0.0;
+  TORCH_CHECK_VALUE(!dropout || (rng.has_value() && rng->defined()),
+                    "_attention_math: dropout_p > 0 needs the rng_state returned by the forward");
+  if (dropout) check_rng_state(*rng, dropout_p);
+
+  // fp16 / bf16 in float32, as the kernels accumulate; float32 and float64 as they are
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t heads_q = q.size(-3), heads_kv = k.size(-3), len_q = q.size(-2), len_k = k.size(-2);
+  at::Tensor qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
+  if (heads_q != heads_kv) {  // query head h reads key / value head h / (Hq / Hkv)
+    ka = ka.repeat_interleave(heads_q / heads_kv, -3);
+    va = va.repeat_interleave(heads_q / heads_kv, -3);
+  }
+  const double sc = opt.scale.has_value() ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  at::Tensor s = at::matmul(qa, ka.transpose(-2, -1)) * sc;  // (..., Hq, L, S)
+
+  // which keys each row sees: the band, a boolean mask, and the keys a float mask puts at -inf
+  at::Tensor vis = band_visibility(len_q, len_k, opt, q.device());
+  if (mask.has_value() && mask->defined()) {
+    if (mask->scalar_type() == at::kBool) {
+      vis = both(vis, *mask);
+    } else {
+      at::Tensor m = mask->to(acc);
+      s = s + m;
+      vis = both(vis, m != -std::numeric_limits<double>::infinity());
+    }
+  }
+  at::Tensor p;
+  if (vis.defined()) {
+    // hidden keys at -inf; a row that sees no key gets 0 everywhere (softmax of a row of zeros, then
+    // zeroed), never NaN, and so do its gradients
+    at::Tensor seen = vis.any(-1, /*keepdim=*/true);
+    at::Tensor sm = at::where(vis, s, -std::numeric_limits<double>::infinity());
+    sm = at::where(seen, sm, 0.0);
+    p = at::where(seen, at::softmax(sm, -1), 0.0);
+  } else {
+    p = at::softmax(s, -1);
+  }
+  if (dropout && p.numel() > 0) {
+    const int64_t batch = p.numel() / (heads_q * len_q * len_k);
+    at::Tensor keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, dropout_p).to(p.device());
+    p = p * keep.view(p.sizes()).to(acc) * (1.0 / (1.0 - dropout_p));
+  }
+  at::Tensor out = at::matmul(p, va).to(q.scalar_type());
+  at::Tensor weights = (average_heads ? p.mean(-3) : p).to(q.scalar_type());
+  return {out, weights};
+}
+
+}  // namespace attention_ext
