@@ -6,8 +6,10 @@ Self-attention (batch_first, the same weights in both modules), three mask setti
 key_padding_mask with a quarter of the keys padded; causal attn_mask with the is_causal hint),
 need_weights False / True, and two modes:
 
-* fwd    -- eval + no_grad: what inference gets (PyTorch takes its native fast path where it can)
-* fwdbwd -- train mode (dropout 0): forward + backward of the output
+* fwd       -- eval + no_grad: what inference gets (PyTorch takes its native fast path where it can)
+* fwdbwd    -- train mode (dropout 0): forward + backward of the output
+* persample -- per-sample gradients of the parameters, torch.func.vmap(torch.func.grad(...)) over
+               torch.func.functional_call (what differentially private training computes)
 
 Median times over strictly alternating calls (noise on a shared machine hits both alike); ratio = torch / ours (> 1: attention_ext is faster). A
 markdown table is printed; the raw JSON (torch version, device name, git commit) goes to
@@ -83,6 +85,23 @@ def run_case(args, device, dtype, masks, need_weights, mode):
         kw["is_causal"] = True
 
     def make(m):
+        if mode == "persample":
+            m.train()
+            params = {n: p.detach() for n, p in m.named_parameters()}
+            kpm = kw.get("key_padding_mask")
+            shared = {k: val for k, val in kw.items() if k != "key_padding_mask"}
+
+            def loss(p, xi, gi, mi):
+                extra = dict(shared, key_padding_mask=mi) if mi is not None else shared
+                out = torch.func.functional_call(m, p, (xi, xi, xi), dict(need_weights=need_weights, **extra))[0]
+                return (out * gi).sum()
+
+            per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0 if kpm is not None else None))
+            xd = x.detach()
+
+            def f():
+                per_sample(params, xd, g, kpm)
+            return f
         if mode == "fwd":
             m.eval()
 
@@ -117,6 +136,7 @@ def main():
     ap.add_argument("--E", type=int, default=512)
     ap.add_argument("--H", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--modes", default="fwd,fwdbwd,persample", help="comma-separated: fwd, fwdbwd, persample")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -131,7 +151,7 @@ def main():
     rows = []
     for masks in ("none", "padding", "causal"):
         for need_weights in (False, True):
-            for mode in ("fwd", "fwdbwd"):
+            for mode in args.modes.split(","):
                 r = run_case(args, device, dtype, masks, need_weights, mode)
                 rows.append(r)
                 print(f"| {masks} | {need_weights} | {mode} | {r['ours_s'] * 1e3:.1f} | {r['torch_s'] * 1e3:.1f} | "

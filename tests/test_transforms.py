@@ -247,25 +247,139 @@ def test_vmap_grad_per_sample_gradients():
             torch.testing.assert_close(got[n][i], want[n][i], rtol=1e-10, atol=1e-12)
 
 
-def test_vmap_without_grad_runs_the_fused_forward(capfd, monkeypatch):
-    """vmap alone needs no derivative: the fused forward runs (per sample), not the composite."""
-    q, k, v, _, _ = _case(CASES[0])
+def _logged(fn, capfd, monkeypatch):
+    """The kernel log lines of fn() (ATTENTION_EXT_LOG_KERNEL=1)."""
+    capfd.readouterr()
     monkeypatch.setenv("ATTENTION_EXT_LOG_KERNEL", "1")
-    out = tf.vmap(lambda a, b, c: attention_ext.attention(a, b, c, is_causal=True))(q, k, v)
-    log = capfd.readouterr().err
-    monkeypatch.delenv("ATTENTION_EXT_LOG_KERNEL")
-    assert "attention_ext: cpu forward" in log
-    torch.testing.assert_close(out, reference_attention(q, k, v, is_causal=True).out, rtol=1e-10, atol=1e-12)
+    try:
+        fn()
+    finally:
+        monkeypatch.delenv("ATTENTION_EXT_LOG_KERNEL")
+    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("attention_ext:")]
 
 
-def test_func_grad_runs_the_composite(capfd, monkeypatch):
-    """... while torch.func.grad runs the composite: no fused forward kernel."""
+def test_vmap_runs_one_fused_forward(capfd, monkeypatch):
+    """vmap folds the vmapped dimension into the batch: one fused call for all samples, also when an
+    operand is not vmapped (expanded) or is vmapped along another dimension."""
+    q, k, v, _, _ = _case(CASES[0])  # q (2, 2, 5, 4): two samples of (2, 5, 4)
+    out = []
+    log = _logged(lambda: out.append(tf.vmap(lambda a, b, c: attention_ext.attention(a, b, c, is_causal=True),
+                                             in_dims=(0, None, 2))(q, k[0], v.movedim(0, 2))), capfd, monkeypatch)
+    assert len(log) == 1 and "cpu forward" in log[0], log
+    want = reference_attention(q, k[0].expand(k.shape), v, is_causal=True).out
+    torch.testing.assert_close(out[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_func_grad_runs_the_fused_kernels_and_jvp_the_composite(capfd, monkeypatch):
+    """torch.func.grad and vmap(grad) run the fused forward and backward (one call each for all samples);
+    forward-mode AD and nested differentiation run the composite (no kernel)."""
     q, k, v, _, _ = _case(CASES[0])
-    monkeypatch.setenv("ATTENTION_EXT_LOG_KERNEL", "1")
-    tf.grad(lambda a: attention_ext.attention(a, k, v).sum())(q)
-    log = capfd.readouterr().err
-    monkeypatch.delenv("ATTENTION_EXT_LOG_KERNEL")
-    assert "cpu forward" not in log and "cpu backward" not in log
+    log = _logged(lambda: tf.vmap(tf.grad(lambda a, b: attention_ext.attention(a, b, v[0]).sum()))(q, k),
+                  capfd, monkeypatch)
+    assert [line.split(":")[1].strip() for line in log] == ["cpu forward", "cpu backward"], log
+    log = _logged(lambda: tf.jvp(lambda a: attention_ext.attention(a, k, v), (q,), (q,)), capfd, monkeypatch)
+    assert log == []
+    log = _logged(lambda: tf.hessian(lambda a: attention_ext.attention(a, k[:1, :1], v[:1, :1]).sum())(q[:1, :1, :2]),
+                  capfd, monkeypatch)
+    assert log == []
+
+
+def test_vmap_randomness():
+    """Dropout under vmap keeps vmap's randomness: "error" raises, "same" gives every sample one mask,
+    "different" gives each its own (the rows of one folded call)."""
+    q, k, v, _, _ = _case(CASES[0])
+    x = q[:1].expand(3, *q.shape[1:]).contiguous()  # three identical samples
+
+    def f(a):
+        return attention_ext.attention(a, a, a, dropout_p=0.5)
+
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        tf.vmap(f)(x)
+    same = tf.vmap(f, randomness="same")(x)
+    assert torch.equal(same[0], same[1]) and torch.equal(same[0], same[2])
+    diff = tf.vmap(f, randomness="different")(x)
+    assert not torch.equal(diff[0], diff[1]) and not torch.equal(diff[1], diff[2])
+
+
+def _dropout_keep(q, k, seed, opts):
+    """The keep mask a forward of (q, k) draws after torch.manual_seed(seed), (..., H, L, S)."""
+    torch.manual_seed(seed)
+    _, _, rng = _ops._attention_forward(q, k, k, None, opts["dropout_p"], opts.get("is_causal", False), None,
+                                        False, [-1, -1])
+    lead = q.shape[:-3]
+    keep = _ops._dropout_mask(rng, math.prod(lead), q.shape[-3], q.shape[-2], k.shape[-2], opts["dropout_p"])
+    return keep.view(*lead, q.shape[-3], q.shape[-2], k.shape[-2])
+
+
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_per_sample_gradients_with_dropout(randomness):
+    """vmap(grad) with dropout: each sample's gradients are the reference's with the mask that sample drew
+    ("different": its rows of the folded call; "same": the one mask of a single sample's call), for
+    q, k, v and a float mask that is not vmapped (each sample still gets its own mask gradient)."""
+    q, k, v, _, _ = _case(CASES[0])  # 2 samples of (2, 5, 4) / (2, 7, 4) / (2, 7, 3)
+    g = torch.Generator().manual_seed(11)
+    m = torch.randn(5, 7, dtype=f64, generator=g)
+    (w,) = _tangents(reference_attention(q, k, v).out)
+    opts = dict(dropout_p=0.3, is_causal=True)
+
+    def f(a, b, c, mm, ww):
+        return (attention_ext.attention(a, b, c, mm, **opts) * ww).sum()
+
+    torch.manual_seed(5)
+    got = tf.vmap(tf.grad(f, argnums=(0, 1, 2, 3)), in_dims=(0, 0, 0, None, 0), randomness=randomness)(q, k, v, m, w)
+    keep = _dropout_keep(q, k, 5, opts) if randomness == "different" else \
+        _dropout_keep(q[0], k[0], 5, opts).expand(2, *q.shape[1:3], k.shape[-2])
+    assert not keep.all()
+    for b in range(2):
+        def ref(a, bb, c, mm):
+            return (reference_attention(a, bb, c, mm, dropout_mask=keep[b], **opts).out * w[b]).sum()
+        want = tf.grad(ref, argnums=(0, 1, 2, 3))(q[b], k[b], v[b], m)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x[b], y, rtol=1e-10, atol=1e-12)
+
+
+def test_jacrev_with_dropout_replays_the_forward():
+    """jacrev vmaps the backward over cotangents of one unbatched forward: with dropout every cotangent is
+    pulled back through that forward's mask (the backward runs once per cotangent, not folded)."""
+    q, k, v, _, _ = _case(CASES[2])
+    opts = dict(dropout_p=0.4)
+    torch.manual_seed(9)
+    jac = tf.jacrev(lambda c: attention_ext.attention(q, k, c, **opts))(v)
+    keep = _dropout_keep(q, k, 9, opts)
+    want = tf.jacrev(lambda c: reference_attention(q, k, c, dropout_mask=keep, **opts).out)(v)
+    torch.testing.assert_close(jac, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=[IDS[3], IDS[4]])
+def test_grad_of_vmap_and_batched_masks(case):
+    """grad over vmap (the per-sample losses summed) with the mask vmapped too."""
+    q, k, v, m, opts = _case(case)
+    extra = (m,) if _float(m) else ()
+
+    def loss(f):
+        def fn(a, b, c, mm):
+            return tf.vmap(lambda a1, b1, c1, m1: f(a1, b1, c1, m1).sin().sum())(a, b, c, mm).sum()
+        return fn
+
+    m_b = m if m.dim() == q.dim() else m.expand(q.shape[0], *m.shape)  # one mask per sample
+    argnums = (0, 1, 2, 3) if extra else (0, 1, 2)
+    got = tf.grad(loss(_ours(opts)), argnums=argnums)(q, k, v, m_b)
+    want = tf.grad(loss(_ref(opts)), argnums=argnums)(q, k, v, m_b)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_autograd_over_func_grad():
+    """Ordinary autograd differentiating a torch.func.grad result (the fused function's backward,
+    differentiated: the composite recomputed)."""
+    q, k, v, _, opts = _case(CASES[1])
+    got, want = [], []
+    for f, dst in ((_ours(opts), got), (_ref(opts), want)):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        gq = tf.grad(lambda a: f(a, kk, vv).sin().sum())(qq)
+        dst.extend(torch.autograd.grad(gq.square().sum(), (qq, kk, vv)))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_after_a_transform_autograd_runs_the_fused_kernels(capfd, monkeypatch):
@@ -377,3 +491,21 @@ def test_composite_validates_like_the_kernels():
             attention_ext.attention(fwAD.make_dual(q, q), k, k)
     with pytest.raises(ValueError, match="needs the rng_state"):
         _ops._attention_math(q, q, q, None, 0.5, False, None, False, [-1, -1], None)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_per_sample_gradients_match_per_sample_backward(device):
+    """float32 on each device: vmap(grad) through the folded fused kernels gives what one ordinary
+    backward per sample gives (the same kernels, one call per sample)."""
+    q, k, v, m, opts = _case(CASES[4], device, torch.float32, seed=8)
+    (w,) = _tangents(q[..., :3])
+
+    def f(a, b, c, mm, ww):
+        return (attention_ext.attention(a, b, c, mm, **opts) * ww).sum()
+
+    got = tf.vmap(tf.grad(f, argnums=(0, 1, 2)), in_dims=(0, 0, 0, 0, 0))(q, k, v, m, w)
+    for b in range(q.shape[0]):
+        ins = [t[b].clone().requires_grad_() for t in (q, k, v)]
+        f(*ins, m[b], w[b]).backward()
+        for x, t in zip(got, ins):
+            torch.testing.assert_close(x[b], t.grad, rtol=1e-5, atol=1e-6)

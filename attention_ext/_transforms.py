@@ -1,0 +1,238 @@
+"""attention under torch.func transforms: the fused kernels where they apply, the ATen composite elsewhere.
+
+C++ autograd functions cannot run under torch.func, so without this module every differentiating
+transform takes the composite `_attention_math` (csrc/composite.cpp), which holds the L x S scores. Here:
+
+* batching rules (`torch.library.register_vmap`) for the internal ops `_attention_forward`,
+  `_attention_backward` and `_dropout_mask`: the vmapped dimension becomes one more leading batch
+  dimension of a single fused call (an unbatched operand is expanded, with zero strides where the kernels
+  can read them), instead of one call per sample. They keep vmap's `randomness`: "error" raises for
+  dropout, "different" draws each sample's mask from its own rows of one call, "same" replays one seed for
+  every sample;
+* a Python autograd function over those ops (`_FusedAttention`, `generate_vmap_rule=True`), which
+  functorch can transform: grad, vjp, jacrev and vmap(grad(...)) (per-sample gradients) run the fused
+  forward and backward, batched;
+* a kernel of `attention_ext::attention` for functorch's front dispatch key, so that the op itself (as
+  nn.MultiheadAttention's replacement, the functional drop-in and the transformers integration call it)
+  takes that function under any transform. Forward-mode AD (jvp, jacfwd) and nested differentiation
+  (hessian, grad of grad) run the composite, which has every derivative.
+
+Outside torch.func nothing here runs: ordinary autograd stays in the C++ autograd function.
+"""
+import torch
+
+_ops = torch.ops.attention_ext
+_lib = torch.library.Library("attention_ext", "IMPL")  # kept alive: the registrations below belong to it
+
+_RANDOMNESS_ERROR = ("vmap: called random operation while in randomness error mode. Please either use the "
+                     "'same' or 'different' randomness flags on vmap or perform the randomness operation out "
+                     "of vmap")
+
+
+# --------------------------------------------------------------------------- batching rules
+def _front(t, bdim, size):
+    """t with the vmapped dimension in front: moved there, or expanded (zero stride) when t has none."""
+    if bdim is None:
+        return t.expand(size, *t.shape)
+    return t.movedim(bdim, 0)
+
+
+def _front_mask(mask, bdim, size, out_rank, expand):
+    """A mask in front layout that broadcasts against (size, *output): batched masks get singleton dims
+    after the vmapped one up to the output's rank; unbatched ones broadcast as they are, or are expanded
+    when each sample needs its own gradient."""
+    if mask is None:
+        return None
+    if bdim is None:
+        if not expand:
+            return mask
+        mask = mask.expand(size, *mask.shape)
+    else:
+        mask = mask.movedim(bdim, 0)
+    pad = out_rank - (mask.dim() - 1)
+    return mask.reshape(size, *([1] * pad), *mask.shape[1:]) if pad > 0 else mask
+
+
+def _unfront_mask(dmask, mask, bdim):
+    """The mask gradient of a front-layout mask back to (size, *mask's own shape)."""
+    logical = mask.shape if bdim is None else mask.movedim(bdim, 0).shape[1:]
+    return dmask.reshape(dmask.shape[0], *logical)
+
+
+def _per_sample(op, size, in_dims, args, nout):
+    """op once per sample (each batched argument's slice), outputs stacked along dim 0."""
+    outs = []
+    for b in range(size):
+        sl = [a.select(d, b) if d is not None and a is not None else a for a, d in zip(args, in_dims)]
+        outs.append(op(*sl))
+    return tuple(torch.stack([o[i] for o in outs]) for i in range(nout))
+
+
+def _generator(device):
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size):
+    size = info.batch_size
+    if dropout_p > 0 and info.randomness == "error":
+        raise RuntimeError(_RANDOMNESS_ERROR)
+    if dropout_p > 0 and info.randomness == "same":
+        # one seed for every sample: the generator's state restored before each sample's call
+        gen = _generator(q.device)
+        state = gen.get_state()
+
+        def one(q, k, v, mask):
+            gen.set_state(state)
+            return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size)
+
+        out, lse, rng = _per_sample(one, size, in_dims[:4], (q, k, v, mask), 3)
+        return (out, lse, rng), (0, 0, 0)  # a batched rng_state marks the per-sample layout (_backward_vmap)
+    qd, kd, vd, md = in_dims[:4]
+    q, k, v = _front(q, qd, size), _front(k, kd, size), _front(v, vd, size)
+    mask = _front_mask(mask, md, size, q.dim() - 1, expand=False)
+    out, lse, rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size)
+    return (out, lse, rng), (0, 0, None)
+
+
+def _backward_vmap(info, in_dims, grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
+                   window_size, mask_grad):
+    size = info.batch_size
+    gd, qd, kd, vd, md, od, ld, rd = in_dims[:8]
+    # With dropout, one call over the folded batch replays the forward's masks only if the forward was that
+    # very fold (its output batched, one rng_state); otherwise (a per-sample rng_state from randomness="same",
+    # or cotangents vmapped over an unbatched forward) each sample runs against its own forward.
+    if dropout_p > 0 and (rd is not None or od is None or ld is None):
+        def one(grad, q, k, v, mask, out, lse, rng):
+            return _ops._attention_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
+                                            enable_gqa, window_size, mask_grad)
+
+        dq, dk, dv, dmask = _per_sample(one, size, in_dims[:8], (grad, q, k, v, mask, out, lse, rng), 4)
+        return (dq, dk, dv, dmask), (0, 0, 0, 0 if mask_grad else None)
+    mask_f = _front_mask(mask, md, size, q.dim() - (0 if qd is None else 1), expand=mask_grad)
+    grad, q, k, v = _front(grad, gd, size), _front(q, qd, size), _front(k, kd, size), _front(v, vd, size)
+    out, lse = _front(out, od, size), _front(lse, ld, size)
+    dq, dk, dv, dmask = _ops._attention_backward(grad, q, k, v, mask_f, out, lse, rng, dropout_p, is_causal, scale,
+                                                 enable_gqa, window_size, mask_grad)
+    if mask_grad:
+        return (dq, dk, dv, _unfront_mask(dmask, mask, md)), (0, 0, 0, 0)
+    return (dq, dk, dv, dmask), (0, 0, 0, None)
+
+
+def _dropout_mask_vmap(info, in_dims, rng, batch, heads, len_q, len_k, dropout_p):
+    size = info.batch_size
+    if in_dims[0] is None:  # one draw over the folded batch, as _forward_vmap's call made it
+        keep = _ops._dropout_mask(rng, size * batch, heads, len_q, len_k, dropout_p)
+        return keep.view(size, batch, heads, len_q, len_k), 0
+    (keep,) = _per_sample(lambda r: (_ops._dropout_mask(r, batch, heads, len_q, len_k, dropout_p),), size,
+                          in_dims[:1], (rng,), 1)
+    return keep, 0
+
+
+torch.library.register_vmap("attention_ext::_attention_forward", _forward_vmap, lib=_lib)
+torch.library.register_vmap("attention_ext::_attention_backward", _backward_vmap, lib=_lib)
+torch.library.register_vmap("attention_ext::_dropout_mask", _dropout_mask_vmap, lib=_lib)
+
+
+# --------------------------------------------------------------------------- the autograd function
+def _composite_grads(inputs, outputs, grads, create_graph):
+    """Vector-Jacobian product of `outputs` (built from views of `inputs`) with `grads`."""
+    ys = [y for y, g in zip(outputs, grads) if g is not None and y is not None and y.requires_grad]
+    gys = [g for y, g in zip(outputs, grads) if g is not None and y is not None and y.requires_grad]
+    if not ys:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(ys, inputs, gys, create_graph=create_graph, allow_unused=True))
+
+
+class _FusedAttentionBackward(torch.autograd.Function):
+    """The fused backward; differentiating it (an outer ordinary autograd level over torch.func.grad)
+    recomputes the composite, as the C++ double backward does."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window_size, mask_grad):
+        return _ops._attention_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
+                                        window_size, mask_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, q, k, v, mask, _, _, rng, *opts = inputs
+        ctx.save_for_backward(grad, q, k, v, mask, rng)
+        ctx.opts = opts
+
+    @staticmethod
+    def backward(ctx, gdq, gdk, gdv, gdmask):
+        grad, q, k, v, mask, rng = ctx.saved_tensors
+        dropout_p, is_causal, scale, enable_gqa, window_size, mask_grad = ctx.opts
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            def leaf(t):
+                return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+            g, qi, ki, vi = leaf(grad), leaf(q), leaf(k), leaf(v)
+            mi = leaf(mask) if mask_grad else mask
+            out, _ = _ops._attention_math(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, window_size, rng)
+            wrt = [qi, ki, vi] + ([mi] if mask_grad else [])
+            first = torch.autograd.grad(out, wrt, g, create_graph=True, allow_unused=True)
+            second = _composite_grads([g] + wrt, first, [gdq, gdk, gdv, gdmask][:len(first)], create_graph)
+        dmask = second[4] if mask_grad else None
+        return (second[0], second[1], second[2], second[3], dmask) + (None,) * 9
+
+
+class _FusedAttention(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size):
+        return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, *opts = inputs
+        out, lse, rng = output
+        ctx.save_for_backward(q, k, v, mask, out, lse, rng)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(lse, rng)
+
+    @staticmethod
+    def backward(ctx, g, _glse, _grng):
+        q, k, v, mask, out, lse, rng = ctx.saved_tensors
+        mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+        if g is None:
+            g = torch.zeros_like(out)
+        dq, dk, dv, dmask = _FusedAttentionBackward.apply(g, q, k, v, mask, out, lse, rng, *ctx.opts, mask_grad)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- routing under torch.func
+_Transform = torch._C._functorch.TransformType
+
+
+def _fused_applies(tensors):
+    """Whether the fused function can serve the running transforms: at most one level that differentiates
+    (reverse mode), no forward-mode AD, no functionalization."""
+    stack = [i.key() for i in torch._C._functorch.get_interpreter_stack()]
+    if sum(1 for t in stack if t == _Transform.Grad) > 1 or any(
+            t in (_Transform.Jvp, _Transform.Functionalize) for t in stack):
+        return False
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return False
+    return True
+
+
+def _attention_under_transforms(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                enable_gqa=False, window_size=(-1, -1)):
+    window_size = list(window_size)
+    if _fused_applies((query, key, value, attn_mask)):
+        return _FusedAttention.apply(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                     window_size)[0]
+    rng = None
+    if dropout_p > 0:
+        rng = _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                      window_size)[2]
+    return _ops._attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                                rng)[0]
+
+
+_lib.impl("attention", _attention_under_transforms, "FuncTorchDynamicLayerFrontMode")
