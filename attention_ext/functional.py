@@ -168,7 +168,7 @@ def _math_backward(q, k, v, mask, rng, opts, g_out, g_probs, mask_grad):
         qi, ki, vi = leaf(q), leaf(k), leaf(v)
         mi = leaf(mask) if mask_grad else mask
         out, weights = _ops._attention_math(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, _NO_WINDOW, rng,
-                                            average_heads)
+                                            g_probs is not None, average_heads)
         ys = [y for y, g in ((out, g_out), (weights, g_probs)) if g is not None]
         gys = [g for g in (g_out, g_probs) if g is not None]
         wrt = [qi, ki, vi] + ([mi] if mask_grad else [])
@@ -207,7 +207,7 @@ def attention_with_weights(
             rng = _ops._attention_forward(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
                                           bool(enable_gqa), _NO_WINDOW)[2]
         return _ops._attention_math(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
-                                    bool(enable_gqa), _NO_WINDOW, rng, bool(average_heads))
+                                    bool(enable_gqa), _NO_WINDOW, rng, True, bool(average_heads))
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
         # nothing to differentiate: the op alone, without an autograd function's context (as the C++ ops do)

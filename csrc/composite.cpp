@@ -32,19 +32,13 @@ at::Tensor band_visibility(int64_t len_q, int64_t len_k, const AttnOptions& opt,
   return vis;
 }
 
-at::Tensor both(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.defined()) return b;
-  if (!b.defined()) return a;
-  return a & b;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const std::optional<at::Tensor>& mask, double dropout_p,
                                                   bool is_causal, std::optional<double> scale, bool enable_gqa,
                                                   at::IntArrayRef window, const std::optional<at::Tensor>& rng,
-                                                  bool average_heads) {
+                                                  bool need_weights, bool average_heads) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   check_inputs(q, k, v, mask, opt);
   const bool dropout = dropout_p > 0.0;
@@ -61,38 +55,50 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
     va = va.repeat_interleave(heads_q / heads_kv, -3);
   }
   const double sc = opt.scale.has_value() ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  at::Tensor s = at::matmul(qa, ka.transpose(-2, -1)) * sc;  // (..., Hq, L, S)
+  at::Tensor s = at::matmul(qa * sc, ka.transpose(-2, -1));  // (..., Hq, L, S)
 
-  // which keys each row sees: the band, a boolean mask, and the keys a float mask puts at -inf
+  // One additive mask at its own (broadcast) shape, usually far smaller than the scores: the float mask,
+  // -inf at the keys the band or a boolean mask hides. A row that sees no key gets a mask of 0 there (a
+  // finite softmax, never NaN, in the forward and the gradients), and its output and weights are zeroed
+  // afterwards, on the (L, Ev) output and the head-mean weights where that is smaller than the scores.
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  at::Tensor add;
   at::Tensor vis = band_visibility(len_q, len_k, opt, q.device());
   if (mask.has_value() && mask->defined()) {
-    if (mask->scalar_type() == at::kBool) {
-      vis = both(vis, *mask);
-    } else {
-      at::Tensor m = mask->to(acc);
-      s = s + m;
-      vis = both(vis, m != -std::numeric_limits<double>::infinity());
-    }
+    if (mask->scalar_type() == at::kBool)
+      vis = vis.defined() ? vis & *mask : *mask;
+    else
+      add = mask->to(acc);
   }
-  at::Tensor p;
-  if (vis.defined()) {
-    // hidden keys at -inf; a row that sees no key gets 0 everywhere (softmax of a row of zeros, then
-    // zeroed), never NaN, and so do its gradients
-    at::Tensor seen = vis.any(-1, /*keepdim=*/true);
-    at::Tensor sm = at::where(vis, s, -std::numeric_limits<double>::infinity());
-    sm = at::where(seen, sm, 0.0);
-    p = at::where(seen, at::softmax(sm, -1), 0.0);
-  } else {
-    p = at::softmax(s, -1);
+  if (vis.defined()) add = at::where(vis, add.defined() ? add : at::zeros({}, qa.options()), kNegInf);
+  at::Tensor seen;  // (..., L, 1) at the mask's shape: whether the row sees a key
+  if (add.defined()) {
+    seen = (add != kNegInf).any(-1, /*keepdim=*/true);
+    s = s + at::where(seen, add, 0.0);
   }
+  at::Tensor p = at::softmax(s, -1);
   if (dropout && p.numel() > 0) {
     const int64_t batch = p.numel() / (heads_q * len_q * len_k);
     at::Tensor keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, dropout_p).to(p.device());
     p = p * keep.view(p.sizes()).to(acc) * (1.0 / (1.0 - dropout_p));
   }
-  at::Tensor out = at::matmul(p, va).to(q.scalar_type());
-  at::Tensor weights = (average_heads ? p.mean(-3) : p).to(q.scalar_type());
-  return {out, weights};
+  at::Tensor out = at::matmul(p, va);
+  at::Tensor weights;
+  if (need_weights) {
+    if (!average_heads) {
+      weights = seen.defined() ? p * seen : p;
+    } else if (seen.defined() && seen.dim() >= 3 && seen.size(-3) != 1) {  // rows seen per head
+      weights = (p * seen).mean(-3);
+    } else {
+      weights = p.mean(-3);
+      if (seen.defined()) weights = weights * (seen.dim() >= 3 ? seen.squeeze(-3) : seen);
+    }
+    weights = weights.to(q.scalar_type());
+  } else {
+    weights = at::empty({0}, q.options());
+  }
+  if (seen.defined()) out = out * seen;
+  return {out.to(q.scalar_type()), weights};
 }
 
 }  // namespace attention_ext

@@ -17,13 +17,13 @@
 
 namespace attention_ext {
 
-// (output, weights): weights are the probabilities after dropout (..., Hq, L, S), or their mean over the
-// query heads (..., L, S) with average_heads, in the query's dtype. rng_state: the forward's, needed when
-// dropout_p > 0.
+// (output, weights): with need_weights, weights are the probabilities after dropout (..., Hq, L, S), or
+// their mean over the query heads (..., L, S) with average_heads, in the query's dtype (else an empty
+// tensor). rng_state: the forward's, needed when dropout_p > 0.
 std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const std::optional<at::Tensor>& mask, double dropout_p,
                                                   bool is_causal, std::optional<double> scale, bool enable_gqa,
                                                   at::IntArrayRef window, const std::optional<at::Tensor>& rng,
-                                                  bool average_heads);
+                                                  bool need_weights, bool average_heads);
 
 }  // namespace attention_ext

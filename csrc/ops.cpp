@@ -57,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor> call_math(const at::Tensor& q, const at::Tens
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            double, bool, std::optional<double>, bool, at::IntArrayRef,
-                           const std::optional<at::Tensor>&, bool)>();
-  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, false);
+                           const std::optional<at::Tensor>&, bool, bool)>();
+  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, false, false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
@@ -202,7 +202,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (has_tangent({&q, &k, &v, m}) || (graph && functorch_active())) {
     // forward-mode AD, or a torch.func transform that differentiates: the fused kernels have no formula
     // for the one and C++ autograd functions cannot run under the other, so the ATen composite does both
-    // (its dropout mask drawn by the fused forward, which also validates the inputs first)
+    // (its dropout mask drawn by the fused forward, which also validates the inputs first). In Python,
+    // attention_ext/_transforms.py takes torch.func calls before they get here, onto the fused kernels
+    // where it can; this is the path of LibTorch programs and of dual tensors outside torch.func.
     std::optional<at::Tensor> rng;
     if (dropout_p > 0.0) rng = std::get<2>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window));
     return std::get<0>(call_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng));

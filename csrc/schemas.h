@@ -29,9 +29,11 @@ inline constexpr const char* kProbs =
     "int[2] window_size=[-1, -1]) -> Tensor";
 // The same attention in plain ATen operations, differentiable to any order (csrc/composite.h): what attention
 // runs for forward-mode AD and under torch.func transforms, and what its double backward recomputes.
+// weights: the probabilities (after dropout) or their head mean, with need_weights; else an empty tensor.
 inline constexpr const char* kMath =
     "_attention_math(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
-    "float? scale, bool enable_gqa, int[2] window_size, Tensor? rng_state, bool average_heads=False) "
+    "float? scale, bool enable_gqa, int[2] window_size, Tensor? rng_state, bool need_weights=False, "
+    "bool average_heads=False) "
     "-> (Tensor output, Tensor weights)";
 // Variable-length (packed) sequences, FlashAttention's varlen layout: query (total_q, Hq, E), key
 // (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of

@@ -1,11 +1,11 @@
 """Forward-mode AD, torch.func transforms and higher-order gradients.
 
 The fused kernels have a first-order backward only, and C++ autograd functions cannot run under torch.func.
-attention therefore runs `_attention_math` (csrc/composite.cpp: the same attention in plain ATen operations, with
-the forward's dropout mask) for
-  - dual tensors (torch.autograd.forward_ad, torch.func.jvp / jacfwd),
-  - torch.func transforms that differentiate (grad, vjp, jacrev, hessian, vmap over grad),
-and its double backward recomputes the same composite (test_gradcheck.py: gradgradcheck).
+- Under torch.func, attention_ext/_transforms.py runs the fused kernels for vmap, grad, vjp, jacrev and
+  vmap(grad) (batching rules that fold the vmapped dimension into one call, and a Python autograd function);
+- forward-mode AD (dual tensors, jvp, jacfwd) and nested differentiation (hessian) run `_attention_math`
+  (csrc/composite.cpp: the same attention in plain ATen operations, with the forward's dropout mask), and so
+  does the double backward (test_gradcheck.py: gradgradcheck).
 
 Every expected value comes from tests/reference.py (float64, plain PyTorch) put through the same transform;
 the low-precision tolerances are twice what PyTorch's own math backend gets in that dtype.
@@ -509,3 +509,32 @@ def test_per_sample_gradients_match_per_sample_backward(device):
         f(*ins, m[b], w[b]).backward()
         for x, t in zip(got, ins):
             torch.testing.assert_close(x[b], t.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_shape", [(5, 6), (2, 1, 1, 6), (1, 2, 5, 6), (2, 2, 5, 6)],
+                         ids=["LS", "keypad", "per_head", "full"])
+@pytest.mark.parametrize("average_heads", [False, True], ids=["per_head_weights", "head_mean"])
+def test_composite_weights_and_empty_rows(mask_shape, average_heads):
+    """_attention_math's output and weights against the reference, with rows that see no key in some
+    heads only (the zeroing of those rows on the output and on the head-mean weights), and gradients."""
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(2, 2, 5, 4, dtype=f64, generator=g).requires_grad_()
+    k = torch.randn(2, 2, 6, 4, dtype=f64, generator=g).requires_grad_()
+    v = torch.randn(2, 2, 6, 3, dtype=f64, generator=g).requires_grad_()
+    m = torch.randn(*mask_shape, dtype=f64, generator=g)
+    hidden = {"LS": (1,), "keypad": (1,), "per_head": (0, 1, 4), "full": (1, 0, 2)}  # a hidden row (or batch)
+    m[hidden[{(5, 6): "LS", (2, 1, 1, 6): "keypad", (1, 2, 5, 6): "per_head", (2, 2, 5, 6): "full"}[mask_shape]]] \
+        = -math.inf
+    out, w = _ops._attention_math(q, k, v, m, 0.0, True, None, False, [-1, -1], None, True, average_heads)
+    r = reference_attention(q, k, v, m, is_causal=True)
+    want_w = r.probs.mean(-3) if average_heads else r.probs
+    torch.testing.assert_close(out, r.out, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(w, want_w, rtol=1e-12, atol=1e-13)
+    (w2,) = _tangents(want_w)
+    got = torch.autograd.grad((out.sin().sum() + (w * w2).sum()), (q, k, v))
+    want = torch.autograd.grad((r.out.sin().sum() + (want_w * w2).sum()), (q, k, v))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    out2, none = _ops._attention_math(q, k, v, m, 0.0, True, None, False, [-1, -1], None)
+    assert none.numel() == 0 and torch.equal(out2, out)
