@@ -538,3 +538,17 @@ def test_composite_weights_and_empty_rows(mask_shape, average_heads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     out2, none = _ops._attention_math(q, k, v, m, 0.0, True, None, False, [-1, -1], None)
     assert none.numel() == 0 and torch.equal(out2, out)
+
+
+def test_compile_over_func_transforms():
+    """torch.compile over torch.func.grad and vmap(grad) gives the eager transforms' results."""
+    q, k, v, _, opts = _case(CASES[1], dtype=torch.float32)
+
+    def f(a):
+        return attention_ext.attention(a, k, v, **opts).square().sum()
+
+    torch.testing.assert_close(torch.compile(tf.grad(f), backend="aot_eager")(q), tf.grad(f)(q),
+                               rtol=1e-5, atol=1e-6)
+    qs = torch.stack([q, 2 * q])
+    torch.testing.assert_close(torch.compile(tf.vmap(tf.grad(f)), backend="aot_eager")(qs), tf.vmap(tf.grad(f))(qs),
+                               rtol=1e-5, atol=1e-6)
