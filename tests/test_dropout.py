@@ -217,3 +217,30 @@ def test_float64_dropout_scale_is_float64_exact(p):
     keep = dropout_keep_mask(rng, q, 9, p)
     r = reference_attention(q, k, v, dropout_p=p, dropout_mask=keep)
     torch.testing.assert_close(out, r.out, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["no_weights", "weights"])
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_replays_the_mask(device, need_weights, use_reentrant):
+    """torch.utils.checkpoint recomputes the forward in the backward with the generator state it stashed:
+    the recomputation draws the same dropout mask, so the gradients are bitwise those of the run without
+    checkpointing (converted MultiheadAttention, both need_weights paths)."""
+    torch.manual_seed(0)
+    mha = attention_ext.MultiheadAttention(16, 2, dropout=0.3, batch_first=True, device=device)
+    x = torch.randn(2, 7, 16, device=device)
+    grads = []
+    for ck in (False, True):
+        xi = x.clone().requires_grad_()
+        mha.zero_grad()
+        torch.manual_seed(5)
+
+        def f(a):
+            return mha(a, a, a, need_weights=need_weights)[0]
+
+        out = torch.utils.checkpoint.checkpoint(f, xi, use_reentrant=use_reentrant) if ck else f(xi)
+        out.square().sum().backward()
+        grads.append([xi.grad.clone()] + [p.grad.clone() for p in mha.parameters()])
+    torch.manual_seed(5)
+    assert not torch.equal(mha(x, x, x, need_weights=False)[0], mha.eval()(x, x, x, need_weights=False)[0])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
