@@ -552,3 +552,26 @@ def test_compile_over_func_transforms():
     qs = torch.stack([q, 2 * q])
     torch.testing.assert_close(torch.compile(tf.vmap(tf.grad(f)), backend="aot_eager")(qs), tf.vmap(tf.grad(f))(qs),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["jacobian", "jacobian_vectorized", "jvp", "hvp", "hessian",
+                                 "hessian_forward_over_reverse"])
+def test_autograd_functional(how):
+    """torch.autograd.functional (the double-backward trick, vmap over the backward, forward-over-reverse)."""
+    q, k, v, m, opts = _case(CASES[3])
+    AFn = torch.autograd.functional
+
+    def run(f):
+        def scalar(a):
+            return f(a, k, v, m).sin().sum()
+        return {
+            "jacobian": lambda: AFn.jacobian(lambda a: f(a, k, v, m), q),
+            "jacobian_vectorized": lambda: AFn.jacobian(lambda a: f(a, k, v, m), q, vectorize=True),
+            "jvp": lambda: AFn.jvp(lambda a: f(a, k, v, m), q, torch.ones_like(q))[1],
+            "hvp": lambda: AFn.hvp(scalar, q, torch.ones_like(q))[1],
+            "hessian": lambda: AFn.hessian(scalar, q),
+            "hessian_forward_over_reverse": lambda: AFn.hessian(scalar, q, vectorize=True,
+                                                                outer_jacobian_strategy="forward-mode"),
+        }[how]()
+
+    torch.testing.assert_close(run(_ours(opts)), run(_ref(opts)), rtol=1e-10, atol=1e-12)
