@@ -208,6 +208,24 @@ class _FusedAttention(torch.autograd.Function):
 _Transform = torch._C._functorch.TransformType
 
 
+def has_tangent(*tensors) -> bool:
+    """Whether a forward-mode AD level is open and an input is a dual tensor carrying a tangent."""
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+              need_weights=False, average_heads=False):
+    """(output, weights) of `_attention_math`, its dropout mask drawn by the fused forward."""
+    rng = None
+    if dropout_p > 0:
+        rng = _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                      window_size)[2]
+    return _ops._attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                                rng, need_weights, average_heads)
+
+
 def _fused_applies(tensors):
     """Whether the fused function can serve the running transforms: at most one level that differentiates
     (reverse mode), no forward-mode AD, no functionalization."""
@@ -215,10 +233,7 @@ def _fused_applies(tensors):
     if sum(1 for t in stack if t == _Transform.Grad) > 1 or any(
             t in (_Transform.Jvp, _Transform.Functionalize) for t in stack):
         return False
-    if torch.autograd.forward_ad._current_level >= 0 and any(
-            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        return False
-    return True
+    return not has_tangent(*tensors)
 
 
 def _attention_under_transforms(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -227,12 +242,7 @@ def _attention_under_transforms(query, key, value, attn_mask=None, dropout_p=0.0
     if _fused_applies((query, key, value, attn_mask)):
         return _FusedAttention.apply(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                      window_size)[0]
-    rng = None
-    if dropout_p > 0:
-        rng = _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                      window_size)[2]
-    return _ops._attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                                rng)[0]
+    return composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size)[0]
 
 
 _lib.impl("attention", _attention_under_transforms, "FuncTorchDynamicLayerFrontMode")

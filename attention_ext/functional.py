@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _loader
+from . import _transforms
 from . import ops as _ops_py
 
 _loader.load()
@@ -176,13 +177,6 @@ def _math_backward(q, k, v, mask, rng, opts, g_out, g_probs, mask_grad):
     return tuple(grads) + ((None,) if not mask_grad else ())
 
 
-def _has_tangent(*tensors) -> bool:
-    """Whether a forward-mode AD level is open and an input is a dual tensor carrying a tangent."""
-    if torch.autograd.forward_ad._current_level < 0:
-        return False
-    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
 def attention_with_weights(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -199,15 +193,11 @@ def attention_with_weights(
     MultiheadAttention returns them), or with ``average_heads`` their mean over
     the heads, ``(..., L, S)`` (averaged in float32). Gradients flow through both."""
     if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
-                                              or _has_tangent(query, key, value, attn_mask)):
+                                              or _transforms.has_tangent(query, key, value, attn_mask)):
         # torch.func transforms and forward-mode AD: the weights exist in full anyway, so the ATen composite,
         # which every transform goes through (its dropout mask drawn by the fused forward)
-        rng = None
-        if dropout_p > 0:
-            rng = _ops._attention_forward(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
-                                          bool(enable_gqa), _NO_WINDOW)[2]
-        return _ops._attention_math(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
-                                    bool(enable_gqa), _NO_WINDOW, rng, True, bool(average_heads))
+        return _transforms.composite(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
+                                     bool(enable_gqa), _NO_WINDOW, True, bool(average_heads))
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
         # nothing to differentiate: the op alone, without an autograd function's context (as the C++ ops do)
