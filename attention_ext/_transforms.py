@@ -19,6 +19,8 @@ transform takes the composite `_attention_math` (csrc/composite.cpp), which hold
 
 Outside torch.func nothing here runs: ordinary autograd stays in the C++ autograd function.
 """
+from typing import List, Optional, Tuple
+
 import torch
 
 _ops = torch.ops.attention_ext
@@ -215,10 +217,12 @@ def has_tangent(*tensors) -> bool:
     return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-              need_weights=False, average_heads=False):
-    """(output, weights) of `_attention_math`, its dropout mask drawn by the fused forward."""
-    rng = None
+def composite(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
+              dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool, window_size: List[int],
+              need_weights: bool = False, average_heads: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(output, weights) of `_attention_math`, its dropout mask drawn by the fused forward (TorchScript-able:
+    the converted MultiheadAttention's differentiable weights path under torch.jit.script)."""
+    rng: Optional[torch.Tensor] = None
     if dropout_p > 0:
         rng = _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                       window_size)[2]

@@ -177,6 +177,23 @@ def _math_backward(q, k, v, mask, rng, opts, g_out, g_probs, mask_grad):
     return tuple(grads) + ((None,) if not mask_grad else ())
 
 
+def _weights_scripted(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                      dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
+                      average_heads: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``attention_with_weights`` under TorchScript, which has no Python autograd functions: the fused op when
+    nothing is differentiated (inference), else the ATen composite (differentiable; the weights exist in full
+    anyway)."""
+    differentiated = torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+        or (attn_mask is not None and attn_mask.requires_grad))
+    if not differentiated:
+        out, _, _, probs = torch.ops.attention_ext._attention_forward_weights(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, [-1, -1], average_heads)
+        return out, probs
+    return _transforms.composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, [-1, -1],
+                                 True, average_heads)
+
+
 def attention_with_weights(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -192,6 +209,8 @@ def attention_with_weights(
     ``(..., heads, L, S)`` (with the forward's dropout applied, as PyTorch's
     MultiheadAttention returns them), or with ``average_heads`` their mean over
     the heads, ``(..., L, S)`` (averaged in float32). Gradients flow through both."""
+    if torch.jit.is_scripting():
+        return _weights_scripted(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, average_heads)
     if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
                                               or _transforms.has_tangent(query, key, value, attn_mask)):
         # torch.func transforms and forward-mode AD: the weights exist in full anyway, so the ATen composite,

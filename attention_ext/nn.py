@@ -33,11 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _loader
-from .functional import attention_with_weights, supports_tensors
+from .functional import attention_with_weights, has_kernel, supports_tensors
 
 _loader.load()
-_ops = torch.ops.attention_ext
-_NO_WINDOW = [-1, -1]
 
 
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
@@ -52,15 +50,55 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask
 
 
-def _pad_col(mask: Optional[Tensor]) -> Optional[Tensor]:
+def _pad_col(mask: Tensor) -> Tensor:
     """Append one key column that is attended (False / 0.0), as PyTorch pads for bias_k / zero attention."""
-    if mask is None:
+    return F.pad(mask, [0, 1])
+
+
+def _flat(t: Tensor) -> Tensor:
+    # (A, B, H, D) strided view of the packed projection -> (A, B, E)
+    return t if t.dim() == 3 else t.flatten(-2)
+
+
+def _merge_masks(kpm: Optional[Tensor], am: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Masks in MHA convention (bool True = ignore, float added) -> one mask in the kernel's
+    convention (bool True = attend, float added), broadcastable to (N, H, L, S)."""
+    if kpm is None and am is None:
         return None
-    return F.pad(mask, (0, 1))
+    if kpm is not None and am is not None:
+        if kpm.dtype == torch.bool and am.dtype == torch.bool:
+            mask = torch.logical_not(torch.logical_or(kpm, am))
+        else:
+            mask = _additive(kpm, dtype) + _additive(am, dtype)
+    elif kpm is not None:
+        mask = torch.logical_not(kpm) if kpm.dtype == torch.bool else kpm
+    else:
+        assert am is not None
+        mask = torch.logical_not(am) if am.dtype == torch.bool else am
+    if mask.is_floating_point() and mask.dtype != dtype and mask.dtype != torch.float32:
+        mask = mask.to(dtype)
+    return mask
+
+
+def _script_kernels_take(query: Tensor, key: Tensor, value: Tensor, cuda_kernels: bool) -> bool:
+    """``supports_tensors`` for TorchScript (no Python-side caches there): the compiled library's kernels
+    take these tensors' layout, dtype and device."""
+    if query.is_nested or key.is_nested or value.is_nested:
+        return False
+    dt = query.dtype
+    if key.dtype != dt or value.dtype != dt:
+        return False
+    if dt != torch.float32 and dt != torch.float16 and dt != torch.bfloat16 and dt != torch.float64:
+        return False
+    dev = query.device.type
+    return dev == "cpu" or (dev == "cuda" and cuda_kernels and dt != torch.float64)
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
     __doc__ = (__doc__ or "") + "\n\nConstructor arguments: those of torch.nn.MultiheadAttention.\n"
+    # TorchScript: constants, so that the branch of the other projection layout is not compiled
+    __constants__ = ["batch_first", "_qkv_same_embed_dim", "_cuda_kernels"]
+    _cuda_kernels = has_kernel(torch.device("cuda"))  # whether the library was built with CUDA kernels
 
     @classmethod
     def convert(cls, module: torch.nn.MultiheadAttention) -> "MultiheadAttention":
@@ -88,16 +126,22 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        if not supports_tensors(query, key, value) or not 1 <= self.head_dim <= 256:
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
-                                   is_causal=is_causal)
+        if torch.jit.is_scripting():
+            if not _script_kernels_take(query, key, value, self._cuda_kernels) or not 1 <= self.head_dim <= 256:
+                return self._unfused_scripted(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                              average_attn_weights, is_causal)
+            batch_first = self.batch_first
+        else:
+            if not supports_tensors(query, key, value) or not 1 <= self.head_dim <= 256:
+                return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                       need_weights=need_weights, attn_mask=attn_mask,
+                                       average_attn_weights=average_attn_weights, is_causal=is_causal)
+            batch_first = getattr(self, "batch_first", False)  # modules pickled before batch_first existed
         _check_mask_dtype(key_padding_mask, "key_padding_mask")
         _check_mask_dtype(attn_mask, "attn_mask")
         if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
                           "Use same type for both instead.")
-        batch_first = getattr(self, "batch_first", False)
         num_heads, head_dim, embed_dim = self.num_heads, self.head_dim, self.embed_dim
 
         is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, num_heads)
@@ -121,36 +165,42 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
                 "`generate_square_subsequent_mask` to create this mask.")
         if key.shape[batch_dim] != bsz or value.shape[batch_dim] != bsz:
-            raise RuntimeError(f"key and value must have the query's batch size {bsz}, got key {tuple(key.shape)} "
-                               f"and value {tuple(value.shape)} (batch_first={bf})")
+            raise RuntimeError(f"key and value must have the query's batch size {bsz}, got key {list(key.shape)} "
+                               f"and value {list(value.shape)} (batch_first={bf})")
         if e_q != embed_dim:
             raise AssertionError(f"was expecting embedding dimension of {embed_dim}, but got {e_q}")
         if self._qkv_same_embed_dim:
-            if key.shape != value.shape:
-                raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
-        elif key.shape[:2] != value.shape[:2]:
-            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
-                                 f"{value.shape[:2]}")
+            if list(key.shape) != list(value.shape):
+                raise AssertionError(f"key shape {list(key.shape)} does not match value shape {list(value.shape)}")
+        elif list(key.shape[:2]) != list(value.shape[:2]):
+            raise AssertionError(f"key's sequence and batch dims {list(key.shape[:2])} do not match value's "
+                                 f"{list(value.shape[:2])}")
 
         # ---- input projections: one packed GEMM for self-attention --------------------------------
+        # (written for TorchScript too: locals for the Optional biases, _qkv_same_embed_dim a constant there)
         b = self.in_proj_bias
+        b_q: Optional[Tensor] = None
+        b_k: Optional[Tensor] = None
+        b_v: Optional[Tensor] = None
+        if b is not None:
+            b_q, b_k, b_v = b.chunk(3)
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
             if self_attn:
-                qkv = F.linear(query, w, b).unflatten(-1, (3, num_heads, head_dim))
+                qkv = F.linear(query, w, b).unflatten(-1, [3, num_heads, head_dim])
                 q, k, v = qkv.unbind(-3)  # (A, B, H, D) each, strided views
             elif kv_same:
                 w_q, w_kv = w.split([embed_dim, 2 * embed_dim])
-                b_q, b_kv = b.split([embed_dim, 2 * embed_dim]) if b is not None else (None, None)
+                b_kv: Optional[Tensor] = None
+                if b is not None:
+                    b_kv = b[embed_dim:]
                 q = F.linear(query, w_q, b_q)
                 kv = F.linear(key, w_kv, b_kv)
                 k, v = kv.chunk(2, dim=-1)
             else:
                 w_q, w_k, w_v = w.chunk(3)
-                b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
                 q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         else:
-            b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
             q = F.linear(query, self.q_proj_weight, b_q)
             k = F.linear(key, self.k_proj_weight, b_k)
             v = F.linear(value, self.v_proj_weight, b_v)
@@ -158,28 +208,29 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         # ---- 2-D / 3-D attn_mask checks (PyTorch's messages) ------------------------------------
         if attn_mask is not None:
             if attn_mask.dim() == 2:
-                if attn_mask.shape != (tgt_len, src_len):
-                    raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
-                                       f"{(tgt_len, src_len)}.")
+                if list(attn_mask.shape) != [tgt_len, src_len]:
+                    raise RuntimeError(f"The shape of the 2D attn_mask is {list(attn_mask.shape)}, but should be "
+                                       f"{[tgt_len, src_len]}.")
             elif attn_mask.dim() == 3:
-                if attn_mask.shape != (bsz * num_heads, tgt_len, src_len):
-                    raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
-                                       f"{(bsz * num_heads, tgt_len, src_len)}.")
+                if list(attn_mask.shape) != [bsz * num_heads, tgt_len, src_len]:
+                    raise RuntimeError(f"The shape of the 3D attn_mask is {list(attn_mask.shape)}, but should be "
+                                       f"{[bsz * num_heads, tgt_len, src_len]}.")
             else:
                 raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
 
         # ---- extra key columns: bias_k/bias_v, zero attention -------------------------------------
         extra = 0
-        if self.bias_k is not None or self.bias_v is not None:
-            if self.bias_k is None or self.bias_v is None:
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None or bias_v is not None:
+            if bias_k is None or bias_v is None:
                 raise AssertionError("bias_k and bias_v must both be set or both be None")
-            k, v = self._flat(k), self._flat(v)
-            shape = (bsz, 1, embed_dim) if bf else (1, bsz, embed_dim)
-            k = torch.cat([k, self.bias_k.expand(shape)], dim=seq_dim)
-            v = torch.cat([v, self.bias_v.expand(shape)], dim=seq_dim)
+            k, v = _flat(k), _flat(v)
+            shape = [bsz, 1, embed_dim] if bf else [1, bsz, embed_dim]
+            k = torch.cat([k, bias_k.expand(shape)], dim=seq_dim)
+            v = torch.cat([v, bias_v.expand(shape)], dim=seq_dim)
             extra += 1
         if self.add_zero_attn:
-            k, v = self._flat(k), self._flat(v)
+            k, v = _flat(k), _flat(v)
             shape = list(k.shape)
             shape[seq_dim] = 1
             k = torch.cat([k, k.new_zeros(shape)], dim=seq_dim)
@@ -188,13 +239,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         s_len = src_len + extra
 
         # ---- heads through strides: (A, B, [H, D]) -> (N, H, L, D) --------------------------------
-        perm = (0, 2, 1, 3) if bf else (1, 2, 0, 3)
+        perm = [0, 2, 1, 3] if bf else [1, 2, 0, 3]
         if q.dim() == 3:
-            q = q.unflatten(-1, (num_heads, head_dim))
+            q = q.unflatten(-1, [num_heads, head_dim])
         if k.dim() == 3:
-            k = k.unflatten(-1, (num_heads, head_dim))
+            k = k.unflatten(-1, [num_heads, head_dim])
         if v.dim() == 3:
-            v = v.unflatten(-1, (num_heads, head_dim))
+            v = v.unflatten(-1, [num_heads, head_dim])
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
 
         # ---- one broadcastable mask ---------------------------------------------------------------
@@ -210,9 +261,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if extra:
                 for _ in range(extra):
                     kpm = _pad_col(kpm)
-            if kpm.shape != (bsz, s_len):
-                raise AssertionError(f"expected shape of key_padding_mask to be {(bsz, s_len)}, "
-                                     f"but got {tuple(kpm.shape)}")
+            if list(kpm.shape) != [bsz, s_len]:
+                raise AssertionError(f"expected shape of key_padding_mask to be {[bsz, s_len]}, "
+                                     f"but got {list(kpm.shape)}")
             kpm = kpm.view(bsz, 1, 1, s_len)
         am = attn_mask
         if am is not None:
@@ -220,19 +271,19 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 am = _pad_col(am)
             if am.dim() == 3:
                 am = am.view(bsz, num_heads, tgt_len, s_len)
-        mask = self._merge(kpm, am, q.dtype)
+        mask = _merge_masks(kpm, am, q.dtype)
 
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
             out, weights = attention_with_weights(q, k, v, mask, dropout_p, use_causal,
                                                   average_heads=average_attn_weights)
         else:
-            out = _ops.attention(q, k, v, mask, dropout_p, use_causal, None, False, _NO_WINDOW)
+            out = torch.ops.attention_ext.attention(q, k, v, mask, dropout_p, use_causal, None, False, [-1, -1])
             weights = None
 
         # ---- output projection, reading the kernel's output through strides -----------------------
         # the kernel lays its output out in q's order of dims, so this permute + reshape is a view
-        out = out.permute((0, 2, 1, 3) if bf else (2, 0, 1, 3)).reshape(query.shape[0], query.shape[1], embed_dim)
+        out = out.permute([0, 2, 1, 3] if bf else [2, 0, 1, 3]).reshape(query.shape[0], query.shape[1], embed_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not is_batched:
             out = out.squeeze(1)
@@ -240,28 +291,32 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 weights = weights.squeeze(0)
         return out, weights
 
-    @staticmethod
-    def _flat(t: Tensor) -> Tensor:
-        # (A, B, H, D) strided view of the packed projection -> (A, B, E)
-        return t if t.dim() == 3 else t.flatten(-2)
-
-    @staticmethod
-    def _merge(kpm: Optional[Tensor], am: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-        """Masks in MHA convention (bool True = ignore, float added) -> one mask in the kernel's
-        convention (bool True = attend, float added), broadcastable to (N, H, L, S)."""
-        if kpm is None and am is None:
-            return None
-        if kpm is not None and am is not None:
-            if kpm.dtype == torch.bool and am.dtype == torch.bool:
-                mask = torch.logical_not(torch.logical_or(kpm, am))
-            else:
-                mask = _additive(kpm, dtype) + _additive(am, dtype)
+    def _unfused_scripted(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                          need_weights: bool, attn_mask: Optional[Tensor], average_attn_weights: bool,
+                          is_causal: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """Under TorchScript (no ``super()`` there), inputs the kernels do not take: PyTorch's unfused
+        path, what ``torch.nn.MultiheadAttention.forward`` runs for them."""
+        is_batched = query.dim() == 3
+        if self.batch_first and is_batched:
+            query, key, value = query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
+        if self._qkv_same_embed_dim:
+            out, weights = F.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+                self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight,
+                self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask,
+                need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                is_causal=is_causal)
         else:
-            m = kpm if kpm is not None else am
-            mask = torch.logical_not(m) if m.dtype == torch.bool else m
-        if mask.is_floating_point() and mask.dtype not in (dtype, torch.float32):
-            mask = mask.to(dtype)
-        return mask
+            out, weights = F.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+                self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight,
+                self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask,
+                need_weights=need_weights, attn_mask=attn_mask, use_separate_proj_weight=True,
+                q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight,
+                v_proj_weight=self.v_proj_weight, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and is_batched:
+            return out.transpose(1, 0), weights
+        return out, weights
 
 
 _SUBCLASSES = {}

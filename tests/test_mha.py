@@ -188,8 +188,12 @@ MASK_KINDS = [None, (2, "bool"), (2, "float"), (3, "bool"), (3, "float")]
 
 
 
-def _enumerate(kw, dtype, atol, rtol, reduced=False):
+def _enumerate(kw, dtype, atol, rtol, reduced=False, script=False):
     ref, mine = make_pair(**kw, dtype=dtype)
+    if script:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+            mine = torch.jit.script(mine)
     bf = kw.get("batch_first", False)
     separate = "kdim" in kw
     modes = ["cross"] if separate else ["self", "kv", "cross"]
