@@ -1,6 +1,6 @@
 // LibTorch client test of attention_ext, no Python involved.
 //
-//   attention_ext_cpp_test /path/to/attention_ext/_C*.so
+//   attention_ext_cpp_test /path/to/attention_ext/_C*.so [MODEL.pt INPUTS.pt OUT.pkl]
 //
 // dlopen()s the operator library (it has no Python symbols), looks up
 // attention_ext::attention and attention_ext::_attention_forward through the
@@ -8,16 +8,28 @@
 // LibTorch's autograd engine and compares output, log-sum-exp and gradients
 // with a plain LibTorch float64 implementation. Prints PASS and returns 0 when
 // everything matches, otherwise prints what failed and returns 1.
+//
+// With the three optional paths it also runs a TorchScript model saved from
+// Python (a converted model: its attention calls the library's ops) the way a
+// LibTorch deployment does: torch::jit::load, forward with autograd, gradients
+// of the input and of every parameter, then a forward in eval mode without
+// grad; the results go to OUT.pkl (torch::jit::pickle_save, read back with
+// torch.load) for tests/test_cpp_libtorch.py to check against PyTorch's model.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/serialization/import.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 
 #include <dlfcn.h>
 
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <limits>
 #include <optional>
@@ -193,9 +205,37 @@ void run_higher_order(const c10::TypedOperatorHandle<AttentionFn>& attention) {
 
 }  // namespace
 
+// The scripted model: forward(x, None, key_padding_mask) with autograd, then in eval mode without grad.
+void run_scripted_model(const std::string& model_path, const std::string& inputs_path, const std::string& out_path) {
+  torch::jit::Module model = torch::jit::load(model_path);
+  torch::jit::Module inputs = torch::jit::load(inputs_path);
+  at::Tensor x = inputs.attr("x").toTensor().detach().requires_grad_(true);
+  at::Tensor key_padding_mask = inputs.attr("key_padding_mask").toTensor();
+  at::Tensor grad_out = inputs.attr("grad_out").toTensor();
+  model.train();
+  at::Tensor y = model.forward({x, c10::IValue(), key_padding_mask}).toTensor();
+  std::vector<at::Tensor> wrt{x};
+  for (const at::Tensor& p : model.parameters()) wrt.push_back(p);
+  std::vector<at::Tensor> grads = torch::autograd::grad({y}, wrt, {grad_out});
+  model.eval();
+  at::Tensor y_eval;
+  {
+    at::NoGradGuard no_grad;
+    y_eval = model.forward({x.detach(), c10::IValue(), key_padding_mask}).toTensor();
+  }
+  c10::List<at::Tensor> results;
+  results.push_back(y.detach());
+  results.push_back(y_eval);
+  for (const at::Tensor& g : grads) results.push_back(g);
+  std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(results));
+  std::ofstream out(out_path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) fail("could not write " + out_path);
+}
+
 int main(int argc, char** argv) {
-  if (argc < 2) {
-    std::cerr << "usage: " << argv[0] << " /path/to/attention_ext/_C.so" << std::endl;
+  if (argc != 2 && argc != 5) {
+    std::cerr << "usage: " << argv[0] << " /path/to/attention_ext/_C.so [MODEL.pt INPUTS.pt OUT.pkl]" << std::endl;
     return 2;
   }
   auto& dispatcher = c10::Dispatcher::singleton();
@@ -242,6 +282,7 @@ int main(int argc, char** argv) {
       if (std::string(e.what()).find("pass enable_gqa=True") == std::string::npos)
         fail(std::string("unexpected ValueError message: ") + e.what());
     }
+    if (argc == 5) run_scripted_model(argv[2], argv[3], argv[4]);
   } catch (const std::exception& e) {
     std::cout << "FAIL: exception: " << e.what() << std::endl;
     return 1;
