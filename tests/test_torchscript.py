@@ -138,7 +138,10 @@ def test_save_load_roundtrip():
         assert n1 == n2 and torch.equal(p1, p2)
 
 
-def test_traced_module_matches_torch():
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_traced_module_matches_torch(need_weights):
+    """torch.jit.trace (its check re-runs the trace without grad), save, load, other shapes than the trace's:
+    outputs, weights and gradients against PyTorch's module."""
     torch.manual_seed(0)
     ref, mine = make_pair(dtype=torch.float64, batch_first=True)
 
@@ -147,22 +150,37 @@ def test_traced_module_matches_torch():
             super().__init__()
             self.mha = mha
 
-        def forward(self, x):
-            return self.mha(x, x, x, need_weights=False)[0]
+        def forward(self, x, kpm):
+            out, w = self.mha(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+            return (out, w) if need_weights else out
+
+    def kpm_for(n, l):
+        kpm = torch.rand(n, l) < 0.3
+        kpm[:, 0] = False
+        return kpm
 
     x = torch.randn(2, 6, E, dtype=torch.float64)
+    buf = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(Wrap(mine), x)
-    y = torch.randn(3, 9, E, dtype=torch.float64, requires_grad=True)  # other shapes than the trace's
+        warnings.simplefilter("ignore")  # deprecated, not removed
+        torch.jit.save(torch.jit.trace(Wrap(mine), (x, kpm_for(2, 6))), buf)
+        buf.seek(0)
+        traced = torch.jit.load(buf)
+    y = torch.randn(3, 9, E, dtype=torch.float64, requires_grad=True)
+    kpm = kpm_for(3, 9)
     with OpLog() as log:
-        out = traced(y)
-    assert _ext_ops(log) == ["_attention_forward"]
-    o_ref = ref(y, y, y, need_weights=False)[0]
-    torch.testing.assert_close(out, o_ref, atol=1e-10, rtol=1e-8)
-    g = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, y, g)[0], torch.autograd.grad(o_ref, y, g)[0],
-                               atol=1e-10, rtol=1e-8)
+        res = traced(y, kpm)
+    # need_weights: the differentiable composite (one graph for any grad mode), else the fused op
+    assert _ext_ops(log) == ([] if need_weights else ["_attention_forward"])
+    res_ref = ref(y, y, y, key_padding_mask=kpm, need_weights=need_weights)
+    res, res_ref = (res, res_ref) if need_weights else ((res,), res_ref[:1])
+    for a, b in zip(res, res_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    gs = [torch.randn_like(a) for a in res]
+    g1 = torch.autograd.grad(res, [y, *traced.parameters()], gs)
+    g2 = torch.autograd.grad(res_ref, [y, *ref.parameters()], gs)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
 def _randomize(model):
