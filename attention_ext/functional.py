@@ -209,13 +209,13 @@ def attention_with_weights(
     ``(..., heads, L, S)`` (with the forward's dropout applied, as PyTorch's
     MultiheadAttention returns them), or with ``average_heads`` their mean over
     the heads, ``(..., L, S)`` (averaged in float32). Gradients flow through both."""
+    if torch.jit.is_scripting():  # first: TorchScript compiles none of what follows
+        return _weights_scripted(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, average_heads)
     if torch.jit.is_tracing():
         # one graph whatever the grad mode (the trace's check re-runs it without grad): the differentiable
         # composite, PyTorch's own need_weights path being unfused too
         return _transforms.composite(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
                                      bool(enable_gqa), _NO_WINDOW, True, bool(average_heads))
-    if torch.jit.is_scripting():
-        return _weights_scripted(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, average_heads)
     if not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
                                               or _transforms.has_tangent(query, key, value, attn_mask)):
         # torch.func transforms and forward-mode AD: the weights exist in full anyway, so the ATen composite,
