@@ -20,16 +20,62 @@ at::Tensor dropout_keep(const at::Tensor& rng, int64_t batch, int64_t heads, int
 }
 
 // (L, S) bool: the keys is_causal and the window leave to each query row; undefined when they leave all.
-at::Tensor band_visibility(int64_t len_q, int64_t len_k, const AttnOptions& opt, const at::Device& device) {
+// Symbolic lengths stay symbolic (exporters with dynamic shapes trace this).
+at::Tensor band_visibility(const c10::SymInt& len_q, const c10::SymInt& len_k, const AttnOptions& opt,
+                           const at::Device& device) {
   if (!opt.is_causal && opt.window_left < 0 && opt.window_right < 0) return at::Tensor();
   const auto idx = at::TensorOptions().dtype(at::kLong).device(device);
-  at::Tensor i = at::arange(len_q, idx).unsqueeze(1);
-  at::Tensor j = at::arange(len_k, idx).unsqueeze(0);
-  at::Tensor vis = at::ones({len_q, len_k}, idx.dtype(at::kBool));
-  if (opt.is_causal) vis = vis & (j <= i);
-  if (opt.window_left >= 0) vis = vis & (j >= i - opt.window_left);
-  if (opt.window_right >= 0) vis = vis & (j <= i + opt.window_right);
+  at::Tensor i = at::arange(c10::Scalar(len_q), idx).unsqueeze(1);
+  at::Tensor j = at::arange(c10::Scalar(len_k), idx).unsqueeze(0);
+  at::Tensor vis;
+  auto both = [&vis](const at::Tensor& t) { vis = vis.defined() ? vis & t : t; };
+  if (opt.is_causal) both(j <= i);
+  if (opt.window_left >= 0) both(j >= i - opt.window_left);
+  if (opt.window_right >= 0) both(j <= i + opt.window_right);
   return vis;
+}
+
+}  // namespace
+
+namespace {
+
+// The scores and the mask of the composite, shared by the forward and the log-sum-exp.
+struct MaskedScores {
+  at::Tensor s;     // scale * Q K^T (..., Hq, L, S) in the accumulation type, without the mask
+  at::Tensor add;   // one additive mask at its own (broadcast) shape, -inf where hidden; undefined for none
+  at::Tensor seen;  // (..., L, 1) at the mask's shape: whether the row sees a key; undefined for no mask
+  at::Tensor va;    // V in the accumulation type, its heads repeated for GQA
+};
+
+MaskedScores masked_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& mask, const AttnOptions& opt) {
+  // fp16 / bf16 in float32, as the kernels accumulate; float32 and float64 as they are
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // sizes as SymInts: the decomposition for exporters traces this with dynamic shapes
+  const c10::SymInt heads_q = q.sym_size(-3), heads_kv = k.sym_size(-3);
+  at::Tensor qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
+  if (heads_q != heads_kv) {  // query head h reads key / value head h / (Hq / Hkv)
+    ka = ka.repeat_interleave_symint(heads_q / heads_kv, -3);
+    va = va.repeat_interleave_symint(heads_q / heads_kv, -3);
+  }
+  const double sc = opt.scale.has_value() ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  MaskedScores r;
+  r.s = at::matmul(qa * sc, ka.transpose(-2, -1));  // (..., Hq, L, S)
+  r.va = va;
+
+  // One additive mask at its own (broadcast) shape, usually far smaller than the scores: the float mask,
+  // -inf at the keys the band or a boolean mask hides.
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  at::Tensor vis = band_visibility(q.sym_size(-2), k.sym_size(-2), opt, q.device());
+  if (mask.has_value() && mask->defined()) {
+    if (mask->scalar_type() == at::kBool)
+      vis = vis.defined() ? vis & *mask : *mask;
+    else
+      r.add = mask->to(acc);
+  }
+  if (vis.defined()) r.add = at::where(vis, r.add.defined() ? r.add : at::zeros({}, qa.options()), kNegInf);
+  if (r.add.defined()) r.seen = (r.add != kNegInf).any(-1, /*keepdim=*/true);
+  return r;
 }
 
 }  // namespace
@@ -45,44 +91,23 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
   TORCH_CHECK_VALUE(!dropout || (rng.has_value() && rng->defined()),
                     "_attention_math: dropout_p > 0 needs the rng_state returned by the forward");
   if (dropout) check_rng_state(*rng, dropout_p);
-
-  // fp16 / bf16 in float32, as the kernels accumulate; float32 and float64 as they are
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t heads_q = q.size(-3), heads_kv = k.size(-3), len_q = q.size(-2), len_k = k.size(-2);
-  at::Tensor qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
-  if (heads_q != heads_kv) {  // query head h reads key / value head h / (Hq / Hkv)
-    ka = ka.repeat_interleave(heads_q / heads_kv, -3);
-    va = va.repeat_interleave(heads_q / heads_kv, -3);
-  }
-  const double sc = opt.scale.has_value() ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  at::Tensor s = at::matmul(qa * sc, ka.transpose(-2, -1));  // (..., Hq, L, S)
 
-  // One additive mask at its own (broadcast) shape, usually far smaller than the scores: the float mask,
-  // -inf at the keys the band or a boolean mask hides. A row that sees no key gets a mask of 0 there (a
-  // finite softmax, never NaN, in the forward and the gradients), and its output and weights are zeroed
-  // afterwards, on the (L, Ev) output and the head-mean weights where that is smaller than the scores.
-  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-  at::Tensor add;
-  at::Tensor vis = band_visibility(len_q, len_k, opt, q.device());
-  if (mask.has_value() && mask->defined()) {
-    if (mask->scalar_type() == at::kBool)
-      vis = vis.defined() ? vis & *mask : *mask;
-    else
-      add = mask->to(acc);
-  }
-  if (vis.defined()) add = at::where(vis, add.defined() ? add : at::zeros({}, qa.options()), kNegInf);
-  at::Tensor seen;  // (..., L, 1) at the mask's shape: whether the row sees a key
-  if (add.defined()) {
-    seen = (add != kNegInf).any(-1, /*keepdim=*/true);
-    s = s + at::where(seen, add, 0.0);
-  }
+  // A row that sees no key gets a mask of 0 (a finite softmax, never NaN, in the forward and the
+  // gradients), and its output and weights are zeroed afterwards, on the (L, Ev) output and the head-mean
+  // weights where that is smaller than the scores.
+  MaskedScores ms = masked_scores(q, k, v, mask, opt);
+  at::Tensor s = ms.s;
+  const at::Tensor& seen = ms.seen;
+  if (ms.add.defined()) s = s + at::where(seen, ms.add, 0.0);
   at::Tensor p = at::softmax(s, -1);
   if (dropout && p.numel() > 0) {
+    const int64_t heads_q = q.size(-3), len_q = q.size(-2), len_k = k.size(-2);
     const int64_t batch = p.numel() / (heads_q * len_q * len_k);
     at::Tensor keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, dropout_p).to(p.device());
     p = p * keep.view(p.sizes()).to(acc) * (1.0 / (1.0 - dropout_p));
   }
-  at::Tensor out = at::matmul(p, va);
+  at::Tensor out = at::matmul(p, ms.va);
   at::Tensor weights;
   if (need_weights) {
     if (!average_heads) {
@@ -99,6 +124,16 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
   }
   if (seen.defined()) out = out * seen;
   return {out.to(q.scalar_type()), weights};
+}
+
+at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, bool is_causal, std::optional<double> scale,
+                              bool enable_gqa, at::IntArrayRef window) {
+  const AttnOptions opt = make_options(0.0, is_causal, scale, enable_gqa, window);
+  check_inputs(q, k, v, mask, opt);
+  MaskedScores ms = masked_scores(q, k, v, mask, opt);
+  // the kernels' convention: -inf for a row that sees no key (logsumexp of all -inf)
+  return at::logsumexp(ms.add.defined() ? ms.s + ms.add : ms.s, -1);
 }
 
 }  // namespace attention_ext

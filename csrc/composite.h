@@ -26,4 +26,10 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
                                                   at::IntArrayRef window, const std::optional<at::Tensor>& rng,
                                                   bool need_weights, bool average_heads);
 
+// The log-sum-exp of the masked, scaled scores (..., Hq, L) in float32 (float64 for float64 inputs), -inf
+// for rows that see no key: what the fused forward saves for its backward.
+at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& mask, bool is_causal, std::optional<double> scale,
+                              bool enable_gqa, at::IntArrayRef window);
+
 }  // namespace attention_ext

@@ -314,6 +314,7 @@ TORCH_LIBRARY(attention_ext, m) {
   m.def(schema::kVarlenBackward);
   m.def(schema::kForwardWeights, {at::Tag::nondeterministic_seeded});
   m.def(schema::kMath);
+  m.def(schema::kMathLse);
   m.def(schema::kBackward);
   m.def(schema::kProbs);
   m.def(schema::kDropoutMask);
@@ -324,6 +325,7 @@ TORCH_LIBRARY_IMPL(attention_ext, CompositeImplicitAutograd, m) {
   m.impl("attention", TORCH_FN(attention));
   m.impl("attention_varlen", TORCH_FN(attention_varlen));
   m.impl("_attention_math", TORCH_FN(attention_math));
+  m.impl("_attention_math_lse", TORCH_FN(attention_math_lse));
 }
 
 // The internal ops are not differentiable by themselves (attention is the

@@ -35,6 +35,11 @@ inline constexpr const char* kMath =
     "float? scale, bool enable_gqa, int[2] window_size, Tensor? rng_state, bool need_weights=False, "
     "bool average_heads=False) "
     "-> (Tensor output, Tensor weights)";
+// The fused forward's log-sum-exp in ATen operations (float32 / float64, -inf for rows that see no key): with
+// _attention_math, the decomposition of the fused forwards for exporters that need plain ATen (ONNX).
+inline constexpr const char* kMathLse =
+    "_attention_math_lse(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
+    "float? scale, bool enable_gqa, int[2] window_size) -> Tensor";
 // Variable-length (packed) sequences, FlashAttention's varlen layout: query (total_q, Hq, E), key
 // (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of
 // the query and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] of key and value (int32 or int64, batch + 1 offsets

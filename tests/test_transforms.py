@@ -575,3 +575,24 @@ def test_autograd_functional(how):
         }[how]()
 
     torch.testing.assert_close(run(_ours(opts)), run(_ref(opts)), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the composite's log-sum-exp
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_math_lse_matches_the_kernels(case, dtype):
+    """_attention_math_lse (the fused forwards' decomposition for exporters) against the kernel's log-sum-exp
+    and the float64 reference: same shape, dtype, -inf at the same (fully masked) rows."""
+    q, k, v, m, opts = _case(case, dtype=dtype)
+    window = list(opts.get("window_size", (-1, -1)))
+    args = (opts.get("is_causal", False), opts.get("scale"), opts.get("enable_gqa", False), window)
+    lse = _ops._attention_math_lse(q, k, v, m, *args)
+    _, lse_kernel, _ = _ops._attention_forward(q, k, v, m, 0.0, *args)
+    lse_ref = reference_attention(q, k, v, m, **opts).lse
+    assert lse.shape == lse_kernel.shape and lse.dtype == lse_kernel.dtype
+    empty = torch.isneginf(lse_ref)
+    assert torch.equal(torch.isneginf(lse), empty) and torch.equal(torch.isneginf(lse_kernel), empty)
+    assert torch.isfinite(lse[~empty]).all()
+    err = (lse[~empty].double() - lse_ref[~empty]).abs().max().item()
+    err_kernel = (lse_kernel[~empty].double() - lse_ref[~empty]).abs().max().item()
+    assert err <= 2 * err_kernel + (1e-12 if dtype == f64 else 1e-6), (err, err_kernel)
