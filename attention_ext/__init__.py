@@ -13,6 +13,7 @@ from . import _loader
 
 _loader.load()  # registers torch.ops.attention_ext.*
 from . import _transforms  # noqa: F401  (attention under torch.func: batching rules, fused autograd function)
+from . import _decompositions  # noqa: F401  (the fused forwards in ATen ops, for the ONNX exporter)
 from .ops import attention, attention_varlen, nested_attention, attention_forward, attention_backward, attention_probs
 from .functional import scaled_dot_product_attention, use_attention_ext, attention_with_weights
 from .nn import MultiheadAttention
