@@ -10,6 +10,10 @@ need_weights False / True, and two modes:
 * fwdbwd    -- train mode (dropout 0): forward + backward of the output
 * persample -- per-sample gradients of the parameters, torch.func.vmap(torch.func.grad(...)) over
                torch.func.functional_call (what differentially private training computes)
+* script    -- both modules through torch.jit.script, no_grad (a TorchScript deployment; not in the
+               default list). Train mode (dropout 0: the same math as eval): PyTorch's scripted module
+               raises in eval mode on its fast path ("strides() called on an undefined Tensor", torch
+               2.11 and 2.14), which the converted module does not take.
 
 Median times over strictly alternating calls (noise on a shared machine hits both alike); ratio = torch / ours (> 1: attention_ext is faster). A
 markdown table is printed; the raw JSON (torch version, device name, git commit) goes to
@@ -23,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import time
+import warnings
 
 import torch
 
@@ -102,6 +107,16 @@ def run_case(args, device, dtype, masks, need_weights, mode):
             def f():
                 per_sample(params, xd, g, kpm)
             return f
+        if mode == "script":
+            m.train()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit is deprecated, not removed
+                s = torch.jit.script(m)
+
+            def f():
+                with torch.no_grad():
+                    s(x, x, x, need_weights=need_weights, **kw)
+            return f
         if mode == "fwd":
             m.eval()
 
@@ -136,7 +151,7 @@ def main():
     ap.add_argument("--E", type=int, default=512)
     ap.add_argument("--H", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--modes", default="fwd,fwdbwd,persample", help="comma-separated: fwd, fwdbwd, persample")
+    ap.add_argument("--modes", default="fwd,fwdbwd,persample", help="comma-separated: fwd, fwdbwd, persample, script")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)

@@ -69,6 +69,30 @@ def test_scripted_module_calls_the_fused_ops(need_weights, grad):
         assert scripted == eager and "_softmax" not in logs[1].names()
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_scripted_inference_in_eval_mode(need_weights):
+    """eval + no_grad, the usual deployment: the scripted converted module against PyTorch's eager module.
+    (PyTorch's own scripted module raises here on its native fast path in torch 2.11 and 2.14: "strides()
+    called on an undefined Tensor"; the converted module has no such path.)"""
+    torch.manual_seed(0)
+    # the reference in train mode with dropout 0 (the same math): PyTorch's unfused float64 path
+    ref = nn.MultiheadAttention(E, H, batch_first=True).double().train()
+    s = _script(MultiheadAttention.convert(copy.deepcopy(ref)).eval())
+    x = torch.randn(3, 8, E, dtype=torch.float64)
+    kpm = torch.zeros(3, 8, dtype=torch.bool)
+    kpm[1, 5:] = True
+    with torch.no_grad():
+        for mask in (None, kpm):
+            with OpLog() as log:
+                out, w = s(x, x, x, key_padding_mask=mask, need_weights=need_weights)
+            assert _ext_ops(log) == (["_attention_forward_weights"] if need_weights else ["_attention_forward"])
+            o_ref, w_ref = ref(x, x, x, key_padding_mask=mask, need_weights=need_weights)
+            torch.testing.assert_close(out, o_ref, atol=1e-10, rtol=1e-8)
+            assert (w is None) == (w_ref is None)
+            if w is not None:
+                torch.testing.assert_close(w, w_ref, atol=1e-10, rtol=1e-8)
+
+
 def test_scripted_dropout_draws_the_eager_masks():
     """Training with dropout: the scripted module calls the same ops with the same generator, so the eager
     module's masks (need_weights=False: bitwise the same output; with weights: the same zeros)."""
