@@ -18,8 +18,6 @@ Dropout is a training-time op: a graph with ``dropout_p > 0`` raises instead of
 exporting a different random mask.
 """
 import functools
-from typing import List, Optional
-
 import torch
 
 _ops = torch.ops.attention_ext
@@ -33,32 +31,26 @@ def _no_dropout(dropout_p: float) -> None:
             "mode (model.eval()), or with dropout_p=0.")
 
 
-def _no_rng(query: torch.Tensor) -> torch.Tensor:
-    # the rng_state the fused forwards return when they draw no dropout mask
-    return torch.zeros(2, dtype=torch.int64, device=query.device)
-
-
-def _attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
-                       scale: Optional[float] = None, enable_gqa: bool = False, window_size: List[int] = (-1, -1)):
+def _decomposed(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, need_weights,
+                average_heads):
+    """(output, logsumexp, rng_state, weights) of the composite; rng_state as the fused forwards return it when
+    they draw no dropout mask."""
     _no_dropout(dropout_p)
-    window_size = list(window_size)
-    out, _ = _ops._attention_math(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window_size,
-                                  None, False, False)
+    out, weights = _ops._attention_math(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window_size,
+                                        None, need_weights, average_heads)
     lse = _ops._attention_math_lse(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size)
-    return out, lse, _no_rng(query)
+    return out, lse, torch.zeros(2, dtype=torch.int64, device=query.device), weights
 
 
-def _attention_forward_weights(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                               attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
-                               window_size: List[int] = (-1, -1), average_heads: bool = False):
-    _no_dropout(dropout_p)
-    window_size = list(window_size)
-    out, weights = _ops._attention_math(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,
-                                        window_size, None, True, average_heads)
-    lse = _ops._attention_math_lse(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size)
-    return out, lse, _no_rng(query), weights
+def _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size):
+    return _decomposed(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, False,
+                       False)[:3]
+
+
+def _attention_forward_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                               average_heads):
+    return _decomposed(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, True,
+                       average_heads)
 
 
 DECOMPOSITIONS = {

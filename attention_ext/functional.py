@@ -177,19 +177,29 @@ def _math_backward(q, k, v, mask, rng, opts, g_out, g_probs, mask_grad):
     return tuple(grads) + ((None,) if not mask_grad else ())
 
 
+def _differentiated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attn_mask: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                        or (attn_mask is not None and attn_mask.requires_grad))
+
+
+def _fused_weights(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                   dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
+                   average_heads: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Nothing to differentiate: the op alone, without an autograd function's context (as the C++ ops do)."""
+    out, _, _, probs = torch.ops.attention_ext._attention_forward_weights(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, [-1, -1], average_heads)
+    return out, probs
+
+
 def _weights_scripted(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
                       dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
                       average_heads: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """``attention_with_weights`` under TorchScript, which has no Python autograd functions: the fused op when
     nothing is differentiated (inference), else the ATen composite (differentiable; the weights exist in full
     anyway)."""
-    differentiated = torch.is_grad_enabled() and (
-        query.requires_grad or key.requires_grad or value.requires_grad
-        or (attn_mask is not None and attn_mask.requires_grad))
-    if not differentiated:
-        out, _, _, probs = torch.ops.attention_ext._attention_forward_weights(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, [-1, -1], average_heads)
-        return out, probs
+    if not _differentiated(query, key, value, attn_mask):
+        return _fused_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, average_heads)
     return _transforms.composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, [-1, -1],
                                  True, average_heads)
 
@@ -222,13 +232,9 @@ def attention_with_weights(
         # which every transform goes through (its dropout mask drawn by the fused forward)
         return _transforms.composite(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
                                      bool(enable_gqa), _NO_WINDOW, True, bool(average_heads))
-    if not torch.is_grad_enabled() or not any(
-            t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
-        # nothing to differentiate: the op alone, without an autograd function's context (as the C++ ops do)
-        out, _, _, probs = _ops._attention_forward_weights(query, key, value, attn_mask, float(dropout_p),
-                                                           bool(is_causal), scale, bool(enable_gqa), _NO_WINDOW,
-                                                           bool(average_heads))
-        return out, probs
+    if not _differentiated(query, key, value, attn_mask):
+        return _fused_weights(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
+                              bool(enable_gqa), bool(average_heads))
     return _AttentionWithWeights.apply(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
                                        bool(enable_gqa), bool(average_heads))
 

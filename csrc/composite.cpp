@@ -35,33 +35,31 @@ at::Tensor band_visibility(const c10::SymInt& len_q, const c10::SymInt& len_k, c
   return vis;
 }
 
-}  // namespace
+// fp16 / bf16 in float32, as the kernels accumulate; float32 and float64 as they are
+at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-namespace {
+// Key or value in the accumulation type, its heads repeated for GQA (query head h reads key / value head
+// h / (Hq / Hkv)). Sizes as SymInts: the decomposition for exporters traces this with dynamic shapes.
+at::Tensor kv_per_query_head(const at::Tensor& t, const at::Tensor& q) {
+  const c10::SymInt heads_q = q.sym_size(-3), heads_kv = t.sym_size(-3);
+  at::Tensor ta = t.to(acc_type(q));
+  return heads_q == heads_kv ? ta : ta.repeat_interleave_symint(heads_q / heads_kv, -3);
+}
 
 // The scores and the mask of the composite, shared by the forward and the log-sum-exp.
 struct MaskedScores {
   at::Tensor s;     // scale * Q K^T (..., Hq, L, S) in the accumulation type, without the mask
   at::Tensor add;   // one additive mask at its own (broadcast) shape, -inf where hidden; undefined for none
   at::Tensor seen;  // (..., L, 1) at the mask's shape: whether the row sees a key; undefined for no mask
-  at::Tensor va;    // V in the accumulation type, its heads repeated for GQA
 };
 
-MaskedScores masked_scores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const std::optional<at::Tensor>& mask, const AttnOptions& opt) {
-  // fp16 / bf16 in float32, as the kernels accumulate; float32 and float64 as they are
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // sizes as SymInts: the decomposition for exporters traces this with dynamic shapes
-  const c10::SymInt heads_q = q.sym_size(-3), heads_kv = k.sym_size(-3);
-  at::Tensor qa = q.to(acc), ka = k.to(acc), va = v.to(acc);
-  if (heads_q != heads_kv) {  // query head h reads key / value head h / (Hq / Hkv)
-    ka = ka.repeat_interleave_symint(heads_q / heads_kv, -3);
-    va = va.repeat_interleave_symint(heads_q / heads_kv, -3);
-  }
+MaskedScores masked_scores(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                           const AttnOptions& opt) {
+  const auto acc = acc_type(q);
+  at::Tensor qa = q.to(acc);
   const double sc = opt.scale.has_value() ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   MaskedScores r;
-  r.s = at::matmul(qa * sc, ka.transpose(-2, -1));  // (..., Hq, L, S)
-  r.va = va;
+  r.s = at::matmul(qa * sc, kv_per_query_head(k, q).transpose(-2, -1));  // (..., Hq, L, S)
 
   // One additive mask at its own (broadcast) shape, usually far smaller than the scores: the float mask,
   // -inf at the keys the band or a boolean mask hides.
@@ -91,12 +89,12 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
   TORCH_CHECK_VALUE(!dropout || (rng.has_value() && rng->defined()),
                     "_attention_math: dropout_p > 0 needs the rng_state returned by the forward");
   if (dropout) check_rng_state(*rng, dropout_p);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q);
 
   // A row that sees no key gets a mask of 0 (a finite softmax, never NaN, in the forward and the
   // gradients), and its output and weights are zeroed afterwards, on the (L, Ev) output and the head-mean
   // weights where that is smaller than the scores.
-  MaskedScores ms = masked_scores(q, k, v, mask, opt);
+  MaskedScores ms = masked_scores(q, k, mask, opt);
   at::Tensor s = ms.s;
   const at::Tensor& seen = ms.seen;
   if (ms.add.defined()) s = s + at::where(seen, ms.add, 0.0);
@@ -107,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
     at::Tensor keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, dropout_p).to(p.device());
     p = p * keep.view(p.sizes()).to(acc) * (1.0 / (1.0 - dropout_p));
   }
-  at::Tensor out = at::matmul(p, ms.va);
+  at::Tensor out = at::matmul(p, kv_per_query_head(v, q));
   at::Tensor weights;
   if (need_weights) {
     if (!average_heads) {
@@ -131,7 +129,7 @@ at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at
                               bool enable_gqa, at::IntArrayRef window) {
   const AttnOptions opt = make_options(0.0, is_causal, scale, enable_gqa, window);
   check_inputs(q, k, v, mask, opt);
-  MaskedScores ms = masked_scores(q, k, v, mask, opt);
+  MaskedScores ms = masked_scores(q, k, mask, opt);
   // the kernels' convention: -inf for a row that sees no key (logsumexp of all -inf)
   return at::logsumexp(ms.add.defined() ? ms.s + ms.add : ms.s, -1);
 }
