@@ -1,0 +1,350 @@
+"""Randomised cases: attention_ext.attention against the float64 reference, forward and gradients.
+
+The curated grids (test_ops.py, test_cuda_emu.py, ...) pick one feature at a time; here every case draws
+all of them at once from its seed: batch rank and sizes, heads and GQA groups, lengths (1 included),
+head dims 1..256 with a different value head dim, dtype, causal, sliding windows, boolean or additive
+masks of a random broadcast shape (with -inf entries, gradient, fully masked rows), scale, dropout and
+the memory layout of every operand (transposed, sliced, expanded, last dim not contiguous). Each case
+runs on the CPU kernels, on the CUDA kernels' emulator as an sm_80 and as an sm_90 device, and on a GPU
+where there is one.
+
+Tolerance as everywhere in the suite: error <= 2 x the error of PyTorch's own implementation in the
+same dtype on the same inputs (F.scaled_dot_product_attention; with dropout, aten's math attention
+given the kernels' keep-mask) + reference.ABS_FLOOR. A failure prints the case, which its id (the seed)
+reproduces: `pytest tests/test_fuzz.py -k "cpu-17"`. By default 48 cases on the CPU, 12 on each emulated
+device and 300 on a GPU (scripts/gpu_session.sh runs them with the other cuda tests);
+ATTENTION_EXT_FUZZ_CASES=n draws n per backend instead.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention_ext
+import emu
+from conftest import HAS_CUDA, cuda_marks, emu_marks
+from reference import assert_close_vs_baseline, max_abs_error, reference_grads, window_visibility
+
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+# cases per backend: (default, the largest L * S * heads * batch a case may have)
+_BACKENDS = {
+    "cpu": (48, 400_000),
+    "emu80": (12, 60_000),
+    "emu90": (12, 60_000),
+    "cuda": (300, 4_000_000),
+}
+_FUZZ_CASES = os.environ.get("ATTENTION_EXT_FUZZ_CASES")
+_LENGTHS = (1, 2, 3, 5, 8, 16, 17, 31, 64, 65, 100, 128, 129, 200, 300)
+_HEAD_DIMS = (8, 16, 32, 40, 64, 80, 96, 128, 160, 192, 256)
+
+
+@dataclass
+class Draw:
+    seed: int
+    backend: str
+    dtype: torch.dtype = f32
+    batch: Tuple[int, ...] = ()
+    hkv: int = 1
+    group: int = 1
+    enable_gqa: bool = False
+    L: int = 1
+    S: int = 1
+    E: int = 8
+    Ev: int = 8
+    causal: bool = False
+    window: Optional[Tuple[int, int]] = None
+    mask: Optional[str] = None            # None | "bool" | "float"
+    mask_dims: Tuple[bool, ...] = ()      # per dim of (*batch, H, L, S) from the right: full size or 1
+    mask_dtype: Optional[torch.dtype] = None
+    mask_grad: bool = False
+    mask_ninf: bool = False
+    keep_frac: float = 1.0
+    scale: Optional[float] = None
+    dropout_p: float = 0.0
+    layouts: Tuple[str, ...] = ("contig", "contig", "contig")
+
+    @property
+    def hq(self):
+        return self.hkv * self.group
+
+    def __str__(self):
+        skip = {"seed", "backend"}
+        kv = ", ".join(f"{k}={getattr(self, k)}" for k in self.__dataclass_fields__ if k not in skip)
+        return f"{self.backend}-{self.seed}: {kv}"
+
+
+def draw(seed: int, backend: str) -> Draw:
+    """One case from its seed (the same case on every machine: Python's own generator)."""
+    r = random.Random(f"{backend}-{seed}")
+    d = Draw(seed, backend)
+    d.dtype = r.choice((f32, f16, bf16, f64) if backend == "cpu" else (f32, f16, bf16))
+    d.batch = tuple(r.randint(1, 3) for _ in range(r.choice((0, 1, 1, 1, 2))))
+    d.hkv = r.choice((1, 1, 2, 3))
+    d.group = r.choice((1, 1, 2, 3, 4))
+    d.enable_gqa = d.group > 1 or r.random() < 0.2
+    limit = _BACKENDS[backend][1]
+    while True:
+        d.L, d.S = r.choice(_LENGTHS), r.choice(_LENGTHS)
+        if r.random() < 0.15:
+            d.L = r.choice((1, 2, 4))          # decoding
+        if d.L * d.S * d.hq * math.prod(d.batch) <= limit:
+            break
+    d.E = r.choice(_HEAD_DIMS) if r.random() < 0.6 else r.randint(1, 256)
+    d.Ev = d.E if r.random() < 0.6 else (r.choice(_HEAD_DIMS) if r.random() < 0.5 else r.randint(1, 256))
+    d.causal = r.random() < 0.3
+    if r.random() < 0.25:
+        d.window = (r.choice((-1, 0, 1, r.randint(0, max(d.S, 1)))), r.choice((-1, 0, 2, r.randint(0, max(d.S, 1)))))
+    u = r.random()
+    d.mask = None if u < 0.4 else ("bool" if u < 0.7 else "float")
+    if d.mask:
+        rank = len(d.batch) + 3
+        n = r.randint(1, rank)                  # the mask's own rank (leading dims broadcast)
+        dims = [r.random() < 0.5 for _ in range(n)]
+        if n >= 1:
+            dims[-1] = r.random() < 0.9         # S: usually full
+        if n >= 2:
+            dims[-2] = r.random() < 0.6         # L
+        d.mask_dims = tuple(dims)
+        d.keep_frac = r.choice((1.0, 0.9, 0.6, 0.3, 0.05))
+        if d.mask == "float":
+            d.mask_dtype = r.choice((f32, d.dtype))
+            d.mask_grad = r.random() < 0.6
+            d.mask_ninf = r.random() < 0.4
+    if r.random() < 0.3:  # scores of standard deviation c for unit inputs: flat, peaked (4), negative
+        d.scale = r.choice((0.1, 0.5, 2.0, 4.0, -1.0)) / math.sqrt(d.E)
+    if r.random() < 0.2:
+        d.dropout_p = r.choice((0.1, 0.3, 0.6))
+    d.layouts = tuple(r.choice(("contig", "contig", "blhe", "sliced", "lastdim_t", "expand")) for _ in range(3))
+    return d
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def _view(t_shape, layout, dtype, device, g):
+    """A random tensor of shape t_shape = (*batch, H, N, D) seen through `layout` (values never 0)."""
+    def rn(*shape):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        return torch.where(x.abs() < 0.02, torch.full_like(x, 0.5), x).to(dtype).to(device)
+
+    *b, H, N, D = t_shape
+    if layout == "blhe":
+        return rn(*b, N, H, D).transpose(-3, -2)
+    if layout == "sliced":
+        return rn(*b, H, 2 * N + 1, D + 3)[..., 1::2, 2:2 + D]
+    if layout == "lastdim_t":
+        return rn(*b, H, D, N).transpose(-1, -2)
+    if layout == "expand":  # one head / batch element seen many times (stride 0)
+        return rn(*([1] * len(b)), 1, N, D).expand(*b, H, N, D)
+    return rn(*b, H, N, D)
+
+
+def make_inputs(d: Draw, device):
+    g = torch.Generator().manual_seed(d.seed * 7919 + len(d.backend))
+    q = _view((*d.batch, d.hq, d.L, d.E), d.layouts[0], d.dtype, device, g)
+    k = _view((*d.batch, d.hkv, d.S, d.E), d.layouts[1], d.dtype, device, g)
+    v = _view((*d.batch, d.hkv, d.S, d.Ev), d.layouts[2], d.dtype, device, g)
+    do = _view((*d.batch, d.hq, d.L, d.Ev), "contig", d.dtype, device, g)
+    mask = None
+    if d.mask:
+        full = (*d.batch, d.hq, d.L, d.S)
+        shape = tuple(full[len(full) - len(d.mask_dims) + i] if f else 1 for i, f in enumerate(d.mask_dims))
+        keep = torch.rand(*shape, generator=g) < d.keep_frac
+        if d.mask == "bool":
+            mask = keep
+        else:
+            vals = torch.randn(*shape, generator=g, dtype=torch.float64) * 2
+            if d.mask_ninf:
+                vals = vals.masked_fill(~keep, -math.inf)
+            mask = vals.to(d.mask_dtype)
+        mask = mask.to(device)
+        if d.mask_grad:
+            mask.requires_grad_()
+    return q, k, v, do, mask
+
+
+def _sdpa_mask(d: Draw, mask, device):
+    """What F.scaled_dot_product_attention needs for the same visibility: causal and window folded
+    into the mask (it takes no window, and not is_causal with a mask)."""
+    extra = window_visibility(d.L, d.S, d.causal, d.window, device=device) if (d.causal or d.window) else None
+    if extra is None:
+        return mask
+    if mask is None:
+        return extra
+    if mask.dtype == torch.bool:
+        return mask & extra
+    return mask.masked_fill(~extra, -math.inf)
+
+
+# --------------------------------------------------------------------------------------------- the check
+def _run_ours(d: Draw, q, k, v, mask, window):
+    if d.backend.startswith("emu"):
+        return emu.attention(q, k, v, mask, d.dropout_p, d.causal, d.scale, d.enable_gqa, window)
+    return attention_ext.attention(q, k, v, attn_mask=mask, dropout_p=d.dropout_p, is_causal=d.causal,
+                                   scale=d.scale, enable_gqa=d.enable_gqa, window_size=window)
+
+
+def _keep_mask(d: Draw, q, k, v, mask, window):
+    """The keep-mask of the dropout draw the forward made (same generator state, same call)."""
+    ops = emu.ops if d.backend.startswith("emu") else torch.ops.attention_ext
+    _, _, rng = ops._attention_forward(q.detach(), k.detach(), v.detach(),
+                                       None if mask is None else mask.detach(), d.dropout_p, d.causal, d.scale,
+                                       d.enable_gqa, list(window))
+    keep = ops._dropout_mask(rng, math.prod(d.batch), d.hq, d.L, d.S, d.dropout_p)
+    return keep.reshape(*d.batch, d.hq, d.L, d.S)
+
+
+def check(d: Draw, device):
+    q, k, v, do, mask = make_inputs(d, device)
+    window = list(d.window) if d.window else [-1, -1]
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    seed = 1000 + d.seed
+    torch.manual_seed(seed)
+    out = _run_ours(d, *leaves, mask, window)
+    grads = torch.autograd.grad(out, leaves + ([mask] if d.mask_grad else []), do)
+    keep = None
+    if d.dropout_p > 0:
+        torch.manual_seed(seed)
+        keep = _keep_mask(d, q, k, v, mask, window)
+
+    kw = dict(is_causal=d.causal, scale=d.scale, enable_gqa=d.enable_gqa, window_size=d.window,
+              dropout_p=d.dropout_p, dropout_mask=keep)
+    ref_out, _, *ref_grads = reference_grads(q, k, v, do, mask, mask_requires_grad=d.mask_grad, **kw)
+
+    # PyTorch's own attention in the same dtype on the same inputs (on the CPU for the emulator)
+    bdev = "cpu" if d.backend.startswith("emu") else device
+    bl = [t.detach().to(bdev).requires_grad_() for t in (q, k, v)]
+    bmask = None if mask is None else mask.detach().to(bdev).requires_grad_(d.mask_grad)
+    smask = fmask = _sdpa_mask(d, bmask, bdev)
+    if smask is not None and smask.dtype != torch.bool and smask.dtype != d.dtype:
+        smask = smask.to(d.dtype)  # SDPA wants a float mask of the query's dtype
+    if smask is not None and smask.dim() < 2:
+        smask = smask.expand(d.L, d.S)  # its CPU kernel indexes a mask's last two dims
+    try:
+        if keep is None:
+            b_out = F.scaled_dot_product_attention(*bl, attn_mask=smask, scale=d.scale, enable_gqa=d.enable_gqa)
+        else:
+            b_out = torch.ops.aten._scaled_dot_product_attention_math(
+                *bl, attn_mask=smask, dropout_p=d.dropout_p, dropout_mask=keep.to(bdev), scale=d.scale,
+                enable_gqa=d.enable_gqa)[0]
+        b_grads = torch.autograd.grad(b_out, bl + ([bmask] if d.mask_grad else []), do.to(bdev))
+    except RuntimeError:  # an input PyTorch's kernels refuse: the floor alone is the tolerance
+        b_out, b_grads = None, [None] * len(grads)
+
+    # PyTorch's implementations of the same computation in the same dtype: the yardsticks of the error
+    others = [_flash_baseline(d, q, k, v, smask, do) if bdev == "cpu" and keep is None else None,
+              _flash_rounding_model(d, q, k, v, fmask, do, keep, mask)]
+    where = f"\ncase {d}"
+    names = ("out", "dq", "dk", "dv", "dmask")
+    for i, (name, ours, ref, base) in enumerate(zip(names, (out, *grads), (ref_out, *ref_grads), (b_out, *b_grads))):
+        bases = [base] + [o[i] for o in others if o is not None and i < len(o)]
+        _assert_close(name + where, ours, ref, bases, d.dtype)
+
+
+def _assert_close(name, ours, ref, baselines, dtype):
+    """assert_close_vs_baseline against the larger error of PyTorch's implementations given."""
+    errs = [(max_abs_error(b, ref, ignore_nan=True), b) for b in baselines if b is not None]
+    errs = [(e, b) for e, b in errs if math.isfinite(e)]
+    assert_close_vs_baseline(name, ours, ref, max(errs, key=lambda eb: eb[0])[1] if errs else None, dtype)
+
+
+def _flash_baseline(d: Draw, q, k, v, smask, do):
+    """(out, dq, dk, dv) from PyTorch's CPU flash kernel in the inputs' dtype, K / V repeated for GQA,
+    or None where it refuses the input. F.scaled_dot_product_attention runs its math path in float32
+    for 16-bit inputs it does not send to that kernel (GQA, some head dims); the flash kernel computes
+    the softmax-backward correction D = rowsum(dO o O) from the output rounded to the dtype, as every
+    flash-style backward does (ours, FlashAttention-2, cuDNN), which costs accuracy in rows whose
+    weights are nearly one-hot (README, Testing)."""
+    if d.dtype not in (f16, bf16):
+        return None
+    def flat(t):
+        return t.detach().reshape(-1, *t.shape[-3:]).contiguous()
+    kk, vv = k, v
+    if d.group > 1:
+        kk, vv = k.repeat_interleave(d.group, dim=-3), v.repeat_interleave(d.group, dim=-3)
+    m = None
+    if smask is not None:
+        m = smask.detach().expand(*d.batch, d.hq, d.L, d.S).reshape(-1, d.hq, d.L, d.S)
+        m = torch.zeros(m.shape, dtype=d.dtype).masked_fill(~m, -math.inf) if m.dtype == torch.bool else m.to(d.dtype)
+    try:
+        qf, kf, vf = (flat(t).requires_grad_() for t in (q, kk, vv))
+        o, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kf, vf, attn_mask=m, scale=d.scale)
+        gq, gk, gv = torch.autograd.grad(o, (qf, kf, vf), flat(do))
+    except RuntimeError:
+        return None
+    if d.group > 1:  # the repeated heads' gradients summed back onto their K / V head
+        gk = gk.reshape(gk.shape[0], d.hkv, d.group, *gk.shape[-2:]).sum(2)
+        gv = gv.reshape(gv.shape[0], d.hkv, d.group, *gv.shape[-2:]).sum(2)
+    shape = lambda t, h: t.reshape(*d.batch, h, *t.shape[-2:])  # noqa: E731
+    return shape(o, d.hq), shape(gq, d.hq), shape(gk, d.hkv), shape(gv, d.hkv)
+
+
+def _flash_rounding_model(d: Draw, q, k, v, smask, do, keep, mask):
+    """(out, dq, dk, dv, dmask) with the roundings of PyTorch's CUDA FLASH backend (FlashAttention-2), computed in
+    float32: reference.flash2_rounding_grads with the output and dropout (P~ = P * keep / (1 - p) rounded
+    before P~ V and P~^T dO; D = rowsum(dO o O) from the rounded output, which with dropout no longer
+    equals dP~ exactly even where a row has a single key). Without a GPU that backend cannot run; the
+    CPU and the emulated kernels are held to it as well as to the CPU SDPA."""
+    if d.dtype == f64:
+        return None
+    dt, f, G = d.dtype, torch.float32, d.group
+    kk, vv = (t.detach().repeat_interleave(G, dim=-3).to(f) for t in (k, v))
+    qf, dof = q.detach().to(f), do.detach().to(f)
+    sc = d.scale if d.scale is not None else 1.0 / math.sqrt(d.E)
+    s = qf @ kk.transpose(-1, -2) * sc
+    if smask is not None:
+        s = s.masked_fill(~smask, -math.inf) if smask.dtype == torch.bool else s + smask.detach().to(f)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    drop = 1.0 if keep is None else keep.to(f) / (1.0 - d.dropout_p)
+    pd = p * drop
+    o = (pd.to(dt).to(f) @ vv).to(dt)
+    ds = p * ((dof @ vv.transpose(-1, -2)) * drop - (dof * o.to(f)).sum(-1, keepdim=True))
+    dq = (ds.to(dt).to(f) @ kk * sc).to(dt)
+    dk = (ds.to(dt).to(f).transpose(-1, -2) @ qf * sc).to(dt).to(f).unflatten(-3, (-1, G)).sum(-3).to(dt)
+    dv = (pd.to(dt).to(f).transpose(-1, -2) @ dof).to(dt).to(f).unflatten(-3, (-1, G)).sum(-3).to(dt)
+    dmask = ds.sum_to_size(mask.shape).to(mask.dtype) if d.mask_grad else None  # dS summed where it broadcasts
+    return o, dq, dk, dv, dmask
+
+
+def _params():
+    params = []
+    for backend, (n, _) in _BACKENDS.items():
+        count = int(_FUZZ_CASES) if _FUZZ_CASES else n
+        marks = cuda_marks() if backend == "cuda" else (emu_marks() if backend.startswith("emu") else ())
+        if (backend == "cuda" and not HAS_CUDA) or (backend.startswith("emu") and not emu.LOADED):
+            count = 1  # one skipped case says why, not hundreds
+        params += [pytest.param(backend, s, id=f"{backend}-{s}", marks=marks) for s in range(count)]
+    return params
+
+
+@pytest.mark.parametrize("backend,seed", _params())
+def test_fuzz(backend, seed, monkeypatch):
+    d = draw(seed, backend)
+    if backend.startswith("emu"):
+        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
+    check(d, "cuda" if backend == "cuda" else "cpu")
+
+
+def test_draws_cover_the_features():
+    """The default draws reach every feature the docstring names (a generator that stopped drawing one
+    would make the test above pass without testing it)."""
+    ds = [draw(s, b) for b, (n, _) in _BACKENDS.items() if b != "cuda" for s in range(n)]
+    seen = {
+        "fp16": any(d.dtype == f16 for d in ds), "bf16": any(d.dtype == bf16 for d in ds),
+        "fp64": any(d.dtype == f64 for d in ds), "gqa": any(d.group > 1 for d in ds),
+        "decode": any(d.L == 1 for d in ds), "E>128": any(d.E > 128 for d in ds),
+        "E!=Ev": any(d.E != d.Ev for d in ds), "odd E": any(d.E not in _HEAD_DIMS for d in ds),
+        "causal": any(d.causal for d in ds), "window": any(d.window for d in ds),
+        "bool mask": any(d.mask == "bool" for d in ds), "float mask grad": any(d.mask_grad for d in ds),
+        "-inf": any(d.mask_ninf for d in ds), "dropout": any(d.dropout_p for d in ds),
+        "scale": any(d.scale is not None for d in ds), "unbatched": any(not d.batch for d in ds),
+        "batch rank 2": any(len(d.batch) == 2 for d in ds),
+        "layouts": {l for d in ds for l in d.layouts} == {"contig", "blhe", "sliced", "lastdim_t", "expand"},
+    }
+    assert all(seen.values()), [k for k, v in seen.items() if not v]
