@@ -155,34 +155,40 @@ def dropout_keep_mask(rng_state: torch.Tensor, q: torch.Tensor, S: int, dropout_
     return m.reshape(*q.shape[:-3], Hq, L, S)
 
 
-def flash2_rounding_grads(q, k, v, do, bmask, scale=None):
-    """(dq, dk, dv) in the input dtype, computed in float32 with the 16-bit
-    roundings of the backward of PyTorch's CUDA FLASH backend
-    (FlashAttention-2): P and dS are rounded to the input dtype before the
-    products that use them, D comes from the rounded output, the gradients are
-    rounded per head and again after the GQA sum. Without a GPU that backend
-    cannot run, and PyTorch's CPU backward keeps P and dS in float32, which no
-    tensor-core kernel does; this model is the yardstick of the GPU kernels'
-    rounding."""
+def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=None, mask_shape=None):
+    """(out, dq, dk, dv, dmask) in the input dtype, computed in float32 with the 16-bit roundings of PyTorch's
+    CUDA FLASH backend (FlashAttention-2): P~ = P * keep / (1 - p) rounded to the input dtype before P~ V and
+    P~^T dO, dS rounded before the products that use it, D = rowsum(dO o O) from the rounded output (with
+    dropout it then no longer equals dP~ even in a row with a single key), the gradients rounded per head
+    and again after the GQA sum. dmask (mask_shape given: a float mask's shape) is dS summed where the mask
+    broadcasts. bmask: bool or float, broadcastable to the scores, or None. Without a GPU that backend
+    cannot run, and PyTorch's CPU backward keeps P and dS in float32, which no tensor-core kernel does; this
+    model is the yardstick of the GPU kernels' rounding."""
     dt, f = q.dtype, torch.float32
     G = q.shape[-3] // k.shape[-3]
-    kk, vv = (t.repeat_interleave(G, dim=-3).to(f) for t in (k, v))
+    kk, vv = (t.detach().repeat_interleave(G, dim=-3).to(f) for t in (k, v))
+    qf, dof = q.detach().to(f), do.detach().to(f)
     sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    s = q.to(f) @ kk.transpose(-1, -2) * sc
-    if bmask.dtype == torch.bool:
-        s = s.masked_fill(~bmask, -math.inf)
-    else:
-        s = s + bmask.to(f)
+    s = qf @ kk.transpose(-1, -2) * sc
+    if bmask is not None:
+        s = s.masked_fill(~bmask, -math.inf) if bmask.dtype == torch.bool else s + bmask.detach().to(f)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    o = (p.to(dt).to(f) @ vv).to(dt).to(f)
-    dof = do.to(f)
-    ds = p * (dof @ vv.transpose(-1, -2) - (dof * o).sum(-1, keepdim=True))
+    drop = 1.0 if keep is None else keep.to(f) / (1.0 - dropout_p)
+    pd = p * drop
+    o = (pd.to(dt).to(f) @ vv).to(dt)
+    ds = p * ((dof @ vv.transpose(-1, -2)) * drop - (dof * o.to(f)).sum(-1, keepdim=True))
     dq = (ds.to(dt).to(f) @ kk * sc).to(dt)
-    # per expanded head in the input dtype, then summed over the GQA group (as
-    # SDPA does for enable_gqa), and rounded again
-    dk = (ds.to(dt).to(f).transpose(-1, -2) @ q.to(f) * sc).to(dt).to(f).unflatten(-3, (-1, G)).sum(-3).to(dt)
-    dv = (p.to(dt).to(f).transpose(-1, -2) @ dof).to(dt).to(f).unflatten(-3, (-1, G)).sum(-3).to(dt)
-    return dq, dk, dv
+    # per expanded head in the input dtype, then summed over the GQA group (as SDPA does for enable_gqa), and
+    # rounded again
+    dk = (ds.to(dt).to(f).transpose(-1, -2) @ qf * sc).to(dt).to(f).unflatten(-3, (-1, G)).sum(-3).to(dt)
+    dv = (pd.to(dt).to(f).transpose(-1, -2) @ dof).to(dt).to(f).unflatten(-3, (-1, G)).sum(-3).to(dt)
+    dmask = ds.sum_to_size(mask_shape) if mask_shape is not None else None
+    return o, dq, dk, dv, dmask
+
+
+def flash2_rounding_grads(q, k, v, do, bmask, scale=None):
+    """(dq, dk, dv) of flash2_rounding."""
+    return flash2_rounding(q, k, v, do, bmask, scale)[1:4]
 
 
 # ---------------------------------------------------------------------------
@@ -245,3 +251,14 @@ def assert_close_vs_baseline(name: str, ours: torch.Tensor, ref: torch.Tensor, b
             f"(= {factor} x PyTorch's error {base_err:.3g} + {fl:g}); worst element {idx}: "
             f"got {ours.detach()[idx].item() if idx else None!r}, expected {ref[idx].item() if idx else None!r}"
         )
+
+
+def assert_close_vs_baselines(name: str, ours: torch.Tensor, ref: torch.Tensor, baselines, dtype: torch.dtype,
+                              floor: Optional[float] = None) -> None:
+    """assert_close_vs_baseline against the baseline with the larger error among several of PyTorch's ways of
+    computing the same thing in the same dtype (None entries skipped): e.g. its CPU SDPA and the model of its
+    CUDA FLASH backend's roundings (flash2_rounding)."""
+    errs = [(max_abs_error(b, ref, ignore_nan=True), b) for b in baselines if b is not None]
+    errs = [(e, b) for e, b in errs if math.isfinite(e)]
+    worst = max(errs, key=lambda eb: eb[0])[1] if errs else None
+    assert_close_vs_baseline(name, ours, ref, worst, dtype, floor=floor)
