@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import attention_ext
 import emu
 from conftest import HAS_CUDA, cuda_marks, emu_marks
-from reference import ABS_FLOOR, assert_close_vs_baselines, flash2_rounding, reference_grads, window_visibility
+from reference import (ABS_FLOOR, assert_close_vs_baselines, flash2_rounding, max_abs_error, reference_attention,
+                       reference_grads, window_visibility)
 
 f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
@@ -241,10 +242,46 @@ def check(d: Draw, device):
     others = [_flash_baseline(d, q, k, v, smask, do) if bdev == "cpu" and keep is None else None,
               _flash_rounding_model(d, q, k, v, fmask, do, keep, mask)]
     where = f"\ncase {d}"
+    out_w = _check_weights(d, q, k, v, mask, window, seed, fmask, keep, where)
     names = ("out", "dq", "dk", "dv", "dmask")
     for i, (name, ours, ref, base) in enumerate(zip(names, (out, *grads), (ref_out, *ref_grads), (b_out, *b_grads))):
         bases = [base] + [o[i] for o in others if o is not None and i < len(o)]
         _assert_close(name + where, ours, ref, bases, d.dtype)
+        if i == 0:
+            _assert_close("output (with weights)" + where, out_w, ref, bases, d.dtype)
+
+
+def _check_weights(d: Draw, q, k, v, mask, window, seed, fmask, keep, where):
+    """_attention_forward_weights (what MultiheadAttention's need_weights=True runs), per head or averaged over
+    the heads (the emulated kernels: averaged only), with the same dropout draw: weights against the
+    reference's probabilities (times keep / (1 - p)), with PyTorch's softmax of the same float32 scores,
+    rounded to the dtype, as the yardstick. Returns its output (checked as the forward's)."""
+    emulated = d.backend.startswith("emu")
+    ops = emu.ops if emulated else torch.ops.attention_ext
+    average = emulated or d.seed % 2 == 1
+    m = None if mask is None else mask.detach()
+    torch.manual_seed(seed)
+    out, _, _, w = ops._attention_forward_weights(q, k, v, m, d.dropout_p, d.causal, d.scale, d.enable_gqa, window,
+                                                  average)
+    r = reference_attention(q, k, v, m, is_causal=d.causal, scale=d.scale, enable_gqa=d.enable_gqa,
+                            window_size=d.window, dropout_p=d.dropout_p, dropout_mask=keep)
+    with torch.no_grad():  # PyTorch's way, as nn.MultiheadAttention computes its weights
+        kk = k.repeat_interleave(d.group, dim=-3)
+        sc = d.scale if d.scale is not None else 1.0 / math.sqrt(d.E)
+        s = (q @ kk.transpose(-1, -2)).float() * sc
+        if fmask is not None:
+            fm = fmask.to(s.device)
+            s = s.masked_fill(~fm, -math.inf) if fm.dtype == torch.bool else s + fm.detach().float()
+        base = torch.softmax(s, dim=-1)
+        if keep is not None:
+            base = base * keep.to(s.device) / (1.0 - d.dropout_p)
+        base = base.to(d.dtype)
+    ref = r.probs_dropped
+    if average:  # the baseline averages its rounded per-head weights in float32 and rounds once
+        ref, base = ref.mean(dim=-3), base.float().mean(dim=-3).to(d.dtype)
+    assert w.dtype == d.dtype and w.shape == ref.shape, (w.dtype, tuple(w.shape), tuple(ref.shape))
+    _assert_close("weights" + where, w, ref, [base], d.dtype)
+    return out
 
 
 def _assert_close(name, ours, ref, baselines, dtype):
