@@ -71,6 +71,8 @@ class Draw:
     scale: Optional[float] = None
     dropout_p: float = 0.0
     layouts: Tuple[str, ...] = ("contig", "contig", "contig")
+    deterministic: bool = False           # torch.use_deterministic_algorithms around our calls
+    env: Tuple[Tuple[str, str], ...] = ()  # the emulated device's knobs (environment variables)
 
     @property
     def hq(self):
@@ -124,7 +126,39 @@ def draw(seed: int, backend: str, tag: str = "") -> Draw:
     if r.random() < 0.2:
         d.dropout_p = r.choice((0.1, 0.3, 0.6))
     d.layouts = tuple(r.choice(("contig", "contig", "blhe", "sliced", "lastdim_t", "expand")) for _ in range(3))
+    _draw_device(d, random.Random(f"{tag}device-{backend}-{seed}"))
     return d
+
+
+def _draw_device(d: Draw, r: random.Random):
+    """Deterministic mode, and on the emulator the device and schedule: multiprocessor count (which decides
+    key splits and GQA row packing), forced key splits, fiber order, cp.async landing, GQA packing and the
+    packed Hopper kernels off."""
+    d.deterministic = r.random() < 0.2
+    if not d.backend.startswith("emu"):
+        return
+    env = {"ATTENTION_EXT_EMU_ARCH": d.backend[3:], "ATTENTION_EXT_EMU_SMS": str(r.choice((132, 132, 1, 3, 16, 108))),
+           "ATTENTION_EXT_EMU_ORDER": r.choice(("forward", "reverse", "shuffle")),
+           "ATTENTION_EXT_EMU_CPASYNC": r.choice(("late", "early"))}
+    if r.random() < 0.3:
+        env["ATTENTION_EXT_FWD_SPLITS"] = str(r.choice((2, 3, 7)))
+    if r.random() < 0.2:
+        env["ATTENTION_EXT_PACK_GQA"] = "0"
+    if d.backend == "emu90" and r.random() < 0.3:
+        env["ATTENTION_EXT_PACKED_SM90"] = "0"
+    d.env = tuple(sorted(env.items()))
+
+
+class _deterministic:
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.old = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(self.on)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.old)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -206,9 +240,14 @@ def check(d: Draw, device):
     window = list(d.window) if d.window else [-1, -1]
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     seed = 1000 + d.seed
-    torch.manual_seed(seed)
-    out = _run_ours(d, *leaves, mask, window)
-    grads = torch.autograd.grad(out, leaves + ([mask] if d.mask_grad else []), do)
+    with _deterministic(d.deterministic):
+        torch.manual_seed(seed)
+        out = _run_ours(d, *leaves, mask, window)
+        grads = torch.autograd.grad(out, leaves + ([mask] if d.mask_grad else []), do, retain_graph=d.deterministic)
+        if d.deterministic:  # the same bits again
+            again = torch.autograd.grad(out, leaves + ([mask] if d.mask_grad else []), do)
+            for a, b in zip(grads, again):
+                assert torch.equal(a, b), f"deterministic backward differs between two runs\ncase {d}"
     keep = None
     if d.dropout_p > 0:
         torch.manual_seed(seed)
@@ -345,8 +384,8 @@ def _params():
 @pytest.mark.parametrize("backend,seed", _params())
 def test_fuzz(backend, seed, monkeypatch):
     d = draw(seed, backend)
-    if backend.startswith("emu"):
-        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
+    for k, v in d.env:
+        monkeypatch.setenv(k, v)
     check(d, "cuda" if backend == "cuda" else "cpu")
 
 
@@ -365,6 +404,10 @@ def test_draws_cover_the_features():
         "scale": any(d.scale is not None for d in ds), "unbatched": any(not d.batch for d in ds),
         "batch rank 2": any(len(d.batch) == 2 for d in ds),
         "layouts": {l for d in ds for l in d.layouts} == {"contig", "blhe", "sliced", "lastdim_t", "expand"},
+        "deterministic": any(d.deterministic for d in ds),
+        "forced key splits": any(k == "ATTENTION_EXT_FWD_SPLITS" for d in ds for k, _ in d.env),
+        "one SM": any(("ATTENTION_EXT_EMU_SMS", "1") in d.env for d in ds),
+        "GQA packing off": any(k == "ATTENTION_EXT_PACK_GQA" for d in ds for k, _ in d.env),
     }
     assert all(seen.values()), [k for k, v in seen.items() if not v]
 
@@ -405,19 +448,23 @@ def check_varlen(d: Draw, lq, lk, device):
     window = list(d.window) if d.window else [-1, -1]
     opts = (d.dropout_p, d.causal, d.scale, d.enable_gqa, window)
     seed = 2000 + d.seed
-    if d.backend.startswith("emu"):
-        torch.manual_seed(seed)
-        out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts)
-        grads = emu.ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *opts)
-        mask_fn = emu.ops._dropout_mask
-    else:
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        torch.manual_seed(seed)
-        out = attention_ext.attention_varlen(*leaves, cu_q, cu_k, None, None, *opts)
-        grads = torch.autograd.grad(out, leaves, do)
-        torch.manual_seed(seed)  # the same draw again, for its rng_state (one row per sequence)
-        rng = torch.ops.attention_ext._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts)[2]
-        mask_fn = torch.ops.attention_ext._dropout_mask
+    with _deterministic(d.deterministic):
+        if d.backend.startswith("emu"):
+            torch.manual_seed(seed)
+            out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts)
+            grads = emu.ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *opts)
+            mask_fn = emu.ops._dropout_mask
+            if d.deterministic:  # the same bits again
+                again = emu.ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *opts)
+                assert all(torch.equal(a, b) for a, b in zip(grads, again)), f"deterministic backward differs\n{d}"
+        else:
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            torch.manual_seed(seed)
+            out = attention_ext.attention_varlen(*leaves, cu_q, cu_k, None, None, *opts)
+            grads = torch.autograd.grad(out, leaves, do)
+            torch.manual_seed(seed)  # the same draw again, for its rng_state (one row per sequence)
+            rng = torch.ops.attention_ext._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts)[2]
+            mask_fn = torch.ops.attention_ext._dropout_mask
 
     f64_ = torch.float64
     ref = [torch.zeros(t.shape, dtype=f64_, device=device) for t in (out, q, k, v)]
@@ -473,6 +520,6 @@ def _varlen_params():
 @pytest.mark.parametrize("backend,seed", _varlen_params())
 def test_fuzz_varlen(backend, seed, monkeypatch):
     d, lq, lk = draw_varlen(seed, backend)
-    if backend.startswith("emu"):
-        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
+    for k, v in d.env:
+        monkeypatch.setenv(k, v)
     check_varlen(d, lq, lk, "cuda" if backend == "cuda" else "cpu")
