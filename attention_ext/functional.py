@@ -141,7 +141,7 @@ class _AttentionWithWeights(torch.autograd.Function):
                     bsz *= d
                 heads, len_q, len_k = p.shape[-3:]
                 keep = _ops._dropout_mask(rng, bsz, heads, len_q, len_k, dropout_p).to(p.device).view(p.shape)
-                g = g * keep.to(acc) / (1.0 - dropout_p)
+                g = g * keep.to(acc) * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)  # p = 1: all dropped
             ds = p * (g - (g * p).sum(-1, keepdim=True))
             sc = scale if scale is not None else q.shape[-1] ** -0.5
             hq, hkv = q.shape[-3], k.shape[-3]
@@ -269,7 +269,8 @@ def scaled_dot_product_attention(
 
     Same signature and semantics (boolean mask True = attend, float mask
     added, broadcastable; top-left causal; dropout applied whenever
-    ``dropout_p > 0``, as in PyTorch; broadcasting batch dims; 2-D inputs), run
+    ``dropout_p > 0``, as in PyTorch, ``dropout_p = 1`` giving zeros; batch and head dims broadcast, key / value
+    heads repeated under ``enable_gqa``; 2-D inputs), run
     by ``torch.ops.attention_ext.attention``. Differences: a query row that can
     see no key gives 0 (PyTorch's math path gives NaN). Inputs the kernels
     cannot take are handed to PyTorch's implementation.
@@ -277,7 +278,10 @@ def scaled_dot_product_attention(
     if attn_mask is None and _jagged_supported(query, key, value):
         return _ops_py.nested_attention(query, key, value, dropout_p=float(dropout_p), is_causal=bool(is_causal),
                                         scale=scale, enable_gqa=bool(enable_gqa))
-    if not supports(query, key, value):
+    if not supports(query, key, value) or (
+            attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype)):
+        # (PyTorch takes a boolean mask, a float32 one or one of the query's dtype and raises its own error for
+        # others: a mask converted silently here would fail when the model goes back to SDPA)
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     if is_causal and attn_mask is not None and _torch_rejects_mask_with_causal():
@@ -286,6 +290,10 @@ def scaled_dot_product_attention(
     if squeeze:  # (L, E): no heads dim
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     rank = max(query.dim(), key.dim(), value.dim())
+    extra = attn_mask.dim() - rank if attn_mask is not None else 0
+    if extra > 0 and all(n == 1 for n in attn_mask.shape[:extra]):
+        # a mask with more (leading, singleton) dims than the scores: PyTorch's result keeps the scores' rank
+        attn_mask = attn_mask.reshape(attn_mask.shape[extra:])
     if not (query.dim() == key.dim() == value.dim()) or not (
             query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
         # broadcast the leading batch dims (views, no copies)
@@ -294,11 +302,39 @@ def scaled_dot_product_attention(
         query = query.expand(*lead, *query.shape[-3:])
         key = key.expand(*lead, *key.shape[-3:])
         value = value.expand(*lead, *value.shape[-3:])
-    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype not in (query.dtype, torch.float32):
-        attn_mask = attn_mask.to(query.dtype)
-    out = _ops.attention(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
-                         _NO_WINDOW)
+    heads = _heads_for_kernels(query, key, value, bool(enable_gqa))
+    if heads is None:  # heads PyTorch cannot combine either: its own error
+        out = _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+    else:
+        query, key, value, enable_gqa = heads
+        out = _ops.attention(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale, enable_gqa,
+                             _NO_WINDOW)
     return out.squeeze(0) if squeeze else out
+
+
+def _heads_for_kernels(query, key, value, enable_gqa):
+    """(query, key, value, enable_gqa) with head counts the op takes (key and value alike, the query's a
+    multiple of theirs), or None where PyTorch's SDPA raises too. SDPA broadcasts the heads dim like any batch
+    dim (a size of 1 stretches: key / value with one head serve every query head, a one-head query meets every
+    key head), and with enable_gqa repeats the key and the value heads, each by its own factor, up to the
+    query's. One key / value head becomes grouped-query attention (no copies); other sizes of 1 are expanded
+    (views, zero stride); key and value heads that differ under enable_gqa are repeated (copies)."""
+    hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+    if hk == hv and (hq == hk or (enable_gqa and hk > 0 and hq % hk == 0)):
+        return query, key, value, enable_gqa  # the common case: as they are
+    if enable_gqa and hq != hk and hq != hv:
+        if hk == 0 or hv == 0 or hq % hk or hq % hv:
+            return None
+        key, value = key.repeat_interleave(hq // hk, dim=-3), value.repeat_interleave(hq // hv, dim=-3)
+        return query, key, value, False
+    try:
+        (h,) = torch.broadcast_shapes((hq,), (hk,), (hv,))
+    except RuntimeError:
+        return None
+    if hq == h and hk == hv == 1:
+        return query, key, value, True
+    return tuple(t.expand(*t.shape[:-3], h, *t.shape[-2:]) for t in (query, key, value)) + (enable_gqa,)
 
 
 _patch_lock = threading.RLock()

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "glue.h"
+#include "philox.h"
 
 namespace attention_ext {
 namespace {
@@ -103,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
     const int64_t heads_q = q.size(-3), len_q = q.size(-2), len_k = k.size(-2);
     const int64_t batch = p.numel() / (heads_q * len_q * len_k);
     at::Tensor keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, dropout_p).to(p.device());
-    p = p * keep.view(p.sizes()).to(acc) * (1.0 / (1.0 - dropout_p));
+    p = p * keep.view(p.sizes()).to(acc) * DropoutRng::inv_keep_of(dropout_p);
   }
   at::Tensor out = at::matmul(p, kv_per_query_head(v, q));
   at::Tensor weights;

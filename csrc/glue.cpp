@@ -91,7 +91,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       "; pass enable_gqa=True for grouped-query attention");
   }
   // options
-  TORCH_CHECK_VALUE(opt.dropout_p >= 0.0 && opt.dropout_p < 1.0, "dropout_p must be in [0, 1), got ", opt.dropout_p);
+  // p = 1 drops every weight (zeros, zero gradients), as PyTorch's SDPA and nn.MultiheadAttention do
+  TORCH_CHECK_VALUE(opt.dropout_p >= 0.0 && opt.dropout_p <= 1.0, "dropout_p must be in [0, 1], got ", opt.dropout_p);
   TORCH_CHECK_VALUE(!opt.scale.has_value() || std::isfinite(*opt.scale), "scale must be a finite number or None, got ",
                     opt.scale.value_or(0.0));
   TORCH_CHECK_VALUE(opt.window_left >= -1 && opt.window_right >= -1,
@@ -160,7 +161,7 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, co
 
 void check_dropout_mask_args(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
                              double dropout_p) {
-  TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p < 1.0, "dropout_p must be in (0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(dropout_p > 0.0 && dropout_p <= 1.0, "dropout_p must be in (0, 1], got ", dropout_p);
   check_rng_state(rng, dropout_p);
   TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && len_q >= 0 && len_k >= 0,
                     "batch, heads, len_q and len_k must be >= 0, got ", batch, ", ", heads, ", ", len_q, ", ", len_k);

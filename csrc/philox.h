@@ -57,8 +57,9 @@ struct DropoutRng {
     k1 = static_cast<uint32_t>(seed >> 32) ^ static_cast<uint32_t>(offset >> 32);
     off_lo = static_cast<uint32_t>(offset);
   }
-  // 1 / (1 - p): the scale of the kept elements.
-  AE_HOST_DEVICE static double inv_keep_of(double p) { return 1.0 / (1.0 - p); }
+  // 1 / (1 - p): the scale of the kept elements; 0 for p = 1, where nothing is kept (as F.dropout(p=1): zeros),
+  // so that a kernel that scales a sum of dropped terms by it gets 0, not 0 * inf.
+  AE_HOST_DEVICE static double inv_keep_of(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
   // Four consecutive decisions starting at key column j4 * 4 (bit t = column j4*4 + t kept).
   AE_HOST_DEVICE uint32_t keep4(uint64_t bh, uint64_t i, uint64_t j4) const {
     U32x4 r = philox4x32_10(U32x4{static_cast<uint32_t>(j4), static_cast<uint32_t>(i),

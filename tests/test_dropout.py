@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attention_ext
-from conftest import device_dtype_params
+from conftest import cuda_marks, device_dtype_params, emu_marks
 from reference import dropout_keep_mask, reference_attention, reference_grads
 
 ops = torch.ops.attention_ext
@@ -244,3 +244,85 @@ def test_activation_checkpointing_replays_the_mask(device, need_weights, use_ree
     assert not torch.equal(mha(x, x, x, need_weights=False)[0], mha.eval()(x, x, x, need_weights=False)[0])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [
+    "cpu", pytest.param("emu80", marks=emu_marks()), pytest.param("emu90", marks=emu_marks()),
+    pytest.param("cuda", marks=cuda_marks())])
+@pytest.mark.parametrize("dtype", [f32, f16], ids=["f32", "f16"])
+def test_dropout_one_drops_everything(backend, dtype, monkeypatch):
+    """dropout_p = 1 (accepted by F.scaled_dot_product_attention, F.dropout and nn.MultiheadAttention) drops
+    every weight: output 0, gradients of q, k, v and of a float mask 0, weights and attention_probs 0, an
+    all-False _dropout_mask; never NaN (the kernels' 1 / (1 - p) is 0 there). The same as PyTorch's SDPA."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    if backend.startswith("emu"):
+        import emu
+        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
+        be_ops, attn = emu.ops, emu.attention
+    else:
+        be_ops = ops
+
+        def attn(q, k, v, mask, p, causal, scale, gqa, window):
+            return attention_ext.attention(q, k, v, mask, p, causal, scale, gqa, window)
+    q, k, v = _qkv((2, 4, 37, 64), (2, 2, 70, 64), dtype=dtype, device=device, seed=9)
+    mask = torch.randn(37, 70, device=device, dtype=dtype).requires_grad_()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attn(*leaves, mask, 1.0, True, None, True, W)
+    grads = torch.autograd.grad(out, leaves + [mask], torch.randn_like(out))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(),
+                                                            dropout_p=1.0, enable_gqa=True)
+    assert torch.equal(out.float().cpu(), torch.zeros_like(sdpa)) and torch.equal(sdpa, torch.zeros_like(sdpa))
+    for g, t in zip(grads, leaves + [mask]):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
+    # without a mask (on an sm_90 device, 16-bit: the Hopper kernels, whose output and dV epilogues scale by
+    # 1 / (1 - p))
+    out = attn(*leaves, None, 1.0, True, None, True, W)
+    assert torch.equal(out, torch.zeros_like(out))
+    for g in torch.autograd.grad(out, leaves, torch.randn_like(out)):
+        assert torch.equal(g, torch.zeros_like(g))
+    _, lse, rng, w = be_ops._attention_forward_weights(q, k, v, None, 1.0, False, None, True, W, backend != "cpu")
+    assert torch.isfinite(lse).all() and torch.equal(w, torch.zeros_like(w))
+    assert not be_ops._dropout_mask(rng, 2, 4, 37, 70, 1.0).any()
+    if backend == "cpu":
+        assert torch.equal(ops.attention_probs(q, k, None, lse, rng, 1.0, False, None, True, W),
+                           torch.zeros(2, 4, 37, 70, dtype=dtype))
+        cu = torch.tensor([0, 5, 40], dtype=torch.int32)
+        x = torch.randn(40, 2, 16, dtype=dtype, requires_grad=True)
+        o = attention_ext.attention_varlen(x, x, x, cu, cu, dropout_p=1.0)
+        assert torch.equal(o, torch.zeros_like(o))
+        assert torch.equal(torch.autograd.grad(o.sum(), x)[0], torch.zeros_like(x))
+        # the ATen composite (forward-mode AD) too
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(q, torch.ones_like(q))
+            o = attention_ext.attention(dual, k, v, dropout_p=1.0, enable_gqa=True)
+            p, t = torch.autograd.forward_ad.unpack_dual(o)
+        assert torch.equal(p, torch.zeros_like(p)) and torch.equal(t, torch.zeros_like(t))
+
+
+def test_multihead_attention_dropout_one_matches_torch():
+    """nn.MultiheadAttention(dropout=1.0) in training: the converted module gives PyTorch's output (the
+    out-projection's bias), weights (zeros) and gradients."""
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 4, dropout=1.0, batch_first=True)
+    with torch.no_grad():
+        ref.out_proj.bias.normal_()
+    mine = attention_ext.MultiheadAttention(16, 4, dropout=1.0, batch_first=True)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, 16)
+    for need in (False, True):
+        results = []
+        for mod in (ref, mine):
+            xi = x.clone().requires_grad_()
+            out, w = mod(xi, xi, xi, need_weights=need)
+            grads = torch.autograd.grad(out.sum() + (w.sum() if w is not None else 0), [xi, *mod.parameters()],
+                                        allow_unused=True)
+            results.append((out, w, grads))
+        (o1, w1, g1), (o2, w2, g2) = results
+        torch.testing.assert_close(o2, o1)
+        assert (w1 is None) == (w2 is None)
+        if w1 is not None:
+            torch.testing.assert_close(w2, w1)
+        for a, b in zip(g1, g2):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a)

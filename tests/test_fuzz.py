@@ -311,7 +311,7 @@ def _check_weights(d: Draw, q, k, v, mask, window, seed, fmask, keep, where):
         if fmask is not None:
             fm = fmask.to(s.device)
             s = s.masked_fill(~fm, -math.inf) if fm.dtype == torch.bool else s + fm.detach().float()
-        base = torch.softmax(s, dim=-1)
+        base = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see no key: 0, as the reference
         if keep is not None:
             base = base * keep.to(s.device) / (1.0 - d.dropout_p)
         base = base.to(d.dtype)
