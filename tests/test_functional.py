@@ -1,6 +1,8 @@
 """attention_ext.scaled_dot_product_attention (drop-in for F.scaled_dot_product_attention) and the
 use_attention_ext() context manager that routes a model's calls of the PyTorch function through it."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,16 @@ CASES = {
     "broadcast_batch": lambda: ((_t(2, 3, 5, 8), _t(1, 3, 7, 8), _t(1, 3, 7, 8)), {}),
     "strided": lambda: ((_t(2, 5, 3, 8).transpose(1, 2), _t(2, 7, 3, 8).transpose(1, 2),
                          _t(2, 7, 3, 8).transpose(1, 2)), {}),
+    # SDPA broadcasts the heads dim too: one key / value head for every query head (without enable_gqa),
+    # a one-head query against every key head; under enable_gqa key and value heads repeat by their own factors
+    "heads_broadcast_kv": lambda: ((_t(2, 4, 5, 8), _t(2, 1, 7, 8), _t(2, 1, 7, 8)), {}),
+    "heads_broadcast_query": lambda: ((_t(2, 1, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 6)), {}),
+    "gqa_kv_heads_differ": lambda: ((_t(2, 4, 5, 8), _t(2, 2, 7, 8), _t(2, 1, 7, 6)), dict(enable_gqa=True)),
+    # a mask with a (singleton) leading dim more than 3-D inputs: the result keeps the inputs' rank
+    "mask_extra_dim": lambda: ((_t(3, 5, 8), _t(3, 7, 8), _t(3, 7, 8)),
+                               dict(attn_mask=torch.rand(1, 3, 5, 7).index_fill(-1, torch.tensor([0]), 0) > 0.3)),
+    # every weight dropped: zeros and zero gradients, as PyTorch
+    "dropout_one": lambda: ((_t(2, 3, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8)), dict(dropout_p=1.0)),
 }
 
 
@@ -79,6 +91,14 @@ def test_sdpa_errors_and_fallback():
             sdpa(q, q, q, attn_mask=m, is_causal=True)
     else:
         torch.testing.assert_close(sdpa(q, q, q, attn_mask=m, is_causal=True), expected)
+    # what PyTorch refuses the drop-in refuses with PyTorch's own error: a float16 mask on a float32 query
+    # (not converted), heads that neither match nor broadcast
+    for args, kw in (((q, q, q), dict(attn_mask=torch.zeros(4, 4, dtype=torch.float16))),
+                     ((q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8)), {})):
+        with pytest.raises(RuntimeError) as theirs:
+            ORIG(*args, **kw)
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+            sdpa(*args, **kw)
     big = torch.randn(1, 2, 4, 300)  # head dim above the kernels' 256: PyTorch computes it
     with OpCounter() as c:
         out = sdpa(big, big, big)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import attention_ext
 import emu
 from conftest import HAS_CUDA, cuda_marks, emu_marks
-from reference import (ABS_FLOOR, assert_close_vs_baselines, flash2_rounding, max_abs_error, reference_attention,
-                       reference_grads, window_visibility)
+from reference import ABS_FLOOR, assert_close_vs_baselines, flash2_rounding, reference_attention, reference_grads
+from test_ops import sdpa_mask  # causal and windows folded into one mask for SDPA
 
 f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
@@ -204,19 +204,6 @@ def make_inputs(d: Draw, device):
     return q, k, v, do, mask
 
 
-def _sdpa_mask(d: Draw, mask, device):
-    """What F.scaled_dot_product_attention needs for the same visibility: causal and window folded
-    into the mask (it takes no window, and not is_causal with a mask)."""
-    extra = window_visibility(d.L, d.S, d.causal, d.window, device=device) if (d.causal or d.window) else None
-    if extra is None:
-        return mask
-    if mask is None:
-        return extra
-    if mask.dtype == torch.bool:
-        return mask & extra
-    return mask.masked_fill(~extra, -math.inf)
-
-
 # --------------------------------------------------------------------------------------------- the check
 def _run_ours(d: Draw, q, k, v, mask, window):
     if d.backend.startswith("emu"):
@@ -261,11 +248,9 @@ def check(d: Draw, device):
     bdev = "cpu" if d.backend.startswith("emu") else device
     bl = [t.detach().to(bdev).requires_grad_() for t in (q, k, v)]
     bmask = None if mask is None else mask.detach().to(bdev).requires_grad_(d.mask_grad)
-    smask = fmask = _sdpa_mask(d, bmask, bdev)
+    smask = fmask = sdpa_mask(d, bmask, bdev)
     if smask is not None and smask.dtype != torch.bool and smask.dtype != d.dtype:
         smask = smask.to(d.dtype)  # SDPA wants a float mask of the query's dtype
-    if smask is not None and smask.dim() < 2:
-        smask = smask.expand(d.L, d.S)  # its CPU kernel indexes a mask's last two dims
     try:
         if keep is None:
             b_out = F.scaled_dot_product_attention(*bl, attn_mask=smask, scale=d.scale, enable_gqa=d.enable_gqa)
@@ -370,18 +355,18 @@ def _flash_rounding_model(d: Draw, q, k, v, smask, do, keep, mask):
     return flash2_rounding(q, k, v, do, smask, d.scale, d.dropout_p, keep, mask.shape if d.mask_grad else None)
 
 
-def _params():
+def _params(counts, prefix=""):
     params = []
-    for backend, (n, _) in _BACKENDS.items():
+    for backend, n in counts.items():
         count = int(_FUZZ_CASES) if _FUZZ_CASES else n
         marks = cuda_marks() if backend == "cuda" else (emu_marks() if backend.startswith("emu") else ())
         if (backend == "cuda" and not HAS_CUDA) or (backend.startswith("emu") and not emu.LOADED):
             count = 1  # one skipped case says why, not hundreds
-        params += [pytest.param(backend, s, id=f"{backend}-{s}", marks=marks) for s in range(count)]
+        params += [pytest.param(backend, s, id=f"{prefix}{backend}-{s}", marks=marks) for s in range(count)]
     return params
 
 
-@pytest.mark.parametrize("backend,seed", _params())
+@pytest.mark.parametrize("backend,seed", _params({b: n for b, (n, _) in _BACKENDS.items()}))
 def test_fuzz(backend, seed, monkeypatch):
     d = draw(seed, backend)
     for k, v in d.env:
@@ -483,7 +468,7 @@ def check_varlen(d: Draw, lq, lk, device):
         rows = (slice(q0, q1), slice(q0, q1), slice(k0, k1), slice(k0, k1))
         for dst, x, sl in zip(ref, (r[0], *r[2:5]), rows):
             dst[sl] = hf(x)
-        sm = _sdpa_mask(db, None, qs.device)
+        sm = sdpa_mask(db, None, qs.device)
         bl = [t.detach().requires_grad_() for t in (qs, ks, vs)]
         if keep is None:
             bo = F.scaled_dot_product_attention(*bl, attn_mask=sm, scale=d.scale, enable_gqa=d.enable_gqa)
@@ -506,18 +491,7 @@ def check_varlen(d: Draw, lq, lk, device):
         _assert_close(name + where, ours, ref[i], [bases["sdpa"][i], bases["model"][i]], d.dtype)
 
 
-def _varlen_params():
-    params = []
-    for backend, n in _VARLEN_BACKENDS.items():
-        count = int(_FUZZ_CASES) if _FUZZ_CASES else n
-        marks = cuda_marks() if backend == "cuda" else (emu_marks() if backend.startswith("emu") else ())
-        if (backend == "cuda" and not HAS_CUDA) or (backend.startswith("emu") and not emu.LOADED):
-            count = 1
-        params += [pytest.param(backend, s, id=f"varlen-{backend}-{s}", marks=marks) for s in range(count)]
-    return params
-
-
-@pytest.mark.parametrize("backend,seed", _varlen_params())
+@pytest.mark.parametrize("backend,seed", _params(_VARLEN_BACKENDS, "varlen-"))
 def test_fuzz_varlen(backend, seed, monkeypatch):
     d, lq, lk = draw_varlen(seed, backend)
     for k, v in d.env:

@@ -19,7 +19,7 @@ import attention_ext
 import emu
 from conftest import cuda_marks
 from reference import (assert_close_vs_baseline, assert_close_vs_baselines, flash2_rounding, max_abs_error,
-                       reference_attention, reference_grads)
+                       reference_attention, reference_grads, window_visibility)
 
 ops = torch.ops.attention_ext
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
@@ -76,7 +76,6 @@ def torch_sdpa(q, k, v, kw):
     causal = kw.pop("is_causal", False)
     mask = None
     if window is not None or (causal and q.shape[-2] != k.shape[-2]):
-        from reference import window_visibility
         mask = window_visibility(q.shape[-2], k.shape[-2], causal, window)
         causal = False
     if q.shape[-2] == 0 or k.shape[-2] == 0:
@@ -131,7 +130,6 @@ def reference(q, k, v, cu_q, cu_k, kw, grad=None, dropout_p=0.0, rng=None, mask_
 def flash_model(q, k, v, cu_q, cu_k, kw, grad):
     """model_out, model_dq, ...: reference.flash2_rounding on each sequence (the roundings of PyTorch's CUDA
     FLASH backend), rows of sequences without keys 0."""
-    from reference import window_visibility
     res = {f"model_{n}": torch.zeros(t.shape, dtype=t.dtype) for n, t in
            (("out", grad), ("dq", q), ("dk", k), ("dv", v))}
     causal, window = kw.get("is_causal", False), kw.get("window_size")
