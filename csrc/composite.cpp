@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "glue.h"
 #include "philox.h"
@@ -77,6 +78,16 @@ MaskedScores masked_scores(const at::Tensor& q, const at::Tensor& k, const std::
   return r;
 }
 
+// Sums a (..., Hq, R, C) gradient over the query heads that share a key / value head: (..., heads_kv, R, C).
+at::Tensor sum_over_group(const at::Tensor& t, int64_t heads_kv) {
+  const int64_t heads_q = t.size(-3);
+  return heads_q == heads_kv ? t : t.unflatten(-3, {heads_kv, heads_q / heads_kv}).sum(-3);
+}
+
+std::optional<at::Tensor> rng_if_dropout(const AttnOptions& opt, const at::Tensor& rng) {
+  return opt.dropout_p > 0.0 ? std::optional<at::Tensor>(rng) : std::nullopt;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -133,6 +144,68 @@ at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at
   MaskedScores ms = masked_scores(q, k, mask, opt);
   // the kernels' convention: -inf for a row that sees no key (logsumexp of all -inf)
   return at::logsumexp(ms.add.defined() ? ms.s + ms.add : ms.s, -1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backward(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng, const AttnOptions& opt,
+    bool mask_grad) {
+  const auto acc = acc_type(q);
+  const double sc = opt.scale.has_value() ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  MaskedScores ms = masked_scores(q, k, mask, opt);
+  at::Tensor s = ms.add.defined() ? ms.s + at::where(ms.seen, ms.add, 0.0) : ms.s;
+  at::Tensor p = at::softmax(s, -1);
+  if (ms.seen.defined()) p = p * ms.seen;  // a row that sees no key: no weights, no gradients
+  at::Tensor keep;  // the forward's dropout: kept / (1 - p), dropped 0
+  if (opt.dropout_p > 0.0 && p.numel() > 0) {
+    TORCH_CHECK_VALUE(rng.has_value() && rng->defined(), "the backward of dropout_p > 0 needs the forward's rng_state");
+    const int64_t heads_q = q.size(-3), len_q = q.size(-2), len_k = k.size(-2);
+    const int64_t batch = p.numel() / (heads_q * len_q * len_k);
+    keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, opt.dropout_p).to(p.device()).view(p.sizes()).to(acc) *
+           DropoutRng::inv_keep_of(opt.dropout_p);
+  }
+  at::Tensor g = grad.to(acc);
+  at::Tensor dv = sum_over_group(at::matmul((keep.defined() ? p * keep : p).transpose(-2, -1), g), v.size(-3));
+  at::Tensor dp = at::matmul(g, kv_per_query_head(v, q).transpose(-2, -1));
+  if (keep.defined()) dp = dp * keep;
+  at::Tensor ds = p * (dp - (p * dp).sum(-1, /*keepdim=*/true));
+  at::Tensor dq = at::matmul(ds, kv_per_query_head(k, q)) * sc;
+  at::Tensor dk = sum_over_group(at::matmul(ds.transpose(-2, -1), q.to(acc)), k.size(-3)) * sc;
+  at::Tensor dmask = at::empty({0}, q.options());
+  if (mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point())
+    dmask = ds.sum_to_size(mask->sizes()).to(mask->scalar_type());
+  const auto t = q.scalar_type();
+  return {dq.to(t), dk.to(t), dv.to(t), dmask};
+}
+
+at::Tensor zero_head_dim_forward(ForwardSetup& st, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
+                                 bool need_weights, bool average_heads) {
+  const std::vector<int64_t> window{opt.window_left, opt.window_right};
+  auto [out, weights] = attention_math(q, k, v, mask, opt.dropout_p, opt.is_causal, opt.scale, opt.enable_gqa, window,
+                                       rng_if_dropout(opt, rng), need_weights, average_heads);
+  st.out.copy_(out);
+  st.lse.copy_(attention_math_lse(q, k, v, mask, opt.is_causal, opt.scale, opt.enable_gqa, window));
+  return weights;
+}
+
+void zero_head_dim_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& k,
+                         const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
+                         bool average_heads) {
+  // the weights do not depend on the value: the key (E = 0 too) stands in for it, an empty output
+  const std::vector<int64_t> window{opt.window_left, opt.window_right};
+  st.probs.copy_(std::get<1>(attention_math(q, k, k, mask, opt.dropout_p, opt.is_causal, opt.scale, opt.enable_gqa,
+                                            window, rng_if_dropout(opt, rng), true, average_heads)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> zero_head_dim_backward(
+    BackwardSetup& st, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad) {
+  auto [dq, dk, dv, dmask] = attention_math_backward(grad, q, k, v, mask, rng_if_dropout(opt, rng), opt, mask_grad);
+  st.dq.copy_(dq);
+  st.dk.copy_(dk);
+  st.dv.copy_(dv);
+  return {st.dq, st.dk, st.dv, dmask};
 }
 
 }  // namespace attention_ext

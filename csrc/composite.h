@@ -15,6 +15,8 @@
 #include <optional>
 #include <tuple>
 
+#include "glue.h"
+
 namespace attention_ext {
 
 // (output, weights): with need_weights, weights are the probabilities after dropout (..., Hq, L, S), or
@@ -31,5 +33,32 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
 at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, bool is_causal, std::optional<double> scale,
                               bool enable_gqa, at::IntArrayRef window);
+
+// The first-order gradients of attention_math in ATen operations (the L x S weights materialised, D taken
+// exactly as rowsum(P * dP)): (dq, dk, dv, dmask) in the inputs' dtypes, dmask at the mask's shape when
+// mask_grad and the mask is floating, else an empty tensor (as the fused backward returns it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backward(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng, const AttnOptions& opt,
+    bool mask_grad);
+
+// A head dim of 0, which F.scaled_dot_product_attention accepts: E = 0 makes every score 0 (the weights are
+// the softmax of the mask and the band alone, the output their average of V), Ev = 0 gives an empty output.
+// The fused kernels have no instantiation for either; every backend's ops take these calls here, in ATen
+// operations, after validating them and drawing the dropout state as for any other call.
+inline bool zero_head_dim(const FwdParams& p) { return p.dim_qk == 0 || p.dim_v == 0; }
+// Fills st.out and st.lse; returns the weights (need_weights: per head, or their mean with average_heads;
+// else an empty tensor). rng: the forward's state (read when dropout_p > 0).
+at::Tensor zero_head_dim_forward(ForwardSetup& st, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
+                                 bool need_weights, bool average_heads);
+// attention_probs / the weights for E = 0, into st.probs.
+void zero_head_dim_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& k,
+                         const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
+                         bool average_heads);
+// The backward: fills st.dq, st.dk, st.dv and returns the four gradients as finish_backward does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> zero_head_dim_backward(
+    BackwardSetup& st, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad);
 
 }  // namespace attention_ext

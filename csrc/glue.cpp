@@ -79,9 +79,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     ks[r - 2], ") (shapes: key ", shape_str(ks), ", value ", shape_str(vs), ")");
   TORCH_CHECK_VALUE(ks[r - 1] == qs[r - 1], "key head dim (", ks[r - 1], ") must match query head dim (",
                     qs[r - 1], ")");
-  TORCH_CHECK_VALUE(qs[r - 1] >= 1 && qs[r - 1] <= 256, "query head dim (size of the last dimension) must be in [1, 256], got ",
+  // (0 as in SDPA: every score 0, or an empty output; composite.h's zero_head_dim_*)
+  TORCH_CHECK_VALUE(qs[r - 1] >= 0 && qs[r - 1] <= 256, "query head dim (size of the last dimension) must be in [0, 256], got ",
                     qs[r - 1]);
-  TORCH_CHECK_VALUE(vs[r - 1] >= 1 && vs[r - 1] <= 256, "value head dim (size of the last dimension) must be in [1, 256], got ",
+  TORCH_CHECK_VALUE(vs[r - 1] >= 0 && vs[r - 1] <= 256, "value head dim (size of the last dimension) must be in [0, 256], got ",
                     vs[r - 1]);
   if (opt.enable_gqa) {
     TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "enable_gqa=True needs the number of query heads (", Hq,

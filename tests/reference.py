@@ -83,7 +83,8 @@ def reference_attention(
     if k.shape[-3] != Hq:
         assert enable_gqa, "Hq != Hkv needs enable_gqa"
         k64, v64 = expand_kv(k64, Hq), expand_kv(v64, Hq)
-    sc = (1.0 / math.sqrt(E)) if scale is None else float(scale)
+    # E = 0: every score is an empty sum, 0 whatever the scale (1 / sqrt(0) would make it 0 * inf)
+    sc = float(scale) if scale is not None else (1.0 / math.sqrt(E) if E > 0 else 1.0)
 
     scores = torch.matmul(q64, k64.transpose(-1, -2)) * sc  # (..., Hq, L, S)
     visible = window_visibility(L, S, is_causal, window_size, device=q.device)

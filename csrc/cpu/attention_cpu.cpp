@@ -6,6 +6,7 @@
 
 #include <mutex>
 
+#include "../composite.h"
 #include "../glue.h"
 #include "../philox.h"
 #include "../varlen.h"
@@ -57,13 +58,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool with_weights, bool average_heads) {
-  ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  ForwardSetup st = prepare_forward(q, k, v, mask, opt);
+  auto [seed, offset] = draw_seed(dropout_p);
+  if (zero_head_dim(st.p)) {
+    if (log_kernels()) log_kernel("cpu forward: head dim 0, in ATen operations");
+    at::Tensor rng = make_rng_state(seed, offset);
+    at::Tensor w = zero_head_dim_forward(st, q, k, v, mask, opt, rng, with_weights, average_heads);
+    return {st.out, st.lse, rng, with_weights ? w : at::Tensor()};
+  }
   at::Tensor w;
   if (with_weights) {
     w = empty_weights(q, k, average_heads);
     poison(w);
   }
-  auto [seed, offset] = draw_seed(dropout_p);
   st.p.seed = seed;
   st.p.offset = offset;
   if (log_kernels())
@@ -98,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     bool mask_grad) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
+  if (zero_head_dim(st.p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   read_rng_state(rng, dropout_p, st.p);
   st.p.deterministic = true;  // the CPU backward never uses atomics
   if (log_kernels()) log_kernel(cpu::describe_kernel("cpu backward", st.p, true));
@@ -108,7 +117,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt);
+  if (st.p.dim_qk == 0) {
+    zero_head_dim_probs(st, q, k, mask, opt, rng, false);
+    return st.probs;
+  }
   read_rng_state(rng, dropout_p, st.p);
   dispatch_dtype(q.scalar_type(), [&](auto t) {
     using T = decltype(t);

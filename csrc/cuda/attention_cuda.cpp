@@ -20,6 +20,7 @@
 #include <mutex>
 #include <sstream>
 
+#include "../composite.h"
 #include "../glue.h"
 #include "../varlen.h"
 #include "launch.h"
@@ -134,14 +135,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   c10::cuda::CUDAGuard guard(q.device());
-  ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  ForwardSetup st = prepare_forward(q, k, v, mask, opt);
   FwdParams& p = st.p;
   const LaunchEnv env = make_env(q);
 
   at::Tensor rng = draw_rng_state(q, dropout_p, env);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng.data_ptr<int64_t>();
 
-  if (p.len_q > 0 && p.batch * p.heads_q > 0) {
+  if (zero_head_dim(p)) {
+    if (log_kernels()) log_kernel("cuda forward: head dim 0, in ATen operations");
+    zero_head_dim_forward(st, q, k, v, mask, opt, rng, false, false);
+  } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
     const std::string ran = run_forward(p, env, q.options(), *find_fwd_or_fail(p), "cuda forward", [](auto&& fn) {
       C10_CUDA_CHECK(fn());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -161,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   c10::cuda::CUDAGuard guard(q.device());
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
   BwdParams& p = st.p;
+  if (zero_head_dim(p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   at::Tensor& dq4 = st.dq4;
   at::Tensor& dk4 = st.dk4;
   at::Tensor& dv4 = st.dv4;
@@ -196,9 +202,13 @@ at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const std::opt
                         const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                         std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
   c10::cuda::CUDAGuard guard(q.device());
-  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window),
-                                average_heads);
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt, average_heads);
   FwdParams& p = st.p;
+  if (p.dim_qk == 0) {
+    zero_head_dim_probs(st, q, k, mask, opt, rng, average_heads);
+    return st.probs;
+  }
   at::Tensor rng_dev;
   if (dropout_p > 0.0) {
     rng_dev = rng_on_device(rng, q);

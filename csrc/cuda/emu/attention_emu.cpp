@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "../../composite.h"
 #include "../../glue.h"
 #include "../../varlen.h"
 #include "../../schemas.h"
@@ -112,12 +113,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, 
                                                            double dropout_p, bool is_causal,
                                                            std::optional<double> scale, bool enable_gqa,
                                                            at::IntArrayRef window) {
-  ForwardSetup st = prepare_forward(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  ForwardSetup st = prepare_forward(q, k, v, mask, opt);
   FwdParams& p = st.p;
   const LaunchEnv env = make_env(q);
   at::Tensor rng = draw_rng_state(dropout_p);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng.data_ptr<int64_t>();  // the kernel reads it, as on the GPU
-  if (p.len_q > 0 && p.batch * p.heads_q > 0) {
+  if (zero_head_dim(p)) {
+    if (log_kernels()) log_kernel("emu forward: head dim 0, in ATen operations");
+    zero_head_dim_forward(st, q, k, v, mask, opt, rng, false, false);
+  } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
     const FwdEntry* e = find_fwd_or_fail(p);
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     Regions r({&st.q4, &st.k4, &st.v4, m});
@@ -136,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
   BwdParams& p = st.p;
+  if (zero_head_dim(p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   at::Tensor rng_c;
   if (dropout_p > 0.0) {
     rng_c = rng_state(rng);
@@ -165,9 +171,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
 at::Tensor weights_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                        const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                        std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
-  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, make_options(dropout_p, is_causal, scale, enable_gqa, window),
-                                average_heads);
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt, average_heads);
   FwdParams& p = st.p;
+  if (p.dim_qk == 0) {
+    zero_head_dim_probs(st, q, k, mask, opt, rng, average_heads);
+    return st.probs;
+  }
   at::Tensor rng_c;
   if (dropout_p > 0.0) {
     rng_c = rng_state(rng);

@@ -1,0 +1,175 @@
+"""A head dim of 0, which F.scaled_dot_product_attention accepts.
+
+E = 0 (query and key): every score is an empty sum, 0, so the weights are the softmax of the mask and the
+band alone and the output is their average of V; its gradients reach V and a float mask. Ev = 0: an empty
+output, while the log-sum-exp and the weights still come from Q Kᵀ. No kernel has an instantiation for either;
+every backend's ops take them in ATen operations (csrc/composite.h, zero_head_dim_*), after validating the
+call and drawing the dropout state as for any other. Checked on each backend (the CPU, the emulated sm_80 and
+sm_90 devices, a GPU) against the float64 reference, with PyTorch's own SDPA in the same dtype as the
+yardstick of the error."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention_ext
+from conftest import cuda_marks, dtype_id, emu_marks
+from reference import (ABS_FLOOR, assert_close_vs_baselines, dropout_keep_mask, reference_attention, reference_grads,
+                       window_visibility)
+
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("emu80", id="emu80", marks=emu_marks()),
+            pytest.param("emu90", id="emu90", marks=emu_marks()), pytest.param("cuda", id="cuda", marks=cuda_marks())]
+
+# (name, batch dims, Hq, Hkv, L, S, options): every feature of the ops at once, a few ways
+CASES = {
+    "plain": ((2,), 3, 3, 7, 9, {}),
+    "unbatched-causal-float-mask": ((), 2, 2, 9, 6, dict(is_causal=True, mask="float")),
+    "gqa-bool-mask-window": ((2, 1), 4, 2, 8, 11, dict(enable_gqa=True, mask="bool", window=(2, 3))),
+    "dropout-float-mask-scale": ((2,), 2, 1, 6, 10, dict(enable_gqa=True, mask="float", dropout_p=0.4, scale=-0.7)),
+}
+
+
+def _ops(backend, monkeypatch):
+    if backend.startswith("emu"):
+        import emu
+
+        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
+        return emu.ops, emu.attention
+    return torch.ops.attention_ext, lambda *a: attention_ext.attention(*a)
+
+
+def _inputs(case, E, Ev, dtype, device, seed):
+    batch, hq, hkv, L, S, o = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=f64).to(device=device, dtype=dtype)  # noqa: E731
+    q, k, v = rn(*batch, hq, L, E), rn(*batch, hkv, S, E), rn(*batch, hkv, S, Ev)
+    mask = None
+    if o.get("mask") == "float":
+        mask = (2 * rn(L, S)).requires_grad_()
+        with torch.no_grad():
+            mask[1, :] = -math.inf  # a row that sees no key: 0 and zero gradient
+            mask[2, 3] = -math.inf
+    elif o.get("mask") == "bool":
+        mask = torch.rand(hq, 1, S, generator=g) < 0.6
+        mask[0, 0, :] = False
+        mask = mask.to(device)
+    return q, k, v, mask, o
+
+
+# float64 on the CPU only (the CUDA kernels, emulated or not, have none)
+BACKEND_DTYPES = [pytest.param(b.values[0], dt, id=f"{b.id}-{dtype_id(dt)}", marks=b.marks)
+                  for b in BACKENDS for dt in (f32, f16, bf16, f64) if dt != f64 or b.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("dims", [(0, 24), (16, 0), (0, 0)], ids=lambda d: f"E{d[0]}-Ev{d[1]}")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_zero_head_dim(backend, dtype, case, dims, monkeypatch):
+    device = "cuda" if backend == "cuda" else "cpu"
+    ops, attn = _ops(backend, monkeypatch)
+    E, Ev = dims
+    q, k, v, mask, o = _inputs(case, E, Ev, dtype, device, seed=len(case) + 7 * E + Ev)
+    p, causal, scale, gqa = o.get("dropout_p", 0.0), o.get("is_causal", False), o.get("scale"), o.get("enable_gqa", False)
+    window = list(o.get("window", (-1, -1)))
+    mask_grad = mask is not None and mask.requires_grad
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(11)
+    out = attn(*leaves, mask, p, causal, scale, gqa, window)
+    do = torch.randn(out.shape, dtype=f64).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(out, leaves + ([mask] if mask_grad else []), do)
+    assert out.shape == (*q.shape[:-1], Ev) and out.dtype == dtype
+
+    keep = None
+    if p > 0:  # the forward's dropout mask, replayed
+        torch.manual_seed(11)
+        _, _, rng = ops._attention_forward(q, k, v, mask, p, causal, scale, gqa, window)
+        keep = dropout_keep_mask(rng.cpu(), q, k.shape[-2], p).to(device)
+    kw = dict(is_causal=causal, scale=scale, enable_gqa=gqa, window_size=window, dropout_p=p, dropout_mask=keep)
+    ref_out, ref_lse, *ref_grads = reference_grads(q, k, v, do, mask, mask_requires_grad=mask_grad, **kw)
+
+    # PyTorch's SDPA in the same dtype (its math path, on the CPU; rows that see no key give NaN there and set
+    # no tolerance), with the same dropout mask and the band as a boolean mask
+    bl = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    band = window_visibility(q.shape[-2], k.shape[-2], causal, window)
+    bmask = None if mask is None else mask.detach().cpu().requires_grad_(mask_grad)
+    smask = band.cpu() if mask is None else (
+        (band.cpu() & bmask) if bmask.dtype == torch.bool else bmask.to(dtype).masked_fill(~band.cpu(), -math.inf))
+    b_out = torch.ops.aten._scaled_dot_product_attention_math(
+        *bl, attn_mask=smask, dropout_p=p, dropout_mask=None if keep is None else keep.cpu(), scale=scale,
+        enable_gqa=gqa)[0]
+    b_grads = torch.autograd.grad(b_out, bl + ([bmask] if mask_grad else []), do.cpu(), allow_unused=True)
+
+    names = ("out", "dq", "dk", "dv", "dmask")
+    for name, ours, ref, base in zip(names, (out, *grads), (ref_out, *ref_grads), (b_out, *b_grads)):
+        if base is None:  # PyTorch's graph has no path to it (an empty output): the gradient is 0
+            base = torch.zeros_like(ref)
+        assert ours.shape == ref.shape and ours.dtype == (mask.dtype if name == "dmask" else dtype), name
+        assert_close_vs_baselines(f"{name} ({backend}, {case}, E={E}, Ev={Ev})", ours, ref, [base], dtype)
+    if Ev == 0:  # nothing flows back through an empty output
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+
+    # the log-sum-exp and the weights (per head, and their mean over the heads), with the same dropout draw
+    torch.manual_seed(11)
+    _, lse, rng, w = ops._attention_forward_weights(q, k, v, mask, p, causal, scale, gqa, window, False)
+    assert lse.dtype == (f64 if dtype == f64 else f32)
+    assert_close_vs_baselines("logsumexp", lse, ref_lse, [], dtype, floor=4 * ABS_FLOOR[f32])
+    r = reference_attention(q, k, v, mask, **kw)
+    base = _torch_weights(q, k, smask, keep, p, scale, gqa)  # as nn.MultiheadAttention computes its weights
+    assert_close_vs_baselines("weights", w, r.probs_dropped, [base], dtype)
+    torch.manual_seed(11)
+    *_, w_mean = ops._attention_forward_weights(q, k, v, mask, p, causal, scale, gqa, window, True)
+    assert_close_vs_baselines("head-mean weights", w_mean, r.probs_dropped.mean(-3), [base.float().mean(-3).to(dtype)],
+                              dtype)
+    probs = ops.attention_probs(q, k, mask, lse, rng, p, causal, scale, gqa, window)
+    assert_close_vs_baselines("attention_probs", probs, r.probs_dropped, [base], dtype)
+
+
+def _torch_weights(q, k, smask, keep, p, scale, gqa):
+    """PyTorch's way to the weights: the softmax of float32 scores (rows that see no key 0), dropped and scaled
+    like the output, rounded to the dtype."""
+    kk = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) if gqa else k
+    sc = scale if scale is not None else (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0)
+    s = (q.float() @ kk.float().transpose(-1, -2)).cpu() * sc
+    s = s.masked_fill(~smask, -math.inf) if smask.dtype == torch.bool else s + smask.detach().float()
+    w = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if keep is not None:
+        w = w * keep.cpu() / (1.0 - p)
+    return w.to(q.dtype)
+
+def test_zero_head_dim_gradcheck():
+    """float64 gradcheck and gradgradcheck of the op with E = 0 (gradients reach V and the float mask) and with
+    Ev = 0, through the fused ops' path and the ATen composite of the double backward."""
+    g = torch.Generator().manual_seed(3)
+    for E, Ev in ((0, 5), (4, 0)):
+        q = torch.randn(2, 4, 6, E, dtype=f64, generator=g, requires_grad=True)
+        k = torch.randn(2, 2, 7, E, dtype=f64, generator=g, requires_grad=True)
+        v = torch.randn(2, 2, 7, Ev, dtype=f64, generator=g, requires_grad=True)
+        m = torch.randn(6, 7, dtype=f64, generator=g, requires_grad=True)
+
+        def fn(q, k, v, m):
+            return attention_ext.attention(q, k, v, m, is_causal=True, enable_gqa=True, window_size=(3, -1))
+
+        assert torch.autograd.gradcheck(fn, (q, k, v, m))
+        assert torch.autograd.gradgradcheck(fn, (q, k, v, m))
+
+
+def test_zero_head_dim_dropin_and_module_paths():
+    """The SDPA drop-in runs E = 0 on the op (no longer handed to PyTorch) and matches SDPA; torch.compile traces
+    it (the Meta kernels take E = 0); variable-length attention refuses it with a message that names it."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(3, 5, 0, generator=g), torch.randn(3, 8, 0, generator=g)
+    v = torch.randn(3, 8, 6, generator=g)
+    mask = torch.randn(5, 8, generator=g)
+    ours = attention_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(ours, torch.softmax(mask, -1) @ v, rtol=2e-6, atol=2e-6)
+    compiled = torch.compile(lambda q, k, v, m: attention_ext.attention(q, k, v, m), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask), ours, rtol=0, atol=0)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"variable-length attention needs head dims of at least 1, got query 0"):
+        attention_ext.attention_varlen(torch.randn(5, 2, 0), torch.randn(5, 2, 0), torch.randn(5, 2, 4), cu, cu)
