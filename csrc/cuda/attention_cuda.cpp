@@ -20,10 +20,10 @@
 #include <mutex>
 #include <sstream>
 
-#include "../composite.h"
 #include "../glue.h"
 #include "../varlen.h"
 #include "launch.h"
+#include "ops_glue.h"
 #include "rng_state.h"
 #include "sm90_selftest_glue.h"
 #include "workspace.h"
@@ -107,10 +107,6 @@ at::Tensor rng_on_device(const at::Tensor& rng, const at::Tensor& q) {
   return r.contiguous();
 }
 
-void set_common_rng(FwdParams& p, const at::Tensor& rng_dev, double dropout_p) {
-  if (dropout_p > 0.0) p.seed_offset_ptr = rng_dev.data_ptr<int64_t>();
-}
-
 // The forward's rng_state: with dropout, Philox (seed, offset) from torch's CUDA generator. Under graph capture
 // the state holds device pointers that each replay refreshes: the one-thread kernel unpacks it on the device
 // into rng_state, which the attention kernel (and the backward) then read. Zeros without dropout.
@@ -131,30 +127,38 @@ at::Tensor draw_rng_state(const at::Tensor& q, double dropout_p, const LaunchEnv
   return rng;
 }
 
+// The GPU as ops_glue.h's device policy.
+struct CudaDev {
+  static constexpr const char* kName = "cuda";
+  c10::cuda::CUDAGuard guard(const at::Tensor& q) const { return c10::cuda::CUDAGuard(q.device()); }
+  LaunchEnv env(const at::Tensor& q) const { return make_env(q); }
+  at::Tensor draw_rng(const at::Tensor& q, double dropout_p, const LaunchEnv& env) const {
+    return draw_rng_state(q, dropout_p, env);
+  }
+  at::Tensor rng_for_kernels(const at::Tensor& rng, const at::Tensor& q) const { return rng_on_device(rng, q); }
+  const FwdEntry& fwd(const FwdParams& p) const { return *find_fwd_or_fail(p); }
+  const BwdEntry& bwd(const BwdParams& p) const {
+    const BwdEntry* e = find_bwd(p.dtype, needed_head_dim(p));
+    if (e == nullptr) compiled_out(true, p.dtype, needed_head_dim(p));
+    return *e;
+  }
+  template <class Fn>
+  void launch(const char*, Fn&& fn) const {
+    C10_CUDA_CHECK(fn());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  auto fwd_launcher(const ForwardSetup&) const {
+    return [this](auto&& fn) { launch("forward", fn); };
+  }
+  auto bwd_launcher(const BackwardSetup&) const {
+    return [this](const char* what, const BwdWorkspace&, auto&& fn) { launch(what, fn); };
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  c10::cuda::CUDAGuard guard(q.device());
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  ForwardSetup st = prepare_forward(q, k, v, mask, opt);
-  FwdParams& p = st.p;
-  const LaunchEnv env = make_env(q);
-
-  at::Tensor rng = draw_rng_state(q, dropout_p, env);
-  if (dropout_p > 0.0) p.seed_offset_ptr = rng.data_ptr<int64_t>();
-
-  if (zero_head_dim(p)) {
-    if (log_kernels()) log_kernel("cuda forward: head dim 0, in ATen operations");
-    zero_head_dim_forward(st, q, k, v, mask, opt, rng, false, false);
-  } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    const std::string ran = run_forward(p, env, q.options(), *find_fwd_or_fail(p), "cuda forward", [](auto&& fn) {
-      C10_CUDA_CHECK(fn());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    if (log_kernels()) log_kernel(ran);
-  }
-  finish_forward(st);
-  return {st.out, st.lse, rng};
+  return forward_op(CudaDev{}, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -162,65 +166,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool mask_grad) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  c10::cuda::CUDAGuard guard(q.device());
-  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
-  BwdParams& p = st.p;
-  if (zero_head_dim(p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
-  at::Tensor& dq4 = st.dq4;
-  at::Tensor& dk4 = st.dk4;
-  at::Tensor& dv4 = st.dv4;
-  at::Tensor rng_dev;
-  if (dropout_p > 0.0) {
-    rng_dev = rng_on_device(rng, q);
-    set_common_rng(p, rng_dev, dropout_p);
-  }
-  p.deterministic = at::globalContext().deterministicAlgorithms();
-
-  if (p.len_q == 0 || p.len_k == 0 || p.batch * p.heads_q == 0) {
-    // nothing to attend to: every gradient is zero
-    dq4.zero_();
-    dk4.zero_();
-    dv4.zero_();
-  } else {
-    const LaunchEnv env = make_env(q);
-    const BwdEntry* e = find_bwd(p.dtype, needed_head_dim(p));
-    if (e == nullptr) compiled_out(true, p.dtype, needed_head_dim(p));
-
-    const std::string ran = run_backward(p, env, q.options(), *find_fwd_or_fail(p), *e, "cuda backward",
-                                         [](const char*, const BwdWorkspace&, auto&& fn) {
-                                           C10_CUDA_CHECK(fn());
-                                           C10_CUDA_KERNEL_LAUNCH_CHECK();
-                                         });
-    if (log_kernels()) log_kernel(ran);
-  }
-  return finish_backward(st, mask, q);
+  return backward_op(CudaDev{}, grad_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
+                     window, mask_grad);
 }
 
-// The attention weights, or with average_heads their mean over the heads (never the per-head ones in memory).
 at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                         const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                         std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
-  c10::cuda::CUDAGuard guard(q.device());
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt, average_heads);
-  FwdParams& p = st.p;
-  if (p.dim_qk == 0) {
-    zero_head_dim_probs(st, q, k, mask, opt, rng, average_heads);
-    return st.probs;
-  }
-  at::Tensor rng_dev;
-  if (dropout_p > 0.0) {
-    rng_dev = rng_on_device(rng, q);
-    set_common_rng(p, rng_dev, dropout_p);
-  }
-  if (st.probs.numel() > 0) {
-    const LaunchEnv env = make_env(q);
-    at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env, average_heads));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return st.probs;
+  return weights_op(CudaDev{}, q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads);
 }
 
 at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,

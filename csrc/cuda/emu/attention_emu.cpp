@@ -19,11 +19,11 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "../../composite.h"
 #include "../../glue.h"
 #include "../../varlen.h"
 #include "../../schemas.h"
 #include "../launch.h"
+#include "../ops_glue.h"
 #include "../workspace.h"
 #include "simt.h"
 
@@ -108,29 +108,43 @@ at::Tensor draw_rng_state(double dropout_p) {
   return rng;
 }
 
+// The emulator as ops_glue.h's device policy: CPU tensors, seeds from torch's CPU generator, the tensors' byte
+// ranges registered for the emulator's bounds checks around each launch, emulator faults as Python exceptions.
+struct EmuDev {
+  static constexpr const char* kName = "emu";
+  struct NoGuard {};
+  NoGuard guard(const at::Tensor&) const { return {}; }
+  LaunchEnv env(const at::Tensor& q) const { return make_env(q); }
+  at::Tensor draw_rng(const at::Tensor&, double dropout_p, const LaunchEnv&) const { return draw_rng_state(dropout_p); }
+  at::Tensor rng_for_kernels(const at::Tensor& rng, const at::Tensor&) const { return rng_state(rng); }
+  const FwdEntry& fwd(const FwdParams& p) const { return *find_fwd_or_fail(p); }
+  const BwdEntry& bwd(const BwdParams& p) const {
+    const BwdEntry* e = find_bwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
+    TORCH_CHECK(e != nullptr, "attention_ext_emu: no backward kernel for this dtype / head dim in this build");
+    return *e;
+  }
+  template <class Fn>
+  void launch(const char* what, Fn&& fn) const { run(what, fn); }
+  auto fwd_launcher(const ForwardSetup& st) const {
+    return [&st](auto&& fn) {
+      Regions r({&st.q4, &st.k4, &st.v4, st.m4 ? &*st.m4 : nullptr});
+      run("forward", fn);
+    };
+  }
+  auto bwd_launcher(const BackwardSetup& st) const {
+    return [&st](const char* what, const BwdWorkspace& ws, auto&& fn) {
+      Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, st.m4 ? &*st.m4 : nullptr});
+      run(what, fn);
+    };
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                            double dropout_p, bool is_causal,
                                                            std::optional<double> scale, bool enable_gqa,
                                                            at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  ForwardSetup st = prepare_forward(q, k, v, mask, opt);
-  FwdParams& p = st.p;
-  const LaunchEnv env = make_env(q);
-  at::Tensor rng = draw_rng_state(dropout_p);
-  if (dropout_p > 0.0) p.seed_offset_ptr = rng.data_ptr<int64_t>();  // the kernel reads it, as on the GPU
-  if (zero_head_dim(p)) {
-    if (log_kernels()) log_kernel("emu forward: head dim 0, in ATen operations");
-    zero_head_dim_forward(st, q, k, v, mask, opt, rng, false, false);
-  } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    const FwdEntry* e = find_fwd_or_fail(p);
-    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
-    Regions r({&st.q4, &st.k4, &st.v4, m});
-    const std::string ran = run_forward(p, env, q.options(), *e, "emu forward", [&](auto&& fn) { run("forward", fn); });
-    if (log_kernels()) log_kernel(ran);
-  }
-  finish_forward(st);
-  return {st.out, st.lse, rng};
+  return forward_op(EmuDev{}, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
@@ -138,58 +152,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
     bool mask_grad) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
-  BwdParams& p = st.p;
-  if (zero_head_dim(p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
-  at::Tensor rng_c;
-  if (dropout_p > 0.0) {
-    rng_c = rng_state(rng);
-    p.seed_offset_ptr = rng_c.data_ptr<int64_t>();
-  }
-  p.deterministic = at::globalContext().deterministicAlgorithms();
-  if (p.len_q == 0 || p.len_k == 0 || p.batch * p.heads_q == 0) {
-    st.dq4.zero_();
-    st.dk4.zero_();
-    st.dv4.zero_();
-  } else {
-    const LaunchEnv env = make_env(q);
-    const BwdEntry* e = find_bwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
-    TORCH_CHECK(e != nullptr, "attention_ext_emu: no backward kernel for this dtype / head dim in this build");
-    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
-    const std::string ran = run_backward(p, env, q.options(), *find_fwd_or_fail(p), *e, "emu backward",
-                                         [&](const char* what, const BwdWorkspace& ws, auto&& fn) {
-                                           Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats,
-                                                      &ws.dq_accum, m});
-                                           run(what, fn);
-                                         });
-    if (log_kernels()) log_kernel(ran);
-  }
-  return finish_backward(st, mask, q);
+  return backward_op(EmuDev{}, grad_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
+                     mask_grad);
 }
 
 at::Tensor weights_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                        const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                        std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt, average_heads);
-  FwdParams& p = st.p;
-  if (p.dim_qk == 0) {
-    zero_head_dim_probs(st, q, k, mask, opt, rng, average_heads);
-    return st.probs;
-  }
-  at::Tensor rng_c;
-  if (dropout_p > 0.0) {
-    rng_c = rng_state(rng);
-    p.seed_offset_ptr = rng_c.data_ptr<int64_t>();
-  }
-  if (st.probs.numel() > 0) {
-    const LaunchEnv env = make_env(q);
-    at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
-    run("attention_probs",
-        [&] { return launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env, average_heads); });
-  }
-  return st.probs;
+  return weights_op(EmuDev{}, q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads);
 }
 
 at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
