@@ -1,11 +1,14 @@
-"""Racecheck: the CUDA kernels' shared-memory accesses proven ordered on the CPU emulator.
+"""Racecheck: the CUDA kernels' shared- and global-memory accesses proven ordered on the CPU emulator.
 
 With ATTENTION_EXT_EMU_RACECHECK=1 the emulator (csrc/cuda/emu/racecheck.h) gives every CUDA thread a
 vector clock, takes every way the kernels order threads (__syncthreads, named barriers, warp collectives,
 mbarriers, the waits of cp.async / TMA / wgmma) as an edge, keeps asynchronous copies and wgmma operand
 reads in flight from issue to completion, and checks every load and store of dynamic shared memory (seen
 through GCC's -fsanitize=thread instrumentation) against the last write and the reads since: what
-compute-sanitizer's racecheck does on a GPU, for code no GPU has run yet.
+compute-sanitizer's racecheck does on a GPU, for code no GPU has run yet. Global memory (the tensors the glue
+hands a launch: inputs, outputs, workspaces) is checked too, which compute-sanitizer's racecheck does not: within
+a CTA with the same edges, and between the CTAs of a launch, which nothing orders: a byte one CTA writes may not
+be read or written by another unless both accesses are atomic.
 
 What these tests pin down: each kind of race is caught, with both threads named, in small kernels that
 have it (and the same kernels without it pass); the attention kernels, sm80 and Hopper, forward and
@@ -41,6 +44,15 @@ RACES = [
                           r"\(a TMA load\) is not ordered before it"),
     ("race_wgmma_released", r"thread 0 .* writes shared memory at byte 0x400 \(a TMA load\) while the read of "
                             r"thread \d+ .* \(a wgmma A operand\) is not ordered before it"),
+    # global memory (the launch's registered tensors): between CTAs, nothing but atomics may share a byte
+    ("race_global_ctas", r"thread 0 .* of CTA [01] writes global memory at 0x[0-9a-f]+ \(a store\) that CTA [01] "
+                         r"wrote \(a store\) in the same launch: a write-after-write race between CTAs"),
+    ("race_global_atomic", r"of CTA [01] (reads|writes) global memory at 0x[0-9a-f]+ \((a load|an atomic update)\) "
+                           r"that CTA [01] (wrote|read) .* race between CTAs"),
+    # ... and within a CTA, the same happens-before edges as shared memory (either order of the two threads)
+    ("race_global_raw", r"thread [01] .* of CTA 0 (reads|writes) global memory at 0x[0-9a-f]+ \(a (load|store)\) "
+                        r"while the (write|read) of thread [01] .* is not ordered before it: a "
+                        r"(read-after-write|write-after-read) race"),
 ]
 
 
@@ -51,6 +63,8 @@ def test_racecheck_catches_races(racecheck, fault, message):
     the wgmma reading it was waited for) pass."""
     emu.ops._selftest("clean")
     emu.ops._selftest("sm90_clean")
+    emu.ops._selftest("global_clean")  # disjoint words per CTA, a barrier-ordered read, atomics on one word
+    emu.ops._selftest("grid_atomics")  # 64 CTAs adding to two words (atomicAdd, red.global.add)
     with pytest.raises(RuntimeError, match="racecheck: .*" + message):
         emu.ops._selftest(fault)
 

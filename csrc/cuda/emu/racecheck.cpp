@@ -13,7 +13,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "simt.h"
 
@@ -60,6 +64,7 @@ struct State {
   std::vector<int32_t> free_vecs;
   int32_t vecs = 0;
   int cur = -1;
+  int64_t cta = -1;  // the CTA's linear index in the grid
   bool failed = false;
   std::string failure;
 };
@@ -202,6 +207,102 @@ AE_NO_TSAN inline bool words(const State& s, uint32_t off, size_t bytes, size_t&
   return true;
 }
 
+// ---- global memory: one shadow per launch, shared by the OS threads that run its CTAs (under a mutex) ----
+
+// One byte of a registered tensor: its last write and last plain read, each with its CTA and its thread's
+// epoch; reads from more than one CTA since the last write are only counted.
+struct GCell {
+  int64_t w_cta = -1;  // -1: not written in this launch
+  int32_t w_tid = -1;
+  uint32_t w_clk = 0;
+  bool w_atomic = false;
+  bool r_multi = false;  // plain reads by two CTAs or more since the last write
+  int64_t r_cta = -1;    // -1: no plain read since the last write
+  int32_t r_tid = -1;
+  uint32_t r_clk = 0;
+  const char* w_what = nullptr;
+  const char* r_what = nullptr;
+};
+
+std::atomic<bool> g_global{false};
+std::mutex g_gmu;
+std::vector<std::pair<uintptr_t, uintptr_t>> g_gregions;  // [lo, hi), fixed for the launch
+std::unordered_map<uintptr_t, GCell> g_gcells;
+
+AE_NO_TSAN bool in_global(uintptr_t a) {
+  for (const auto& r : g_gregions)
+    if (a >= r.first && a < r.second) return true;
+  return false;
+}
+
+AE_NO_TSAN std::string cta_name(int64_t c) { return "CTA " + std::to_string(c); }
+
+AE_NO_TSAN void fail_global(State& s, uintptr_t a, int t, const char* what, bool write, const std::string& against) {
+  if (s.failed) return;
+  s.failed = true;
+  s.failure = "racecheck: " + simt::where() + ": " + thread_name(t) + " of " + cta_name(s.cta) + " " +
+              (write ? "writes" : "reads") + " global memory at " + hex(a) + " (" + what + ") " + against;
+}
+
+// Checks, then records, one access of the current thread to global bytes [a, a + bytes) of a registered tensor.
+AE_NO_TSAN void global_access(uintptr_t a, size_t bytes, bool write, bool atomic) {
+  State* s = live();
+  if (s == nullptr) return;
+  const int t = s->cur;
+  const uint32_t* my = s->vc + static_cast<size_t>(t) * s->n;
+  const uint32_t clk = my[t];
+  const char* what = atomic ? (write ? "an atomic update" : "an atomic load") : (write ? "a store" : "a load");
+  std::lock_guard<std::mutex> lock(g_gmu);
+  for (size_t i = 0; i < bytes && !s->failed; ++i) {
+    GCell& c = g_gcells[a + i];
+    if (c.w_cta >= 0 && !(atomic && c.w_atomic)) {
+      const char* hazard = write ? "write-after-write" : "read-after-write";
+      if (c.w_cta != s->cta) {
+        fail_global(*s, a + i, t, what, write,
+                    std::string("that ") + cta_name(c.w_cta) + " wrote (" + (c.w_what ? c.w_what : "?") +
+                        ") in the same launch: a " + hazard +
+                        " race between CTAs (nothing orders the CTAs of a launch; only atomics may share a byte)");
+      } else if (c.w_tid != t && c.w_clk > my[c.w_tid]) {
+        fail_global(*s, a + i, t, what, write,
+                    "while the write of " + thread_name(c.w_tid) + " (" + (c.w_what ? c.w_what : "?") +
+                        ") is not ordered before it: a " + hazard + " race (no barrier or mbarrier wait between)");
+      }
+    }
+    if (s->failed) break;
+    if (write) {
+      if (c.r_multi || (c.r_cta >= 0 && c.r_cta != s->cta)) {
+        const std::string readers = c.r_multi ? std::string("other CTAs") : cta_name(c.r_cta);
+        fail_global(*s, a + i, t, what, write,
+                    "that " + readers + " read (" + (c.r_what ? c.r_what : "?") +
+                        ") in the same launch: a write-after-read race between CTAs");
+      } else if (c.r_cta == s->cta && c.r_tid != t && c.r_clk > my[c.r_tid]) {
+        fail_global(*s, a + i, t, what, write,
+                    "while the read of " + thread_name(c.r_tid) + " (" + (c.r_what ? c.r_what : "?") +
+                        ") is not ordered before it: a write-after-read race (no barrier or mbarrier wait between)");
+      }
+      if (s->failed) break;
+      c.w_cta = s->cta;
+      c.w_tid = t;
+      c.w_clk = clk;
+      c.w_atomic = atomic;
+      c.w_what = what;
+      c.r_cta = -1;
+      c.r_multi = false;
+    } else if (!atomic) {
+      if (c.r_cta >= 0 && c.r_cta != s->cta) c.r_multi = true;
+      c.r_cta = s->cta;
+      c.r_tid = t;
+      c.r_clk = clk;
+      c.r_what = what;
+    }
+  }
+}
+
+AE_NO_TSAN __attribute__((noinline)) void hook_global(const void* p, size_t bytes, bool write, bool atomic) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (in_global(a)) global_access(a, bytes, write, atomic);
+}
+
 AE_NO_TSAN __attribute__((noinline)) void hook_slow(const void* p, size_t bytes, bool write) {
   State* s = live();
   if (s == nullptr) return;
@@ -230,6 +331,13 @@ AE_NO_TSAN inline __attribute__((always_inline)) void hook(const void* p, size_t
       return;
     }
   }
+  if (g_global.load(std::memory_order_relaxed)) hook_global(p, bytes, write, false);
+}
+
+// An atomic access (the instrumentation's atomic entry points) of the kernels to global memory.
+AE_NO_TSAN inline __attribute__((always_inline)) void hook_atomic(const volatile void* p, size_t bytes, bool write) {
+  if (__builtin_expect(!g_global.load(std::memory_order_relaxed), 1)) return;
+  hook_global(const_cast<const void*>(p), bytes, write, true);
 }
 
 }  // namespace
@@ -248,7 +356,25 @@ AE_NO_TSAN bool wanted() {
   return true;
 }
 
-AE_NO_TSAN void begin_cta(int threads, unsigned char* smem, size_t bytes) {
+AE_NO_TSAN void begin_launch(const std::vector<std::pair<const unsigned char*, size_t>>& regions) {
+  std::lock_guard<std::mutex> lock(g_gmu);
+  g_gregions.clear();
+  for (const auto& r : regions) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(r.first);
+    g_gregions.emplace_back(lo, lo + r.second);
+  }
+  g_gcells.clear();
+  g_global.store(!g_gregions.empty());
+}
+
+AE_NO_TSAN void end_launch() {
+  std::lock_guard<std::mutex> lock(g_gmu);
+  g_global.store(false);
+  g_gregions.clear();
+  g_gcells.clear();
+}
+
+AE_NO_TSAN void begin_cta(int threads, unsigned char* smem, size_t bytes, int64_t cta) {
   State* s = t_spare != nullptr ? t_spare : new State;
   t_spare = nullptr;
   s->n = threads;
@@ -264,6 +390,7 @@ AE_NO_TSAN void begin_cta(int threads, unsigned char* smem, size_t bytes) {
   s->vecs = 0;
   s->free_vecs.clear();
   s->cur = -1;
+  s->cta = cta;
   s->failed = false;
   s->failure.clear();
   t_state = s;
@@ -403,7 +530,8 @@ AE_NO_TSAN void in_flight(uint32_t off, size_t bytes, bool write, int delta) {
 #define AE_HOOK extern "C" __attribute__((visibility("hidden"), no_sanitize("thread"), used))
 
 namespace {
-using attention_ext::simt::race::hook;  // NOLINT
+using attention_ext::simt::race::hook;         // NOLINT
+using attention_ext::simt::race::hook_atomic;  // NOLINT
 }
 
 #define AE_RW_HOOKS(N)                                                                  \
@@ -430,12 +558,22 @@ AE_HOOK void __tsan_func_exit() {}
 AE_HOOK void __tsan_vptr_update(void**, void*) {}
 AE_HOOK void __tsan_vptr_read(void**) {}
 
-#define AE_ATOMIC_RMW(N, T, OP) \
-  AE_HOOK T __tsan_atomic##N##_##OP(volatile T* a, T v, int) { return __atomic_##OP(a, v, __ATOMIC_SEQ_CST); }
+#define AE_ATOMIC_RMW(N, T, OP)                                  \
+  AE_HOOK T __tsan_atomic##N##_##OP(volatile T* a, T v, int) {   \
+    hook_atomic(a, sizeof(T), true);                             \
+    return __atomic_##OP(a, v, __ATOMIC_SEQ_CST);                \
+  }
 #define AE_ATOMIC_HOOKS(N, T)                                                                                   \
-  AE_HOOK T __tsan_atomic##N##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
-  AE_HOOK void __tsan_atomic##N##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+  AE_HOOK T __tsan_atomic##N##_load(const volatile T* a, int) {                                                 \
+    hook_atomic(a, sizeof(T), false);                                                                           \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                                \
+  }                                                                                                             \
+  AE_HOOK void __tsan_atomic##N##_store(volatile T* a, T v, int) {                                              \
+    hook_atomic(a, sizeof(T), true);                                                                            \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                                   \
+  }                                                                                                             \
   AE_HOOK T __tsan_atomic##N##_exchange(volatile T* a, T v, int) {                                              \
+    hook_atomic(a, sizeof(T), true);                                                                            \
     return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                         \
   }                                                                                                             \
   AE_ATOMIC_RMW(N, T, fetch_add)                                                                                \
@@ -445,12 +583,15 @@ AE_HOOK void __tsan_vptr_read(void**) {}
   AE_ATOMIC_RMW(N, T, fetch_xor)                                                                                \
   AE_ATOMIC_RMW(N, T, fetch_nand)                                                                               \
   AE_HOOK int __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                  \
+    hook_atomic(a, sizeof(T), true);                                                                            \
     return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                     \
   }                                                                                                             \
   AE_HOOK int __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                    \
+    hook_atomic(a, sizeof(T), true);                                                                            \
     return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                      \
   }                                                                                                             \
   AE_HOOK T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                        \
+    hook_atomic(a, sizeof(T), true);                                                                            \
     __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                           \
     return c;                                                                                                   \
   }

@@ -31,12 +31,24 @@
 //   wgmma         reads its shared-memory operands, from the issue of its last
 //                 thread to its execution (the first wait that needs it)
 //   TMA reduce    reads its source, from issue to the bulk wait_group
+// Global memory (the launch's registered tensors), checked byte by byte too:
+//   within a CTA      the same happens-before edges (bar.sync and mbarriers
+//                     order global accesses as well); the last write and the
+//                     last read of each byte are kept (a write racing with an
+//                     earlier, unordered reader that a later read replaced is
+//                     missed, never reported falsely)
+//   between CTAs      nothing orders them: a byte written by one CTA and read
+//                     or written by another in the same launch is a race,
+//                     unless both accesses are atomic (atomicAdd, red.add)
+// The emulator's own copies (cp.async / TMA loads, TMA reduces) are not seen
+// there: they read the inputs, or add atomically.
 // The first race of a CTA is reported (simt::Error) when its thread next
 // yields; the report names both threads and both accesses.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace attention_ext {
@@ -49,10 +61,16 @@ using Clock = std::vector<uint32_t>;
 // The running CTA is checked.
 bool on();
 
+// Launch lifetime (simt.cpp's run_grid, with racecheck on): the global memory
+// checked is the launch's registered regions (simt::add_global_region: the
+// tensors the glue hands the kernels); its shadow lives for the launch.
+void begin_launch(const std::vector<std::pair<const unsigned char*, size_t>>& regions);
+void end_launch();
 // CTA lifetime (simt.cpp): begin after shared memory is filled, end when the
-// CTA ends; set_current when the scheduler switches fibers (-1: none).
+// CTA ends; set_current when the scheduler switches fibers (-1: none). cta:
+// the CTA's linear index in the grid.
 bool wanted();  // ATTENTION_EXT_EMU_RACECHECK (for the launch being set up)
-void begin_cta(int threads, unsigned char* smem, size_t bytes);
+void begin_cta(int threads, unsigned char* smem, size_t bytes, int64_t cta);
 void end_cta();
 void set_current(int rank);
 // The report of the CTA's first race ("" if none).

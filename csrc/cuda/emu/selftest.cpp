@@ -4,6 +4,7 @@
 // and that a correct kernel passes).
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
 #include "../hopper/sm90_ptx.cuh"
@@ -256,14 +257,68 @@ __global__ void grid_selftest_kernel(bool fault, float* out) {
   }
 }
 
+// Global-memory racecheck: two CTAs of 32 threads over the registered float out[8].
+//   global_clean          each CTA writes its own word, a barrier orders a read of it, and every thread adds
+//                         to out[4] atomically
+//   race_global_ctas      thread 0 of both CTAs writes out[0]
+//   race_global_raw       CTA 0: thread 0 writes out[1], thread 1 reads it, nothing between
+//   race_global_atomic    CTA 0 adds to out[3] atomically, CTA 1 reads it with a plain load
+__global__ void global_selftest_kernel(int fault, float* out) {
+  const int tid = threadIdx.x, b = blockIdx.x;
+  switch (fault) {
+    case 0:
+      if (tid == 0) out[b] = 1.f;
+      __syncthreads();
+      if (tid == 1) out[2 + b] = out[b] + 1.f;
+      atomicAdd(out + 4, 1.f);
+      break;
+    case 1:
+      if (tid == 0) out[0] = static_cast<float>(b);
+      break;
+    case 2:
+      if (b == 0 && tid == 0) out[1] = 1.f;
+      if (b == 0 && tid == 1) out[5] = out[1];
+      break;
+    case 3:
+      if (b == 0 && tid == 0) atomicAdd(out + 3, 1.f);
+      if (b == 1 && tid == 0) out[6] = out[3];
+      break;
+  }
+}
+
 void selftest(std::string kind) {
+  static const char* kGlobalNames[] = {"global_clean", "race_global_ctas", "race_global_raw", "race_global_atomic"};
+  for (int i = 0; i < 4; ++i) {
+    if (kind != kGlobalNames[i]) continue;
+    alignas(16) static float out[8];
+    std::fill(out, out + 8, 0.f);
+    simt::clear_global_regions();
+    simt::add_global_region(out, sizeof(out));
+    try {
+      const cudaError_t e = launch_kernel(global_selftest_kernel, 2, 32, 0, 0, nullptr, "global_selftest_kernel", i,
+                                          static_cast<float*>(out));
+      simt::clear_global_regions();
+      TORCH_CHECK(e == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
+    } catch (const simt::Error& e) {
+      simt::clear_global_regions();
+      TORCH_CHECK(false, "attention_ext_emu: ", e.what());
+    }
+    TORCH_CHECK(i != 0 || (out[2] == 2.f && out[3] == 2.f && out[4] == 64.f), "_selftest: global_clean computed ",
+                out[2], ", ", out[3], ", ", out[4]);
+    return;
+  }
+
   if (kind == "grid_atomics" || kind == "grid_fault") {
     alignas(16) float out[2] = {0.f, 0.f};
+    simt::clear_global_regions();
+    simt::add_global_region(out, sizeof(out));  // (racecheck: the atomics of 64 CTAs on two words, no race)
     try {
       const cudaError_t e = launch_kernel(grid_selftest_kernel, 64, 64, 0, 0, nullptr, "grid_selftest_kernel",
                                           kind == "grid_fault", static_cast<float*>(out));
+      simt::clear_global_regions();
       TORCH_CHECK(e == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
     } catch (const simt::Error& e) {
+      simt::clear_global_regions();
       TORCH_CHECK(false, "attention_ext_emu: ", e.what());
     }
     TORCH_CHECK(kind == "grid_fault" || (out[0] == 64 * 64 * 100 && out[1] == 64 * 64 * 50), "_selftest: ", kind,

@@ -282,11 +282,12 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
     w.done.clear();
   }
   struct RaceCta {  // racecheck's state of this CTA, from here to its end (or fault)
-    explicit RaceCta(bool on, int n, Launch& L) {
-      if (on) race::begin_cta(n, L.smem.data(), L.smem_bytes);
+    explicit RaceCta(bool on, int n, Launch& L, int64_t cta) {
+      if (on) race::begin_cta(n, L.smem.data(), L.smem_bytes, cta);
     }
     ~RaceCta() { race::end_cta(); }
-  } race_cta(L.racecheck, n, L);
+  } race_cta(L.racecheck, n, L,
+             static_cast<int64_t>(bidx.x) + static_cast<int64_t>(grid.x) * (bidx.y + static_cast<int64_t>(grid.y) * bidx.z));
   for (int i = 0; i < n; ++i) {
     Fiber& f = L.fibers[i];
     f.v.thread_idx = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
@@ -617,6 +618,15 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void
   const bool racecheck = race::wanted();
   const int workers = static_cast<int>(std::min<size_t>(static_cast<size_t>(workers_from_env()), blocks));
   const auto regions = g_regions;
+  struct RaceLaunch {  // racecheck's shadow of the launch's global memory
+    RaceLaunch(bool on, const std::vector<std::pair<const unsigned char*, size_t>>& r) : on(on) {
+      if (on) race::begin_launch(r);
+    }
+    ~RaceLaunch() {
+      if (on) race::end_launch();
+    }
+    bool on;
+  } race_launch(racecheck, regions);
 
   // Blocks are handed out in x-fastest order. After a fault no new block
   // starts; the fault of the lowest block is reported, which is the one the
