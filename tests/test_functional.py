@@ -59,7 +59,14 @@ def test_sdpa_matches_torch(case):
     with OpCounter() as c:
         out = sdpa(q, k, v, **kw)
     assert c.ext == 1
-    ref = ORIG(q, k, v, **kw)
+    try:
+        ref = ORIG(q, k, v, **kw)
+    except RuntimeError as e:
+        # torch 2.11's SDPA refuses a mask of more dims than 3-D inputs (its in-place add cannot grow the
+        # output); later versions return the scores' rank, as the drop-in does: theirs on the squeezed mask
+        if case != "mask_extra_dim" or "doesn't match the broadcast shape" not in str(e):
+            raise
+        ref = ORIG(q, k, v, **dict(kw, attn_mask=kw["attn_mask"].squeeze(0)))
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(ref)
     ga = torch.autograd.grad((out * g).sum(), leaves)
