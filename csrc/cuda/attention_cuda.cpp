@@ -143,15 +143,9 @@ struct CudaDev {
     return *e;
   }
   template <class Fn>
-  void launch(const char*, Fn&& fn) const {
+  void launch(const char*, std::initializer_list<const at::Tensor*>, Fn&& fn) const {
     C10_CUDA_CHECK(fn());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  auto fwd_launcher(const ForwardSetup&) const {
-    return [this](auto&& fn) { launch("forward", fn); };
-  }
-  auto bwd_launcher(const BackwardSetup&) const {
-    return [this](const char* what, const BwdWorkspace&, auto&& fn) { launch(what, fn); };
   }
 };
 

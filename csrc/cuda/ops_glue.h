@@ -11,14 +11,15 @@
 //   draw_rng(q, dropout_p, env)     the forward's int64[2] rng_state, where the kernels read it
 //   rng_for_kernels(rng, q)         a given rng_state (checked) where the kernels read it
 //   fwd(p) / bwd(p)                 the sm80 registry entries (or the error naming the build switch)
-//   fwd_launcher(st)                run_forward's launch(fn) for a ForwardSetup
-//   bwd_launcher(st)                run_backward's launch(what, workspace, fn) for a BackwardSetup
-//   launch(what, fn)                runs one launcher (a cudaError_t) and raises on its error
+//   launch(what, tensors, fn)       runs one launcher (a cudaError_t) and raises on its error; tensors: those
+//                                   the launch reads or writes (the emulator registers them for its bounds
+//                                   checks and its racecheck of global memory)
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -48,7 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const Dev& dev, const 
     if (log_kernels()) log_kernel(name + ": head dim 0, in ATen operations");
     zero_head_dim_forward(st, q, k, v, mask, opt, rng, false, false);
   } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
-    const std::string ran = run_forward(p, env, q.options(), dev.fwd(p), name.c_str(), dev.fwd_launcher(st));
+    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
+    const std::string ran = run_forward(p, env, q.options(), dev.fwd(p), name.c_str(), [&](auto&& fn) {
+      dev.launch("forward", {&st.q4, &st.k4, &st.v4, m, &st.o4, &st.lse}, fn);
+    });
     if (log_kernels()) log_kernel(ran);
   }
   finish_forward(st);
@@ -80,8 +84,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   } else {
     const LaunchEnv env = dev.env(q);
     const std::string name = std::string(Dev::kName) + " backward";
-    const std::string ran =
-        run_backward(p, env, q.options(), dev.fwd(p), dev.bwd(p), name.c_str(), dev.bwd_launcher(st));
+    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
+    const std::string ran = run_backward(
+        p, env, q.options(), dev.fwd(p), dev.bwd(p), name.c_str(),
+        [&](const char* what, const BwdWorkspace& ws, auto&& fn) {
+          dev.launch(what, {&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, m, &ws.stats, &ws.dq_accum, &st.dq4,
+                            &st.dk4, &st.dv4, &st.dmask_full}, fn);
+        });
     if (log_kernels()) log_kernel(ran);
   }
   return finish_backward(st, mask, q);
@@ -108,7 +117,8 @@ at::Tensor weights_op(const Dev& dev, const at::Tensor& q, const at::Tensor& k, 
   if (st.probs.numel() > 0) {
     const LaunchEnv env = dev.env(q);
     at::Tensor stats = at::empty({2, p.batch * p.heads_q * p.len_q}, q.options().dtype(at::kFloat));
-    dev.launch("attention_probs",
+    const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
+    dev.launch("attention_probs", {&st.q4, &st.k4, &st.lse, m, &stats, &st.probs},
                [&] { return launch_probs(p, stats.data_ptr<float>(), st.probs.data_ptr(), env, average_heads); });
   }
   return st.probs;

@@ -124,20 +124,9 @@ struct EmuDev {
     return *e;
   }
   template <class Fn>
-  void launch(const char* what, Fn&& fn) const { run(what, fn); }
-  auto fwd_launcher(const ForwardSetup& st) const {
-    return [&st](auto&& fn) {
-      // the outputs too: racecheck checks the kernels' global accesses inside these
-      Regions r({&st.q4, &st.k4, &st.v4, st.m4 ? &*st.m4 : nullptr, &st.o4, &st.lse});
-      run("forward", fn);
-    };
-  }
-  auto bwd_launcher(const BackwardSetup& st) const {
-    return [&st](const char* what, const BwdWorkspace& ws, auto&& fn) {
-      Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, st.m4 ? &*st.m4 : nullptr,
-                 &st.dq4, &st.dk4, &st.dv4, &st.dmask_full});
-      run(what, fn);
-    };
+  void launch(const char* what, std::initializer_list<const at::Tensor*> tensors, Fn&& fn) const {
+    Regions r(tensors);
+    run(what, fn);
   }
 };
 
@@ -220,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
         return e;
       },
       [](const char* what, const BackwardSetup& st, const BwdWorkspace& ws, auto&& fn) {
-        Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, &st.dq4, &st.dk4, &st.dv4});
+        Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, &st.dq4, &st.dk4,
+                   &st.dv4});
         run(what, fn);
       },
       make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,

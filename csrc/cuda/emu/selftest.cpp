@@ -286,6 +286,21 @@ __global__ void global_selftest_kernel(int fault, float* out) {
   }
 }
 
+// Runs launch() (a launch_kernel call) with the global regions registered before it, then clears them;
+// emulator faults and launch errors become Python exceptions.
+template <class Launch>
+void run_launch(Launch&& launch) {
+  cudaError_t err;
+  try {
+    err = launch();
+  } catch (const simt::Error& e) {
+    simt::clear_global_regions();
+    TORCH_CHECK(false, "attention_ext_emu: ", e.what());
+  }
+  simt::clear_global_regions();
+  TORCH_CHECK(err == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
+}
+
 void selftest(std::string kind) {
   static const char* kGlobalNames[] = {"global_clean", "race_global_ctas", "race_global_raw", "race_global_atomic"};
   for (int i = 0; i < 4; ++i) {
@@ -294,15 +309,10 @@ void selftest(std::string kind) {
     std::fill(out, out + 8, 0.f);
     simt::clear_global_regions();
     simt::add_global_region(out, sizeof(out));
-    try {
-      const cudaError_t e = launch_kernel(global_selftest_kernel, 2, 32, 0, 0, nullptr, "global_selftest_kernel", i,
-                                          static_cast<float*>(out));
-      simt::clear_global_regions();
-      TORCH_CHECK(e == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
-    } catch (const simt::Error& e) {
-      simt::clear_global_regions();
-      TORCH_CHECK(false, "attention_ext_emu: ", e.what());
-    }
+    run_launch([&] {
+      return launch_kernel(global_selftest_kernel, 2, 32, 0, 0, nullptr, "global_selftest_kernel", i,
+                           static_cast<float*>(out));
+    });
     TORCH_CHECK(i != 0 || (out[2] == 2.f && out[3] == 2.f && out[4] == 64.f), "_selftest: global_clean computed ",
                 out[2], ", ", out[3], ", ", out[4]);
     return;
@@ -312,15 +322,10 @@ void selftest(std::string kind) {
     alignas(16) float out[2] = {0.f, 0.f};
     simt::clear_global_regions();
     simt::add_global_region(out, sizeof(out));  // (racecheck: the atomics of 64 CTAs on two words, no race)
-    try {
-      const cudaError_t e = launch_kernel(grid_selftest_kernel, 64, 64, 0, 0, nullptr, "grid_selftest_kernel",
-                                          kind == "grid_fault", static_cast<float*>(out));
-      simt::clear_global_regions();
-      TORCH_CHECK(e == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
-    } catch (const simt::Error& e) {
-      simt::clear_global_regions();
-      TORCH_CHECK(false, "attention_ext_emu: ", e.what());
-    }
+    run_launch([&] {
+      return launch_kernel(grid_selftest_kernel, 64, 64, 0, 0, nullptr, "grid_selftest_kernel", kind == "grid_fault",
+                           static_cast<float*>(out));
+    });
     TORCH_CHECK(kind == "grid_fault" || (out[0] == 64 * 64 * 100 && out[1] == 64 * 64 * 50), "_selftest: ", kind,
                 " summed ", out[0], " and ", out[1], ", not ", 64 * 64 * 100, " and ", 64 * 64 * 50);
     return;
@@ -349,31 +354,21 @@ void selftest(std::string kind) {
     TORCH_CHECK(err == nullptr, "_selftest: make_tma_desc_4d: ", err);
     simt::clear_global_regions();
     simt::add_global_region(g, sizeof(g) / 2);
-    try {
-      const cudaError_t e = launch_kernel(sm90_selftest_kernel, 1, 128, 8192, 8192, nullptr, "sm90_selftest_kernel",
-                                          sm90_fault, static_cast<const sm90::TmaDesc*>(&d), static_cast<float*>(out));
-      simt::clear_global_regions();
-      TORCH_CHECK(e == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
-    } catch (const simt::Error& e) {
-      simt::clear_global_regions();
-      TORCH_CHECK(false, "attention_ext_emu: ", e.what());
-    }
+    run_launch([&] {
+      return launch_kernel(sm90_selftest_kernel, 1, 128, 8192, 8192, nullptr, "sm90_selftest_kernel", sm90_fault,
+                           static_cast<const sm90::TmaDesc*>(&d), static_cast<float*>(out));
+    });
     TORCH_CHECK(sm90_fault != kSm90Clean || out[0] == 16.f, "_selftest: sm90_clean computed ", out[0], ", not 16");
     return;
   }
   alignas(16) static float inside[16], outside[16], out[32];
   simt::clear_global_regions();
   simt::add_global_region(inside, sizeof(inside));
-  try {
-    const cudaError_t err = launch_kernel(selftest_kernel, 1, 32, 64, 64, nullptr, "selftest_kernel", fault,
-                                          static_cast<const float*>(inside), static_cast<const float*>(outside),
-                                          static_cast<float*>(out));
-    simt::clear_global_regions();
-    TORCH_CHECK(err == cudaSuccess, "attention_ext_emu: _selftest: launch failed");
-  } catch (const simt::Error& e) {
-    simt::clear_global_regions();
-    TORCH_CHECK(false, "attention_ext_emu: ", e.what());
-  }
+  run_launch([&] {
+    return launch_kernel(selftest_kernel, 1, 32, 64, 64, nullptr, "selftest_kernel", fault,
+                         static_cast<const float*>(inside), static_cast<const float*>(outside),
+                         static_cast<float*>(out));
+  });
 }
 
 }  // namespace
