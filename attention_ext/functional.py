@@ -85,7 +85,7 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
     """Whether the fused kernels can take these (..., L, E) inputs (else callers fall back to PyTorch)."""
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         return False
-    if not (0 <= query.shape[-1] <= 256 and 0 <= value.shape[-1] <= 256):  # (0: as SDPA, in ATen operations)
+    if query.shape[-1] > 256 or value.shape[-1] > 256:  # (0 too: as SDPA, in ATen operations)
         return False
     return supports_tensors(query, key, value)
 

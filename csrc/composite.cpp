@@ -21,6 +21,18 @@ at::Tensor dropout_keep(const at::Tensor& rng, int64_t batch, int64_t heads, int
   return op.call(rng, batch, heads, len_q, len_k, dropout_p);
 }
 
+// The forward's dropout as a factor on the weights p (..., Hq, L, S): keep / (1 - p_drop) where kept, 0 where
+// dropped, in p's dtype; undefined without dropout or for empty weights.
+at::Tensor dropout_factor(const std::optional<at::Tensor>& rng, const at::Tensor& p, int64_t len_k,
+                          double dropout_p) {
+  if (dropout_p <= 0.0 || p.numel() == 0) return at::Tensor();
+  TORCH_CHECK_VALUE(rng.has_value() && rng->defined(), "dropout_p > 0 needs the rng_state returned by the forward");
+  const int64_t heads_q = p.size(-3), len_q = p.size(-2);
+  const int64_t batch = p.numel() / (heads_q * len_q * len_k);
+  at::Tensor keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, dropout_p).to(p.device()).view(p.sizes());
+  return keep.to(p.scalar_type()) * DropoutRng::inv_keep_of(dropout_p);
+}
+
 // (L, S) bool: the keys is_causal and the window leave to each query row; undefined when they leave all.
 // Symbolic lengths stay symbolic (exporters with dynamic shapes trace this).
 at::Tensor band_visibility(const c10::SymInt& len_q, const c10::SymInt& len_k, const AttnOptions& opt,
@@ -101,7 +113,6 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
   TORCH_CHECK_VALUE(!dropout || (rng.has_value() && rng->defined()),
                     "_attention_math: dropout_p > 0 needs the rng_state returned by the forward");
   if (dropout) check_rng_state(*rng, dropout_p);
-  const auto acc = acc_type(q);
 
   // A row that sees no key gets a mask of 0 (a finite softmax, never NaN, in the forward and the
   // gradients), and its output and weights are zeroed afterwards, on the (L, Ev) output and the head-mean
@@ -111,12 +122,7 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
   const at::Tensor& seen = ms.seen;
   if (ms.add.defined()) s = s + at::where(seen, ms.add, 0.0);
   at::Tensor p = at::softmax(s, -1);
-  if (dropout && p.numel() > 0) {
-    const int64_t heads_q = q.size(-3), len_q = q.size(-2), len_k = k.size(-2);
-    const int64_t batch = p.numel() / (heads_q * len_q * len_k);
-    at::Tensor keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, dropout_p).to(p.device());
-    p = p * keep.view(p.sizes()).to(acc) * DropoutRng::inv_keep_of(dropout_p);
-  }
+  if (at::Tensor keep = dropout_factor(rng, p, k.size(-2), dropout_p); keep.defined()) p = p * keep;
   at::Tensor out = at::matmul(p, kv_per_query_head(v, q));
   at::Tensor weights;
   if (need_weights) {
@@ -156,14 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
   at::Tensor s = ms.add.defined() ? ms.s + at::where(ms.seen, ms.add, 0.0) : ms.s;
   at::Tensor p = at::softmax(s, -1);
   if (ms.seen.defined()) p = p * ms.seen;  // a row that sees no key: no weights, no gradients
-  at::Tensor keep;  // the forward's dropout: kept / (1 - p), dropped 0
-  if (opt.dropout_p > 0.0 && p.numel() > 0) {
-    TORCH_CHECK_VALUE(rng.has_value() && rng->defined(), "the backward of dropout_p > 0 needs the forward's rng_state");
-    const int64_t heads_q = q.size(-3), len_q = q.size(-2), len_k = k.size(-2);
-    const int64_t batch = p.numel() / (heads_q * len_q * len_k);
-    keep = dropout_keep(*rng, batch, heads_q, len_q, len_k, opt.dropout_p).to(p.device()).view(p.sizes()).to(acc) *
-           DropoutRng::inv_keep_of(opt.dropout_p);
-  }
+  const at::Tensor keep = dropout_factor(rng, p, k.size(-2), opt.dropout_p);
   at::Tensor g = grad.to(acc);
   at::Tensor dv = sum_over_group(at::matmul((keep.defined() ? p * keep : p).transpose(-2, -1), g), v.size(-3));
   at::Tensor dp = at::matmul(g, kv_per_query_head(v, q).transpose(-2, -1));

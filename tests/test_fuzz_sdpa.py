@@ -10,9 +10,10 @@ with and without a mask, scales from -1 to inf and NaN, dtypes mixed, dropout. T
 * where PyTorch raises (its default kernel and its math path alike), the drop-in raises an ordinary Python
   exception (no crash, no hang), and where PyTorch returns, so does the drop-in; the exceptions are listed
   where the test makes them: what the drop-in refuses on purpose (a dropout probability outside [0, 1], a
-  scale of inf or NaN, malformed inputs with an empty dimension other than the query / key head dim) and PyTorch's accidents, which it computes
-  (enable_gqa with inputs of fewer than 3 dims, masks of fewer than 2 dims in some kernels, a mask of more dims
-  than a 2-D query, a mask with is_causal where the installed PyTorch applies both in some kernels);
+  scale of inf or NaN, malformed inputs with an empty dimension other than the query / key head dim) and
+  PyTorch's accidents, which it computes (enable_gqa with inputs of fewer than 3 dims, masks of fewer than 2
+  dims in some kernels, a mask of more dims than a 2-D query, a mask with is_causal where the installed PyTorch
+  applies both in some kernels);
 * where both return, the same shape and dtype, and every element PyTorch's math path gives as a number is the
   same number (float64: 1e-10; float32: 2e-5 relative) in the output and, where the inputs take gradients, in
   every gradient. Where PyTorch gives NaN (a query row that sees no key) the drop-in gives 0 or NaN, nothing

@@ -72,7 +72,8 @@ def test_zero_head_dim(backend, dtype, case, dims, monkeypatch):
     ops, attn = _ops(backend, monkeypatch)
     E, Ev = dims
     q, k, v, mask, o = _inputs(case, E, Ev, dtype, device, seed=len(case) + 7 * E + Ev)
-    p, causal, scale, gqa = o.get("dropout_p", 0.0), o.get("is_causal", False), o.get("scale"), o.get("enable_gqa", False)
+    p, causal, scale = o.get("dropout_p", 0.0), o.get("is_causal", False), o.get("scale")
+    gqa = o.get("enable_gqa", False)
     window = list(o.get("window", (-1, -1)))
     mask_grad = mask is not None and mask.requires_grad
 

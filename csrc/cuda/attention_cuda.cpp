@@ -129,7 +129,8 @@ at::Tensor draw_rng_state(const at::Tensor& q, double dropout_p, const LaunchEnv
 
 // The GPU as ops_glue.h's device policy.
 struct CudaDev {
-  static constexpr const char* kName = "cuda";
+  static constexpr const char* kForward = "cuda forward";
+  static constexpr const char* kBackward = "cuda backward";
   c10::cuda::CUDAGuard guard(const at::Tensor& q) const { return c10::cuda::CUDAGuard(q.device()); }
   LaunchEnv env(const at::Tensor& q) const { return make_env(q); }
   at::Tensor draw_rng(const at::Tensor& q, double dropout_p, const LaunchEnv& env) const {
@@ -230,11 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
   const LaunchEnv env = make_env(q);
   return run_varlen_forward(
       forward_cuda, [&] { return draw_rng_state(q, dropout_p, env); }, find_fwd_or_fail,
-      [](auto&& fn) {
-        C10_CUDA_CHECK(fn());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      },
-      env, "cuda varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
+      [](auto&& fn) { CudaDev{}.launch("varlen forward", {}, fn); }, env, "cuda varlen forward", q, k, v, cu_q, cu_k,
+      max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
@@ -245,15 +243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
   c10::cuda::CUDAGuard guard(q.device());
   return run_varlen_backward(
       backward_cuda, [&](const at::Tensor& r) { return r.to(q.device()).contiguous(); }, find_fwd_or_fail,
-      [](const BwdParams& p) {
-        const BwdEntry* e = find_bwd(p.dtype, needed_head_dim(p));
-        if (e == nullptr) compiled_out(true, p.dtype, needed_head_dim(p));
-        return e;
-      },
-      [](const char*, const BackwardSetup&, const BwdWorkspace&, auto&& fn) {
-        C10_CUDA_CHECK(fn());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      },
+      [](const BwdParams& p) { return &CudaDev{}.bwd(p); },
+      [](const char* what, const BackwardSetup&, const BwdWorkspace&, auto&& fn) { CudaDev{}.launch(what, {}, fn); },
       make_env(q), "cuda varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
       enable_gqa, window);
 }

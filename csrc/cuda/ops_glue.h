@@ -5,7 +5,7 @@
 // run, and only the device policy differs.
 //
 // Dev, the device policy, provides
-//   static constexpr const char* kName;                                  "cuda" / "emu" (kernel log, errors)
+//   kForward, kBackward             "cuda forward" / "emu backward" ...: the kernel log's names
 //   guard(q)                        an RAII guard of q's device (or nothing)
 //   env(q)                          the LaunchEnv: stream, multiprocessor count, compute capability, TF32
 //   draw_rng(q, dropout_p, env)     the forward's int64[2] rng_state, where the kernels read it
@@ -44,13 +44,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const Dev& dev, const 
   const LaunchEnv env = dev.env(q);
   at::Tensor rng = dev.draw_rng(q, dropout_p, env);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng.template data_ptr<int64_t>();  // the kernels read it on the device
-  const std::string name = std::string(Dev::kName) + " forward";
   if (zero_head_dim(p)) {
-    if (log_kernels()) log_kernel(name + ": head dim 0, in ATen operations");
+    if (log_kernels()) log_kernel(std::string(Dev::kForward) + ": head dim 0, in ATen operations");
     zero_head_dim_forward(st, q, k, v, mask, opt, rng, false, false);
   } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
-    const std::string ran = run_forward(p, env, q.options(), dev.fwd(p), name.c_str(), [&](auto&& fn) {
+    const std::string ran = run_forward(p, env, q.options(), dev.fwd(p), Dev::kForward, [&](auto&& fn) {
       dev.launch("forward", {&st.q4, &st.k4, &st.v4, m, &st.o4, &st.lse}, fn);
     });
     if (log_kernels()) log_kernel(ran);
@@ -83,10 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     st.dv4.zero_();
   } else {
     const LaunchEnv env = dev.env(q);
-    const std::string name = std::string(Dev::kName) + " backward";
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     const std::string ran = run_backward(
-        p, env, q.options(), dev.fwd(p), dev.bwd(p), name.c_str(),
+        p, env, q.options(), dev.fwd(p), dev.bwd(p), Dev::kBackward,
         [&](const char* what, const BwdWorkspace& ws, auto&& fn) {
           dev.launch(what, {&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, m, &ws.stats, &ws.dq_accum, &st.dq4,
                             &st.dk4, &st.dv4, &st.dmask_full}, fn);

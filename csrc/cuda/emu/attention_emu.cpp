@@ -111,7 +111,8 @@ at::Tensor draw_rng_state(double dropout_p) {
 // The emulator as ops_glue.h's device policy: CPU tensors, seeds from torch's CPU generator, the tensors' byte
 // ranges registered for the emulator's bounds checks around each launch, emulator faults as Python exceptions.
 struct EmuDev {
-  static constexpr const char* kName = "emu";
+  static constexpr const char* kForward = "emu forward";
+  static constexpr const char* kBackward = "emu backward";
   struct NoGuard {};
   NoGuard guard(const at::Tensor&) const { return {}; }
   LaunchEnv env(const at::Tensor& q) const { return make_env(q); }
@@ -188,12 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  Regions r({&q, &k, &v});
   return run_varlen_forward(
       forward_emu, [&] { return draw_rng_state(dropout_p); }, find_fwd_or_fail,
-      [](auto&& fn) { run("varlen forward", fn); },
-      make_env(q), "emu varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-      window);
+      [&](auto&& fn) { EmuDev{}.launch("varlen forward", {&q, &k, &v}, fn); }, make_env(q), "emu varlen forward", q,
+      k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
@@ -203,15 +202,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
     at::IntArrayRef window) {
   return run_varlen_backward(
       backward_emu, [](const at::Tensor& r) { return r.contiguous(); }, find_fwd_or_fail,
-      [](const BwdParams& p) {
-        const BwdEntry* e = find_bwd(p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
-        TORCH_CHECK(e != nullptr, "attention_ext_emu: no backward kernel for this dtype / head dim in this build");
-        return e;
-      },
+      [](const BwdParams& p) { return &EmuDev{}.bwd(p); },
       [](const char* what, const BackwardSetup& st, const BwdWorkspace& ws, auto&& fn) {
-        Regions r({&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, &st.dq4, &st.dk4,
-                   &st.dv4});
-        run(what, fn);
+        EmuDev{}.launch(what, {&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, &st.dq4,
+                               &st.dk4, &st.dv4}, fn);
       },
       make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
       enable_gqa, window);

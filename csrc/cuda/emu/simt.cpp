@@ -287,7 +287,7 @@ void run_block(Launch& L, dim3 grid, dim3 block, uint3 bidx, Order order, std::m
     }
     ~RaceCta() { race::end_cta(); }
   } race_cta(L.racecheck, n, L,
-             static_cast<int64_t>(bidx.x) + static_cast<int64_t>(grid.x) * (bidx.y + static_cast<int64_t>(grid.y) * bidx.z));
+             bidx.x + static_cast<int64_t>(grid.x) * (bidx.y + static_cast<int64_t>(grid.y) * bidx.z));
   for (int i = 0; i < n; ++i) {
     Fiber& f = L.fibers[i];
     f.v.thread_idx = make_uint3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
