@@ -6,7 +6,8 @@ mbarriers, the waits of cp.async / TMA / wgmma) as an edge, keeps asynchronous c
 reads in flight from issue to completion, and checks every load and store of dynamic shared memory (seen
 through GCC's -fsanitize=thread instrumentation) against the last write and the reads since: what
 compute-sanitizer's racecheck does on a GPU, for code no GPU has run yet. Global memory (the tensors the glue
-hands a launch: inputs, outputs, workspaces) is checked too, which compute-sanitizer's racecheck does not: within
+hands a launch: inputs, outputs, workspaces, partial results; the emulator's cp.async / TMA copies of them
+included) is checked too, which compute-sanitizer's racecheck does not: within
 a CTA with the same edges, and between the CTAs of a launch, which nothing orders: a byte one CTA writes may not
 be read or written by another unless both accesses are atomic.
 
@@ -49,10 +50,20 @@ RACES = [
                          r"wrote \(a store\) in the same launch: a write-after-write race between CTAs"),
     ("race_global_atomic", r"of CTA [01] (reads|writes) global memory at 0x[0-9a-f]+ \((a load|an atomic update)\) "
                            r"that CTA [01] (wrote|read) .* race between CTAs"),
+    # ... the emulator's copies included: cp.async and TMA loads read, TMA reduces add atomically
+    ("race_global_cp_async", r"of CTA [01] (reads|writes) global memory at 0x[0-9a-f]+ \((cp.async|a store)\) "
+                             r"that CTA [01] (wrote|read) \((a store|cp.async)\) .* race between CTAs"),
+    ("race_global_tma_load", r"of CTA [01] (reads|writes) global memory at 0x[0-9a-f]+ \((a TMA load|a store)\) "
+                             r"that CTA [01] (wrote|read) \((a store|a TMA load)\) .* race between CTAs"),
+    ("race_global_tma_reduce", r"of CTA [01] (reads|writes) global memory at 0x[0-9a-f]+ \((a load|a TMA reduce)\) "
+                               r"that CTA [01] (wrote|read) \((a TMA reduce|a load)\) .* race between CTAs"),
     # ... and within a CTA, the same happens-before edges as shared memory (either order of the two threads)
     ("race_global_raw", r"thread [01] .* of CTA 0 (reads|writes) global memory at 0x[0-9a-f]+ \(a (load|store)\) "
                         r"while the (write|read) of thread [01] .* is not ordered before it: a "
                         r"(read-after-write|write-after-read) race"),
+    ("race_global_cp_async_raw", r"thread [01] .* of CTA 0 (reads|writes) global memory at 0x[0-9a-f]+ "
+                                 r"\((cp.async|a store)\) while the (write|read) of thread [01] .* is not ordered "
+                                 r"before it"),
 ]
 
 
@@ -65,6 +76,7 @@ def test_racecheck_catches_races(racecheck, fault, message):
     emu.ops._selftest("sm90_clean")
     emu.ops._selftest("global_clean")  # disjoint words per CTA, a barrier-ordered read, atomics on one word
     emu.ops._selftest("grid_atomics")  # 64 CTAs adding to two words (atomicAdd, red.global.add)
+    emu.ops._selftest("copy_clean")  # cp.async / TMA loads of the same bytes by two CTAs, TMA reduces into one row
     with pytest.raises(RuntimeError, match="racecheck: .*" + message):
         emu.ops._selftest(fault)
 

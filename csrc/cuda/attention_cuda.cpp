@@ -144,7 +144,7 @@ struct CudaDev {
     return *e;
   }
   template <class Fn>
-  void launch(const char*, std::initializer_list<const at::Tensor*>, Fn&& fn) const {
+  void launch(const char*, const LaunchTensors&, Fn&& fn) const {
     C10_CUDA_CHECK(fn());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
   const LaunchEnv env = make_env(q);
   return run_varlen_forward(
       forward_cuda, [&] { return draw_rng_state(q, dropout_p, env); }, find_fwd_or_fail,
-      [](auto&& fn) { CudaDev{}.launch("varlen forward", {}, fn); }, env, "cuda varlen forward", q, k, v, cu_q, cu_k,
+      [](auto&& fn, const LaunchTensors& = {}) { CudaDev{}.launch("varlen forward", {}, fn); }, env, "cuda varlen forward", q, k, v, cu_q, cu_k,
       max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
@@ -244,7 +244,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
   return run_varlen_backward(
       backward_cuda, [&](const at::Tensor& r) { return r.to(q.device()).contiguous(); }, find_fwd_or_fail,
       [](const BwdParams& p) { return &CudaDev{}.bwd(p); },
-      [](const char* what, const BackwardSetup&, const BwdWorkspace&, auto&& fn) { CudaDev{}.launch(what, {}, fn); },
+      [](const char* what, const BackwardSetup&, const BwdWorkspace&, auto&& fn, const LaunchTensors& = {}) {
+        CudaDev{}.launch(what, {}, fn);
+      },
       make_env(q), "cuda varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
       enable_gqa, window);
 }

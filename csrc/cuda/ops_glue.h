@@ -11,9 +11,9 @@
 //   draw_rng(q, dropout_p, env)     the forward's int64[2] rng_state, where the kernels read it
 //   rng_for_kernels(rng, q)         a given rng_state (checked) where the kernels read it
 //   fwd(p) / bwd(p)                 the sm80 registry entries (or the error naming the build switch)
-//   launch(what, tensors, fn)       runs one launcher (a cudaError_t) and raises on its error; tensors: those
-//                                   the launch reads or writes (the emulator registers them for its bounds
-//                                   checks and its racecheck of global memory)
+//   launch(what, tensors, fn)       runs one launcher (a cudaError_t) and raises on its error; tensors
+//                                   (LaunchTensors): those the launch reads or writes (the emulator registers
+//                                   them for its bounds checks and its racecheck of global memory)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,9 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const Dev& dev, const 
     zero_head_dim_forward(st, q, k, v, mask, opt, rng, false, false);
   } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
-    const std::string ran = run_forward(p, env, q.options(), dev.fwd(p), Dev::kForward, [&](auto&& fn) {
-      dev.launch("forward", {&st.q4, &st.k4, &st.v4, m, &st.o4, &st.lse}, fn);
-    });
+    const std::string ran =
+        run_forward(p, env, q.options(), dev.fwd(p), Dev::kForward, [&](auto&& fn, const LaunchTensors& extra = {}) {
+          dev.launch("forward", LaunchTensors{&st.q4, &st.k4, &st.v4, m, &st.o4, &st.lse} + extra, fn);
+        });
     if (log_kernels()) log_kernel(ran);
   }
   finish_forward(st);
@@ -85,9 +86,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     const std::string ran = run_backward(
         p, env, q.options(), dev.fwd(p), dev.bwd(p), Dev::kBackward,
-        [&](const char* what, const BwdWorkspace& ws, auto&& fn) {
-          dev.launch(what, {&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, m, &ws.stats, &ws.dq_accum, &st.dq4,
-                            &st.dk4, &st.dv4, &st.dmask_full}, fn);
+        [&](const char* what, const BwdWorkspace& ws, auto&& fn, const LaunchTensors& extra = {}) {
+          dev.launch(what,
+                     LaunchTensors{&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, m, &ws.stats, &ws.dq_accum,
+                                   &st.dq4, &st.dk4, &st.dv4, &st.dmask_full} + extra,
+                     fn);
         });
     if (log_kernels()) log_kernel(ran);
   }

@@ -17,6 +17,35 @@
 namespace attention_ext {
 namespace cuda {
 
+// The tensors one launch reads or writes, as the glues name them (null or undefined entries skipped): the
+// emulator registers their storage for its bounds checks and its racecheck of global memory; the GPU ignores
+// them. Every launch(...) callable below takes, last, those of the call's own intermediate tensors (partials,
+// key bounds, packed offsets) that the launch touches, `extra`, for the glue to add to the tensors it names.
+class LaunchTensors {
+ public:
+  LaunchTensors() = default;
+  LaunchTensors(std::initializer_list<const at::Tensor*> ts) {
+    for (const at::Tensor* t : ts) add(t);
+  }
+  LaunchTensors operator+(const LaunchTensors& more) const {
+    LaunchTensors all = *this;
+    for (const at::Tensor* t : more) all.add(t);
+    return all;
+  }
+  const at::Tensor* const* begin() const { return t_; }
+  const at::Tensor* const* end() const { return t_ + n_; }
+
+ private:
+  static constexpr int kMax = 24;
+  void add(const at::Tensor* t) {
+    if (t == nullptr || !t->defined()) return;
+    TORCH_INTERNAL_ASSERT(n_ < kMax, "LaunchTensors: more than ", kMax, " tensors");
+    t_[n_++] = t;
+  }
+  const at::Tensor* t_[kMax] = {};
+  int n_ = 0;
+};
+
 struct BwdWorkspace {
   at::Tensor dq_accum;  // nsplit x rows x head_dim fp32, zero-filled
   at::Tensor stats;     // 3 x rows fp32: row shift, logl, D
@@ -48,7 +77,7 @@ P with_key_bounds(const P& p, const LaunchEnv& env, const at::TensorOptions& lik
   P ph = p;
   if (p.mask_kind == MaskKind::kBool && (p.mask_stride.r == 0 || p.len_q == 1) && p.batch * p.heads_q > 0) {
     bounds = at::empty({p.batch * p.heads_q * 2}, like.dtype(at::kInt));
-    launch([&] { return launch_key_bounds(p, bounds.data_ptr<int32_t>(), env); });
+    launch([&] { return launch_key_bounds(p, bounds.data_ptr<int32_t>(), env); }, LaunchTensors{&bounds});
     ph.key_bounds = bounds.data_ptr<int32_t>();
   }
   return ph;
@@ -125,15 +154,17 @@ inline int fwd_key_splits(const FwdParams& p, const FwdEntry& sm80, const Sm90Fw
   return splits > 1 && (splits >= 4 || h == nullptr) ? splits : 1;
 }
 
-// Runs the launcher fn through launch(fn) unless it declines the call (cudaErrorNotSupported, returned before
+// Runs the launcher fn through launch(fn, extra) unless it declines the call (cudaErrorNotSupported, returned before
 // launching anything: a Hopper launcher outside what its kernel covers). Returns whether it ran.
 template <class Launch, class Fn>
-bool launched_unless_declined(Launch&& launch, Fn&& fn) {
+bool launched_unless_declined(Launch&& launch, Fn&& fn, const LaunchTensors& extra = {}) {
   cudaError_t err = cudaSuccess;
-  launch([&] {
-    err = fn();
-    return err == cudaErrorNotSupported ? cudaSuccess : err;
-  });
+  launch(
+      [&] {
+        err = fn();
+        return err == cudaErrorNotSupported ? cudaSuccess : err;
+      },
+      extra);
   return err != cudaErrorNotSupported;
 }
 
@@ -155,14 +186,14 @@ std::string run_forward_unpacked(const FwdParams& p, const LaunchEnv& env, const
     ps.num_splits = splits;
     ps.o_accum = o_accum.data_ptr<float>();
     ps.lse_accum = lse_accum.data_ptr<float>();
-    launch([&] { return sm80.fn(ps, nullptr, env); });
-    launch([&] { return launch_fwd_combine(ps, env); });
+    launch([&] { return sm80.fn(ps, nullptr, env); }, LaunchTensors{&o_accum, &lse_accum});
+    launch([&] { return launch_fwd_combine(ps, env); }, LaunchTensors{&o_accum, &lse_accum});
     return describe_kernel(what, sm80.head_dim, p.dtype, env) + ", keys split " + std::to_string(splits) + " ways";
   }
   if (h != nullptr) {
     at::Tensor bounds;
     const FwdParams ph = with_key_bounds(p, env, like, bounds, launch);
-    if (launched_unless_declined(launch, [&] { return h->fn(ph, env); })) {
+    if (launched_unless_declined(launch, [&] { return h->fn(ph, env); }, {&bounds})) {
       return describe_kernel_sm90(what, h->head_dim, p.dtype);
     }
   }
@@ -172,7 +203,7 @@ std::string run_forward_unpacked(const FwdParams& p, const LaunchEnv& env, const
 
 // The forward as both glues run it: decoding GQA heads packed into rows (pack_gqa_rows), split keys where the
 // grid is too small (flash-decoding), the Hopper kernel when it covers the call, else the sm80 kernel.
-// launch(fn) runs one launcher and checks its error. Returns the kernel-log line of the kernel that ran.
+// launch(fn, extra = {}) runs one launcher and checks its error. Returns the kernel-log line of the kernel that ran.
 template <class Launch>
 std::string run_forward(const FwdParams& p_call, const LaunchEnv& env, const at::TensorOptions& like,
                         const FwdEntry& sm80, const char* what, Launch&& launch) {
@@ -221,7 +252,8 @@ inline const Sm90FwdEntry* packed_fwd_sm90(const FwdParams& packed, const Varlen
 // so, else sequence by sequence through the glue's forward `fwd` into the same outputs (the offsets read once
 // either way). draw_rng() gives the call's int64[2]
 // (seed, offset) (zeros without dropout); sequence b takes (seed, offset + b), row b of the returned rng_state.
-// find(p) is the glue's sm80 entry for p (or its error); launch(fn) runs one launcher and checks its error.
+// find(p) is the glue's sm80 entry for p (or its error); launch(fn, extra = {}) runs one launcher and checks its
+// error.
 template <class Fwd, class DrawRng, class Find, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     Fwd&& fwd, DrawRng&& draw_rng, Find&& find, Launch&& launch, const LaunchEnv& env, const char* what,
@@ -243,13 +275,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     p.seed_offset_ptr = rng.data_ptr<int64_t>();
   }
   std::string ran;
+  const LaunchTensors packed{&s.out, &s.lse, &s.cu_q, &s.cu_k, &rng};
   if (hopper != nullptr && p.len_q > 0 && p.heads_q > 0 &&
-      launched_unless_declined(launch, [&] { return hopper->fn(p, env); })) {
+      launched_unless_declined(launch, [&] { return hopper->fn(p, env); }, packed)) {
     ran = describe_kernel_sm90(what, hopper->head_dim, p.dtype);
   }
   if (ran.empty()) {
     const FwdEntry* sm80 = find(p);
-    if (p.len_q > 0 && p.heads_q > 0) launch([&] { return sm80->fn(p, nullptr, env); });
+    if (p.len_q > 0 && p.heads_q > 0) launch([&] { return sm80->fn(p, nullptr, env); }, packed);
     ran = describe_kernel(what, sm80->head_dim, p.dtype, env);
   }
   if (log_kernels()) log_kernel(ran + ", " + std::to_string(p.batch) + " packed sequences in one launch");
@@ -260,8 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
 // The backward as both glues run it: the row statistics (launch_row_stats),
 // the Hopper kernel when it covers the call (its launcher declines with
 // cudaErrorNotSupported before launching anything), else the sm80 kernel,
-// then the dQ conversion. launch(what, workspace, fn) runs one launcher and
-// checks its error. Returns the kernel-log line of the kernel that ran.
+// then the dQ conversion. launch(what, workspace, fn, extra = {}) runs one
+// launcher and checks its error. Returns the kernel-log line of the kernel that ran.
 // sm90 = false: the sm80 kernels whatever the device (ATTENTION_EXT_PACKED_SM90=0).
 template <class Launch>
 std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& fwd,
@@ -269,11 +302,14 @@ std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::Ten
   if (const BwdEntry* h = sm90 ? find_bwd_sm90(p, env) : nullptr) {
     const BwdWorkspace ws = make_bwd_workspace(p, *h, env.num_sms, like);
     launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
+    auto step = [&launch, &ws](const char* name) {
+      return [&launch, &ws, name](auto&& fn, const LaunchTensors& extra) {
+        launch(name, ws, std::forward<decltype(fn)>(fn), extra);
+      };
+    };
     at::Tensor bounds;
-    const BwdParams ph =
-        with_key_bounds(p, env, like, bounds, [&](auto&& fn) { launch("key bounds", ws, std::forward<decltype(fn)>(fn)); });
-    if (launched_unless_declined([&](auto&& fn) { launch("backward", ws, std::forward<decltype(fn)>(fn)); },
-                                 [&] { return h->fn(ph, ws.work, env); })) {
+    const BwdParams ph = with_key_bounds(p, env, like, bounds, step("key bounds"));
+    if (launched_unless_declined(step("backward"), [&] { return h->fn(ph, ws.work, env); }, {&bounds})) {
       launch("dq convert", ws, [&] { return launch_dq_convert(p, ws.work, env); });
       return describe_kernel_sm90(what, h->head_dim, p.dtype);
     }
@@ -291,7 +327,7 @@ std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::Ten
 // query rows on average that the ordinary Hopper backward covers go sequence by sequence through the glue's
 // backward `bwd` (the offsets read once either way). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels
 // read it (sequence b: row b); find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors);
-// launch(what, setup, workspace, fn) runs one launcher and checks its error.
+// launch(what, setup, workspace, fn, extra = {}) runs one launcher and checks its error.
 template <class Bwd, class RngOnKernels, class FindFwd, class FindBwd, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     Bwd&& bwd, RngOnKernels&& rng_on_kernels, FindFwd&& find_fwd, FindBwd&& find_bwd, Launch&& launch,
@@ -330,8 +366,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
   } else {
     const std::string ran =
         run_backward(p, env, q.options(), *find_fwd(p), *find_bwd(p), what,
-                     [&](const char* step, const BwdWorkspace& ws, auto&& fn) {
-                       launch(step, s.st, ws, std::forward<decltype(fn)>(fn));
+                     [&](const char* step, const BwdWorkspace& ws, auto&& fn, const LaunchTensors& extra = {}) {
+                       launch(step, s.st, ws, std::forward<decltype(fn)>(fn),
+                              LaunchTensors{&s.cu_q, &s.cu_k, &rng_k} + extra);
                      },
                      packed_sm90_enabled());
     if (log_kernels()) log_kernel(ran + ", " + std::to_string(p.batch) + " packed sequences in one launch");

@@ -66,12 +66,13 @@ LaunchEnv make_env(const at::Tensor& q) {
   return env;
 }
 
-// Registers the byte ranges of the tensors a launch may read with cp.async.
+// Registers the storage of a launch's tensors: the global memory its copies may read (bounds checks) and its
+// racecheck of global memory covers.
 struct Regions {
-  explicit Regions(std::initializer_list<const at::Tensor*> ts) {
+  explicit Regions(const LaunchTensors& ts) {
     simt::clear_global_regions();
     for (const at::Tensor* t : ts) {
-      if (t == nullptr || !t->defined() || t->numel() == 0) continue;
+      if (t->numel() == 0) continue;
       const auto& st = t->storage();
       simt::add_global_region(st.data(), st.nbytes());
     }
@@ -125,7 +126,7 @@ struct EmuDev {
     return *e;
   }
   template <class Fn>
-  void launch(const char* what, std::initializer_list<const at::Tensor*> tensors, Fn&& fn) const {
+  void launch(const char* what, const LaunchTensors& tensors, Fn&& fn) const {
     Regions r(tensors);
     run(what, fn);
   }
@@ -191,7 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   return run_varlen_forward(
       forward_emu, [&] { return draw_rng_state(dropout_p); }, find_fwd_or_fail,
-      [&](auto&& fn) { EmuDev{}.launch("varlen forward", {&q, &k, &v}, fn); }, make_env(q), "emu varlen forward", q,
+      [&](auto&& fn, const LaunchTensors& extra = {}) {
+        EmuDev{}.launch("varlen forward", LaunchTensors{&q, &k, &v} + extra, fn);
+      },
+      make_env(q), "emu varlen forward", q,
       k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
@@ -203,9 +207,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
   return run_varlen_backward(
       backward_emu, [](const at::Tensor& r) { return r.contiguous(); }, find_fwd_or_fail,
       [](const BwdParams& p) { return &EmuDev{}.bwd(p); },
-      [](const char* what, const BackwardSetup& st, const BwdWorkspace& ws, auto&& fn) {
-        EmuDev{}.launch(what, {&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum, &st.dq4,
-                               &st.dk4, &st.dv4}, fn);
+      [](const char* what, const BackwardSetup& st, const BwdWorkspace& ws, auto&& fn,
+         const LaunchTensors& extra = {}) {
+        EmuDev{}.launch(what,
+                        LaunchTensors{&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum,
+                                      &st.dq4, &st.dk4, &st.dv4} + extra,
+                        fn);
       },
       make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
       enable_gqa, window);

@@ -245,13 +245,12 @@ AE_NO_TSAN void fail_global(State& s, uintptr_t a, int t, const char* what, bool
 }
 
 // Checks, then records, one access of the current thread to global bytes [a, a + bytes) of a registered tensor.
-AE_NO_TSAN void global_access(uintptr_t a, size_t bytes, bool write, bool atomic) {
+AE_NO_TSAN void global_access(uintptr_t a, size_t bytes, bool write, bool atomic, const char* what) {
   State* s = live();
   if (s == nullptr) return;
   const int t = s->cur;
   const uint32_t* my = s->vc + static_cast<size_t>(t) * s->n;
   const uint32_t clk = my[t];
-  const char* what = atomic ? (write ? "an atomic update" : "an atomic load") : (write ? "a store" : "a load");
   std::lock_guard<std::mutex> lock(g_gmu);
   for (size_t i = 0; i < bytes && !s->failed; ++i) {
     GCell& c = g_gcells[a + i];
@@ -300,7 +299,10 @@ AE_NO_TSAN void global_access(uintptr_t a, size_t bytes, bool write, bool atomic
 
 AE_NO_TSAN __attribute__((noinline)) void hook_global(const void* p, size_t bytes, bool write, bool atomic) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  if (in_global(a)) global_access(a, bytes, write, atomic);
+  if (in_global(a)) {
+    global_access(a, bytes, write, atomic,
+                  atomic ? (write ? "an atomic update" : "an atomic load") : (write ? "a store" : "a load"));
+  }
 }
 
 AE_NO_TSAN __attribute__((noinline)) void hook_slow(const void* p, size_t bytes, bool write) {
@@ -365,6 +367,12 @@ AE_NO_TSAN void begin_launch(const std::vector<std::pair<const unsigned char*, s
   }
   g_gcells.clear();
   g_global.store(!g_gregions.empty());
+}
+
+AE_NO_TSAN void global(const void* p, size_t bytes, bool write, bool atomic, const char* what) {
+  if (!g_global.load(std::memory_order_relaxed) || bytes == 0) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (in_global(a)) global_access(a, bytes, write, atomic, what);
 }
 
 AE_NO_TSAN void end_launch() {

@@ -40,8 +40,14 @@
 //   between CTAs      nothing orders them: a byte written by one CTA and read
 //                     or written by another in the same launch is a race,
 //                     unless both accesses are atomic (atomicAdd, red.add)
-// The emulator's own copies (cp.async / TMA loads, TMA reduces) are not seen
-// there: they read the inputs, or add atomically.
+// The emulator's own copies record their global accesses through global():
+//   cp.async      reads its source at issue
+//   TMA load      reads the box's bytes inside the tensor at issue
+//   TMA reduce    adds each element inside the tensor atomically when performed
+//                 (late: the bulk wait_group that covers it; early: at issue)
+// (the issuing thread's accesses at those moments: a conflicting access
+// ordered after the issue but before the copy lands is missed, never
+// reported falsely).
 // The first race of a CTA is reported (simt::Error) when its thread next
 // yields; the report names both threads and both accesses.
 #pragma once
@@ -97,6 +103,10 @@ void acquire_epoch(const Epoch& e);           // clock(current)[e.rank] |= e.clo
 void check(uint32_t off, size_t bytes, bool write, const char* what);
 void access(uint32_t off, size_t bytes, bool write, const char* what);
 void record(uint32_t off, size_t bytes, bool write, const Epoch& e, const char* what);
+// Global bytes [p, p + bytes): check, then record, an access of the current
+// thread if they lie in a registered region of the launch (an asynchronous
+// unit's access, on its issuer's behalf; what: for the report).
+void global(const void* p, size_t bytes, bool write, bool atomic, const char* what);
 // in_flight: an asynchronous write (or read) of the bytes starts (delta 1) or ends (-1).
 void in_flight(uint32_t off, size_t bytes, bool write, int delta);
 

@@ -286,6 +286,74 @@ __global__ void global_selftest_kernel(int fault, float* out) {
   }
 }
 
+// Global-memory racecheck of the asynchronous copies: two CTAs of 32 threads over the registered float g[2][64]
+// (row 0 read by copies, row 1 reduced into) behind the fp32 map d (boxes of 32 x 1), 1 KiB of shared memory
+// with an mbarrier at 0.
+//   copy_clean                 both CTAs read g[0][0..3] with cp.async and g[0][0..31] with a TMA load, add
+//                              their 32 shared floats (thread i: i + 1) to g[1][0..31] with a TMA reduce,
+//                              and write g[0][32 + b] with a plain store
+//   race_global_cp_async       CTA 0 stores g[0][1]; CTA 1 reads g[0][0..3] with cp.async
+//   race_global_tma_load       CTA 0 stores g[0][9]; CTA 1 reads row 0 with a TMA load
+//   race_global_tma_reduce     CTA 0 reduces into g[1][0..31]; CTA 1 loads g[1][3]
+//   race_global_cp_async_raw   CTA 0: thread 1 stores g[0][2], thread 0 reads it with cp.async, nothing between
+__global__ void copy_selftest_kernel(int fault, const sm90::TmaDesc* d, float* g) {
+  using namespace sm90;
+  AE_DYNAMIC_SMEM(smem);
+  const uint32_t base = smem_u32(smem), bar = base;
+  const int tid = threadIdx.x, b = blockIdx.x;
+  if (tid == 0) {
+    mbar_init(bar, 1);
+    mbar_fence_init();
+  }
+  __syncthreads();
+  auto cp_row0 = [&] {
+    if (tid == 0) cp_async16(base + 128, g, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+  };
+  auto tma_row0 = [&] {
+    if (tid == 0) {
+      mbar_arrive_expect_tx(bar, 128);
+      tma_load_4d(base + 256, d, bar, 0, 0, 0, 0);
+    }
+    mbar_wait(bar, 0);
+  };
+  auto reduce_row1 = [&] {
+    reinterpret_cast<float*>(smem + 512)[tid] = static_cast<float>(tid + 1);
+    fence_proxy_async();
+    __syncthreads();
+    if (tid == 0) {
+      tma_reduce_add_4d(d, base + 512, 0, 1, 0, 0);
+      bulk_commit();
+      bulk_wait<0>();
+    }
+  };
+  switch (fault) {
+    case 0:
+      cp_row0();
+      tma_row0();
+      reduce_row1();
+      if (tid == 0) g[32 + b] = 1.f;
+      break;
+    case 1:
+      if (b == 0 && tid == 0) g[1] = 2.f;
+      if (b == 1) cp_row0();
+      break;
+    case 2:
+      if (b == 0 && tid == 0) g[9] = 2.f;
+      if (b == 1) tma_row0();
+      break;
+    case 3:
+      if (b == 0) reduce_row1();
+      if (b == 1 && tid == 0) g[40] = g[64 + 3];
+      break;
+    case 4:
+      if (b == 0 && tid == 1) g[2] = 2.f;
+      if (b == 0) cp_row0();
+      break;
+  }
+}
+
 // Runs launch() (a launch_kernel call) with the global regions registered before it, then clears them;
 // emulator faults and launch errors become Python exceptions.
 template <class Launch>
@@ -315,6 +383,30 @@ void selftest(std::string kind) {
     });
     TORCH_CHECK(i != 0 || (out[2] == 2.f && out[3] == 2.f && out[4] == 64.f), "_selftest: global_clean computed ",
                 out[2], ", ", out[3], ", ", out[4]);
+    return;
+  }
+
+  static const char* kCopyNames[] = {"copy_clean", "race_global_cp_async", "race_global_tma_load",
+                                     "race_global_tma_reduce", "race_global_cp_async_raw"};
+  for (int i = 0; i < 5; ++i) {
+    if (kind != kCopyNames[i]) continue;
+    alignas(128) static float g[2 * 64];
+    for (int j = 0; j < 2 * 64; ++j) g[j] = static_cast<float>(j % 7);
+    sm90::TmaDesc d;
+    const uint64_t dims[4] = {64, 2, 1, 1}, strides[3] = {256, 512, 512};
+    const uint32_t box[4] = {32, 1, 1, 1};
+    const char* err = sm90::make_tma_desc_4d(&d, g, dims, strides, box, sm90::kSwizzleNone, 4);
+    TORCH_CHECK(err == nullptr, "_selftest: make_tma_desc_4d: ", err);
+    simt::clear_global_regions();
+    simt::add_global_region(g, sizeof(g));
+    run_launch([&] {
+      return launch_kernel(copy_selftest_kernel, 2, 32, 1024, 1024, nullptr, "copy_selftest_kernel", i,
+                           static_cast<const sm90::TmaDesc*>(&d), static_cast<float*>(g));
+    });
+    for (int j = 0; j < 32 && i == 0; ++j) {
+      const float want = static_cast<float>((64 + j) % 7 + 2 * (j + 1));
+      TORCH_CHECK(g[64 + j] == want, "_selftest: copy_clean reduced ", g[64 + j], " into g[1][", j, "], not ", want);
+    }
     return;
   }
 

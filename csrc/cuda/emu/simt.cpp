@@ -466,6 +466,7 @@ void cp_async(uint32_t smem_off, const void* src, int bytes, int src_bytes) {
   }
   const Copy c{smem_off, src, bytes, src_bytes};
   race::check(smem_off, static_cast<size_t>(bytes), true, "cp.async");
+  if (src_bytes > 0) race::global(src, static_cast<size_t>(src_bytes), false, false, "cp.async");
   if (L.early_copies) {
     perform(L, c, false);
   } else {

@@ -242,42 +242,47 @@ uint32_t swizzle_addr(uint32_t addr, int sw) {
   return addr ^ (((addr >> 7) & mask) << 4);
 }
 
-void perform(uint32_t bar, const TmaCopy& c) {
-  const TmaDesc& d = c.desc;
+// The rows of a box at coordinates c (dimensions 1..3; dimension 0 is the row): fn(off, row, lo, hi) for each in
+// order, off: the row's first byte in the box (dimension 0 fastest); row: its first byte in global memory, or
+// nullptr where the row lies outside the tensor; [lo, hi): the elements of the row inside the tensor (box-relative).
+template <class Fn>
+void for_box_rows(const TmaDesc& d, const int c[4], Fn&& fn) {
   const int eb = d.elem_bytes;
-  const auto* gbase = static_cast<const unsigned char*>(d.base);
-  uint64_t off = 0;  // linear byte offset in the box, dimension 0 fastest
+  auto* gbase = static_cast<unsigned char*>(const_cast<void*>(d.base));
+  const int64_t box0 = d.box[0];
+  const int64_t lo = std::min(std::max<int64_t>(-int64_t(c[0]), 0), box0);
+  const int64_t hi = std::max(std::min(static_cast<int64_t>(d.dims[0]) - c[0], box0), lo);
+  uint64_t off = 0;
   for (uint32_t i3 = 0; i3 < d.box[3]; ++i3) {
     for (uint32_t i2 = 0; i2 < d.box[2]; ++i2) {
-      for (uint32_t i1 = 0; i1 < d.box[1]; ++i1) {
-        const int64_t x[4] = {0, int64_t(c.c[1]) + i1, int64_t(c.c[2]) + i2, int64_t(c.c[3]) + i3};
+      for (uint32_t i1 = 0; i1 < d.box[1]; ++i1, off += static_cast<uint64_t>(d.box[0]) * eb) {
+        const int64_t x[4] = {0, int64_t(c[1]) + i1, int64_t(c[2]) + i2, int64_t(c[3]) + i3};
         bool row_in = true;
-        int64_t row_byte = 0;
+        int64_t row_byte = int64_t(c[0]) * eb;
         for (int k = 1; k < 4; ++k) {
           row_in = row_in && x[k] >= 0 && x[k] < static_cast<int64_t>(d.dims[k]);
           row_byte += x[k] * static_cast<int64_t>(d.strides[k]);
         }
-        // the in-bounds run of dimension 0 in this row
-        const int64_t lo = std::max<int64_t>(c.c[0], 0);
-        const int64_t hi = std::min<int64_t>(int64_t(c.c[0]) + d.box[0], static_cast<int64_t>(d.dims[0]));
-        if (row_in && hi > lo &&
-            !simt::global_read_ok(gbase + row_byte + lo * eb, static_cast<size_t>((hi - lo) * eb))) {
-          throw Error(simt::where() + ": TMA load (completing on " + bar_name(bar) +
-                      ") reads global memory outside every tensor of the launch");
-        }
-        for (uint32_t i0 = 0; i0 < d.box[0]; ++i0, off += eb) {
-          const int64_t x0 = int64_t(c.c[0]) + i0;
-          const uint32_t a = swizzle_addr(c.dst + static_cast<uint32_t>(off), d.swizzle);
-          static const unsigned char kZero[8] = {};
-          if (row_in && x0 >= 0 && x0 < static_cast<int64_t>(d.dims[0])) {
-            async_write(a, gbase + row_byte + x0 * eb, static_cast<size_t>(eb));
-          } else {
-            async_write(a, kZero, static_cast<size_t>(eb));  // 5.5.3.3 zero fill
-          }
-        }
+        fn(off, row_in ? gbase + row_byte : nullptr, lo, hi);
       }
     }
   }
+}
+
+void perform(uint32_t bar, const TmaCopy& c) {
+  const int eb = c.desc.elem_bytes;
+  for_box_rows(c.desc, c.c, [&](uint64_t off, const unsigned char* row, int64_t lo, int64_t hi) {
+    if (row != nullptr && hi > lo && !simt::global_read_ok(row + lo * eb, static_cast<size_t>((hi - lo) * eb))) {
+      throw Error(simt::where() + ": TMA load (completing on " + bar_name(bar) +
+                  ") reads global memory outside every tensor of the launch");
+    }
+    for (uint32_t i0 = 0; i0 < c.desc.box[0]; ++i0, off += eb) {
+      const uint32_t a = swizzle_addr(c.dst + static_cast<uint32_t>(off), c.desc.swizzle);
+      static const unsigned char kZero[8] = {};
+      const bool in = row != nullptr && i0 >= lo && i0 < hi;
+      async_write(a, in ? row + int64_t(i0) * eb : kZero, static_cast<size_t>(eb));  // else 5.5.3.3 zero fill
+    }
+  });
 }
 
 // A TMA load's bytes land and complete its transactions on `bar` (racecheck:
@@ -575,6 +580,12 @@ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, i
   }
   TmaCopy c{dst, *d, {c0, c1, c2, c3}, static_cast<uint32_t>(bytes), {}, {}};
   race::check(dst, bytes, true, "a TMA load");
+  const int eb = d->elem_bytes;
+  for_box_rows(*d, c.c, [&](uint64_t, const unsigned char* row, int64_t lo, int64_t hi) {
+    if (row != nullptr && hi > lo) {
+      race::global(row + lo * eb, static_cast<size_t>((hi - lo) * eb), false, false, "a TMA load");
+    }
+  });
   c.by = race::now();
   race::snapshot(c.clock);
   if (simt::early_async()) {
@@ -591,35 +602,23 @@ void tma_load_4d(uint32_t dst, const TmaDesc* d, uint32_t bar, int c0, int c1, i
 // performed: at the bulk wait_group that covers it (late, the latest moment)
 // or at issue (early).
 void perform_reduce(const TmaReduce& r) {
-  const TmaDesc& d = r.desc;
-  if (d.elem_bytes != 4) throw Error(simt::where() + ": cp.reduce.async.bulk.tensor .add emulated for fp32 maps only");
-  const unsigned char* smem = async_smem();
-  auto* gbase = static_cast<unsigned char*>(const_cast<void*>(d.base));
-  uint64_t off = 0;
-  for (uint32_t i3 = 0; i3 < d.box[3]; ++i3) {
-    for (uint32_t i2 = 0; i2 < d.box[2]; ++i2) {
-      for (uint32_t i1 = 0; i1 < d.box[1]; ++i1) {
-        const int64_t x[4] = {0, int64_t(r.c[1]) + i1, int64_t(r.c[2]) + i2, int64_t(r.c[3]) + i3};
-        bool row_in = true;
-        int64_t row_byte = 0;
-        for (int k = 1; k < 4; ++k) {
-          row_in = row_in && x[k] >= 0 && x[k] < static_cast<int64_t>(d.dims[k]);
-          row_byte += x[k] * static_cast<int64_t>(d.strides[k]);
-        }
-        for (uint32_t i0 = 0; i0 < d.box[0]; ++i0, off += 4) {
-          const int64_t x0 = int64_t(r.c[0]) + i0;
-          if (!row_in || x0 < 0 || x0 >= static_cast<int64_t>(d.dims[0])) continue;
-          unsigned char* g = gbase + row_byte + x0 * 4;
-          if (!simt::global_read_ok(g, 4)) {
-            throw Error(simt::where() + ": TMA reduce writes global memory outside every tensor of the launch");
-          }
-          float b;
-          std::memcpy(&b, smem + swizzle_addr(r.src + static_cast<uint32_t>(off), d.swizzle), 4);
-          atomicAdd(reinterpret_cast<float*>(g), b);  // other CTAs add to the same rows from other OS threads
-        }
-      }
-    }
+  if (r.desc.elem_bytes != 4) {
+    throw Error(simt::where() + ": cp.reduce.async.bulk.tensor .add emulated for fp32 maps only");
   }
+  const unsigned char* smem = async_smem();
+  for_box_rows(r.desc, r.c, [&](uint64_t off, const unsigned char* row, int64_t lo, int64_t hi) {
+    if (row == nullptr || hi <= lo) return;
+    auto* g = const_cast<unsigned char*>(row) + lo * 4;
+    if (!simt::global_read_ok(g, static_cast<size_t>((hi - lo) * 4))) {
+      throw Error(simt::where() + ": TMA reduce writes global memory outside every tensor of the launch");
+    }
+    race::global(g, static_cast<size_t>((hi - lo) * 4), true, true, "a TMA reduce");
+    for (int64_t i0 = lo; i0 < hi; ++i0, g += 4) {
+      float b;
+      std::memcpy(&b, smem + swizzle_addr(r.src + static_cast<uint32_t>(off + i0 * 4), r.desc.swizzle), 4);
+      atomicAdd(reinterpret_cast<float*>(g), b);  // other CTAs add to the same rows from other OS threads
+    }
+  });
 }
 
 // Performs a reduce (racecheck: its source read by the calling thread, the issuer, now).
