@@ -95,10 +95,6 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK_VALUE(v.dim() == 3, "value must be packed as (total_k, heads_kv, Ev) for variable-length attention, got ",
                     v.dim(), " dimensions with shape ", v.sym_sizes());
   check_inputs(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
-  TORCH_CHECK_VALUE(q.sym_size(2) >= 1 && v.sym_size(2) >= 1,
-                    "variable-length attention needs head dims of at least 1, got query ", q.sym_size(2), " and value ",
-                    v.sym_size(2), " (attention_ext.attention takes a head dim of 0, with a boolean mask for the "
-                    "sequences)");
   check_offsets_tensor(cu_q, "cu_seqlens_q", cu_q);
   check_offsets_tensor(cu_k, "cu_seqlens_k", cu_q);
   TORCH_CHECK(cu_q.device() == q.device() || cu_q.device().is_cpu(), "cu_seqlens_q is on ", cu_q.device(),

@@ -71,11 +71,12 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
 
 // _attention_varlen_forward through a backend's forward (fwd has _attention_forward's signature), into the
 // packed call's outputs as prepare_packed_forward made them (its offsets read and checked once): one call per
-// sequence on views of the packed tensors, each result copied into out / lse. Returns the rng_state (batch, 2).
+// sequence on views of the packed tensors, each result copied into out / lse. Returns (out, lse, rng_state
+// (batch, 2)).
 template <typename Fwd>
-at::Tensor varlen_forward_by_sequence(Fwd&& fwd, const PackedForward& s, const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, double dropout_p, bool is_causal,
-                                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
+    Fwd&& fwd, PackedForward& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
+    bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   const VarlenOffsets& off = s.off;
   const int64_t Hq = q.size(1);
   at::Tensor rng = at::zeros({off.batch(), 2}, q.options().dtype(at::kLong));
@@ -90,8 +91,15 @@ at::Tensor varlen_forward_by_sequence(Fwd&& fwd, const PackedForward& s, const a
     s.lse.narrow(0, Hq * off.q[b], Hq * L).copy_(l.reshape({-1}));
     rng.select(0, b).copy_(r.reshape({-1}));
   }
-  return rng;
+  finish_forward(s.st);
+  return {s.out, s.lse, rng};
 }
+
+// A head dim of 0 (query and key, or value) in variable-length attention: sequence by sequence through the
+// backend's dense ops (fwd / bwd: _attention_forward's / _attention_backward's signatures), which take it in
+// ATen operations (composite.h); no kernel has an instantiation for it. Sequence b's dropout state is its own
+// draw, row b of the rng_state, which the backward replays.
+inline bool varlen_zero_head_dim(const at::Tensor& q, const at::Tensor& v) { return q.size(2) == 0 || v.size(2) == 0; }
 
 // The packed backward as one launch (the CUDA sm80 backward and its emulator; FwdParams::cu_seqlens_q): the
 // setup of prepare_backward over the (heads, total, dim) views of the packed tensors (gradients poisoned), the

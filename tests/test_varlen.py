@@ -8,7 +8,6 @@ CPU kernels run here; the CUDA backend's (one launch over the packed sequences f
 backward) runs on the emulated kernels.
 """
 import math
-import warnings
 
 import pytest
 import torch

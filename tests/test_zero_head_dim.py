@@ -161,7 +161,7 @@ def test_zero_head_dim_gradcheck():
 
 def test_zero_head_dim_dropin_and_module_paths():
     """The SDPA drop-in runs E = 0 on the op (no longer handed to PyTorch) and matches SDPA; torch.compile traces
-    it (the Meta kernels take E = 0); variable-length attention refuses it with a message that names it."""
+    it (the Meta kernels take E = 0)."""
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(3, 5, 0, generator=g), torch.randn(3, 8, 0, generator=g)
     v = torch.randn(3, 8, 6, generator=g)
@@ -171,6 +171,78 @@ def test_zero_head_dim_dropin_and_module_paths():
     torch.testing.assert_close(ours, torch.softmax(mask, -1) @ v, rtol=2e-6, atol=2e-6)
     compiled = torch.compile(lambda q, k, v, m: attention_ext.attention(q, k, v, m), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, mask), ours, rtol=0, atol=0)
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"variable-length attention needs head dims of at least 1, got query 0"):
-        attention_ext.attention_varlen(torch.randn(5, 2, 0), torch.randn(5, 2, 0), torch.randn(5, 2, 4), cu, cu)
+
+
+# packed sequences (lengths from 0; keys per sequence differ) for attention_varlen
+VARLEN_Q, VARLEN_K = [3, 0, 7, 5], [4, 6, 0, 9]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dims", [(0, 24), (16, 0), (0, 0)], ids=lambda d: f"E{d[0]}-Ev{d[1]}")
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_zero_head_dim_varlen(backend, dtype, dims, dropout_p, monkeypatch):
+    """attention_varlen takes a head dim of 0 too, sequence by sequence through the dense op (each sequence's
+    dropout draw its own row of the rng_state): output, log-sum-exp and gradients of every sequence against the
+    float64 reference of that sequence alone (GQA, causal with a window; sequences of no query or no key), with
+    PyTorch's SDPA per sequence in the same dtype as the yardstick."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    ops, _ = _ops(backend, monkeypatch)
+    E, Ev = dims
+    hq, hkv, causal, window, scale = 4, 2, True, [3, -1], 0.6
+    g = torch.Generator().manual_seed(13 + E + Ev)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=f64).to(device=device, dtype=dtype)  # noqa: E731
+    tq, tk = sum(VARLEN_Q), sum(VARLEN_K)
+    q, k, v, do = rn(tq, hq, E), rn(tk, hkv, E), rn(tk, hkv, Ev), rn(tq, hq, Ev)
+    cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)  # noqa: E731
+    cu_q, cu_k = cu(VARLEN_Q), cu(VARLEN_K)
+    args = (dropout_p, causal, scale, True, window)
+    out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *args)
+    dq, dk, dv = ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *args)
+    assert out.shape == (tq, hq, Ev) and lse.shape == (hq * tq,) and rng.shape == (len(VARLEN_Q), 2)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+
+    heads = lambda t, start, n: t[start:start + n].transpose(0, 1)  # noqa: E731  (heads, rows, dim)
+    for b, (L, S) in enumerate(zip(VARLEN_Q, VARLEN_K)):
+        q0, k0 = int(cu_q[b]), int(cu_k[b])
+        qb, kb, vb, dob = heads(q, q0, L), heads(k, k0, S), heads(v, k0, S), heads(do, q0, L)
+        p_b = dropout_p if L * S else 0.0  # (a sequence without queries or keys draws nothing)
+        keep = dropout_keep_mask(rng[b].cpu(), qb, S, p_b).to(device) if p_b > 0 else None
+        kw = dict(is_causal=causal, scale=scale, enable_gqa=True, window_size=window, dropout_p=p_b, dropout_mask=keep)
+        ref_out, ref_lse, ref_dq, ref_dk, ref_dv, _ = reference_grads(qb, kb, vb, dob, None, **kw)
+        bl = [t.detach().cpu().requires_grad_() for t in (qb, kb, vb)]
+        band = window_visibility(L, S, causal, window)
+        b_out = torch.ops.aten._scaled_dot_product_attention_math(
+            *bl, attn_mask=band, dropout_p=p_b, dropout_mask=None if keep is None else keep.cpu(), scale=scale,
+            enable_gqa=True)[0]
+        b_grads = torch.autograd.grad(b_out, bl, dob.cpu(), allow_unused=True) if b_out.numel() else (None,) * 3
+        ours = (heads(out, q0, L), heads(dq, q0, L), heads(dk, k0, S), heads(dv, k0, S))
+        for name, o, r, base in zip(("out", "dq", "dk", "dv"), ours, (ref_out, ref_dq, ref_dk, ref_dv),
+                                    (b_out, *b_grads)):
+            base = torch.zeros_like(r) if base is None else base
+            assert_close_vs_baselines(f"varlen {name} ({backend}, sequence {b}, E={E}, Ev={Ev})", o, r, [base], dtype)
+        ours_lse = lse[hq * q0:hq * (q0 + L)].view(hq, L)
+        assert_close_vs_baselines(f"varlen logsumexp (sequence {b})", ours_lse, ref_lse, [], dtype,
+                                  floor=4 * ABS_FLOOR[f32])
+
+
+def test_zero_head_dim_varlen_autograd_and_compile():
+    """attention_varlen with E = 0 through autograd (float64 gradcheck: the gradients reach V) and torch.compile
+    (the Meta kernels take it)."""
+    g = torch.Generator().manual_seed(2)
+    cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32)
+    q = torch.randn(7, 2, 0, dtype=f64, generator=g, requires_grad=True)
+    k = torch.randn(7, 1, 0, dtype=f64, generator=g, requires_grad=True)
+    v = torch.randn(7, 1, 3, dtype=f64, generator=g, requires_grad=True)
+
+    def fn(q, k, v):
+        return attention_ext.attention_varlen(q, k, v, cu, cu, is_causal=True, enable_gqa=True)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    out = fn(q, k, v)
+    # E = 0, causal: query i of a sequence averages the values of its keys 0..i
+    for s0, s1 in ((0, 2), (2, 7)):
+        vv = v[s0:s1, 0].detach()
+        want = vv.cumsum(0) / torch.arange(1, s1 - s0 + 1, dtype=f64)[:, None]
+        torch.testing.assert_close(out[s0:s1].detach(), want[:, None].expand(-1, 2, -1), rtol=1e-12, atol=1e-12)
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), out, rtol=0, atol=0)

@@ -153,7 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
+  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
+  if (varlen_zero_head_dim(q, v)) {
+    PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k, opt, max_q, max_k);
+    return varlen_forward_by_sequence(forward_cpu, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
+  }
+  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
   ForwardSetup st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
   auto [seed, offset] = draw_seed(dropout_p);
   st.p.seed = seed;
@@ -170,7 +175,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     rd[2 * b + 1] = static_cast<int64_t>(ps[b].offset);
     cost[b] = off.len_k(b) == 0 ? 0.0 : static_cast<double>(off.len_q(b)) * static_cast<double>(off.len_k(b));
   }
-  if (log_kernels()) log_kernel("cpu varlen forward: " + std::to_string(off.batch()) + " sequences, flash kernel per sequence");
+  if (log_kernels()) {
+    log_kernel("cpu varlen forward: " + std::to_string(off.batch()) + " sequences, flash kernel per sequence");
+  }
   cpu::warm_up(st.p.dtype);
   dispatch_dtype(q.scalar_type(), [&](auto t) {
     cpu::run_jobs(cost, [&](int64_t b) {
@@ -189,6 +196,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
+  if (varlen_zero_head_dim(q, v)) {
+    at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    poison(dq);
+    poison(dk);
+    poison(dv);
+    varlen_backward_by_sequence(backward_cpu, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p,
+                                is_causal, scale, enable_gqa, window);
+    return {dq, dk, dv};
+  }
   // prepare_backward checks a (Hq, total_q) logsumexp and an int64[2] rng state: the packed ones are checked
   // above, and each sequence's seed and offset are read from its own row below
   const at::Tensor rng2 = at::zeros({2}, at::TensorOptions().dtype(at::kLong));
@@ -207,7 +223,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     }
     cost[b] = static_cast<double>(off.len_q(b)) * static_cast<double>(off.len_k(b));
   }
-  if (log_kernels()) log_kernel("cpu varlen backward: " + std::to_string(off.batch()) + " sequences, flash kernel per sequence");
+  if (log_kernels()) {
+    log_kernel("cpu varlen backward: " + std::to_string(off.batch()) + " sequences, flash kernel per sequence");
+  }
   cpu::warm_up(st.p.dtype);
   dispatch_dtype(q.scalar_type(), [&](auto t) {
     cpu::run_jobs(cost, [&](int64_t b) {

@@ -249,9 +249,8 @@ inline const Sm90FwdEntry* packed_fwd_sm90(const FwdParams& packed, const Varlen
 
 // _attention_varlen_forward as both glues run it: one launch over the packed sequences (FwdParams::cu_seqlens_q)
 // of the Hopper kernel where packed_fwd_sm90 gives one, else of the sm80 kernel where packed_in_one_launch says
-// so, else sequence by sequence through the glue's forward `fwd` into the same outputs (the offsets read once
-// either way). draw_rng() gives the call's int64[2]
-// (seed, offset) (zeros without dropout); sequence b takes (seed, offset + b), row b of the returned rng_state.
+// so, else (and for a head dim of 0) sequence by sequence through the glue's forward `fwd` into the same outputs
+// (the offsets read once either way). draw_rng() gives the call's int64[2] (seed, offset) (zeros without dropout); sequence b takes (seed, offset + b), row b of the returned rng_state.
 // find(p) is the glue's sm80 entry for p (or its error); launch(fn, extra = {}) runs one launcher and checks its
 // error.
 template <class Fwd, class DrawRng, class Find, class Launch>
@@ -263,11 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
   PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k,
                                            make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
   FwdParams& p = s.st.p;
-  const Sm90FwdEntry* hopper = packed_fwd_sm90(p, s.off, env);
-  if (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env)) {
-    at::Tensor rng = varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
-    finish_forward(s.st);
-    return {s.out, s.lse, rng};
+  const bool zero_dim = varlen_zero_head_dim(q, v);  // (find(p) has no kernel for it)
+  const Sm90FwdEntry* hopper = zero_dim ? nullptr : packed_fwd_sm90(p, s.off, env);
+  if (zero_dim || (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env))) {
+    return varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
   }
   at::Tensor rng = draw_rng().view({1, 2}).repeat({s.off.batch(), 1});
   if (dropout_p > 0.0) {
@@ -325,8 +323,9 @@ std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::Ten
 // conversion each in one launch over the packed sequences; the backward kernel the Hopper one where it covers
 // the call (packed, as the forward), else the sm80 one. Without a packed Hopper backward, sequences of 1024+
 // query rows on average that the ordinary Hopper backward covers go sequence by sequence through the glue's
-// backward `bwd` (the offsets read once either way). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels
-// read it (sequence b: row b); find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors);
+// backward `bwd` (the offsets read once either way), and so does a head dim of 0 (the dense ops take it in
+// ATen operations). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels read it (sequence b:
+// row b); find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors);
 // launch(what, setup, workspace, fn, extra = {}) runs one launcher and checks its error.
 template <class Bwd, class RngOnKernels, class FindFwd, class FindBwd, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
@@ -343,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
                                 enable_gqa, window);
     return std::make_tuple(dq, dk, dv);
   };
-  if (off.batch() <= 1) {
+  if (off.batch() <= 1 || varlen_zero_head_dim(q, v)) {
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     poison(dq);
     poison(dk);

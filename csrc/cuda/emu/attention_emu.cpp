@@ -89,7 +89,8 @@ void run(const char* what, Fn&& fn) {
   } catch (const simt::Error& e) {
     TORCH_CHECK(false, "attention_ext_emu: ", what, ": ", e.what());
   }
-  TORCH_CHECK(err == cudaSuccess, "attention_ext_emu: ", what, ": launch failed with cudaError ", static_cast<int>(err));
+  TORCH_CHECK(err == cudaSuccess, "attention_ext_emu: ", what, ": launch failed with cudaError ",
+              static_cast<int>(err));
 }
 
 at::Tensor rng_state(const at::Tensor& rng) {

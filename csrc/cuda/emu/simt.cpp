@@ -421,8 +421,8 @@ void warp_collective(const uint32_t* in, int n_in, uint32_t* out, int n_out,
   }
   WarpState& w = L.warps[f.warp];
   if (w.arrived > 0 && w.what != what) {
-    throw Error(where_of(L, f) + ": lane " + std::to_string(f.lane) + " reaches " + what + " while other lanes wait in " +
-                w.what + " (divergent warp collective)");
+    throw Error(where_of(L, f) + ": lane " + std::to_string(f.lane) + " reaches " + what +
+                " while other lanes wait in " + w.what + " (divergent warp collective)");
   }
   std::memcpy(w.in + f.lane * kSlot, in, sizeof(uint32_t) * static_cast<size_t>(n_in));
   w.what = what;

@@ -176,7 +176,8 @@ Mbar& mbar(uint32_t bar, const char* op) {
   State& s = state();
   auto it = s.bars.find(bar);
   if (it == s.bars.end()) {
-    throw Error(simt::where() + ": " + op + " on an uninitialised " + bar_name(bar) + " (no mbarrier.init in this CTA)");
+    throw Error(simt::where() + ": " + op + " on an uninitialised " + bar_name(bar) +
+                " (no mbarrier.init in this CTA)");
   }
   return it->second;
 }
@@ -489,8 +490,9 @@ void named_bar(int id, int nthreads, bool wait) {
   const char* op = wait ? "bar.sync" : "bar.arrive";
   if (id < 0 || id > 15) throw Error(simt::where() + ": " + op + " with barrier id " + std::to_string(id) + " (0..15)");
   if (nthreads <= 0 || nthreads % 32 != 0 || nthreads > simt::num_threads()) {
-    throw Error(simt::where() + ": " + op + " " + std::to_string(id) + " with thread count " + std::to_string(nthreads) +
-                " (a positive multiple of 32, at most the CTA's " + std::to_string(simt::num_threads()) + ")");
+    throw Error(simt::where() + ": " + op + " " + std::to_string(id) + " with thread count " +
+                std::to_string(nthreads) + " (a positive multiple of 32, at most the CTA's " +
+                std::to_string(simt::num_threads()) + ")");
   }
   NamedBar& b = state().named[id];
   if (b.arrived > 0 && b.expected != nthreads) {
