@@ -78,7 +78,7 @@ def _jagged_supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if not all(t.is_nested and t.layout == torch.jagged and t.dim() == 4 and t._ragged_idx == 2
                for t in (query, key, value)):
         return False
-    return 1 <= query.shape[-1] <= 256 and 1 <= value.shape[-1] <= 256 and _kernels_take(query, key, value)
+    return query.shape[-1] <= 256 and value.shape[-1] <= 256 and _kernels_take(query, key, value)
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -246,3 +246,36 @@ def test_zero_head_dim_varlen_autograd_and_compile():
         torch.testing.assert_close(out[s0:s1].detach(), want[:, None].expand(-1, 2, -1), rtol=1e-12, atol=1e-12)
     compiled = torch.compile(fn, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), out, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("dims", [(0, 5), (3, 0)], ids=lambda d: f"E{d[0]}-Ev{d[1]}")
+def test_zero_head_dim_nested_tensors(dims):
+    """The SDPA drop-in takes jagged nested tensors of head dim 0 on attention_varlen, where PyTorch's own SDPA
+    raises ("to_padded_tensor: at least one constituent tensor should have non-zero numel"): every sequence's
+    output and its gradients against SDPA on that sequence alone (dense tensors, which SDPA takes)."""
+    E, Ev = dims
+    g = torch.Generator().manual_seed(9)
+    lens = (3, 6, 1)
+    qs = [torch.randn(n, 4, E, dtype=f64, generator=g) for n in lens]
+    ks = [torch.randn(n + 2, 2, E, dtype=f64, generator=g) for n in lens]
+    vs = [torch.randn(n + 2, 2, Ev, dtype=f64, generator=g) for n in lens]
+    nest = lambda ts: torch.nested.nested_tensor(ts, layout=torch.jagged, requires_grad=True)  # noqa: E731
+    q, k, v = nest(qs), nest(ks), nest(vs)
+    out = attention_ext.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert out.is_nested and out.values().shape == (sum(lens), 4, Ev)
+    go = torch.randn(out.values().shape, dtype=f64, generator=g)
+    if Ev:
+        grads = torch.autograd.grad(out.values(), [q, k, v], go)
+        grads = [t.unbind() for t in grads]
+    row = 0
+    for b, n in enumerate(lens):
+        qb, kb, vb = (t[b].transpose(0, 1).clone().requires_grad_() for t in (qs, ks, vs))
+        ref = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(out.unbind()[b].transpose(0, 1), ref, rtol=1e-12, atol=1e-12)
+        if Ev:
+            ref_grads = torch.autograd.grad(ref, [qb, kb, vb], go[row:row + n].transpose(0, 1))
+            for ours, want in zip((gr[b] for gr in grads), ref_grads):
+                torch.testing.assert_close(ours.transpose(0, 1), want, rtol=1e-12, atol=1e-12)
+        row += n
