@@ -95,11 +95,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
   return {s.out, s.lse, rng};
 }
 
-// A head dim of 0 (query and key, or value) in variable-length attention: sequence by sequence through the
-// backend's dense ops (fwd / bwd: _attention_forward's / _attention_backward's signatures), which take it in
-// ATen operations (composite.h); no kernel has an instantiation for it. Sequence b's dropout state is its own
-// draw, row b of the rng_state, which the backward replays.
-inline bool varlen_zero_head_dim(const at::Tensor& q, const at::Tensor& v) { return q.size(2) == 0 || v.size(2) == 0; }
+// A head dim of 0 (query and key, or value) of packed (total, heads, dim) tensors: every backend runs such a call
+// sequence by sequence through its dense ops, which take it in ATen operations (composite.h; no kernel has an
+// instantiation for it). Sequence b's dropout state is its own draw, row b of the rng_state, which the backward
+// replays. (False for tensors of another rank: those are left to the validation.)
+inline bool varlen_zero_head_dim(const at::Tensor& q, const at::Tensor& v) {
+  return q.dim() == 3 && v.dim() == 3 && (q.size(2) == 0 || v.size(2) == 0);
+}
 
 // The packed backward as one launch (the CUDA sm80 backward and its emulator; FwdParams::cu_seqlens_q): the
 // setup of prepare_backward over the (heads, total, dim) views of the packed tensors (gradients poisoned), the

@@ -153,12 +153,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
-  if (varlen_zero_head_dim(q, v)) {
+  if (varlen_zero_head_dim(q, v)) {  // (prepare_packed_forward validates the call)
     PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k, opt, max_q, max_k);
     return varlen_forward_by_sequence(forward_cpu, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
   }
-  const VarlenOffsets off = read_offsets(cu_q, cu_k, q.size(0), k.size(0), max_q, max_k);
+  const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
   ForwardSetup st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
   auto [seed, offset] = draw_seed(dropout_p);
   st.p.seed = seed;

@@ -231,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
   const LaunchEnv env = make_env(q);
   return run_varlen_forward(
       forward_cuda, [&] { return draw_rng_state(q, dropout_p, env); }, find_fwd_or_fail,
-      [](auto&& fn, const LaunchTensors& = {}) { CudaDev{}.launch("varlen forward", {}, fn); }, env, "cuda varlen forward", q, k, v, cu_q, cu_k,
-      max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
+      [](auto&& fn, const LaunchTensors& = {}) { CudaDev{}.launch("varlen forward", {}, fn); }, env,
+      "cuda varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(

@@ -19,7 +19,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
-#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>

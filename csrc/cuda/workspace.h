@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 #include "../glue.h"
@@ -250,7 +251,8 @@ inline const Sm90FwdEntry* packed_fwd_sm90(const FwdParams& packed, const Varlen
 // _attention_varlen_forward as both glues run it: one launch over the packed sequences (FwdParams::cu_seqlens_q)
 // of the Hopper kernel where packed_fwd_sm90 gives one, else of the sm80 kernel where packed_in_one_launch says
 // so, else (and for a head dim of 0) sequence by sequence through the glue's forward `fwd` into the same outputs
-// (the offsets read once either way). draw_rng() gives the call's int64[2] (seed, offset) (zeros without dropout); sequence b takes (seed, offset + b), row b of the returned rng_state.
+// (the offsets read once either way). draw_rng() gives the call's int64[2] (seed, offset) (zeros without
+// dropout); sequence b takes (seed, offset + b), row b of the returned rng_state.
 // find(p) is the glue's sm80 entry for p (or its error); launch(fn, extra = {}) runs one launcher and checks its
 // error.
 template <class Fwd, class DrawRng, class Find, class Launch>

@@ -196,8 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
       [&](auto&& fn, const LaunchTensors& extra = {}) {
         EmuDev{}.launch("varlen forward", LaunchTensors{&q, &k, &v} + extra, fn);
       },
-      make_env(q), "emu varlen forward", q,
-      k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
+      make_env(q), "emu varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
+      window);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(

@@ -298,11 +298,8 @@ AE_NO_TSAN void global_access(uintptr_t a, size_t bytes, bool write, bool atomic
 }
 
 AE_NO_TSAN __attribute__((noinline)) void hook_global(const void* p, size_t bytes, bool write, bool atomic) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  if (in_global(a)) {
-    global_access(a, bytes, write, atomic,
-                  atomic ? (write ? "an atomic update" : "an atomic load") : (write ? "a store" : "a load"));
-  }
+  const char* what = atomic ? (write ? "an atomic update" : "an atomic load") : (write ? "a store" : "a load");
+  global(p, bytes, write, atomic, what);
 }
 
 AE_NO_TSAN __attribute__((noinline)) void hook_slow(const void* p, size_t bytes, bool write) {
