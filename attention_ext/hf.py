@@ -23,16 +23,15 @@ packed batches (``cu_seq_lens_q`` / ``cu_seq_lens_k`` from
 ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, as for "flash_attention_2")
 run through ``attention_varlen``: each sequence attends to itself only.
 """
-import importlib.abc
 import importlib.util
 import sys
 import threading
-import warnings
 from typing import Optional, Tuple
 
 import torch
 
 from . import _loader
+from ._import_hooks import when_imported
 from .functional import _torch_sdpa, attention_with_weights, supports
 
 _loader.load()
@@ -209,81 +208,15 @@ def register() -> bool:
     return _done["attention"]
 
 
-class _Loader(importlib.abc.Loader):
-    """Wraps a module's loader to run ``callback(module)`` once it has executed."""
-
-    def __init__(self, loader, callback):
-        self._loader = loader
-        self._callback = callback
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        # the wrapper has served its purpose: give the module its real loader back
-        module.__loader__ = self._loader
-        if getattr(module, "__spec__", None) is not None:
-            module.__spec__.loader = self._loader
-        try:
-            self._callback(module)
-        except Exception as e:  # never break the user's import of transformers
-            warnings.warn(f"attention_ext: could not register with transformers ({e!r}); "
-                          f"call attention_ext.hf.register() to retry")
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
-
-
-class _PostImportHook(importlib.abc.MetaPathFinder):
-    def __init__(self, callbacks):
-        self.callbacks = dict(callbacks)
-
-    def find_spec(self, fullname, path, target=None):
-        cb = self.callbacks.get(fullname)
-        if cb is None:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None
-        del self.callbacks[fullname]
-        if not self.callbacks:
-            try:
-                sys.meta_path.remove(self)
-            except ValueError:
-                pass
-        spec.loader = _Loader(spec.loader, cb)
-        return spec
-
-
 def register_on_import() -> None:
     """Called by ``import attention_ext``: register now if transformers is already imported, else when
     it is (through an import hook); nothing when transformers is not installed. Never imports it."""
-    callbacks = {}
-    mu = sys.modules.get("transformers.modeling_utils")
-    if mu is not None:
-        _register_attention(mu)
-    else:
-        callbacks["transformers.modeling_utils"] = _register_attention
-    mk = sys.modules.get("transformers.masking_utils")
-    if mk is not None:
-        _register_mask(mk)
-    else:
-        callbacks["transformers.masking_utils"] = _register_mask
-    if not callbacks:
-        return
     if "transformers" not in sys.modules:
         try:
             if importlib.util.find_spec("transformers") is None:
                 return
         except (ImportError, ValueError):
             return
-    if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PostImportHook(callbacks))
+    what = "with transformers; call attention_ext.hf.register() to retry"
+    when_imported("transformers.modeling_utils", _register_attention, what)
+    when_imported("transformers.masking_utils", _register_mask, what)
