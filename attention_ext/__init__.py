@@ -19,10 +19,12 @@ from .functional import scaled_dot_product_attention, use_attention_ext, attenti
 from .nn import MultiheadAttention
 from .convert import replace_multihead_attention
 from . import hf as _hf
+from . import _dtensor
 from . import debug  # kernel_log(): which kernel ran
 from . import viz  # plotting helpers; matplotlib itself is imported only when a plot is drawn
 
 _hf.register_on_import()  # attn_implementation="attention_ext" in transformers (lazily; never imports it)
+_dtensor.register_on_import()  # sharding rules for DTensor (when torch.distributed.tensor is imported)
 
 __all__ = ["attention", "attention_varlen", "nested_attention", "attention_forward", "attention_backward", "attention_probs"]
 __all__ += ["scaled_dot_product_attention", "use_attention_ext", "attention_with_weights", "MultiheadAttention",

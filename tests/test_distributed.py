@@ -181,18 +181,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(scenario, out_dir):
-    """Runs the WORLD ranks; returns (returncodes, outputs). Kills every rank on a timeout."""
+def _launch(scenario, out_dir, script, world):
+    """Runs the `world` ranks of `script`; returns (returncodes, outputs). Kills every rank on a timeout."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("ATTENTION_EXT_POISON", "1")  # as conftest.py: kernels poison their outputs
     env["OMP_NUM_THREADS"] = "1"
     port = _free_port()
     procs, logs = [], []
-    for rank in range(WORLD):
+    for rank in range(world):
         log = tempfile.TemporaryFile(mode="w+")
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", scenario, str(rank), str(WORLD), str(port), out_dir],
+            [sys.executable, os.path.abspath(script), "--worker", scenario, str(rank), str(world), str(port), out_dir],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     import time
@@ -218,13 +218,14 @@ def _launch(scenario, out_dir):
     return timed_out, [p.returncode for p in procs], outputs
 
 
-def run_ranks(scenario):
-    """Runs the ranks of `scenario` and returns their results (one dict per rank); fails on an error or hang."""
+def run_ranks(scenario, script=__file__, world=WORLD):
+    """Runs the ranks of `scenario` (`script` run with --worker, which calls worker()) and returns their results
+    (one dict per rank); fails on an error or hang."""
     import pytest
 
     for attempt in range(2):
         with tempfile.TemporaryDirectory() as out_dir:
-            timed_out, codes, outputs = _launch(scenario, out_dir)
+            timed_out, codes, outputs = _launch(scenario, out_dir, script, world)
             log = "\n".join(f"----- rank {r} (exit {c}) -----\n{o[-6000:]}" for r, (c, o) in
                             enumerate(zip(codes, outputs)))
             if timed_out:
@@ -234,7 +235,7 @@ def run_ranks(scenario):
                 if attempt == 0 and ("EADDRINUSE" in log or "ddress already in use" in log):
                     continue
                 pytest.fail(f"{scenario}: a rank failed\n{log}")
-            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
     raise AssertionError("unreachable")
 
 
