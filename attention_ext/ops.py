@@ -17,6 +17,32 @@ def _window(window_size) -> list:
     return [int(window_size[0]), int(window_size[1])]
 
 
+def _causal_bias(attn_mask, is_causal, L, S, window, device):
+    """PyTorch's causal biases (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``, which
+    ``F.scaled_dot_product_attention`` accepts as ``attn_mask``) as the op's own arguments:
+    ``(attn_mask, is_causal, window)``; anything else is returned as it is. Such a bias is not a mask (its
+    storage is uninitialised): read as one it would give garbage. Upper-left is ``is_causal``; lower-right
+    (key j seen by query i when j <= i + S - L) is a window's right bound of S - L, or, when L > S, its
+    boolean mask (the first L - S rows see no key and give 0, as in PyTorch)."""
+    bias_cls = getattr(getattr(getattr(torch.nn, "attention", None), "bias", None), "CausalBias", None)
+    if bias_cls is None or not isinstance(attn_mask, bias_cls):
+        return attn_mask, is_causal, window
+    if is_causal:
+        raise ValueError("CausalBias should not be used with causal=True")
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+        raise ValueError(f"attn_mask is a causal bias for {attn_mask.seq_len_q} queries and {attn_mask.seq_len_kv} "
+                         f"keys, but query has length {L} and key {S}")
+    variant = attn_mask.variant.name
+    if variant == "UPPER_LEFT":
+        return None, True, window
+    if variant != "LOWER_RIGHT":
+        raise ValueError(f"attn_mask: unknown CausalBias variant {attn_mask.variant!r}")
+    if L > S:
+        return torch.ones(L, S, dtype=torch.bool, device=device).tril(S - L), False, window
+    right = S - L if window[1] < 0 else min(window[1], S - L)
+    return None, False, [window[0], right]
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -36,7 +62,10 @@ def attention(
     the scores, either broadcastable to (..., heads, L, S); ``is_causal`` is
     top-left aligned; ``window_size=(left, right)`` keeps keys j with
     i - left <= j <= i + right (-1: unbounded). A query row that sees no key
-    returns 0 (and zero gradient).
+    returns 0 (and zero gradient). ``attn_mask`` may also be one of PyTorch's
+    causal biases, ``torch.nn.attention.bias.causal_upper_left(L, S)`` (the
+    same as ``is_causal``) or ``causal_lower_right(L, S)`` (bottom-right
+    aligned: query i sees keys j <= i + S - L), as SDPA takes them.
     """
     if query.is_nested or key.is_nested or value.is_nested:
         if attn_mask is not None:
@@ -44,7 +73,10 @@ def attention(
                              "own length bounds its keys; use is_causal or window_size for more")
         return nested_attention(query, key, value, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                 enable_gqa=enable_gqa, window_size=window_size)
-    return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _window(window_size))
+    window = _window(window_size)
+    attn_mask, is_causal, window = _causal_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2], window,
+                                                query.device)
+    return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
 
 
 def attention_varlen(

@@ -267,3 +267,77 @@ def test_attention_with_weights_without_graph():
         assert o.grad_fn is None and w.grad_fn is None
         assert torch.equal(o, o1.detach()) and torch.equal(w, w1.detach())
     assert w1.grad_fn is not None
+
+
+# ----------------------------------------------------------------------------- PyTorch's causal biases
+def _lower_right_visible(L, S):
+    """Key j visible to query i when j <= i + S - L (bottom-right aligned), written out independently."""
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    return j <= i + (S - L)
+
+
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("L,S", [(4, 9), (9, 4), (6, 6), (1, 7)])
+@pytest.mark.parametrize("entry", ["dropin", "routed", "op", "op_window"])
+def test_causal_bias_masks(variant, L, S, entry):
+    """torch.nn.attention.bias.causal_upper_left / causal_lower_right as attn_mask, as F.scaled_dot_product_attention
+    takes them. Such a bias is not a mask (uninitialised storage): read as one, it gave garbage (upper-left, error
+    5.2) or an error (lower-right). Output and gradients against the float64 reference with the visibility written
+    out; PyTorch's SDPA with the bias, float32, is the yardstick."""
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+    from reference import assert_close_vs_baseline, reference_grads
+
+    make = causal_upper_left if variant == "upper_left" else causal_lower_right
+    g = torch.Generator().manual_seed(L * 100 + S)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (L, S, S))
+    do = torch.randn(2, 3, L, 16, generator=g)
+    visible = torch.ones(L, S, dtype=torch.bool).tril() if variant == "upper_left" else _lower_right_visible(L, S)
+    window = None
+    if entry == "op_window":  # a window's left bound as well: both apply
+        window = [2, -1]
+        i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+        visible = visible & (j >= i - 2)
+    _, _, *ref_grads = reference_grads(q, k, v, do, visible)
+    ref_out = reference_grads(q, k, v, do, visible)[0]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if entry == "dropin":
+        out = sdpa(*leaves, attn_mask=make(L, S))
+    elif entry == "routed":
+        bias = make(L, S)  # (made outside the dispatch mode, where PyTorch cannot make one)
+        with use_attention_ext(), OpCounter() as c:
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=bias)
+        assert c.counts.get("attention_ext.attention", 0) + c.counts.get("attention_ext._attention_forward", 0) >= 1
+    else:
+        out = attention_ext.attention(*leaves, attn_mask=make(L, S), window_size=window)
+    assert type(out) is torch.Tensor, type(out)  # not a CausalBias
+    out.backward(do)
+    base_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if window is None:
+        base = ORIG(*base_leaves, attn_mask=make(L, S))
+    else:
+        base = ORIG(*base_leaves, attn_mask=visible)
+    base.backward(do)
+    name = f"{variant} {L}x{S} {entry}"
+    assert_close_vs_baseline(f"{name} output", out, ref_out, base, torch.float32)
+    for what, t, b, r in zip(("dq", "dk", "dv"), leaves, base_leaves, ref_grads):
+        assert_close_vs_baseline(f"{name} {what}", t.grad, r, b.grad, torch.float32)
+
+
+def test_causal_bias_fallback_and_errors():
+    """Inputs the kernels do not take (head dim 300) go to PyTorch with the bias as PyTorch reads it, also while
+    use_attention_ext() has replaced F.scaled_dot_product_attention (where the bias's own dispatch no longer
+    recognises the function); a bias with is_causal=True, or for other lengths, raises."""
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    q, k, v = torch.randn(1, 2, 4, 300), torch.randn(1, 2, 9, 300), torch.randn(1, 2, 9, 300)
+    for make in (causal_upper_left, causal_lower_right):
+        expected = ORIG(q, k, v, attn_mask=make(4, 9))
+        with use_attention_ext():
+            torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=make(4, 9)), expected)
+        torch.testing.assert_close(sdpa(q, k, v, attn_mask=make(4, 9)), expected)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    for call in (sdpa, attention_ext.attention):
+        with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+            call(q, k, v, attn_mask=causal_lower_right(4, 9), is_causal=True)
+        with pytest.raises(ValueError, match="causal bias for 5 queries and 9 keys, but query has length 4 and key 9"):
+            call(q, k, v, attn_mask=causal_lower_right(5, 9))

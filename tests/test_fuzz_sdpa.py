@@ -73,6 +73,8 @@ def draw(seed):
     c["scale"] = r.choice((None, None, None, 0.5, 0.0, -1.0, 2.5, math.inf, math.nan))
     c["dropout_p"] = 0.0 if r.random() < 0.85 else r.choice((0.3, 1.0, -0.2))
     c["grad"] = r.random() < 0.7
+    # one of PyTorch's causal biases (torch.nn.attention.bias) as the mask, for (L, S) or for wrong lengths
+    c["causal_bias"] = None if r.random() < 0.85 else r.choice(("upper_left", "lower_right", "lower_right_wrong"))
     return c
 
 
@@ -110,7 +112,16 @@ def make(c):
         else:
             mdt = {"f32": f32, "f64": f64, "f16": f16, "same": dt}[c["mask"]]
             mask = torch.randn(keep.shape, generator=g, dtype=f64).masked_fill(~keep, -math.inf).to(mdt)
+    if c["causal_bias"]:
+        from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+        make_bias = causal_upper_left if c["causal_bias"] == "upper_left" else causal_lower_right
+        mask = make_bias(c["L"], c["S"] + (1 if c["causal_bias"].endswith("wrong") else 0))
     return ts["q"], ts["k"], ts["v"], mask
+
+
+def _is_bias(mask):
+    from torch.nn.attention.bias import CausalBias
+    return isinstance(mask, CausalBias)
 
 
 def _call(fn, c, q, k, v, mask):
@@ -119,7 +130,7 @@ def _call(fn, c, q, k, v, mask):
     if c["grad"]:
         q, k, v = (t.detach().requires_grad_() if t.is_floating_point() else t for t in (q, k, v))
         leaves = [q, k, v]
-        if mask is not None and mask.is_floating_point() and c["mask_grad"]:
+        if mask is not None and mask.is_floating_point() and c["mask_grad"] and not _is_bias(mask):
             mask = mask.detach().requires_grad_()
             leaves.append(mask)
     try:
