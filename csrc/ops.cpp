@@ -189,6 +189,23 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
+// Sparse, MKL-DNN and other layouts have no kernel here: an error naming the argument, not the dispatcher's
+// "could not run ... with arguments from the 'SparseCPU' backend".
+void check_strided(const at::Tensor& t, const char* name) {
+  const at::Layout l = t.layout();
+  if (l == at::kStrided) return;
+  const char* py = l == at::kSparse      ? "torch.sparse_coo"
+                   : l == at::kSparseCsr ? "torch.sparse_csr"
+                   : l == at::kSparseCsc ? "torch.sparse_csc"
+                   : l == at::kSparseBsr ? "torch.sparse_bsr"
+                   : l == at::kSparseBsc ? "torch.sparse_bsc"
+                   : l == at::kMkldnn    ? "torch._mkldnn"
+                                         : nullptr;
+  const bool sparse = l != at::kMkldnn && py != nullptr;
+  TORCH_CHECK_VALUE(false, name, " must be a dense (strided) tensor, got layout ", py ? std::string(py) : c10::str(l),
+                    sparse ? " (call .to_dense() on it)" : "");
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
@@ -197,6 +214,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     "attention_ext.attention or attention_ext.scaled_dot_product_attention, which pack them for "
                     "attention_varlen, or call torch.ops.attention_ext.attention_varlen with packed values and "
                     "offsets");
+  check_strided(q, "query");
+  check_strided(k, "key");
+  check_strided(v, "value");
+  if (mask.has_value() && mask->defined()) check_strided(*mask, "attn_mask");
   const at::Tensor* m = mask.has_value() ? &*mask : nullptr;
   const bool graph = needs_graph({&q, &k, &v, m});
   if (has_tangent({&q, &k, &v, m}) || (graph && functorch_active())) {
@@ -282,6 +303,11 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& cu_k, std::optional<int64_t> max_q, std::optional<int64_t> max_k,
                             double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
                             at::IntArrayRef window) {
+  check_strided(q, "query");
+  check_strided(k, "key");
+  check_strided(v, "value");
+  check_strided(cu_q, "cu_seqlens_q");
+  check_strided(cu_k, "cu_seqlens_k");
   TORCH_CHECK_NOT_IMPLEMENTED(
       !has_tangent({&q, &k, &v}),
       "attention_ext.attention_varlen has no forward-mode AD (dual tensors, torch.func.jvp / jacfwd); "

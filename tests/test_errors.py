@@ -168,6 +168,31 @@ def test_python_wrapper_errors():
         attention_ext.attention_probs(q, k, lse, dropout_p=0.2)
 
 
+def test_layouts_other_than_strided_name_the_argument():
+    """Sparse and MKL-DNN tensors have no kernel: an error naming the argument and the expected layout (not the
+    dispatcher's "could not run ... 'SparseCPU' backend"), from the op, its Python wrappers and the drop-in."""
+    q, k = Q(), K()
+    mask = torch.rand(2, 2, 5, 7) > 0.5
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    calls = [
+        ("attn_mask", "sparse_coo", lambda: att(q, k, k, mask.to_sparse())),
+        ("attn_mask", "sparse_csr", lambda: attention_ext.attention(q, k, k, torch.randn(5, 7).to_sparse_csr())),
+        ("attn_mask", "sparse_coo", lambda: attention_ext.scaled_dot_product_attention(q, k, k, mask.to_sparse())),
+        ("query", "_mkldnn", lambda: att(q.to_mkldnn(), k, k)),
+        ("key", "sparse_coo", lambda: att(q, k.to_sparse(), k)),
+        ("value", "sparse_coo", lambda: att(q, k, k.to_sparse())),
+        ("query", "sparse_coo", lambda: ops.attention_varlen(_r(5, 2, 8).to_sparse(), _r(5, 2, 8), _r(5, 2, 8), cu, cu,
+                                                             None, None, 0.0, False, None, False, W)),
+        ("cu_seqlens_k", "sparse_coo", lambda: ops.attention_varlen(_r(5, 2, 8), _r(5, 2, 8), _r(5, 2, 8), cu,
+                                                                    cu.to_sparse(), None, None, 0.0, False, None,
+                                                                    False, W)),
+    ]
+    for name, layout, call in calls:
+        with pytest.raises(ValueError, match=rf"^{name} must be a dense \(strided\) tensor, got layout "
+                                             rf"torch\.{layout}"):
+            call()
+
+
 # --------------------------------------------------------------------------------------------
 # devices
 
