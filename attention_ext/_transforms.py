@@ -233,7 +233,7 @@ def composite(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
 def _fused_applies(tensors):
     """Whether the fused function can serve the running transforms: at most one level that differentiates
     (reverse mode), no forward-mode AD, no functionalization."""
-    stack = [i.key() for i in torch._C._functorch.get_interpreter_stack()]
+    stack = [i.key() for i in torch._C._functorch.get_interpreter_stack() or ()]
     if sum(1 for t in stack if t == _Transform.Grad) > 1 or any(
             t in (_Transform.Jvp, _Transform.Functionalize) for t in stack):
         return False

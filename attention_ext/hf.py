@@ -21,7 +21,10 @@ eval), and returns the attention weights (differentiable, after dropout like
 "eager") when the model is asked for them (``output_attentions=True``). Padding-free
 packed batches (``cu_seq_lens_q`` / ``cu_seq_lens_k`` from
 ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, as for "flash_attention_2")
-run through ``attention_varlen``: each sequence attends to itself only.
+run through ``attention_varlen``: each sequence attends to itself only. Attention
+sinks (``s_aux``, gpt-oss) run through the fused kernels too (attention_ext/_sinks.py;
+packed batches with sinks take the dense path with their boundaries as the mask).
+Logit soft-capping (``softcap``) and ``head_mask`` raise: use "eager" for those.
 """
 import importlib.util
 import sys
@@ -30,7 +33,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _loader
+from . import _loader, _sinks
 from ._import_hooks import when_imported
 from .functional import _torch_sdpa, attention_with_weights, supports
 
@@ -92,7 +95,7 @@ def _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs)
     sliding = kwargs.get("sliding_window")
     if sliding is not None and int(sliding) > 0:  # the last `sliding` positions, the query's own included
         window[0] = int(sliding) - 1
-    if _wants_weights(module, kwargs) or not supports(query, key, value):
+    if _wants_weights(module, kwargs) or not supports(query, key, value) or kwargs.get("s_aux") is not None:
         return None, _packed_mask(cu_q, cu_k, query.shape[-2], key.shape[-2], causal, window[0], query.device)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, E)
     out = _ops.attention_varlen(q, k, v, cu_q, cu_k, None, None, float(dropout), causal, scaling,
@@ -113,7 +116,7 @@ def attention_forward(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The attention function transformers calls: ``query`` (B, H, L, E), ``key`` / ``value``
     (B, H_kv, S, E); returns ``(attn_output (B, L, H, Ev), attn_weights (B, H, L, S) or None)``."""
-    for unsupported in ("softcap", "head_mask", "s_aux"):
+    for unsupported in ("softcap", "head_mask"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"`attention_ext` attention does not support `{unsupported}`; use "
                              f"attn_implementation='eager' for this model")
@@ -146,6 +149,15 @@ def attention_forward(
         attention_mask = attention_mask.to(query.dtype)
     gqa = query.shape[-3] != key.shape[-3]
     want_weights = _wants_weights(module, kwargs)
+    sinks = kwargs.get("s_aux")  # attention sinks (gpt-oss): one logit per query head
+
+    if sinks is not None:
+        if not supports(query, key, value):
+            out, weights = _sinks.eager(query, key, value, attention_mask, sinks, dropout, is_causal, scaling)
+            return out.transpose(1, 2), (weights if want_weights else None)
+        out, weights = _sinks.attention_with_sinks(query, key, value, attention_mask, sinks, float(dropout),
+                                                   is_causal, scaling, gqa, _NO_WINDOW, want_weights)
+        return out.transpose(1, 2), weights
 
     if not supports(query, key, value):  # e.g. head dim > 256 or a device without kernels
         if gqa:

@@ -53,6 +53,7 @@ def attention(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     window_size: Optional[Sequence[int]] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """softmax(query @ key^T * scale + mask) @ value, fused, differentiable.
 
@@ -66,8 +67,15 @@ def attention(
     causal biases, ``torch.nn.attention.bias.causal_upper_left(L, S)`` (the
     same as ``is_causal``) or ``causal_lower_right(L, S)`` (bottom-right
     aligned: query i sees keys j <= i + S - L), as SDPA takes them.
+
+    ``sinks`` (one logit per query head, gpt-oss's attention sinks) joins
+    every row's softmax without a value: the row's weights shrink by
+    exp(sink) / (sum_j exp(s_ij) + exp(sink)); differentiable, sinks
+    included (attention_ext/_sinks.py).
     """
     if query.is_nested or key.is_nested or value.is_nested:
+        if sinks is not None:
+            raise ValueError("sinks are not supported with nested (variable-length) tensors")
         if attn_mask is not None:
             raise ValueError("attn_mask is not supported with nested (variable-length) tensors: each sequence's "
                              "own length bounds its keys; use is_causal or window_size for more")
@@ -76,6 +84,10 @@ def attention(
     window = _window(window_size)
     attn_mask, is_causal, window = _causal_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2], window,
                                                 query.device)
+    if sinks is not None:
+        from ._sinks import attention_with_sinks
+        return attention_with_sinks(query, key, value, attn_mask, sinks, float(dropout_p), bool(is_causal), scale,
+                                    bool(enable_gqa), window)[0]
     return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
 
 

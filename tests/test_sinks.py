@@ -1,0 +1,254 @@
+"""Attention sinks (attention_ext/_sinks.py): ``attention_ext.attention(..., sinks=)`` and transformers'
+``s_aux`` (gpt-oss), through the fused kernels.
+
+The reference is float64 and written here: the sink's logit joins each row's softmax as one more column,
+which is then dropped (dropout after, from the kernel's own keep mask). The yardstick is the same formula in
+the test's dtype, as transformers' eager attention runs it: errors must stay within twice its error plus
+the dtype's floor. Fresh random inputs, sinks of either sign and size, fully masked rows included.
+"""
+import math
+
+import pytest
+import torch
+
+import attention_ext
+from conftest import cuda_marks
+from op_counter import OpCounter
+from reference import assert_close_vs_baseline, window_visibility
+
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+ops = torch.ops.attention_ext
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def sink_attention(q, k, v, sinks, visible=None, bias=None, keep=None, dropout_p=0.0, scale=None):
+    """The formula in q's dtype: visible (bool, broadcast to the scores) and bias (added) as given."""
+    if k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    sc = scale if scale is not None else q.shape[-1] ** -0.5
+    s = q @ k.transpose(-1, -2) * sc
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    if visible is not None:
+        s = s.masked_fill(~visible, -math.inf)
+    col = sinks.to(s.dtype).reshape(-1, 1, 1).expand(*s.shape[:-1], 1)
+    p = torch.softmax(torch.cat([s, col], -1), -1)[..., :-1]
+    if keep is not None:
+        p = p * keep / (1 - dropout_p)
+    return p @ v
+
+
+CASES = {
+    # name: (q, k, v shapes, options)
+    "plain": ((2, 4, 7, 16), (2, 4, 9, 16), (2, 4, 9, 16), {}),
+    "gqa_causal": ((2, 4, 9, 32), (2, 2, 9, 32), (2, 2, 9, 8), dict(enable_gqa=True, is_causal=True)),
+    "window": ((1, 3, 12, 16), (1, 3, 12, 16), (1, 3, 12, 16), dict(window_size=[3, 1])),
+    "bool_mask_dead_rows": ((2, 2, 6, 16), (2, 2, 8, 16), (2, 2, 8, 16), dict(mask="bool")),
+    "float_mask_grad": ((2, 2, 6, 16), (2, 2, 8, 16), (2, 2, 8, 16), dict(mask="float")),
+    "unbatched_scale": ((3, 5, 8), (3, 4, 8), (3, 4, 8), dict(scale=0.7)),
+    "extreme_sinks": ((1, 4, 5, 16), (1, 4, 5, 16), (1, 4, 5, 16), dict(sinks=[30.0, -30.0, 0.0, 5.0])),
+}
+
+
+def _inputs(name, dtype, device, seed=0):
+    qs, ks, vs, opts = CASES[name]
+    g = torch.Generator().manual_seed(seed + sorted(CASES).index(name))
+    q, k, v = (torch.randn(s, generator=g, dtype=f64) for s in (qs, ks, vs))
+    h = qs[-3]
+    sinks = torch.tensor(opts["sinks"], dtype=f64) if "sinks" in opts else torch.randn(h, generator=g, dtype=f64) * 2
+    mask = None
+    L, S = qs[-2], ks[-2]
+    if opts.get("mask") == "bool":
+        mask = torch.rand(qs[0], 1, L, S, generator=g) > 0.4
+        mask[0, 0, 1] = False  # a row that sees no key: 0 out, all weight to the sink
+    elif opts.get("mask") == "float":
+        mask = torch.randn(L, S, generator=g, dtype=f64)
+    cast = [t.to(device=device, dtype=dtype) for t in (q, k, v, sinks)]
+    if mask is not None:
+        mask = mask.to(device) if mask.dtype == torch.bool else mask.to(device=device, dtype=dtype)
+    return (*cast, mask, {k_: v_ for k_, v_ in opts.items() if k_ not in ("mask", "sinks")})
+
+
+def _visible(q, k, opts, mask):
+    vis = None
+    if opts.get("is_causal") or opts.get("window_size"):
+        vis = window_visibility(q.shape[-2], k.shape[-2], opts.get("is_causal", False), opts.get("window_size"),
+                                device=q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        vis = mask if vis is None else vis & mask
+    return vis
+
+
+def _run(name, dtype, device):
+    q, k, v, sinks, mask, opts = _inputs(name, dtype, device)
+    mask_grad = mask is not None and mask.is_floating_point()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)] + ([mask.clone().requires_grad_()] if mask_grad
+                                                                       else [])
+    m = leaves[4] if mask_grad else mask
+    out = attention_ext.attention(*leaves[:3], attn_mask=m, sinks=leaves[3], **opts)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=f64).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(out, leaves, do)
+    return (q, k, v, sinks, mask, opts), do, out, grads
+
+
+def _expected(inputs, do, dtype):
+    """(float64 reference, same-dtype yardstick) of output and gradients."""
+    q, k, v, sinks, mask, opts = inputs
+    vis = _visible(q, k, opts, mask)
+    bias = mask if mask is not None and mask.is_floating_point() else None
+    res = []
+    for dt in (f64, dtype):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v, sinks)]
+        b = bias.detach().to(dt).requires_grad_() if bias is not None else None
+        out = sink_attention(*leaves, visible=vis, bias=b, scale=opts.get("scale"))
+        wrt = leaves + ([b] if b is not None else [])
+        res.append([out] + list(torch.autograd.grad(out, wrt, do.to(dt))))
+    return res
+
+
+def _check(name, dtype, device):
+    inputs, do, out, grads = _run(name, dtype, device)
+    ref, base = _expected(inputs, do, dtype)
+    for what, ours, r, b in zip(("output", "dq", "dk", "dv", "dsinks", "dmask"), [out, *grads], ref, base):
+        assert_close_vs_baseline(f"{name} {what}", ours, r, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [f64, f32, bf16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sinks_match_reference(name, dtype):
+    _check(name, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [f32, f16, bf16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_marks())])
+def test_sinks_match_reference_cuda(name, dtype, device):
+    _check(name, dtype, device)
+
+
+def test_sinks_with_dropout():
+    """The kernel's keep mask (replayed from the same seed) in the reference: output and all gradients."""
+    q, k, v, sinks, _, _ = _inputs("gqa_causal", f64, "cpu")
+    opts = dict(enable_gqa=True, is_causal=True, dropout_p=0.3)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    torch.manual_seed(11)
+    out = attention_ext.attention(*leaves[:3], sinks=leaves[3], **opts)
+    torch.manual_seed(11)
+    _, _, rng = ops._attention_forward(q, k, v, None, 0.3, True, None, True, [-1, -1])
+    keep = ops._dropout_mask(rng, q.shape[0], q.shape[1], q.shape[2], k.shape[2], 0.3)
+    assert 0.4 < keep.float().mean() < 0.95
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, do)
+    rl = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    vis = window_visibility(q.shape[-2], k.shape[-2], True)
+    ref = sink_attention(*rl, visible=vis, keep=keep, dropout_p=0.3)
+    rgrads = torch.autograd.grad(ref, rl, do)
+    for what, a, b in zip(("output", "dq", "dk", "dv", "dsinks"), [out, *grads], [ref, *rgrads]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_sinks_gradcheck_and_gradgradcheck():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g, dtype=f64, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(2, generator=g, dtype=f64, requires_grad=True)
+    mask = torch.randn(4, 4, generator=g, dtype=f64)
+    mask[1] = -math.inf  # a row that sees no key
+    mask.requires_grad_()
+
+    def fn(q, k, v, s, m):
+        return attention_ext.attention(q, k, v, m, sinks=s)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, sinks, mask))
+    assert torch.autograd.gradgradcheck(lambda q, k, v, s: attention_ext.attention(q, k, v, is_causal=True, sinks=s),
+                                        (q, k, v, sinks))
+
+
+def test_sinks_under_compile_and_vmap():
+    q, k, v, sinks, _, opts = _inputs("gqa_causal", f32, "cpu")
+    expected = attention_ext.attention(q, k, v, sinks=sinks, **opts)
+    fn = torch.compile(lambda q, k, v, s: attention_ext.attention(q, k, v, sinks=s, **opts), backend="aot_eager",
+                       fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out = fn(*leaves)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    eager = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    attention_ext.attention(*eager[:3], sinks=eager[3], **opts).sum().backward()
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+    # per-sample gradients of the sinks (vmap over the batch, grad inside)
+    def loss(q, k, v, s):
+        return attention_ext.attention(q, k, v, sinks=s, **opts).square().sum()
+    per = torch.func.vmap(torch.func.grad(loss, argnums=3), in_dims=(0, 0, 0, None))(q, k, v, sinks)
+    for b in range(q.shape[0]):
+        s = sinks.clone().requires_grad_()
+        loss(q[b], k[b], v[b], s).backward()
+        torch.testing.assert_close(per[b], s.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sinks_errors():
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    with pytest.raises(ValueError, match=r"sinks must be a 1-D tensor with one logit per query head \(4\), "
+                                         r"got shape \(2,\)"):
+        attention_ext.attention(q, k, k, sinks=torch.zeros(2))
+    with pytest.raises(TypeError, match="sinks must be a floating-point tensor, got torch.int64"):
+        attention_ext.attention(q, k, k, sinks=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="query has 4 heads but key/value have 2"):
+        attention_ext.attention(q, torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), sinks=torch.zeros(4))
+
+
+def test_hf_s_aux_head_dim_above_256_falls_back():
+    """Inputs the kernels do not take: transformers' eager formula, with the sinks."""
+    class M(torch.nn.Module):
+        is_causal = True
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 5, 300, generator=g) for _ in range(3))
+    sinks = torch.randn(2, generator=g)
+    out, _ = attention_ext.hf.attention_forward(M(), q, k, v, None, scaling=0.05, is_causal=True, s_aux=sinks)
+    vis = window_visibility(5, 5, True)
+    ref = sink_attention(q.double(), k.double(), v.double(), sinks.double(), visible=vis, scale=0.05)
+    torch.testing.assert_close(out.transpose(1, 2).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_hf_gpt_oss_matches_eager():
+    """A small random gpt-oss (sliding and full layers, GQA, padding) with attn_implementation="attention_ext"
+    against "eager": logits and the gradients of every attention parameter, sinks included; the fused
+    forward and backward ran in every layer."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no gpt-oss")
+    import warnings
+    cfg = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GptOssForCausalLM(cfg).float()
+    for mod in model.modules():
+        if hasattr(mod, "sinks"):
+            torch.nn.init.normal_(mod.sinks, std=2.0)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, :3] = 0  # left padding
+    results = {}
+    for impl in ("eager", "attention_ext"):
+        model.config._attn_implementation = impl
+        model.zero_grad()
+        with OpCounter() as c:
+            out = model(ids, attention_mask=am, labels=ids)
+            out.loss.backward()
+        results[impl] = out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if "self_attn" in n}, c.counts
+    (lo_e, g_e, _), (lo_x, g_x, counts) = results["eager"], results["attention_ext"]
+    assert counts["attention_ext._attention_forward"] >= 2 and counts["attention_ext._attention_backward"] >= 2, counts
+    keep = am.bool()[:, :, None].expand_as(lo_e)  # padded positions' logits are whatever either computes
+    torch.testing.assert_close(lo_x[keep], lo_e[keep], rtol=1e-4, atol=1e-5)
+    assert any("sinks" in n for n in g_e)
+    for n in g_e:
+        scale = g_e[n].abs().max().item()
+        assert scale > 0, n
+        torch.testing.assert_close(g_x[n], g_e[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
