@@ -15,7 +15,8 @@ sharding decision must not be reused (register_sharding alone keys DTensor's cac
 _dtensor.py keys it on every non-tensor argument).
 
 Dropout: each rank's local output and gradients equal the local op's on its shards, drawn from the same
-seed (the kernels' dropout itself is tested against the reference elsewhere).
+seed (the kernels' dropout itself is tested against the reference elsewhere). Attention sinks (sharded with
+the heads): equal to the op on the whole tensors, itself tested against float64 in test_sinks.py.
 
 The ranks are processes started by tests/test_distributed.py's launcher (this file run with --worker).
 """
@@ -75,6 +76,8 @@ CASES = {
                                   run="compiled", local=True),
     "varlen_replicated": dict(mesh=(4,), q=(20, 4, 16), k=(20, 4, 16), v=(20, 4, 16), pq=["S1"], pkv=["S1"],
                               run="varlen", local=False),
+    "sinks_heads": dict(mesh=(4,), q=(2, 8, 12, 16), k=(2, 4, 12, 16), v=(2, 4, 12, 16), pq=["S1"], pkv=["S1"],
+                        opts=dict(is_causal=True, enable_gqa=True), run="sinks", local=True),
     "dropout_heads": dict(mesh=(4,), q=(2, 8, 12, 16), k=(2, 8, 10, 16), v=(2, 8, 10, 16), pq=["S1"], pkv=["S1"],
                           opts=dict(dropout_p=0.3), run="dropout", local=True),
 }
@@ -119,8 +122,12 @@ def _run_case(name, meshes):
     dmask = None
     if mask is not None:
         dmask = distribute_tensor(mask, mesh, _placements(c["mask"][3])).requires_grad_(c["mask"][2])
-    leaves = [t for t in (dq, dk, dv, dmask) if t is not None and t.requires_grad]
     run = c.get("run", "attention")
+    if run == "sinks":  # one logit per query head, sharded as the heads
+        sinks = torch.randn(q.shape[-3], generator=torch.Generator().manual_seed(3))
+        dsinks = distribute_tensor(sinks, mesh, _placements(["S0"])).requires_grad_()
+        opts["sinks"] = dsinks
+    leaves = [t for t in (dq, dk, dv, dmask) if t is not None and t.requires_grad]
     if run == "varlen":
         cu = distribute_tensor(torch.tensor(VARLEN_CU, dtype=torch.int32), mesh, _placements(["R"]))
     res = {}
@@ -132,7 +139,7 @@ def _run_case(name, meshes):
     # by their placements alone)
     counting = run != "compiled"
     with (CommDebugMode() if counting else contextlib.nullcontext()) as fwd_comms:
-        if run in ("attention", "dropout"):
+        if run in ("attention", "dropout", "sinks"):
             if run == "dropout":
                 torch.manual_seed(1234)
             outs = [attention_ext.attention(dq, dk, dv, dmask, **opts)]
@@ -158,10 +165,17 @@ def _run_case(name, meshes):
             torch.autograd.backward([o for o in outs if o.requires_grad], dcot)
     counts = list(fwd_comms.get_comm_counts().items()) + list(bwd_comms.get_comm_counts().items()) if counting else []
     res["comms"] = {str(op): n for op, n in counts if n} if counting else None
+    res["fwd_comms"] = {str(op): n for op, n in fwd_comms.get_comm_counts().items() if n} if counting else None
     res["outs"] = [o.full_tensor().detach() for o in outs]
     res["grads"] = [t.grad.full_tensor() if t is not None and t.grad is not None else None for t in (dq, dk, dv, dmask)]
     res["grad_placements"] = [str(tuple(t.grad.placements)) if t is not None and t.grad is not None else None
                               for t in (dq, dk, dv, dmask)]
+    if run == "sinks":  # the op on the whole tensors, in this process (tested against float64 in test_sinks.py)
+        res["sinks_grad"] = dsinks.grad.full_tensor()
+        whole = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        o = attention_ext.attention(*whole[:3], **dict(opts, sinks=whole[3]))
+        o.backward(cot[0])
+        res["unsharded"] = [o.detach()] + [t.grad for t in whole]
     if run == "dropout":  # the local op on this rank's shards, the same seed
         lq, lk, lv = (t.to_local().detach().requires_grad_() for t in (dq, dk, dv))
         torch.manual_seed(1234)
@@ -329,7 +343,7 @@ def _expected_placements(name):
     return [out] * len(_out_shapes(name))
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if CASES[n].get("run") != "dropout"])
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n].get("run") not in ("dropout", "sinks")])
 def test_dtensor_matches_reference(ranks, name):
     res = [r[name] for r in ranks]
     for r, rr in enumerate(res):
@@ -363,6 +377,19 @@ def test_dtensor_dropout_is_the_local_op(ranks):
         assert rr["local_equal"] == [True, True, True, True], (r, rr["local_equal"])
         assert rr["placements"] == ["(Shard(dim=1),)"] and sum(rr["comms"].values()) == 0, rr
         assert rr["dropped"], f"rank {r}: dropout_p=0.3 left the output as it was"
+
+
+def test_dtensor_sinks_keep_the_heads_sharded(ranks):
+    """Attention sinks (attention_ext/_sinks.py) on head-sharded DTensors, sinks sharded alike: the output stays
+    sharded with no collective in the forward, and the output and every gradient (sinks included) equal the op
+    on the whole tensors."""
+    for r, res in enumerate(ranks):
+        assert "error" not in res["sinks_heads"], f"rank {r}: {res['sinks_heads']['error']}"
+    rr = ranks[0]["sinks_heads"]
+    assert rr["placements"] == ["(Shard(dim=1),)"] and sum(rr["fwd_comms"].values()) == 0, rr["fwd_comms"]
+    got = [rr["outs"][0]] + rr["grads"][:3] + [rr["sinks_grad"]]
+    for what, a, b in zip(("output", "dq", "dk", "dv", "dsinks"), got, rr["unsharded"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, w=what: f"{w}: {m}")
 
 
 def test_dtensor_bad_inputs_raise_the_ops_errors(ranks):
