@@ -280,13 +280,11 @@ def scaled_dot_product_attention(
     if attn_mask is None and _jagged_supported(query, key, value):
         return _ops_py.nested_attention(query, key, value, dropout_p=float(dropout_p), is_causal=bool(is_causal),
                                         scale=scale, enable_gqa=bool(enable_gqa))
-    window = _NO_WINDOW
-    if query.dim() >= 2 and key.dim() >= 2:  # PyTorch's causal biases: the op's own causal / window arguments
-        attn_mask, is_causal, window = _ops_py._causal_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2],
-                                                            window, query.device)
-        if window != _NO_WINDOW and not supports(query, key, value):  # PyTorch's SDPA takes it as a mask
-            attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device)
-            attn_mask, window = attn_mask.tril(window[1]), _NO_WINDOW
+    # PyTorch's causal biases: the op's own causal / window arguments
+    attn_mask, is_causal, window = _ops_py._causal_bias(attn_mask, is_causal, query, key, _NO_WINDOW)
+    if window != _NO_WINDOW and not supports(query, key, value):  # PyTorch's SDPA takes it as a mask
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device)
+        attn_mask, window = attn_mask.tril(window[1]), _NO_WINDOW
     if not supports(query, key, value) or (
             attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype)):
         # (PyTorch takes a boolean mask, a float32 one or one of the query's dtype and raises its own error for

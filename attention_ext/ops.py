@@ -17,7 +17,7 @@ def _window(window_size) -> list:
     return [int(window_size[0]), int(window_size[1])]
 
 
-def _causal_bias(attn_mask, is_causal, L, S, window, device):
+def _causal_bias(attn_mask, is_causal, query, key, window):
     """PyTorch's causal biases (``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right``, which
     ``F.scaled_dot_product_attention`` accepts as ``attn_mask``) as the op's own arguments:
     ``(attn_mask, is_causal, window)``; anything else is returned as it is. Such a bias is not a mask (its
@@ -29,6 +29,10 @@ def _causal_bias(attn_mask, is_causal, L, S, window, device):
         return attn_mask, is_causal, window
     if is_causal:
         raise ValueError("CausalBias should not be used with causal=True")
+    if query.dim() < 2 or key.dim() < 2:
+        raise ValueError(f"attn_mask is a causal bias, which needs query and key of at least 2 dims (..., L, E), got "
+                         f"query of shape {tuple(query.shape)} and key of shape {tuple(key.shape)}")
+    L, S = query.shape[-2], key.shape[-2]
     if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
         raise ValueError(f"attn_mask is a causal bias for {attn_mask.seq_len_q} queries and {attn_mask.seq_len_kv} "
                          f"keys, but query has length {L} and key {S}")
@@ -38,7 +42,7 @@ def _causal_bias(attn_mask, is_causal, L, S, window, device):
     if variant != "LOWER_RIGHT":
         raise ValueError(f"attn_mask: unknown CausalBias variant {attn_mask.variant!r}")
     if L > S:
-        return torch.ones(L, S, dtype=torch.bool, device=device).tril(S - L), False, window
+        return torch.ones(L, S, dtype=torch.bool, device=query.device).tril(S - L), False, window
     right = S - L if window[1] < 0 else min(window[1], S - L)
     return None, False, [window[0], right]
 
@@ -82,8 +86,7 @@ def attention(
         return nested_attention(query, key, value, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                 enable_gqa=enable_gqa, window_size=window_size)
     window = _window(window_size)
-    attn_mask, is_causal, window = _causal_bias(attn_mask, is_causal, query.shape[-2], key.shape[-2], window,
-                                                query.device)
+    attn_mask, is_causal, window = _causal_bias(attn_mask, is_causal, query, key, window)
     if sinks is not None:
         from ._sinks import attention_with_sinks
         return attention_with_sinks(query, key, value, attn_mask, sinks, float(dropout_p), bool(is_causal), scale,
