@@ -17,6 +17,9 @@ out' = w * out. By the chain rule through out and lse, with r_i = g_i . out_i an
 The backward's own row term D = rowsum(grad_output * output) cannot carry the lse term: the CPU backward
 recomputes D from its tiles. A row that sees no key (lse = -inf) gives 0, as without sinks.
 
+Packed sequences (attention_varlen) use the same algebra on the varlen ops, the log-sum-exp gathered from
+their flat layout; they have first-order gradients only, as attention_varlen itself.
+
 Higher-order and forward-mode derivatives, and the weights, come from the ATen composite
 (``_attention_math`` and ``_attention_math_lse``, scaled the same way), its dropout mask replayed from the
 fused forward's rng_state.
@@ -180,3 +183,63 @@ def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Option
     p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
     p = torch.nn.functional.dropout(p, p=dropout_p, training=dropout_p > 0).to(v.dtype)
     return torch.matmul(p, v), p
+
+
+# --------------------------------------------------------------------------- packed sequences
+def _varlen_rows(lse: torch.Tensor, cu_q: torch.Tensor, total: int, heads: int) -> torch.Tensor:
+    """Index of (token t, head h) in the varlen forward's flat log-sum-exp, (total, heads): sequence b's
+    (heads, L_b) block is row-major from heads * cu_q[b]."""
+    cu = cu_q.to(device=lse.device, dtype=torch.long)
+    t = torch.arange(total, device=lse.device)
+    b = torch.searchsorted(cu[1:], t, right=True)
+    start, length = cu[b], cu[b + 1] - cu[b]
+    h = torch.arange(heads, device=lse.device)
+    return heads * start[:, None] + h[None, :] * length[:, None] + (t - start)[:, None]
+
+
+class _VarlenSinkAttention(torch.autograd.Function):
+    """attention_varlen with sinks: the dense function's algebra on the packed layout (no mask there)."""
+
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, sinks, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window):
+        out, lse, rng = _ops._attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal,
+                                                       scale, enable_gqa, window)
+        lse_th = lse[_varlen_rows(lse, cu_q, q.shape[0], q.shape[1])]  # (total, Hq)
+        w = row_scale(lse_th.transpose(0, 1), sinks).transpose(0, 1)   # (total, Hq)
+        return _scaled(out, w), lse, rng, w, out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, sinks, *opts = inputs
+        _, lse, rng, w, out = output
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, sinks, out, lse, rng, w)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(lse, rng, w, out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _glse, _grng, _gw, _gout):
+        q, k, v, cu_q, cu_k, sinks, out, lse, rng, w = ctx.saved_tensors
+        max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window = ctx.opts
+        if g is None:
+            g = torch.zeros_like(out)
+        dq, dk, dv = _ops._attention_varlen_backward(_scaled(g, w), q, k, v, cu_q, cu_k, out, lse, rng, dropout_p,
+                                                     is_causal, scale, enable_gqa, window)
+        c = (g.to(w.dtype) * out.to(w.dtype)).sum(-1) * w * (1 - w)  # dL / d lse, (total, Hq)
+        sc = scale if scale is not None else (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0)
+        plain = (max_q, max_k, 0.0, is_causal, scale, enable_gqa, window)
+        pk, _, _ = _ops._attention_varlen_forward(q, k, k, cu_q, cu_k, *plain)  # (P K) per token
+        dq = (dq.to(c.dtype) + (sc * c).unsqueeze(-1) * pk.to(c.dtype)).to(dq.dtype)
+        ptcq = _ops._attention_varlen_backward(_scaled(q, c), q, k, k, cu_q, cu_k, pk, lse, rng, *plain[2:])[2]
+        dk = (dk.to(c.dtype) + sc * ptcq.to(c.dtype)).to(dk.dtype)
+        dsinks = (-c.sum(0)).to(sinks.dtype)
+        return dq, dk, dv, None, None, dsinks, None, None, None, None, None, None, None
+
+
+def varlen_with_sinks(q, k, v, cu_q, cu_k, sinks, max_q, max_k, dropout_p: float, is_causal: bool,
+                      scale: Optional[float], enable_gqa: bool, window: List[int]) -> torch.Tensor:
+    if q.dim() != 3:
+        raise ValueError(f"query must be (total_q, heads, E) for attention_varlen, got shape {tuple(q.shape)}")
+    check_sinks(sinks, q.transpose(0, 1))
+    return _VarlenSinkAttention.apply(q, k, v, cu_q, cu_k, sinks, max_q, max_k, dropout_p, is_causal, scale,
+                                      enable_gqa, window)[0]

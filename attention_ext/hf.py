@@ -23,7 +23,7 @@ packed batches (``cu_seq_lens_q`` / ``cu_seq_lens_k`` from
 ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, as for "flash_attention_2")
 run through ``attention_varlen``: each sequence attends to itself only. Attention
 sinks (``s_aux``, gpt-oss) run through the fused kernels too (attention_ext/_sinks.py;
-packed batches with sinks take the dense path with their boundaries as the mask).
+packed batches through attention_varlen with sinks).
 Logit soft-capping (``softcap``) and ``head_mask`` raise: use "eager" for those.
 """
 import importlib.util
@@ -95,9 +95,13 @@ def _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs)
     sliding = kwargs.get("sliding_window")
     if sliding is not None and int(sliding) > 0:  # the last `sliding` positions, the query's own included
         window[0] = int(sliding) - 1
-    if _wants_weights(module, kwargs) or not supports(query, key, value) or kwargs.get("s_aux") is not None:
+    if _wants_weights(module, kwargs) or not supports(query, key, value):
         return None, _packed_mask(cu_q, cu_k, query.shape[-2], key.shape[-2], causal, window[0], query.device)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, E)
+    if kwargs.get("s_aux") is not None:  # attention sinks (gpt-oss)
+        out = _sinks.varlen_with_sinks(q, k, v, cu_q, cu_k, kwargs["s_aux"], None, None, float(dropout), causal,
+                                       scaling, query.shape[1] != key.shape[1], window)
+        return out.unsqueeze(0), None
     out = _ops.attention_varlen(q, k, v, cu_q, cu_k, None, None, float(dropout), causal, scaling,
                                 query.shape[1] != key.shape[1], window)
     return out.unsqueeze(0), None

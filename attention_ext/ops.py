@@ -107,6 +107,7 @@ def attention_varlen(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     window_size: Optional[Sequence[int]] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention over variable-length sequences packed without padding (FlashAttention's varlen layout),
     differentiable.
@@ -117,7 +118,12 @@ def attention_varlen(
     own keys, with :func:`attention`'s semantics (``is_causal`` top-left aligned per sequence, windows,
     GQA, dropout). ``max_seqlen_*`` are optional and, when given, checked. Returns (total_q, heads, Ev).
     On CUDA, offsets on the GPU are read back to the host (a sync): pass them on the CPU to avoid it.
+    ``sinks``: one logit per query head, as in :func:`attention` (first-order gradients).
     """
+    if sinks is not None:
+        from ._sinks import varlen_with_sinks
+        return varlen_with_sinks(query, key, value, cu_seqlens_q, cu_seqlens_k, sinks, max_seqlen_q, max_seqlen_k,
+                                 float(dropout_p), bool(is_causal), scale, bool(enable_gqa), _window(window_size))
     return _ops.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  dropout_p, is_causal, scale, enable_gqa, _window(window_size))
 
