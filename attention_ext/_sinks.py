@@ -217,12 +217,20 @@ class _VarlenSinkAttention(torch.autograd.Function):
         ctx.mark_non_differentiable(lse, rng, w, out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g, _glse, _grng, _gw, _gout):
         q, k, v, cu_q, cu_k, sinks, out, lse, rng, w = ctx.saved_tensors
-        max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window = ctx.opts
         if g is None:
             g = torch.zeros_like(out)
+        dq, dk, dv, dsinks = _VarlenSinkBackward.apply(g, q, k, v, cu_q, cu_k, sinks, out, lse, rng, w, *ctx.opts)
+        return dq, dk, dv, None, None, dsinks, None, None, None, None, None, None, None
+
+
+class _VarlenSinkBackward(torch.autograd.Function):
+    """The packed gradients; like attention_varlen's, they cannot be differentiated again."""
+
+    @staticmethod
+    def forward(g, q, k, v, cu_q, cu_k, sinks, out, lse, rng, w, max_q, max_k, dropout_p, is_causal, scale,
+                enable_gqa, window):
         dq, dk, dv = _ops._attention_varlen_backward(_scaled(g, w), q, k, v, cu_q, cu_k, out, lse, rng, dropout_p,
                                                      is_causal, scale, enable_gqa, window)
         c = (g.to(w.dtype) * out.to(w.dtype)).sum(-1) * w * (1 - w)  # dL / d lse, (total, Hq)
@@ -232,8 +240,16 @@ class _VarlenSinkAttention(torch.autograd.Function):
         dq = (dq.to(c.dtype) + (sc * c).unsqueeze(-1) * pk.to(c.dtype)).to(dq.dtype)
         ptcq = _ops._attention_varlen_backward(_scaled(q, c), q, k, k, cu_q, cu_k, pk, lse, rng, *plain[2:])[2]
         dk = (dk.to(c.dtype) + sc * ptcq.to(c.dtype)).to(dk.dtype)
-        dsinks = (-c.sum(0)).to(sinks.dtype)
-        return dq, dk, dv, None, None, dsinks, None, None, None, None, None, None, None
+        return dq, dk, dv, (-c.sum(0)).to(sinks.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("attention_ext.attention_varlen does not support double backward (differentiating its "
+                           "gradients); use create_graph=False")
 
 
 def varlen_with_sinks(q, k, v, cu_q, cu_k, sinks, max_q, max_k, dropout_p: float, is_causal: bool,

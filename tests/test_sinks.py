@@ -336,3 +336,14 @@ def test_hf_gpt_oss_packed_batch_matches_sequences_alone():
     for n in g_e:
         scale = g_e[n].abs().max().item()
         torch.testing.assert_close(g_x[n], g_e[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_varlen_sinks_double_backward_raises():
+    """As attention_varlen without sinks: first-order gradients, and a clear error when they are differentiated
+    (not a silently missing second-order term)."""
+    q, k, v, sinks, cu = _packed_inputs(f64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out = attention_ext.attention_varlen(*leaves[:3], cu, cu, enable_gqa=True, sinks=leaves[3])
+    dq, = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="attention_varlen does not support double backward"):
+        (dq.square().sum() + leaves[0].sum()).backward()
