@@ -5,28 +5,19 @@
 
 The fused kernels need no change. Row i's weights are the plain softmax's scaled by
 w_i = Z_i / (Z_i + exp(sink_h)) = sigmoid(lse_i - sink_h), with lse_i the forward's log-sum-exp, so
-out' = w * out. By the chain rule through out and lse, with r_i = g_i . out_i and c_i = w_i (1 - w_i) r_i:
-
-* the plain fused backward with grad_output w * g gives dv and most of dq, dk and the mask's gradient;
-* lse adds c_i * d lse_i, where d lse_i / d s_ij = p_ij: c_i scale (P K)_i to dq_i, scale (P^T (c * Q))_j to
-  dk_j and c_i p_ij to the mask. P K is a fused forward with K as the value, P^T (c * Q) the value gradient
-  of a fused backward with grad_output c * Q (no L x S matrix either way), c * P the probabilities
-  (attention_probs, only when the mask needs a gradient, which is L x S then anyway);
-* the sink's gradient is -sum over the rows of c.
-
-The backward's own row term D = rowsum(grad_output * output) cannot carry the lse term: the CPU backward
-recomputes D from its tiles. A row that sees no key (lse = -inf) gives 0, as without sinks.
+out' = w * out: a few elementwise operations on the output and the log-sum-exp of attention with a
+differentiable lse (_lse.py), through which autograd takes every gradient, the sinks' included. A row that sees
+no key (lse = -inf) gives 0, as without sinks.
 
 Packed sequences (attention_varlen) use the same algebra on the varlen ops, the log-sum-exp gathered from
 their flat layout; they have first-order gradients only, as attention_varlen itself.
-
-Higher-order and forward-mode derivatives, and the weights, come from the ATen composite
-(``_attention_math`` and ``_attention_math_lse``, scaled the same way), its dropout mask replayed from the
-fused forward's rng_state.
 """
 from typing import List, Optional
 
 import torch
+
+from . import _lse
+from ._lse import _scaled
 
 _ops = torch.ops.attention_ext
 
@@ -44,125 +35,29 @@ def check_sinks(sinks: torch.Tensor, query: torch.Tensor) -> None:
 
 def row_scale(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """w = sigmoid(lse - sink) per row, (..., Hq, L) in lse's dtype (float32, float64 for float64); 0 where lse
-    is -inf (a row that sees no key), whatever the sink."""
-    x = lse - sinks.to(lse.dtype)[:, None]
-    return torch.where(lse == -torch.inf, torch.zeros((), dtype=lse.dtype, device=lse.device), torch.sigmoid(x))
-
-
-def _scaled(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (t.to(w.dtype) * w.unsqueeze(-1)).to(t.dtype)
-
-
-def composite(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
-              window: List[int], rng: Optional[torch.Tensor], need_weights: bool = False):
-    """(out', weights') in ATen operations, differentiable to any order (weights' empty without need_weights)."""
-    out, weights = _ops._attention_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng,
-                                        need_weights, False)
-    lse = _ops._attention_math_lse(q, k, v, mask, is_causal, scale, enable_gqa, window)
-    w = row_scale(lse, sinks)
-    return _scaled(out, w), (_scaled(weights, w) if need_weights else weights)
-
-
-def _fused_grads(g, q, k, v, mask, sinks, out, lse, rng, w, dropout_p, is_causal, scale, enable_gqa, window,
-                 mask_grad):
-    """(dq, dk, dv, dmask, dsinks) from the fused kernels (see the module docstring); dmask empty unless
-    mask_grad."""
-    dq, dk, dv, dmask = _ops._attention_backward(_scaled(g, w), q, k, v, mask, out, lse, rng, dropout_p,
-                                                 is_causal, scale, enable_gqa, window, mask_grad)
-    c = (g.to(w.dtype) * out.to(w.dtype)).sum(-1) * w * (1 - w)  # dL / d lse, (..., Hq, L)
-    sc = scale if scale is not None else (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0)
-    plain = (0.0, is_causal, scale, enable_gqa, window)
-    pk = _ops._attention_forward(q, k, k, mask, *plain)[0]  # (P K)_i
-    dq = (dq.to(c.dtype) + (sc * c).unsqueeze(-1) * pk.to(c.dtype)).to(dq.dtype)
-    ptcq = _ops._attention_backward(_scaled(q, c), q, k, k, mask, pk, lse, rng, *plain, False)[2]  # P^T (c Q)
-    dk = (dk.to(c.dtype) + sc * ptcq.to(c.dtype)).to(dk.dtype)
-    if mask_grad:
-        p = _ops.attention_probs(q, k, mask, lse, rng, *plain)
-        dmask = (dmask.to(c.dtype) + (c.unsqueeze(-1) * p.to(c.dtype)).sum_to_size(mask.shape)).to(dmask.dtype)
-    dsinks = (-c.transpose(-1, -2).reshape(-1, c.shape[-2]).sum(0)).to(sinks.dtype)
-    return dq, dk, dv, dmask, dsinks
-
-
-class _SinkAttentionBackward(torch.autograd.Function):
-    """The fused gradients; differentiating them again (double backward) recomputes the composite."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(g, q, k, v, mask, sinks, out, lse, rng, w, dropout_p, is_causal, scale, enable_gqa, window,
-                mask_grad):
-        return _fused_grads(g, q, k, v, mask, sinks, out, lse, rng, w, dropout_p, is_causal, scale, enable_gqa,
-                            window, mask_grad)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        g, q, k, v, mask, sinks, _, _, rng, _, *opts = inputs
-        ctx.save_for_backward(g, q, k, v, mask, sinks, rng)
-        ctx.opts = opts
-
-    @staticmethod
-    def backward(ctx, gdq, gdk, gdv, gdmask, gdsinks):
-        from ._transforms import _composite_grads
-        g, q, k, v, mask, sinks, rng = ctx.saved_tensors
-        dropout_p, is_causal, scale, enable_gqa, window, mask_grad = ctx.opts
-        create_graph = torch.is_grad_enabled()
-
-        def leaf(t):
-            return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
-        with torch.enable_grad():
-            gi, qi, ki, vi, si = leaf(g), leaf(q), leaf(k), leaf(v), leaf(sinks)
-            mi = leaf(mask) if mask_grad else mask
-            o, _ = composite(qi, ki, vi, mi, si, dropout_p, is_causal, scale, enable_gqa, window, rng)
-            wrt = [qi, ki, vi, si] + ([mi] if mask_grad else [])
-            first = torch.autograd.grad(o, wrt, gi, create_graph=True, allow_unused=True)
-            cot = [gdq, gdk, gdv, gdsinks] + ([gdmask] if mask_grad else [])
-            second = _composite_grads([gi] + wrt, first, cot, create_graph)
-        dmask = second[5] if mask_grad else None
-        return (second[0], second[1], second[2], second[3], dmask, second[4]) + (None,) * 10
-
-
-class _SinkAttention(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q, k, v, mask, sinks, dropout_p, is_causal, scale, enable_gqa, window):
-        out, lse, rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
-        w = row_scale(lse, sinks)
-        return _scaled(out, w), lse, rng, w, out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, mask, sinks, *opts = inputs
-        _, lse, rng, w, out = output
-        ctx.save_for_backward(q, k, v, mask, sinks, out, lse, rng, w)
-        ctx.opts = opts
-        ctx.mark_non_differentiable(lse, rng, w, out)
-
-    @staticmethod
-    def backward(ctx, g, _glse, _grng, _gw, _gout):
-        q, k, v, mask, sinks, out, lse, rng, w = ctx.saved_tensors
-        mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-        if g is None:
-            g = torch.zeros_like(out)
-        dq, dk, dv, dmask, dsinks = _SinkAttentionBackward.apply(g, q, k, v, mask, sinks, out, lse, rng, w,
-                                                                 *ctx.opts, mask_grad)
-        return dq, dk, dv, (dmask if mask_grad else None), dsinks, None, None, None, None, None
+    is -inf (a row that sees no key), whatever the sink, with no NaN in its gradient either."""
+    live = lse != -torch.inf
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    x = torch.where(live, lse - sinks.to(lse.dtype)[:, None], zero)
+    return torch.where(live, torch.sigmoid(x), zero)
 
 
 def attention_with_sinks(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float],
                          enable_gqa: bool, window: List[int], need_weights: bool = False):
-    """(out', weights' or None)."""
-    from ._transforms import _fused_applies
-
+    """(out', lse', weights' or None), lse' = log(exp(lse) + exp(sink)) the log of the row's whole denominator."""
     check_sinks(sinks, q)
-    # (torch.compile traces the autograd function; the transform check is for eager torch.func / forward AD)
-    if need_weights or (not torch.compiler.is_compiling() and not _fused_applies((q, k, v, mask, sinks))):
+    weights = None
+    if need_weights:
         rng = None
         if dropout_p > 0:
             rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)[2]
-        out, weights = composite(q, k, v, mask, sinks, dropout_p, is_causal, scale, enable_gqa, window, rng,
-                                 need_weights)
-        return out, (weights if need_weights else None)
-    return _SinkAttention.apply(q, k, v, mask, sinks, dropout_p, is_causal, scale, enable_gqa, window)[0], None
+        out, lse, weights = _lse.composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng,
+                                           True)
+    else:
+        out, lse = _lse.attention_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
+    w = row_scale(lse, sinks)
+    lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None])
+    return _scaled(out, w), lse_s, (_scaled(weights, w) if need_weights else None)
 
 
 def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float]):

@@ -159,8 +159,8 @@ def attention_forward(
         if not supports(query, key, value):
             out, weights = _sinks.eager(query, key, value, attention_mask, sinks, dropout, is_causal, scaling)
             return out.transpose(1, 2), (weights if want_weights else None)
-        out, weights = _sinks.attention_with_sinks(query, key, value, attention_mask, sinks, float(dropout),
-                                                   is_causal, scaling, gqa, _NO_WINDOW, want_weights)
+        out, _, weights = _sinks.attention_with_sinks(query, key, value, attention_mask, sinks, float(dropout),
+                                                      is_causal, scaling, gqa, _NO_WINDOW, want_weights)
         return out.transpose(1, 2), weights
 
     if not supports(query, key, value):  # e.g. head dim > 256 or a device without kernels

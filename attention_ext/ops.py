@@ -58,7 +58,8 @@ def attention(
     enable_gqa: bool = False,
     window_size: Optional[Sequence[int]] = None,
     sinks: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """softmax(query @ key^T * scale + mask) @ value, fused, differentiable.
 
     Semantics of ``torch.nn.functional.scaled_dot_product_attention``: inputs
@@ -76,10 +77,16 @@ def attention(
     every row's softmax without a value: the row's weights shrink by
     exp(sink) / (sum_j exp(s_ij) + exp(sink)); differentiable, sinks
     included (attention_ext/_sinks.py).
+
+    ``return_lse=True`` returns ``(output, lse)``: lse (..., heads, L),
+    float32 (float64 for float64), is log sum_j exp(s_ij) of the scores
+    before dropout (the sink's term included with sinks; -inf for a row
+    that sees no key), differentiable like the output (attention_ext/_lse.py),
+    for merging partial attentions: out = sum_c exp(lse_c - lse) out_c.
     """
     if query.is_nested or key.is_nested or value.is_nested:
-        if sinks is not None:
-            raise ValueError("sinks are not supported with nested (variable-length) tensors")
+        if sinks is not None or return_lse:
+            raise ValueError("sinks and return_lse are not supported with nested (variable-length) tensors")
         if attn_mask is not None:
             raise ValueError("attn_mask is not supported with nested (variable-length) tensors: each sequence's "
                              "own length bounds its keys; use is_causal or window_size for more")
@@ -89,8 +96,13 @@ def attention(
     attn_mask, is_causal, window = _causal_bias(attn_mask, is_causal, query, key, window)
     if sinks is not None:
         from ._sinks import attention_with_sinks
-        return attention_with_sinks(query, key, value, attn_mask, sinks, float(dropout_p), bool(is_causal), scale,
-                                    bool(enable_gqa), window)[0]
+        out, lse, _ = attention_with_sinks(query, key, value, attn_mask, sinks, float(dropout_p), bool(is_causal),
+                                           scale, bool(enable_gqa), window)
+        return (out, lse) if return_lse else out
+    if return_lse:
+        from ._lse import attention_lse
+        return attention_lse(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
+                             window)
     return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
 
 

@@ -148,8 +148,14 @@ at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at
   const AttnOptions opt = make_options(0.0, is_causal, scale, enable_gqa, window);
   check_inputs(q, k, v, mask, opt);
   MaskedScores ms = masked_scores(q, k, mask, opt);
-  // the kernels' convention: -inf for a row that sees no key (logsumexp of all -inf)
-  return at::logsumexp(ms.add.defined() ? ms.s + ms.add : ms.s, -1);
+  // the kernels' convention: -inf for a row that sees no key. Such a row's logsumexp is taken of zeros, then
+  // replaced: its gradient is 0, where logsumexp of all -inf would give NaN (0 * exp(-inf + inf)) to every
+  // derivative through it (attention_ext/_lse.py differentiates this twice).
+  const at::Tensor s = ms.add.defined() ? ms.s + ms.add : ms.s;
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const at::Tensor live = (s != ninf).any(-1, /*keepdim=*/true);
+  const at::Tensor lse = at::logsumexp(at::where(live, s, 0.0), -1);
+  return at::where(live.squeeze(-1), lse, ninf);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backward(

@@ -1,0 +1,145 @@
+"""Attention with a differentiable log-sum-exp: ``(out, lse)`` whose gradients flow through both, on the fused
+kernels (``attention_ext.attention(..., return_lse=True)``; attention sinks are built on it, _sinks.py).
+
+lse_i = log sum_j exp(s_ij) is what merging partial attentions needs (split keys, ring or cascade attention:
+out = sum_c exp(lse_c - lse) out_c), and its gradient reaches the scores as d lse_i / d s_ij = p_ij. With c_i
+the cotangent of lse_i, the chain rule adds to the plain fused backward (cotangent g of out):
+
+* c_i scale (P K)_i to dq_i: a fused forward with K as the value;
+* scale (P^T (c * Q))_j to dk_j: the value gradient of a fused backward with grad_output c * Q;
+* c_i p_ij to a float mask: the probabilities (attention_probs; only when the mask needs a gradient, which is
+  L x S then anyway).
+
+No L x S matrix otherwise. The backward's own row term D = rowsum(grad_output * output) cannot carry c: the CPU
+backward recomputes D from its tiles when a key block holds a whole row. lse is of the scores before dropout
+(-inf for a row that sees no key, whose c is ignored).
+
+Double backward and forward-mode AD recompute the ATen composite (``_attention_math`` and
+``_attention_math_lse``), its dropout mask replayed from the fused forward's rng_state.
+"""
+from typing import List, Optional
+
+import torch
+
+_ops = torch.ops.attention_ext
+
+
+def _scaled(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """t (..., n, d) times w (..., n) per row, in w's dtype, back in t's."""
+    return (t.to(w.dtype) * w.unsqueeze(-1)).to(t.dtype)
+
+
+def fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad):
+    """(dq, dk, dv, dmask) from the fused kernels for cotangent g of out and c of lse (None: none); dmask empty
+    unless mask_grad."""
+    dq, dk, dv, dmask = _ops._attention_backward(g, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
+                                                 enable_gqa, window, mask_grad)
+    if c is None:
+        return dq, dk, dv, dmask
+    c = torch.where(lse == -torch.inf, torch.zeros((), dtype=lse.dtype, device=lse.device), c.to(lse.dtype))
+    sc = scale if scale is not None else (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0)
+    plain = (0.0, is_causal, scale, enable_gqa, window)
+    pk = _ops._attention_forward(q, k, k, mask, *plain)[0]  # (P K)_i
+    dq = (dq.to(c.dtype) + (sc * c).unsqueeze(-1) * pk.to(c.dtype)).to(dq.dtype)
+    ptcq = _ops._attention_backward(_scaled(q, c), q, k, k, mask, pk, lse, rng, *plain, False)[2]  # P^T (c Q)
+    dk = (dk.to(c.dtype) + sc * ptcq.to(c.dtype)).to(dk.dtype)
+    if mask_grad:
+        p = _ops.attention_probs(q, k, mask, lse, rng, *plain)
+        dmask = (dmask.to(c.dtype) + (c.unsqueeze(-1) * p.to(c.dtype)).sum_to_size(mask.shape)).to(dmask.dtype)
+    return dq, dk, dv, dmask
+
+
+def composite(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
+              window: List[int], rng: Optional[torch.Tensor], need_weights: bool = False):
+    """(out, lse, weights) in ATen operations, differentiable to any order (weights empty without need_weights)."""
+    out, weights = _ops._attention_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng,
+                                        need_weights, False)
+    lse = _ops._attention_math_lse(q, k, v, mask, is_causal, scale, enable_gqa, window)
+    return out, lse, weights
+
+
+class _AttentionLseBackward(torch.autograd.Function):
+    """The fused gradients; differentiating them again (double backward) recomputes the composite."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad):
+        return fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
+                           mask_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, c, q, k, v, mask, _, _, rng, *opts = inputs
+        ctx.save_for_backward(g, c, q, k, v, mask, rng)
+        ctx.opts = opts
+
+    @staticmethod
+    def backward(ctx, gdq, gdk, gdv, gdmask):
+        from ._transforms import _composite_grads
+        g, c, q, k, v, mask, rng = ctx.saved_tensors
+        dropout_p, is_causal, scale, enable_gqa, window, mask_grad = ctx.opts
+        create_graph = torch.is_grad_enabled()
+
+        def leaf(t):
+            return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+        with torch.enable_grad():
+            gi, qi, ki, vi = leaf(g), leaf(q), leaf(k), leaf(v)
+            ci = leaf(c) if c is not None else None
+            mi = leaf(mask) if mask_grad else mask
+            o, lse, _ = composite(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, window, rng)
+            wrt = [qi, ki, vi] + ([mi] if mask_grad else [])
+            ys, gys, cots = [o], [gi], [gi]
+            if ci is not None:  # (rows that see no key: no lse gradient, as in the fused one)
+                live = lse != -torch.inf
+                ys.append(torch.where(live, lse, torch.zeros((), dtype=lse.dtype, device=lse.device)))
+                gys.append(torch.where(live, ci, torch.zeros((), dtype=ci.dtype, device=ci.device)))
+                cots.append(ci)
+            first = torch.autograd.grad(ys, wrt, gys, create_graph=True, allow_unused=True)
+            cot = [gdq, gdk, gdv] + ([gdmask] if mask_grad else [])
+            second = _composite_grads(cots + wrt, first, cot, create_graph)
+        dg, dc = second[0], (second[1] if ci is not None else None)
+        rest = second[len(cots):]
+        dmask = rest[3] if mask_grad else None
+        return (dg, dc, rest[0], rest[1], rest[2], dmask) + (None,) * 9
+
+
+class _AttentionLse(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window):
+        return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, *opts = inputs
+        out, lse, rng = output
+        ctx.save_for_backward(q, k, v, mask, out, lse, rng)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(rng)
+        ctx.set_materialize_grads(False)  # an unused lse: no cotangent, no extra kernels
+
+    @staticmethod
+    def backward(ctx, g, c, _grng):
+        q, k, v, mask, out, lse, rng = ctx.saved_tensors
+        mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
+        if g is None:
+            g = torch.zeros_like(out)
+        dq, dk, dv, dmask = _AttentionLseBackward.apply(g, c, q, k, v, mask, out, lse, rng, *ctx.opts, mask_grad)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+
+
+def attention_lse(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
+                  window: List[int]):
+    """(out, lse), both differentiable: the fused kernels, or the composite under forward-mode AD and nested
+    torch.func transforms."""
+    from ._transforms import _fused_applies
+
+    if not torch.compiler.is_compiling() and not _fused_applies((q, k, v, mask)):
+        rng = None
+        if dropout_p > 0:
+            rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)[2]
+        out, lse, _ = composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng)
+        return out, lse
+    out, lse, _ = _AttentionLse.apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
+    return out, lse

@@ -1,0 +1,172 @@
+"""attention_ext.attention(..., return_lse=True): the output and the log-sum-exp, both differentiable on the fused
+kernels (attention_ext/_lse.py).
+
+The reference is float64 and written here: lse = log sum_j exp(s_ij) over the keys a row sees (before dropout),
+the loss sum(g * out) + sum(c * lse) over the rows that see a key. The yardstick is the same formula in the
+test's dtype: errors within twice its error plus the dtype's floor. The merge test is what split-key, ring and
+cascade attention do with it: attention over two halves of the keys, merged with their lse, must be attention
+over all of them, gradients included.
+"""
+import math
+
+import pytest
+import torch
+
+import attention_ext
+from reference import assert_close_vs_baseline, window_visibility
+
+f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+ops = torch.ops.attention_ext
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def formula(q, k, v, visible=None, bias=None, scale=None, keep=None, dropout_p=0.0):
+    """(out, lse) in q's dtype; lse -inf for a row that sees no key, whose output is 0."""
+    if k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    sc = scale if scale is not None else q.shape[-1] ** -0.5
+    s = q @ k.transpose(-1, -2) * sc
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    if visible is not None:
+        s = s.masked_fill(~visible, -math.inf)
+    live = (s != -math.inf).any(-1, keepdim=True)
+    safe = torch.where(live, s, torch.zeros((), dtype=s.dtype))
+    p = torch.softmax(safe, -1) * live
+    lse = torch.where(live.squeeze(-1), torch.logsumexp(safe, -1), torch.full((), -math.inf, dtype=s.dtype))
+    if keep is not None:
+        p = p * keep / (1 - dropout_p)
+    return p @ v, lse
+
+
+CASES = {
+    "plain": ((2, 4, 7, 16), (2, 4, 9, 16), (2, 4, 9, 8), {}),
+    "gqa_causal": ((2, 4, 9, 32), (2, 2, 9, 32), (2, 2, 9, 32), dict(enable_gqa=True, is_causal=True)),
+    "window_scale": ((1, 3, 12, 16), (1, 3, 12, 16), (1, 3, 12, 16), dict(window_size=[3, 1], scale=0.4)),
+    "bool_mask_dead_rows": ((2, 2, 6, 16), (2, 2, 8, 16), (2, 2, 8, 16), dict(mask="bool")),
+    "float_mask_grad_dead_row": ((2, 2, 6, 16), (2, 2, 8, 16), (2, 2, 8, 16), dict(mask="float")),
+}
+
+
+def _inputs(name, dtype):
+    qs, ks, vs, opts = CASES[name]
+    g = torch.Generator().manual_seed(sorted(CASES).index(name) + 50)
+    q, k, v = (torch.randn(s, generator=g, dtype=f64) for s in (qs, ks, vs))
+    mask = None
+    if opts.get("mask") == "bool":
+        mask = torch.rand(qs[0], 1, qs[-2], ks[-2], generator=g) > 0.4
+        mask[0, 0, 2] = False
+    elif opts.get("mask") == "float":
+        mask = torch.randn(qs[-2], ks[-2], generator=g, dtype=f64)
+        mask[3] = -math.inf  # a row that sees no key
+        mask = mask.to(dtype)
+    opts = {k_: v_ for k_, v_ in opts.items() if k_ != "mask"}
+    return [t.to(dtype) for t in (q, k, v)], mask, opts
+
+
+@pytest.mark.parametrize("dtype", [f64, f32, bf16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_lse_and_its_gradients_match_reference(name, dtype):
+    (q, k, v), mask, opts = _inputs(name, dtype)
+    mask_grad = mask is not None and mask.is_floating_point()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([mask.clone().requires_grad_()] if mask_grad else [])
+    out, lse = attention_ext.attention(*leaves[:3], attn_mask=leaves[3] if mask_grad else mask, return_lse=True,
+                                       **opts)
+    assert lse.dtype == (f64 if dtype == f64 else f32) and lse.shape == q.shape[:-1]
+    gen = torch.Generator().manual_seed(8)
+    g = torch.randn(out.shape, generator=gen, dtype=f64)
+    c = torch.randn(lse.shape, generator=gen, dtype=f64)
+    live = lse != -math.inf
+    grads = torch.autograd.grad([out, torch.where(live, lse, 0)], leaves, [g.to(dtype), c.to(lse.dtype)])
+    vis = None
+    if opts.get("is_causal") or opts.get("window_size"):
+        vis = window_visibility(q.shape[-2], k.shape[-2], opts.get("is_causal", False), opts.get("window_size"))
+    if mask is not None and mask.dtype == torch.bool:
+        vis = mask if vis is None else vis & mask
+    res = []
+    for dt in (f64, dtype):
+        rl = [t.detach().to(dt).requires_grad_() for t in leaves]
+        ro, rlse = formula(*rl[:3], visible=vis, bias=rl[3] if mask_grad else None, scale=opts.get("scale"))
+        rlive = rlse != -math.inf
+        assert torch.equal(rlive, live)
+        rg = torch.autograd.grad([ro, torch.where(rlive, rlse, 0)], rl, [g.to(dt), c.to(rlse.dtype)])
+        res.append([ro, rlse] + list(rg))
+    for what, ours, r, b in zip(("output", "lse", "dq", "dk", "dv", "dmask"), [out, lse, *grads], *res):
+        assert_close_vs_baseline(f"{name} {what}", ours, r, b, dtype)
+
+
+def test_merging_two_halves_of_the_keys_is_attention_over_all():
+    """Split-key (ring, cascade) attention from two calls and their lse: the output and its gradients equal
+    attention over every key, in float64."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 10, 16, generator=g, dtype=f64) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    qq, kk, vv = leaves
+    o1, l1 = attention_ext.attention(qq, kk[..., :6, :], vv[..., :6, :], return_lse=True)
+    o2, l2 = attention_ext.attention(qq, kk[..., 6:, :], vv[..., 6:, :], return_lse=True)
+    lse = torch.logaddexp(l1, l2)
+    merged = torch.exp(l1 - lse).unsqueeze(-1) * o1 + torch.exp(l2 - lse).unsqueeze(-1) * o2
+    do = torch.randn(merged.shape, generator=g, dtype=f64)
+    grads = torch.autograd.grad(merged, leaves, do)
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_ext.attention(*whole)
+    rgrads = torch.autograd.grad(ref, whole, do)
+    for what, a, b in zip(("output", "dq", "dk", "dv"), [merged, *grads], [ref, *rgrads]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}")
+    _, full_lse = attention_ext.attention(q, k, v, return_lse=True)
+    torch.testing.assert_close(lse, full_lse, rtol=1e-12, atol=1e-12)
+
+
+def test_lse_with_dropout():
+    """lse is of the scores before dropout; the output's dropout is the kernel's keep mask (replayed)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 7, 16, generator=g, dtype=f64) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(3)
+    out, lse = attention_ext.attention(*leaves, dropout_p=0.25, is_causal=True, return_lse=True)
+    torch.manual_seed(3)
+    rng = ops._attention_forward(q, k, v, None, 0.25, True, None, False, [-1, -1])[2]
+    keep = ops._dropout_mask(rng, 2, 2, 7, 7, 0.25)
+    assert 0.5 < keep.float().mean() < 0.95
+    do, c = torch.randn(out.shape, generator=g, dtype=f64), torch.randn(lse.shape, generator=g, dtype=f64)
+    grads = torch.autograd.grad([out, lse], leaves, [do, c])
+    rl = [t.clone().requires_grad_() for t in (q, k, v)]
+    ro, rlse = formula(*rl, visible=window_visibility(7, 7, True), keep=keep, dropout_p=0.25)
+    rgrads = torch.autograd.grad([ro, rlse], rl, [do, c])
+    for what, a, b in zip(("output", "lse", "dq", "dk", "dv"), [out, lse, *grads], [ro, rlse, *rgrads]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_lse_gradcheck_gradgradcheck_compile_vmap():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g, dtype=f64, requires_grad=True) for _ in range(3))
+    mask = torch.randn(4, 4, generator=g, dtype=f64)
+    mask[2] = -math.inf
+    mask.requires_grad_()
+
+    def fn(q, k, v, m):
+        out, lse = attention_ext.attention(q, k, v, m, return_lse=True)
+        return out, torch.where(lse == -math.inf, 0, lse)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v, mask))
+    # torch.compile (AOTAutograd) and per-sample gradients
+    x = [torch.randn(3, 2, 6, 8, generator=g) for _ in range(3)]
+
+    def loss(q, k, v):
+        out, lse = attention_ext.attention(q, k, v, is_causal=True, return_lse=True)
+        return out.square().sum() + lse.sum()
+    cl = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    a = [t.clone().requires_grad_() for t in x]
+    b = [t.clone().requires_grad_() for t in x]
+    cl(*a).backward()
+    loss(*b).backward()
+    for s, t in zip(a, b):
+        torch.testing.assert_close(s.grad, t.grad, rtol=1e-5, atol=1e-6)
+    per = torch.func.vmap(torch.func.grad(loss))(*x)
+    for i in range(3):
+        qi = x[0][i].clone().requires_grad_()
+        loss(qi, x[1][i], x[2][i]).backward()
+        torch.testing.assert_close(per[i], qi.grad, rtol=1e-5, atol=1e-6)
