@@ -50,11 +50,11 @@ def _mask_at(mask, rank, d):
 
 def _mask_grad_at(mask, rank, d, wants):
     """The mask gradient's placement: sharded as the mask, or a partial sum where the mask broadcasts."""
-    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor import Partial, Replicate
     if not wants:
         return Replicate()  # an empty tensor
-    md = d - (rank - mask.ndim)
-    return Shard(md) if md >= 0 and mask.shape[md] != 1 else Partial()
+    placement = _mask_at(mask, rank, d)
+    return Partial() if placement == Replicate() else placement
 
 
 def _rules(q, k, mask, is_causal, enable_gqa, window_size):

@@ -50,8 +50,11 @@ def fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
 
 
 def composite(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
-              window: List[int], rng: Optional[torch.Tensor], need_weights: bool = False):
-    """(out, lse, weights) in ATen operations, differentiable to any order (weights empty without need_weights)."""
+              window: List[int], rng: Optional[torch.Tensor] = None, need_weights: bool = False):
+    """(out, lse, weights) in ATen operations, differentiable to any order (weights empty without need_weights).
+    Without rng, dropout's mask is drawn by the fused forward."""
+    if rng is None and dropout_p > 0:
+        rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)[2]
     out, weights = _ops._attention_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng,
                                         need_weights, False)
     lse = _ops._attention_math_lse(q, k, v, mask, is_causal, scale, enable_gqa, window)
@@ -86,10 +89,11 @@ class _AttentionLseBackward(torch.autograd.Function):
             gi, qi, ki, vi = leaf(g), leaf(q), leaf(k), leaf(v)
             ci = leaf(c) if c is not None else None
             mi = leaf(mask) if mask_grad else mask
-            o, lse, _ = composite(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, window, rng)
+            o, _ = _ops._attention_math(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, window, rng)
             wrt = [qi, ki, vi] + ([mi] if mask_grad else [])
             ys, gys, cots = [o], [gi], [gi]
             if ci is not None:  # (rows that see no key: no lse gradient, as in the fused one)
+                lse = _ops._attention_math_lse(qi, ki, vi, mi, is_causal, scale, enable_gqa, window)
                 live = lse != -torch.inf
                 ys.append(torch.where(live, lse, torch.zeros((), dtype=lse.dtype, device=lse.device)))
                 gys.append(torch.where(live, ci, torch.zeros((), dtype=ci.dtype, device=ci.device)))
@@ -104,6 +108,8 @@ class _AttentionLseBackward(torch.autograd.Function):
 
 
 class _AttentionLse(torch.autograd.Function):
+    """(out, lse, rng) of the fused forward. Also the function torch.func transforms take for attention
+    (_transforms.py), where lse is unused: no cotangent, the plain fused backward."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -136,10 +142,7 @@ def attention_lse(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optio
     from ._transforms import _fused_applies
 
     if not torch.compiler.is_compiling() and not _fused_applies((q, k, v, mask)):
-        rng = None
-        if dropout_p > 0:
-            rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)[2]
-        out, lse, _ = composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng)
+        out, lse, _ = composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
         return out, lse
     out, lse, _ = _AttentionLse.apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
     return out, lse

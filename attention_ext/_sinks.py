@@ -43,20 +43,18 @@ def row_scale(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
 
 
 def attention_with_sinks(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float],
-                         enable_gqa: bool, window: List[int], need_weights: bool = False):
-    """(out', lse', weights' or None), lse' = log(exp(lse) + exp(sink)) the log of the row's whole denominator."""
+                         enable_gqa: bool, window: List[int], need_weights: bool = False, need_lse: bool = False):
+    """(out', lse' or None, weights' or None), lse' = log(exp(lse) + exp(sink)) the log of the row's whole
+    denominator."""
     check_sinks(sinks, q)
     weights = None
     if need_weights:
-        rng = None
-        if dropout_p > 0:
-            rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)[2]
-        out, lse, weights = _lse.composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng,
-                                           True)
+        out, lse, weights = _lse.composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
+                                           need_weights=True)
     else:
         out, lse = _lse.attention_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
     w = row_scale(lse, sinks)
-    lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None])
+    lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None]) if need_lse else None
     return _scaled(out, w), lse_s, (_scaled(weights, w) if need_weights else None)
 
 

@@ -9,7 +9,7 @@ transform takes the composite `_attention_math` (csrc/composite.cpp), which hold
   can read them), instead of one call per sample. They keep vmap's `randomness`: "error" raises for
   dropout, "different" draws each sample's mask from its own rows of one call, "same" replays one seed for
   every sample;
-* a Python autograd function over those ops (`_FusedAttention`, `generate_vmap_rule=True`), which
+* a Python autograd function over those ops (`_lse._AttentionLse`, `generate_vmap_rule=True`), which
   functorch can transform: grad, vjp, jacrev and vmap(grad(...)) (per-sample gradients) run the fused
   forward and backward, batched;
 * a kernel of `attention_ext::attention` for functorch's front dispatch key, so that the op itself (as
@@ -22,6 +22,8 @@ Outside torch.func nothing here runs: ordinary autograd stays in the C++ autogra
 from typing import List, Optional, Tuple
 
 import torch
+
+from . import _lse
 
 _ops = torch.ops.attention_ext
 _lib = torch.library.Library("attention_ext", "IMPL")  # kept alive: the registrations below belong to it
@@ -147,65 +149,6 @@ def _composite_grads(inputs, outputs, grads, create_graph):
     return list(torch.autograd.grad(ys, inputs, gys, create_graph=create_graph, allow_unused=True))
 
 
-class _FusedAttentionBackward(torch.autograd.Function):
-    """The fused backward; differentiating it (an outer ordinary autograd level over torch.func.grad)
-    recomputes the composite, as the C++ double backward does."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window_size, mask_grad):
-        return _ops._attention_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                                        window_size, mask_grad)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad, q, k, v, mask, _, _, rng, *opts = inputs
-        ctx.save_for_backward(grad, q, k, v, mask, rng)
-        ctx.opts = opts
-
-    @staticmethod
-    def backward(ctx, gdq, gdk, gdv, gdmask):
-        grad, q, k, v, mask, rng = ctx.saved_tensors
-        dropout_p, is_causal, scale, enable_gqa, window_size, mask_grad = ctx.opts
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            def leaf(t):
-                return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
-            g, qi, ki, vi = leaf(grad), leaf(q), leaf(k), leaf(v)
-            mi = leaf(mask) if mask_grad else mask
-            out, _ = _ops._attention_math(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, window_size, rng)
-            wrt = [qi, ki, vi] + ([mi] if mask_grad else [])
-            first = torch.autograd.grad(out, wrt, g, create_graph=True, allow_unused=True)
-            second = _composite_grads([g] + wrt, first, [gdq, gdk, gdv, gdmask][:len(first)], create_graph)
-        dmask = second[4] if mask_grad else None
-        return (second[0], second[1], second[2], second[3], dmask) + (None,) * 9
-
-
-class _FusedAttention(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size):
-        return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, mask, *opts = inputs
-        out, lse, rng = output
-        ctx.save_for_backward(q, k, v, mask, out, lse, rng)
-        ctx.opts = opts
-        ctx.mark_non_differentiable(lse, rng)
-
-    @staticmethod
-    def backward(ctx, g, _glse, _grng):
-        q, k, v, mask, out, lse, rng = ctx.saved_tensors
-        mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3]
-        if g is None:
-            g = torch.zeros_like(out)
-        dq, dk, dv, dmask = _FusedAttentionBackward.apply(g, q, k, v, mask, out, lse, rng, *ctx.opts, mask_grad)
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
-
-
 # --------------------------------------------------------------------------- routing under torch.func
 _Transform = torch._C._functorch.TransformType
 
@@ -244,8 +187,8 @@ def _attention_under_transforms(query, key, value, attn_mask=None, dropout_p=0.0
                                 enable_gqa=False, window_size=(-1, -1)):
     window_size = list(window_size)
     if _fused_applies((query, key, value, attn_mask)):
-        return _FusedAttention.apply(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                     window_size)[0]
+        return _lse._AttentionLse.apply(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                        window_size)[0]
     return composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size)[0]
 
 

@@ -97,7 +97,7 @@ def attention(
     if sinks is not None:
         from ._sinks import attention_with_sinks
         out, lse, _ = attention_with_sinks(query, key, value, attn_mask, sinks, float(dropout_p), bool(is_causal),
-                                           scale, bool(enable_gqa), window)
+                                           scale, bool(enable_gqa), window, need_lse=return_lse)
         return (out, lse) if return_lse else out
     if return_lse:
         from ._lse import attention_lse

@@ -21,8 +21,9 @@ ops = torch.ops.attention_ext
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def formula(q, k, v, visible=None, bias=None, scale=None, keep=None, dropout_p=0.0):
-    """(out, lse) in q's dtype; lse -inf for a row that sees no key, whose output is 0."""
+def scores(q, k, v, visible=None, bias=None, scale=None):
+    """(scores, value) in q's dtype, key / value heads repeated for GQA: visible (bool, broadcast to the scores)
+    and bias (added) as given."""
     if k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
@@ -32,6 +33,12 @@ def formula(q, k, v, visible=None, bias=None, scale=None, keep=None, dropout_p=0
         s = s + bias.to(s.dtype)
     if visible is not None:
         s = s.masked_fill(~visible, -math.inf)
+    return s, v
+
+
+def formula(q, k, v, visible=None, bias=None, scale=None, keep=None, dropout_p=0.0):
+    """(out, lse) in q's dtype; lse -inf for a row that sees no key, whose output is 0."""
+    s, v = scores(q, k, v, visible, bias, scale)
     live = (s != -math.inf).any(-1, keepdim=True)
     safe = torch.where(live, s, torch.zeros((), dtype=s.dtype))
     p = torch.softmax(safe, -1) * live

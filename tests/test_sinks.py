@@ -15,6 +15,7 @@ import attention_ext
 from conftest import cuda_marks
 from op_counter import OpCounter
 from reference import assert_close_vs_baseline, window_visibility
+from test_lse import scores
 
 f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 ops = torch.ops.attention_ext
@@ -24,15 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def sink_attention(q, k, v, sinks, visible=None, bias=None, keep=None, dropout_p=0.0, scale=None):
     """The formula in q's dtype: visible (bool, broadcast to the scores) and bias (added) as given."""
-    if k.shape[-3] != q.shape[-3]:
-        rep = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-    sc = scale if scale is not None else q.shape[-1] ** -0.5
-    s = q @ k.transpose(-1, -2) * sc
-    if bias is not None:
-        s = s + bias.to(s.dtype)
-    if visible is not None:
-        s = s.masked_fill(~visible, -math.inf)
+    s, v = scores(q, k, v, visible, bias, scale)
     col = sinks.to(s.dtype).reshape(-1, 1, 1).expand(*s.shape[:-1], 1)
     p = torch.softmax(torch.cat([s, col], -1), -1)[..., :-1]
     if keep is not None:
@@ -128,6 +121,24 @@ def test_sinks_match_reference_cuda(name, dtype, device):
     _check(name, dtype, device)
 
 
+def test_sinks_return_lse():
+    """With sinks, return_lse gives log(sum_j exp(s_ij) + exp(sink)), the row's whole denominator, differentiable
+    with the output (q, k, v and the sinks), against the float64 formula."""
+    q, k, v, sinks, mask, opts = _inputs("bool_mask_dead_rows", f64, "cpu")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out, lse = attention_ext.attention(*leaves[:3], attn_mask=mask, sinks=leaves[3], return_lse=True)
+    gen = torch.Generator().manual_seed(12)
+    g, c = torch.randn(out.shape, generator=gen, dtype=f64), torch.randn(lse.shape, generator=gen, dtype=f64)
+    grads = torch.autograd.grad([out, lse], leaves, [g, c])
+    rl = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    s, _ = scores(*rl[:3], visible=mask)
+    rlse = torch.logsumexp(torch.cat([s, rl[3].reshape(-1, 1, 1).expand(*s.shape[:-1], 1)], -1), -1)
+    rout = sink_attention(*rl, visible=mask)
+    rgrads = torch.autograd.grad([rout, rlse], rl, [g, c])
+    for what, a, b in zip(("output", "lse", "dq", "dk", "dv", "dsinks"), [out, lse, *grads], [rout, rlse, *rgrads]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}")
+
+
 def test_sinks_with_dropout():
     """The kernel's keep mask (replayed from the same seed) in the reference: output and all gradients."""
     q, k, v, sinks, _, _ = _inputs("gqa_causal", f64, "cpu")
@@ -212,10 +223,8 @@ def test_hf_s_aux_head_dim_above_256_falls_back():
     torch.testing.assert_close(out.transpose(1, 2).double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_hf_gpt_oss_matches_eager():
-    """A small random gpt-oss (sliding and full layers, GQA, padding) with attn_implementation="attention_ext"
-    against "eager": logits and the gradients of every attention parameter, sinks included; the fused
-    forward and backward ran in every layer."""
+def _tiny_gpt_oss():
+    """(transformers, a 2-layer random gpt-oss in float32: sliding and full layers, GQA, sinks ~ N(0, 2))."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "GptOssForCausalLM"):
         pytest.skip(f"transformers {transformers.__version__} has no gpt-oss")
@@ -231,6 +240,14 @@ def test_hf_gpt_oss_matches_eager():
     for mod in model.modules():
         if hasattr(mod, "sinks"):
             torch.nn.init.normal_(mod.sinks, std=2.0)
+    return transformers, model
+
+
+def test_hf_gpt_oss_matches_eager():
+    """A small random gpt-oss (sliding and full layers, GQA, padding) with attn_implementation="attention_ext"
+    against "eager": logits and the gradients of every attention parameter, sinks included; the fused
+    forward and backward ran in every layer."""
+    transformers, model = _tiny_gpt_oss()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     am = torch.ones(2, 12, dtype=torch.long)
     am[1, :3] = 0  # left padding
@@ -297,21 +314,8 @@ def test_varlen_sinks_match_reference(dtype, opts):
 def test_hf_gpt_oss_packed_batch_matches_sequences_alone():
     """A padding-free packed batch (DataCollatorWithFlattening) through a small gpt-oss: attention_varlen with
     sinks runs (no dense mask), and the logits and gradients equal those of each sequence alone under eager."""
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "GptOssForCausalLM"):
-        pytest.skip(f"transformers {transformers.__version__} has no gpt-oss")
-    import warnings
-    cfg = transformers.GptOssConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.GptOssForCausalLM(cfg).float().eval()
-    for mod in model.modules():
-        if hasattr(mod, "sinks"):
-            torch.nn.init.normal_(mod.sinks, std=2.0)
+    transformers, model = _tiny_gpt_oss()
+    model.eval()
     lens = [7, 12, 3]
     seqs = [torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in lens]
     collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)
