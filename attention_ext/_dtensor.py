@@ -96,7 +96,7 @@ def _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 
 def _backward(grad_output, query, key, value, attn_mask, output, logsumexp, rng_state, dropout_p, is_causal, scale,
-              enable_gqa, window_size, attn_mask_requires_grad):
+              enable_gqa, window_size, attn_mask_requires_grad, grad_logsumexp=None):
     from torch.distributed.tensor import Partial, Replicate, Shard
     R = Replicate()
     n = query.ndim
@@ -106,12 +106,12 @@ def _backward(grad_output, query, key, value, attn_mask, output, logsumexp, rng_
     for d, kv_too in _rules(query, key, attn_mask, is_causal, enable_gqa, window_size):
         if d is None:
             outs = [R, R, R, R]
-            ins = [R, R, R, R, None if attn_mask is None else R, R, R, R]
+            ins = [R, R, R, R, None if attn_mask is None else R, R, R, R, None if grad_logsumexp is None else R]
         else:
             s = Shard(d)
             kv, dkv = (s, s) if kv_too else (R, Partial())
             outs = [s, dkv, dkv, _mask_grad_at(attn_mask, n, d, wants)]
-            ins = [s, s, kv, kv, _mask_at(attn_mask, n, d), s, s, R]
+            ins = [s, s, kv, kv, _mask_at(attn_mask, n, d), s, s, R, None if grad_logsumexp is None else s]
         out.append((outs, ins))
     return out
 
@@ -157,12 +157,6 @@ def _register(_module=None):
                      average_heads):
         return _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                         "average" if average_heads else "heads")
-
-    def varlen_forward_rule(*args):
-        return _replicated(3, None)(*args)
-
-    def varlen_backward_rule(*args):
-        return _replicated(3, None)(*args)
 
     rules = [
         (_ops._attention_forward.default, _forward, 4),

@@ -3,16 +3,10 @@ kernels (``attention_ext.attention(..., return_lse=True)``; attention sinks are 
 
 lse_i = log sum_j exp(s_ij) is what merging partial attentions needs (split keys, ring or cascade attention:
 out = sum_c exp(lse_c - lse) out_c), and its gradient reaches the scores as d lse_i / d s_ij = p_ij. With c_i
-the cotangent of lse_i, the chain rule adds to the plain fused backward (cotangent g of out):
-
-* c_i scale (P K)_i to dq_i: a fused forward with K as the value;
-* scale (P^T (c * Q))_j to dk_j: the value gradient of a fused backward with grad_output c * Q;
-* c_i p_ij to a float mask: the probabilities (attention_probs; only when the mask needs a gradient, which is
-  L x S then anyway).
-
-No L x S matrix otherwise. The backward's own row term D = rowsum(grad_output * output) cannot carry c: the CPU
-backward recomputes D from its tiles when a key block holds a whole row. lse is of the scores before dropout
-(-inf for a row that sees no key, whose c is ignored).
+the cotangent of lse_i, dS = P o (dP - D + c): the fused backward takes c as its grad_logsumexp and subtracts it
+from its row term D = rowsum(dO o O), in every kernel, so an lse gradient costs no extra pass (and a float
+mask's gradient, dS itself, carries it too). lse is of the scores before dropout (-inf for a row that sees no
+key, whose c is ignored).
 
 Double backward and forward-mode AD recompute the ATen composite (``_attention_math`` and
 ``_attention_math_lse``), its dropout mask replayed from the fused forward's rng_state.
@@ -24,29 +18,11 @@ import torch
 _ops = torch.ops.attention_ext
 
 
-def _scaled(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """t (..., n, d) times w (..., n) per row, in w's dtype, back in t's."""
-    return (t.to(w.dtype) * w.unsqueeze(-1)).to(t.dtype)
-
-
 def fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad):
-    """(dq, dk, dv, dmask) from the fused kernels for cotangent g of out and c of lse (None: none); dmask empty
+    """(dq, dk, dv, dmask) from the fused backward for cotangent g of out and c of lse (None: none); dmask empty
     unless mask_grad."""
-    dq, dk, dv, dmask = _ops._attention_backward(g, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
-                                                 enable_gqa, window, mask_grad)
-    if c is None:
-        return dq, dk, dv, dmask
-    c = torch.where(lse == -torch.inf, torch.zeros((), dtype=lse.dtype, device=lse.device), c.to(lse.dtype))
-    sc = scale if scale is not None else (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0)
-    plain = (0.0, is_causal, scale, enable_gqa, window)
-    pk = _ops._attention_forward(q, k, k, mask, *plain)[0]  # (P K)_i
-    dq = (dq.to(c.dtype) + (sc * c).unsqueeze(-1) * pk.to(c.dtype)).to(dq.dtype)
-    ptcq = _ops._attention_backward(_scaled(q, c), q, k, k, mask, pk, lse, rng, *plain, False)[2]  # P^T (c Q)
-    dk = (dk.to(c.dtype) + sc * ptcq.to(c.dtype)).to(dk.dtype)
-    if mask_grad:
-        p = _ops.attention_probs(q, k, mask, lse, rng, *plain)
-        dmask = (dmask.to(c.dtype) + (c.unsqueeze(-1) * p.to(c.dtype)).sum_to_size(mask.shape)).to(dmask.dtype)
-    return dq, dk, dv, dmask
+    return _ops._attention_backward(g, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
+                                    window, mask_grad, None if c is None else c.to(lse.dtype))
 
 
 def composite(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,

@@ -17,9 +17,13 @@ from typing import List, Optional
 import torch
 
 from . import _lse
-from ._lse import _scaled
 
 _ops = torch.ops.attention_ext
+
+
+def _scaled(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """t (..., n, d) times w (..., n) per row, in w's dtype, back in t's."""
+    return (t.to(w.dtype) * w.unsqueeze(-1)).to(t.dtype)
 
 
 def check_sinks(sinks: torch.Tensor, query: torch.Tensor) -> None:
@@ -124,15 +128,11 @@ class _VarlenSinkBackward(torch.autograd.Function):
     @staticmethod
     def forward(g, q, k, v, cu_q, cu_k, sinks, out, lse, rng, w, max_q, max_k, dropout_p, is_causal, scale,
                 enable_gqa, window):
-        dq, dk, dv = _ops._attention_varlen_backward(_scaled(g, w), q, k, v, cu_q, cu_k, out, lse, rng, dropout_p,
-                                                     is_causal, scale, enable_gqa, window)
         c = (g.to(w.dtype) * out.to(w.dtype)).sum(-1) * w * (1 - w)  # dL / d lse, (total, Hq)
-        sc = scale if scale is not None else (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0)
-        plain = (max_q, max_k, 0.0, is_causal, scale, enable_gqa, window)
-        pk, _, _ = _ops._attention_varlen_forward(q, k, k, cu_q, cu_k, *plain)  # (P K) per token
-        dq = (dq.to(c.dtype) + (sc * c).unsqueeze(-1) * pk.to(c.dtype)).to(dq.dtype)
-        ptcq = _ops._attention_varlen_backward(_scaled(q, c), q, k, k, cu_q, cu_k, pk, lse, rng, *plain[2:])[2]
-        dk = (dk.to(c.dtype) + sc * ptcq.to(c.dtype)).to(dk.dtype)
+        glse = torch.empty_like(lse)
+        glse[_varlen_rows(lse, cu_q, q.shape[0], q.shape[1])] = c.to(lse.dtype)
+        dq, dk, dv = _ops._attention_varlen_backward(_scaled(g, w), q, k, v, cu_q, cu_k, out, lse, rng, dropout_p,
+                                                     is_causal, scale, enable_gqa, window, glse)
         return dq, dk, dv, (-c.sum(0)).to(sinks.dtype)
 
     @staticmethod

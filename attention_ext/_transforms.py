@@ -101,24 +101,27 @@ def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, ena
 
 
 def _backward_vmap(info, in_dims, grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                   window_size, mask_grad):
+                   window_size, mask_grad, grad_logsumexp=None):
     size = info.batch_size
     gd, qd, kd, vd, md, od, ld, rd = in_dims[:8]
+    cd = in_dims[14] if len(in_dims) > 14 else None
     # With dropout, one call over the folded batch replays the forward's masks only if the forward was that
     # very fold (its output batched, one rng_state); otherwise (a per-sample rng_state from randomness="same",
     # or cotangents vmapped over an unbatched forward) each sample runs against its own forward.
     if dropout_p > 0 and (rd is not None or od is None or ld is None):
-        def one(grad, q, k, v, mask, out, lse, rng):
+        def one(grad, q, k, v, mask, out, lse, rng, glse):
             return _ops._attention_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
-                                            enable_gqa, window_size, mask_grad)
+                                            enable_gqa, window_size, mask_grad, glse)
 
-        dq, dk, dv, dmask = _per_sample(one, size, in_dims[:8], (grad, q, k, v, mask, out, lse, rng), 4)
+        dq, dk, dv, dmask = _per_sample(one, size, tuple(in_dims[:8]) + (cd,),
+                                        (grad, q, k, v, mask, out, lse, rng, grad_logsumexp), 4)
         return (dq, dk, dv, dmask), (0, 0, 0, 0 if mask_grad else None)
     mask_f = _front_mask(mask, md, size, q.dim() - (0 if qd is None else 1), expand=mask_grad)
     grad, q, k, v = _front(grad, gd, size), _front(q, qd, size), _front(k, kd, size), _front(v, vd, size)
     out, lse = _front(out, od, size), _front(lse, ld, size)
+    glse = None if grad_logsumexp is None else _front(grad_logsumexp, cd, size)
     dq, dk, dv, dmask = _ops._attention_backward(grad, q, k, v, mask_f, out, lse, rng, dropout_p, is_causal, scale,
-                                                 enable_gqa, window_size, mask_grad)
+                                                 enable_gqa, window_size, mask_grad, glse)
     if mask_grad:
         return (dq, dk, dv, _unfront_mask(dmask, mask, md)), (0, 0, 0, 0)
     return (dq, dk, dv, dmask), (0, 0, 0, None)

@@ -181,11 +181,13 @@ def attention_forward(
 def attention_backward(
     grad_output, query, key, value, output, logsumexp, rng_state, attn_mask=None, dropout_p=0.0,
     is_causal=False, scale=None, enable_gqa=False, window_size=None, attn_mask_requires_grad=False,
+    grad_logsumexp=None,
 ):
-    """(grad_query, grad_key, grad_value, grad_attn_mask) from the forward's saved tensors."""
+    """(grad_query, grad_key, grad_value, grad_attn_mask) from the forward's saved tensors; with grad_logsumexp
+    (logsumexp's shape and dtype) the gradient through the log-sum-exp as well, in the same pass."""
     return _ops._attention_backward(
         grad_output, query, key, value, attn_mask, output, logsumexp, rng_state, dropout_p, is_causal, scale,
-        enable_gqa, _window(window_size), attn_mask_requires_grad,
+        enable_gqa, _window(window_size), attn_mask_requires_grad, grad_logsumexp,
     )
 
 

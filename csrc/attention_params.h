@@ -109,6 +109,10 @@ struct BwdParams : FwdParams {
   // float64 for float64 inputs), batch x heads_q x len_q x len_k
   // contiguous (the glue reduces it over broadcast dimensions afterwards).
   void* dmask = nullptr;
+  // Optional cotangent c of the log-sum-exp, laid out as lse (stat_rows, accumulation type). As
+  // d lse_i / d s_ij = P_ij, it adds c_i P_ij to dS: the softmax-backward row term D_i becomes D_i - c_i, and
+  // nothing else changes (dQ, dK and a mask's gradient follow from dS). Ignored on rows that see no key.
+  const void* dlse = nullptr;
   bool deterministic = false;
 };
 

@@ -161,7 +161,7 @@ at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backward(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng, const AttnOptions& opt,
-    bool mask_grad) {
+    bool mask_grad, const at::Tensor& grad_lse) {
   const auto acc = acc_type(q);
   const double sc = opt.scale.has_value() ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   MaskedScores ms = masked_scores(q, k, mask, opt);
@@ -173,7 +173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
   at::Tensor dv = sum_over_group(at::matmul((keep.defined() ? p * keep : p).transpose(-2, -1), g), v.size(-3));
   at::Tensor dp = at::matmul(g, kv_per_query_head(v, q).transpose(-2, -1));
   if (keep.defined()) dp = dp * keep;
-  at::Tensor ds = p * (dp - (p * dp).sum(-1, /*keepdim=*/true));
+  at::Tensor d = (p * dp).sum(-1, /*keepdim=*/true);
+  if (grad_lse.defined()) d = d - grad_lse.to(acc).unsqueeze(-1);  // d lse / d s = p
+  at::Tensor ds = p * (dp - d);
   at::Tensor dq = at::matmul(ds, kv_per_query_head(k, q)) * sc;
   at::Tensor dk = sum_over_group(at::matmul(ds.transpose(-2, -1), q.to(acc)), k.size(-3)) * sc;
   at::Tensor dmask = at::empty({0}, q.options());
@@ -206,7 +208,8 @@ void zero_head_dim_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> zero_head_dim_backward(
     BackwardSetup& st, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad) {
-  auto [dq, dk, dv, dmask] = attention_math_backward(grad, q, k, v, mask, rng_if_dropout(opt, rng), opt, mask_grad);
+  auto [dq, dk, dv, dmask] =
+      attention_math_backward(grad, q, k, v, mask, rng_if_dropout(opt, rng), opt, mask_grad, st.dlse);
   st.dq.copy_(dq);
   st.dk.copy_(dk);
   st.dv.copy_(dv);

@@ -36,11 +36,12 @@ at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at
 
 // The first-order gradients of attention_math in ATen operations (the L x S weights materialised, D taken
 // exactly as rowsum(P * dP)): (dq, dk, dv, dmask) in the inputs' dtypes, dmask at the mask's shape when
-// mask_grad and the mask is floating, else an empty tensor (as the fused backward returns it).
+// mask_grad and the mask is floating, else an empty tensor (as the fused backward returns it). grad_lse (when
+// defined): the cotangent of the log-sum-exp as well.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backward(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng, const AttnOptions& opt,
-    bool mask_grad);
+    bool mask_grad, const at::Tensor& grad_lse = {});
 
 // A head dim of 0, which F.scaled_dot_product_attention accepts: E = 0 makes every score 0 (the weights are
 // the softmax of the mask and the band alone, the output their average of V), Ev = 0 gives an empty output.

@@ -150,13 +150,22 @@ void check_output_and_grad(const at::Tensor& grad_out, const at::Tensor& out, c1
                    ") must match query dtype (", q.scalar_type(), ")");
 }
 
+void check_grad_lse(const std::optional<at::Tensor>& grad_lse, const at::Tensor& lse, const at::Tensor& q) {
+  if (!grad_lse.has_value() || !grad_lse->defined()) return;
+  check_same_shape(*grad_lse, "grad_logsumexp", lse.sym_sizes(), q);
+  TORCH_CHECK_TYPE(grad_lse->scalar_type() == lse.scalar_type(), "grad_logsumexp must be ", lse.scalar_type(),
+                   " (the dtype of logsumexp), got ", grad_lse->scalar_type());
+}
+
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
-                           const at::Tensor& rng, const at::Tensor& q, const at::Tensor& v, double dropout_p) {
+                           const at::Tensor& rng, const at::Tensor& q, const at::Tensor& v, double dropout_p,
+                           const std::optional<at::Tensor>& grad_lse) {
   auto qs = q.sym_sizes();
   std::vector<c10::SymInt> osz(qs.begin(), qs.end() - 1);
   osz.push_back(v.sym_size(-1));
   check_output_and_grad(grad_out, out, osz, q);
   check_lse(lse, q);
+  check_grad_lse(grad_lse, lse, q);
   check_rng_state(rng, dropout_p);
 }
 
@@ -292,9 +301,10 @@ std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const 
 
 BackwardSetup prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& mask, const at::Tensor& out,
-                               const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad) {
+                               const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad,
+                               const std::optional<at::Tensor>& grad_lse) {
   check_inputs(q, k, v, mask, opt);
-  check_backward_inputs(grad_out, out, lse, rng, q, v, opt.dropout_p);
+  check_backward_inputs(grad_out, out, lse, rng, q, v, opt.dropout_p, grad_lse);
   BackwardSetup s;
   s.dq = at::empty_like(q);
   s.dk = at::empty_like(k);
@@ -322,6 +332,10 @@ BackwardSetup prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, 
   p.dq_stride = strides_of(s.dq4);
   p.dk_stride = strides_of(s.dk4);
   p.dv_stride = strides_of(s.dv4);
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    s.dlse = grad_lse->contiguous();
+    p.dlse = s.dlse.data_ptr();
+  }
   if (mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point()) {
     // zero: kernels write only the tiles the window / causal bounds let them visit
     const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -40,9 +40,12 @@ void check_rng_state(const at::Tensor& rng, double dropout_p);
 // output and grad_output of a backward: shape `out_shape` and the query's dtype.
 void check_output_and_grad(const at::Tensor& grad_out, const at::Tensor& out, c10::SymIntArrayRef out_shape,
                            const at::Tensor& q);
+// grad_logsumexp (optional): the cotangent of the forward's log-sum-exp, of its shape and dtype.
+void check_grad_lse(const std::optional<at::Tensor>& grad_lse, const at::Tensor& lse, const at::Tensor& q);
 // Everything _attention_backward takes besides check_inputs' arguments.
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
-                           const at::Tensor& rng, const at::Tensor& q, const at::Tensor& v, double dropout_p);
+                           const at::Tensor& rng, const at::Tensor& q, const at::Tensor& v, double dropout_p,
+                           const std::optional<at::Tensor>& grad_lse);
 // _dropout_mask's arguments.
 void check_dropout_mask_args(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
                              double dropout_p);
@@ -89,13 +92,15 @@ std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const 
 struct BackwardSetup {
   at::Tensor dq, dk, dv;
   at::Tensor q4, k4, v4, o4, g4, dq4, dk4, dv4, lse;
+  at::Tensor dlse;  // grad_logsumexp, contiguous (undefined without one)
   std::optional<at::Tensor> m4;
   at::Tensor dmask_full;
   BwdParams p;
 };
 BackwardSetup prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& mask, const at::Tensor& out,
-                               const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad);
+                               const at::Tensor& lse, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad,
+                               const std::optional<at::Tensor>& grad_lse);
 // Copies views back where they were not aliases and reduces the mask gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
     BackwardSetup& s, const std::optional<at::Tensor>& mask, const at::Tensor& q);

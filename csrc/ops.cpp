@@ -82,8 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           double, bool, std::optional<double>, bool, at::IntArrayRef, bool)>();
-  return op.call(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad);
+                           double, bool, std::optional<double>, bool, at::IntArrayRef, bool,
+                           const std::optional<at::Tensor>&)>();
+  return op.call(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad,
+                 std::nullopt);
 }
 
 // First-order gradients as an autograd function of their own, so that with create_graph=True they can be
@@ -259,9 +261,10 @@ class AttentionVarlenBackwardFunction : public torch::autograd::Function<Attenti
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, double, bool, std::optional<double>, bool, at::IntArrayRef)>();
+                             const at::Tensor&, double, bool, std::optional<double>, bool, at::IntArrayRef,
+                             const std::optional<at::Tensor>&)>();
     auto [dq, dk, dv] =
-        op.call(grad, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window);
+        op.call(grad, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, std::nullopt);
     return {dq, dk, dv};
   }
   static variable_list backward(AutogradContext*, variable_list) {

@@ -14,7 +14,7 @@ inline constexpr const char* kForward =
 inline constexpr const char* kBackward =
     "_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
     "Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, float? scale, "
-    "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad) "
+    "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad, Tensor? grad_logsumexp=None) "
     "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)";
 // The forward that also returns the attention weights (..., Hq, L, S), dropout applied, or with
 // average_heads their mean over the query heads (..., L, S): what MultiheadAttention's need_weights=True
@@ -53,7 +53,8 @@ inline constexpr const char* kVarlenForward =
 inline constexpr const char* kVarlenBackward =
     "_attention_varlen_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
     "Tensor cu_seqlens_k, Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, "
-    "float? scale, bool enable_gqa, int[2] window_size) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)";
+    "float? scale, bool enable_gqa, int[2] window_size, Tensor? grad_logsumexp=None) "
+    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)";
 inline constexpr const char* kDropoutMask =
     "_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor";
 

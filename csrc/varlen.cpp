@@ -54,6 +54,7 @@ void move_common(P& p, const VarlenOffsets& off, int64_t b, size_t es, size_t ac
   p.v = at_row(p.v, rk, p.v_stride.r, es);
   p.out = at_row(p.out, rq, p.o_stride.r, es);
   p.lse = at_row(p.lse, p.heads_q * rq, 1, acc_es);
+  if constexpr (std::is_same_v<P, BwdParams>) p.dlse = at_row(p.dlse, p.heads_q * rq, 1, acc_es);
   p.len_q = off.len_q(b);
   p.len_k = off.len_k(b);
   p.offset += static_cast<uint64_t>(b);
@@ -105,13 +106,14 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
                                   const at::Tensor& cu_q, const at::Tensor& out, const at::Tensor& lse,
-                                  const at::Tensor& rng, double dropout_p) {
+                                  const at::Tensor& rng, double dropout_p, const std::optional<at::Tensor>& grad_lse) {
   check_output_and_grad(grad_out, out, {q.sym_size(0), q.sym_size(1), v.sym_size(2)}, q);
   const std::vector<c10::SymInt> lsz{q.sym_size(0) * q.sym_size(1)};
   check_same_shape(lse, "logsumexp", lsz, q);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_TYPE(lse.scalar_type() == acc, "logsumexp must be ", acc, " (as returned by the forward), got ",
                    lse.scalar_type());
+  check_grad_lse(grad_lse, lse, q);
   if (dropout_p > 0.0) {
     const std::vector<c10::SymInt> rsz{cu_q.sym_size(0) - 1, 2};
     TORCH_CHECK_VALUE(rng.defined() && rng.sym_sizes().equals(rsz) && rng.scalar_type() == at::kLong,
@@ -177,10 +179,16 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
   return s;
 }
 
+std::optional<at::Tensor> stats_2d(const std::optional<at::Tensor>& t, int64_t heads, int64_t total) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->reshape({heads, total});
+}
+
 PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tensor& grad_out, const at::Tensor& q,
                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                                        const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
-                                       const at::Tensor& rng, const AttnOptions& opt) {
+                                       const at::Tensor& rng, const AttnOptions& opt,
+                                       const std::optional<at::Tensor>& grad_lse) {
   TORCH_INTERNAL_ASSERT(off.batch() >= 2, "prepare_packed_backward: at least 2 sequences");
   check_packed_rows(q, k);
   PackedBackward s;
@@ -189,7 +197,7 @@ PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tenso
   // of it (the pointer; the kernels find each sequence's block); rng row 0 stands for the (batch, 2) rng_state
   s.st = prepare_backward(heads_first(grad_out), heads_first(q), heads_first(k), heads_first(v), std::nullopt,
                           heads_first(out), lse.view({Hq, q.size(0)}), opt.dropout_p > 0.0 ? rng.select(0, 0) : rng,
-                          opt, false);
+                          opt, false, stats_2d(grad_lse, Hq, q.size(0)));
   s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
   s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
   set_packed(s.st.p, off, s.cu_q, s.cu_k, q.size(0), k.size(0));

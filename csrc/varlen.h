@@ -21,10 +21,15 @@ namespace attention_ext {
 // Shapes, dtypes and devices (SymInt-safe: the Meta kernels call it too). Raises errors naming the argument.
 void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                          const at::Tensor& cu_k, const AttnOptions& opt);
-// logsumexp (flat, Hq * total_q), output and grad_output (total_q, Hq, Ev), rng_state (batch, 2).
+// logsumexp (flat, Hq * total_q) and grad_logsumexp (optional, the same), output and grad_output
+// (total_q, Hq, Ev), rng_state (batch, 2).
 void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
                                   const at::Tensor& cu_q, const at::Tensor& out, const at::Tensor& lse,
-                                  const at::Tensor& rng, double dropout_p);
+                                  const at::Tensor& rng, double dropout_p, const std::optional<at::Tensor>& grad_lse);
+
+// An optional flat (Hq * total_q) per-row tensor (grad_logsumexp) as (Hq, total_q), as prepare_backward takes
+// the packed logsumexp; nullopt stays nullopt.
+std::optional<at::Tensor> stats_2d(const std::optional<at::Tensor>& t, int64_t heads, int64_t total);
 
 // The offsets read on the host (a copy, and so a device sync, when they live on a GPU) and checked: they start
 // at 0, never decrease and end at the total; max_seqlen_* (when given) bound the lengths.
@@ -115,7 +120,8 @@ struct PackedBackward {
 PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tensor& grad_out, const at::Tensor& q,
                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                                        const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
-                                       const at::Tensor& rng, const AttnOptions& opt);
+                                       const at::Tensor& rng, const AttnOptions& opt,
+                                       const std::optional<at::Tensor>& grad_lse);
 
 // _attention_varlen_backward through a backend's backward (_attention_backward's signature), sequence by
 // sequence on views of the packed tensors, into dq, dk, dv (packed like q, k, v; the offsets read once by the
@@ -125,17 +131,21 @@ void varlen_backward_by_sequence(Bwd&& bwd, const VarlenOffsets& off, const at::
                                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                  const at::Tensor& lse, const at::Tensor& rng, const at::Tensor& dq,
                                  const at::Tensor& dk, const at::Tensor& dv, double dropout_p, bool is_causal,
-                                 std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+                                 std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+                                 const std::optional<at::Tensor>& grad_lse) {
   const int64_t Hq = q.size(1);
   fill_empty_backward(off, dq, dk, dv);
   for (int64_t b = 0; b < off.batch(); ++b) {
     const int64_t L = off.len_q(b), S = off.len_k(b);
     if (L == 0 || S == 0) continue;
     auto rows = [&](const at::Tensor& t, int64_t start, int64_t n) { return heads_first(t.narrow(0, start, n)); };
+    auto stats = [&](const at::Tensor& t) { return t.narrow(0, Hq * off.q[b], Hq * L).view({Hq, L}); };
+    std::optional<at::Tensor> gl;
+    if (grad_lse.has_value() && grad_lse->defined()) gl = stats(*grad_lse);
     auto [gq, gk, gv, gm] =
         bwd(rows(grad_out, off.q[b], L), rows(q, off.q[b], L), rows(k, off.k[b], S), rows(v, off.k[b], S),
-            std::nullopt, rows(out, off.q[b], L), lse.narrow(0, Hq * off.q[b], Hq * L).view({Hq, L}),
-            rng.select(0, b), dropout_p, is_causal, scale, enable_gqa, window, false);
+            std::nullopt, rows(out, off.q[b], L), stats(lse), rng.select(0, b), dropout_p, is_causal, scale,
+            enable_gqa, window, false, gl);
     dq.narrow(0, off.q[b], L).copy_(heads_first(gq));
     dk.narrow(0, off.k[b], S).copy_(heads_first(gk));
     dv.narrow(0, off.k[b], S).copy_(heads_first(gv));

@@ -66,8 +66,9 @@ def test_opcheck_forward_backward_probs(device, sid):
     out, lse, rng = ops._attention_forward(q, k, v, m, p, causal, scale, gqa, w)
     grad = torch.randn_like(out)
     mask_grad = m is not None and m.is_floating_point()
-    opcheck(ops._attention_backward.default,
-            (grad, q, k, v, m, out, lse, rng, p, causal, scale, gqa, w, mask_grad), test_utils=ALL_TESTS)
+    opcheck(ops._attention_backward.default,  # with the log-sum-exp's cotangent too
+            (grad, q, k, v, m, out, lse, rng, p, causal, scale, gqa, w, mask_grad, torch.randn_like(lse)),
+            test_utils=ALL_TESTS)
     opcheck(ops.attention_probs.default, (q, k, m, lse, rng, p, causal, scale, gqa, w), test_utils=ALL_TESTS)
     for avg in (False, True):
         opcheck(ops._attention_forward_weights.default, (q, k, v, m, p, causal, scale, gqa, w, avg),

@@ -37,12 +37,16 @@ def scores(q, k, v, visible=None, bias=None, scale=None):
 
 
 def formula(q, k, v, visible=None, bias=None, scale=None, keep=None, dropout_p=0.0):
-    """(out, lse) in q's dtype; lse -inf for a row that sees no key, whose output is 0."""
+    """(out, lse) in q's dtype; lse -inf for a row that sees no key, whose output is 0. lse = m + log sum exp(s - m)
+    with the row max m held constant, so that its gradient is the softmax itself: torch.logsumexp's,
+    exp(s - lse), is off by the number of keys on a row masked with finfo.min, where lse rounds to m."""
     s, v = scores(q, k, v, visible, bias, scale)
     live = (s != -math.inf).any(-1, keepdim=True)
     safe = torch.where(live, s, torch.zeros((), dtype=s.dtype))
     p = torch.softmax(safe, -1) * live
-    lse = torch.where(live.squeeze(-1), torch.logsumexp(safe, -1), torch.full((), -math.inf, dtype=s.dtype))
+    m = safe.amax(-1, keepdim=True).detach() if s.shape[-1] else safe.sum(-1, keepdim=True).detach()
+    lse = (m + torch.log(torch.exp(safe - m).sum(-1, keepdim=True))).squeeze(-1)
+    lse = torch.where(live.squeeze(-1), lse, torch.full((), -math.inf, dtype=s.dtype))
     if keep is not None:
         p = p * keep / (1 - dropout_p)
     return p @ v, lse

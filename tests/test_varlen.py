@@ -684,8 +684,9 @@ def test_varlen_opcheck_and_compile(one_thread):
     out, lse, rng = ops._attention_varlen_forward(qd, kd, vd, cu_q, cu_k, None, None, 0.0, True, None, False, [-1, -1])
     opcheck(ops._attention_varlen_forward.default, (qd, kd, vd, cu_q, cu_k, None, None, 0.0, True, None, False,
                                                     [-1, -1]))
-    opcheck(ops._attention_varlen_backward.default, (torch.randn_like(out), qd, kd, vd, cu_q, cu_k, out, lse, rng,
-                                                     0.0, True, None, False, [-1, -1]))
+    for glse in (None, torch.randn_like(lse)):  # with and without the log-sum-exp's cotangent
+        opcheck(ops._attention_varlen_backward.default, (torch.randn_like(out), qd, kd, vd, cu_q, cu_k, out, lse,
+                                                         rng, 0.0, True, None, False, [-1, -1], glse))
 
     def f(q, k, v, cu_q, cu_k):
         return ops.attention_varlen(q, k, v, cu_q, cu_k, is_causal=True).square().sum()

@@ -103,9 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
+  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   if (zero_head_dim(st.p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   read_rng_state(rng, dropout_p, st.p);
   st.p.deterministic = true;  // the CPU backward never uses atomics
@@ -191,9 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window) {
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
+  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
   if (varlen_zero_head_dim(q, v)) {
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     poison(dk);
     poison(dv);
     varlen_backward_by_sequence(backward_cpu, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p,
-                                is_causal, scale, enable_gqa, window);
+                                is_causal, scale, enable_gqa, window, grad_lse);
     return {dq, dk, dv};
   }
   // prepare_backward checks a (Hq, total_q) logsumexp and an int64[2] rng state: the packed ones are checked
@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
   const at::Tensor rng2 = at::zeros({2}, at::TensorOptions().dtype(at::kLong));
   BackwardSetup st = prepare_backward(heads_first(grad_out), heads_first(q), heads_first(k), heads_first(v),
                                       std::nullopt, heads_first(out), lse.reshape({q.size(1), q.size(0)}), rng2, opt,
-                                      false);
+                                      false, stats_2d(grad_lse, q.size(1), q.size(0)));
   st.p.deterministic = true;
   fill_empty_backward(off, heads_first(st.dq), heads_first(st.dk), heads_first(st.dv));
   std::vector<BwdParams> ps = split_sequences(st.p, off);

@@ -1103,12 +1103,16 @@ void flash_bwd_impl(const BwdParams& p) {
               pv = pdbuf.data();
             }
             tile.dv(pv, kBlockK, dvacc.data());  // dV += P~^T dO
-            // dS = P o (dP - D), in place in dpbuf
-            const A* Drow = D.data() + (b * Hq + h) * L + i0;
+            // dS = P o (dP - D + c), in place in dpbuf (c: the log-sum-exp's cotangent, d lse / d S = P; a row
+            // that sees no key has P = 0 and takes none of it)
+            const A* Drow = D.data() + row0;
+            const A* crow = p.dlse == nullptr ? nullptr : static_cast<const A*>(p.dlse) + row0;
             for (int64_t r = 0; r < nq; ++r) {
               A* ds = dpbuf.data() + r * kBlockK;
               const A* pr = pbuf.data() + r * kBlockK;
-              softmax_grad_row(ds, pr, ds, nk, whole_rows ? dot_row(pr, ds, nk) : Drow[r]);
+              A d = whole_rows ? dot_row(pr, ds, nk) : Drow[r];
+              if (crow != nullptr && rscale[row0 + r] != A(0)) d -= crow[r];
+              softmax_grad_row(ds, pr, ds, nk, d);
             }
             if (p.dmask != nullptr) {
               A* dm = static_cast<A*>(p.dmask) + ((b * Hq + h) * L + i0) * S + j0;

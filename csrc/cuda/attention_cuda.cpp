@@ -160,9 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
   return backward_op(CudaDev{}, grad_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                     window, mask_grad);
+                     window, mask_grad, grad_lse);
 }
 
 at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window) {
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
   c10::cuda::CUDAGuard guard(q.device());
   return run_varlen_backward(
       backward_cuda, [&](const at::Tensor& r) { return r.to(q.device()).contiguous(); }, find_fwd_or_fail,
@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
         CudaDev{}.launch(what, {}, fn);
       },
       make_env(q), "cuda varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window);
+      enable_gqa, window, grad_lse);
 }
 
 }  // namespace

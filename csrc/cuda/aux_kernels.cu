@@ -48,7 +48,7 @@ __device__ __forceinline__ RowAt row_at(const FwdParams& p, int64_t r) {
 }
 
 // shift = lse, logl = 0 and (st.dsum, not st.exact_d) D[r] = sum_e dO[b, h, i, e] * O[b, h, i, e] from the
-// saved output (row r at (b, h, i): row_at): one warp per row.
+// saved output (row r at (b, h, i): row_at), less the log-sum-exp's cotangent st.dlse[r]: one warp per row.
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParams p, const FwdStats st) {
   const int lane = threadIdx.x & 31;
@@ -68,7 +68,10 @@ __global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParam
     for (int64_t e = lane; e < p.dim_v; e += 32) acc += ElemOps<Elem>::to_float(o[e]) * ElemOps<Elem>::to_float(d[e]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) st.dsum[r] = acc;
+    if (lane == 0) {
+      const float lse = static_cast<const float*>(p.lse)[r];
+      st.dsum[r] = st.dlse != nullptr && lse != -kInf ? acc - st.dlse[r] : acc;
+    }
   }
 }
 

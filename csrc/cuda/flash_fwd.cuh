@@ -365,7 +365,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
           }
           d += __shfl_xor_sync(0xffffffffu, d, 1);
           d += __shfl_xor_sync(0xffffffffu, d, 2);
-          if (t == 0 && i < L) st.dsum[st_row0 + bh * L + i] = d;
+          if (t == 0 && i < L) {
+            const int64_t r = st_row0 + bh * L + i;
+            st.dsum[r] = st.dlse != nullptr && !empty ? d - st.dlse[r] : d;
+          }
         }
         continue;
       }

@@ -47,6 +47,9 @@ struct FwdStats {
   const void* dout = nullptr;  // with dsum: dO, batch x heads_q x len_q x dim_v, strides do_stride
   Strides4 do_stride;
   bool exact_d = false;     // D from the forward's fp32 output (every CTA runs)
+  // optional, with dsum: the log-sum-exp's cotangent c (BwdParams::dlse), stored as D - c (rows that see no
+  // key keep D)
+  const float* dlse = nullptr;
 };
 
 // Workspace of the backward (allocated by the glue with the caching allocator).

@@ -63,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const Dev& dev, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
   [[maybe_unused]] auto guard = dev.guard(q);
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad);
+  BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   BwdParams& p = st.p;
   if (zero_head_dim(p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   at::Tensor rng_k;
@@ -87,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
         p, env, q.options(), dev.fwd(p), dev.bwd(p), Dev::kBackward,
         [&](const char* what, const BwdWorkspace& ws, auto&& fn, const LaunchTensors& extra = {}) {
           dev.launch(what,
-                     LaunchTensors{&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, m, &ws.stats, &ws.dq_accum,
-                                   &st.dq4, &st.dk4, &st.dv4, &st.dmask_full} + extra,
+                     LaunchTensors{&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &st.dlse, m, &ws.stats,
+                                   &ws.dq_accum, &st.dq4, &st.dk4, &st.dv4, &st.dmask_full} + extra,
                      fn);
         });
     if (log_kernels()) log_kernel(ran);

@@ -199,6 +199,7 @@ FwdStats bwd_row_stats(const BwdParams& p, float* buf) {
   st.dout = p.dout;
   st.do_stride = p.do_stride;
   st.exact_d = p.dmask != nullptr && p.dtype != DType::kFloat32;
+  st.dlse = static_cast<const float*>(p.dlse);
   return st;
 }
 

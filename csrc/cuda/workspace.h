@@ -335,13 +335,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     const LaunchEnv& env, const char* what, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale,
-    bool enable_gqa, at::IntArrayRef window) {
+    bool enable_gqa, at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
-  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p);
+  check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
   auto by_sequence = [&](const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
     varlen_backward_by_sequence(bwd, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p, is_causal, scale,
-                                enable_gqa, window);
+                                enable_gqa, window, grad_lse);
     return std::make_tuple(dq, dk, dv);
   };
   if (off.batch() <= 1 || varlen_zero_head_dim(q, v)) {
@@ -351,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     poison(dv);
     return by_sequence(dq, dk, dv);
   }
-  PackedBackward s = prepare_packed_backward(off, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, opt);
+  PackedBackward s = prepare_packed_backward(off, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, opt, grad_lse);
   BwdParams& p = s.st.p;
   p.deterministic = at::globalContext().deterministicAlgorithms();
   const BwdEntry* hopper = packed_sm90_enabled() ? find_bwd_sm90(p, env) : nullptr;

@@ -145,9 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
   return backward_op(EmuDev{}, grad_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
-                     mask_grad);
+                     mask_grad, grad_lse);
 }
 
 at::Tensor weights_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
@@ -204,19 +204,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window) {
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
   return run_varlen_backward(
       backward_emu, [](const at::Tensor& r) { return r.contiguous(); }, find_fwd_or_fail,
       [](const BwdParams& p) { return &EmuDev{}.bwd(p); },
       [](const char* what, const BackwardSetup& st, const BwdWorkspace& ws, auto&& fn,
          const LaunchTensors& extra = {}) {
         EmuDev{}.launch(what,
-                        LaunchTensors{&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &ws.stats, &ws.dq_accum,
-                                      &st.dq4, &st.dk4, &st.dv4} + extra,
+                        LaunchTensors{&st.q4, &st.k4, &st.v4, &st.o4, &st.g4, &st.lse, &st.dlse, &ws.stats,
+                                      &ws.dq_accum, &st.dq4, &st.dk4, &st.dv4} + extra,
                         fn);
       },
       make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window);
+      enable_gqa, window, grad_lse);
 }
 
 }  // namespace
