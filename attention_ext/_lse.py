@@ -122,3 +122,81 @@ def attention_lse(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optio
         return out, lse
     out, lse, _ = _AttentionLse.apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
     return out, lse
+
+
+# --------------------------------------------------------------------------- packed sequences
+_NO_DOUBLE_BACKWARD = ("attention_ext.attention_varlen does not support double backward (differentiating its "
+                       "gradients); use create_graph=False")
+
+
+def varlen_rows(lse: torch.Tensor, cu_q: torch.Tensor, total: int, heads: int) -> torch.Tensor:
+    """Index of (token t, head h) in the varlen forward's flat log-sum-exp, (total, heads): sequence b's
+    (heads, L_b) block is row-major from heads * cu_q[b]."""
+    cu = cu_q.to(device=lse.device, dtype=torch.long)
+    t = torch.arange(total, device=lse.device)
+    b = torch.searchsorted(cu[1:], t, right=True)
+    start, length = cu[b], cu[b + 1] - cu[b]
+    h = torch.arange(heads, device=lse.device)
+    return heads * start[:, None] + h[None, :] * length[:, None] + (t - start)[:, None]
+
+
+class _VarlenLse(torch.autograd.Function):
+    """attention_varlen's (out, lse) with lse laid out as the query, (total_q, Hq): first-order gradients through
+    both, from one varlen backward (the lse cotangent scattered back to the kernels' flat layout)."""
+
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window):
+        out, lse, rng = _ops._attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal,
+                                                       scale, enable_gqa, window)
+        idx = varlen_rows(lse, cu_q, q.shape[0], q.shape[1])
+        return out, lse[idx], lse, rng, idx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, _, _, *opts = inputs
+        out, _, lse, rng, idx = output
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, rng, idx)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(lse, rng, idx)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g, c, *_):
+        q, k, v, cu_q, cu_k, out, lse, rng, idx = ctx.saved_tensors
+        if g is None and c is None:
+            return (None,) * 12
+        if g is None:
+            g = torch.zeros_like(out)
+        glse = None
+        if c is not None:
+            glse = torch.zeros_like(lse)
+            glse[idx] = c.to(lse.dtype)
+        dq, dk, dv = _VarlenLseBackward.apply(g, glse, q, k, v, cu_q, cu_k, out, lse, rng, *ctx.opts)
+        return (dq, dk, dv) + (None,) * 9
+
+
+class _VarlenLseBackward(torch.autograd.Function):
+    """The packed gradients; like attention_varlen's, they cannot be differentiated again."""
+
+    @staticmethod
+    def forward(g, glse, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window):
+        return _ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
+                                               enable_gqa, window, glse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+
+
+def varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p: float, is_causal: bool, scale: Optional[float],
+               enable_gqa: bool, window: List[int]):
+    """(out (total_q, Hq, Ev), lse (total_q, Hq)) of packed sequences, both differentiable (first order)."""
+    if q.dim() != 3:
+        raise ValueError(f"query must be (total_q, heads, E) for attention_varlen, got shape {tuple(q.shape)}")
+    out, lse, *_ = _VarlenLse.apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
+                                    window)
+    return out, lse

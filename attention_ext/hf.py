@@ -99,8 +99,8 @@ def _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs)
         return None, _packed_mask(cu_q, cu_k, query.shape[-2], key.shape[-2], causal, window[0], query.device)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, E)
     if kwargs.get("s_aux") is not None:  # attention sinks (gpt-oss)
-        out = _sinks.varlen_with_sinks(q, k, v, cu_q, cu_k, kwargs["s_aux"], None, None, float(dropout), causal,
-                                       scaling, query.shape[1] != key.shape[1], window)
+        out, _ = _sinks.varlen_with_sinks(q, k, v, cu_q, cu_k, kwargs["s_aux"], None, None, float(dropout), causal,
+                                          scaling, query.shape[1] != key.shape[1], window)
         return out.unsqueeze(0), None
     out = _ops.attention_varlen(q, k, v, cu_q, cu_k, None, None, float(dropout), causal, scaling,
                                 query.shape[1] != key.shape[1], window)

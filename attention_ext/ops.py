@@ -85,13 +85,11 @@ def attention(
     for merging partial attentions: out = sum_c exp(lse_c - lse) out_c.
     """
     if query.is_nested or key.is_nested or value.is_nested:
-        if sinks is not None or return_lse:
-            raise ValueError("sinks and return_lse are not supported with nested (variable-length) tensors")
         if attn_mask is not None:
             raise ValueError("attn_mask is not supported with nested (variable-length) tensors: each sequence's "
                              "own length bounds its keys; use is_causal or window_size for more")
         return nested_attention(query, key, value, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                enable_gqa=enable_gqa, window_size=window_size)
+                                enable_gqa=enable_gqa, window_size=window_size, sinks=sinks, return_lse=return_lse)
     window = _window(window_size)
     attn_mask, is_causal, window = _causal_bias(attn_mask, is_causal, query, key, window)
     if sinks is not None:
@@ -120,7 +118,8 @@ def attention_varlen(
     enable_gqa: bool = False,
     window_size: Optional[Sequence[int]] = None,
     sinks: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention over variable-length sequences packed without padding (FlashAttention's varlen layout),
     differentiable.
 
@@ -131,11 +130,20 @@ def attention_varlen(
     GQA, dropout). ``max_seqlen_*`` are optional and, when given, checked. Returns (total_q, heads, Ev).
     On CUDA, offsets on the GPU are read back to the host (a sync): pass them on the CPU to avoid it.
     ``sinks``: one logit per query head, as in :func:`attention` (first-order gradients).
+    ``return_lse=True`` returns ``(output, lse)``, lse (total_q, heads) laid out as the query (float32, float64
+    for float64; -inf for a row that sees no key), differentiable like the output (first order), as
+    :func:`attention`'s.
     """
     if sinks is not None:
         from ._sinks import varlen_with_sinks
-        return varlen_with_sinks(query, key, value, cu_seqlens_q, cu_seqlens_k, sinks, max_seqlen_q, max_seqlen_k,
-                                 float(dropout_p), bool(is_causal), scale, bool(enable_gqa), _window(window_size))
+        out, lse = varlen_with_sinks(query, key, value, cu_seqlens_q, cu_seqlens_k, sinks, max_seqlen_q,
+                                     max_seqlen_k, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
+                                     _window(window_size), need_lse=return_lse)
+        return (out, lse) if return_lse else out
+    if return_lse:
+        from ._lse import varlen_lse
+        return varlen_lse(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          float(dropout_p), bool(is_causal), scale, bool(enable_gqa), _window(window_size))
     return _ops.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  dropout_p, is_causal, scale, enable_gqa, _window(window_size))
 
@@ -156,19 +164,22 @@ def _packed(t: torch.Tensor, name: str):
 
 
 def nested_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                     window_size=None):
+                     window_size=None, sinks=None, return_lse=False):
     """:func:`attention` for jagged nested tensors (batch, heads, ragged length, E), the variable-length
     inputs ``F.scaled_dot_product_attention`` accepts: computed by :func:`attention_varlen` on their packed
-    values, returned as a jagged nested tensor (batch, heads, ragged length of query, Ev)."""
+    values, returned as a jagged nested tensor (batch, heads, ragged length of query, Ev); with
+    ``return_lse``, and the log-sum-exp as one (batch, heads, ragged length of query)."""
     q, cu_q = _packed(query, "query")
     k, cu_k = _packed(key, "key")
     v, cu_v = _packed(value, "value")
     # (a data-dependent check: left out under torch.compile, where different totals still raise in the op)
     if cu_v is not cu_k and not torch.compiler.is_compiling() and not torch.equal(cu_v, cu_k):
         raise ValueError("key and value must have the same sequence lengths")
-    out = attention_varlen(q, k, v, cu_q, cu_k, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                           enable_gqa=enable_gqa, window_size=window_size)
-    return torch.nested.nested_tensor_from_jagged(out, offsets=cu_q).transpose(1, 2)
+    res = attention_varlen(q, k, v, cu_q, cu_k, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                           enable_gqa=enable_gqa, window_size=window_size, sinks=sinks, return_lse=return_lse)
+    nested = [torch.nested.nested_tensor_from_jagged(t, offsets=cu_q).transpose(1, 2)
+              for t in (res if return_lse else (res,))]
+    return tuple(nested) if return_lse else nested[0]
 
 
 def attention_forward(

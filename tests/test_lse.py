@@ -181,3 +181,128 @@ def test_lse_gradcheck_gradgradcheck_compile_vmap():
         qi = x[0][i].clone().requires_grad_()
         loss(qi, x[1][i], x[2][i]).backward()
         torch.testing.assert_close(per[i], qi.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- packed sequences
+LENS_Q, LENS_K = [6, 0, 11, 4], [8, 5, 11, 0]  # an empty query sequence, and one that sees no key
+
+
+def _packed(dtype, seed=21, E=16):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(LENS_Q), sum(LENS_K)
+    q = torch.randn(tq, 4, E, generator=g, dtype=f64).to(dtype)
+    k = torch.randn(tk, 2, E, generator=g, dtype=f64).to(dtype)
+    v = torch.randn(tk, 2, E, generator=g, dtype=f64).to(dtype)
+    cu_q = torch.tensor([0] + torch.tensor(LENS_Q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(LENS_K).cumsum(0).tolist(), dtype=torch.int32)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("dtype", [f64, f32, bf16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_lse_and_its_gradients_match_reference(dtype, causal):
+    """attention_varlen(..., return_lse=True): lse (total_q, Hq), and the gradients through output and lse, of
+    each sequence against the formula on that sequence alone (float64, and the yardstick in the dtype)."""
+    q, k, v, cu_q, cu_k = _packed(dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_ext.attention_varlen(*leaves, cu_q, cu_k, is_causal=causal, enable_gqa=True,
+                                              return_lse=True)
+    assert lse.shape == q.shape[:2] and lse.dtype == (f64 if dtype == f64 else f32)
+    gen = torch.Generator().manual_seed(9)
+    g = torch.randn(out.shape, generator=gen, dtype=f64)
+    c = torch.randn(lse.shape, generator=gen, dtype=f64)
+    live = lse != -math.inf
+    grads = torch.autograd.grad([out, torch.where(live, lse, 0)], leaves, [g.to(dtype), c.to(lse.dtype)])
+    for b in range(len(LENS_Q)):
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        keys = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        vis = window_visibility(LENS_Q[b], LENS_K[b], causal) if causal else None
+        res = []
+        for dt in (f64, dtype):
+            rl = [t[sl].transpose(0, 1).detach().to(dt).requires_grad_() for t, sl in
+                  ((q, rows), (k, keys), (v, keys))]
+            ro, rlse = formula(*rl, visible=vis)
+            rlive = rlse != -math.inf
+            rg = torch.autograd.grad([ro, torch.where(rlive, rlse, 0)], rl,
+                                     [g[rows].transpose(0, 1).to(dt), c[rows].transpose(0, 1).to(rlse.dtype)],
+                                     allow_unused=True)
+            rg = [torch.zeros_like(t) if x is None else x for x, t in zip(rg, rl)]
+            res.append([ro, torch.where(rlive, rlse, -math.inf)] + rg)
+        ours = [out[rows], lse[rows], grads[0][rows], grads[1][keys], grads[2][keys]]
+        for what, o, r, base in zip(("output", "lse", "dq", "dk", "dv"), ours, *res):
+            o = o.transpose(0, 1)
+            if what == "lse":
+                fin = r != -math.inf
+                assert torch.equal(o != -math.inf, fin), f"sequence {b}: rows that see no key must be -inf"
+                o, r, base = (t.masked_fill(~fin, 0) for t in (o, r, base))
+            assert_close_vs_baseline(f"sequence {b} {what}", o, r, base, dtype)
+
+
+def test_varlen_merging_two_halves_of_the_keys_is_attention_over_all():
+    """Ring attention on packed sequences: each sequence's keys split in two calls, merged with their lse, equal
+    one call over all of them, output and gradients (float64)."""
+    q, k, v, cu_q, _ = _packed(f64, seed=4)
+    cu_k = cu_q.clone()  # self-attention lengths; the halves: the first half of each sequence's keys, the rest
+    k, v = k[:q.shape[0]], v[:q.shape[0]]
+    lens = torch.tensor(LENS_Q)
+    first = lens // 2
+    idx1 = torch.cat([torch.arange(int(s), int(s) + int(n)) for s, n in zip(cu_k[:-1], first)])
+    idx2 = torch.cat([torch.arange(int(s) + int(n), int(e)) for s, n, e in zip(cu_k[:-1], first, cu_k[1:])])
+    cu1 = torch.tensor([0] + first.cumsum(0).tolist(), dtype=torch.int32)
+    cu2 = torch.tensor([0] + (lens - first).cumsum(0).tolist(), dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    qq, kk, vv = leaves
+    o1, l1 = attention_ext.attention_varlen(qq, kk[idx1], vv[idx1], cu_q, cu1, enable_gqa=True, return_lse=True)
+    o2, l2 = attention_ext.attention_varlen(qq, kk[idx2], vv[idx2], cu_q, cu2, enable_gqa=True, return_lse=True)
+    lse = torch.logaddexp(l1, l2)
+    merged = torch.exp(l1 - lse).unsqueeze(-1) * o1 + torch.exp(l2 - lse).unsqueeze(-1) * o2
+    do = torch.randn(merged.shape, generator=torch.Generator().manual_seed(2), dtype=f64)
+    grads = torch.autograd.grad(merged, leaves, do)
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_ext.attention_varlen(*whole, cu_q, cu_k, enable_gqa=True, return_lse=True)
+    rgrads = torch.autograd.grad(ref, whole, do)
+    assert (first > 0).sum() >= 2 and ((lens - first) > 0).sum() >= 2
+    for what, a, b in zip(("output", "lse", "dq", "dk", "dv"), [merged, lse, *grads], [ref, ref_lse, *rgrads]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_varlen_lse_double_backward_raises_and_compiles():
+    q, k, v, cu_q, cu_k = _packed(f32, seed=8)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_ext.attention_varlen(*leaves, cu_q, cu_k, enable_gqa=True, return_lse=True)
+    live = lse != -math.inf
+    dq = torch.autograd.grad(out.square().sum() + torch.where(live, lse, 0).sum(), leaves[0], create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="attention_varlen does not support double backward"):
+        dq.sum().backward()
+
+    def loss(q, k, v):
+        o, l_ = attention_ext.attention_varlen(q, k, v, cu_q, cu_k, enable_gqa=True, return_lse=True)
+        return o.square().sum() + torch.where(l_ == -math.inf, 0, l_).sum()
+    a = [t.clone().requires_grad_() for t in (q, k, v)]
+    b = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.compile(loss, backend="aot_eager")(*a).backward()
+    loss(*b).backward()
+    for s, t in zip(a, b):
+        torch.testing.assert_close(s.grad, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_nested_tensors_return_lse():
+    """Jagged nested tensors (batch, heads, ragged, E): (out, lse) nested, each sequence's equal to the dense call
+    on it alone, gradients through both included (float64)."""
+    g = torch.Generator().manual_seed(12)
+    lens = [5, 9, 2]
+    qs = [torch.randn(4, n, 8, generator=g, dtype=f64) for n in lens]
+    ks = [torch.randn(2, n, 8, generator=g, dtype=f64) for n in lens]
+    vs = [torch.randn(2, n, 8, generator=g, dtype=f64) for n in lens]
+    nt = [torch.nested.nested_tensor(ts, layout=torch.jagged).requires_grad_() for ts in (qs, ks, vs)]
+    out, lse = attention_ext.attention(*nt, is_causal=True, enable_gqa=True, return_lse=True)
+    assert out.is_nested and lse.is_nested and lse.shape[:2] == (3, 4)
+    (out.values().square().sum() + lse.values().sin().sum()).backward()
+    for b, n in enumerate(lens):
+        leaves = [t[b].clone().requires_grad_() for t in (qs, ks, vs)]
+        ro, rl = attention_ext.attention(*leaves, is_causal=True, enable_gqa=True, return_lse=True)
+        (ro.square().sum() + rl.sin().sum()).backward()
+        torch.testing.assert_close(out[b], ro, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse[b], rl, rtol=1e-12, atol=1e-12)
+        for t, leaf in zip(nt, leaves):
+            torch.testing.assert_close(t.grad[b], leaf.grad, rtol=1e-10, atol=1e-12)
