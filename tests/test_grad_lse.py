@@ -173,17 +173,19 @@ def _packed(dtype, Hq=4, Hkv=2, E=32, Ev=32, seed=11):
     return q, k, v, go, c, cu_q, cu_k
 
 
-@pytest.mark.parametrize("backend,dtype", [("cpu", f64), ("cpu", bf16), ("emu80", f32), ("emu80", bf16)])
+@pytest.mark.parametrize("backend,dtype", [("cpu", f64), ("cpu", bf16), ("emu80", f32), ("emu80", bf16),
+                                           ("emu90", bf16)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_varlen(backend, dtype, causal, monkeypatch):
+def test_varlen(backend, dtype, causal, monkeypatch, capfd):
     """Packed sequences (empty ones included): each sequence's gradients are its own attention's, c read from
-    the flat (Hq, L_b) blocks of the log-sum-exp."""
+    the flat (Hq, L_b) blocks of the log-sum-exp; on the emulated H100, by the packed Hopper backward."""
     if backend.startswith("emu"):
         if not emu.LOADED:
             pytest.skip(emu.SKIP_REASON)
-        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "80")
+        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
+        monkeypatch.setenv("ATTENTION_EXT_LOG_KERNEL", "1")
     the_ops = emu.ops if backend.startswith("emu") else ops
-    q, k, v, go, c, cu_q, cu_k = _packed(dtype)
+    q, k, v, go, c, cu_q, cu_k = _packed(dtype, E=64, Ev=64)
     Hq = q.shape[1]
     args = (0.0, causal, None, True, [-1, -1])
     out, lse, rng = the_ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *args)
@@ -206,6 +208,9 @@ def test_varlen(backend, dtype, causal, monkeypatch):
             res.append([torch.zeros_like(t) if gg is None else gg for gg, t in zip(gr, leaves)])
         for what, ours, r, base in zip(("dq", "dk", "dv"), (dq[rows], dk[keys], dv[keys]), *res):
             assert_close_vs_baseline(f"{backend} sequence {b} {what}", ours.transpose(0, 1), r, base, dtype)
+    if backend == "emu90":
+        log = [line for line in capfd.readouterr().err.splitlines() if "varlen backward" in line]
+        assert log and all("sm90a" in line and "packed sequences in one launch" in line for line in log), log
 
 
 # ---------------------------------------------------------------------------------------------- head dim 0
