@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import emu
+from conftest import cuda_marks
 from reference import assert_close_vs_baseline, window_visibility
 from test_lse import formula
 
@@ -126,11 +127,11 @@ def test_cpu(name, dtype):
     _check("cpu", dtype, name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [f32, bf16, f16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_cuda(name, dtype):
-    _check("cuda", dtype, name)
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_marks())])
+def test_cuda(name, dtype, device):
+    _check(device, dtype, name)
 
 
 @pytest.mark.emu
@@ -174,7 +175,7 @@ def _packed(dtype, Hq=4, Hkv=2, E=32, Ev=32, seed=11):
 
 
 @pytest.mark.parametrize("backend,dtype", [("cpu", f64), ("cpu", bf16), ("emu80", f32), ("emu80", bf16),
-                                           ("emu90", bf16)])
+                                           ("emu90", bf16), pytest.param("cuda", bf16, marks=cuda_marks())])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_varlen(backend, dtype, causal, monkeypatch, capfd):
     """Packed sequences (empty ones included): each sequence's gradients are its own attention's, c read from
@@ -188,9 +189,11 @@ def test_varlen(backend, dtype, causal, monkeypatch, capfd):
     q, k, v, go, c, cu_q, cu_k = _packed(dtype, E=64, Ev=64)
     Hq = q.shape[1]
     args = (0.0, causal, None, True, [-1, -1])
-    out, lse, rng = the_ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *args)
-    dq, dk, dv = the_ops._attention_varlen_backward(go, q, k, v, cu_q, cu_k, out, lse, rng, *args,
-                                                    c.to(lse.dtype))
+    dev = "cuda" if backend == "cuda" else "cpu"
+    on = [t.to(dev) for t in (q, k, v, go)]
+    out, lse, rng = the_ops._attention_varlen_forward(*on[:3], cu_q, cu_k, None, None, *args)
+    dq, dk, dv = (t.cpu() for t in the_ops._attention_varlen_backward(on[3], *on[:3], cu_q, cu_k, out, lse, rng,
+                                                                      *args, c.to(lse.device, lse.dtype)))
     for b in range(len(LENS_Q)):
         L, S = LENS_Q[b], LENS_K[b]
         q0, k0 = int(cu_q[b]), int(cu_k[b])
@@ -235,6 +238,33 @@ def test_zero_head_dims(E, Ev):
         r = torch.zeros_like(t) if r is None else r
         assert ours.shape == r.shape and torch.allclose(ours, r, atol=1e-12, rtol=0), what
     assert c.abs().sum() > 0 and dm.abs().sum() > 0
+
+
+@pytest.mark.parametrize("E,Ev", [(0, 16), (16, 0)])
+def test_zero_head_dims_packed(E, Ev):
+    """Packed sequences of head dim 0 run sequence by sequence through the dense backward: each sequence gets
+    its own block of c."""
+    g = torch.Generator().manual_seed(6)
+    lens = [3, 0, 5]
+    cu = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    q = torch.randn(8, 2, E, generator=g, dtype=f64)
+    k = torch.randn(8, 2, E, generator=g, dtype=f64)
+    v = torch.randn(8, 2, Ev, generator=g, dtype=f64)
+    go = torch.randn(8, 2, Ev, generator=g, dtype=f64)
+    c = torch.randn(16, generator=g, dtype=f64)
+    out, lse, rng = ops._attention_varlen_forward(q, k, v, cu, cu, None, None, 0.0, True, 0.5, False, [-1, -1])
+    dq, dk, dv = ops._attention_varlen_backward(go, q, k, v, cu, cu, out, lse, rng, 0.0, True, 0.5, False,
+                                                [-1, -1], c)
+    for b, L in enumerate(lens):
+        r = slice(int(cu[b]), int(cu[b + 1]))
+        leaves = [t[r].transpose(0, 1).clone().requires_grad_() for t in (q, k, v)]
+        o, l_ = formula(*leaves, visible=window_visibility(L, L, True), scale=0.5)
+        cb = c[2 * int(cu[b]):2 * int(cu[b + 1])].view(2, L)
+        ref = torch.autograd.grad([o, l_], leaves, [go[r].transpose(0, 1), cb], allow_unused=True)
+        for what, ours, rr, t in zip(("dq", "dk", "dv"), (dq[r], dk[r], dv[r]), ref, leaves):
+            rr = torch.zeros_like(t) if rr is None else rr
+            assert torch.allclose(ours.transpose(0, 1), rr, atol=1e-12, rtol=0), (b, what)
+    assert (dq.abs().sum() > 0) == (E > 0 and Ev == 0)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -48,8 +48,8 @@ def _allowed_spill(name, mangled):
 def _compile(name, out_dir):
     cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-DATTENTION_EXT_SM90A=1",
            "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "csrc", "cuda"),
-           "-gencode=arch=compute_90a,code=sm_90a", "-c", os.path.join(ROOT, "csrc", "cuda", name),
-           "-o", os.path.join(out_dir, name + ".o"), "-Xptxas", "-v"]
+           "-gencode=arch=compute_90a,code=sm_90a", "-cubin", os.path.join(ROOT, "csrc", "cuda", name),
+           "-o", os.path.join(out_dir, name + ".cubin"), "-Xptxas", "-v"]  # device code only: a quarter faster
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return r.returncode, r.stdout + r.stderr
 
