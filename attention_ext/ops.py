@@ -148,6 +148,33 @@ def attention_varlen(
                                  dropout_p, is_causal, scale, enable_gqa, _window(window_size))
 
 
+def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
+    """Merges attentions of the same queries over disjoint sets of keys into the attention over all of them:
+    ``(out, lse)`` with lse = log sum_c exp(lse_c) and out = sum_c exp(lse_c - lse) out_c, from the
+    ``(output, lse)`` pairs of ``return_lse=True`` calls (split-key, cascade or ring attention; dense or packed
+    layouts: each output has one more trailing dim than its lse). Differentiable (to any order), in the lse's
+    dtype; out comes back in the outputs' dtype. A row with lse -inf in every part (it saw no key) gives 0 and
+    -inf, as one call would."""
+    if len(outputs) == 0 or len(outputs) != len(lses):
+        raise ValueError(f"merge_attention needs as many outputs as lses, at least one; got {len(outputs)} "
+                         f"outputs and {len(lses)} lses")
+    for i, (o, l_) in enumerate(zip(outputs, lses)):
+        if o.shape[:-1] != l_.shape or o.shape != outputs[0].shape:
+            raise ValueError(f"merge_attention: output {i} has shape {tuple(o.shape)} and lse {i} "
+                             f"{tuple(l_.shape)}; every output must have output 0's shape {tuple(outputs[0].shape)} "
+                             f"and its lse that shape without the last dim")
+    lse = torch.stack(list(lses)).to(torch.promote_types(lses[0].dtype, torch.float32))
+    m = lse.amax(0).detach()  # a shift only: lse and its gradient (each part's share) do not depend on it
+    live = m != -torch.inf
+    zero, one = (torch.full((), x, dtype=lse.dtype, device=lse.device) for x in (0.0, 1.0))
+    e = torch.exp(lse - torch.where(live, m, zero))  # 0 for a part that saw no key
+    s = torch.where(live, e.sum(0), one)
+    total = torch.where(live, torch.where(live, m, zero) + torch.log(s), torch.full_like(m, -torch.inf))
+    w = e / s  # (parts, ...): each part's share of the row
+    out = sum(wc.unsqueeze(-1) * o.to(lse.dtype) for wc, o in zip(w, outputs))
+    return out.to(outputs[0].dtype), total
+
+
 def _packed(t: torch.Tensor, name: str):
     """(values (total, heads, E), offsets) of a jagged nested tensor (batch, heads, ragged length, E)."""
     if not t.is_nested or t.layout != torch.jagged:

@@ -306,3 +306,51 @@ def test_nested_tensors_return_lse():
         torch.testing.assert_close(lse[b], rl, rtol=1e-12, atol=1e-12)
         for t, leaf in zip(nt, leaves):
             torch.testing.assert_close(t.grad[b], leaf.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_merge_attention_equals_one_call():
+    """attention_ext.merge_attention over three key chunks (a row that sees no key in one chunk, and one that sees
+    none anywhere) equals one call over all keys: output, lse and gradients through both (float64)."""
+    g = torch.Generator().manual_seed(15)
+    q = torch.randn(2, 3, 7, 16, generator=g, dtype=f64)
+    k, v = (torch.randn(2, 3, 12, 16, generator=g, dtype=f64) for _ in range(2))
+    mask = torch.rand(2, 1, 7, 12, generator=g) > 0.3
+    mask[:, :, 1, :5] = False  # row 1 sees nothing in the first chunk
+    mask[:, :, 4] = False      # row 4 sees no key at all
+    chunks = [slice(0, 5), slice(5, 9), slice(9, 12)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    parts = [attention_ext.attention(leaves[0], leaves[1][..., c, :], leaves[2][..., c, :], mask[..., c],
+                                     return_lse=True) for c in chunks]
+    assert bool((parts[0][1][:, :, 1] == -math.inf).all())
+    out, lse = attention_ext.merge_attention([o for o, _ in parts], [l_ for _, l_ in parts])
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = attention_ext.attention(*whole, mask, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+    assert bool((out[:, :, 4] == 0).all()) and bool((lse[:, :, 4] == -math.inf).all())
+    do, c = torch.randn(out.shape, generator=g, dtype=f64), torch.randn(lse.shape, generator=g, dtype=f64)
+    live = ref_lse != -math.inf
+    grads = torch.autograd.grad([out, torch.where(live, lse, 0)], leaves, [do, c])
+    rgrads = torch.autograd.grad([ref, torch.where(live, ref_lse, 0)], whole, [do, c])
+    for what, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert torch.isfinite(a).all(), what
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_merge_attention_dtypes_gradgradcheck_and_errors():
+    g = torch.Generator().manual_seed(16)
+    o = [torch.randn(2, 5, 4, generator=g, dtype=f64, requires_grad=True) for _ in range(2)]
+    l_ = [torch.randn(2, 5, generator=g, dtype=f64, requires_grad=True) for _ in range(2)]
+    with torch.no_grad():
+        l_[1][0, 2] = -math.inf  # one part saw no key on that row
+    assert torch.autograd.gradcheck(lambda *x: attention_ext.merge_attention(x[:2], x[2:]), (*o, *l_))
+    assert torch.autograd.gradgradcheck(lambda *x: attention_ext.merge_attention(x[:2], x[2:]), (*o, *l_))
+    ob, lb = [t.detach().to(bf16) for t in o], [t.detach().float() for t in l_]
+    out, lse = attention_ext.merge_attention(ob, lb)
+    assert out.dtype == bf16 and lse.dtype == f32
+    ref, _ = attention_ext.merge_attention([t.double() for t in ob], [t.double() for t in lb])
+    assert (out.double() - ref).abs().max() < 2e-2
+    with pytest.raises(ValueError, match="as many outputs as lses"):
+        attention_ext.merge_attention(o, l_[:1])
+    with pytest.raises(ValueError, match="every output must have"):
+        attention_ext.merge_attention(o, [l_[0], l_[1][:, :4]])
