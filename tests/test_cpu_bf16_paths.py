@@ -18,6 +18,7 @@ bits for the same inputs (except amx and MKL's GEMM, which on a CPU with AMX run
 same tile instruction over k in the same order).
 A path the CPU or the BLAS lacks falls back to the fp32 BLAS path, and only then.
 """
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -136,9 +137,20 @@ def mkl_bf16_gemm_expected() -> bool:
     return torch.backends.mkl.is_available() and os.uname().machine == "x86_64"
 
 
+def run_workers(paths, run_cases: bool = True):
+    """run_worker for each path, the subprocesses side by side (one per core): {path: its result}."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        return dict(zip(paths, pool.map(lambda p: run_worker(p, run_cases), paths)))
+
+
+@pytest.fixture(scope="module")
+def forced_runs():
+    return run_workers(["amx", "dot", "mkl", "blas"])
+
+
 @pytest.mark.parametrize("path", ["amx", "dot", "mkl", "blas"])
-def test_forced_path_vs_reference(path):
-    _, passed, failed, stderr, _ = run_worker(path)
+def test_forced_path_vs_reference(path, forced_runs):
+    _, passed, failed, stderr, _ = forced_runs[path]
     assert not failed, f"ATTENTION_EXT_CPU_BF16={path}: cases {failed} failed:\n{stderr[-6000:]}"
     expected = [c.name for c in CASES] + ["probs_bf16_masked", "score_jumps"]
     assert sorted(passed) == sorted(expected), (passed, stderr[-2000:])
@@ -148,7 +160,8 @@ def test_forced_paths_are_the_paths_used():
     """Each forced path runs (by the kernel log) where the CPU and the BLAS have it, the fp32 BLAS
     path otherwise; different paths give different bits, the same path the same bits; auto picks
     one of the paths the CPU has and gives its bits."""
-    runs = {p: run_worker(p, False) for p in ("amx", "dot", "mkl", "blas")}
+    runs = run_workers(["amx", "dot", "mkl", "blas", "auto", ""], False)
+    auto = {p: runs.pop(p) for p in ("auto", "")}
     fp = {p: r[0] for p, r in runs.items()}
     ran = {p: r[4] for p, r in runs.items()}
     assert ran["blas"] == BLAS
@@ -162,8 +175,7 @@ def test_forced_paths_are_the_paths_used():
                 if not same_path and {ran[a], ran[b]} == {AMX, MKL}:
                     continue  # MKL's bf16 GEMM runs the same tile instruction over k in the same order: same bits
                 assert (fp[a] == fp[b]) == same_path, f"{a} ({ran[a]}) vs {b} ({ran[b]}): fingerprints {fp[a]} {fp[b]}"
-    for path in ("auto", ""):
-        r = run_worker(path, False)
+    for path, r in auto.items():
         assert r[4] in ran.values(), (path, r[4], ran)
         assert r[0] == fp[next(p for p in ran if ran[p] == r[4])], f"ATTENTION_EXT_CPU_BF16={path!r}"
 
