@@ -194,9 +194,8 @@ class _VarlenLseBackward(torch.autograd.Function):
 
 def varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p: float, is_causal: bool, scale: Optional[float],
                enable_gqa: bool, window: List[int]):
-    """(out (total_q, Hq, Ev), lse (total_q, Hq)) of packed sequences, both differentiable (first order)."""
-    if q.dim() != 3:
-        raise ValueError(f"query must be (total_q, heads, E) for attention_varlen, got shape {tuple(q.shape)}")
+    """(out (total_q, Hq, Ev), lse (total_q, Hq)) of packed sequences, both differentiable (first order); the
+    varlen forward validates the inputs."""
     out, lse, *_ = _VarlenLse.apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
                                     window)
     return out, lse

@@ -21,7 +21,7 @@ import torch
 import emu
 from conftest import cuda_marks
 from reference import assert_close_vs_baseline, window_visibility
-from test_lse import formula
+from test_lse import formula, sequence_reference
 
 f64, f32, f16, bf16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 ops = torch.ops.attention_ext
@@ -198,17 +198,8 @@ def test_varlen(backend, dtype, causal, monkeypatch, capfd):
         L, S = LENS_Q[b], LENS_K[b]
         q0, k0 = int(cu_q[b]), int(cu_k[b])
         rows, keys = slice(q0, q0 + L), slice(k0, k0 + S)
-        cb = c[Hq * q0:Hq * (q0 + L)].view(Hq, L)
-        vis = window_visibility(L, S, causal, None)
-        res = []
-        for dt in (f64, dtype):
-            leaves = [t[sl].transpose(0, 1).detach().to(dt).requires_grad_() for t, sl in
-                      ((q, rows), (k, keys), (v, keys))]
-            o, l_ = formula(*leaves, visible=vis)
-            live = l_ != -math.inf
-            gr = torch.autograd.grad([o, torch.where(live, l_, 0)], leaves, [go[rows].transpose(0, 1).to(dt),
-                                                                            cb.to(dt)], allow_unused=True)
-            res.append([torch.zeros_like(t) if gg is None else gg for gg, t in zip(gr, leaves)])
+        res = [r[2:] for r in sequence_reference(q, k, v, go, c[Hq * q0:Hq * (q0 + L)].view(Hq, L), rows, keys,
+                                                 causal, dtype)]
         for what, ours, r, base in zip(("dq", "dk", "dv"), (dq[rows], dk[keys], dv[keys]), *res):
             assert_close_vs_baseline(f"{backend} sequence {b} {what}", ours.transpose(0, 1), r, base, dtype)
     if backend == "emu90":

@@ -198,6 +198,21 @@ def _packed(dtype, seed=21, E=16):
     return q, k, v, cu_q, cu_k
 
 
+def sequence_reference(q, k, v, g, c, rows, keys, causal, dtype):
+    """One sequence of packed (total, heads, E) inputs (its query rows and its keys) on its own, by the formula:
+    [out, lse, dq, dk, dv], heads first, in float64 and in dtype (the yardstick), for cotangents g (packed like
+    the output) and c (heads, L) of the output and the lse (rows that see no key: no lse term)."""
+    vis = window_visibility(rows.stop - rows.start, keys.stop - keys.start, causal, None)
+    res = []
+    for dt in (f64, dtype):
+        rl = [t[sl].transpose(0, 1).detach().to(dt).requires_grad_() for t, sl in ((q, rows), (k, keys), (v, keys))]
+        ro, rlse = formula(*rl, visible=vis)
+        rg = torch.autograd.grad([ro, torch.where(rlse != -math.inf, rlse, 0)], rl,
+                                 [g[rows].transpose(0, 1).to(dt), c.to(rlse.dtype)], allow_unused=True)
+        res.append([ro, rlse] + [torch.zeros_like(t) if x is None else x for x, t in zip(rg, rl)])
+    return res
+
+
 @pytest.mark.parametrize("dtype", [f64, f32, bf16], ids=["f64", "f32", "bf16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_varlen_lse_and_its_gradients_match_reference(dtype, causal):
@@ -216,18 +231,7 @@ def test_varlen_lse_and_its_gradients_match_reference(dtype, causal):
     for b in range(len(LENS_Q)):
         rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
         keys = slice(int(cu_k[b]), int(cu_k[b + 1]))
-        vis = window_visibility(LENS_Q[b], LENS_K[b], causal) if causal else None
-        res = []
-        for dt in (f64, dtype):
-            rl = [t[sl].transpose(0, 1).detach().to(dt).requires_grad_() for t, sl in
-                  ((q, rows), (k, keys), (v, keys))]
-            ro, rlse = formula(*rl, visible=vis)
-            rlive = rlse != -math.inf
-            rg = torch.autograd.grad([ro, torch.where(rlive, rlse, 0)], rl,
-                                     [g[rows].transpose(0, 1).to(dt), c[rows].transpose(0, 1).to(rlse.dtype)],
-                                     allow_unused=True)
-            rg = [torch.zeros_like(t) if x is None else x for x, t in zip(rg, rl)]
-            res.append([ro, torch.where(rlive, rlse, -math.inf)] + rg)
+        res = sequence_reference(q, k, v, g, c[rows].transpose(0, 1), rows, keys, causal, dtype)
         ours = [out[rows], lse[rows], grads[0][rows], grads[1][keys], grads[2][keys]]
         for what, o, r, base in zip(("output", "lse", "dq", "dk", "dv"), ours, *res):
             o = o.transpose(0, 1)
@@ -268,6 +272,8 @@ def test_varlen_merging_two_halves_of_the_keys_is_attention_over_all():
 
 def test_varlen_lse_double_backward_raises_and_compiles():
     q, k, v, cu_q, cu_k = _packed(f32, seed=8)
+    with pytest.raises(ValueError, match=r"query must be packed as \(total_q, heads, E\)"):  # the op's own check
+        attention_ext.attention_varlen(q[:, 0], k, v, cu_q, cu_k, return_lse=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = attention_ext.attention_varlen(*leaves, cu_q, cu_k, enable_gqa=True, return_lse=True)
     live = lse != -math.inf

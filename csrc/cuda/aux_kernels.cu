@@ -56,8 +56,9 @@ __global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParam
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
   const bool want_d = st.dsum != nullptr && !st.exact_d;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const float lse = static_cast<const float*>(p.lse)[r];
     if (lane == 0) {
-      st.shift[r] = static_cast<const float*>(p.lse)[r];
+      st.shift[r] = lse;
       st.logl[r] = 0.f;
     }
     if (!want_d) continue;
@@ -68,10 +69,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParam
     for (int64_t e = lane; e < p.dim_v; e += 32) acc += ElemOps<Elem>::to_float(o[e]) * ElemOps<Elem>::to_float(d[e]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) {
-      const float lse = static_cast<const float*>(p.lse)[r];
-      st.dsum[r] = st.dlse != nullptr && lse != -kInf ? acc - st.dlse[r] : acc;
-    }
+    if (lane == 0) st.dsum[r] = st.dlse != nullptr && lse != -kInf ? acc - st.dlse[r] : acc;
   }
 }
 
