@@ -100,6 +100,12 @@ def extension():
         if head_dims:
             define_macros.append(("ATTENTION_EXT_HEAD_DIMS", head_dims.replace(",", "_")))
         nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+        # nvcc through scripts/nvcc_ptxas.sh, which keeps ptxas's report of the Hopper instantiations beside their
+        # objects for tests/test_hopper_build.py (a PYTORCH_NVCC of the user's, such as ccache, is what it runs).
+        wrapper = os.path.join(ROOT, "scripts", "nvcc_ptxas.sh")
+        if os.environ.get("PYTORCH_NVCC") != wrapper:
+            os.environ["ATTENTION_EXT_REAL_NVCC"] = os.environ.get("PYTORCH_NVCC") or os.path.join(CUDA_HOME, "bin", "nvcc")
+            os.environ["PYTORCH_NVCC"] = wrapper
         return CUDAExtension(
             "attention_ext._C",
             sources + cuda_sources(),
