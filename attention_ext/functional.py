@@ -68,8 +68,6 @@ def _kernels_take(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     """dtype and device (dense or nested alike)."""
     if query.dtype not in _FLOAT_DTYPES or query.dtype != key.dtype or query.dtype != value.dtype:
         return False
-    if query.dtype == torch.float64 and query.device.type not in ("cpu", "meta"):
-        return False
     return has_kernel(query.device)
 
 

@@ -91,7 +91,7 @@ def _script_kernels_take(query: Tensor, key: Tensor, value: Tensor, cuda_kernels
     if dt != torch.float32 and dt != torch.float16 and dt != torch.bfloat16 and dt != torch.float64:
         return False
     dev = query.device.type
-    return dev == "cpu" or (dev == "cuda" and cuda_kernels and dt != torch.float64)
+    return dev == "cpu" or (dev == "cuda" and cuda_kernels)
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):

@@ -185,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
   return {dq.to(t), dk.to(t), dv.to(t), dmask};
 }
 
-at::Tensor zero_head_dim_forward(ForwardSetup& st, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
-                                 bool need_weights, bool average_heads) {
+at::Tensor composite_forward(ForwardSetup& st, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
+                             bool need_weights, bool average_heads) {
   const std::vector<int64_t> window{opt.window_left, opt.window_right};
   auto [out, weights] = attention_math(q, k, v, mask, opt.dropout_p, opt.is_causal, opt.scale, opt.enable_gqa, window,
                                        rng_if_dropout(opt, rng), need_weights, average_heads);
@@ -196,16 +196,15 @@ at::Tensor zero_head_dim_forward(ForwardSetup& st, const at::Tensor& q, const at
   return weights;
 }
 
-void zero_head_dim_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& k,
-                         const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
-                         bool average_heads) {
-  // the weights do not depend on the value: the key (E = 0 too) stands in for it, an empty output
+void composite_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                     const AttnOptions& opt, const at::Tensor& rng, bool average_heads) {
+  // the weights do not depend on the value: the key stands in for it
   const std::vector<int64_t> window{opt.window_left, opt.window_right};
   st.probs.copy_(std::get<1>(attention_math(q, k, k, mask, opt.dropout_p, opt.is_causal, opt.scale, opt.enable_gqa,
                                             window, rng_if_dropout(opt, rng), true, average_heads)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> zero_head_dim_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_backward(
     BackwardSetup& st, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad) {
   auto [dq, dk, dv, dmask] =

@@ -43,22 +43,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng, const AttnOptions& opt,
     bool mask_grad, const at::Tensor& grad_lse = {});
 
-// A head dim of 0, which F.scaled_dot_product_attention accepts: E = 0 makes every score 0 (the weights are
-// the softmax of the mask and the band alone, the output their average of V), Ev = 0 gives an empty output.
-// The fused kernels have no instantiation for either; every backend's ops take these calls here, in ATen
-// operations, after validating them and drawing the dropout state as for any other call.
+// Calls the fused kernels have no instantiation for, which a backend's ops run here, in ATen operations, after
+// validating them and drawing the dropout state as for any other call:
+//   - a head dim of 0, which F.scaled_dot_product_attention accepts (every backend): E = 0 makes every score 0
+//     (the weights are the softmax of the mask and the band alone, the output their average of V), Ev = 0
+//     gives an empty output;
+//   - float64 on CUDA, which SDPA's math backend takes on the GPU (gradcheck there): the CPU has float64
+//     kernels, the CUDA ops (and the emulator's, which share their glue) take it here.
 inline bool zero_head_dim(const FwdParams& p) { return p.dim_qk == 0 || p.dim_v == 0; }
+inline bool cuda_composite(const FwdParams& p) { return zero_head_dim(p) || p.dtype == DType::kFloat64; }
 // Fills st.out and st.lse; returns the weights (need_weights: per head, or their mean with average_heads;
 // else an empty tensor). rng: the forward's state (read when dropout_p > 0).
-at::Tensor zero_head_dim_forward(ForwardSetup& st, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
-                                 bool need_weights, bool average_heads);
-// attention_probs / the weights for E = 0, into st.probs.
-void zero_head_dim_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& k,
-                         const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
-                         bool average_heads);
-// The backward: fills st.dq, st.dk, st.dv and returns the four gradients as finish_backward does.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> zero_head_dim_backward(
+at::Tensor composite_forward(ForwardSetup& st, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& mask, const AttnOptions& opt, const at::Tensor& rng,
+                             bool need_weights, bool average_heads);
+// attention_probs / the weights, into st.probs (the value plays no part in them).
+void composite_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                     const AttnOptions& opt, const at::Tensor& rng, bool average_heads);
+// The backward (grad_logsumexp from st.dlse): fills st.dq, st.dk, st.dv and returns the four gradients as
+// finish_backward does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_backward(
     BackwardSetup& st, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& rng, const AttnOptions& opt, bool mask_grad);
 

@@ -52,7 +52,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     q.dim(), "), got ", v.dim(), " with shape ", shape_str(v.sym_sizes()));
   // dtype and device
   TORCH_CHECK_TYPE(is_float_dtype(q.scalar_type()),
-                   "query must be float32, float16 or bfloat16 (float64 on CPU), got ", q.scalar_type());
+                   "query must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "key dtype (", k.scalar_type(),
                    ") must match query dtype (", q.scalar_type(), ")");
   TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), "value dtype (", v.scalar_type(),
@@ -61,8 +61,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "; query, key and value must be on the same device");
   TORCH_CHECK(v.device() == q.device(), "value is on ", v.device(), " but query is on ", q.device(),
               "; query, key and value must be on the same device");
-  TORCH_CHECK_TYPE(q.scalar_type() != at::kDouble || q.device().is_cpu() || q.device().is_meta(),
-                   "query of dtype float64 is supported on CPU only (for gradcheck), got device ", q.device());
   // shapes
   const int64_t r = q.dim();
   auto qs = q.sym_sizes(), ks = k.sym_sizes(), vs = v.sym_sizes();

@@ -107,6 +107,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
 inline bool varlen_zero_head_dim(const at::Tensor& q, const at::Tensor& v) {
   return q.dim() == 3 && v.dim() == 3 && (q.size(2) == 0 || v.size(2) == 0);
 }
+// The CUDA ops' (and the emulator's) twin: head dims of 0 and float64, which their dense ops take in ATen
+// operations (cuda_composite, composite.h), go sequence by sequence.
+inline bool varlen_cuda_by_sequence(const at::Tensor& q, const at::Tensor& v) {
+  return varlen_zero_head_dim(q, v) || q.scalar_type() == at::kDouble;
+}
 
 // The packed backward as one launch (the CUDA sm80 backward and its emulator; FwdParams::cu_seqlens_q): the
 // setup of prepare_backward over the (heads, total, dim) views of the packed tensors (gradients poisoned), the

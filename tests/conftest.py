@@ -3,8 +3,9 @@
 Device parametrization: GPU tests live beside the CPU ones. A test that takes a
 ``device`` argument runs for 'cpu' and 'cuda'; the 'cuda' case carries the
 ``cuda`` marker and is skipped where there is no GPU or the library was built
-without the CUDA kernels. float64 is CPU only: use ``device_dtype_params``
-(or ``skip_unsupported``) for tests over dtypes.
+without the CUDA kernels. The kernel grids take float64 on the CPU only (the
+CUDA ops take it in ATen operations, tested in test_zero_head_dim.py): use
+``device_dtype_params`` (or ``skip_unsupported``) for tests over dtypes.
 
     def test_x(device): ...                          # cpu + cuda
     @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -63,7 +64,7 @@ def device_params():
 
 
 def device_dtype_params(dtypes=ALL_DTYPES):
-    """(device, dtype) params for every supported pair (float64 on CPU only)."""
+    """(device, dtype) params for every pair the kernels have (float64 on the CPU only)."""
     params = []
     for dev in ("cpu", "cuda"):
         for dt in dtypes:
@@ -75,9 +76,10 @@ def device_dtype_params(dtypes=ALL_DTYPES):
 
 
 def skip_unsupported(device, dtype):
-    """Skips (device, dtype) pairs the library does not support (float64 on CUDA)."""
+    """Skips (device, dtype) pairs the kernels do not have (float64 on CUDA, which the CUDA ops run in ATen
+    operations)."""
     if dtype == torch.float64 and device != "cpu":
-        pytest.skip("float64 is supported on CPU only")
+        pytest.skip("float64 on CUDA runs in ATen operations (test_zero_head_dim.py), not in the kernels")
 
 
 @pytest.fixture(params=device_params())

@@ -1,12 +1,17 @@
-"""A head dim of 0, which F.scaled_dot_product_attention accepts.
+"""The calls every backend takes in ATen operations (csrc/composite.h) rather than in its kernels.
 
-E = 0 (query and key): every score is an empty sum, 0, so the weights are the softmax of the mask and the
-band alone and the output is their average of V; its gradients reach V and a float mask. Ev = 0: an empty
-output, while the log-sum-exp and the weights still come from Q Kᵀ. No kernel has an instantiation for either;
-every backend's ops take them in ATen operations (csrc/composite.h, zero_head_dim_*), after validating the
-call and drawing the dropout state as for any other. Checked on each backend (the CPU, the emulated sm_80 and
-sm_90 devices, a GPU) against the float64 reference, with PyTorch's own SDPA in the same dtype as the
-yardstick of the error."""
+A head dim of 0, which F.scaled_dot_product_attention accepts. E = 0 (query and key): every score is an empty
+sum, 0, so the weights are the softmax of the mask and the band alone and the output is their average of V; its
+gradients reach V and a float mask. Ev = 0: an empty output, while the log-sum-exp and the weights still come
+from Q Kᵀ. No kernel has an instantiation for either.
+
+float64 on CUDA, which PyTorch's SDPA takes on the GPU (its math backend; gradcheck there): the CUDA kernels have
+no float64 instantiation, so the CUDA ops take it here, head dims above 0 included. The emulator's ops share the
+CUDA ops' glue (csrc/cuda/ops_glue.h), so the emulated sm_80 and sm_90 devices run that very path on the CPU.
+
+Every backend's ops take these calls after validating them and drawing the dropout state as for any other.
+Checked on each backend (the CPU, the emulated sm_80 and sm_90 devices, a GPU) against the float64 reference,
+with PyTorch's own SDPA in the same dtype as the yardstick of the error."""
 import math
 
 import pytest
@@ -59,18 +64,41 @@ def _inputs(case, E, Ev, dtype, device, seed):
     return q, k, v, mask, o
 
 
-# float64 on the CPU only (the CUDA kernels, emulated or not, have none)
-BACKEND_DTYPES = [pytest.param(b.values[0], dt, id=f"{b.id}-{dtype_id(dt)}", marks=b.marks)
-                  for b in BACKENDS for dt in (f32, f16, bf16, f64) if dt != f64 or b.values[0] == "cpu"]
+ZERO_DIMS = [(0, 24), (16, 0), (0, 0)]
 
 
-@pytest.mark.parametrize("dims", [(0, 24), (16, 0), (0, 0)], ids=lambda d: f"E{d[0]}-Ev{d[1]}")
+def _grid(zero_dims):
+    """(backend, dtype, (E, Ev)): head dims of 0 on every backend and dtype, and float64 with head dims above 0
+    on the CUDA ops (emulated or not), which the CPU runs in its float64 kernels instead."""
+    params = []
+    for b in BACKENDS:
+        for dt in (f32, f16, bf16, f64):
+            dims = zero_dims + ([(24, 16)] if dt == f64 and b.values[0] != "cpu" else [])
+            params += [pytest.param(b.values[0], dt, d, id=f"{b.id}-{dtype_id(dt)}-E{d[0]}-Ev{d[1]}", marks=b.marks)
+                       for d in dims]
+    return params
+
+
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("backend,dtype,dims", _grid(ZERO_DIMS))
 def test_zero_head_dim(backend, dtype, case, dims, monkeypatch):
     device = "cuda" if backend == "cuda" else "cpu"
     ops, attn = _ops(backend, monkeypatch)
     E, Ev = dims
+    with attention_ext.debug.kernel_log() as lines:
+        _check_dense(backend, dtype, case, E, Ev, device, ops, attn)
+    _check_log(backend, E, Ev, lines)
+
+
+def _check_log(backend, E, Ev, lines):
+    """The CUDA ops' forward and backward (emulated or not) took the call in ATen operations, saying why."""
+    if backend != "cpu":
+        why = "head dim 0" if E * Ev == 0 else "float64"
+        assert any(ln.endswith(f"forward: {why}, in ATen operations") for ln in lines), lines
+        assert any(ln.endswith(f"backward: {why}, in ATen operations") for ln in lines), lines
+
+
+def _check_dense(backend, dtype, case, E, Ev, device, ops, attn):
     q, k, v, mask, o = _inputs(case, E, Ev, dtype, device, seed=len(case) + 7 * E + Ev)
     p, causal, scale = o.get("dropout_p", 0.0), o.get("is_causal", False), o.get("scale")
     gqa = o.get("enable_gqa", False)
@@ -159,6 +187,47 @@ def test_zero_head_dim_gradcheck():
         assert torch.autograd.gradgradcheck(fn, (q, k, v, m))
 
 
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_marks())])
+def test_float64_on_cuda_autograd(device):
+    """float64 on the GPU as PyTorch's SDPA takes it there: gradcheck and gradgradcheck of attention_ext.attention
+    (GQA, a float mask with its gradient, causal with a window, dropout replayed), the same values as the CPU's
+    float64 kernels, and the drop-in module against torch.nn.MultiheadAttention."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 6, 8, dtype=f64, generator=g).to(device).requires_grad_()
+    k = torch.randn(2, 2, 7, 8, dtype=f64, generator=g).to(device).requires_grad_()
+    v = torch.randn(2, 2, 7, 5, dtype=f64, generator=g).to(device).requires_grad_()
+    m = torch.randn(6, 7, dtype=f64, generator=g).to(device).requires_grad_()
+
+    def fn(q, k, v, m):
+        return attention_ext.attention(q, k, v, m, is_causal=True, enable_gqa=True, window_size=(3, -1))
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, m))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v, m))
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v, m)]
+    out, out_cpu = fn(q, k, v, m), fn(*cpu)
+    torch.testing.assert_close(out.cpu(), out_cpu, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out, (q, k, v, m), torch.ones_like(out))
+    grads_cpu = torch.autograd.grad(out_cpu, cpu, torch.ones_like(out_cpu))
+    for a, b in zip(grads, grads_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-11, atol=1e-11)
+
+    def dropped(q, k, v):  # the same seed, the same mask: gradcheck sees one function
+        torch.manual_seed(7)
+        return attention_ext.attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+
+    assert torch.autograd.gradcheck(dropped, (q, k, v))
+
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 4, batch_first=True, dtype=f64, device=device)
+    ours = attention_ext.MultiheadAttention(16, 4, batch_first=True, dtype=f64, device=device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 9, 16, dtype=f64, device=device)
+    o_ref, w_ref = ref(x, x, x, need_weights=True)
+    o, w = ours(x, x, x, need_weights=True)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_zero_head_dim_dropin_and_module_paths():
     """The SDPA drop-in runs E = 0 on the op (no longer handed to PyTorch) and matches SDPA; torch.compile traces
     it (the Meta kernels take E = 0)."""
@@ -178,10 +247,10 @@ VARLEN_Q, VARLEN_K = [3, 0, 7, 5], [4, 6, 0, 9]
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
-@pytest.mark.parametrize("dims", [(0, 24), (16, 0), (0, 0)], ids=lambda d: f"E{d[0]}-Ev{d[1]}")
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("backend,dtype,dims", _grid(ZERO_DIMS))
 def test_zero_head_dim_varlen(backend, dtype, dims, dropout_p, monkeypatch):
-    """attention_varlen takes a head dim of 0 too, sequence by sequence through the dense op (each sequence's
+    """attention_varlen takes a head dim of 0 too (and the CUDA ops float64), sequence by sequence through the
+    dense op (each sequence's
     dropout draw its own row of the rng_state): output, log-sum-exp and gradients of every sequence against the
     float64 reference of that sequence alone (GQA, causal with a window; sequences of no query or no key), with
     PyTorch's SDPA per sequence in the same dtype as the yardstick."""
@@ -196,8 +265,10 @@ def test_zero_head_dim_varlen(backend, dtype, dims, dropout_p, monkeypatch):
     cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)  # noqa: E731
     cu_q, cu_k = cu(VARLEN_Q), cu(VARLEN_K)
     args = (dropout_p, causal, scale, True, window)
-    out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *args)
-    dq, dk, dv = ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *args)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *args)
+        dq, dk, dv = ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *args)
+    _check_log(backend, E, Ev, lines)  # sequence by sequence through the dense ops
     assert out.shape == (tq, hq, Ev) and lse.shape == (hq * tq,) and rng.shape == (len(VARLEN_Q), 2)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 

@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
   if (zero_head_dim(st.p)) {
     if (log_kernels()) log_kernel("cpu forward: head dim 0, in ATen operations");
     at::Tensor rng = make_rng_state(seed, offset);
-    at::Tensor w = zero_head_dim_forward(st, q, k, v, mask, opt, rng, with_weights, average_heads);
+    at::Tensor w = composite_forward(st, q, k, v, mask, opt, rng, with_weights, average_heads);
     return {st.out, st.lse, rng, with_weights ? w : at::Tensor()};
   }
   at::Tensor w;
@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
-  if (zero_head_dim(st.p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
+  if (zero_head_dim(st.p)) return composite_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   read_rng_state(rng, dropout_p, st.p);
   st.p.deterministic = true;  // the CPU backward never uses atomics
   if (log_kernels()) log_kernel(cpu::describe_kernel("cpu backward", st.p, true));
@@ -120,7 +120,7 @@ at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::option
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt);
   if (st.p.dim_qk == 0) {
-    zero_head_dim_probs(st, q, k, mask, opt, rng, false);
+    composite_probs(st, q, k, mask, opt, rng, false);
     return st.probs;
   }
   read_rng_state(rng, dropout_p, st.p);

@@ -1,8 +1,8 @@
 // The dense ops of the CUDA kernels (_attention_forward, _attention_backward, the attention weights) as both
 // glues run them: attention_cuda.cpp on the GPU and emu/attention_emu.cpp on the CPU emulator. Written once,
-// so that everything between the op's arguments and the launches (validation, outputs, the dropout state,
-// head dims of 0, empty calls, the deterministic flag, the weights' statistics) is what the emulated tests
-// run, and only the device policy differs.
+// so that everything between the op's arguments and the launches (validation, outputs, the dropout state, the
+// calls taken in ATen operations -- head dims of 0 and float64 --, empty calls, the deterministic flag, the
+// weights' statistics) is what the emulated tests run, and only the device policy differs.
 //
 // Dev, the device policy, provides
 //   kForward, kBackward             "cuda forward" / "emu backward" ...: the kernel log's names
@@ -43,9 +43,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const Dev& dev, const 
   const LaunchEnv env = dev.env(q);
   at::Tensor rng = dev.draw_rng(q, dropout_p, env);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng.template data_ptr<int64_t>();  // the kernels read it on the device
-  if (zero_head_dim(p)) {
-    if (log_kernels()) log_kernel(std::string(Dev::kForward) + ": head dim 0, in ATen operations");
-    zero_head_dim_forward(st, q, k, v, mask, opt, rng, false, false);
+  if (cuda_composite(p)) {
+    if (log_kernels())
+      log_kernel(std::string(Dev::kForward) + (zero_head_dim(p) ? ": head dim 0" : ": float64") + ", in ATen operations");
+    composite_forward(st, q, k, v, mask, opt, rng, false, false);
   } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
     const std::string ran =
@@ -68,7 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   BwdParams& p = st.p;
-  if (zero_head_dim(p)) return zero_head_dim_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
+  if (cuda_composite(p)) {
+    if (log_kernels())
+      log_kernel(std::string(Dev::kBackward) + (zero_head_dim(p) ? ": head dim 0" : ": float64") + ", in ATen operations");
+    return composite_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
+  }
   at::Tensor rng_k;
   if (dropout_p > 0.0) {
     rng_k = dev.rng_for_kernels(rng, q);
@@ -105,8 +110,8 @@ at::Tensor weights_op(const Dev& dev, const at::Tensor& q, const at::Tensor& k, 
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
   ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt, average_heads);
   FwdParams& p = st.p;
-  if (p.dim_qk == 0) {
-    zero_head_dim_probs(st, q, k, mask, opt, rng, average_heads);
+  if (p.dim_qk == 0 || p.dtype == DType::kFloat64) {
+    composite_probs(st, q, k, mask, opt, rng, average_heads);
     return st.probs;
   }
   at::Tensor rng_k;

@@ -264,9 +264,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
   PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k,
                                            make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
   FwdParams& p = s.st.p;
-  const bool zero_dim = varlen_zero_head_dim(q, v);  // (find(p) has no kernel for it)
-  const Sm90FwdEntry* hopper = zero_dim ? nullptr : packed_fwd_sm90(p, s.off, env);
-  if (zero_dim || (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env))) {
+  const bool by_sequence = varlen_cuda_by_sequence(q, v);  // (find(p) has no kernel for it)
+  const Sm90FwdEntry* hopper = by_sequence ? nullptr : packed_fwd_sm90(p, s.off, env);
+  if (by_sequence || (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env))) {
     return varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
   }
   at::Tensor rng = draw_rng().view({1, 2}).repeat({s.off.batch(), 1});
@@ -344,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
                                 enable_gqa, window, grad_lse);
     return std::make_tuple(dq, dk, dv);
   };
-  if (off.batch() <= 1 || varlen_zero_head_dim(q, v)) {
+  if (off.batch() <= 1 || varlen_cuda_by_sequence(q, v)) {
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     poison(dq);
     poison(dk);
