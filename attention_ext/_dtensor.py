@@ -72,7 +72,8 @@ def _rules(q, k, mask, is_causal, enable_gqa, window_size):
     return rules
 
 
-def _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, weights=None):
+def _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap=0.0,
+             weights=None):
     from torch.distributed.tensor import Partial, Replicate, Shard
     R = Replicate()
     n = query.ndim
@@ -96,7 +97,7 @@ def _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 
 def _backward(grad_output, query, key, value, attn_mask, output, logsumexp, rng_state, dropout_p, is_causal, scale,
-              enable_gqa, window_size, attn_mask_requires_grad, grad_logsumexp=None):
+              enable_gqa, window_size, attn_mask_requires_grad, grad_logsumexp=None, softcap=0.0):
     from torch.distributed.tensor import Partial, Replicate, Shard
     R = Replicate()
     n = query.ndim
@@ -117,7 +118,7 @@ def _backward(grad_output, query, key, value, attn_mask, output, logsumexp, rng_
 
 
 def _probs(query, key, attn_mask, logsumexp, rng_state, dropout_p=0.0, is_causal=False, scale=None,
-           enable_gqa=False, window_size=(-1, -1)):
+           enable_gqa=False, window_size=(-1, -1), softcap=0.0):
     from torch.distributed.tensor import Replicate, Shard
     R = Replicate()
     n = query.ndim
@@ -154,8 +155,8 @@ def _register(_module=None):
     from torch.distributed.tensor.experimental import register_sharding
 
     def weights_rule(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                     average_heads):
-        return _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                     average_heads, softcap=0.0):
+        return _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
                         "average" if average_heads else "heads")
 
     rules = [

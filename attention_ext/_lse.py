@@ -18,22 +18,24 @@ import torch
 _ops = torch.ops.attention_ext
 
 
-def fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad):
+def fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                mask_grad):
     """(dq, dk, dv, dmask) from the fused backward for cotangent g of out and c of lse (None: none); dmask empty
     unless mask_grad."""
     return _ops._attention_backward(g, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                                    window, mask_grad, None if c is None else c.to(lse.dtype))
+                                    window, mask_grad, None if c is None else c.to(lse.dtype), softcap)
 
 
 def composite(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
-              window: List[int], rng: Optional[torch.Tensor] = None, need_weights: bool = False):
+              window: List[int], rng: Optional[torch.Tensor] = None, need_weights: bool = False,
+              softcap: float = 0.0):
     """(out, lse, weights) in ATen operations, differentiable to any order (weights empty without need_weights).
     Without rng, dropout's mask is drawn by the fused forward."""
     if rng is None and dropout_p > 0:
-        rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)[2]
+        rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)[2]
     out, weights = _ops._attention_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng,
-                                        need_weights, False)
-    lse = _ops._attention_math_lse(q, k, v, mask, is_causal, scale, enable_gqa, window)
+                                        need_weights, False, softcap)
+    lse = _ops._attention_math_lse(q, k, v, mask, is_causal, scale, enable_gqa, window, softcap)
     return out, lse, weights
 
 
@@ -42,9 +44,10 @@ class _AttentionLseBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad):
+    def forward(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                mask_grad):
         return fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
-                           mask_grad)
+                           softcap, mask_grad)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -56,7 +59,7 @@ class _AttentionLseBackward(torch.autograd.Function):
     def backward(ctx, gdq, gdk, gdv, gdmask):
         from ._transforms import _composite_grads
         g, c, q, k, v, mask, rng = ctx.saved_tensors
-        dropout_p, is_causal, scale, enable_gqa, window, mask_grad = ctx.opts
+        dropout_p, is_causal, scale, enable_gqa, window, softcap, mask_grad = ctx.opts
         create_graph = torch.is_grad_enabled()
 
         def leaf(t):
@@ -65,11 +68,12 @@ class _AttentionLseBackward(torch.autograd.Function):
             gi, qi, ki, vi = leaf(g), leaf(q), leaf(k), leaf(v)
             ci = leaf(c) if c is not None else None
             mi = leaf(mask) if mask_grad else mask
-            o, _ = _ops._attention_math(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, window, rng)
+            o, _ = _ops._attention_math(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, window, rng,
+                                        False, False, softcap)
             wrt = [qi, ki, vi] + ([mi] if mask_grad else [])
             ys, gys, cots = [o], [gi], [gi]
             if ci is not None:  # (rows that see no key: no lse gradient, as in the fused one)
-                lse = _ops._attention_math_lse(qi, ki, vi, mi, is_causal, scale, enable_gqa, window)
+                lse = _ops._attention_math_lse(qi, ki, vi, mi, is_causal, scale, enable_gqa, window, softcap)
                 live = lse != -torch.inf
                 ys.append(torch.where(live, lse, torch.zeros((), dtype=lse.dtype, device=lse.device)))
                 gys.append(torch.where(live, ci, torch.zeros((), dtype=ci.dtype, device=ci.device)))
@@ -80,7 +84,7 @@ class _AttentionLseBackward(torch.autograd.Function):
         dg, dc = second[0], (second[1] if ci is not None else None)
         rest = second[len(cots):]
         dmask = rest[3] if mask_grad else None
-        return (dg, dc, rest[0], rest[1], rest[2], dmask) + (None,) * 9
+        return (dg, dc, rest[0], rest[1], rest[2], dmask) + (None,) * 10
 
 
 class _AttentionLse(torch.autograd.Function):
@@ -89,8 +93,8 @@ class _AttentionLse(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window):
-        return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
+    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap):
+        return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -108,19 +112,19 @@ class _AttentionLse(torch.autograd.Function):
         if g is None:
             g = torch.zeros_like(out)
         dq, dk, dv, dmask = _AttentionLseBackward.apply(g, c, q, k, v, mask, out, lse, rng, *ctx.opts, mask_grad)
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 
 
 def attention_lse(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
-                  window: List[int]):
+                  window: List[int], softcap: float = 0.0):
     """(out, lse), both differentiable: the fused kernels, or the composite under forward-mode AD and nested
     torch.func transforms."""
     from ._transforms import _fused_applies
 
     if not torch.compiler.is_compiling() and not _fused_applies((q, k, v, mask)):
-        out, lse, _ = composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
+        out, lse, _ = composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap=softcap)
         return out, lse
-    out, lse, _ = _AttentionLse.apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
+    out, lse, _ = _AttentionLse.apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)
     return out, lse
 
 
@@ -145,9 +149,9 @@ class _VarlenLse(torch.autograd.Function):
     both, from one varlen backward (the lse cotangent scattered back to the kernels' flat layout)."""
 
     @staticmethod
-    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window):
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window, softcap):
         out, lse, rng = _ops._attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal,
-                                                       scale, enable_gqa, window)
+                                                       scale, enable_gqa, window, softcap)
         idx = varlen_rows(lse, cu_q, q.shape[0], q.shape[1])
         return out, lse[idx], lse, rng, idx
 
@@ -164,7 +168,7 @@ class _VarlenLse(torch.autograd.Function):
     def backward(ctx, g, c, *_):
         q, k, v, cu_q, cu_k, out, lse, rng, idx = ctx.saved_tensors
         if g is None and c is None:
-            return (None,) * 12
+            return (None,) * 13
         if g is None:
             g = torch.zeros_like(out)
         glse = None
@@ -172,16 +176,17 @@ class _VarlenLse(torch.autograd.Function):
             glse = torch.zeros_like(lse)
             glse[idx] = c.to(lse.dtype)
         dq, dk, dv = _VarlenLseBackward.apply(g, glse, q, k, v, cu_q, cu_k, out, lse, rng, *ctx.opts)
-        return (dq, dk, dv) + (None,) * 9
+        return (dq, dk, dv) + (None,) * 10
 
 
 class _VarlenLseBackward(torch.autograd.Function):
     """The packed gradients; like attention_varlen's, they cannot be differentiated again."""
 
     @staticmethod
-    def forward(g, glse, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window):
+    def forward(g, glse, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
+                softcap):
         return _ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-                                               enable_gqa, window, glse)
+                                               enable_gqa, window, glse, softcap)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -193,9 +198,9 @@ class _VarlenLseBackward(torch.autograd.Function):
 
 
 def varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p: float, is_causal: bool, scale: Optional[float],
-               enable_gqa: bool, window: List[int]):
+               enable_gqa: bool, window: List[int], softcap: float = 0.0):
     """(out (total_q, Hq, Ev), lse (total_q, Hq)) of packed sequences, both differentiable (first order); the
     varlen forward validates the inputs."""
     out, lse, *_ = _VarlenLse.apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-                                    window)
+                                    window, softcap)
     return out, lse

@@ -47,22 +47,23 @@ def row_scale(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
 
 
 def attention_with_sinks(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float],
-                         enable_gqa: bool, window: List[int], need_weights: bool = False, need_lse: bool = False):
+                         enable_gqa: bool, window: List[int], need_weights: bool = False, need_lse: bool = False,
+                         softcap: float = 0.0):
     """(out', lse' or None, weights' or None), lse' = log(exp(lse) + exp(sink)) the log of the row's whole
     denominator."""
     check_sinks(sinks, q)
     weights = None
     if need_weights:
         out, lse, weights = _lse.composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
-                                           need_weights=True)
+                                           need_weights=True, softcap=softcap)
     else:
-        out, lse = _lse.attention_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
+        out, lse = _lse.attention_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)
     w = row_scale(lse, sinks)
     lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None]) if need_lse else None
     return _scaled(out, w), lse_s, (_scaled(weights, w) if need_weights else None)
 
 
-def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float]):
+def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float], softcap: float = 0.0):
     """(out', weights') in plain tensor operations, for inputs the kernels do not take (a head dim above 256, a
     device without kernels), as transformers' eager attention computes them (the sink's column joins the
     softmax, then is dropped; dropout after)."""
@@ -72,6 +73,8 @@ def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Option
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     sc = scale if scale is not None else q.shape[-1] ** -0.5
     s = torch.matmul(q, k.transpose(-1, -2)) * sc
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
     if is_causal:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), -torch.inf)
     if mask is not None:
@@ -84,13 +87,15 @@ def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Option
 
 # --------------------------------------------------------------------------- packed sequences
 def varlen_with_sinks(q, k, v, cu_q, cu_k, sinks, max_q, max_k, dropout_p: float, is_causal: bool,
-                      scale: Optional[float], enable_gqa: bool, window: List[int], need_lse: bool = False):
+                      scale: Optional[float], enable_gqa: bool, window: List[int], need_lse: bool = False,
+                      softcap: float = 0.0):
     """(out', lse' or None) of packed sequences: the dense algebra on attention_varlen's (out, lse), lse laid out
     as (total_q, Hq)."""
     if q.dim() != 3:
         raise ValueError(f"query must be (total_q, heads, E) for attention_varlen, got shape {tuple(q.shape)}")
     check_sinks(sinks, q.transpose(0, 1))
-    out, lse = _lse.varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window)
+    out, lse = _lse.varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window,
+                               softcap)
     w = row_scale(lse.transpose(0, 1), sinks).transpose(0, 1)
     lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :]) if need_lse else None
     return _scaled(out, w), lse_s

@@ -78,7 +78,7 @@ def _generator(device):
     return torch.default_generator
 
 
-def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size):
+def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap=0.0):
     size = info.batch_size
     if dropout_p > 0 and info.randomness == "error":
         raise RuntimeError(_RANDOMNESS_ERROR)
@@ -89,19 +89,21 @@ def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, ena
 
         def one(q, k, v, mask):
             gen.set_state(state)
-            return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size)
+            return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                                           softcap)
 
         out, lse, rng = _per_sample(one, size, in_dims[:4], (q, k, v, mask), 3)
         return (out, lse, rng), (0, 0, 0)  # a batched rng_state marks the per-sample layout (_backward_vmap)
     qd, kd, vd, md = in_dims[:4]
     q, k, v = _front(q, qd, size), _front(k, kd, size), _front(v, vd, size)
     mask = _front_mask(mask, md, size, q.dim() - 1, expand=False)
-    out, lse, rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size)
+    out, lse, rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                                            softcap)
     return (out, lse, rng), (0, 0, None)
 
 
 def _backward_vmap(info, in_dims, grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                   window_size, mask_grad, grad_logsumexp=None):
+                   window_size, mask_grad, grad_logsumexp=None, softcap=0.0):
     size = info.batch_size
     gd, qd, kd, vd, md, od, ld, rd = in_dims[:8]
     cd = in_dims[14] if len(in_dims) > 14 else None
@@ -111,7 +113,7 @@ def _backward_vmap(info, in_dims, grad, q, k, v, mask, out, lse, rng, dropout_p,
     if dropout_p > 0 and (rd is not None or od is None or ld is None):
         def one(grad, q, k, v, mask, out, lse, rng, glse):
             return _ops._attention_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
-                                            enable_gqa, window_size, mask_grad, glse)
+                                            enable_gqa, window_size, mask_grad, glse, softcap)
 
         dq, dk, dv, dmask = _per_sample(one, size, tuple(in_dims[:8]) + (cd,),
                                         (grad, q, k, v, mask, out, lse, rng, grad_logsumexp), 4)
@@ -121,7 +123,7 @@ def _backward_vmap(info, in_dims, grad, q, k, v, mask, out, lse, rng, dropout_p,
     out, lse = _front(out, od, size), _front(lse, ld, size)
     glse = None if grad_logsumexp is None else _front(grad_logsumexp, cd, size)
     dq, dk, dv, dmask = _ops._attention_backward(grad, q, k, v, mask_f, out, lse, rng, dropout_p, is_causal, scale,
-                                                 enable_gqa, window_size, mask_grad, glse)
+                                                 enable_gqa, window_size, mask_grad, glse, softcap)
     if mask_grad:
         return (dq, dk, dv, _unfront_mask(dmask, mask, md)), (0, 0, 0, 0)
     return (dq, dk, dv, dmask), (0, 0, 0, None)
@@ -165,15 +167,16 @@ def has_tangent(*tensors) -> bool:
 
 def composite(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
               dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool, window_size: List[int],
-              need_weights: bool = False, average_heads: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+              need_weights: bool = False, average_heads: bool = False,
+              softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(output, weights) of `_attention_math`, its dropout mask drawn by the fused forward (TorchScript-able:
     the converted MultiheadAttention's differentiable weights path under torch.jit.script)."""
     rng: Optional[torch.Tensor] = None
     if dropout_p > 0:
         rng = _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                      window_size)[2]
+                                      window_size, softcap)[2]
     return _ops._attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                                rng, need_weights, average_heads)
+                                rng, need_weights, average_heads, softcap)
 
 
 def _fused_applies(tensors):
@@ -187,12 +190,13 @@ def _fused_applies(tensors):
 
 
 def _attention_under_transforms(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                enable_gqa=False, window_size=(-1, -1)):
+                                enable_gqa=False, window_size=(-1, -1), softcap=0.0):
     window_size = list(window_size)
     if _fused_applies((query, key, value, attn_mask)):
         return _lse._AttentionLse.apply(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                        window_size)[0]
-    return composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size)[0]
+                                        window_size, softcap)[0]
+    return composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                     softcap=softcap)[0]
 
 
 _lib.impl("attention", _attention_under_transforms, "FuncTorchDynamicLayerFrontMode")

@@ -24,7 +24,8 @@ packed batches (``cu_seq_lens_q`` / ``cu_seq_lens_k`` from
 run through ``attention_varlen``: each sequence attends to itself only. Attention
 sinks (``s_aux``, gpt-oss) run through the fused kernels too (attention_ext/_sinks.py;
 packed batches through attention_varlen with sinks).
-Logit soft-capping (``softcap``) and ``head_mask`` raise: use "eager" for those.
+Logit soft-capping (``softcap``, Gemma 2) runs in the fused kernels too (the op's ``softcap``).
+``head_mask`` raises: use "eager" for it.
 """
 import importlib.util
 import sys
@@ -33,7 +34,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _loader, _sinks
+from . import _loader, _lse, _sinks
 from ._import_hooks import when_imported
 from .functional import _torch_sdpa, attention_with_weights, supports
 
@@ -80,6 +81,29 @@ def _packed_mask(cu_q, cu_k, total_q, total_k, causal, left, device):
     return mask[None, None]
 
 
+def _softcap(kwargs) -> float:
+    """The model's logit soft-capping (Gemma 2's attn_logit_softcapping), 0.0 for none."""
+    cap = kwargs.get("softcap")
+    return 0.0 if cap is None else float(cap)
+
+
+def _eager(query, key, value, mask, dropout, is_causal, scaling, softcap):
+    """Attention in plain tensor operations, soft-capped, for inputs the kernels do not take (a head dim above
+    256, a device without kernels), as transformers' eager attention computes it."""
+    if key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+    s = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    s = torch.tanh(s / softcap) * softcap
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), -torch.inf)
+    if mask is not None:
+        s = s.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s.float(), dim=-1).to(value.dtype)
+    p = torch.nn.functional.dropout(p, p=dropout, training=dropout > 0)
+    return torch.matmul(p, value), p
+
+
 def _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs):
     """Padding-free batches (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): one row of
     sequences packed end to end, with their boundaries in ``cu_seq_lens_q`` / ``cu_seq_lens_k``. Each sequence
@@ -98,12 +122,13 @@ def _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs)
     if _wants_weights(module, kwargs) or not supports(query, key, value):
         return None, _packed_mask(cu_q, cu_k, query.shape[-2], key.shape[-2], causal, window[0], query.device)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, E)
+    softcap = _softcap(kwargs)
     if kwargs.get("s_aux") is not None:  # attention sinks (gpt-oss)
         out, _ = _sinks.varlen_with_sinks(q, k, v, cu_q, cu_k, kwargs["s_aux"], None, None, float(dropout), causal,
-                                          scaling, query.shape[1] != key.shape[1], window)
+                                          scaling, query.shape[1] != key.shape[1], window, softcap=softcap)
         return out.unsqueeze(0), None
     out = _ops.attention_varlen(q, k, v, cu_q, cu_k, None, None, float(dropout), causal, scaling,
-                                query.shape[1] != key.shape[1], window)
+                                query.shape[1] != key.shape[1], window, softcap)
     return out.unsqueeze(0), None
 
 
@@ -120,10 +145,10 @@ def attention_forward(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The attention function transformers calls: ``query`` (B, H, L, E), ``key`` / ``value``
     (B, H_kv, S, E); returns ``(attn_output (B, L, H, Ev), attn_weights (B, H, L, S) or None)``."""
-    for unsupported in ("softcap", "head_mask"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"`attention_ext` attention does not support `{unsupported}`; use "
-                             f"attn_implementation='eager' for this model")
+    if kwargs.get("head_mask") is not None:
+        raise ValueError("`attention_ext` attention does not support `head_mask`; use attn_implementation='eager' "
+                         "for this model")
+    softcap = _softcap(kwargs)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     packed_out, packed_mask = _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs)
     if packed_out is not None:
@@ -155,12 +180,22 @@ def attention_forward(
     want_weights = _wants_weights(module, kwargs)
     sinks = kwargs.get("s_aux")  # attention sinks (gpt-oss): one logit per query head
 
+    if softcap > 0 and sinks is None and (want_weights or not supports(query, key, value)):
+        if not supports(query, key, value):
+            out, weights = _eager(query, key, value, attention_mask, dropout, is_causal, scaling, softcap)
+        else:  # the weights exist in full anyway: the differentiable ATen composite (its dropout drawn fused)
+            out, _, weights = _lse.composite(query, key, value, attention_mask, float(dropout), is_causal, scaling,
+                                             gqa, list(_NO_WINDOW), need_weights=True, softcap=softcap)
+        return out.transpose(1, 2), (weights if want_weights else None)
+
     if sinks is not None:
         if not supports(query, key, value):
-            out, weights = _sinks.eager(query, key, value, attention_mask, sinks, dropout, is_causal, scaling)
+            out, weights = _sinks.eager(query, key, value, attention_mask, sinks, dropout, is_causal, scaling,
+                                        softcap)
             return out.transpose(1, 2), (weights if want_weights else None)
         out, _, weights = _sinks.attention_with_sinks(query, key, value, attention_mask, sinks, float(dropout),
-                                                      is_causal, scaling, gqa, _NO_WINDOW, want_weights)
+                                                      is_causal, scaling, gqa, _NO_WINDOW, want_weights,
+                                                      softcap=softcap)
         return out.transpose(1, 2), weights
 
     if not supports(query, key, value):  # e.g. head dim > 256 or a device without kernels
@@ -174,7 +209,8 @@ def attention_forward(
     if want_weights:
         out, weights = attention_with_weights(query, key, value, attention_mask, dropout, is_causal, scaling, gqa)
     else:
-        out = _ops.attention(query, key, value, attention_mask, float(dropout), is_causal, scaling, gqa, _NO_WINDOW)
+        out = _ops.attention(query, key, value, attention_mask, float(dropout), is_causal, scaling, gqa, _NO_WINDOW,
+                             softcap)
         weights = None
     # the kernel lays its output out in the query's order of dims: for the usual
     # q_proj(x).view(B, L, H, E).transpose(1, 2) this transpose is contiguous

@@ -59,6 +59,7 @@ def attention(
     window_size: Optional[Sequence[int]] = None,
     sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    softcap: float = 0.0,
 ):
     """softmax(query @ key^T * scale + mask) @ value, fused, differentiable.
 
@@ -68,7 +69,9 @@ def attention(
     the scores, either broadcastable to (..., heads, L, S); ``is_causal`` is
     top-left aligned; ``window_size=(left, right)`` keeps keys j with
     i - left <= j <= i + right (-1: unbounded). A query row that sees no key
-    returns 0 (and zero gradient). ``attn_mask`` may also be one of PyTorch's
+    returns 0 (and zero gradient). ``softcap > 0`` soft-caps the scaled scores
+    before the mask, x -> softcap * tanh(x / softcap) (Gemma 2's
+    attn_logit_softcapping, FlashAttention's softcap). ``attn_mask`` may also be one of PyTorch's
     causal biases, ``torch.nn.attention.bias.causal_upper_left(L, S)`` (the
     same as ``is_causal``) or ``causal_lower_right(L, S)`` (bottom-right
     aligned: query i sees keys j <= i + S - L), as SDPA takes them.
@@ -89,19 +92,21 @@ def attention(
             raise ValueError("attn_mask is not supported with nested (variable-length) tensors: each sequence's "
                              "own length bounds its keys; use is_causal or window_size for more")
         return nested_attention(query, key, value, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                enable_gqa=enable_gqa, window_size=window_size, sinks=sinks, return_lse=return_lse)
+                                enable_gqa=enable_gqa, window_size=window_size, sinks=sinks, return_lse=return_lse,
+                                softcap=softcap)
     window = _window(window_size)
     attn_mask, is_causal, window = _causal_bias(attn_mask, is_causal, query, key, window)
     if sinks is not None:
         from ._sinks import attention_with_sinks
         out, lse, _ = attention_with_sinks(query, key, value, attn_mask, sinks, float(dropout_p), bool(is_causal),
-                                           scale, bool(enable_gqa), window, need_lse=return_lse)
+                                           scale, bool(enable_gqa), window, need_lse=return_lse,
+                                           softcap=float(softcap))
         return (out, lse) if return_lse else out
     if return_lse:
         from ._lse import attention_lse
         return attention_lse(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
-                             window)
-    return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
+                             window, float(softcap))
+    return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)
 
 
 def attention_varlen(
@@ -119,6 +124,7 @@ def attention_varlen(
     window_size: Optional[Sequence[int]] = None,
     sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    softcap: float = 0.0,
 ):
     """Attention over variable-length sequences packed without padding (FlashAttention's varlen layout),
     differentiable.
@@ -127,7 +133,7 @@ def attention_varlen(
     ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of the query and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of key and
     value (int32 or int64 offsets, batch + 1 of them, from 0 to the totals). Each sequence attends only to its
     own keys, with :func:`attention`'s semantics (``is_causal`` top-left aligned per sequence, windows,
-    GQA, dropout). ``max_seqlen_*`` are optional and, when given, checked. Returns (total_q, heads, Ev).
+    GQA, dropout, ``softcap``). ``max_seqlen_*`` are optional and, when given, checked. Returns (total_q, heads, Ev).
     On CUDA, offsets on the GPU are read back to the host (a sync): pass them on the CPU to avoid it.
     ``sinks``: one logit per query head, as in :func:`attention` (first-order gradients).
     ``return_lse=True`` returns ``(output, lse)``, lse (total_q, heads) laid out as the query (float32, float64
@@ -138,14 +144,15 @@ def attention_varlen(
         from ._sinks import varlen_with_sinks
         out, lse = varlen_with_sinks(query, key, value, cu_seqlens_q, cu_seqlens_k, sinks, max_seqlen_q,
                                      max_seqlen_k, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
-                                     _window(window_size), need_lse=return_lse)
+                                     _window(window_size), need_lse=return_lse, softcap=float(softcap))
         return (out, lse) if return_lse else out
     if return_lse:
         from ._lse import varlen_lse
         return varlen_lse(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          float(dropout_p), bool(is_causal), scale, bool(enable_gqa), _window(window_size))
+                          float(dropout_p), bool(is_causal), scale, bool(enable_gqa), _window(window_size),
+                          float(softcap))
     return _ops.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 dropout_p, is_causal, scale, enable_gqa, _window(window_size))
+                                 dropout_p, is_causal, scale, enable_gqa, _window(window_size), softcap)
 
 
 def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
@@ -191,7 +198,7 @@ def _packed(t: torch.Tensor, name: str):
 
 
 def nested_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                     window_size=None, sinks=None, return_lse=False):
+                     window_size=None, sinks=None, return_lse=False, softcap=0.0):
     """:func:`attention` for jagged nested tensors (batch, heads, ragged length, E), the variable-length
     inputs ``F.scaled_dot_product_attention`` accepts: computed by :func:`attention_varlen` on their packed
     values, returned as a jagged nested tensor (batch, heads, ragged length of query, Ev); with
@@ -203,35 +210,38 @@ def nested_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=No
     if cu_v is not cu_k and not torch.compiler.is_compiling() and not torch.equal(cu_v, cu_k):
         raise ValueError("key and value must have the same sequence lengths")
     res = attention_varlen(q, k, v, cu_q, cu_k, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                           enable_gqa=enable_gqa, window_size=window_size, sinks=sinks, return_lse=return_lse)
+                           enable_gqa=enable_gqa, window_size=window_size, sinks=sinks, return_lse=return_lse,
+                           softcap=softcap)
     nested = [torch.nested.nested_tensor_from_jagged(t, offsets=cu_q).transpose(1, 2)
               for t in (res if return_lse else (res,))]
     return tuple(nested) if return_lse else nested[0]
 
 
 def attention_forward(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, window_size=None
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, window_size=None,
+    softcap=0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-differentiable forward: (output, logsumexp float32 (..., heads, L), rng_state int64[2])."""
-    return _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _window(window_size))
+    return _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                   _window(window_size), softcap)
 
 
 def attention_backward(
     grad_output, query, key, value, output, logsumexp, rng_state, attn_mask=None, dropout_p=0.0,
     is_causal=False, scale=None, enable_gqa=False, window_size=None, attn_mask_requires_grad=False,
-    grad_logsumexp=None,
+    grad_logsumexp=None, softcap=0.0,
 ):
     """(grad_query, grad_key, grad_value, grad_attn_mask) from the forward's saved tensors; with grad_logsumexp
     (logsumexp's shape and dtype) the gradient through the log-sum-exp as well, in the same pass."""
     return _ops._attention_backward(
         grad_output, query, key, value, attn_mask, output, logsumexp, rng_state, dropout_p, is_causal, scale,
-        enable_gqa, _window(window_size), attn_mask_requires_grad, grad_logsumexp,
+        enable_gqa, _window(window_size), attn_mask_requires_grad, grad_logsumexp, softcap,
     )
 
 
 def attention_probs(
     query, key, logsumexp, attn_mask=None, rng_state=None, dropout_p=0.0, is_causal=False, scale=None,
-    enable_gqa=False, window_size=None,
+    enable_gqa=False, window_size=None, softcap=0.0,
 ) -> torch.Tensor:
     """Attention weights (..., heads, L, S) recomputed from q and k, normalised with the forward's
     log-sum-exp on the CPU and with row sums of the recomputed scores on CUDA (with the forward's
@@ -241,4 +251,4 @@ def attention_probs(
             raise ValueError("attention_probs: dropout_p > 0 needs the rng_state returned by the forward")
         rng_state = torch.zeros(2, dtype=torch.int64, device=query.device)
     return _ops.attention_probs(query, key, attn_mask, logsumexp, rng_state, dropout_p, is_causal, scale, enable_gqa,
-                                _window(window_size))
+                                _window(window_size), softcap)

@@ -89,6 +89,10 @@ struct FwdParams {
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
   int64_t total_q = 0, total_k = 0;
+  // Logit soft-capping (Gemma 2's attn_logit_softcapping): when > 0, each scaled score x becomes
+  // softcap * tanh(x / softcap) before the mask is added; 0: off. (Last: the fields before it keep the offsets
+  // the Hopper kernels' parameter loads were tuned with.)
+  double softcap = 0.0;
 };
 
 // Rows of the per-row buffers (log-sum-exp, the backward's statistics and dQ workspace): heads_q x every query

@@ -62,7 +62,7 @@ at::Tensor kv_per_query_head(const at::Tensor& t, const at::Tensor& q) {
 
 // The scores and the mask of the composite, shared by the forward and the log-sum-exp.
 struct MaskedScores {
-  at::Tensor s;     // scale * Q K^T (..., Hq, L, S) in the accumulation type, without the mask
+  at::Tensor s;     // scale * Q K^T (..., Hq, L, S) in the accumulation type, soft-capped, without the mask
   at::Tensor add;   // one additive mask at its own (broadcast) shape, -inf where hidden; undefined for none
   at::Tensor seen;  // (..., L, 1) at the mask's shape: whether the row sees a key; undefined for no mask
 };
@@ -74,6 +74,7 @@ MaskedScores masked_scores(const at::Tensor& q, const at::Tensor& k, const std::
   const double sc = opt.scale.has_value() ? *opt.scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   MaskedScores r;
   r.s = at::matmul(qa * sc, kv_per_query_head(k, q).transpose(-2, -1));  // (..., Hq, L, S)
+  if (opt.softcap > 0.0) r.s = at::tanh(r.s / opt.softcap) * opt.softcap;
 
   // One additive mask at its own (broadcast) shape, usually far smaller than the scores: the float mask,
   // -inf at the keys the band or a boolean mask hides.
@@ -106,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& mask, double dropout_p,
                                                   bool is_causal, std::optional<double> scale, bool enable_gqa,
                                                   at::IntArrayRef window, const std::optional<at::Tensor>& rng,
-                                                  bool need_weights, bool average_heads) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+                                                  bool need_weights, bool average_heads, double softcap) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   check_inputs(q, k, v, mask, opt);
   const bool dropout = dropout_p > 0.0;
   TORCH_CHECK_VALUE(!dropout || (rng.has_value() && rng->defined()),
@@ -144,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
 
 at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, bool is_causal, std::optional<double> scale,
-                              bool enable_gqa, at::IntArrayRef window) {
-  const AttnOptions opt = make_options(0.0, is_causal, scale, enable_gqa, window);
+                              bool enable_gqa, at::IntArrayRef window, double softcap) {
+  const AttnOptions opt = make_options(0.0, is_causal, scale, enable_gqa, window, softcap);
   check_inputs(q, k, v, mask, opt);
   MaskedScores ms = masked_scores(q, k, mask, opt);
   // the kernels' convention: -inf for a row that sees no key. Such a row's logsumexp is taken of zeros, then
@@ -176,11 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
   at::Tensor d = (p * dp).sum(-1, /*keepdim=*/true);
   if (grad_lse.defined()) d = d - grad_lse.to(acc).unsqueeze(-1);  // d lse / d s = p
   at::Tensor ds = p * (dp - d);
-  at::Tensor dq = at::matmul(ds, kv_per_query_head(k, q)) * sc;
-  at::Tensor dk = sum_over_group(at::matmul(ds.transpose(-2, -1), q.to(acc)), k.size(-3)) * sc;
   at::Tensor dmask = at::empty({0}, q.options());
   if (mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point())
     dmask = ds.sum_to_size(mask->sizes()).to(mask->scalar_type());
+  // the mask is added after the soft cap: its gradient is dS; the scores' takes the cap's derivative 1 - tanh^2
+  if (opt.softcap > 0.0) ds = ds * (1.0 - (ms.s / opt.softcap).square());
+  at::Tensor dq = at::matmul(ds, kv_per_query_head(k, q)) * sc;
+  at::Tensor dk = sum_over_group(at::matmul(ds.transpose(-2, -1), q.to(acc)), k.size(-3)) * sc;
   const auto t = q.scalar_type();
   return {dq.to(t), dk.to(t), dv.to(t), dmask};
 }
@@ -190,9 +193,9 @@ at::Tensor composite_forward(ForwardSetup& st, const at::Tensor& q, const at::Te
                              bool need_weights, bool average_heads) {
   const std::vector<int64_t> window{opt.window_left, opt.window_right};
   auto [out, weights] = attention_math(q, k, v, mask, opt.dropout_p, opt.is_causal, opt.scale, opt.enable_gqa, window,
-                                       rng_if_dropout(opt, rng), need_weights, average_heads);
+                                       rng_if_dropout(opt, rng), need_weights, average_heads, opt.softcap);
   st.out.copy_(out);
-  st.lse.copy_(attention_math_lse(q, k, v, mask, opt.is_causal, opt.scale, opt.enable_gqa, window));
+  st.lse.copy_(attention_math_lse(q, k, v, mask, opt.is_causal, opt.scale, opt.enable_gqa, window, opt.softcap));
   return weights;
 }
 
@@ -201,7 +204,7 @@ void composite_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& k, c
   // the weights do not depend on the value: the key stands in for it
   const std::vector<int64_t> window{opt.window_left, opt.window_right};
   st.probs.copy_(std::get<1>(attention_math(q, k, k, mask, opt.dropout_p, opt.is_causal, opt.scale, opt.enable_gqa,
-                                            window, rng_if_dropout(opt, rng), true, average_heads)));
+                                            window, rng_if_dropout(opt, rng), true, average_heads, opt.softcap)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_backward(

@@ -26,13 +26,13 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& mask, double dropout_p,
                                                   bool is_causal, std::optional<double> scale, bool enable_gqa,
                                                   at::IntArrayRef window, const std::optional<at::Tensor>& rng,
-                                                  bool need_weights, bool average_heads);
+                                                  bool need_weights, bool average_heads, double softcap);
 
 // The log-sum-exp of the masked, scaled scores (..., Hq, L) in float32 (float64 for float64 inputs), -inf
 // for rows that see no key: what the fused forward saves for its backward.
 at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, bool is_causal, std::optional<double> scale,
-                              bool enable_gqa, at::IntArrayRef window);
+                              bool enable_gqa, at::IntArrayRef window, double softcap);
 
 // The first-order gradients of attention_math in ATen operations (the L x S weights materialised, D taken
 // exactly as rowsum(P * dP)): (dq, dk, dv, dmask) in the inputs' dtypes, dmask at the mask's shape when
@@ -49,9 +49,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
 //     (the weights are the softmax of the mask and the band alone, the output their average of V), Ev = 0
 //     gives an empty output;
 //   - float64 on CUDA, which SDPA's math backend takes on the GPU (gradcheck there): the CPU has float64
-//     kernels, the CUDA ops (and the emulator's, which share their glue) take it here.
+//     kernels, the CUDA ops (and the emulator's, which share their glue) take it here;
+//   - on CUDA, the backward and the attention weights of a soft-capped call: only the CUDA forward kernels fuse
+//     the cap (the CPU kernels fuse it everywhere).
 inline bool zero_head_dim(const FwdParams& p) { return p.dim_qk == 0 || p.dim_v == 0; }
-inline bool cuda_composite(const FwdParams& p) { return zero_head_dim(p) || p.dtype == DType::kFloat64; }
+// Why the CUDA ops take a call here (the kernel log says it), or nullptr when their kernels take it; forward:
+// the forward op, else the backward or the weights.
+inline const char* cuda_composite_reason(const FwdParams& p, bool forward) {
+  if (zero_head_dim(p)) return "head dim 0";
+  if (p.dtype == DType::kFloat64) return "float64";
+  if (!forward && p.softcap > 0.0) return "softcap (fused in the forward only)";
+  return nullptr;
+}
 // Fills st.out and st.lse; returns the weights (need_weights: per head, or their mean with average_heads;
 // else an empty tensor). rng: the forward's state (read when dropout_p > 0).
 at::Tensor composite_forward(ForwardSetup& st, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

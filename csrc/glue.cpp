@@ -27,7 +27,7 @@ bool is_float_dtype(at::ScalarType t) {
 }  // namespace
 
 AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
-                         bool enable_gqa, at::IntArrayRef window_size) {
+                         bool enable_gqa, at::IntArrayRef window_size, double softcap) {
   TORCH_CHECK_VALUE(window_size.size() == 2,
                     "window_size must be a pair (left, right), got ", window_size.size(), " values");
   AttnOptions o;
@@ -37,6 +37,7 @@ AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double>
   o.enable_gqa = enable_gqa;
   o.window_left = window_size[0];
   o.window_right = window_size[1];
+  o.softcap = softcap;
   return o;
 }
 
@@ -97,6 +98,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK_VALUE(opt.window_left >= -1 && opt.window_right >= -1,
                     "window_size must be (left, right) with each >= 0, or -1 for unbounded, got (",
                     opt.window_left, ", ", opt.window_right, ")");
+  TORCH_CHECK_VALUE(std::isfinite(opt.softcap) && opt.softcap >= 0.0,
+                    "softcap must be a finite number >= 0 (0: no soft-capping), got ", opt.softcap);
   // mask
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
@@ -289,6 +292,7 @@ FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::
   p.window_right = opt.is_causal ? (opt.window_right < 0 ? 0 : std::min<int64_t>(opt.window_right, 0))
                                  : opt.window_right;
   p.dropout_p = opt.dropout_p;
+  p.softcap = opt.softcap;
   return p;
 }
 

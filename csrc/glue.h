@@ -20,10 +20,11 @@ struct AttnOptions {
   std::optional<double> scale;
   bool enable_gqa = false;
   int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;  // logit soft-capping, 0: off (FwdParams::softcap)
 };
 
 AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
-                         bool enable_gqa, at::IntArrayRef window_size);
+                         bool enable_gqa, at::IntArrayRef window_size, double softcap);
 
 // Raises ValueError/TypeError/RuntimeError naming the offending argument.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -136,9 +137,10 @@ template <typename Fwd, typename Weights>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_then_probs(
     Fwd&& fwd, Weights&& weights, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal, std::optional<double> scale,
-    bool enable_gqa, at::IntArrayRef window, bool average_heads) {
-  auto [out, lse, rng] = fwd(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
-  at::Tensor w = weights(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads);
+    bool enable_gqa, at::IntArrayRef window, bool average_heads, double softcap) {
+  auto [out, lse, rng] = fwd(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+  at::Tensor w =
+      weights(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads, softcap);
   return {out, lse, rng, w};
 }
 

@@ -11,16 +11,17 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    double softcap) {
+  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
   return {empty_output(q, v.sym_size(-1)), empty_lse(q), at::empty({2}, q.options().dtype(at::kLong))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool average_heads) {
-  auto [out, lse, rng] = forward_meta(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+    bool average_heads, double softcap) {
+  auto [out, lse, rng] = forward_meta(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
   return {out, lse, rng, empty_weights(q, k, average_heads)};
 }
 
@@ -28,8 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
-  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
+  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
   check_backward_inputs(grad_out, out, lse, rng, q, v, dropout_p, grad_lse);
   const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
   at::Tensor dmask = want_dmask ? at::empty_symint(mask->sym_sizes(), mask->options())
@@ -39,8 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
 
 at::Tensor probs_meta(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                       const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  check_inputs(q, k, k, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+  check_inputs(q, k, k, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
   check_lse(lse, q);
   check_rng_state(rng, dropout_p);
   return empty_weights(q, k);
@@ -55,8 +56,8 @@ at::Tensor dropout_mask_meta(const at::Tensor& rng, int64_t batch, int64_t heads
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t>, std::optional<int64_t>, double dropout_p, bool is_causal, std::optional<double> scale,
-    bool enable_gqa, at::IntArrayRef window) {
-  check_varlen_inputs(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+    bool enable_gqa, at::IntArrayRef window, double softcap) {
+  check_varlen_inputs(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = heads_first(empty_output(heads_first(q), v.sym_size(2)));
   at::Tensor lse = at::empty_symint({q.sym_size(0) * q.sym_size(1)}, q.options().dtype(acc));
@@ -68,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
-  check_varlen_inputs(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window));
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
+  check_varlen_inputs(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
 }

@@ -51,41 +51,43 @@ bool functorch_active() {
 std::tuple<at::Tensor, at::Tensor> call_math(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask, double dropout_p,
                                              bool is_causal, std::optional<double> scale, bool enable_gqa,
-                                             at::IntArrayRef window, const std::optional<at::Tensor>& rng) {
+                                             at::IntArrayRef window, const std::optional<at::Tensor>& rng,
+                                             double softcap) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::_attention_math", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            double, bool, std::optional<double>, bool, at::IntArrayRef,
-                           const std::optional<at::Tensor>&, bool, bool)>();
-  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, false, false);
+                           const std::optional<at::Tensor>&, bool, bool, double)>();
+  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, false, false, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    double softcap) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::_attention_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           double, bool, std::optional<double>, bool, at::IntArrayRef)>();
-  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+                           double, bool, std::optional<double>, bool, at::IntArrayRef, double)>();
+  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad) {
+    bool mask_grad, double softcap) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::_attention_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            double, bool, std::optional<double>, bool, at::IntArrayRef, bool,
-                           const std::optional<at::Tensor>&)>();
+                           const std::optional<at::Tensor>&, double)>();
   return op.call(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad,
-                 std::nullopt);
+                 std::nullopt, softcap);
 }
 
 // First-order gradients as an autograd function of their own, so that with create_graph=True they can be
@@ -98,9 +100,9 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
                                const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng, double dropout_p,
                                bool is_causal, std::optional<double> scale, bool enable_gqa,
-                               at::IntArrayRef window, bool mask_grad) {
+                               at::IntArrayRef window, bool mask_grad, double softcap) {
     auto [dq, dk, dv, dmask] = call_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
-                                             enable_gqa, window, mask_grad);
+                                             enable_gqa, window, mask_grad, softcap);
     const bool has_mask = mask.has_value() && mask->defined();
     ctx->save_for_backward({grad, q, k, v, has_mask ? *mask : at::Tensor(), rng});
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -109,6 +111,7 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
     ctx->saved_data["enable_gqa"] = enable_gqa;
     ctx->saved_data["window"] = window.vec();
     ctx->saved_data["mask_grad"] = mask_grad;
+    ctx->saved_data["softcap"] = softcap;
     return {dq, dk, dv, dmask};
   }
 
@@ -130,7 +133,8 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
     std::optional<at::Tensor> rng = saved[5].defined() ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     at::Tensor out = std::get<0>(call_math(q, k, v, mask, dropout_p, ctx->saved_data["is_causal"].toBool(),
                                            ctx->saved_data["scale"].toOptional<double>(),
-                                           ctx->saved_data["enable_gqa"].toBool(), window, rng));
+                                           ctx->saved_data["enable_gqa"].toBool(), window, rng,
+                                           ctx->saved_data["softcap"].toDouble()));
     // the first-order gradients again, now with a graph
     variable_list wrt = {q, k, v};
     if (float_mask) wrt.push_back(m);
@@ -151,7 +155,7 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
     if (!ys.empty())
       second = torch::autograd::grad(ys, inputs, gys, /*retain_graph=*/create_graph, create_graph,
                                      /*allow_unused=*/true);
-    variable_list result(14);
+    variable_list result(15);
     for (size_t i = 0; i < 4; ++i) result[i] = second[i];
     if (float_mask) result[4] = second[4];
     return result;
@@ -162,8 +166,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
-                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-    auto [out, lse, rng] = call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+    auto [out, lse, rng] = call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
     const bool has_mask = mask.has_value() && mask->defined();
     ctx->save_for_backward({q, k, v, has_mask ? *mask : at::Tensor(), out, lse, rng});
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -172,6 +176,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["enable_gqa"] = enable_gqa;
     ctx->saved_data["window"] = window.vec();
     ctx->saved_data["has_mask"] = has_mask;
+    ctx->saved_data["softcap"] = softcap;
     return out;
   }
 
@@ -185,9 +190,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     auto g = AttentionBackwardFunction::apply(
         grad, saved[0], saved[1], saved[2], mask, saved[4], saved[5], saved[6],
         ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
-        ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(), window, mask_grad);
+        ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(), window, mask_grad,
+        ctx->saved_data["softcap"].toDouble());
     return {g[0], g[1], g[2], mask_grad ? g[3] : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -210,7 +216,7 @@ void check_strided(const at::Tensor& t, const char* name) {
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
-                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
   TORCH_CHECK_VALUE(!q.is_nested() && !k.is_nested() && !v.is_nested(),
                     "torch.ops.attention_ext.attention takes dense tensors; for nested (jagged) tensors call "
                     "attention_ext.attention or attention_ext.scaled_dot_product_attention, which pack them for "
@@ -229,25 +235,27 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     // attention_ext/_transforms.py takes torch.func calls before they get here, onto the fused kernels
     // where it can; this is the path of LibTorch programs and of dual tensors outside torch.func.
     std::optional<at::Tensor> rng;
-    if (dropout_p > 0.0) rng = std::get<2>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window));
-    return std::get<0>(call_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng));
+    if (dropout_p > 0.0)
+      rng = std::get<2>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap));
+    return std::get<0>(call_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, softcap));
   }
-  if (!graph) return std::get<0>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window));
-  return AttentionFunction::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+  if (!graph)
+    return std::get<0>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap));
+  return AttentionFunction::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
 }
 
 // Variable-length (packed) sequences: the same pattern over _attention_varlen_forward / _backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_varlen_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::_attention_varlen_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, std::optional<int64_t>, std::optional<int64_t>, double, bool,
-                           std::optional<double>, bool, at::IntArrayRef)>();
-  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
+                           std::optional<double>, bool, at::IntArrayRef, double)>();
+  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window, softcap);
 }
 
 class AttentionVarlenBackwardFunction : public torch::autograd::Function<AttentionVarlenBackwardFunction> {
@@ -255,16 +263,17 @@ class AttentionVarlenBackwardFunction : public torch::autograd::Function<Attenti
   static variable_list forward(AutogradContext*, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng, double dropout_p,
-                               bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+                               bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+                               double softcap) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("attention_ext::_attention_varlen_backward", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, double, bool, std::optional<double>, bool, at::IntArrayRef,
-                             const std::optional<at::Tensor>&)>();
-    auto [dq, dk, dv] =
-        op.call(grad, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, std::nullopt);
+                             const std::optional<at::Tensor>&, double)>();
+    auto [dq, dk, dv] = op.call(grad, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
+                                window, std::nullopt, softcap);
     return {dq, dk, dv};
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -278,15 +287,16 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cu_q, const at::Tensor& cu_k, std::optional<int64_t> max_q,
                             std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-    auto [out, lse, rng] =
-        call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
+                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+    auto [out, lse, rng] = call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
+                                               enable_gqa, window, softcap);
     ctx->save_for_backward({q, k, v, cu_q, cu_k, out, lse, rng});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["enable_gqa"] = enable_gqa;
     ctx->saved_data["window"] = window.vec();
+    ctx->saved_data["softcap"] = softcap;
     return out;
   }
 
@@ -296,8 +306,9 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
     auto g = AttentionVarlenBackwardFunction::apply(
         grad, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
-        ctx->saved_data["enable_gqa"].toBool(), ctx->saved_data["window"].toIntVector());
-    return {g[0],         g[1],         g[2],         at::Tensor(), at::Tensor(), at::Tensor(),
+        ctx->saved_data["enable_gqa"].toBool(), ctx->saved_data["window"].toIntVector(),
+        ctx->saved_data["softcap"].toDouble());
+    return {g[0],         g[1],         g[2],         at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -305,7 +316,7 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
 at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                             const at::Tensor& cu_k, std::optional<int64_t> max_q, std::optional<int64_t> max_k,
                             double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-                            at::IntArrayRef window) {
+                            at::IntArrayRef window, double softcap) {
   check_strided(q, "query");
   check_strided(k, "key");
   check_strided(v, "value");
@@ -321,9 +332,9 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
       "jacrev, ...); use torch.autograd, or attention_ext.attention with a boolean mask");
   if (!needs_graph({&q, &k, &v}))
     return std::get<0>(call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
-                                           enable_gqa, window));
+                                           enable_gqa, window, softcap));
   return AttentionVarlenFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-                                        window);
+                                        window, softcap);
 }
 
 }  // namespace
@@ -331,12 +342,13 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY(attention_ext, m) {
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
-      "bool is_causal=False, float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1]) -> Tensor",
+      "bool is_causal=False, float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1], "
+      "float softcap=0.0) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "attention_varlen(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int? max_seqlen_q=None, int? max_seqlen_k=None, float dropout_p=0.0, bool is_causal=False, "
-      "float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1]) -> Tensor",
+      "float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1], float softcap=0.0) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   m.def(schema::kForward, {at::Tag::nondeterministic_seeded});
   m.def(schema::kVarlenForward, {at::Tag::nondeterministic_seeded});

@@ -81,7 +81,7 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
 template <typename Fwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
     Fwd&& fwd, PackedForward& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
-    bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+    bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
   const VarlenOffsets& off = s.off;
   const int64_t Hq = q.size(1);
   at::Tensor rng = at::zeros({off.batch(), 2}, q.options().dtype(at::kLong));
@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
     if (L == 0 || S == 0) continue;
     auto [o, l, r] = fwd(heads_first(q.narrow(0, off.q[b], L)), heads_first(k.narrow(0, off.k[b], S)),
                          heads_first(v.narrow(0, off.k[b], S)), std::nullopt, dropout_p, is_causal, scale, enable_gqa,
-                         window);
+                         window, softcap);
     s.out.narrow(0, off.q[b], L).copy_(heads_first(o));
     s.lse.narrow(0, Hq * off.q[b], Hq * L).copy_(l.reshape({-1}));
     rng.select(0, b).copy_(r.reshape({-1}));
@@ -137,7 +137,7 @@ void varlen_backward_by_sequence(Bwd&& bwd, const VarlenOffsets& off, const at::
                                  const at::Tensor& lse, const at::Tensor& rng, const at::Tensor& dq,
                                  const at::Tensor& dk, const at::Tensor& dv, double dropout_p, bool is_causal,
                                  std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-                                 const std::optional<at::Tensor>& grad_lse) {
+                                 const std::optional<at::Tensor>& grad_lse, double softcap) {
   const int64_t Hq = q.size(1);
   fill_empty_backward(off, dq, dk, dv);
   for (int64_t b = 0; b < off.batch(); ++b) {
@@ -150,7 +150,7 @@ void varlen_backward_by_sequence(Bwd&& bwd, const VarlenOffsets& off, const at::
     auto [gq, gk, gv, gm] =
         bwd(rows(grad_out, off.q[b], L), rows(q, off.q[b], L), rows(k, off.k[b], S), rows(v, off.k[b], S),
             std::nullopt, rows(out, off.q[b], L), stats(lse), rng.select(0, b), dropout_p, is_causal, scale,
-            enable_gqa, window, false, gl);
+            enable_gqa, window, false, gl, softcap);
     dq.narrow(0, off.q[b], L).copy_(heads_first(gq));
     dk.narrow(0, off.k[b], S).copy_(heads_first(gk));
     dv.narrow(0, off.k[b], S).copy_(heads_first(gv));

@@ -231,3 +231,21 @@ def test_bench_varlen_quick(tmp_path):
         best = min(names[1:], key=lambda n: r[n + "_s"])
         assert r["best_torch"] == best and r["speedup_vs_best"] == pytest.approx(r[best + "_s"] / r["ours_s"])
         assert r["max_abs_diff_vs_torch"] < (1e-5 if r["dtype"] == "float32" else 2e-2), r
+
+
+def test_bench_softcap_quick(tmp_path):
+    """benchmarks/bench_softcap.py --quick: every column timed, the capped output agreeing with Gemma 2's eager
+    formula, JSON written."""
+    out = tmp_path / "softcap.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_softcap.py"), "--quick", "--device", "cpu",
+                        "--dtypes", "float32,bfloat16", "--budget", "0.001", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        for name in ("ours", "softcap", "fwd", "fwd_softcap", "eager"):
+            assert r[name + "_s"] > 0 and r[name + "_TFLOPs"] > 0, (name, r)
+        assert r["softcap_ratio"] == pytest.approx(r["softcap_s"] / r["ours_s"])
+        assert r["max_abs_diff_vs_eager"] < (1e-5 if r["dtype"] == "float32" else 3e-2), r

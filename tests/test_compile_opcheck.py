@@ -24,21 +24,21 @@ def _t(*shape, dtype=f32, device="cpu", grad=False, layout=None):
 
 
 def _samples(device, grad):
-    """(id, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window) samples."""
+    """(id, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap) samples."""
     torch.manual_seed(0)
     t = lambda *s, **kw: _t(*s, device=device, grad=grad, **kw)  # noqa: E731
     bool_mask = torch.rand(7, 9, device=device) < 0.7
     return [
         ("f32_float_mask", t(2, 3, 7, 16), t(2, 3, 9, 16), t(2, 3, 9, 8),
-         torch.randn(7, 9, device=device, requires_grad=grad), 0.0, False, None, False, [-1, -1]),
+         torch.randn(7, 9, device=device, requires_grad=grad), 0.0, False, None, False, [-1, -1], 3.0),
         ("bf16_blhe_gqa_bool_causal", t(2, 4, 7, 32, dtype=bf16, layout="blhe"), t(2, 2, 9, 32, dtype=bf16, layout="blhe"),
-         t(2, 2, 9, 32, dtype=bf16, layout="blhe"), bool_mask, 0.0, True, None, True, [-1, -1]),
+         t(2, 2, 9, 32, dtype=bf16, layout="blhe"), bool_mask, 0.0, True, None, True, [-1, -1], 0.0),
         ("f16_rank3_window_scale", t(3, 5, 8, dtype=f16), t(3, 6, 8, dtype=f16), t(3, 6, 4, dtype=f16), None, 0.0,
-         False, 0.5, False, [1, 2]),
+         False, 0.5, False, [1, 2], 0.0),
         ("f32_rank5_keypad", t(2, 2, 2, 5, 8), t(2, 2, 2, 6, 8), t(2, 2, 2, 6, 8),
-         torch.randn(2, 2, 1, 1, 6, device=device, requires_grad=grad), 0.0, False, None, False, [-1, -1]),
+         torch.randn(2, 2, 1, 1, 6, device=device, requires_grad=grad), 0.0, False, None, False, [-1, -1], 0.0),
     ] + ([("f64_causal_window", t(1, 2, 6, 4, dtype=f64), t(1, 2, 6, 4, dtype=f64), t(1, 2, 6, 4, dtype=f64),
-           None, 0.0, True, None, False, [2, -1])] if device == "cpu" else [])
+           None, 0.0, True, None, False, [2, -1], 2.0)] if device == "cpu" else [])
 
 
 SAMPLE_IDS = ["f32_float_mask", "bf16_blhe_gqa_bool_causal", "f16_rank3_window_scale", "f32_rank5_keypad",
@@ -54,29 +54,29 @@ def _sample(device, grad, sid):
 
 @pytest.mark.parametrize("sid", SAMPLE_IDS)
 def test_opcheck_attention(device, sid):
-    q, k, v, m, p, causal, scale, gqa, w = _sample(device, True, sid)
+    q, k, v, m, p, causal, scale, gqa, w, cap = _sample(device, True, sid)
     opcheck(ops.attention.default, (q, k, v), dict(attn_mask=m, dropout_p=p, is_causal=causal, scale=scale,
-                                                  enable_gqa=gqa, window_size=w), test_utils=ALL_TESTS)
+                                                  enable_gqa=gqa, window_size=w, softcap=cap), test_utils=ALL_TESTS)
 
 
 @pytest.mark.parametrize("sid", SAMPLE_IDS)
 def test_opcheck_forward_backward_probs(device, sid):
-    q, k, v, m, p, causal, scale, gqa, w = _sample(device, False, sid)
-    opcheck(ops._attention_forward.default, (q, k, v, m, p, causal, scale, gqa, w), test_utils=ALL_TESTS)
-    out, lse, rng = ops._attention_forward(q, k, v, m, p, causal, scale, gqa, w)
+    q, k, v, m, p, causal, scale, gqa, w, cap = _sample(device, False, sid)
+    opcheck(ops._attention_forward.default, (q, k, v, m, p, causal, scale, gqa, w, cap), test_utils=ALL_TESTS)
+    out, lse, rng = ops._attention_forward(q, k, v, m, p, causal, scale, gqa, w, cap)
     grad = torch.randn_like(out)
     mask_grad = m is not None and m.is_floating_point()
     opcheck(ops._attention_backward.default,  # with the log-sum-exp's cotangent too
-            (grad, q, k, v, m, out, lse, rng, p, causal, scale, gqa, w, mask_grad, torch.randn_like(lse)),
+            (grad, q, k, v, m, out, lse, rng, p, causal, scale, gqa, w, mask_grad, torch.randn_like(lse), cap),
             test_utils=ALL_TESTS)
-    opcheck(ops.attention_probs.default, (q, k, m, lse, rng, p, causal, scale, gqa, w), test_utils=ALL_TESTS)
+    opcheck(ops.attention_probs.default, (q, k, m, lse, rng, p, causal, scale, gqa, w, cap), test_utils=ALL_TESTS)
     for avg in (False, True):
-        opcheck(ops._attention_forward_weights.default, (q, k, v, m, p, causal, scale, gqa, w, avg),
+        opcheck(ops._attention_forward_weights.default, (q, k, v, m, p, causal, scale, gqa, w, avg, cap),
                 test_utils=ALL_TESTS)
 
 
 def test_opcheck_dropout(device):
-    q, k, v, m, _, causal, scale, gqa, w = _sample(device, False, "f32_float_mask")
+    q, k, v, m, _, causal, scale, gqa, w, _ = _sample(device, False, "f32_float_mask")
     opcheck(ops._attention_forward.default, (q, k, v, m, 0.25, causal, scale, gqa, w), test_utils=NO_AOT)
     out, lse, rng = ops._attention_forward(q, k, v, m, 0.25, causal, scale, gqa, w)
     opcheck(ops._attention_backward.default,
@@ -93,7 +93,7 @@ def test_fake_tensor_shapes_strides_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     for sid in SAMPLE_IDS:
-        q, k, v, m, p, causal, scale, gqa, w = _sample("cpu", False, sid)
+        q, k, v, m, p, causal, scale, gqa, w, _ = _sample("cpu", False, sid)
         real = ops._attention_forward(q, k, v, m, p, causal, scale, gqa, w)
         grad = torch.randn_like(real[0])
         real_b = ops._attention_backward(grad, q, k, v, m, *real, p, causal, scale, gqa, w, True)

@@ -57,8 +57,8 @@ void read_rng_state(const at::Tensor& rng, double dropout_p, FwdParams& p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool with_weights, bool average_heads) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+    double softcap, bool with_weights, bool average_heads) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   ForwardSetup st = prepare_forward(q, k, v, mask, opt);
   auto [seed, offset] = draw_seed(dropout_p);
   if (zero_head_dim(st.p)) {
@@ -87,24 +87,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  auto [out, lse, rng, w] = run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, false, false);
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    double softcap) {
+  auto [out, lse, rng, w] =
+      run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, false, false);
   return {out, lse, rng};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool average_heads) {
-  return run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, true, average_heads);
+    bool average_heads, double softcap) {
+  return run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, true, average_heads);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   if (zero_head_dim(st.p)) return composite_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   read_rng_state(rng, dropout_p, st.p);
@@ -116,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 
 at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt);
   if (st.p.dim_qk == 0) {
     composite_probs(st, q, k, mask, opt, rng, false);
@@ -151,11 +153,12 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng, int64_t batch, int64_t heads,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   if (varlen_zero_head_dim(q, v)) {  // (prepare_packed_forward validates the call)
     PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k, opt, max_q, max_k);
-    return varlen_forward_by_sequence(forward_cpu, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
+    return varlen_forward_by_sequence(forward_cpu, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window,
+                                      softcap);
   }
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
   ForwardSetup st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
@@ -191,8 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
   if (varlen_zero_head_dim(q, v)) {
@@ -201,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     poison(dk);
     poison(dv);
     varlen_backward_by_sequence(backward_cpu, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p,
-                                is_causal, scale, enable_gqa, window, grad_lse);
+                                is_causal, scale, enable_gqa, window, grad_lse, softcap);
     return {dq, dk, dv};
   }
   // prepare_backward checks a (Hq, total_q) logsumexp and an int64[2] rng state: the packed ones are checked

@@ -144,6 +144,16 @@ inline A mask_value(const char* ptr, DType d) {
   return A(0);
 }
 
+// Logit soft-capping (FwdParams::softcap) of a tile of scaled scores S[rows x cols] (row stride ld), before
+// the mask: x = cap tanh(x / cap). With dcap (same layout), also the cap's derivative 1 - tanh^2 there, the
+// backward's factor from dS to the scores. Nothing when softcap is 0.
+template <typename A>
+void softcap_tile(const FwdParams& p, A* S, int64_t rows, int64_t cols, int64_t ld, A* dcap = nullptr) {
+  if (p.softcap <= 0.0) return;
+  for (int64_t r = 0; r < rows; ++r)
+    softcap_row(S + r * ld, cols, static_cast<A>(p.softcap), dcap == nullptr ? nullptr : dcap + r * ld);
+}
+
 // Applies the sliding window / causal bounds and the explicit mask to a tile of
 // scores S[nq x nk] (row stride lds) for query rows i0.., key columns j0...
 template <typename A>
@@ -746,6 +756,7 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
         A* const sb = sbuf.data() + (keep ? j0 - jlo : 0);
         tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
         tile.qk(static_cast<A>(p.scale), sb, lds);
+        softcap_tile(p, sb, R, nk, lds);
         for (int64_t g = 0; g < nh; ++g) mask_tile(p, b, h + g, i0, nq, j0, nk, sb + g * nq * lds, lds, tmp.data());
         // bf16 tiles without dropout: the exponentials go straight to the tile's bf16 P (one pass, no
         // fp32 P written and read again); the weights need the fp32 exponentials kept
@@ -879,11 +890,13 @@ void flash_fwd(const FwdParams& p, T* weights, bool average_heads) {
   with_tile<T>([&](auto tag) { flash_fwd_impl<T, typename decltype(tag)::type>(p, weights, average_heads); });
 }
 
-// P = exp(scale * Q K^T + mask - lse) for a tile, rows with lse = -inf give 0.
+// P = exp(softcap(scale * Q K^T) + mask - lse) for a tile, rows with lse = -inf give 0 (dcap: see softcap_tile).
 template <typename Tile, typename A>
 void recompute_probs(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                     int64_t nk, Tile& tile, A* sbuf, int64_t lds, A* tmp, const A* shift, const A* rscale) {
+                     int64_t nk, Tile& tile, A* sbuf, int64_t lds, A* tmp, const A* shift, const A* rscale,
+                     A* dcap = nullptr) {
   tile.qk(static_cast<A>(p.scale), sbuf, lds);
+  softcap_tile(p, sbuf, nq, nk, lds, dcap);
   mask_tile(p, b, h, i0, nq, j0, nk, sbuf, lds, tmp);
   for (int64_t r = 0; r < nq; ++r) {
     A* s = sbuf + r * lds;
@@ -964,6 +977,7 @@ void row_stats(const BwdParams& p, const Blocks& blk, bool exact_d, std::vector<
           const int64_t nk = std::min(bk, jhi - j0);
           tile->load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
           tile->qk(static_cast<A>(p.scale), sbuf.data(), bk);
+          softcap_tile(p, sbuf.data(), nq, nk, bk);
           mask_tile(p, b, h, i0, nq, j0, nk, sbuf.data(), bk, tmp.data());
           for (int64_t r = 0; r < nq; ++r) {
             A* s = sbuf.data() + r * bk;
@@ -1041,6 +1055,7 @@ void flash_bwd_impl(const BwdParams& p) {
     Tile tile(E, Ev, kBlockQ, kBlockK, true);
     Scratch<A> pbuf(kBlockQ * kBlockK), pdbuf(dropout ? kBlockQ * kBlockK : 0), dpbuf(kBlockQ * kBlockK);
     Scratch<A> dkacc(kBlockK * E), dvacc(kBlockK * Ev), dq_local(nchunks == 1 ? G * L * E : 0);  // cleared before use
+    Scratch<A> dcap(p.softcap > 0.0 ? kBlockQ * kBlockK : 0);  // the soft cap's derivative at the tile's scores
     std::vector<A> tmp(kBlockK);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c = t % nchunks, bhk = t / nchunks, hk = bhk % Hkv, b = bhk / Hkv;
@@ -1075,7 +1090,7 @@ void flash_bwd_impl(const BwdParams& p) {
             tile.load_do(dout + i0 * p.do_stride.r, p.do_stride.r, nq);
             const int64_t row0 = (b * Hq + h) * L + i0;
             recompute_probs(p, b, h, i0, nq, j0, nk, tile, pbuf.data(), kBlockK, tmp.data(), shift.data() + row0,
-                            rscale.data() + row0);
+                            rscale.data() + row0, p.softcap > 0.0 ? dcap.data() : nullptr);
             // A tile that holds every key the query block sees (short rows) is a whole softmax row.
             // Then P is renormalised to sum to 1 and D_i = sum_j P_ij dP~_ij is taken from the tile
             // (below) instead of dO . O from row_stats. Each half matters: D from the output rounded
@@ -1117,6 +1132,14 @@ void flash_bwd_impl(const BwdParams& p) {
             if (p.dmask != nullptr) {
               A* dm = static_cast<A*>(p.dmask) + ((b * Hq + h) * L + i0) * S + j0;
               for (int64_t r = 0; r < nq; ++r) std::memcpy(dm + r * S, dpbuf.data() + r * kBlockK, nk * sizeof(A));
+            }
+            // the mask is added after the soft cap (its gradient is dS); the scores take the cap's derivative
+            if (p.softcap > 0.0) {
+              for (int64_t r = 0; r < nq; ++r) {
+                A* ds = dpbuf.data() + r * kBlockK;
+                const A* f = dcap.data() + r * kBlockK;
+                for (int64_t c = 0; c < nk; ++c) ds[c] *= f[c];
+              }
             }
             // dK += scale dS^T Q ;  dQ += scale dS K
             tile.dk(dpbuf.data(), kBlockK, static_cast<A>(p.scale), dkacc.data());

@@ -226,6 +226,40 @@ AE_CLONES float row_max(const float* x, int64_t n) {
   return m;
 }
 
+// tanh(y), branch-free so that the loops vectorise, within 2.3e-7 of it relatively (measured in float32 over
+// [-3, 3], where it is not +-1 to rounding): below |y| = 0.4 its Taylor series to y^11, above it
+// sign(y) (1 - e) / (1 + e) with e = exp(-2 |y|) <= 0.45 (exp_nonpos), which has no cancellation there.
+// +-inf gives +-1, NaN stays NaN.
+AE_INLINE float tanh_f32(float y) {
+  const float a = std::fabs(y), z = y * y;
+  float p = -1382.f / 155925.f;
+  p = p * z + 62.f / 2835.f;
+  p = p * z - 17.f / 315.f;
+  p = p * z + 2.f / 15.f;
+  p = p * z - 1.f / 3.f;
+  p = p * z + 1.f;
+  const float e = exp_nonpos(-2.f * a);
+  const float t = (1.f - e) / (1.f + e);
+  return a < 0.4f ? y * p : (y < 0.f ? -t : t);
+}
+
+// (No hand-written AVX-512 form: it could not be measured or tested on the machines at hand, which have no
+// AVX-512; the x86-64-v4 clone is the compiler's vectorisation of this loop.)
+AE_CLONES void softcap_row(float* x, int64_t n, float cap, float* d) {
+  const float inv = 1.f / cap;
+  if (d == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] = cap * tanh_f32(x[j] * inv);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = tanh_f32(x[j] * inv);
+      x[j] = cap * t;
+      d[j] = 1.f - t * t;
+    }
+  }
+}
+
 AE_CLONES void scale_row(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }

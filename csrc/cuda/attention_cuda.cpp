@@ -152,29 +152,32 @@ struct CudaDev {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  return forward_op(CudaDev{}, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+    double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+    double softcap) {
+  return forward_op(CudaDev{}, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
   return backward_op(CudaDev{}, grad_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                     window, mask_grad, grad_lse);
+                     window, mask_grad, grad_lse, softcap);
 }
 
 at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                         const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                        std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
-  return weights_op(CudaDev{}, q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads);
+                        std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads,
+                        double softcap) {
+  return weights_op(CudaDev{}, q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads,
+                    softcap);
 }
 
 at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                       const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  return weights_cuda(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false);
+                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+  return weights_cuda(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false, softcap);
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
@@ -215,9 +218,9 @@ at::Tensor sm90_gemm_selftest_cuda(const at::Tensor& a, const at::Tensor& b, int
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool average_heads) {
+    bool average_heads, double softcap) {
   return forward_then_probs(forward_cuda, weights_cuda, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
-                            average_heads);
+                            average_heads, softcap);
 }
 
 // Variable-length sequences: forward and backward in one launch (each kernel) over the packed sequences, or
@@ -226,20 +229,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
   c10::cuda::CUDAGuard guard(q.device());
   const LaunchEnv env = make_env(q);
   return run_varlen_forward(
       forward_cuda, [&] { return draw_rng_state(q, dropout_p, env); }, find_fwd_or_fail,
       [](auto&& fn, const LaunchTensors& = {}) { CudaDev{}.launch("varlen forward", {}, fn); }, env,
-      "cuda varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window);
+      "cuda varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window,
+      softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
   c10::cuda::CUDAGuard guard(q.device());
   return run_varlen_backward(
       backward_cuda, [&](const at::Tensor& r) { return r.to(q.device()).contiguous(); }, find_fwd_or_fail,
@@ -248,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
         CudaDev{}.launch(what, {}, fn);
       },
       make_env(q), "cuda varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window, grad_lse);
+      enable_gqa, window, grad_lse, softcap);
 }
 
 }  // namespace

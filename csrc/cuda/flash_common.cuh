@@ -37,6 +37,20 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// Logit soft-capping (FwdParams::softcap) of a warp's accumulator tile of scaled scores, before the mask:
+// x = cap tanh(x / cap), with tanh(y) = 1 - 2 / (1 + e^{2y}): one exp2 and one division, an absolute error of
+// about 1e-7 in tanh for every y (e^{2y} = inf gives 1, 0 gives -1), so about cap * 1e-7 in the score.
+// k2 = 2 log2(e) / cap. (Written so that only cap and k2 stay live: the sm80 forwards' spills are unchanged.)
+template <int A, int B>
+__device__ __forceinline__ void softcap_acc(float (&s)[A][B][4], float cap, float k2) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) s[a][b][r] = cap * (1.f - 2.f / (1.f + exp2f(s[a][b][r] * k2)));
+}
+
 // ---------------------------------------------------------------------------
 // PTX wrappers
 // (emu/ptx_emu.h replaces them, with the same names, in the CPU emulation of

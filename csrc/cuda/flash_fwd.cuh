@@ -5,7 +5,8 @@
 // owns 16*kMT consecutive query rows and the full key tile width, so the
 // online softmax needs only quad shuffles. Per key tile:
 //   S = Q K^T            (Q and K from shared memory, fp32 accumulators)
-//   x = S*scale (+ mask, -inf outside the window / causal bound)
+//   x = S*scale, soft-capped (cap tanh(x / cap)) when p.softcap > 0
+//   x += mask, -inf outside the window / causal bound
 //   online softmax: m = max(m, rowmax x), P = exp2((x - m) * log2e),
 //   O *= exp2((m_old - m) * log2e), l = l*alpha + rowsum P (before dropout)
 //   dropout zeroes P (the 1/(1-p) goes into the final normalisation)
@@ -236,6 +237,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale;
+    if (p.softcap > 0.0) {  // (read per tile from the parameters: no register held across the loop)
+      const float cap = static_cast<float>(p.softcap);
+      softcap_acc(s, cap, 2.f * kLog2e / cap);
+    }
     if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
       dispatch_mask(p, [&](auto tag) {
         using MaskT = typename decltype(tag)::type;

@@ -35,17 +35,17 @@ template <class Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const Dev& dev, const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                           double dropout_p, bool is_causal, std::optional<double> scale,
-                                                          bool enable_gqa, at::IntArrayRef window) {
+                                                          bool enable_gqa, at::IntArrayRef window,
+                                                          double softcap) {
   [[maybe_unused]] auto guard = dev.guard(q);
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   ForwardSetup st = prepare_forward(q, k, v, mask, opt);
   FwdParams& p = st.p;
   const LaunchEnv env = dev.env(q);
   at::Tensor rng = dev.draw_rng(q, dropout_p, env);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng.template data_ptr<int64_t>();  // the kernels read it on the device
-  if (cuda_composite(p)) {
-    if (log_kernels())
-      log_kernel(std::string(Dev::kForward) + (zero_head_dim(p) ? ": head dim 0" : ": float64") + ", in ATen operations");
+  if (const char* why = cuda_composite_reason(p, true)) {
+    if (log_kernels()) log_kernel(std::string(Dev::kForward) + ": " + why + ", in ATen operations");
     composite_forward(st, q, k, v, mask, opt, rng, false, false);
   } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
     const at::Tensor* m = st.m4 ? &*st.m4 : nullptr;
@@ -64,14 +64,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const Dev& dev, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
   [[maybe_unused]] auto guard = dev.guard(q);
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   BwdParams& p = st.p;
-  if (cuda_composite(p)) {
-    if (log_kernels())
-      log_kernel(std::string(Dev::kBackward) + (zero_head_dim(p) ? ": head dim 0" : ": float64") + ", in ATen operations");
+  if (const char* why = cuda_composite_reason(p, false)) {
+    if (log_kernels()) log_kernel(std::string(Dev::kBackward) + ": " + why + ", in ATen operations");
     return composite_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   }
   at::Tensor rng_k;
@@ -105,12 +104,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
 template <class Dev>
 at::Tensor weights_op(const Dev& dev, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                       const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
+                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads,
+                      double softcap) {
   [[maybe_unused]] auto guard = dev.guard(q);
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt, average_heads);
   FwdParams& p = st.p;
-  if (p.dim_qk == 0 || p.dtype == DType::kFloat64) {
+  if (cuda_composite_reason(p, false) != nullptr) {
     composite_probs(st, q, k, mask, opt, rng, average_heads);
     return st.probs;
   }

@@ -260,14 +260,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     Fwd&& fwd, DrawRng&& draw_rng, Find&& find, Launch&& launch, const LaunchEnv& env, const char* what,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k,
-                                           make_options(dropout_p, is_causal, scale, enable_gqa, window), max_q, max_k);
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+  PackedForward s = prepare_packed_forward(
+      q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap), max_q, max_k);
   FwdParams& p = s.st.p;
   const bool by_sequence = varlen_cuda_by_sequence(q, v);  // (find(p) has no kernel for it)
   const Sm90FwdEntry* hopper = by_sequence ? nullptr : packed_fwd_sm90(p, s.off, env);
   if (by_sequence || (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env))) {
-    return varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window);
+    return varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window, softcap);
   }
   at::Tensor rng = draw_rng().view({1, 2}).repeat({s.off.batch(), 1});
   if (dropout_p > 0.0) {
@@ -299,6 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
 template <class Launch>
 std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& fwd,
                          const BwdEntry& sm80, const char* what, Launch&& launch, bool sm90 = true) {
+  // the backward kernels have no soft cap: the ops take such calls in ATen operations (cuda_composite_reason)
+  TORCH_INTERNAL_ASSERT(p.softcap == 0.0, "attention_ext: a soft-capped call reached the CUDA backward kernels");
   if (const BwdEntry* h = sm90 ? find_bwd_sm90(p, env) : nullptr) {
     const BwdWorkspace ws = make_bwd_workspace(p, *h, env.num_sms, like);
     launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
@@ -335,16 +337,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     const LaunchEnv& env, const char* what, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale,
-    bool enable_gqa, at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window);
+    bool enable_gqa, at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
   auto by_sequence = [&](const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
     varlen_backward_by_sequence(bwd, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p, is_causal, scale,
-                                enable_gqa, window, grad_lse);
+                                enable_gqa, window, grad_lse, softcap);
     return std::make_tuple(dq, dk, dv);
   };
-  if (off.batch() <= 1 || varlen_cuda_by_sequence(q, v)) {
+  if (off.batch() <= 1 || varlen_cuda_by_sequence(q, v) || softcap > 0.0) {  // (softcap: ATen operations)
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     poison(dq);
     poison(dk);

@@ -41,11 +41,11 @@ namespace {
 
 using AttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const std::optional<at::Tensor>&, double, bool, std::optional<double>, bool,
-                               at::IntArrayRef);
+                               at::IntArrayRef, double);
 using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const std::optional<at::Tensor>&,
                                                                  double, bool, std::optional<double>, bool,
-                                                                 at::IntArrayRef);
+                                                                 at::IntArrayRef, double);
 
 int g_failures = 0;
 
@@ -76,13 +76,13 @@ void check_close(const std::string& name, const at::Tensor& got, const at::Tenso
   if (!(err <= tol)) fail(name + ": max abs error " + std::to_string(err) + " > " + std::to_string(tol));
 }
 
-// Plain LibTorch float64 attention: explicit matmul / mask / softmax.
+// Plain LibTorch float64 attention: explicit matmul / soft cap / mask / softmax.
 struct Ref {
   at::Tensor out, lse;
 };
 
 Ref reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-              bool causal, bool gqa, std::vector<int64_t> window) {
+              bool causal, bool gqa, std::vector<int64_t> window, double softcap = 0.0) {
   at::Tensor q64 = q.to(at::kDouble), k64 = k.to(at::kDouble), v64 = v.to(at::kDouble);
   const int64_t Hq = q.size(-3), L = q.size(-2), S = k.size(-2), E = q.size(-1);
   if (gqa && k.size(-3) != Hq) {
@@ -90,6 +90,7 @@ Ref reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     v64 = v64.repeat_interleave(Hq / k.size(-3), -3);
   }
   at::Tensor s = at::matmul(q64, k64.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(E)));
+  if (softcap > 0.0) s = at::tanh(s / softcap) * softcap;
   at::Tensor i = at::arange(L).unsqueeze(1), j = at::arange(S).unsqueeze(0);
   at::Tensor vis = at::ones({L, S}, at::kBool);
   if (causal) vis = vis & (j <= i);
@@ -120,6 +121,7 @@ struct Case {
   std::string mask;  // "", "float_grad", "bool_keypad"
   bool causal = false, gqa = false;
   std::vector<int64_t> window{-1, -1};
+  double softcap = 0.0;
 };
 
 void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
@@ -137,7 +139,7 @@ void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
     mask = m;
   }
 
-  at::Tensor out = attention.call(q, k, v, mask, 0.0, c.causal, std::nullopt, c.gqa, c.window);
+  at::Tensor out = attention.call(q, k, v, mask, 0.0, c.causal, std::nullopt, c.gqa, c.window, c.softcap);
   if (!out.requires_grad()) fail(c.name + ": output does not require grad");
   at::Tensor go = at::randn(out.sizes());
   std::vector<at::Tensor> inputs{q, k, v};
@@ -149,7 +151,7 @@ void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
   for (const auto& t : inputs) rin.push_back(leaf(t.detach().to(at::kDouble)));
   std::optional<at::Tensor> rmask = mask;
   if (c.mask == "float_grad") rmask = rin[3];
-  Ref r = reference(rin[0], rin[1], rin[2], rmask, c.causal, c.gqa, c.window);
+  Ref r = reference(rin[0], rin[1], rin[2], rmask, c.causal, c.gqa, c.window, c.softcap);
   auto rgrads = torch::autograd::grad({r.out}, rin, {go.to(at::kDouble)});
 
   check_close(c.name + " output", out, r.out, 1e-5, 1e-5);
@@ -159,7 +161,7 @@ void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
   // the internal forward op: same output, float32 log-sum-exp, int64[2] rng state
   auto [out2, lse, rng] = forward.call(q.detach(), k.detach(), v.detach(),
                                        mask.has_value() ? std::optional<at::Tensor>(mask->detach()) : std::nullopt,
-                                       0.0, c.causal, std::nullopt, c.gqa, c.window);
+                                       0.0, c.causal, std::nullopt, c.gqa, c.window, c.softcap);
   if (!at::equal(out2, out.detach())) fail(c.name + ": _attention_forward output differs from attention");
   if (lse.scalar_type() != at::kFloat) fail(c.name + ": logsumexp is not float32");
   if (rng.scalar_type() != at::kLong || rng.numel() != 2) fail(c.name + ": rng_state is not int64[2]");
@@ -178,7 +180,7 @@ void run_higher_order(const c10::TypedOperatorHandle<AttentionFn>& attention) {
                                           /*create_graph=*/true)[0];
     return torch::autograd::grad({gq.square().sum()}, {q, k, v});
   };
-  auto got = penalty(attention.call(q, k, v, std::nullopt, 0.0, true, std::nullopt, false, no_window));
+  auto got = penalty(attention.call(q, k, v, std::nullopt, 0.0, true, std::nullopt, false, no_window, 0.0));
   auto want = penalty(reference(q, k, v, std::nullopt, true, false, no_window).out);
   const char* names[] = {"q", "k", "v"};
   for (size_t t = 0; t < 3; ++t)
@@ -189,7 +191,7 @@ void run_higher_order(const c10::TypedOperatorHandle<AttentionFn>& attention) {
   const uint64_t level = torch::autograd::ForwardADLevel::get_next_idx();
   at::Tensor out = attention.call(at::_make_dual(q0, tq, level), at::_make_dual(k0, tk, level),
                                   at::_make_dual(v0, tv, level), std::nullopt, 0.0, true, std::nullopt, false,
-                                  no_window);
+                                  no_window, 0.0);
   at::Tensor tangent = std::get<1>(at::_unpack_dual(out, level));
   torch::autograd::ForwardADLevel::release_idx(level);
   const double eps = 1e-6;
@@ -262,13 +264,18 @@ int main(int argc, char** argv) {
     Case win{"window_3_1_S300", {1, 2, 70, 16}, {1, 2, 300, 16}, {1, 2, 300, 16}, ""};
     win.window = {3, 1};
     cases.push_back(win);
+    Case cap{"softcap_2_gqa_causal_float_mask_grad", {2, 4, 29, 32}, {2, 2, 29, 32}, {2, 2, 29, 8}, "float_grad"};
+    cap.causal = true;
+    cap.gqa = true;
+    cap.softcap = 2.0;
+    cases.push_back(cap);
     for (const auto& c : cases) run_case(attention, forward, c);
     run_higher_order(attention);
 
     // errors surface as the c10 exception types (ValueError / TypeError in Python)
     try {
       attention.call(at::randn({1, 2, 3, 4}), at::randn({1, 2, 3, 4}, at::kHalf), at::randn({1, 2, 3, 4}),
-                     std::nullopt, 0.0, false, std::nullopt, false, std::vector<int64_t>{-1, -1});
+                     std::nullopt, 0.0, false, std::nullopt, false, std::vector<int64_t>{-1, -1}, 0.0);
       fail("dtype mismatch did not raise");
     } catch (const c10::TypeError& e) {
       if (std::string(e.what()).find("key dtype (Half) must match query dtype (Float)") == std::string::npos)
@@ -276,7 +283,7 @@ int main(int argc, char** argv) {
     }
     try {
       attention.call(at::randn({1, 4, 3, 4}), at::randn({1, 2, 3, 4}), at::randn({1, 2, 3, 4}), std::nullopt, 0.0,
-                     false, std::nullopt, false, std::vector<int64_t>{-1, -1});
+                     false, std::nullopt, false, std::vector<int64_t>{-1, -1}, 0.0);
       fail("head mismatch did not raise");
     } catch (const c10::ValueError& e) {
       if (std::string(e.what()).find("pass enable_gqa=True") == std::string::npos)

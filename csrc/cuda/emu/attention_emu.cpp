@@ -137,29 +137,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emu(const at::Tensor& q, 
                                                            const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                            double dropout_p, bool is_causal,
                                                            std::optional<double> scale, bool enable_gqa,
-                                                           at::IntArrayRef window) {
-  return forward_op(EmuDev{}, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window);
+                                                           at::IntArrayRef window, double softcap) {
+  return forward_op(EmuDev{}, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
   return backward_op(EmuDev{}, grad_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
-                     mask_grad, grad_lse);
+                     mask_grad, grad_lse, softcap);
 }
 
 at::Tensor weights_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                        const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                       std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads) {
-  return weights_op(EmuDev{}, q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads);
+                       std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads,
+                       double softcap) {
+  return weights_op(EmuDev{}, q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads,
+                    softcap);
 }
 
 at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
-  return weights_emu(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false);
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+  return weights_emu(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false, softcap);
 }
 
 at::Tensor dropout_mask_emu(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
@@ -179,9 +181,9 @@ at::Tensor dropout_mask_emu(const at::Tensor& rng, int64_t batch, int64_t heads,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_emu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool average_heads) {
+    bool average_heads, double softcap) {
   return forward_then_probs(forward_emu, weights_emu, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
-                            average_heads);
+                            average_heads, softcap);
 }
 
 // Variable-length sequences as the CUDA backend runs them (attention_cuda.cpp), over the emulated kernels: forward
@@ -190,21 +192,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_emu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window) {
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
   return run_varlen_forward(
       forward_emu, [&] { return draw_rng_state(dropout_p); }, find_fwd_or_fail,
       [&](auto&& fn, const LaunchTensors& extra = {}) {
         EmuDev{}.launch("varlen forward", LaunchTensors{&q, &k, &v} + extra, fn);
       },
       make_env(q), "emu varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-      window);
+      window, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse) {
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
   return run_varlen_backward(
       backward_emu, [](const at::Tensor& r) { return r.contiguous(); }, find_fwd_or_fail,
       [](const BwdParams& p) { return &EmuDev{}.bwd(p); },
@@ -216,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
                         fn);
       },
       make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window, grad_lse);
+      enable_gqa, window, grad_lse, softcap);
 }
 
 }  // namespace

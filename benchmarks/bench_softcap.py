@@ -1,0 +1,104 @@
+"""What logit soft-capping costs: attention_ext.attention(..., softcap=c) against plain attention in the same run,
+forward only and forward + backward, and Gemma 2's eager formula (scores, tanh, mask, softmax in float32, as
+transformers' eager attention computes it) as PyTorch's way of getting the same result.
+
+    python benchmarks/bench_softcap.py [--quick] [--device cpu|cuda] [--dtypes float32,bfloat16]
+
+The CPU kernels fuse the cap in the forward and the backward (one tanh per score, and its derivative in the
+backward); on CUDA the forward kernels fuse it and the backward runs in ATen operations, so the CUDA
+forward + backward column is expected well above plain attention. Medians of interleaved repeats (CUDA: device
+events); TFLOP/s counts 4 * B * H * L * S * E forward, 3.5x that forward + backward (halved when causal); raw
+JSON into benchmarks/results/<device>/bench_softcap_<commit>.json.
+"""
+import argparse
+import sys
+
+import torch
+
+import attention_ext
+from bench_decode import device_name, measure, save_results
+
+POINTS = [(2, 8, 1024, 64, True), (2, 8, 1024, 64, False)]
+CUDA_POINTS = [(8, 16, 2048, 128, True), (4, 16, 4096, 64, True)]
+QUICK = [(1, 4, 256, 64, True)]
+CAP = 50.0  # Gemma 2's attn_logit_softcapping
+
+
+def eager_gemma2(q, k, v, cap, is_causal):
+    """transformers' eager Gemma 2 attention: scaled scores, tanh cap, causal mask, softmax in float32."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = torch.tanh(s / cap) * cap
+    if is_causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def run_point(B, H, L, E, causal, dtype, device, budget):
+    g = torch.Generator(device="cpu").manual_seed(L + E)
+    q, k, v = (torch.randn(B, H, L, E, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    go = torch.randn(B, H, L, E, generator=g).to(device, dtype)
+
+    def train(cap):
+        def fn():
+            out = attention_ext.attention(q, k, v, is_causal=causal, softcap=cap)
+            torch.autograd.grad(out, (q, k, v), go)
+        return fn
+
+    def infer(cap):
+        def fn():
+            with torch.no_grad():
+                attention_ext.attention(q, k, v, is_causal=causal, softcap=cap)
+        return fn
+
+    def eager():
+        out = eager_gemma2(q, k, v, CAP, causal)
+        torch.autograd.grad(out, (q, k, v), go)
+
+    fns = {"ours": train(0.0), "softcap": train(CAP), "fwd": infer(0.0), "fwd_softcap": infer(CAP), "eager": eager}
+    t = measure(fns, device, budget)
+    fwd_flops = 4 * B * H * L * L * E / (2 if causal else 1)
+    row = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": str(dtype).replace("torch.", ""), "cap": CAP}
+    for name, sec in t.items():
+        row[name + "_s"] = sec
+        row[name + "_TFLOPs"] = (fwd_flops if name.startswith("fwd") else 3.5 * fwd_flops) / sec / 1e12
+    with torch.no_grad():  # the same attention as the eager formula's
+        ours = attention_ext.attention(q, k, v, is_causal=causal, softcap=CAP).float()
+        row["max_abs_diff_vs_eager"] = (ours - eager_gemma2(q, k, v, CAP, causal).float()).abs().max().item()
+    row["softcap_ratio"] = t["softcap"] / t["ours"]
+    row["fwd_softcap_ratio"] = t["fwd_softcap"] / t["fwd"]
+    row["eager_over_softcap"] = t["eager"] / t["softcap"]
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one small point, few repeats")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of repeats per point and column")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    points = QUICK if args.quick else (CUDA_POINTS if device == "cuda" else POINTS)
+    budget = args.budget if args.budget is not None else (0.05 if args.quick else 2.0)
+    name = device_name(device)
+    print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}; softcap {CAP}")
+    print("| dtype | B | H | L = S | E | causal | fwd ms | fwd capped ms | fwd+bwd ms | fwd+bwd capped ms | "
+          "eager Gemma 2 ms | fwd capped / plain | fwd+bwd capped / plain | eager / capped |")
+    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for dt in args.dtypes.split(","):
+        for (B, H, L, E, causal) in points:
+            r = run_point(B, H, L, E, causal, getattr(torch, dt), device, budget)
+            rows.append(r)
+            print(f"| {r['dtype']} | {B} | {H} | {L} | {E} | {causal} | {r['fwd_s'] * 1e3:.1f} | "
+                  f"{r['fwd_softcap_s'] * 1e3:.1f} | {r['ours_s'] * 1e3:.1f} | {r['softcap_s'] * 1e3:.1f} | "
+                  f"{r['eager_s'] * 1e3:.1f} | {r['fwd_softcap_ratio']:.2f} | {r['softcap_ratio']:.2f} | "
+                  f"{r['eager_over_softcap']:.2f} |", flush=True)
+    save_results(device, name, "bench_softcap", rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
