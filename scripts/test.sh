@@ -8,4 +8,4 @@ bash scripts/setup.sh
 . "${ATTENTION_EXT_VENV:-.venv}/bin/activate"
 # Outputs are filled with NaN before the kernels write them (see csrc/glue.h: poison).
 export ATTENTION_EXT_POISON=1
-python -m pytest -q -ra "$@"
+python -m pytest -q -ra --durations=25 "$@"

@@ -200,10 +200,10 @@ def test_softcap_gradcheck_and_gradgradcheck():
     causal with a window), through the fused backward and the composite's double backward; and with dropout
     (one seed, one mask)."""
     g = torch.Generator().manual_seed(5)
-    q = (torch.randn(2, 4, 6, 8, dtype=f64, generator=g) * 2).requires_grad_()
-    k = (torch.randn(2, 2, 7, 8, dtype=f64, generator=g) * 2).requires_grad_()
-    v = torch.randn(2, 2, 7, 5, dtype=f64, generator=g, requires_grad=True)
-    m = torch.randn(6, 7, dtype=f64, generator=g, requires_grad=True)
+    q = (torch.randn(1, 2, 5, 4, dtype=f64, generator=g) * 2).requires_grad_()
+    k = (torch.randn(1, 1, 6, 4, dtype=f64, generator=g) * 2).requires_grad_()
+    v = torch.randn(1, 1, 6, 3, dtype=f64, generator=g, requires_grad=True)
+    m = torch.randn(5, 6, dtype=f64, generator=g, requires_grad=True)
 
     def fn(q, k, v, m):
         return attention_ext.attention(q, k, v, m, is_causal=True, enable_gqa=True, window_size=(3, -1), softcap=1.5)
