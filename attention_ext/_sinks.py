@@ -67,7 +67,8 @@ def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Option
     """(out', weights') in plain tensor operations, for inputs the kernels do not take (a head dim above 256, a
     device without kernels), as transformers' eager attention computes them (the sink's column joins the
     softmax, then is dropped; dropout after)."""
-    check_sinks(sinks, q)
+    if sinks is not None:
+        check_sinks(sinks, q)
     if k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
@@ -79,8 +80,11 @@ def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Option
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), -torch.inf)
     if mask is not None:
         s = s.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else s + mask
-    sink = sinks.to(s.dtype).reshape(-1, 1, 1).expand(*s.shape[:-1], 1)
-    p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    if sinks is None:  # (soft-capped attention without sinks, hf.py)
+        p = torch.softmax(s.float(), dim=-1).to(s.dtype)
+    else:
+        sink = sinks.to(s.dtype).reshape(-1, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
     p = torch.nn.functional.dropout(p, p=dropout_p, training=dropout_p > 0).to(v.dtype)
     return torch.matmul(p, v), p
 

@@ -87,23 +87,6 @@ def _softcap(kwargs) -> float:
     return 0.0 if cap is None else float(cap)
 
 
-def _eager(query, key, value, mask, dropout, is_causal, scaling, softcap):
-    """Attention in plain tensor operations, soft-capped, for inputs the kernels do not take (a head dim above
-    256, a device without kernels), as transformers' eager attention computes it."""
-    if key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
-    s = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    s = torch.tanh(s / softcap) * softcap
-    if is_causal:
-        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), -torch.inf)
-    if mask is not None:
-        s = s.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else s + mask
-    p = torch.softmax(s.float(), dim=-1).to(value.dtype)
-    p = torch.nn.functional.dropout(p, p=dropout, training=dropout > 0)
-    return torch.matmul(p, value), p
-
-
 def _packed_call(module, query, key, value, dropout, scaling, is_causal, kwargs):
     """Padding-free batches (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): one row of
     sequences packed end to end, with their boundaries in ``cu_seq_lens_q`` / ``cu_seq_lens_k``. Each sequence
@@ -182,7 +165,8 @@ def attention_forward(
 
     if softcap > 0 and sinks is None and (want_weights or not supports(query, key, value)):
         if not supports(query, key, value):
-            out, weights = _eager(query, key, value, attention_mask, dropout, is_causal, scaling, softcap)
+            out, weights = _sinks.eager(query, key, value, attention_mask, None, dropout, is_causal, scaling,
+                                        softcap)
         else:  # the weights exist in full anyway: the differentiable ATen composite (its dropout drawn fused)
             out, _, weights = _lse.composite(query, key, value, attention_mask, float(dropout), is_causal, scaling,
                                              gqa, list(_NO_WINDOW), need_weights=True, softcap=softcap)

@@ -364,3 +364,18 @@ def test_hf_gemma2_matches_eager():
         scale = g_e[n].abs().max().item()
         assert scale > 0, n
         torch.testing.assert_close(g_x[n], g_e[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_hf_softcap_head_dim_above_256_falls_back():
+    """Hugging Face's softcap where the kernels take no such head dim: the eager formula, soft-capped, against the
+    float64 reference."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 5, 320, generator=g) * 3 for _ in range(3))
+
+    class M(torch.nn.Module):
+        is_causal = True
+
+    out, _ = attention_ext.hf.attention_forward(M(), q, k, v, None, scaling=0.05, is_causal=True, softcap=2.0)
+    ref, _, _ = reference(q, k, v, None, 2.0, is_causal=True, scale=0.05)
+    # (float32 scores summed over 320 products of values ~3: ~1e-6 of rounding in the scores themselves)
+    torch.testing.assert_close(out.transpose(1, 2).double(), ref, rtol=1e-5, atol=1e-5)
