@@ -17,6 +17,9 @@ Environment switches
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default: the visible GPUs, else "8.0;9.0a"; 9.0 is
                               built as 9.0a, the target with wgmma / setmaxnreg that the Hopper
                               kernels need; a list naming plain "9.0" builds no Hopper kernels)
+  ATTENTION_EXT_DEBUG_INFO=1  keep the host compiler's debug information (-g, from Python's own CFLAGS);
+                              by default the C++ sources are compiled with -g0, which takes a quarter off the
+                              compile time of the torch-heavy files (ops.cpp: 39 -> 29 s)
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 import glob
@@ -86,9 +89,14 @@ def default_arch_list():
     return ";".join(archs) if archs else "8.0;9.0a"
 
 
+def no_debug_info():
+    """-g0 after distutils' flags, which carry Python's own CFLAGS (-g): the last -g option wins."""
+    return [] if env_flag("ATTENTION_EXT_DEBUG_INFO") else ["-g0"]
+
+
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"] + no_debug_info()
     define_macros = []
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -183,7 +191,7 @@ def emu_extension():
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda"), os.path.join(CUDA_HEADERS_HOME, "include")],
         define_macros=[("ATTENTION_EXT_SIMT_EMU", "1")] + ([("ATTENTION_EXT_EMU_ACCESS_HOOKS", "1")] if hooks else []),
         extra_compile_args={"cxx": ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]
-                            + hooks},
+                            + no_debug_info() + hooks},
         py_limited_api=True,
     )
     ext.plain_sources = plain  # compiled without the hooks' flags (Build.build_extension)
