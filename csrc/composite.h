@@ -50,15 +50,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
 //     gives an empty output;
 //   - float64 on CUDA, which SDPA's math backend takes on the GPU (gradcheck there): the CPU has float64
 //     kernels, the CUDA ops (and the emulator's, which share their glue) take it here;
-//   - on CUDA, the backward and the attention weights of a soft-capped call: only the CUDA forward kernels fuse
-//     the cap (the CPU kernels fuse it everywhere).
+//   - on CUDA, the backward of a soft-capped call with a float mask: the backward kernel recovers tanh from the
+//     capped score, which a float mask has been added to (the CPU kernels fuse every case).
 inline bool zero_head_dim(const FwdParams& p) { return p.dim_qk == 0 || p.dim_v == 0; }
-// Why the CUDA ops take a call here (the kernel log says it), or nullptr when their kernels take it; forward:
-// the forward op, else the backward or the weights.
-inline const char* cuda_composite_reason(const FwdParams& p, bool forward) {
+// Why the CUDA ops take a call here (the kernel log says it), or nullptr when their kernels take it; backward:
+// the backward op, else the forward or the weights.
+inline const char* cuda_composite_reason(const FwdParams& p, bool backward) {
   if (zero_head_dim(p)) return "head dim 0";
   if (p.dtype == DType::kFloat64) return "float64";
-  if (!forward && p.softcap > 0.0) return "softcap (fused in the forward only)";
+  if (backward && p.softcap > 0.0 && p.mask_kind == MaskKind::kAdditive) return "softcap with a float mask";
   return nullptr;
 }
 // Fills st.out and st.lse; returns the weights (need_weights: per head, or their mean with average_heads;

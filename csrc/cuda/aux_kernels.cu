@@ -113,8 +113,8 @@ using TileBuf = float[kPT][kPT + 1];
 // with NaN at each CTA's start and its racecheck watches it).
 constexpr size_t kTileSmem = 2 * sizeof(TileBuf);
 
-// The masks and scale of a tile: x[r] = scale * acc[r] + mask for rows i = i0 + ty + 8 r and key j = j0 + tx
-// (-inf where not visible).
+// The scale, soft cap and masks of a tile: x[r] = scale * acc[r] (soft-capped) + mask for rows i = i0 + ty + 8 r
+// and key j = j0 + tx (-inf where not visible).
 __device__ __forceinline__ void score_epilogue(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t j0,
                                                const float (&acc)[4], float (&x)[4]) {
   const int tx = threadIdx.x % kPT, ty = threadIdx.x / kPT;
@@ -130,6 +130,10 @@ __device__ __forceinline__ void score_epilogue(const FwdParams& p, int64_t b, in
     key_range(p, i, lo, hi);
     if (j < lo || j >= hi) continue;
     x[r] = acc[r] * scale;
+    if (p.softcap > 0.0) {  // (tanh as the flash kernels take it: softcap_acc)
+      const float cap = static_cast<float>(p.softcap);
+      x[r] = cap * (1.f - 2.f / (1.f + exp2f(x[r] * (2.f * kLog2e / cap))));
+    }
     if (p.mask_kind != MaskKind::kNone) {
       const Strides4& ms = p.mask_stride;
       x[r] += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c);

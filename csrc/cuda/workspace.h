@@ -299,8 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
 template <class Launch>
 std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& fwd,
                          const BwdEntry& sm80, const char* what, Launch&& launch, bool sm90 = true) {
-  // the backward kernels have no soft cap: the ops take such calls in ATen operations (cuda_composite_reason)
-  TORCH_INTERNAL_ASSERT(p.softcap == 0.0, "attention_ext: a soft-capped call reached the CUDA backward kernels");
+  // the kernels' soft cap takes no float mask: the ops run such calls in ATen operations (cuda_composite_reason)
+  TORCH_INTERNAL_ASSERT(p.softcap == 0.0 || p.mask_kind != MaskKind::kAdditive,
+                        "attention_ext: a soft-capped call with a float mask reached the CUDA backward kernels");
   if (const BwdEntry* h = sm90 ? find_bwd_sm90(p, env) : nullptr) {
     const BwdWorkspace ws = make_bwd_workspace(p, *h, env.num_sms, like);
     launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
@@ -346,7 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
                                 enable_gqa, window, grad_lse, softcap);
     return std::make_tuple(dq, dk, dv);
   };
-  if (off.batch() <= 1 || varlen_cuda_by_sequence(q, v) || softcap > 0.0) {  // (softcap: ATen operations)
+  // (softcap: the packed backward kernel has no cap, the ordinary one takes each sequence)
+  if (off.batch() <= 1 || varlen_cuda_by_sequence(q, v) || softcap > 0.0) {
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     poison(dq);
     poison(dk);
