@@ -125,9 +125,9 @@ bool register_fwd_sm90(const Sm90FwdEntry& e) {
 }
 
 const Sm90FwdEntry* find_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
-  // No soft cap in the Hopper forward (its consumers have no register to spare: the cap cost the packed
-  // variants 4-16 B of spills): the sm80 kernel, which fuses it, takes soft-capped calls.
-  if (!sm90_eligible(p, env) || p.softcap > 0.0) return nullptr;
+  // No soft cap in the packed Hopper forward (its consumers have no register to spare: the cap cost them 4-16 B
+  // of spills): the sm80 kernel, which fuses it, takes packed soft-capped calls.
+  if (!sm90_eligible(p, env) || (p.softcap > 0.0 && p.cu_seqlens_q != nullptr)) return nullptr;
   return find_in(fwd_sm90_table(), p.dtype, static_cast<int>(std::max(p.dim_qk, p.dim_v)));
 }
 
