@@ -4,10 +4,8 @@ transformers' eager attention computes it) as PyTorch's way of getting the same 
 
     python benchmarks/bench_softcap.py [--quick] [--device cpu|cuda] [--dtypes float32,bfloat16]
 
-The CPU kernels and the sm80 CUDA kernels fuse the cap in the forward and the backward (one tanh per score, and
-its derivative in the backward); on an H100 the Hopper forward fuses it too, but the Hopper backward declines
-soft-capped calls, so there the capped forward + backward column times the sm80 backward against the Hopper
-one's plain attention. Medians of interleaved repeats (CUDA: device
+The CPU kernels and the CUDA kernels (sm80 and Hopper) fuse the cap in the forward and the backward (one tanh per
+score, and its derivative in the backward). Medians of interleaved repeats (CUDA: device
 events); TFLOP/s counts 4 * B * H * L * S * E forward, 3.5x that forward + backward (halved when causal); raw
 JSON into benchmarks/results/<device>/bench_softcap_<commit>.json.
 """

@@ -137,8 +137,9 @@ bool register_bwd_sm90(const BwdEntry& e) {
 }
 
 const BwdEntry* find_bwd_sm90(const BwdParams& p, const LaunchEnv& env) {
-  // (no soft cap in the Hopper backward either: the sm80 kernel fuses it)
-  if (!sm90_eligible(p, env) || p.dmask != nullptr || p.deterministic || p.softcap > 0.0) return nullptr;
+  // (no soft cap in the packed Hopper backward either: the sm80 kernel takes those calls sequence by sequence)
+  if (!sm90_eligible(p, env) || p.dmask != nullptr || p.deterministic) return nullptr;
+  if (p.softcap > 0.0 && p.cu_seqlens_q != nullptr) return nullptr;
   if (p.cu_seqlens_q != nullptr) {
     if (p.heads_q * p.total_q > 0x7ffffffe ||  // the dQ workspace map's row coordinates
         !tma_readable_packed(p.dout, p.do_stride, p.heads_q, p.len_q, p.total_q, p.dim_v)) {

@@ -161,11 +161,13 @@ __device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int
 // 1 / (1 - p)), as in the sm80 backward: st becomes P^T o Z (the dV operand,
 // scaled by keep_scale once in the epilogue) and dS^T = P^T o (dP^T o Z
 // keep_scale - D_i).
+// cap > 0 (FwdParams::softcap): S^T scale is soft-capped, cap tanh(S^T scale / cap), before the mask, and
+// dS^T is multiplied by the cap's derivative 1 - tanh^2.
 template <int kRows, bool kDropout, int NTS>
 __device__ __forceinline__ void softmax_grad(const BwdParams& p, const float* stats, float (&st)[1][NTS][4],
                                              float (&dpt)[1][NTS][4], const int (&jrow)[2],
                                              const float (&kmask)[2], int64_t i0, int qcol0, bool all_visible,
-                                             float scale, int t, uint32_t bits, float keep_scale) {
+                                             float scale, int t, uint32_t bits, float keep_scale, float cap) {
   const int64_t L = p.len_q, S = p.len_k;
 #pragma unroll
   for (int nt = 0; nt < NTS; ++nt) {
@@ -184,15 +186,21 @@ __device__ __forceinline__ void softmax_grad(const BwdParams& p, const float* st
       for (int hr = 0; hr < 2; ++hr) {
         const int r = 2 * hr + cc;
         const bool vis = all_visible || (row_ok && jrow[hr] >= lo && jrow[hr] < hi);
-        const float x = st[0][nt][r] * scale + kmask[hr];
+        float y = st[0][nt][r] * scale, dcap = 1.f;
+        if (cap > 0.f) {  // cap tanh(y / cap) before the mask (softcap_acc's formula); dS times 1 - tanh^2
+          const float th = 1.f - 2.f / (1.f + exp2f(y * (2.f * kLog2e / cap)));
+          y = cap * th;
+          dcap = 1.f - th * th;
+        }
+        const float x = y + kmask[hr];
         const float pv = vis ? exp2f(((x - shift) - logl) * kLog2e) : 0.f;
         if constexpr (kDropout) {
           const bool keep = (bits >> (4 * nt + r)) & 1u;
           st[0][nt][r] = keep ? pv : 0.f;
-          dpt[0][nt][r] = pv * ((keep ? dpt[0][nt][r] * keep_scale : 0.f) - dsum);
+          dpt[0][nt][r] = pv * ((keep ? dpt[0][nt][r] * keep_scale : 0.f) - dsum) * dcap;
         } else {
           st[0][nt][r] = pv;
-          dpt[0][nt][r] = pv * (dpt[0][nt][r] - dsum);
+          dpt[0][nt][r] = pv * (dpt[0][nt][r] - dsum) * dcap;
         }
       }
     }
@@ -552,7 +560,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
     const bool all_visible =
         i0 + kBlockM <= pi.len_q && tile_fully_visible(pi, i0, i0 + kBlockM - 1, j0, kBlockN);
     bwd::softmax_grad<kBlockM, kDropout>(pi, reinterpret_cast<const float*>(gen(sStat0 + s * Cfg::kStatBytes)), st,
-                                         dpt, jrow, kmask, i0, qcol0, all_visible, scale, t, bits, keep_scale);
+                                         dpt, jrow, kmask, i0, qcol0, all_visible, scale, t, bits, keep_scale,
+                                         kPacked ? 0.f : static_cast<float>(pc.softcap));  // (packed: no cap)
 
     float acc_dq[1][NTD][4];
     if constexpr (!kDimSplit) {
@@ -748,6 +757,7 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEn
   if (p.len_q > 0x7fffffff || p.len_k > 0x7fffffff || p.heads_q > 0x7fffffff || p.batch > 0x7fffffff) {
     return cudaErrorNotSupported;
   }
+  if (kPacked && p.softcap > 0.0) return cudaErrorNotSupported;  // (the packed variants have no cap)
   const int64_t blocks = ceil_div(p.len_k, Cfg::kBlockN) * p.batch * p.heads_kv;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorNotSupported;
