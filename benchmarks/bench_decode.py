@@ -102,34 +102,52 @@ def device_name(device):
         return platform.processor() or platform.machine()
 
 
+class Bench:
+    """What the small benchmarks (this one, bench_lse, bench_softcap, bench_varlen) share: their command line
+    (--quick, --device, --dtypes, --budget, --out), the device (cuda when available), the time budget per point
+    and column (quick or not), the machine's line and the markdown table's header."""
+
+    def __init__(self, argv, quick_help, dtypes="float32,bfloat16", budgets=(0.02, 0.5)):
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--quick", action="store_true", help=quick_help)
+        ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        ap.add_argument("--dtypes", default=dtypes)
+        ap.add_argument("--budget", type=float, default=None, help="seconds of repeats per point and column")
+        ap.add_argument("--out", default=None)
+        args = ap.parse_args(argv)
+        self.quick, self.out = args.quick, args.out
+        self.dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.budget = args.budget if args.budget is not None else budgets[0 if args.quick else 1]
+        self.name = device_name(self.device)
+
+    def header(self, columns, left=1, note=""):
+        """Prints the machine's line and the table's header: `left` columns of text, the rest numbers."""
+        print(f"{self.name}, torch {torch.__version__}, threads {torch.get_num_threads()}{note}")
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * left + "---:|" * (len(columns) - left))
+
+    def save(self, stem, rows, **extra):
+        save_results(self.device, self.name, stem, rows, self.out, **extra)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="one model, short caches, few repeats")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--dtypes", default="float32,bfloat16,float16")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of repeats per point and backend")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models, caches = (MODELS[1:2], [256, 1024]) if args.quick else (MODELS, CACHE)
-    budget = args.budget if args.budget is not None else (0.02 if args.quick else 0.5)
-    name = device_name(device)
-    print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| dtype | B | Hq / Hkv | E | S | L | ours ms | torch ms | ours GB/s | torch GB/s | torch/ours "
-          "| GQA packing gain |")
-    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    bench = Bench(argv, "one model, short caches, few repeats", "float32,bfloat16,float16")
+    models, caches = (MODELS[1:2], [256, 1024]) if bench.quick else (MODELS, CACHE)
+    bench.header(["dtype", "B", "Hq / Hkv", "E", "S", "L", "ours ms", "torch ms", "ours GB/s", "torch GB/s",
+                  "torch/ours", "GQA packing gain"], left=6)
     rows = []
-    for dt in args.dtypes.split(","):
+    for dt in bench.dtypes:
         for (B, Hq, Hkv, E) in models:
             for S in caches:
                 for L in ROWS:
-                    r = run_point(B, Hq, Hkv, E, S, L, getattr(torch, dt), device, budget)
+                    r = run_point(B, Hq, Hkv, E, S, L, dt, bench.device, bench.budget)
                     rows.append(r)
                     gain = "—" if r["pack_gain"] is None else f"{r['pack_gain']:.2f}"
                     print(f"| {r['dtype']} | {B} | {Hq} / {Hkv} | {E} | {S} | {L} | {r['ours_s'] * 1e3:.3f} | "
                           f"{r['torch_s'] * 1e3:.3f} | {r['ours_GBps']:.1f} | {r['torch_GBps']:.1f} | "
                           f"{r['speedup']:.2f} | {gain} |", flush=True)
-    save_results(device, name, "bench_decode", rows, args.out)
+    bench.save("bench_decode", rows)
     return rows
 
 

@@ -11,13 +11,12 @@ about what plain attention costs. Medians of interleaved repeats (CUDA: device e
 plain attention's 3.5 * 4 * B * H * L * S * E (halved when causal) for every column; raw JSON into
 benchmarks/results/<device>/bench_lse_<commit>.json.
 """
-import argparse
 import sys
 
 import torch
 
 import attention_ext
-from bench_decode import device_name, measure, save_results
+from bench_decode import Bench, measure
 
 POINTS = [(2, 8, 1024, 64, True), (2, 8, 1024, 64, False)]
 CUDA_POINTS = [(8, 16, 2048, 128, True), (8, 16, 2048, 128, False), (4, 32, 4096, 64, True)]
@@ -72,30 +71,19 @@ def run_point(B, H, L, E, causal, dtype, device, budget):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="one small point, few repeats")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of repeats per point and column")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    points = QUICK if args.quick else (CUDA_POINTS if device == "cuda" else POINTS)
-    budget = args.budget if args.budget is not None else (0.05 if args.quick else 2.0)
-    name = device_name(device)
-    print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}; forward + backward")
-    print("| dtype | B | H | L = S | E | causal | plain ms | lse used ms | sinks ms | eager sinks ms "
-          "| lse / plain | sinks / plain | eager / sinks |")
-    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    bench = Bench(argv, "one small point, few repeats", budgets=(0.05, 2.0))
+    points = QUICK if bench.quick else (CUDA_POINTS if bench.device == "cuda" else POINTS)
+    bench.header(["dtype", "B", "H", "L = S", "E", "causal", "plain ms", "lse used ms", "sinks ms", "eager sinks ms",
+                  "lse / plain", "sinks / plain", "eager / sinks"], left=6, note="; forward + backward")
     rows = []
-    for dt in args.dtypes.split(","):
+    for dt in bench.dtypes:
         for (B, H, L, E, causal) in points:
-            r = run_point(B, H, L, E, causal, getattr(torch, dt), device, budget)
+            r = run_point(B, H, L, E, causal, dt, bench.device, bench.budget)
             rows.append(r)
             print(f"| {r['dtype']} | {B} | {H} | {L} | {E} | {causal} | {r['ours_s'] * 1e3:.1f} | "
                   f"{r['lse_s'] * 1e3:.1f} | {r['sinks_s'] * 1e3:.1f} | {r['eager_sinks_s'] * 1e3:.1f} | "
                   f"{r['lse_ratio']:.2f} | {r['sinks_ratio']:.2f} | {r['eager_sinks_over_sinks']:.2f} |", flush=True)
-    save_results(device, name, "bench_lse", rows, args.out)
+    bench.save("bench_lse", rows)
     return rows
 
 

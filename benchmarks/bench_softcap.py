@@ -9,13 +9,12 @@ score, and its derivative in the backward). Medians of interleaved repeats (CUDA
 events); TFLOP/s counts 4 * B * H * L * S * E forward, 3.5x that forward + backward (halved when causal); raw
 JSON into benchmarks/results/<device>/bench_softcap_<commit>.json.
 """
-import argparse
 import sys
 
 import torch
 
 import attention_ext
-from bench_decode import device_name, measure, save_results
+from bench_decode import Bench, measure
 
 POINTS = [(2, 8, 1024, 64, True), (2, 8, 1024, 64, False)]
 CUDA_POINTS = [(8, 16, 2048, 128, True), (4, 16, 4096, 64, True)]
@@ -71,31 +70,21 @@ def run_point(B, H, L, E, causal, dtype, device, budget):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="one small point, few repeats")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of repeats per point and column")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    points = QUICK if args.quick else (CUDA_POINTS if device == "cuda" else POINTS)
-    budget = args.budget if args.budget is not None else (0.05 if args.quick else 2.0)
-    name = device_name(device)
-    print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}; softcap {CAP}")
-    print("| dtype | B | H | L = S | E | causal | fwd ms | fwd capped ms | fwd+bwd ms | fwd+bwd capped ms | "
-          "eager Gemma 2 ms | fwd capped / plain | fwd+bwd capped / plain | eager / capped |")
-    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    bench = Bench(argv, "one small point, few repeats", budgets=(0.05, 2.0))
+    points = QUICK if bench.quick else (CUDA_POINTS if bench.device == "cuda" else POINTS)
+    bench.header(["dtype", "B", "H", "L = S", "E", "causal", "fwd ms", "fwd capped ms", "fwd+bwd ms",
+                  "fwd+bwd capped ms", "eager Gemma 2 ms", "fwd capped / plain", "fwd+bwd capped / plain",
+                  "eager / capped"], left=6, note=f"; softcap {CAP}")
     rows = []
-    for dt in args.dtypes.split(","):
+    for dt in bench.dtypes:
         for (B, H, L, E, causal) in points:
-            r = run_point(B, H, L, E, causal, getattr(torch, dt), device, budget)
+            r = run_point(B, H, L, E, causal, dt, bench.device, bench.budget)
             rows.append(r)
             print(f"| {r['dtype']} | {B} | {H} | {L} | {E} | {causal} | {r['fwd_s'] * 1e3:.1f} | "
                   f"{r['fwd_softcap_s'] * 1e3:.1f} | {r['ours_s'] * 1e3:.1f} | {r['softcap_s'] * 1e3:.1f} | "
                   f"{r['eager_s'] * 1e3:.1f} | {r['fwd_softcap_ratio']:.2f} | {r['softcap_ratio']:.2f} | "
                   f"{r['eager_over_softcap']:.2f} |", flush=True)
-    save_results(device, name, "bench_softcap", rows, args.out)
+    bench.save("bench_softcap", rows)
     return rows
 
 

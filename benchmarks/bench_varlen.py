@@ -17,7 +17,6 @@ FLOPs count only the real tokens (sum over sequences of 4 * heads * L_b^2 * E, h
 forward + backward). Medians of interleaved repeats; raw JSON into
 benchmarks/results/<device>/bench_varlen_<commit>.json.
 """
-import argparse
 import os
 import sys
 import warnings
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention_ext  # noqa: E402
 import statistics  # noqa: E402
 
-from bench_decode import device_name, save_results, timer  # noqa: E402
+from bench_decode import Bench, timer  # noqa: E402
 
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")
 H, E = 8, 64
@@ -136,27 +135,16 @@ def run_point(n, longest, causal, dtype, device, budget, mode):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="one small batch, few repeats")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of repeats per point and backend")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batches = [(6, 64)] if args.quick else BATCHES
-    budget = args.budget if args.budget is not None else (0.02 if args.quick else 0.5)
-    name = device_name(device)
-    print(f"{name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| dtype | mode | causal | sequences | longest | tokens | ours ms | torch-nested ms | torch-padded ms | "
-          "torch-loop ms | best torch / ours | packed sm80 / packed Hopper |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    bench = Bench(argv, "one small batch, few repeats")
+    batches = [(6, 64)] if bench.quick else BATCHES
+    bench.header(["dtype", "mode", "causal", "sequences", "longest", "tokens", "ours ms", "torch-nested ms",
+                  "torch-padded ms", "torch-loop ms", "best torch / ours", "packed sm80 / packed Hopper"], left=3)
     rows = []
-    for dt in args.dtypes.split(","):
+    for dt in bench.dtypes:
         for mode in ("fwd", "fwd+bwd"):
             for causal in (False, True):
                 for n, longest in batches:
-                    r = run_point(n, longest, causal, getattr(torch, dt), device, budget, mode)
+                    r = run_point(n, longest, causal, dt, bench.device, bench.budget, mode)
                     rows.append(r)
                     ms = lambda key: f"{r[key] * 1e3:.2f}" if key in r else "—"  # noqa: E731
                     print(f"| {r['dtype']} | {mode} | {causal} | {n} | {longest} | {r['tokens']} | {ms('ours_s')} | "
@@ -164,7 +152,7 @@ def main(argv=None):
                           f"{r['speedup_vs_best']:.2f} ({r['best_torch']}) | "
                           f"{'—' if r['packed_hopper_gain'] is None else format(r['packed_hopper_gain'], '.2f')} |",
                           flush=True)
-    save_results(device, name, "bench_varlen", rows, args.out, heads=H, head_dim=E)
+    bench.save("bench_varlen", rows, heads=H, head_dim=E)
     return rows
 
 
