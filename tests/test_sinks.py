@@ -13,6 +13,7 @@ import torch
 
 import attention_ext
 from conftest import cuda_marks
+from hf_compare import assert_matches_eager
 from op_counter import OpCounter
 from reference import assert_close_vs_baseline, window_visibility
 from test_lse import scores
@@ -251,24 +252,8 @@ def test_hf_gpt_oss_matches_eager():
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     am = torch.ones(2, 12, dtype=torch.long)
     am[1, :3] = 0  # left padding
-    results = {}
-    for impl in ("eager", "attention_ext"):
-        model.config._attn_implementation = impl
-        model.zero_grad()
-        with OpCounter() as c:
-            out = model(ids, attention_mask=am, labels=ids)
-            out.loss.backward()
-        results[impl] = out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if "self_attn" in n}, c.counts
-    (lo_e, g_e, _), (lo_x, g_x, counts) = results["eager"], results["attention_ext"]
-    assert counts["attention_ext._attention_forward"] >= 2 and counts["attention_ext._attention_backward"] >= 2, counts
-    keep = am.bool()[:, :, None].expand_as(lo_e)  # padded positions' logits are whatever either computes
-    torch.testing.assert_close(lo_x[keep], lo_e[keep], rtol=1e-4, atol=1e-5)
-    assert any("sinks" in n for n in g_e)
-    for n in g_e:
-        scale = g_e[n].abs().max().item()
-        assert scale > 0, n
-        torch.testing.assert_close(g_x[n], g_e[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
+    names = assert_matches_eager(model, ids, am, ids)
+    assert any("sinks" in n for n in names), names
 
 
 # ----------------------------------------------------------------------------- packed sequences

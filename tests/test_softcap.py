@@ -16,7 +16,7 @@ import torch
 
 import attention_ext
 from conftest import cuda_marks, dtype_id, emu_marks
-from op_counter import OpCounter
+from hf_compare import assert_matches_eager
 from reference import ABS_FLOOR, assert_close_vs_baselines, dropout_keep_mask
 
 f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -353,23 +353,7 @@ def test_hf_gemma2_matches_eager():
     # from a padded position (labels are shifted by one inside the model)
     labels = ids.clone()
     labels[1, :4] = -100
-    results = {}
-    for impl in ("eager", "attention_ext"):
-        model.config._attn_implementation = impl
-        model.zero_grad()
-        with OpCounter() as c:
-            out = model(ids, attention_mask=am, labels=labels)
-            out.loss.backward()
-        results[impl] = out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if "self_attn" in n}, c.counts
-    (lo_e, g_e, _), (lo_x, g_x, counts) = results["eager"], results["attention_ext"]
-    assert counts["attention_ext._attention_forward"] >= 2 and counts["attention_ext._attention_backward"] >= 2, counts
-    keep = am.bool()[:, :, None].expand_as(lo_e)
-    torch.testing.assert_close(lo_x[keep], lo_e[keep], rtol=1e-4, atol=1e-5)
-    for n in g_e:
-        scale = g_e[n].abs().max().item()
-        assert scale > 0, n
-        torch.testing.assert_close(g_x[n], g_e[n], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
+    assert_matches_eager(model, ids, am, labels)
 
 
 def test_hf_softcap_head_dim_above_256_falls_back():
