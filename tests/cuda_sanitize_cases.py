@@ -23,7 +23,7 @@ import attention_ext  # noqa: E402,F401
 ops = torch.ops.attention_ext
 
 
-def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, deterministic, layout):
+def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, deterministic, layout, softcap=0.0):
     dev = "cuda"
     B = 2
     torch.use_deterministic_algorithms(deterministic)
@@ -49,12 +49,12 @@ def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, determinist
     elif mask == "strided":
         m = (torch.rand(B, Hq, S, L, device=dev) < 0.8).transpose(-1, -2)
     w = list(window)
-    out, lse, rng = ops._attention_forward(q, k, v, m, dropout, causal, None, Hq != Hkv, w)
+    out, lse, rng = ops._attention_forward(q, k, v, m, dropout, causal, None, Hq != Hkv, w, softcap)
     g = torch.randn_like(out)
     mask_grad = m is not None and m.is_floating_point()
     dq, dk, dv, dm = ops._attention_backward(g, q, k, v, m, out, lse, rng, dropout, causal, None, Hq != Hkv, w,
-                                             mask_grad)
-    probs = ops.attention_probs(q, k, m, lse, rng, dropout, causal, None, Hq != Hkv, w)
+                                             mask_grad, None, softcap)
+    probs = ops.attention_probs(q, k, m, lse, rng, dropout, causal, None, Hq != Hkv, w, softcap)
     if dropout > 0:
         ops._dropout_mask(rng, B, Hq, L, S, dropout)
     torch.cuda.synchronize()
@@ -63,7 +63,7 @@ def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, determinist
             raise SystemExit(f"NaN in {name} for {dtype} E={E} Ev={Ev} L={L} S={S} mask={mask}")
 
 
-def varlen_case(dtype, lengths_q, lengths_k, Hq, Hkv, E, causal, dropout, deterministic):
+def varlen_case(dtype, lengths_q, lengths_k, Hq, Hkv, E, causal, dropout, deterministic, softcap=0.0):
     """attention_varlen over packed sequences (the packed sm80 forward and backward, one launch each)."""
     dev = "cuda"
     torch.use_deterministic_algorithms(deterministic)
@@ -74,10 +74,10 @@ def varlen_case(dtype, lengths_q, lengths_k, Hq, Hkv, E, causal, dropout, determ
     v = torch.randn(sum(lengths_k), Hkv, E, device=dev, dtype=dtype)
     w = [-1, -1]
     out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, dropout, causal, None,
-                                                  Hq != Hkv, w)
+                                                  Hq != Hkv, w, softcap)
     g = torch.randn_like(out)
     dq, dk, dv = ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, dropout, causal, None,
-                                                Hq != Hkv, w)
+                                                Hq != Hkv, w, None, softcap)
     torch.cuda.synchronize()
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         if torch.isnan(t).any():
@@ -126,6 +126,11 @@ def main():
     # fp32 rows with a float mask (fully masked rows)
     grid.append((torch.bfloat16, 128, 128, 1, 2048, 4, 2, False, (-1, -1), "keypad_bool", 0.0, False, "contig"))
     grid.append((torch.float32, 64, 40, 3, 1000, 4, 4, False, (-1, -1), "float", 0.0, False, "blhe"))
+    # logit soft-capping: the sm80 forward and backward (a window, dropout, TF32-free fp32), and on sm_90 the
+    # Hopper forward and backward (key padding, causal)
+    grid.append((torch.float16, 64, 64, 70, 150, 4, 2, False, (8, 3), "bool", 0.2, False, "contig", 5.0))
+    grid.append((torch.float32, 128, 128, 33, 70, 4, 4, True, (-1, -1), None, 0.0, True, "contig", 5.0))
+    grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, True, (-1, -1), "keypad_bool", 0.0, False, "contig", 5.0))
     for i, c in enumerate(grid):
         print(f"[{i + 1}/{len(grid)}] {c}", flush=True)
         case(*c)
@@ -138,6 +143,8 @@ def main():
         (torch.float32, [40, 75], [40, 75], 2, 1, 40, True, 0.0, True),
         (torch.bfloat16, [130, 257, 3, 0, 260], [300, 7, 129, 50, 0], 4, 2, 64, True, 0.0, False),
         (torch.float16, [140, 129, 200], [140, 129, 200], 2, 2, 128, False, 0.2, False),
+        # soft-capped: the packed sm80 forward, the backward sequence by sequence (Hopper's on sm_90)
+        (torch.bfloat16, [70, 0, 130, 5], [70, 0, 130, 5], 4, 2, 64, True, 0.0, False, 3.0),
     ]
     for i, c in enumerate(varlen):
         print(f"[varlen {i + 1}/{len(varlen)}] {c}", flush=True)
