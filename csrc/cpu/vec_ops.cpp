@@ -230,7 +230,7 @@ AE_CLONES float row_max(const float* x, int64_t n) {
 // positive coefficients, so no pole and no cancellation: csrc/cpu/fit_tanh.py fits them), +-1 beyond (float32's
 // tanh there). Within 3.2e-7 of tanh relatively in float32 (about 5 ulp, the rounding of the two sums and the
 // division; the fit itself is within 2e-8). One division and nine FMAs: 2.6x faster than the former
-// exp-and-division form (benchmarks/NOTES.md, entry 48). +-inf gives +-1, NaN stays NaN.
+// exp-and-division form (benchmarks/NOTES.md, entry 49). +-inf gives +-1, NaN stays NaN.
 AE_INLINE float tanh_f32(float y) {
   const float c = y > 9.f ? 9.f : (y < -9.f ? -9.f : y), z = c * c;
   float p = 1.33553923e-8f;
