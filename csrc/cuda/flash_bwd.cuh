@@ -7,14 +7,14 @@
 // mask those at either end that it hides from the key block):
 //
 //   phase 1 (warp grid WsM x WsN over kBlockM x kBlockN):
-//     S = Q K^T, dP = dO V^T; x = S*scale, soft-capped (cap tanh(x / cap)) when p.softcap > 0;
-//     P = exp2(((x + mask - shift) - logl) * log2e)
+//     S = Q K^T, dP = dO V^T; x = S*scale + mask, soft-capped (cap tanh(x / cap)) when p.softcap > 0;
+//     P = exp2(((x - shift) - logl) * log2e)
 //     with the row statistics of launch_row_stats (shift = lse, logl = 0 but
 //     for rows of huge |lse|; shift = -inf, a row that saw no key, gives P = 0),
 //     dropout keep-bits Z, dS = P o (dP o Z/(1-p) - D) with D = rowsum(dO o O), times the cap's
-//     derivative 1 - tanh^2 when soft-capped (tanh = the capped score / cap: a boolean mask or none, so the
-//     masked tile holds the capped scores or -inf; a float mask with a cap runs in ATen operations; the
-//     packed kernel has no cap: its registers spilled 180 B more with it, on sm_80);
+//     derivative 1 - tanh^2 when soft-capped. The cap comes after the mask, per element in that loop (a
+//     boolean mask adds 0 or -inf, and -inf stays: the same as capping first; a float mask with a cap runs in
+//     ATen operations); the packed kernel has no cap (its D = 64 fp16 spill loads grew 592 -> 772 B with it);
 //     [dmask = dS to global]; P o Z and dS go to shared memory (input dtype).
 //   phase 2 (warp grid WkvM x WkvN over kBlockN x kD):
 //     dV += (P o Z)^T dO, dK += dS^T Q
@@ -262,10 +262,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
           for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
             for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale;
-        if (!kPacked && p.softcap > 0.0) {  // (read from the parameters: no register held across the loop)
-          const float cap = static_cast<float>(p.softcap);
-          softcap_acc(s, cap, 2.f * kLog2e / cap);
-        }
         if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
           dispatch_mask(p, [&](auto tag) {
             using MaskT = typename decltype(tag)::type;
@@ -290,7 +286,13 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
 #pragma unroll
               for (int c = 0; c < 2; ++c) {
                 const int r = 2 * hr + c;
-                const float x = s[mt][nt][r];
+                float x = s[mt][nt][r], dcap = 1.f;
+                if (!kPacked && p.softcap > 0.0) {  // cap tanh(x / cap) as softcap_acc; -inf stays, dcap = 0
+                  const float cap = static_cast<float>(p.softcap);
+                  const float th = 1.f - 2.f / (1.f + exp2f(x * (2.f * kLog2e / cap)));
+                  dcap = 1.f - th * th;
+                  x = x == -kInf ? x : cap * th;
+                }
                 const float pv = exp2f(((x - shift_r) - logl_r) * kLog2e);
                 float dpv = dp[mt][nt][r];
                 float pz = pv;
@@ -299,13 +301,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
                   dpv = keep ? dpv * keep_scale : 0.f;
                   pz = keep ? pv : 0.f;
                 }
-                float ds = pv * (dpv - Drow);
-                if (!kPacked && p.softcap > 0.0) {  // x = cap tanh or -inf (hidden: P = 0, the factor 0, not NaN)
-                  const float th = x / static_cast<float>(p.softcap);
-                  ds *= fmaxf(1.f - th * th, 0.f);
-                }
-                s[mt][nt][r] = pz;  // P o Z (dV operand)
-                dp[mt][nt][r] = ds;  // dS
+                s[mt][nt][r] = pz;                         // P o Z (dV operand)
+                dp[mt][nt][r] = pv * (dpv - Drow) * dcap;  // dS
               }
             }
           }
