@@ -50,8 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
 //     gives an empty output;
 //   - float64 on CUDA, which SDPA's math backend takes on the GPU (gradcheck there): the CPU has float64
 //     kernels, the CUDA ops (and the emulator's, which share their glue) take it here;
-//   - on CUDA, the backward of a soft-capped call with a float mask: the backward kernel recovers tanh from the
-//     capped score, which a float mask has been added to (the CPU kernels fuse every case).
+//   - on CUDA, the backward of a soft-capped call with a float mask: the sm80 backward kernel caps the score
+//     after the mask is added, which is the forward's order only for a boolean mask (the CPU kernels fuse every
+//     case).
 inline bool zero_head_dim(const FwdParams& p) { return p.dim_qk == 0 || p.dim_v == 0; }
 // Why the CUDA ops take a call here (the kernel log says it), or nullptr when their kernels take it; backward:
 // the backward op, else the forward or the weights.

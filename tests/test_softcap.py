@@ -253,7 +253,8 @@ LENS_Q, LENS_K = [5, 0, 17, 9], [7, 3, 17, 0]
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("emu80", marks=emu_marks()),
-                                     pytest.param("emu90", marks=emu_marks()), pytest.param("cuda", marks=cuda_marks())])
+                                     pytest.param("emu90", marks=emu_marks()),
+                                     pytest.param("cuda", marks=cuda_marks())])
 def test_softcap_varlen(backend, monkeypatch):
     """Packed sequences with a soft cap (causal, GQA; sequences of no query or no key): output, log-sum-exp and
     gradients of each sequence against the reference of that sequence alone. emu90: bf16, which the Hopper
