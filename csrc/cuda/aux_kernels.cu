@@ -130,9 +130,9 @@ __device__ __forceinline__ void score_epilogue(const FwdParams& p, int64_t b, in
     key_range(p, i, lo, hi);
     if (j < lo || j >= hi) continue;
     x[r] = acc[r] * scale;
-    if (p.softcap > 0.0) {  // (tanh as the flash kernels take it: softcap_acc)
+    if (p.softcap > 0.0) {  // (tanh as the flash kernels take it)
       const float cap = static_cast<float>(p.softcap);
-      x[r] = cap * (1.f - 2.f / (1.f + exp2f(x[r] * (2.f * kLog2e / cap))));
+      x[r] = cap * softcap_tanh(x[r], 2.f * kLog2e / cap);
     }
     if (p.mask_kind != MaskKind::kNone) {
       const Strides4& ms = p.mask_stride;

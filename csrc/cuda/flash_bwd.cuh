@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
                 float x = s[mt][nt][r], dcap = 1.f;
                 if (!kPacked && p.softcap > 0.0) {  // cap tanh(x / cap) as softcap_acc; -inf stays, dcap = 0
                   const float cap = static_cast<float>(p.softcap);
-                  const float th = 1.f - 2.f / (1.f + exp2f(x * (2.f * kLog2e / cap)));
+                  const float th = softcap_tanh(x, 2.f * kLog2e / cap);
                   dcap = 1.f - th * th;
                   x = x == -kInf ? x : cap * th;
                 }

@@ -41,6 +41,8 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // x = cap tanh(x / cap), with tanh(y) = 1 - 2 / (1 + e^{2y}): one exp2 and one division, an absolute error of
 // about 1e-7 in tanh for every y (e^{2y} = inf gives 1, 0 gives -1), so about cap * 1e-7 in the score.
 // k2 = 2 log2(e) / cap. (Written so that only cap and k2 stay live: the sm80 forwards' spills are unchanged.)
+// softcap_tanh(x, k2) = tanh(x / cap), the one form every CUDA kernel's cap takes.
+__device__ __forceinline__ float softcap_tanh(float x, float k2) { return 1.f - 2.f / (1.f + exp2f(x * k2)); }
 template <int A, int B>
 __device__ __forceinline__ void softcap_acc(float (&s)[A][B][4], float cap, float k2) {
 #pragma unroll
@@ -48,7 +50,7 @@ __device__ __forceinline__ void softcap_acc(float (&s)[A][B][4], float cap, floa
 #pragma unroll
     for (int b = 0; b < B; ++b)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) s[a][b][r] = cap * (1.f - 2.f / (1.f + exp2f(s[a][b][r] * k2)));
+      for (int r = 0; r < 4; ++r) s[a][b][r] = cap * softcap_tanh(s[a][b][r], k2);
 }
 
 // ---------------------------------------------------------------------------

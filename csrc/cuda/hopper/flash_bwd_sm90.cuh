@@ -188,7 +188,7 @@ __device__ __forceinline__ void softmax_grad(const BwdParams& p, const float* st
         const bool vis = all_visible || (row_ok && jrow[hr] >= lo && jrow[hr] < hi);
         float y = st[0][nt][r] * scale, dcap = 1.f;
         if (cap > 0.f) {  // cap tanh(y / cap) before the mask (softcap_acc's formula); dS times 1 - tanh^2
-          const float th = 1.f - 2.f / (1.f + exp2f(y * (2.f * kLog2e / cap)));
+          const float th = softcap_tanh(y, 2.f * kLog2e / cap);
           y = cap * th;
           dcap = 1.f - th * th;
         }
