@@ -32,26 +32,27 @@ def _no_dropout(dropout_p: float) -> None:
 
 
 def _decomposed(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, need_weights,
-                average_heads, softcap):
+                average_heads, softcap, alibi_slopes=None):
     """(output, logsumexp, rng_state, weights) of the composite; rng_state as the fused forwards return it when
     they draw no dropout mask."""
     _no_dropout(dropout_p)
     out, weights = _ops._attention_math(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, window_size,
-                                        None, need_weights, average_heads, softcap)
-    lse = _ops._attention_math_lse(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size, softcap)
+                                        None, need_weights, average_heads, softcap, alibi_slopes)
+    lse = _ops._attention_math_lse(query, key, value, attn_mask, is_causal, scale, enable_gqa, window_size, softcap,
+                                   alibi_slopes)
     return out, lse, torch.zeros(2, dtype=torch.int64, device=query.device), weights
 
 
 def _attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                       softcap=0.0):
+                       softcap=0.0, alibi_slopes=None):
     return _decomposed(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, False,
-                       False, softcap)[:3]
+                       False, softcap, alibi_slopes)[:3]
 
 
 def _attention_forward_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                               average_heads, softcap=0.0):
+                               average_heads, softcap=0.0, alibi_slopes=None):
     return _decomposed(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, True,
-                       average_heads, softcap)
+                       average_heads, softcap, alibi_slopes)
 
 
 DECOMPOSITIONS = {

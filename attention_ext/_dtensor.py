@@ -72,19 +72,37 @@ def _rules(q, k, mask, is_causal, enable_gqa, window_size):
     return rules
 
 
+def _alibi_at(alibi, n, d):
+    """The placement of ALiBi slopes (..., heads) for query shard dim d (None: no slopes)."""
+    from torch.distributed.tensor import Replicate, Shard
+    if alibi is None:
+        return None
+    if d == n - 3:
+        return Shard(alibi.ndim - 1)
+    k = d - (n - 2 - alibi.ndim)  # the slopes' own dim for batch dim d, right-aligned
+    return Shard(k) if k >= 0 and alibi.shape[k] != 1 else Replicate()
+
+
+def _alibi_rules(rules, n, alibi):
+    """ALiBi's distances count from the query's first row: no shards along the query length."""
+    return rules if alibi is None else [r for r in rules if r[0] != n - 2]
+
+
 def _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap=0.0,
-             weights=None):
+             alibi_slopes=None, weights=None):
     from torch.distributed.tensor import Partial, Replicate, Shard
     R = Replicate()
     n = query.ndim
     out = []
-    for d, kv_too in _rules(query, key, attn_mask, is_causal, enable_gqa, window_size):
+    for d, kv_too in _alibi_rules(_rules(query, key, attn_mask, is_causal, enable_gqa, window_size), n,
+                                  alibi_slopes):
         if d is None:
-            outs, ins = [R, R, R], [R, R, R, None if attn_mask is None else R]
+            outs, ins = [R, R, R], [R, R, R, None if attn_mask is None else R, None if alibi_slopes is None else R]
             w = R
         else:
             kv = Shard(d) if kv_too else R
-            outs, ins = [Shard(d), Shard(d), R], [Shard(d), kv, kv, _mask_at(attn_mask, n, d)]
+            outs, ins = [Shard(d), Shard(d), R], [Shard(d), kv, kv, _mask_at(attn_mask, n, d),
+                                                  _alibi_at(alibi_slopes, n, d)]
             w = Shard(d)
             if weights == "average" and d == n - 3:  # the mean over the query heads
                 if query.shape[-3] % query.mesh.size():
@@ -97,38 +115,43 @@ def _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 
 
 def _backward(grad_output, query, key, value, attn_mask, output, logsumexp, rng_state, dropout_p, is_causal, scale,
-              enable_gqa, window_size, attn_mask_requires_grad, grad_logsumexp=None, softcap=0.0):
+              enable_gqa, window_size, attn_mask_requires_grad, grad_logsumexp=None, softcap=0.0, alibi_slopes=None):
     from torch.distributed.tensor import Partial, Replicate, Shard
     R = Replicate()
     n = query.ndim
     wants = (attn_mask is not None and attn_mask_requires_grad and attn_mask.tensor_meta is not None
              and attn_mask.tensor_meta.dtype.is_floating_point)
     out = []
-    for d, kv_too in _rules(query, key, attn_mask, is_causal, enable_gqa, window_size):
+    for d, kv_too in _alibi_rules(_rules(query, key, attn_mask, is_causal, enable_gqa, window_size), n,
+                                  alibi_slopes):
         if d is None:
             outs = [R, R, R, R]
-            ins = [R, R, R, R, None if attn_mask is None else R, R, R, R, None if grad_logsumexp is None else R]
+            ins = [R, R, R, R, None if attn_mask is None else R, R, R, R, None if grad_logsumexp is None else R,
+                   None if alibi_slopes is None else R]
         else:
             s = Shard(d)
             kv, dkv = (s, s) if kv_too else (R, Partial())
             outs = [s, dkv, dkv, _mask_grad_at(attn_mask, n, d, wants)]
-            ins = [s, s, kv, kv, _mask_at(attn_mask, n, d), s, s, R, None if grad_logsumexp is None else s]
+            ins = [s, s, kv, kv, _mask_at(attn_mask, n, d), s, s, R, None if grad_logsumexp is None else s,
+                   _alibi_at(alibi_slopes, n, d)]
         out.append((outs, ins))
     return out
 
 
 def _probs(query, key, attn_mask, logsumexp, rng_state, dropout_p=0.0, is_causal=False, scale=None,
-           enable_gqa=False, window_size=(-1, -1), softcap=0.0):
+           enable_gqa=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     from torch.distributed.tensor import Replicate, Shard
     R = Replicate()
     n = query.ndim
     out = []
-    for d, kv_too in _rules(query, key, attn_mask, is_causal, enable_gqa, window_size):
+    for d, kv_too in _alibi_rules(_rules(query, key, attn_mask, is_causal, enable_gqa, window_size), n,
+                                  alibi_slopes):
         if d is None:
-            out.append(([R], [R, R, None if attn_mask is None else R, R, R]))
+            out.append(([R], [R, R, None if attn_mask is None else R, R, R, None if alibi_slopes is None else R]))
         else:
             s = Shard(d)
-            out.append(([s], [s, s if kv_too else R, _mask_at(attn_mask, n, d), s, R]))
+            out.append(([s], [s, s if kv_too else R, _mask_at(attn_mask, n, d), s, R,
+                              _alibi_at(alibi_slopes, n, d)]))
     return out
 
 
@@ -155,9 +178,9 @@ def _register(_module=None):
     from torch.distributed.tensor.experimental import register_sharding
 
     def weights_rule(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                     average_heads, softcap=0.0):
+                     average_heads, softcap=0.0, alibi_slopes=None):
         return _forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
-                        "average" if average_heads else "heads")
+                        alibi_slopes, "average" if average_heads else "heads")
 
     rules = [
         (_ops._attention_forward.default, _forward, 4),

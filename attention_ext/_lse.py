@@ -19,23 +19,24 @@ _ops = torch.ops.attention_ext
 
 
 def fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, softcap,
-                mask_grad):
+                alibi, mask_grad):
     """(dq, dk, dv, dmask) from the fused backward for cotangent g of out and c of lse (None: none); dmask empty
     unless mask_grad."""
     return _ops._attention_backward(g, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                                    window, mask_grad, None if c is None else c.to(lse.dtype), softcap)
+                                    window, mask_grad, None if c is None else c.to(lse.dtype), softcap, alibi)
 
 
 def composite(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
               window: List[int], rng: Optional[torch.Tensor] = None, need_weights: bool = False,
-              softcap: float = 0.0):
+              softcap: float = 0.0, alibi: Optional[torch.Tensor] = None):
     """(out, lse, weights) in ATen operations, differentiable to any order (weights empty without need_weights).
     Without rng, dropout's mask is drawn by the fused forward."""
     if rng is None and dropout_p > 0:
-        rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)[2]
+        rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                                      alibi)[2]
     out, weights = _ops._attention_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng,
-                                        need_weights, False, softcap)
-    lse = _ops._attention_math_lse(q, k, v, mask, is_causal, scale, enable_gqa, window, softcap)
+                                        need_weights, False, softcap, alibi)
+    lse = _ops._attention_math_lse(q, k, v, mask, is_causal, scale, enable_gqa, window, softcap, alibi)
     return out, lse, weights
 
 
@@ -45,9 +46,9 @@ class _AttentionLseBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, softcap,
-                mask_grad):
+                alibi, mask_grad):
         return fused_grads(g, c, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
-                           softcap, mask_grad)
+                           softcap, alibi, mask_grad)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -59,7 +60,7 @@ class _AttentionLseBackward(torch.autograd.Function):
     def backward(ctx, gdq, gdk, gdv, gdmask):
         from ._transforms import _composite_grads
         g, c, q, k, v, mask, rng = ctx.saved_tensors
-        dropout_p, is_causal, scale, enable_gqa, window, softcap, mask_grad = ctx.opts
+        dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi, mask_grad = ctx.opts
         create_graph = torch.is_grad_enabled()
 
         def leaf(t):
@@ -69,11 +70,11 @@ class _AttentionLseBackward(torch.autograd.Function):
             ci = leaf(c) if c is not None else None
             mi = leaf(mask) if mask_grad else mask
             o, _ = _ops._attention_math(qi, ki, vi, mi, dropout_p, is_causal, scale, enable_gqa, window, rng,
-                                        False, False, softcap)
+                                        False, False, softcap, alibi)
             wrt = [qi, ki, vi] + ([mi] if mask_grad else [])
             ys, gys, cots = [o], [gi], [gi]
             if ci is not None:  # (rows that see no key: no lse gradient, as in the fused one)
-                lse = _ops._attention_math_lse(qi, ki, vi, mi, is_causal, scale, enable_gqa, window, softcap)
+                lse = _ops._attention_math_lse(qi, ki, vi, mi, is_causal, scale, enable_gqa, window, softcap, alibi)
                 live = lse != -torch.inf
                 ys.append(torch.where(live, lse, torch.zeros((), dtype=lse.dtype, device=lse.device)))
                 gys.append(torch.where(live, ci, torch.zeros((), dtype=ci.dtype, device=ci.device)))
@@ -84,7 +85,7 @@ class _AttentionLseBackward(torch.autograd.Function):
         dg, dc = second[0], (second[1] if ci is not None else None)
         rest = second[len(cots):]
         dmask = rest[3] if mask_grad else None
-        return (dg, dc, rest[0], rest[1], rest[2], dmask) + (None,) * 10
+        return (dg, dc, rest[0], rest[1], rest[2], dmask) + (None,) * 11
 
 
 class _AttentionLse(torch.autograd.Function):
@@ -93,8 +94,9 @@ class _AttentionLse(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap):
-        return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)
+    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi=None):
+        return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                                       alibi)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -112,19 +114,21 @@ class _AttentionLse(torch.autograd.Function):
         if g is None:
             g = torch.zeros_like(out)
         dq, dk, dv, dmask = _AttentionLseBackward.apply(g, c, q, k, v, mask, out, lse, rng, *ctx.opts, mask_grad)
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None
 
 
 def attention_lse(q, k, v, mask, dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
-                  window: List[int], softcap: float = 0.0):
+                  window: List[int], softcap: float = 0.0, alibi: Optional[torch.Tensor] = None):
     """(out, lse), both differentiable: the fused kernels, or the composite under forward-mode AD and nested
-    torch.func transforms."""
+    torch.func transforms. alibi: ALiBi slopes (constants: no gradient)."""
     from ._transforms import _fused_applies
 
     if not torch.compiler.is_compiling() and not _fused_applies((q, k, v, mask)):
-        out, lse, _ = composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap=softcap)
+        out, lse, _ = composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap=softcap,
+                                alibi=alibi)
         return out, lse
-    out, lse, _ = _AttentionLse.apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)
+    out, lse, _ = _AttentionLse.apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                                      alibi)
     return out, lse
 
 

@@ -48,16 +48,17 @@ def row_scale(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
 
 def attention_with_sinks(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float],
                          enable_gqa: bool, window: List[int], need_weights: bool = False, need_lse: bool = False,
-                         softcap: float = 0.0):
+                         softcap: float = 0.0, alibi: Optional[torch.Tensor] = None):
     """(out', lse' or None, weights' or None), lse' = log(exp(lse) + exp(sink)) the log of the row's whole
     denominator."""
     check_sinks(sinks, q)
     weights = None
     if need_weights:
         out, lse, weights = _lse.composite(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
-                                           need_weights=True, softcap=softcap)
+                                           need_weights=True, softcap=softcap, alibi=alibi)
     else:
-        out, lse = _lse.attention_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)
+        out, lse = _lse.attention_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                                      alibi)
     w = row_scale(lse, sinks)
     lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None]) if need_lse else None
     return _scaled(out, w), lse_s, (_scaled(weights, w) if need_weights else None)

@@ -78,7 +78,18 @@ def _generator(device):
     return torch.default_generator
 
 
-def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap=0.0):
+def _front_alibi(alibi, bdim, size, rank):
+    """ALiBi slopes in front layout, broadcasting against a front-layout query of rank `rank` + 1 (the slopes
+    broadcast to its (size, ..., heads))."""
+    if alibi is None:
+        return None
+    alibi = _front(alibi, bdim, size)
+    pad = (rank - 2) - (alibi.dim() - 1)
+    return alibi.reshape(size, *([1] * pad), *alibi.shape[1:]) if pad > 0 else alibi
+
+
+def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap=0.0,
+                  alibi_slopes=None):
     size = info.batch_size
     if dropout_p > 0 and info.randomness == "error":
         raise RuntimeError(_RANDOMNESS_ERROR)
@@ -87,43 +98,47 @@ def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, ena
         gen = _generator(q.device)
         state = gen.get_state()
 
-        def one(q, k, v, mask):
+        def one(q, k, v, mask, alibi):
             gen.set_state(state)
             return _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                                           softcap)
+                                           softcap, alibi)
 
-        out, lse, rng = _per_sample(one, size, in_dims[:4], (q, k, v, mask), 3)
+        ad = in_dims[10] if len(in_dims) > 10 else None
+        out, lse, rng = _per_sample(one, size, tuple(in_dims[:4]) + (ad,), (q, k, v, mask, alibi_slopes), 3)
         return (out, lse, rng), (0, 0, 0)  # a batched rng_state marks the per-sample layout (_backward_vmap)
     qd, kd, vd, md = in_dims[:4]
     q, k, v = _front(q, qd, size), _front(k, kd, size), _front(v, vd, size)
     mask = _front_mask(mask, md, size, q.dim() - 1, expand=False)
+    alibi = _front_alibi(alibi_slopes, in_dims[10] if len(in_dims) > 10 else None, size, q.dim() - 1)
     out, lse, rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                                            softcap)
+                                            softcap, alibi)
     return (out, lse, rng), (0, 0, None)
 
 
 def _backward_vmap(info, in_dims, grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                   window_size, mask_grad, grad_logsumexp=None, softcap=0.0):
+                   window_size, mask_grad, grad_logsumexp=None, softcap=0.0, alibi_slopes=None):
     size = info.batch_size
     gd, qd, kd, vd, md, od, ld, rd = in_dims[:8]
     cd = in_dims[14] if len(in_dims) > 14 else None
+    ad = in_dims[16] if len(in_dims) > 16 else None
     # With dropout, one call over the folded batch replays the forward's masks only if the forward was that
     # very fold (its output batched, one rng_state); otherwise (a per-sample rng_state from randomness="same",
     # or cotangents vmapped over an unbatched forward) each sample runs against its own forward.
     if dropout_p > 0 and (rd is not None or od is None or ld is None):
-        def one(grad, q, k, v, mask, out, lse, rng, glse):
+        def one(grad, q, k, v, mask, out, lse, rng, glse, alibi):
             return _ops._attention_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
-                                            enable_gqa, window_size, mask_grad, glse, softcap)
+                                            enable_gqa, window_size, mask_grad, glse, softcap, alibi)
 
-        dq, dk, dv, dmask = _per_sample(one, size, tuple(in_dims[:8]) + (cd,),
-                                        (grad, q, k, v, mask, out, lse, rng, grad_logsumexp), 4)
+        dq, dk, dv, dmask = _per_sample(one, size, tuple(in_dims[:8]) + (cd, ad),
+                                        (grad, q, k, v, mask, out, lse, rng, grad_logsumexp, alibi_slopes), 4)
         return (dq, dk, dv, dmask), (0, 0, 0, 0 if mask_grad else None)
     mask_f = _front_mask(mask, md, size, q.dim() - (0 if qd is None else 1), expand=mask_grad)
     grad, q, k, v = _front(grad, gd, size), _front(q, qd, size), _front(k, kd, size), _front(v, vd, size)
     out, lse = _front(out, od, size), _front(lse, ld, size)
     glse = None if grad_logsumexp is None else _front(grad_logsumexp, cd, size)
+    alibi = _front_alibi(alibi_slopes, ad, size, q.dim() - 1)
     dq, dk, dv, dmask = _ops._attention_backward(grad, q, k, v, mask_f, out, lse, rng, dropout_p, is_causal, scale,
-                                                 enable_gqa, window_size, mask_grad, glse, softcap)
+                                                 enable_gqa, window_size, mask_grad, glse, softcap, alibi)
     if mask_grad:
         return (dq, dk, dv, _unfront_mask(dmask, mask, md)), (0, 0, 0, 0)
     return (dq, dk, dv, dmask), (0, 0, 0, None)
@@ -168,15 +183,16 @@ def has_tangent(*tensors) -> bool:
 def composite(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
               dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool, window_size: List[int],
               need_weights: bool = False, average_heads: bool = False,
-              softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+              softcap: float = 0.0,
+              alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(output, weights) of `_attention_math`, its dropout mask drawn by the fused forward (TorchScript-able:
     the converted MultiheadAttention's differentiable weights path under torch.jit.script)."""
     rng: Optional[torch.Tensor] = None
     if dropout_p > 0:
         rng = _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                      window_size, softcap)[2]
+                                      window_size, softcap, alibi_slopes)[2]
     return _ops._attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                                rng, need_weights, average_heads, softcap)
+                                rng, need_weights, average_heads, softcap, alibi_slopes)
 
 
 def _fused_applies(tensors):
@@ -190,8 +206,11 @@ def _fused_applies(tensors):
 
 
 def _attention_under_transforms(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                enable_gqa=False, window_size=(-1, -1), softcap=0.0):
+                                enable_gqa=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     window_size = list(window_size)
+    if alibi_slopes is not None:  # (the Python autograd function has no ALiBi slopes: the composite takes them)
+        return composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                         softcap=softcap, alibi_slopes=alibi_slopes)[0]
     if _fused_applies((query, key, value, attn_mask)):
         return _lse._AttentionLse.apply(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                         window_size, softcap)[0]

@@ -60,6 +60,7 @@ def attention(
     sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ):
     """softmax(query @ key^T * scale + mask) @ value, fused, differentiable.
 
@@ -76,6 +77,13 @@ def attention(
     same as ``is_causal``) or ``causal_lower_right(L, S)`` (bottom-right
     aligned: query i sees keys j <= i + S - L), as SDPA takes them.
 
+    ``alibi_slopes`` (float32, (heads,) or (..., heads) broadcastable to the
+    query's (..., heads); FlashAttention's ALiBi) adds -m_h * |i + S - L - j|
+    to the scores after the soft cap, before the mask: the queries are the
+    last L of the S key positions, so a decoding step sees the distances its
+    prompt saw. No gradient flows to the slopes (as in FlashAttention); not
+    with nested tensors (nor attention_varlen) yet.
+
     ``sinks`` (one logit per query head, gpt-oss's attention sinks) joins
     every row's softmax without a value: the row's weights shrink by
     exp(sink) / (sum_j exp(s_ij) + exp(sink)); differentiable, sinks
@@ -87,6 +95,12 @@ def attention(
     that sees no key), differentiable like the output (attention_ext/_lse.py),
     for merging partial attentions: out = sum_c exp(lse_c - lse) out_c.
     """
+    if alibi_slopes is not None and (query.is_nested or key.is_nested or value.is_nested):
+        raise NotImplementedError("attention_ext.attention: alibi_slopes is not supported with nested tensors "
+                                  "(nor by attention_varlen) yet")
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes: attention has no gradient with respect to the ALiBi slopes (as "
+                         "FlashAttention); pass alibi_slopes.detach()")
     if query.is_nested or key.is_nested or value.is_nested:
         if attn_mask is not None:
             raise ValueError("attn_mask is not supported with nested (variable-length) tensors: each sequence's "
@@ -100,13 +114,14 @@ def attention(
         from ._sinks import attention_with_sinks
         out, lse, _ = attention_with_sinks(query, key, value, attn_mask, sinks, float(dropout_p), bool(is_causal),
                                            scale, bool(enable_gqa), window, need_lse=return_lse,
-                                           softcap=float(softcap))
+                                           softcap=float(softcap), alibi=alibi_slopes)
         return (out, lse) if return_lse else out
     if return_lse:
         from ._lse import attention_lse
         return attention_lse(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
-                             window, float(softcap))
-    return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, softcap)
+                             window, float(softcap), alibi_slopes)
+    return _ops.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                          alibi_slopes)
 
 
 def attention_varlen(
@@ -219,29 +234,29 @@ def nested_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=No
 
 def attention_forward(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, window_size=None,
-    softcap=0.0,
+    softcap=0.0, alibi_slopes=None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-differentiable forward: (output, logsumexp float32 (..., heads, L), rng_state int64[2])."""
     return _ops._attention_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                   _window(window_size), softcap)
+                                   _window(window_size), softcap, alibi_slopes)
 
 
 def attention_backward(
     grad_output, query, key, value, output, logsumexp, rng_state, attn_mask=None, dropout_p=0.0,
     is_causal=False, scale=None, enable_gqa=False, window_size=None, attn_mask_requires_grad=False,
-    grad_logsumexp=None, softcap=0.0,
+    grad_logsumexp=None, softcap=0.0, alibi_slopes=None,
 ):
     """(grad_query, grad_key, grad_value, grad_attn_mask) from the forward's saved tensors; with grad_logsumexp
     (logsumexp's shape and dtype) the gradient through the log-sum-exp as well, in the same pass."""
     return _ops._attention_backward(
         grad_output, query, key, value, attn_mask, output, logsumexp, rng_state, dropout_p, is_causal, scale,
-        enable_gqa, _window(window_size), attn_mask_requires_grad, grad_logsumexp, softcap,
+        enable_gqa, _window(window_size), attn_mask_requires_grad, grad_logsumexp, softcap, alibi_slopes,
     )
 
 
 def attention_probs(
     query, key, logsumexp, attn_mask=None, rng_state=None, dropout_p=0.0, is_causal=False, scale=None,
-    enable_gqa=False, window_size=None, softcap=0.0,
+    enable_gqa=False, window_size=None, softcap=0.0, alibi_slopes=None,
 ) -> torch.Tensor:
     """Attention weights (..., heads, L, S) recomputed from q and k, normalised with the forward's
     log-sum-exp on the CPU and with row sums of the recomputed scores on CUDA (with the forward's
@@ -251,4 +266,4 @@ def attention_probs(
             raise ValueError("attention_probs: dropout_p > 0 needs the rng_state returned by the forward")
         rng_state = torch.zeros(2, dtype=torch.int64, device=query.device)
     return _ops.attention_probs(query, key, attn_mask, logsumexp, rng_state, dropout_p, is_causal, scale, enable_gqa,
-                                _window(window_size), softcap)
+                                _window(window_size), softcap, alibi_slopes)

@@ -130,6 +130,17 @@ class Bench:
     def save(self, stem, rows, **extra):
         save_results(self.device, self.name, stem, rows, self.out, **extra)
 
+    def run(self, points, run_point, cells):
+        """run_point(*point, dtype, device, budget) for every dtype and point, each row printed as the table's
+        line of cells(row); returns the rows."""
+        rows = []
+        for dt in self.dtypes:
+            for point in points:
+                r = run_point(*point, dt, self.device, self.budget)
+                rows.append(r)
+                print("| " + " | ".join(str(c) for c in cells(r)) + " |", flush=True)
+        return rows
+
 
 def main(argv=None):
     bench = Bench(argv, "one model, short caches, few repeats", "float32,bfloat16,float16")

@@ -75,15 +75,10 @@ def main(argv=None):
     bench.header(["dtype", "B", "H", "L = S", "E", "causal", "fwd ms", "fwd capped ms", "fwd+bwd ms",
                   "fwd+bwd capped ms", "eager Gemma 2 ms", "fwd capped / plain", "fwd+bwd capped / plain",
                   "eager / capped"], left=6, note=f"; softcap {CAP}")
-    rows = []
-    for dt in bench.dtypes:
-        for (B, H, L, E, causal) in points:
-            r = run_point(B, H, L, E, causal, dt, bench.device, bench.budget)
-            rows.append(r)
-            print(f"| {r['dtype']} | {B} | {H} | {L} | {E} | {causal} | {r['fwd_s'] * 1e3:.1f} | "
-                  f"{r['fwd_softcap_s'] * 1e3:.1f} | {r['ours_s'] * 1e3:.1f} | {r['softcap_s'] * 1e3:.1f} | "
-                  f"{r['eager_s'] * 1e3:.1f} | {r['fwd_softcap_ratio']:.2f} | {r['softcap_ratio']:.2f} | "
-                  f"{r['eager_over_softcap']:.2f} |", flush=True)
+    ms = ("fwd", "fwd_softcap", "ours", "softcap", "eager")
+    ratios = ("fwd_softcap_ratio", "softcap_ratio", "eager_over_softcap")
+    rows = bench.run(points, run_point, lambda r: [r[c] for c in ("dtype", "B", "H", "L", "E", "causal")]
+                     + [f"{r[c + '_s'] * 1e3:.1f}" for c in ms] + [f"{r[c]:.2f}" for c in ratios])
     bench.save("bench_softcap", rows)
     return rows
 

@@ -93,7 +93,18 @@ struct FwdParams {
   // softcap * tanh(x / softcap) before the mask is added; 0: off. (Last: the fields before it keep the offsets
   // the Hopper kernels' parameter loads were tuned with.)
   double softcap = 0.0;
+  // ALiBi (attention with linear biases, FlashAttention's alibi_slopes): when non-null, float32 slopes m of
+  // (batch, heads_q) through element strides (alibi_stride_b is 0 for one slope per head), and each score of
+  // query i and key j gets -m * |i + len_k - len_q - j| (the queries as the last len_q of the len_k positions,
+  // so decoding with a cache sees the right distances) after the soft cap, before the mask.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_stride_b = 0, alibi_stride_h = 1;
 };
+
+// The ALiBi slope of (batch, query head) (b, h); 0 without ALiBi.
+AE_HOST_DEVICE float alibi_slope(const FwdParams& p, int64_t b, int64_t h) {
+  return p.alibi_slopes == nullptr ? 0.f : p.alibi_slopes[b * p.alibi_stride_b + h * p.alibi_stride_h];
+}
 
 // Rows of the per-row buffers (log-sum-exp, the backward's statistics and dQ workspace): heads_q x every query
 // row of the call, packed or not.

@@ -10,18 +10,21 @@ namespace {
 template <c10::DeviceType device, c10::DispatchKey key>
 at::Tensor attention_autocast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
-                              std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+                              std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+                              const std::optional<at::Tensor>& alibi_slopes) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::attention", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const std::optional<at::Tensor>&, double, bool, std::optional<double>,
-                                         bool, at::IntArrayRef, double)>();
+                                         bool, at::IntArrayRef, double, const std::optional<at::Tensor>&)>();
   const auto dt = at::autocast::get_autocast_dtype(device);
   auto cast = [&](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat ? at::autocast::cached_cast(dt, t, device) : t;
   };
-  return op.call(cast(q), cast(k), cast(v), mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+  // (the ALiBi slopes stay float32, as the ops take them)
+  return op.call(cast(q), cast(k), cast(v), mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                 alibi_slopes);
 }
 
 template <c10::DeviceType device, c10::DispatchKey key>

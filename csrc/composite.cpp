@@ -63,7 +63,8 @@ at::Tensor kv_per_query_head(const at::Tensor& t, const at::Tensor& q) {
 // The scores and the mask of the composite, shared by the forward and the log-sum-exp.
 struct MaskedScores {
   at::Tensor s;     // scale * Q K^T (..., Hq, L, S) in the accumulation type, soft-capped, without the mask
-  at::Tensor add;   // one additive mask at its own (broadcast) shape, -inf where hidden; undefined for none
+  at::Tensor add;   // one additive mask at its own (broadcast) shape, -inf where hidden, the ALiBi bias included;
+                    // undefined for none
   at::Tensor seen;  // (..., L, 1) at the mask's shape: whether the row sees a key; undefined for no mask
 };
 
@@ -86,6 +87,14 @@ MaskedScores masked_scores(const at::Tensor& q, const at::Tensor& k, const std::
     else
       r.add = mask->to(acc);
   }
+  if (opt.has_alibi()) {  // -m |i + S - L - j|: query i at position S - L + i of the keys
+    const c10::SymInt len_q = q.sym_size(-2), len_k = k.sym_size(-2);
+    const auto pos = at::TensorOptions().dtype(acc).device(q.device());
+    at::Tensor i = at::arange(c10::Scalar(len_k - len_q), c10::Scalar(len_k), pos).unsqueeze(1);
+    at::Tensor j = at::arange(c10::Scalar(len_k), pos).unsqueeze(0);
+    at::Tensor bias = opt.alibi_slopes->to(acc).unsqueeze(-1).unsqueeze(-1) * -(i - j).abs();  // (..., Hq, L, S)
+    r.add = r.add.defined() ? r.add + bias : bias;
+  }
   if (vis.defined()) r.add = at::where(vis, r.add.defined() ? r.add : at::zeros({}, qa.options()), kNegInf);
   if (r.add.defined()) r.seen = (r.add != kNegInf).any(-1, /*keepdim=*/true);
   return r;
@@ -107,8 +116,9 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& mask, double dropout_p,
                                                   bool is_causal, std::optional<double> scale, bool enable_gqa,
                                                   at::IntArrayRef window, const std::optional<at::Tensor>& rng,
-                                                  bool need_weights, bool average_heads, double softcap) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+                                                  bool need_weights, bool average_heads, double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   check_inputs(q, k, v, mask, opt);
   const bool dropout = dropout_p > 0.0;
   TORCH_CHECK_VALUE(!dropout || (rng.has_value() && rng->defined()),
@@ -145,8 +155,9 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
 
 at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, bool is_causal, std::optional<double> scale,
-                              bool enable_gqa, at::IntArrayRef window, double softcap) {
-  const AttnOptions opt = make_options(0.0, is_causal, scale, enable_gqa, window, softcap);
+                              bool enable_gqa, at::IntArrayRef window, double softcap,
+                              const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnOptions opt = make_options(0.0, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   check_inputs(q, k, v, mask, opt);
   MaskedScores ms = masked_scores(q, k, mask, opt);
   // the kernels' convention: -inf for a row that sees no key. Such a row's logsumexp is taken of zeros, then
@@ -193,9 +204,11 @@ at::Tensor composite_forward(ForwardSetup& st, const at::Tensor& q, const at::Te
                              bool need_weights, bool average_heads) {
   const std::vector<int64_t> window{opt.window_left, opt.window_right};
   auto [out, weights] = attention_math(q, k, v, mask, opt.dropout_p, opt.is_causal, opt.scale, opt.enable_gqa, window,
-                                       rng_if_dropout(opt, rng), need_weights, average_heads, opt.softcap);
+                                       rng_if_dropout(opt, rng), need_weights, average_heads, opt.softcap,
+                                       opt.alibi_slopes);
   st.out.copy_(out);
-  st.lse.copy_(attention_math_lse(q, k, v, mask, opt.is_causal, opt.scale, opt.enable_gqa, window, opt.softcap));
+  st.lse.copy_(attention_math_lse(q, k, v, mask, opt.is_causal, opt.scale, opt.enable_gqa, window, opt.softcap,
+                                  opt.alibi_slopes));
   return weights;
 }
 
@@ -204,7 +217,8 @@ void composite_probs(ProbsSetup& st, const at::Tensor& q, const at::Tensor& k, c
   // the weights do not depend on the value: the key stands in for it
   const std::vector<int64_t> window{opt.window_left, opt.window_right};
   st.probs.copy_(std::get<1>(attention_math(q, k, k, mask, opt.dropout_p, opt.is_causal, opt.scale, opt.enable_gqa,
-                                            window, rng_if_dropout(opt, rng), true, average_heads, opt.softcap)));
+                                            window, rng_if_dropout(opt, rng), true, average_heads, opt.softcap,
+                                            opt.alibi_slopes)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_backward(

@@ -26,13 +26,15 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& mask, double dropout_p,
                                                   bool is_causal, std::optional<double> scale, bool enable_gqa,
                                                   at::IntArrayRef window, const std::optional<at::Tensor>& rng,
-                                                  bool need_weights, bool average_heads, double softcap);
+                                                  bool need_weights, bool average_heads, double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 // The log-sum-exp of the masked, scaled scores (..., Hq, L) in float32 (float64 for float64 inputs), -inf
 // for rows that see no key: what the fused forward saves for its backward.
 at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, bool is_causal, std::optional<double> scale,
-                              bool enable_gqa, at::IntArrayRef window, double softcap);
+                              bool enable_gqa, at::IntArrayRef window, double softcap,
+                              const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 // The first-order gradients of attention_math in ATen operations (the L x S weights materialised, D taken
 // exactly as rowsum(P * dP)): (dq, dk, dv, dmask) in the inputs' dtypes, dmask at the mask's shape when
@@ -52,7 +54,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
 //     kernels, the CUDA ops (and the emulator's, which share their glue) take it here;
 //   - on CUDA, the backward of a soft-capped call with a float mask: the sm80 backward kernel caps the score
 //     after the mask is added, which is the forward's order only for a boolean mask (the CPU kernels fuse every
-//     case).
+//     case);
+//   - on CUDA, the backward of a call with both a soft cap and ALiBi slopes: the sm80 backward kernel adds the
+//     bias before the cap, which it applies per element after the mask (the CPU kernels fuse every case).
 inline bool zero_head_dim(const FwdParams& p) { return p.dim_qk == 0 || p.dim_v == 0; }
 // Why the CUDA ops take a call here (the kernel log says it), or nullptr when their kernels take it; backward:
 // the backward op, else the forward or the weights.
@@ -60,6 +64,7 @@ inline const char* cuda_composite_reason(const FwdParams& p, bool backward) {
   if (zero_head_dim(p)) return "head dim 0";
   if (p.dtype == DType::kFloat64) return "float64";
   if (backward && p.softcap > 0.0 && p.mask_kind == MaskKind::kAdditive) return "softcap with a float mask";
+  if (backward && p.softcap > 0.0 && p.alibi_slopes != nullptr) return "softcap with ALiBi";
   return nullptr;
 }
 // Fills st.out and st.lse; returns the weights (need_weights: per head, or their mean with average_heads;

@@ -27,7 +27,8 @@ bool is_float_dtype(at::ScalarType t) {
 }  // namespace
 
 AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
-                         bool enable_gqa, at::IntArrayRef window_size, double softcap) {
+                         bool enable_gqa, at::IntArrayRef window_size, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK_VALUE(window_size.size() == 2,
                     "window_size must be a pair (left, right), got ", window_size.size(), " values");
   AttnOptions o;
@@ -38,6 +39,7 @@ AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double>
   o.window_left = window_size[0];
   o.window_right = window_size[1];
   o.softcap = softcap;
+  o.alibi_slopes = alibi_slopes;
   return o;
 }
 
@@ -100,6 +102,20 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     opt.window_left, ", ", opt.window_right, ")");
   TORCH_CHECK_VALUE(std::isfinite(opt.softcap) && opt.softcap >= 0.0,
                     "softcap must be a finite number >= 0 (0: no soft-capping), got ", opt.softcap);
+  if (opt.has_alibi()) {
+    const at::Tensor& a = *opt.alibi_slopes;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    TORCH_CHECK(a.device() == q.device(), "alibi_slopes is on ", a.device(), " but query is on ", q.device());
+    std::vector<c10::SymInt> target(qs.begin(), qs.end() - 2);  // (..., heads)
+    auto asz = a.sym_sizes();
+    bool ok = a.dim() >= 1 && a.dim() <= r - 2 && asz[a.dim() - 1] == Hq;
+    for (int64_t d = 2; ok && d <= a.dim(); ++d) {
+      const c10::SymInt& ad = asz[a.dim() - d];
+      ok = ad == 1 || ad == target[r - 2 - d];
+    }
+    TORCH_CHECK_VALUE(ok, "alibi_slopes must have shape (heads,) or (..., heads) broadcastable to the query's "
+                      "(..., heads) = ", shape_str(target), ", got ", shape_str(asz));
+  }
   // mask
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
@@ -296,6 +312,17 @@ FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::
   return p;
 }
 
+at::Tensor set_alibi(FwdParams& p, const AttnOptions& opt, const at::Tensor& q) {
+  if (!opt.has_alibi()) return at::Tensor();
+  std::vector<int64_t> target(q.sizes().begin(), q.sizes().end() - 2);  // (..., heads)
+  at::Tensor a = opt.alibi_slopes->expand(target);
+  a = a.dim() == 1 ? a.unsqueeze(0) : a.reshape({-1, a.size(-1)});
+  p.alibi_slopes = a.data_ptr<float>();
+  p.alibi_stride_b = a.size(0) == 1 ? 0 : a.stride(0);
+  p.alibi_stride_h = a.stride(1);
+  return a;
+}
+
 std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
   if (!mask.has_value() || !mask->defined()) return std::nullopt;
   return mask_4d(*mask, q, k);
@@ -326,6 +353,7 @@ BackwardSetup prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, 
   s.m4 = mask4_of(mask, q, k);
   BwdParams& p = s.p;
   static_cast<FwdParams&>(p) = make_fwd_params(s.q4, s.k4, s.v4, s.o4, s.lse, s.m4, opt);
+  s.alibi = set_alibi(p, opt, q);
   p.dout = s.g4.data_ptr();
   p.do_stride = strides_of(s.g4);
   p.dq = s.dq4.data_ptr();
@@ -370,6 +398,7 @@ ForwardSetup prepare_forward(const at::Tensor& q, const at::Tensor& k, const at:
   s.o4 = as_4d(s.out);
   s.m4 = mask4_of(mask, q, k);
   s.p = make_fwd_params(s.q4, s.k4, s.v4, s.o4, s.lse, s.m4, opt);
+  s.alibi = set_alibi(s.p, opt, q);
   return s;
 }
 
@@ -390,6 +419,7 @@ ProbsSetup prepare_probs(const at::Tensor& q, const at::Tensor& k, const std::op
   s.lse = lse.contiguous();
   s.m4 = mask4_of(mask, q, k);
   s.p = make_fwd_params(s.q4, s.k4, s.k4, at::Tensor(), s.lse, s.m4, opt);
+  s.alibi = set_alibi(s.p, opt, q);
   return s;
 }
 

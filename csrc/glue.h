@@ -21,10 +21,14 @@ struct AttnOptions {
   bool enable_gqa = false;
   int64_t window_left = -1, window_right = -1;
   double softcap = 0.0;  // logit soft-capping, 0: off (FwdParams::softcap)
+  // ALiBi slopes (float32, broadcastable to (..., heads_q)), or none (FwdParams::alibi_slopes)
+  std::optional<at::Tensor> alibi_slopes;
+  bool has_alibi() const { return alibi_slopes.has_value() && alibi_slopes->defined(); }
 };
 
 AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
-                         bool enable_gqa, at::IntArrayRef window_size, double softcap);
+                         bool enable_gqa, at::IntArrayRef window_size, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
 
 // Raises ValueError/TypeError/RuntimeError naming the offending argument.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -79,10 +83,14 @@ at::Tensor mask_4d(const at::Tensor& mask, const at::Tensor& q, const at::Tensor
 DType to_dtype(at::ScalarType t);
 Strides4 strides_of(const at::Tensor& t4);
 
-// Fills everything but the RNG fields; q4/k4/v4/o4/mask4 must stay alive.
+// Fills everything but the RNG fields and the ALiBi slopes; q4/k4/v4/o4/mask4 must stay alive.
 FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
                           const at::Tensor& o4, const at::Tensor& lse,
                           const std::optional<at::Tensor>& mask4, const AttnOptions& opt);
+
+// The ALiBi slopes of opt as a (B, Hq) view of q's flattened batch (stride 0 where they broadcast), set in p;
+// returns the tensor p points into (undefined without ALiBi), which must stay alive.
+at::Tensor set_alibi(FwdParams& p, const AttnOptions& opt, const at::Tensor& q);
 
 // attn_mask (if any) as mask_4d, else nullopt.
 std::optional<at::Tensor> mask4_of(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k);
@@ -95,6 +103,7 @@ struct BackwardSetup {
   at::Tensor q4, k4, v4, o4, g4, dq4, dk4, dv4, lse;
   at::Tensor dlse;  // grad_logsumexp, contiguous (undefined without one)
   std::optional<at::Tensor> m4;
+  at::Tensor alibi;  // set_alibi's
   at::Tensor dmask_full;
   BwdParams p;
 };
@@ -112,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
 struct ForwardSetup {
   at::Tensor out, lse, q4, k4, v4, o4;
   std::optional<at::Tensor> m4;
+  at::Tensor alibi;  // set_alibi's
   FwdParams p;
 };
 ForwardSetup prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -123,6 +133,7 @@ void finish_forward(ForwardSetup& s);
 struct ProbsSetup {
   at::Tensor probs, q4, k4, lse;
   std::optional<at::Tensor> m4;
+  at::Tensor alibi;  // set_alibi's
   FwdParams p;
 };
 // probs: (..., heads, L, S), or with average_heads (..., L, S) for the mean over the heads (empty_weights).
@@ -137,10 +148,11 @@ template <typename Fwd, typename Weights>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_then_probs(
     Fwd&& fwd, Weights&& weights, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal, std::optional<double> scale,
-    bool enable_gqa, at::IntArrayRef window, bool average_heads, double softcap) {
-  auto [out, lse, rng] = fwd(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
-  at::Tensor w =
-      weights(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads, softcap);
+    bool enable_gqa, at::IntArrayRef window, bool average_heads, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  auto [out, lse, rng] = fwd(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
+  at::Tensor w = weights(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads, softcap,
+                         alibi_slopes);
   return {out, lse, rng, w};
 }
 

@@ -12,16 +12,17 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    double softcap) {
-  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes));
   return {empty_output(q, v.sym_size(-1)), empty_lse(q), at::empty({2}, q.options().dtype(at::kLong))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool average_heads, double softcap) {
-  auto [out, lse, rng] = forward_meta(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    bool average_heads, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  auto [out, lse, rng] =
+      forward_meta(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   return {out, lse, rng, empty_weights(q, k, average_heads)};
 }
 
@@ -29,8 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
-  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes));
   check_backward_inputs(grad_out, out, lse, rng, q, v, dropout_p, grad_lse);
   const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
   at::Tensor dmask = want_dmask ? at::empty_symint(mask->sym_sizes(), mask->options())
@@ -40,8 +41,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
 
 at::Tensor probs_meta(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                       const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
-  check_inputs(q, k, k, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
+                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+                      const std::optional<at::Tensor>& alibi_slopes) {
+  check_inputs(q, k, k, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes));
   check_lse(lse, q);
   check_rng_state(rng, dropout_p);
   return empty_weights(q, k);

@@ -52,42 +52,43 @@ std::tuple<at::Tensor, at::Tensor> call_math(const at::Tensor& q, const at::Tens
                                              const std::optional<at::Tensor>& mask, double dropout_p,
                                              bool is_causal, std::optional<double> scale, bool enable_gqa,
                                              at::IntArrayRef window, const std::optional<at::Tensor>& rng,
-                                             double softcap) {
+                                             double softcap, const std::optional<at::Tensor>& alibi) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::_attention_math", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            double, bool, std::optional<double>, bool, at::IntArrayRef,
-                           const std::optional<at::Tensor>&, bool, bool, double)>();
-  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, false, false, softcap);
+                           const std::optional<at::Tensor>&, bool, bool, double, const std::optional<at::Tensor>&)>();
+  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, false, false, softcap, alibi);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    double softcap) {
+    double softcap, const std::optional<at::Tensor>& alibi) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::_attention_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           double, bool, std::optional<double>, bool, at::IntArrayRef, double)>();
-  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+                           double, bool, std::optional<double>, bool, at::IntArrayRef, double,
+                           const std::optional<at::Tensor>&)>();
+  return op.call(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, double softcap) {
+    bool mask_grad, double softcap, const std::optional<at::Tensor>& alibi) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::_attention_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            double, bool, std::optional<double>, bool, at::IntArrayRef, bool,
-                           const std::optional<at::Tensor>&, double)>();
+                           const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&)>();
   return op.call(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, mask_grad,
-                 std::nullopt, softcap);
+                 std::nullopt, softcap, alibi);
 }
 
 // First-order gradients as an autograd function of their own, so that with create_graph=True they can be
@@ -100,11 +101,12 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
                                const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng, double dropout_p,
                                bool is_causal, std::optional<double> scale, bool enable_gqa,
-                               at::IntArrayRef window, bool mask_grad, double softcap) {
+                               at::IntArrayRef window, bool mask_grad, double softcap, const std::optional<at::Tensor>& alibi) {
     auto [dq, dk, dv, dmask] = call_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
-                                             enable_gqa, window, mask_grad, softcap);
+                                             enable_gqa, window, mask_grad, softcap, alibi);
     const bool has_mask = mask.has_value() && mask->defined();
-    ctx->save_for_backward({grad, q, k, v, has_mask ? *mask : at::Tensor(), rng});
+    const bool has_alibi = alibi.has_value() && alibi->defined();
+    ctx->save_for_backward({grad, q, k, v, has_mask ? *mask : at::Tensor(), rng, has_alibi ? *alibi : at::Tensor()});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
@@ -134,7 +136,8 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
     at::Tensor out = std::get<0>(call_math(q, k, v, mask, dropout_p, ctx->saved_data["is_causal"].toBool(),
                                            ctx->saved_data["scale"].toOptional<double>(),
                                            ctx->saved_data["enable_gqa"].toBool(), window, rng,
-                                           ctx->saved_data["softcap"].toDouble()));
+                                           ctx->saved_data["softcap"].toDouble(),
+                                           saved[6].defined() ? std::optional<at::Tensor>(saved[6]) : std::nullopt));
     // the first-order gradients again, now with a graph
     variable_list wrt = {q, k, v};
     if (float_mask) wrt.push_back(m);
@@ -155,7 +158,7 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
     if (!ys.empty())
       second = torch::autograd::grad(ys, inputs, gys, /*retain_graph=*/create_graph, create_graph,
                                      /*allow_unused=*/true);
-    variable_list result(15);
+    variable_list result(16);
     for (size_t i = 0; i < 4; ++i) result[i] = second[i];
     if (float_mask) result[4] = second[4];
     return result;
@@ -166,10 +169,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
-                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
-    auto [out, lse, rng] = call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+                            const std::optional<at::Tensor>& alibi) {
+    auto [out, lse, rng] =
+        call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi);
     const bool has_mask = mask.has_value() && mask->defined();
-    ctx->save_for_backward({q, k, v, has_mask ? *mask : at::Tensor(), out, lse, rng});
+    const bool has_alibi = alibi.has_value() && alibi->defined();
+    ctx->save_for_backward({q, k, v, has_mask ? *mask : at::Tensor(), out, lse, rng, has_alibi ? *alibi : at::Tensor()});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
@@ -191,9 +197,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         grad, saved[0], saved[1], saved[2], mask, saved[4], saved[5], saved[6],
         ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["is_causal"].toBool(),
         ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["enable_gqa"].toBool(), window, mask_grad,
-        ctx->saved_data["softcap"].toDouble());
-    return {g[0], g[1], g[2], mask_grad ? g[3] : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+        ctx->saved_data["softcap"].toDouble(),
+        saved[7].defined() ? std::optional<at::Tensor>(saved[7]) : std::nullopt);
+    return {g[0],         g[1],         g[2],         mask_grad ? g[3] : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),                  at::Tensor()};
   }
 };
 
@@ -216,7 +223,8 @@ void check_strided(const at::Tensor& t, const char* name) {
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
-                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+                     const std::optional<at::Tensor>& alibi) {
   TORCH_CHECK_VALUE(!q.is_nested() && !k.is_nested() && !v.is_nested(),
                     "torch.ops.attention_ext.attention takes dense tensors; for nested (jagged) tensors call "
                     "attention_ext.attention or attention_ext.scaled_dot_product_attention, which pack them for "
@@ -226,6 +234,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_strided(k, "key");
   check_strided(v, "value");
   if (mask.has_value() && mask->defined()) check_strided(*mask, "attn_mask");
+  if (alibi.has_value() && alibi->defined()) {
+    check_strided(*alibi, "alibi_slopes");
+    // (the fused backward has no gradient for the slopes; the composite would differentiate them, but a gradient
+    // that exists only on some paths would be worse than none)
+    TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && alibi->requires_grad()),
+                      "alibi_slopes: attention has no gradient with respect to the ALiBi slopes (as "
+                      "FlashAttention); pass alibi_slopes.detach()");
+  }
   const at::Tensor* m = mask.has_value() ? &*mask : nullptr;
   const bool graph = needs_graph({&q, &k, &v, m});
   if (has_tangent({&q, &k, &v, m}) || (graph && functorch_active())) {
@@ -236,12 +252,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     // where it can; this is the path of LibTorch programs and of dual tensors outside torch.func.
     std::optional<at::Tensor> rng;
     if (dropout_p > 0.0)
-      rng = std::get<2>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap));
-    return std::get<0>(call_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, softcap));
+      rng = std::get<2>(
+          call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi));
+    return std::get<0>(
+        call_math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, rng, softcap, alibi));
   }
   if (!graph)
-    return std::get<0>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap));
-  return AttentionFunction::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    return std::get<0>(call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi));
+  return AttentionFunction::apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi);
 }
 
 // Variable-length (packed) sequences: the same pattern over _attention_varlen_forward / _backward.
@@ -343,7 +361,7 @@ TORCH_LIBRARY(attention_ext, m) {
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
       "bool is_causal=False, float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1], "
-      "float softcap=0.0) -> Tensor",
+      "float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "attention_varlen(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "

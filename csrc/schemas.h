@@ -9,38 +9,38 @@ namespace schema {
 
 inline constexpr const char* kForward =
     "_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
-    "bool is_causal, float? scale, bool enable_gqa, int[2] window_size, float softcap=0.0) "
-    "-> (Tensor output, Tensor logsumexp, Tensor rng_state)";
+    "bool is_causal, float? scale, bool enable_gqa, int[2] window_size, float softcap=0.0, "
+    "Tensor? alibi_slopes=None) -> (Tensor output, Tensor logsumexp, Tensor rng_state)";
 inline constexpr const char* kBackward =
     "_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
     "Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, float? scale, "
     "bool enable_gqa, int[2] window_size, bool attn_mask_requires_grad, Tensor? grad_logsumexp=None, "
-    "float softcap=0.0) "
+    "float softcap=0.0, Tensor? alibi_slopes=None) "
     "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask)";
 // The forward that also returns the attention weights (..., Hq, L, S), dropout applied, or with
 // average_heads their mean over the query heads (..., L, S): what MultiheadAttention's need_weights=True
 // needs, on the CPU without attention_probs' second pass over Q K^T.
 inline constexpr const char* kForwardWeights =
     "_attention_forward_weights(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
-    "bool is_causal, float? scale, bool enable_gqa, int[2] window_size, bool average_heads, float softcap=0.0) "
-    "-> (Tensor output, Tensor logsumexp, Tensor rng_state, Tensor weights)";
+    "bool is_causal, float? scale, bool enable_gqa, int[2] window_size, bool average_heads, float softcap=0.0, "
+    "Tensor? alibi_slopes=None) -> (Tensor output, Tensor logsumexp, Tensor rng_state, Tensor weights)";
 inline constexpr const char* kProbs =
     "attention_probs(Tensor query, Tensor key, Tensor? attn_mask, Tensor logsumexp, Tensor rng_state, "
     "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
-    "int[2] window_size=[-1, -1], float softcap=0.0) -> Tensor";
+    "int[2] window_size=[-1, -1], float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor";
 // The same attention in plain ATen operations, differentiable to any order (csrc/composite.h): what attention
 // runs for forward-mode AD and under torch.func transforms, and what its double backward recomputes.
 // weights: the probabilities (after dropout) or their head mean, with need_weights; else an empty tensor.
 inline constexpr const char* kMath =
     "_attention_math(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, bool is_causal, "
     "float? scale, bool enable_gqa, int[2] window_size, Tensor? rng_state, bool need_weights=False, "
-    "bool average_heads=False, float softcap=0.0) "
+    "bool average_heads=False, float softcap=0.0, Tensor? alibi_slopes=None) "
     "-> (Tensor output, Tensor weights)";
 // The fused forward's log-sum-exp in ATen operations (float32 / float64, -inf for rows that see no key): with
 // _attention_math, the decomposition of the fused forwards for exporters that need plain ATen (ONNX).
 inline constexpr const char* kMathLse =
     "_attention_math_lse(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
-    "float? scale, bool enable_gqa, int[2] window_size, float softcap=0.0) -> Tensor";
+    "float? scale, bool enable_gqa, int[2] window_size, float softcap=0.0, Tensor? alibi_slopes=None) -> Tensor";
 // Variable-length (packed) sequences, FlashAttention's varlen layout: query (total_q, Hq, E), key
 // (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of
 // the query and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] of key and value (int32 or int64, batch + 1 offsets

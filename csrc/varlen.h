@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
     if (L == 0 || S == 0) continue;
     auto [o, l, r] = fwd(heads_first(q.narrow(0, off.q[b], L)), heads_first(k.narrow(0, off.k[b], S)),
                          heads_first(v.narrow(0, off.k[b], S)), std::nullopt, dropout_p, is_causal, scale, enable_gqa,
-                         window, softcap);
+                         window, softcap, std::nullopt);
     s.out.narrow(0, off.q[b], L).copy_(heads_first(o));
     s.lse.narrow(0, Hq * off.q[b], Hq * L).copy_(l.reshape({-1}));
     rng.select(0, b).copy_(r.reshape({-1}));
@@ -150,7 +150,7 @@ void varlen_backward_by_sequence(Bwd&& bwd, const VarlenOffsets& off, const at::
     auto [gq, gk, gv, gm] =
         bwd(rows(grad_out, off.q[b], L), rows(q, off.q[b], L), rows(k, off.k[b], S), rows(v, off.k[b], S),
             std::nullopt, rows(out, off.q[b], L), stats(lse), rng.select(0, b), dropout_p, is_causal, scale,
-            enable_gqa, window, false, gl, softcap);
+            enable_gqa, window, false, gl, softcap, std::nullopt);
     dq.narrow(0, off.q[b], L).copy_(heads_first(gq));
     dk.narrow(0, off.k[b], S).copy_(heads_first(gk));
     dv.narrow(0, off.k[b], S).copy_(heads_first(gv));

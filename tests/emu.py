@@ -20,6 +20,15 @@ SKIP_REASON = None if LOADED else (
 ops = torch.ops.attention_ext_emu if LOADED else None
 
 
+def backend_ops(backend, monkeypatch):
+    """The internal ops of a test backend: "cpu" / "cuda" the extension's own, "emu80" / "emu90" the emulated CUDA
+    kernels with that architecture (ATTENTION_EXT_EMU_ARCH, through monkeypatch)."""
+    if backend.startswith("emu"):
+        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
+        return ops
+    return torch.ops.attention_ext
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window):

@@ -233,19 +233,24 @@ def test_bench_varlen_quick(tmp_path):
         assert r["max_abs_diff_vs_torch"] < (1e-5 if r["dtype"] == "float32" else 2e-2), r
 
 
-def test_bench_softcap_quick(tmp_path):
-    """benchmarks/bench_softcap.py --quick: every column timed, the capped output agreeing with Gemma 2's eager
-    formula, JSON written."""
-    out = tmp_path / "softcap.json"
+@pytest.mark.parametrize("script,columns,ratio,diff", [
+    ("bench_softcap", ("ours", "softcap", "fwd", "fwd_softcap", "eager"), "softcap", "max_abs_diff_vs_eager"),
+    ("bench_alibi", ("fwd", "fwd_alibi", "fwd_sdpa_mask", "fwd_ours_mask", "ours", "alibi", "sdpa_mask", "ours_mask"),
+     "alibi", "max_abs_diff_vs_sdpa")])
+def test_bench_feature_quick(tmp_path, script, columns, ratio, diff):
+    """benchmarks/bench_softcap.py and bench_alibi.py --quick: every column timed, the feature's output agreeing
+    with PyTorch's way of computing it (Gemma 2's eager formula; SDPA given the ALiBi bias as a float mask), JSON
+    written."""
+    out = tmp_path / "bench.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_softcap.py"), "--quick", "--device", "cpu",
+    p = subprocess.run([sys.executable, os.path.join("benchmarks", script + ".py"), "--quick", "--device", "cpu",
                         "--dtypes", "float32,bfloat16", "--budget", "0.001", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     for r in rows:
-        for name in ("ours", "softcap", "fwd", "fwd_softcap", "eager"):
+        for name in columns:
             assert r[name + "_s"] > 0 and r[name + "_TFLOPs"] > 0, (name, r)
-        assert r["softcap_ratio"] == pytest.approx(r["softcap_s"] / r["ours_s"])
-        assert r["max_abs_diff_vs_eager"] < (1e-5 if r["dtype"] == "float32" else 3e-2), r
+        assert r[ratio + "_ratio"] == pytest.approx(r[ratio + "_s"] / r["ours_s"])
+        assert r[diff] < (1e-5 if r["dtype"] == "float32" else 3e-2), r

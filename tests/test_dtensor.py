@@ -78,6 +78,11 @@ CASES = {
                               run="varlen", local=False),
     "sinks_heads": dict(mesh=(4,), q=(2, 8, 12, 16), k=(2, 4, 12, 16), v=(2, 4, 12, 16), pq=["S1"], pkv=["S1"],
                         opts=dict(is_causal=True, enable_gqa=True), run="sinks", local=True),
+    "alibi_heads": dict(mesh=(4,), q=(2, 8, 12, 16), k=(2, 4, 12, 16), v=(2, 4, 12, 16), pq=["S1"], pkv=["S1"],
+                        opts=dict(is_causal=True, enable_gqa=True), alibi=((8,), ["S0"]), run="alibi", local=True),
+    "alibi_batch": dict(mesh=(4,), q=(4, 2, 12, 16), k=(4, 2, 10, 16), v=(4, 2, 10, 16), pq=["S0"], pkv=["S0"],
+                        mask=("bool", (4, 1, 1, 10), False, ["S0"]), alibi=((4, 2), ["S0"]), run="alibi",
+                        local=True),
     "dropout_heads": dict(mesh=(4,), q=(2, 8, 12, 16), k=(2, 8, 10, 16), v=(2, 8, 10, 16), pq=["S1"], pkv=["S1"],
                           opts=dict(dropout_p=0.3), run="dropout", local=True),
 }
@@ -127,6 +132,10 @@ def _run_case(name, meshes):
         sinks = torch.randn(q.shape[-3], generator=torch.Generator().manual_seed(3))
         dsinks = distribute_tensor(sinks, mesh, _placements(["S0"])).requires_grad_()
         opts["sinks"] = dsinks
+    if run == "alibi":  # ALiBi slopes (..., heads), sharded as the heads or the batch
+        shape, placement = c["alibi"]
+        slopes = torch.rand(shape, generator=torch.Generator().manual_seed(4))
+        opts["alibi_slopes"] = distribute_tensor(slopes, mesh, _placements(placement))
     leaves = [t for t in (dq, dk, dv, dmask) if t is not None and t.requires_grad]
     if run == "varlen":
         cu = distribute_tensor(torch.tensor(VARLEN_CU, dtype=torch.int32), mesh, _placements(["R"]))
@@ -139,7 +148,7 @@ def _run_case(name, meshes):
     # by their placements alone)
     counting = run != "compiled"
     with (CommDebugMode() if counting else contextlib.nullcontext()) as fwd_comms:
-        if run in ("attention", "dropout", "sinks"):
+        if run in ("attention", "dropout", "sinks", "alibi"):
             if run == "dropout":
                 torch.manual_seed(1234)
             outs = [attention_ext.attention(dq, dk, dv, dmask, **opts)]
@@ -174,6 +183,11 @@ def _run_case(name, meshes):
         res["sinks_grad"] = dsinks.grad.full_tensor()
         whole = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
         o = attention_ext.attention(*whole[:3], **dict(opts, sinks=whole[3]))
+        o.backward(cot[0])
+        res["unsharded"] = [o.detach()] + [t.grad for t in whole]
+    if run == "alibi":  # the op on the whole tensors, in this process (tested against float64 in test_alibi.py)
+        whole = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = attention_ext.attention(*whole, mask, **dict(opts, alibi_slopes=slopes))
         o.backward(cot[0])
         res["unsharded"] = [o.detach()] + [t.grad for t in whole]
     if run == "dropout":  # the local op on this rank's shards, the same seed
@@ -343,7 +357,7 @@ def _expected_placements(name):
     return [out] * len(_out_shapes(name))
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if CASES[n].get("run") not in ("dropout", "sinks")])
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n].get("run") not in ("dropout", "sinks", "alibi")])
 def test_dtensor_matches_reference(ranks, name):
     res = [r[name] for r in ranks]
     for r, rr in enumerate(res):
@@ -389,6 +403,20 @@ def test_dtensor_sinks_keep_the_heads_sharded(ranks):
     assert rr["placements"] == ["(Shard(dim=1),)"] and sum(rr["fwd_comms"].values()) == 0, rr["fwd_comms"]
     got = [rr["outs"][0]] + rr["grads"][:3] + [rr["sinks_grad"]]
     for what, a, b in zip(("output", "dq", "dk", "dv", "dsinks"), got, rr["unsharded"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, w=what: f"{w}: {m}")
+
+
+@pytest.mark.parametrize("name", ["alibi_heads", "alibi_batch"])
+def test_dtensor_alibi_keeps_the_shards(ranks, name):
+    """ALiBi slopes sharded with the heads (GQA, causal) or the batch (key padding): the output stays sharded with
+    no collective in the forward, and the output and the gradients equal the op on the whole tensors."""
+    for r, res in enumerate(ranks):
+        assert "error" not in res[name], f"rank {r}: {res[name]['error']}"
+    rr = ranks[0][name]
+    dim = 1 if name == "alibi_heads" else 0
+    assert rr["placements"] == [f"(Shard(dim={dim}),)"] and sum(rr["fwd_comms"].values()) == 0, rr
+    got = [rr["outs"][0]] + rr["grads"][:3]
+    for what, a, b in zip(("output", "dq", "dk", "dv"), got, rr["unsharded"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, w=what: f"{w}: {m}")
 
 

@@ -16,6 +16,7 @@ import torch
 
 import attention_ext
 from conftest import cuda_marks, dtype_id, emu_marks
+from emu import backend_ops
 from hf_compare import assert_matches_eager
 from reference import ABS_FLOOR, assert_close_vs_baselines, dropout_keep_mask
 
@@ -120,22 +121,13 @@ def _inputs(case, dtype, device, seed):
     return q, k, v, mask, o
 
 
-def _ops(backend, monkeypatch):
-    if backend.startswith("emu"):
-        import emu
-
-        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
-        return emu.ops
-    return torch.ops.attention_ext
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 def test_softcap_ops_vs_reference(backend, dtype, case, monkeypatch):
     """Output, log-sum-exp, gradients (a float mask's too) and the attention weights of the forward and backward
     ops against the float64 reference, within 2x the error of Gemma 2's eager formula in the same dtype."""
     device = "cuda" if backend == "cuda" else "cpu"
-    ops = _ops(backend, monkeypatch)
+    ops = backend_ops(backend, monkeypatch)
     q, k, v, mask, o = _inputs(case, dtype, device, seed=len(case) + len(backend))
     cap, p, causal, scale = o["cap"], o.get("dropout_p", 0.0), o.get("is_causal", False), o.get("scale")
     window, gqa = list(o.get("window", (-1, -1))), q.shape[-3] != k.shape[-3]
@@ -192,7 +184,7 @@ def test_softcap_deterministic_backward(backend, monkeypatch):
     twice (on the emulator, the second time with its warps scheduled in another order) and agrees with the
     atomic dQ and with the float64 reference."""
     device = "cuda" if backend == "cuda" else "cpu"
-    ops = _ops(backend, monkeypatch)
+    ops = backend_ops(backend, monkeypatch)
     g = torch.Generator().manual_seed(31)
     q = (torch.randn(1, 4, 150, 64, generator=g, dtype=f64) * 1.5).to(device, bf16)
     k = (torch.randn(1, 2, 300, 64, generator=g, dtype=f64) * 1.5).to(device, bf16)
@@ -299,7 +291,7 @@ def test_softcap_varlen(backend, monkeypatch):
     gradients of each sequence against the reference of that sequence alone. emu90: bf16, which the Hopper
     kernels take, but whose packed forward has no cap: the sm80 kernel runs the sequences in one launch."""
     device = "cuda" if backend == "cuda" else "cpu"
-    ops = _ops(backend, monkeypatch)
+    ops = backend_ops(backend, monkeypatch)
     dtype, cap = {"cpu": f64, "emu90": bf16}.get(backend, f32), 2.5
     g = torch.Generator().manual_seed(12)
     tq, tk = sum(LENS_Q), sum(LENS_K)

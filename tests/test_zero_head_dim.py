@@ -38,12 +38,10 @@ CASES = {
 
 
 def _ops(backend, monkeypatch):
-    if backend.startswith("emu"):
-        import emu
+    import emu
 
-        monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", backend[3:])
-        return emu.ops, emu.attention
-    return torch.ops.attention_ext, lambda *a: attention_ext.attention(*a)
+    ops = emu.backend_ops(backend, monkeypatch)
+    return ops, (emu.attention if backend.startswith("emu") else lambda *a: attention_ext.attention(*a))
 
 
 def _inputs(case, E, Ev, dtype, device, seed):

@@ -57,8 +57,8 @@ void read_rng_state(const at::Tensor& rng, double dropout_p, FwdParams& p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    double softcap, bool with_weights, bool average_heads) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    double softcap, bool with_weights, bool average_heads, const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   ForwardSetup st = prepare_forward(q, k, v, mask, opt);
   auto [seed, offset] = draw_seed(dropout_p);
   if (zero_head_dim(st.p)) {
@@ -88,25 +88,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    double softcap) {
-  auto [out, lse, rng, w] =
-      run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, false, false);
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  auto [out, lse, rng, w] = run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                                        false, false, alibi_slopes);
   return {out, lse, rng};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool average_heads, double softcap) {
-  return run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, true, average_heads);
+    bool average_heads, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  return run_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, true, average_heads,
+                     alibi_slopes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   if (zero_head_dim(st.p)) return composite_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   read_rng_state(rng, dropout_p, st.p);
@@ -118,8 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 
 at::Tensor probs_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+                     const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt);
   if (st.p.dim_qk == 0) {
     composite_probs(st, q, k, mask, opt, rng, false);

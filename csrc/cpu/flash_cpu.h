@@ -154,7 +154,7 @@ void softcap_tile(const FwdParams& p, A* S, int64_t rows, int64_t cols, int64_t 
     softcap_row(S + r * ld, cols, static_cast<A>(p.softcap), dcap == nullptr ? nullptr : dcap + r * ld);
 }
 
-// Applies the sliding window / causal bounds and the explicit mask to a tile of
+// Applies the sliding window / causal bounds, the ALiBi bias and the explicit mask to a tile of
 // scores S[nq x nk] (row stride lds) for query rows i0.., key columns j0...
 template <typename A>
 void mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
@@ -176,6 +176,10 @@ void mask_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
     key_range(p, i, lo, hi);
     for (int64_t j = j0; j < std::min(lo, j0 + nk); ++j) s[j - j0] = ninf;
     for (int64_t j = std::max(hi, j0); j < j0 + nk; ++j) s[j - j0] = ninf;
+    if (p.alibi_slopes != nullptr) {  // -m |i + S - L - j|, after the soft cap and before the mask
+      // d0: the distance to the tile's first key
+      alibi_row(s, nk, static_cast<A>(alibi_slope(p, b, h)), static_cast<A>(i + p.len_k - p.len_q - j0));
+    }
     if (kind == MaskKind::kNone) continue;
     const char* base = static_cast<const char*>(p.mask) + (b * ms.b + h * ms.h + i * ms.r + j0 * ms.c) * esize;
     if (kind == MaskKind::kBool) {

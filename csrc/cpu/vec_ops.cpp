@@ -264,6 +264,12 @@ AE_CLONES void softcap_row(float* x, int64_t n, float cap, float* d) {
   }
 }
 
+AE_CLONES void alibi_row(float* x, int64_t n, float m, float d0) {
+  // (an int32 index converts to float in one vector instruction; d0 - j is exact below 2^24)
+#pragma omp simd
+  for (int32_t j = 0; j < static_cast<int32_t>(n); ++j) x[j] -= m * std::fabs(d0 - static_cast<float>(j));
+}
+
 AE_CLONES void scale_row(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }

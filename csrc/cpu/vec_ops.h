@@ -27,6 +27,8 @@ void scale_row(float* x, int64_t n, float a);
 // Logit soft-capping: x[j] = cap tanh(x[j] / cap), and where d is not null d[j] = 1 - tanh^2 (its derivative);
 // an absolute error of about 1e-7 in tanh.
 void softcap_row(float* x, int64_t n, float cap, float* d);
+// ALiBi: x[j] -= m |d0 - j| (d0: the distance to the row's first key; |d0|, n below 2^24)
+void alibi_row(float* x, int64_t n, float m, float d0);
 // ds[j] = p[j] * (dp[j] - d)
 void softmax_grad_row(float* ds, const float* p, const float* dp, int64_t n, float d);
 float dot_row(const float* a, const float* b, int64_t n);
@@ -80,6 +82,9 @@ inline void softcap_row(double* x, int64_t n, double cap, double* d) {
     x[j] = cap * t;
     if (d != nullptr) d[j] = 1.0 - t * t;
   }
+}
+inline void alibi_row(double* x, int64_t n, double m, double d0) {
+  for (int64_t j = 0; j < n; ++j) x[j] -= m * std::fabs(d0 - static_cast<double>(j));
 }
 inline void softmax_grad_row(double* ds, const double* p, const double* dp, int64_t n, double d) {
   for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (dp[j] - d);

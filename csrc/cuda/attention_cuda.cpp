@@ -153,31 +153,35 @@ struct CudaDev {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    double softcap) {
-  return forward_op(CudaDev{}, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  return forward_op(CudaDev{}, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return backward_op(CudaDev{}, grad_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                     window, mask_grad, grad_lse, softcap);
+                     window, mask_grad, grad_lse, softcap, alibi_slopes);
 }
 
 at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                         const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                         std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads,
-                        double softcap) {
+                        double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return weights_op(CudaDev{}, q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, average_heads,
-                    softcap);
+                    softcap, alibi_slopes);
 }
 
 at::Tensor probs_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                       const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
-                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
-  return weights_cuda(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false, softcap);
+                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  return weights_cuda(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false, softcap, alibi_slopes);
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
@@ -218,9 +222,10 @@ at::Tensor sm90_gemm_selftest_cuda(const at::Tensor& a, const at::Tensor& b, int
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool average_heads, double softcap) {
+    bool average_heads, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return forward_then_probs(forward_cuda, weights_cuda, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
-                            average_heads, softcap);
+                            average_heads, softcap, alibi_slopes);
 }
 
 // Variable-length sequences: forward and backward in one launch (each kernel) over the packed sequences, or

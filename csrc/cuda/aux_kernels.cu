@@ -113,7 +113,8 @@ using TileBuf = float[kPT][kPT + 1];
 // with NaN at each CTA's start and its racecheck watches it).
 constexpr size_t kTileSmem = 2 * sizeof(TileBuf);
 
-// The scale, soft cap and masks of a tile: x[r] = scale * acc[r] (soft-capped) + mask for rows i = i0 + ty + 8 r
+// The scale, soft cap, ALiBi and masks of a tile: x[r] = scale * acc[r] (soft-capped) - m |i + S - L - j| + mask
+// for rows i = i0 + ty + 8 r
 // and key j = j0 + tx (-inf where not visible).
 __device__ __forceinline__ void score_epilogue(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t j0,
                                                const float (&acc)[4], float (&x)[4]) {
@@ -134,6 +135,8 @@ __device__ __forceinline__ void score_epilogue(const FwdParams& p, int64_t b, in
       const float cap = static_cast<float>(p.softcap);
       x[r] = cap * softcap_tanh(x[r], 2.f * kLog2e / cap);
     }
+    if (p.alibi_slopes != nullptr)  // (the distance in 32 bits: as the flash kernels take it)
+      x[r] -= alibi_slope(p, b, h) * fabsf(static_cast<float>(static_cast<int>(i - j + S - L)));
     if (p.mask_kind != MaskKind::kNone) {
       const Strides4& ms = p.mask_stride;
       x[r] += mask_value_any(p, b * ms.b + h * ms.h + i * ms.r + j * ms.c);

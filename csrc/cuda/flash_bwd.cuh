@@ -7,7 +7,8 @@
 // mask those at either end that it hides from the key block):
 //
 //   phase 1 (warp grid WsM x WsN over kBlockM x kBlockN):
-//     S = Q K^T, dP = dO V^T; x = S*scale + mask, soft-capped (cap tanh(x / cap)) when p.softcap > 0;
+//     S = Q K^T, dP = dO V^T; x = S*scale - m |i + S - L - j| (ALiBi) + mask, soft-capped (cap tanh(x / cap))
+//     when p.softcap > 0 (never with ALiBi here: cuda_composite_reason);
 //     P = exp2(((x - shift) - logl) * log2e)
 //     with the row statistics of launch_row_stats (shift = lse, logl = 0 but
 //     for rows of huge |lse|; shift = -inf, a row that saw no key, gives P = 0),
@@ -262,6 +263,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
           for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
             for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale;
+        if constexpr (!kPacked) {  // ALiBi before the mask (no soft cap with it here: cuda_composite_reason)
+          if (p.alibi_slopes != nullptr)
+            alibi_acc(s, alibi_slope(p, b, h), static_cast<int>(i0 - j0 + S - L) + rs0 - cs0, lane);
+        }
         if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
           dispatch_mask(p, [&](auto tag) {
             using MaskT = typename decltype(tag)::type;
@@ -425,7 +430,8 @@ cudaError_t launch_bwd(const BwdParams& p, const BwdWork& w, const LaunchEnv& en
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (p.cu_seqlens_q != nullptr) {
-    if (p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone || p.softcap > 0.0) return cudaErrorInvalidValue;
+    if (p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone || p.softcap > 0.0 || p.alibi_slopes != nullptr)
+      return cudaErrorInvalidValue;
     return launch_kernel(flash_bwd_kernel<Cfg, true>, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem,
                          Cfg::kSmem, env.stream, "flash_bwd_kernel (packed)", p, w);
   }

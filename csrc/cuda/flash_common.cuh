@@ -53,6 +53,24 @@ __device__ __forceinline__ void softcap_acc(float (&s)[A][B][4], float cap, floa
       for (int r = 0; r < 4; ++r) s[a][b][r] = cap * softcap_tanh(s[a][b][r], k2);
 }
 
+// ALiBi (FwdParams::alibi_slopes) on a warp's accumulator tile of scores, after the soft cap and before the mask:
+// x -= m |i + S - L - j|. d00 = row0 + len_k - len_q - col0, the distance at the tile's element (0, 0) (the
+// fragment layout of mask_tile: row 16 mt + g + 8 hr, column 8 nt + 2 t + c), in 32 bits (in 64, the sm80
+// backward spilled 4-8 B more). In float: exact below 2^24 keys.
+template <int MT, int NT>
+__device__ __forceinline__ void alibi_acc(float (&s)[MT][NT][4], float m, int d00, int lane) {
+  const float d0 = static_cast<float>(d00 + (lane >> 2) - 2 * (lane & 3));
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          s[mt][nt][2 * hr + c] -= m * fabsf(d0 + static_cast<float>(16 * mt + 8 * hr - 8 * nt - c));
+}
+
 // ---------------------------------------------------------------------------
 // PTX wrappers
 // (emu/ptx_emu.h replaces them, with the same names, in the CPU emulation of

@@ -5,7 +5,7 @@
 // owns 16*kMT consecutive query rows and the full key tile width, so the
 // online softmax needs only quad shuffles. Per key tile:
 //   S = Q K^T            (Q and K from shared memory, fp32 accumulators)
-//   x = S*scale, soft-capped (cap tanh(x / cap)) when p.softcap > 0
+//   x = S*scale, soft-capped (cap tanh(x / cap)) when p.softcap > 0, minus the ALiBi bias m |i + S - L - j|
 //   x += mask, -inf outside the window / causal bound
 //   online softmax: m = max(m, rowmax x), P = exp2((x - m) * log2e),
 //   O *= exp2((m_old - m) * log2e), l = l*alpha + rowsum P (before dropout)
@@ -241,6 +241,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       const float cap = static_cast<float>(p.softcap);
       softcap_acc(s, cap, 2.f * kLog2e / cap);
     }
+    if constexpr (!kPacked) {  // (packed calls take no ALiBi)
+      if (p.alibi_slopes != nullptr) alibi_acc(s, alibi_slope(p, b, h), static_cast<int>(wrow0 - j0 + S - L), lane);
+    }
     if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
       dispatch_mask(p, [&](auto tag) {
         using MaskT = typename decltype(tag)::type;
@@ -408,8 +411,9 @@ template <class Cfg>
 cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEnv& env) {
   if (p.num_splits < 1 || (p.num_splits > 1 && (stats != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr)))
     return cudaErrorInvalidValue;  // split keys: the forward only, into its buffers
-  if (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone))
-    return cudaErrorInvalidValue;  // packed sequences: without split keys or a mask
+  if (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone ||
+                                    p.alibi_slopes != nullptr))
+    return cudaErrorInvalidValue;  // packed sequences: without split keys, a mask or ALiBi
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;

@@ -36,9 +36,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const Dev& dev, const 
                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                           double dropout_p, bool is_causal, std::optional<double> scale,
                                                           bool enable_gqa, at::IntArrayRef window,
-                                                          double softcap) {
+                                                          double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   [[maybe_unused]] auto guard = dev.guard(q);
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   ForwardSetup st = prepare_forward(q, k, v, mask, opt);
   FwdParams& p = st.p;
   const LaunchEnv env = dev.env(q);
@@ -64,9 +64,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const Dev& dev, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   [[maybe_unused]] auto guard = dev.guard(q);
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   BwdParams& p = st.p;
   if (const char* why = cuda_composite_reason(p, true)) {
@@ -105,9 +105,9 @@ template <class Dev>
 at::Tensor weights_op(const Dev& dev, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                       const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                       std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, bool average_heads,
-                      double softcap) {
+                      double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   [[maybe_unused]] auto guard = dev.guard(q);
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt, average_heads);
   FwdParams& p = st.p;
   if (cuda_composite_reason(p, false) != nullptr) {

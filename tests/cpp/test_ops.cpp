@@ -41,11 +41,12 @@ namespace {
 
 using AttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const std::optional<at::Tensor>&, double, bool, std::optional<double>, bool,
-                               at::IntArrayRef, double);
+                               at::IntArrayRef, double, const std::optional<at::Tensor>&);
 using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const std::optional<at::Tensor>&,
                                                                  double, bool, std::optional<double>, bool,
-                                                                 at::IntArrayRef, double);
+                                                                 at::IntArrayRef, double,
+                                                                 const std::optional<at::Tensor>&);
 
 int g_failures = 0;
 
@@ -82,7 +83,8 @@ struct Ref {
 };
 
 Ref reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-              bool causal, bool gqa, std::vector<int64_t> window, double softcap = 0.0) {
+              bool causal, bool gqa, std::vector<int64_t> window, double softcap = 0.0,
+              const std::optional<at::Tensor>& alibi = std::nullopt) {
   at::Tensor q64 = q.to(at::kDouble), k64 = k.to(at::kDouble), v64 = v.to(at::kDouble);
   const int64_t Hq = q.size(-3), L = q.size(-2), S = k.size(-2), E = q.size(-1);
   if (gqa && k.size(-3) != Hq) {
@@ -92,6 +94,8 @@ Ref reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   at::Tensor s = at::matmul(q64, k64.transpose(-1, -2)) * (1.0 / std::sqrt(static_cast<double>(E)));
   if (softcap > 0.0) s = at::tanh(s / softcap) * softcap;
   at::Tensor i = at::arange(L).unsqueeze(1), j = at::arange(S).unsqueeze(0);
+  // ALiBi: -m_h |i + S - L - j|
+  if (alibi.has_value()) s = s - alibi->to(at::kDouble).view({Hq, 1, 1}) * (i + (S - L) - j).abs().to(at::kDouble);
   at::Tensor vis = at::ones({L, S}, at::kBool);
   if (causal) vis = vis & (j <= i);
   if (window[0] >= 0) vis = vis & (j >= i - window[0]);
@@ -122,6 +126,7 @@ struct Case {
   bool causal = false, gqa = false;
   std::vector<int64_t> window{-1, -1};
   double softcap = 0.0;
+  bool alibi = false;  // ALiBi slopes 2^-(h + 1) / 2 ... per query head
 };
 
 void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
@@ -139,7 +144,9 @@ void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
     mask = m;
   }
 
-  at::Tensor out = attention.call(q, k, v, mask, 0.0, c.causal, std::nullopt, c.gqa, c.window, c.softcap);
+  std::optional<at::Tensor> alibi;
+  if (c.alibi) alibi = at::pow(2.0, -at::arange(1, c.qs[c.qs.size() - 3] + 1, at::kFloat) / 2);
+  at::Tensor out = attention.call(q, k, v, mask, 0.0, c.causal, std::nullopt, c.gqa, c.window, c.softcap, alibi);
   if (!out.requires_grad()) fail(c.name + ": output does not require grad");
   at::Tensor go = at::randn(out.sizes());
   std::vector<at::Tensor> inputs{q, k, v};
@@ -151,7 +158,7 @@ void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
   for (const auto& t : inputs) rin.push_back(leaf(t.detach().to(at::kDouble)));
   std::optional<at::Tensor> rmask = mask;
   if (c.mask == "float_grad") rmask = rin[3];
-  Ref r = reference(rin[0], rin[1], rin[2], rmask, c.causal, c.gqa, c.window, c.softcap);
+  Ref r = reference(rin[0], rin[1], rin[2], rmask, c.causal, c.gqa, c.window, c.softcap, alibi);
   auto rgrads = torch::autograd::grad({r.out}, rin, {go.to(at::kDouble)});
 
   check_close(c.name + " output", out, r.out, 1e-5, 1e-5);
@@ -161,7 +168,7 @@ void run_case(const c10::TypedOperatorHandle<AttentionFn>& attention,
   // the internal forward op: same output, float32 log-sum-exp, int64[2] rng state
   auto [out2, lse, rng] = forward.call(q.detach(), k.detach(), v.detach(),
                                        mask.has_value() ? std::optional<at::Tensor>(mask->detach()) : std::nullopt,
-                                       0.0, c.causal, std::nullopt, c.gqa, c.window, c.softcap);
+                                       0.0, c.causal, std::nullopt, c.gqa, c.window, c.softcap, alibi);
   if (!at::equal(out2, out.detach())) fail(c.name + ": _attention_forward output differs from attention");
   if (lse.scalar_type() != at::kFloat) fail(c.name + ": logsumexp is not float32");
   if (rng.scalar_type() != at::kLong || rng.numel() != 2) fail(c.name + ": rng_state is not int64[2]");
@@ -180,7 +187,8 @@ void run_higher_order(const c10::TypedOperatorHandle<AttentionFn>& attention) {
                                           /*create_graph=*/true)[0];
     return torch::autograd::grad({gq.square().sum()}, {q, k, v});
   };
-  auto got = penalty(attention.call(q, k, v, std::nullopt, 0.0, true, std::nullopt, false, no_window, 0.0));
+  auto got =
+      penalty(attention.call(q, k, v, std::nullopt, 0.0, true, std::nullopt, false, no_window, 0.0, std::nullopt));
   auto want = penalty(reference(q, k, v, std::nullopt, true, false, no_window).out);
   const char* names[] = {"q", "k", "v"};
   for (size_t t = 0; t < 3; ++t)
@@ -191,7 +199,7 @@ void run_higher_order(const c10::TypedOperatorHandle<AttentionFn>& attention) {
   const uint64_t level = torch::autograd::ForwardADLevel::get_next_idx();
   at::Tensor out = attention.call(at::_make_dual(q0, tq, level), at::_make_dual(k0, tk, level),
                                   at::_make_dual(v0, tv, level), std::nullopt, 0.0, true, std::nullopt, false,
-                                  no_window, 0.0);
+                                  no_window, 0.0, std::nullopt);
   at::Tensor tangent = std::get<1>(at::_unpack_dual(out, level));
   torch::autograd::ForwardADLevel::release_idx(level);
   const double eps = 1e-6;
@@ -269,13 +277,17 @@ int main(int argc, char** argv) {
     cap.gqa = true;
     cap.softcap = 2.0;
     cases.push_back(cap);
+    Case alibi{"alibi_gqa_L29_S40_bool_key_padding", {2, 4, 29, 32}, {2, 2, 40, 32}, {2, 2, 40, 8}, "bool_keypad"};
+    alibi.gqa = true;
+    alibi.alibi = true;
+    cases.push_back(alibi);
     for (const auto& c : cases) run_case(attention, forward, c);
     run_higher_order(attention);
 
     // errors surface as the c10 exception types (ValueError / TypeError in Python)
     try {
       attention.call(at::randn({1, 2, 3, 4}), at::randn({1, 2, 3, 4}, at::kHalf), at::randn({1, 2, 3, 4}),
-                     std::nullopt, 0.0, false, std::nullopt, false, std::vector<int64_t>{-1, -1}, 0.0);
+                     std::nullopt, 0.0, false, std::nullopt, false, std::vector<int64_t>{-1, -1}, 0.0, std::nullopt);
       fail("dtype mismatch did not raise");
     } catch (const c10::TypeError& e) {
       if (std::string(e.what()).find("key dtype (Half) must match query dtype (Float)") == std::string::npos)
@@ -283,7 +295,7 @@ int main(int argc, char** argv) {
     }
     try {
       attention.call(at::randn({1, 4, 3, 4}), at::randn({1, 2, 3, 4}), at::randn({1, 2, 3, 4}), std::nullopt, 0.0,
-                     false, std::nullopt, false, std::vector<int64_t>{-1, -1}, 0.0);
+                     false, std::nullopt, false, std::vector<int64_t>{-1, -1}, 0.0, std::nullopt);
       fail("head mismatch did not raise");
     } catch (const c10::ValueError& e) {
       if (std::string(e.what()).find("pass enable_gqa=True") == std::string::npos)

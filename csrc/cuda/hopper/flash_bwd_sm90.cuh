@@ -162,12 +162,14 @@ __device__ __forceinline__ void load_key_mask(const BwdParams& p, int64_t b, int
 // scaled by keep_scale once in the epilogue) and dS^T = P^T o (dP^T o Z
 // keep_scale - D_i).
 // cap > 0 (FwdParams::softcap): S^T scale is soft-capped, cap tanh(S^T scale / cap), before the mask, and
-// dS^T is multiplied by the cap's derivative 1 - tanh^2.
+// dS^T is multiplied by the cap's derivative 1 - tanh^2. alibi != 0 (the ALiBi slope of the tile's head): the
+// capped score takes -alibi |i + S - L - j| before the mask.
 template <int kRows, bool kDropout, int NTS>
 __device__ __forceinline__ void softmax_grad(const BwdParams& p, const float* stats, float (&st)[1][NTS][4],
                                              float (&dpt)[1][NTS][4], const int (&jrow)[2],
                                              const float (&kmask)[2], int64_t i0, int qcol0, bool all_visible,
-                                             float scale, int t, uint32_t bits, float keep_scale, float cap) {
+                                             float scale, int t, uint32_t bits, float keep_scale, float cap,
+                                             float alibi) {
   const int64_t L = p.len_q, S = p.len_k;
 #pragma unroll
   for (int nt = 0; nt < NTS; ++nt) {
@@ -192,7 +194,8 @@ __device__ __forceinline__ void softmax_grad(const BwdParams& p, const float* st
           y = cap * th;
           dcap = 1.f - th * th;
         }
-        const float x = y + kmask[hr];
+        float x = y + kmask[hr];
+        if (alibi != 0.f) x -= alibi * fabsf(static_cast<float>(static_cast<int>(i + S - L) - jrow[hr]));
         const float pv = vis ? exp2f(((x - shift) - logl) * kLog2e) : 0.f;
         if constexpr (kDropout) {
           const bool keep = (bits >> (4 * nt + r)) & 1u;
@@ -561,7 +564,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_bwd_sm90_kernel(const 
         i0 + kBlockM <= pi.len_q && tile_fully_visible(pi, i0, i0 + kBlockM - 1, j0, kBlockN);
     bwd::softmax_grad<kBlockM, kDropout>(pi, reinterpret_cast<const float*>(gen(sStat0 + s * Cfg::kStatBytes)), st,
                                          dpt, jrow, kmask, i0, qcol0, all_visible, scale, t, bits, keep_scale,
-                                         kPacked ? 0.f : static_cast<float>(pc.softcap));  // (packed: no cap)
+                                         kPacked ? 0.f : static_cast<float>(pc.softcap),  // (packed: no cap)
+                                         kPacked ? 0.f : alibi_slope(pc, b, h));          // (nor ALiBi)
 
     float acc_dq[1][NTD][4];
     if constexpr (!kDimSplit) {
@@ -757,7 +761,8 @@ cudaError_t launch_bwd_sm90(const BwdParams& p, const BwdWork& w, const LaunchEn
   if (p.len_q > 0x7fffffff || p.len_k > 0x7fffffff || p.heads_q > 0x7fffffff || p.batch > 0x7fffffff) {
     return cudaErrorNotSupported;
   }
-  if (kPacked && p.softcap > 0.0) return cudaErrorNotSupported;  // (the packed variants have no cap)
+  // (the packed variants have no cap and no ALiBi)
+  if (kPacked && (p.softcap > 0.0 || p.alibi_slopes != nullptr)) return cudaErrorNotSupported;
   const int64_t blocks = ceil_div(p.len_k, Cfg::kBlockN) * p.batch * p.heads_kv;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorNotSupported;

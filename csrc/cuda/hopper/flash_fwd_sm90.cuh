@@ -345,11 +345,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) flash_fwd_sm90_kernel(const 
       for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) sacc[0][nt][r] *= scale;
-      if constexpr (!kPacked) {  // soft cap before the masks (the packed variants have no register to spare)
+      if constexpr (!kPacked) {  // soft cap and ALiBi before the masks (the packed variants have no register to
+                                 // spare, and packed calls take no ALiBi)
         if (pc.softcap > 0.0) {
           const float cap = static_cast<float>(pc.softcap);
           softcap_acc(sacc, cap, 2.f * kLog2e / cap);
         }
+        if (pc.alibi_slopes != nullptr)
+          alibi_acc(sacc, alibi_slope(pc, b, h), static_cast<int>(wrow0 - j0 + pc.len_k - pc.len_q), lane);
       }
       const FwdParams p = seq_params();
       if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
@@ -616,8 +619,9 @@ cudaError_t run_fwd_sm90(const FwdParams& p, const LaunchEnv& env) {
     return cudaErrorNotSupported;  // TMA coordinates and the tile arithmetic are 32-bit
   }
   return BOOL_SWITCH(p.dropout_p > 0.0, kDropout, [&] {
-    if (p.cu_seqlens_q != nullptr) {  // packed sequences (no mask, no soft cap)
-      if (p.mask_kind != MaskKind::kNone || p.softcap > 0.0 || p.total_q > 0x7ffffffe || p.total_k > 0x7ffffffe) {
+    if (p.cu_seqlens_q != nullptr) {  // packed sequences (no mask, no soft cap, no ALiBi)
+      if (p.mask_kind != MaskKind::kNone || p.softcap > 0.0 || p.alibi_slopes != nullptr || p.total_q > 0x7ffffffe ||
+          p.total_k > 0x7ffffffe) {
         return cudaErrorNotSupported;
       }
       constexpr int kBlockN = kD <= 64 ? 128 : kD <= 128 ? (kDropout ? 96 : 112) : 64;
