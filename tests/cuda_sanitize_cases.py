@@ -23,7 +23,8 @@ import attention_ext  # noqa: E402,F401
 ops = torch.ops.attention_ext
 
 
-def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, deterministic, layout, softcap=0.0):
+def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, deterministic, layout, softcap=0.0,
+         alibi=False):
     dev = "cuda"
     B = 2
     torch.use_deterministic_algorithms(deterministic)
@@ -49,12 +50,13 @@ def case(dtype, E, Ev, L, S, Hq, Hkv, causal, window, mask, dropout, determinist
     elif mask == "strided":
         m = (torch.rand(B, Hq, S, L, device=dev) < 0.8).transpose(-1, -2)
     w = list(window)
-    out, lse, rng = ops._attention_forward(q, k, v, m, dropout, causal, None, Hq != Hkv, w, softcap)
+    a = torch.rand(B, Hq, device=dev) if alibi else None  # ALiBi slopes per (batch, head)
+    out, lse, rng = ops._attention_forward(q, k, v, m, dropout, causal, None, Hq != Hkv, w, softcap, a)
     g = torch.randn_like(out)
     mask_grad = m is not None and m.is_floating_point()
     dq, dk, dv, dm = ops._attention_backward(g, q, k, v, m, out, lse, rng, dropout, causal, None, Hq != Hkv, w,
-                                             mask_grad, None, softcap)
-    probs = ops.attention_probs(q, k, m, lse, rng, dropout, causal, None, Hq != Hkv, w, softcap)
+                                             mask_grad, None, softcap, a)
+    probs = ops.attention_probs(q, k, m, lse, rng, dropout, causal, None, Hq != Hkv, w, softcap, a)
     if dropout > 0:
         ops._dropout_mask(rng, B, Hq, L, S, dropout)
     torch.cuda.synchronize()
@@ -131,6 +133,14 @@ def main():
     grid.append((torch.float16, 64, 64, 70, 150, 4, 2, False, (8, 3), "bool", 0.2, False, "contig", 5.0))
     grid.append((torch.float32, 128, 128, 33, 70, 4, 4, True, (-1, -1), None, 0.0, True, "contig", 5.0))
     grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, True, (-1, -1), "keypad_bool", 0.0, False, "contig", 5.0))
+    # ALiBi: the sm80 forward, backward and weights (a boolean mask, dropout; deterministic fp32 with L < S), and on
+    # sm_90 the Hopper forward and backward (key padding, GQA, causal; with a soft cap the backward's ATen path)
+    grid.append((torch.float16, 64, 64, 70, 150, 4, 2, False, (8, 3), "bool", 0.2, False, "contig", 0.0, True))
+    grid.append((torch.float32, 128, 128, 33, 70, 4, 4, True, (-1, -1), None, 0.0, True, "contig", 0.0, True))
+    grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, True, (-1, -1), "keypad_bool", 0.0, False, "contig", 0.0,
+                 True))
+    grid.append((torch.bfloat16, 64, 64, 130, 200, 4, 1, False, (-1, -1), "keypad_bool", 0.0, False, "contig", 5.0,
+                 True))
     for i, c in enumerate(grid):
         print(f"[{i + 1}/{len(grid)}] {c}", flush=True)
         case(*c)
