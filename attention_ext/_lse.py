@@ -153,9 +153,10 @@ class _VarlenLse(torch.autograd.Function):
     both, from one varlen backward (the lse cotangent scattered back to the kernels' flat layout)."""
 
     @staticmethod
-    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window, softcap):
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                alibi=None):
         out, lse, rng = _ops._attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal,
-                                                       scale, enable_gqa, window, softcap)
+                                                       scale, enable_gqa, window, softcap, alibi)
         idx = varlen_rows(lse, cu_q, q.shape[0], q.shape[1])
         return out, lse[idx], lse, rng, idx
 
@@ -172,7 +173,7 @@ class _VarlenLse(torch.autograd.Function):
     def backward(ctx, g, c, *_):
         q, k, v, cu_q, cu_k, out, lse, rng, idx = ctx.saved_tensors
         if g is None and c is None:
-            return (None,) * 13
+            return (None,) * 14
         if g is None:
             g = torch.zeros_like(out)
         glse = None
@@ -180,7 +181,7 @@ class _VarlenLse(torch.autograd.Function):
             glse = torch.zeros_like(lse)
             glse[idx] = c.to(lse.dtype)
         dq, dk, dv = _VarlenLseBackward.apply(g, glse, q, k, v, cu_q, cu_k, out, lse, rng, *ctx.opts)
-        return (dq, dk, dv) + (None,) * 10
+        return (dq, dk, dv) + (None,) * 11
 
 
 class _VarlenLseBackward(torch.autograd.Function):
@@ -188,9 +189,9 @@ class _VarlenLseBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(g, glse, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
-                softcap):
+                softcap, alibi=None):
         return _ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-                                               enable_gqa, window, glse, softcap)
+                                               enable_gqa, window, glse, softcap, alibi)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -202,9 +203,9 @@ class _VarlenLseBackward(torch.autograd.Function):
 
 
 def varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p: float, is_causal: bool, scale: Optional[float],
-               enable_gqa: bool, window: List[int], softcap: float = 0.0):
+               enable_gqa: bool, window: List[int], softcap: float = 0.0, alibi: Optional[torch.Tensor] = None):
     """(out (total_q, Hq, Ev), lse (total_q, Hq)) of packed sequences, both differentiable (first order); the
     varlen forward validates the inputs."""
     out, lse, *_ = _VarlenLse.apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-                                    window, softcap)
+                                    window, softcap, alibi)
     return out, lse

@@ -93,14 +93,14 @@ def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Option
 # --------------------------------------------------------------------------- packed sequences
 def varlen_with_sinks(q, k, v, cu_q, cu_k, sinks, max_q, max_k, dropout_p: float, is_causal: bool,
                       scale: Optional[float], enable_gqa: bool, window: List[int], need_lse: bool = False,
-                      softcap: float = 0.0):
+                      softcap: float = 0.0, alibi: Optional[torch.Tensor] = None):
     """(out', lse' or None) of packed sequences: the dense algebra on attention_varlen's (out, lse), lse laid out
     as (total_q, Hq)."""
     if q.dim() != 3:
         raise ValueError(f"query must be (total_q, heads, E) for attention_varlen, got shape {tuple(q.shape)}")
     check_sinks(sinks, q.transpose(0, 1))
     out, lse = _lse.varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window,
-                               softcap)
+                               softcap, alibi)
     w = row_scale(lse.transpose(0, 1), sinks).transpose(0, 1)
     lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :]) if need_lse else None
     return _scaled(out, w), lse_s

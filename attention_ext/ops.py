@@ -47,6 +47,12 @@ def _causal_bias(attn_mask, is_causal, query, key, window):
     return None, False, [window[0], right]
 
 
+def _constant_slopes(alibi_slopes, op):
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"alibi_slopes: {op} has no gradient with respect to the ALiBi slopes (as "
+                         "FlashAttention); pass alibi_slopes.detach()")
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -81,8 +87,8 @@ def attention(
     query's (..., heads); FlashAttention's ALiBi) adds -m_h * |i + S - L - j|
     to the scores after the soft cap, before the mask: the queries are the
     last L of the S key positions, so a decoding step sees the distances its
-    prompt saw. No gradient flows to the slopes (as in FlashAttention); not
-    with nested tensors (nor attention_varlen) yet.
+    prompt saw. No gradient flows to the slopes (as in FlashAttention).
+    Nested tensors take (heads,) or (batch, heads).
 
     ``sinks`` (one logit per query head, gpt-oss's attention sinks) joins
     every row's softmax without a value: the row's weights shrink by
@@ -95,19 +101,14 @@ def attention(
     that sees no key), differentiable like the output (attention_ext/_lse.py),
     for merging partial attentions: out = sum_c exp(lse_c - lse) out_c.
     """
-    if alibi_slopes is not None and (query.is_nested or key.is_nested or value.is_nested):
-        raise NotImplementedError("attention_ext.attention: alibi_slopes is not supported with nested tensors "
-                                  "(nor by attention_varlen) yet")
-    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
-        raise ValueError("alibi_slopes: attention has no gradient with respect to the ALiBi slopes (as "
-                         "FlashAttention); pass alibi_slopes.detach()")
+    _constant_slopes(alibi_slopes, "attention")
     if query.is_nested or key.is_nested or value.is_nested:
         if attn_mask is not None:
             raise ValueError("attn_mask is not supported with nested (variable-length) tensors: each sequence's "
                              "own length bounds its keys; use is_causal or window_size for more")
         return nested_attention(query, key, value, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                 enable_gqa=enable_gqa, window_size=window_size, sinks=sinks, return_lse=return_lse,
-                                softcap=softcap)
+                                softcap=softcap, alibi_slopes=alibi_slopes)
     window = _window(window_size)
     attn_mask, is_causal, window = _causal_bias(attn_mask, is_causal, query, key, window)
     if sinks is not None:
@@ -140,6 +141,7 @@ def attention_varlen(
     sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ):
     """Attention over variable-length sequences packed without padding (FlashAttention's varlen layout),
     differentiable.
@@ -148,26 +150,29 @@ def attention_varlen(
     ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of the query and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of key and
     value (int32 or int64 offsets, batch + 1 of them, from 0 to the totals). Each sequence attends only to its
     own keys, with :func:`attention`'s semantics (``is_causal`` top-left aligned per sequence, windows,
-    GQA, dropout, ``softcap``). ``max_seqlen_*`` are optional and, when given, checked. Returns (total_q, heads, Ev).
+    GQA, dropout, ``softcap``, ``alibi_slopes`` (heads,) or (batch, heads) with each sequence's own distances).
+    ``max_seqlen_*`` are optional and, when given, checked. Returns (total_q, heads, Ev).
     On CUDA, offsets on the GPU are read back to the host (a sync): pass them on the CPU to avoid it.
     ``sinks``: one logit per query head, as in :func:`attention` (first-order gradients).
     ``return_lse=True`` returns ``(output, lse)``, lse (total_q, heads) laid out as the query (float32, float64
     for float64; -inf for a row that sees no key), differentiable like the output (first order), as
     :func:`attention`'s.
     """
+    _constant_slopes(alibi_slopes, "attention_varlen")
     if sinks is not None:
         from ._sinks import varlen_with_sinks
         out, lse = varlen_with_sinks(query, key, value, cu_seqlens_q, cu_seqlens_k, sinks, max_seqlen_q,
                                      max_seqlen_k, float(dropout_p), bool(is_causal), scale, bool(enable_gqa),
-                                     _window(window_size), need_lse=return_lse, softcap=float(softcap))
+                                     _window(window_size), need_lse=return_lse, softcap=float(softcap),
+                                     alibi=alibi_slopes)
         return (out, lse) if return_lse else out
     if return_lse:
         from ._lse import varlen_lse
         return varlen_lse(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           float(dropout_p), bool(is_causal), scale, bool(enable_gqa), _window(window_size),
-                          float(softcap))
+                          float(softcap), alibi_slopes)
     return _ops.attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 dropout_p, is_causal, scale, enable_gqa, _window(window_size), softcap)
+                                 dropout_p, is_causal, scale, enable_gqa, _window(window_size), softcap, alibi_slopes)
 
 
 def merge_attention(outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
@@ -213,7 +218,7 @@ def _packed(t: torch.Tensor, name: str):
 
 
 def nested_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                     window_size=None, sinks=None, return_lse=False, softcap=0.0):
+                     window_size=None, sinks=None, return_lse=False, softcap=0.0, alibi_slopes=None):
     """:func:`attention` for jagged nested tensors (batch, heads, ragged length, E), the variable-length
     inputs ``F.scaled_dot_product_attention`` accepts: computed by :func:`attention_varlen` on their packed
     values, returned as a jagged nested tensor (batch, heads, ragged length of query, Ev); with
@@ -226,7 +231,7 @@ def nested_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=No
         raise ValueError("key and value must have the same sequence lengths")
     res = attention_varlen(q, k, v, cu_q, cu_k, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                            enable_gqa=enable_gqa, window_size=window_size, sinks=sinks, return_lse=return_lse,
-                           softcap=softcap)
+                           softcap=softcap, alibi_slopes=alibi_slopes)
     nested = [torch.nested.nested_tensor_from_jagged(t, offsets=cu_q).transpose(1, 2)
               for t in (res if return_lse else (res,))]
     return tuple(nested) if return_lse else nested[0]

@@ -31,19 +31,21 @@ template <c10::DeviceType device, c10::DispatchKey key>
 at::Tensor attention_varlen_autocast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cu_q, const at::Tensor& cu_k, std::optional<int64_t> max_q,
                                      std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-                                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+                                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+                                     const std::optional<at::Tensor>& alibi_slopes) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::attention_varlen", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, std::optional<int64_t>, std::optional<int64_t>, double,
-                                         bool, std::optional<double>, bool, at::IntArrayRef, double)>();
+                                         bool, std::optional<double>, bool, at::IntArrayRef, double,
+                                         const std::optional<at::Tensor>&)>();
   const auto dt = at::autocast::get_autocast_dtype(device);
   auto cast = [&](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat ? at::autocast::cached_cast(dt, t, device) : t;
   };
   return op.call(cast(q), cast(k), cast(v), cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-                 window, softcap);
+                 window, softcap, alibi_slopes);
 }
 
 }  // namespace

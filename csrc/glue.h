@@ -26,6 +26,12 @@ struct AttnOptions {
   bool has_alibi() const { return alibi_slopes.has_value() && alibi_slopes->defined(); }
 };
 
+// opt without its ALiBi slopes (the varlen glue checks and sets those itself).
+inline AttnOptions without_alibi(AttnOptions opt) {
+  opt.alibi_slopes.reset();
+  return opt;
+}
+
 AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
                          bool enable_gqa, at::IntArrayRef window_size, double softcap,
                          const std::optional<at::Tensor>& alibi_slopes = std::nullopt);

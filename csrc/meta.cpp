@@ -58,8 +58,9 @@ at::Tensor dropout_mask_meta(const at::Tensor& rng, int64_t batch, int64_t heads
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t>, std::optional<int64_t>, double dropout_p, bool is_causal, std::optional<double> scale,
-    bool enable_gqa, at::IntArrayRef window, double softcap) {
-  check_varlen_inputs(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
+    bool enable_gqa, at::IntArrayRef window, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_varlen_inputs(q, k, v, cu_q, cu_k,
+                      make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = heads_first(empty_output(heads_first(q), v.sym_size(2)));
   at::Tensor lse = at::empty_symint({q.sym_size(0) * q.sym_size(1)}, q.options().dtype(acc));
@@ -71,8 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
-  check_varlen_inputs(q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap));
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_varlen_inputs(q, k, v, cu_q, cu_k,
+                      make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes));
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
 }

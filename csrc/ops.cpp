@@ -266,14 +266,15 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_varlen_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& alibi) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::_attention_varlen_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, std::optional<int64_t>, std::optional<int64_t>, double, bool,
-                           std::optional<double>, bool, at::IntArrayRef, double)>();
-  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+                           std::optional<double>, bool, at::IntArrayRef, double, const std::optional<at::Tensor>&)>();
+  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi);
 }
 
 class AttentionVarlenBackwardFunction : public torch::autograd::Function<AttentionVarlenBackwardFunction> {
@@ -282,16 +283,16 @@ class AttentionVarlenBackwardFunction : public torch::autograd::Function<Attenti
                                const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng, double dropout_p,
                                bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-                               double softcap) {
+                               double softcap, const std::optional<at::Tensor>& alibi) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("attention_ext::_attention_varlen_backward", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, double, bool, std::optional<double>, bool, at::IntArrayRef,
-                             const std::optional<at::Tensor>&, double)>();
+                             const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&)>();
     auto [dq, dk, dv] = op.call(grad, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                                window, std::nullopt, softcap);
+                                window, std::nullopt, softcap, alibi);
     return {dq, dk, dv};
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -305,10 +306,12 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cu_q, const at::Tensor& cu_k, std::optional<int64_t> max_q,
                             std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+                            std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+                            const std::optional<at::Tensor>& alibi) {
     auto [out, lse, rng] = call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
-                                               enable_gqa, window, softcap);
-    ctx->save_for_backward({q, k, v, cu_q, cu_k, out, lse, rng});
+                                               enable_gqa, window, softcap, alibi);
+    const bool has_alibi = alibi.has_value() && alibi->defined();
+    ctx->save_for_backward({q, k, v, cu_q, cu_k, out, lse, rng, has_alibi ? *alibi : at::Tensor()});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;
@@ -325,21 +328,27 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
         grad, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
         ctx->saved_data["enable_gqa"].toBool(), ctx->saved_data["window"].toIntVector(),
-        ctx->saved_data["softcap"].toDouble());
+        ctx->saved_data["softcap"].toDouble(), s[8].defined() ? std::optional<at::Tensor>(s[8]) : std::nullopt);
     return {g[0],         g[1],         g[2],         at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                             const at::Tensor& cu_k, std::optional<int64_t> max_q, std::optional<int64_t> max_k,
                             double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-                            at::IntArrayRef window, double softcap) {
+                            at::IntArrayRef window, double softcap, const std::optional<at::Tensor>& alibi) {
   check_strided(q, "query");
   check_strided(k, "key");
   check_strided(v, "value");
   check_strided(cu_q, "cu_seqlens_q");
   check_strided(cu_k, "cu_seqlens_k");
+  if (alibi.has_value() && alibi->defined()) {
+    check_strided(*alibi, "alibi_slopes");
+    TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && alibi->requires_grad()),
+                      "alibi_slopes: attention_varlen has no gradient with respect to the ALiBi slopes (as "
+                      "FlashAttention); pass alibi_slopes.detach()");
+  }
   TORCH_CHECK_NOT_IMPLEMENTED(
       !has_tangent({&q, &k, &v}),
       "attention_ext.attention_varlen has no forward-mode AD (dual tensors, torch.func.jvp / jacfwd); "
@@ -350,9 +359,9 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
       "jacrev, ...); use torch.autograd, or attention_ext.attention with a boolean mask");
   if (!needs_graph({&q, &k, &v}))
     return std::get<0>(call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale,
-                                           enable_gqa, window, softcap));
+                                           enable_gqa, window, softcap, alibi));
   return AttentionVarlenFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-                                        window, softcap);
+                                        window, softcap, alibi);
 }
 
 }  // namespace
@@ -366,7 +375,8 @@ TORCH_LIBRARY(attention_ext, m) {
   m.def(
       "attention_varlen(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int? max_seqlen_q=None, int? max_seqlen_k=None, float dropout_p=0.0, bool is_causal=False, "
-      "float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1], float softcap=0.0) -> Tensor",
+      "float? scale=None, bool enable_gqa=False, int[2] window_size=[-1, -1], float softcap=0.0, "
+      "Tensor? alibi_slopes=None) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   m.def(schema::kForward, {at::Tag::nondeterministic_seeded});
   m.def(schema::kVarlenForward, {at::Tag::nondeterministic_seeded});

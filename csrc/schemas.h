@@ -44,18 +44,20 @@ inline constexpr const char* kMathLse =
 // Variable-length (packed) sequences, FlashAttention's varlen layout: query (total_q, Hq, E), key
 // (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of
 // the query and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] of key and value (int32 or int64, batch + 1 offsets
-// from 0 to the total). Masks (is_causal, window_size) are per sequence, top-left aligned as in attention.
+// from 0 to the total). Masks (is_causal, window_size) are per sequence, top-left aligned as in attention;
+// alibi_slopes (float32, (heads,) or (batch, heads)) counts each sequence's own distances.
 // logsumexp is float32 (float64 for float64), flat: sequence b's (Hq, L_b) block, row-major, starts at
 // Hq * cu_seqlens_q[b]. rng_state is int64 (batch, 2): the Philox seed and offset of each sequence.
 inline constexpr const char* kVarlenForward =
     "_attention_varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "int? max_seqlen_q, int? max_seqlen_k, float dropout_p, bool is_causal, float? scale, bool enable_gqa, "
-    "int[2] window_size, float softcap=0.0) -> (Tensor output, Tensor logsumexp, Tensor rng_state)";
+    "int[2] window_size, float softcap=0.0, Tensor? alibi_slopes=None) "
+    "-> (Tensor output, Tensor logsumexp, Tensor rng_state)";
 inline constexpr const char* kVarlenBackward =
     "_attention_varlen_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
     "Tensor cu_seqlens_k, Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, "
-    "float? scale, bool enable_gqa, int[2] window_size, Tensor? grad_logsumexp=None, float softcap=0.0) "
-    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)";
+    "float? scale, bool enable_gqa, int[2] window_size, Tensor? grad_logsumexp=None, float softcap=0.0, "
+    "Tensor? alibi_slopes=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)";
 inline constexpr const char* kDropoutMask =
     "_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor";
 

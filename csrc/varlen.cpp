@@ -58,6 +58,7 @@ void move_common(P& p, const VarlenOffsets& off, int64_t b, size_t es, size_t ac
   p.len_q = off.len_q(b);
   p.len_k = off.len_k(b);
   p.offset += static_cast<uint64_t>(b);
+  if (p.alibi_slopes != nullptr) p.alibi_slopes += b * p.alibi_stride_b;  // its row, read as batch 0
   if constexpr (std::is_same_v<P, BwdParams>) {
     p.dout = at_row(p.dout, rq, p.do_stride.r, es);
     p.dq = at_row(p.dq, rq, p.dq_stride.r, es);
@@ -95,8 +96,17 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
                     k.dim(), " dimensions with shape ", k.sym_sizes());
   TORCH_CHECK_VALUE(v.dim() == 3, "value must be packed as (total_k, heads_kv, Ev) for variable-length attention, got ",
                     v.dim(), " dimensions with shape ", v.sym_sizes());
-  check_inputs(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
+  check_inputs(heads_first(q), heads_first(k), heads_first(v), std::nullopt, without_alibi(opt));
   check_offsets_tensor(cu_q, "cu_seqlens_q", cu_q);
+  if (opt.has_alibi()) {  // (heads,) or (batch, heads): one row per sequence
+    const at::Tensor& a = *opt.alibi_slopes;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    TORCH_CHECK(a.device() == q.device(), "alibi_slopes is on ", a.device(), " but query is on ", q.device());
+    const bool ok = (a.dim() == 1 && a.sym_size(0) == q.sym_size(1)) ||
+                    (a.dim() == 2 && a.sym_size(0) == cu_q.sym_size(0) - 1 && a.sym_size(1) == q.sym_size(1));
+    TORCH_CHECK_VALUE(ok, "alibi_slopes of packed sequences must have shape (heads,) = (", q.sym_size(1),
+                      ",) or (batch, heads) = (", cu_q.sym_size(0) - 1, ", ", q.sym_size(1), "), got ", a.sym_sizes());
+  }
   check_offsets_tensor(cu_k, "cu_seqlens_k", cu_q);
   TORCH_CHECK(cu_q.device() == q.device() || cu_q.device().is_cpu(), "cu_seqlens_q is on ", cu_q.device(),
               " but query is on ", q.device(), "; put it on the query's device or on the CPU");
@@ -170,13 +180,28 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
   PackedForward s;
   s.off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
   check_packed_rows(q, k);
-  s.st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
+  s.st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, without_alibi(opt));
+  s.st.alibi = set_varlen_alibi(s.st.p, opt);
   s.out = heads_first(s.st.out);
   s.lse = s.st.lse.view({-1});
   s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
   s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
   set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0), k.size(0));
   return s;
+}
+
+at::Tensor set_varlen_alibi(FwdParams& p, const AttnOptions& opt) {
+  if (!opt.has_alibi()) return at::Tensor();
+  at::Tensor a = opt.alibi_slopes->contiguous();
+  p.alibi_slopes = a.data_ptr<float>();
+  p.alibi_stride_b = a.dim() == 2 ? a.size(1) : 0;
+  p.alibi_stride_h = 1;
+  return a;
+}
+
+std::optional<at::Tensor> sequence_alibi(const std::optional<at::Tensor>& alibi, int64_t b) {
+  if (!alibi.has_value() || !alibi->defined()) return std::nullopt;
+  return alibi->dim() == 2 ? alibi->select(0, b) : *alibi;
 }
 
 std::optional<at::Tensor> stats_2d(const std::optional<at::Tensor>& t, int64_t heads, int64_t total) {
@@ -197,7 +222,8 @@ PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tenso
   // of it (the pointer; the kernels find each sequence's block); rng row 0 stands for the (batch, 2) rng_state
   s.st = prepare_backward(heads_first(grad_out), heads_first(q), heads_first(k), heads_first(v), std::nullopt,
                           heads_first(out), lse.view({Hq, q.size(0)}), opt.dropout_p > 0.0 ? rng.select(0, 0) : rng,
-                          opt, false, stats_2d(grad_lse, Hq, q.size(0)));
+                          without_alibi(opt), false, stats_2d(grad_lse, Hq, q.size(0)));
+  s.st.alibi = set_varlen_alibi(s.st.p, opt);
   s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
   s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
   set_packed(s.st.p, off, s.cu_q, s.cu_k, q.size(0), k.size(0));

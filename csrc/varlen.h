@@ -27,6 +27,13 @@ void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& cu_q, const at::Tensor& out, const at::Tensor& lse,
                                   const at::Tensor& rng, double dropout_p, const std::optional<at::Tensor>& grad_lse);
 
+// The ALiBi slopes of a packed call ((heads,) or (batch, heads), checked by check_varlen_inputs) in p as
+// (1 or batch, heads) rows (alibi_stride_b 0 or heads); returns the tensor p points into (undefined without
+// them). split_sequences moves each sequence's pointer to its row.
+at::Tensor set_varlen_alibi(FwdParams& p, const AttnOptions& opt);
+// Sequence b's slopes (heads,), for a dense call of that sequence alone; nullopt without ALiBi.
+std::optional<at::Tensor> sequence_alibi(const std::optional<at::Tensor>& alibi, int64_t b);
+
 // An optional flat (Hq * total_q) per-row tensor (grad_logsumexp) as (Hq, total_q), as prepare_backward takes
 // the packed logsumexp; nullopt stays nullopt.
 std::optional<at::Tensor> stats_2d(const std::optional<at::Tensor>& t, int64_t heads, int64_t total);
@@ -81,7 +88,8 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
 template <typename Fwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
     Fwd&& fwd, PackedForward& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
-    bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+    bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& alibi = std::nullopt) {
   const VarlenOffsets& off = s.off;
   const int64_t Hq = q.size(1);
   at::Tensor rng = at::zeros({off.batch(), 2}, q.options().dtype(at::kLong));
@@ -91,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
     if (L == 0 || S == 0) continue;
     auto [o, l, r] = fwd(heads_first(q.narrow(0, off.q[b], L)), heads_first(k.narrow(0, off.k[b], S)),
                          heads_first(v.narrow(0, off.k[b], S)), std::nullopt, dropout_p, is_causal, scale, enable_gqa,
-                         window, softcap, std::nullopt);
+                         window, softcap, sequence_alibi(alibi, b));
     s.out.narrow(0, off.q[b], L).copy_(heads_first(o));
     s.lse.narrow(0, Hq * off.q[b], Hq * L).copy_(l.reshape({-1}));
     rng.select(0, b).copy_(r.reshape({-1}));
@@ -137,7 +145,8 @@ void varlen_backward_by_sequence(Bwd&& bwd, const VarlenOffsets& off, const at::
                                  const at::Tensor& lse, const at::Tensor& rng, const at::Tensor& dq,
                                  const at::Tensor& dk, const at::Tensor& dv, double dropout_p, bool is_causal,
                                  std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-                                 const std::optional<at::Tensor>& grad_lse, double softcap) {
+                                 const std::optional<at::Tensor>& grad_lse, double softcap,
+                                 const std::optional<at::Tensor>& alibi = std::nullopt) {
   const int64_t Hq = q.size(1);
   fill_empty_backward(off, dq, dk, dv);
   for (int64_t b = 0; b < off.batch(); ++b) {
@@ -150,7 +159,7 @@ void varlen_backward_by_sequence(Bwd&& bwd, const VarlenOffsets& off, const at::
     auto [gq, gk, gv, gm] =
         bwd(rows(grad_out, off.q[b], L), rows(q, off.q[b], L), rows(k, off.k[b], S), rows(v, off.k[b], S),
             std::nullopt, rows(out, off.q[b], L), stats(lse), rng.select(0, b), dropout_p, is_causal, scale,
-            enable_gqa, window, false, gl, softcap, std::nullopt);
+            enable_gqa, window, false, gl, softcap, sequence_alibi(alibi, b));
     dq.narrow(0, off.q[b], L).copy_(heads_first(gq));
     dk.narrow(0, off.k[b], S).copy_(heads_first(gk));
     dv.narrow(0, off.k[b], S).copy_(heads_first(gv));

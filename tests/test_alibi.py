@@ -197,6 +197,81 @@ def test_alibi_ops_vs_reference(backend, dtype, case, monkeypatch):
     assert_close_vs_baselines("attention_probs", probs, r_w, [b_w.detach()], dtype)
 
 
+VARLEN_BACKENDS = [pytest.param("cpu", f32, id="cpu-f32"), pytest.param("cpu", bf16, id="cpu-bf16"),
+                   pytest.param("emu80", f16, id="emu80-f16", marks=emu_marks()),
+                   pytest.param("emu90", bf16, id="emu90-bf16", marks=emu_marks()),
+                   pytest.param("cuda", bf16, id="cuda-bf16", marks=cuda_marks())]
+
+
+@pytest.mark.parametrize("per_seq", [False, True], ids=["slopes-heads", "slopes-batch-heads"])
+@pytest.mark.parametrize("backend,dtype", VARLEN_BACKENDS)
+def test_alibi_varlen(backend, dtype, per_seq, monkeypatch):
+    """Packed sequences with ALiBi (slopes (heads,) or one row per sequence; GQA, causal, an empty sequence and
+    one without keys): each sequence's output, log-sum-exp and gradients against the float64 reference of that
+    sequence alone (its own distances: i + S_b - L_b - j), within 2x PyTorch's eager error."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    ops = backend_ops(backend, monkeypatch)
+    g = torch.Generator().manual_seed(41)
+    lq, lk = [9, 0, 30, 5, 17], [9, 4, 41, 0, 17]
+    Hq, Hkv, E = 4, 2, 32
+    cu_q = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(sum(lq), Hq, E, generator=g, dtype=f64).to(device, dtype)
+    k = torch.randn(sum(lk), Hkv, E, generator=g, dtype=f64).to(device, dtype)
+    v = torch.randn(sum(lk), Hkv, E, generator=g, dtype=f64).to(device, dtype)
+    do = torch.randn(sum(lq), Hq, E, generator=g, dtype=f64).to(device, dtype)
+    m = (slopes(Hq) * 3 * (1 + torch.rand(len(lq), Hq, generator=g)) if per_seq else slopes(Hq) * 3).to(device)
+    args = (None, None, 0.0, True, None, True, [-1, -1], 0.0, m)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, *args)
+        dq, dk, dv = ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *args[2:7], None,
+                                                    0.0, m)
+    assert not any("ATen operations" in line for line in lines), lines
+    for b in range(len(lq)):
+        rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        if lq[b] == 0:
+            continue
+        mb = m[b] if per_seq else m
+        leaves = [t[r].transpose(0, 1).detach().to(f64).requires_grad_() for t, r in ((q, rows), (k, keys), (v, keys))]
+        r_out, r_lse, _ = reference(*leaves, None, mb.cpu(), is_causal=True)
+        gout = do[rows].transpose(0, 1).to(f64)
+        if lk[b] == 0:  # no key: output 0, lse -inf, no gradient
+            assert torch.equal(out[rows].cpu(), torch.zeros_like(out[rows].cpu()))
+            assert torch.equal(dq[rows].cpu(), torch.zeros_like(dq[rows].cpu()))
+            continue
+        r_grads = torch.autograd.grad(r_out, leaves, gout.cpu())
+        bl = [t.detach().cpu().to(dtype).requires_grad_() for t in leaves]
+        b_out, _ = eager_baseline(*bl, None, mb.cpu(), is_causal=True)
+        b_grads = torch.autograd.grad(b_out, bl, gout.cpu().to(dtype))
+        ours = [out[rows], dq[rows], dk[keys], dv[keys]]
+        for name, o, r, base in zip(("out", "dq", "dk", "dv"), ours, (r_out, *r_grads), (b_out, *b_grads)):
+            assert_close_vs_baselines(f"{name} of sequence {b}", o.transpose(0, 1), r, [base], dtype)
+        lse_b = lse[Hq * cu_q[b]: Hq * cu_q[b + 1]].view(Hq, lq[b])
+        assert_close_vs_baselines(f"lse of sequence {b}", lse_b, r_lse, [], dtype, floor=16 * ABS_FLOOR[f32])
+
+
+def test_alibi_nested_and_packed_lse():
+    """Nested (jagged) tensors with per-sequence slopes equal the dense op on each sequence; attention_varlen's
+    return_lse with ALiBi equals the dense log-sum-exp."""
+    g = torch.Generator().manual_seed(43)
+    lens = [6, 11, 3]
+    seqs = [[torch.randn(4, n, 16, generator=g, dtype=f64) for n in lens] for _ in range(3)]
+    m = torch.rand(3, 4, generator=g)
+    nested = [torch.nested.nested_tensor([s.transpose(0, 1) for s in t], layout=torch.jagged).transpose(1, 2)
+              for t in seqs]
+    out = attention_ext.attention(*nested, is_causal=True, alibi_slopes=m)
+    for b, o in enumerate(out.unbind()):
+        want = attention_ext.attention(seqs[0][b], seqs[1][b], seqs[2][b], is_causal=True, alibi_slopes=m[b])
+        torch.testing.assert_close(o, want, rtol=1e-12, atol=1e-12)
+    packed = [torch.cat([s.transpose(0, 1) for s in t]) for t in seqs]
+    cu = torch.tensor([0, 6, 17, 20], dtype=torch.int32)
+    o, lse = attention_ext.attention_varlen(*packed, cu, cu, is_causal=True, alibi_slopes=m, return_lse=True)
+    for b in range(3):
+        _, want = attention_ext.attention(seqs[0][b], seqs[1][b], seqs[2][b], is_causal=True, alibi_slopes=m[b],
+                                          return_lse=True)
+        torch.testing.assert_close(lse[cu[b]:cu[b + 1]].transpose(0, 1), want, rtol=1e-12, atol=1e-12)
+
+
 def test_alibi_matches_sdpa_with_the_bias():
     """In float64 the op equals SDPA given the bias as a float mask, forward and backward (slopes (heads,) and
     (batch, heads), causal, GQA, L < S); zero slopes are plain attention bit for bit."""
@@ -301,8 +376,8 @@ def test_alibi_vmap_compile_autocast():
 
 
 def test_alibi_opcheck():
-    """torch.library.opcheck of the forward, backward and weights ops with ALiBi slopes (schema, fake kernels,
-    autograd registration)."""
+    """torch.library.opcheck of the forward, backward and weights ops and the packed forward and backward with ALiBi
+    slopes (schema, fake kernels, autograd registration)."""
     g = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(2, 2, 7, 8, generator=g) for _ in range(3))
     m = torch.rand(2, 2, generator=g)
@@ -313,6 +388,14 @@ def test_alibi_opcheck():
     torch.library.opcheck(ops._attention_backward.default,
                           (torch.randn_like(out), q, k, v, None, out, lse, rng, *args[1:], False, None, 0.0, m))
     torch.library.opcheck(ops._attention_forward_weights.default, (q, k, v, *args, True, 0.0, m))
+    # packed sequences, one slope row each
+    pq, pk, pv = (t.transpose(1, 2).reshape(14, 2, 8) for t in (q, k, v))
+    cu = torch.tensor([0, 5, 14], dtype=torch.int32)
+    vargs = (None, None, 0.0, True, None, False, [-1, -1], 0.0, m)
+    torch.library.opcheck(ops._attention_varlen_forward.default, (pq, pk, pv, cu, cu, *vargs))
+    out, lse, rng = ops._attention_varlen_forward(pq, pk, pv, cu, cu, *vargs)
+    torch.library.opcheck(ops._attention_varlen_backward.default,
+                          (torch.randn_like(out), pq, pk, pv, cu, cu, out, lse, rng, *vargs[2:7], None, 0.0, m))
 
 
 def test_alibi_errors():
@@ -327,9 +410,12 @@ def test_alibi_errors():
     attention_ext.attention(q, k, v, alibi_slopes=torch.ones(1, 4))  # broadcasts over the batch
     with pytest.raises(ValueError, match="no gradient with respect to the ALiBi slopes"):
         attention_ext.attention(q.requires_grad_(), k, v, alibi_slopes=torch.ones(4, requires_grad=True))
-    nq, nk, nv = (torch.nested.nested_tensor([t[0], t[1, :, :3]], layout=torch.jagged) for t in (q, k, v))
-    with pytest.raises(NotImplementedError, match="alibi_slopes is not supported with nested tensors"):
-        attention_ext.attention(nq, nk, nv, alibi_slopes=torch.ones(4))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    pq, pk, pv = (t[0, :, :, :].transpose(0, 1)[:5].contiguous() for t in (q, k, v))
+    with pytest.raises(ValueError, match="alibi_slopes of packed sequences must have shape"):
+        attention_ext.attention_varlen(pq, pk, pv, cu, cu, alibi_slopes=torch.ones(3, 4))
+    with pytest.raises(ValueError, match="attention_varlen has no gradient with respect to the ALiBi slopes"):
+        attention_ext.attention_varlen(pq, pk, pv, cu, cu, alibi_slopes=torch.ones(4, requires_grad=True))
     if torch.device("meta").type == "meta":
         with pytest.raises(RuntimeError, match="alibi_slopes is on meta"):
             attention_ext.attention(q, k, v, alibi_slopes=torch.ones(4, device="meta"))

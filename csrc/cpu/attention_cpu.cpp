@@ -155,15 +155,16 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng, int64_t batch, int64_t heads,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   if (varlen_zero_head_dim(q, v)) {  // (prepare_packed_forward validates the call)
     PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k, opt, max_q, max_k);
     return varlen_forward_by_sequence(forward_cpu, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window,
-                                      softcap);
+                                      softcap, alibi_slopes);
   }
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
-  ForwardSetup st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, opt);
+  ForwardSetup st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, without_alibi(opt));
+  st.alibi = set_varlen_alibi(st.p, opt);
   auto [seed, offset] = draw_seed(dropout_p);
   st.p.seed = seed;
   st.p.offset = offset;
@@ -196,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
   if (varlen_zero_head_dim(q, v)) {
@@ -206,15 +207,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     poison(dk);
     poison(dv);
     varlen_backward_by_sequence(backward_cpu, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p,
-                                is_causal, scale, enable_gqa, window, grad_lse, softcap);
+                                is_causal, scale, enable_gqa, window, grad_lse, softcap, alibi_slopes);
     return {dq, dk, dv};
   }
   // prepare_backward checks a (Hq, total_q) logsumexp and an int64[2] rng state: the packed ones are checked
   // above, and each sequence's seed and offset are read from its own row below
   const at::Tensor rng2 = at::zeros({2}, at::TensorOptions().dtype(at::kLong));
   BackwardSetup st = prepare_backward(heads_first(grad_out), heads_first(q), heads_first(k), heads_first(v),
-                                      std::nullopt, heads_first(out), lse.reshape({q.size(1), q.size(0)}), rng2, opt,
-                                      false, stats_2d(grad_lse, q.size(1), q.size(0)));
+                                      std::nullopt, heads_first(out), lse.reshape({q.size(1), q.size(0)}), rng2,
+                                      without_alibi(opt), false, stats_2d(grad_lse, q.size(1), q.size(0)));
+  st.alibi = set_varlen_alibi(st.p, opt);
   st.p.deterministic = true;
   fill_empty_backward(off, heads_first(st.dq), heads_first(st.dk), heads_first(st.dv));
   std::vector<BwdParams> ps = split_sequences(st.p, off);

@@ -260,14 +260,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     Fwd&& fwd, DrawRng&& draw_rng, Find&& find, Launch&& launch, const LaunchEnv& env, const char* what,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   PackedForward s = prepare_packed_forward(
-      q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap), max_q, max_k);
+      q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes), max_q,
+      max_k);
   FwdParams& p = s.st.p;
-  const bool by_sequence = varlen_cuda_by_sequence(q, v);  // (find(p) has no kernel for it)
+  // (find(p) has no kernel for the first; the packed kernels take no ALiBi)
+  const bool by_sequence = varlen_cuda_by_sequence(q, v) || p.alibi_slopes != nullptr;
   const Sm90FwdEntry* hopper = by_sequence ? nullptr : packed_fwd_sm90(p, s.off, env);
   if (by_sequence || (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env))) {
-    return varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    return varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                                      alibi_slopes);
   }
   at::Tensor rng = draw_rng().view({1, 2}).repeat({s.off.batch(), 1});
   if (dropout_p > 0.0) {
@@ -340,17 +344,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     const LaunchEnv& env, const char* what, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale,
-    bool enable_gqa, at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
-  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap);
+    bool enable_gqa, at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
   auto by_sequence = [&](const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
     varlen_backward_by_sequence(bwd, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p, is_causal, scale,
-                                enable_gqa, window, grad_lse, softcap);
+                                enable_gqa, window, grad_lse, softcap, alibi_slopes);
     return std::make_tuple(dq, dk, dv);
   };
-  // (softcap: the packed backward kernel has no cap, the ordinary one takes each sequence)
-  if (off.batch() <= 1 || varlen_cuda_by_sequence(q, v) || softcap > 0.0) {
+  // (softcap, ALiBi: the packed backward kernel has neither, the ordinary one takes each sequence)
+  if (off.batch() <= 1 || varlen_cuda_by_sequence(q, v) || softcap > 0.0 || opt.has_alibi()) {
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     poison(dq);
     poison(dk);

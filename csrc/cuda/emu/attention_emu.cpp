@@ -197,21 +197,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_emu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap) {
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return run_varlen_forward(
       forward_emu, [&] { return draw_rng_state(dropout_p); }, find_fwd_or_fail,
       [&](auto&& fn, const LaunchTensors& extra = {}) {
         EmuDev{}.launch("varlen forward", LaunchTensors{&q, &k, &v} + extra, fn);
       },
       make_env(q), "emu varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-      window, softcap);
+      window, softcap, alibi_slopes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap) {
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return run_varlen_backward(
       backward_emu, [](const at::Tensor& r) { return r.contiguous(); }, find_fwd_or_fail,
       [](const BwdParams& p) { return &EmuDev{}.bwd(p); },
@@ -223,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
                         fn);
       },
       make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window, grad_lse, softcap);
+      enable_gqa, window, grad_lse, softcap, alibi_slopes);
 }
 
 }  // namespace
