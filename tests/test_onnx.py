@@ -107,9 +107,10 @@ class _Op(nn.Module):
         return torch.ops.attention_ext.attention(q, k, v, mask, **self.kw)
 
 
-@pytest.mark.parametrize("case", ["causal_gqa_bool", "window_float", "cross_rank3"])
+@pytest.mark.parametrize("case", ["causal_gqa_bool", "window_float", "cross_rank3", "alibi_causal_gqa_float"])
 def test_op_exports(case):
-    """The op itself, with the options SDPA lacks or has: GQA, causal, a sliding window, masks, L != S."""
+    """The op itself, with the options SDPA lacks or has: GQA, causal, a sliding window, masks, L != S, ALiBi
+    (its bias built in the graph from the slopes)."""
     torch.manual_seed(0)
     if case == "causal_gqa_bool":
         q, k, v = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 8)
@@ -119,13 +120,21 @@ def test_op_exports(case):
         q, k, v = (torch.randn(1, 3, 20, 32) for _ in range(3))
         mask = torch.randn(1, 3, 20, 20)
         kw = dict(window_size=[4, 2], scale=0.3)
+    elif case == "alibi_causal_gqa_float":
+        q, k, v = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 15, 16), torch.randn(2, 2, 15, 8)
+        mask = torch.randn(11, 15)
+        kw = dict(is_causal=True, enable_gqa=True, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]))
     else:
         q, k, v = torch.randn(3, 7, 24), torch.randn(3, 13, 24), torch.randn(3, 13, 24)
         mask = torch.randn(7, 13)
         kw = {}
     sess, _ = _export(_Op(**kw), (q, k, v, mask))
     got, = _run(sess, q, k, v, mask)
-    ref64 = reference_attention(q, k, v, mask, **kw).out
+    ref_kw, ref_mask = dict(kw), mask
+    if "alibi_slopes" in kw:  # the bias -m |i + S - L - j| added to the float mask
+        i, j = torch.arange(15 - 11, 15)[:, None], torch.arange(15)[None, :]
+        ref_mask = mask.double() - ref_kw.pop("alibi_slopes").double()[:, None, None] * (i - j).abs()
+    ref64 = reference_attention(q, k, v, ref_mask, **ref_kw).out
     eager = _Op(**kw)(q, k, v, mask)  # the fused kernel in float32 (SDPA has no window)
     assert got.shape == ref64.shape
     _close(got, ref64, eager)
