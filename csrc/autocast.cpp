@@ -31,8 +31,8 @@ template <c10::DeviceType device, c10::DispatchKey key>
 at::Tensor attention_varlen_autocast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cu_q, const at::Tensor& cu_k, std::optional<int64_t> max_q,
                                      std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-                                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
-                                     const std::optional<at::Tensor>& alibi_slopes) {
+                                     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
+                                     double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attention_ext::attention_varlen", "")

@@ -30,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(q, k, v, mask, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes));
   check_backward_inputs(grad_out, out, lse, rng, q, v, dropout_p, grad_lse);
   const bool want_dmask = mask_grad && mask.has_value() && mask->defined() && mask->is_floating_point();
@@ -72,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   check_varlen_inputs(q, k, v, cu_q, cu_k,
                       make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes));
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);

@@ -101,7 +101,8 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
                                const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng, double dropout_p,
                                bool is_causal, std::optional<double> scale, bool enable_gqa,
-                               at::IntArrayRef window, bool mask_grad, double softcap, const std::optional<at::Tensor>& alibi) {
+                               at::IntArrayRef window, bool mask_grad, double softcap,
+                               const std::optional<at::Tensor>& alibi) {
     auto [dq, dk, dv, dmask] = call_backward(grad, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
                                              enable_gqa, window, mask_grad, softcap, alibi);
     const bool has_mask = mask.has_value() && mask->defined();
@@ -175,7 +176,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         call_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi);
     const bool has_mask = mask.has_value() && mask->defined();
     const bool has_alibi = alibi.has_value() && alibi->defined();
-    ctx->save_for_backward({q, k, v, has_mask ? *mask : at::Tensor(), out, lse, rng, has_alibi ? *alibi : at::Tensor()});
+    ctx->save_for_backward({q, k, v, has_mask ? *mask : at::Tensor(), out, lse, rng,
+                            has_alibi ? *alibi : at::Tensor()});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["is_causal"] = is_causal;
     ctx->saved_data["scale"] = scale;

@@ -1,13 +1,15 @@
 """ALiBi (attention with linear biases; FlashAttention's ``alibi_slopes``): float32 slopes m of shape (heads,) or
-(..., heads) add -m_h * |i + S - L - j| to the score of query i and key j, after the soft cap and before the
-mask (the queries are the last L of the S key positions).
+(..., heads) add -m_h * |i + S - L - j| to the score of query i and key j, after the soft cap and before the mask
+(the queries are the last L of the S key positions); packed sequences take (heads,) or (batch, heads), each
+sequence with its own distances.
 
 Fused in the CPU kernels (forward, backward, the weights), the sm80 CUDA kernels (forward, backward, the weights
-kernel) and the Hopper kernels (but their packed variants: packed sequences take no ALiBi); the CUDA backward of a
-call with both a soft cap and ALiBi runs in ATen operations, which the kernel log says. Checked against a float64 reference written here, with
-PyTorch's way -- SDPA in the same dtype with the bias as a float mask, as Hugging Face's ALiBi models call it --
-as the yardstick of the error; gradcheck and gradgradcheck in float64; vmap, torch.compile, opcheck, autocast
-and the errors."""
+kernel) and the Hopper kernels (not their packed variants: on CUDA, packed sequences with ALiBi run sequence by
+sequence); the CUDA backward of a call with both a soft cap and ALiBi runs in ATen operations, which the kernel log
+says. Checked against a float64 reference written here, with PyTorch's way -- SDPA in the same dtype with the bias
+as a float mask, as Hugging Face's ALiBi models call it, and the eager formula -- as the yardstick of the error;
+gradcheck and gradgradcheck in float64; packed and nested sequences, return_lse and sinks, vmap, torch.compile,
+opcheck, autocast and the errors."""
 import math
 
 import pytest

@@ -106,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   if (zero_head_dim(st.p)) return composite_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
@@ -155,7 +156,8 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng, int64_t batch, int64_t heads,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
-    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   if (varlen_zero_head_dim(q, v)) {  // (prepare_packed_forward validates the call)
     PackedForward s = prepare_packed_forward(q, k, v, cu_q, cu_k, opt, max_q, max_k);
@@ -197,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
-    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);

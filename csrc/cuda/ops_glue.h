@@ -36,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const Dev& dev, const 
                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                           double dropout_p, bool is_causal, std::optional<double> scale,
                                                           bool enable_gqa, at::IntArrayRef window,
-                                                          double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+                                                          double softcap,
+                                                          const std::optional<at::Tensor>& alibi_slopes) {
   [[maybe_unused]] auto guard = dev.guard(q);
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   ForwardSetup st = prepare_forward(q, k, v, mask, opt);
@@ -64,7 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const Dev& dev, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng,
     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    bool mask_grad, const std::optional<at::Tensor>& grad_lse, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   [[maybe_unused]] auto guard = dev.guard(q);
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);

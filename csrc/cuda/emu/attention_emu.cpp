@@ -165,7 +165,8 @@ at::Tensor probs_emu(const at::Tensor& q, const at::Tensor& k, const std::option
                      const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal,
                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
-  return weights_emu(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false, softcap, alibi_slopes);
+  return weights_emu(q, k, mask, lse, rng, dropout_p, is_causal, scale, enable_gqa, window, false, softcap,
+                     alibi_slopes);
 }
 
 at::Tensor dropout_mask_emu(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
