@@ -78,16 +78,6 @@ def _generator(device):
     return torch.default_generator
 
 
-def _front_alibi(alibi, bdim, size, rank):
-    """ALiBi slopes in front layout, broadcasting against a front-layout query of rank `rank` + 1 (the slopes
-    broadcast to its (size, ..., heads))."""
-    if alibi is None:
-        return None
-    alibi = _front(alibi, bdim, size)
-    pad = (rank - 2) - (alibi.dim() - 1)
-    return alibi.reshape(size, *([1] * pad), *alibi.shape[1:]) if pad > 0 else alibi
-
-
 def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap=0.0,
                   alibi_slopes=None):
     size = info.batch_size
@@ -109,7 +99,8 @@ def _forward_vmap(info, in_dims, q, k, v, mask, dropout_p, is_causal, scale, ena
     qd, kd, vd, md = in_dims[:4]
     q, k, v = _front(q, qd, size), _front(k, kd, size), _front(v, vd, size)
     mask = _front_mask(mask, md, size, q.dim() - 1, expand=False)
-    alibi = _front_alibi(alibi_slopes, in_dims[10] if len(in_dims) > 10 else None, size, q.dim() - 1)
+    # (the slopes (..., heads) broadcast to the front-layout query's (size, ..., heads) as a mask to its scores)
+    alibi = _front_mask(alibi_slopes, in_dims[10] if len(in_dims) > 10 else None, size, q.dim() - 3, expand=False)
     out, lse, rng = _ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                                             softcap, alibi)
     return (out, lse, rng), (0, 0, None)
@@ -136,7 +127,7 @@ def _backward_vmap(info, in_dims, grad, q, k, v, mask, out, lse, rng, dropout_p,
     grad, q, k, v = _front(grad, gd, size), _front(q, qd, size), _front(k, kd, size), _front(v, vd, size)
     out, lse = _front(out, od, size), _front(lse, ld, size)
     glse = None if grad_logsumexp is None else _front(grad_logsumexp, cd, size)
-    alibi = _front_alibi(alibi_slopes, ad, size, q.dim() - 1)
+    alibi = _front_mask(alibi_slopes, ad, size, q.dim() - 3, expand=False)
     dq, dk, dv, dmask = _ops._attention_backward(grad, q, k, v, mask_f, out, lse, rng, dropout_p, is_causal, scale,
                                                  enable_gqa, window_size, mask_grad, glse, softcap, alibi)
     if mask_grad:
@@ -208,7 +199,9 @@ def _fused_applies(tensors):
 def _attention_under_transforms(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                 enable_gqa=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
     window_size = list(window_size)
-    if alibi_slopes is not None:  # (the Python autograd function has no ALiBi slopes: the composite takes them)
+    # ALiBi: the composite, which differentiates the slopes too when a transform asks for them (the fused function
+    # gives them no gradient, and under torch.func nothing tells which inputs a transform differentiates)
+    if alibi_slopes is not None:
         return composite(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                          softcap=softcap, alibi_slopes=alibi_slopes)[0]
     if _fused_applies((query, key, value, attn_mask)):

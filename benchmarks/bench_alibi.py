@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import attention_ext
-from bench_decode import Bench, measure
+from bench_decode import Bench, measure, point_row
 
 POINTS = [(2, 8, 1024, 64, True), (2, 8, 1024, 64, False)]
 CUDA_POINTS = [(8, 16, 2048, 128, True), (4, 16, 4096, 64, True)]
@@ -63,12 +63,7 @@ def run_point(B, H, L, E, causal, dtype, device, budget):
            "ours": ours(False, True), "alibi": ours(True, True), "sdpa_mask": with_mask(sdpa, True),
            "ours_mask": with_mask(attention_ext.attention, True)}
     t = measure(fns, device, budget)
-    fwd_flops = 4 * B * H * L * L * E / (2 if causal else 1)
-    row = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": str(dtype).replace("torch.", ""),
-           "mask_MB": mask.numel() * mask.element_size() / 2**20}
-    for name, sec in t.items():
-        row[name + "_s"] = sec
-        row[name + "_TFLOPs"] = (fwd_flops if name.startswith("fwd") else 3.5 * fwd_flops) / sec / 1e12
+    row = point_row(B, H, L, E, causal, dtype, t, mask_MB=mask.numel() * mask.element_size() / 2**20)
     with torch.no_grad():  # the same attention as SDPA's with the bias as a mask
         ours_out = attention_ext.attention(q, k, v, is_causal=causal, alibi_slopes=m).float()
         row["max_abs_diff_vs_sdpa"] = (ours_out - sdpa(q, k, v, mask).float()).abs().max().item()

@@ -102,6 +102,18 @@ def device_name(device):
         return platform.processor() or platform.machine()
 
 
+def point_row(B, H, L, E, causal, dtype, times, **extra):
+    """The row of one (B, H, L = S, E, causal, dtype) point of a column benchmark: its coordinates, extra, and for
+    each column of times (seconds) its time and TFLOP/s: 4 B H L^2 E (halved when causal) for the columns named
+    fwd*, forward only, 3.5x that for the others, forward + backward."""
+    fwd_flops = 4 * B * H * L * L * E / (2 if causal else 1)
+    row = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": str(dtype).replace("torch.", ""), **extra}
+    for name, sec in times.items():
+        row[name + "_s"] = sec
+        row[name + "_TFLOPs"] = (fwd_flops if name.startswith("fwd") else 3.5 * fwd_flops) / sec / 1e12
+    return row
+
+
 class Bench:
     """What the small benchmarks (this one, bench_lse, bench_softcap, bench_varlen) share: their command line
     (--quick, --device, --dtypes, --budget, --out), the device (cuda when available), the time budget per point

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import attention_ext
-from bench_decode import Bench, measure
+from bench_decode import Bench, measure, point_row
 
 POINTS = [(2, 8, 1024, 64, True), (2, 8, 1024, 64, False)]
 CUDA_POINTS = [(8, 16, 2048, 128, True), (8, 16, 2048, 128, False), (4, 32, 4096, 64, True)]
@@ -59,11 +59,7 @@ def run_point(B, H, L, E, causal, dtype, device, budget):
 
     fns = {"ours": plain, "lse": with_lse, "sinks": with_sinks, "eager_sinks": eager}
     t = measure(fns, device, budget)
-    flops = 3.5 * 4 * B * H * L * L * E / (2 if causal else 1)
-    row = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": str(dtype).replace("torch.", "")}
-    for name, sec in t.items():
-        row[name + "_s"] = sec
-        row[name + "_TFLOPs"] = flops / sec / 1e12
+    row = point_row(B, H, L, E, causal, dtype, t)
     row["lse_ratio"] = t["lse"] / t["ours"]
     row["sinks_ratio"] = t["sinks"] / t["ours"]
     row["eager_sinks_over_sinks"] = t["eager_sinks"] / t["sinks"]

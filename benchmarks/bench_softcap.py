@@ -14,7 +14,7 @@ import sys
 import torch
 
 import attention_ext
-from bench_decode import Bench, measure
+from bench_decode import Bench, measure, point_row
 
 POINTS = [(2, 8, 1024, 64, True), (2, 8, 1024, 64, False)]
 CUDA_POINTS = [(8, 16, 2048, 128, True), (4, 16, 4096, 64, True)]
@@ -55,11 +55,7 @@ def run_point(B, H, L, E, causal, dtype, device, budget):
 
     fns = {"ours": train(0.0), "softcap": train(CAP), "fwd": infer(0.0), "fwd_softcap": infer(CAP), "eager": eager}
     t = measure(fns, device, budget)
-    fwd_flops = 4 * B * H * L * L * E / (2 if causal else 1)
-    row = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": str(dtype).replace("torch.", ""), "cap": CAP}
-    for name, sec in t.items():
-        row[name + "_s"] = sec
-        row[name + "_TFLOPs"] = (fwd_flops if name.startswith("fwd") else 3.5 * fwd_flops) / sec / 1e12
+    row = point_row(B, H, L, E, causal, dtype, t, cap=CAP)
     with torch.no_grad():  # the same attention as the eager formula's
         ours = attention_ext.attention(q, k, v, is_causal=causal, softcap=CAP).float()
         row["max_abs_diff_vs_eager"] = (ours - eager_gemma2(q, k, v, CAP, causal).float()).abs().max().item()

@@ -27,14 +27,14 @@ std::tuple<at::Tensor, at::Tensor> attention_math(const at::Tensor& q, const at:
                                                   bool is_causal, std::optional<double> scale, bool enable_gqa,
                                                   at::IntArrayRef window, const std::optional<at::Tensor>& rng,
                                                   bool need_weights, bool average_heads, double softcap,
-                                                  const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+                                                  const std::optional<at::Tensor>& alibi_slopes);
 
 // The log-sum-exp of the masked, scaled scores (..., Hq, L) in float32 (float64 for float64 inputs), -inf
 // for rows that see no key: what the fused forward saves for its backward.
 at::Tensor attention_math_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& mask, bool is_causal, std::optional<double> scale,
                               bool enable_gqa, at::IntArrayRef window, double softcap,
-                              const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+                              const std::optional<at::Tensor>& alibi_slopes);
 
 // The first-order gradients of attention_math in ATen operations (the L x S weights materialised, D taken
 // exactly as rowsum(P * dP)): (dq, dk, dv, dmask) in the inputs' dtypes, dmask at the mask's shape when

@@ -24,6 +24,14 @@ bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
+// Whether a tensor of sizes s broadcasts to target (numpy rules: right-aligned, each dim 1 or equal).
+bool broadcasts_to(c10::SymIntArrayRef s, const std::vector<c10::SymInt>& target) {
+  const size_t n = s.size(), r = target.size();
+  bool ok = n <= r;
+  for (size_t d = 1; ok && d <= n; ++d) ok = s[n - d] == 1 || s[n - d] == target[r - d];
+  return ok;
+}
+
 }  // namespace
 
 AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
@@ -104,17 +112,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     "softcap must be a finite number >= 0 (0: no soft-capping), got ", opt.softcap);
   if (opt.has_alibi()) {
     const at::Tensor& a = *opt.alibi_slopes;
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK(a.device() == q.device(), "alibi_slopes is on ", a.device(), " but query is on ", q.device());
+    check_alibi_slopes(a, q);
     std::vector<c10::SymInt> target(qs.begin(), qs.end() - 2);  // (..., heads)
-    auto asz = a.sym_sizes();
-    bool ok = a.dim() >= 1 && a.dim() <= r - 2 && asz[a.dim() - 1] == Hq;
-    for (int64_t d = 2; ok && d <= a.dim(); ++d) {
-      const c10::SymInt& ad = asz[a.dim() - d];
-      ok = ad == 1 || ad == target[r - 2 - d];
-    }
-    TORCH_CHECK_VALUE(ok, "alibi_slopes must have shape (heads,) or (..., heads) broadcastable to the query's "
-                      "(..., heads) = ", shape_str(target), ", got ", shape_str(asz));
+    TORCH_CHECK_VALUE(a.dim() >= 1 && a.sym_size(-1) == Hq && broadcasts_to(a.sym_sizes(), target),
+                      "alibi_slopes must have shape (heads,) or (..., heads) broadcastable to the query's "
+                      "(..., heads) = ", shape_str(target), ", got ", shape_str(a.sym_sizes()));
   }
   // mask
   if (mask.has_value() && mask->defined()) {
@@ -125,15 +127,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(m.device() == q.device(), "attn_mask is on ", m.device(), " but query is on ", q.device());
     std::vector<c10::SymInt> target(qs.begin(), qs.end() - 1);
     target.push_back(ks[r - 2]);
-    auto msz = m.sym_sizes();
-    bool ok = m.dim() <= r;
-    for (int64_t d = 1; ok && d <= m.dim(); ++d) {
-      const c10::SymInt& md = msz[m.dim() - d];
-      ok = md == 1 || md == target[r - d];
-    }
-    TORCH_CHECK_VALUE(ok, "attn_mask of shape ", shape_str(msz),
+    TORCH_CHECK_VALUE(broadcasts_to(m.sym_sizes(), target), "attn_mask of shape ", shape_str(m.sym_sizes()),
                       " is not broadcastable to (..., heads, L, S) = ", shape_str(target));
   }
+}
+
+void check_alibi_slopes(const at::Tensor& a, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+  TORCH_CHECK(a.device() == q.device(), "alibi_slopes is on ", a.device(), " but query is on ", q.device());
 }
 
 void check_same_shape(const at::Tensor& t, const char* name, c10::SymIntArrayRef expected,

@@ -34,11 +34,13 @@ inline AttnOptions without_alibi(AttnOptions opt) {
 
 AttnOptions make_options(double dropout_p, bool is_causal, std::optional<double> scale,
                          bool enable_gqa, at::IntArrayRef window_size, double softcap,
-                         const std::optional<at::Tensor>& alibi_slopes = std::nullopt);
+                         const std::optional<at::Tensor>& alibi_slopes);
 
 // Raises ValueError/TypeError/RuntimeError naming the offending argument.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& mask, const AttnOptions& opt);
+// ALiBi slopes' dtype (float32) and device (the query's); their shape is the caller's to check.
+void check_alibi_slopes(const at::Tensor& a, const at::Tensor& q);
 // Checks a tensor that must have exactly `like`'s shape (grad_output, output, ...).
 void check_same_shape(const at::Tensor& t, const char* name, c10::SymIntArrayRef expected,
                       const at::Tensor& q);

@@ -223,6 +223,15 @@ void check_strided(const at::Tensor& t, const char* name) {
                     sparse ? " (call .to_dense() on it)" : "");
 }
 
+// ALiBi slopes are constants (no gradient, as FlashAttention's): strided, and not differentiated by autograd.
+void check_constant_slopes(const std::optional<at::Tensor>& alibi, const char* op) {
+  if (!alibi.has_value() || !alibi->defined()) return;
+  check_strided(*alibi, "alibi_slopes");
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && alibi->requires_grad()), "alibi_slopes: ", op,
+                    " has no gradient with respect to the ALiBi slopes (as FlashAttention); pass "
+                    "alibi_slopes.detach()");
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& mask, double dropout_p, bool is_causal,
                      std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
@@ -236,14 +245,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_strided(k, "key");
   check_strided(v, "value");
   if (mask.has_value() && mask->defined()) check_strided(*mask, "attn_mask");
-  if (alibi.has_value() && alibi->defined()) {
-    check_strided(*alibi, "alibi_slopes");
-    // (the fused backward has no gradient for the slopes; the composite would differentiate them, but a gradient
-    // that exists only on some paths would be worse than none)
-    TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && alibi->requires_grad()),
-                      "alibi_slopes: attention has no gradient with respect to the ALiBi slopes (as "
-                      "FlashAttention); pass alibi_slopes.detach()");
-  }
+  // (the fused backward has no gradient for the slopes; the composite would differentiate them, but a gradient
+  // that exists only on some paths would be worse than none)
+  check_constant_slopes(alibi, "attention");
   const at::Tensor* m = mask.has_value() ? &*mask : nullptr;
   const bool graph = needs_graph({&q, &k, &v, m});
   if (has_tangent({&q, &k, &v, m}) || (graph && functorch_active())) {
@@ -345,12 +349,7 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
   check_strided(v, "value");
   check_strided(cu_q, "cu_seqlens_q");
   check_strided(cu_k, "cu_seqlens_k");
-  if (alibi.has_value() && alibi->defined()) {
-    check_strided(*alibi, "alibi_slopes");
-    TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && alibi->requires_grad()),
-                      "alibi_slopes: attention_varlen has no gradient with respect to the ALiBi slopes (as "
-                      "FlashAttention); pass alibi_slopes.detach()");
-  }
+  check_constant_slopes(alibi, "attention_varlen");
   TORCH_CHECK_NOT_IMPLEMENTED(
       !has_tangent({&q, &k, &v}),
       "attention_ext.attention_varlen has no forward-mode AD (dual tensors, torch.func.jvp / jacfwd); "

@@ -100,8 +100,7 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   check_offsets_tensor(cu_q, "cu_seqlens_q", cu_q);
   if (opt.has_alibi()) {  // (heads,) or (batch, heads): one row per sequence
     const at::Tensor& a = *opt.alibi_slopes;
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK(a.device() == q.device(), "alibi_slopes is on ", a.device(), " but query is on ", q.device());
+    check_alibi_slopes(a, q);
     const bool ok = (a.dim() == 1 && a.sym_size(0) == q.sym_size(1)) ||
                     (a.dim() == 2 && a.sym_size(0) == cu_q.sym_size(0) - 1 && a.sym_size(1) == q.sym_size(1));
     TORCH_CHECK_VALUE(ok, "alibi_slopes of packed sequences must have shape (heads,) = (", q.sym_size(1),

@@ -89,7 +89,7 @@ template <typename Fwd>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_by_sequence(
     Fwd&& fwd, PackedForward& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
     bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
-    const std::optional<at::Tensor>& alibi = std::nullopt) {
+    const std::optional<at::Tensor>& alibi) {
   const VarlenOffsets& off = s.off;
   const int64_t Hq = q.size(1);
   at::Tensor rng = at::zeros({off.batch(), 2}, q.options().dtype(at::kLong));
@@ -146,7 +146,7 @@ void varlen_backward_by_sequence(Bwd&& bwd, const VarlenOffsets& off, const at::
                                  const at::Tensor& dk, const at::Tensor& dv, double dropout_p, bool is_causal,
                                  std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
                                  const std::optional<at::Tensor>& grad_lse, double softcap,
-                                 const std::optional<at::Tensor>& alibi = std::nullopt) {
+                                 const std::optional<at::Tensor>& alibi) {
   const int64_t Hq = q.size(1);
   fill_empty_backward(off, dq, dk, dv);
   for (int64_t b = 0; b < off.batch(); ++b) {

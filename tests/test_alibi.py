@@ -401,23 +401,34 @@ def test_alibi_opcheck():
 
 
 def test_alibi_errors():
-    """Slopes of the wrong dtype, shape or device, slopes that require grad, and the Python paths without ALiBi
-    raise errors naming alibi_slopes."""
+    """Slopes of the wrong dtype, shape, device or layout, and slopes that require grad, raise errors naming
+    alibi_slopes: through the Python functions and the ops themselves, dense and packed."""
     q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
-    with pytest.raises(TypeError, match="alibi_slopes must be float32"):
-        attention_ext.attention(q, k, v, alibi_slopes=torch.ones(4, dtype=f64))
-    for bad in (torch.ones(3), torch.ones(3, 4), torch.ones(1, 2, 4), torch.ones(())):
-        with pytest.raises(ValueError, match="alibi_slopes must have shape"):
-            attention_ext.attention(q, k, v, alibi_slopes=bad)
-    attention_ext.attention(q, k, v, alibi_slopes=torch.ones(1, 4))  # broadcasts over the batch
-    with pytest.raises(ValueError, match="no gradient with respect to the ALiBi slopes"):
-        attention_ext.attention(q.requires_grad_(), k, v, alibi_slopes=torch.ones(4, requires_grad=True))
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-    pq, pk, pv = (t[0, :, :, :].transpose(0, 1)[:5].contiguous() for t in (q, k, v))
-    with pytest.raises(ValueError, match="alibi_slopes of packed sequences must have shape"):
-        attention_ext.attention_varlen(pq, pk, pv, cu, cu, alibi_slopes=torch.ones(3, 4))
-    with pytest.raises(ValueError, match="attention_varlen has no gradient with respect to the ALiBi slopes"):
-        attention_ext.attention_varlen(pq, pk, pv, cu, cu, alibi_slopes=torch.ones(4, requires_grad=True))
-    if torch.device("meta").type == "meta":
-        with pytest.raises(RuntimeError, match="alibi_slopes is on meta"):
-            attention_ext.attention(q, k, v, alibi_slopes=torch.ones(4, device="meta"))
+    pq, pk, pv = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # 5 packed rows, 4 heads
+    ops = torch.ops.attention_ext
+    calls = {"dense": lambda m: attention_ext.attention(q, k, v, alibi_slopes=m),
+             "packed": lambda m: attention_ext.attention_varlen(pq, pk, pv, cu, cu, alibi_slopes=m)}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="alibi_slopes must be float32, got Double"):
+            call(torch.ones(4, dtype=f64))
+        with pytest.raises(RuntimeError, match="alibi_slopes is on meta but query is on cpu"):
+            call(torch.ones(4, device="meta"))
+        with pytest.raises(ValueError, match="alibi_slopes must be a dense \\(strided\\) tensor"):
+            call(torch.ones(4).to_sparse())
+    for bad in (torch.ones(3), torch.ones(3, 4), torch.ones(1, 2, 4), torch.ones(())):
+        with pytest.raises(ValueError, match="alibi_slopes must have shape \\(heads,\\) or \\(..., heads\\)"):
+            calls["dense"](bad)
+    calls["dense"](torch.ones(1, 4))  # broadcasts over the batch
+    for bad in (torch.ones(3), torch.ones(3, 4), torch.ones(2, 1)):
+        with pytest.raises(ValueError, match="alibi_slopes of packed sequences must have shape"):
+            calls["packed"](bad)
+    slopes = torch.ones(4, requires_grad=True)
+    qg = q.clone().requires_grad_()
+    for call, op in ((lambda: attention_ext.attention(qg, k, v, alibi_slopes=slopes), "attention"),
+                     (lambda: ops.attention(qg, k, v, alibi_slopes=slopes), "attention"),
+                     (lambda: attention_ext.attention_varlen(pq, pk, pv, cu, cu, alibi_slopes=slopes),
+                      "attention_varlen"),
+                     (lambda: ops.attention_varlen(pq, pk, pv, cu, cu, alibi_slopes=slopes), "attention_varlen")):
+        with pytest.raises(ValueError, match=f"alibi_slopes: {op} has no gradient with respect to the ALiBi slopes"):
+            call()
