@@ -20,6 +20,9 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64
 
 enum class MaskKind : int32_t { kNone = 0, kBool = 1, kAdditive = 2 };
 
+// A window bound that is absent (FwdParams::window_left / window_right).
+constexpr int64_t kNoBound = INT64_MIN;
+
 // Strides in elements of a 4-D (batch, head, row, col) view.
 struct Strides4 {
   int64_t b = 0, h = 0, r = 0, c = 1;
@@ -51,9 +54,11 @@ struct FwdParams {
 
   double scale = 1.0;
   // Key j is visible to query i iff  i - window_left <= j <= i + window_right,
-  // where a negative bound means unbounded. is_causal is folded into
-  // window_right (= min(window_right, 0)) by the glue.
-  int64_t window_left = -1, window_right = -1;
+  // where kNoBound means unbounded. is_causal is folded into window_right
+  // (= min(window_right, 0)) by the glue. A bound may be negative: a call
+  // whose queries sit at the end of its keys (attention_kvcache: query i at
+  // position i + S - L) shifts both bounds by S - L.
+  int64_t window_left = kNoBound, window_right = kNoBound;
 
   // Dropout: probability of dropping, and the Philox key/counter base.
   double dropout_p = 0.0;
@@ -99,7 +104,19 @@ struct FwdParams {
   // so decoding with a cache sees the right distances) after the soft cap, before the mask.
   const float* alibi_slopes = nullptr;
   int64_t alibi_stride_b = 0, alibi_stride_h = 1;
+  // Optional (attention_kvcache's CPU forward): a paged key / value cache. Key and value row j of batch b are
+  // row j % page_size of page block_table[b * block_table_stride + j / page_size] (pages k_stride.b /
+  // v_stride.b apart). Only the CPU forward without weights reads it (cpu/flash_cpu.h, kv_rows).
+  const int32_t* block_table = nullptr;
+  int64_t block_table_stride = 0, page_size = 0;
 };
+
+// Moves the window bounds of p for queries that are the last len_q of len_k positions (query i at position
+// i + shift, shift = len_k - len_q: attention_kvcache's bottom-right alignment): a bound may become negative.
+AE_HOST_DEVICE void shift_window(FwdParams& p, int64_t shift) {
+  if (p.window_left != kNoBound) p.window_left -= shift;
+  if (p.window_right != kNoBound) p.window_right += shift;
+}
 
 // The ALiBi slope of (batch, query head) (b, h); 0 without ALiBi.
 AE_HOST_DEVICE float alibi_slope(const FwdParams& p, int64_t b, int64_t h) {
@@ -142,9 +159,9 @@ constexpr double kExtremeLse = 1e4;
 AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t len_k, int64_t i, int64_t& lo, int64_t& hi) {
   lo = 0;
   hi = len_k;
-  if (p.window_left >= 0) lo = i - p.window_left > 0 ? i - p.window_left : 0;
+  if (p.window_left != kNoBound) lo = i - p.window_left > 0 ? i - p.window_left : 0;
   if (lo > len_k) lo = len_k;  // a row whose window starts past the last key sees nothing
-  if (p.window_right >= 0) {
+  if (p.window_right != kNoBound) {
     int64_t h = i + p.window_right + 1;
     hi = h < hi ? h : hi;
   }
@@ -160,8 +177,10 @@ AE_HOST_DEVICE void key_range(const FwdParams& p, int64_t i, int64_t& lo, int64_
 AE_HOST_DEVICE void query_range(const FwdParams& p, int64_t j0, int64_t j1, int64_t& ib, int64_t& ie) {
   ib = 0;
   ie = p.len_q;
-  if (p.window_right >= 0) ib = j0 - p.window_right > 0 ? j0 - p.window_right : 0;
-  if (p.window_left >= 0) ie = j1 + p.window_left < p.len_q ? j1 + p.window_left : p.len_q;
+  if (p.window_right != kNoBound) ib = j0 - p.window_right > 0 ? j0 - p.window_right : 0;
+  if (p.window_left != kNoBound) ie = j1 + p.window_left < p.len_q ? j1 + p.window_left : p.len_q;
+  if (ib > p.len_q) ib = p.len_q;
+  if (ie < ib) ie = ib;  // (shifted bounds) no row
 }
 
 }  // namespace attention_ext

@@ -305,9 +305,9 @@ FwdParams make_fwd_params(const at::Tensor& q4, const at::Tensor& k4, const at::
     p.mask_kind = mask4->scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
   }
   p.scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(p.dim_qk)));
-  p.window_left = opt.window_left;
+  p.window_left = opt.window_left < 0 ? kNoBound : opt.window_left;
   p.window_right = opt.is_causal ? (opt.window_right < 0 ? 0 : std::min<int64_t>(opt.window_right, 0))
-                                 : opt.window_right;
+                                 : (opt.window_right < 0 ? kNoBound : opt.window_right);
   p.dropout_p = opt.dropout_p;
   p.softcap = opt.softcap;
   return p;

@@ -318,6 +318,37 @@ inline void block_key_range(const FwdParams& p, int64_t b, int64_t h, int64_t i0
   }
 }
 
+// Rows j0 .. j0 + n - 1 of the keys (or values: base p.v, strides p.v_stride) of batch b, key head hk, as one
+// block of rows s.r apart: base's rows, or with a paged cache (FwdParams::block_table) the rows of j0's page,
+// n then cut at the page's end.
+template <typename T>
+inline const T* kv_rows(const FwdParams& p, const void* base, const Strides4& s, int64_t b, int64_t hk, int64_t j0,
+                        int64_t& n) {
+  const T* x = static_cast<const T*>(base) + hk * s.h;
+  if (p.block_table == nullptr) return x + b * s.b + j0 * s.r;
+  const int64_t page = p.block_table[b * p.block_table_stride + j0 / p.page_size], r = j0 % p.page_size;
+  n = std::min(n, p.page_size - r);
+  return x + page * s.b + r * s.r;
+}
+
+// The same rows as one block whatever the pages: in place (kv_rows, n cut at a page's end) without a buffer, or
+// with one (buf: n x cols) copied there page by page when they span pages, so that a tile of a small-page
+// cache is as wide as any other (ld: the block's row stride).
+template <typename T>
+inline const T* kv_tile(const FwdParams& p, const void* base, const Strides4& s, int64_t b, int64_t hk, int64_t j0,
+                        int64_t& n, int64_t cols, T* buf, int64_t& ld) {
+  ld = s.r;
+  if (buf == nullptr) return kv_rows<T>(p, base, s, b, hk, j0, n);
+  for (int64_t j = j0; j < j0 + n;) {
+    int64_t m = j0 + n - j;
+    const T* src = kv_rows<T>(p, base, s, b, hk, j, m);
+    for (int64_t r = 0; r < m; ++r) std::memcpy(buf + (j - j0 + r) * cols, src + r * s.r, cols * sizeof(T));
+    j += m;
+  }
+  ld = cols;
+  return buf;
+}
+
 template <typename T, typename A>
 inline void load_rows(const T* base, int64_t row_stride, int64_t nrows, int64_t ncols, A* dst) {
   for (int64_t r = 0; r < nrows; ++r) load_row<T, A>(base + r * row_stride, dst + r * ncols, ncols);
@@ -669,6 +700,14 @@ struct RowTile {
     dot_rows(qf.data(), qb.empty() ? nullptr : qb.data(), nq, E, k, kKind, ldk, nk, E, scale, S, lds);
   }
   void pv(const float* P, int64_t lds, float* acc) { axpy_rows(P, lds, nq, v, kKind, ldv, nk, Ev, acc, Ev); }
+  // The same on n rows of their own (one page of a paged cache; S and P at that page's first column), so that
+  // a tile may span pages without a copy.
+  void qk_rows(float scale, const T* kr, int64_t ld, int64_t n, float* S, int64_t lds) {
+    dot_rows(qf.data(), qb.empty() ? nullptr : qb.data(), nq, E, kr, kKind, ld, n, E, scale, S, lds);
+  }
+  void pv_rows(const float* P, int64_t lds, const T* vr, int64_t ld, int64_t n, float* acc) {
+    axpy_rows(P, lds, nq, vr, kKind, ld, n, Ev, acc, Ev);
+  }
 };
 
 // Query lengths up to this take RowTile in the forward (float32 / bfloat16 / float16): measured against the
@@ -699,6 +738,7 @@ template <typename T, typename Tile>
 void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
   using A = acc_t<T>;
   constexpr bool kBf16Tile = std::is_base_of_v<Bf16TileBase, Tile>;  // P to bf16 in the tile (p_row)
+  constexpr bool kRowTile = std::is_same_v<Tile, RowTile<T>>;
   if (p.batch == 0 || p.heads_kv == 0) return;
   const int64_t Hq = p.heads_q, G = p.heads_q / p.heads_kv, L = p.len_q, S = p.len_k, E = p.dim_qk, Ev = p.dim_v;
   const bool keep = weights != nullptr, avg = keep && average_heads;
@@ -727,13 +767,16 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
     Scratch<A> sbuf(bq * lds), wsum(avg ? bq * S : 0), acc(bq * Ev);  // acc: cleared per block (attend)
     std::vector<A> tmp(kBlockK), mrow(bq), lrow(bq);
     std::vector<A> mtile(keep ? bq * ntiles : 0);  // (weights) each row's running maximum after each tile
+    // a paged cache of pages shorter than a tile: RowTile reads each page's rows in place (qk_rows, pv_rows),
+    // the other tiles get each tile's key and value rows copied together (kv_tile)
+    const bool paged_rows = kRowTile && p.block_table != nullptr && p.page_size < kBlockK;
+    const bool gather = !kRowTile && p.block_table != nullptr && p.page_size < kBlockK;
+    std::vector<T> kbuf(gather ? kBlockK * E : 0), vbuf(gather ? kBlockK * Ev : 0);
 
     // output and lse of query rows i0 .. i0 + nq - 1 of heads h .. h + nh - 1 (nh > 1: one GQA group's
     // heads, RowTile only; block row r is row i0 + r % nq of head h + r / nq); the keys [jlo, jhi) it computed
     auto attend = [&](int64_t b, int64_t h, int64_t nh, int64_t i0, int64_t nq, int64_t& jlo, int64_t& jhi) {
       const int64_t hk = h / G, R = nh * nq;
-      const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-      const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
       for (int64_t g = 0; g < nh; ++g) {
         const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + (h + g) * p.q_stride.h + i0 * p.q_stride.r;
         if constexpr (std::is_same_v<Tile, RowTile<T>>) {
@@ -755,11 +798,27 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
         jlo = std::min(jlo, lo);
         jhi = std::max(jhi, hi);
       }
-      for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, jhi - j0), jt = (j0 - jlo) / kBlockK;
+      // (a paged cache: tiles end at page ends too where the pages hold whole tiles, else are copied together
+      // from their pages; never with weights, whose tiles are kBlockK apart)
+      for (int64_t j0 = jlo, nk = 0; j0 < jhi; j0 += nk) {
+        nk = std::min(kBlockK, jhi - j0);
+        const int64_t jt = (j0 - jlo) / kBlockK;
         A* const sb = sbuf.data() + (keep ? j0 - jlo : 0);
-        tile.load_k(k + j0 * p.k_stride.r, p.k_stride.r, nk);
-        tile.qk(static_cast<A>(p.scale), sb, lds);
+        if constexpr (kRowTile) {
+          if (paged_rows) {
+            for (int64_t j = j0, m = 0; j < j0 + nk; j += m) {
+              m = j0 + nk - j;
+              const T* kr = kv_rows<T>(p, p.k, p.k_stride, b, hk, j, m);
+              tile.qk_rows(static_cast<A>(p.scale), kr, p.k_stride.r, m, sb + (j - j0), lds);
+            }
+          }
+        }
+        if (!paged_rows) {
+          int64_t ldk;
+          const T* k = kv_tile<T>(p, p.k, p.k_stride, b, hk, j0, nk, E, gather ? kbuf.data() : nullptr, ldk);
+          tile.load_k(k, ldk, nk);
+          tile.qk(static_cast<A>(p.scale), sb, lds);
+        }
         softcap_tile(p, sb, R, nk, lds);
         for (int64_t g = 0; g < nh; ++g) mask_tile(p, b, h + g, i0, nq, j0, nk, sb + g * nq * lds, lds, tmp.data());
         // bf16 tiles without dropout: the exponentials go straight to the tile's bf16 P (one pass, no
@@ -808,7 +867,19 @@ void flash_fwd_impl(const FwdParams& p, T* weights, bool average_heads) {
           if (dropout) dropout_row(rng, static_cast<uint64_t>(b * Hq + h + r / nq), i0 + r % nq, j0, nk, s);
         }
         if constexpr (kBf16Tile) tile.p_ready = bf16_p;
-        tile.load_v(v + j0 * p.v_stride.r, p.v_stride.r, nk);
+        if constexpr (kRowTile) {
+          if (paged_rows) {
+            for (int64_t j = j0, m = 0; j < j0 + nk; j += m) {
+              m = j0 + nk - j;
+              const T* vr = kv_rows<T>(p, p.v, p.v_stride, b, hk, j, m);
+              tile.pv_rows(sb + (j - j0), lds, vr, p.v_stride.r, m, acc.data());
+            }
+            continue;
+          }
+        }
+        int64_t nv = nk, ldv;
+        const T* v = kv_tile<T>(p, p.v, p.v_stride, b, hk, j0, nv, Ev, gather ? vbuf.data() : nullptr, ldv);
+        tile.load_v(v, ldv, nk);
         tile.pv(sb, lds, acc.data());
       }
 

@@ -94,7 +94,7 @@ Blocks choose_blocks(const FwdParams& p, bool backward) {
   // block wastes ~block_q / L of the work); the backward's P^T dO and dS^T Q
   // products have k = block_q, so it prefers 128 x 128.
   if (backward) return {128, 128};
-  const bool banded = p.window_left >= 0 || p.window_right >= 0;
+  const bool banded = p.window_left != kNoBound || p.window_right != kNoBound;
   int64_t q = banded ? 64 : 128;
   const int64_t want = 4 * static_cast<int64_t>(num_threads());
   while (q > 16 && p.batch * p.heads_q * ((p.len_q + q - 1) / q) < want) q /= 2;

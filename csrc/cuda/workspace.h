@@ -129,7 +129,7 @@ inline bool packed_sm90_enabled() {
 // else 1.
 inline int64_t pack_gqa_rows(FwdParams& p) {
   const int64_t G = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
-  if (G <= 1 || p.len_q != 1 || p.dropout_p > 0.0 || p.window_left >= 0 || p.window_right >= 0 ||
+  if (G <= 1 || p.len_q != 1 || p.dropout_p > 0.0 || p.window_left != kNoBound || p.window_right != kNoBound ||
       p.cu_seqlens_q != nullptr || !pack_gqa_enabled())
     return 1;
   auto fold = [G](Strides4& s) {
