@@ -169,7 +169,7 @@ def emu_extension():
     os.makedirs(wrap_dir, exist_ok=True)
     host_only = ("attention_cuda.cpp", "rng_state.cu", "tma_desc.cpp")  # the emulator has its own twins
     wrapped = [p for p in cuda_sources() if not p.endswith(host_only)]
-    glue = [os.path.join("csrc", n) for n in ("glue.cpp", "varlen.cpp", "composite.cpp")]
+    glue = [os.path.join("csrc", n) for n in ("glue.cpp", "varlen.cpp", "composite.cpp", "kvcache.cpp")]
     sources, plain = [], []
     for path in wrapped + glue:
         name = "emu_" + os.path.splitext(os.path.basename(path))[0] + ".cpp"  # never the wrapped file's own name

@@ -237,6 +237,47 @@ def nested_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=No
     return tuple(nested) if return_lse else nested[0]
 
 
+def attention_kvcache(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cache_seqlens,
+    key: Optional[torch.Tensor] = None,
+    value: Optional[torch.Tensor] = None,
+    *,
+    block_table: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    window_size: Optional[Sequence[int]] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """New queries against a key / value cache, for decoding and chunked prefill (FlashAttention's
+    ``flash_attn_with_kvcache``, in this project's (batch, heads, seq, dim) layout). Inference only: no gradient.
+
+    ``query`` (B, Hq, L, E). ``key_cache`` / ``value_cache`` (B, Hkv, S_max, E) / (..., Ev), or, with
+    ``block_table`` (B, max_pages) int32, a paged cache (num_pages, Hkv, page_size, E) / (..., Ev) whose
+    position j of batch b is row j % page_size of page block_table[b, j // page_size] (a vLLM-style
+    (num_pages, page_size, Hkv, E) buffer works through ``.transpose(1, 2)``; any strides with a unit-stride last
+    dim). ``cache_seqlens`` (an int or a (B,) int32 / int64 tensor) is how many positions of each batch's cache are
+    filled. ``key`` / ``value`` (B, Hkv, L_new, E / Ev), when given, are first written into the caches in place at
+    positions cache_seqlens[b] .. cache_seqlens[b] + L_new - 1 (cache_seqlens itself is not changed). Batch b then
+    attends to its first S_b = cache_seqlens[b] + L_new positions, the L queries being the last L of them:
+    ``is_causal`` lets query i see positions up to i + S_b - L (bottom-right, as FlashAttention), and
+    ``window_size`` and ALiBi's distances count from that position too. Any GQA group (Hq a multiple of Hkv).
+
+    Returns the output (B, Hq, L, Ev), and with ``return_lse=True`` also the float32 log-sum-exp (B, Hq, L) for
+    merging with other partial attentions (:func:`merge_attention`). On the CPU the fused kernel reads the cache in
+    place, pages included; on CUDA the visible cache is gathered into one fused call.
+    """
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((query.shape[0],), cache_seqlens, dtype=torch.int32, device=query.device)
+    out, lse = _ops.attention_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table,
+                                      bool(is_causal), scale, _window(window_size), float(softcap), alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
 def attention_forward(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, window_size=None,
     softcap=0.0, alibi_slopes=None,

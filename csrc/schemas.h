@@ -58,6 +58,18 @@ inline constexpr const char* kVarlenBackward =
     "Tensor cu_seqlens_k, Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, "
     "float? scale, bool enable_gqa, int[2] window_size, Tensor? grad_logsumexp=None, float softcap=0.0, "
     "Tensor? alibi_slopes=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)";
+// New queries (B, Hq, L, E) against a key / value cache, FlashAttention's flash_attn_with_kvcache (csrc/kvcache.h):
+// key_cache / value_cache (B, Hkv, S_max, E / Ev), or paged (num_pages, Hkv, page_size, E / Ev) with block_table
+// (B, max_pages) int32; cache_seqlens (B,) int32 / int64 positions filled; key / value (B, Hkv, L_new, E / Ev)
+// written into the caches at cache_seqlens[b] onwards first (the caches are mutated); batch b then attends to its
+// first cache_seqlens[b] + L_new positions with the queries as the last L of them (causal, windows and ALiBi
+// bottom-right aligned). Any GQA group. Returns the output (B, Hq, L, Ev) and the log-sum-exp (B, Hq, L). No
+// gradient (inference).
+inline constexpr const char* kKvcache =
+    "attention_kvcache(Tensor query, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor cache_seqlens, "
+    "Tensor? key=None, Tensor? value=None, Tensor? block_table=None, bool is_causal=False, float? scale=None, "
+    "int[2] window_size=[-1, -1], float softcap=0.0, Tensor? alibi_slopes=None) "
+    "-> (Tensor output, Tensor logsumexp)";
 inline constexpr const char* kDropoutMask =
     "_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor";
 

@@ -12,6 +12,7 @@
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -21,6 +22,7 @@
 #include <sstream>
 
 #include "../glue.h"
+#include "../kvcache.h"
 #include "../varlen.h"
 #include "launch.h"
 #include "ops_glue.h"
@@ -263,6 +265,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
       enable_gqa, window, grad_lse, softcap, alibi_slopes);
 }
 
+// attention_kvcache: the new keys appended, then the visible cache gathered (a copy of it, pages included) into
+// one dense fused call with a mask (kvcache.h). The lengths are read back and checked (a sync) except under
+// CUDA-graph capture, which cannot take one: there, lengths beyond the capacity are the caller's to avoid.
+std::tuple<at::Tensor, at::Tensor> kvcache_cuda(
+    const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
+    const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  c10::cuda::CUDAGuard guard(q.device());
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  if (log_kernels()) log_kernel("cuda kvcache forward: the cache gathered, then the dense forward with a mask");
+  return kvcache_gathered(forward_cuda, q, key_cache, value_cache, cache_seqlens, key, value, block_table,
+                          make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes), !capturing);
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -270,6 +287,7 @@ TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
   m.impl("_attention_varlen_forward", TORCH_FN(cuda::varlen_forward_cuda));
   m.impl("_attention_varlen_backward", TORCH_FN(cuda::varlen_backward_cuda));
   m.impl("_attention_forward", TORCH_FN(cuda::forward_cuda));
+  m.impl("attention_kvcache", TORCH_FN(cuda::kvcache_cuda));
   m.impl("_attention_forward_weights", TORCH_FN(cuda::forward_weights_cuda));
   m.impl("_attention_backward", TORCH_FN(cuda::backward_cuda));
   m.impl("attention_probs", TORCH_FN(cuda::probs_cuda));

@@ -20,6 +20,7 @@
 #include <mutex>
 
 #include "../../glue.h"
+#include "../../kvcache.h"
 #include "../../varlen.h"
 #include "../../schemas.h"
 #include "../launch.h"
@@ -229,10 +230,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
       enable_gqa, window, grad_lse, softcap, alibi_slopes);
 }
 
+// attention_kvcache as the CUDA backend runs it (attention_cuda.cpp): gathered into one emulated dense forward.
+std::tuple<at::Tensor, at::Tensor> kvcache_emu(
+    const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
+    const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  return kvcache_gathered(forward_emu, q, key_cache, value_cache, cache_seqlens, key, value, block_table,
+                          make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes), true);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY(attention_ext_emu, m) {
+  m.def(schema::kKvcache);
   m.def(schema::kForward);
   m.def(schema::kForwardWeights);
   m.def(schema::kBackward);
@@ -244,6 +256,7 @@ TORCH_LIBRARY(attention_ext_emu, m) {
 
 TORCH_LIBRARY_IMPL(attention_ext_emu, CPU, m) {
   m.impl("_attention_forward", TORCH_FN(cuda::forward_emu));
+  m.impl("attention_kvcache", TORCH_FN(cuda::kvcache_emu));
   m.impl("_attention_forward_weights", TORCH_FN(cuda::forward_weights_emu));
   m.impl("_attention_backward", TORCH_FN(cuda::backward_emu));
   m.impl("_attention_varlen_forward", TORCH_FN(cuda::varlen_forward_emu));

@@ -1,0 +1,393 @@
+"""attention_kvcache: new queries against a key / value cache (FlashAttention's flash_attn_with_kvcache in the
+(batch, heads, seq, dim) layout), contiguous or paged (block_table), with new keys appended in place, per-batch
+cache lengths, any GQA group, and causal / window / ALiBi bottom-right aligned (query i at position i + S_b - L).
+
+The CPU kernel reads the cache in place (pages included); the CUDA backend (here its emulator, the same glue and
+kernels) gathers the visible cache into one fused call with a mask. Checked against a float64 reference written
+here, within 2x the error of PyTorch's way in the same dtype (SDPA over each batch element's gathered keys with
+the bias as a mask, or the eager formula with a soft cap); the caches after the call bit for bit; a prefill
+followed by decoding steps against one causal attention over the whole sequence; torch.compile, opcheck and the
+errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention_ext
+from conftest import cuda_marks, dtype_id, emu_marks
+from emu import backend_ops
+from reference import ABS_FLOOR, assert_close_vs_baselines
+
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+# name: (B, Hq, Hkv, L, L_new, E, Ev, S_max, cache_seqlens, options); paged caches hold the same positions in
+# shuffled pages of `page` rows
+CASES = {
+    # one decoding step of a GQA model: one query, one new key, very different lengths (one empty cache)
+    "decode-gqa": (3, 8, 2, 1, 1, 64, 64, 300, [17, 250, 0], dict(is_causal=True)),
+    # the same, paged (16 positions a page: tiles cut at page ends)
+    "decode-paged16": (3, 8, 2, 1, 1, 64, 64, 320, [17, 250, 0], dict(is_causal=True, page=16)),
+    # a chunk of 5 queries and 5 new keys, a sliding window, ALiBi per (batch, head), a soft cap; MQA, paged by 32
+    "chunk-window-alibi-cap": (2, 4, 1, 5, 5, 32, 48, 256, [100, 7],
+                               dict(is_causal=True, window=(20, -1), alibi=True, cap=5.0, page=32)),
+    # queries without new keys, not causal, the cache a (B, S, H, E) buffer seen through transpose(1, 2);
+    # one batch element with nothing cached (output 0, lse -inf)
+    "no-new-keys-strided": (3, 2, 2, 3, 0, 16, 16, 64, [40, 1, 0], dict(bshd=True, scale=0.3)),
+    # more queries than positions: causal rows before the first position see nothing
+    "L-gt-S": (2, 2, 2, 4, 2, 16, 16, 8, [1, 5], dict(is_causal=True)),
+}
+BACKEND_DTYPES = (
+    [pytest.param("cpu", dt, id=f"cpu-{dtype_id(dt)}") for dt in (f32, bf16, f16, f64)]
+    + [pytest.param("emu80", dt, id=f"emu80-{dtype_id(dt)}", marks=emu_marks()) for dt in (f32, bf16)]
+    + [pytest.param("emu90", dt, id=f"emu90-{dtype_id(dt)}", marks=emu_marks()) for dt in (f16,)]
+    + [pytest.param("cuda", dt, id=f"cuda-{dtype_id(dt)}", marks=cuda_marks()) for dt in (f32, f16, bf16)]
+)
+
+
+def make_inputs(case, dtype, device, seed):
+    """(args of the op, positions (B lists of (K, V) rows before the call) for the reference, options). The cache
+    is filled with random values everywhere (never zeros: rows past the lengths must not leak into the result)."""
+    B, Hq, Hkv, L, Ln, E, Ev, Smax, lens, o = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=f64)  # noqa: E731
+    q = rn(B, Hq, L, E)
+    kc, vc = rn(B, Hkv, Smax, E), rn(B, Hkv, Smax, Ev)
+    key = rn(B, Hkv, Ln, E) if Ln else None
+    value = rn(B, Hkv, Ln, Ev) if Ln else None
+    table = None
+    if "page" in o:  # the same positions in shuffled pages, plus spare pages
+        P = o["page"]
+        per = Smax // P
+        npages = B * per + 3
+        perm = torch.randperm(npages, generator=g)[: B * per].view(B, per)
+        kp, vp = rn(npages, Hkv, P, E), rn(npages, Hkv, P, Ev)
+        for b in range(B):
+            for i in range(per):
+                kp[perm[b, i]] = kc[b, :, i * P:(i + 1) * P]
+                vp[perm[b, i]] = vc[b, :, i * P:(i + 1) * P]
+        table = perm.to(torch.int32)
+        caches = (kp, vp)
+    elif o.get("bshd"):  # (B, S, H, E) memory, seen as (B, H, S, E)
+        caches = (kc.transpose(1, 2).contiguous().transpose(1, 2), vc.transpose(1, 2).contiguous().transpose(1, 2))
+    else:
+        caches = (kc, vc)
+    alibi = None
+    if o.get("alibi"):
+        alibi = (torch.rand(B, Hq, generator=g) * 0.5 + 0.05).to(f32)
+    conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    kc_d, vc_d = caches[0].to(dtype).to(device), caches[1].to(dtype).to(device)
+    if o.get("bshd"):
+        kc_d = kc_d.transpose(1, 2).contiguous().transpose(1, 2)
+        vc_d = vc_d.transpose(1, 2).contiguous().transpose(1, 2)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    args = [conv(q), kc_d, vc_d, seqlens, conv(key), conv(value), None if table is None else table.to(device)]
+    # the positions each batch element attends to, as the dtype rounds them
+    rows = []
+    for b in range(B):
+        kk = kc[b, :, :lens[b]].to(dtype).to(f64)
+        vv = vc[b, :, :lens[b]].to(dtype).to(f64)
+        if Ln:
+            kk = torch.cat([kk, key[b].to(dtype).to(f64)], 1)
+            vv = torch.cat([vv, value[b].to(dtype).to(f64)], 1)
+        rows.append((kk, vv))
+    return args, rows, alibi, o
+
+
+def bias_and_visibility(L, S, o, slopes_b):
+    """The float64 ALiBi bias (Hq or 1, L, S) and the boolean visibility (L, S) of a batch element with S
+    positions, the queries the last L of them."""
+    i = torch.arange(L, dtype=f64)[:, None] + S - L
+    j = torch.arange(S, dtype=f64)[None, :]
+    vis = torch.ones(L, S, dtype=torch.bool)
+    if o.get("is_causal"):
+        vis &= j <= i
+    wl, wr = o.get("window", (-1, -1))
+    if wl >= 0:
+        vis &= j >= i - wl
+    if wr >= 0:
+        vis &= j <= i + wr
+    bias = torch.zeros(1, L, S, dtype=f64)
+    if slopes_b is not None:
+        bias = -slopes_b.to(f64)[:, None, None] * (i - j).abs()
+    return bias, vis
+
+
+def reference(q, rows, alibi, o):
+    """float64 (out, lse) per batch element; rows that see nothing give 0 and -inf."""
+    B, Hq, L, _ = q.shape
+    Ev = rows[0][1].shape[-1]
+    out = torch.zeros(B, Hq, L, Ev, dtype=f64)
+    lse = torch.full((B, Hq, L), -math.inf, dtype=f64)
+    scale = o.get("scale", q.shape[-1] ** -0.5)
+    cap = o.get("cap", 0.0)
+    for b, (kk, vv) in enumerate(rows):
+        S = kk.shape[1]
+        if S == 0:
+            continue
+        G = Hq // kk.shape[0]
+        kk, vv = kk.repeat_interleave(G, 0), vv.repeat_interleave(G, 0)
+        s = q[b].to(f64) @ kk.transpose(-1, -2) * scale
+        if cap > 0:
+            s = cap * torch.tanh(s / cap)
+        bias, vis = bias_and_visibility(L, S, o, None if alibi is None else alibi[b])
+        s = (s + bias).masked_fill(~vis, -math.inf)
+        seen = vis.any(-1)
+        s0 = torch.where(seen[:, None], s, torch.zeros((), dtype=f64))
+        out[b] = torch.softmax(s0, -1) @ vv * seen[:, None]
+        lse[b] = torch.where(seen, torch.logsumexp(s0, -1), torch.full((), -math.inf, dtype=f64))
+    return out, lse
+
+
+def pytorch_baseline(q, rows, alibi, o, dtype):
+    """PyTorch's way in the dtype on the CPU, per batch element: SDPA over the gathered positions with the bias and
+    the visibility as its mask; with a soft cap the eager formula (scores in the dtype, softmax in float32)."""
+    q = q.cpu()
+    B, Hq, L, _ = q.shape
+    out = torch.zeros(B, Hq, L, rows[0][1].shape[-1], dtype=dtype)
+    scale = o.get("scale")
+    cap = o.get("cap", 0.0)
+    for b, (kk, vv) in enumerate(rows):
+        S = kk.shape[1]
+        if S == 0:
+            continue
+        kk, vv = kk.to(dtype), vv.to(dtype)
+        bias, vis = bias_and_visibility(L, S, o, None if alibi is None else alibi[b])
+        mask = bias.to(dtype).masked_fill(~vis, -math.inf)
+        if cap > 0:
+            G = Hq // kk.shape[0]
+            s = q[b] @ kk.repeat_interleave(G, 0).transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+            s = torch.tanh(s / cap) * cap + mask
+            w = torch.softmax(s, -1, dtype=f32).nan_to_num(0.0).to(dtype)
+            out[b] = w @ vv.repeat_interleave(G, 0)
+        else:
+            out[b] = F.scaled_dot_product_attention(q[b], kk, vv, attn_mask=mask, scale=scale,
+                                                    enable_gqa=True).nan_to_num(0.0)
+    return out
+
+
+def expected_caches(args, case):
+    """The caches as the call must leave them: the new rows written at cache_seqlens[b] + t (through the pages),
+    every other element unchanged."""
+    q, kc, vc, lens, key, value, table = args
+    kc, vc = kc.clone(), vc.clone()
+    if key is None:
+        return kc, vc
+    P = kc.shape[2]
+    for b in range(q.shape[0]):
+        for t in range(key.shape[2]):
+            pos = int(lens[b]) + t
+            if table is None:
+                kc[b, :, pos], vc[b, :, pos] = key[b, :, t], value[b, :, t]
+            else:
+                page = int(table[b, pos // P])
+                kc[page, :, pos % P], vc[page, :, pos % P] = key[b, :, t], value[b, :, t]
+    return kc, vc
+
+
+def _call(ops, args, alibi, o):
+    q, kc, vc, lens, key, value, table = args
+    a = None if alibi is None else alibi.to(q.device)
+    return ops.attention_kvcache(q, kc, vc, lens, key, value, table, o.get("is_causal", False), o.get("scale"),
+                                 list(o.get("window", (-1, -1))), o.get("cap", 0.0), a)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_kvcache_vs_reference(backend, dtype, case, monkeypatch):
+    """Output and log-sum-exp against the float64 reference (within 2x PyTorch's error in the same dtype), the
+    caches after the call bit for bit, and the kernel the log names."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    ops = backend_ops(backend, monkeypatch)
+    args, rows, alibi, o = make_inputs(case, dtype, device, seed=len(case) * 7 + len(backend))
+    want_k, want_v = expected_caches(args, case)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse = _call(ops, args, alibi, o)
+    assert torch.equal(args[1], want_k) and torch.equal(args[2], want_v), "the caches after the call"
+    r_out, r_lse = reference(args[0].cpu(), rows, alibi, o)
+    base = pytorch_baseline(args[0].cpu(), rows, alibi, o, dtype)
+    assert_close_vs_baselines(f"out ({backend}, {case})", out.cpu(), r_out, [base], dtype)
+    assert lse.dtype == (f64 if dtype == f64 else f32)
+    floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
+    assert_close_vs_baselines(f"lse ({backend}, {case})", lse.cpu(), r_lse, [], dtype, floor=floor)
+    if backend == "cpu":
+        assert len(lines) == 1 and lines[0].startswith("cpu kvcache forward: flash kernel"), lines
+        assert ("paged" in lines[0]) == ("page" in o), lines
+    elif backend.startswith("emu"):
+        assert lines and "forward" in lines[-1], lines
+
+
+def test_kvcache_decode_loop_matches_causal_attention():
+    """A prefill of 37 tokens appended to empty paged caches, then 20 decoding steps of one token each (the cache
+    written by the op), against one causal attention over the whole 57-token sequence (float64, both fused)."""
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, E, P, T, pre = 2, 4, 2, 32, 8, 57, 37
+    q, k, v = (torch.randn(B, h, T, E, generator=g, dtype=f64) for h in (Hq, Hkv, Hkv))
+    want = attention_ext.attention(q, k, v, is_causal=True, enable_gqa=True)
+    kp = torch.randn(20, Hkv, P, E, generator=g, dtype=f64)  # random, not zeros: nothing unwritten may leak
+    vp = torch.randn(20, Hkv, P, E, generator=g, dtype=f64)
+    table = torch.randperm(20, generator=g)[:16].view(B, 8).to(torch.int32)
+    lens = torch.zeros(B, dtype=torch.int32)
+    got = [attention_ext.attention_kvcache(q[:, :, :pre], kp, vp, lens, k[:, :, :pre], v[:, :, :pre],
+                                           block_table=table, is_causal=True)]
+    lens += pre
+    for t in range(pre, T):
+        got.append(attention_ext.attention_kvcache(q[:, :, t:t + 1], kp, vp, lens, k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                                   block_table=table, is_causal=True))
+        lens += 1
+    torch.testing.assert_close(torch.cat(got, 2), want, rtol=0, atol=1e-12)
+
+
+def test_kvcache_int_lengths_and_lse_merge():
+    """cache_seqlens as an int; return_lse, whose lse merges two halves of the cache into the whole
+    (merge_attention), as cascade decoding does."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 1, 16, generator=g, dtype=f64)
+    kc, vc = (torch.randn(2, 4, 64, 16, generator=g, dtype=f64) for _ in range(2))
+    whole = attention_ext.attention_kvcache(q, kc, vc, 50)
+    o1, l1 = attention_ext.attention_kvcache(q, kc[:, :, :30].contiguous(), vc[:, :, :30].contiguous(), 30,
+                                             return_lse=True)
+    o2, l2 = attention_ext.attention_kvcache(q, kc[:, :, 30:].contiguous(), vc[:, :, 30:].contiguous(), 20,
+                                             return_lse=True)
+    merged, _ = attention_ext.merge_attention([o1, o2], [l1, l2])
+    torch.testing.assert_close(merged, whole, rtol=0, atol=1e-12)
+
+
+def test_kvcache_compile_and_opcheck():
+    """Under torch.compile (fullgraph) a decoding step writes the caches and returns the eager result; opcheck
+    (schema with the caches' mutation, fake tensors, functionalization) passes, contiguous and paged."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 1, 32, generator=g)
+    kc, vc = (torch.randn(2, 2, 40, 32, generator=g) for _ in range(2))
+    k1, v1 = (torch.randn(2, 2, 1, 32, generator=g) for _ in range(2))
+    lens = torch.tensor([3, 30], dtype=torch.int32)
+
+    def step(q, kc, vc, lens, k1, v1):
+        return attention_ext.attention_kvcache(q, kc, vc, lens, k1, v1, is_causal=True)
+
+    kc_e, vc_e = kc.clone(), vc.clone()
+    want = step(q, kc_e, vc_e, lens, k1, v1)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(q, kc, vc, lens, k1, v1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)
+    op = torch.ops.attention_ext.attention_kvcache.default
+    torch.library.opcheck(op, (q, kc.clone(), vc.clone(), lens, k1, v1, None, True, None, [-1, -1], 0.0, None))
+    table = torch.tensor([[1, 0], [3, 2]], dtype=torch.int32)
+    kp, vp = (torch.randn(4, 2, 16, 32, generator=g) for _ in range(2))
+    torch.library.opcheck(op, (q, kp, vp, lens, k1, v1, table, False, 0.5, [8, -1], 0.0, None))
+
+
+def _err_inputs():
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    kc, vc = (torch.randn(2, 2, 32, 16, generator=g) for _ in range(2))
+    kn, vn = (torch.randn(2, 2, 1, 16, generator=g) for _ in range(2))
+    return q, kc, vc, torch.tensor([3, 5], dtype=torch.int32), kn, vn
+
+
+def _paged(table):
+    g = torch.Generator().manual_seed(9)
+    return [torch.randn(4, 2, 8, 16, generator=g) for _ in range(2)] + [table]
+
+
+ERRORS = {
+    "query-3d": (lambda q, kc, vc, sl, kn, vn: (q[0], kc, vc, sl, kn, vn), ValueError, "query must be \\(batch"),
+    "cache-batch": (lambda q, kc, vc, sl, kn, vn: (q, kc[:1], vc[:1], sl, kn, vn), ValueError,
+                    "must have the query's batch"),
+    "cache-dtype": (lambda q, kc, vc, sl, kn, vn: (q, kc.double(), vc, sl, kn, vn), TypeError, "key dtype"),
+    "cache-strided-dim": (lambda q, kc, vc, sl, kn, vn: (q, kc[..., ::2].repeat(1, 1, 1, 1), vc, sl, kn, vn),
+                          ValueError, "head dim"),
+    "heads-not-multiple": (lambda q, kc, vc, sl, kn, vn: (q[:, :3], kc, vc, sl, kn, vn), ValueError,
+                           "multiple of the number of key/value heads"),
+    "key-without-value": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc, sl, kn, None), ValueError,
+                          "key and value must be given together"),
+    "key-heads": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc, sl, kn[:, :1], vn[:, :1]), ValueError,
+                  "key has 1 heads but key_cache has 2"),
+    "seqlens-dtype": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc, sl.float(), kn, vn), TypeError,
+                      "cache_seqlens must be int32 or int64"),
+    "seqlens-shape": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc, sl[:1], kn, vn), ValueError,
+                      "cache_seqlens must have shape \\(batch,\\)"),
+    "seqlens-negative": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc, sl - 4, kn, vn), ValueError,
+                         "cache_seqlens\\[0\\] = -1 is negative"),
+    "seqlens-capacity": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc, sl + 27, kn, vn), ValueError,
+                         "cache_seqlens\\[1\\] = 32 plus the 1 new positions of key exceeds the cache's capacity "
+                         "\\(32"),
+    "table-dtype": (lambda q, kc, vc, sl, kn, vn: (q, *_paged(torch.zeros(2, 2, dtype=torch.long))[:2], sl, kn, vn,
+                                                   _paged(torch.zeros(2, 2, dtype=torch.long))[2]),
+                    TypeError, "block_table must be int32"),
+    "table-shape": (lambda q, kc, vc, sl, kn, vn: (q, *_paged(None)[:2], sl, kn, vn,
+                                                   torch.zeros(3, 2, dtype=torch.int32)),
+                    ValueError, "block_table must be \\(batch, max_pages\\)"),
+    "table-page-range": (lambda q, kc, vc, sl, kn, vn: (q, *_paged(None)[:2], sl + 8, kn, vn,
+                                                        torch.tensor([[0, 1], [2, 4]], dtype=torch.int32)),
+                         ValueError, "block_table\\[1, 1\\] = 4 is not a page of key_cache \\(num_pages = 4\\)"),
+    "table-capacity": (lambda q, kc, vc, sl, kn, vn: (q, *_paged(None)[:2], sl + 12, kn, vn,
+                                                      torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)),
+                       ValueError, "max_pages \\* page_size"),
+    "value-pages": (lambda q, kc, vc, sl, kn, vn: (q, _paged(None)[0], _paged(None)[1][:3], sl, kn, vn,
+                                                   torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)),
+                    ValueError, "value_cache has 3 pages but key_cache has 4"),
+    "window": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc, sl, kn, vn, None, False, None, [-2, 0]), ValueError,
+               "window_size"),
+}
+
+
+VALUE_ERRORS = ("seqlens-negative", "seqlens-capacity", "table-page-range", "table-capacity")
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu80", marks=emu_marks())])
+def test_kvcache_errors(name, backend, monkeypatch):
+    """Each bad argument raises the error that names it, through the op on the backend and (errors of shapes and
+    dtypes, not of the lengths' values) through its Meta kernel, and leaves the caches untouched."""
+    ops = backend_ops(backend, monkeypatch)
+    make, exc, msg = ERRORS[name]
+    args = list(make(*_err_inputs()))
+    args += [None] * (7 - len(args)) if len(args) < 7 else []
+    before = [a.clone() for a in args[1:3]]
+    with pytest.raises(exc, match=msg):
+        ops.attention_kvcache(*args)
+    assert all(torch.equal(a, b) for a, b in zip(args[1:3], before)), "the caches were written before the error"
+    if backend == "cpu" and name not in VALUE_ERRORS:
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(exc, match=msg):
+            torch.ops.attention_ext.attention_kvcache(*meta)
+
+
+def test_kvcache_grad_and_strided_cache_errors():
+    """Inputs that require grad raise (no gradient; the op is for inference); a cache whose last dim is not
+    unit-stride raises instead of being copied (it is written in place)."""
+    q, kc, vc, sl, kn, vn = _err_inputs()
+    with pytest.raises(ValueError, match="attention_kvcache has no gradient"):
+        attention_ext.attention_kvcache(q.requires_grad_(), kc, vc, sl, kn, vn)
+    with torch.no_grad():
+        attention_ext.attention_kvcache(q, kc, vc, sl, kn, vn)  # fine under no_grad
+    strided = torch.randn(2, 2, 32, 32)[..., ::2]
+    with pytest.raises(ValueError, match="unit-stride last dimension"):
+        attention_ext.attention_kvcache(q.detach(), strided, strided, sl)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=cuda_marks())])
+def test_kvcache_cuda_graph(backend):
+    """A decoding step captured in a CUDA graph (no sync under capture) replays to the eager result, writing the
+    caches."""
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(2, 8, 1, 64, generator=g).cuda().half()
+    kc, vc = (torch.randn(2, 2, 256, 64, generator=g).cuda().half() for _ in range(2))
+    k1, v1 = (torch.randn(2, 2, 1, 64, generator=g).cuda().half() for _ in range(2))
+    lens = torch.tensor([10, 200], dtype=torch.int32, device="cuda")
+    kc_e, vc_e = kc.clone(), vc.clone()
+    want = attention_ext.attention_kvcache(q, kc_e, vc_e, lens, k1, v1, is_causal=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        attention_ext.attention_kvcache(q, kc.clone(), vc.clone(), lens, k1, v1, is_causal=True)  # warm-up
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention_ext.attention_kvcache(q, kc, vc, lens, k1, v1, is_causal=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)
