@@ -106,9 +106,14 @@ struct FwdParams {
   int64_t alibi_stride_b = 0, alibi_stride_h = 1;
   // Optional (attention_kvcache's CPU forward): a paged key / value cache. Key and value row j of batch b are
   // row j % page_size of page block_table[b * block_table_stride + j / page_size] (pages k_stride.b /
-  // v_stride.b apart). Only the CPU forward without weights reads it (cpu/flash_cpu.h, kv_rows).
+  // v_stride.b apart). Only the CPU forward without weights (cpu/flash_cpu.h, kv_rows) and the CUDA forward with
+  // cache_lens read it.
   const int32_t* block_table = nullptr;
   int64_t block_table_stride = 0, page_size = 0;
+  // Optional (attention_kvcache's CUDA sm80 forward, its packed variant): batch element b attends to the first
+  // cache_lens[b] key positions of its cache (contiguous, or its pages with block_table, whose page_size is then
+  // a multiple of the kernel's key tile), the len_q queries at their end (sequence_params in cuda/flash_fwd.cuh).
+  const int32_t* cache_lens = nullptr;
 };
 
 // Moves the window bounds of p for queries that are the last len_q of len_k positions (query i at position

@@ -86,6 +86,27 @@ def varlen_case(dtype, lengths_q, lengths_k, Hq, Hkv, E, causal, dropout, determ
             raise SystemExit(f"NaN in varlen {name} for {dtype} lengths {lengths_q} / {lengths_k}")
 
 
+def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal):
+    """attention_kvcache: the new rows appended, then the sm80 forward's cache variant on the cache in place
+    (page = 0: contiguous; a multiple of 64: paged in place; else the gathered path)."""
+    dev = "cuda"
+    S = max(lengths) + L
+    if page:
+        per = (S + page - 1) // page
+        table = torch.randperm(B * per + 2, device=dev)[:B * per].view(B, per).to(torch.int32)
+        kc, vc = (torch.randn(B * per + 2, Hkv, page, E, device=dev, dtype=dtype) for _ in range(2))
+    else:
+        table = None
+        kc, vc = (torch.randn(B, Hkv, S, E, device=dev, dtype=dtype) for _ in range(2))
+    q = torch.randn(B, Hq, L, E, device=dev, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, L, E, device=dev, dtype=dtype) for _ in range(2))
+    lens = torch.tensor(lengths, device=dev, dtype=torch.int32)
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, k, v, table, causal)
+    torch.cuda.synchronize()
+    if torch.isnan(out).any():
+        raise SystemExit(f"NaN in kvcache out for {dtype} lengths {lengths} page {page}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -160,6 +181,17 @@ def main():
         print(f"[varlen {i + 1}/{len(varlen)}] {c}", flush=True)
         varlen_case(*c)
     torch.use_deterministic_algorithms(False)
+    # attention_kvcache: decoding against a contiguous cache (an empty one too), a chunk against pages of 128 and
+    # of 64 (in place), and pages of 16 (gathered)
+    kvcache = [
+        (torch.bfloat16, 3, 8, 2, 1, 128, [300, 0, 17], 0, True),
+        (torch.float16, 2, 4, 2, 7, 64, [130, 3], 128, True),
+        (torch.bfloat16, 2, 8, 1, 1, 128, [500, 64], 64, True),
+        (torch.float16, 2, 4, 4, 3, 64, [40, 9], 16, False),
+    ]
+    for i, c in enumerate(kvcache):
+        print(f"[kvcache {i + 1}/{len(kvcache)}] {c}", flush=True)
+        kvcache_case(*c)
     print("all cases ran")
 
 

@@ -22,7 +22,6 @@
 #include <sstream>
 
 #include "../glue.h"
-#include "../kvcache.h"
 #include "../varlen.h"
 #include "launch.h"
 #include "ops_glue.h"
@@ -265,9 +264,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
       enable_gqa, window, grad_lse, softcap, alibi_slopes);
 }
 
-// attention_kvcache: the new keys appended, then the visible cache gathered (a copy of it, pages included) into
-// one dense fused call with a mask (kvcache.h). The lengths are read back and checked (a sync) except under
-// CUDA-graph capture, which cannot take one: there, lengths beyond the capacity are the caller's to avoid.
+// attention_kvcache (workspace.h's run_kvcache_forward): the sm80 kernel on the cache in place, or the visible
+// cache gathered into one dense call. The lengths are read back and checked (a sync) except under CUDA-graph
+// capture, which cannot take one: there, lengths beyond the capacity are the caller's to avoid.
 std::tuple<at::Tensor, at::Tensor> kvcache_cuda(
     const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
@@ -275,9 +274,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cuda(
     double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   c10::cuda::CUDAGuard guard(q.device());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  if (log_kernels()) log_kernel("cuda kvcache forward: the cache gathered, then the dense forward with a mask");
-  return kvcache_gathered(forward_cuda, q, key_cache, value_cache, cache_seqlens, key, value, block_table,
-                          make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes), !capturing);
+  return run_kvcache_forward(
+      forward_cuda, [](auto&& fn, const LaunchTensors& = {}) { CudaDev{}.launch("kvcache forward", {}, fn); },
+      make_env(q), "cuda kvcache forward", q, key_cache, value_cache, cache_seqlens, key, value, block_table,
+      make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes), !capturing);
 }
 
 }  // namespace

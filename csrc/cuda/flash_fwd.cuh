@@ -106,10 +106,48 @@ __device__ __forceinline__ FwdParams sequence_params(const FwdParams& p, int64_t
   return s;
 }
 
-// kPacked: a packed call (FwdParams::cu_seqlens_q), a kernel of its own so that the ordinary one keeps its
-// registers (selecting the sequence's params at run time cost the fp16 / bf16 kernels ~120 bytes of spills).
-template <class Cfg, bool kPacked>
+// Batch element b of a cache call (FwdParams::cache_lens, attention_kvcache) as a call of its own, of batch 1: its
+// query rows, its first cache_lens[b] positions, the queries at their end (the window shifted).
+template <typename Elem>
+__device__ __forceinline__ FwdParams cache_params(const FwdParams& p, int64_t b) {
+  FwdParams s = p;
+  s.batch = 1;
+  s.len_k = p.cache_lens[b];
+  s.q = static_cast<const Elem*>(p.q) + b * p.q_stride.b;
+  s.out = static_cast<Elem*>(p.out) + b * p.o_stride.b;
+  s.lse = static_cast<float*>(p.lse) + b * p.heads_q * p.len_q;
+  if (p.block_table == nullptr) {  // (a paged cache: tile_rows finds the batch element's pages)
+    s.k = static_cast<const Elem*>(p.k) + b * p.k_stride.b;
+    s.v = static_cast<const Elem*>(p.v) + b * p.v_stride.b;
+  }
+  shift_window(s, s.len_k - s.len_q);
+  return s;
+}
+
+// Row j0 of a key or value tile (base: the head's rows; st: its strides): base's, or in the cache variant with a
+// paged cache (FwdParams::block_table) the row of j0's page, which holds the whole tile (page_size: a multiple of
+// kBlockN). The page is looked up in the block table row of the CTA's batch element from the launch's parameters
+// pc and blockIdx (a cache call has no split keys), rather than from values kept live through the loop (registers).
+template <bool kCache, int kBlockM, typename Elem>
+__device__ __forceinline__ const Elem* tile_rows(const FwdParams& pc, const Elem* base, const Strides4& st,
+                                                 int64_t j0) {
+  if constexpr (kCache) {
+    if (pc.block_table != nullptr) {
+      const int64_t b = static_cast<int64_t>(blockIdx.x) / (ceil_div(pc.len_q, kBlockM) * pc.heads_q);
+      const int page = static_cast<int>(pc.page_size), j = static_cast<int>(j0);
+      const int32_t* row = pc.block_table + b * pc.block_table_stride;
+      return base + static_cast<int64_t>(row[j / page]) * st.b + static_cast<int64_t>(j % page) * st.r;
+    }
+  }
+  return base + j0 * st.r;
+}
+
+// kMode 1: a packed call (FwdParams::cu_seqlens_q), 2: a cache call (FwdParams::cache_lens), each a kernel of its
+// own so that the others keep their registers (selecting the sequence's params at run time cost the fp16 / bf16
+// kernels ~120 bytes of spills, and a cache's params in the packed variant up to 290 more).
+template <class Cfg, int kMode>
 __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParams p_call, const FwdStats st) {
+  constexpr bool kPacked = kMode != 0, kCache = kMode == 2;  // kPacked: a call per sequence (or batch element)
   using Elem = typename Cfg::Elem;
   using M = typename Cfg::Mma;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kLd = Cfg::kLd;
@@ -136,7 +174,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   // packed sequences: from here on the CTA's sequence is the call (batch 1); the grid covers the longest
   // sequence, so a query block past the end of this one has nothing to do
   FwdParams seq;
-  if constexpr (kPacked) seq = sequence_params<Elem>(p_call, bh_call / Hq);
+  if constexpr (kCache) {
+    seq = cache_params<Elem>(p_call, bh_call / Hq);
+  } else if constexpr (kPacked) {
+    seq = sequence_params<Elem>(p_call, bh_call / Hq);
+  }
   const FwdParams& p = kPacked ? seq : p_call;
   const int64_t bh = kPacked ? h : bh_call, b = kPacked ? 0 : bh_call / Hq;
   const int64_t L = p.len_q, S = p.len_k;
@@ -162,8 +204,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
   const int E = static_cast<int>(p.dim_qk), Ev = static_cast<int>(p.dim_v);
   const bool vec_q = vec16_ok(q, p.q_stride.r, L, E);
-  const bool vec_k = vec16_ok(k, p.k_stride.r, S, E);
-  const bool vec_v = vec16_ok(v, p.v_stride.r, S, Ev);
+  bool vec_k = vec16_ok(k, p.k_stride.r, S, E);
+  bool vec_v = vec16_ok(v, p.v_stride.r, S, Ev);
+  if constexpr (kCache) {
+    if (p_call.block_table != nullptr) {  // every page's rows aligned too
+      vec_k = vec_k && (p_call.k_stride.b * static_cast<int64_t>(sizeof(Elem))) % 16 == 0;
+      vec_v = vec_v && (p_call.v_stride.b * static_cast<int64_t>(sizeof(Elem))) % 16 == 0;
+    }
+  }
 
   // Union of the visible key ranges of the block's rows (bounds are monotone in i).
   int64_t lo0, hi0, lo1, hi1;
@@ -209,7 +257,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     load_tile<Elem, kBlockM, kD, kLd, kThreads>(sQ, q + i0 * p.q_stride.r, p.q_stride.r, nq, E, vec_q, tid);
     const int64_t j0 = n_begin * kBlockN;
     const int nk = static_cast<int>(S - j0 < kBlockN ? S - j0 : kBlockN);
-    load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, k + j0 * p.k_stride.r, p.k_stride.r, nk, E, vec_k, tid);
+    const Elem* kt = tile_rows<kCache, kBlockM>(p_call, k, p_call.k_stride, j0);
+    load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, kt, p.k_stride.r, nk, E, vec_k, tid);
     stage_mask<kBlockM, kBlockN, kThreads>(sMask, p, b, h, i0, j0, tid);
     cp_async_commit();
   }
@@ -223,7 +272,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     cp_async_wait<0>();
     __syncthreads();
     if (need_o) {
-      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sV, v + j0 * p.v_stride.r, p.v_stride.r, nk, Ev, vec_v, tid);
+      const Elem* vt = tile_rows<kCache, kBlockM>(p_call, v, p_call.v_stride, j0);
+      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sV, vt, p.v_stride.r, nk, Ev, vec_v, tid);
     }
     cp_async_commit();
 
@@ -305,7 +355,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     if (n + 1 < n_end) {
       const int64_t j1 = j0 + kBlockN;
       const int nk1 = static_cast<int>(S - j1 < kBlockN ? S - j1 : kBlockN);
-      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, k + j1 * p.k_stride.r, p.k_stride.r, nk1, E, vec_k, tid);
+      const Elem* kt = tile_rows<kCache, kBlockM>(p_call, k, p_call.k_stride, j1);
+      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, kt, p.k_stride.r, nk1, E, vec_k, tid);
       stage_mask<kBlockM, kBlockN, kThreads>(sMask, p, b, h, i0, j1, tid);
     }
     cp_async_commit();
@@ -339,7 +390,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   // stats mode of a packed call: the sequence's block of the statistics starts at row heads_q * q0, its dO at
   // row q0 (taken here rather than kept live through the loop: registers)
   int64_t st_q0 = 0;
-  if constexpr (kPacked)
+  if constexpr (kMode == 1)
     if (stats) st_q0 = p_call.cu_seqlens_q[static_cast<int64_t>(blockIdx.x) % (nmb * p_call.batch * Hq) / nmb / Hq];
   const int64_t st_row0 = Hq * st_q0;
 #pragma unroll
@@ -412,17 +463,24 @@ cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEn
   if (p.num_splits < 1 || (p.num_splits > 1 && (stats != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr)))
     return cudaErrorInvalidValue;  // split keys: the forward only, into its buffers
   if (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone ||
-                                    p.alibi_slopes != nullptr))
+                                    p.alibi_slopes != nullptr || p.cache_lens != nullptr))
     return cudaErrorInvalidValue;  // packed sequences: without split keys, a mask or ALiBi
+  if ((p.block_table != nullptr && (p.cache_lens == nullptr || p.page_size % Cfg::kBlockN != 0)) ||
+      (p.cache_lens != nullptr && (p.num_splits > 1 || stats != nullptr || p.mask_kind != MaskKind::kNone ||
+                                   p.alibi_slopes != nullptr)))
+    return cudaErrorInvalidValue;  // a cache: the forward alone, pages of whole tiles, without a mask or ALiBi
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = Cfg::kSmem + (p.mask_kind != MaskKind::kNone ? Cfg::kSmemMask : 0);
+  if (p.cache_lens != nullptr)
+    return launch_kernel(flash_fwd_kernel<Cfg, 2>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
+                         Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel (cache)", p, FwdStats{});
   if (p.cu_seqlens_q != nullptr)
-    return launch_kernel(flash_fwd_kernel<Cfg, true>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
+    return launch_kernel(flash_fwd_kernel<Cfg, 1>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
                          Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel (packed)", p,
                          stats != nullptr ? *stats : FwdStats{});
-  return launch_kernel(flash_fwd_kernel<Cfg, false>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
+  return launch_kernel(flash_fwd_kernel<Cfg, 0>, static_cast<unsigned>(blocks), Cfg::kThreads, smem,
                        Cfg::kSmem + Cfg::kSmemMask, env.stream, "flash_fwd_kernel", p,
                        stats != nullptr ? *stats : FwdStats{});
 }

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "../glue.h"
+#include "../kvcache.h"
 #include "../varlen.h"
 #include "launch.h"
 
@@ -292,6 +293,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
   if (log_kernels()) log_kernel(ran + ", " + std::to_string(p.batch) + " packed sequences in one launch");
   finish_forward(s.st);
   return {s.out, s.lse, rng};
+}
+
+// attention_kvcache as both glues run it: the new keys appended, then one launch of the sm80 forward's packed
+// variant over every batch element (FwdParams::cache_lens) reading the cache in place, pages included, where it
+// covers the call: fp32 / fp16 / bf16, no ALiBi (the packed variant has none), pages that hold whole key tiles of
+// the kernel (a multiple of its block_n: 64 positions do for every head dim). Anything else goes through
+// kvcache_gathered with the glue's dense forward `fwd`. check_values: read the lengths back to check them (a sync,
+// which CUDA-graph capture cannot take). launch(fn, extra = {}) runs one launcher and checks its error.
+template <class Fwd, class Launch>
+std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(
+    Fwd&& fwd, Launch&& launch, const LaunchEnv& env, const char* what, const at::Tensor& q, const at::Tensor& kc,
+    const at::Tensor& vc, const at::Tensor& seqlens, const std::optional<at::Tensor>& key,
+    const std::optional<at::Tensor>& value, const std::optional<at::Tensor>& table, const AttnOptions& opt,
+    bool check_values) {
+  check_kvcache_inputs(q, kc, vc, seqlens, key, value, table, opt);
+  const bool paged = table.has_value() && table->defined();
+  const FwdEntry* sm80 = q.scalar_type() == at::kDouble
+                             ? nullptr
+                             : find_fwd(to_dtype(q.scalar_type()), static_cast<int>(std::max(q.size(3), vc.size(3))));
+  const char* why = sm80 == nullptr                             ? "no kernel for the dtype and head dim"
+                    : opt.has_alibi()                           ? "ALiBi"
+                    : paged && kc.size(2) % sm80->block_n != 0  ? "pages shorter than the kernel's key tile"
+                                                                : nullptr;
+  if (why != nullptr) {
+    if (log_kernels())
+      log_kernel(std::string(what) + ": the cache gathered, then the dense forward with a mask (" + why + ")");
+    return kvcache_gathered(fwd, q, kc, vc, seqlens, key, value, table, opt, check_values);
+  }
+  if (check_values) read_kv_lengths(kc, seqlens, key, table);
+  append_kv(kc, vc, seqlens, key, value, table);
+  at::Tensor out = empty_output(q, vc.size(3)), lse = empty_lse(q);
+  poison(out);
+  poison(lse);
+  const at::Tensor q4 = as_4d(q);
+  FwdParams p = make_fwd_params(q4, kc, vc, out, lse, std::nullopt, opt);
+  const int64_t added = key.has_value() && key->defined() ? key->size(2) : 0;
+  const at::Tensor lens = (seqlens.to(q.device(), at::kLong) + added).to(at::kInt).contiguous();
+  p.cache_lens = lens.data_ptr<int32_t>();
+  at::Tensor pages;
+  if (paged) {
+    pages = table->to(q.device()).contiguous();
+    p.block_table = pages.data_ptr<int32_t>();
+    p.block_table_stride = pages.size(1);
+    p.page_size = kc.size(2);
+  }
+  if (p.batch * p.heads_q > 0 && p.len_q > 0)
+    launch([&] { return sm80->fn(p, nullptr, env); }, LaunchTensors{&q4, &kc, &vc, &out, &lse, &lens, &pages});
+  if (log_kernels()) {
+    log_kernel(describe_kernel(what, sm80->head_dim, p.dtype, env) + ", " + std::to_string(p.batch) +
+               " batch elements in one launch" +
+               (paged ? ", paged (" + std::to_string(p.page_size) + " positions a page)" : ""));
+  }
+  return {out, lse};
 }
 
 // The backward as both glues run it: the row statistics (launch_row_stats),

@@ -20,7 +20,6 @@
 #include <mutex>
 
 #include "../../glue.h"
-#include "../../kvcache.h"
 #include "../../varlen.h"
 #include "../../schemas.h"
 #include "../launch.h"
@@ -230,14 +229,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
       enable_gqa, window, grad_lse, softcap, alibi_slopes);
 }
 
-// attention_kvcache as the CUDA backend runs it (attention_cuda.cpp): gathered into one emulated dense forward.
+// attention_kvcache as the CUDA backend runs it (run_kvcache_forward), on the emulated kernels.
 std::tuple<at::Tensor, at::Tensor> kvcache_emu(
     const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
     const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
     double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  return kvcache_gathered(forward_emu, q, key_cache, value_cache, cache_seqlens, key, value, block_table,
-                          make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes), true);
+  return run_kvcache_forward(
+      forward_emu,
+      [&](auto&& fn, const LaunchTensors& extra = {}) { EmuDev{}.launch("kvcache forward", extra, fn); },
+      make_env(q), "emu kvcache forward", q, key_cache, value_cache, cache_seqlens, key, value, block_table,
+      make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes), true);
 }
 
 }  // namespace
