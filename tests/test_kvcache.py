@@ -224,6 +224,27 @@ def test_kvcache_vs_reference(backend, dtype, case, monkeypatch):
             assert ("paged" in lines[0]) == ("page" in o), lines
 
 
+@pytest.mark.parametrize("case", ["decode-gqa", "chunk-paged128-window"])
+@pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
+def test_kvcache_split_keys(backend, case, monkeypatch):
+    """The CUDA cache kernel with its key tiles shared among 3 CTAs per query block (flash-decoding,
+    ATTENTION_EXT_FWD_SPLITS) and merged: the reference's output and log-sum-exp, every batch element with its own
+    number of tiles (an empty cache too)."""
+    ops = backend_ops(backend, monkeypatch)
+    monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", "3")
+    args, rows, alibi, o = make_inputs(case, bf16, "cpu", seed=11)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse = _call(ops, args, alibi, o)
+    assert len(lines) == 1 and lines[0].endswith("keys split 3 ways"), lines
+    r_out, r_lse = reference(args[0], rows, alibi, o)
+    assert_close_vs_baselines(f"out ({case})", out, r_out, [pytest_baseline(args, rows, alibi, o)], bf16)
+    assert_close_vs_baselines(f"lse ({case})", lse, r_lse, [], bf16, floor=16 * ABS_FLOOR[f32])
+
+
+def pytest_baseline(args, rows, alibi, o):
+    return pytorch_baseline(args[0], rows, alibi, o, bf16)
+
+
 def test_kvcache_decode_loop_matches_causal_attention():
     """A prefill of 37 tokens appended to empty paged caches, then 20 decoding steps of one token each (the cache
     written by the op), against one causal attention over the whole 57-token sequence (float64, both fused)."""

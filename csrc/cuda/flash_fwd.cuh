@@ -127,19 +127,27 @@ __device__ __forceinline__ FwdParams cache_params(const FwdParams& p, int64_t b)
 // Row j0 of a key or value tile (base: the head's rows; st: its strides): base's, or in the cache variant with a
 // paged cache (FwdParams::block_table) the row of j0's page, which holds the whole tile (page_size: a multiple of
 // kBlockN). The page is looked up in the block table row of the CTA's batch element from the launch's parameters
-// pc and blockIdx (a cache call has no split keys), rather than from values kept live through the loop (registers).
+// pc and blockIdx, rather than from values kept live through the loop (registers).
 template <bool kCache, int kBlockM, typename Elem>
 __device__ __forceinline__ const Elem* tile_rows(const FwdParams& pc, const Elem* base, const Strides4& st,
                                                  int64_t j0) {
   if constexpr (kCache) {
     if (pc.block_table != nullptr) {
-      const int64_t b = static_cast<int64_t>(blockIdx.x) / (ceil_div(pc.len_q, kBlockM) * pc.heads_q);
+      const int64_t per_b = ceil_div(pc.len_q, kBlockM) * pc.heads_q;  // CTAs of a batch element (and split)
+      const int64_t b = static_cast<int64_t>(blockIdx.x) % (per_b * pc.batch) / per_b;
       const int page = static_cast<int>(pc.page_size), j = static_cast<int>(j0);
       const int32_t* row = pc.block_table + b * pc.block_table_stride;
       return base + static_cast<int64_t>(row[j / page]) * st.b + static_cast<int64_t>(j % page) * st.r;
     }
   }
   return base + j0 * st.r;
+}
+
+// The batch of the split keys' shares (FwdParams::num_splits): the call's (a packed call has no split keys, and its
+// sequence's params say 1).
+template <int kMode>
+__device__ __forceinline__ int64_t split_batch(const FwdParams& p_call) {
+  return kMode == 1 ? 1 : p_call.batch;
 }
 
 // kMode 1: a packed call (FwdParams::cu_seqlens_q), 2: a cache call (FwdParams::cache_lens), each a kernel of its
@@ -231,7 +239,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     __syncthreads();  // read by all before the first mask tile lands there
   }
   if (p.num_splits > 1) {  // this CTA's share of the tiles (possibly none)
-    const int64_t split = static_cast<int64_t>(blockIdx.x) / (nmb * p.batch * Hq);
+    const int64_t split = static_cast<int64_t>(blockIdx.x) / (nmb * split_batch<kMode>(p_call) * Hq);
     const int64_t per = ceil_div(n_end - n_begin, p.num_splits);
     const int64_t s0 = n_begin + split * per < n_end ? n_begin + split * per : n_end;
     n_begin = s0;
@@ -383,8 +391,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
   const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
   const bool partial = p.num_splits > 1;
-  // first row of this CTA's share in the split buffers: (split * batch * Hq + bh) * L (never packed calls)
-  const int64_t part = (static_cast<int64_t>(blockIdx.x) / (nmb * p.batch * Hq) * p.batch * Hq + bh) * L;
+  // first row of this CTA's share in the split buffers: (split * batch * Hq + bh) * L (never packed calls; a cache
+  // call's rows by the call's batch and head)
+  const int64_t nb = split_batch<kMode>(p_call);
+  const int64_t part = (static_cast<int64_t>(blockIdx.x) / (nmb * nb * Hq) * nb * Hq + (kCache ? bh_call : bh)) * L;
   float* lse = partial ? p.lse_accum + part : static_cast<float*>(p.lse) + bh * L;
   const float keep_scale = dropout ? rng.inv_keep : 1.f;
   // stats mode of a packed call: the sequence's block of the statistics starts at row heads_q * q0, its dO at
@@ -433,7 +443,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       }
       if (partial && t == 0 && i < L) {
         lse[i] = empty ? -kInf : row_max[mt][hr];
-        lse[p.num_splits * p.batch * Hq * L + i] = l;
+        lse[p.num_splits * nb * Hq * L + i] = l;
       } else if (t == 0 && i < L) {
         lse[i] = empty ? -kInf : row_max[mt][hr] + logf(l);
       }
@@ -466,8 +476,7 @@ cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEn
                                     p.alibi_slopes != nullptr || p.cache_lens != nullptr))
     return cudaErrorInvalidValue;  // packed sequences: without split keys, a mask or ALiBi
   if ((p.block_table != nullptr && (p.cache_lens == nullptr || p.page_size % Cfg::kBlockN != 0)) ||
-      (p.cache_lens != nullptr && (p.num_splits > 1 || stats != nullptr || p.mask_kind != MaskKind::kNone ||
-                                   p.alibi_slopes != nullptr)))
+      (p.cache_lens != nullptr && (stats != nullptr || p.mask_kind != MaskKind::kNone || p.alibi_slopes != nullptr)))
     return cudaErrorInvalidValue;  // a cache: the forward alone, pages of whole tiles, without a mask or ALiBi
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;

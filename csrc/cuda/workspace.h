@@ -7,9 +7,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "../glue.h"
 #include "../kvcache.h"
@@ -321,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(
       log_kernel(std::string(what) + ": the cache gathered, then the dense forward with a mask (" + why + ")");
     return kvcache_gathered(fwd, q, kc, vc, seqlens, key, value, table, opt, check_values);
   }
-  if (check_values) read_kv_lengths(kc, seqlens, key, table);
+  const std::vector<int64_t> host_lens = check_values ? read_kv_lengths(kc, seqlens, key, table) : std::vector<int64_t>{};
   append_kv(kc, vc, seqlens, key, value, table);
   at::Tensor out = empty_output(q, vc.size(3)), lse = empty_lse(q);
   poison(out);
@@ -338,12 +340,33 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(
     p.block_table_stride = pages.size(1);
     p.page_size = kc.size(2);
   }
-  if (p.batch * p.heads_q > 0 && p.len_q > 0)
-    launch([&] { return sm80->fn(p, nullptr, env); }, LaunchTensors{&q4, &kc, &vc, &out, &lse, &lens, &pages});
+  // flash-decoding as for a dense call (few CTAs, many key tiles), planned with the longest cache (or the capacity
+  // when the lengths were not read back)
+  FwdParams plan = p;
+  plan.len_k = host_lens.empty() ? (paged ? pages.size(1) * kc.size(2) : kc.size(2))
+                                 : *std::max_element(host_lens.begin(), host_lens.end());
+  const int splits = fwd_key_splits(plan, *sm80, nullptr, env);
+  const LaunchTensors tensors{&q4, &kc, &vc, &out, &lse, &lens, &pages};
+  const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
+  if (any && splits > 1) {
+    const int64_t rows = p.batch * p.heads_q * p.len_q;
+    at::Tensor o_accum = at::empty({splits, rows, p.dim_v}, q.options().dtype(at::kFloat));
+    at::Tensor lse_accum = at::empty({2, splits, rows}, q.options().dtype(at::kFloat));
+    poison(o_accum);  // (tests) every share writes all its rows, empty or not
+    poison(lse_accum);
+    p.num_splits = splits;
+    p.o_accum = o_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+    launch([&] { return sm80->fn(p, nullptr, env); }, tensors + LaunchTensors{&o_accum, &lse_accum});
+    launch([&] { return launch_fwd_combine(p, env); }, tensors + LaunchTensors{&o_accum, &lse_accum});
+  } else if (any) {
+    launch([&] { return sm80->fn(p, nullptr, env); }, tensors);
+  }
   if (log_kernels()) {
     log_kernel(describe_kernel(what, sm80->head_dim, p.dtype, env) + ", " + std::to_string(p.batch) +
                " batch elements in one launch" +
-               (paged ? ", paged (" + std::to_string(p.page_size) + " positions a page)" : ""));
+               (paged ? ", paged (" + std::to_string(p.page_size) + " positions a page)" : "") +
+               (splits > 1 ? ", keys split " + std::to_string(splits) + " ways" : ""));
   }
   return {out, lse};
 }
