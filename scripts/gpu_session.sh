@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_session.sh build test        # build (MAX_JOBS=16) + GPU tests
 #   bash scripts/gpu_session.sh sanitize          # compute-sanitizer, quick grid
-#   bash scripts/gpu_session.sh bench             # bench_cuda.py + benchmarks.run + bench_decode/varlen/lse/softcap/alibi.py
+#   bash scripts/gpu_session.sh bench             # bench_cuda.py + benchmarks.run + bench_decode/varlen/lse/softcap/alibi/kvcache.py
 #   bash scripts/gpu_session.sh first             # all a 15-minute lease allows, in one call
 #
 # `first` is for a session whose whole device time is about 15 minutes, a
@@ -60,6 +60,8 @@ for stage in "$@"; do
       "$PY" benchmarks/bench_softcap.py --dtypes bfloat16 --out /tmp/bench_softcap.json >> "$OUT/bench_run.log" 2>&1 || rc=1
       # ALiBi against plain attention and SDPA with the bias as a float mask
       "$PY" benchmarks/bench_alibi.py --dtypes bfloat16 --out /tmp/bench_alibi.json >> "$OUT/bench_run.log" 2>&1 || rc=1
+      # decoding against a contiguous or paged key / value cache (attention_kvcache) against SDPA's ways
+      "$PY" benchmarks/bench_kvcache.py --dtypes bfloat16 --out /tmp/bench_kvcache.json >> "$OUT/bench_run.log" 2>&1 || rc=1
       tail -40 "$OUT/bench_run.log"
       ;;
     first)
