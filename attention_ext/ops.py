@@ -251,6 +251,9 @@ def attention_kvcache(
     window_size: Optional[Sequence[int]] = None,
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    rotary_interleaved: bool = False,
     return_lse: bool = False,
 ):
     """New queries against a key / value cache, for decoding and chunked prefill (FlashAttention's
@@ -267,6 +270,12 @@ def attention_kvcache(
     ``is_causal`` lets query i see positions up to i + S_b - L (bottom-right, as FlashAttention), and
     ``window_size`` and ALiBi's distances count from that position too. Any GQA group (Hq a multiple of Hkv).
 
+    ``rotary_cos`` / ``rotary_sin`` (seqlen_ro, rotary_dim / 2), as FlashAttention takes them, apply the rotary
+    embedding to the query and the new keys first (the keys are stored rotated): new key t of batch b at position
+    cache_seqlens[b] + t, query i at cache_seqlens[b] + i with ``is_causal`` or a window, else every query at
+    cache_seqlens[b]; the first rotary_dim features, as (x_j, x_{j + rotary_dim / 2}) pairs (GPT-NeoX, Llama) or,
+    with ``rotary_interleaved``, (x_{2j}, x_{2j + 1}) pairs (GPT-J).
+
     Returns the output (B, Hq, L, Ev), and with ``return_lse=True`` also the float32 log-sum-exp (B, Hq, L) for
     merging with other partial attentions (:func:`merge_attention`). On the CPU the fused kernel reads the cache in
     place, pages included; on CUDA the visible cache is gathered into one fused call.
@@ -274,7 +283,8 @@ def attention_kvcache(
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((query.shape[0],), cache_seqlens, dtype=torch.int32, device=query.device)
     out, lse = _ops.attention_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table,
-                                      bool(is_causal), scale, _window(window_size), float(softcap), alibi_slopes)
+                                      bool(is_causal), scale, _window(window_size), float(softcap), alibi_slopes,
+                                      rotary_cos, rotary_sin, bool(rotary_interleaved))
     return (out, lse) if return_lse else out
 
 

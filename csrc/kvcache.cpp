@@ -15,13 +15,6 @@ void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor&
               q.device(), "; put it on the query's device or on the CPU");
 }
 
-// Capacity of the cache: S_max, or max_pages * page_size.
-int64_t capacity(const at::Tensor& key_cache, const std::optional<at::Tensor>& block_table) {
-  return has(block_table) ? block_table->size(1) * key_cache.size(2) : key_cache.size(2);
-}
-
-int64_t new_len(const std::optional<at::Tensor>& key) { return has(key) ? key->size(2) : 0; }
-
 std::vector<int64_t> host_int64(const at::Tensor& t) {
   at::Tensor c = t.to(at::kCPU, at::kLong).contiguous();
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
@@ -29,23 +22,69 @@ std::vector<int64_t> host_int64(const at::Tensor& t) {
 
 // Where positions pos (B, n) of each batch element live in the cache: (row, slot) index tensors for
 // cache[row, :, slot] (the batch element and the position, or the page and the row in it).
-std::tuple<at::Tensor, at::Tensor> cache_rows(const at::Tensor& key_cache, const std::optional<at::Tensor>& block_table,
-                                              const at::Tensor& pos) {
-  if (!has(block_table)) {
+std::tuple<at::Tensor, at::Tensor> cache_rows(const KvCall& c, const at::Tensor& pos) {
+  if (!c.paged()) {
     const auto li = at::TensorOptions().dtype(at::kLong).device(pos.device());
     return {at::arange(pos.size(0), li).unsqueeze(1).expand_as(pos), pos};
   }
-  const int64_t page = key_cache.size(2);
-  return {block_table->to(pos.device(), at::kLong).gather(1, at::floor_divide(pos, page)), at::remainder(pos, page)};
+  const int64_t page = c.key_cache.size(2);
+  return {c.block_table->to(pos.device(), at::kLong).gather(1, at::floor_divide(pos, page)), at::remainder(pos, page)};
+}
+
+// Whether the query rows sit at consecutive positions for the rotary embedding (a causal or window bound), or all
+// at cache_seqlens[b] (FlashAttention's rule).
+bool queries_advance(const AttnOptions& opt) {
+  return opt.is_causal || opt.window_left >= 0 || opt.window_right >= 0;
+}
+
+void check_rotary(const KvCall& c) {
+  TORCH_CHECK_VALUE(has(c.rotary_cos) == has(c.rotary_sin), "rotary_cos and rotary_sin must be given together");
+  if (!c.rotary()) return;
+  const at::Tensor &cs = *c.rotary_cos, &sn = *c.rotary_sin;
+  TORCH_CHECK_TYPE(cs.is_floating_point() && sn.scalar_type() == cs.scalar_type(),
+                   "rotary_cos and rotary_sin must be floating point of one dtype, got ", cs.scalar_type(), " and ",
+                   sn.scalar_type());
+  TORCH_CHECK_VALUE(cs.dim() == 2 && sn.sym_sizes().equals(cs.sym_sizes()),
+                    "rotary_cos and rotary_sin must be (seqlen_ro, rotary_dim / 2) of one shape, got ",
+                    cs.sym_sizes(), " and ", sn.sym_sizes());
+  TORCH_CHECK_VALUE(cs.sym_size(1) >= 1 && 2 * cs.sym_size(1) <= c.q.sym_size(3),
+                    "rotary_cos has rotary_dim / 2 = ", cs.sym_size(1), " columns; rotary_dim must be in [2, E = ",
+                    c.q.sym_size(3), "]");
+  TORCH_CHECK(cs.device() == c.q.device() && sn.device() == c.q.device(), "rotary_cos and rotary_sin are on ",
+              cs.device(), " and ", sn.device(), " but query is on ", c.q.device());
+}
+
+// x (B, H, n, E) with its first 2 * cos.size(1) features rotated at positions pos (B, n), in float32 (float64 for
+// float64).
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                  bool interleaved) {
+  const int64_t B = x.size(0), n = x.size(2), half = cos.size(1), rd = 2 * half;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor flat = pos.reshape({-1});
+  const at::Tensor c = cos.index_select(0, flat).to(acc).view({B, 1, n, half});
+  const at::Tensor s = sin.index_select(0, flat).to(acc).view({B, 1, n, half});
+  const at::Tensor xr = x.narrow(3, 0, rd).to(acc);
+  at::Tensor a, b;  // the pairs' two halves
+  if (interleaved) {
+    const at::Tensor pairs = xr.unflatten(3, {half, 2});
+    a = pairs.select(4, 0);
+    b = pairs.select(4, 1);
+  } else {
+    a = xr.narrow(3, 0, half);
+    b = xr.narrow(3, half, half);
+  }
+  const at::Tensor ra = a * c - b * s, rb = a * s + b * c;
+  const at::Tensor rotated = interleaved ? at::stack({ra, rb}, 4).flatten(3) : at::cat({ra, rb}, 3);
+  at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
+  out.narrow(3, 0, rd).copy_(rotated);
+  return out;
 }
 
 }  // namespace
 
-void check_kvcache_inputs(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& key,
-                          const std::optional<at::Tensor>& value, const std::optional<at::Tensor>& block_table,
-                          const AttnOptions& opt) {
-  TORCH_CHECK_VALUE(q.defined() && key_cache.defined() && value_cache.defined() && cache_seqlens.defined(),
+void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
+  const at::Tensor &q = c.q, &key_cache = c.key_cache, &value_cache = c.value_cache;
+  TORCH_CHECK_VALUE(q.defined() && key_cache.defined() && value_cache.defined() && c.cache_seqlens.defined(),
                     "query, key_cache, value_cache and cache_seqlens must be tensors");
   TORCH_CHECK_VALUE(q.dim() == 4, "query must be (batch, heads, L, E) for attention_kvcache, got shape ",
                     q.sym_sizes());
@@ -54,9 +93,8 @@ void check_kvcache_inputs(const at::Tensor& q, const at::Tensor& key_cache, cons
                     "(num_pages, heads_kv, page_size, E) / (..., Ev) with a block_table; got shapes ",
                     key_cache.sym_sizes(), " and ", value_cache.sym_sizes());
   const c10::SymInt B = q.sym_size(0);
-  const bool paged = has(block_table);
-  if (paged) {
-    const at::Tensor& bt = *block_table;
+  if (c.paged()) {
+    const at::Tensor& bt = *c.block_table;
     TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, "block_table must be int32, got ", bt.scalar_type());
     TORCH_CHECK_VALUE(bt.dim() == 2 && bt.sym_size(0) == B && bt.sym_size(1) >= 1,
                       "block_table must be (batch, max_pages) = (", B, ", >= 1), got shape ", bt.sym_sizes());
@@ -73,8 +111,8 @@ void check_kvcache_inputs(const at::Tensor& q, const at::Tensor& key_cache, cons
   }
   // dtypes, devices, heads, head dims, window, soft cap and ALiBi: as attention's (any GQA group), with the cache
   // seen as batch-sized keys
-  auto as_keys = [&](const at::Tensor& c) {
-    return paged ? c.narrow_symint(0, 0, 1).expand_symint({B, c.sym_size(1), c.sym_size(2), c.sym_size(3)}) : c;
+  auto as_keys = [&](const at::Tensor& t) {
+    return c.paged() ? t.narrow_symint(0, 0, 1).expand_symint({B, t.sym_size(1), t.sym_size(2), t.sym_size(3)}) : t;
   };
   AttnOptions gqa = opt;
   gqa.enable_gqa = true;
@@ -85,37 +123,42 @@ void check_kvcache_inputs(const at::Tensor& q, const at::Tensor& key_cache, cons
   TORCH_CHECK_VALUE(key_cache.sym_stride(3) == 1 && value_cache.sym_stride(3) == 1,
                     "key_cache and value_cache must have a unit-stride last dimension (they are read and written "
                     "in place), got strides ", key_cache.sym_strides(), " and ", value_cache.sym_strides());
-  TORCH_CHECK_VALUE(has(key) == has(value), "key and value must be given together (the new positions to append), "
-                    "got ", has(key) ? "a key without a value" : "a value without a key");
-  if (has(key)) {
-    check_inputs(q, *key, *value, std::nullopt, gqa);
-    TORCH_CHECK_VALUE(key->sym_size(1) == key_cache.sym_size(1), "key has ", key->sym_size(1),
+  TORCH_CHECK_VALUE(has(c.key) == has(c.value), "key and value must be given together (the new positions to "
+                    "append), got ", has(c.key) ? "a key without a value" : "a value without a key");
+  if (has(c.key)) {
+    check_inputs(q, *c.key, *c.value, std::nullopt, gqa);
+    TORCH_CHECK_VALUE(c.key->sym_size(1) == key_cache.sym_size(1), "key has ", c.key->sym_size(1),
                       " heads but key_cache has ", key_cache.sym_size(1));
-    TORCH_CHECK_VALUE(value->sym_size(3) == value_cache.sym_size(3), "value has head dim ", value->sym_size(3),
+    TORCH_CHECK_VALUE(c.value->sym_size(3) == value_cache.sym_size(3), "value has head dim ", c.value->sym_size(3),
                       " but value_cache has ", value_cache.sym_size(3));
   }
-  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong,
-                   "cache_seqlens must be int32 or int64, got ", cache_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.sym_size(0) == B,
-                    "cache_seqlens must have shape (batch,) = (", B, ",), got ", cache_seqlens.sym_sizes());
-  check_index_tensor(cache_seqlens, "cache_seqlens", q);
+  TORCH_CHECK_TYPE(c.cache_seqlens.scalar_type() == at::kInt || c.cache_seqlens.scalar_type() == at::kLong,
+                   "cache_seqlens must be int32 or int64, got ", c.cache_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(c.cache_seqlens.dim() == 1 && c.cache_seqlens.sym_size(0) == B,
+                    "cache_seqlens must have shape (batch,) = (", B, ",), got ", c.cache_seqlens.sym_sizes());
+  check_index_tensor(c.cache_seqlens, "cache_seqlens", q);
+  check_rotary(c);
 }
 
-std::vector<int64_t> read_kv_lengths(const at::Tensor& key_cache, const at::Tensor& cache_seqlens,
-                                     const std::optional<at::Tensor>& key,
-                                     const std::optional<at::Tensor>& block_table) {
-  std::vector<int64_t> len = host_int64(cache_seqlens);
-  const int64_t add = new_len(key), cap = capacity(key_cache, block_table);
+std::vector<int64_t> read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
+  std::vector<int64_t> len = host_int64(c.cache_seqlens);
+  const int64_t add = c.new_len(), cap = c.capacity();
+  // (rotary) the last position rotated: the new keys', or the queries' where they advance
+  const int64_t rotated = std::max<int64_t>(add, queries_advance(opt) ? c.q.size(2) : 1);
   for (size_t b = 0; b < len.size(); ++b) {
     TORCH_CHECK_VALUE(len[b] >= 0, "cache_seqlens[", b, "] = ", len[b], " is negative");
     TORCH_CHECK_VALUE(len[b] + add <= cap, "cache_seqlens[", b, "] = ", len[b], " plus the ", add,
                       " new positions of key exceeds the cache's capacity (", cap,
-                      has(block_table) ? " = max_pages * page_size)" : " = key_cache.size(2))");
+                      c.paged() ? " = max_pages * page_size)" : " = key_cache.size(2))");
+    if (c.rotary())
+      TORCH_CHECK_VALUE(len[b] + rotated <= c.rotary_cos->size(0), "rotary_cos has ", c.rotary_cos->size(0),
+                        " positions (seqlen_ro) but batch element ", b, " rotates positions up to ",
+                        len[b] + rotated - 1);
     len[b] += add;
   }
-  if (has(block_table)) {
-    const std::vector<int64_t> bt = host_int64(*block_table);
-    const int64_t per = block_table->size(1), page = key_cache.size(2), pages = key_cache.size(0);
+  if (c.paged()) {
+    const std::vector<int64_t> bt = host_int64(*c.block_table);
+    const int64_t per = c.block_table->size(1), page = c.key_cache.size(2), pages = c.key_cache.size(0);
     for (size_t b = 0; b < len.size(); ++b) {
       for (int64_t i = 0; i < (len[b] + page - 1) / page; ++i) {
         const int64_t x = bt[b * per + i];
@@ -127,36 +170,44 @@ std::vector<int64_t> read_kv_lengths(const at::Tensor& key_cache, const at::Tens
   return len;
 }
 
-void append_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
-               const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-               const std::optional<at::Tensor>& block_table) {
-  const int64_t n = new_len(key);
-  if (n == 0 || key->size(0) == 0) return;
-  const auto dev = key_cache.device();
-  const auto li = at::TensorOptions().dtype(at::kLong).device(dev);
-  // position of new row t of batch b: cache_seqlens[b] + t  (B, n)
-  const at::Tensor pos = cache_seqlens.to(dev, at::kLong).unsqueeze(1) + at::arange(n, li);
-  auto [row, slot] = cache_rows(key_cache, block_table, pos);
-  // the two index tensors around the heads' slice: the indexed shape is (B, n, heads_kv, E)
-  at::Tensor kc = key_cache, vc = value_cache;  // (handles: written in place)
-  kc.index_put_({row, Slice(), slot}, key->permute({0, 2, 1, 3}));
-  vc.index_put_({row, Slice(), slot}, value->permute({0, 2, 1, 3}));
+KvCall rotate(const KvCall& c, const AttnOptions& opt) {
+  if (!c.rotary()) return c;
+  KvCall r = c;
+  const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
+  const at::Tensor start = c.cache_seqlens.to(c.q.device(), at::kLong).unsqueeze(1);  // (B, 1)
+  const int64_t L = c.q.size(2);
+  const at::Tensor qpos = queries_advance(opt) ? start + at::arange(L, li) : start.expand({c.q.size(0), L});
+  r.q = rotary(c.q, *c.rotary_cos, *c.rotary_sin, qpos, c.rotary_interleaved).to(c.q.scalar_type());
+  if (c.new_len() > 0)
+    r.key = rotary(*c.key, *c.rotary_cos, *c.rotary_sin, start + at::arange(c.new_len(), li), c.rotary_interleaved)
+                .to(c.key->scalar_type());
+  return r;
 }
 
-GatheredCache gather_cache(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                           const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& key,
-                           const std::optional<at::Tensor>& block_table, const AttnOptions& opt) {
-  const int64_t B = q.size(0), L = q.size(2), C = capacity(key_cache, block_table);
-  const auto dev = q.device();
-  const auto li = at::TensorOptions().dtype(at::kLong).device(dev);
-  at::Tensor len = cache_seqlens.to(dev, at::kLong) + new_len(key);  // S_b
-  // row c of the gathered cache holds position c - (C - S_b) of batch b (before 0: hidden)
+void append_kv(const KvCall& c) {
+  const int64_t n = c.new_len();
+  if (n == 0 || c.key->size(0) == 0) return;
+  const auto li = at::TensorOptions().dtype(at::kLong).device(c.key_cache.device());
+  // position of new row t of batch b: cache_seqlens[b] + t  (B, n)
+  const at::Tensor pos = c.cache_seqlens.to(c.key_cache.device(), at::kLong).unsqueeze(1) + at::arange(n, li);
+  auto [row, slot] = cache_rows(c, pos);
+  // the two index tensors around the heads' slice: the indexed shape is (B, n, heads_kv, E)
+  at::Tensor kc = c.key_cache, vc = c.value_cache;  // (handles: written in place)
+  kc.index_put_({row, Slice(), slot}, c.key->permute({0, 2, 1, 3}));
+  vc.index_put_({row, Slice(), slot}, c.value->permute({0, 2, 1, 3}));
+}
+
+GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt) {
+  const int64_t B = c.q.size(0), L = c.q.size(2), C = c.capacity();
+  const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
+  at::Tensor len = c.cache_seqlens.to(c.q.device(), at::kLong) + c.new_len();  // S_b
+  // row j of the gathered cache holds position j - (C - S_b) of batch b (before 0: hidden)
   at::Tensor src = at::arange(C, li).unsqueeze(0) - (C - len).unsqueeze(1);  // (B, C)
   const at::Tensor visible = src.ge(0);
-  auto [row, slot] = cache_rows(key_cache, block_table, src.clamp_min(0));
+  auto [row, slot] = cache_rows(c, src.clamp_min(0));
   GatheredCache g;
-  g.key = key_cache.index({row, Slice(), slot}).permute({0, 2, 1, 3});  // (B, Hkv, C, E)
-  g.value = value_cache.index({row, Slice(), slot}).permute({0, 2, 1, 3});
+  g.key = c.key_cache.index({row, Slice(), slot}).permute({0, 2, 1, 3});  // (B, Hkv, C, E)
+  g.value = c.value_cache.index({row, Slice(), slot}).permute({0, 2, 1, 3});
   const bool causal = opt.is_causal, left = opt.window_left >= 0, right = opt.window_right >= 0;
   if (!causal && !left && !right) {
     g.mask = visible.view({B, 1, 1, C});

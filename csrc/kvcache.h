@@ -22,52 +22,61 @@
 
 namespace attention_ext {
 
+// One attention_kvcache call's tensors (the op's arguments; rotary_cos / rotary_sin: the optional rotary
+// embedding tables, (seqlen_ro, rotary_dim / 2), applied to the query and the new keys before anything else).
+struct KvCall {
+  at::Tensor q, key_cache, value_cache, cache_seqlens;
+  std::optional<at::Tensor> key, value, block_table, rotary_cos, rotary_sin;
+  bool rotary_interleaved = false;
+  bool paged() const { return block_table.has_value() && block_table->defined(); }
+  bool rotary() const { return rotary_cos.has_value() && rotary_cos->defined(); }
+  // positions appended: key's length, 0 without new keys
+  int64_t new_len() const { return key.has_value() && key->defined() ? key->size(2) : 0; }
+  // positions the cache holds: S_max, or max_pages * page_size
+  int64_t capacity() const { return paged() ? block_table->size(1) * key_cache.size(2) : key_cache.size(2); }
+};
+
 // Shapes, dtypes and devices (SymInt-safe: the Meta kernel calls it too); errors name the argument.
-void check_kvcache_inputs(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                          const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& key,
-                          const std::optional<at::Tensor>& value, const std::optional<at::Tensor>& block_table,
-                          const AttnOptions& opt);
+void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt);
 
 // The positions each batch element attends to, S_b = cache_seqlens[b] + L_new, read on the host (a device sync
-// when cache_seqlens lives on a GPU) and checked: cache_seqlens >= 0 and S_b within the cache's capacity, and
-// (paged) the pages those positions use inside [0, num_pages).
-std::vector<int64_t> read_kv_lengths(const at::Tensor& key_cache, const at::Tensor& cache_seqlens,
-                                     const std::optional<at::Tensor>& key,
-                                     const std::optional<at::Tensor>& block_table);
+// when cache_seqlens lives on a GPU) and checked: cache_seqlens >= 0 and S_b within the cache's capacity, (paged)
+// the pages those positions use inside [0, num_pages), and (rotary) the positions rotated inside the tables.
+std::vector<int64_t> read_kv_lengths(const KvCall& c, const AttnOptions& opt);
+
+// The call with its query and new keys rotated (FlashAttention's rotary_cos / rotary_sin): new key row t of batch
+// b at position cache_seqlens[b] + t, query row i at cache_seqlens[b] + i with a causal or window bound, else at
+// cache_seqlens[b]; the first rotary_dim features, in pairs (x_j, x_{j + rotary_dim / 2}) or, interleaved,
+// (x_{2j}, x_{2j + 1}); in float32 (float64 for float64), rounded to the inputs' dtype. The call itself without rotary tables.
+KvCall rotate(const KvCall& c, const AttnOptions& opt);
 
 // Writes key / value (when given) into the caches at positions cache_seqlens[b] + t, in ATen index operations on
 // the caches' device (no sync).
-void append_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
-               const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-               const std::optional<at::Tensor>& block_table);
+void append_kv(const KvCall& c);
 
 // The visible cache of every batch element gathered into dense (B, Hkv, C, E) key and (..., Ev) value tensors
-// (C the capacity: S_max, or max_pages * page_size), right-aligned (batch b's S_b positions in the last S_b
-// rows), and the boolean mask (B, 1, 1 or L, C) that hides the rows before them and applies the bottom-right
-// causal / window bounds. With the queries the last L of C positions, ALiBi's distances come out as S_b's.
+// (C the capacity), right-aligned (batch b's S_b positions in the last S_b rows), and the boolean mask
+// (B, 1, 1 or L, C) that hides the rows before them and applies the bottom-right causal / window bounds. With
+// the queries the last L of C positions, ALiBi's distances come out as S_b's.
 struct GatheredCache {
   at::Tensor key, value, mask;
 };
-GatheredCache gather_cache(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                           const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& key,
-                           const std::optional<at::Tensor>& block_table, const AttnOptions& opt);
+GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt);
 
-// attention_kvcache through a backend's dense forward (fwd has _attention_forward's signature): the new keys
-// appended, the cache gathered (gather_cache) and one fused call with its mask. check_values: read the lengths
-// back and check them (read_kv_lengths; a sync on a GPU, which CUDA-graph capture cannot take).
+// attention_kvcache through a backend's dense forward (fwd has _attention_forward's signature): the query and new
+// keys rotated, the new keys appended, the cache gathered (gather_cache) and one fused call with its mask.
+// check_values: read the lengths back and check them (read_kv_lengths; a sync on a GPU, which CUDA-graph capture
+// cannot take).
 template <typename Fwd>
-std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const at::Tensor& q, const at::Tensor& key_cache,
-                                                    const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
-                                                    const std::optional<at::Tensor>& key,
-                                                    const std::optional<at::Tensor>& value,
-                                                    const std::optional<at::Tensor>& block_table,
-                                                    const AttnOptions& opt, bool check_values) {
-  check_kvcache_inputs(q, key_cache, value_cache, cache_seqlens, key, value, block_table, opt);
-  if (check_values) read_kv_lengths(key_cache, cache_seqlens, key, block_table);
-  append_kv(key_cache, value_cache, cache_seqlens, key, value, block_table);
-  GatheredCache g = gather_cache(q, key_cache, value_cache, cache_seqlens, key, block_table, opt);
+std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& call, const AttnOptions& opt,
+                                                    bool check_values) {
+  check_kvcache_inputs(call, opt);
+  if (check_values) read_kv_lengths(call, opt);
+  const KvCall c = rotate(call, opt);
+  append_kv(c);
+  GatheredCache g = gather_cache(c, opt);
   const std::vector<int64_t> no_window{-1, -1};
-  auto [out, lse, rng] = fwd(q, g.key, g.value, g.mask, 0.0, false, opt.scale, true, no_window, opt.softcap,
+  auto [out, lse, rng] = fwd(c.q, g.key, g.value, g.mask, 0.0, false, opt.scale, true, no_window, opt.softcap,
                              opt.alibi_slopes);
   return {out, lse};
 }

@@ -372,7 +372,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_autograd(
     const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
     const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
-    double softcap, const std::optional<at::Tensor>& alibi) {
+    double softcap, const std::optional<at::Tensor>& alibi, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
   const at::Tensor* kp = key.has_value() ? &*key : nullptr;
   const at::Tensor* vp = value.has_value() ? &*value : nullptr;
   TORCH_CHECK_VALUE(!needs_graph({&q, &key_cache, &value_cache, kp, vp}),
@@ -384,12 +385,13 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_autograd(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                            const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef, double,
-                           const std::optional<at::Tensor>&)>();
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, bool)>();
   std::tuple<at::Tensor, at::Tensor> r;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     r = op.call(q, key_cache, value_cache, cache_seqlens, key, value, block_table, is_causal, scale, window, softcap,
-                alibi);
+                alibi, rotary_cos, rotary_sin, rotary_interleaved);
   }
   if (kp != nullptr && kp->defined() && !key_cache.is_inference()) {  // the caches were written
     key_cache.unsafeGetTensorImpl()->bump_version();

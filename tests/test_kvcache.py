@@ -283,7 +283,7 @@ def test_kvcache_int_lengths_and_lse_merge():
 
 def test_kvcache_compile_and_opcheck():
     """Under torch.compile (fullgraph) a decoding step writes the caches and returns the eager result; opcheck
-    (schema with the caches' mutation, fake tensors, functionalization) passes, contiguous and paged."""
+    (schema with the caches' mutation, fake tensors, functionalization) passes, contiguous, paged and rotary."""
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 4, 1, 32, generator=g)
     kc, vc = (torch.randn(2, 2, 40, 32, generator=g) for _ in range(2))
@@ -304,6 +304,9 @@ def test_kvcache_compile_and_opcheck():
     table = torch.tensor([[1, 0], [3, 2]], dtype=torch.int32)
     kp, vp = (torch.randn(4, 2, 16, 32, generator=g) for _ in range(2))
     torch.library.opcheck(op, (q, kp, vp, lens, k1, v1, table, False, 0.5, [8, -1], 0.0, None))
+    cos, sin = torch.rand(64, 8, generator=g), torch.rand(64, 8, generator=g)  # rotary, on 16 of the 32 features
+    torch.library.opcheck(op, (q, kc.clone(), vc.clone(), lens, k1, v1, None, True, None, [-1, -1], 0.0, None, cos,
+                               sin, True))
 
 
 def _err_inputs():
@@ -419,3 +422,127 @@ def test_kvcache_cuda_graph(backend):
     torch.cuda.synchronize()
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)
+
+
+def rope(x, cos, sin, pos, interleaved):
+    """x (B, H, n, E) with its first 2 * cos.shape[1] features rotated at positions pos (B, n), in x's dtype
+    (float64 for the reference, the inputs' dtype for PyTorch's way, as Hugging Face's apply_rotary_pos_emb)."""
+    half = cos.shape[1]
+    c = cos.to(x.dtype)[pos][:, None]  # (B, 1, n, half)
+    s = sin.to(x.dtype)[pos][:, None]
+    r = x[..., :2 * half]
+    if interleaved:
+        a, b = r[..., 0::2], r[..., 1::2]
+        rot = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+    else:
+        a, b = r[..., :half], r[..., half:]
+        rot = torch.cat([a * c - b * s, a * s + b * c], -1)
+    return torch.cat([rot, x[..., 2 * half:]], -1)
+
+
+# name: (case of CASES for the shapes, rotary_dim, interleaved)
+ROTARY = {
+    # a causal chunk: queries at consecutive positions, half the features rotated (GPT-NeoX's partial rotary)
+    "chunk-partial": ("chunk-window-alibi-cap", 16, False),
+    # decoding against pages of 128 (CUDA reads them in place), every feature rotated in pairs (GPT-J)
+    "paged-interleaved": ("chunk-paged128-window", 64, True),
+    # no causal bound: every query at cache_seqlens[b]
+    "not-causal": ("no-new-keys-strided", 16, False),
+}
+
+
+@pytest.mark.parametrize("name", list(ROTARY))
+@pytest.mark.parametrize("backend,dtype", [
+    pytest.param("cpu", f32, id="cpu-f32"), pytest.param("cpu", bf16, id="cpu-bf16"),
+    pytest.param("cpu", f64, id="cpu-f64"), pytest.param("emu80", bf16, id="emu80-bf16", marks=emu_marks()),
+    pytest.param("cuda", bf16, id="cuda-bf16", marks=cuda_marks())])
+def test_kvcache_rotary(backend, dtype, name, monkeypatch):
+    """rotary_cos / rotary_sin (FlashAttention's): the query and the new keys rotated before the attention, the keys
+    stored rotated. The output against the float64 reference over float64-rotated inputs, within 2x the error of
+    PyTorch's way (the rotation in the dtype, as Hugging Face's apply_rotary_pos_emb, then SDPA); the lse against
+    the reference over those inputs rounded to the dtype; the appended rows within the dtype's rounding of the
+    float64 rotation, every other cache element unchanged."""
+    case, rd, inter = ROTARY[name]
+    device = "cuda" if backend == "cuda" else "cpu"
+    ops = backend_ops(backend, monkeypatch)
+    args, rows, alibi, o = make_inputs(case, dtype, device, seed=21 + len(name))
+    q, kc, vc, lens, key, value, table = args
+    g = torch.Generator().manual_seed(22)
+    theta = torch.rand(rd // 2, generator=g, dtype=f64) + 0.01
+    pos_all = torch.arange(400, dtype=f64)[:, None] * theta[None]
+    cos, sin = torch.cos(pos_all).to(f32), torch.sin(pos_all).to(f32)
+    advance = o.get("is_causal", False) or "window" in o
+    B, L = q.shape[0], q.shape[2]
+    start = lens.cpu().long()[:, None]
+    qpos = start + torch.arange(L) if advance else start.expand(B, L)
+    q64 = rope(q.cpu().to(f64), cos, sin, qpos, inter)
+    rows64, new_rows = [], None
+    if key is not None:
+        new_rows = rope(key.cpu().to(f64), cos, sin, start + torch.arange(key.shape[2]), inter)
+        for b, (kk, vv) in enumerate(rows):  # the cached positions, then the rotated new ones
+            n = int(lens[b])
+            rows64.append((torch.cat([kk[:, :n], new_rows[b]], 1), vv))
+    else:
+        rows64 = rows
+    want_k, want_v = expected_caches(args, case)  # (the appended rows as given: replaced below)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse = ops.attention_kvcache(q, kc, vc, lens, key, value, table, o.get("is_causal", False), o.get("scale"),
+                                         list(o.get("window", (-1, -1))), o.get("cap", 0.0),
+                                         None if alibi is None else alibi.to(device), cos.to(device),
+                                         sin.to(device), inter)
+    r_out, _ = reference(q64, rows64, alibi, o)
+    # the log-sum-exp has no PyTorch yardstick: its reference takes the rotated inputs as the op stores and uses
+    # them, rounded to the dtype (the rotation itself is checked by the output above and the cache rows below)
+    rnd = lambda t: t.to(dtype).to(f64)  # noqa: E731
+    _, r_lse = reference(rnd(q64), [(rnd(kk), vv) for kk, vv in rows64], alibi, o)
+    # PyTorch's way: the rotation in the dtype, then its attention over the same positions
+    qb = rope(q.cpu(), cos, sin, qpos, inter)
+    rows_b = rows
+    if key is not None:
+        kb = rope(key.cpu(), cos, sin, start + torch.arange(key.shape[2]), inter)
+        rows_b = [(torch.cat([kk[:, :int(lens[b])], kb[b].to(f64)], 1), vv) for b, (kk, vv) in enumerate(rows)]
+    base = pytorch_baseline(qb, rows_b, alibi, o, dtype)
+    assert_close_vs_baselines(f"out ({backend}, {name})", out.cpu(), r_out, [base], dtype)
+    floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
+    assert_close_vs_baselines(f"lse ({backend}, {name})", lse.cpu(), r_lse, [], dtype, floor=floor)
+    if key is not None:  # the rotated rows in the cache, the rest untouched
+        P = kc.shape[2]
+        for b in range(B):
+            for t in range(key.shape[2]):
+                p_ = int(lens[b]) + t
+                at = (b, slice(None), p_) if table is None else (int(table[b, p_ // P]), slice(None), p_ % P)
+                # (the rotation's rounding: a few ulps of the largest input where a * cos - b * sin cancels)
+                torch.testing.assert_close(kc[at].cpu().to(f64), new_rows[b][:, t], rtol=torch.finfo(dtype).eps,
+                                           atol=8 * torch.finfo(dtype).eps * float(key.abs().max()))
+                want_k[at] = kc[at]
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    assert lines
+
+
+ROTARY_ERRORS = {
+    "cos-without-sin": (dict(sin=None), ValueError, "rotary_cos and rotary_sin must be given together"),
+    "shape": (dict(sin=lambda s: s[:, :3]), ValueError, "must be \\(seqlen_ro, rotary_dim / 2\\) of one shape"),
+    "too-wide": (dict(cos=lambda c: torch.ones(64, 9), sin=lambda s: torch.ones(64, 9)), ValueError,
+                 "rotary_dim must be in \\[2, E = 16\\]"),
+    "dtype": (dict(sin=lambda s: s.double()), TypeError, "floating point of one dtype"),
+    "too-short": (dict(cos=lambda c: c[:5], sin=lambda s: s[:5]), ValueError,
+                  "rotary_cos has 5 positions \\(seqlen_ro\\) but batch element 1 rotates positions up to 5"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROTARY_ERRORS))
+def test_kvcache_rotary_errors(name):
+    """Bad rotary tables raise errors that name them (the last one, a table too short for the positions, from the
+    lengths read back), and leave the caches untouched."""
+    q, kc, vc, sl, kn, vn = _err_inputs()
+    cos, sin = torch.ones(64, 4), torch.zeros(64, 4)
+    change, exc, msg = ROTARY_ERRORS[name]
+    if "cos" in change:
+        cos = change["cos"](cos)
+    if "sin" in change:
+        sin = None if change["sin"] is None else change["sin"](sin)
+    before = (kc.clone(), vc.clone())
+    with pytest.raises(exc, match=msg):
+        torch.ops.attention_ext.attention_kvcache(q, kc, vc, sl, kn, vn, None, False, None, [-1, -1], 0.0, None, cos,
+                                                  sin, False)
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])

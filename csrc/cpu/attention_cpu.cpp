@@ -253,12 +253,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cpu(
     const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
     const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
-    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+  const KvCall call{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
+                    rotary_interleaved};
   const AttnOptions opt = make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes);
-  check_kvcache_inputs(q, key_cache, value_cache, cache_seqlens, key, value, block_table, opt);
-  const std::vector<int64_t> len = read_kv_lengths(key_cache, cache_seqlens, key, block_table);
-  append_kv(key_cache, value_cache, cache_seqlens, key, value, block_table);
-  const at::Tensor q4 = as_4d(q);
+  check_kvcache_inputs(call, opt);
+  const std::vector<int64_t> len = read_kv_lengths(call, opt);
+  const KvCall c = rotate(call, opt);
+  append_kv(c);
+  const at::Tensor q4 = as_4d(c.q);
   at::Tensor out = empty_output(q, value_cache.size(3)), lse = empty_lse(q);
   poison(out);
   poison(lse);

@@ -271,13 +271,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cuda(
     const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
     const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
-    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+  const KvCall call{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
+                    rotary_interleaved};
   c10::cuda::CUDAGuard guard(q.device());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   return run_kvcache_forward(
       forward_cuda, [](auto&& fn, const LaunchTensors& = {}) { CudaDev{}.launch("kvcache forward", {}, fn); },
-      make_env(q), "cuda kvcache forward", q, key_cache, value_cache, cache_seqlens, key, value, block_table,
-      make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes), !capturing);
+      make_env(q), "cuda kvcache forward", call, make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes),
+      !capturing);
 }
 
 }  // namespace

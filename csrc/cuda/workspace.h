@@ -304,13 +304,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
 // kvcache_gathered with the glue's dense forward `fwd`. check_values: read the lengths back to check them (a sync,
 // which CUDA-graph capture cannot take). launch(fn, extra = {}) runs one launcher and checks its error.
 template <class Fwd, class Launch>
-std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(
-    Fwd&& fwd, Launch&& launch, const LaunchEnv& env, const char* what, const at::Tensor& q, const at::Tensor& kc,
-    const at::Tensor& vc, const at::Tensor& seqlens, const std::optional<at::Tensor>& key,
-    const std::optional<at::Tensor>& value, const std::optional<at::Tensor>& table, const AttnOptions& opt,
-    bool check_values) {
-  check_kvcache_inputs(q, kc, vc, seqlens, key, value, table, opt);
-  const bool paged = table.has_value() && table->defined();
+std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launch, const LaunchEnv& env,
+                                                       const char* what, const KvCall& call, const AttnOptions& opt,
+                                                       bool check_values) {
+  check_kvcache_inputs(call, opt);
+  const at::Tensor &q = call.q, &kc = call.key_cache, &vc = call.value_cache;
+  const bool paged = call.paged();
   const FwdEntry* sm80 = q.scalar_type() == at::kDouble
                              ? nullptr
                              : find_fwd(to_dtype(q.scalar_type()), static_cast<int>(std::max(q.size(3), vc.size(3))));
@@ -321,21 +320,21 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(
   if (why != nullptr) {
     if (log_kernels())
       log_kernel(std::string(what) + ": the cache gathered, then the dense forward with a mask (" + why + ")");
-    return kvcache_gathered(fwd, q, kc, vc, seqlens, key, value, table, opt, check_values);
+    return kvcache_gathered(fwd, call, opt, check_values);
   }
-  const std::vector<int64_t> host_lens = check_values ? read_kv_lengths(kc, seqlens, key, table) : std::vector<int64_t>{};
-  append_kv(kc, vc, seqlens, key, value, table);
+  const std::vector<int64_t> host_lens = check_values ? read_kv_lengths(call, opt) : std::vector<int64_t>{};
+  const KvCall c = rotate(call, opt);
+  append_kv(c);
   at::Tensor out = empty_output(q, vc.size(3)), lse = empty_lse(q);
   poison(out);
   poison(lse);
-  const at::Tensor q4 = as_4d(q);
+  const at::Tensor q4 = as_4d(c.q);
   FwdParams p = make_fwd_params(q4, kc, vc, out, lse, std::nullopt, opt);
-  const int64_t added = key.has_value() && key->defined() ? key->size(2) : 0;
-  const at::Tensor lens = (seqlens.to(q.device(), at::kLong) + added).to(at::kInt).contiguous();
+  const at::Tensor lens = (c.cache_seqlens.to(q.device(), at::kLong) + c.new_len()).to(at::kInt).contiguous();
   p.cache_lens = lens.data_ptr<int32_t>();
   at::Tensor pages;
   if (paged) {
-    pages = table->to(q.device()).contiguous();
+    pages = c.block_table->to(q.device()).contiguous();
     p.block_table = pages.data_ptr<int32_t>();
     p.block_table_stride = pages.size(1);
     p.page_size = kc.size(2);
@@ -343,8 +342,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(
   // flash-decoding as for a dense call (few CTAs, many key tiles), planned with the longest cache (or the capacity
   // when the lengths were not read back)
   FwdParams plan = p;
-  plan.len_k = host_lens.empty() ? (paged ? pages.size(1) * kc.size(2) : kc.size(2))
-                                 : *std::max_element(host_lens.begin(), host_lens.end());
+  plan.len_k = host_lens.empty() ? c.capacity() : *std::max_element(host_lens.begin(), host_lens.end());
   const int splits = fwd_key_splits(plan, *sm80, nullptr, env);
   const LaunchTensors tensors{&q4, &kc, &vc, &out, &lse, &lens, &pages};
   const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
