@@ -6,7 +6,8 @@
 // attention_ext::attention and attention_ext::_attention_forward through the
 // c10 dispatcher, runs them on requires_grad tensors, runs the backward through
 // LibTorch's autograd engine and compares output, log-sum-exp and gradients
-// with a plain LibTorch float64 implementation. Prints PASS and returns 0 when
+// with a plain LibTorch float64 implementation; decodes through
+// attention_ext::attention_kvcache with a paged cache. Prints PASS and returns 0 when
 // everything matches, otherwise prints what failed and returns 1.
 //
 // With the three optional paths it also runs a TorchScript model saved from
@@ -47,6 +48,11 @@ using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tenso
                                                                  double, bool, std::optional<double>, bool,
                                                                  at::IntArrayRef, double,
                                                                  const std::optional<at::Tensor>&);
+
+using KvcacheFn = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef,
+    double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
 
 int g_failures = 0;
 
@@ -243,6 +249,28 @@ void run_scripted_model(const std::string& model_path, const std::string& inputs
   if (!out) fail("could not write " + out_path);
 }
 
+// attention_kvcache from C++: a prefill of 5 positions into empty paged caches, then 4 decoding steps of one, the
+// op writing the caches, against one causal attention over the 9 positions (float64).
+void run_kvcache(const c10::TypedOperatorHandle<KvcacheFn>& kvcache,
+                 const c10::TypedOperatorHandle<AttentionFn>& attention) {
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor q = at::randn({2, 4, 9, 16}, f64), k = at::randn({2, 2, 9, 16}, f64), v = at::randn({2, 2, 9, 16}, f64);
+  const std::vector<int64_t> no_window{-1, -1};
+  at::Tensor want = attention.call(q, k, v, std::nullopt, 0.0, true, std::nullopt, true, no_window, 0.0, std::nullopt);
+  at::Tensor kc = at::randn({6, 2, 4, 16}, f64), vc = at::randn({6, 2, 4, 16}, f64);  // pages of 4, random
+  at::Tensor table = at::tensor(std::vector<int32_t>{5, 0, 3, 1, 4, 2}, at::kInt).view({2, 3});
+  at::Tensor lens = at::zeros({2}, at::kInt);
+  std::vector<at::Tensor> outs;
+  for (int64_t t0 = 0, n = 5; t0 < 9; t0 += n, n = 1) {
+    auto rows = [&](const at::Tensor& x) { return x.narrow(2, t0, n); };
+    auto [out, lse] = kvcache.call(rows(q), kc, vc, lens, rows(k), rows(v), table, true, std::nullopt, no_window, 0.0,
+                                   std::nullopt, std::nullopt, std::nullopt, false);
+    outs.push_back(out);
+    lens += n;
+  }
+  check_close("attention_kvcache prefill + decoding vs causal attention", at::cat(outs, 2), want, 0.0, 1e-12);
+}
+
 int main(int argc, char** argv) {
   if (argc != 2 && argc != 5) {
     std::cerr << "usage: " << argv[0] << " /path/to/attention_ext/_C.so [MODEL.pt INPUTS.pt OUT.pkl]" << std::endl;
@@ -283,6 +311,7 @@ int main(int argc, char** argv) {
     cases.push_back(alibi);
     for (const auto& c : cases) run_case(attention, forward, c);
     run_higher_order(attention);
+    run_kvcache(dispatcher.findSchemaOrThrow("attention_ext::attention_kvcache", "").typed<KvcacheFn>(), attention);
 
     // errors surface as the c10 exception types (ValueError / TypeError in Python)
     try {
