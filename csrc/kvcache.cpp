@@ -197,8 +197,8 @@ void append_kv(const KvCall& c) {
   vc.index_put_({row, Slice(), slot}, c.value->permute({0, 2, 1, 3}));
 }
 
-GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt) {
-  const int64_t B = c.q.size(0), L = c.q.size(2), C = c.capacity();
+GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows) {
+  const int64_t B = c.q.size(0), L = c.q.size(2), C = rows;
   const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
   at::Tensor len = c.cache_seqlens.to(c.q.device(), at::kLong) + c.new_len();  // S_b
   // row j of the gathered cache holds position j - (C - S_b) of batch b (before 0: hidden)

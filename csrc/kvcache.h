@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -56,13 +57,14 @@ KvCall rotate(const KvCall& c, const AttnOptions& opt);
 void append_kv(const KvCall& c);
 
 // The visible cache of every batch element gathered into dense (B, Hkv, C, E) key and (..., Ev) value tensors
-// (C the capacity), right-aligned (batch b's S_b positions in the last S_b rows), and the boolean mask
+// (C = rows), right-aligned (batch b's S_b positions in the last S_b rows), and the boolean mask
 // (B, 1, 1 or L, C) that hides the rows before them and applies the bottom-right causal / window bounds. With
 // the queries the last L of C positions, ALiBi's distances come out as S_b's.
+// rows: C, at least the longest S_b (the capacity when the lengths were not read back).
 struct GatheredCache {
   at::Tensor key, value, mask;
 };
-GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt);
+GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows);
 
 // attention_kvcache through a backend's dense forward (fwd has _attention_forward's signature): the query and new
 // keys rotated, the new keys appended, the cache gathered (gather_cache) and one fused call with its mask.
@@ -72,10 +74,13 @@ template <typename Fwd>
 std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& call, const AttnOptions& opt,
                                                     bool check_values) {
   check_kvcache_inputs(call, opt);
-  if (check_values) read_kv_lengths(call, opt);
+  // as many rows as the longest cache needs (every row of the capacity when the lengths stay on the device)
+  const std::vector<int64_t> lens = check_values ? read_kv_lengths(call, opt) : std::vector<int64_t>{};
+  const int64_t rows =
+      lens.empty() ? call.capacity() : std::max<int64_t>(1, *std::max_element(lens.begin(), lens.end()));
   const KvCall c = rotate(call, opt);
   append_kv(c);
-  GatheredCache g = gather_cache(c, opt);
+  GatheredCache g = gather_cache(c, opt, rows);
   const std::vector<int64_t> no_window{-1, -1};
   auto [out, lse, rng] = fwd(c.q, g.key, g.value, g.mask, 0.0, false, opt.scale, true, no_window, opt.softcap,
                              opt.alibi_slopes);
