@@ -6,7 +6,9 @@
 // q/k/v/out/dout is always unit-stride (the glue guarantees it).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define AE_HOST_DEVICE __host__ __device__ __forceinline__
@@ -110,17 +112,53 @@ struct FwdParams {
   // cache_lens read it.
   const int32_t* block_table = nullptr;
   int64_t block_table_stride = 0, page_size = 0;
-  // Optional (attention_kvcache's CUDA sm80 forward, its packed variant): batch element b attends to the first
-  // cache_lens[b] key positions of its cache (contiguous, or its pages with block_table, whose page_size is then
-  // a multiple of the kernel's key tile), the len_q queries at their end (sequence_params in cuda/flash_fwd.cuh).
+  // Optional (attention_kvcache): batch element b attends to the first cache_lens[b] key positions of its cache
+  // (contiguous, or its pages with block_table), the len_q queries at their end (cache_batch_params below; the CPU
+  // reads it on the host, the sm80 forward's cache variant on the device, where page_size is a multiple of its key
+  // tile).
   const int32_t* cache_lens = nullptr;
 };
+
+// ptr moved by `elems` elements of `bytes` bytes each (the params' untyped pointers); nullptr stays nullptr.
+template <typename P>
+AE_HOST_DEVICE P* offset_by(P* ptr, int64_t elems, size_t bytes) {
+  using C = std::conditional_t<std::is_const_v<P>, const char, char>;
+  return ptr == nullptr ? ptr : reinterpret_cast<P*>(reinterpret_cast<C*>(ptr) + elems * static_cast<int64_t>(bytes));
+}
+// The same for a pointer known to be set (no test).
+template <typename P>
+AE_HOST_DEVICE P* advance(P* ptr, int64_t elems, size_t bytes) {
+  using C = std::conditional_t<std::is_const_v<P>, const char, char>;
+  return reinterpret_cast<P*>(reinterpret_cast<C*>(ptr) + elems * static_cast<int64_t>(bytes));
+}
 
 // Moves the window bounds of p for queries that are the last len_q of len_k positions (query i at position
 // i + shift, shift = len_k - len_q: attention_kvcache's bottom-right alignment): a bound may become negative.
 AE_HOST_DEVICE void shift_window(FwdParams& p, int64_t shift) {
   if (p.window_left != kNoBound) p.window_left -= shift;
   if (p.window_right != kNoBound) p.window_right += shift;
+}
+
+// Batch element b of an attention_kvcache call (FwdParams::cache_lens) as a call of its own, of batch 1: its query
+// rows, output and log-sum-exp, its first cache_lens[b] positions (its cache rows, or its row of the block table)
+// and slopes, the queries at the end of its positions. es / acc_es: the element size of q, k, v and out / of the
+// log-sum-exp. (The CPU's per-batch params, and on CUDA the cache variant's, cuda/flash_fwd.cuh.)
+AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_t es, size_t acc_es) {
+  FwdParams s = p;
+  s.batch = 1;
+  s.len_k = p.cache_lens[b];
+  s.q = advance(p.q, b * p.q_stride.b, es);
+  s.out = advance(p.out, b * p.o_stride.b, es);
+  s.lse = advance(p.lse, b * p.heads_q * p.len_q, acc_es);
+  if (p.block_table != nullptr) {
+    s.block_table = p.block_table + b * p.block_table_stride;
+  } else {
+    s.k = advance(p.k, b * p.k_stride.b, es);
+    s.v = advance(p.v, b * p.v_stride.b, es);
+  }
+  if (p.alibi_slopes != nullptr) s.alibi_slopes += b * p.alibi_stride_b;
+  shift_window(s, s.len_k - p.len_q);
+  return s;
 }
 
 // The ALiBi slope of (batch, query head) (b, h); 0 without ALiBi.

@@ -11,6 +11,22 @@
 #include "philox.h"
 
 namespace attention_ext {
+
+at::Tensor band_visibility(const c10::SymInt& len_q, const c10::SymInt& len_k, const AttnOptions& opt,
+                           const at::Device& device, int64_t q_offset) {
+  if (!opt.is_causal && opt.window_left < 0 && opt.window_right < 0) return at::Tensor();
+  const auto idx = at::TensorOptions().dtype(at::kLong).device(device);
+  at::Tensor i = at::arange(c10::Scalar(len_q), idx).unsqueeze(1);
+  if (q_offset != 0) i = i + q_offset;
+  at::Tensor j = at::arange(c10::Scalar(len_k), idx).unsqueeze(0);
+  at::Tensor vis;
+  auto both = [&vis](const at::Tensor& t) { vis = vis.defined() ? vis & t : t; };
+  if (opt.is_causal) both(j <= i);
+  if (opt.window_left >= 0) both(j >= i - opt.window_left);
+  if (opt.window_right >= 0) both(j <= i + opt.window_right);
+  return vis;
+}
+
 namespace {
 
 at::Tensor dropout_keep(const at::Tensor& rng, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
@@ -33,21 +49,7 @@ at::Tensor dropout_factor(const std::optional<at::Tensor>& rng, const at::Tensor
   return keep.to(p.scalar_type()) * DropoutRng::inv_keep_of(dropout_p);
 }
 
-// (L, S) bool: the keys is_causal and the window leave to each query row; undefined when they leave all.
-// Symbolic lengths stay symbolic (exporters with dynamic shapes trace this).
-at::Tensor band_visibility(const c10::SymInt& len_q, const c10::SymInt& len_k, const AttnOptions& opt,
-                           const at::Device& device) {
-  if (!opt.is_causal && opt.window_left < 0 && opt.window_right < 0) return at::Tensor();
-  const auto idx = at::TensorOptions().dtype(at::kLong).device(device);
-  at::Tensor i = at::arange(c10::Scalar(len_q), idx).unsqueeze(1);
-  at::Tensor j = at::arange(c10::Scalar(len_k), idx).unsqueeze(0);
-  at::Tensor vis;
-  auto both = [&vis](const at::Tensor& t) { vis = vis.defined() ? vis & t : t; };
-  if (opt.is_causal) both(j <= i);
-  if (opt.window_left >= 0) both(j >= i - opt.window_left);
-  if (opt.window_right >= 0) both(j <= i + opt.window_right);
-  return vis;
-}
+
 
 // fp16 / bf16 in float32, as the kernels accumulate; float32 and float64 as they are
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }

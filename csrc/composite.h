@@ -19,6 +19,12 @@
 
 namespace attention_ext {
 
+// (L, S) bool: the keys is_causal and the window leave to each query row (query i at position i + q_offset among
+// the keys); undefined when they leave all. Symbolic lengths stay symbolic (exporters with dynamic shapes trace
+// this).
+at::Tensor band_visibility(const c10::SymInt& len_q, const c10::SymInt& len_k, const AttnOptions& opt,
+                           const at::Device& device, int64_t q_offset = 0);
+
 // (output, weights): with need_weights, weights are the probabilities after dropout (..., Hq, L, S), or
 // their mean over the query heads (..., L, S) with average_heads, in the query's dtype (else an empty
 // tensor). rng_state: the forward's, needed when dropout_p > 0.

@@ -257,6 +257,16 @@ at::Tensor mask_4d(const at::Tensor& mask, const at::Tensor& q, const at::Tensor
   return m.flatten(0, m.dim() - 4);
 }
 
+void check_index_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.device() == q.device() || t.device().is_cpu(), name, " is on ", t.device(), " but query is on ",
+              q.device(), "; put it on the query's device or on the CPU");
+}
+
+std::vector<int64_t> host_int64(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kCPU, at::kLong).contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
 DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;

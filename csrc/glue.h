@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -87,6 +88,11 @@ void log_kernel(const std::string& line);
 at::Tensor as_4d(const at::Tensor& t);
 // attn_mask broadcast (zero strides) to (B, Hq, L, S).
 at::Tensor mask_4d(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k);
+
+// An index tensor (offsets, lengths, a block table) on the query's device or on the CPU, else an error naming it.
+void check_index_device(const at::Tensor& t, const char* name, const at::Tensor& q);
+// Its values as int64 on the host (a copy, and so a device sync, when it lives on a GPU).
+std::vector<int64_t> host_int64(const at::Tensor& t);
 
 DType to_dtype(at::ScalarType t);
 Strides4 strides_of(const at::Tensor& t4);

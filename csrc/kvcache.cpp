@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "composite.h"
+
 namespace attention_ext {
 
 namespace {
@@ -9,16 +11,6 @@ namespace {
 using at::indexing::Slice;
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.device() == q.device() || t.device().is_cpu(), name, " is on ", t.device(), " but query is on ",
-              q.device(), "; put it on the query's device or on the CPU");
-}
-
-std::vector<int64_t> host_int64(const at::Tensor& t) {
-  at::Tensor c = t.to(at::kCPU, at::kLong).contiguous();
-  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-}
 
 // Where positions pos (B, n) of each batch element live in the cache: (row, slot) index tensors for
 // cache[row, :, slot] (the batch element and the position, or the page and the row in it).
@@ -98,7 +90,7 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
     TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, "block_table must be int32, got ", bt.scalar_type());
     TORCH_CHECK_VALUE(bt.dim() == 2 && bt.sym_size(0) == B && bt.sym_size(1) >= 1,
                       "block_table must be (batch, max_pages) = (", B, ", >= 1), got shape ", bt.sym_sizes());
-    check_index_tensor(bt, "block_table", q);
+    check_index_device(bt, "block_table", q);
     TORCH_CHECK_VALUE(key_cache.sym_size(0) >= 1 && key_cache.sym_size(2) >= 1,
                       "a paged key_cache (num_pages, heads_kv, page_size, E) needs num_pages >= 1 and "
                       "page_size >= 1, got shape ", key_cache.sym_sizes());
@@ -136,7 +128,7 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
                    "cache_seqlens must be int32 or int64, got ", c.cache_seqlens.scalar_type());
   TORCH_CHECK_VALUE(c.cache_seqlens.dim() == 1 && c.cache_seqlens.sym_size(0) == B,
                     "cache_seqlens must have shape (batch,) = (", B, ",), got ", c.cache_seqlens.sym_sizes());
-  check_index_tensor(c.cache_seqlens, "cache_seqlens", q);
+  check_index_device(c.cache_seqlens, "cache_seqlens", q);
   check_rotary(c);
 }
 
@@ -208,20 +200,9 @@ GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows
   GatheredCache g;
   g.key = c.key_cache.index({row, Slice(), slot}).permute({0, 2, 1, 3});  // (B, Hkv, C, E)
   g.value = c.value_cache.index({row, Slice(), slot}).permute({0, 2, 1, 3});
-  const bool causal = opt.is_causal, left = opt.window_left >= 0, right = opt.window_right >= 0;
-  if (!causal && !left && !right) {
-    g.mask = visible.view({B, 1, 1, C});
-    return g;
-  }
-  // query i is position C - L + i of the gathered rows
-  at::Tensor qpos = (at::arange(L, li) + (C - L)).view({1, L, 1}), kpos = at::arange(C, li).view({1, 1, C});
-  at::Tensor m = visible.unsqueeze(1).expand({B, L, C});
-  if (left) m = m.logical_and(kpos.ge(qpos - opt.window_left));
-  if (causal || right) {
-    const int64_t wr = causal ? (right ? std::min<int64_t>(opt.window_right, 0) : 0) : opt.window_right;
-    m = m.logical_and(kpos.le(qpos + wr));
-  }
-  g.mask = m.unsqueeze(1);
+  // the causal / window bounds with query i at position C - L + i of the gathered rows (L x C; undefined: none)
+  const at::Tensor band = band_visibility(L, C, opt, c.q.device(), C - L);
+  g.mask = band.defined() ? visible.view({B, 1, 1, C}).logical_and(band) : visible.view({B, 1, 1, C});
   return g;
 }
 

@@ -38,6 +38,26 @@ struct KvCall {
   int64_t capacity() const { return paged() ? block_table->size(1) * key_cache.size(2) : key_cache.size(2); }
 };
 
+// The op's arguments in schema order (schemas.h's kKvcache), as the dispatcher passes them.
+using KvcacheFn = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef,
+    double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
+
+// A dispatch key's kernel of attention_kvcache from Fn(call, opt), the call's tensors and its options (no dropout,
+// any GQA group): registered as TORCH_FN(kvcache_kernel<Fn>).
+template <std::tuple<at::Tensor, at::Tensor> (*Fn)(const KvCall&, const AttnOptions&)>
+std::tuple<at::Tensor, at::Tensor> kvcache_kernel(
+    const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
+    const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+  return Fn(KvCall{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
+                   rotary_interleaved},
+            make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes));
+}
+
 // Shapes, dtypes and devices (SymInt-safe: the Meta kernel calls it too); errors name the argument.
 void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt);
 
@@ -49,7 +69,8 @@ std::vector<int64_t> read_kv_lengths(const KvCall& c, const AttnOptions& opt);
 // The call with its query and new keys rotated (FlashAttention's rotary_cos / rotary_sin): new key row t of batch
 // b at position cache_seqlens[b] + t, query row i at cache_seqlens[b] + i with a causal or window bound, else at
 // cache_seqlens[b]; the first rotary_dim features, in pairs (x_j, x_{j + rotary_dim / 2}) or, interleaved,
-// (x_{2j}, x_{2j + 1}); in float32 (float64 for float64), rounded to the inputs' dtype. The call itself without rotary tables.
+// (x_{2j}, x_{2j + 1}); in float32 (float64 for float64), rounded to the inputs' dtype. The call itself without
+// rotary tables.
 KvCall rotate(const KvCall& c, const AttnOptions& opt);
 
 // Writes key / value (when given) into the caches at positions cache_seqlens[b] + t, in ATen index operations on
@@ -66,14 +87,13 @@ struct GatheredCache {
 };
 GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows);
 
-// attention_kvcache through a backend's dense forward (fwd has _attention_forward's signature): the query and new
-// keys rotated, the new keys appended, the cache gathered (gather_cache) and one fused call with its mask.
-// check_values: read the lengths back and check them (read_kv_lengths; a sync on a GPU, which CUDA-graph capture
-// cannot take).
+// attention_kvcache through a backend's dense forward (fwd has _attention_forward's signature), once
+// check_kvcache_inputs has passed: the query and new keys rotated, the new keys appended, the cache gathered
+// (gather_cache) and one fused call with its mask. check_values: read the lengths back and check them
+// (read_kv_lengths; a sync on a GPU, which CUDA-graph capture cannot take).
 template <typename Fwd>
 std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& call, const AttnOptions& opt,
                                                     bool check_values) {
-  check_kvcache_inputs(call, opt);
   // as many rows as the longest cache needs (every row of the capacity when the lengths stay on the device)
   const std::vector<int64_t> lens = check_values ? read_kv_lengths(call, opt) : std::vector<int64_t>{};
   const int64_t rows =

@@ -82,22 +82,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_meta(
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
 }
 
-std::tuple<at::Tensor, at::Tensor> kvcache_meta(
-    const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-    const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
-    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
-  const KvCall call{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
-                    rotary_interleaved};
-  check_kvcache_inputs(call, make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes));
-  return {empty_output(q, value_cache.sym_size(3)), empty_lse(q)};
+std::tuple<at::Tensor, at::Tensor> kvcache_meta(const KvCall& call, const AttnOptions& opt) {
+  check_kvcache_inputs(call, opt);
+  return {empty_output(call.q, call.value_cache.sym_size(3)), empty_lse(call.q)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attention_ext, Meta, m) {
-  m.impl("attention_kvcache", TORCH_FN(kvcache_meta));
+  m.impl("attention_kvcache", TORCH_FN(kvcache_kernel<kvcache_meta>));
   m.impl("_attention_varlen_forward", TORCH_FN(varlen_forward_meta));
   m.impl("_attention_varlen_backward", TORCH_FN(varlen_backward_meta));
   m.impl("_attention_forward", TORCH_FN(forward_meta));

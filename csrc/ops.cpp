@@ -9,6 +9,7 @@
 
 #include "glue.h"
 #include "composite.h"
+#include "kvcache.h"
 #include "schemas.h"
 
 namespace attention_ext {
@@ -368,34 +369,24 @@ at::Tensor attention_varlen(const at::Tensor& q, const at::Tensor& k, const at::
 // attention_kvcache under autograd: it has no gradient (inference), so inputs that would need one raise
 // instead of giving outputs that silently do not require grad; otherwise the backend kernel runs, and the caches
 // it wrote get their version bumped (as an in-place ATen op's would).
-std::tuple<at::Tensor, at::Tensor> attention_kvcache_autograd(
-    const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-    const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
-    double softcap, const std::optional<at::Tensor>& alibi, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
-  const at::Tensor* kp = key.has_value() ? &*key : nullptr;
-  const at::Tensor* vp = value.has_value() ? &*value : nullptr;
-  TORCH_CHECK_VALUE(!needs_graph({&q, &key_cache, &value_cache, kp, vp}),
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_autograd(const KvCall& c, const AttnOptions& opt) {
+  auto opt_ptr = [](const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; };
+  TORCH_CHECK_VALUE(!needs_graph({&c.q, &c.key_cache, &c.value_cache, opt_ptr(c.key), opt_ptr(c.value),
+                                  opt_ptr(opt.alibi_slopes), opt_ptr(c.rotary_cos), opt_ptr(c.rotary_sin)}),
                     "attention_kvcache has no gradient (it serves inference: decoding against a cache); call it "
                     "under torch.no_grad() or torch.inference_mode(), or on tensors that do not require grad");
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("attention_ext::attention_kvcache", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef, double,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("attention_ext::attention_kvcache", "").typed<KvcacheFn>();
   std::tuple<at::Tensor, at::Tensor> r;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    r = op.call(q, key_cache, value_cache, cache_seqlens, key, value, block_table, is_causal, scale, window, softcap,
-                alibi, rotary_cos, rotary_sin, rotary_interleaved);
+    r = op.call(c.q, c.key_cache, c.value_cache, c.cache_seqlens, c.key, c.value, c.block_table, opt.is_causal,
+                opt.scale, std::vector<int64_t>{opt.window_left, opt.window_right}, opt.softcap, opt.alibi_slopes,
+                c.rotary_cos, c.rotary_sin, c.rotary_interleaved);
   }
-  if (kp != nullptr && kp->defined() && !key_cache.is_inference()) {  // the caches were written
-    key_cache.unsafeGetTensorImpl()->bump_version();
-    value_cache.unsafeGetTensorImpl()->bump_version();
+  if (c.new_len() > 0 && !c.key_cache.is_inference()) {  // the caches were written
+    c.key_cache.unsafeGetTensorImpl()->bump_version();
+    c.value_cache.unsafeGetTensorImpl()->bump_version();
   }
   return r;
 }
@@ -437,7 +428,7 @@ TORCH_LIBRARY_IMPL(attention_ext, CompositeImplicitAutograd, m) {
 // The internal ops are not differentiable by themselves (attention is the
 // differentiable entry point): their outputs never require grad.
 TORCH_LIBRARY_IMPL(attention_ext, Autograd, m) {
-  m.impl("attention_kvcache", TORCH_FN(attention_kvcache_autograd));
+  m.impl("attention_kvcache", TORCH_FN(kvcache_kernel<attention_kvcache_autograd>));
   m.impl("_attention_forward", torch::CppFunction::makeFallthrough());
   m.impl("_attention_forward_weights", torch::CppFunction::makeFallthrough());
   m.impl("_attention_backward", torch::CppFunction::makeFallthrough());

@@ -20,12 +20,6 @@ void check_offsets_tensor(const at::Tensor& cu, const char* name, const at::Tens
                     " offsets but cu_seqlens_q has ", cu_q.sym_size(0), "; both need batch + 1");
 }
 
-std::vector<int64_t> host_offsets(const at::Tensor& cu) {
-  at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* d = c.data_ptr<int64_t>();
-  return std::vector<int64_t>(d, d + c.numel());
-}
-
 void check_values(const std::vector<int64_t>& o, const char* name, int64_t total, const char* tensor,
                   std::optional<int64_t> max_len, const char* max_name) {
   TORCH_CHECK_VALUE(o.front() == 0, name, "[0] must be 0, got ", o.front());
@@ -45,8 +39,7 @@ void check_values(const std::vector<int64_t>& o, const char* name, int64_t total
 template <typename P>
 void move_common(P& p, const VarlenOffsets& off, int64_t b, size_t es, size_t acc_es) {
   auto at_row = [](auto* ptr, int64_t row, int64_t stride, size_t bytes) {
-    using C = std::conditional_t<std::is_const_v<std::remove_pointer_t<decltype(ptr)>>, const char*, char*>;
-    return ptr == nullptr ? ptr : reinterpret_cast<decltype(ptr)>(reinterpret_cast<C>(ptr) + row * stride * bytes);
+    return offset_by(ptr, row * stride, bytes);
   };
   const int64_t rq = off.q[b], rk = off.k[b];
   p.q = at_row(p.q, rq, p.q_stride.r, es);
@@ -107,10 +100,8 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
                       ",) or (batch, heads) = (", cu_q.sym_size(0) - 1, ", ", q.sym_size(1), "), got ", a.sym_sizes());
   }
   check_offsets_tensor(cu_k, "cu_seqlens_k", cu_q);
-  TORCH_CHECK(cu_q.device() == q.device() || cu_q.device().is_cpu(), "cu_seqlens_q is on ", cu_q.device(),
-              " but query is on ", q.device(), "; put it on the query's device or on the CPU");
-  TORCH_CHECK(cu_k.device() == q.device() || cu_k.device().is_cpu(), "cu_seqlens_k is on ", cu_k.device(),
-              " but query is on ", q.device(), "; put it on the query's device or on the CPU");
+  check_index_device(cu_q, "cu_seqlens_q", q);
+  check_index_device(cu_k, "cu_seqlens_k", q);
 }
 
 void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
@@ -140,8 +131,8 @@ VarlenOffsets prepare_varlen(const at::Tensor& q, const at::Tensor& k, const at:
 VarlenOffsets read_offsets(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t total_q, int64_t total_k,
                            std::optional<int64_t> max_q, std::optional<int64_t> max_k) {
   VarlenOffsets off;
-  off.q = host_offsets(cu_q);
-  off.k = host_offsets(cu_k);
+  off.q = host_int64(cu_q);
+  off.k = host_int64(cu_k);
   check_values(off.q, "cu_seqlens_q", total_q, "query", max_q, "max_seqlen_q");
   check_values(off.k, "cu_seqlens_k", total_k, "key", max_k, "max_seqlen_k");
   return off;

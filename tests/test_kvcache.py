@@ -237,12 +237,8 @@ def test_kvcache_split_keys(backend, case, monkeypatch):
         out, lse = _call(ops, args, alibi, o)
     assert len(lines) == 1 and lines[0].endswith("keys split 3 ways"), lines
     r_out, r_lse = reference(args[0], rows, alibi, o)
-    assert_close_vs_baselines(f"out ({case})", out, r_out, [pytest_baseline(args, rows, alibi, o)], bf16)
+    assert_close_vs_baselines(f"out ({case})", out, r_out, [pytorch_baseline(args[0], rows, alibi, o, bf16)], bf16)
     assert_close_vs_baselines(f"lse ({case})", lse, r_lse, [], bf16, floor=16 * ABS_FLOOR[f32])
-
-
-def pytest_baseline(args, rows, alibi, o):
-    return pytorch_baseline(args[0], rows, alibi, o, bf16)
 
 
 def test_kvcache_decode_loop_matches_causal_attention():
@@ -387,9 +383,16 @@ def test_kvcache_errors(name, backend, monkeypatch):
 
 
 def test_kvcache_grad_and_strided_cache_errors():
-    """Inputs that require grad raise (no gradient; the op is for inference); a cache whose last dim is not
-    unit-stride raises instead of being copied (it is written in place)."""
+    """Inputs that require grad raise (no gradient; the op is for inference): the query, the new keys, the ALiBi
+    slopes and the rotary tables; a cache whose last dim is not unit-stride raises instead of being copied (it is
+    written in place)."""
     q, kc, vc, sl, kn, vn = _err_inputs()
+    slopes = torch.rand(4, requires_grad=True)
+    cos, sin = torch.rand(64, 4, requires_grad=True), torch.rand(64, 4)
+    for kwargs in (dict(key=kn.clone().requires_grad_(), value=vn), dict(alibi_slopes=slopes),
+                   dict(rotary_cos=cos, rotary_sin=sin)):
+        with pytest.raises(ValueError, match="attention_kvcache has no gradient"):
+            attention_ext.attention_kvcache(q, kc, vc, sl, **{"key": kn, "value": vn, **kwargs})
     with pytest.raises(ValueError, match="attention_kvcache has no gradient"):
         attention_ext.attention_kvcache(q.requires_grad_(), kc, vc, sl, kn, vn)
     with torch.no_grad():

@@ -249,55 +249,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
 // attention_kvcache (csrc/kvcache.h): the new keys appended, then the flash kernel per batch element on the
 // cache in place (no copy of it; a paged cache through FwdParams::block_table), every batch element in one
 // parallel region (cpu::run_jobs), each seeing its own S_b positions with the queries at their end.
-std::tuple<at::Tensor, at::Tensor> kvcache_cpu(
-    const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-    const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
-    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
-  const KvCall call{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
-                    rotary_interleaved};
-  const AttnOptions opt = make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes);
+std::tuple<at::Tensor, at::Tensor> kvcache_cpu(const KvCall& call, const AttnOptions& opt) {
   check_kvcache_inputs(call, opt);
   const std::vector<int64_t> len = read_kv_lengths(call, opt);
   const KvCall c = rotate(call, opt);
   append_kv(c);
+  const at::Tensor& q = call.q;
   const at::Tensor q4 = as_4d(c.q);
-  at::Tensor out = empty_output(q, value_cache.size(3)), lse = empty_lse(q);
+  at::Tensor out = empty_output(q, c.value_cache.size(3)), lse = empty_lse(q);
   poison(out);
   poison(lse);
-  FwdParams p = make_fwd_params(q4, key_cache, value_cache, out, lse, std::nullopt, opt);
+  FwdParams p = make_fwd_params(q4, c.key_cache, c.value_cache, out, lse, std::nullopt, opt);
   const at::Tensor alibi = set_alibi(p, opt, q);
   at::Tensor table;
-  if (block_table.has_value() && block_table->defined()) {
-    table = block_table->to(at::kCPU).contiguous();
+  if (c.paged()) {
+    table = c.block_table->to(at::kCPU).contiguous();
     p.block_table = table.data_ptr<int32_t>();
     p.block_table_stride = table.size(1);
-    p.page_size = key_cache.size(2);
+    p.page_size = c.key_cache.size(2);
   }
-  const int64_t B = q.size(0), L = q.size(2), Hq = q.size(1);
-  const size_t es = q.element_size(), acc_es = lse.element_size();
-  auto moved = [](auto* ptr, int64_t elems, size_t bytes) {
-    using C = std::conditional_t<std::is_const_v<std::remove_pointer_t<decltype(ptr)>>, const char*, char*>;
-    return reinterpret_cast<decltype(ptr)>(reinterpret_cast<C>(ptr) + elems * static_cast<int64_t>(bytes));
-  };
-  std::vector<FwdParams> ps(B, p);
+  const int64_t B = q.size(0), L = q.size(2);
+  const std::vector<int32_t> lens(len.begin(), len.end());  // (within int32: checked against the cache's rows)
+  p.cache_lens = lens.data();
+  std::vector<FwdParams> ps(B);
   std::vector<double> cost(B);
   for (int64_t b = 0; b < B; ++b) {
-    FwdParams& s = ps[b];
-    s.batch = 1;
-    s.q = moved(p.q, b * p.q_stride.b, es);
-    s.out = moved(p.out, b * p.o_stride.b, es);
-    s.lse = moved(p.lse, b * Hq * L, acc_es);
-    if (p.block_table != nullptr) {
-      s.block_table = p.block_table + b * p.block_table_stride;
-    } else {
-      s.k = moved(p.k, b * p.k_stride.b, es);
-      s.v = moved(p.v, b * p.v_stride.b, es);
-    }
-    if (p.alibi_slopes != nullptr) s.alibi_slopes += b * p.alibi_stride_b;
-    s.len_k = len[b];
-    shift_window(s, len[b] - L);
+    ps[b] = cache_batch_params(p, b, q.element_size(), lse.element_size());
     cost[b] = static_cast<double>(L) * static_cast<double>(len[b]);
     if (len[b] == 0) {  // nothing to attend to: 0 and lse -inf, as a fully masked row
       out.select(0, b).zero_();
@@ -321,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
-  m.impl("attention_kvcache", TORCH_FN(kvcache_cpu));
+  m.impl("attention_kvcache", TORCH_FN(kvcache_kernel<kvcache_cpu>));
   m.impl("_attention_varlen_forward", TORCH_FN(varlen_forward_cpu));
   m.impl("_attention_varlen_backward", TORCH_FN(varlen_backward_cpu));
   m.impl("_attention_forward", TORCH_FN(forward_cpu));

@@ -267,20 +267,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
 // attention_kvcache (workspace.h's run_kvcache_forward): the sm80 kernel on the cache in place, or the visible
 // cache gathered into one dense call. The lengths are read back and checked (a sync) except under CUDA-graph
 // capture, which cannot take one: there, lengths beyond the capacity are the caller's to avoid.
-std::tuple<at::Tensor, at::Tensor> kvcache_cuda(
-    const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-    const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
-    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
-  const KvCall call{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
-                    rotary_interleaved};
-  c10::cuda::CUDAGuard guard(q.device());
+std::tuple<at::Tensor, at::Tensor> kvcache_cuda(const KvCall& call, const AttnOptions& opt) {
+  c10::cuda::CUDAGuard guard(call.q.device());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   return run_kvcache_forward(
       forward_cuda, [](auto&& fn, const LaunchTensors& = {}) { CudaDev{}.launch("kvcache forward", {}, fn); },
-      make_env(q), "cuda kvcache forward", call, make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes),
-      !capturing);
+      make_env(call.q), "cuda kvcache forward", call, opt, !capturing);
 }
 
 }  // namespace
@@ -290,7 +282,7 @@ TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
   m.impl("_attention_varlen_forward", TORCH_FN(cuda::varlen_forward_cuda));
   m.impl("_attention_varlen_backward", TORCH_FN(cuda::varlen_backward_cuda));
   m.impl("_attention_forward", TORCH_FN(cuda::forward_cuda));
-  m.impl("attention_kvcache", TORCH_FN(cuda::kvcache_cuda));
+  m.impl("attention_kvcache", TORCH_FN(kvcache_kernel<cuda::kvcache_cuda>));
   m.impl("_attention_forward_weights", TORCH_FN(cuda::forward_weights_cuda));
   m.impl("_attention_backward", TORCH_FN(cuda::backward_cuda));
   m.impl("attention_probs", TORCH_FN(cuda::probs_cuda));

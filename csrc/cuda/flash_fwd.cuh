@@ -106,24 +106,6 @@ __device__ __forceinline__ FwdParams sequence_params(const FwdParams& p, int64_t
   return s;
 }
 
-// Batch element b of a cache call (FwdParams::cache_lens, attention_kvcache) as a call of its own, of batch 1: its
-// query rows, its first cache_lens[b] positions, the queries at their end (the window shifted).
-template <typename Elem>
-__device__ __forceinline__ FwdParams cache_params(const FwdParams& p, int64_t b) {
-  FwdParams s = p;
-  s.batch = 1;
-  s.len_k = p.cache_lens[b];
-  s.q = static_cast<const Elem*>(p.q) + b * p.q_stride.b;
-  s.out = static_cast<Elem*>(p.out) + b * p.o_stride.b;
-  s.lse = static_cast<float*>(p.lse) + b * p.heads_q * p.len_q;
-  if (p.block_table == nullptr) {  // (a paged cache: tile_rows finds the batch element's pages)
-    s.k = static_cast<const Elem*>(p.k) + b * p.k_stride.b;
-    s.v = static_cast<const Elem*>(p.v) + b * p.v_stride.b;
-  }
-  shift_window(s, s.len_k - s.len_q);
-  return s;
-}
-
 // Row j0 of a key or value tile (base: the head's rows; st: its strides): base's, or in the cache variant with a
 // paged cache (FwdParams::block_table) the row of j0's page, which holds the whole tile (page_size: a multiple of
 // kBlockN). The page is looked up in the block table row of the CTA's batch element from the launch's parameters
@@ -183,7 +165,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   // sequence, so a query block past the end of this one has nothing to do
   FwdParams seq;
   if constexpr (kCache) {
-    seq = cache_params<Elem>(p_call, bh_call / Hq);
+    seq = cache_batch_params(p_call, bh_call / Hq, sizeof(Elem), sizeof(float));
   } else if constexpr (kPacked) {
     seq = sequence_params<Elem>(p_call, bh_call / Hq);
   }

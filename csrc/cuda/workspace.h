@@ -172,6 +172,26 @@ bool launched_unless_declined(Launch&& launch, Fn&& fn, const LaunchTensors& ext
   return err != cudaErrorNotSupported;
 }
 
+// Flash-decoding: the sm80 kernel with the key tiles of each query block shared among `splits` CTAs, writing
+// fp32 shares that launch_fwd_combine merges into p's output and log-sum-exp. extra: the call's tensors (the
+// emulator's bounds checks).
+template <class Launch>
+void run_split_forward(const FwdParams& p, int splits, const at::TensorOptions& like, const FwdEntry& sm80,
+                       const LaunchEnv& env, Launch&& launch, const LaunchTensors& extra = {}) {
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  at::Tensor o_accum = at::empty({splits, rows, p.dim_v}, like.dtype(at::kFloat));
+  at::Tensor lse_accum = at::empty({2, splits, rows}, like.dtype(at::kFloat));
+  poison(o_accum);  // (tests) every share writes all its rows, empty or not
+  poison(lse_accum);
+  FwdParams ps = p;
+  ps.num_splits = splits;
+  ps.o_accum = o_accum.data_ptr<float>();
+  ps.lse_accum = lse_accum.data_ptr<float>();
+  const LaunchTensors tensors = extra + LaunchTensors{&o_accum, &lse_accum};
+  launch([&] { return sm80.fn(ps, nullptr, env); }, tensors);
+  launch([&] { return launch_fwd_combine(ps, env); }, tensors);
+}
+
 // The forward of run_forward once the GQA heads are packed (or not): the Hopper kernel when it covers the call
 // (its launcher declines with cudaErrorNotSupported before launching anything), else the sm80 kernel.
 template <class Launch>
@@ -181,17 +201,7 @@ std::string run_forward_unpacked(const FwdParams& p, const LaunchEnv& env, const
   const Sm90FwdEntry* h = find_fwd_sm90(p, env);
   const int splits = fwd_key_splits(p, sm80, h, env);
   if (splits > 1) {
-    const int64_t rows = p.batch * p.heads_q * p.len_q;
-    at::Tensor o_accum = at::empty({splits, rows, p.dim_v}, like.dtype(at::kFloat));
-    at::Tensor lse_accum = at::empty({2, splits, rows}, like.dtype(at::kFloat));
-    poison(o_accum);  // (tests) every share writes all its rows, empty or not
-    poison(lse_accum);
-    FwdParams ps = p;
-    ps.num_splits = splits;
-    ps.o_accum = o_accum.data_ptr<float>();
-    ps.lse_accum = lse_accum.data_ptr<float>();
-    launch([&] { return sm80.fn(ps, nullptr, env); }, LaunchTensors{&o_accum, &lse_accum});
-    launch([&] { return launch_fwd_combine(ps, env); }, LaunchTensors{&o_accum, &lse_accum});
+    run_split_forward(p, splits, like, sm80, env, launch);
     return describe_kernel(what, sm80.head_dim, p.dtype, env) + ", keys split " + std::to_string(splits) + " ways";
   }
   if (h != nullptr) {
@@ -297,10 +307,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
   return {s.out, s.lse, rng};
 }
 
-// attention_kvcache as both glues run it: the new keys appended, then one launch of the sm80 forward's packed
+// attention_kvcache as both glues run it: the new keys appended, then one launch of the sm80 forward's cache
 // variant over every batch element (FwdParams::cache_lens) reading the cache in place, pages included, where it
-// covers the call: fp32 / fp16 / bf16, no ALiBi (the packed variant has none), pages that hold whole key tiles of
-// the kernel (a multiple of its block_n: 64 positions do for every head dim). Anything else goes through
+// covers the call: fp32 / fp16 / bf16, no ALiBi (the variant has none), pages that hold whole key tiles of the
+// kernel (a multiple of its block_n: 64 positions do for every head dim). Anything else goes through
 // kvcache_gathered with the glue's dense forward `fwd`. check_values: read the lengths back to check them (a sync,
 // which CUDA-graph capture cannot take). launch(fn, extra = {}) runs one launcher and checks its error.
 template <class Fwd, class Launch>
@@ -313,10 +323,10 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   const FwdEntry* sm80 = q.scalar_type() == at::kDouble
                              ? nullptr
                              : find_fwd(to_dtype(q.scalar_type()), static_cast<int>(std::max(q.size(3), vc.size(3))));
-  const char* why = sm80 == nullptr                             ? "no kernel for the dtype and head dim"
-                    : opt.has_alibi()                           ? "ALiBi"
-                    : paged && kc.size(2) % sm80->block_n != 0  ? "pages shorter than the kernel's key tile"
-                                                                : nullptr;
+  const char* why = sm80 == nullptr                            ? "no kernel for the dtype and head dim"
+                    : opt.has_alibi()                          ? "ALiBi"
+                    : paged && kc.size(2) % sm80->block_n != 0 ? "pages not a multiple of the kernel's key tile"
+                                                               : nullptr;
   if (why != nullptr) {
     if (log_kernels())
       log_kernel(std::string(what) + ": the cache gathered, then the dense forward with a mask (" + why + ")");
@@ -347,16 +357,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   const LaunchTensors tensors{&q4, &kc, &vc, &out, &lse, &lens, &pages};
   const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
   if (any && splits > 1) {
-    const int64_t rows = p.batch * p.heads_q * p.len_q;
-    at::Tensor o_accum = at::empty({splits, rows, p.dim_v}, q.options().dtype(at::kFloat));
-    at::Tensor lse_accum = at::empty({2, splits, rows}, q.options().dtype(at::kFloat));
-    poison(o_accum);  // (tests) every share writes all its rows, empty or not
-    poison(lse_accum);
-    p.num_splits = splits;
-    p.o_accum = o_accum.data_ptr<float>();
-    p.lse_accum = lse_accum.data_ptr<float>();
-    launch([&] { return sm80->fn(p, nullptr, env); }, tensors + LaunchTensors{&o_accum, &lse_accum});
-    launch([&] { return launch_fwd_combine(p, env); }, tensors + LaunchTensors{&o_accum, &lse_accum});
+    run_split_forward(p, splits, q.options(), *sm80, env, launch, tensors);
   } else if (any) {
     launch([&] { return sm80->fn(p, nullptr, env); }, tensors);
   }

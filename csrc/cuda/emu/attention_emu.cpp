@@ -230,19 +230,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
 }
 
 // attention_kvcache as the CUDA backend runs it (run_kvcache_forward), on the emulated kernels.
-std::tuple<at::Tensor, at::Tensor> kvcache_emu(
-    const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
-    const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
-    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
-  const KvCall call{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
-                    rotary_interleaved};
+std::tuple<at::Tensor, at::Tensor> kvcache_emu(const KvCall& call, const AttnOptions& opt) {
   return run_kvcache_forward(
-      forward_emu,
-      [&](auto&& fn, const LaunchTensors& extra = {}) { EmuDev{}.launch("kvcache forward", extra, fn); },
-      make_env(q), "emu kvcache forward", call, make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes),
-      true);
+      forward_emu, [](auto&& fn, const LaunchTensors& extra = {}) { EmuDev{}.launch("kvcache forward", extra, fn); },
+      make_env(call.q), "emu kvcache forward", call, opt, true);
 }
 
 }  // namespace
@@ -261,7 +252,7 @@ TORCH_LIBRARY(attention_ext_emu, m) {
 
 TORCH_LIBRARY_IMPL(attention_ext_emu, CPU, m) {
   m.impl("_attention_forward", TORCH_FN(cuda::forward_emu));
-  m.impl("attention_kvcache", TORCH_FN(cuda::kvcache_emu));
+  m.impl("attention_kvcache", TORCH_FN(kvcache_kernel<cuda::kvcache_emu>));
   m.impl("_attention_forward_weights", TORCH_FN(cuda::forward_weights_emu));
   m.impl("_attention_backward", TORCH_FN(cuda::backward_emu));
   m.impl("_attention_varlen_forward", TORCH_FN(cuda::varlen_forward_emu));
