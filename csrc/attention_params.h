@@ -114,8 +114,7 @@ struct FwdParams {
   int64_t block_table_stride = 0, page_size = 0;
   // Optional (attention_kvcache): batch element b attends to the first cache_lens[b] key positions of its cache
   // (contiguous, or its pages with block_table), the len_q queries at their end (cache_batch_params below; the CPU
-  // reads it on the host, the sm80 forward's cache variant on the device, where page_size is a multiple of its key
-  // tile).
+  // reads it on the host, the sm80 forward's cache variant on the device, pages of any size).
   const int32_t* cache_lens = nullptr;
 };
 

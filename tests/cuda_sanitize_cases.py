@@ -88,7 +88,7 @@ def varlen_case(dtype, lengths_q, lengths_k, Hq, Hkv, E, causal, dropout, determ
 
 def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal):
     """attention_kvcache: the new rows appended, then the sm80 forward's cache variant on the cache in place
-    (page = 0: contiguous; a multiple of 64: paged in place; else the gathered path)."""
+    (page = 0: contiguous; else paged, read in place row by row)."""
     dev = "cuda"
     S = max(lengths) + L
     if page:
@@ -182,12 +182,13 @@ def main():
         varlen_case(*c)
     torch.use_deterministic_algorithms(False)
     # attention_kvcache: decoding against a contiguous cache (an empty one too), a chunk against pages of 128 and
-    # of 64 (in place), and pages of 16 (gathered)
+    # of 64, pages of 16 and of 24 (tiles crossing page ends)
     kvcache = [
         (torch.bfloat16, 3, 8, 2, 1, 128, [300, 0, 17], 0, True),
         (torch.float16, 2, 4, 2, 7, 64, [130, 3], 128, True),
         (torch.bfloat16, 2, 8, 1, 1, 128, [500, 64], 64, True),
         (torch.float16, 2, 4, 4, 3, 64, [40, 9], 16, False),
+        (torch.bfloat16, 2, 8, 2, 1, 128, [200, 47], 24, True),
     ]
     for i, c in enumerate(kvcache):
         print(f"[kvcache {i + 1}/{len(kvcache)}] {c}", flush=True)

@@ -218,3 +218,24 @@ def test_race_free_in_other_schedules(racecheck, monkeypatch, case, order, cp_as
     with emu.schedule(order, cp_async):
         for x in _run(case):
             assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_kvcache_race_free(racecheck, monkeypatch, splits):
+    """attention_kvcache's kernel (the sm80 forward's cache variant) on pages of 24 positions, whose rows it loads one
+    by one (key tiles that cross page ends), a chunk of 5 queries per batch element, with its key tiles whole or
+    shared among 3 CTAs (split keys, merged by the combine kernel)."""
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "80")
+    monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", splits)
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, L, E, page, per = 2, 4, 2, 5, 64, 24, 10
+    kc, vc = (torch.randn(B * per + 1, Hkv, page, E, generator=g).to(bf16) for _ in range(2))
+    table = torch.randperm(B * per + 1, generator=g)[: B * per].view(B, per).to(torch.int32)
+    q = torch.randn(B, Hq, L, E, generator=g).to(bf16)
+    key, value = (torch.randn(B, Hkv, L, E, generator=g).to(bf16) for _ in range(2))
+    lens = torch.tensor([180, 33], dtype=torch.int32)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse = emu.ops.attention_kvcache(q, kc, vc, lens, key, value, table, True)
+    assert len(lines) == 1 and "paged (24 positions a page)" in lines[0], lines
+    assert (splits == "3") == ("keys split 3 ways" in lines[0]), lines
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()

@@ -490,26 +490,29 @@ __device__ __forceinline__ bool vec16_ok(const Elem* p, int64_t row_stride, int6
 }
 
 // Copies a ROWS x COLS tile (COLS = the padded head dim) into shared memory
-// with row stride LD: element (r, c) = g[r * row_stride + c] for r < nrows and
-// c < ncols, 0 elsewhere (zero padding of short tiles and of head dims below
-// the instantiation's). vec: cp.async 16-byte chunks (asynchronous: commit and
-// wait), else element-wise loads stored synchronously (misaligned inputs).
-template <typename Elem, int ROWS, int COLS, int LD, int NTHREADS>
-__device__ __forceinline__ void load_tile(Elem* s, const Elem* g, int64_t row_stride, int nrows, int ncols, bool vec,
-                                          int tid) {
+// with row stride LD: element (r, c) = row(r)[c] for r < nrows and c < ncols,
+// 0 elsewhere (zero padding of short tiles and of head dims below the
+// instantiation's). row(r) is called for r < nrows only (a paged cache looks
+// each row's page up); g0 is any valid address, the source of the copies that
+// write zeros. vec: cp.async 16-byte chunks (asynchronous: commit and wait),
+// else element-wise loads stored synchronously (misaligned inputs). kUnroll =
+// false issues the chunks from a loop (a costly row(r): registers).
+template <typename Elem, int ROWS, int COLS, int LD, int NTHREADS, bool kUnroll = true, class RowFn>
+__device__ __forceinline__ void load_tile_rows(Elem* s, const Elem* g0, RowFn&& row, int nrows, int ncols, bool vec,
+                                               int tid) {
   constexpr int kEpc = 16 / sizeof(Elem);
   static_assert(COLS % kEpc == 0, "tile width must be a multiple of 16 bytes");
   constexpr int kCpr = COLS / kEpc;
   constexpr int kTotal = ROWS * kCpr;
   constexpr int kIters = (kTotal + NTHREADS - 1) / NTHREADS;
   if (vec) {
-#pragma unroll
+#pragma unroll(kUnroll ? kIters : 1)
     for (int it = 0; it < kIters; ++it) {
       const int c = tid + it * NTHREADS;
       if (kTotal % NTHREADS == 0 || c < kTotal) {
         const int r = c / kCpr, col = (c % kCpr) * kEpc;
         const bool ok = r < nrows && col < ncols;
-        const Elem* src = ok ? g + static_cast<int64_t>(r) * row_stride + col : g;
+        const Elem* src = ok ? row(r) + col : g0;
         cp_async16(smem_u32(s + r * LD + col), src, ok);
       }
     }
@@ -523,7 +526,7 @@ __device__ __forceinline__ void load_tile(Elem* s, const Elem* g, int64_t row_st
         uint4 u;
         Elem e[kEpc];
       } tmp;
-      const Elem* src = g + static_cast<int64_t>(r) * row_stride;
+      const Elem* src = r < nrows ? row(r) : g0;
 #pragma unroll
       for (int e = 0; e < kEpc; ++e) {
         const bool ok = r < nrows && col + e < ncols;
@@ -532,6 +535,14 @@ __device__ __forceinline__ void load_tile(Elem* s, const Elem* g, int64_t row_st
       *reinterpret_cast<uint4*>(s + r * LD + col) = tmp.u;
     }
   }
+}
+
+// load_tile_rows of rows g + r * row_stride.
+template <typename Elem, int ROWS, int COLS, int LD, int NTHREADS>
+__device__ __forceinline__ void load_tile(Elem* s, const Elem* g, int64_t row_stride, int nrows, int ncols, bool vec,
+                                          int tid) {
+  load_tile_rows<Elem, ROWS, COLS, LD, NTHREADS>(
+      s, g, [=](int r) { return g + static_cast<int64_t>(r) * row_stride; }, nrows, ncols, vec, tid);
 }
 
 // ---------------------------------------------------------------------------

@@ -106,23 +106,31 @@ __device__ __forceinline__ FwdParams sequence_params(const FwdParams& p, int64_t
   return s;
 }
 
-// Row j0 of a key or value tile (base: the head's rows; st: its strides): base's, or in the cache variant with a
-// paged cache (FwdParams::block_table) the row of j0's page, which holds the whole tile (page_size: a multiple of
-// kBlockN). The page is looked up in the block table row of the CTA's batch element from the launch's parameters
-// pc and blockIdx, rather than from values kept live through the loop (registers).
-template <bool kCache, int kBlockM, typename Elem>
-__device__ __forceinline__ const Elem* tile_rows(const FwdParams& pc, const Elem* base, const Strides4& st,
-                                                 int64_t j0) {
+// Loads the key or value tile of rows j0 .. j0 + nk - 1 (base: the head's rows, row_stride apart; pages page_stride
+// apart) into sm: base's rows, or in the cache variant with a paged cache (FwdParams::block_table) each row from
+// its page, so that pages of any size (vLLM's 16) are read in place. The block table row is that of the CTA's batch
+// element, found from the launch's parameters pc and blockIdx rather than from values kept live through the loop,
+// and the chunks are issued from a loop, not unrolled (registers: the cache variant spills 144 / 376 B at fp16
+// D = 64, a lookup per tile for pages of whole tiles beside it 212 / 460).
+template <bool kCache, class Cfg, typename Elem>
+__device__ __forceinline__ void load_kv_tile(Elem* sm, const FwdParams& pc, const Elem* base, int64_t row_stride,
+                                             int64_t page_stride, int64_t j0, int nk, int ncols, bool vec, int tid) {
+  constexpr int kBlockN = Cfg::kBlockN, kLd = Cfg::kLd, kThreads = Cfg::kThreads, kD = Cfg::kD;
   if constexpr (kCache) {
     if (pc.block_table != nullptr) {
-      const int64_t per_b = ceil_div(pc.len_q, kBlockM) * pc.heads_q;  // CTAs of a batch element (and split)
+      const int64_t per_b = ceil_div(pc.len_q, Cfg::kBlockM) * pc.heads_q;  // CTAs of a batch element (and split)
       const int64_t b = static_cast<int64_t>(blockIdx.x) % (per_b * pc.batch) / per_b;
       const int page = static_cast<int>(pc.page_size), j = static_cast<int>(j0);
-      const int32_t* row = pc.block_table + b * pc.block_table_stride;
-      return base + static_cast<int64_t>(row[j / page]) * st.b + static_cast<int64_t>(j % page) * st.r;
+      const int32_t* pages = pc.block_table + b * pc.block_table_stride;
+      const auto row = [&](int r) {
+        const int jr = j + r;
+        return base + static_cast<int64_t>(pages[jr / page]) * page_stride + static_cast<int64_t>(jr % page) * row_stride;
+      };
+      load_tile_rows<Elem, kBlockN, kD, kLd, kThreads, false>(sm, base, row, nk, ncols, vec, tid);
+      return;
     }
   }
-  return base + j0 * st.r;
+  load_tile<Elem, kBlockN, kD, kLd, kThreads>(sm, base + j0 * row_stride, row_stride, nk, ncols, vec, tid);
 }
 
 // The batch of the split keys' shares (FwdParams::num_splits): the call's (a packed call has no split keys, and its
@@ -247,8 +255,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     load_tile<Elem, kBlockM, kD, kLd, kThreads>(sQ, q + i0 * p.q_stride.r, p.q_stride.r, nq, E, vec_q, tid);
     const int64_t j0 = n_begin * kBlockN;
     const int nk = static_cast<int>(S - j0 < kBlockN ? S - j0 : kBlockN);
-    const Elem* kt = tile_rows<kCache, kBlockM>(p_call, k, p_call.k_stride, j0);
-    load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, kt, p.k_stride.r, nk, E, vec_k, tid);
+    load_kv_tile<kCache, Cfg>(sK, p_call, k, p.k_stride.r, p_call.k_stride.b, j0, nk, E, vec_k, tid);
     stage_mask<kBlockM, kBlockN, kThreads>(sMask, p, b, h, i0, j0, tid);
     cp_async_commit();
   }
@@ -262,8 +269,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     cp_async_wait<0>();
     __syncthreads();
     if (need_o) {
-      const Elem* vt = tile_rows<kCache, kBlockM>(p_call, v, p_call.v_stride, j0);
-      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sV, vt, p.v_stride.r, nk, Ev, vec_v, tid);
+      load_kv_tile<kCache, Cfg>(sV, p_call, v, p.v_stride.r, p_call.v_stride.b, j0, nk, Ev, vec_v, tid);
     }
     cp_async_commit();
 
@@ -345,8 +351,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
     if (n + 1 < n_end) {
       const int64_t j1 = j0 + kBlockN;
       const int nk1 = static_cast<int>(S - j1 < kBlockN ? S - j1 : kBlockN);
-      const Elem* kt = tile_rows<kCache, kBlockM>(p_call, k, p_call.k_stride, j1);
-      load_tile<Elem, kBlockN, kD, kLd, kThreads>(sK, kt, p.k_stride.r, nk1, E, vec_k, tid);
+      load_kv_tile<kCache, Cfg>(sK, p_call, k, p.k_stride.r, p_call.k_stride.b, j1, nk1, E, vec_k, tid);
       stage_mask<kBlockM, kBlockN, kThreads>(sMask, p, b, h, i0, j1, tid);
     }
     cp_async_commit();
@@ -457,9 +462,9 @@ cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEn
   if (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone ||
                                     p.alibi_slopes != nullptr || p.cache_lens != nullptr))
     return cudaErrorInvalidValue;  // packed sequences: without split keys, a mask or ALiBi
-  if ((p.block_table != nullptr && (p.cache_lens == nullptr || p.page_size % Cfg::kBlockN != 0)) ||
+  if ((p.block_table != nullptr && (p.cache_lens == nullptr || p.page_size < 1)) ||
       (p.cache_lens != nullptr && (stats != nullptr || p.mask_kind != MaskKind::kNone || p.alibi_slopes != nullptr)))
-    return cudaErrorInvalidValue;  // a cache: the forward alone, pages of whole tiles, without a mask or ALiBi
+    return cudaErrorInvalidValue;  // a cache: the forward alone, without a mask or ALiBi
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;

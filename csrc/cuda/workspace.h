@@ -309,9 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
 
 // attention_kvcache as both glues run it: the new keys appended, then one launch of the sm80 forward's cache
 // variant over every batch element (FwdParams::cache_lens) reading the cache in place, pages included, where it
-// covers the call: fp32 / fp16 / bf16, no ALiBi (the variant has none), pages that hold whole key tiles of the
-// kernel (a multiple of its block_n: 64 positions do for every head dim). Anything else goes through
-// kvcache_gathered with the glue's dense forward `fwd`. check_values: read the lengths back to check them (a sync,
+// covers the call: fp32 / fp16 / bf16, no ALiBi (the variant has none), pages of any size. Anything else goes
+// through kvcache_gathered with the glue's dense forward `fwd`. check_values: read the lengths back to check them (a sync,
 // which CUDA-graph capture cannot take). launch(fn, extra = {}) runs one launcher and checks its error.
 template <class Fwd, class Launch>
 std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launch, const LaunchEnv& env,
@@ -325,7 +324,6 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
                              : find_fwd(to_dtype(q.scalar_type()), static_cast<int>(std::max(q.size(3), vc.size(3))));
   const char* why = sm80 == nullptr                            ? "no kernel for the dtype and head dim"
                     : opt.has_alibi()                          ? "ALiBi"
-                    : paged && kc.size(2) % sm80->block_n != 0 ? "pages not a multiple of the kernel's key tile"
                                                                : nullptr;
   if (why != nullptr) {
     if (log_kernels())
