@@ -277,8 +277,8 @@ def attention_kvcache(
     with ``rotary_interleaved``, (x_{2j}, x_{2j + 1}) pairs (GPT-J).
 
     Returns the output (B, Hq, L, Ev), and with ``return_lse=True`` also the float32 log-sum-exp (B, Hq, L) for
-    merging with other partial attentions (:func:`merge_attention`). On the CPU the fused kernel reads the cache in
-    place, pages included; on CUDA the visible cache is gathered into one fused call.
+    merging with other partial attentions (:func:`merge_attention`). The fused kernels read the cache in place,
+    pages of any size included (on CUDA float64 gathers the visible cache into one fused call first).
     """
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((query.shape[0],), cache_seqlens, dtype=torch.int32, device=query.device)

@@ -9,7 +9,7 @@
 //     of them (bottom-right: query i at position i + S_b - L for is_causal, window_size and ALiBi's distances).
 // The CPU runs the flash kernel per batch element on the cache in place, pages included (FwdParams::block_table;
 // csrc/cpu/attention_cpu.cpp); CUDA the sm80 forward's cache variant (cuda/workspace.h, run_kvcache_forward), or
-// for what that does not take, kvcache_gathered below.
+// for float64, which it does not take, kvcache_gathered below.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -86,9 +86,9 @@ def varlen_case(dtype, lengths_q, lengths_k, Hq, Hkv, E, causal, dropout, determ
             raise SystemExit(f"NaN in varlen {name} for {dtype} lengths {lengths_q} / {lengths_k}")
 
 
-def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal):
+def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal, alibi=False):
     """attention_kvcache: the new rows appended, then the sm80 forward's cache variant on the cache in place
-    (page = 0: contiguous; else paged, read in place row by row)."""
+    (page = 0: contiguous; else paged, read in place row by row), with ALiBi slopes per (batch, head) or none."""
     dev = "cuda"
     S = max(lengths) + L
     if page:
@@ -101,7 +101,8 @@ def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal):
     q = torch.randn(B, Hq, L, E, device=dev, dtype=dtype)
     k, v = (torch.randn(B, Hkv, L, E, device=dev, dtype=dtype) for _ in range(2))
     lens = torch.tensor(lengths, device=dev, dtype=torch.int32)
-    out, lse = ops.attention_kvcache(q, kc, vc, lens, k, v, table, causal)
+    slopes = torch.rand(B, Hq, device=dev) if alibi else None
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, k, v, table, causal, alibi_slopes=slopes)
     torch.cuda.synchronize()
     if torch.isnan(out).any():
         raise SystemExit(f"NaN in kvcache out for {dtype} lengths {lengths} page {page}")
@@ -182,13 +183,13 @@ def main():
         varlen_case(*c)
     torch.use_deterministic_algorithms(False)
     # attention_kvcache: decoding against a contiguous cache (an empty one too), a chunk against pages of 128 and
-    # of 64, pages of 16 and of 24 (tiles crossing page ends)
+    # of 64, pages of 16 and of 24 (tiles crossing page ends, ALiBi)
     kvcache = [
         (torch.bfloat16, 3, 8, 2, 1, 128, [300, 0, 17], 0, True),
         (torch.float16, 2, 4, 2, 7, 64, [130, 3], 128, True),
         (torch.bfloat16, 2, 8, 1, 1, 128, [500, 64], 64, True),
         (torch.float16, 2, 4, 4, 3, 64, [40, 9], 16, False),
-        (torch.bfloat16, 2, 8, 2, 1, 128, [200, 47], 24, True),
+        (torch.bfloat16, 2, 8, 2, 1, 128, [200, 47], 24, True, True),
     ]
     for i, c in enumerate(kvcache):
         print(f"[kvcache {i + 1}/{len(kvcache)}] {c}", flush=True)

@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       const float cap = static_cast<float>(p.softcap);
       softcap_acc(s, cap, 2.f * kLog2e / cap);
     }
-    if constexpr (!kPacked) {  // (packed calls take no ALiBi)
+    if constexpr (!kPacked || kCache) {  // (packed sequences take no ALiBi; a cache call's p has its batch's slopes)
       if (p.alibi_slopes != nullptr) alibi_acc(s, alibi_slope(p, b, h), static_cast<int>(wrow0 - j0 + S - L), lane);
     }
     if (!tile_fully_visible(p, i0, i0 + nq - 1, j0, kBlockN)) {
@@ -463,8 +463,8 @@ cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEn
                                     p.alibi_slopes != nullptr || p.cache_lens != nullptr))
     return cudaErrorInvalidValue;  // packed sequences: without split keys, a mask or ALiBi
   if ((p.block_table != nullptr && (p.cache_lens == nullptr || p.page_size < 1)) ||
-      (p.cache_lens != nullptr && (stats != nullptr || p.mask_kind != MaskKind::kNone || p.alibi_slopes != nullptr)))
-    return cudaErrorInvalidValue;  // a cache: the forward alone, without a mask or ALiBi
+      (p.cache_lens != nullptr && (stats != nullptr || p.mask_kind != MaskKind::kNone)))
+    return cudaErrorInvalidValue;  // a cache: the forward alone, without a mask
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;

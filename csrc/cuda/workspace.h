@@ -309,9 +309,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
 
 // attention_kvcache as both glues run it: the new keys appended, then one launch of the sm80 forward's cache
 // variant over every batch element (FwdParams::cache_lens) reading the cache in place, pages included, where it
-// covers the call: fp32 / fp16 / bf16, no ALiBi (the variant has none), pages of any size. Anything else goes
-// through kvcache_gathered with the glue's dense forward `fwd`. check_values: read the lengths back to check them (a sync,
-// which CUDA-graph capture cannot take). launch(fn, extra = {}) runs one launcher and checks its error.
+// covers the call: fp32 / fp16 / bf16, any page size, ALiBi. Anything else (float64) goes through kvcache_gathered
+// with the glue's dense forward `fwd`. check_values: read the lengths back to check them (a sync, which CUDA-graph
+// capture cannot take). launch(fn, extra = {}) runs one launcher and checks its error.
 template <class Fwd, class Launch>
 std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launch, const LaunchEnv& env,
                                                        const char* what, const KvCall& call, const AttnOptions& opt,
@@ -322,12 +322,10 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   const FwdEntry* sm80 = q.scalar_type() == at::kDouble
                              ? nullptr
                              : find_fwd(to_dtype(q.scalar_type()), static_cast<int>(std::max(q.size(3), vc.size(3))));
-  const char* why = sm80 == nullptr                            ? "no kernel for the dtype and head dim"
-                    : opt.has_alibi()                          ? "ALiBi"
-                                                               : nullptr;
-  if (why != nullptr) {
+  if (sm80 == nullptr) {
     if (log_kernels())
-      log_kernel(std::string(what) + ": the cache gathered, then the dense forward with a mask (" + why + ")");
+      log_kernel(std::string(what) +
+                 ": the cache gathered, then the dense forward with a mask (no kernel for the dtype and head dim)");
     return kvcache_gathered(fwd, call, opt, check_values);
   }
   const std::vector<int64_t> host_lens = check_values ? read_kv_lengths(call, opt) : std::vector<int64_t>{};
@@ -338,6 +336,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   poison(lse);
   const at::Tensor q4 = as_4d(c.q);
   FwdParams p = make_fwd_params(q4, kc, vc, out, lse, std::nullopt, opt);
+  const at::Tensor alibi = set_alibi(p, opt, q4);
   const at::Tensor lens = (c.cache_seqlens.to(q.device(), at::kLong) + c.new_len()).to(at::kInt).contiguous();
   p.cache_lens = lens.data_ptr<int32_t>();
   at::Tensor pages;
@@ -352,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   FwdParams plan = p;
   plan.len_k = host_lens.empty() ? c.capacity() : *std::max_element(host_lens.begin(), host_lens.end());
   const int splits = fwd_key_splits(plan, *sm80, nullptr, env);
-  const LaunchTensors tensors{&q4, &kc, &vc, &out, &lse, &lens, &pages};
+  const LaunchTensors tensors{&q4, &kc, &vc, &out, &lse, &lens, &pages, &alibi};
   const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
   if (any && splits > 1) {
     run_split_forward(p, splits, q.options(), *sm80, env, launch, tensors);
