@@ -254,6 +254,8 @@ def attention_kvcache(
     rotary_cos: Optional[torch.Tensor] = None,
     rotary_sin: Optional[torch.Tensor] = None,
     rotary_interleaved: bool = False,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
     return_lse: bool = False,
 ):
     """New queries against a key / value cache, for decoding and chunked prefill (FlashAttention's
@@ -276,15 +278,24 @@ def attention_kvcache(
     cache_seqlens[b]; the first rotary_dim features, as (x_j, x_{j + rotary_dim / 2}) pairs (GPT-NeoX, Llama) or,
     with ``rotary_interleaved``, (x_{2j}, x_{2j + 1}) pairs (GPT-J).
 
+    Packed queries (continuous batching: prefill chunks and decoding steps of several sequences in one call): with
+    ``cu_seqlens_q`` (B + 1,) int32, ``query`` is (total_q, Hq, E) and batch element b's L_b query rows are rows
+    cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1; ``key`` / ``value``, when given, are (total_q, Hkv, E / Ev), the
+    same rows being b's L_b new positions (so S_b = cache_seqlens[b] + L_b). The rules above hold per batch element
+    with L_b for L. ``max_seqlen_q``, when given, must bound every L_b (checked); on CUDA it sizes the launch when
+    the lengths are not read back (CUDA-graph capture). The output is (total_q, Hq, Ev), the log-sum-exp
+    (total_q, Hq).
+
     Returns the output (B, Hq, L, Ev), and with ``return_lse=True`` also the float32 log-sum-exp (B, Hq, L) for
     merging with other partial attentions (:func:`merge_attention`). The fused kernels read the cache in place,
     pages of any size included (on CUDA float64 gathers the visible cache into one fused call first).
     """
     if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((query.shape[0],), cache_seqlens, dtype=torch.int32, device=query.device)
+        batch = query.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=query.device)
     out, lse = _ops.attention_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table,
                                       bool(is_causal), scale, _window(window_size), float(softcap), alibi_slopes,
-                                      rotary_cos, rotary_sin, bool(rotary_interleaved))
+                                      rotary_cos, rotary_sin, bool(rotary_interleaved), cu_seqlens_q, max_seqlen_q)
     return (out, lse) if return_lse else out
 
 

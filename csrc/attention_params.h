@@ -92,7 +92,8 @@ struct FwdParams {
   // seed_offset_ptr[2 b], [2 b + 1] when that is set). The kernels see each sequence as a call of batch 1
   // (sequence_params, cuda/flash_fwd.cuh and flash_bwd.cuh; the host-side twin for the other backends is
   // split_sequences, varlen.h). total_q = cu_seqlens_q[batch], the packed query rows; total_k =
-  // cu_seqlens_k[batch], the packed key rows.
+  // cu_seqlens_k[batch], the packed key rows. (With cache_lens below, cu_seqlens_q alone: attention_kvcache's packed
+  // queries, each batch element's keys in its cache.)
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
   int64_t total_q = 0, total_k = 0;
@@ -139,16 +140,26 @@ AE_HOST_DEVICE void shift_window(FwdParams& p, int64_t shift) {
 }
 
 // Batch element b of an attention_kvcache call (FwdParams::cache_lens) as a call of its own, of batch 1: its query
-// rows, output and log-sum-exp, its first cache_lens[b] positions (its cache rows, or its row of the block table)
-// and slopes, the queries at the end of its positions. es / acc_es: the element size of q, k, v and out / of the
+// rows, output and log-sum-exp (packed queries: its rows of cu_seqlens_q, the call's len_q being the longest), its
+// first cache_lens[b] positions (its cache rows, or its row of the block table) and slopes, the queries at the end
+// of its positions. es / acc_es: the element size of q, k, v and out / of the
 // log-sum-exp. (The CPU's per-batch params, and on CUDA the cache variant's, cuda/flash_fwd.cuh.)
 AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_t es, size_t acc_es) {
   FwdParams s = p;
   s.batch = 1;
   s.len_k = p.cache_lens[b];
-  s.q = advance(p.q, b * p.q_stride.b, es);
-  s.out = advance(p.out, b * p.o_stride.b, es);
-  s.lse = advance(p.lse, b * p.heads_q * p.len_q, acc_es);
+  if (p.cu_seqlens_q != nullptr) {  // packed queries: b's rows, its (heads_q, L_b) block of the log-sum-exp
+    const int64_t q0 = p.cu_seqlens_q[b];
+    s.len_q = p.cu_seqlens_q[b + 1] - q0;
+    s.q = advance(p.q, q0 * p.q_stride.r, es);
+    s.out = advance(p.out, q0 * p.o_stride.r, es);
+    s.lse = advance(p.lse, p.heads_q * q0, acc_es);
+    s.cu_seqlens_q = nullptr;
+  } else {
+    s.q = advance(p.q, b * p.q_stride.b, es);
+    s.out = advance(p.out, b * p.o_stride.b, es);
+    s.lse = advance(p.lse, b * p.heads_q * p.len_q, acc_es);
+  }
   if (p.block_table != nullptr) {
     s.block_table = p.block_table + b * p.block_table_stride;
   } else {
@@ -156,7 +167,7 @@ AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_
     s.v = advance(p.v, b * p.v_stride.b, es);
   }
   if (p.alibi_slopes != nullptr) s.alibi_slopes += b * p.alibi_stride_b;
-  shift_window(s, s.len_k - p.len_q);
+  shift_window(s, s.len_k - s.len_q);
   return s;
 }
 

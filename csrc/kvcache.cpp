@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "composite.h"
+#include "varlen.h"
 
 namespace attention_ext {
 
@@ -12,15 +13,31 @@ using at::indexing::Slice;
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// Where positions pos (B, n) of each batch element live in the cache: (row, slot) index tensors for
-// cache[row, :, slot] (the batch element and the position, or the page and the row in it).
-std::tuple<at::Tensor, at::Tensor> cache_rows(const KvCall& c, const at::Tensor& pos) {
-  if (!c.paged()) {
-    const auto li = at::TensorOptions().dtype(at::kLong).device(pos.device());
-    return {at::arange(pos.size(0), li).unsqueeze(1).expand_as(pos), pos};
-  }
+// Where positions pos of batch elements batch (int64 index tensors of one shape) live in the cache: (row, slot)
+// index tensors for cache[row, :, slot] (the batch element and the position, or the page and the row in it).
+std::tuple<at::Tensor, at::Tensor> cache_rows(const KvCall& c, const at::Tensor& batch, const at::Tensor& pos) {
+  if (!c.paged()) return {batch, pos};
   const int64_t page = c.key_cache.size(2);
-  return {c.block_table->to(pos.device(), at::kLong).gather(1, at::floor_divide(pos, page)), at::remainder(pos, page)};
+  const at::Tensor table = c.block_table->to(pos.device(), at::kLong);
+  return {table.index({batch, at::floor_divide(pos, page)}), at::remainder(pos, page)};
+}
+
+// The batch index of pos (B, n): b in row b.
+at::Tensor batch_of(const at::Tensor& pos) {
+  const auto li = at::TensorOptions().dtype(at::kLong).device(pos.device());
+  return at::arange(pos.size(0), li).unsqueeze(1).expand_as(pos);
+}
+
+// A packed call's rows (KvCall::cu_seqlens_q): the batch element of each and its index there, (total_q,) int64 on
+// the query's device, without a sync (rows past cu_seqlens_q[B], which read_kv_lengths refuses, count as the last
+// batch element's).
+std::tuple<at::Tensor, at::Tensor> packed_rows(const KvCall& c) {
+  const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
+  const at::Tensor cu = c.cu_seqlens_q->to(c.q.device(), at::kLong);
+  const at::Tensor t = at::arange(c.q.size(0), li);
+  const int64_t B = cu.size(0) - 1;
+  const at::Tensor b = at::searchsorted(cu.slice(0, 1), t, false, true).clamp_max(std::max<int64_t>(B - 1, 0));
+  return {b, t - cu.index_select(0, b)};
 }
 
 // Whether the query rows sit at consecutive positions for the rotary embedding (a causal or window bound), or all
@@ -39,9 +56,9 @@ void check_rotary(const KvCall& c) {
   TORCH_CHECK_VALUE(cs.dim() == 2 && sn.sym_sizes().equals(cs.sym_sizes()),
                     "rotary_cos and rotary_sin must be (seqlen_ro, rotary_dim / 2) of one shape, got ",
                     cs.sym_sizes(), " and ", sn.sym_sizes());
-  TORCH_CHECK_VALUE(cs.sym_size(1) >= 1 && 2 * cs.sym_size(1) <= c.q.sym_size(3),
-                    "rotary_cos has rotary_dim / 2 = ", cs.sym_size(1), " columns; rotary_dim must be in [2, E = ",
-                    c.q.sym_size(3), "]");
+  const c10::SymInt E = c.q.sym_size(-1);
+  TORCH_CHECK_VALUE(cs.sym_size(1) >= 1 && 2 * cs.sym_size(1) <= E, "rotary_cos has rotary_dim / 2 = ",
+                    cs.sym_size(1), " columns; rotary_dim must be in [2, E = ", E, "]");
   TORCH_CHECK(cs.device() == c.q.device() && sn.device() == c.q.device(), "rotary_cos and rotary_sin are on ",
               cs.device(), " and ", sn.device(), " but query is on ", c.q.device());
 }
@@ -78,13 +95,36 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
   const at::Tensor &q = c.q, &key_cache = c.key_cache, &value_cache = c.value_cache;
   TORCH_CHECK_VALUE(q.defined() && key_cache.defined() && value_cache.defined() && c.cache_seqlens.defined(),
                     "query, key_cache, value_cache and cache_seqlens must be tensors");
-  TORCH_CHECK_VALUE(q.dim() == 4, "query must be (batch, heads, L, E) for attention_kvcache, got shape ",
-                    q.sym_sizes());
+  TORCH_CHECK_TYPE(c.cache_seqlens.scalar_type() == at::kInt || c.cache_seqlens.scalar_type() == at::kLong,
+                   "cache_seqlens must be int32 or int64, got ", c.cache_seqlens.scalar_type());
+  // the query as (B, Hq, L, E) for the checks shared with dense calls: a packed query's rows seen by every batch
+  // element (an expanded view: shapes only)
+  at::Tensor q4 = q;
+  c10::SymInt B;
+  if (c.packed()) {
+    const at::Tensor& cu = *c.cu_seqlens_q;
+    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ", cu.scalar_type());
+    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.sym_size(0) >= 1, "cu_seqlens_q must be (batch + 1,), got shape ",
+                      cu.sym_sizes());
+    check_index_device(cu, "cu_seqlens_q", q);
+    B = cu.sym_size(0) - 1;
+    TORCH_CHECK_VALUE(q.dim() == 3, "query must be (total_q, heads, E) with cu_seqlens_q, got shape ",
+                      q.sym_sizes());
+    TORCH_CHECK_VALUE(c.max_seqlen_q >= -1, "max_seqlen_q must be >= 0 (or None), got ", c.max_seqlen_q);
+    q4 = heads_first(q).unsqueeze(0).expand_symint({B, q.sym_size(1), q.sym_size(0), q.sym_size(2)});
+  } else {
+    TORCH_CHECK_VALUE(q.dim() == 4, "query must be (batch, heads, L, E) for attention_kvcache (or (total_q, heads, "
+                      "E) with cu_seqlens_q), got shape ", q.sym_sizes());
+    TORCH_CHECK_VALUE(c.max_seqlen_q == -1, "max_seqlen_q goes with cu_seqlens_q (packed queries), which is None");
+    B = q.sym_size(0);
+  }
+  TORCH_CHECK_VALUE(c.cache_seqlens.dim() == 1 && c.cache_seqlens.sym_size(0) == B,
+                    "cache_seqlens must have shape (batch,) = (", B, ",), got ", c.cache_seqlens.sym_sizes());
+  check_index_device(c.cache_seqlens, "cache_seqlens", q);
   TORCH_CHECK_VALUE(key_cache.dim() == 4 && value_cache.dim() == 4,
                     "key_cache and value_cache must be 4-D: (batch, heads_kv, S_max, E) / (..., Ev), or paged "
                     "(num_pages, heads_kv, page_size, E) / (..., Ev) with a block_table; got shapes ",
                     key_cache.sym_sizes(), " and ", value_cache.sym_sizes());
-  const c10::SymInt B = q.sym_size(0);
   if (c.paged()) {
     const at::Tensor& bt = *c.block_table;
     TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, "block_table must be int32, got ", bt.scalar_type());
@@ -108,9 +148,9 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
   };
   AttnOptions gqa = opt;
   gqa.enable_gqa = true;
-  check_inputs(q, as_keys(key_cache), as_keys(value_cache), std::nullopt, gqa);
-  TORCH_CHECK_VALUE(q.sym_size(3) >= 1 && value_cache.sym_size(3) >= 1,
-                    "attention_kvcache needs head dims >= 1, got E = ", q.sym_size(3), " and Ev = ",
+  check_inputs(q4, as_keys(key_cache), as_keys(value_cache), std::nullopt, gqa);
+  TORCH_CHECK_VALUE(q4.sym_size(3) >= 1 && value_cache.sym_size(3) >= 1,
+                    "attention_kvcache needs head dims >= 1, got E = ", q4.sym_size(3), " and Ev = ",
                     value_cache.sym_size(3));
   TORCH_CHECK_VALUE(key_cache.sym_stride(3) == 1 && value_cache.sym_stride(3) == 1,
                     "key_cache and value_cache must have a unit-stride last dimension (they are read and written "
@@ -118,85 +158,180 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
   TORCH_CHECK_VALUE(has(c.key) == has(c.value), "key and value must be given together (the new positions to "
                     "append), got ", has(c.key) ? "a key without a value" : "a value without a key");
   if (has(c.key)) {
-    check_inputs(q, *c.key, *c.value, std::nullopt, gqa);
-    TORCH_CHECK_VALUE(c.key->sym_size(1) == key_cache.sym_size(1), "key has ", c.key->sym_size(1),
+    at::Tensor k4 = *c.key, v4 = *c.value;
+    if (c.packed()) {
+      TORCH_CHECK_VALUE(k4.dim() == 3 && v4.dim() == 3 && k4.sym_size(0) == q.sym_size(0) &&
+                            v4.sym_size(0) == q.sym_size(0),
+                        "key and value must be (total_q, heads_kv, E) / (..., Ev) with cu_seqlens_q: each batch "
+                        "element's new positions are its query rows; got shapes ", k4.sym_sizes(), " and ",
+                        v4.sym_sizes(), " for a query of ", q.sym_size(0), " rows");
+      k4 = heads_first(k4).unsqueeze(0).expand_symint({B, k4.sym_size(1), k4.sym_size(0), k4.sym_size(2)});
+      v4 = heads_first(v4).unsqueeze(0).expand_symint({B, v4.sym_size(1), v4.sym_size(0), v4.sym_size(2)});
+    }
+    check_inputs(q4, k4, v4, std::nullopt, gqa);
+    TORCH_CHECK_VALUE(k4.sym_size(1) == key_cache.sym_size(1), "key has ", k4.sym_size(1),
                       " heads but key_cache has ", key_cache.sym_size(1));
-    TORCH_CHECK_VALUE(c.value->sym_size(3) == value_cache.sym_size(3), "value has head dim ", c.value->sym_size(3),
+    TORCH_CHECK_VALUE(v4.sym_size(3) == value_cache.sym_size(3), "value has head dim ", v4.sym_size(3),
                       " but value_cache has ", value_cache.sym_size(3));
   }
-  TORCH_CHECK_TYPE(c.cache_seqlens.scalar_type() == at::kInt || c.cache_seqlens.scalar_type() == at::kLong,
-                   "cache_seqlens must be int32 or int64, got ", c.cache_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(c.cache_seqlens.dim() == 1 && c.cache_seqlens.sym_size(0) == B,
-                    "cache_seqlens must have shape (batch,) = (", B, ",), got ", c.cache_seqlens.sym_sizes());
-  check_index_device(c.cache_seqlens, "cache_seqlens", q);
   check_rotary(c);
 }
 
-std::vector<int64_t> read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
-  std::vector<int64_t> len = host_int64(c.cache_seqlens);
-  const int64_t add = c.new_len(), cap = c.capacity();
-  // (rotary) the last position rotated: the new keys', or the queries' where they advance
-  const int64_t rotated = std::max<int64_t>(add, queries_advance(opt) ? c.q.size(2) : 1);
-  for (size_t b = 0; b < len.size(); ++b) {
-    TORCH_CHECK_VALUE(len[b] >= 0, "cache_seqlens[", b, "] = ", len[b], " is negative");
-    TORCH_CHECK_VALUE(len[b] + add <= cap, "cache_seqlens[", b, "] = ", len[b], " plus the ", add,
+KvLengths read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
+  KvLengths n;
+  n.keys = host_int64(c.cache_seqlens);
+  const int64_t B = static_cast<int64_t>(n.keys.size()), cap = c.capacity();
+  if (c.packed()) {
+    const std::vector<int64_t> cu = host_int64(*c.cu_seqlens_q);
+    TORCH_CHECK_VALUE(cu[0] == 0 && cu[B] == c.q.size(0), "cu_seqlens_q must run from 0 to total_q = ", c.q.size(0),
+                      " (the query's rows), got ", cu[0], " .. ", cu[B]);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(cu[b + 1] >= cu[b], "cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b, "] = ", cu[b],
+                        " > cu_seqlens_q[", b + 1, "] = ", cu[b + 1]);
+      n.queries.push_back(cu[b + 1] - cu[b]);
+      TORCH_CHECK_VALUE(c.max_seqlen_q < 0 || n.queries[b] <= c.max_seqlen_q, "max_seqlen_q = ", c.max_seqlen_q,
+                        " but batch element ", b, " has ", n.queries[b], " query rows");
+    }
+  } else {
+    n.queries.assign(B, c.q.size(2));
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t& len = n.keys[b];
+    const int64_t add = c.packed() ? (has(c.key) ? n.queries[b] : 0) : c.new_len();
+    // (rotary) the last position rotated: the new keys', or the queries' where they advance
+    const int64_t rotated = std::max<int64_t>(add, queries_advance(opt) ? n.queries[b] : 1);
+    TORCH_CHECK_VALUE(len >= 0, "cache_seqlens[", b, "] = ", len, " is negative");
+    TORCH_CHECK_VALUE(len + add <= cap, "cache_seqlens[", b, "] = ", len, " plus the ", add,
                       " new positions of key exceeds the cache's capacity (", cap,
                       c.paged() ? " = max_pages * page_size)" : " = key_cache.size(2))");
     if (c.rotary())
-      TORCH_CHECK_VALUE(len[b] + rotated <= c.rotary_cos->size(0), "rotary_cos has ", c.rotary_cos->size(0),
+      TORCH_CHECK_VALUE(len + rotated <= c.rotary_cos->size(0), "rotary_cos has ", c.rotary_cos->size(0),
                         " positions (seqlen_ro) but batch element ", b, " rotates positions up to ",
-                        len[b] + rotated - 1);
-    len[b] += add;
+                        len + rotated - 1);
+    len += add;
   }
   if (c.paged()) {
     const std::vector<int64_t> bt = host_int64(*c.block_table);
     const int64_t per = c.block_table->size(1), page = c.key_cache.size(2), pages = c.key_cache.size(0);
-    for (size_t b = 0; b < len.size(); ++b) {
-      for (int64_t i = 0; i < (len[b] + page - 1) / page; ++i) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < (n.keys[b] + page - 1) / page; ++i) {
         const int64_t x = bt[b * per + i];
         TORCH_CHECK_VALUE(x >= 0 && x < pages, "block_table[", b, ", ", i, "] = ", x,
                           " is not a page of key_cache (num_pages = ", pages, ")");
       }
     }
   }
-  return len;
+  return n;
+}
+
+at::Tensor kv_lengths(const KvCall& c) {
+  at::Tensor len = c.cache_seqlens.to(c.q.device(), at::kLong);
+  if (!c.packed()) return len + c.new_len();
+  if (!has(c.key)) return len;
+  const at::Tensor cu = c.cu_seqlens_q->to(c.q.device(), at::kLong);
+  return len + (cu.slice(0, 1) - cu.slice(0, 0, -1));
 }
 
 KvCall rotate(const KvCall& c, const AttnOptions& opt) {
   if (!c.rotary()) return c;
   KvCall r = c;
   const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
-  const at::Tensor start = c.cache_seqlens.to(c.q.device(), at::kLong).unsqueeze(1);  // (B, 1)
+  const at::Tensor start = c.cache_seqlens.to(c.q.device(), at::kLong);  // (B,)
+  if (c.packed()) {  // every row as one batch element (1, H, total_q, E), at its own position
+    auto [b, i] = packed_rows(c);
+    const at::Tensor first = start.index_select(0, b);
+    const at::Tensor qpos = (queries_advance(opt) ? first + i : first).unsqueeze(0);
+    auto rows = [&](const at::Tensor& x, const at::Tensor& pos) {
+      return heads_first(rotary(heads_first(x).unsqueeze(0), *c.rotary_cos, *c.rotary_sin, pos,
+                                c.rotary_interleaved).squeeze(0)).to(x.scalar_type());
+    };
+    r.q = rows(c.q, qpos);
+    if (has(c.key)) r.key = rows(*c.key, (first + i).unsqueeze(0));
+    return r;
+  }
   const int64_t L = c.q.size(2);
-  const at::Tensor qpos = queries_advance(opt) ? start + at::arange(L, li) : start.expand({c.q.size(0), L});
+  const at::Tensor s = start.unsqueeze(1);  // (B, 1)
+  const at::Tensor qpos = queries_advance(opt) ? s + at::arange(L, li) : s.expand({c.q.size(0), L});
   r.q = rotary(c.q, *c.rotary_cos, *c.rotary_sin, qpos, c.rotary_interleaved).to(c.q.scalar_type());
   if (c.new_len() > 0)
-    r.key = rotary(*c.key, *c.rotary_cos, *c.rotary_sin, start + at::arange(c.new_len(), li), c.rotary_interleaved)
+    r.key = rotary(*c.key, *c.rotary_cos, *c.rotary_sin, s + at::arange(c.new_len(), li), c.rotary_interleaved)
                 .to(c.key->scalar_type());
   return r;
 }
 
 void append_kv(const KvCall& c) {
-  const int64_t n = c.new_len();
-  if (n == 0 || c.key->size(0) == 0) return;
+  if (!c.appends() || c.key->numel() == 0) return;
+  at::Tensor kc = c.key_cache, vc = c.value_cache;  // (handles: written in place)
+  const at::Tensor start = c.cache_seqlens.to(c.key_cache.device(), at::kLong);
+  if (c.packed()) {  // packed row t of batch element b at position cache_seqlens[b] + its index in b
+    auto [b, i] = packed_rows(c);
+    auto [row, slot] = cache_rows(c, b.to(kc.device()), start.index_select(0, b.to(kc.device())) + i.to(kc.device()));
+    kc.index_put_({row, Slice(), slot}, *c.key);
+    vc.index_put_({row, Slice(), slot}, *c.value);
+    return;
+  }
   const auto li = at::TensorOptions().dtype(at::kLong).device(c.key_cache.device());
   // position of new row t of batch b: cache_seqlens[b] + t  (B, n)
-  const at::Tensor pos = c.cache_seqlens.to(c.key_cache.device(), at::kLong).unsqueeze(1) + at::arange(n, li);
-  auto [row, slot] = cache_rows(c, pos);
+  const at::Tensor pos = start.unsqueeze(1) + at::arange(c.new_len(), li);
+  auto [row, slot] = cache_rows(c, batch_of(pos), pos);
   // the two index tensors around the heads' slice: the indexed shape is (B, n, heads_kv, E)
-  at::Tensor kc = c.key_cache, vc = c.value_cache;  // (handles: written in place)
   kc.index_put_({row, Slice(), slot}, c.key->permute({0, 2, 1, 3}));
   vc.index_put_({row, Slice(), slot}, c.value->permute({0, 2, 1, 3}));
+}
+
+KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& lens, c10::Device index_device,
+                   int64_t max_q) {
+  KvParams k;
+  const at::Tensor& q = c.q;
+  const bool packed = c.packed();
+  const int64_t B = c.cache_seqlens.size(0);
+  k.q4 = packed ? as_4d(heads_first(q)) : as_4d(q);
+  k.out = empty_output(q, c.value_cache.size(3));
+  k.lse = packed ? at::empty({q.size(1) * q.size(0)}, empty_lse(q).options()) : empty_lse(q);
+  poison(k.out);
+  poison(k.lse);
+  FwdParams& p = k.p;
+  p = make_fwd_params(k.q4, c.key_cache, c.value_cache, packed ? heads_first(k.out).unsqueeze(0) : k.out, k.lse,
+                      std::nullopt, opt);
+  // (the slopes broadcast to (B, Hq): a packed query's shape stands for every batch element)
+  k.alibi = set_alibi(p, opt, packed ? k.q4.expand({B, -1, -1, -1}) : k.q4);
+  if (c.paged()) {
+    k.table = c.block_table->to(index_device).contiguous();
+    p.block_table = k.table.data_ptr<int32_t>();
+    p.block_table_stride = k.table.size(1);
+    p.page_size = c.key_cache.size(2);
+  }
+  if (packed) {
+    k.cu = c.cu_seqlens_q->to(index_device).contiguous();
+    p.cu_seqlens_q = k.cu.data_ptr<int32_t>();
+    p.batch = B;
+    p.total_q = q.size(0);
+    p.len_q = max_q >= 0 ? max_q : c.max_seqlen_q >= 0 ? std::min(c.max_seqlen_q, q.size(0)) : q.size(0);
+  }
+  k.lens = lens;
+  p.cache_lens = k.lens.data_ptr<int32_t>();
+  return k;
+}
+
+at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat) {
+  auto [b, i] = packed_rows(c);
+  const int64_t Hq = c.q.size(1);
+  const at::Tensor cu = c.cu_seqlens_q->to(c.q.device(), at::kLong);
+  const at::Tensor start = cu.index_select(0, b), len = cu.index_select(0, b + 1) - start;
+  const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
+  const at::Tensor h = at::arange(Hq, li);
+  return flat.index({(Hq * start + i).unsqueeze(1) + h.unsqueeze(0) * len.unsqueeze(1)});
 }
 
 GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows) {
   const int64_t B = c.q.size(0), L = c.q.size(2), C = rows;
   const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
-  at::Tensor len = c.cache_seqlens.to(c.q.device(), at::kLong) + c.new_len();  // S_b
+  const at::Tensor len = kv_lengths(c);  // S_b
   // row j of the gathered cache holds position j - (C - S_b) of batch b (before 0: hidden)
   at::Tensor src = at::arange(C, li).unsqueeze(0) - (C - len).unsqueeze(1);  // (B, C)
   const at::Tensor visible = src.ge(0);
-  auto [row, slot] = cache_rows(c, src.clamp_min(0));
+  const at::Tensor pos = src.clamp_min(0);
+  auto [row, slot] = cache_rows(c, batch_of(pos), pos);
   GatheredCache g;
   g.key = c.key_cache.index({row, Slice(), slot}).permute({0, 2, 1, 3});  // (B, Hkv, C, E)
   g.value = c.value_cache.index({row, Slice(), slot}).permute({0, 2, 1, 3});

@@ -21,19 +21,28 @@
 #include <vector>
 
 #include "glue.h"
+#include "varlen.h"
 
 namespace attention_ext {
 
 // One attention_kvcache call's tensors (the op's arguments; rotary_cos / rotary_sin: the optional rotary
 // embedding tables, (seqlen_ro, rotary_dim / 2), applied to the query and the new keys before anything else).
+// Packed (cu_seqlens_q, int32 (B + 1,)): the query is (total_q, Hq, E), batch element b's L_b =
+// cu_seqlens_q[b + 1] - cu_seqlens_q[b] rows from cu_seqlens_q[b] (continuous batching: prefill chunks and decoding
+// steps in one call), key / value (total_q, Hkv, E / Ev) its L_b new positions, the output (total_q, Hq, Ev) and
+// the log-sum-exp (total_q, Hq); max_seqlen_q (-1: none), when given, at least every L_b.
 struct KvCall {
   at::Tensor q, key_cache, value_cache, cache_seqlens;
   std::optional<at::Tensor> key, value, block_table, rotary_cos, rotary_sin;
   bool rotary_interleaved = false;
+  std::optional<at::Tensor> cu_seqlens_q;
+  int64_t max_seqlen_q = -1;
   bool paged() const { return block_table.has_value() && block_table->defined(); }
   bool rotary() const { return rotary_cos.has_value() && rotary_cos->defined(); }
-  // positions appended: key's length, 0 without new keys
-  int64_t new_len() const { return key.has_value() && key->defined() ? key->size(2) : 0; }
+  bool packed() const { return cu_seqlens_q.has_value() && cu_seqlens_q->defined(); }
+  bool appends() const { return key.has_value() && key->defined(); }  // (new keys given, maybe of no rows)
+  // positions appended per batch element (dense calls): key's length, 0 without new keys
+  int64_t new_len() const { return key.has_value() && key->defined() && !packed() ? key->size(2) : 0; }
   // positions the cache holds: S_max, or max_pages * page_size
   int64_t capacity() const { return paged() ? block_table->size(1) * key_cache.size(2) : key_cache.size(2); }
 };
@@ -42,7 +51,8 @@ struct KvCall {
 using KvcacheFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef,
-    double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
+    double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+    const std::optional<at::Tensor>&, std::optional<int64_t>);
 
 // A dispatch key's kernel of attention_kvcache from Fn(call, opt), the call's tensors and its options (no dropout,
 // any GQA group): registered as TORCH_FN(kvcache_kernel<Fn>).
@@ -52,19 +62,44 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernel(
     const std::optional<at::Tensor>& key, const std::optional<at::Tensor>& value,
     const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
     double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
-    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
+    const std::optional<at::Tensor>& cu_seqlens_q, std::optional<int64_t> max_seqlen_q) {
   return Fn(KvCall{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
-                   rotary_interleaved},
+                   rotary_interleaved, cu_seqlens_q, max_seqlen_q.value_or(-1)},
             make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes));
 }
 
 // Shapes, dtypes and devices (SymInt-safe: the Meta kernel calls it too); errors name the argument.
 void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt);
 
-// The positions each batch element attends to, S_b = cache_seqlens[b] + L_new, read on the host (a device sync
-// when cache_seqlens lives on a GPU) and checked: cache_seqlens >= 0 and S_b within the cache's capacity, (paged)
-// the pages those positions use inside [0, num_pages), and (rotary) the positions rotated inside the tables.
-std::vector<int64_t> read_kv_lengths(const KvCall& c, const AttnOptions& opt);
+// The positions each batch element attends to, S_b = cache_seqlens[b] + its new positions (keys), and its query
+// rows L_b (queries), read on the host (a device sync when they live on a GPU) and checked: cache_seqlens >= 0 and
+// S_b within the cache's capacity, (paged) the pages those positions use inside [0, num_pages), (rotary) the
+// positions rotated inside the tables, (packed) cu_seqlens_q from 0 to total_q, non-decreasing, within
+// max_seqlen_q.
+struct KvLengths {
+  std::vector<int64_t> keys, queries;
+};
+KvLengths read_kv_lengths(const KvCall& c, const AttnOptions& opt);
+
+// S_b of every batch element, (B,) int64 on the query's device (no sync).
+at::Tensor kv_lengths(const KvCall& c);
+
+// The fused kernels' view of a call once rotated and appended (both backends): the query (and output) as
+// (B, Hq, L, E), packed ones as (1, Hq, total_q, E) with FwdParams::cu_seqlens_q; the output and log-sum-exp
+// allocated and poisoned (a packed call's log-sum-exp flat, in (Hq, L_b) blocks); the slopes, block table,
+// cu_seqlens_q and the lengths lens (S_b, int32 (B,)) on index_device, all kept alive here. max_q: the longest
+// L_b of a packed call when known (else max_seqlen_q, or total_q: the kernels skip the rows past each L_b).
+struct KvParams {
+  FwdParams p;
+  at::Tensor q4, out, lse, alibi, table, cu, lens;
+};
+KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& lens, c10::Device index_device,
+                   int64_t max_q);
+
+// A packed call's log-sum-exp as the op returns it, (total_q, Hq), from the kernels' flat layout (batch element
+// b's (Hq, L_b) block at Hq * cu_seqlens_q[b]).
+at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat);
 
 // The call with its query and new keys rotated (FlashAttention's rotary_cos / rotary_sin): new key row t of batch
 // b at position cache_seqlens[b] + t, query row i at cache_seqlens[b] + i with a causal or window bound, else at
@@ -89,13 +124,52 @@ GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows
 
 // attention_kvcache through a backend's dense forward (fwd has _attention_forward's signature), once
 // check_kvcache_inputs has passed: the query and new keys rotated, the new keys appended, the cache gathered
-// (gather_cache) and one fused call with its mask. check_values: read the lengths back and check them
+// (gather_cache) and one fused call with its mask; a packed call batch element by batch element (its rows as a
+// dense call of batch 1, which needs the lengths on the host). check_values: read the lengths back and check them
 // (read_kv_lengths; a sync on a GPU, which CUDA-graph capture cannot take).
 template <typename Fwd>
 std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& call, const AttnOptions& opt,
                                                     bool check_values) {
+  if (call.packed()) {
+    TORCH_CHECK(check_values, "attention_kvcache: packed queries (cu_seqlens_q) of this dtype cannot be captured in "
+                "a CUDA graph (their lengths are read back)");
+    const KvLengths n = read_kv_lengths(call, opt);
+    const int64_t B = static_cast<int64_t>(n.queries.size());
+    std::vector<at::Tensor> outs, lses;
+    int64_t row = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      auto one = [&](const at::Tensor& t) { return heads_first(t.narrow(0, row, n.queries[b])).unsqueeze(0); };
+      auto batch = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+        if (!t.has_value() || !t->defined()) return t;
+        return t->narrow(0, b, 1);
+      };
+      KvCall s = call;
+      s.cu_seqlens_q.reset();
+      s.max_seqlen_q = -1;
+      s.q = one(call.q);
+      if (call.key.has_value() && call.key->defined()) {
+        s.key = one(*call.key);
+        s.value = one(*call.value);
+      }
+      s.cache_seqlens = call.cache_seqlens.narrow(0, b, 1);
+      if (call.paged()) {
+        s.block_table = batch(call.block_table);
+      } else {
+        s.key_cache = call.key_cache.narrow(0, b, 1);
+        s.value_cache = call.value_cache.narrow(0, b, 1);
+      }
+      AttnOptions o = opt;
+      if (opt.has_alibi() && opt.alibi_slopes->dim() == 2) o.alibi_slopes = opt.alibi_slopes->narrow(0, b, 1);
+      auto [out, lse] = kvcache_gathered(fwd, s, o, false);
+      outs.push_back(heads_first(out.squeeze(0)));
+      lses.push_back(lse.squeeze(0).transpose(0, 1));
+      row += n.queries[b];
+    }
+    if (B == 0) return {empty_output(call.q, call.value_cache.size(3)), empty_lse(call.q)};
+    return {at::cat(outs, 0), at::cat(lses, 0)};
+  }
   // as many rows as the longest cache needs (every row of the capacity when the lengths stay on the device)
-  const std::vector<int64_t> lens = check_values ? read_kv_lengths(call, opt) : std::vector<int64_t>{};
+  const std::vector<int64_t> lens = check_values ? read_kv_lengths(call, opt).keys : std::vector<int64_t>{};
   const int64_t rows =
       lens.empty() ? call.capacity() : std::max<int64_t>(1, *std::max_element(lens.begin(), lens.end()));
   const KvCall c = rotate(call, opt);

@@ -239,3 +239,22 @@ def test_kvcache_race_free(racecheck, monkeypatch, splits):
     assert len(lines) == 1 and "paged (24 positions a page)" in lines[0], lines
     assert (splits == "3") == ("keys split 3 ways" in lines[0]), lines
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_kvcache_packed_race_free(racecheck, monkeypatch):
+    """attention_kvcache with packed queries (cu_seqlens_q): one launch over batch elements of 70, 1 and 0 query
+    rows (CTAs past a batch element's rows leave at once) against caches paged by 16."""
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "80")
+    g = torch.Generator().manual_seed(1)
+    Hq, Hkv, E, page, per = 4, 2, 64, 16, 12
+    B = 3
+    kc, vc = (torch.randn(B * per, Hkv, page, E, generator=g).to(f16) for _ in range(2))
+    table = torch.randperm(B * per, generator=g).view(B, per).to(torch.int32)
+    cu = torch.tensor([0, 70, 71, 71], dtype=torch.int32)
+    q = torch.randn(71, Hq, E, generator=g).to(f16)
+    key, value = (torch.randn(71, Hkv, E, generator=g).to(f16) for _ in range(2))
+    lens = torch.tensor([40, 150, 9], dtype=torch.int32)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse = emu.ops.attention_kvcache(q, kc, vc, lens, key, value, table, True, cu_seqlens_q=cu)
+    assert len(lines) == 1 and "packed queries in one launch" in lines[0], lines
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()

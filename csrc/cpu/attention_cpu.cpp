@@ -248,51 +248,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
 
 // attention_kvcache (csrc/kvcache.h): the new keys appended, then the flash kernel per batch element on the
 // cache in place (no copy of it; a paged cache through FwdParams::block_table), every batch element in one
-// parallel region (cpu::run_jobs), each seeing its own S_b positions with the queries at their end.
+// parallel region (cpu::run_jobs), each seeing its own S_b positions with its L_b queries at their end (packed
+// queries: its rows of cu_seqlens_q, FwdParams::cu_seqlens_q).
 std::tuple<at::Tensor, at::Tensor> kvcache_cpu(const KvCall& call, const AttnOptions& opt) {
   check_kvcache_inputs(call, opt);
-  const std::vector<int64_t> len = read_kv_lengths(call, opt);
+  const KvLengths len = read_kv_lengths(call, opt);
   const KvCall c = rotate(call, opt);
   append_kv(c);
-  const at::Tensor& q = call.q;
-  const at::Tensor q4 = as_4d(c.q);
-  at::Tensor out = empty_output(q, c.value_cache.size(3)), lse = empty_lse(q);
-  poison(out);
-  poison(lse);
-  FwdParams p = make_fwd_params(q4, c.key_cache, c.value_cache, out, lse, std::nullopt, opt);
-  const at::Tensor alibi = set_alibi(p, opt, q);
-  at::Tensor table;
-  if (c.paged()) {
-    table = c.block_table->to(at::kCPU).contiguous();
-    p.block_table = table.data_ptr<int32_t>();
-    p.block_table_stride = table.size(1);
-    p.page_size = c.key_cache.size(2);
-  }
-  const int64_t B = q.size(0), L = q.size(2);
-  const std::vector<int32_t> lens(len.begin(), len.end());  // (within int32: checked against the cache's rows)
-  p.cache_lens = lens.data();
+  const bool packed = c.packed();
+  const int64_t B = c.cache_seqlens.size(0), Hq = c.q.size(1);
+  const int64_t max_q = len.queries.empty() ? 0 : *std::max_element(len.queries.begin(), len.queries.end());
+  // (S_b within int32: checked against the cache's rows)
+  KvParams k = kv_params(c, opt, at::tensor(std::vector<int32_t>(len.keys.begin(), len.keys.end()), at::kInt),
+                         at::kCPU, max_q);
+  const FwdParams& p = k.p;
+  const size_t es = c.q.element_size(), acc_es = k.lse.element_size();
   std::vector<FwdParams> ps(B);
   std::vector<double> cost(B);
   for (int64_t b = 0; b < B; ++b) {
-    ps[b] = cache_batch_params(p, b, q.element_size(), lse.element_size());
-    cost[b] = static_cast<double>(L) * static_cast<double>(len[b]);
-    if (len[b] == 0) {  // nothing to attend to: 0 and lse -inf, as a fully masked row
-      out.select(0, b).zero_();
-      lse.select(0, b).fill_(-std::numeric_limits<double>::infinity());
+    ps[b] = cache_batch_params(p, b, es, acc_es);
+    cost[b] = static_cast<double>(len.queries[b]) * static_cast<double>(len.keys[b]);
+    if (len.keys[b] == 0) {  // nothing to attend to: 0 and lse -inf, as a fully masked row
+      const int64_t q0 = packed ? k.cu.data_ptr<int32_t>()[b] : 0;
+      (packed ? k.out.narrow(0, q0, len.queries[b]) : k.out.select(0, b)).zero_();
+      (packed ? k.lse.narrow(0, Hq * q0, Hq * len.queries[b]) : k.lse.select(0, b))
+          .fill_(-std::numeric_limits<double>::infinity());
     }
   }
   if (log_kernels()) {
     log_kernel(cpu::describe_kernel("cpu kvcache forward", p, false) + ", " + std::to_string(B) +
-               " batch elements" + (p.block_table != nullptr ? ", paged (" + std::to_string(p.page_size) +
-               " positions a page)" : ""));
+               (packed ? " batch elements of packed queries" : " batch elements") +
+               (p.block_table != nullptr ? ", paged (" + std::to_string(p.page_size) + " positions a page)" : ""));
   }
   cpu::warm_up(p.dtype);
-  dispatch_dtype(q.scalar_type(), [&](auto t) {
+  dispatch_dtype(c.q.scalar_type(), [&](auto t) {
     cpu::run_jobs(cost, [&](int64_t b) {
-      if (len[b] > 0 && L > 0) cpu::flash_fwd<decltype(t)>(ps[b]);
+      if (len.keys[b] > 0 && len.queries[b] > 0) cpu::flash_fwd<decltype(t)>(ps[b]);
     });
   });
-  return {out, lse};
+  return {k.out, packed ? packed_lse(c, k.lse) : k.lse};
 }
 
 }  // namespace

@@ -459,12 +459,13 @@ template <class Cfg>
 cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEnv& env) {
   if (p.num_splits < 1 || (p.num_splits > 1 && (stats != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr)))
     return cudaErrorInvalidValue;  // split keys: the forward only, into its buffers
-  if (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone ||
-                                    p.alibi_slopes != nullptr || p.cache_lens != nullptr))
+  if (p.cu_seqlens_q != nullptr && p.cache_lens == nullptr &&
+      (p.num_splits > 1 || p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone || p.alibi_slopes != nullptr))
     return cudaErrorInvalidValue;  // packed sequences: without split keys, a mask or ALiBi
   if ((p.block_table != nullptr && (p.cache_lens == nullptr || p.page_size < 1)) ||
-      (p.cache_lens != nullptr && (stats != nullptr || p.mask_kind != MaskKind::kNone)))
-    return cudaErrorInvalidValue;  // a cache: the forward alone, without a mask
+      (p.cache_lens != nullptr && (stats != nullptr || p.mask_kind != MaskKind::kNone ||
+                                   (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || p.cu_seqlens_k != nullptr)))))
+    return cudaErrorInvalidValue;  // a cache: the forward alone, without a mask (packed queries: no split keys)
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;

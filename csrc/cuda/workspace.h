@@ -321,37 +321,27 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   const bool paged = call.paged();
   const FwdEntry* sm80 = q.scalar_type() == at::kDouble
                              ? nullptr
-                             : find_fwd(to_dtype(q.scalar_type()), static_cast<int>(std::max(q.size(3), vc.size(3))));
+                             : find_fwd(to_dtype(q.scalar_type()), static_cast<int>(std::max(q.size(-1), vc.size(3))));
   if (sm80 == nullptr) {
     if (log_kernels())
       log_kernel(std::string(what) +
                  ": the cache gathered, then the dense forward with a mask (no kernel for the dtype and head dim)");
     return kvcache_gathered(fwd, call, opt, check_values);
   }
-  const std::vector<int64_t> host_lens = check_values ? read_kv_lengths(call, opt) : std::vector<int64_t>{};
+  // the lengths on the host when they may be read back: for the checks, the plan and a packed call's grid
+  const KvLengths host = check_values ? read_kv_lengths(call, opt) : KvLengths{};
   const KvCall c = rotate(call, opt);
   append_kv(c);
-  at::Tensor out = empty_output(q, vc.size(3)), lse = empty_lse(q);
-  poison(out);
-  poison(lse);
-  const at::Tensor q4 = as_4d(c.q);
-  FwdParams p = make_fwd_params(q4, kc, vc, out, lse, std::nullopt, opt);
-  const at::Tensor alibi = set_alibi(p, opt, q4);
-  const at::Tensor lens = (c.cache_seqlens.to(q.device(), at::kLong) + c.new_len()).to(at::kInt).contiguous();
-  p.cache_lens = lens.data_ptr<int32_t>();
-  at::Tensor pages;
-  if (paged) {
-    pages = c.block_table->to(q.device()).contiguous();
-    p.block_table = pages.data_ptr<int32_t>();
-    p.block_table_stride = pages.size(1);
-    p.page_size = kc.size(2);
-  }
+  const int64_t max_q =
+      host.queries.empty() ? -1 : *std::max_element(host.queries.begin(), host.queries.end());
+  const KvParams k = kv_params(c, opt, kv_lengths(c).to(at::kInt).contiguous(), q.device(), max_q);
+  FwdParams p = k.p;
   // flash-decoding as for a dense call (few CTAs, many key tiles), planned with the longest cache (or the capacity
-  // when the lengths were not read back)
+  // when the lengths were not read back); not for packed queries, whose shares would need a row layout of their own
   FwdParams plan = p;
-  plan.len_k = host_lens.empty() ? c.capacity() : *std::max_element(host_lens.begin(), host_lens.end());
-  const int splits = fwd_key_splits(plan, *sm80, nullptr, env);
-  const LaunchTensors tensors{&q4, &kc, &vc, &out, &lse, &lens, &pages, &alibi};
+  plan.len_k = host.keys.empty() ? c.capacity() : *std::max_element(host.keys.begin(), host.keys.end());
+  const int splits = c.packed() ? 1 : fwd_key_splits(plan, *sm80, nullptr, env);
+  const LaunchTensors tensors{&k.q4, &kc, &vc, &k.out, &k.lse, &k.lens, &k.table, &k.alibi, &k.cu};
   const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
   if (any && splits > 1) {
     run_split_forward(p, splits, q.options(), *sm80, env, launch, tensors);
@@ -360,11 +350,11 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   }
   if (log_kernels()) {
     log_kernel(describe_kernel(what, sm80->head_dim, p.dtype, env) + ", " + std::to_string(p.batch) +
-               " batch elements in one launch" +
+               (c.packed() ? " batch elements of packed queries in one launch" : " batch elements in one launch") +
                (paged ? ", paged (" + std::to_string(p.page_size) + " positions a page)" : "") +
                (splits > 1 ? ", keys split " + std::to_string(splits) + " ways" : ""));
   }
-  return {out, lse};
+  return {k.out, c.packed() ? packed_lse(c, k.lse) : k.lse};
 }
 
 // The backward as both glues run it: the row statistics (launch_row_stats),

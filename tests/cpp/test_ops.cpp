@@ -52,7 +52,8 @@ using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tenso
 using KvcacheFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef,
-    double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
+    double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+    const std::optional<at::Tensor>&, std::optional<int64_t>);
 
 int g_failures = 0;
 
@@ -250,7 +251,8 @@ void run_scripted_model(const std::string& model_path, const std::string& inputs
 }
 
 // attention_kvcache from C++: a prefill of 5 positions into empty paged caches, then 4 decoding steps of one, the
-// op writing the caches, against one causal attention over the 9 positions (float64).
+// op writing the caches, against one causal attention over the 9 positions (float64); then the same with packed
+// queries, each sequence at its own pace.
 void run_kvcache(const c10::TypedOperatorHandle<KvcacheFn>& kvcache,
                  const c10::TypedOperatorHandle<AttentionFn>& attention) {
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
@@ -264,11 +266,42 @@ void run_kvcache(const c10::TypedOperatorHandle<KvcacheFn>& kvcache,
   for (int64_t t0 = 0, n = 5; t0 < 9; t0 += n, n = 1) {
     auto rows = [&](const at::Tensor& x) { return x.narrow(2, t0, n); };
     auto [out, lse] = kvcache.call(rows(q), kc, vc, lens, rows(k), rows(v), table, true, std::nullopt, no_window, 0.0,
-                                   std::nullopt, std::nullopt, std::nullopt, false);
+                                   std::nullopt, std::nullopt, std::nullopt, false, std::nullopt, std::nullopt);
     outs.push_back(out);
     lens += n;
   }
   check_close("attention_kvcache prefill + decoding vs causal attention", at::cat(outs, 2), want, 0.0, 1e-12);
+  // packed queries (cu_seqlens_q): the two sequences at their own pace in one call a step (b 0: 5, 1, 1, 1, 1, 0
+  // rows; b 1: 3, 2, 1, 1, 1, 1), into fresh random pages
+  const std::vector<std::vector<int64_t>> takes{{5, 1, 1, 1, 1, 0}, {3, 2, 1, 1, 1, 1}};
+  kc = at::randn({6, 2, 4, 16}, f64);
+  vc = at::randn({6, 2, 4, 16}, f64);
+  std::vector<int64_t> done{0, 0};
+  std::vector<std::vector<at::Tensor>> per(2);
+  for (size_t step = 0; step < takes[0].size(); ++step) {
+    std::vector<at::Tensor> qs, ks, vs;
+    std::vector<int32_t> cu{0};
+    for (int64_t b = 0; b < 2; ++b) {
+      const int64_t n = takes[b][step];
+      auto rows = [&](const at::Tensor& x) { return x.select(0, b).narrow(1, done[b], n).transpose(0, 1); };
+      qs.push_back(rows(q));
+      ks.push_back(rows(k));
+      vs.push_back(rows(v));
+      cu.push_back(cu.back() + static_cast<int32_t>(n));
+    }
+    const at::Tensor sl = at::tensor(std::vector<int32_t>{static_cast<int32_t>(done[0]), static_cast<int32_t>(done[1])},
+                                     at::kInt);
+    auto [out, lse] = kvcache.call(at::cat(qs), kc, vc, sl, at::cat(ks), at::cat(vs), table, true, std::nullopt,
+                                   no_window, 0.0, std::nullopt, std::nullopt, std::nullopt, false,
+                                   at::tensor(cu, at::kInt), std::nullopt);
+    for (int64_t b = 0; b < 2; ++b) {
+      per[b].push_back(out.narrow(0, cu[b], takes[b][step]));
+      done[b] += takes[b][step];
+    }
+  }
+  for (int64_t b = 0; b < 2; ++b)
+    check_close("attention_kvcache packed steps vs causal attention", at::cat(per[b]).transpose(0, 1),
+                want.select(0, b), 0.0, 1e-12);
 }
 
 int main(int argc, char** argv) {
