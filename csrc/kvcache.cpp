@@ -30,8 +30,9 @@ at::Tensor batch_of(const at::Tensor& pos) {
 
 // A packed call's rows (KvCall::cu_seqlens_q): the batch element of each and its index there, (total_q,) int64 on
 // the query's device, without a sync (rows past cu_seqlens_q[B], which read_kv_lengths refuses, count as the last
-// batch element's).
+// batch element's); those prepare_kv found, once it has run.
 std::tuple<at::Tensor, at::Tensor> packed_rows(const KvCall& c) {
+  if (c.row_batch.defined()) return {c.row_batch, c.row_index};
   const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
   const at::Tensor cu = c.cu_seqlens_q->to(c.q.device(), at::kLong);
   const at::Tensor t = at::arange(c.q.size(0), li);
@@ -110,12 +111,13 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
     B = cu.sym_size(0) - 1;
     TORCH_CHECK_VALUE(q.dim() == 3, "query must be (total_q, heads, E) with cu_seqlens_q, got shape ",
                       q.sym_sizes());
-    TORCH_CHECK_VALUE(c.max_seqlen_q >= -1, "max_seqlen_q must be >= 0 (or None), got ", c.max_seqlen_q);
+    TORCH_CHECK_VALUE(c.max_seqlen_q.value_or(0) >= 0, "max_seqlen_q must be >= 0 (or None), got ",
+                      c.max_seqlen_q.value_or(0));
     q4 = heads_first(q).unsqueeze(0).expand_symint({B, q.sym_size(1), q.sym_size(0), q.sym_size(2)});
   } else {
     TORCH_CHECK_VALUE(q.dim() == 4, "query must be (batch, heads, L, E) for attention_kvcache (or (total_q, heads, "
                       "E) with cu_seqlens_q), got shape ", q.sym_sizes());
-    TORCH_CHECK_VALUE(c.max_seqlen_q == -1, "max_seqlen_q goes with cu_seqlens_q (packed queries), which is None");
+    TORCH_CHECK_VALUE(!c.max_seqlen_q.has_value(), "max_seqlen_q goes with cu_seqlens_q (packed queries), which is None");
     B = q.sym_size(0);
   }
   TORCH_CHECK_VALUE(c.cache_seqlens.dim() == 1 && c.cache_seqlens.sym_size(0) == B,
@@ -189,7 +191,7 @@ KvLengths read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
       TORCH_CHECK_VALUE(cu[b + 1] >= cu[b], "cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b, "] = ", cu[b],
                         " > cu_seqlens_q[", b + 1, "] = ", cu[b + 1]);
       n.queries.push_back(cu[b + 1] - cu[b]);
-      TORCH_CHECK_VALUE(c.max_seqlen_q < 0 || n.queries[b] <= c.max_seqlen_q, "max_seqlen_q = ", c.max_seqlen_q,
+      TORCH_CHECK_VALUE(n.queries[b] <= c.max_seqlen_q.value_or(n.queries[b]), "max_seqlen_q = ", *c.max_seqlen_q,
                         " but batch element ", b, " has ", n.queries[b], " query rows");
     }
   } else {
@@ -232,6 +234,8 @@ at::Tensor kv_lengths(const KvCall& c) {
   return len + (cu.slice(0, 1) - cu.slice(0, 0, -1));
 }
 
+namespace {
+
 KvCall rotate(const KvCall& c, const AttnOptions& opt) {
   if (!c.rotary()) return c;
   KvCall r = c;
@@ -265,7 +269,7 @@ void append_kv(const KvCall& c) {
   const at::Tensor start = c.cache_seqlens.to(c.key_cache.device(), at::kLong);
   if (c.packed()) {  // packed row t of batch element b at position cache_seqlens[b] + its index in b
     auto [b, i] = packed_rows(c);
-    auto [row, slot] = cache_rows(c, b.to(kc.device()), start.index_select(0, b.to(kc.device())) + i.to(kc.device()));
+    auto [row, slot] = cache_rows(c, b, start.index_select(0, b) + i);
     kc.index_put_({row, Slice(), slot}, *c.key);
     vc.index_put_({row, Slice(), slot}, *c.value);
     return;
@@ -277,6 +281,16 @@ void append_kv(const KvCall& c) {
   // the two index tensors around the heads' slice: the indexed shape is (B, n, heads_kv, E)
   kc.index_put_({row, Slice(), slot}, c.key->permute({0, 2, 1, 3}));
   vc.index_put_({row, Slice(), slot}, c.value->permute({0, 2, 1, 3}));
+}
+
+}  // namespace
+
+KvCall prepare_kv(const KvCall& call, const AttnOptions& opt) {
+  KvCall c = call;
+  if (c.packed()) std::tie(c.row_batch, c.row_index) = packed_rows(c);
+  c = rotate(c, opt);
+  append_kv(c);
+  return c;
 }
 
 KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& lens, c10::Device index_device,
@@ -306,7 +320,7 @@ KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& le
     p.cu_seqlens_q = k.cu.data_ptr<int32_t>();
     p.batch = B;
     p.total_q = q.size(0);
-    p.len_q = max_q >= 0 ? max_q : c.max_seqlen_q >= 0 ? std::min(c.max_seqlen_q, q.size(0)) : q.size(0);
+    p.len_q = max_q >= 0 ? max_q : std::min(c.max_seqlen_q.value_or(q.size(0)), q.size(0));
   }
   k.lens = lens;
   p.cache_lens = k.lens.data_ptr<int32_t>();

@@ -30,13 +30,15 @@ namespace attention_ext {
 // Packed (cu_seqlens_q, int32 (B + 1,)): the query is (total_q, Hq, E), batch element b's L_b =
 // cu_seqlens_q[b + 1] - cu_seqlens_q[b] rows from cu_seqlens_q[b] (continuous batching: prefill chunks and decoding
 // steps in one call), key / value (total_q, Hkv, E / Ev) its L_b new positions, the output (total_q, Hq, Ev) and
-// the log-sum-exp (total_q, Hq); max_seqlen_q (-1: none), when given, at least every L_b.
+// the log-sum-exp (total_q, Hq); max_seqlen_q, when given, at least every L_b.
 struct KvCall {
   at::Tensor q, key_cache, value_cache, cache_seqlens;
   std::optional<at::Tensor> key, value, block_table, rotary_cos, rotary_sin;
   bool rotary_interleaved = false;
   std::optional<at::Tensor> cu_seqlens_q;
-  int64_t max_seqlen_q = -1;
+  std::optional<int64_t> max_seqlen_q;
+  // (packed, set by prepare_kv) each query row's batch element and its index there, (total_q,) int64
+  at::Tensor row_batch, row_index;
   bool paged() const { return block_table.has_value() && block_table->defined(); }
   bool rotary() const { return rotary_cos.has_value() && rotary_cos->defined(); }
   bool packed() const { return cu_seqlens_q.has_value() && cu_seqlens_q->defined(); }
@@ -65,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernel(
     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
     const std::optional<at::Tensor>& cu_seqlens_q, std::optional<int64_t> max_seqlen_q) {
   return Fn(KvCall{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
-                   rotary_interleaved, cu_seqlens_q, max_seqlen_q.value_or(-1)},
+                   rotary_interleaved, cu_seqlens_q, max_seqlen_q},
             make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes));
 }
 
@@ -101,16 +103,15 @@ KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& le
 // b's (Hq, L_b) block at Hq * cu_seqlens_q[b]).
 at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat);
 
-// The call with its query and new keys rotated (FlashAttention's rotary_cos / rotary_sin): new key row t of batch
-// b at position cache_seqlens[b] + t, query row i at cache_seqlens[b] + i with a causal or window bound, else at
-// cache_seqlens[b]; the first rotary_dim features, in pairs (x_j, x_{j + rotary_dim / 2}) or, interleaved,
-// (x_{2j}, x_{2j + 1}); in float32 (float64 for float64), rounded to the inputs' dtype. The call itself without
-// rotary tables.
-KvCall rotate(const KvCall& c, const AttnOptions& opt);
-
-// Writes key / value (when given) into the caches at positions cache_seqlens[b] + t, in ATen index operations on
-// the caches' device (no sync).
-void append_kv(const KvCall& c);
+// What every backend does before attending, once check_kvcache_inputs has passed, in ATen operations on the
+// query's device (no sync). A packed call's rows are located once (KvCall::row_batch / row_index, kept in the
+// returned call for packed_lse). Then the query and new keys are rotated (FlashAttention's rotary_cos /
+// rotary_sin): new key row t of batch b at position cache_seqlens[b] + t, query row i at cache_seqlens[b] + i with
+// a causal or window bound, else at cache_seqlens[b]; the first rotary_dim features, in pairs
+// (x_j, x_{j + rotary_dim / 2}) or, interleaved, (x_{2j}, x_{2j + 1}); in float32 (float64 for float64), rounded
+// to the inputs' dtype. Last, key / value (when given) are written into the caches at those positions. Returns the
+// call with the rotated query (and keys).
+KvCall prepare_kv(const KvCall& call, const AttnOptions& opt);
 
 // The visible cache of every batch element gathered into dense (B, Hkv, C, E) key and (..., Ev) value tensors
 // (C = rows), right-aligned (batch b's S_b positions in the last S_b rows), and the boolean mask
@@ -139,13 +140,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& cal
     int64_t row = 0;
     for (int64_t b = 0; b < B; ++b) {
       auto one = [&](const at::Tensor& t) { return heads_first(t.narrow(0, row, n.queries[b])).unsqueeze(0); };
-      auto batch = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-        if (!t.has_value() || !t->defined()) return t;
-        return t->narrow(0, b, 1);
-      };
       KvCall s = call;
       s.cu_seqlens_q.reset();
-      s.max_seqlen_q = -1;
+      s.max_seqlen_q.reset();
       s.q = one(call.q);
       if (call.key.has_value() && call.key->defined()) {
         s.key = one(*call.key);
@@ -153,13 +150,15 @@ std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& cal
       }
       s.cache_seqlens = call.cache_seqlens.narrow(0, b, 1);
       if (call.paged()) {
-        s.block_table = batch(call.block_table);
+        s.block_table = call.block_table->narrow(0, b, 1);
       } else {
         s.key_cache = call.key_cache.narrow(0, b, 1);
         s.value_cache = call.value_cache.narrow(0, b, 1);
       }
       AttnOptions o = opt;
-      if (opt.has_alibi() && opt.alibi_slopes->dim() == 2) o.alibi_slopes = opt.alibi_slopes->narrow(0, b, 1);
+      // slopes per batch element: its row ((Hq,) and (1, Hq) stand for every batch element)
+      if (opt.has_alibi() && opt.alibi_slopes->dim() == 2 && opt.alibi_slopes->size(0) != 1)
+        o.alibi_slopes = opt.alibi_slopes->narrow(0, b, 1);
       auto [out, lse] = kvcache_gathered(fwd, s, o, false);
       outs.push_back(heads_first(out.squeeze(0)));
       lses.push_back(lse.squeeze(0).transpose(0, 1));
@@ -172,8 +171,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& cal
   const std::vector<int64_t> lens = check_values ? read_kv_lengths(call, opt).keys : std::vector<int64_t>{};
   const int64_t rows =
       lens.empty() ? call.capacity() : std::max<int64_t>(1, *std::max_element(lens.begin(), lens.end()));
-  const KvCall c = rotate(call, opt);
-  append_kv(c);
+  const KvCall c = prepare_kv(call, opt);
   GatheredCache g = gather_cache(c, opt, rows);
   const std::vector<int64_t> no_window{-1, -1};
   auto [out, lse, rng] = fwd(c.q, g.key, g.value, g.mask, 0.0, false, opt.scale, true, no_window, opt.softcap,

@@ -50,6 +50,21 @@ BACKEND_DTYPES = (
 )
 
 
+def shuffled_pages(kc, vc, P, g, rn):
+    """The positions of contiguous caches kc / vc (B, Hkv, S_max, E / Ev) in shuffled pages of P rows, plus 3 spare
+    pages of rn's random values (never zeros): (key pages, value pages, the int32 block table (B, S_max // P))."""
+    B, Hkv, Smax, E = kc.shape
+    per = Smax // P
+    npages = B * per + 3
+    perm = torch.randperm(npages, generator=g)[: B * per].view(B, per)
+    kp, vp = rn(npages, Hkv, P, E), rn(npages, Hkv, P, vc.shape[-1])
+    for b in range(B):
+        for i in range(per):
+            kp[perm[b, i]] = kc[b, :, i * P:(i + 1) * P]
+            vp[perm[b, i]] = vc[b, :, i * P:(i + 1) * P]
+    return kp, vp, perm.to(torch.int32)
+
+
 def make_inputs(case, dtype, device, seed):
     """(args of the op, positions (B lists of (K, V) rows before the call) for the reference, options). The cache
     is filled with random values everywhere (never zeros: rows past the lengths must not leak into the result)."""
@@ -62,17 +77,7 @@ def make_inputs(case, dtype, device, seed):
     value = rn(B, Hkv, Ln, Ev) if Ln else None
     table = None
     if "page" in o:  # the same positions in shuffled pages, plus spare pages
-        P = o["page"]
-        per = Smax // P
-        npages = B * per + 3
-        perm = torch.randperm(npages, generator=g)[: B * per].view(B, per)
-        kp, vp = rn(npages, Hkv, P, E), rn(npages, Hkv, P, Ev)
-        for b in range(B):
-            for i in range(per):
-                kp[perm[b, i]] = kc[b, :, i * P:(i + 1) * P]
-                vp[perm[b, i]] = vc[b, :, i * P:(i + 1) * P]
-        table = perm.to(torch.int32)
-        caches = (kp, vp)
+        *caches, table = shuffled_pages(kc, vc, o["page"], g, rn)
     elif o.get("bshd"):  # (B, S, H, E) memory, seen as (B, H, S, E)
         caches = (kc.transpose(1, 2).contiguous().transpose(1, 2), vc.transpose(1, 2).contiguous().transpose(1, 2))
     else:

@@ -13,7 +13,7 @@ import attention_ext
 from conftest import cuda_marks, dtype_id, emu_marks
 from emu import backend_ops
 from reference import ABS_FLOOR, assert_close_vs_baselines
-from test_kvcache import pytorch_baseline, reference
+from test_kvcache import pytorch_baseline, reference, shuffled_pages
 
 f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
@@ -49,17 +49,7 @@ def make_packed(case, dtype, device, seed):
     table = None
     caches = (kc, vc)
     if "page" in o:
-        P = o["page"]
-        per = Smax // P
-        npages = B * per + 3
-        perm = torch.randperm(npages, generator=g)[: B * per].view(B, per)
-        kp, vp = rn(npages, Hkv, P, E), rn(npages, Hkv, P, Ev)
-        for b in range(B):
-            for i in range(per):
-                kp[perm[b, i]] = kc[b, :, i * P:(i + 1) * P]
-                vp[perm[b, i]] = vc[b, :, i * P:(i + 1) * P]
-        table = perm.to(torch.int32)
-        caches = (kp, vp)
+        *caches, table = shuffled_pages(kc, vc, o["page"], g, rn)
     alibi = (torch.rand(B, Hq, generator=g) * 0.5 + 0.05).to(f32) if o.get("alibi") else None
     cu = torch.tensor([0] + torch.tensor(Lb).cumsum(0).tolist(), dtype=torch.int32)
     seqs = []
@@ -161,6 +151,23 @@ def test_packed_rotary_matches_per_batch_calls(backend, causal, monkeypatch):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
+@pytest.mark.parametrize("backend,dtype", [("cpu", f32), pytest.param("emu80", f32, marks=emu_marks()),
+                                           pytest.param("emu80", f64, marks=emu_marks())])
+def test_packed_alibi_slopes_shapes(backend, dtype, monkeypatch):
+    """ALiBi slopes of shape (Hq,) or (1, Hq), which stand for every batch element, give what the same slopes
+    expanded to (B, Hq) give (the float64 path on CUDA runs a packed call batch element by batch element)."""
+    ops = backend_ops(backend, monkeypatch)
+    args, _, _, o = make_packed("window-alibi-cap", dtype, "cpu", seed=6)
+    slopes = torch.rand(args[0].shape[1], generator=torch.Generator().manual_seed(7)) * 0.5 + 0.05
+    outs = []
+    for a in (slopes, slopes[None], slopes.expand(len(args[3]), -1).contiguous()):
+        call = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]  # (each call writes its caches)
+        outs.append(_call(ops, call, a, o))
+    for out, lse in outs[:2]:
+        torch.testing.assert_close(out, outs[2][0], rtol=0, atol=0)
+        torch.testing.assert_close(lse, outs[2][1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("emu80", marks=emu_marks())])
 def test_serving_loop_matches_causal_attention(backend, monkeypatch):
     """A continuous-batching loop: three sequences of 23, 9 and 30 tokens (prompts of 13, 5 and 17) arrive at
@@ -252,6 +259,8 @@ ERRORS = {
                  "cu_seqlens_q must run from 0 to total_q = 5"),
     "cu-order": (lambda q, kc, vc, sl, kn, vn, cu: ((q, kc, vc, sl, kn, vn, torch.tensor([0, 6, 5],
                  dtype=torch.int32)), None), ValueError, "cu_seqlens_q must be non-decreasing"),
+    "max-negative": (lambda q, kc, vc, sl, kn, vn, cu: ((q, kc, vc, sl, kn, vn, cu), -2), ValueError,
+                     "max_seqlen_q must be >= 0 \\(or None\\), got -2"),
     "max-too-small": (lambda q, kc, vc, sl, kn, vn, cu: ((q, kc, vc, sl, kn, vn, cu), 2), ValueError,
                       "max_seqlen_q = 2 but batch element 1 has 3 query rows"),
     "capacity": (lambda q, kc, vc, sl, kn, vn, cu: ((q, kc, vc, sl + 27, kn, vn, cu), None), ValueError,
@@ -303,3 +312,17 @@ def test_packed_cuda_graph(backend):
     torch.cuda.synchronize()
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=cuda_marks())])
+def test_packed_float64_capture_refused(backend):
+    """float64 packed calls on CUDA run batch element by batch element from lengths read back, which CUDA-graph
+    capture cannot do: capturing one raises (before anything is captured) instead of hanging or failing later."""
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device="cuda")
+    q = torch.randn(3, 2, 16, device="cuda", dtype=f64)
+    kc, vc = (torch.randn(2, 2, 8, 16, device="cuda", dtype=f64) for _ in range(2))
+    lens = torch.tensor([2, 4], dtype=torch.int32, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            attention_ext.attention_kvcache(q, kc, vc, lens, cu_seqlens_q=cu)

@@ -253,8 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
 std::tuple<at::Tensor, at::Tensor> kvcache_cpu(const KvCall& call, const AttnOptions& opt) {
   check_kvcache_inputs(call, opt);
   const KvLengths len = read_kv_lengths(call, opt);
-  const KvCall c = rotate(call, opt);
-  append_kv(c);
+  const KvCall c = prepare_kv(call, opt);
   const bool packed = c.packed();
   const int64_t B = c.cache_seqlens.size(0), Hq = c.q.size(1);
   const int64_t max_q = len.queries.empty() ? 0 : *std::max_element(len.queries.begin(), len.queries.end());

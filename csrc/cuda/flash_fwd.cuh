@@ -110,8 +110,7 @@ __device__ __forceinline__ FwdParams sequence_params(const FwdParams& p, int64_t
 // apart) into sm: base's rows, or in the cache variant with a paged cache (FwdParams::block_table) each row from
 // its page, so that pages of any size (vLLM's 16) are read in place. The block table row is that of the CTA's batch
 // element, found from the launch's parameters pc and blockIdx rather than from values kept live through the loop,
-// and the chunks are issued from a loop, not unrolled (registers: the cache variant spills 144 / 376 B at fp16
-// D = 64, a lookup per tile for pages of whole tiles beside it 212 / 460).
+// and the chunks are issued from a loop, not unrolled (registers; benchmarks/NOTES.md 52).
 template <bool kCache, class Cfg, typename Elem>
 __device__ __forceinline__ void load_kv_tile(Elem* sm, const FwdParams& pc, const Elem* base, int64_t row_stride,
                                              int64_t page_stride, int64_t j0, int nk, int ncols, bool vec, int tid) {

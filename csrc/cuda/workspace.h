@@ -330,8 +330,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   }
   // the lengths on the host when they may be read back: for the checks, the plan and a packed call's grid
   const KvLengths host = check_values ? read_kv_lengths(call, opt) : KvLengths{};
-  const KvCall c = rotate(call, opt);
-  append_kv(c);
+  const KvCall c = prepare_kv(call, opt);
   const int64_t max_q =
       host.queries.empty() ? -1 : *std::max_element(host.queries.begin(), host.queries.end());
   const KvParams k = kv_params(c, opt, kv_lengths(c).to(at::kInt).contiguous(), q.device(), max_q);
