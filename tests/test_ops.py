@@ -652,19 +652,27 @@ def test_gqa_decode_heads_packed(device, cid, monkeypatch):
 
 
 @pytest.mark.parametrize("device", [pytest.param("emu", marks=emu_marks()), pytest.param("cuda", marks=cuda_marks())])
-@pytest.mark.parametrize("what", ["dropout", "causal", "window", "two_rows"])
+@pytest.mark.parametrize("what", ["dropout", "causal", "window", "two_rows", "alibi"])
 def test_gqa_heads_not_packed(device, what):
-    """Row-dependent semantics keep one CTA per query head (dropout's streams, causal / window bounds, rows)."""
+    """Row-dependent semantics keep one CTA per query head (dropout's streams, causal / window bounds, rows, ALiBi's
+    slope of the query head)."""
     fwd, dev = _forward_op(device)
     q, k, v, _ = _decode_inputs(f16, 8, 2, 200, 64, None, "contig", dev)
     if what == "two_rows":
         q = torch.cat([q, q.flip(0)], dim=2)
     kw = dict(dropout_p=0.3 if what == "dropout" else 0.0, is_causal=what == "causal",
               window=[50, 0] if what == "window" else [-1, -1])
+    slopes = torch.rand(8, generator=torch.Generator().manual_seed(5)) * 0.2 + 0.01 if what == "alibi" else None
     with attention_ext.debug.kernel_log() as lines:
-        out, lse, _ = fwd(q, k, v, None, kw["dropout_p"], kw["is_causal"], None, True, kw["window"])
+        out, lse, _ = fwd(q, k, v, None, kw["dropout_p"], kw["is_causal"], None, True, kw["window"], 0.0, slopes)
     assert lines and not any("GQA heads packed" in ln for ln in lines), lines
-    if what != "dropout":
+    if what == "alibi":  # the bias -m_h (S - 1 - j) as a float mask, in float64
+        S = k.shape[-2]
+        bias = -slopes.double()[:, None, None] * (S - 1 - torch.arange(S, dtype=torch.float64))
+        want = F.scaled_dot_product_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), attn_mask=bias,
+                                              enable_gqa=True)
+        assert (out.cpu().double() - want).abs().max() < 5e-3
+    elif what != "dropout":
         r = reference_attention(q.cpu(), k.cpu(), v.cpu(), None, enable_gqa=True, is_causal=kw["is_causal"],
                                 window_size=kw["window"] if what == "window" else None)
         assert (out.cpu().double() - r.out).abs().max() < 5e-3

@@ -128,12 +128,12 @@ inline bool packed_sm90_enabled() {
 // 0, is row g of head hk (the head strides of q, out and the mask grow G times, their row strides become the
 // old head strides: any layout, broadcast masks included), and the log-sum-exp's (batch, heads_q, 1) layout
 // is the same memory as (batch, heads_kv, G). Not with dropout (its streams are numbered by head and row),
-// causal or window bounds (they depend on the row index) or packed sequences. Returns G where p was changed,
-// else 1.
+// causal or window bounds (they depend on the row index), ALiBi (its slope is the query head's and its distance
+// the row's) or packed sequences. Returns G where p was changed, else 1.
 inline int64_t pack_gqa_rows(FwdParams& p) {
   const int64_t G = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
   if (G <= 1 || p.len_q != 1 || p.dropout_p > 0.0 || p.window_left != kNoBound || p.window_right != kNoBound ||
-      p.cu_seqlens_q != nullptr || !pack_gqa_enabled())
+      p.alibi_slopes != nullptr || p.cu_seqlens_q != nullptr || !pack_gqa_enabled())
     return 1;
   auto fold = [G](Strides4& s) {
     s.r = s.h;
