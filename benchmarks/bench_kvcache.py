@@ -11,9 +11,11 @@ one) with a key-padding mask of the lengths, or one SDPA call per batch element 
 (a slice, or its pages gathered). attention_ext.attention_kvcache does it in one call (the append, then the fused
 kernel; the CPU kernel reads the pages in place). Such a call is bound by reading K and V: besides the times and
 the ratio (the faster of PyTorch's ways / ours, > 1: ours is faster) it reports the bandwidth over the visible K
-and V bytes. Medians of interleaved
+and V bytes, and on CUDA the gain of packing a GQA group's query heads into one CTA's rows (the time with
+ATTENTION_EXT_PACK_GQA=0 / ours). Medians of interleaved
 repeats (CUDA: device events); raw JSON into benchmarks/results/<device>/bench_kvcache_<commit>.json.
 """
+import os
 import sys
 
 import torch
@@ -102,11 +104,22 @@ def run_point(B, Hq, Hkv, E, S, layout, dtype, device, budget):
                      "torch_mask": lambda: torch_masked(q, k1, v1, kc_m, vc_m, lens, table),
                      "torch_slices": lambda: torch_sliced(q, k1, v1, kc_s, vc_s, lens, table, host_lens)},
                     device, budget)
+        unpacked = None
+        if device == "cuda" and Hq != Hkv:
+            # the CUDA glue packs a GQA group's query heads into one CTA's rows (ATTENTION_EXT_PACK_GQA, read at
+            # each call): the same step with one CTA per query head, for the gain
+            os.environ["ATTENTION_EXT_PACK_GQA"] = "0"
+            try:
+                unpacked = measure({"ours": lambda: attention_ext.attention_kvcache(
+                    q, kc, vc, lens, k1, v1, block_table=table, is_causal=True)}, device, budget)["ours"]
+            finally:
+                del os.environ["ATTENTION_EXT_PACK_GQA"]
     best = min(t["torch_mask"], t["torch_slices"])
     kv_bytes = 2 * sum(host_lens) * Hkv * E * q.element_size()
     return {"B": B, "Hq": Hq, "Hkv": Hkv, "E": E, "S": S, "layout": layout, "dtype": str(dtype).replace("torch.", ""),
             "ours_s": t["ours"], "torch_mask_s": t["torch_mask"], "torch_slices_s": t["torch_slices"],
             "speedup": best / t["ours"], "ours_GBps": kv_bytes / t["ours"] / 1e9, "torch_GBps": kv_bytes / best / 1e9,
+            "ours_unpacked_s": unpacked, "pack_gain": None if unpacked is None else unpacked / t["ours"],
             "max_abs_diff_vs_torch": err}
 
 
@@ -114,11 +127,11 @@ def main(argv=None):
     bench = Bench(argv, "one short point, few repeats")
     points = [(*p, lay) for p in (QUICK if bench.quick else POINTS) for lay in LAYOUTS]
     bench.header(["dtype", "B", "Hq / Hkv", "E", "S_max", "layout", "ours ms", "torch mask ms", "torch slices ms",
-                  "ours GB/s", "best torch GB/s", "best torch / ours"], left=6)
+                  "ours GB/s", "best torch GB/s", "best torch / ours", "GQA packing gain"], left=6)
     rows = bench.run(points, run_point, lambda r: (
         r["dtype"], r["B"], f"{r['Hq']} / {r['Hkv']}", r["E"], r["S"], r["layout"], f"{r['ours_s'] * 1e3:.3f}",
         f"{r['torch_mask_s'] * 1e3:.3f}", f"{r['torch_slices_s'] * 1e3:.3f}", f"{r['ours_GBps']:.1f}",
-        f"{r['torch_GBps']:.1f}", f"{r['speedup']:.2f}"))
+        f"{r['torch_GBps']:.1f}", f"{r['speedup']:.2f}", "-" if r["pack_gain"] is None else f"{r['pack_gain']:.2f}"))
     bench.save("bench_kvcache", rows)
     return rows
 

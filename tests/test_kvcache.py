@@ -41,7 +41,18 @@ CASES = {
     "no-new-keys-strided": (3, 2, 2, 3, 0, 16, 16, 64, [40, 1, 0], dict(bshd=True, scale=0.3)),
     # more queries than positions: causal rows before the first position see nothing
     "L-gt-S": (2, 2, 2, 4, 2, 16, 16, 8, [1, 5], dict(is_causal=True)),
+    # decoding steps whose GQA query heads stay one CTA each on CUDA (not packed into rows as in decode-gqa): a
+    # sliding window; ALiBi with MQA, not causal
+    "decode-gqa-window": (2, 8, 2, 1, 1, 64, 64, 192, [150, 9], dict(is_causal=True, window=(40, -1))),
+    "decode-mqa-alibi": (2, 4, 1, 1, 1, 32, 32, 128, [100, 3], dict(alibi=True)),
 }
+
+
+def gqa_packed(case):
+    """Whether the CUDA glue runs the case's query heads as rows of their key / value head (one query row per batch
+    element, a GQA group, no left window bound, no ALiBi)."""
+    B, Hq, Hkv, L, Ln, E, Ev, Smax, lens, o = CASES[case]
+    return L == 1 and Hq > Hkv and o.get("window", (-1, -1))[0] < 0 and not o.get("alibi")
 BACKEND_DTYPES = (
     [pytest.param("cpu", dt, id=f"cpu-{dtype_id(dt)}") for dt in (f32, bf16, f16, f64)]
     + [pytest.param("emu80", dt, id=f"emu80-{dtype_id(dt)}", marks=emu_marks()) for dt in (f32, bf16, f64)]
@@ -229,23 +240,45 @@ def test_kvcache_vs_reference(backend, dtype, case, monkeypatch):
         if not gathered:
             assert len(lines) == 1 and "sm80" in lines[0] and "batch elements in one launch" in lines[0], lines
             assert ("paged" in lines[0]) == ("page" in o), lines
+            G = CASES[case][1] // CASES[case][2]
+            assert (f"GQA heads packed {G} per CTA" in lines[0]) == gqa_packed(case), lines
 
 
-@pytest.mark.parametrize("case", ["decode-gqa", "chunk-paged128-window", "decode-paged16", "chunk-window-alibi-cap"])
+@pytest.mark.parametrize("case", ["decode-gqa", "chunk-paged128-window", "decode-paged16", "chunk-window-alibi-cap",
+                                  "decode-gqa-window"])
 @pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
 def test_kvcache_split_keys(backend, case, monkeypatch):
     """The CUDA cache kernel with its key tiles shared among 3 CTAs per query block (flash-decoding,
     ATTENTION_EXT_FWD_SPLITS) and merged: the reference's output and log-sum-exp, every batch element with its own
-    number of tiles (an empty cache too)."""
+    number of tiles (an empty cache too); decoding steps with their GQA heads packed into rows (decode-gqa,
+    decode-paged16) or not."""
     ops = backend_ops(backend, monkeypatch)
     monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", "3")
     args, rows, alibi, o = make_inputs(case, bf16, "cpu", seed=11)
     with attention_ext.debug.kernel_log() as lines:
         out, lse = _call(ops, args, alibi, o)
-    assert len(lines) == 1 and lines[0].endswith("keys split 3 ways"), lines
+    assert len(lines) == 1 and "keys split 3 ways" in lines[0], lines
+    assert ("GQA heads packed" in lines[0]) == gqa_packed(case), lines
     r_out, r_lse = reference(args[0], rows, alibi, o)
     assert_close_vs_baselines(f"out ({case})", out, r_out, [pytorch_baseline(args[0], rows, alibi, o, bf16)], bf16)
     assert_close_vs_baselines(f"lse ({case})", lse, r_lse, [], bf16, floor=16 * ABS_FLOOR[f32])
+
+
+@pytest.mark.parametrize("pack", ["1", "0"])
+@pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
+def test_kvcache_gqa_decode_packing_switch(backend, pack, monkeypatch):
+    """ATTENTION_EXT_PACK_GQA=0 keeps a GQA decoding step one CTA per query head on CUDA, as for dense calls; both
+    ways match the reference (fp16, paged by 16, one empty cache)."""
+    ops = backend_ops(backend, monkeypatch)
+    monkeypatch.setenv("ATTENTION_EXT_PACK_GQA", pack)
+    args, rows, alibi, o = make_inputs("decode-paged16", f16, "cpu", seed=13)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse = _call(ops, args, alibi, o)
+    assert len(lines) == 1 and ("GQA heads packed 4 per CTA" in lines[0]) == (pack == "1"), lines
+    r_out, r_lse = reference(args[0], rows, alibi, o)
+    base = pytorch_baseline(args[0], rows, alibi, o, f16)
+    assert_close_vs_baselines("out (decode-paged16)", out, r_out, [base], f16)
+    assert_close_vs_baselines("lse (decode-paged16)", lse, r_lse, [], f16, floor=16 * ABS_FLOOR[f32])
 
 
 def test_kvcache_decode_loop_matches_causal_attention():

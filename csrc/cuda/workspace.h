@@ -307,6 +307,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
   return {s.out, s.lse, rng};
 }
 
+// A decoding step of attention_kvcache with grouped-query attention (one query row per batch element, not packed):
+// the group's query heads as rows of their key / value head, as pack_gqa_rows packs a dense call, so that each CTA
+// reads the cache once for the group. The one query row sits at the last position (S_b - 1): a causal bound, or a
+// right window bound, hides nothing and is dropped; a left window bound (the same for every row, which the packed
+// rows' shifted bounds would not be) or ALiBi keeps one CTA per query head. Returns G where p was changed, else 1.
+inline int64_t pack_gqa_kv_decode(FwdParams& p, bool packed) {
+  if (packed || p.len_q != 1 || p.window_left != kNoBound || (p.window_right != kNoBound && p.window_right < 0))
+    return 1;
+  FwdParams f = p;
+  f.window_right = kNoBound;
+  const int64_t group = pack_gqa_rows(f);
+  if (group > 1) p = f;
+  return group;
+}
+
 // attention_kvcache as both glues run it: the new keys appended, then one launch of the sm80 forward's cache
 // variant over every batch element (FwdParams::cache_lens) reading the cache in place, pages included, where it
 // covers the call: fp32 / fp16 / bf16, any page size, ALiBi. Anything else (float64) goes through kvcache_gathered
@@ -335,6 +350,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
       host.queries.empty() ? -1 : *std::max_element(host.queries.begin(), host.queries.end());
   const KvParams k = kv_params(c, opt, kv_lengths(c).to(at::kInt).contiguous(), q.device(), max_q);
   FwdParams p = k.p;
+  const int64_t group = pack_gqa_kv_decode(p, c.packed());
   // flash-decoding as for a dense call (few CTAs, many key tiles), planned with the longest cache (or the capacity
   // when the lengths were not read back); not for packed queries, whose shares would need a row layout of their own
   FwdParams plan = p;
@@ -351,7 +367,8 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
     log_kernel(describe_kernel(what, sm80->head_dim, p.dtype, env) + ", " + std::to_string(p.batch) +
                (c.packed() ? " batch elements of packed queries in one launch" : " batch elements in one launch") +
                (paged ? ", paged (" + std::to_string(p.page_size) + " positions a page)" : "") +
-               (splits > 1 ? ", keys split " + std::to_string(splits) + " ways" : ""));
+               (splits > 1 ? ", keys split " + std::to_string(splits) + " ways" : "") +
+               (group > 1 ? ", GQA heads packed " + std::to_string(group) + " per CTA" : ""));
   }
   return {k.out, c.packed() ? packed_lse(c, k.lse) : k.lse};
 }
