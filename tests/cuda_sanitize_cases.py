@@ -108,6 +108,24 @@ def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal, alibi=False):
         raise SystemExit(f"NaN in kvcache out for {dtype} lengths {lengths} page {page}")
 
 
+def kvcache_packed_case(dtype, Hq, Hkv, E, lengths, queries, page):
+    """attention_kvcache with packed queries: batch element b's queries[b] rows (and new keys) against its cache of
+    lengths[b] positions, paged; few CTAs and long caches, so that the keys are split and merged into packed rows."""
+    dev = "cuda"
+    B, T = len(lengths), sum(queries)
+    per = (max(lengths) + max(queries) + page - 1) // page
+    table = torch.randperm(B * per + 2, device=dev)[:B * per].view(B, per).to(torch.int32)
+    kc, vc = (torch.randn(B * per + 2, Hkv, page, E, device=dev, dtype=dtype) for _ in range(2))
+    q = torch.randn(T, Hq, E, device=dev, dtype=dtype)
+    k, v = (torch.randn(T, Hkv, E, device=dev, dtype=dtype) for _ in range(2))
+    cu = torch.tensor([0] + torch.tensor(queries).cumsum(0).tolist(), device=dev, dtype=torch.int32)
+    lens = torch.tensor(lengths, device=dev, dtype=torch.int32)
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, k, v, table, True, cu_seqlens_q=cu)
+    torch.cuda.synchronize()
+    if torch.isnan(out).any() or torch.isnan(lse).any():
+        raise SystemExit(f"NaN in packed kvcache out for {dtype} lengths {lengths} queries {queries}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -194,6 +212,9 @@ def main():
     for i, c in enumerate(kvcache):
         print(f"[kvcache {i + 1}/{len(kvcache)}] {c}", flush=True)
         kvcache_case(*c)
+    # packed queries (a decoding step, a chunk, an idle sequence) against long paged caches: split keys
+    print("[kvcache packed]", flush=True)
+    kvcache_packed_case(torch.bfloat16, 4, 2, 128, [1500, 700, 30], [1, 5, 0], 16)
     print("all cases ran")
 
 

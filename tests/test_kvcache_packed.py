@@ -92,6 +92,19 @@ def _call(ops, args, alibi, o, **kw):
                                  list(o.get("window", (-1, -1))), o.get("cap", 0.0), a, cu_seqlens_q=cu, **kw)
 
 
+def check_vs_reference(name, out, lse, seqs, alibi, o, dtype):
+    """out (total_q, Hq, Ev) and lse (total_q, Hq) against the float64 reference of each batch element, within 2x
+    PyTorch's error in the same dtype."""
+    refs = [reference(qb, [rows], None if alibi is None else alibi[b:b + 1], o) for b, (qb, rows) in enumerate(seqs)]
+    r_out = torch.cat([r[0][0].transpose(0, 1) for r in refs])
+    r_lse = torch.cat([r[1][0].transpose(0, 1) for r in refs])
+    base = torch.cat([pytorch_baseline(qb.to(dtype), [rows], None if alibi is None else alibi[b:b + 1], o,
+                                       dtype)[0].transpose(0, 1) for b, (qb, rows) in enumerate(seqs)])
+    assert_close_vs_baselines(f"out ({name})", out.cpu(), r_out, [base], dtype)
+    floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
+    assert_close_vs_baselines(f"lse ({name})", lse.cpu(), r_lse, [], dtype, floor=floor)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 def test_packed_vs_reference(backend, dtype, case, monkeypatch):
@@ -108,14 +121,7 @@ def test_packed_vs_reference(backend, dtype, case, monkeypatch):
     T, Hq = args[0].shape[:2]
     assert out.shape == (T, Hq, CASES[case][3]) and lse.shape == (T, Hq), (out.shape, lse.shape)
     assert lse.dtype == (f64 if dtype == f64 else f32)
-    refs = [reference(qb, [rows], None if alibi is None else alibi[b:b + 1], o) for b, (qb, rows) in enumerate(seqs)]
-    r_out = torch.cat([r[0][0].transpose(0, 1) for r in refs])
-    r_lse = torch.cat([r[1][0].transpose(0, 1) for r in refs])
-    base = torch.cat([pytorch_baseline(qb.to(dtype), [rows], None if alibi is None else alibi[b:b + 1], o,
-                                       dtype)[0].transpose(0, 1) for b, (qb, rows) in enumerate(seqs)])
-    assert_close_vs_baselines(f"out ({backend}, {case})", out.cpu(), r_out, [base], dtype)
-    floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
-    assert_close_vs_baselines(f"lse ({backend}, {case})", lse.cpu(), r_lse, [], dtype, floor=floor)
+    check_vs_reference(f"{backend}, {case}", out, lse, seqs, alibi, o, dtype)
     if backend == "cpu":
         assert len(lines) == 1 and "batch elements of packed queries" in lines[0], lines
     elif dtype == f64:
@@ -123,6 +129,26 @@ def test_packed_vs_reference(backend, dtype, case, monkeypatch):
     else:
         assert len(lines) == 1 and "sm80" in lines[0] and "packed queries in one launch" in lines[0], lines
     assert ("paged" in lines[0]) == ("page" in o) or dtype == f64, lines
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
+def test_packed_split_keys(backend, case, monkeypatch):
+    """Packed queries with the CUDA cache kernel's key tiles shared among 3 CTAs per query block (flash-decoding,
+    ATTENTION_EXT_FWD_SPLITS): the shares are laid out as batch elements padded to the longest L_b, and the merge
+    writes each batch element's rows and lse block where the packed layout puts them (idle and empty batch
+    elements included) -- the reference's output and lse, in bf16 and f32."""
+    ops = backend_ops(backend, monkeypatch)
+    monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", "3")
+    for dtype in (bf16, f32):
+        args, seqs, alibi, o = make_packed(case, dtype, "cpu", seed=17)
+        want_k, want_v = expected_caches(args)
+        with attention_ext.debug.kernel_log() as lines:
+            out, lse = _call(ops, args, alibi, o)
+        assert len(lines) == 1 and "packed queries in one launch" in lines[0], lines
+        assert "keys split 3 ways" in lines[0], lines
+        assert torch.equal(args[1], want_k) and torch.equal(args[2], want_v), "the caches after the call"
+        check_vs_reference(f"{backend}, {case}, split keys", out, lse, seqs, alibi, o, dtype)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -241,10 +241,13 @@ def test_kvcache_race_free(racecheck, monkeypatch, splits):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
-def test_kvcache_packed_race_free(racecheck, monkeypatch):
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_kvcache_packed_race_free(racecheck, monkeypatch, splits):
     """attention_kvcache with packed queries (cu_seqlens_q): one launch over batch elements of 70, 1 and 0 query
-    rows (CTAs past a batch element's rows leave at once) against caches paged by 16."""
+    rows (CTAs past a batch element's rows leave at once) against caches paged by 16, the key tiles whole or shared
+    among 3 CTAs (the merge writing the packed rows)."""
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "80")
+    monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", splits)
     g = torch.Generator().manual_seed(1)
     Hq, Hkv, E, page, per = 4, 2, 64, 16, 12
     B = 3
@@ -257,4 +260,5 @@ def test_kvcache_packed_race_free(racecheck, monkeypatch):
     with attention_ext.debug.kernel_log() as lines:
         out, lse = emu.ops.attention_kvcache(q, kc, vc, lens, key, value, table, True, cu_seqlens_q=cu)
     assert len(lines) == 1 and "packed queries in one launch" in lines[0], lines
+    assert (splits == "3") == ("keys split 3 ways" in lines[0]), lines
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()

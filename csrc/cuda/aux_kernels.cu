@@ -378,7 +378,10 @@ __global__ void __launch_bounds__(kThreads) key_bounds_kernel(const FwdParams p,
 // Flash-decoding's merge (p.num_splits > 1, see flash_fwd.cuh): one warp per row. From each share's row max
 // m_s and sum l_s: w_s = l_s exp(m_s - M) with M = max m_s, lse = M + log sum w_s, out = sum_s (w_s / sum w) O_s.
 // A share with no visible key has m_s = -inf and weight 0; a row with none at all gives 0 and -inf, and a NaN
-// in any share (NaN scores) a NaN row and lse, as without splits.
+// in any share (NaN scores) a NaN row and lse, as without splits. A cache call's packed queries
+// (FwdParams::cache_lens with cu_seqlens_q): the shares are laid out as for a call of batch element b's rows padded
+// to len_q (the longest L_b); row i < L_b goes to packed row cu_seqlens_q[b] + i and to the lse's (Hq, L_b) block at
+// Hq * cu_seqlens_q[b], rows past L_b were never written and are skipped.
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const FwdParams p) {
   const int lane = threadIdx.x & 31;
@@ -386,6 +389,13 @@ __global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const FwdParams p
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
   const int ns = p.num_splits;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
+    int64_t q0 = 0, Lb = p.len_q;  // packed queries: b's first row and its L_b
+    if (p.cu_seqlens_q != nullptr) {
+      q0 = p.cu_seqlens_q[b];
+      Lb = p.cu_seqlens_q[b + 1] - q0;
+      if (i >= Lb) continue;  // uniform over the warp
+    }
     const float* ms = p.lse_accum + r;              // m_s at ms[s * rows]
     const float* ls = p.lse_accum + ns * rows + r;  // l_s at ls[s * rows]
     float m = -kInf;
@@ -399,9 +409,10 @@ __global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const FwdParams p
     for (int s = 0; s < ns && !empty; ++s)
       sum += ms[s * rows] == -kInf ? 0.f : ls[s * rows] * exp2f((ms[s * rows] - m) * kLog2e);
     if (nan) sum = __uint_as_float(0x7fc00000u);
-    if (lane == 0) static_cast<float*>(p.lse)[r] = empty ? -kInf : m + logf(sum);
-    const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
-    Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i * p.o_stride.r;
+    const int64_t lse_row = p.cu_seqlens_q != nullptr ? p.heads_q * q0 + h * Lb + i : r;
+    if (lane == 0) static_cast<float*>(p.lse)[lse_row] = empty ? -kInf : m + logf(sum);
+    Elem* o = static_cast<Elem*>(p.out) + (p.cu_seqlens_q != nullptr ? q0 * p.o_stride.r : b * p.o_stride.b) +
+              h * p.o_stride.h + i * p.o_stride.r;
     const float inv = empty ? 0.f : 1.f / sum;
     for (int64_t e = lane; e < p.dim_v; e += 32) {
       float acc = 0.f;
@@ -441,7 +452,9 @@ cudaError_t launch_row_stats(const FwdParams& p, const FwdStats& st, const FwdEn
 cudaError_t launch_fwd_combine(const FwdParams& p, const LaunchEnv& env) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
   if (rows == 0) return cudaSuccess;
-  if (p.num_splits < 2 || p.o_accum == nullptr || p.lse_accum == nullptr) return cudaErrorInvalidValue;
+  if (p.num_splits < 2 || p.o_accum == nullptr || p.lse_accum == nullptr ||
+      (p.cu_seqlens_q != nullptr && p.cache_lens == nullptr))  // (packed sequences have no split keys)
+    return cudaErrorInvalidValue;
   const int grid = grid_for(rows, kThreads / 32, env.num_sms);
   return by_dtype(p.dtype, [&](auto tag) {
     using Elem = decltype(tag);

@@ -132,8 +132,8 @@ __device__ __forceinline__ void load_kv_tile(Elem* sm, const FwdParams& pc, cons
   load_tile<Elem, kBlockN, kD, kLd, kThreads>(sm, base + j0 * row_stride, row_stride, nk, ncols, vec, tid);
 }
 
-// The batch of the split keys' shares (FwdParams::num_splits): the call's (a packed call has no split keys, and its
-// sequence's params say 1).
+// The batch of the split keys' shares (FwdParams::num_splits): the call's (a packed call of sequences has no split
+// keys, and its sequence's params say 1; a cache call's shares, packed queries included, are the call's).
 template <int kMode>
 __device__ __forceinline__ int64_t split_batch(const FwdParams& p_call) {
   return kMode == 1 ? 1 : p_call.batch;
@@ -377,10 +377,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   Elem* o = static_cast<Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h;
   const bool pair_ok = reinterpret_cast<uintptr_t>(o) % (2 * sizeof(Elem)) == 0 && p.o_stride.r % 2 == 0;
   const bool partial = p.num_splits > 1;
-  // first row of this CTA's share in the split buffers: (split * batch * Hq + bh) * L (never packed calls; a cache
-  // call's rows by the call's batch and head)
-  const int64_t nb = split_batch<kMode>(p_call);
-  const int64_t part = (static_cast<int64_t>(blockIdx.x) / (nmb * nb * Hq) * nb * Hq + (kCache ? bh_call : bh)) * L;
+  // first row of this CTA's share in the split buffers: (split * batch * Hq + bh) * Lp (never packed sequences; a
+  // cache call's rows by the call's batch and head, Lp rows apart: its len_q, the longest L_b of packed queries)
+  const int64_t nb = split_batch<kMode>(p_call), Lp = kCache ? p_call.len_q : L;
+  const int64_t part = (static_cast<int64_t>(blockIdx.x) / (nmb * nb * Hq) * nb * Hq + (kCache ? bh_call : bh)) * Lp;
   float* lse = partial ? p.lse_accum + part : static_cast<float*>(p.lse) + bh * L;
   const float keep_scale = dropout ? rng.inv_keep : 1.f;
   // stats mode of a packed call: the sequence's block of the statistics starts at row heads_q * q0, its dO at
@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
       }
       if (partial && t == 0 && i < L) {
         lse[i] = empty ? -kInf : row_max[mt][hr];
-        lse[p.num_splits * nb * Hq * L + i] = l;
+        lse[p.num_splits * nb * Hq * Lp + i] = l;
       } else if (t == 0 && i < L) {
         lse[i] = empty ? -kInf : row_max[mt][hr] + logf(l);
       }
@@ -462,9 +462,8 @@ cudaError_t launch_fwd(const FwdParams& p, const FwdStats* stats, const LaunchEn
       (p.num_splits > 1 || p.cu_seqlens_k == nullptr || p.mask_kind != MaskKind::kNone || p.alibi_slopes != nullptr))
     return cudaErrorInvalidValue;  // packed sequences: without split keys, a mask or ALiBi
   if ((p.block_table != nullptr && (p.cache_lens == nullptr || p.page_size < 1)) ||
-      (p.cache_lens != nullptr && (stats != nullptr || p.mask_kind != MaskKind::kNone ||
-                                   (p.cu_seqlens_q != nullptr && (p.num_splits > 1 || p.cu_seqlens_k != nullptr)))))
-    return cudaErrorInvalidValue;  // a cache: the forward alone, without a mask (packed queries: no split keys)
+      (p.cache_lens != nullptr && (stats != nullptr || p.mask_kind != MaskKind::kNone || p.cu_seqlens_k != nullptr)))
+    return cudaErrorInvalidValue;  // a cache: the forward alone, without a mask or packed keys
   const int64_t blocks = ceil_div(p.len_q, Cfg::kBlockM) * p.batch * p.heads_q * p.num_splits;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;

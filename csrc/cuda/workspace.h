@@ -352,10 +352,10 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   FwdParams p = k.p;
   const int64_t group = pack_gqa_kv_decode(p, c.packed());
   // flash-decoding as for a dense call (few CTAs, many key tiles), planned with the longest cache (or the capacity
-  // when the lengths were not read back); not for packed queries, whose shares would need a row layout of their own
+  // when the lengths were not read back); packed queries too, their shares laid out by the longest L_b
   FwdParams plan = p;
   plan.len_k = host.keys.empty() ? c.capacity() : *std::max_element(host.keys.begin(), host.keys.end());
-  const int splits = c.packed() ? 1 : fwd_key_splits(plan, *sm80, nullptr, env);
+  const int splits = fwd_key_splits(plan, *sm80, nullptr, env);
   const LaunchTensors tensors{&k.q4, &kc, &vc, &k.out, &k.lse, &k.lens, &k.table, &k.alibi, &k.cu};
   const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
   if (any && splits > 1) {
