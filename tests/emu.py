@@ -31,27 +31,30 @@ def backend_ops(backend, monkeypatch):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window):
-        out, lse, rng = ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window)
-        ctx.save_for_backward(q, k, v, mask, out, lse, rng)
+    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes):
+        out, lse, rng = ops._attention_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window,
+                                               softcap, alibi_slopes)
+        ctx.save_for_backward(q, k, v, mask, out, lse, rng, alibi_slopes)
         ctx.args = (dropout_p, is_causal, scale, enable_gqa, window)
+        ctx.softcap = softcap
         ctx.mask_grad = mask is not None and mask.requires_grad
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask, out, lse, rng = ctx.saved_tensors
+        q, k, v, mask, out, lse, rng, alibi_slopes = ctx.saved_tensors
         dropout_p, is_causal, scale, enable_gqa, window = ctx.args
         dq, dk, dv, dm = ops._attention_backward(grad_out, q, k, v, mask, out, lse, rng, dropout_p, is_causal, scale,
-                                                 enable_gqa, window, ctx.mask_grad)
-        return dq, dk, dv, (dm if ctx.mask_grad else None), None, None, None, None, None
+                                                 enable_gqa, window, ctx.mask_grad, None, ctx.softcap, alibi_slopes)
+        return dq, dk, dv, (dm if ctx.mask_grad else None), None, None, None, None, None, None, None
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-              window_size=None):
+              window_size=None, softcap=0.0, alibi_slopes=None):
     """attention_ext.attention, computed by the emulated CUDA kernels."""
     window = list(window_size) if window_size is not None else [-1, -1]
-    return _Attention.apply(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
+    return _Attention.apply(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                            alibi_slopes)
 
 
 class schedule:

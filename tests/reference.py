@@ -69,12 +69,17 @@ def reference_attention(
     window_size: Optional[Sequence[int]] = None,
     dropout_p: float = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
 ) -> RefResult:
     """Float64 attention (see the module docstring). The inputs may have any float
     dtype; they are converted to float64 (differentiably: gradients flow back to them).
 
     dropout_mask: bool keep-mask broadcastable to (..., Hq, L, S) (e.g. from
     torch.ops.attention_ext._dropout_mask, reshaped), used with dropout_p.
+    softcap: when > 0, each scaled score x becomes softcap * tanh(x / softcap) (Gemma 2's logit soft-capping).
+    bias: a constant added to the scores after the soft cap and before the mask, broadcastable to
+    (..., Hq, L, S) (ALiBi's -m |i + S - L - j|, built by the caller).
     """
     f64 = torch.float64
     q64, k64, v64 = q.to(f64), k.to(f64), v.to(f64)
@@ -87,6 +92,10 @@ def reference_attention(
     sc = float(scale) if scale is not None else (1.0 / math.sqrt(E) if E > 0 else 1.0)
 
     scores = torch.matmul(q64, k64.transpose(-1, -2)) * sc  # (..., Hq, L, S)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.detach().to(f64)
     visible = window_visibility(L, S, is_causal, window_size, device=q.device)
     visible = visible.expand(scores.shape)
     if attn_mask is not None:
@@ -156,7 +165,7 @@ def dropout_keep_mask(rng_state: torch.Tensor, q: torch.Tensor, S: int, dropout_
     return m.reshape(*q.shape[:-3], Hq, L, S)
 
 
-def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=None, mask_shape=None):
+def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=None, mask_shape=None, softcap=0.0):
     """(out, dq, dk, dv, dmask) in the input dtype, computed in float32 with the 16-bit roundings of PyTorch's
     CUDA FLASH backend (FlashAttention-2): P~ = P * keep / (1 - p) rounded to the input dtype before P~ V and
     P~^T dO, dS rounded before the products that use it, D = rowsum(dO o O) from the rounded output (with
@@ -164,13 +173,17 @@ def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=Non
     and again after the GQA sum. dmask (mask_shape given: a float mask's shape) is dS summed where the mask
     broadcasts. bmask: bool or float, broadcastable to the scores, or None. Without a GPU that backend
     cannot run, and PyTorch's CPU backward keeps P and dS in float32, which no tensor-core kernel does; this
-    model is the yardstick of the GPU kernels' rounding."""
+    model is the yardstick of the GPU kernels' rounding. softcap > 0: the scores capped (softcap * tanh(x /
+    softcap)) before the mask, and dS carries the cap's derivative 1 - tanh^2 before it is rounded."""
     dt, f = q.dtype, torch.float32
     G = q.shape[-3] // k.shape[-3]
     kk, vv = (t.detach().repeat_interleave(G, dim=-3).to(f) for t in (k, v))
     qf, dof = q.detach().to(f), do.detach().to(f)
     sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     s = qf @ kk.transpose(-1, -2) * sc
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
     if bmask is not None:
         s = s.masked_fill(~bmask, -math.inf) if bmask.dtype == torch.bool else s + bmask.detach().to(f)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
@@ -178,6 +191,8 @@ def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=Non
     pd = p * drop
     o = (pd.to(dt).to(f) @ vv).to(dt)
     ds = p * ((dof @ vv.transpose(-1, -2)) * drop - (dof * o.to(f)).sum(-1, keepdim=True))
+    if softcap > 0:
+        ds = ds * (1 - t * t)
     dq = (ds.to(dt).to(f) @ kk * sc).to(dt)
     # per expanded head in the input dtype, then summed over the GQA group (as SDPA does for enable_gqa), and
     # rounded again

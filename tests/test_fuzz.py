@@ -3,8 +3,9 @@
 The curated grids (test_ops.py, test_cuda_emu.py, ...) pick one feature at a time; here every case draws
 all of them at once from its seed: batch rank and sizes, heads and GQA groups, lengths (1 included),
 head dims 1..256 with a different value head dim, dtype, causal, sliding windows, boolean or additive
-masks of a random broadcast shape (with -inf entries, gradient, fully masked rows), scale, dropout and
-the memory layout of every operand (transposed, sliced, expanded, last dim not contiguous). Each case
+masks of a random broadcast shape (with -inf entries, gradient, fully masked rows), scale, dropout, ALiBi
+slopes per head or per (batch, head), logit soft-capping and the memory layout of every operand
+(transposed, sliced, expanded, last dim not contiguous). Each case
 runs on the CPU kernels, on the CUDA kernels' emulator as an sm_80 and as an sm_90 device, and on a GPU
 where there is one.
 
@@ -71,6 +72,8 @@ class Draw:
     scale: Optional[float] = None
     dropout_p: float = 0.0
     layouts: Tuple[str, ...] = ("contig", "contig", "contig")
+    alibi: Optional[str] = None           # None | "heads" (slopes (Hq,)) | "batch" (slopes (*batch, Hq))
+    softcap: float = 0.0
     deterministic: bool = False           # torch.use_deterministic_algorithms around our calls
     env: Tuple[Tuple[str, str], ...] = ()  # the emulated device's knobs (environment variables)
 
@@ -126,6 +129,12 @@ def draw(seed: int, backend: str, tag: str = "") -> Draw:
     if r.random() < 0.2:
         d.dropout_p = r.choice((0.1, 0.3, 0.6))
     d.layouts = tuple(r.choice(("contig", "contig", "blhe", "sliced", "lastdim_t", "expand")) for _ in range(3))
+    # ALiBi and the soft cap from a generator of their own (the draws above stay those of earlier versions)
+    rb = random.Random(f"{tag}bias-{backend}-{seed}")
+    if rb.random() < 0.3:
+        d.alibi = rb.choice(("heads", "batch")) if d.batch else "heads"
+    if rb.random() < 0.25:
+        d.softcap = rb.choice((1.0, 5.0, 30.0))
     _draw_device(d, random.Random(f"{tag}device-{backend}-{seed}"))
     return d
 
@@ -204,32 +213,65 @@ def make_inputs(d: Draw, device):
     return q, k, v, do, mask
 
 
+def make_slopes(d: Draw, device):
+    """ALiBi slopes of the case (float32, (Hq,) or (*batch, Hq), in [0.02, 0.5)), or None."""
+    if d.alibi is None:
+        return None
+    g = torch.Generator().manual_seed(d.seed * 31 + 5)
+    shape = (*d.batch, d.hq) if d.alibi == "batch" else (d.hq,)
+    return (torch.rand(*shape, generator=g) * 0.48 + 0.02).to(device)
+
+
+def alibi_bias(d: Draw, slopes):
+    """ALiBi's float64 bias -m |i + S - L - j| of the case, (..., Hq, L, S), or None."""
+    if slopes is None:
+        return None
+    i = torch.arange(d.S - d.L, d.S, dtype=f64, device=slopes.device)[:, None]
+    j = torch.arange(d.S, dtype=f64, device=slopes.device)[None, :]
+    return -slopes.to(f64)[..., None, None] * (i - j).abs()
+
+
+def with_bias(m, bias, dtype):
+    """A mask for PyTorch's kernels that also adds the bias (in dtype): m bool, float or None."""
+    if bias is None:
+        return m
+    b = bias.to(dtype)
+    if m is None:
+        return b
+    if m.dtype == torch.bool:
+        return b.masked_fill(~m, -math.inf)
+    return m.to(dtype) + b
+
+
 # --------------------------------------------------------------------------------------------- the check
-def _run_ours(d: Draw, q, k, v, mask, window):
+def _run_ours(d: Draw, q, k, v, mask, window, slopes):
     if d.backend.startswith("emu"):
-        return emu.attention(q, k, v, mask, d.dropout_p, d.causal, d.scale, d.enable_gqa, window)
+        return emu.attention(q, k, v, mask, d.dropout_p, d.causal, d.scale, d.enable_gqa, window, d.softcap, slopes)
     return attention_ext.attention(q, k, v, attn_mask=mask, dropout_p=d.dropout_p, is_causal=d.causal,
-                                   scale=d.scale, enable_gqa=d.enable_gqa, window_size=window)
+                                   scale=d.scale, enable_gqa=d.enable_gqa, window_size=window, softcap=d.softcap,
+                                   alibi_slopes=slopes)
 
 
-def _keep_mask(d: Draw, q, k, v, mask, window):
+def _keep_mask(d: Draw, q, k, v, mask, window, slopes):
     """The keep-mask of the dropout draw the forward made (same generator state, same call)."""
     ops = emu.ops if d.backend.startswith("emu") else torch.ops.attention_ext
     _, _, rng = ops._attention_forward(q.detach(), k.detach(), v.detach(),
                                        None if mask is None else mask.detach(), d.dropout_p, d.causal, d.scale,
-                                       d.enable_gqa, list(window))
+                                       d.enable_gqa, list(window), d.softcap, slopes)
     keep = ops._dropout_mask(rng, math.prod(d.batch), d.hq, d.L, d.S, d.dropout_p)
     return keep.reshape(*d.batch, d.hq, d.L, d.S)
 
 
 def check(d: Draw, device):
     q, k, v, do, mask = make_inputs(d, device)
+    slopes = make_slopes(d, device)
+    bias = alibi_bias(d, slopes)
     window = list(d.window) if d.window else [-1, -1]
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     seed = 1000 + d.seed
     with _deterministic(d.deterministic):
         torch.manual_seed(seed)
-        out = _run_ours(d, *leaves, mask, window)
+        out = _run_ours(d, *leaves, mask, window, slopes)
         grads = torch.autograd.grad(out, leaves + ([mask] if d.mask_grad else []), do, retain_graph=d.deterministic)
         if d.deterministic:  # the same bits again
             again = torch.autograd.grad(out, leaves + ([mask] if d.mask_grad else []), do)
@@ -238,21 +280,27 @@ def check(d: Draw, device):
     keep = None
     if d.dropout_p > 0:
         torch.manual_seed(seed)
-        keep = _keep_mask(d, q, k, v, mask, window)
+        keep = _keep_mask(d, q, k, v, mask, window, slopes)
 
     kw = dict(is_causal=d.causal, scale=d.scale, enable_gqa=d.enable_gqa, window_size=d.window,
-              dropout_p=d.dropout_p, dropout_mask=keep)
+              dropout_p=d.dropout_p, dropout_mask=keep, softcap=d.softcap, bias=bias)
     ref_out, _, *ref_grads = reference_grads(q, k, v, do, mask, mask_requires_grad=d.mask_grad, **kw)
 
-    # PyTorch's own attention in the same dtype on the same inputs (on the CPU for the emulator)
+    # PyTorch's own attention in the same dtype on the same inputs (on the CPU for the emulator); ALiBi as its
+    # bias in a float mask (as Hugging Face's ALiBi models give it), a soft cap through the eager formula
     bdev = "cpu" if d.backend.startswith("emu") else device
     bl = [t.detach().to(bdev).requires_grad_() for t in (q, k, v)]
     bmask = None if mask is None else mask.detach().to(bdev).requires_grad_(d.mask_grad)
+    bbias = None if bias is None else bias.to(bdev)
     smask = fmask = sdpa_mask(d, bmask, bdev)
     if smask is not None and smask.dtype != torch.bool and smask.dtype != d.dtype:
         smask = smask.to(d.dtype)  # SDPA wants a float mask of the query's dtype
+    smask = with_bias(smask, bbias, d.dtype)
+    fmask = with_bias(fmask, bbias, torch.float32 if d.dtype != f64 else f64)
     try:
-        if keep is None:
+        if d.softcap > 0:
+            b_out = _eager_softcap(d, *bl, fmask, keep)
+        elif keep is None:
             b_out = F.scaled_dot_product_attention(*bl, attn_mask=smask, scale=d.scale, enable_gqa=d.enable_gqa)
         else:
             b_out = torch.ops.aten._scaled_dot_product_attention_math(
@@ -263,10 +311,10 @@ def check(d: Draw, device):
         b_out, b_grads = None, [None] * len(grads)
 
     # PyTorch's implementations of the same computation in the same dtype: the yardsticks of the error
-    others = [_flash_baseline(d, q, k, v, smask, do) if bdev == "cpu" and keep is None else None,
+    others = [_flash_baseline(d, q, k, v, smask, do) if bdev == "cpu" and keep is None and d.softcap == 0 else None,
               _flash_rounding_model(d, q, k, v, fmask, do, keep, mask)]
     where = f"\ncase {d}"
-    out_w = _check_weights(d, q, k, v, mask, window, seed, fmask, keep, where)
+    out_w = _check_weights(d, q, k, v, mask, window, seed, fmask, keep, where, slopes, bias)
     names = ("out", "dq", "dk", "dv", "dmask")
     for i, (name, ours, ref, base) in enumerate(zip(names, (out, *grads), (ref_out, *ref_grads), (b_out, *b_grads))):
         bases = [base] + [o[i] for o in others if o is not None and i < len(o)]
@@ -275,7 +323,27 @@ def check(d: Draw, device):
             _assert_close("output (with weights)" + where, out_w, ref, bases, d.dtype)
 
 
-def _check_weights(d: Draw, q, k, v, mask, window, seed, fmask, keep, where):
+def _eager_softcap(d: Draw, q, k, v, fmask, keep):
+    """The soft-capped attention as Hugging Face's Gemma 2 computes it, in the inputs' dtype: the scaled scores,
+    softcap * tanh(x / softcap), the mask (and ALiBi's bias) added, the softmax in float32 rounded to the dtype
+    (0 for rows that see no key), dropout's keep-mask, times V."""
+    kk, vv = k.repeat_interleave(d.group, dim=-3), v.repeat_interleave(d.group, dim=-3)
+    sc = d.scale if d.scale is not None else 1.0 / math.sqrt(d.E)
+    s = (q @ kk.transpose(-1, -2)) * sc
+    s = d.softcap * torch.tanh(s / d.softcap)
+    if fmask is not None:
+        fm = fmask.to(s.device)
+        s = s.masked_fill(~fm, -math.inf) if fm.dtype == torch.bool else s + fm.to(s.dtype)
+    # rows that see no key: 0 (their softmax taken over zeros, so that no NaN reaches the gradients)
+    seen = (s != -math.inf).any(dim=-1, keepdim=True)
+    s = torch.where(seen, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    p = (torch.softmax(s, dim=-1, dtype=torch.float32) * seen).to(q.dtype)
+    if keep is not None:
+        p = p * keep.to(p.device) / (1.0 - d.dropout_p)
+    return p @ vv
+
+
+def _check_weights(d: Draw, q, k, v, mask, window, seed, fmask, keep, where, slopes, bias):
     """_attention_forward_weights (what MultiheadAttention's need_weights=True runs), per head or averaged over
     the heads (the emulated kernels: averaged only), with the same dropout draw: weights against the
     reference's probabilities (times keep / (1 - p)), with PyTorch's softmax of the same float32 scores,
@@ -286,13 +354,16 @@ def _check_weights(d: Draw, q, k, v, mask, window, seed, fmask, keep, where):
     m = None if mask is None else mask.detach()
     torch.manual_seed(seed)
     out, _, _, w = ops._attention_forward_weights(q, k, v, m, d.dropout_p, d.causal, d.scale, d.enable_gqa, window,
-                                                  average)
+                                                  average, d.softcap, slopes)
     r = reference_attention(q, k, v, m, is_causal=d.causal, scale=d.scale, enable_gqa=d.enable_gqa,
-                            window_size=d.window, dropout_p=d.dropout_p, dropout_mask=keep)
+                            window_size=d.window, dropout_p=d.dropout_p, dropout_mask=keep, softcap=d.softcap,
+                            bias=bias)
     with torch.no_grad():  # PyTorch's way, as nn.MultiheadAttention computes its weights
         kk = k.repeat_interleave(d.group, dim=-3)
         sc = d.scale if d.scale is not None else 1.0 / math.sqrt(d.E)
         s = (q @ kk.transpose(-1, -2)).float() * sc
+        if d.softcap > 0:
+            s = d.softcap * torch.tanh(s / d.softcap)
         if fmask is not None:
             fm = fmask.to(s.device)
             s = s.masked_fill(~fm, -math.inf) if fm.dtype == torch.bool else s + fm.detach().float()
@@ -352,7 +423,8 @@ def _flash_rounding_model(d: Draw, q, k, v, smask, do, keep, mask):
     """reference.flash2_rounding for the case (None for float64)."""
     if d.dtype == f64:
         return None
-    return flash2_rounding(q, k, v, do, smask, d.scale, d.dropout_p, keep, mask.shape if d.mask_grad else None)
+    return flash2_rounding(q, k, v, do, smask, d.scale, d.dropout_p, keep, mask.shape if d.mask_grad else None,
+                           d.softcap)
 
 
 def _params(counts, prefix=""):
@@ -393,6 +465,9 @@ def test_draws_cover_the_features():
         "forced key splits": any(k == "ATTENTION_EXT_FWD_SPLITS" for d in ds for k, _ in d.env),
         "one SM": any(("ATTENTION_EXT_EMU_SMS", "1") in d.env for d in ds),
         "GQA packing off": any(k == "ATTENTION_EXT_PACK_GQA" for d in ds for k, _ in d.env),
+        "ALiBi per head": any(d.alibi == "heads" for d in ds), "ALiBi per batch": any(d.alibi == "batch" for d in ds),
+        "soft cap": any(d.softcap for d in ds), "ALiBi and soft cap": any(d.alibi and d.softcap for d in ds),
+        "ALiBi decoding with GQA": any(d.alibi and d.L == 1 and d.group > 1 for d in ds),
     }
     assert all(seen.values()), [k for k, v in seen.items() if not v]
 
@@ -412,6 +487,7 @@ def draw_varlen(seed: int, backend: str):
     lq = [r.choice(_VARLEN_LENGTHS) for _ in range(n)]
     lk = lq if r.random() < 0.5 else [r.choice(_VARLEN_LENGTHS) for _ in range(n)]
     d.batch, d.mask, d.mask_dims, d.mask_grad, d.mask_ninf = (), None, (), False, False
+    d.alibi, d.softcap = None, 0.0  # (checked with packed sequences in test_alibi.py and test_softcap.py)
     d.layouts = tuple(r.choice(("contig", "sliced")) for _ in range(3))
     return d, lq, lk
 
