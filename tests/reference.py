@@ -165,7 +165,8 @@ def dropout_keep_mask(rng_state: torch.Tensor, q: torch.Tensor, S: int, dropout_
     return m.reshape(*q.shape[:-3], Hq, L, S)
 
 
-def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=None, mask_shape=None, softcap=0.0):
+def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=None, mask_shape=None, softcap=0.0,
+                    out=None):
     """(out, dq, dk, dv, dmask) in the input dtype, computed in float32 with the 16-bit roundings of PyTorch's
     CUDA FLASH backend (FlashAttention-2): P~ = P * keep / (1 - p) rounded to the input dtype before P~ V and
     P~^T dO, dS rounded before the products that use it, D = rowsum(dO o O) from the rounded output (with
@@ -174,7 +175,10 @@ def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=Non
     broadcasts. bmask: bool or float, broadcastable to the scores, or None. Without a GPU that backend
     cannot run, and PyTorch's CPU backward keeps P and dS in float32, which no tensor-core kernel does; this
     model is the yardstick of the GPU kernels' rounding. softcap > 0: the scores capped (softcap * tanh(x /
-    softcap)) before the mask, and dS carries the cap's derivative 1 - tanh^2 before it is rounded."""
+    softcap)) before the mask, and dS carries the cap's derivative 1 - tanh^2 before it is rounded. out: the
+    forward output the backward is given, as PyTorch's flash backward takes it (D from it; default the model's
+    own rounded output): in rows whose weights are nearly one-hot, D's rounding decides dQ's and dK's error, and
+    two outputs equally close to float64 can round it quite differently."""
     dt, f = q.dtype, torch.float32
     G = q.shape[-3] // k.shape[-3]
     kk, vv = (t.detach().repeat_interleave(G, dim=-3).to(f) for t in (k, v))
@@ -190,7 +194,8 @@ def flash2_rounding(q, k, v, do, bmask=None, scale=None, dropout_p=0.0, keep=Non
     drop = 1.0 if keep is None else keep.to(f) / (1.0 - dropout_p)
     pd = p * drop
     o = (pd.to(dt).to(f) @ vv).to(dt)
-    ds = p * ((dof @ vv.transpose(-1, -2)) * drop - (dof * o.to(f)).sum(-1, keepdim=True))
+    o_d = o if out is None else out.detach()
+    ds = p * ((dof @ vv.transpose(-1, -2)) * drop - (dof * o_d.to(f)).sum(-1, keepdim=True))
     if softcap > 0:
         ds = ds * (1 - t * t)
     dq = (ds.to(dt).to(f) @ kk * sc).to(dt)

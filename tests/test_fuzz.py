@@ -311,8 +311,12 @@ def check(d: Draw, device):
         b_out, b_grads = None, [None] * len(grads)
 
     # PyTorch's implementations of the same computation in the same dtype: the yardsticks of the error
+    # (and the gradients of that model's backward given our forward's output, as PyTorch's flash backward would be:
+    # not its output, which is ours)
+    given = _flash_rounding_model(d, q, k, v, fmask, do, keep, mask, out=out)
     others = [_flash_baseline(d, q, k, v, smask, do) if bdev == "cpu" and keep is None and d.softcap == 0 else None,
-              _flash_rounding_model(d, q, k, v, fmask, do, keep, mask)]
+              _flash_rounding_model(d, q, k, v, fmask, do, keep, mask),
+              None if given is None else (None, *given[1:])]
     where = f"\ncase {d}"
     out_w = _check_weights(d, q, k, v, mask, window, seed, fmask, keep, where, slopes, bias)
     names = ("out", "dq", "dk", "dv", "dmask")
@@ -419,12 +423,12 @@ def _flash_baseline(d: Draw, q, k, v, smask, do):
     return shape(o, d.hq), shape(gq, d.hq), shape(gk, d.hkv), shape(gv, d.hkv)
 
 
-def _flash_rounding_model(d: Draw, q, k, v, smask, do, keep, mask):
-    """reference.flash2_rounding for the case (None for float64)."""
+def _flash_rounding_model(d: Draw, q, k, v, smask, do, keep, mask, out=None):
+    """reference.flash2_rounding for the case (None for float64); out: the forward output its backward is given."""
     if d.dtype == f64:
         return None
     return flash2_rounding(q, k, v, do, smask, d.scale, d.dropout_p, keep, mask.shape if d.mask_grad else None,
-                           d.softcap)
+                           d.softcap, None if out is None else out.to(q.device))
 
 
 def _params(counts, prefix=""):
@@ -487,7 +491,8 @@ def draw_varlen(seed: int, backend: str):
     lq = [r.choice(_VARLEN_LENGTHS) for _ in range(n)]
     lk = lq if r.random() < 0.5 else [r.choice(_VARLEN_LENGTHS) for _ in range(n)]
     d.batch, d.mask, d.mask_dims, d.mask_grad, d.mask_ninf = (), None, (), False, False
-    d.alibi, d.softcap = None, 0.0  # (checked with packed sequences in test_alibi.py and test_softcap.py)
+    if d.alibi and r.random() < 0.5:
+        d.alibi = "batch"  # slopes (sequences, Hq)
     d.layouts = tuple(r.choice(("contig", "sliced")) for _ in range(3))
     return d, lq, lk
 
@@ -508,23 +513,30 @@ def check_varlen(d: Draw, lq, lk, device):
     cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int64)
     window = list(d.window) if d.window else [-1, -1]
     opts = (d.dropout_p, d.causal, d.scale, d.enable_gqa, window)
+    # ALiBi slopes (Hq,) or (sequences, Hq), each sequence with its own distances
+    slopes = make_slopes(Draw(**{**d.__dict__, "batch": (len(lq),)}), device)
     seed = 2000 + d.seed
     with _deterministic(d.deterministic):
         if d.backend.startswith("emu"):
             torch.manual_seed(seed)
-            out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts)
-            grads = emu.ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *opts)
+            out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts, d.softcap,
+                                                              slopes)
+            bwd = lambda: emu.ops._attention_varlen_backward(  # noqa: E731
+                do, q, k, v, cu_q, cu_k, out, lse, rng, *opts, None, d.softcap, slopes)
+            grads = bwd()
             mask_fn = emu.ops._dropout_mask
             if d.deterministic:  # the same bits again
-                again = emu.ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *opts)
+                again = bwd()
                 assert all(torch.equal(a, b) for a, b in zip(grads, again)), f"deterministic backward differs\n{d}"
         else:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
             torch.manual_seed(seed)
-            out = attention_ext.attention_varlen(*leaves, cu_q, cu_k, None, None, *opts)
+            out = attention_ext.attention_varlen(*leaves, cu_q, cu_k, None, None, *opts, softcap=d.softcap,
+                                                 alibi_slopes=slopes)
             grads = torch.autograd.grad(out, leaves, do)
             torch.manual_seed(seed)  # the same draw again, for its rng_state (one row per sequence)
-            rng = torch.ops.attention_ext._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts)[2]
+            rng = torch.ops.attention_ext._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts,
+                                                                    d.softcap, slopes)[2]
             mask_fn = torch.ops.attention_ext._dropout_mask
 
     f64_ = torch.float64
@@ -539,21 +551,28 @@ def check_varlen(d: Draw, lq, lk, device):
         db = Draw(**{**d.__dict__, "L": q1 - q0, "S": k1 - k0})
         qs, ks, vs, dos = hf(q[q0:q1]), hf(k[k0:k1]), hf(v[k0:k1]), hf(do[q0:q1])
         keep = mask_fn(rng[b], 1, d.hq, db.L, db.S, d.dropout_p)[0] if d.dropout_p > 0 else None
+        sb = None if slopes is None else (slopes[b] if slopes.dim() == 2 else slopes)
+        bias = alibi_bias(db, sb)
         r = reference_grads(qs, ks, vs, dos, None, is_causal=d.causal, scale=d.scale, enable_gqa=d.enable_gqa,
-                            window_size=d.window, dropout_p=d.dropout_p, dropout_mask=keep)
+                            window_size=d.window, dropout_p=d.dropout_p, dropout_mask=keep, softcap=d.softcap,
+                            bias=bias)
         rows = (slice(q0, q1), slice(q0, q1), slice(k0, k1), slice(k0, k1))
         for dst, x, sl in zip(ref, (r[0], *r[2:5]), rows):
             dst[sl] = hf(x)
-        sm = sdpa_mask(db, None, qs.device)
+        vis = sdpa_mask(db, None, qs.device)
+        sm = with_bias(vis, bias, d.dtype)
+        fm = with_bias(vis, bias, torch.float32 if d.dtype != f64 else f64)
         bl = [t.detach().requires_grad_() for t in (qs, ks, vs)]
-        if keep is None:
+        if d.softcap > 0:
+            bo = _eager_softcap(db, *bl, fm, keep)
+        elif keep is None:
             bo = F.scaled_dot_product_attention(*bl, attn_mask=sm, scale=d.scale, enable_gqa=d.enable_gqa)
         else:
             bo = torch.ops.aten._scaled_dot_product_attention_math(*bl, attn_mask=sm, dropout_p=d.dropout_p,
                                                                    dropout_mask=keep, scale=d.scale,
                                                                    enable_gqa=d.enable_gqa)[0]
         sdpa = (bo, *torch.autograd.grad(bo, bl, dos))
-        model = _flash_rounding_model(db, qs, ks, vs, sm, dos, keep, None)
+        model = _flash_rounding_model(db, qs, ks, vs, fm, dos, keep, None)
         for key, vals in (("sdpa", sdpa), ("model", model)):
             if vals is None:
                 for dst, x, sl in zip(bases[key], ref, rows):
