@@ -256,6 +256,7 @@ def attention_kvcache(
     rotary_interleaved: bool = False,
     cu_seqlens_q: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ):
     """New queries against a key / value cache, for decoding and chunked prefill (FlashAttention's
@@ -286,6 +287,11 @@ def attention_kvcache(
     the lengths are not read back (CUDA-graph capture). The output is (total_q, Hq, Ev), the log-sum-exp
     (total_q, Hq).
 
+    ``cache_batch_idx`` (B,) int32 / int64 (contiguous caches only, FlashAttention's argument of that name): batch
+    element b's cache is row cache_batch_idx[b] of ``key_cache`` / ``value_cache``, which may then hold any number
+    of rows (a pool of cache slots that requests come and go from, beam search reading a shared prefix); rows not
+    named are neither read nor written. Two batch elements may share a row when nothing is appended.
+
     Returns the output (B, Hq, L, Ev), and with ``return_lse=True`` also the float32 log-sum-exp (B, Hq, L) for
     merging with other partial attentions (:func:`merge_attention`). The fused kernels read the cache in place,
     pages of any size included (on CUDA float64 gathers the visible cache into one fused call first).
@@ -295,7 +301,8 @@ def attention_kvcache(
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=query.device)
     out, lse = _ops.attention_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table,
                                       bool(is_causal), scale, _window(window_size), float(softcap), alibi_slopes,
-                                      rotary_cos, rotary_sin, bool(rotary_interleaved), cu_seqlens_q, max_seqlen_q)
+                                      rotary_cos, rotary_sin, bool(rotary_interleaved), cu_seqlens_q, max_seqlen_q,
+                                      cache_batch_idx)
     return (out, lse) if return_lse else out
 
 

@@ -117,6 +117,9 @@ struct FwdParams {
   // (contiguous, or its pages with block_table), the len_q queries at their end (cache_batch_params below; the CPU
   // reads it on the host, the sm80 forward's cache variant on the device, pages of any size).
   const int32_t* cache_lens = nullptr;
+  // Optional (attention_kvcache with a contiguous cache): batch element b's cache is row cache_batch_idx[b] of k / v
+  // (k_stride.b / v_stride.b apart), else row b.
+  const int32_t* cache_batch_idx = nullptr;
 };
 
 // ptr moved by `elems` elements of `bytes` bytes each (the params' untyped pointers); nullptr stays nullptr.
@@ -163,8 +166,9 @@ AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_
   if (p.block_table != nullptr) {
     s.block_table = p.block_table + b * p.block_table_stride;
   } else {
-    s.k = advance(p.k, b * p.k_stride.b, es);
-    s.v = advance(p.v, b * p.v_stride.b, es);
+    const int64_t row = p.cache_batch_idx != nullptr ? p.cache_batch_idx[b] : b;
+    s.k = advance(p.k, row * p.k_stride.b, es);
+    s.v = advance(p.v, row * p.v_stride.b, es);
   }
   if (p.alibi_slopes != nullptr) s.alibi_slopes += b * p.alibi_stride_b;
   shift_window(s, s.len_k - s.len_q);

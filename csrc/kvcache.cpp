@@ -14,9 +14,10 @@ using at::indexing::Slice;
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Where positions pos of batch elements batch (int64 index tensors of one shape) live in the cache: (row, slot)
-// index tensors for cache[row, :, slot] (the batch element and the position, or the page and the row in it).
+// index tensors for cache[row, :, slot] (the batch element's cache row, cache_batch_idx's when given, and the
+// position; or the page and the row in it).
 std::tuple<at::Tensor, at::Tensor> cache_rows(const KvCall& c, const at::Tensor& batch, const at::Tensor& pos) {
-  if (!c.paged()) return {batch, pos};
+  if (!c.paged()) return {c.indexed() ? c.cache_batch_idx->to(pos.device(), at::kLong).index({batch}) : batch, pos};
   const int64_t page = c.key_cache.size(2);
   const at::Tensor table = c.block_table->to(pos.device(), at::kLong);
   return {table.index({batch, at::floor_divide(pos, page)}), at::remainder(pos, page)};
@@ -138,15 +139,30 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
                       "page_size >= 1, got shape ", key_cache.sym_sizes());
     TORCH_CHECK_VALUE(value_cache.sym_size(0) == key_cache.sym_size(0), "value_cache has ", value_cache.sym_size(0),
                       " pages but key_cache has ", key_cache.sym_size(0));
+    TORCH_CHECK_VALUE(!c.indexed(), "cache_batch_idx takes a contiguous cache, not a paged one: the block_table "
+                      "already names each batch element's pages");
+  } else if (c.indexed()) {  // a pool of cache rows, batch element b's at cache_batch_idx[b]
+    const at::Tensor& idx = *c.cache_batch_idx;
+    TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong,
+                     "cache_batch_idx must be int32 or int64, got ", idx.scalar_type());
+    TORCH_CHECK_VALUE(idx.dim() == 1 && idx.sym_size(0) == B, "cache_batch_idx must be (batch,) = (", B,
+                      ",), got shape ", idx.sym_sizes());
+    check_index_device(idx, "cache_batch_idx", q);
+    TORCH_CHECK_VALUE(key_cache.sym_size(0) >= 1 && value_cache.sym_size(0) == key_cache.sym_size(0),
+                      "with cache_batch_idx, key_cache and value_cache must hold the same number (>= 1) of cache "
+                      "rows in dim 0, got shapes ", key_cache.sym_sizes(), " and ", value_cache.sym_sizes());
   } else {
     TORCH_CHECK_VALUE(key_cache.sym_size(0) == B && value_cache.sym_size(0) == B,
                       "key_cache and value_cache must have the query's batch (", B, ") in dim 0 (or be paged, "
-                      "with a block_table), got shapes ", key_cache.sym_sizes(), " and ", value_cache.sym_sizes());
+                      "with a block_table, or a pool of rows with cache_batch_idx), got shapes ",
+                      key_cache.sym_sizes(), " and ", value_cache.sym_sizes());
   }
   // dtypes, devices, heads, head dims, window, soft cap and ALiBi: as attention's (any GQA group), with the cache
-  // seen as batch-sized keys
+  // seen as batch-sized keys (pages, or a pool of rows: one of them for every batch element)
   auto as_keys = [&](const at::Tensor& t) {
-    return c.paged() ? t.narrow_symint(0, 0, 1).expand_symint({B, t.sym_size(1), t.sym_size(2), t.sym_size(3)}) : t;
+    return c.paged() || c.indexed()
+               ? t.narrow_symint(0, 0, 1).expand_symint({B, t.sym_size(1), t.sym_size(2), t.sym_size(3)})
+               : t;
   };
   AttnOptions gqa = opt;
   gqa.enable_gqa = true;
@@ -211,6 +227,17 @@ KvLengths read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
                         " positions (seqlen_ro) but batch element ", b, " rotates positions up to ",
                         len + rotated - 1);
     len += add;
+  }
+  if (c.indexed()) {  // rows of the pool; one batch element per row where new keys are written
+    const std::vector<int64_t> idx = host_int64(*c.cache_batch_idx);
+    const int64_t rows = c.key_cache.size(0);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(idx[b] >= 0 && idx[b] < rows, "cache_batch_idx[", b, "] = ", idx[b],
+                        " is not a row of key_cache (", rows, " rows)");
+      for (int64_t a = 0; a < b && c.appends(); ++a)
+        TORCH_CHECK_VALUE(idx[a] != idx[b], "cache_batch_idx[", a, "] = cache_batch_idx[", b, "] = ", idx[b],
+                          ": two batch elements cannot append key / value to one cache row");
+    }
   }
   if (c.paged()) {
     const std::vector<int64_t> bt = host_int64(*c.block_table);
@@ -314,6 +341,10 @@ KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& le
     p.block_table = k.table.data_ptr<int32_t>();
     p.block_table_stride = k.table.size(1);
     p.page_size = c.key_cache.size(2);
+  }
+  if (c.indexed()) {
+    k.batch_idx = c.cache_batch_idx->to(index_device, at::kInt).contiguous();
+    p.cache_batch_idx = k.batch_idx.data_ptr<int32_t>();
   }
   if (packed) {
     k.cu = c.cu_seqlens_q->to(index_device).contiguous();

@@ -30,19 +30,24 @@ namespace attention_ext {
 // Packed (cu_seqlens_q, int32 (B + 1,)): the query is (total_q, Hq, E), batch element b's L_b =
 // cu_seqlens_q[b + 1] - cu_seqlens_q[b] rows from cu_seqlens_q[b] (continuous batching: prefill chunks and decoding
 // steps in one call), key / value (total_q, Hkv, E / Ev) its L_b new positions, the output (total_q, Hq, Ev) and
-// the log-sum-exp (total_q, Hq); max_seqlen_q, when given, at least every L_b.
+// the log-sum-exp (total_q, Hq); max_seqlen_q, when given, at least every L_b. cache_batch_idx (B,) int32 / int64
+// (contiguous caches only, FlashAttention's argument of that name): batch element b's cache is row
+// cache_batch_idx[b] of key_cache / value_cache (a pool of any number of rows: slots reused across requests, beam
+// search), else row b.
 struct KvCall {
   at::Tensor q, key_cache, value_cache, cache_seqlens;
   std::optional<at::Tensor> key, value, block_table, rotary_cos, rotary_sin;
   bool rotary_interleaved = false;
   std::optional<at::Tensor> cu_seqlens_q;
   std::optional<int64_t> max_seqlen_q;
+  std::optional<at::Tensor> cache_batch_idx;
   // (packed, set by prepare_kv) each query row's batch element and its index there, (total_q,) int64
   at::Tensor row_batch, row_index;
   bool paged() const { return block_table.has_value() && block_table->defined(); }
   bool rotary() const { return rotary_cos.has_value() && rotary_cos->defined(); }
   bool packed() const { return cu_seqlens_q.has_value() && cu_seqlens_q->defined(); }
   bool appends() const { return key.has_value() && key->defined(); }  // (new keys given, maybe of no rows)
+  bool indexed() const { return cache_batch_idx.has_value() && cache_batch_idx->defined(); }
   // positions appended per batch element (dense calls): key's length, 0 without new keys
   int64_t new_len() const { return key.has_value() && key->defined() && !packed() ? key->size(2) : 0; }
   // positions the cache holds: S_max, or max_pages * page_size
@@ -54,7 +59,7 @@ using KvcacheFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef,
     double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-    const std::optional<at::Tensor>&, std::optional<int64_t>);
+    const std::optional<at::Tensor>&, std::optional<int64_t>, const std::optional<at::Tensor>&);
 
 // A dispatch key's kernel of attention_kvcache from Fn(call, opt), the call's tensors and its options (no dropout,
 // any GQA group): registered as TORCH_FN(kvcache_kernel<Fn>).
@@ -65,9 +70,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernel(
     const std::optional<at::Tensor>& block_table, bool is_causal, std::optional<double> scale, at::IntArrayRef window,
     double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
-    const std::optional<at::Tensor>& cu_seqlens_q, std::optional<int64_t> max_seqlen_q) {
+    const std::optional<at::Tensor>& cu_seqlens_q, std::optional<int64_t> max_seqlen_q,
+    const std::optional<at::Tensor>& cache_batch_idx) {
   return Fn(KvCall{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
-                   rotary_interleaved, cu_seqlens_q, max_seqlen_q},
+                   rotary_interleaved, cu_seqlens_q, max_seqlen_q, cache_batch_idx},
             make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes));
 }
 
@@ -94,7 +100,7 @@ at::Tensor kv_lengths(const KvCall& c);
 // L_b of a packed call when known (else max_seqlen_q, or total_q: the kernels skip the rows past each L_b).
 struct KvParams {
   FwdParams p;
-  at::Tensor q4, out, lse, alibi, table, cu, lens;
+  at::Tensor q4, out, lse, alibi, table, cu, lens, batch_idx;
 };
 KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& lens, c10::Device index_device,
                    int64_t max_q);
@@ -151,6 +157,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& cal
       s.cache_seqlens = call.cache_seqlens.narrow(0, b, 1);
       if (call.paged()) {
         s.block_table = call.block_table->narrow(0, b, 1);
+      } else if (call.indexed()) {
+        s.cache_batch_idx = call.cache_batch_idx->narrow(0, b, 1);
       } else {
         s.key_cache = call.key_cache.narrow(0, b, 1);
         s.value_cache = call.value_cache.narrow(0, b, 1);

@@ -70,8 +70,8 @@ inline constexpr const char* kKvcache =
     "attention_kvcache(Tensor query, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor cache_seqlens, "
     "Tensor? key=None, Tensor? value=None, Tensor? block_table=None, bool is_causal=False, float? scale=None, "
     "int[2] window_size=[-1, -1], float softcap=0.0, Tensor? alibi_slopes=None, Tensor? rotary_cos=None, "
-    "Tensor? rotary_sin=None, bool rotary_interleaved=False, Tensor? cu_seqlens_q=None, int? max_seqlen_q=None) "
-    "-> (Tensor output, Tensor logsumexp)";
+    "Tensor? rotary_sin=None, bool rotary_interleaved=False, Tensor? cu_seqlens_q=None, int? max_seqlen_q=None, "
+    "Tensor? cache_batch_idx=None) -> (Tensor output, Tensor logsumexp)";
 inline constexpr const char* kDropoutMask =
     "_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor";
 

@@ -4,7 +4,8 @@ test_kvcache.py and test_kvcache_packed.py pick their cases by hand; here each c
 query rows per batch element (decoding steps of one row most often), new keys or none, head dims (a different
 value dim), cache lengths (empty caches included), the cache's layout (contiguous, a (B, S, H, E) buffer seen
 through transpose, or shuffled pages of 16, 24, 32 or 64 positions), causal, windows, ALiBi slopes, a soft cap,
-the scale, and packed queries (cu_seqlens_q: continuous batching, idle batch elements included); on the CUDA
+the scale, a pool of cache rows named by cache_batch_idx, and packed queries (cu_seqlens_q: continuous batching,
+idle batch elements included); on the CUDA
 kernels' emulator also forced key splits and GQA row packing turned off. Output and log-sum-exp against the
 float64 reference of test_kvcache.py, within 2x the error of PyTorch's way in the same dtype, and the caches
 after the call bit for bit. A failure prints the case, which its id reproduces: `pytest
@@ -65,6 +66,8 @@ def draw(seed: int, backend: str):
         o["page"] = page
     elif not packed and r.random() < 0.2:
         o["bshd"] = True
+    elif r.random() < 0.3:
+        o["pool"] = True  # a pool of cache rows with cache_batch_idx
     env = {}
     if backend.startswith("emu"):
         env["ATTENTION_EXT_EMU_ARCH"] = backend[3:]
@@ -103,20 +106,59 @@ def test_fuzz_kvcache(backend, seed, monkeypatch):
         monkeypatch.setitem(tp.CASES, name, spec)
         args, seqs, alibi, o = tp.make_packed(name, dtype, device, seed=seed)
         want_k, want_v = tp.expected_caches(args)
-        out, lse = tp._call(ops, args, alibi, o)
-        assert torch.equal(args[1].cpu(), want_k) and torch.equal(args[2].cpu(), want_v), f"the caches\n{where}"
+        pool = _pool(args, o, seed)
+        out, lse = tp._call(ops, args, alibi, o, **{k: v for k, v in pool.items() if k != "before"})
+        _check_caches(args, pool, want_k, want_v, where)
         tp.check_vs_reference(where, out, lse, seqs, alibi, o, dtype)
         return
     monkeypatch.setitem(tk.CASES, name, spec)
     args, rows, alibi, o = tk.make_inputs(name, dtype, device, seed=seed)
     want_k, want_v = tk.expected_caches(args, name)
-    out, lse = tk._call(ops, args, alibi, o)
-    assert torch.equal(args[1], want_k) and torch.equal(args[2], want_v), f"the caches\n{where}"
+    pool = _pool(args, o, seed)
+    q, kc, vc, lens, key, value, table = args
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, key, value, table, o.get("is_causal", False), o.get("scale"),
+                                     list(o.get("window", (-1, -1))), o.get("cap", 0.0),
+                                     None if alibi is None else alibi.to(device),
+                                     **{k: v for k, v in pool.items() if k != "before"})
+    _check_caches(args, pool, want_k, want_v, where)
     r_out, r_lse = tk.reference(args[0].cpu(), rows, alibi, o)
     base = tk.pytorch_baseline(args[0].cpu(), rows, alibi, o, dtype)
     assert_close_vs_baselines(f"out\n{where}", out.cpu(), r_out, [base], dtype)
     floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
     assert_close_vs_baselines(f"lse\n{where}", lse.cpu(), r_lse, [], dtype, floor=floor)
+
+
+def _pool(args, o, seed):
+    """With o["pool"]: the caches args[1:3] (one row per batch element) moved into a pool of 2 more rows of random
+    values, at rows idx in shuffled order; args[1:3] become the pool. Returns {"cache_batch_idx": idx, "before":
+    the pool before the call}, or {}."""
+    if not o.get("pool"):
+        return {}
+    kc, vc = args[1], args[2]
+    B, R = kc.shape[0], kc.shape[0] + 2
+    g = torch.Generator().manual_seed(seed + 99)
+    idx = torch.randperm(R, generator=g)[:B].to(kc.device)
+    pools = []
+    for c in (kc, vc):
+        p = torch.randn(R, *c.shape[1:], generator=g, dtype=f64).to(device=c.device, dtype=c.dtype)
+        p[idx] = c
+        pools.append(p)
+    args[1], args[2] = pools
+    return {"cache_batch_idx": idx.to(torch.int32), "before": [p.clone() for p in pools]}
+
+
+def _check_caches(args, pool, want_k, want_v, where):
+    """The caches after the call: want_k / want_v (one row per batch element), at the pool's rows when pooled,
+    the pool's other rows as they were."""
+    kc, vc = args[1].cpu(), args[2].cpu()
+    if pool:
+        idx = pool["cache_batch_idx"].long().cpu()
+        rest = torch.ones(kc.shape[0], dtype=torch.bool)
+        rest[idx] = False
+        same = all(torch.equal(a[rest], b.cpu()[rest]) for a, b in zip((kc, vc), pool["before"]))
+        assert same, f"the pool's other rows\n{where}"
+        kc, vc = kc[idx], vc[idx]
+    assert torch.equal(kc, want_k.cpu()) and torch.equal(vc, want_v.cpu()), f"the caches\n{where}"
 
 
 def test_draws_cover_the_options():
@@ -138,5 +180,6 @@ def test_draws_cover_the_options():
         "forced splits": any("ATTENTION_EXT_FWD_SPLITS" in e for *_, e in ds),
         "GQA packing off": any("ATTENTION_EXT_PACK_GQA" in e for *_, e in ds),
         "packed with splits": any(p and "ATTENTION_EXT_FWD_SPLITS" in e for p, *_, e in ds),
+        "pool": any(o.get("pool") for o in opts), "packed pool": any(p and spec[-1].get("pool") for p, spec, _, _ in ds),
     }
     assert all(seen.values()), [k for k, v in seen.items() if not v]

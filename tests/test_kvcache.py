@@ -319,7 +319,8 @@ def test_kvcache_int_lengths_and_lse_merge():
 
 def test_kvcache_compile_and_opcheck():
     """Under torch.compile (fullgraph) a decoding step writes the caches and returns the eager result; opcheck
-    (schema with the caches' mutation, fake tensors, functionalization) passes, contiguous, paged and rotary."""
+    (schema with the caches' mutation, fake tensors, functionalization) passes, contiguous, paged, rotary and a pool
+    of rows (cache_batch_idx)."""
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 4, 1, 32, generator=g)
     kc, vc = (torch.randn(2, 2, 40, 32, generator=g) for _ in range(2))
@@ -343,6 +344,9 @@ def test_kvcache_compile_and_opcheck():
     cos, sin = torch.rand(64, 8, generator=g), torch.rand(64, 8, generator=g)  # rotary, on 16 of the 32 features
     torch.library.opcheck(op, (q, kc.clone(), vc.clone(), lens, k1, v1, None, True, None, [-1, -1], 0.0, None, cos,
                                sin, True))
+    pool_k, pool_v = (torch.randn(5, 2, 40, 32, generator=g) for _ in range(2))  # a pool of rows, cache_batch_idx
+    torch.library.opcheck(op, (q, pool_k, pool_v, lens, k1, v1), {"is_causal": True,
+                                                                  "cache_batch_idx": torch.tensor([4, 1])})
 
 
 def _err_inputs():
@@ -420,6 +424,90 @@ def test_kvcache_errors(name, backend, monkeypatch):
         meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
         with pytest.raises(exc, match=msg):
             torch.ops.attention_ext.attention_kvcache(*meta)
+
+
+IDX_BACKENDS = [pytest.param("cpu", f32, id="cpu-f32"), pytest.param("cpu", f64, id="cpu-f64"),
+                pytest.param("emu80", bf16, id="emu80-bf16", marks=emu_marks()),
+                pytest.param("emu80", f64, id="emu80-f64", marks=emu_marks()),
+                pytest.param("cuda", f16, id="cuda-f16", marks=cuda_marks())]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("backend,dtype", IDX_BACKENDS)
+def test_kvcache_cache_batch_idx(backend, dtype, packed, monkeypatch):
+    """cache_batch_idx: batch element b reads and appends to row cache_batch_idx[b] of a pool of 6 cache rows (random
+    everywhere): bit for bit the call on those rows copied out in that order (itself checked against the reference
+    above), the pool's named rows written as that call writes them and the others untouched; a decode step of GQA
+    (float64 on CUDA: the gathered path) and packed queries; without new keys two batch elements may share a row."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    ops = backend_ops(backend, monkeypatch)
+    g = torch.Generator().manual_seed(21)
+    R, B, Hq, Hkv, E, Smax = 6, 3, 8, 2, 64, 96
+    rn = lambda *sh: torch.randn(*sh, generator=g, dtype=f64).to(device=device, dtype=dtype)  # noqa: E731
+    kp, vp = rn(R, Hkv, Smax, E), rn(R, Hkv, Smax, E)
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
+    lens = torch.tensor([50, 0, 90], dtype=torch.int32, device=device)
+    if packed:
+        cu = torch.tensor([0, 1, 4, 5], dtype=torch.int32, device=device)
+        q, kn, vn = rn(5, Hq, E), rn(5, Hkv, E), rn(5, Hkv, E)
+        kw = dict(cu_seqlens_q=cu)
+    else:
+        q, kn, vn = rn(B, Hq, 1, E), rn(B, Hkv, 1, E), rn(B, Hkv, 1, E)
+        kw = {}
+    kc, vc = kp[idx.long()].clone(), vp[idx.long()].clone()  # the named rows, copied out in batch order
+    want = ops.attention_kvcache(q, kc, vc, lens, kn, vn, None, True, **kw)
+    pool_k, pool_v = kp.clone(), vp.clone()
+    with attention_ext.debug.kernel_log() as lines:
+        got = ops.attention_kvcache(q, pool_k, pool_v, lens, kn, vn, None, True, **kw, cache_batch_idx=idx)
+    assert len(lines) >= 1, lines
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), (a - b).abs().max()
+    assert torch.equal(pool_k[idx.long()], kc) and torch.equal(pool_v[idx.long()], vc), "the named rows"
+    rest = torch.tensor([1, 3, 5], device=device)
+    assert torch.equal(pool_k[rest], kp[rest]) and torch.equal(pool_v[rest], vp[rest]), "rows not named"
+    if not packed:  # one row read by two batch elements (no append): each sees it
+        shared = torch.tensor([3, 3, 1], dtype=torch.int32, device=device)
+        out, _ = ops.attention_kvcache(q, pool_k, pool_v, lens, None, None, None, True, cache_batch_idx=shared)
+        ref, _ = ops.attention_kvcache(q, pool_k[shared.long()].clone(), pool_v[shared.long()].clone(), lens, None,
+                                       None, None, True)
+        assert torch.equal(out, ref)
+
+
+IDX_ERRORS = {
+    "dtype": (lambda idx: idx.float(), TypeError, "cache_batch_idx must be int32 or int64"),
+    "shape": (lambda idx: idx[:1], ValueError, "cache_batch_idx must be \\(batch,\\) = \\(2,\\)"),
+    "range": (lambda idx: idx + 4, ValueError, "cache_batch_idx\\[1\\] = 5 is not a row of key_cache \\(5 rows\\)"),
+    "negative": (lambda idx: idx - 1, ValueError, "cache_batch_idx\\[0\\] = -1 is not a row"),
+    "shared-append": (lambda idx: torch.zeros_like(idx), ValueError,
+                      "cache_batch_idx\\[0\\] = cache_batch_idx\\[1\\] = 0: two batch elements cannot append"),
+    "paged": (None, ValueError, "cache_batch_idx takes a contiguous cache, not a paged one"),
+}
+
+
+@pytest.mark.parametrize("name", list(IDX_ERRORS))
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu80", marks=emu_marks())])
+def test_kvcache_cache_batch_idx_errors(name, backend, monkeypatch):
+    """A bad cache_batch_idx raises the error that names it (shapes and dtypes through the Meta kernel too) and
+    leaves the caches untouched."""
+    ops = backend_ops(backend, monkeypatch)
+    make, exc, msg = IDX_ERRORS[name]
+    q, kc, vc, sl, kn, vn = _err_inputs()
+    pool_k, pool_v = torch.cat([kc, kc, kc[:1]]), torch.cat([vc, vc, vc[:1]])  # 5 rows
+    idx = torch.tensor([0, 1], dtype=torch.int32)
+    table = None
+    if name == "paged":
+        pool_k, pool_v, table = _paged(torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+    else:
+        idx = make(idx)
+    before = [pool_k.clone(), pool_v.clone()]
+    with pytest.raises(exc, match=msg):
+        ops.attention_kvcache(q, pool_k, pool_v, sl, kn, vn, table, cache_batch_idx=idx)
+    assert torch.equal(pool_k, before[0]) and torch.equal(pool_v, before[1]), "the caches were written"
+    if backend == "cpu" and name in ("dtype", "shape", "paged"):
+        meta = [t.to("meta") for t in (q, pool_k, pool_v, sl, kn, vn)]
+        with pytest.raises(exc, match=msg):
+            torch.ops.attention_ext.attention_kvcache(*meta, None if table is None else table.to("meta"),
+                                                      cache_batch_idx=idx.to("meta"))
 
 
 def test_kvcache_grad_and_strided_cache_errors():
