@@ -13,22 +13,19 @@ tests/test_fuzz_kvcache.py -k "emu80-7"`. ATTENTION_EXT_FUZZ_CASES=n draws n cas
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-import emu
 import test_kvcache as tk
 import test_kvcache_packed as tp
-from conftest import HAS_CUDA, cuda_marks, emu_marks
 from reference import ABS_FLOOR, assert_close_vs_baselines
+from test_fuzz import _params  # (cases per backend, ATTENTION_EXT_FUZZ_CASES, one skipped case where none runs)
 
 f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
 _BACKENDS = {"cpu": 40, "emu80": 24, "cuda": 300}
-_FUZZ_CASES = os.environ.get("ATTENTION_EXT_FUZZ_CASES")
 
 
 def draw(seed: int, backend: str):
@@ -82,18 +79,7 @@ def draw(seed: int, backend: str):
     return packed, spec, dtype, env
 
 
-def _params():
-    params = []
-    for backend, n in _BACKENDS.items():
-        count = int(_FUZZ_CASES) if _FUZZ_CASES else n
-        marks = cuda_marks() if backend == "cuda" else (emu_marks() if backend.startswith("emu") else ())
-        if (backend == "cuda" and not HAS_CUDA) or (backend.startswith("emu") and not emu.LOADED):
-            count = 1  # one skipped case says why, not hundreds
-        params += [pytest.param(backend, s, id=f"{backend}-{s}", marks=marks) for s in range(count)]
-    return params
-
-
-@pytest.mark.parametrize("backend,seed", _params())
+@pytest.mark.parametrize("backend,seed", _params(_BACKENDS))
 def test_fuzz_kvcache(backend, seed, monkeypatch):
     packed, spec, dtype, env = draw(seed, backend)
     for k, v in env.items():
