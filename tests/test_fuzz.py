@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import attention_ext
 import emu
+import test_alibi
 from conftest import HAS_CUDA, cuda_marks, emu_marks
 from reference import ABS_FLOOR, assert_close_vs_baselines, flash2_rounding, reference_attention, reference_grads
 from test_ops import sdpa_mask  # causal and windows folded into one mask for SDPA
@@ -223,12 +224,8 @@ def make_slopes(d: Draw, device):
 
 
 def alibi_bias(d: Draw, slopes):
-    """ALiBi's float64 bias -m |i + S - L - j| of the case, (..., Hq, L, S), or None."""
-    if slopes is None:
-        return None
-    i = torch.arange(d.S - d.L, d.S, dtype=f64, device=slopes.device)[:, None]
-    j = torch.arange(d.S, dtype=f64, device=slopes.device)[None, :]
-    return -slopes.to(f64)[..., None, None] * (i - j).abs()
+    """ALiBi's float64 bias -m |i + S - L - j| of the case, (..., Hq, L, S) (test_alibi's), or None."""
+    return None if slopes is None else test_alibi.alibi_bias(slopes, d.L, d.S, device=slopes.device)
 
 
 def with_bias(m, bias, dtype):
