@@ -257,6 +257,7 @@ def attention_kvcache(
     cu_seqlens_q: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
     cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ):
     """New queries against a key / value cache, for decoding and chunked prefill (FlashAttention's
@@ -292,6 +293,12 @@ def attention_kvcache(
     of rows (a pool of cache slots that requests come and go from, beam search reading a shared prefix); rows not
     named are neither read nor written. Two batch elements may share a row when nothing is appended.
 
+    ``cache_leftpad`` (B,) int32 / int64 (contiguous caches only, FlashAttention's argument of that name): batch
+    element b's cache starts at position cache_leftpad[b] (0 <= cache_leftpad[b] <= cache_seqlens[b]), as in a
+    left-padded batch of prompts: it attends to positions cache_leftpad[b] .. S_b - 1 only, and the causal and window
+    bounds and ALiBi's distances count from there (as if the padding were not in the cache). ``cache_seqlens`` and
+    the positions new keys are written to still count from 0, and so do the rotary positions (FlashAttention's rule).
+
     Returns the output (B, Hq, L, Ev), and with ``return_lse=True`` also the float32 log-sum-exp (B, Hq, L) for
     merging with other partial attentions (:func:`merge_attention`). The fused kernels read the cache in place,
     pages of any size included (on CUDA float64 gathers the visible cache into one fused call first).
@@ -302,7 +309,7 @@ def attention_kvcache(
     out, lse = _ops.attention_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table,
                                       bool(is_causal), scale, _window(window_size), float(softcap), alibi_slopes,
                                       rotary_cos, rotary_sin, bool(rotary_interleaved), cu_seqlens_q, max_seqlen_q,
-                                      cache_batch_idx)
+                                      cache_batch_idx, cache_leftpad)
     return (out, lse) if return_lse else out
 
 

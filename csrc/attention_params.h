@@ -120,6 +120,10 @@ struct FwdParams {
   // Optional (attention_kvcache with a contiguous cache): batch element b's cache is row cache_batch_idx[b] of k / v
   // (k_stride.b / v_stride.b apart), else row b.
   const int32_t* cache_batch_idx = nullptr;
+  // Optional (attention_kvcache with a contiguous cache): batch element b's cache starts at position
+  // cache_leftpad[b] (a left padding): it attends to positions cache_leftpad[b] .. cache_lens[b] - 1, counted from
+  // there (cache_batch_params).
+  const int32_t* cache_leftpad = nullptr;
 };
 
 // ptr moved by `elems` elements of `bytes` bytes each (the params' untyped pointers); nullptr stays nullptr.
@@ -151,6 +155,14 @@ AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_
   FwdParams s = p;
   s.batch = 1;
   s.len_k = p.cache_lens[b];
+  // a left padding: the cache from its first position (clamped to [0, S_b]: values not checked under graph capture
+  // stay inside the cache)
+  int64_t start = 0;
+  if (p.cache_leftpad != nullptr) {
+    start = p.cache_leftpad[b];
+    start = start < 0 ? 0 : (start > s.len_k ? s.len_k : start);
+    s.len_k -= start;
+  }
   if (p.cu_seqlens_q != nullptr) {  // packed queries: b's rows, its (heads_q, L_b) block of the log-sum-exp
     const int64_t q0 = p.cu_seqlens_q[b];
     s.len_q = p.cu_seqlens_q[b + 1] - q0;
@@ -167,8 +179,8 @@ AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_
     s.block_table = p.block_table + b * p.block_table_stride;
   } else {
     const int64_t row = p.cache_batch_idx != nullptr ? p.cache_batch_idx[b] : b;
-    s.k = advance(p.k, row * p.k_stride.b, es);
-    s.v = advance(p.v, row * p.v_stride.b, es);
+    s.k = advance(p.k, row * p.k_stride.b + start * p.k_stride.r, es);
+    s.v = advance(p.v, row * p.v_stride.b + start * p.v_stride.r, es);
   }
   if (p.alibi_slopes != nullptr) s.alibi_slopes += b * p.alibi_stride_b;
   shift_window(s, s.len_k - s.len_q);

@@ -151,7 +151,18 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
     TORCH_CHECK_VALUE(key_cache.sym_size(0) >= 1 && value_cache.sym_size(0) == key_cache.sym_size(0),
                       "with cache_batch_idx, key_cache and value_cache must hold the same number (>= 1) of cache "
                       "rows in dim 0, got shapes ", key_cache.sym_sizes(), " and ", value_cache.sym_sizes());
-  } else {
+  }
+  if (has(c.cache_leftpad)) {  // each batch element's first cached position
+    const at::Tensor& lp = *c.cache_leftpad;
+    TORCH_CHECK_VALUE(!c.paged(), "cache_leftpad takes a contiguous cache, not a paged one (as FlashAttention's): "
+                      "leave the padding out of the block_table instead");
+    TORCH_CHECK_TYPE(lp.scalar_type() == at::kInt || lp.scalar_type() == at::kLong,
+                     "cache_leftpad must be int32 or int64, got ", lp.scalar_type());
+    TORCH_CHECK_VALUE(lp.dim() == 1 && lp.sym_size(0) == B, "cache_leftpad must be (batch,) = (", B,
+                      ",), got shape ", lp.sym_sizes());
+    check_index_device(lp, "cache_leftpad", q);
+  }
+  if (!c.paged() && !c.indexed()) {
     TORCH_CHECK_VALUE(key_cache.sym_size(0) == B && value_cache.sym_size(0) == B,
                       "key_cache and value_cache must have the query's batch (", B, ") in dim 0 (or be paged, "
                       "with a block_table, or a pool of rows with cache_batch_idx), got shapes ",
@@ -227,6 +238,12 @@ KvLengths read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
                         " positions (seqlen_ro) but batch element ", b, " rotates positions up to ",
                         len + rotated - 1);
     len += add;
+  }
+  if (c.leftpadded()) {  // the padding before each cache, within what it holds before the append
+    const std::vector<int64_t> lp = host_int64(*c.cache_leftpad), filled = host_int64(c.cache_seqlens);
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= filled[b], "cache_leftpad[", b, "] = ", lp[b],
+                        " must be in [0, cache_seqlens[", b, "] = ", filled[b], "]");
   }
   if (c.indexed()) {  // rows of the pool; one batch element per row where new keys are written
     const std::vector<int64_t> idx = host_int64(*c.cache_batch_idx);
@@ -346,6 +363,10 @@ KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& le
     k.batch_idx = c.cache_batch_idx->to(index_device, at::kInt).contiguous();
     p.cache_batch_idx = k.batch_idx.data_ptr<int32_t>();
   }
+  if (c.leftpadded()) {
+    k.leftpad = c.cache_leftpad->to(index_device, at::kInt).contiguous();
+    p.cache_leftpad = k.leftpad.data_ptr<int32_t>();
+  }
   if (packed) {
     k.cu = c.cu_seqlens_q->to(index_device).contiguous();
     p.cu_seqlens_q = k.cu.data_ptr<int32_t>();
@@ -374,7 +395,8 @@ GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows
   const at::Tensor len = kv_lengths(c);  // S_b
   // row j of the gathered cache holds position j - (C - S_b) of batch b (before 0: hidden)
   at::Tensor src = at::arange(C, li).unsqueeze(0) - (C - len).unsqueeze(1);  // (B, C)
-  const at::Tensor visible = src.ge(0);
+  const at::Tensor visible =
+      c.leftpadded() ? src.ge(c.cache_leftpad->to(c.q.device(), at::kLong).unsqueeze(1)) : src.ge(0);
   const at::Tensor pos = src.clamp_min(0);
   auto [row, slot] = cache_rows(c, batch_of(pos), pos);
   GatheredCache g;

@@ -33,7 +33,11 @@ namespace attention_ext {
 // the log-sum-exp (total_q, Hq); max_seqlen_q, when given, at least every L_b. cache_batch_idx (B,) int32 / int64
 // (contiguous caches only, FlashAttention's argument of that name): batch element b's cache is row
 // cache_batch_idx[b] of key_cache / value_cache (a pool of any number of rows: slots reused across requests, beam
-// search), else row b.
+// search), else row b. cache_leftpad (B,) int32 / int64 (contiguous caches only, FlashAttention's argument): batch
+// element b's cache starts at position cache_leftpad[b] <= cache_seqlens[b] (a left-padded batch): it attends to
+// positions cache_leftpad[b] .. S_b - 1 only, and causal, window and ALiBi distances count from there, while new
+// keys still go to cache_seqlens[b] onwards and the rotary embedding keeps the absolute positions (FlashAttention's
+// rule).
 struct KvCall {
   at::Tensor q, key_cache, value_cache, cache_seqlens;
   std::optional<at::Tensor> key, value, block_table, rotary_cos, rotary_sin;
@@ -41,6 +45,7 @@ struct KvCall {
   std::optional<at::Tensor> cu_seqlens_q;
   std::optional<int64_t> max_seqlen_q;
   std::optional<at::Tensor> cache_batch_idx;
+  std::optional<at::Tensor> cache_leftpad;
   // (packed, set by prepare_kv) each query row's batch element and its index there, (total_q,) int64
   at::Tensor row_batch, row_index;
   bool paged() const { return block_table.has_value() && block_table->defined(); }
@@ -48,6 +53,7 @@ struct KvCall {
   bool packed() const { return cu_seqlens_q.has_value() && cu_seqlens_q->defined(); }
   bool appends() const { return key.has_value() && key->defined(); }  // (new keys given, maybe of no rows)
   bool indexed() const { return cache_batch_idx.has_value() && cache_batch_idx->defined(); }
+  bool leftpadded() const { return cache_leftpad.has_value() && cache_leftpad->defined(); }
   // positions appended per batch element (dense calls): key's length, 0 without new keys
   int64_t new_len() const { return key.has_value() && key->defined() && !packed() ? key->size(2) : 0; }
   // positions the cache holds: S_max, or max_pages * page_size
@@ -59,7 +65,8 @@ using KvcacheFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef,
     double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-    const std::optional<at::Tensor>&, std::optional<int64_t>, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, std::optional<int64_t>, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 
 // A dispatch key's kernel of attention_kvcache from Fn(call, opt), the call's tensors and its options (no dropout,
 // any GQA group): registered as TORCH_FN(kvcache_kernel<Fn>).
@@ -71,9 +78,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernel(
     double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
     const std::optional<at::Tensor>& cu_seqlens_q, std::optional<int64_t> max_seqlen_q,
-    const std::optional<at::Tensor>& cache_batch_idx) {
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad) {
   return Fn(KvCall{q, key_cache, value_cache, cache_seqlens, key, value, block_table, rotary_cos, rotary_sin,
-                   rotary_interleaved, cu_seqlens_q, max_seqlen_q, cache_batch_idx},
+                   rotary_interleaved, cu_seqlens_q, max_seqlen_q, cache_batch_idx, cache_leftpad},
             make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes));
 }
 
@@ -84,7 +91,8 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt);
 // rows L_b (queries), read on the host (a device sync when they live on a GPU) and checked: cache_seqlens >= 0 and
 // S_b within the cache's capacity, (paged) the pages those positions use inside [0, num_pages), (rotary) the
 // positions rotated inside the tables, (packed) cu_seqlens_q from 0 to total_q, non-decreasing, within
-// max_seqlen_q.
+// max_seqlen_q, (cache_leftpad) 0 <= cache_leftpad[b] <= cache_seqlens[b]. (S_b counts from position 0, a left
+// padding included.)
 struct KvLengths {
   std::vector<int64_t> keys, queries;
 };
@@ -100,7 +108,7 @@ at::Tensor kv_lengths(const KvCall& c);
 // L_b of a packed call when known (else max_seqlen_q, or total_q: the kernels skip the rows past each L_b).
 struct KvParams {
   FwdParams p;
-  at::Tensor q4, out, lse, alibi, table, cu, lens, batch_idx;
+  at::Tensor q4, out, lse, alibi, table, cu, lens, batch_idx, leftpad;
 };
 KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& lens, c10::Device index_device,
                    int64_t max_q);
@@ -121,8 +129,8 @@ KvCall prepare_kv(const KvCall& call, const AttnOptions& opt);
 
 // The visible cache of every batch element gathered into dense (B, Hkv, C, E) key and (..., Ev) value tensors
 // (C = rows), right-aligned (batch b's S_b positions in the last S_b rows), and the boolean mask
-// (B, 1, 1 or L, C) that hides the rows before them and applies the bottom-right causal / window bounds. With
-// the queries the last L of C positions, ALiBi's distances come out as S_b's.
+// (B, 1, 1 or L, C) that hides the rows before them (and a left padding's) and applies the bottom-right causal /
+// window bounds. With the queries the last L of C positions, ALiBi's distances come out as S_b's.
 // rows: C, at least the longest S_b (the capacity when the lengths were not read back).
 struct GatheredCache {
   at::Tensor key, value, mask;
@@ -163,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& cal
         s.key_cache = call.key_cache.narrow(0, b, 1);
         s.value_cache = call.value_cache.narrow(0, b, 1);
       }
+      if (call.leftpadded()) s.cache_leftpad = call.cache_leftpad->narrow(0, b, 1);
       AttnOptions o = opt;
       // slopes per batch element: its row ((Hq,) and (1, Hq) stand for every batch element)
       if (opt.has_alibi() && opt.alibi_slopes->dim() == 2 && opt.alibi_slopes->size(0) != 1)

@@ -383,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_autograd(const KvCall& c, c
     r = op.call(c.q, c.key_cache, c.value_cache, c.cache_seqlens, c.key, c.value, c.block_table, opt.is_causal,
                 opt.scale, std::vector<int64_t>{opt.window_left, opt.window_right}, opt.softcap, opt.alibi_slopes,
                 c.rotary_cos, c.rotary_sin, c.rotary_interleaved, c.cu_seqlens_q,
-                c.max_seqlen_q, c.cache_batch_idx);
+                c.max_seqlen_q, c.cache_batch_idx, c.cache_leftpad);
   }
   if (c.appends() && !c.key_cache.is_inference()) {  // the caches were written
     c.key_cache.unsafeGetTensorImpl()->bump_version();

@@ -64,14 +64,15 @@ inline constexpr const char* kVarlenBackward =
 // written into the caches at cache_seqlens[b] onwards first (the caches are mutated); batch b then attends to its
 // first cache_seqlens[b] + L_new positions with the queries as the last L of them (causal, windows and ALiBi
 // bottom-right aligned). Any GQA group. rotary_cos / rotary_sin (seqlen_ro, rotary_dim / 2): the rotary embedding
-// applied to the query and the new keys first (KvCall, kvcache.h). Returns the output (B, Hq, L, Ev) and the
+// applied to the query and the new keys first; cache_leftpad (B,): each batch element's first cached position
+// (KvCall, kvcache.h). Returns the output (B, Hq, L, Ev) and the
 // log-sum-exp (B, Hq, L). No gradient (inference).
 inline constexpr const char* kKvcache =
     "attention_kvcache(Tensor query, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor cache_seqlens, "
     "Tensor? key=None, Tensor? value=None, Tensor? block_table=None, bool is_causal=False, float? scale=None, "
     "int[2] window_size=[-1, -1], float softcap=0.0, Tensor? alibi_slopes=None, Tensor? rotary_cos=None, "
     "Tensor? rotary_sin=None, bool rotary_interleaved=False, Tensor? cu_seqlens_q=None, int? max_seqlen_q=None, "
-    "Tensor? cache_batch_idx=None) -> (Tensor output, Tensor logsumexp)";
+    "Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None) -> (Tensor output, Tensor logsumexp)";
 inline constexpr const char* kDropoutMask =
     "_dropout_mask(Tensor rng_state, int batch, int heads, int len_q, int len_k, float dropout_p) -> Tensor";
 

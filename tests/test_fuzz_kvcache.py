@@ -4,7 +4,8 @@ test_kvcache.py and test_kvcache_packed.py pick their cases by hand; here each c
 query rows per batch element (decoding steps of one row most often), new keys or none, head dims (a different
 value dim), cache lengths (empty caches included), the cache's layout (contiguous, a (B, S, H, E) buffer seen
 through transpose, or shuffled pages of 16, 24, 32 or 64 positions), causal, windows, ALiBi slopes, a soft cap,
-the scale, a pool of cache rows named by cache_batch_idx, and packed queries (cu_seqlens_q: continuous batching,
+the scale, a pool of cache rows named by cache_batch_idx, a left padding of each cache (cache_leftpad), and packed
+queries (cu_seqlens_q: continuous batching,
 idle batch elements included); on the CUDA
 kernels' emulator also forced key splits and GQA row packing turned off. Output and log-sum-exp against the
 float64 reference of test_kvcache.py, within 2x the error of PyTorch's way in the same dtype, and the caches
@@ -72,6 +73,8 @@ def draw(seed: int, backend: str):
             env["ATTENTION_EXT_FWD_SPLITS"] = str(r.choice((2, 3, 5)))
         if r.random() < 0.2:
             env["ATTENTION_EXT_PACK_GQA"] = "0"
+    if not page and r.random() < 0.25:  # (drawn last: the draws above stay those of earlier versions)
+        o["leftpad"] = [r.randint(0, n) for n in lens]
     if packed:
         spec = (Hq, Hkv, E, Ev, Smax, lens, queries, new, o)
     else:
@@ -93,8 +96,9 @@ def test_fuzz_kvcache(backend, seed, monkeypatch):
         args, seqs, alibi, o = tp.make_packed(name, dtype, device, seed=seed)
         want_k, want_v = tp.expected_caches(args)
         pool = _pool(args, o, seed)
-        out, lse = tp._call(ops, args, alibi, o, **{k: v for k, v in pool.items() if k != "before"})
+        out, lse = tp._call(ops, args, alibi, o, **_extra(pool, o, device))
         _check_caches(args, pool, want_k, want_v, where)
+        seqs = [(qb, _unpadded(rows, o, b)) for b, (qb, rows) in enumerate(seqs)]
         tp.check_vs_reference(where, out, lse, seqs, alibi, o, dtype)
         return
     monkeypatch.setitem(tk.CASES, name, spec)
@@ -104,9 +108,9 @@ def test_fuzz_kvcache(backend, seed, monkeypatch):
     q, kc, vc, lens, key, value, table = args
     out, lse = ops.attention_kvcache(q, kc, vc, lens, key, value, table, o.get("is_causal", False), o.get("scale"),
                                      list(o.get("window", (-1, -1))), o.get("cap", 0.0),
-                                     None if alibi is None else alibi.to(device),
-                                     **{k: v for k, v in pool.items() if k != "before"})
+                                     None if alibi is None else alibi.to(device), **_extra(pool, o, device))
     _check_caches(args, pool, want_k, want_v, where)
+    rows = [_unpadded(kv, o, b) for b, kv in enumerate(rows)]
     r_out, r_lse = tk.reference(args[0].cpu(), rows, alibi, o)
     base = tk.pytorch_baseline(args[0].cpu(), rows, alibi, o, dtype)
     assert_close_vs_baselines(f"out\n{where}", out.cpu(), r_out, [base], dtype)
@@ -131,6 +135,20 @@ def _pool(args, o, seed):
         pools.append(p)
     args[1], args[2] = pools
     return {"cache_batch_idx": idx.to(torch.int32), "before": [p.clone() for p in pools]}
+
+
+def _extra(pool, o, device):
+    """The op's keyword arguments of a case: cache_batch_idx (a pool), cache_leftpad (o["leftpad"])."""
+    kw = {k: v for k, v in pool.items() if k != "before"}
+    if "leftpad" in o:
+        kw["cache_leftpad"] = torch.tensor(o["leftpad"], dtype=torch.int32, device=device)
+    return kw
+
+
+def _unpadded(rows, o, b):
+    """Batch element b's (K, V) positions without its left padding (o["leftpad"][b] first positions)."""
+    pad = o.get("leftpad", [0] * (b + 1))[b]
+    return rows[0][:, pad:], rows[1][:, pad:]
 
 
 def _check_caches(args, pool, want_k, want_v, where):
@@ -166,6 +184,7 @@ def test_draws_cover_the_options():
         "forced splits": any("ATTENTION_EXT_FWD_SPLITS" in e for *_, e in ds),
         "GQA packing off": any("ATTENTION_EXT_PACK_GQA" in e for *_, e in ds),
         "packed with splits": any(p and "ATTENTION_EXT_FWD_SPLITS" in e for p, *_, e in ds),
-        "pool": any(o.get("pool") for o in opts), "packed pool": any(p and spec[-1].get("pool") for p, spec, _, _ in ds),
+        "pool": any(o.get("pool") for o in opts), "leftpad": any(any(o.get("leftpad", [])) for o in opts),
+        "packed leftpad": any(p and any(spec[-1].get("leftpad", [])) for p, spec, _, _ in ds), "packed pool": any(p and spec[-1].get("pool") for p, spec, _, _ in ds),
     }
     assert all(seen.values()), [k for k, v in seen.items() if not v]

@@ -319,8 +319,8 @@ def test_kvcache_int_lengths_and_lse_merge():
 
 def test_kvcache_compile_and_opcheck():
     """Under torch.compile (fullgraph) a decoding step writes the caches and returns the eager result; opcheck
-    (schema with the caches' mutation, fake tensors, functionalization) passes, contiguous, paged, rotary and a pool
-    of rows (cache_batch_idx)."""
+    (schema with the caches' mutation, fake tensors, functionalization) passes, contiguous, paged, rotary, a pool
+    of rows (cache_batch_idx) and a left padding (cache_leftpad)."""
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 4, 1, 32, generator=g)
     kc, vc = (torch.randn(2, 2, 40, 32, generator=g) for _ in range(2))
@@ -347,6 +347,8 @@ def test_kvcache_compile_and_opcheck():
     pool_k, pool_v = (torch.randn(5, 2, 40, 32, generator=g) for _ in range(2))  # a pool of rows, cache_batch_idx
     torch.library.opcheck(op, (q, pool_k, pool_v, lens, k1, v1), {"is_causal": True,
                                                                   "cache_batch_idx": torch.tensor([4, 1])})
+    torch.library.opcheck(op, (q, kc.clone(), vc.clone(), lens, k1, v1), {"is_causal": True,  # a left padding
+                                                                         "cache_leftpad": torch.tensor([2, 11])})
 
 
 def _err_inputs():
@@ -485,30 +487,122 @@ IDX_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("name", list(IDX_ERRORS))
+LEFTPAD_ERRORS = {
+    "dtype": (lambda pad: pad.float(), TypeError, "cache_leftpad must be int32 or int64"),
+    "shape": (lambda pad: pad[:1], ValueError, "cache_leftpad must be \\(batch,\\) = \\(2,\\)"),
+    "past-seqlens": (lambda pad: pad + 4, ValueError,
+                     "cache_leftpad\\[0\\] = 4 must be in \\[0, cache_seqlens\\[0\\] = 3\\]"),
+    "negative": (lambda pad: pad - 1, ValueError, "cache_leftpad\\[0\\] = -1 must be in \\[0, cache_seqlens"),
+    "paged": (None, ValueError, "cache_leftpad takes a contiguous cache, not a paged one"),
+}
+
+
+@pytest.mark.parametrize("arg,name", [("cache_batch_idx", n) for n in IDX_ERRORS] +
+                         [("cache_leftpad", n) for n in LEFTPAD_ERRORS])
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("emu80", marks=emu_marks())])
-def test_kvcache_cache_batch_idx_errors(name, backend, monkeypatch):
-    """A bad cache_batch_idx raises the error that names it (shapes and dtypes through the Meta kernel too) and
-    leaves the caches untouched."""
+def test_kvcache_index_argument_errors(arg, name, backend, monkeypatch):
+    """A bad cache_batch_idx or cache_leftpad raises the error that names it (shapes, dtypes and a paged cache
+    through the Meta kernel too) and leaves the caches untouched."""
     ops = backend_ops(backend, monkeypatch)
-    make, exc, msg = IDX_ERRORS[name]
+    make, exc, msg = (IDX_ERRORS if arg == "cache_batch_idx" else LEFTPAD_ERRORS)[name]
     q, kc, vc, sl, kn, vn = _err_inputs()
-    pool_k, pool_v = torch.cat([kc, kc, kc[:1]]), torch.cat([vc, vc, vc[:1]])  # 5 rows
-    idx = torch.tensor([0, 1], dtype=torch.int32)
+    if arg == "cache_batch_idx":  # a pool of 5 rows
+        kc, vc = torch.cat([kc, kc, kc[:1]]), torch.cat([vc, vc, vc[:1]])
+    value = torch.tensor([0, 1], dtype=torch.int32)
     table = None
     if name == "paged":
-        pool_k, pool_v, table = _paged(torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+        kc, vc, table = _paged(torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
     else:
-        idx = make(idx)
-    before = [pool_k.clone(), pool_v.clone()]
+        value = make(value)
+    before = [kc.clone(), vc.clone()]
     with pytest.raises(exc, match=msg):
-        ops.attention_kvcache(q, pool_k, pool_v, sl, kn, vn, table, cache_batch_idx=idx)
-    assert torch.equal(pool_k, before[0]) and torch.equal(pool_v, before[1]), "the caches were written"
+        ops.attention_kvcache(q, kc, vc, sl, kn, vn, table, **{arg: value})
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]), "the caches were written"
     if backend == "cpu" and name in ("dtype", "shape", "paged"):
-        meta = [t.to("meta") for t in (q, pool_k, pool_v, sl, kn, vn)]
+        meta = [t.to("meta") for t in (q, kc, vc, sl, kn, vn)]
         with pytest.raises(exc, match=msg):
             torch.ops.attention_ext.attention_kvcache(*meta, None if table is None else table.to("meta"),
-                                                      cache_batch_idx=idx.to("meta"))
+                                                      **{arg: value.to("meta")})
+
+
+def _leftpad_reference(q, rows, alibi, o, cu, dtype):
+    """The float64 reference and PyTorch's way over rows (per batch element, the positions from its padding's end),
+    dense (B, Hq, L, E) or, with cu (a list), packed (total_q, Hq, E) as the op returns them."""
+    if cu is None:
+        return (*reference(q, rows, alibi, o), pytorch_baseline(q.to(dtype), rows, alibi, o, dtype))
+    outs, lses, bases = [], [], []
+    for b in range(len(cu) - 1):
+        qb = q[cu[b]:cu[b + 1]].transpose(0, 1).unsqueeze(0)
+        ab = None if alibi is None else alibi[b:b + 1]
+        r_out, r_lse = reference(qb, rows[b:b + 1], ab, o)
+        outs.append(r_out[0].transpose(0, 1))
+        lses.append(r_lse[0].transpose(0, 1))
+        bases.append(pytorch_baseline(qb.to(dtype), rows[b:b + 1], ab, o, dtype)[0].transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses), torch.cat(bases)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("backend,dtype", IDX_BACKENDS)
+def test_kvcache_cache_leftpad(backend, dtype, packed, monkeypatch):
+    """cache_leftpad (FlashAttention's): batch element b's cache starts at position cache_leftpad[b]. Against the
+    float64 reference over positions cache_leftpad[b] .. S_b - 1 only (random values in the padding, never zeros),
+    causal and ALiBi distances counted from there, within 2x PyTorch's error; bit for bit the call on caches with the
+    padding cut off (each row shifted left by its padding, cache_seqlens less it; float64 on CUDA gathers, to 1e-12);
+    the new keys written at cache_seqlens[b] onwards and nothing else. One cache all padding (cache_leftpad =
+    cache_seqlens: only the new keys are seen), one without padding; GQA decoding steps, or packed queries."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    ops = backend_ops(backend, monkeypatch)
+    g = torch.Generator().manual_seed(23)
+    B, Hq, Hkv, E, Smax = 3, 8, 2, 64, 96
+    rn = lambda *sh: torch.randn(*sh, generator=g, dtype=f64)  # noqa: E731
+    lens_l, pad_l = [50, 7, 90], [13, 7, 0]
+    n_new = [1, 3, 2] if packed else [1, 1, 1]
+    cu = [0, 1, 4, 6] if packed else None
+    kc, vc = rn(B, Hkv, Smax, E), rn(B, Hkv, Smax, E)
+    if packed:
+        q, kn, vn = rn(6, Hq, E), rn(6, Hkv, E), rn(6, Hkv, E)
+        new = lambda x, b: x[cu[b]:cu[b + 1]].transpose(0, 1)  # noqa: E731  (b's new rows, (Hkv, n, E))
+        kw = dict(cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device))
+    else:
+        q, kn, vn = rn(B, Hq, 1, E), rn(B, Hkv, 1, E), rn(B, Hkv, 1, E)
+        new = lambda x, b: x[b]  # noqa: E731
+        kw = {}
+    alibi = (torch.rand(B, Hq, generator=g) * 0.3 + 0.05).to(f32)
+    o = dict(is_causal=True, alibi=True)
+    rnd = lambda t: t.to(dtype).to(f64)  # noqa: E731
+    rows = [(torch.cat([rnd(kc[b, :, pad_l[b]:lens_l[b]]), rnd(new(kn, b))], 1),
+             torch.cat([rnd(vc[b, :, pad_l[b]:lens_l[b]]), rnd(new(vn, b))], 1)) for b in range(B)]
+    r_out, r_lse, base = _leftpad_reference(rnd(q), rows, alibi, o, cu, dtype)
+    dev = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    lens = torch.tensor(lens_l, dtype=torch.int32, device=device)
+    pad = torch.tensor(pad_l, dtype=torch.int64, device=device)
+    kc_d, vc_d = dev(kc), dev(vc)
+    args = (dev(q), kc_d, vc_d, lens, dev(kn), dev(vn), None, True)
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse = ops.attention_kvcache(*args, alibi_slopes=alibi.to(device), cache_leftpad=pad, **kw)
+    gathered = backend != "cpu" and dtype == f64
+    path = "cpu kvcache forward" if backend == "cpu" else ("the cache gathered" if gathered else "sm80")
+    assert path in lines[0] and (len(lines) == 1 or gathered), lines
+    assert_close_vs_baselines(f"out ({backend})", out.cpu(), r_out, [base], dtype)
+    floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
+    assert_close_vs_baselines(f"lse ({backend})", lse.cpu(), r_lse, [], dtype, floor=floor)
+    # the caches: the new rows at cache_seqlens[b] onwards, every other element as before
+    want_k, want_v = dev(kc), dev(vc)
+    for b in range(B):
+        want_k[b, :, lens_l[b]:lens_l[b] + n_new[b]] = dev(new(kn, b))
+        want_v[b, :, lens_l[b]:lens_l[b] + n_new[b]] = dev(new(vn, b))
+    assert torch.equal(kc_d, want_k) and torch.equal(vc_d, want_v), "the caches after the call"
+    # the call on the caches without their padding (random beyond each row's end)
+    cut_k, cut_v = dev(rn(B, Hkv, Smax, E)), dev(rn(B, Hkv, Smax, E))
+    for b in range(B):
+        cut_k[b, :, :Smax - pad_l[b]] = dev(kc)[b, :, pad_l[b]:]
+        cut_v[b, :, :Smax - pad_l[b]] = dev(vc)[b, :, pad_l[b]:]
+    cut = ops.attention_kvcache(args[0], cut_k, cut_v, lens - pad.int(), *args[4:], alibi_slopes=alibi.to(device),
+                                **kw)
+    for a, c in zip((out, lse), cut):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12 if gathered else 0)
+
+
 
 
 def test_kvcache_grad_and_strided_cache_errors():

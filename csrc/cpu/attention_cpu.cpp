@@ -266,8 +266,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cpu(const KvCall& call, const AttnOpt
   std::vector<double> cost(B);
   for (int64_t b = 0; b < B; ++b) {
     ps[b] = cache_batch_params(p, b, es, acc_es);
-    cost[b] = static_cast<double>(len.queries[b]) * static_cast<double>(len.keys[b]);
-    if (len.keys[b] == 0) {  // nothing to attend to: 0 and lse -inf, as a fully masked row
+    // (ps[b].len_k: S_b less a left padding)
+    cost[b] = static_cast<double>(len.queries[b]) * static_cast<double>(ps[b].len_k);
+    if (ps[b].len_k == 0) {  // nothing to attend to: 0 and lse -inf, as a fully masked row
       const int64_t q0 = packed ? k.cu.data_ptr<int32_t>()[b] : 0;
       (packed ? k.out.narrow(0, q0, len.queries[b]) : k.out.select(0, b)).zero_();
       (packed ? k.lse.narrow(0, Hq * q0, Hq * len.queries[b]) : k.lse.select(0, b))
@@ -282,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cpu(const KvCall& call, const AttnOpt
   cpu::warm_up(p.dtype);
   dispatch_dtype(c.q.scalar_type(), [&](auto t) {
     cpu::run_jobs(cost, [&](int64_t b) {
-      if (len.keys[b] > 0 && len.queries[b] > 0) cpu::flash_fwd<decltype(t)>(ps[b]);
+      if (ps[b].len_k > 0 && len.queries[b] > 0) cpu::flash_fwd<decltype(t)>(ps[b]);
     });
   });
   return {k.out, packed ? packed_lse(c, k.lse) : k.lse};

@@ -356,7 +356,8 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   FwdParams plan = p;
   plan.len_k = host.keys.empty() ? c.capacity() : *std::max_element(host.keys.begin(), host.keys.end());
   const int splits = fwd_key_splits(plan, *sm80, nullptr, env);
-  const LaunchTensors tensors{&k.q4, &kc, &vc, &k.out, &k.lse, &k.lens, &k.table, &k.alibi, &k.cu, &k.batch_idx};
+  const LaunchTensors tensors{&k.q4, &kc, &vc, &k.out, &k.lse, &k.lens, &k.table, &k.alibi, &k.cu, &k.batch_idx,
+                                &k.leftpad};
   const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
   if (any && splits > 1) {
     run_split_forward(p, splits, q.options(), *sm80, env, launch, tensors);

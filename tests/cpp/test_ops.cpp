@@ -53,7 +53,8 @@ using KvcacheFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, std::optional<double>, at::IntArrayRef,
     double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-    const std::optional<at::Tensor>&, std::optional<int64_t>, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, std::optional<int64_t>, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 
 int g_failures = 0;
 
@@ -267,7 +268,7 @@ void run_kvcache(const c10::TypedOperatorHandle<KvcacheFn>& kvcache,
     auto rows = [&](const at::Tensor& x) { return x.narrow(2, t0, n); };
     auto [out, lse] = kvcache.call(rows(q), kc, vc, lens, rows(k), rows(v), table, true, std::nullopt, no_window, 0.0,
                                    std::nullopt, std::nullopt, std::nullopt, false, std::nullopt, std::nullopt,
-                                   std::nullopt);
+                                   std::nullopt, std::nullopt);
     outs.push_back(out);
     lens += n;
   }
@@ -294,7 +295,7 @@ void run_kvcache(const c10::TypedOperatorHandle<KvcacheFn>& kvcache,
                                      at::kInt);
     auto [out, lse] = kvcache.call(at::cat(qs), kc, vc, sl, at::cat(ks), at::cat(vs), table, true, std::nullopt,
                                    no_window, 0.0, std::nullopt, std::nullopt, std::nullopt, false,
-                                   at::tensor(cu, at::kInt), std::nullopt, std::nullopt);
+                                   at::tensor(cu, at::kInt), std::nullopt, std::nullopt, std::nullopt);
     for (int64_t b = 0; b < 2; ++b) {
       per[b].push_back(out.narrow(0, cu[b], takes[b][step]));
       done[b] += takes[b][step];
