@@ -674,6 +674,9 @@ ROTARY = {
     "paged-interleaved": ("chunk-paged128-window", 64, True),
     # no causal bound: every query at cache_seqlens[b]
     "not-causal": ("no-new-keys-strided", 16, False),
+    # GQA decoding with left paddings (cache_leftpad; one cache all padding): the rotary positions stay absolute,
+    # cache_seqlens[b] + t, as FlashAttention's
+    "decode-leftpad": ("decode-gqa", 32, False, [5, 250, 0]),
 }
 
 
@@ -688,7 +691,9 @@ def test_kvcache_rotary(backend, dtype, name, monkeypatch):
     PyTorch's way (the rotation in the dtype, as Hugging Face's apply_rotary_pos_emb, then SDPA); the lse against
     the reference over those inputs rounded to the dtype; the appended rows within the dtype's rounding of the
     float64 rotation, every other cache element unchanged."""
-    case, rd, inter = ROTARY[name]
+    case, rd, inter, *pad = ROTARY[name]
+    pad = pad[0] if pad else None
+    unpadded = lambda rows: rows if pad is None else [(k[:, p:], v[:, p:]) for p, (k, v) in zip(pad, rows)]  # noqa: E731
     device = "cuda" if backend == "cuda" else "cpu"
     ops = backend_ops(backend, monkeypatch)
     args, rows, alibi, o = make_inputs(case, dtype, device, seed=21 + len(name))
@@ -715,7 +720,9 @@ def test_kvcache_rotary(backend, dtype, name, monkeypatch):
         out, lse = ops.attention_kvcache(q, kc, vc, lens, key, value, table, o.get("is_causal", False), o.get("scale"),
                                          list(o.get("window", (-1, -1))), o.get("cap", 0.0),
                                          None if alibi is None else alibi.to(device), cos.to(device),
-                                         sin.to(device), inter)
+                                         sin.to(device), inter,
+                                         cache_leftpad=None if pad is None else torch.tensor(pad, device=device))
+    rows64 = unpadded(rows64)
     r_out, _ = reference(q64, rows64, alibi, o)
     # the log-sum-exp has no PyTorch yardstick: its reference takes the rotated inputs as the op stores and uses
     # them, rounded to the dtype (the rotation itself is checked by the output above and the cache rows below)
@@ -727,6 +734,7 @@ def test_kvcache_rotary(backend, dtype, name, monkeypatch):
     if key is not None:
         kb = rope(key.cpu(), cos, sin, start + torch.arange(key.shape[2]), inter)
         rows_b = [(torch.cat([kk[:, :int(lens[b])], kb[b].to(f64)], 1), vv) for b, (kk, vv) in enumerate(rows)]
+    rows_b = unpadded(rows_b)
     base = pytorch_baseline(qb, rows_b, alibi, o, dtype)
     assert_close_vs_baselines(f"out ({backend}, {name})", out.cpu(), r_out, [base], dtype)
     floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
