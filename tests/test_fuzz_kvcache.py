@@ -185,6 +185,7 @@ def test_draws_cover_the_options():
         "GQA packing off": any("ATTENTION_EXT_PACK_GQA" in e for *_, e in ds),
         "packed with splits": any(p and "ATTENTION_EXT_FWD_SPLITS" in e for p, *_, e in ds),
         "pool": any(o.get("pool") for o in opts), "leftpad": any(any(o.get("leftpad", [])) for o in opts),
-        "packed leftpad": any(p and any(spec[-1].get("leftpad", [])) for p, spec, _, _ in ds), "packed pool": any(p and spec[-1].get("pool") for p, spec, _, _ in ds),
+        "packed leftpad": any(p and any(spec[-1].get("leftpad", [])) for p, spec, _, _ in ds),
+        "packed pool": any(p and spec[-1].get("pool") for p, spec, _, _ in ds),
     }
     assert all(seen.values()), [k for k, v in seen.items() if not v]

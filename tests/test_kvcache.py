@@ -693,7 +693,10 @@ def test_kvcache_rotary(backend, dtype, name, monkeypatch):
     float64 rotation, every other cache element unchanged."""
     case, rd, inter, *pad = ROTARY[name]
     pad = pad[0] if pad else None
-    unpadded = lambda rows: rows if pad is None else [(k[:, p:], v[:, p:]) for p, (k, v) in zip(pad, rows)]  # noqa: E731
+
+    def unpadded(rows):  # each batch element's positions after its left padding
+        return rows if pad is None else [(k[:, p:], v[:, p:]) for p, (k, v) in zip(pad, rows)]
+
     device = "cuda" if backend == "cuda" else "cpu"
     ops = backend_ops(backend, monkeypatch)
     args, rows, alibi, o = make_inputs(case, dtype, device, seed=21 + len(name))
