@@ -1,8 +1,13 @@
 // Autocast: under torch.autocast, float32 query/key/value run in the autocast
 // dtype (like F.scaled_dot_product_attention, which is on autocast's
 // lower-precision list). Float masks keep their dtype (float32 masks are accepted).
+// attention_kvcache's caches are written in place and keep their dtype, so its
+// float32 query and new keys / values run in the caches' dtype when that is
+// float16 or bfloat16 (a float32 cache runs in float32).
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
+
+#include "kvcache.h"
 
 namespace attention_ext {
 namespace {
@@ -48,18 +53,41 @@ at::Tensor attention_varlen_autocast(const at::Tensor& q, const at::Tensor& k, c
                  window, softcap, alibi_slopes);
 }
 
+template <c10::DeviceType device, c10::DispatchKey key>
+std::tuple<at::Tensor, at::Tensor> kvcache_autocast(const KvCall& call, const AttnOptions& opt) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  KvCall c = call;
+  const at::ScalarType dt = call.key_cache.scalar_type();
+  if (dt == at::kHalf || dt == at::kBFloat16) {
+    auto cast = [&](const at::Tensor& t) {
+      return t.defined() && t.scalar_type() == at::kFloat ? at::autocast::cached_cast(dt, t, device) : t;
+    };
+    c.q = cast(c.q);
+    if (c.appends()) {
+      c.key = cast(*c.key);
+      c.value = cast(*c.value);
+    }
+  }
+  // (the slopes and rotary tables stay as given: the op takes them in float32)
+  return call_kvcache(c, opt);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attention_ext, AutocastCPU, m) {
   m.impl("attention", TORCH_FN((attention_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>)));
   m.impl("attention_varlen",
          TORCH_FN((attention_varlen_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>)));
+  m.impl("attention_kvcache",
+         TORCH_FN((kvcache_kernel<kvcache_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>>)));
 }
 
 TORCH_LIBRARY_IMPL(attention_ext, AutocastCUDA, m) {
   m.impl("attention", TORCH_FN((attention_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>)));
   m.impl("attention_varlen",
          TORCH_FN((attention_varlen_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>)));
+  m.impl("attention_kvcache",
+         TORCH_FN((kvcache_kernel<kvcache_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>>)));
 }
 
 }  // namespace attention_ext

@@ -1,5 +1,7 @@
 #include "kvcache.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
 
 #include "composite.h"
@@ -268,6 +270,15 @@ KvLengths read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
     }
   }
   return n;
+}
+
+std::tuple<at::Tensor, at::Tensor> call_kvcache(const KvCall& c, const AttnOptions& opt) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("attention_ext::attention_kvcache", "").typed<KvcacheFn>();
+  return op.call(c.q, c.key_cache, c.value_cache, c.cache_seqlens, c.key, c.value, c.block_table, opt.is_causal,
+                 opt.scale, std::vector<int64_t>{opt.window_left, opt.window_right}, opt.softcap, opt.alibi_slopes,
+                 c.rotary_cos, c.rotary_sin, c.rotary_interleaved, c.cu_seqlens_q, c.max_seqlen_q, c.cache_batch_idx,
+                 c.cache_leftpad);
 }
 
 at::Tensor kv_lengths(const KvCall& c) {

@@ -84,6 +84,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernel(
             make_options(0.0, is_causal, scale, true, window, softcap, alibi_slopes));
 }
 
+// The op called through the dispatcher with the call's tensors and options (for the kernels of the dispatch keys
+// above the backends': Autograd, Autocast).
+std::tuple<at::Tensor, at::Tensor> call_kvcache(const KvCall& c, const AttnOptions& opt);
+
 // Shapes, dtypes and devices (SymInt-safe: the Meta kernel calls it too); errors name the argument.
 void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt);
 

@@ -375,15 +375,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_autograd(const KvCall& c, c
                                   opt_ptr(opt.alibi_slopes), opt_ptr(c.rotary_cos), opt_ptr(c.rotary_sin)}),
                     "attention_kvcache has no gradient (it serves inference: decoding against a cache); call it "
                     "under torch.no_grad() or torch.inference_mode(), or on tensors that do not require grad");
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("attention_ext::attention_kvcache", "").typed<KvcacheFn>();
   std::tuple<at::Tensor, at::Tensor> r;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    r = op.call(c.q, c.key_cache, c.value_cache, c.cache_seqlens, c.key, c.value, c.block_table, opt.is_causal,
-                opt.scale, std::vector<int64_t>{opt.window_left, opt.window_right}, opt.softcap, opt.alibi_slopes,
-                c.rotary_cos, c.rotary_sin, c.rotary_interleaved, c.cu_seqlens_q,
-                c.max_seqlen_q, c.cache_batch_idx, c.cache_leftpad);
+    r = call_kvcache(c, opt);
   }
   if (c.appends() && !c.key_cache.is_inference()) {  // the caches were written
     c.key_cache.unsafeGetTensorImpl()->bump_version();

@@ -86,9 +86,10 @@ def varlen_case(dtype, lengths_q, lengths_k, Hq, Hkv, E, causal, dropout, determ
             raise SystemExit(f"NaN in varlen {name} for {dtype} lengths {lengths_q} / {lengths_k}")
 
 
-def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal, alibi=False):
+def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal, alibi=False, leftpad=None):
     """attention_kvcache: the new rows appended, then the sm80 forward's cache variant on the cache in place
-    (page = 0: contiguous; else paged, read in place row by row), with ALiBi slopes per (batch, head) or none."""
+    (page = 0: contiguous; else paged, read in place row by row), with ALiBi slopes per (batch, head) or none, and
+    left paddings of the (contiguous) caches or none."""
     dev = "cuda"
     S = max(lengths) + L
     if page:
@@ -102,7 +103,8 @@ def kvcache_case(dtype, B, Hq, Hkv, L, E, lengths, page, causal, alibi=False):
     k, v = (torch.randn(B, Hkv, L, E, device=dev, dtype=dtype) for _ in range(2))
     lens = torch.tensor(lengths, device=dev, dtype=torch.int32)
     slopes = torch.rand(B, Hq, device=dev) if alibi else None
-    out, lse = ops.attention_kvcache(q, kc, vc, lens, k, v, table, causal, alibi_slopes=slopes)
+    pad = None if leftpad is None else torch.tensor(leftpad, device=dev, dtype=torch.int32)
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, k, v, table, causal, alibi_slopes=slopes, cache_leftpad=pad)
     torch.cuda.synchronize()
     if torch.isnan(out).any():
         raise SystemExit(f"NaN in kvcache out for {dtype} lengths {lengths} page {page}")
@@ -201,13 +203,14 @@ def main():
         varlen_case(*c)
     torch.use_deterministic_algorithms(False)
     # attention_kvcache: decoding against a contiguous cache (an empty one too), a chunk against pages of 128 and
-    # of 64, pages of 16 and of 24 (tiles crossing page ends, ALiBi)
+    # of 64, pages of 16 and of 24 (tiles crossing page ends, ALiBi), left paddings (one cache all padding)
     kvcache = [
         (torch.bfloat16, 3, 8, 2, 1, 128, [300, 0, 17], 0, True),
         (torch.float16, 2, 4, 2, 7, 64, [130, 3], 128, True),
         (torch.bfloat16, 2, 8, 1, 1, 128, [500, 64], 64, True),
         (torch.float16, 2, 4, 4, 3, 64, [40, 9], 16, False),
         (torch.bfloat16, 2, 8, 2, 1, 128, [200, 47], 24, True, True),
+        (torch.float16, 3, 8, 2, 1, 64, [300, 5, 40], 0, True, False, [37, 5, 0]),
     ]
     for i, c in enumerate(kvcache):
         print(f"[kvcache {i + 1}/{len(kvcache)}] {c}", flush=True)

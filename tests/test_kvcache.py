@@ -317,6 +317,42 @@ def test_kvcache_int_lengths_and_lse_merge():
     torch.testing.assert_close(merged, whole, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_marks())])
+def test_kvcache_autocast(device):
+    """Under torch.autocast a float32 query and float32 new keys / values run in the caches' dtype when that is
+    bfloat16 or float16 (the caches are written in place and keep it): bit for bit the call on inputs cast by hand,
+    the output in the caches' dtype, the new rows written; packed queries and ALiBi / rotary tables in float32 too.
+    A float32 cache keeps the call in float32, as outside autocast. Inputs that require grad still raise."""
+    g = torch.Generator().manual_seed(24)
+    rn = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    q, kn, vn = rn(2, 8, 1, 32), rn(2, 2, 1, 32), rn(2, 2, 1, 32)
+    lens = torch.tensor([9, 30], dtype=torch.int32, device=device)
+    slopes = torch.rand(8, generator=g).to(device)
+    cos, sin = torch.rand(64, 8, generator=g).to(device), torch.rand(64, 8, generator=g).to(device)
+    kw = dict(is_causal=True, alibi_slopes=slopes, rotary_cos=cos, rotary_sin=sin)
+    for cache_dtype, amp in ((bf16, bf16), (f16, bf16), (f32, bf16)):
+        kc, vc = rn(2, 2, 40, 32).to(cache_dtype), rn(2, 2, 40, 32).to(cache_dtype)
+        kc_h, vc_h = kc.clone(), vc.clone()
+        cast = (lambda t: t.to(cache_dtype))  # noqa: E731
+        want = attention_ext.attention_kvcache(cast(q), kc_h, vc_h, lens, cast(kn), cast(vn), **kw)
+        with torch.autocast(device, dtype=amp):
+            got = attention_ext.attention_kvcache(q, kc, vc, lens, kn, vn, **kw)
+        assert got.dtype == cache_dtype, (cache_dtype, got.dtype)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert torch.equal(kc, kc_h) and torch.equal(vc, vc_h), "the caches after the call"
+    # packed queries (cu_seqlens_q), the bfloat16 cache
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=device)
+    qp, kp, vp = rn(3, 8, 32), rn(3, 2, 32), rn(3, 2, 32)
+    kc, vc = rn(2, 2, 40, 32).to(bf16), rn(2, 2, 40, 32).to(bf16)
+    want = attention_ext.attention_kvcache(qp.to(bf16), kc.clone(), vc.clone(), lens, kp.to(bf16), vp.to(bf16),
+                                           is_causal=True, cu_seqlens_q=cu)
+    with torch.autocast(device, dtype=bf16):
+        got = attention_ext.attention_kvcache(qp, kc, vc, lens, kp, vp, is_causal=True, cu_seqlens_q=cu)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.autocast(device, dtype=bf16), pytest.raises(ValueError, match="attention_kvcache has no gradient"):
+        attention_ext.attention_kvcache(q.clone().requires_grad_(), kc, vc, lens)
+
+
 def test_kvcache_compile_and_opcheck():
     """Under torch.compile (fullgraph) a decoding step writes the caches and returns the eager result; opcheck
     (schema with the caches' mutation, fake tensors, functionalization) passes, contiguous, paged, rotary, a pool
