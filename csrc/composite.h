@@ -66,11 +66,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
 inline bool zero_head_dim(const FwdParams& p) { return p.dim_qk == 0 || p.dim_v == 0; }
 // Why the CUDA ops take a call here (the kernel log says it), or nullptr when their kernels take it; backward:
 // the backward op, else the forward or the weights.
-inline const char* cuda_composite_reason(const FwdParams& p, bool backward) {
+inline const char* cuda_composite_reason(const FwdParams& p, bool backward, bool mask_grad = false) {
   if (zero_head_dim(p)) return "head dim 0";
   if (p.dtype == DType::kFloat64) return "float64";
-  if (backward && p.softcap > 0.0 && p.mask_kind == MaskKind::kAdditive) return "softcap with a float mask";
-  if (backward && p.softcap > 0.0 && p.alibi_slopes != nullptr) return "softcap with ALiBi";
+  // (the kernels' backward caps before ALiBi and a float mask without dropout only, and a float mask's gradient
+  // would need dS before the cap's derivative; flash_bwd.cuh)
+  if (backward && p.softcap > 0.0 && p.mask_kind == MaskKind::kAdditive && mask_grad)
+    return "softcap with a float mask's gradient";
+  if (backward && p.softcap > 0.0 && p.mask_kind == MaskKind::kAdditive && p.dropout_p > 0.0)
+    return "softcap with a float mask and dropout";
+  if (backward && p.softcap > 0.0 && p.alibi_slopes != nullptr && p.dropout_p > 0.0)
+    return "softcap with ALiBi and dropout";
   return nullptr;
 }
 // Fills st.out and st.lse; returns the weights (need_weights: per head, or their mean with average_heads;

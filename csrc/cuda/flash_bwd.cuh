@@ -7,15 +7,18 @@
 // mask those at either end that it hides from the key block):
 //
 //   phase 1 (warp grid WsM x WsN over kBlockM x kBlockN):
-//     S = Q K^T, dP = dO V^T; x = S*scale - m |i + S - L - j| (ALiBi) + mask, soft-capped (cap tanh(x / cap))
-//     when p.softcap > 0 (never with ALiBi here: cuda_composite_reason);
+//     S = Q K^T, dP = dO V^T; x = S*scale soft-capped (cap tanh(x / cap)) when p.softcap > 0, - m |i + S - L - j|
+//     (ALiBi) + mask;
 //     P = exp2(((x - shift) - logl) * log2e)
 //     with the row statistics of launch_row_stats (shift = lse, logl = 0 but
 //     for rows of huge |lse|; shift = -inf, a row that saw no key, gives P = 0),
 //     dropout keep-bits Z, dS = P o (dP o Z/(1-p) - D) with D = rowsum(dO o O), times the cap's
-//     derivative 1 - tanh^2 when soft-capped. The cap comes after the mask, per element in that loop (a
-//     boolean mask adds 0 or -inf, and -inf stays: the same as capping first; a float mask with a cap runs in
-//     ATen operations); the packed kernel has no cap (its D = 64 fp16 spill loads grew 592 -> 772 B with it);
+//     derivative 1 - tanh^2 when soft-capped. Without dropout the cap comes first, in a pass over the scores
+//     before ALiBi and the mask that also folds D and the cap's derivative into dP (cap_first); with dropout
+//     after the mask, per element in that loop (a boolean mask adds 0 or -inf, and -inf stays: the same as
+//     capping first; a float mask or ALiBi with both runs in ATen operations, as does a float mask's gradient
+//     with a cap: dmask needs dS before the derivative); the packed kernel has no cap (its D = 64 fp16 spill
+//     loads grew 592 -> 772 B with it);
 //     [dmask = dS to global]; P o Z and dS go to shared memory (input dtype).
 //   phase 2 (warp grid WkvM x WkvN over kBlockN x kD):
 //     dV += (P o Z)^T dO, dK += dS^T Q
@@ -160,6 +163,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
   const float keep_scale = dropout ? rng.inv_keep : 1.f;
   const float scale = static_cast<float>(p.scale);
+  // A soft cap without dropout is applied to the scaled scores before ALiBi and the mask (so a float mask and
+  // ALiBi take it too); with dropout, per element after the mask (a float mask or ALiBi with both runs in ATen
+  // operations: cuda_composite_reason). Not in the packed kernel.
+  const bool cap_first = !kPacked && p.softcap > 0.0 && !dropout;
 
   // warp coordinates in the three warp grids
   const bool s_active = warp < Cfg::kWsM * Cfg::kWsN;
@@ -263,7 +270,25 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
           for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
             for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale;
-        if constexpr (!kPacked) {  // ALiBi before the mask (no soft cap with it here: cuda_composite_reason)
+        if (cap_first) {  // the cap before ALiBi and the mask; dP - D and the cap's derivative folded into dp here
+          const float cap = static_cast<float>(p.softcap), k2 = 2.f * kLog2e / cap;
+#pragma unroll
+          for (int mt = 0; mt < MT_S; ++mt)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+              const float Drow = sD[rs0 + 16 * mt + g + 8 * hr];
+#pragma unroll
+              for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                  const int r = 2 * hr + c;
+                  const float th = softcap_tanh(s[mt][nt][r], k2);
+                  s[mt][nt][r] = cap * th;
+                  dp[mt][nt][r] = (dp[mt][nt][r] - Drow) * (1.f - th * th);
+                }
+            }
+        }
+        if constexpr (!kPacked) {  // ALiBi before the mask
           if (p.alibi_slopes != nullptr)
             alibi_acc(s, alibi_slope(p, b, h), static_cast<int>(i0 - j0 + S - L) + rs0 - cs0, lane);
         }
@@ -292,7 +317,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
               for (int c = 0; c < 2; ++c) {
                 const int r = 2 * hr + c;
                 float x = s[mt][nt][r], dcap = 1.f;
-                if (!kPacked && p.softcap > 0.0) {  // cap tanh(x / cap) as softcap_acc; -inf stays, dcap = 0
+                if (!kPacked && !cap_first && p.softcap > 0.0) {  // cap tanh(x / cap); -inf stays, dcap = 0
                   const float cap = static_cast<float>(p.softcap);
                   const float th = softcap_tanh(x, 2.f * kLog2e / cap);
                   dcap = 1.f - th * th;
@@ -306,8 +331,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
                   dpv = keep ? dpv * keep_scale : 0.f;
                   pz = keep ? pv : 0.f;
                 }
-                s[mt][nt][r] = pz;                         // P o Z (dV operand)
-                dp[mt][nt][r] = pv * (dpv - Drow) * dcap;  // dS
+                s[mt][nt][r] = pz;  // P o Z (dV operand)
+                dp[mt][nt][r] = cap_first ? pv * dpv : pv * (dpv - Drow) * dcap;  // dS
               }
             }
           }

@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   BwdParams& p = st.p;
-  if (const char* why = cuda_composite_reason(p, true)) {
+  if (const char* why = cuda_composite_reason(p, true, mask_grad)) {
     if (log_kernels()) log_kernel(std::string(Dev::kBackward) + ": " + why + ", in ATen operations");
     return composite_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   }
