@@ -71,12 +71,11 @@ inline const char* cuda_composite_reason(const FwdParams& p, bool backward, bool
   if (p.dtype == DType::kFloat64) return "float64";
   // (the kernels' backward caps before ALiBi and a float mask without dropout only, and a float mask's gradient
   // would need dS before the cap's derivative; flash_bwd.cuh)
-  if (backward && p.softcap > 0.0 && p.mask_kind == MaskKind::kAdditive && mask_grad)
-    return "softcap with a float mask's gradient";
-  if (backward && p.softcap > 0.0 && p.mask_kind == MaskKind::kAdditive && p.dropout_p > 0.0)
-    return "softcap with a float mask and dropout";
-  if (backward && p.softcap > 0.0 && p.alibi_slopes != nullptr && p.dropout_p > 0.0)
-    return "softcap with ALiBi and dropout";
+  if (!backward || p.softcap == 0.0) return nullptr;
+  const bool float_mask = p.mask_kind == MaskKind::kAdditive, dropout = p.dropout_p > 0.0;
+  if (float_mask && mask_grad) return "softcap with a float mask's gradient";
+  if (float_mask && dropout) return "softcap with a float mask and dropout";
+  if (p.alibi_slopes != nullptr && dropout) return "softcap with ALiBi and dropout";
   return nullptr;
 }
 // Fills st.out and st.lse; returns the weights (need_weights: per head, or their mean with average_heads;

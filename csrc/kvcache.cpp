@@ -154,7 +154,7 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
                       "with cache_batch_idx, key_cache and value_cache must hold the same number (>= 1) of cache "
                       "rows in dim 0, got shapes ", key_cache.sym_sizes(), " and ", value_cache.sym_sizes());
   }
-  if (has(c.cache_leftpad)) {  // each batch element's first cached position
+  if (c.leftpadded()) {  // each batch element's first cached position
     const at::Tensor& lp = *c.cache_leftpad;
     TORCH_CHECK_VALUE(!c.paged(), "cache_leftpad takes a contiguous cache, not a paged one (as FlashAttention's): "
                       "leave the padding out of the block_table instead");
@@ -226,12 +226,16 @@ KvLengths read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
   } else {
     n.queries.assign(B, c.q.size(2));
   }
+  // (cache_leftpad: the padding before each cache, within what it holds before the append)
+  const std::vector<int64_t> pad = c.leftpadded() ? host_int64(*c.cache_leftpad) : std::vector<int64_t>(B, 0);
   for (int64_t b = 0; b < B; ++b) {
     int64_t& len = n.keys[b];
     const int64_t add = c.packed() ? (has(c.key) ? n.queries[b] : 0) : c.new_len();
     // (rotary) the last position rotated: the new keys', or the queries' where they advance
     const int64_t rotated = std::max<int64_t>(add, queries_advance(opt) ? n.queries[b] : 1);
     TORCH_CHECK_VALUE(len >= 0, "cache_seqlens[", b, "] = ", len, " is negative");
+    TORCH_CHECK_VALUE(pad[b] >= 0 && pad[b] <= len, "cache_leftpad[", b, "] = ", pad[b],
+                      " must be in [0, cache_seqlens[", b, "] = ", len, "]");
     TORCH_CHECK_VALUE(len + add <= cap, "cache_seqlens[", b, "] = ", len, " plus the ", add,
                       " new positions of key exceeds the cache's capacity (", cap,
                       c.paged() ? " = max_pages * page_size)" : " = key_cache.size(2))");
@@ -240,12 +244,6 @@ KvLengths read_kv_lengths(const KvCall& c, const AttnOptions& opt) {
                         " positions (seqlen_ro) but batch element ", b, " rotates positions up to ",
                         len + rotated - 1);
     len += add;
-  }
-  if (c.leftpadded()) {  // the padding before each cache, within what it holds before the append
-    const std::vector<int64_t> lp = host_int64(*c.cache_leftpad), filled = host_int64(c.cache_seqlens);
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= filled[b], "cache_leftpad[", b, "] = ", lp[b],
-                        " must be in [0, cache_seqlens[", b, "] = ", filled[b], "]");
   }
   if (c.indexed()) {  // rows of the pool; one batch element per row where new keys are written
     const std::vector<int64_t> idx = host_int64(*c.cache_batch_idx);
