@@ -57,25 +57,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_math_backwa
 //     (the weights are the softmax of the mask and the band alone, the output their average of V), Ev = 0
 //     gives an empty output;
 //   - float64 on CUDA, which SDPA's math backend takes on the GPU (gradcheck there): the CPU has float64
-//     kernels, the CUDA ops (and the emulator's, which share their glue) take it here;
-//   - on CUDA, the backward of a soft-capped call with a float mask: the sm80 backward kernel caps the score
-//     after the mask is added, which is the forward's order only for a boolean mask (the CPU kernels fuse every
-//     case);
-//   - on CUDA, the backward of a call with both a soft cap and ALiBi slopes: the sm80 backward kernel adds the
-//     bias before the cap, which it applies per element after the mask (the CPU kernels fuse every case).
+//     kernels, the CUDA ops (and the emulator's, which share their glue) take it here.
 inline bool zero_head_dim(const FwdParams& p) { return p.dim_qk == 0 || p.dim_v == 0; }
-// Why the CUDA ops take a call here (the kernel log says it), or nullptr when their kernels take it; backward:
-// the backward op, else the forward or the weights.
-inline const char* cuda_composite_reason(const FwdParams& p, bool backward, bool mask_grad = false) {
+// Why the CUDA ops take a call here (the kernel log says it), or nullptr when their kernels take it (every
+// other call: forward, backward and weights alike).
+inline const char* cuda_composite_reason(const FwdParams& p) {
   if (zero_head_dim(p)) return "head dim 0";
   if (p.dtype == DType::kFloat64) return "float64";
-  // (the kernels' backward caps before ALiBi and a float mask without dropout only, and a float mask's gradient
-  // would need dS before the cap's derivative; flash_bwd.cuh)
-  if (!backward || p.softcap == 0.0) return nullptr;
-  const bool float_mask = p.mask_kind == MaskKind::kAdditive, dropout = p.dropout_p > 0.0;
-  if (float_mask && mask_grad) return "softcap with a float mask's gradient";
-  if (float_mask && dropout) return "softcap with a float mask and dropout";
-  if (p.alibi_slopes != nullptr && dropout) return "softcap with ALiBi and dropout";
   return nullptr;
 }
 // Fills st.out and st.lse; returns the weights (need_weights: per head, or their mean with average_heads;

@@ -176,13 +176,16 @@ def main():
     grid.append((torch.float32, 128, 128, 33, 70, 4, 4, True, (-1, -1), None, 0.0, True, "contig", 5.0))
     grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, True, (-1, -1), "keypad_bool", 0.0, False, "contig", 5.0))
     # ALiBi: the sm80 forward, backward and weights (a boolean mask, dropout; deterministic fp32 with L < S), and on
-    # sm_90 the Hopper forward and backward (key padding, GQA, causal; with a soft cap the backward's ATen path)
+    # sm_90 the Hopper forward and backward (key padding, GQA, causal; MQA with a soft cap)
     grid.append((torch.float16, 64, 64, 70, 150, 4, 2, False, (8, 3), "bool", 0.2, False, "contig", 0.0, True))
     grid.append((torch.float32, 128, 128, 33, 70, 4, 4, True, (-1, -1), None, 0.0, True, "contig", 0.0, True))
     grid.append((torch.bfloat16, 128, 128, 130, 200, 4, 2, True, (-1, -1), "keypad_bool", 0.0, False, "contig", 0.0,
                  True))
     grid.append((torch.bfloat16, 64, 64, 130, 200, 4, 1, False, (-1, -1), "keypad_bool", 0.0, False, "contig", 5.0,
                  True))
+    # a soft cap with ALiBi, dropout and a float mask's gradient: the sm80 backward's cap pass writes the mask's
+    # gradient buffer and its P loop rescales it in place (fully masked rows, L < S over three key blocks)
+    grid.append((torch.float16, 64, 64, 70, 150, 4, 2, False, (-1, -1), "float", 0.2, False, "contig", 5.0, True))
     for i, c in enumerate(grid):
         print(f"[{i + 1}/{len(grid)}] {c}", flush=True)
         case(*c)

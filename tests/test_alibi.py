@@ -5,8 +5,8 @@ sequence with its own distances.
 
 Fused in the CPU kernels (forward, backward, the weights), the sm80 CUDA kernels (forward, backward, the weights
 kernel) and the Hopper kernels (not their packed variants: on CUDA, packed sequences with ALiBi run sequence by
-sequence); the CUDA backward of a call with a soft cap, ALiBi and dropout runs in ATen operations, which the kernel
-log says. Checked against a float64 reference written here, with PyTorch's way -- SDPA in the same dtype with the bias
+sequence), with a soft cap, float masks and their gradient, and dropout alike (the kernel log says which kernels
+ran). Checked against a float64 reference written here, with PyTorch's way -- SDPA in the same dtype with the bias
 as a float mask, as Hugging Face's ALiBi models call it, and the eager formula -- as the yardstick of the error;
 gradcheck and gradgradcheck in float64; packed and nested sequences, return_lse and sinks, vmap, torch.compile,
 opcheck, autocast and the errors."""
@@ -34,8 +34,10 @@ CASES = {
                                                                     per_batch=True)),
     # more queries than keys (negative offset), soft cap, no batch dims
     "L-gt-S-softcap": ((), 3, 3, 40, 25, 16, 16, dict(cap=3.0, scale=0.5)),
-    # a soft cap with dropout (the CUDA backward: ATen operations)
+    # a soft cap with dropout; and with a float mask's gradient too (the CUDA backward caps before both)
     "softcap-dropout": ((2,), 2, 2, 20, 30, 32, 32, dict(cap=3.0, dropout_p=0.3)),
+    "softcap-float-mask-dropout": ((2,), 4, 2, 37, 37, 32, 32, dict(cap=3.0, mask="float", dropout_p=0.3,
+                                                                    is_causal=True)),
     # MQA with key padding, head dim 128: what the Hopper kernels take without ALiBi
     "keypad-mqa-d128": ((2,), 4, 1, 50, 64, 128, 128, dict(mask="bool")),
     # one decoding step of a GQA model, slopes per (batch, head): on CUDA the query heads are not packed into the
@@ -154,7 +156,7 @@ def test_alibi_ops_vs_reference(backend, dtype, case, monkeypatch):
     """Output, log-sum-exp, gradients (a float mask's too) and the attention weights of the forward and backward
     ops against the float64 reference, within 2x the error of SDPA with the bias as a float mask in the same
     dtype. Every call runs the kernels the same call without ALiBi runs (kernel log; on sm_90 the Hopper ones where
-    they apply), but the CUDA backward with a soft cap and dropout, which runs in ATen operations."""
+    they apply)."""
     device = "cuda" if backend == "cuda" else "cpu"
     ops = backend_ops(backend, monkeypatch)
     q, k, v, mask, m, o = _inputs(case, dtype, device, seed=len(case) + len(backend))
@@ -170,15 +172,12 @@ def test_alibi_ops_vs_reference(backend, dtype, case, monkeypatch):
     with attention_ext.debug.kernel_log() as plain_lines:  # the same calls without ALiBi
         o0, lse0, rng0 = ops._attention_forward(q, k, v, mask, *args, cap)
         ops._attention_backward(do, q, k, v, mask, o0, lse0, rng0, *args, mask_grad, None, cap)
-    assert len(lines) == 2 and "ATen operations" not in lines[0], lines
-    composite_bwd = backend != "cpu" and cap > 0 and p > 0
-    if composite_bwd:
-        assert lines[1].endswith("softcap with ALiBi and dropout, in ATen operations"), lines
+    assert len(lines) == 2 and not any("ATen operations" in line for line in lines), lines
     # (decoding with GQA: the same kernel, its query heads not packed)
     assert lines[0] == re.sub(r", GQA heads packed \d+ per CTA", "", plain_lines[0]), (lines, plain_lines)
     if backend.startswith("emu") and case == "decode-gqa":
         assert "GQA heads packed 4 per CTA" in plain_lines[0], plain_lines
-    assert composite_bwd or (lines[1] == plain_lines[1] and "ATen operations" not in lines[1]), (lines, plain_lines)
+    assert lines[1] == plain_lines[1], (lines, plain_lines)
     if backend == "emu90" and case == "keypad-mqa-d128":  # the Hopper kernels take ALiBi
         assert all("sm90a wgmma" in line for line in lines), lines
 

@@ -469,6 +469,9 @@ def test_draws_cover_the_features():
         "ALiBi per head": any(d.alibi == "heads" for d in ds), "ALiBi per batch": any(d.alibi == "batch" for d in ds),
         "soft cap": any(d.softcap for d in ds), "ALiBi and soft cap": any(d.alibi and d.softcap for d in ds),
         "ALiBi decoding with GQA": any(d.alibi and d.L == 1 and d.group > 1 for d in ds),
+        "soft cap with a float mask's gradient": any(d.softcap and d.mask_grad for d in ds),
+        "soft cap, dropout and ALiBi or a float mask": any(d.softcap and d.dropout_p and (d.alibi or d.mask == "float")
+                                                          for d in ds),
     }
     assert all(seen.values()), [k for k, v in seen.items() if not v]
 

@@ -13,13 +13,12 @@
 //     with the row statistics of launch_row_stats (shift = lse, logl = 0 but
 //     for rows of huge |lse|; shift = -inf, a row that saw no key, gives P = 0),
 //     dropout keep-bits Z, dS = P o (dP o Z/(1-p) - D) with D = rowsum(dO o O), times the cap's
-//     derivative 1 - tanh^2 when soft-capped. Without dropout the cap comes first, in a pass over the scores
-//     before ALiBi and the mask that also folds D and the cap's derivative into dP (cap_first); with dropout
-//     after the mask, per element in that loop (a boolean mask adds 0 or -inf, and -inf stays: the same as
-//     capping first; a float mask or ALiBi with both runs in ATen operations, as does a float mask's gradient
-//     with a cap: dmask needs dS before the derivative); the packed kernel has no cap (its D = 64 fp16 spill
-//     loads grew 592 -> 772 B with it);
-//     [dmask = dS to global]; P o Z and dS go to shared memory (input dtype).
+//     derivative 1 - tanh^2 when soft-capped. The cap comes first, in a pass over the scores before ALiBi and
+//     the mask that also folds dropout, D and the cap's derivative into dP (cap_first); with a float mask's
+//     gradient that pass leaves dP o Z/(1-p) - D in dmask, which the P loop multiplies by P (dmask is dS before
+//     the cap's derivative); the packed kernel has no cap (its D = 64 fp16 spill loads grew 592 -> 772 B with
+//     it);
+//     [dmask = dS to global, but for a cap: above]; P o Z and dS go to shared memory (input dtype).
 //   phase 2 (warp grid WkvM x WkvN over kBlockN x kD):
 //     dV += (P o Z)^T dO, dK += dS^T Q
 //   phase 3 (warp grid WqM x WqN over kBlockM x kD):
@@ -163,10 +162,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
   const DropoutRng rng = dropout ? make_rng(p) : DropoutRng();
   const float keep_scale = dropout ? rng.inv_keep : 1.f;
   const float scale = static_cast<float>(p.scale);
-  // A soft cap without dropout is applied to the scaled scores before ALiBi and the mask (so a float mask and
-  // ALiBi take it too); with dropout, per element after the mask (a float mask or ALiBi with both runs in ATen
-  // operations: cuda_composite_reason). Not in the packed kernel.
-  const bool cap_first = !kPacked && p.softcap > 0.0 && !dropout;
+  // A soft cap is applied to the scaled scores before ALiBi and the mask, as in the forward (a float mask and
+  // ALiBi add to the capped score). The packed kernel takes no soft-capped call.
+  const bool cap_first = !kPacked && p.softcap > 0.0;
 
   // warp coordinates in the three warp grids
   const bool s_active = warp < Cfg::kWsM * Cfg::kWsN;
@@ -270,13 +268,20 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
           for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
             for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale;
-        if (cap_first) {  // the cap before ALiBi and the mask; dP - D and the cap's derivative folded into dp here
+        // dropout's keep-bits (they depend on the position alone): the cap's pass below takes them
+        uint32_t bits[MT_S][NT_S];
+        if (dropout) dropout_bits(bits, rng, static_cast<uint64_t>(bh), i0 + rs0, j0 + cs0, lane);
+        // a float mask's gradient with a cap: dmask is dS before the cap's derivative, P o (dP o Z/(1-p) - D); the
+        // cap's pass leaves its second factor in dmask's rows, which the P loop multiplies by P
+        float* const dm_cap = cap_first && p.dmask != nullptr ? static_cast<float*>(p.dmask) : nullptr;
+        if (cap_first) {  // the cap before ALiBi and the mask; dP o Z/(1-p) - D and the cap's derivative folded
           const float cap = static_cast<float>(p.softcap), k2 = 2.f * kLog2e / cap;
 #pragma unroll
           for (int mt = 0; mt < MT_S; ++mt)
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
-              const float Drow = sD[rs0 + 16 * mt + g + 8 * hr];
+              const int rl = rs0 + 16 * mt + g + 8 * hr;
+              const float Drow = sD[rl];
 #pragma unroll
               for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
@@ -284,7 +289,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
                   const int r = 2 * hr + c;
                   const float th = softcap_tanh(s[mt][nt][r], k2);
                   s[mt][nt][r] = cap * th;
-                  dp[mt][nt][r] = (dp[mt][nt][r] - Drow) * (1.f - th * th);
+                  float dpv = dp[mt][nt][r];
+                  if (dropout) dpv = (bits[mt][nt] >> r) & 1u ? dpv * keep_scale : 0.f;
+                  dpv -= Drow;
+                  const int col = cs0 + 8 * nt + 2 * t + c;
+                  if (dm_cap != nullptr && rl < nq && col < nk) dm_cap[(bh * L + i0 + rl) * S + j0 + col] = dpv;
+                  dp[mt][nt][r] = dpv * (1.f - th * th);
                 }
             }
         }
@@ -299,8 +309,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
                                             sMask + rs0 * Cfg::kMaskLdB + cs0 * mask_esize<MaskT>(), lane);
           });
         }
-        uint32_t bits[MT_S][NT_S];
-        if (dropout) dropout_bits(bits, rng, static_cast<uint64_t>(bh), i0 + rs0, j0 + cs0, lane);
 #pragma unroll
         for (int mt = 0; mt < MT_S; ++mt) {
 #pragma unroll
@@ -316,28 +324,26 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_bwd_kernel(const BwdParam
 #pragma unroll
               for (int c = 0; c < 2; ++c) {
                 const int r = 2 * hr + c;
-                float x = s[mt][nt][r], dcap = 1.f;
-                if (!kPacked && !cap_first && p.softcap > 0.0) {  // cap tanh(x / cap); -inf stays, dcap = 0
-                  const float cap = static_cast<float>(p.softcap);
-                  const float th = softcap_tanh(x, 2.f * kLog2e / cap);
-                  dcap = 1.f - th * th;
-                  x = x == -kInf ? x : cap * th;
-                }
-                const float pv = exp2f(((x - shift_r) - logl_r) * kLog2e);
+                const float pv = exp2f(((s[mt][nt][r] - shift_r) - logl_r) * kLog2e);
                 float dpv = dp[mt][nt][r];
                 float pz = pv;
                 if (dropout) {
                   const bool keep = (bits[mt][nt] >> r) & 1u;
-                  dpv = keep ? dpv * keep_scale : 0.f;
+                  if (!cap_first) dpv = keep ? dpv * keep_scale : 0.f;
                   pz = keep ? pv : 0.f;
                 }
                 s[mt][nt][r] = pz;  // P o Z (dV operand)
-                dp[mt][nt][r] = cap_first ? pv * dpv : pv * (dpv - Drow) * dcap;  // dS
+                dp[mt][nt][r] = cap_first ? pv * dpv : pv * (dpv - Drow);  // dS
+                const int col = cs0 + 8 * nt + 2 * t + c;
+                if (dm_cap != nullptr && rl < nq && col < nk) {
+                  float& dm = dm_cap[(bh * L + i0 + rl) * S + j0 + col];
+                  dm *= pv;
+                }
               }
             }
           }
         }
-        if (p.dmask != nullptr) {  // gradient of the additive mask = dS (before the scale)
+        if (p.dmask != nullptr && !cap_first) {  // gradient of the additive mask = dS (before the scale)
           float* dm = static_cast<float*>(p.dmask);
           const bool pair_dm = S % 2 == 0;
 #pragma unroll

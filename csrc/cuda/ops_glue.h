@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const Dev& dev, const 
   const LaunchEnv env = dev.env(q);
   at::Tensor rng = dev.draw_rng(q, dropout_p, env);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng.template data_ptr<int64_t>();  // the kernels read it on the device
-  if (const char* why = cuda_composite_reason(p, false)) {
+  if (const char* why = cuda_composite_reason(p)) {
     if (log_kernels()) log_kernel(std::string(Dev::kForward) + ": " + why + ", in ATen operations");
     composite_forward(st, q, k, v, mask, opt, rng, false, false);
   } else if (p.len_q > 0 && p.batch * p.heads_q > 0) {
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   BackwardSetup st = prepare_backward(grad_out, q, k, v, mask, out, lse, rng, opt, mask_grad, grad_lse);
   BwdParams& p = st.p;
-  if (const char* why = cuda_composite_reason(p, true, mask_grad)) {
+  if (const char* why = cuda_composite_reason(p)) {
     if (log_kernels()) log_kernel(std::string(Dev::kBackward) + ": " + why + ", in ATen operations");
     return composite_backward(st, grad_out, q, k, v, mask, rng, opt, mask_grad);
   }
@@ -112,7 +112,7 @@ at::Tensor weights_op(const Dev& dev, const at::Tensor& q, const at::Tensor& k, 
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   ProbsSetup st = prepare_probs(q, k, mask, lse, rng, opt, average_heads);
   FwdParams& p = st.p;
-  if (cuda_composite_reason(p, false) != nullptr) {
+  if (cuda_composite_reason(p) != nullptr) {
     composite_probs(st, q, k, mask, opt, rng, average_heads);
     return st.probs;
   }

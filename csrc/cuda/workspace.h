@@ -383,12 +383,6 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
 template <class Launch>
 std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::TensorOptions& like, const FwdEntry& fwd,
                          const BwdEntry& sm80, const char* what, Launch&& launch, bool sm90 = true) {
-  // the kernels' soft cap takes a float mask or ALiBi without dropout and without the mask's gradient only: the
-  // ops run the other such calls in ATen operations (cuda_composite_reason)
-  TORCH_INTERNAL_ASSERT(p.softcap == 0.0 || (p.mask_kind != MaskKind::kAdditive && p.alibi_slopes == nullptr) ||
-                            (p.dropout_p == 0.0 && p.dmask == nullptr),
-                        "attention_ext: a soft-capped call with a float mask or ALiBi and dropout or the mask's "
-                        "gradient reached the CUDA backward kernels");
   if (const BwdEntry* h = sm90 ? find_bwd_sm90(p, env) : nullptr) {
     const BwdWorkspace ws = make_bwd_workspace(p, *h, env.num_sms, like);
     launch("row statistics", ws, [&] { return launch_row_stats(p, ws.row_stats, fwd, env); });
