@@ -10,7 +10,8 @@ sinks' included (the lse's cotangent goes into the one fused backward). A row th
 gives 0, as without sinks.
 
 Packed sequences (attention_varlen) use the same algebra on attention_varlen's (out, lse); they have
-first-order gradients only, as attention_varlen itself.
+first-order gradients only, as attention_varlen itself. attention_kvcache uses it on its (out, lse), dense or
+packed (no gradient reaches the op; one reaches the sinks through this algebra).
 """
 from typing import List, Optional
 
@@ -101,6 +102,15 @@ def varlen_with_sinks(q, k, v, cu_q, cu_k, sinks, max_q, max_k, dropout_p: float
     check_sinks(sinks, q.transpose(0, 1))
     out, lse = _lse.varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window,
                                softcap, alibi)
-    w = row_scale(lse.transpose(0, 1), sinks).transpose(0, 1)
-    lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :]) if need_lse else None
-    return _scaled(out, w), lse_s
+    return with_sinks(out, lse, sinks, need_lse, packed=True)
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, need_lse: bool, packed: bool = False):
+    """(out', lse' or None) from an attention's out and lse: lse (..., Hq, L), or packed (total_q, Hq)."""
+    if packed:
+        w = row_scale(lse.transpose(0, 1), sinks).transpose(0, 1)
+        sink = sinks.to(lse.dtype)[None, :]
+    else:
+        w = row_scale(lse, sinks)
+        sink = sinks.to(lse.dtype)[:, None]
+    return _scaled(out, w), (torch.logaddexp(lse, sink) if need_lse else None)

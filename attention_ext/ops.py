@@ -258,6 +258,7 @@ def attention_kvcache(
     max_seqlen_q: Optional[int] = None,
     cache_batch_idx: Optional[torch.Tensor] = None,
     cache_leftpad: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ):
     """New queries against a key / value cache, for decoding and chunked prefill (FlashAttention's
@@ -299,6 +300,10 @@ def attention_kvcache(
     bounds and ALiBi's distances count from there (as if the padding were not in the cache). ``cache_seqlens`` and
     the positions new keys are written to still count from 0, and so do the rotary positions (FlashAttention's rule).
 
+    ``sinks`` (Hq,) (one logit per query head, gpt-oss's attention sinks, as in :func:`attention`) joins every
+    row's softmax without a value: each row's output is scaled by sigmoid(lse - sink) after the kernels ran, and the
+    returned log-sum-exp includes the sink's term (a row that sees no position gives 0, and lse = sink).
+
     Returns the output (B, Hq, L, Ev), and with ``return_lse=True`` also the float32 log-sum-exp (B, Hq, L) for
     merging with other partial attentions (:func:`merge_attention`). The fused kernels read the cache in place,
     pages of any size included (on CUDA float64 gathers the visible cache into one fused call first).
@@ -306,10 +311,16 @@ def attention_kvcache(
     if isinstance(cache_seqlens, int):
         batch = query.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=query.device)
+    if sinks is not None:
+        from ._sinks import check_sinks
+        check_sinks(sinks, query if cu_seqlens_q is None or query.dim() < 2 else query.transpose(0, 1))
     out, lse = _ops.attention_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table,
                                       bool(is_causal), scale, _window(window_size), float(softcap), alibi_slopes,
                                       rotary_cos, rotary_sin, bool(rotary_interleaved), cu_seqlens_q, max_seqlen_q,
                                       cache_batch_idx, cache_leftpad)
+    if sinks is not None:
+        from ._sinks import with_sinks
+        out, lse = with_sinks(out, lse, sinks, return_lse, packed=cu_seqlens_q is not None)
     return (out, lse) if return_lse else out
 
 

@@ -317,6 +317,89 @@ def test_kvcache_int_lengths_and_lse_merge():
     torch.testing.assert_close(merged, whole, rtol=0, atol=1e-12)
 
 
+def _sink_formula(q, rows, alibi, o, sinks, dt):
+    """(out, lse) in dtype dt on the CPU, the sink's logit one more column of each row's softmax (gpt-oss's eager
+    way): float64 is the reference, the inputs' dtype the yardstick. A row that sees no position: 0, lse = sink."""
+    B, Hq, L, _ = q.shape
+    outs, lses = [], []
+    for b, (kk, vv) in enumerate(rows):
+        G = Hq // kk.shape[0]
+        kk, vv = kk.to(dt).repeat_interleave(G, 0), vv.to(dt).repeat_interleave(G, 0)
+        s = q[b].cpu().to(dt) @ kk.transpose(-1, -2) * o.get("scale", q.shape[-1] ** -0.5)
+        if o.get("cap", 0.0) > 0:
+            s = o["cap"] * torch.tanh(s / o["cap"])
+        bias, vis = bias_and_visibility(L, kk.shape[1], o, None if alibi is None else alibi[b])
+        s = (s + bias.to(dt)).masked_fill(~vis, -math.inf)
+        z = torch.cat([s, sinks.to(dt)[:, None, None].expand(Hq, L, 1)], -1)
+        outs.append(torch.softmax(z, -1)[..., :-1] @ vv)
+        lses.append(torch.logsumexp(z, -1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@pytest.mark.parametrize("case", ["decode-gqa", "chunk-paged128-window", "chunk-window-alibi-cap",
+                                  "no-new-keys-strided"])
+@pytest.mark.parametrize("device,dtype", [pytest.param("cpu", dt, id=f"cpu-{dtype_id(dt)}") for dt in (f32, bf16, f64)]
+                         + [pytest.param("cuda", dt, id=f"cuda-{dtype_id(dt)}", marks=cuda_marks()) for dt in (bf16, f16)])
+def test_kvcache_sinks(device, dtype, case):
+    """sinks= (gpt-oss's attention sinks on a cache; with a window, paged, ALiBi and a cap too): output, log-sum-exp
+    and the gradient reaching the sinks against the float64 formula with the sink as one more softmax column,
+    within 2x that formula's error in the same dtype; a cache with nothing to see gives 0 and lse = sink; the
+    caches are written as without sinks; a decoding step with packed queries gives the dense rows."""
+    args, rows, alibi, o = make_inputs(case, dtype, device, seed=len(case) + 3)
+    want_k, want_v = expected_caches(args, case)
+    g = torch.Generator().manual_seed(len(case))
+    sinks = (2 * torch.randn(args[0].shape[1], generator=g, dtype=f64)).to(device, f64 if dtype == f64 else f32)
+    leaf = sinks.clone().requires_grad_()
+    q, kc, vc, lens, key, value, table = args
+    out, lse = attention_ext.attention_kvcache(
+        q, kc, vc, lens, key, value, block_table=table, is_causal=o.get("is_causal", False), scale=o.get("scale"),
+        window_size=o.get("window"), softcap=o.get("cap", 0.0), alibi_slopes=None if alibi is None else
+        alibi.to(device), sinks=leaf, return_lse=True)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v), "the caches after the call"
+    do = torch.randn(out.shape, generator=g, dtype=f64)
+    (dsink,) = torch.autograd.grad(out, leaf, do.to(device, dtype))
+    r_leaf, b_leaf = sinks.cpu().to(f64).requires_grad_(), sinks.cpu().to(dtype).requires_grad_()
+    r_out, r_lse = _sink_formula(q, rows, alibi, o, r_leaf, f64)
+    b_out, _ = _sink_formula(q, rows, alibi, o, b_leaf, dtype)
+    (r_ds,) = torch.autograd.grad(r_out, r_leaf, do)
+    (b_ds,) = torch.autograd.grad(b_out, b_leaf, do.to(dtype))
+    assert_close_vs_baselines(f"out ({device}, {case})", out.detach().cpu(), r_out.detach(), [b_out.detach()], dtype)
+    assert_close_vs_baselines(f"dsinks ({device}, {case})", dsink.cpu(), r_ds, [b_ds], dtype)
+    floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
+    assert_close_vs_baselines(f"lse ({device}, {case})", lse.cpu(), r_lse.detach(), [], dtype, floor=floor)
+    empty = [b for b, r in enumerate(rows) if r[0].shape[1] == 0]
+    for b in empty:  # nothing cached and nothing new: all weight to the sink
+        assert torch.equal(out[b].detach().cpu(), torch.zeros_like(out[b].cpu()))
+        assert torch.equal(lse[b].cpu(), sinks.cpu()[:, None].to(lse.dtype).expand_as(lse[b].cpu()))
+    if case == "decode-gqa":  # the same step with packed queries: (B, Hq, E) rows, cu_seqlens_q 0..B
+        args2, _, _, _ = make_inputs(case, dtype, device, seed=len(case) + 3)
+        q2, kc2, vc2, lens2, key2, value2, _ = args2
+        B = q2.shape[0]
+        cu = torch.arange(B + 1, dtype=torch.int32, device=device)
+        out2, lse2 = attention_ext.attention_kvcache(q2[:, :, 0], kc2, vc2, lens2, key2[:, :, 0], value2[:, :, 0],
+                                                     is_causal=True, cu_seqlens_q=cu, max_seqlen_q=1, sinks=sinks,
+                                                     return_lse=True)
+        assert_close_vs_baselines(f"packed out ({device})", out2.cpu(), r_out.detach()[:, :, 0],
+                                  [b_out.detach()[:, :, 0]], dtype)
+        assert_close_vs_baselines(f"packed lse ({device})", lse2.cpu(), r_lse.detach()[:, :, 0], [], dtype, floor=floor)
+
+
+def test_kvcache_sinks_errors():
+    """A bad sinks argument raises before the caches are written."""
+    args, _, _, _ = make_inputs("decode-gqa", f32, "cpu", seed=1)
+    q, kc, vc, lens, key, value, _ = args
+    before = kc.clone()
+    for bad, err, msg in ((torch.zeros(3), ValueError, r"one logit per query head \(8\)"),
+                          (torch.zeros(8, dtype=torch.int32), TypeError, "floating-point"),
+                          (torch.zeros(2, 4), ValueError, "1-D tensor")):
+        with pytest.raises(err, match=msg):
+            attention_ext.attention_kvcache(q, kc, vc, lens, key, value, sinks=bad)
+        with pytest.raises(err, match=msg):  # packed queries
+            attention_ext.attention_kvcache(q[:, :, 0], kc, vc, lens, key[:, :, 0], value[:, :, 0], sinks=bad,
+                                            cu_seqlens_q=torch.arange(4, dtype=torch.int32))
+    assert torch.equal(kc, before)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_marks())])
 def test_kvcache_autocast(device):
     """Under torch.autocast a float32 query and float32 new keys / values run in the caches' dtype when that is
