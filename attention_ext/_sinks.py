@@ -60,9 +60,7 @@ def attention_with_sinks(q, k, v, mask, sinks, dropout_p: float, is_causal: bool
     else:
         out, lse = _lse.attention_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, window, softcap,
                                       alibi)
-    w = row_scale(lse, sinks)
-    lse_s = torch.logaddexp(lse, sinks.to(lse.dtype)[:, None]) if need_lse else None
-    return _scaled(out, w), lse_s, (_scaled(weights, w) if need_weights else None)
+    return with_sinks(out, lse, sinks, need_lse, weights=weights)
 
 
 def eager(q, k, v, mask, sinks, dropout_p: float, is_causal: bool, scale: Optional[float], softcap: float = 0.0):
@@ -102,15 +100,19 @@ def varlen_with_sinks(q, k, v, cu_q, cu_k, sinks, max_q, max_k, dropout_p: float
     check_sinks(sinks, q.transpose(0, 1))
     out, lse = _lse.varlen_lse(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window,
                                softcap, alibi)
-    return with_sinks(out, lse, sinks, need_lse, packed=True)
+    out, lse, _ = with_sinks(out, lse, sinks, need_lse, packed=True)
+    return out, lse
 
 
-def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, need_lse: bool, packed: bool = False):
-    """(out', lse' or None) from an attention's out and lse: lse (..., Hq, L), or packed (total_q, Hq)."""
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, need_lse: bool, packed: bool = False,
+               weights: Optional[torch.Tensor] = None):
+    """(out', lse' or None, weights' or None) from an attention's out and lse (and weights, scaled per row like
+    the output): lse (..., Hq, L), or packed (total_q, Hq)."""
     if packed:
         w = row_scale(lse.transpose(0, 1), sinks).transpose(0, 1)
         sink = sinks.to(lse.dtype)[None, :]
     else:
         w = row_scale(lse, sinks)
         sink = sinks.to(lse.dtype)[:, None]
-    return _scaled(out, w), (torch.logaddexp(lse, sink) if need_lse else None)
+    return (_scaled(out, w), torch.logaddexp(lse, sink) if need_lse else None,
+            None if weights is None else _scaled(weights, w))

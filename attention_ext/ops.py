@@ -311,16 +311,15 @@ def attention_kvcache(
     if isinstance(cache_seqlens, int):
         batch = query.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=query.device)
-    if sinks is not None:
-        from ._sinks import check_sinks
+    if sinks is not None:  # checked before the caches are written
+        from ._sinks import check_sinks, with_sinks
         check_sinks(sinks, query if cu_seqlens_q is None or query.dim() < 2 else query.transpose(0, 1))
     out, lse = _ops.attention_kvcache(query, key_cache, value_cache, cache_seqlens, key, value, block_table,
                                       bool(is_causal), scale, _window(window_size), float(softcap), alibi_slopes,
                                       rotary_cos, rotary_sin, bool(rotary_interleaved), cu_seqlens_q, max_seqlen_q,
                                       cache_batch_idx, cache_leftpad)
     if sinks is not None:
-        from ._sinks import with_sinks
-        out, lse = with_sinks(out, lse, sinks, return_lse, packed=cu_seqlens_q is not None)
+        out, lse, _ = with_sinks(out, lse, sinks, return_lse, packed=cu_seqlens_q is not None)
     return (out, lse) if return_lse else out
 
 
