@@ -122,12 +122,19 @@ KERNELS = {
                                   ("3xTF32", "3xTF32")),
     "sm80_float_mask_bf16_256": ("80", 1, 2, 1, 33, 200, 256, 256, bf16, "float", {},
                                  ("mma.sync kernel, head-dim bucket 256", "mma.sync kernel, head-dim bucket 256")),
+    # the soft cap's pass before ALiBi and the mask (NOTES 59): it writes the float mask's gradient buffer,
+    # which the P / dS loop then rescales in place, with the dropout bits drawn before that pass
+    "sm80_softcap_alibi_float_mask_dropout_f16_64": (
+        "80", 1, 2, 2, 70, 150, 64, 64, f16, "float",
+        dict(dropout_p=0.25, softcap=5.0, alibi_slopes=torch.tensor([0.3, 0.05]), is_causal=True), SM80),
     "sm80_padding_e96_ev64": ("80", 2, 2, 2, 50, 260, 96, 64, f16, "padding", {}, ("bucket 96", "bucket 96")),
     "sm80_decode_gqa_split": ("80", 1, 8, 2, 1, 450, 64, 64, bf16, None, {}, ("keys split", "sm80 mma.sync")),
     "sm90_causal_bf16_64": ("90", 1, 2, 2, 640, 640, 64, 64, bf16, None, dict(is_causal=True), SM90),
     "sm90_gqa_window_f16_128": ("90", 1, 4, 2, 130, 200, 128, 96, f16, None, dict(window_size=(40, 10)), SM90),
     "sm90_padding_dropout_bf16_128": ("90", 1, 4, 2, 130, 600, 128, 128, bf16, "padding", dict(dropout_p=0.3),
                                       SM90),
+    "sm90_softcap_alibi_bf16_64": ("90", 1, 2, 1, 200, 330, 64, 64, bf16, None,
+                                   dict(softcap=4.0, alibi_slopes=torch.tensor([0.2, 0.02]), is_causal=True), SM90),
     "sm90_bf16_256": ("90", 1, 1, 1, 140, 400, 256, 256, bf16, None, {},
                       ("wgmma + TMA kernel (warp-specialised), head-dim bucket 256", "sm90a")),
 }
