@@ -14,6 +14,9 @@ def _window(window_size) -> list:
         return [-1, -1]
     if isinstance(window_size, int) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right) or None, got {window_size!r}")
+    for x in window_size:  # a count of keys: 1.5 or True is a mistake, not a window of 1
+        if isinstance(x, (bool, float)) or (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            raise TypeError(f"window_size must hold two ints (left, right), got {window_size!r}")
     return [int(window_size[0]), int(window_size[1])]
 
 

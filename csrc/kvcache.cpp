@@ -1,5 +1,6 @@
 #include "kvcache.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -189,6 +190,13 @@ void check_kvcache_inputs(const KvCall& c, const AttnOptions& opt) {
   TORCH_CHECK_VALUE(has(c.key) == has(c.value), "key and value must be given together (the new positions to "
                     "append), got ", has(c.key) ? "a key without a value" : "a value without a key");
   if (has(c.key)) {
+    // the new positions are written in place: an expanded cache (a stride-0 dim) would hold them in one place
+    for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{key_cache, "key_cache"},
+                                  std::pair<const at::Tensor&, const char*>{value_cache, "value_cache"}})
+      for (int64_t d = 0; d < 4; ++d)
+        TORCH_CHECK_VALUE(!(t.sym_size(d) > 1 && t.sym_stride(d) == 0), name, " is expanded along dim ", d,
+                          " (stride 0, size ", t.sym_size(d), "): key / value are written into it in place, where ",
+                          "its entries share memory; pass a cache with memory of its own (.clone())");
     at::Tensor k4 = *c.key, v4 = *c.value;
     if (c.packed()) {
       TORCH_CHECK_VALUE(k4.dim() == 3 && v4.dim() == 3 && k4.sym_size(0) == q.sym_size(0) &&
@@ -319,6 +327,10 @@ KvCall rotate(const KvCall& c, const AttnOptions& opt) {
 void append_kv(const KvCall& c) {
   if (!c.appends() || c.key->numel() == 0) return;
   at::Tensor kc = c.key_cache, vc = c.value_cache;  // (handles: written in place)
+  const at::MemOverlapStatus shared = at::get_overlap_status(kc, vc);
+  TORCH_CHECK_VALUE(shared != at::MemOverlapStatus::Full && shared != at::MemOverlapStatus::Partial,
+                    "key_cache and value_cache share memory: the new values would overwrite the new keys; pass "
+                    "two caches (two halves of one buffer are fine)");
   const at::Tensor start = c.cache_seqlens.to(c.key_cache.device(), at::kLong);
   if (c.packed()) {  // packed row t of batch element b at position cache_seqlens[b] + its index in b
     auto [b, i] = packed_rows(c);

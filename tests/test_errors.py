@@ -161,6 +161,11 @@ def test_python_wrapper_errors():
         attention_ext.attention(q, k, k, window_size=5)
     with pytest.raises(ValueError, match=r"window_size must be a pair \(left, right\) or None, got \(1, 2, 3\)"):
         attention_ext.attention(q, k, k, window_size=(1, 2, 3))
+    for bad in ((1.5, 0), (True, -1), (2, torch.tensor(1.0))):
+        with pytest.raises(TypeError, match=r"window_size must hold two ints \(left, right\), got \("):
+            attention_ext.attention(q, k, k, window_size=bad)
+    assert torch.equal(attention_ext.attention(q, k, k, window_size=(2, torch.tensor(1))),
+                       attention_ext.attention(q, k, k, window_size=(2, 1)))
     with pytest.raises(ValueError, match=r"query has 4 heads but key/value have 2"):
         attention_ext.attention(_r(2, 4, 5, 8), k, k)
     _, lse, _ = fwd(q, k, k)

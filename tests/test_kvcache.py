@@ -478,6 +478,12 @@ def _err_inputs():
     return q, kc, vc, torch.tensor([3, 5], dtype=torch.int32), kn, vn
 
 
+def _overlapping(kc):
+    """Two caches of kc's shape, the second 16 elements further into one buffer than the first."""
+    buf = torch.cat([kc.flatten(), kc.flatten()[:16]])
+    return buf[:kc.numel()].view_as(kc), buf[16:].view_as(kc)
+
+
 def _paged(table):
     g = torch.Generator().manual_seed(9)
     return [torch.randn(4, 2, 8, 16, generator=g) for _ in range(2)] + [table]
@@ -522,10 +528,21 @@ ERRORS = {
                     ValueError, "value_cache has 3 pages but key_cache has 4"),
     "window": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc, sl, kn, vn, None, False, None, [-2, 0]), ValueError,
                "window_size"),
+    # the new positions are written in place: not into an expanded cache, nor into a value cache that is the key's
+    "cache-expanded": (lambda q, kc, vc, sl, kn, vn: (q, kc[:1].expand_as(kc), vc, sl, kn, vn), ValueError,
+                       "key_cache is expanded along dim 0 \\(stride 0, size 2\\)"),
+    "value-cache-expanded": (lambda q, kc, vc, sl, kn, vn: (q, kc, vc[:, :, :1].expand_as(vc), sl, kn, vn),
+                             ValueError, "value_cache is expanded along dim 2 \\(stride 0, size 32\\)"),
+    "caches-shared": (lambda q, kc, vc, sl, kn, vn: (q, kc, kc, sl, kn, vn), ValueError,
+                      "key_cache and value_cache share memory"),
+    "caches-overlapping": (lambda q, kc, vc, sl, kn, vn: (q, *_overlapping(kc), sl, kn, vn), ValueError,
+                           "key_cache and value_cache share memory"),
 }
 
 
-VALUE_ERRORS = ("seqlens-negative", "seqlens-capacity", "table-page-range", "table-capacity")
+# errors of values (and of memory, which the Meta kernel does not see)
+VALUE_ERRORS = ("seqlens-negative", "seqlens-capacity", "table-page-range", "table-capacity", "caches-shared",
+                "caches-overlapping")
 
 
 @pytest.mark.parametrize("name", list(ERRORS))
@@ -542,9 +559,27 @@ def test_kvcache_errors(name, backend, monkeypatch):
         ops.attention_kvcache(*args)
     assert all(torch.equal(a, b) for a, b in zip(args[1:3], before)), "the caches were written before the error"
     if backend == "cpu" and name not in VALUE_ERRORS:
-        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        # the bad argument made from meta inputs (an expanded cache stays expanded), the rest moved there
+        meta = list(make(*[t.to("meta") for t in _err_inputs()]))
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in meta + [None] * (7 - len(meta))]
         with pytest.raises(exc, match=msg):
             torch.ops.attention_ext.attention_kvcache(*meta)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emu80", marks=emu_marks())])
+def test_kvcache_caches_in_one_buffer(backend, monkeypatch):
+    """Key and value caches that are two halves of one buffer (vLLM's layout) append and attend exactly as two
+    separate caches; one tensor as both caches is fine when nothing is appended (read only)."""
+    ops = backend_ops(backend, monkeypatch)
+    q, kc, vc, sl, kn, vn = _err_inputs()
+    kv = torch.stack([kc, vc])
+    out, lse = ops.attention_kvcache(q, kv[0], kv[1], sl, kn, vn, None, True)
+    want_out, want_lse = ops.attention_kvcache(q, kc, vc, sl, kn, vn, None, True)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    assert torch.equal(kv[0], kc) and torch.equal(kv[1], vc)
+    out, lse = ops.attention_kvcache(q, kc, kc, sl + 1)
+    want_out, want_lse = ops.attention_kvcache(q, kc, kc.clone(), sl + 1)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
 
 
 IDX_BACKENDS = [pytest.param("cpu", f32, id="cpu-f32"), pytest.param("cpu", f64, id="cpu-f64"),
