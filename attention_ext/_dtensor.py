@@ -22,11 +22,27 @@ share a seed drop the same positions of their local shards.
 Registered when ``torch.distributed.tensor`` is first imported (never imported by this module itself:
 it costs about a second), through ``torch.distributed.tensor.experimental.register_sharding``.
 """
+import sys
+
 import torch
 
 from ._import_hooks import when_imported
 
 _ops = torch.ops.attention_ext
+
+
+def matmul(x, y):
+    """x @ y for (..., m, k) and (..., k, n) with the same batch dims, DTensors too. torch 2.11's DTensor folds
+    the batch dims into one for the product and can fold a sharded dim only where it comes first (2.14 folds
+    either): a DTensor sharded on a later batch dim, such as the heads of (batch, heads, L, S), has that dim
+    moved to the front for the product and back after it."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(x, dtensor.DTensor) and x.dim() > 3:
+        sharded = {p.dim % x.dim() for p in x.placements if p.is_shard()} & set(range(x.dim() - 2))
+        if len(sharded) == 1 and min(sharded) > 0:
+            d = min(sharded)
+            return torch.matmul(x.movedim(d, 0), y.movedim(d, 0)).movedim(0, d)
+    return torch.matmul(x, y)
 
 
 def _window_free(is_causal, window_size):

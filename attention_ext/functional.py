@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _loader
+from . import _dtensor, _loader
 from . import _transforms
 from . import ops as _ops_py
 
@@ -146,8 +146,8 @@ class _AttentionWithWeights(torch.autograd.Function):
             kk = k.to(acc)
             if hq != hkv:
                 kk = kk.repeat_interleave(hq // hkv, dim=-3)
-            dq = dq + (sc * torch.matmul(ds, kk)).to(dq.dtype)
-            dk_h = sc * torch.matmul(ds.transpose(-1, -2), q.to(acc))
+            dq = dq + (sc * _dtensor.matmul(ds, kk)).to(dq.dtype)
+            dk_h = sc * _dtensor.matmul(ds.transpose(-1, -2), q.to(acc))
             if hq != hkv:
                 dk_h = dk_h.unflatten(-3, (hkv, hq // hkv)).sum(-3)
             dk = dk + dk_h.to(dk.dtype)
