@@ -39,8 +39,8 @@ def matmul(x, y):
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is not None and isinstance(x, dtensor.DTensor) and x.dim() > 3:
         sharded = {p.dim % x.dim() for p in x.placements if p.is_shard()} & set(range(x.dim() - 2))
-        if len(sharded) == 1 and min(sharded) > 0:
-            d = min(sharded)
+        if len(sharded) == 1 and 0 not in sharded:
+            (d,) = sharded
             return torch.matmul(x.movedim(d, 0), y.movedim(d, 0)).movedim(0, d)
     return torch.matmul(x, y)
 
