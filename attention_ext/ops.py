@@ -292,6 +292,10 @@ def attention_kvcache(
     the lengths are not read back (CUDA-graph capture). The output is (total_q, Hq, Ev), the log-sum-exp
     (total_q, Hq).
 
+    Under CUDA-graph capture the lengths and indices are not read back and checked; the kernels check them on the
+    device: a batch element whose cache_seqlens, cache row, pages or cu_seqlens_q rows are out of range gets NaN
+    rows (output and log-sum-exp), the others their results, and nothing outside the caches is read.
+
     ``cache_batch_idx`` (B,) int32 / int64 (contiguous caches only, FlashAttention's argument of that name): batch
     element b's cache is row cache_batch_idx[b] of ``key_cache`` / ``value_cache``, which may then hold any number
     of rows (a pool of cache slots that requests come and go from, beam search reading a shared prefix); rows not

@@ -124,6 +124,11 @@ struct FwdParams {
   // cache_leftpad[b] (a left padding): it attends to positions cache_leftpad[b] .. cache_lens[b] - 1, counted from
   // there (cache_batch_params).
   const int32_t* cache_leftpad = nullptr;
+  // (attention_kvcache) the positions a cache row holds (S_max, or max_pages * page_size) and the rows of the
+  // caches (contiguous: the rows cache_batch_idx may name; paged: the pages the block table may name), so that the
+  // kernels can tell lengths and indices out of range, which are not read back under CUDA-graph capture
+  // (cache_batch_ok).
+  int64_t cache_capacity = 0, cache_rows = 0;
 };
 
 // ptr moved by `elems` elements of `bytes` bytes each (the params' untyped pointers); nullptr stays nullptr.
@@ -146,6 +151,26 @@ AE_HOST_DEVICE void shift_window(FwdParams& p, int64_t shift) {
   if (p.window_right != kNoBound) p.window_right += shift;
 }
 
+// Whether batch element b of an attention_kvcache call (FwdParams::cache_lens) has query rows inside the call's
+// (packed: 0 <= cu_seqlens_q[b] <= cu_seqlens_q[b + 1] <= total_q) / a length in [0, cache_capacity] and a cache
+// row (cache_batch_idx) in [0, cache_rows). The glue checks these on the host, except under CUDA-graph capture,
+// where the values stay on the device: there a batch element that fails gets no rows (packed queries; its output
+// rows keep the glue's NaN) or a NaN output and log-sum-exp, and nothing outside the tensors is read or written.
+// (On CUDA, launch_cache_lengths checks the rest beforehand: the pages of a paged cache, and cu_seqlens_q as a
+// whole, so that no two batch elements share rows.)
+AE_HOST_DEVICE bool cache_rows_ok(const FwdParams& p, int64_t b) {
+  if (p.cu_seqlens_q == nullptr) return true;
+  const int64_t q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
+  return 0 <= q0 && q0 <= q1 && q1 <= p.total_q;
+}
+AE_HOST_DEVICE bool cache_keys_ok(const FwdParams& p, int64_t b) {
+  const int64_t len = p.cache_lens[b];
+  if (len < 0 || len > p.cache_capacity) return false;
+  if (p.cache_batch_idx == nullptr) return true;
+  const int64_t row = p.cache_batch_idx[b];
+  return 0 <= row && row < p.cache_rows;
+}
+
 // Batch element b of an attention_kvcache call (FwdParams::cache_lens) as a call of its own, of batch 1: its query
 // rows, output and log-sum-exp (packed queries: its rows of cu_seqlens_q, the call's len_q being the longest), its
 // first cache_lens[b] positions (its cache rows, or its row of the block table) and slopes, the queries at the end
@@ -154,7 +179,9 @@ AE_HOST_DEVICE void shift_window(FwdParams& p, int64_t shift) {
 AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_t es, size_t acc_es) {
   FwdParams s = p;
   s.batch = 1;
-  s.len_k = p.cache_lens[b];
+  // out of range (cache_rows_ok / cache_keys_ok, under graph capture): no query rows / no keys
+  const bool keys_ok = cache_keys_ok(p, b);
+  s.len_k = keys_ok ? p.cache_lens[b] : 0;
   // a left padding: the cache from its first position (clamped to [0, S_b]: values not checked under graph capture
   // stay inside the cache)
   int64_t start = 0;
@@ -164,8 +191,9 @@ AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_
     s.len_k -= start;
   }
   if (p.cu_seqlens_q != nullptr) {  // packed queries: b's rows, its (heads_q, L_b) block of the log-sum-exp
-    const int64_t q0 = p.cu_seqlens_q[b];
-    s.len_q = p.cu_seqlens_q[b + 1] - q0;
+    const bool rows_ok = cache_rows_ok(p, b);
+    const int64_t q0 = rows_ok ? p.cu_seqlens_q[b] : 0;
+    s.len_q = rows_ok ? p.cu_seqlens_q[b + 1] - q0 : 0;
     s.q = advance(p.q, q0 * p.q_stride.r, es);
     s.out = advance(p.out, q0 * p.o_stride.r, es);
     s.lse = advance(p.lse, p.heads_q * q0, acc_es);
@@ -178,7 +206,7 @@ AE_HOST_DEVICE FwdParams cache_batch_params(const FwdParams& p, int64_t b, size_
   if (p.block_table != nullptr) {
     s.block_table = p.block_table + b * p.block_table_stride;
   } else {
-    const int64_t row = p.cache_batch_idx != nullptr ? p.cache_batch_idx[b] : b;
+    const int64_t row = p.cache_batch_idx == nullptr ? b : (keys_ok ? p.cache_batch_idx[b] : 0);
     s.k = advance(p.k, row * p.k_stride.b + start * p.k_stride.r, es);
     s.v = advance(p.v, row * p.v_stride.b + start * p.v_stride.r, es);
   }

@@ -19,11 +19,20 @@ bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->define
 // Where positions pos of batch elements batch (int64 index tensors of one shape) live in the cache: (row, slot)
 // index tensors for cache[row, :, slot] (the batch element's cache row, cache_batch_idx's when given, and the
 // position; or the page and the row in it).
+// Negative positions, rows and pages (values not read back under CUDA-graph capture) become `size`, out of range, so
+// that indexing refuses them (an error, or PyTorch's device-side assertion) rather than counting from the end.
 std::tuple<at::Tensor, at::Tensor> cache_rows(const KvCall& c, const at::Tensor& batch, const at::Tensor& pos) {
-  if (!c.paged()) return {c.indexed() ? c.cache_batch_idx->to(pos.device(), at::kLong).index({batch}) : batch, pos};
+  const auto no_wrap = [](const at::Tensor& i, int64_t size) { return i.masked_fill(i.lt(0), size); };
+  const int64_t rows = c.key_cache.size(0);
+  if (!c.paged()) {
+    const at::Tensor row =
+        c.indexed() ? no_wrap(c.cache_batch_idx->to(pos.device(), at::kLong).index({batch}), rows) : batch;
+    return {row, no_wrap(pos, c.key_cache.size(2))};
+  }
   const int64_t page = c.key_cache.size(2);
   const at::Tensor table = c.block_table->to(pos.device(), at::kLong);
-  return {table.index({batch, at::floor_divide(pos, page)}), at::remainder(pos, page)};
+  const at::Tensor p = no_wrap(pos, c.capacity());
+  return {no_wrap(table.index({batch, at::floor_divide(p, page)}), rows), at::remainder(p, page)};
 }
 
 // The batch index of pos (B, n): b in row b.
@@ -41,7 +50,10 @@ std::tuple<at::Tensor, at::Tensor> packed_rows(const KvCall& c) {
   const at::Tensor cu = c.cu_seqlens_q->to(c.q.device(), at::kLong);
   const at::Tensor t = at::arange(c.q.size(0), li);
   const int64_t B = cu.size(0) - 1;
-  const at::Tensor b = at::searchsorted(cu.slice(0, 1), t, false, true).clamp_max(std::max<int64_t>(B - 1, 0));
+  // (searched in the running maximum: for cu_seqlens_q out of order, not read back under graph capture, the rows
+  // of the batch elements before the first step down still find theirs, as the kernels do)
+  const at::Tensor ends = std::get<0>(cu.slice(0, 1).cummax(0));
+  const at::Tensor b = at::searchsorted(ends, t, false, true).clamp_max(std::max<int64_t>(B - 1, 0));
   return {b, t - cu.index_select(0, b)};
 }
 
@@ -397,6 +409,8 @@ KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& le
   }
   k.lens = lens;
   p.cache_lens = k.lens.data_ptr<int32_t>();
+  p.cache_capacity = c.capacity();
+  p.cache_rows = c.key_cache.size(0);
   return k;
 }
 
@@ -404,10 +418,18 @@ at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat) {
   auto [b, i] = packed_rows(c);
   const int64_t Hq = c.q.size(1);
   const at::Tensor cu = c.cu_seqlens_q->to(c.q.device(), at::kLong);
-  const at::Tensor start = cu.index_select(0, b), len = cu.index_select(0, b + 1) - start;
+  const at::Tensor start = cu.index_select(0, b), end = cu.index_select(0, b + 1), len = end - start;
   const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
   const at::Tensor h = at::arange(Hq, li);
-  return flat.index({(Hq * start + i).unsqueeze(1) + h.unsqueeze(0) * len.unsqueeze(1)});
+  const at::Tensor at_row = (Hq * start + i).unsqueeze(1) + h.unsqueeze(0) * len.unsqueeze(1);
+  if (flat.numel() == 0) return flat.index({at_row});
+  // rows of a batch element whose cu_seqlens_q is out of range (not read back under CUDA-graph capture; the
+  // kernels wrote nothing for it: cu_seqlens_q[0 .. b + 1] not a non-decreasing run from 0 .. total_q): NaN, and no
+  // index outside the buffer
+  const at::Tensor unordered = cu.slice(0, 1).lt(cu.slice(0, 0, -1)).cumsum(0).gt(0);  // (B,): some pair up to b + 1
+  const at::Tensor element_ok = unordered.logical_not() & cu.slice(0, 1).le(c.q.size(0)) & cu.slice(0, 0, 1).ge(0);
+  const at::Tensor ok = element_ok.index_select(0, b) & i.ge(0) & i.lt(len);
+  return flat.index({at_row.clamp(0, flat.numel() - 1)}).masked_fill(ok.logical_not().unsqueeze(1), std::numeric_limits<double>::quiet_NaN());
 }
 
 GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows) {

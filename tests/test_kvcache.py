@@ -779,6 +779,104 @@ def test_kvcache_grad_and_strided_cache_errors():
         attention_ext.attention_kvcache(q.detach(), strided, strided, sl)
 
 
+# Values out of range under CUDA-graph capture. There the glue cannot read cache_seqlens, cache_batch_idx, the block
+# table or cu_seqlens_q back, so the kernels must stay inside the tensors on their own. ATTENTION_EXT_EMU_CAPTURE=1
+# runs the emulated CUDA glue that way, and the emulator faults on any access outside the launch's tensors. Each
+# case: (what it calls, how it corrupts batch element 1, the query rows that must come out NaN).
+def _capture_inputs(kind):
+    """(query, key cache, value cache, cache_seqlens, keyword arguments) of a bf16 decoding step (packed: chunks of
+    2, 1, 3 queries) with 3 batch elements, 8 query and 2 key / value heads; contiguous, a pool of 5 rows
+    (cache_batch_idx) or pages of 16 (shuffled, 2 spare)."""
+    g = torch.Generator().manual_seed(31)
+    rn = lambda *sh: torch.randn(*sh, generator=g).to(bf16)  # noqa: E731
+    Hq, Hkv, E, Smax = 8, 2, 32, 96
+    lens = torch.tensor([17, 60, 5], dtype=torch.int32)
+    kw = dict(is_causal=True)
+    if kind == "pool":
+        kc, vc = rn(5, Hkv, Smax, E), rn(5, Hkv, Smax, E)
+        kw["cache_batch_idx"] = torch.tensor([3, 0, 4], dtype=torch.int32)
+    elif kind == "paged":
+        kc, vc = rn(3 * Smax // 16 + 2, Hkv, 16, E), rn(3 * Smax // 16 + 2, Hkv, 16, E)
+        kw["block_table"] = torch.randperm(kc.shape[0], generator=g)[: 3 * Smax // 16].view(3, -1).to(torch.int32)
+    else:
+        kc, vc = rn(3, Hkv, Smax, E), rn(3, Hkv, Smax, E)
+    if kind == "packed":
+        kw["cu_seqlens_q"] = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
+        return rn(6, Hq, E), kc, vc, lens, kw
+    return rn(3, Hq, 1, E), kc, vc, lens, kw
+
+
+def _set(name, index, value):
+    def corrupt(lens, kw):
+        t = lens if name == "cache_seqlens" else kw[name]
+        t[index] = value
+    return corrupt
+
+
+CAPTURE_BAD = {
+    "seqlens-past-capacity": ("dense", _set("cache_seqlens", 1, 97), [1]),
+    "seqlens-negative": ("dense", _set("cache_seqlens", 1, -4), [1]),
+    "seqlens-int64-wraps": ("dense", lambda lens, kw: None, [1]),  # 2**32 + 60 as int64 (60 if cut to int32)
+    "batch-idx-past": ("pool", _set("cache_batch_idx", 1, 5), [1]),
+    "batch-idx-negative": ("pool", _set("cache_batch_idx", 1, -1), [1]),
+    "page-past": ("paged", _set("block_table", (1, 2), 20), [1]),  # a page of positions 32..47 of 60
+    "page-negative": ("paged", _set("block_table", (1, 3), -1), [1]),  # the page of position 59
+    "page-unused": ("paged", _set("block_table", (1, 4), -7), []),  # past position 59: never read, no harm
+    "packed-seqlens-past-capacity": ("packed", _set("cache_seqlens", 1, 200), [2]),
+    # cu_seqlens_q not non-decreasing from batch element 1 on: elements 1 and 2 get no rows (rows 2..5 NaN)
+    "packed-rows-unordered": ("packed", _set("cu_seqlens_q", 2, 1), [2, 3, 4, 5]),
+    # element 2 would end past total_q: its rows (3..5) NaN
+    "packed-rows-past-total": ("packed", _set("cu_seqlens_q", 3, 7), [3, 4, 5]),
+}
+
+
+@pytest.mark.parametrize("splits", ["1", "3"], ids=["one-cta", "split-keys"])
+@pytest.mark.parametrize("name", list(CAPTURE_BAD))
+@pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
+def test_kvcache_capture_values_out_of_range(backend, name, splits, monkeypatch):
+    """Under (emulated) graph capture the values are not checked on the host: the same call with good values gives
+    the eager result bit for bit, and with one bad value of batch element 1 (a length past the capacity or negative,
+    an int64 length that int32 would wrap, a cache row or a page outside the cache, packed query rows out of order or
+    past total_q) no access leaves the tensors, that element's query rows come out NaN (output and log-sum-exp) and
+    every other row is the eager result bit for bit; one CTA per query block and keys split 3 ways (the combine
+    kernel). A bad page past the element's positions is never read."""
+    ops = backend_ops(backend, monkeypatch)
+    monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", splits)
+    kind, corrupt, nan_rows = CAPTURE_BAD[name]
+    q, kc, vc, lens, kw = _capture_inputs(kind)
+    want_out, want_lse = ops.attention_kvcache(q, kc, vc, lens, **kw)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, **kw)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse), "good values under capture"
+    if name == "seqlens-int64-wraps":
+        lens = lens.long()
+        lens[1] += 2**32
+    corrupt(lens, kw)
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, **kw)
+    if kind != "packed":  # (B, H, 1, E) and (B, H, 1): rows are batch elements
+        out, lse, want_out, want_lse = (t.squeeze(2) for t in (out, lse, want_out, want_lse))
+    bad = torch.zeros(out.shape[0], dtype=torch.bool)
+    bad[nan_rows] = True
+    assert out[bad].isnan().all() and lse[bad].isnan().all(), "the bad element's rows"
+    assert torch.equal(out[~bad], want_out[~bad]) and torch.equal(lse[~bad], want_lse[~bad]), "the other rows"
+
+
+@pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
+def test_kvcache_capture_bad_append_raises(backend, monkeypatch):
+    """New keys at a negative position (a length not read back under capture) are refused by the indexing that
+    writes them (on a GPU: PyTorch's device-side assertion), rather than landing at the end of the cache as a
+    negative Python index would."""
+    ops = backend_ops(backend, monkeypatch)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    q, kc, vc, lens, kw = _capture_inputs("dense")
+    kn, vn = torch.randn(3, 2, 1, 32).to(bf16), torch.randn(3, 2, 1, 32).to(bf16)
+    tail_k = kc[:, :, -1].clone()
+    lens[1] = -1
+    with pytest.raises(IndexError, match="out of bounds"):
+        ops.attention_kvcache(q, kc, vc, lens, kn, vn, **kw)
+    assert torch.equal(kc[:, :, -1], tail_k), "the cache's last position"
+
+
 @pytest.mark.parametrize("backend", [pytest.param("cuda", marks=cuda_marks())])
 def test_kvcache_cuda_graph(backend):
     """A decoding step captured in a CUDA graph (no sync under capture) replays to the eager result, writing the
@@ -803,6 +901,38 @@ def test_kvcache_cuda_graph(backend):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)
 
+
+@pytest.mark.parametrize("kind", ["dense", "paged", "packed"])
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=cuda_marks())])
+def test_kvcache_cuda_graph_values_out_of_range(backend, kind):
+    """A decoding step captured with good values, replayed after batch element 1's length was set past the capacity
+    (dense, packed) or its page outside the cache (paged) in the captured tensors: the replay neither faults nor
+    reads outside the caches; that element's rows are NaN, the others the eager result bit for bit."""
+    q, kc, vc, lens, kw = _capture_inputs(kind)
+    to = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    q, kc, vc, lens = to(q), to(kc), to(vc), to(lens)
+    kw = {n: to(v) for n, v in kw.items()}
+    want_out, want_lse = attention_ext.attention_kvcache(q, kc, vc, lens, **kw)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        attention_ext.attention_kvcache(q, kc, vc, lens, **kw)  # warm-up
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = attention_ext.attention_kvcache(q, kc, vc, lens, **kw)
+    if kind == "paged":
+        kw["block_table"][1, 2] = kc.shape[0] + 3
+    else:
+        lens[1] = 200
+    graph.replay()
+    torch.cuda.synchronize()
+    bad = torch.zeros(out.shape[0], dtype=torch.bool, device="cuda")
+    bad[2 if kind == "packed" else 1] = True
+    if kind != "packed":
+        out, lse, want_out, want_lse = (t.squeeze(2) for t in (out, lse, want_out, want_lse))
+    assert out[bad].isnan().all() and lse[bad].isnan().all()
+    assert torch.equal(out[~bad], want_out[~bad]) and torch.equal(lse[~bad], want_lse[~bad])
 
 def rope(x, cos, sin, pos, interleaved):
     """x (B, H, n, E) with its first 2 * cos.shape[1] features rotated at positions pos (B, n), in x's dtype

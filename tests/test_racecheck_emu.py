@@ -269,3 +269,24 @@ def test_kvcache_packed_race_free(racecheck, monkeypatch, splits):
     assert len(lines) == 1 and "packed queries in one launch" in lines[0], lines
     assert (splits == "3") == ("keys split 3 ways" in lines[0]), lines
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_kvcache_capture_refusals_race_free(racecheck, monkeypatch):
+    """attention_kvcache as under CUDA-graph capture (ATTENTION_EXT_EMU_CAPTURE=1: values not read back) with values
+    out of range: the lengths kernel (one warp per batch element) refusing batch element 1 (a length past the
+    capacity) and element 3 (cu_seqlens_q stepping down), the cache kernel with split keys and the merge skipping
+    them: race free, those rows NaN and the others finite."""
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", "80")
+    monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", "3")
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    g = torch.Generator().manual_seed(2)
+    Hq, Hkv, E, page, per, B = 4, 2, 64, 16, 6, 4
+    kc, vc = (torch.randn(B * per, Hkv, page, E, generator=g).to(bf16) for _ in range(2))
+    table = torch.randperm(B * per, generator=g).view(B, per).to(torch.int32)
+    cu = torch.tensor([0, 3, 4, 6, 5], dtype=torch.int32)
+    q = torch.randn(6, Hq, E, generator=g).to(bf16)
+    lens = torch.tensor([40, 500, 9, 20], dtype=torch.int32)
+    out, lse = emu.ops.attention_kvcache(q, kc, vc, lens, None, None, table, True, cu_seqlens_q=cu)
+    bad = torch.tensor([False, False, False, True, False, False])  # element 1's row 3; element 3 has none
+    assert out[bad].isnan().all() and lse[bad].isnan().all()
+    assert torch.isfinite(out[~bad]).all() and torch.isfinite(lse[~bad]).all()

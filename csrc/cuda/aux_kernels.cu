@@ -392,6 +392,7 @@ __global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const FwdParams p
     const int64_t i = r % p.len_q, bh = r / p.len_q, b = bh / p.heads_q, h = bh % p.heads_q;
     int64_t q0 = 0, Lb = p.len_q;  // packed queries: b's first row and its L_b
     if (p.cu_seqlens_q != nullptr) {
+      if (!cache_rows_ok(p, b)) continue;  // (launch_cache_lengths made them so; a defence)
       q0 = p.cu_seqlens_q[b];
       Lb = p.cu_seqlens_q[b + 1] - q0;
       if (i >= Lb) continue;  // uniform over the warp
@@ -421,6 +422,58 @@ __global__ void __launch_bounds__(kThreads) fwd_combine_kernel(const FwdParams p
           acc += ls[s * rows] * exp2f((ms[s * rows] - m) * kLog2e) * inv * p.o_accum[(s * rows + r) * p.dim_v + e];
       o[e] = ElemOps<Elem>::from_float(acc);
     }
+  }
+}
+
+// launch.h's CacheLengthsParams: one warp per batch element.
+__device__ __forceinline__ int64_t index_at(const void* t, int64_t i, bool is64) {
+  return is64 ? static_cast<const int64_t*>(t)[i] : static_cast<const int32_t*>(t)[i];
+}
+__device__ __forceinline__ int warp_or(int x) {
+  for (int o = 16; o > 0; o >>= 1) x |= __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__global__ void __launch_bounds__(kThreads) cache_lengths_kernel(const CacheLengthsParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; b < p.batch; b += warps) {
+    bool ok = true;
+    const int32_t* cu = p.cu_seqlens_q;
+    if (cu != nullptr) {
+      // the first batch element j <= b whose rows are out of range (b + 1: none); lanes take j = lane, lane + 32 ..
+      int first = static_cast<int>(b) + 1;
+      for (int64_t j = lane; j <= b; j += 32) {
+        if ((j == 0 && cu[0] < 0) || cu[j + 1] < cu[j] || cu[j + 1] > p.total_q) {
+          first = static_cast<int>(j);
+          break;
+        }
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        const int other = __shfl_xor_sync(0xffffffffu, first, o);
+        first = other < first ? other : first;
+      }
+      ok = first > b;
+      if (lane == 0) {
+        const auto clamp_q = [&](int64_t x) { return static_cast<int32_t>(x < 0 ? 0 : (x > p.total_q ? p.total_q : x)); };
+        p.cu_out[b + 1] = clamp_q(cu[ok ? b + 1 : first]);
+        if (b == 0) p.cu_out[0] = clamp_q(cu[0]);
+      }
+    }
+    const int64_t cached = index_at(p.seqlens, b, p.seqlens_64);
+    const int64_t len = cached + (p.packed_keys && ok ? cu[b + 1] - cu[b] : p.new_len);
+    const int64_t most = p.capacity < 0x7fffffff ? p.capacity : 0x7fffffff;
+    ok = ok && cached >= 0 && len <= most;
+    if (ok && p.batch_idx != nullptr) {
+      const int64_t row = index_at(p.batch_idx, b, p.batch_idx_64);
+      ok = row >= 0 && row < p.rows;
+    }
+    if (ok && p.block_table != nullptr) {  // (uniform over the warp)
+      const int32_t* pages = p.block_table + b * p.max_pages;
+      int bad = 0;
+      for (int64_t j = lane; j < ceil_div(len, p.page_size); j += 32) bad |= pages[j] < 0 || pages[j] >= p.rows;
+      ok = !warp_or(bad);
+    }
+    if (lane == 0) p.lens[b] = ok ? static_cast<int32_t>(len) : -1;
   }
 }
 
@@ -460,6 +513,16 @@ cudaError_t launch_fwd_combine(const FwdParams& p, const LaunchEnv& env) {
     using Elem = decltype(tag);
     return launch_kernel(fwd_combine_kernel<Elem>, grid, kThreads, 0, 0, env.stream, "fwd_combine_kernel", p);
   });
+}
+
+cudaError_t launch_cache_lengths(const CacheLengthsParams& p, const LaunchEnv& env) {
+  if (p.batch == 0) return cudaSuccess;
+  if (p.seqlens == nullptr || p.lens == nullptr || p.page_size < 1 ||
+      (p.cu_seqlens_q != nullptr) != (p.cu_out != nullptr) || (p.packed_keys && p.cu_seqlens_q == nullptr) ||
+      p.batch > 0x7ffffffe)
+    return cudaErrorInvalidValue;
+  return launch_kernel(cache_lengths_kernel, grid_for(p.batch, kThreads / 32, env.num_sms), kThreads, 0, 0, env.stream,
+                       "cache_lengths_kernel", p);
 }
 
 cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {

@@ -36,6 +36,7 @@ namespace cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Logit soft-capping (FwdParams::softcap) of a warp's accumulator tile of scaled scores, before the mask:
 // x = cap tanh(x / cap), with tanh(y) = 1 - 2 / (1 + e^{2y}): one exp2 and one division, an absolute error of

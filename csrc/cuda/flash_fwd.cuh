@@ -171,8 +171,13 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   // packed sequences: from here on the CTA's sequence is the call (batch 1); the grid covers the longest
   // sequence, so a query block past the end of this one has nothing to do
   FwdParams seq;
+  // a cache call's batch element refused (cache_keys_ok: its length or cache row out of range, or the length -1
+  // that launch_cache_lengths gives one with pages out of range, under graph capture): no key tiles, a NaN output
+  // and log-sum-exp (its row sums start NaN)
+  bool refused = false;
   if constexpr (kCache) {
     seq = cache_batch_params(p_call, bh_call / Hq, sizeof(Elem), sizeof(float));
+    refused = !cache_keys_ok(p_call, bh_call / Hq);
   } else if constexpr (kPacked) {
     seq = sequence_params<Elem>(p_call, bh_call / Hq);
   }
@@ -214,7 +219,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
   int64_t lo0, hi0, lo1, hi1;
   key_range(p, i0, lo0, hi0);
   key_range(p, i0 + nq - 1, lo1, hi1);
-  const int64_t jlo = lo0, jhi = hi1 > lo0 ? hi1 : lo0;
+  const int64_t jlo = lo0, jhi = hi1 > lo0 && !refused ? hi1 : lo0;
   int64_t n_begin = jlo / kBlockN;
   int64_t n_end = jhi > jlo ? ceil_div(jhi, kBlockN) : n_begin;
   // a mask: only the tiles between the first and last element that lets its key be seen (true, or not
@@ -245,7 +250,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_kernel(const FwdParam
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     row_max[mt][0] = row_max[mt][1] = -kInf;
-    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    row_sum[mt][0] = row_sum[mt][1] = refused ? kNaN : 0.f;
   }
   const int64_t wrow0 = i0 + warp * 16 * MT;  // query row of this warp's first row
   const Elem* sQw = sQ + warp * 16 * MT * kLd;

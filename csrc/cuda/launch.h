@@ -168,6 +168,27 @@ cudaError_t launch_probs(const FwdParams& p, float* row_stats, void* probs, cons
 // FwdParams::key_bounds of a key-padding mask (mask_stride.r == 0, or len_q == 1),
 // batch * heads_q * 2 ints.
 cudaError_t launch_key_bounds(const FwdParams& p, int32_t* out, const LaunchEnv& env);
+// attention_kvcache's lengths for the cache kernel, one warp per batch element b: lens[b] = S_b, cache_seqlens[b]
+// plus its new positions (new_len, or with packed new keys its L_b), as int32; or -1, which the kernel refuses (a
+// NaN output and log-sum-exp, cache_keys_ok), when cache_seqlens[b] < 0, S_b is past the capacity (or int32), its
+// cache_batch_idx is not one of the `rows` cache rows, or one of the pages its S_b positions use is not one of the
+// `rows` pages. Packed queries: cu_out = cu_seqlens_q with the batch elements from the first whose rows are out of
+// range (cu_seqlens_q[0] < 0, a step down, an end past total_q) on given no rows, so that no two share one. The
+// glue has checked all this on the host already, except under CUDA-graph capture, where the values cannot be read.
+struct CacheLengthsParams {
+  const void* seqlens = nullptr;  // (batch,) int32, or int64 with seqlens_64, contiguous
+  bool seqlens_64 = false;
+  const void* batch_idx = nullptr;  // optional (batch,) int32, or int64 with batch_idx_64, contiguous
+  bool batch_idx_64 = false;
+  const int32_t* block_table = nullptr;  // optional (batch, max_pages), contiguous
+  int64_t max_pages = 0, page_size = 1;
+  const int32_t* cu_seqlens_q = nullptr;  // optional (batch + 1,), contiguous
+  int32_t* cu_out = nullptr;              // (batch + 1,) with cu_seqlens_q
+  bool packed_keys = false;               // packed new keys: L_b of them
+  int64_t batch = 0, total_q = 0, new_len = 0, capacity = 0, rows = 0;
+  int32_t* lens = nullptr;  // (batch,)
+};
+cudaError_t launch_cache_lengths(const CacheLengthsParams& p, const LaunchEnv& env);
 // bool keep-mask (batch x heads x len_q x len_k) of the dropout with seed /
 // offset read from seed_offset (int64[2], device).
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -348,17 +349,54 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   const KvCall c = prepare_kv(call, opt);
   const int64_t max_q =
       host.queries.empty() ? -1 : *std::max_element(host.queries.begin(), host.queries.end());
-  const KvParams k = kv_params(c, opt, kv_lengths(c).to(at::kInt).contiguous(), q.device(), max_q);
+  // S_b for the kernels, filled by launch_cache_lengths below (-1 for a batch element with values out of range)
+  const int64_t B = c.cache_seqlens.size(0);
+  const at::TensorOptions i32 = q.options().dtype(at::kInt);
+  const KvParams k = kv_params(c, opt, at::empty({B}, i32), q.device(), max_q);
+  // lengths not read back (graph capture): packed rows that no batch element's kernel writes (its cu_seqlens_q
+  // out of range, or L_b past max_seqlen_q) stay NaN
+  if (!check_values && c.packed()) {
+    k.out.fill_(std::numeric_limits<double>::quiet_NaN());
+    k.lse.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
   FwdParams p = k.p;
+  const at::Tensor seqlens = c.cache_seqlens.to(q.device()).contiguous();
+  const at::Tensor batch_idx = c.indexed() ? c.cache_batch_idx->to(q.device()).contiguous() : at::Tensor();
+  const at::Tensor rows = c.packed() ? at::empty({B + 1}, i32) : at::Tensor();  // cu_seqlens_q as the kernels see it
+  CacheLengthsParams lp;
+  lp.seqlens = seqlens.data_ptr();
+  lp.seqlens_64 = seqlens.scalar_type() == at::kLong;
+  if (c.indexed()) {
+    lp.batch_idx = batch_idx.data_ptr();
+    lp.batch_idx_64 = batch_idx.scalar_type() == at::kLong;
+  }
+  if (paged) {
+    lp.block_table = p.block_table;
+    lp.max_pages = p.block_table_stride;
+    lp.page_size = p.page_size;
+  }
+  if (c.packed()) {
+    lp.cu_seqlens_q = p.cu_seqlens_q;
+    lp.cu_out = rows.data_ptr<int32_t>();
+    lp.packed_keys = c.appends();
+    p.cu_seqlens_q = lp.cu_out;
+  }
+  lp.batch = B;
+  lp.total_q = p.total_q;
+  lp.new_len = c.new_len();
+  lp.capacity = c.capacity();
+  lp.rows = kc.size(0);
+  lp.lens = k.lens.data_ptr<int32_t>();
   const int64_t group = pack_gqa_kv_decode(p, c.packed());
   // flash-decoding as for a dense call (few CTAs, many key tiles), planned with the longest cache (or the capacity
   // when the lengths were not read back); packed queries too, their shares laid out by the longest L_b
   FwdParams plan = p;
   plan.len_k = host.keys.empty() ? c.capacity() : *std::max_element(host.keys.begin(), host.keys.end());
   const int splits = fwd_key_splits(plan, *sm80, nullptr, env);
-  const LaunchTensors tensors{&k.q4, &kc, &vc, &k.out, &k.lse, &k.lens, &k.table, &k.alibi, &k.cu, &k.batch_idx,
-                                &k.leftpad};
+  const LaunchTensors tensors{&k.q4,    &kc,    &vc,          &k.out,    &k.lse, &k.lens,
+                                &k.table, &k.alibi, &k.cu, &k.batch_idx, &k.leftpad, &rows};
   const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
+  if (any) launch([&] { return launch_cache_lengths(lp, env); }, {&seqlens, &batch_idx, &k.table, &k.cu, &k.lens, &rows});
   if (any && splits > 1) {
     run_split_forward(p, splits, q.options(), *sm80, env, launch, tensors);
   } else if (any) {

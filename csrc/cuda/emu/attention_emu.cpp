@@ -230,10 +230,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
 }
 
 // attention_kvcache as the CUDA backend runs it (run_kvcache_forward), on the emulated kernels.
+// ATTENTION_EXT_EMU_CAPTURE=1 runs it as the CUDA glue does under CUDA-graph capture: the lengths and indices
+// are not read back, so values out of range reach the kernels (which must stay inside the caches).
 std::tuple<at::Tensor, at::Tensor> kvcache_emu(const KvCall& call, const AttnOptions& opt) {
+  const bool capturing = env_int("ATTENTION_EXT_EMU_CAPTURE", 0, 0, 1, "0 or 1") == 1;
   return run_kvcache_forward(
       forward_emu, [](auto&& fn, const LaunchTensors& extra = {}) { EmuDev{}.launch("kvcache forward", extra, fn); },
-      make_env(call.q), "emu kvcache forward", call, opt, true);
+      make_env(call.q), "emu kvcache forward", call, opt, !capturing);
 }
 
 }  // namespace
