@@ -155,7 +155,10 @@ def attention_varlen(
     own keys, with :func:`attention`'s semantics (``is_causal`` top-left aligned per sequence, windows,
     GQA, dropout, ``softcap``, ``alibi_slopes`` (heads,) or (batch, heads) with each sequence's own distances).
     ``max_seqlen_*`` are optional and, when given, checked. Returns (total_q, heads, Ev).
-    On CUDA, offsets on the GPU are read back to the host (a sync): pass them on the CPU to avoid it.
+    On CUDA, offsets on the GPU are read back to the host (a sync): pass them on the CPU to avoid it. Under
+    CUDA-graph capture the forward takes GPU offsets unread when ``max_seqlen_q`` and ``max_seqlen_k`` are given
+    (one launch; the offsets checked on the device: from the first sequence whose rows are out of range on, rows
+    come out NaN); the backward cannot be captured with GPU offsets.
     ``sinks``: one logit per query head, as in :func:`attention` (first-order gradients).
     ``return_lse=True`` returns ``(output, lse)``, lse (total_q, heads) laid out as the query (float32, float64
     for float64; -inf for a row that sees no key), differentiable like the output (first order), as

@@ -424,12 +424,13 @@ at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat) {
   const at::Tensor at_row = (Hq * start + i).unsqueeze(1) + h.unsqueeze(0) * len.unsqueeze(1);
   if (flat.numel() == 0) return flat.index({at_row});
   // rows of a batch element whose cu_seqlens_q is out of range (not read back under CUDA-graph capture; the
-  // kernels wrote nothing for it: cu_seqlens_q[0 .. b + 1] not a non-decreasing run from 0 .. total_q): NaN, and no
-  // index outside the buffer
+  // kernels wrote nothing for it: cu_seqlens_q[0 .. b + 1] not a non-decreasing run from 0 to at most total_q):
+  // NaN, and no index outside the buffer
   const at::Tensor unordered = cu.slice(0, 1).lt(cu.slice(0, 0, -1)).cumsum(0).gt(0);  // (B,): some pair up to b + 1
-  const at::Tensor element_ok = unordered.logical_not() & cu.slice(0, 1).le(c.q.size(0)) & cu.slice(0, 0, 1).ge(0);
+  const at::Tensor element_ok = unordered.logical_not() & cu.slice(0, 1).le(c.q.size(0)) & cu.slice(0, 0, 1).eq(0);
   const at::Tensor ok = element_ok.index_select(0, b) & i.ge(0) & i.lt(len);
-  return flat.index({at_row.clamp(0, flat.numel() - 1)}).masked_fill(ok.logical_not().unsqueeze(1), std::numeric_limits<double>::quiet_NaN());
+  return flat.index({at_row.clamp(0, flat.numel() - 1)})
+      .masked_fill(ok.logical_not().unsqueeze(1), std::numeric_limits<double>::quiet_NaN());
 }
 
 GatheredCache gather_cache(const KvCall& c, const AttnOptions& opt, int64_t rows) {

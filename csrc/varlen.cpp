@@ -166,9 +166,18 @@ void set_packed(FwdParams& p, const VarlenOffsets& off, const at::Tensor& cu_q, 
 
 PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cu_q, const at::Tensor& cu_k, const AttnOptions& opt,
-                                     std::optional<int64_t> max_q, std::optional<int64_t> max_k) {
+                                     std::optional<int64_t> max_q, std::optional<int64_t> max_k, bool read_values) {
   PackedForward s;
-  s.off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
+  if (read_values) {
+    s.off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
+  } else {
+    check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
+    TORCH_CHECK_VALUE(max_q.has_value() && max_k.has_value(),
+                      "attention_varlen under CUDA-graph capture needs max_seqlen_q and max_seqlen_k: the offsets "
+                      "cannot be read back there to find the longest sequences");
+    TORCH_CHECK_VALUE(*max_q >= 0 && *max_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ", *max_q, " and ",
+                      *max_k);
+  }
   check_packed_rows(q, k);
   s.st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, without_alibi(opt));
   s.st.alibi = set_varlen_alibi(s.st.p, opt);
@@ -176,7 +185,14 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
   s.lse = s.st.lse.view({-1});
   s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
   s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
-  set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0), k.size(0));
+  if (read_values) {
+    set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0), k.size(0));
+  } else {  // (no sequence is longer than its tensor: the launch is no larger than that)
+    set_packed(s.st.p, VarlenOffsets{}, s.cu_q, s.cu_k, q.size(0), k.size(0));
+    s.st.p.batch = cu_q.size(0) - 1;
+    s.st.p.len_q = std::min(*max_q, q.size(0));
+    s.st.p.len_k = std::min(*max_k, k.size(0));
+  }
   return s;
 }
 

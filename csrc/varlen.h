@@ -77,9 +77,13 @@ struct PackedForward {
   ForwardSetup st;
   at::Tensor out, lse, cu_q, cu_k;
 };
+// read_values = false (CUDA-graph capture, which cannot read the offsets back): off stays empty, max_q and max_k
+// must be given and stand for the longest sequences (at most total_q / total_k), and the offsets are the kernels'
+// to check (cuda::launch_packed_rows).
 PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cu_q, const at::Tensor& cu_k, const AttnOptions& opt,
-                                     std::optional<int64_t> max_q, std::optional<int64_t> max_k);
+                                     std::optional<int64_t> max_q, std::optional<int64_t> max_k,
+                                     bool read_values = true);
 
 // _attention_varlen_forward through a backend's forward (fwd has _attention_forward's signature), into the
 // packed call's outputs as prepare_packed_forward made them (its offsets read and checked once): one call per

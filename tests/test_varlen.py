@@ -790,3 +790,97 @@ def test_varlen_more_bad_inputs():
         attention_ext.attention(qt, dense, qt)
     with pytest.raises(ValueError, match=r"query must be a jagged nested tensor of shape \(batch, heads, ragged"):
         attention_ext.attention(qt.transpose(1, 2), qt, qt)
+
+
+# attention_varlen's forward under CUDA-graph capture: the offsets stay on the device (not read back), so the
+# packed kernels run over offsets checked there (launch_packed_rows). ATTENTION_EXT_EMU_CAPTURE=1 runs the emulated
+# glue that way; the emulator faults on any access outside the launch's tensors. Each case: how it corrupts the
+# offsets (or max_seqlen_q), and the first sequence that must come out refused (it and every later one: NaN rows).
+def _capture_case(dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(41)
+    lq, lk = [5, 9, 13, 4], [7, 3, 20, 6]
+    q = torch.randn(sum(lq), 4, 64, generator=g).to(dtype)
+    k = torch.randn(sum(lk), 2, 64, generator=g).to(dtype)
+    v = torch.randn(sum(lk), 2, 64, generator=g).to(dtype)
+    return q, k, v, offsets(lq), offsets(lk), max(lq), max(lk)
+
+
+VARLEN_CAPTURE_BAD = {
+    "q-step-down": (lambda cq, ck, mq: (cq.index_fill(0, torch.tensor([2]), 4), ck, mq), 1),
+    "q-past-total": (lambda cq, ck, mq: (cq.index_fill(0, torch.tensor([4]), 40), ck, mq), 3),
+    "k-step-down": (lambda cq, ck, mq: (cq, ck.index_fill(0, torch.tensor([3]), 8), mq), 2),
+    "k-first-not-zero": (lambda cq, ck, mq: (cq, ck.index_fill(0, torch.tensor([0]), 1), mq), 0),
+    "q-longer-than-max": (lambda cq, ck, mq: (cq, ck, 10), 2),
+}
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("name", list(VARLEN_CAPTURE_BAD))
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_varlen_capture_offsets_out_of_range(arch, name, monkeypatch):
+    """Under (emulated) graph capture, with max_seqlen_q / max_seqlen_k given: good offsets give the eager result bit
+    for bit (one launch of the sm80 or, as sm_90, the Hopper packed kernel); offsets out of range (a step down, an
+    end past the total, a first offset not 0, a sequence longer than max_seqlen_q) give NaN output and log-sum-exp
+    rows from the first bad sequence on, the rows before it the eager result bit for bit, and no access outside the
+    tensors."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", arch)
+    q, k, v, cu_q, cu_k, mq, mk = _capture_case()
+    args = (0.0, True, None, True, [-1, -1])
+    want_out, want_lse, _ = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    with attention_ext.debug.kernel_log() as lines:
+        out, lse, _ = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args)
+    assert len(lines) == 1 and ("sm90" in lines[0]) == (arch == "90"), lines
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse), "good offsets under capture"
+    corrupt, first = VARLEN_CAPTURE_BAD[name]
+    bad_q, bad_k, bad_mq = corrupt(cu_q.clone(), cu_k.clone(), mq)
+    out, lse, _ = emu.ops._attention_varlen_forward(q, k, v, bad_q, bad_k, bad_mq, mk, *args)
+    row = int(cu_q[first])  # rows before the first refused sequence keep their offsets
+    assert out[row:].isnan().all() and lse[4 * row:].isnan().all(), "refused rows"
+    assert torch.equal(out[:row], want_out[:row]) and torch.equal(lse[:4 * row], want_lse[:4 * row]), "rows before"
+
+
+@pytest.mark.emu
+def test_varlen_capture_refusals(monkeypatch):
+    """Under (emulated) graph capture: no max_seqlen_q / max_seqlen_k, ALiBi (sequence by sequence) and the backward
+    (which reads the offsets back to plan its launches) each raise an error that says why."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    q, k, v, cu_q, cu_k, mq, mk = _capture_case()
+    args = (0.0, True, None, True, [-1, -1])
+    with pytest.raises(ValueError, match="needs max_seqlen_q and max_seqlen_k"):
+        emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, mk, *args)
+    with pytest.raises(RuntimeError, match="with ALiBi cannot be captured in a CUDA graph"):
+        emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args, 0.0, torch.full((4,), 0.5))
+    out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args)
+    with pytest.raises(RuntimeError, match="backward cannot be captured in a CUDA graph"):
+        emu.ops._attention_varlen_backward(torch.randn_like(out), q, k, v, cu_q, cu_k, out, lse, rng, *args)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_marks())])
+def test_varlen_cuda_graph(device):
+    """attention_varlen captured in a CUDA graph with its offsets on the GPU and max_seqlen_q / _k given (no sync):
+    the replay gives the eager result bit for bit; replayed after cu_seqlens_k stepped down at sequence 2 (in the
+    captured tensor), rows from sequence 2 on are NaN and the others unchanged, without a fault."""
+    q, k, v, cu_q, cu_k, mq, mk = (t.to(device) if isinstance(t, torch.Tensor) else t for t in _capture_case())
+    kw = dict(max_seqlen_q=mq, max_seqlen_k=mk, is_causal=True, enable_gqa=True)
+    want = attention_ext.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        attention_ext.attention_varlen(q, k, v, cu_q, cu_k, **kw)  # warm-up
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention_ext.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    cu_k[3] = 8
+    graph.replay()
+    torch.cuda.synchronize()
+    row = int(cu_q[2])
+    assert out[row:].isnan().all() and torch.equal(out[:row], want[:row])

@@ -232,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
 
 // Variable-length sequences: forward and backward in one launch (each kernel) over the packed sequences, or
 // sequence by sequence where workspace.h's packed_in_one_launch says so. Offsets on the GPU are read back once
-// (a sync) to check them; offsets on the CPU cost no sync.
+// (a sync) to check them; offsets on the CPU cost no sync. Under CUDA-graph capture the forward takes offsets on
+// the GPU unread (checked on the device) and the backward refuses them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
@@ -240,11 +241,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
     const std::optional<at::Tensor>& alibi_slopes) {
   c10::cuda::CUDAGuard guard(q.device());
   const LaunchEnv env = make_env(q);
+  // under CUDA-graph capture offsets on the GPU cannot be read back: they are checked on the device instead
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   return run_varlen_forward(
       forward_cuda, [&] { return draw_rng_state(q, dropout_p, env); }, find_fwd_or_fail,
       [](auto&& fn, const LaunchTensors& = {}) { CudaDev{}.launch("varlen forward", {}, fn); }, env,
       "cuda varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa, window,
-      softcap, alibi_slopes);
+      softcap, alibi_slopes, !(capturing && (cu_q.is_cuda() || cu_k.is_cuda())));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
@@ -254,6 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
     at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
   c10::cuda::CUDAGuard guard(q.device());
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   return run_varlen_backward(
       backward_cuda, [&](const at::Tensor& r) { return r.to(q.device()).contiguous(); }, find_fwd_or_fail,
       [](const BwdParams& p) { return &CudaDev{}.bwd(p); },
@@ -261,12 +265,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
         CudaDev{}.launch(what, {}, fn);
       },
       make_env(q), "cuda varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window, grad_lse, softcap, alibi_slopes);
+      enable_gqa, window, grad_lse, softcap, alibi_slopes, !(capturing && (cu_q.is_cuda() || cu_k.is_cuda())));
 }
 
 // attention_kvcache (workspace.h's run_kvcache_forward): the sm80 kernel on the cache in place, or the visible
 // cache gathered into one dense call. The lengths are read back and checked (a sync) except under CUDA-graph
-// capture, which cannot take one: there, lengths beyond the capacity are the caller's to avoid.
+// capture, which cannot take one: there the kernels check them (launch_cache_lengths).
 std::tuple<at::Tensor, at::Tensor> kvcache_cuda(const KvCall& call, const AttnOptions& opt) {
   c10::cuda::CUDAGuard guard(call.q.device());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;

@@ -433,6 +433,33 @@ __device__ __forceinline__ int warp_or(int x) {
   for (int o = 16; o > 0; o >>= 1) x |= __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+// Packed rows cu (batch + 1 offsets into `total` rows), as the warp of sequence b sees them: the first sequence
+// j <= b whose rows are out of range (cu[0] != 0, a step down, an end past total, more than `most` rows), else
+// b + 1 (uniform over the warp; lanes take j = lane, lane + 32, ..).
+__device__ __forceinline__ int first_bad_rows(const int32_t* cu, int64_t b, int64_t total, int64_t most, int lane) {
+  int first = static_cast<int>(b) + 1;
+  for (int64_t j = lane; j <= b; j += 32) {
+    if ((j == 0 && cu[0] != 0) || cu[j + 1] < cu[j] || cu[j + 1] > total || cu[j + 1] - cu[j] > most) {
+      first = static_cast<int>(j);
+      break;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const int other = __shfl_xor_sync(0xffffffffu, first, o);
+    first = other < first ? other : first;
+  }
+  return first;
+}
+// Lane 0 writes out[b + 1] (and out[0] for b = 0): cu with every sequence from `first` on given no rows, so that no
+// two sequences share a row and none leaves the tensors.
+__device__ __forceinline__ void write_rows(const int32_t* cu, int32_t* out, int64_t b, int64_t first, int64_t total,
+                                           int lane) {
+  if (lane != 0) return;
+  const auto clamp = [&](int64_t x) { return static_cast<int32_t>(x < 0 ? 0 : (x > total ? total : x)); };
+  out[b + 1] = clamp(cu[first > b ? b + 1 : first]);
+  if (b == 0) out[0] = clamp(cu[0]);
+}
+
 __global__ void __launch_bounds__(kThreads) cache_lengths_kernel(const CacheLengthsParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
@@ -440,24 +467,9 @@ __global__ void __launch_bounds__(kThreads) cache_lengths_kernel(const CacheLeng
     bool ok = true;
     const int32_t* cu = p.cu_seqlens_q;
     if (cu != nullptr) {
-      // the first batch element j <= b whose rows are out of range (b + 1: none); lanes take j = lane, lane + 32 ..
-      int first = static_cast<int>(b) + 1;
-      for (int64_t j = lane; j <= b; j += 32) {
-        if ((j == 0 && cu[0] < 0) || cu[j + 1] < cu[j] || cu[j + 1] > p.total_q) {
-          first = static_cast<int>(j);
-          break;
-        }
-      }
-      for (int o = 16; o > 0; o >>= 1) {
-        const int other = __shfl_xor_sync(0xffffffffu, first, o);
-        first = other < first ? other : first;
-      }
+      const int first = first_bad_rows(cu, b, p.total_q, p.total_q, lane);
+      write_rows(cu, p.cu_out, b, first, p.total_q, lane);
       ok = first > b;
-      if (lane == 0) {
-        const auto clamp_q = [&](int64_t x) { return static_cast<int32_t>(x < 0 ? 0 : (x > p.total_q ? p.total_q : x)); };
-        p.cu_out[b + 1] = clamp_q(cu[ok ? b + 1 : first]);
-        if (b == 0) p.cu_out[0] = clamp_q(cu[0]);
-      }
     }
     const int64_t cached = index_at(p.seqlens, b, p.seqlens_64);
     const int64_t len = cached + (p.packed_keys && ok ? cu[b + 1] - cu[b] : p.new_len);
@@ -474,6 +486,20 @@ __global__ void __launch_bounds__(kThreads) cache_lengths_kernel(const CacheLeng
       ok = !warp_or(bad);
     }
     if (lane == 0) p.lens[b] = ok ? static_cast<int32_t>(len) : -1;
+  }
+}
+
+// launch.h's PackedRowsParams: one warp per sequence.
+__global__ void __launch_bounds__(kThreads) packed_rows_kernel(const PackedRowsParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32; b < p.batch; b += warps) {
+    // (a sequence refused for its query rows or its key rows gets neither, as do all after it)
+    const int first_q = first_bad_rows(p.cu_q, b, p.total_q, p.max_q, lane);
+    const int first_k = first_bad_rows(p.cu_k, b, p.total_k, p.max_k, lane);
+    const int first = first_q < first_k ? first_q : first_k;
+    write_rows(p.cu_q, p.cu_q_out, b, first, p.total_q, lane);
+    write_rows(p.cu_k, p.cu_k_out, b, first, p.total_k, lane);
   }
 }
 
@@ -523,6 +549,15 @@ cudaError_t launch_cache_lengths(const CacheLengthsParams& p, const LaunchEnv& e
     return cudaErrorInvalidValue;
   return launch_kernel(cache_lengths_kernel, grid_for(p.batch, kThreads / 32, env.num_sms), kThreads, 0, 0, env.stream,
                        "cache_lengths_kernel", p);
+}
+
+cudaError_t launch_packed_rows(const PackedRowsParams& p, const LaunchEnv& env) {
+  if (p.batch == 0) return cudaSuccess;
+  if (p.cu_q == nullptr || p.cu_k == nullptr || p.cu_q_out == nullptr || p.cu_k_out == nullptr ||
+      p.batch > 0x7ffffffe)
+    return cudaErrorInvalidValue;
+  return launch_kernel(packed_rows_kernel, grid_for(p.batch, kThreads / 32, env.num_sms), kThreads, 0, 0, env.stream,
+                       "packed_rows_kernel", p);
 }
 
 cudaError_t launch_dq_convert(const BwdParams& p, const BwdWork& w, const LaunchEnv& env) {

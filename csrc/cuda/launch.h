@@ -173,7 +173,7 @@ cudaError_t launch_key_bounds(const FwdParams& p, int32_t* out, const LaunchEnv&
 // NaN output and log-sum-exp, cache_keys_ok), when cache_seqlens[b] < 0, S_b is past the capacity (or int32), its
 // cache_batch_idx is not one of the `rows` cache rows, or one of the pages its S_b positions use is not one of the
 // `rows` pages. Packed queries: cu_out = cu_seqlens_q with the batch elements from the first whose rows are out of
-// range (cu_seqlens_q[0] < 0, a step down, an end past total_q) on given no rows, so that no two share one. The
+// range (cu_seqlens_q[0] not 0, a step down, an end past total_q) on given no rows, so that no two share one. The
 // glue has checked all this on the host already, except under CUDA-graph capture, where the values cannot be read.
 struct CacheLengthsParams {
   const void* seqlens = nullptr;  // (batch,) int32, or int64 with seqlens_64, contiguous
@@ -189,6 +189,19 @@ struct CacheLengthsParams {
   int32_t* lens = nullptr;  // (batch,)
 };
 cudaError_t launch_cache_lengths(const CacheLengthsParams& p, const LaunchEnv& env);
+// attention_varlen's offsets when the glue cannot read them back (CUDA-graph capture), one warp per sequence:
+// cu_q_out / cu_k_out = cu_q / cu_k with every sequence from the first whose query or key rows are out of range
+// (offset 0 not 0, a step down, an end past total_q / total_k, more than max_q / max_k rows) on given no rows, so
+// that the packed kernels stay inside the tensors and no two sequences share a row. All (batch + 1,) int32,
+// contiguous.
+struct PackedRowsParams {
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  int32_t* cu_q_out = nullptr;
+  int32_t* cu_k_out = nullptr;
+  int64_t batch = 0, total_q = 0, total_k = 0, max_q = 0, max_k = 0;
+};
+cudaError_t launch_packed_rows(const PackedRowsParams& p, const LaunchEnv& env);
 // bool keep-mask (batch x heads x len_q x len_k) of the dropout with seed /
 // offset read from seed_offset (int64[2], device).
 cudaError_t launch_dropout_mask(const int64_t* seed_offset, int64_t batch, int64_t heads, int64_t len_q,

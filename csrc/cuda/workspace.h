@@ -275,25 +275,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
     std::optional<double> scale, bool enable_gqa, at::IntArrayRef window, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, bool read_values = true) {
   PackedForward s = prepare_packed_forward(
       q, k, v, cu_q, cu_k, make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes), max_q,
-      max_k);
+      max_k, read_values);
   FwdParams& p = s.st.p;
   // (find(p) has no kernel for the first; the packed kernels take no ALiBi)
   const bool by_sequence = varlen_cuda_by_sequence(q, v) || p.alibi_slopes != nullptr;
-  const Sm90FwdEntry* hopper = by_sequence ? nullptr : packed_fwd_sm90(p, s.off, env);
-  if (by_sequence || (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env))) {
-    return varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window, softcap,
-                                      alibi_slopes);
+  const int64_t batch = p.batch;
+  const Sm90FwdEntry* hopper = nullptr;
+  at::Tensor rows_q, rows_k;  // (offsets not read back) cu_seqlens_q / _k as the kernels see them
+  if (read_values) {
+    hopper = by_sequence ? nullptr : packed_fwd_sm90(p, s.off, env);
+    if (by_sequence || (hopper == nullptr && !packed_in_one_launch(p, s.off, [&] { return find(p); }, env))) {
+      return varlen_forward_by_sequence(fwd, s, q, k, v, dropout_p, is_causal, scale, enable_gqa, window, softcap,
+                                        alibi_slopes);
+    }
+  } else {
+    // CUDA-graph capture: one launch whatever the lengths, over offsets checked on the device (launch_packed_rows);
+    // rows of a sequence it refuses, and rows no sequence covers, keep NaN
+    const char* which = p.alibi_slopes != nullptr              ? "with ALiBi"
+                        : q.scalar_type() == at::kDouble ? "in float64"
+                                                         : "of head dim 0";
+    TORCH_CHECK(!by_sequence, "attention_varlen ", which, " cannot be captured in a CUDA graph: it runs sequence by "
+                "sequence, which needs the offsets on the host");
+    hopper = batch > 0 && packed_sm90_enabled() ? find_fwd_sm90(p, env) : nullptr;
+    s.st.o4.fill_(std::numeric_limits<double>::quiet_NaN());
+    s.lse.fill_(std::numeric_limits<double>::quiet_NaN());
+    rows_q = at::empty({batch + 1}, s.cu_q.options());
+    rows_k = at::empty({batch + 1}, s.cu_k.options());
+    PackedRowsParams rp;
+    rp.cu_q = p.cu_seqlens_q;
+    rp.cu_k = p.cu_seqlens_k;
+    rp.cu_q_out = rows_q.data_ptr<int32_t>();
+    rp.cu_k_out = rows_k.data_ptr<int32_t>();
+    rp.batch = batch;
+    rp.total_q = p.total_q;
+    rp.total_k = p.total_k;
+    rp.max_q = p.len_q;
+    rp.max_k = p.len_k;
+    launch([&] { return launch_packed_rows(rp, env); }, {&s.cu_q, &s.cu_k, &rows_q, &rows_k});
+    p.cu_seqlens_q = rp.cu_q_out;
+    p.cu_seqlens_k = rp.cu_k_out;
   }
-  at::Tensor rng = draw_rng().view({1, 2}).repeat({s.off.batch(), 1});
+  at::Tensor rng = draw_rng().view({1, 2}).repeat({batch, 1});
   if (dropout_p > 0.0) {
-    rng.select(1, 1).add_(at::arange(s.off.batch(), rng.options()));
+    rng.select(1, 1).add_(at::arange(batch, rng.options()));
     p.seed_offset_ptr = rng.data_ptr<int64_t>();
   }
   std::string ran;
-  const LaunchTensors packed{&s.out, &s.lse, &s.cu_q, &s.cu_k, &rng};
+  const LaunchTensors packed{&s.out, &s.lse, &s.cu_q, &s.cu_k, &rng, &rows_q, &rows_k};
   if (hopper != nullptr && p.len_q > 0 && p.heads_q > 0 &&
       launched_unless_declined(launch, [&] { return hopper->fn(p, env); }, packed)) {
     ran = describe_kernel_sm90(what, hopper->head_dim, p.dtype);
@@ -458,7 +489,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale,
     bool enable_gqa, at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, bool read_values = true) {
+  TORCH_CHECK(read_values, "attention_varlen's backward cannot be captured in a CUDA graph with cu_seqlens on the "
+              "GPU: it reads them back to plan its launches (capture the forward alone, for inference)");
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
   const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);

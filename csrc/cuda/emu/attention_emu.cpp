@@ -52,6 +52,11 @@ int env_int(const char* name, int fallback, int lo, int hi, const char* what) {
   return static_cast<int>(v);
 }
 
+// ATTENTION_EXT_EMU_CAPTURE=1: attention_kvcache and attention_varlen run as the CUDA glue runs them under
+// CUDA-graph capture, their lengths, indices and offsets not read back, so that values out of range reach the
+// kernels (which must stay inside the tensors), and the varlen backward refuses them.
+bool emu_capturing() { return env_int("ATTENTION_EXT_EMU_CAPTURE", 0, 0, 1, "0 or 1") == 1; }
+
 LaunchEnv make_env(const at::Tensor& q) {
   LaunchEnv env;
   // ATTENTION_EXT_EMU_SMS: the emulated multiprocessor count (persistent grids,
@@ -206,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_emu(
         EmuDev{}.launch("varlen forward", LaunchTensors{&q, &k, &v} + extra, fn);
       },
       make_env(q), "emu varlen forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, enable_gqa,
-      window, softcap, alibi_slopes);
+      window, softcap, alibi_slopes, !emu_capturing());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
@@ -226,17 +231,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
                         fn);
       },
       make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window, grad_lse, softcap, alibi_slopes);
+      enable_gqa, window, grad_lse, softcap, alibi_slopes, !emu_capturing());
 }
 
 // attention_kvcache as the CUDA backend runs it (run_kvcache_forward), on the emulated kernels.
-// ATTENTION_EXT_EMU_CAPTURE=1 runs it as the CUDA glue does under CUDA-graph capture: the lengths and indices
-// are not read back, so values out of range reach the kernels (which must stay inside the caches).
 std::tuple<at::Tensor, at::Tensor> kvcache_emu(const KvCall& call, const AttnOptions& opt) {
-  const bool capturing = env_int("ATTENTION_EXT_EMU_CAPTURE", 0, 0, 1, "0 or 1") == 1;
   return run_kvcache_forward(
       forward_emu, [](auto&& fn, const LaunchTensors& extra = {}) { EmuDev{}.launch("kvcache forward", extra, fn); },
-      make_env(call.q), "emu kvcache forward", call, opt, !capturing);
+      make_env(call.q), "emu kvcache forward", call, opt, !emu_capturing());
 }
 
 }  // namespace
