@@ -4,10 +4,11 @@ test_kvcache.py and test_kvcache_packed.py pick their cases by hand; here each c
 query rows per batch element (decoding steps of one row most often), new keys or none, head dims (a different
 value dim), cache lengths (empty caches included), the cache's layout (contiguous, a (B, S, H, E) buffer seen
 through transpose, or shuffled pages of 16, 24, 32 or 64 positions), causal, windows, ALiBi slopes, a soft cap,
-the scale, a pool of cache rows named by cache_batch_idx, a left padding of each cache (cache_leftpad), and packed
-queries (cu_seqlens_q: continuous batching,
-idle batch elements included); on the CUDA
-kernels' emulator also forced key splits and GQA row packing turned off. Output and log-sum-exp against the
+the scale, a pool of cache rows named by cache_batch_idx, a left padding of each cache (cache_leftpad), key and
+value caches that are the two halves of one buffer (vLLM's layout), and packed queries (cu_seqlens_q: continuous
+batching, idle batch elements included); on the CUDA kernels' emulator also forced key splits, GQA row packing
+turned off, and the glue as under CUDA-graph capture (ATTENTION_EXT_EMU_CAPTURE: the lengths checked on the
+device, launches planned without them). Output and log-sum-exp against the
 float64 reference of test_kvcache.py, within 2x the error of PyTorch's way in the same dtype, and the caches
 after the call bit for bit. A failure prints the case, which its id reproduces: `pytest
 tests/test_fuzz_kvcache.py -k "emu80-7"`. ATTENTION_EXT_FUZZ_CASES=n draws n cases per backend.
@@ -75,6 +76,10 @@ def draw(seed: int, backend: str):
             env["ATTENTION_EXT_PACK_GQA"] = "0"
     if not page and r.random() < 0.25:  # (drawn last: the draws above stay those of earlier versions)
         o["leftpad"] = [r.randint(0, n) for n in lens]
+    if Ev == E and not o.get("bshd") and r.random() < 0.25:  # (after leftpad, for the same reason)
+        o["one_buffer"] = True  # key and value caches the two halves of one buffer (vLLM's layout)
+    if backend.startswith("emu") and r.random() < 0.25:  # (last too) the glue as under CUDA-graph capture
+        env["ATTENTION_EXT_EMU_CAPTURE"] = "1"
     if packed:
         spec = (Hq, Hkv, E, Ev, Smax, lens, queries, new, o)
     else:
@@ -96,6 +101,7 @@ def test_fuzz_kvcache(backend, seed, monkeypatch):
         args, seqs, alibi, o = tp.make_packed(name, dtype, device, seed=seed)
         want_k, want_v = tp.expected_caches(args)
         pool = _pool(args, o, seed)
+        _one_buffer(args, o)
         out, lse = tp._call(ops, args, alibi, o, **_extra(pool, o, device))
         _check_caches(args, pool, want_k, want_v, where)
         seqs = [(qb, _unpadded(rows, o, b)) for b, (qb, rows) in enumerate(seqs)]
@@ -105,6 +111,7 @@ def test_fuzz_kvcache(backend, seed, monkeypatch):
     args, rows, alibi, o = tk.make_inputs(name, dtype, device, seed=seed)
     want_k, want_v = tk.expected_caches(args, name)
     pool = _pool(args, o, seed)
+    _one_buffer(args, o)
     q, kc, vc, lens, key, value, table = args
     out, lse = ops.attention_kvcache(q, kc, vc, lens, key, value, table, o.get("is_causal", False), o.get("scale"),
                                      list(o.get("window", (-1, -1))), o.get("cap", 0.0),
@@ -135,6 +142,14 @@ def _pool(args, o, seed):
         pools.append(p)
     args[1], args[2] = pools
     return {"cache_batch_idx": idx.to(torch.int32), "before": [p.clone() for p in pools]}
+
+
+def _one_buffer(args, o):
+    """With o["one_buffer"]: the caches args[1:3] (pooled or paged or not) copied into the two halves of one buffer,
+    (2, ...) as vLLM lays its cache out, and args[1:3] become those halves (views the op writes through)."""
+    if o.get("one_buffer"):
+        buf = torch.stack([args[1], args[2]])
+        args[1], args[2] = buf[0], buf[1]
 
 
 def _extra(pool, o, device):
@@ -187,5 +202,9 @@ def test_draws_cover_the_options():
         "pool": any(o.get("pool") for o in opts), "leftpad": any(any(o.get("leftpad", [])) for o in opts),
         "packed leftpad": any(p and any(spec[-1].get("leftpad", [])) for p, spec, _, _ in ds),
         "packed pool": any(p and spec[-1].get("pool") for p, spec, _, _ in ds),
+        "one buffer": any(o.get("one_buffer") for o in opts),
+        "paged one buffer": any(o.get("one_buffer") and o.get("page") for o in opts),
+        "as captured": any("ATTENTION_EXT_EMU_CAPTURE" in e for *_, e in ds),
+        "packed as captured": any(p and "ATTENTION_EXT_EMU_CAPTURE" in e for p, *_, e in ds),
     }
     assert all(seen.values()), [k for k, v in seen.items() if not v]
