@@ -18,6 +18,7 @@ ATTENTION_EXT_FUZZ_CASES=n draws n per backend instead.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -77,6 +78,7 @@ class Draw:
     softcap: float = 0.0
     deterministic: bool = False           # torch.use_deterministic_algorithms around our calls
     env: Tuple[Tuple[str, str], ...] = ()  # the emulated device's knobs (environment variables)
+    captured: bool = False                # (varlen, emulator) the forward as under CUDA-graph capture
 
     @property
     def hq(self):
@@ -476,9 +478,16 @@ def test_draws_cover_the_features():
     assert all(seen.values()), [k for k, v in seen.items() if not v]
 
 
+def test_varlen_draws_cover_capture():
+    """The default varlen draws run the emulated forward as under CUDA-graph capture on both emulated devices."""
+    ds = [draw_varlen(s, b)[0] for b in ("emu80", "emu90") for s in range(_VARLEN_BACKENDS[b])]
+    assert {d.backend for d in ds if d.captured} == {"emu80", "emu90"}
+
+
 # --------------------------------------------------------------------------------------------- packed sequences
 # attention_varlen: several sequences of random lengths (0 included) packed without padding, each against
-# the reference on that sequence alone; on the emulated sm_90 device the packed Hopper launches
+# the reference on that sequence alone; on the emulated sm_90 device the packed Hopper launches; on the emulator
+# some forwards as under CUDA-graph capture (Draw.captured)
 _VARLEN_BACKENDS = {"cpu": 24, "emu80": 8, "emu90": 8, "cuda": 100}
 _VARLEN_LENGTHS = (0, 1, 2, 5, 17, 64, 65, 100, 130)
 
@@ -494,6 +503,10 @@ def draw_varlen(seed: int, backend: str):
     if d.alibi and r.random() < 0.5:
         d.alibi = "batch"  # slopes (sequences, Hq)
     d.layouts = tuple(r.choice(("contig", "sliced")) for _ in range(3))
+    # (drawn last) the emulated forward as under CUDA-graph capture: offsets not read back, max_seqlen_* given, one
+    # launch planned without the lengths (not for ALiBi, float64 or head dim 0, which run sequence by sequence)
+    d.captured = (backend.startswith("emu") and not d.alibi and d.E > 0 and d.dtype != torch.float64
+                  and r.random() < 0.3)
     return d, lq, lk
 
 
@@ -501,6 +514,22 @@ def _packed(total, heads, dim, layout, dtype, device, g):
     x = torch.randn(2 * total + 1 if layout == "sliced" else total, heads, dim + 3, generator=g, dtype=torch.float64)
     x = torch.where(x.abs() < 0.02, torch.full_like(x, 0.5), x).to(dtype).to(device)
     return x[1::2, :, 2:2 + dim] if layout == "sliced" else x[..., :dim]
+
+
+@contextlib.contextmanager
+def _captured(on: bool):
+    """ATTENTION_EXT_EMU_CAPTURE=1 inside (the emulated glue as under CUDA-graph capture), when on."""
+    old = os.environ.get("ATTENTION_EXT_EMU_CAPTURE")
+    if on:
+        os.environ["ATTENTION_EXT_EMU_CAPTURE"] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            if old is None:
+                del os.environ["ATTENTION_EXT_EMU_CAPTURE"]
+            else:
+                os.environ["ATTENTION_EXT_EMU_CAPTURE"] = old
 
 
 def check_varlen(d: Draw, lq, lk, device):
@@ -519,8 +548,10 @@ def check_varlen(d: Draw, lq, lk, device):
     with _deterministic(d.deterministic):
         if d.backend.startswith("emu"):
             torch.manual_seed(seed)
-            out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, None, *opts, d.softcap,
-                                                              slopes)
+            with _captured(d.captured):
+                most = (max(lq), max(lk)) if d.captured else (None, None)
+                out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, *most, *opts, d.softcap,
+                                                                  slopes)
             bwd = lambda: emu.ops._attention_varlen_backward(  # noqa: E731
                 do, q, k, v, cu_q, cu_k, out, lse, rng, *opts, None, d.softcap, slopes)
             grads = bwd()
