@@ -297,7 +297,8 @@ def attention_kvcache(
 
     Under CUDA-graph capture the lengths and indices are not read back and checked; the kernels check them on the
     device: a batch element whose cache_seqlens, cache row, pages or cu_seqlens_q rows are out of range gets NaN
-    rows (output and log-sum-exp), the others their results, and nothing outside the caches is read.
+    rows (output and log-sum-exp) and its new keys are not written, the others get their results, and nothing
+    outside the caches is read or written.
 
     ``cache_batch_idx`` (B,) int32 / int64 (contiguous caches only, FlashAttention's argument of that name): batch
     element b's cache is row cache_batch_idx[b] of ``key_cache`` / ``value_cache``, which may then hold any number

@@ -338,11 +338,8 @@ KvCall rotate(const KvCall& c, const AttnOptions& opt) {
 
 void append_kv(const KvCall& c) {
   if (!c.appends() || c.key->numel() == 0) return;
+  check_caches_apart(c);
   at::Tensor kc = c.key_cache, vc = c.value_cache;  // (handles: written in place)
-  const at::MemOverlapStatus shared = at::get_overlap_status(kc, vc);
-  TORCH_CHECK_VALUE(shared != at::MemOverlapStatus::Full && shared != at::MemOverlapStatus::Partial,
-                    "key_cache and value_cache share memory: the new values would overwrite the new keys; pass "
-                    "two caches (two halves of one buffer are fine)");
   const at::Tensor start = c.cache_seqlens.to(c.key_cache.device(), at::kLong);
   if (c.packed()) {  // packed row t of batch element b at position cache_seqlens[b] + its index in b
     auto [b, i] = packed_rows(c);
@@ -362,11 +359,18 @@ void append_kv(const KvCall& c) {
 
 }  // namespace
 
-KvCall prepare_kv(const KvCall& call, const AttnOptions& opt) {
+void check_caches_apart(const KvCall& c) {
+  const at::MemOverlapStatus shared = at::get_overlap_status(c.key_cache, c.value_cache);
+  TORCH_CHECK_VALUE(shared != at::MemOverlapStatus::Full && shared != at::MemOverlapStatus::Partial,
+                    "key_cache and value_cache share memory: the new values would overwrite the new keys; pass "
+                    "two caches (two halves of one buffer are fine)");
+}
+
+KvCall prepare_kv(const KvCall& call, const AttnOptions& opt, bool append) {
   KvCall c = call;
   if (c.packed()) std::tie(c.row_batch, c.row_index) = packed_rows(c);
   c = rotate(c, opt);
-  append_kv(c);
+  if (append) append_kv(c);
   return c;
 }
 

@@ -8,8 +8,8 @@
 //   - batch b then attends to its first S_b = cache_seqlens[b] + L_new positions, the L queries being the last L
 //     of them (bottom-right: query i at position i + S_b - L for is_causal, window_size and ALiBi's distances).
 // The CPU runs the flash kernel per batch element on the cache in place, pages included (FwdParams::block_table;
-// csrc/cpu/attention_cpu.cpp); CUDA the sm80 forward's cache variant (cuda/workspace.h, run_kvcache_forward), or
-// for float64, which it does not take, kvcache_gathered below.
+// csrc/cpu/attention_cpu.cpp); CUDA the sm80 forward's cache variant (cuda/workspace.h, run_kvcache_forward, the
+// new keys written by its own kernel), or for float64, which it does not take, kvcache_gathered below.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -129,7 +129,12 @@ at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat);
 // (x_j, x_{j + rotary_dim / 2}) or, interleaved, (x_{2j}, x_{2j + 1}); in float32 (float64 for float64), rounded
 // to the inputs' dtype. Last, key / value (when given) are written into the caches at those positions. Returns the
 // call with the rotated query (and keys).
-KvCall prepare_kv(const KvCall& call, const AttnOptions& opt);
+// append = false: the caller writes the new keys itself (the CUDA glue, in one launch: cuda::launch_cache_append),
+// after check_caches_apart.
+KvCall prepare_kv(const KvCall& call, const AttnOptions& opt, bool append = true);
+
+// Refuses key and value caches that share memory when new keys are written (the values would overwrite them).
+void check_caches_apart(const KvCall& c);
 
 // The visible cache of every batch element gathered into dense (B, Hkv, C, E) key and (..., Ev) value tensors
 // (C = rows), right-aligned (batch b's S_b positions in the last S_b rows), and the boolean mask

@@ -861,20 +861,44 @@ def test_kvcache_capture_values_out_of_range(backend, name, splits, monkeypatch)
     assert torch.equal(out[~bad], want_out[~bad]) and torch.equal(lse[~bad], want_lse[~bad]), "the other rows"
 
 
+@pytest.mark.parametrize("bad", [-1, 96], ids=["negative", "full"])
+@pytest.mark.parametrize("kind", ["dense", "pool", "paged", "packed"])
 @pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
-def test_kvcache_capture_bad_append_raises(backend, monkeypatch):
-    """New keys at a negative position (a length not read back under capture) are refused by the indexing that
-    writes them (on a GPU: PyTorch's device-side assertion), rather than landing at the end of the cache as a
-    negative Python index would."""
+def test_kvcache_capture_append_out_of_range(backend, kind, bad, monkeypatch):
+    """New keys under (emulated) graph capture, written by the CUDA glue's append kernel: with good lengths the
+    caches and outputs of the eager call bit for bit; a batch element whose length is negative or leaves no room for
+    its new keys has nothing written (its cache row or pages untouched, no position counted from the end as a
+    negative Python index would be) and NaN rows, the others as eagerly."""
     ops = backend_ops(backend, monkeypatch)
+    q, kc, vc, lens, kw = _capture_inputs(kind)
+    g = torch.Generator().manual_seed(5)
+    rows = q.shape[0] if kind == "packed" else 3
+    new = (rows, 2, 32) if kind == "packed" else (3, 2, 1, 32)
+    kn, vn = torch.randn(*new, generator=g).to(bf16), torch.randn(*new, generator=g).to(bf16)
+    caches = [kc.clone(), vc.clone()]
+    want_out, want_lse = ops.attention_kvcache(q, *caches, lens, kn, vn, **kw)
     monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
-    q, kc, vc, lens, kw = _capture_inputs("dense")
-    kn, vn = torch.randn(3, 2, 1, 32).to(bf16), torch.randn(3, 2, 1, 32).to(bf16)
-    tail_k = kc[:, :, -1].clone()
-    lens[1] = -1
-    with pytest.raises(IndexError, match="out of bounds"):
-        ops.attention_kvcache(q, kc, vc, lens, kn, vn, **kw)
-    assert torch.equal(kc[:, :, -1], tail_k), "the cache's last position"
+    got = [kc.clone(), vc.clone()]
+    out, lse = ops.attention_kvcache(q, *got, lens, kn, vn, **kw)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse), "good lengths under capture"
+    assert all(torch.equal(a, b) for a, b in zip(got, caches)), "the caches, good lengths"
+    lens = lens.clone()
+    lens[1] = bad
+    got = [kc.clone(), vc.clone()]
+    out, lse = ops.attention_kvcache(q, *got, lens, kn, vn, **kw)
+    if kind == "paged":  # element 1's pages, and the others' as eagerly
+        mine = torch.zeros(kc.shape[0], dtype=torch.bool)
+        mine[kw["block_table"][1].long()] = True
+    else:  # element 1's cache row (its pool row), the others as eagerly
+        mine = torch.zeros(kc.shape[0], dtype=torch.bool)
+        mine[kw["cache_batch_idx"][1] if kind == "pool" else 1] = True
+    for a, before, want in zip(got, (kc, vc), caches):
+        assert torch.equal(a[mine], before[mine]), "element 1's cache was written"
+        assert torch.equal(a[~mine], want[~mine]), "the other elements' caches"
+    bad_rows = torch.zeros(out.shape[0], dtype=torch.bool)
+    bad_rows[2 if kind == "packed" else 1] = True
+    assert out[bad_rows].isnan().all() and lse[bad_rows].isnan().all()
+    assert torch.equal(out[~bad_rows], want_out[~bad_rows]) and torch.equal(lse[~bad_rows], want_lse[~bad_rows])
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cuda", marks=cuda_marks())])

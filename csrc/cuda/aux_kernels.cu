@@ -489,6 +489,58 @@ __global__ void __launch_bounds__(kThreads) cache_lengths_kernel(const CacheLeng
   }
 }
 
+// launch.h's CacheAppendParams, T the element's bits.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cache_append_kernel(const CacheAppendParams p) {
+  const int64_t per_head = p.dim_k + p.dim_v, width = p.heads_kv * per_head;
+  const bool packed = p.cu != nullptr;
+  const int64_t rows = packed ? p.total_q : p.batch * p.new_len;
+  const int64_t n = rows * width, step = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += step) {
+    const int64_t row = i / width, h = i % width / per_head, e = i % per_head;
+    int64_t b, t;
+    if (packed) {
+      if (row >= p.cu[p.batch]) continue;  // no batch element's (rows refused, or past the last)
+      int64_t lo = 0, hi = p.batch;  // the last b with cu[b] <= row: the one whose rows hold it
+      while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (p.cu[mid] <= row) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      b = lo;
+      t = row - p.cu[b];
+    } else {
+      b = row / p.new_len;
+      t = row % p.new_len;
+    }
+    const int64_t len = p.lens[b];
+    if (len < 0) continue;  // refused by launch_cache_lengths
+    const int64_t pos = len - (packed ? p.cu[b + 1] - p.cu[b] : p.new_len) + t;
+    int64_t at_row = b, slot = pos;
+    if (p.block_table != nullptr) {
+      at_row = p.block_table[b * p.max_pages + pos / p.page_size];
+      slot = pos % p.page_size;
+    } else if (p.batch_idx != nullptr) {
+      at_row = index_at(p.batch_idx, b, p.batch_idx_64);
+    }
+    const int64_t src_row = packed ? row : b;  // (packed: the row's own t stride, no batch stride)
+    const int64_t src_t = packed ? 0 : t;
+    if (e < p.dim_k) {
+      const T* src = static_cast<const T*>(p.key) + src_row * (packed ? p.k_stride_t : p.k_stride_b) +
+                     src_t * p.k_stride_t + h * p.k_stride_h + e * p.k_stride_e;
+      static_cast<T*>(p.key_cache)[at_row * p.kc_stride_b + h * p.kc_stride_h + slot * p.kc_stride_s + e] = *src;
+    } else {
+      const int64_t c = e - p.dim_k;
+      const T* src = static_cast<const T*>(p.value) + src_row * (packed ? p.v_stride_t : p.v_stride_b) +
+                     src_t * p.v_stride_t + h * p.v_stride_h + c * p.v_stride_e;
+      static_cast<T*>(p.value_cache)[at_row * p.vc_stride_b + h * p.vc_stride_h + slot * p.vc_stride_s + c] = *src;
+    }
+  }
+}
+
 // launch.h's PackedRowsParams: one warp per sequence.
 __global__ void __launch_bounds__(kThreads) packed_rows_kernel(const PackedRowsParams p) {
   const int lane = threadIdx.x & 31;
@@ -549,6 +601,21 @@ cudaError_t launch_cache_lengths(const CacheLengthsParams& p, const LaunchEnv& e
     return cudaErrorInvalidValue;
   return launch_kernel(cache_lengths_kernel, grid_for(p.batch, kThreads / 32, env.num_sms), kThreads, 0, 0, env.stream,
                        "cache_lengths_kernel", p);
+}
+
+cudaError_t launch_cache_append(const CacheAppendParams& p, const LaunchEnv& env) {
+  const int64_t rows = p.cu != nullptr ? p.total_q : p.batch * p.new_len;
+  const int64_t n = rows * p.heads_kv * (p.dim_k + p.dim_v);
+  if (n == 0 || p.batch == 0) return cudaSuccess;
+  if (p.key == nullptr || p.value == nullptr || p.key_cache == nullptr || p.value_cache == nullptr ||
+      p.lens == nullptr || p.page_size < 1 || (p.block_table != nullptr && p.max_pages < 1))
+    return cudaErrorInvalidValue;
+  const int grid = grid_for(n, kThreads, env.num_sms);
+  if (p.elem_bytes == 2)
+    return launch_kernel(cache_append_kernel<uint16_t>, grid, kThreads, 0, 0, env.stream, "cache_append_kernel", p);
+  if (p.elem_bytes == 4)
+    return launch_kernel(cache_append_kernel<uint32_t>, grid, kThreads, 0, 0, env.stream, "cache_append_kernel", p);
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_packed_rows(const PackedRowsParams& p, const LaunchEnv& env) {

@@ -189,6 +189,29 @@ struct CacheLengthsParams {
   int32_t* lens = nullptr;  // (batch,)
 };
 cudaError_t launch_cache_lengths(const CacheLengthsParams& p, const LaunchEnv& env);
+// attention_kvcache's new keys and values written into the caches (after launch_cache_lengths, whose lens it
+// reads): new row t of batch element b at position lens[b] - n_b + t = cache_seqlens[b] + t (n_b = new_len, or with
+// packed rows cu_seqlens_q's L_b: the checked offsets launch_cache_lengths wrote), in its cache row (cache_batch_idx
+// or b) or its page; nothing for a batch element with lens[b] = -1. One thread per element, grid-strided; the
+// element size elem_bytes (2 or 4) is copied as is.
+struct CacheAppendParams {
+  const void* key = nullptr;    // dense (batch, heads_kv, new_len, dim_k), packed (total_q, heads_kv, dim_k)
+  const void* value = nullptr;  // likewise with dim_v
+  int64_t k_stride_b = 0, k_stride_t = 0, k_stride_h = 0, k_stride_e = 1;  // (packed rows: the t stride)
+  int64_t v_stride_b = 0, v_stride_t = 0, v_stride_h = 0, v_stride_e = 1;
+  void* key_cache = nullptr;  // (rows or pages, heads_kv, positions, dim_k), unit-stride last dim
+  void* value_cache = nullptr;
+  int64_t kc_stride_b = 0, kc_stride_h = 0, kc_stride_s = 0, vc_stride_b = 0, vc_stride_h = 0, vc_stride_s = 0;
+  const int32_t* lens = nullptr;  // (batch,), launch_cache_lengths'
+  const int32_t* cu = nullptr;    // packed: (batch + 1,), launch_cache_lengths' cu_out
+  const void* batch_idx = nullptr;
+  bool batch_idx_64 = false;
+  const int32_t* block_table = nullptr;
+  int64_t max_pages = 0, page_size = 1;
+  int64_t batch = 0, total_q = 0, new_len = 0, heads_kv = 0, dim_k = 0, dim_v = 0;
+  int elem_bytes = 2;
+};
+cudaError_t launch_cache_append(const CacheAppendParams& p, const LaunchEnv& env);
 // attention_varlen's offsets when the glue cannot read them back (CUDA-graph capture), one warp per sequence:
 // cu_q_out / cu_k_out = cu_q / cu_k with every sequence from the first whose query or key rows are out of range
 // (offset 0 not 0, a step down, an end past total_q / total_k, more than max_q / max_k rows) on given no rows, so

@@ -377,7 +377,10 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   }
   // the lengths on the host when they may be read back: for the checks, the plan and a packed call's grid
   const KvLengths host = check_values ? read_kv_lengths(call, opt) : KvLengths{};
-  const KvCall c = prepare_kv(call, opt);
+  // (rotated here; the new keys are written below, by launch_cache_append)
+  const KvCall c = prepare_kv(call, opt, false);
+  const bool appends = c.appends() && c.key->numel() > 0;
+  if (appends) check_caches_apart(c);
   const int64_t max_q =
       host.queries.empty() ? -1 : *std::max_element(host.queries.begin(), host.queries.end());
   // S_b for the kernels, filled by launch_cache_lengths below (-1 for a batch element with values out of range)
@@ -427,7 +430,47 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   const LaunchTensors tensors{&k.q4,    &kc,    &vc,          &k.out,    &k.lse, &k.lens,
                                 &k.table, &k.alibi, &k.cu, &k.batch_idx, &k.leftpad, &rows};
   const bool any = p.batch * p.heads_q > 0 && p.len_q > 0;
-  if (any) launch([&] { return launch_cache_lengths(lp, env); }, {&seqlens, &batch_idx, &k.table, &k.cu, &k.lens, &rows});
+  if (any || appends)
+    launch([&] { return launch_cache_lengths(lp, env); }, {&seqlens, &batch_idx, &k.table, &k.cu, &k.lens, &rows});
+  if (appends) {
+    const at::Tensor &key = *c.key, &value = *c.value;
+    const int d = c.packed() ? 1 : 0;  // (packed rows have no batch dim: (total_q, heads_kv, E))
+    CacheAppendParams ap;
+    ap.key = key.data_ptr();
+    ap.value = value.data_ptr();
+    ap.k_stride_b = d == 0 ? key.stride(0) : 0;
+    ap.k_stride_h = key.stride(1);
+    ap.k_stride_t = key.stride(2 - 2 * d);
+    ap.k_stride_e = key.stride(3 - d);
+    ap.v_stride_b = d == 0 ? value.stride(0) : 0;
+    ap.v_stride_h = value.stride(1);
+    ap.v_stride_t = value.stride(2 - 2 * d);
+    ap.v_stride_e = value.stride(3 - d);
+    ap.key_cache = kc.data_ptr();
+    ap.value_cache = vc.data_ptr();
+    ap.kc_stride_b = kc.stride(0);
+    ap.kc_stride_h = kc.stride(1);
+    ap.kc_stride_s = kc.stride(2);
+    ap.vc_stride_b = vc.stride(0);
+    ap.vc_stride_h = vc.stride(1);
+    ap.vc_stride_s = vc.stride(2);
+    ap.lens = lp.lens;
+    ap.cu = lp.cu_out;
+    ap.batch_idx = lp.batch_idx;
+    ap.batch_idx_64 = lp.batch_idx_64;
+    ap.block_table = lp.block_table;
+    ap.max_pages = lp.max_pages;
+    ap.page_size = lp.page_size;
+    ap.batch = B;
+    ap.total_q = q.size(0);
+    ap.new_len = c.new_len();
+    ap.heads_kv = kc.size(1);
+    ap.dim_k = kc.size(3);
+    ap.dim_v = vc.size(3);
+    ap.elem_bytes = static_cast<int>(kc.element_size());
+    launch([&] { return launch_cache_append(ap, env); },
+           {&key, &value, &kc, &vc, &k.lens, &rows, &batch_idx, &k.table});
+  }
   if (any && splits > 1) {
     run_split_forward(p, splits, q.options(), *sm80, env, launch, tensors);
   } else if (any) {
