@@ -354,11 +354,52 @@ inline int64_t pack_gqa_kv_decode(FwdParams& p, bool packed) {
   return group;
 }
 
-// attention_kvcache as both glues run it: the new keys appended, then one launch of the sm80 forward's cache
+// launch_cache_append's params for a call's new keys (c after prepare_kv, rotated) and the lengths lp gives.
+inline CacheAppendParams cache_append_params(const KvCall& c, const CacheLengthsParams& lp) {
+  const at::Tensor &key = *c.key, &value = *c.value, &kc = c.key_cache, &vc = c.value_cache;
+  CacheAppendParams ap;
+  const int d = c.packed() ? 1 : 0;  // (packed rows have no batch dim: (total_q, heads_kv, E))
+  ap.key = key.data_ptr();
+  ap.value = value.data_ptr();
+  ap.k_stride_b = d == 0 ? key.stride(0) : 0;
+  ap.k_stride_h = key.stride(1);
+  ap.k_stride_t = key.stride(2 - 2 * d);
+  ap.k_stride_e = key.stride(3 - d);
+  ap.v_stride_b = d == 0 ? value.stride(0) : 0;
+  ap.v_stride_h = value.stride(1);
+  ap.v_stride_t = value.stride(2 - 2 * d);
+  ap.v_stride_e = value.stride(3 - d);
+  ap.key_cache = kc.data_ptr();
+  ap.value_cache = vc.data_ptr();
+  ap.kc_stride_b = kc.stride(0);
+  ap.kc_stride_h = kc.stride(1);
+  ap.kc_stride_s = kc.stride(2);
+  ap.vc_stride_b = vc.stride(0);
+  ap.vc_stride_h = vc.stride(1);
+  ap.vc_stride_s = vc.stride(2);
+  ap.lens = lp.lens;
+  ap.cu = lp.cu_out;
+  ap.batch_idx = lp.batch_idx;
+  ap.batch_idx_64 = lp.batch_idx_64;
+  ap.block_table = lp.block_table;
+  ap.max_pages = lp.max_pages;
+  ap.page_size = lp.page_size;
+  ap.batch = lp.batch;
+  ap.total_q = c.q.size(0);
+  ap.new_len = c.new_len();
+  ap.heads_kv = kc.size(1);
+  ap.dim_k = kc.size(3);
+  ap.dim_v = vc.size(3);
+  ap.elem_bytes = static_cast<int>(kc.element_size());
+  return ap;
+}
+
+// attention_kvcache as both glues run it: the query and new keys rotated (ATen), the lengths found and checked
+// (launch_cache_lengths), the new keys written (launch_cache_append), then one launch of the sm80 forward's cache
 // variant over every batch element (FwdParams::cache_lens) reading the cache in place, pages included, where it
 // covers the call: fp32 / fp16 / bf16, any page size, ALiBi. Anything else (float64) goes through kvcache_gathered
-// with the glue's dense forward `fwd`. check_values: read the lengths back to check them (a sync, which CUDA-graph
-// capture cannot take). launch(fn, extra = {}) runs one launcher and checks its error.
+// with the glue's dense forward `fwd`. check_values: read the lengths back to check them on the host too (a sync,
+// which CUDA-graph capture cannot take). launch(fn, extra = {}) runs one launcher and checks its error.
 template <class Fwd, class Launch>
 std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launch, const LaunchEnv& env,
                                                        const char* what, const KvCall& call, const AttnOptions& opt,
@@ -434,40 +475,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
     launch([&] { return launch_cache_lengths(lp, env); }, {&seqlens, &batch_idx, &k.table, &k.cu, &k.lens, &rows});
   if (appends) {
     const at::Tensor &key = *c.key, &value = *c.value;
-    const int d = c.packed() ? 1 : 0;  // (packed rows have no batch dim: (total_q, heads_kv, E))
-    CacheAppendParams ap;
-    ap.key = key.data_ptr();
-    ap.value = value.data_ptr();
-    ap.k_stride_b = d == 0 ? key.stride(0) : 0;
-    ap.k_stride_h = key.stride(1);
-    ap.k_stride_t = key.stride(2 - 2 * d);
-    ap.k_stride_e = key.stride(3 - d);
-    ap.v_stride_b = d == 0 ? value.stride(0) : 0;
-    ap.v_stride_h = value.stride(1);
-    ap.v_stride_t = value.stride(2 - 2 * d);
-    ap.v_stride_e = value.stride(3 - d);
-    ap.key_cache = kc.data_ptr();
-    ap.value_cache = vc.data_ptr();
-    ap.kc_stride_b = kc.stride(0);
-    ap.kc_stride_h = kc.stride(1);
-    ap.kc_stride_s = kc.stride(2);
-    ap.vc_stride_b = vc.stride(0);
-    ap.vc_stride_h = vc.stride(1);
-    ap.vc_stride_s = vc.stride(2);
-    ap.lens = lp.lens;
-    ap.cu = lp.cu_out;
-    ap.batch_idx = lp.batch_idx;
-    ap.batch_idx_64 = lp.batch_idx_64;
-    ap.block_table = lp.block_table;
-    ap.max_pages = lp.max_pages;
-    ap.page_size = lp.page_size;
-    ap.batch = B;
-    ap.total_q = q.size(0);
-    ap.new_len = c.new_len();
-    ap.heads_kv = kc.size(1);
-    ap.dim_k = kc.size(3);
-    ap.dim_v = vc.size(3);
-    ap.elem_bytes = static_cast<int>(kc.element_size());
+    const CacheAppendParams ap = cache_append_params(c, lp);
     launch([&] { return launch_cache_append(ap, env); },
            {&key, &value, &kc, &vc, &k.lens, &rows, &batch_idx, &k.table});
   }
