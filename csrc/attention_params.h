@@ -127,7 +127,7 @@ struct FwdParams {
   // (attention_kvcache) the positions a cache row holds (S_max, or max_pages * page_size) and the rows of the
   // caches (contiguous: the rows cache_batch_idx may name; paged: the pages the block table may name), so that the
   // kernels can tell lengths and indices out of range, which are not read back under CUDA-graph capture
-  // (cache_batch_ok).
+  // (cache_keys_ok).
   int64_t cache_capacity = 0, cache_rows = 0;
 };
 

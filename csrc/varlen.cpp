@@ -183,8 +183,13 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
   s.st.alibi = set_varlen_alibi(s.st.p, opt);
   s.out = heads_first(s.st.out);
   s.lse = s.st.lse.view({-1});
-  s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
-  s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
+  // (int32 for the kernels; unread int64 offsets clamped first, so that none out of range wraps into range)
+  const auto as_int32 = [&](const at::Tensor& cu, int64_t total) {
+    const at::Tensor t = cu.to(q.device());
+    return (read_values || t.scalar_type() == at::kInt ? t : t.clamp(-1, total + 1)).to(at::kInt).contiguous();
+  };
+  s.cu_q = as_int32(cu_q, q.size(0));
+  s.cu_k = as_int32(cu_k, k.size(0));
   if (read_values) {
     set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0), k.size(0));
   } else {  // (no sequence is longer than its tensor: the launch is no larger than that)

@@ -811,6 +811,8 @@ VARLEN_CAPTURE_BAD = {
     "k-step-down": (lambda cq, ck, mq: (cq, ck.index_fill(0, torch.tensor([3]), 8), mq), 2),
     "k-first-not-zero": (lambda cq, ck, mq: (cq, ck.index_fill(0, torch.tensor([0]), 1), mq), 0),
     "q-longer-than-max": (lambda cq, ck, mq: (cq, ck, 10), 2),
+    # an int64 offset 2**32 past its value (cut to int32 it would look right)
+    "k-int64-wraps": (lambda cq, ck, mq: (cq, ck.long().index_add(0, torch.tensor([3]), torch.tensor([2**32])), mq), 2),
 }
 
 
@@ -820,9 +822,9 @@ VARLEN_CAPTURE_BAD = {
 def test_varlen_capture_offsets_out_of_range(arch, name, monkeypatch):
     """Under (emulated) graph capture, with max_seqlen_q / max_seqlen_k given: good offsets give the eager result bit
     for bit (one launch of the sm80 or, as sm_90, the Hopper packed kernel); offsets out of range (a step down, an
-    end past the total, a first offset not 0, a sequence longer than max_seqlen_q) give NaN output and log-sum-exp
-    rows from the first bad sequence on, the rows before it the eager result bit for bit, and no access outside the
-    tensors."""
+    end past the total, a first offset not 0, a sequence longer than max_seqlen_q, an int64 offset that int32 would
+    wrap) give NaN output and log-sum-exp rows from the first bad sequence on, the rows before it the eager result
+    bit for bit, and no access outside the tensors."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", arch)
