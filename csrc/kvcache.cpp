@@ -418,7 +418,7 @@ KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& le
   return k;
 }
 
-at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat) {
+at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat, bool checked) {
   auto [b, i] = packed_rows(c);
   const int64_t Hq = c.q.size(1);
   const at::Tensor cu = c.cu_seqlens_q->to(c.q.device(), at::kLong);
@@ -426,7 +426,7 @@ at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat) {
   const auto li = at::TensorOptions().dtype(at::kLong).device(c.q.device());
   const at::Tensor h = at::arange(Hq, li);
   const at::Tensor at_row = (Hq * start + i).unsqueeze(1) + h.unsqueeze(0) * len.unsqueeze(1);
-  if (flat.numel() == 0) return flat.index({at_row});
+  if (checked || flat.numel() == 0) return flat.index({at_row});
   // rows of a batch element whose cu_seqlens_q is out of range (not read back under CUDA-graph capture; the
   // kernels wrote nothing for it: cu_seqlens_q[0 .. b + 1] not a non-decreasing run from 0 to at most total_q):
   // NaN, and no index outside the buffer

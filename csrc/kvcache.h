@@ -119,7 +119,9 @@ KvParams kv_params(const KvCall& c, const AttnOptions& opt, const at::Tensor& le
 
 // A packed call's log-sum-exp as the op returns it, (total_q, Hq), from the kernels' flat layout (batch element
 // b's (Hq, L_b) block at Hq * cu_seqlens_q[b]).
-at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat);
+// checked = false (cu_seqlens_q not read back, CUDA-graph capture): the rows of batch elements whose offsets are
+// out of range come out NaN, with no index outside flat (a few more operations, so only then).
+at::Tensor packed_lse(const KvCall& c, const at::Tensor& flat, bool checked = true);
 
 // What every backend does before attending, once check_kvcache_inputs has passed, in ATen operations on the
 // query's device (no sync). A packed call's rows are located once (KvCall::row_batch / row_index, kept in the

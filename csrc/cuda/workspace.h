@@ -491,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
                (splits > 1 ? ", keys split " + std::to_string(splits) + " ways" : "") +
                (group > 1 ? ", GQA heads packed " + std::to_string(group) + " per CTA" : ""));
   }
-  return {k.out, c.packed() ? packed_lse(c, k.lse) : k.lse};
+  return {k.out, c.packed() ? packed_lse(c, k.lse, check_values) : k.lse};
 }
 
 // The backward as both glues run it: the row statistics (launch_row_stats),
