@@ -846,8 +846,9 @@ def test_varlen_capture_offsets_out_of_range(arch, name, monkeypatch):
 
 @pytest.mark.emu
 def test_varlen_capture_refusals(monkeypatch):
-    """Under (emulated) graph capture: no max_seqlen_q / max_seqlen_k, ALiBi (sequence by sequence) and the backward
-    (which reads the offsets back to plan its launches) each raise an error that says why."""
+    """Under (emulated) graph capture: no max_seqlen_q / max_seqlen_k, ALiBi, float64 and head dim 0 (sequence by
+    sequence) and the backward (which reads the offsets back to plan its launches) each raise an error that says
+    why."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
@@ -857,6 +858,10 @@ def test_varlen_capture_refusals(monkeypatch):
         emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, None, mk, *args)
     with pytest.raises(RuntimeError, match="with ALiBi cannot be captured in a CUDA graph"):
         emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args, 0.0, torch.full((4,), 0.5))
+    with pytest.raises(RuntimeError, match="in float64 cannot be captured in a CUDA graph"):
+        emu.ops._attention_varlen_forward(q.double(), k.double(), v.double(), cu_q, cu_k, mq, mk, *args)
+    with pytest.raises(RuntimeError, match="of head dim 0 cannot be captured in a CUDA graph"):
+        emu.ops._attention_varlen_forward(q[..., :0], k[..., :0], v[..., :0], cu_q, cu_k, mq, mk, *args)
     out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args)
     with pytest.raises(RuntimeError, match="backward cannot be captured in a CUDA graph"):
         emu.ops._attention_varlen_backward(torch.randn_like(out), q, k, v, cu_q, cu_k, out, lse, rng, *args)
