@@ -162,10 +162,10 @@ class _VarlenLse(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, _, _, *opts = inputs
+        q, k, v, cu_q, cu_k, max_q, max_k, *opts = inputs
         out, _, lse, rng, idx = output
         ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, rng, idx)
-        ctx.opts = opts
+        ctx.opts = opts + [None] * (7 - len(opts)) + [max_q, max_k]  # (alibi defaults to None)
         ctx.mark_non_differentiable(lse, rng, idx)
         ctx.set_materialize_grads(False)
 
@@ -189,9 +189,9 @@ class _VarlenLseBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(g, glse, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa, window,
-                softcap, alibi=None):
+                softcap, alibi=None, max_q=None, max_k=None):
         return _ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-                                               enable_gqa, window, glse, softcap, alibi)
+                                               enable_gqa, window, glse, softcap, alibi, max_q, max_k)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -158,7 +158,9 @@ def attention_varlen(
     On CUDA, offsets on the GPU are read back to the host (a sync): pass them on the CPU to avoid it. Under
     CUDA-graph capture the forward takes GPU offsets unread when ``max_seqlen_q`` and ``max_seqlen_k`` are given
     (one launch; the offsets checked on the device: from the first sequence whose rows are out of range on, rows
-    come out NaN); the backward cannot be captured with GPU offsets.
+    come out NaN); so does the backward (it gets the forward's maxima; NaN gradient rows from the first such
+    sequence on). ALiBi, ``softcap`` (backward only), float64 and a head dim of 0 run sequence by sequence and
+    refuse capture with GPU offsets.
     ``sinks``: one logit per query head, as in :func:`attention` (first-order gradients).
     ``return_lse=True`` returns ``(output, lse)``, lse (total_q, heads) laid out as the query (float32, float64
     for float64; -inf for a row that sees no key), differentiable like the output (first order), as

@@ -290,16 +290,18 @@ class AttentionVarlenBackwardFunction : public torch::autograd::Function<Attenti
                                const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng, double dropout_p,
                                bool is_causal, std::optional<double> scale, bool enable_gqa, at::IntArrayRef window,
-                               double softcap, const std::optional<at::Tensor>& alibi) {
+                               double softcap, const std::optional<at::Tensor>& alibi, std::optional<int64_t> max_q,
+                               std::optional<int64_t> max_k) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("attention_ext::_attention_varlen_backward", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, double, bool, std::optional<double>, bool, at::IntArrayRef,
-                             const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&)>();
+                             const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+                             std::optional<int64_t>, std::optional<int64_t>)>();
     auto [dq, dk, dv] = op.call(grad, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale, enable_gqa,
-                                window, std::nullopt, softcap, alibi);
+                                window, std::nullopt, softcap, alibi, max_q, max_k);
     return {dq, dk, dv};
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -325,6 +327,8 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
     ctx->saved_data["enable_gqa"] = enable_gqa;
     ctx->saved_data["window"] = window.vec();
     ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["max_q"] = max_q;  // (for a backward captured in a CUDA graph)
+    ctx->saved_data["max_k"] = max_k;
     return out;
   }
 
@@ -335,7 +339,8 @@ class AttentionVarlenFunction : public torch::autograd::Function<AttentionVarlen
         grad, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["is_causal"].toBool(), ctx->saved_data["scale"].toOptional<double>(),
         ctx->saved_data["enable_gqa"].toBool(), ctx->saved_data["window"].toIntVector(),
-        ctx->saved_data["softcap"].toDouble(), s[8].defined() ? std::optional<at::Tensor>(s[8]) : std::nullopt);
+        ctx->saved_data["softcap"].toDouble(), s[8].defined() ? std::optional<at::Tensor>(s[8]) : std::nullopt,
+        ctx->saved_data["max_q"].toOptional<int64_t>(), ctx->saved_data["max_k"].toOptional<int64_t>());
     return {g[0],         g[1],         g[2],         at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

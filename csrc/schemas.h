@@ -48,6 +48,7 @@ inline constexpr const char* kMathLse =
 // alibi_slopes (float32, (heads,) or (batch, heads)) counts each sequence's own distances.
 // logsumexp is float32 (float64 for float64), flat: sequence b's (Hq, L_b) block, row-major, starts at
 // Hq * cu_seqlens_q[b]. rng_state is int64 (batch, 2): the Philox seed and offset of each sequence.
+// The backward's max_seqlen_q / _k are the forward's: needed only to capture it with the offsets on a GPU.
 inline constexpr const char* kVarlenForward =
     "_attention_varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "int? max_seqlen_q, int? max_seqlen_k, float dropout_p, bool is_causal, float? scale, bool enable_gqa, "
@@ -57,7 +58,8 @@ inline constexpr const char* kVarlenBackward =
     "_attention_varlen_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
     "Tensor cu_seqlens_k, Tensor output, Tensor logsumexp, Tensor rng_state, float dropout_p, bool is_causal, "
     "float? scale, bool enable_gqa, int[2] window_size, Tensor? grad_logsumexp=None, float softcap=0.0, "
-    "Tensor? alibi_slopes=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)";
+    "Tensor? alibi_slopes=None, int? max_seqlen_q=None, int? max_seqlen_k=None) "
+    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)";
 // New queries (B, Hq, L, E) against a key / value cache, FlashAttention's flash_attn_with_kvcache (csrc/kvcache.h):
 // key_cache / value_cache (B, Hkv, S_max, E / Ev), or paged (num_pages, Hkv, page_size, E / Ev) with block_table
 // (B, max_pages) int32; cache_seqlens (B,) int32 / int64 positions filled; key / value (B, Hkv, L_new, E / Ev)

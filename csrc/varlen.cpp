@@ -147,22 +147,46 @@ void check_packed_rows(const at::Tensor& q, const at::Tensor& k) {
                     " takes at most 2^31 - 1 packed rows, got ", q.size(0), " queries and ", k.size(0), " keys");
 }
 
-// The params of the whole packed call (batch 1, every token) made those of a packed launch.
+// The params of the whole packed call (batch 1, every token) made those of a packed launch: batch = the
+// sequences, len_q / len_k the longest of them; unread offsets (read_values = false) take max_q / max_k for those,
+// cut to the totals (no sequence is longer than its tensor: the launch is no larger than that).
 void set_packed(FwdParams& p, const VarlenOffsets& off, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                int64_t total_q, int64_t total_k) {
+                int64_t total_q, int64_t total_k, bool read_values, std::optional<int64_t> max_q,
+                std::optional<int64_t> max_k) {
+  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  p.total_q = total_q;
+  p.total_k = total_k;
+  if (!read_values) {
+    p.batch = cu_q.size(0) - 1;
+    p.len_q = std::min(*max_q, total_q);
+    p.len_k = std::min(*max_k, total_k);
+    return;
+  }
   p.batch = off.batch();
   p.len_q = p.len_k = 0;
   for (int64_t b = 0; b < off.batch(); ++b) {
     p.len_q = std::max(p.len_q, off.len_q(b));
     p.len_k = std::max(p.len_k, off.len_k(b));
   }
-  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
-  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
-  p.total_q = total_q;
-  p.total_k = total_k;
+}
+
+// The offsets as the kernels take them: int32 on the query's device. Unread int64 offsets are clamped first, so
+// that none out of range wraps into range.
+at::Tensor kernel_offsets(const at::Tensor& cu, const at::Tensor& q, int64_t total, bool read_values) {
+  const at::Tensor t = cu.to(q.device());
+  return (read_values || t.scalar_type() == at::kInt ? t : t.clamp(-1, total + 1)).to(at::kInt).contiguous();
 }
 
 }  // namespace
+
+void check_capture_maxima(std::optional<int64_t> max_q, std::optional<int64_t> max_k, const char* what) {
+  TORCH_CHECK_VALUE(max_q.has_value() && max_k.has_value(), what,
+                    " under CUDA-graph capture needs max_seqlen_q and max_seqlen_k: the offsets cannot be read back "
+                    "there to find the longest sequences");
+  TORCH_CHECK_VALUE(*max_q >= 0 && *max_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ", *max_q, " and ",
+                    *max_k);
+}
 
 PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cu_q, const at::Tensor& cu_k, const AttnOptions& opt,
@@ -172,32 +196,16 @@ PackedForward prepare_packed_forward(const at::Tensor& q, const at::Tensor& k, c
     s.off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
   } else {
     check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
-    TORCH_CHECK_VALUE(max_q.has_value() && max_k.has_value(),
-                      "attention_varlen under CUDA-graph capture needs max_seqlen_q and max_seqlen_k: the offsets "
-                      "cannot be read back there to find the longest sequences");
-    TORCH_CHECK_VALUE(*max_q >= 0 && *max_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ", *max_q, " and ",
-                      *max_k);
+    check_capture_maxima(max_q, max_k, "attention_varlen");
   }
   check_packed_rows(q, k);
   s.st = prepare_forward(heads_first(q), heads_first(k), heads_first(v), std::nullopt, without_alibi(opt));
   s.st.alibi = set_varlen_alibi(s.st.p, opt);
   s.out = heads_first(s.st.out);
   s.lse = s.st.lse.view({-1});
-  // (int32 for the kernels; unread int64 offsets clamped first, so that none out of range wraps into range)
-  const auto as_int32 = [&](const at::Tensor& cu, int64_t total) {
-    const at::Tensor t = cu.to(q.device());
-    return (read_values || t.scalar_type() == at::kInt ? t : t.clamp(-1, total + 1)).to(at::kInt).contiguous();
-  };
-  s.cu_q = as_int32(cu_q, q.size(0));
-  s.cu_k = as_int32(cu_k, k.size(0));
-  if (read_values) {
-    set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0), k.size(0));
-  } else {  // (no sequence is longer than its tensor: the launch is no larger than that)
-    set_packed(s.st.p, VarlenOffsets{}, s.cu_q, s.cu_k, q.size(0), k.size(0));
-    s.st.p.batch = cu_q.size(0) - 1;
-    s.st.p.len_q = std::min(*max_q, q.size(0));
-    s.st.p.len_k = std::min(*max_k, k.size(0));
-  }
+  s.cu_q = kernel_offsets(cu_q, q, q.size(0), read_values);
+  s.cu_k = kernel_offsets(cu_k, q, k.size(0), read_values);
+  set_packed(s.st.p, s.off, s.cu_q, s.cu_k, q.size(0), k.size(0), read_values, max_q, max_k);
   return s;
 }
 
@@ -224,8 +232,13 @@ PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tenso
                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                                        const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
                                        const at::Tensor& rng, const AttnOptions& opt,
-                                       const std::optional<at::Tensor>& grad_lse) {
-  TORCH_INTERNAL_ASSERT(off.batch() >= 2, "prepare_packed_backward: at least 2 sequences");
+                                       const std::optional<at::Tensor>& grad_lse, bool read_values,
+                                       std::optional<int64_t> max_q, std::optional<int64_t> max_k) {
+  if (read_values) {
+    TORCH_INTERNAL_ASSERT(off.batch() >= 2, "prepare_packed_backward: at least 2 sequences");
+  } else {
+    check_capture_maxima(max_q, max_k, "attention_varlen's backward");
+  }
   check_packed_rows(q, k);
   PackedBackward s;
   const int64_t Hq = q.size(1);
@@ -235,9 +248,9 @@ PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tenso
                           heads_first(out), lse.view({Hq, q.size(0)}), opt.dropout_p > 0.0 ? rng.select(0, 0) : rng,
                           without_alibi(opt), false, stats_2d(grad_lse, Hq, q.size(0)));
   s.st.alibi = set_varlen_alibi(s.st.p, opt);
-  s.cu_q = cu_q.to(q.device(), at::kInt).contiguous();
-  s.cu_k = cu_k.to(q.device(), at::kInt).contiguous();
-  set_packed(s.st.p, off, s.cu_q, s.cu_k, q.size(0), k.size(0));
+  s.cu_q = kernel_offsets(cu_q, q, q.size(0), read_values);
+  s.cu_k = kernel_offsets(cu_k, q, k.size(0), read_values);
+  set_packed(s.st.p, off, s.cu_q, s.cu_k, q.size(0), k.size(0), read_values, max_q, max_k);
   return s;
 }
 

@@ -77,6 +77,10 @@ struct PackedForward {
   ForwardSetup st;
   at::Tensor out, lse, cu_q, cu_k;
 };
+// Under CUDA-graph capture the longest sequences cannot be found from the offsets: max_seqlen_q / _k (given,
+// >= 0) stand for them. what names the op in the error.
+void check_capture_maxima(std::optional<int64_t> max_q, std::optional<int64_t> max_k, const char* what);
+
 // read_values = false (CUDA-graph capture, which cannot read the offsets back): off stays empty, max_q and max_k
 // must be given and stand for the longest sequences (at most total_q / total_k), and the offsets are the kernels'
 // to check (cuda::launch_packed_rows).
@@ -129,7 +133,9 @@ inline bool varlen_cuda_by_sequence(const at::Tensor& q, const at::Tensor& v) {
 // setup of prepare_backward over the (heads, total, dim) views of the packed tensors (gradients poisoned), the
 // offsets as int32 on the query's device, and params with batch = the sequences, len_q / len_k = the longest of
 // them and total_q. The caller has checked the inputs (check_varlen_backward_inputs) and read the offsets, at
-// least 2 sequences. The rng_state pointer is left to the backend (sequence b reads row b).
+// least 2 sequences; or (read_values = false, CUDA-graph capture) not read them, as prepare_packed_forward: off is
+// then unused, max_q / max_k must be given, and the offsets are the kernels' to check. The rng_state pointer is
+// left to the backend (sequence b reads row b).
 struct PackedBackward {
   BackwardSetup st;
   at::Tensor cu_q, cu_k;
@@ -138,7 +144,9 @@ PackedBackward prepare_packed_backward(const VarlenOffsets& off, const at::Tenso
                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                                        const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
                                        const at::Tensor& rng, const AttnOptions& opt,
-                                       const std::optional<at::Tensor>& grad_lse);
+                                       const std::optional<at::Tensor>& grad_lse, bool read_values = true,
+                                       std::optional<int64_t> max_q = std::nullopt,
+                                       std::optional<int64_t> max_k = std::nullopt);
 
 // _attention_varlen_backward through a backend's backward (_attention_backward's signature), sequence by
 // sequence on views of the packed tensors, into dq, dk, dv (packed like q, k, v; the offsets read once by the

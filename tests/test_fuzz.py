@@ -78,7 +78,7 @@ class Draw:
     softcap: float = 0.0
     deterministic: bool = False           # torch.use_deterministic_algorithms around our calls
     env: Tuple[Tuple[str, str], ...] = ()  # the emulated device's knobs (environment variables)
-    captured: bool = False                # (varlen, emulator) the forward as under CUDA-graph capture
+    captured: bool = False                # (varlen, emulator) forward and backward as under CUDA-graph capture
 
     @property
     def hq(self):
@@ -479,15 +479,17 @@ def test_draws_cover_the_features():
 
 
 def test_varlen_draws_cover_capture():
-    """The default varlen draws run the emulated forward as under CUDA-graph capture on both emulated devices."""
+    """The default varlen draws run the emulated forward, and (without a soft cap) the backward, as under CUDA-graph
+    capture on both emulated devices."""
     ds = [draw_varlen(s, b)[0] for b in ("emu80", "emu90") for s in range(_VARLEN_BACKENDS[b])]
     assert {d.backend for d in ds if d.captured} == {"emu80", "emu90"}
+    assert {d.backend for d in ds if d.captured and d.softcap == 0} == {"emu80", "emu90"}
 
 
 # --------------------------------------------------------------------------------------------- packed sequences
 # attention_varlen: several sequences of random lengths (0 included) packed without padding, each against
 # the reference on that sequence alone; on the emulated sm_90 device the packed Hopper launches; on the emulator
-# some forwards as under CUDA-graph capture (Draw.captured)
+# some forwards and backwards as under CUDA-graph capture (Draw.captured)
 _VARLEN_BACKENDS = {"cpu": 24, "emu80": 8, "emu90": 8, "cuda": 100}
 _VARLEN_LENGTHS = (0, 1, 2, 5, 17, 64, 65, 100, 130)
 
@@ -552,8 +554,12 @@ def check_varlen(d: Draw, lq, lk, device):
                 most = (max(lq), max(lk)) if d.captured else (None, None)
                 out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, *most, *opts, d.softcap,
                                                                   slopes)
-            bwd = lambda: emu.ops._attention_varlen_backward(  # noqa: E731
-                do, q, k, v, cu_q, cu_k, out, lse, rng, *opts, None, d.softcap, slopes)
+
+            def bwd():  # (captured too, but for a soft cap: its backward runs sequence by sequence)
+                with _captured(d.captured and d.softcap == 0):
+                    return emu.ops._attention_varlen_backward(do, q, k, v, cu_q, cu_k, out, lse, rng, *opts, None,
+                                                              d.softcap, slopes, *most)
+
             grads = bwd()
             mask_fn = emu.ops._dropout_mask
             if d.deterministic:  # the same bits again

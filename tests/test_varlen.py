@@ -847,8 +847,7 @@ def test_varlen_capture_offsets_out_of_range(arch, name, monkeypatch):
 @pytest.mark.emu
 def test_varlen_capture_refusals(monkeypatch):
     """Under (emulated) graph capture: no max_seqlen_q / max_seqlen_k, ALiBi, float64 and head dim 0 (sequence by
-    sequence) and the backward (which reads the offsets back to plan its launches) each raise an error that says
-    why."""
+    sequence) each raise an error that says why."""
     if emu.ops is None:
         pytest.skip(emu.SKIP_REASON)
     monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
@@ -862,9 +861,88 @@ def test_varlen_capture_refusals(monkeypatch):
         emu.ops._attention_varlen_forward(q.double(), k.double(), v.double(), cu_q, cu_k, mq, mk, *args)
     with pytest.raises(RuntimeError, match="of head dim 0 cannot be captured in a CUDA graph"):
         emu.ops._attention_varlen_forward(q[..., :0], k[..., :0], v[..., :0], cu_q, cu_k, mq, mk, *args)
+
+
+@pytest.mark.emu
+def test_varlen_capture_backward_refusals(monkeypatch):
+    """Under (emulated) graph capture the backward without max_seqlen_q / max_seqlen_k, and with ALiBi, a soft cap,
+    float64 or head dim 0 (which run sequence by sequence), raises an error that says why."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    q, k, v, cu_q, cu_k, mq, mk = _capture_case()
+    args = (0.0, True, None, True, [-1, -1])
     out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args)
-    with pytest.raises(RuntimeError, match="backward cannot be captured in a CUDA graph"):
-        emu.ops._attention_varlen_backward(torch.randn_like(out), q, k, v, cu_q, cu_k, out, lse, rng, *args)
+    g = torch.randn_like(out)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    bwd = emu.ops._attention_varlen_backward
+    with pytest.raises(ValueError, match="backward under CUDA-graph capture needs max_seqlen_q and max_seqlen_k"):
+        bwd(g, q, k, v, cu_q, cu_k, out, lse, rng, *args)
+    with pytest.raises(ValueError, match="max_seqlen_q and max_seqlen_k must be >= 0"):
+        bwd(g, q, k, v, cu_q, cu_k, out, lse, rng, *args, None, 0.0, None, mq, -1)
+    for extra, what in (((0.0, torch.full((4,), 0.5)), "with ALiBi"), ((5.0, None), "with a soft cap")):
+        with pytest.raises(RuntimeError, match=f"backward {what} cannot be captured in a CUDA graph"):
+            bwd(g, q, k, v, cu_q, cu_k, out, lse, rng, *args, None, *extra, mq, mk)
+    d = [t.double() for t in (g, q, k, v)]
+    with pytest.raises(RuntimeError, match="backward in float64 cannot be captured in a CUDA graph"):
+        bwd(d[0], *d[1:], cu_q, cu_k, out.double(), lse.double(), rng, *args, None, 0.0, None, mq, mk)
+    z = [t[..., :0] for t in (g, q, k, v, out)]
+    with pytest.raises(RuntimeError, match="backward of head dim 0 cannot be captured in a CUDA graph"):
+        bwd(z[0], *z[1:4], cu_q, cu_k, z[4], lse, rng, *args, None, 0.0, None, mq, mk)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("name", list(VARLEN_CAPTURE_BAD))
+@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_varlen_capture_backward_offsets_out_of_range(arch, name, dropout_p, monkeypatch):
+    """The backward under (emulated) graph capture, with max_seqlen_q / max_seqlen_k given: good offsets give the
+    eager gradients bit for bit (one launch of each kernel, the Hopper backward as sm_90); offsets out of range give
+    NaN gradient rows (query, key and value) from the first refused sequence on, the rows before it the eager ones
+    bit for bit, and no access outside the tensors."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_ARCH", arch)
+    q, k, v, cu_q, cu_k, mq, mk = _capture_case()
+    args = (dropout_p, True, None, True, [-1, -1])
+    out, lse, rng = emu.ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    want = emu.ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, *args)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    tail = (None, 0.0, None)
+    with attention_ext.debug.kernel_log() as lines:
+        got = emu.ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, *args, *tail, mq, mk)
+    assert len(lines) == 1 and ("sm90" in lines[0]) == (arch == "90"), lines
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), "good offsets under capture"
+    corrupt, first = VARLEN_CAPTURE_BAD[name]
+    bad_q, bad_k, bad_mq = corrupt(cu_q.clone(), cu_k.clone(), mq)
+    got = emu.ops._attention_varlen_backward(g, q, k, v, bad_q, bad_k, out, lse, rng, *args, *tail, bad_mq, mk)
+    rows = (int(cu_q[first]), int(cu_k[first]), int(cu_k[first]))  # rows before the first refused sequence
+    for what, a, b, row in zip(("dq", "dk", "dv"), got, want, rows):
+        assert a[row:].isnan().all(), f"{what}: refused rows"
+        assert torch.equal(a[:row], b[:row]), f"{what}: rows before"
+
+
+@pytest.mark.emu
+def test_varlen_capture_backward_no_rows(monkeypatch):
+    """A captured backward whose longest query (or key) sequence has no rows runs no kernel: the gradient rows of
+    the sequences are 0 (as eager), rows past the offsets NaN."""
+    if emu.ops is None:
+        pytest.skip(emu.SKIP_REASON)
+    q, k, v, _, _, _, _ = _capture_case()
+    cu_q = torch.tensor([0, 0, 0], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q0, k0, v0 = q[:0], k[:7], v[:7]
+    args = (0.0, False, None, True, [-1, -1])
+    out, lse, rng = emu.ops._attention_varlen_forward(q0, k0, v0, cu_q, cu_k, 0, 4, *args)
+    want = emu.ops._attention_varlen_backward(out, q0, k0, v0, cu_q, cu_k, out, lse, rng, *args)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    got = emu.ops._attention_varlen_backward(out, q0, k0, v0, cu_q, cu_k, out, lse, rng, *args, None, 0.0, None, 0, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and not got[1].any()
+    # the keys' offsets end before the last 3 keys: their gradient rows are no sequence's (NaN)
+    got = emu.ops._attention_varlen_backward(out, q0, k[:10], v[:10], cu_q, cu_k, out, lse, rng, *args, None, 0.0,
+                                             None, 0, 4)
+    for t in got[1:]:
+        assert not t[:7].any() and t[7:].isnan().all()
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_marks())])
@@ -891,3 +969,81 @@ def test_varlen_cuda_graph(device):
     torch.cuda.synchronize()
     row = int(cu_q[2])
     assert out[row:].isnan().all() and torch.equal(out[:row], want[:row])
+
+
+def test_varlen_backward_gets_the_forwards_maxima():
+    """attention_varlen's autograd passes the forward's max_seqlen_q / max_seqlen_k on to the backward op (which needs
+    them to be captured in a CUDA graph), and the backward checks them against the offsets as the forward does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.attention_ext._attention_varlen_backward.default:
+                calls.append((args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, cu_q, cu_k, mq, mk = _capture_case(torch.float32)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = attention_ext.attention_varlen(*leaves, cu_q, cu_k, mq, mk, is_causal=True, enable_gqa=True)
+    with Record():
+        out.backward(torch.randn_like(out))
+    assert len(calls) == 1
+    schema = torch.ops.attention_ext._attention_varlen_backward.default._schema
+    names = [a.name for a in schema.arguments]
+    args, kwargs = calls[0]
+    bound = dict(zip(names, args)) | kwargs
+    assert (bound["max_seqlen_q"], bound["max_seqlen_k"]) == (mq, mk)
+    o, lse, rng = torch.ops.attention_ext._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, 0.0, True, None,
+                                                                     True, [-1, -1])
+    with pytest.raises(ValueError, match="max_seqlen_q is 12 but cu_seqlens_q holds a sequence of length 13"):
+        torch.ops.attention_ext._attention_varlen_backward(o, q, k, v, cu_q, cu_k, o, lse, rng, 0.0, True, None, True,
+                                                           [-1, -1], max_seqlen_q=12, max_seqlen_k=mk)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_marks())])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_varlen_cuda_graph_backward(device, dropout_p):
+    """attention_varlen's forward and backward captured in one CUDA graph with the offsets on the GPU and
+    max_seqlen_q / _k given (through autograd without dropout; through the ops with it, so that the replay's
+    rng_state is at hand): the replay gives the eager gradients bit for bit; replayed after cu_seqlens_k stepped
+    down at sequence 2, the gradient rows from sequence 2 on are NaN and the others unchanged, without a fault."""
+    q, k, v, cu_q, cu_k, mq, mk = (t.to(device) if isinstance(t, torch.Tensor) else t for t in _capture_case())
+    g = torch.randn(q.shape[0], 4, 64, device=device, dtype=q.dtype)
+    args = (dropout_p, True, None, True, [-1, -1])
+    ops = torch.ops.attention_ext
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        if dropout_p == 0.0:
+            out = attention_ext.attention_varlen(*leaves, cu_q, cu_k, mq, mk, *args)
+            return torch.autograd.grad(out, leaves, g), None
+        out, lse, rng = ops._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, *args)
+        return ops._attention_varlen_backward(g, q, k, v, cu_q, cu_k, out, lse, rng, *args, None, 0.0, None, mq,
+                                              mk), (out, lse, rng)
+
+    def eager(saved, offsets_k):  # (offsets on the host: read without a sync)
+        if saved is None:
+            out = attention_ext.attention_varlen(*leaves, cu_q.cpu(), offsets_k.cpu(), mq, mk, *args)
+            return torch.autograd.grad(out, leaves, g)
+        return ops._attention_varlen_backward(g, q, k, v, cu_q.cpu(), offsets_k.cpu(), *saved, *args)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads, saved = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    good_k = cu_k.clone()
+    assert all(torch.equal(a, b) for a, b in zip(grads, eager(saved, good_k)))
+    cu_k[3] = 8
+    graph.replay()
+    torch.cuda.synchronize()
+    want = eager(saved, good_k)  # (the rows before sequence 2 do not depend on the NaN rows of out)
+    for a, b, row in zip(grads, want, (int(cu_q[2]), int(good_k[2]), int(good_k[2]))):
+        assert a[row:].isnan().all() and torch.equal(a[:row], b[:row])

@@ -232,8 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_weights_cuda(
 
 // Variable-length sequences: forward and backward in one launch (each kernel) over the packed sequences, or
 // sequence by sequence where workspace.h's packed_in_one_launch says so. Offsets on the GPU are read back once
-// (a sync) to check them; offsets on the CPU cost no sync. Under CUDA-graph capture the forward takes offsets on
-// the GPU unread (checked on the device) and the backward refuses them.
+// (a sync) to check them; offsets on the CPU cost no sync. Under CUDA-graph capture both take offsets on the GPU
+// unread (checked on the device), given max_seqlen_q / _k.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
     std::optional<int64_t> max_q, std::optional<int64_t> max_k, double dropout_p, bool is_causal,
@@ -255,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
     at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<int64_t> max_q,
+    std::optional<int64_t> max_k) {
   c10::cuda::CUDAGuard guard(q.device());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   return run_varlen_backward(
@@ -265,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
         CudaDev{}.launch(what, {}, fn);
       },
       make_env(q), "cuda varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window, grad_lse, softcap, alibi_slopes, !(capturing && (cu_q.is_cuda() || cu_k.is_cuda())));
+      enable_gqa, window, grad_lse, softcap, alibi_slopes, max_q, max_k,
+      !(capturing && (cu_q.is_cuda() || cu_k.is_cuda())));
 }
 
 // attention_kvcache (workspace.h's run_kvcache_forward): the sm80 kernel on the cache in place, or the visible

@@ -47,6 +47,14 @@ __device__ __forceinline__ RowAt row_at(const FwdParams& p, int64_t r) {
   return {0, local / len, q0 + local % len};
 }
 
+// Packed rows of the per-row buffers that no sequence holds: before heads_q * cu_seqlens_q[0] or from
+// heads_q * cu_seqlens_q[batch] on. Only offsets checked on the device leave any (launch_packed_rows gives the
+// sequences it refuses no rows); row_at must not be asked for them.
+__device__ __forceinline__ bool row_unheld(const FwdParams& p, int64_t r) {
+  return p.cu_seqlens_q != nullptr &&
+         (r < p.heads_q * p.cu_seqlens_q[0] || r >= p.heads_q * p.cu_seqlens_q[p.batch]);
+}
+
 // shift = lse, logl = 0 and (st.dsum, not st.exact_d) D[r] = sum_e dO[b, h, i, e] * O[b, h, i, e] from the
 // saved output (row r at (b, h, i): row_at), less the log-sum-exp's cotangent st.dlse[r]: one warp per row.
 template <typename Elem>
@@ -62,6 +70,10 @@ __global__ void __launch_bounds__(kThreads) row_stats_init_kernel(const FwdParam
       st.logl[r] = 0.f;
     }
     if (!want_d) continue;
+    if (row_unheld(p, r)) {  // (no kernel reads it)
+      if (lane == 0) st.dsum[r] = 0.f;
+      continue;
+    }
     const auto [b, h, i] = row_at(p, r);
     const Elem* o = static_cast<const Elem*>(p.out) + b * p.o_stride.b + h * p.o_stride.h + i * p.o_stride.r;
     const Elem* d = static_cast<const Elem*>(st.dout) + b * st.do_stride.b + h * st.do_stride.h + i * st.do_stride.r;
@@ -83,6 +95,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += step) {
     const int64_t e = idx % E, r = idx / E;
+    if (row_unheld(p, r)) continue;  // (its dQ row stays as the glue filled it)
     const auto [b, h, i] = row_at(p, r);
     const float* a = acc + r * row_stride + e;
     float s = 0.f;

@@ -254,6 +254,29 @@ bool packed_in_one_launch(const FwdParams& packed, const VarlenOffsets& off, Fin
   return h == nullptr || fwd_key_splits(one, *sm80(), h, env) > 1;
 }
 
+// launch_packed_rows' offsets for a packed launch whose offsets were not read back (CUDA-graph capture): every
+// sequence from the first bad one on (a first offset not 0, a step down, an end past the total, more rows than the
+// maximum, in either offsets) given no rows; p's offsets are made those. launch(params, tensors) runs it.
+template <class Launch>
+std::pair<at::Tensor, at::Tensor> checked_packed_rows(FwdParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                                                      const LaunchEnv& env, Launch&& launch) {
+  at::Tensor rows_q = at::empty({p.batch + 1}, cu_q.options()), rows_k = at::empty({p.batch + 1}, cu_k.options());
+  PackedRowsParams rp;
+  rp.cu_q = p.cu_seqlens_q;
+  rp.cu_k = p.cu_seqlens_k;
+  rp.cu_q_out = rows_q.data_ptr<int32_t>();
+  rp.cu_k_out = rows_k.data_ptr<int32_t>();
+  rp.batch = p.batch;
+  rp.total_q = p.total_q;
+  rp.total_k = p.total_k;
+  rp.max_q = p.len_q;
+  rp.max_k = p.len_k;
+  launch([&] { return launch_packed_rows(rp, env); }, LaunchTensors{&cu_q, &cu_k, &rows_q, &rows_k});
+  p.cu_seqlens_q = rp.cu_q_out;
+  p.cu_seqlens_k = rp.cu_k_out;
+  return {rows_q, rows_k};
+}
+
 // Packed sequences on an sm_90 device: the Hopper forward that takes them all in one launch, or nullptr. Per
 // 128-row query block it is the kernel an ordinary call gets, and the sm80 kernel's blocks are as tall (64 rows
 // for head dims above 128), so it is taken wherever it covers the call, short sequences included; it also
@@ -302,21 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_forward(
     hopper = batch > 0 && packed_sm90_enabled() ? find_fwd_sm90(p, env) : nullptr;
     s.st.o4.fill_(std::numeric_limits<double>::quiet_NaN());
     s.lse.fill_(std::numeric_limits<double>::quiet_NaN());
-    rows_q = at::empty({batch + 1}, s.cu_q.options());
-    rows_k = at::empty({batch + 1}, s.cu_k.options());
-    PackedRowsParams rp;
-    rp.cu_q = p.cu_seqlens_q;
-    rp.cu_k = p.cu_seqlens_k;
-    rp.cu_q_out = rows_q.data_ptr<int32_t>();
-    rp.cu_k_out = rows_k.data_ptr<int32_t>();
-    rp.batch = batch;
-    rp.total_q = p.total_q;
-    rp.total_k = p.total_k;
-    rp.max_q = p.len_q;
-    rp.max_k = p.len_k;
-    launch([&] { return launch_packed_rows(rp, env); }, {&s.cu_q, &s.cu_k, &rows_q, &rows_k});
-    p.cu_seqlens_q = rp.cu_q_out;
-    p.cu_seqlens_k = rp.cu_k_out;
+    std::tie(rows_q, rows_k) = checked_packed_rows(p, s.cu_q, s.cu_k, env, launch);
   }
   at::Tensor rng = draw_rng().view({1, 2}).repeat({batch, 1});
   if (dropout_p > 0.0) {
@@ -525,6 +534,16 @@ std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::Ten
   return describe_kernel(what, sm80.head_dim, p.dtype, env, &ws.work);
 }
 
+// Rows [rows[0], rows[batch]) of a packed (total, heads, dim) gradient 0, the others NaN: a captured backward that
+// runs no kernel (a longest sequence of 0 rows), as fill_empty_backward with offsets left on the device.
+inline void fill_rows_unread(const at::Tensor& grad, const at::Tensor& rows) {
+  const int64_t batch = rows.size(0) - 1;
+  const at::Tensor r = at::arange(grad.size(0), rows.options()).view({-1, 1, 1});
+  const at::Tensor in = r.ge(rows.narrow(0, 0, 1)).logical_and(r.lt(rows.narrow(0, batch, 1)));
+  grad.copy_(at::where(in, at::zeros({}, grad.options()),
+                       at::full({}, std::numeric_limits<double>::quiet_NaN(), grad.options())));
+}
+
 // _attention_varlen_backward as both glues run it: the row statistics, the backward kernel and the dQ
 // conversion each in one launch over the packed sequences; the backward kernel the Hopper one where it covers
 // the call (packed, as the forward), else the sm80 one. Without a packed Hopper backward, sequences of 1024+
@@ -533,6 +552,10 @@ std::string run_backward(const BwdParams& p, const LaunchEnv& env, const at::Ten
 // ATen operations). rng_on_kernels(rng) returns the (batch, 2) rng_state where the kernels read it (sequence b:
 // row b); find_fwd(p) / find_bwd(p) are the glue's sm80 entries (or their errors);
 // launch(what, setup, workspace, fn, extra = {}) runs one launcher and checks its error.
+// read_values = false (CUDA-graph capture, offsets on the GPU): as the forward, one launch of each kernel whatever
+// the lengths, sized by max_q / max_k, over offsets checked on the device (checked_packed_rows); the gradient
+// rows of a sequence it refuses, and rows no sequence covers, are NaN. What runs sequence by sequence (ALiBi, a
+// soft cap, float64, head dim 0) refuses capture.
 template <class Bwd, class RngOnKernels, class FindFwd, class FindBwd, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     Bwd&& bwd, RngOnKernels&& rng_on_kernels, FindFwd&& find_fwd, FindBwd&& find_bwd, Launch&& launch,
@@ -540,44 +563,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_varlen_backward(
     const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale,
     bool enable_gqa, at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, bool read_values = true) {
-  TORCH_CHECK(read_values, "attention_varlen's backward cannot be captured in a CUDA graph with cu_seqlens on the "
-              "GPU: it reads them back to plan its launches (capture the forward alone, for inference)");
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<int64_t> max_q, std::optional<int64_t> max_k,
+    bool read_values = true) {
   const AttnOptions opt = make_options(dropout_p, is_causal, scale, enable_gqa, window, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, cu_q, out, lse, rng, dropout_p, grad_lse);
-  const VarlenOffsets off = prepare_varlen(q, k, v, cu_q, cu_k, opt);
-  auto by_sequence = [&](const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  // (softcap, ALiBi: the packed backward kernel has neither, the ordinary one takes each sequence)
+  const bool by_sequence = varlen_cuda_by_sequence(q, v) || softcap > 0.0 || opt.has_alibi();
+  VarlenOffsets off;
+  if (read_values) {
+    off = prepare_varlen(q, k, v, cu_q, cu_k, opt, max_q, max_k);
+  } else {
+    check_varlen_inputs(q, k, v, cu_q, cu_k, opt);
+    const char* which = opt.has_alibi()                  ? "with ALiBi"
+                        : softcap > 0.0                  ? "with a soft cap"
+                        : q.scalar_type() == at::kDouble ? "in float64"
+                                                         : "of head dim 0";
+    TORCH_CHECK(!by_sequence, "attention_varlen's backward ", which, " cannot be captured in a CUDA graph: it runs "
+                "sequence by sequence, which needs the offsets on the host");
+  }
+  auto by_sequences = [&](const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
     varlen_backward_by_sequence(bwd, off, grad_out, q, k, v, out, lse, rng, dq, dk, dv, dropout_p, is_causal, scale,
                                 enable_gqa, window, grad_lse, softcap, alibi_slopes);
     return std::make_tuple(dq, dk, dv);
   };
-  // (softcap, ALiBi: the packed backward kernel has neither, the ordinary one takes each sequence)
-  if (off.batch() <= 1 || varlen_cuda_by_sequence(q, v) || softcap > 0.0 || opt.has_alibi()) {
+  if (read_values ? off.batch() <= 1 || by_sequence : cu_q.size(0) == 1) {
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    if (!read_values) {  // (no sequence: no row is any sequence's)
+      check_capture_maxima(max_q, max_k, "attention_varlen's backward");
+      for (const at::Tensor* t : {&dq, &dk, &dv}) t->fill_(std::numeric_limits<double>::quiet_NaN());
+      return {dq, dk, dv};
+    }
     poison(dq);
     poison(dk);
     poison(dv);
-    return by_sequence(dq, dk, dv);
+    return by_sequences(dq, dk, dv);
   }
-  PackedBackward s = prepare_packed_backward(off, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, opt, grad_lse);
+  PackedBackward s = prepare_packed_backward(off, grad_out, q, k, v, cu_q, cu_k, out, lse, rng, opt, grad_lse,
+                                             read_values, max_q, max_k);
   BwdParams& p = s.st.p;
   p.deterministic = at::globalContext().deterministicAlgorithms();
-  const BwdEntry* hopper = packed_sm90_enabled() ? find_bwd_sm90(p, env) : nullptr;
-  const BwdParams one = mean_sequence(p, off);
-  if (hopper == nullptr && one.len_q >= 1024 && find_bwd_sm90(one, env) != nullptr)
-    return by_sequence(heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
+  at::Tensor rows_q, rows_k;  // (offsets not read back) cu_seqlens_q / _k as the kernels see them
+  if (read_values) {
+    const BwdEntry* hopper = packed_sm90_enabled() ? find_bwd_sm90(p, env) : nullptr;
+    const BwdParams one = mean_sequence(p, off);
+    if (hopper == nullptr && one.len_q >= 1024 && find_bwd_sm90(one, env) != nullptr)
+      return by_sequences(heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
+  } else {
+    for (const at::Tensor* t : {&s.st.dq4, &s.st.dk4, &s.st.dv4}) t->fill_(std::numeric_limits<double>::quiet_NaN());
+    std::tie(rows_q, rows_k) = checked_packed_rows(p, s.cu_q, s.cu_k, env, [&](auto&& fn, const LaunchTensors& t) {
+      launch("packed rows", s.st, BwdWorkspace{}, std::forward<decltype(fn)>(fn), t);
+    });
+  }
   const at::Tensor rng_k = rng_on_kernels(rng);
   if (dropout_p > 0.0) p.seed_offset_ptr = rng_k.template data_ptr<int64_t>();
   if (p.len_q == 0 || p.len_k == 0 || p.heads_q == 0) {
     // no kernel runs: every gradient row belongs to an empty sequence (the kernels write those rows themselves:
     // 0 for dK / dV of keys no query sees, and dQ of rows without a key from the zeroed workspace)
-    fill_empty_backward(off, heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
+    if (read_values) {
+      fill_empty_backward(off, heads_first(s.st.dq), heads_first(s.st.dk), heads_first(s.st.dv));
+    } else {
+      fill_rows_unread(heads_first(s.st.dq), rows_q);
+      fill_rows_unread(heads_first(s.st.dk), rows_k);
+      fill_rows_unread(heads_first(s.st.dv), rows_k);
+    }
   } else {
     const std::string ran =
         run_backward(p, env, q.options(), *find_fwd(p), *find_bwd(p), what,
                      [&](const char* step, const BwdWorkspace& ws, auto&& fn, const LaunchTensors& extra = {}) {
                        launch(step, s.st, ws, std::forward<decltype(fn)>(fn),
-                              LaunchTensors{&s.cu_q, &s.cu_k, &rng_k} + extra);
+                              LaunchTensors{&s.cu_q, &s.cu_k, &rng_k, &rows_q, &rows_k} + extra);
                      },
                      packed_sm90_enabled());
     if (log_kernels()) log_kernel(ran + ", " + std::to_string(p.batch) + " packed sequences in one launch");

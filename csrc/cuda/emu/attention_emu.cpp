@@ -219,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
     const at::Tensor& cu_q, const at::Tensor& cu_k, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rng, double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa,
     at::IntArrayRef window, const std::optional<at::Tensor>& grad_lse, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, std::optional<int64_t> max_q,
+    std::optional<int64_t> max_k) {
   return run_varlen_backward(
       backward_emu, [](const at::Tensor& r) { return r.contiguous(); }, find_fwd_or_fail,
       [](const BwdParams& p) { return &EmuDev{}.bwd(p); },
@@ -231,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_emu(
                         fn);
       },
       make_env(q), "emu varlen backward", grad_out, q, k, v, cu_q, cu_k, out, lse, rng, dropout_p, is_causal, scale,
-      enable_gqa, window, grad_lse, softcap, alibi_slopes, !emu_capturing());
+      enable_gqa, window, grad_lse, softcap, alibi_slopes, max_q, max_k, !emu_capturing());
 }
 
 // attention_kvcache as the CUDA backend runs it (run_kvcache_forward), on the emulated kernels.
