@@ -57,12 +57,6 @@ std::tuple<at::Tensor, at::Tensor> packed_rows(const KvCall& c) {
   return {b, t - cu.index_select(0, b)};
 }
 
-// Whether the query rows sit at consecutive positions for the rotary embedding (a causal or window bound), or all
-// at cache_seqlens[b] (FlashAttention's rule).
-bool queries_advance(const AttnOptions& opt) {
-  return opt.is_causal || opt.window_left >= 0 || opt.window_right >= 0;
-}
-
 void check_rotary(const KvCall& c) {
   TORCH_CHECK_VALUE(has(c.rotary_cos) == has(c.rotary_sin), "rotary_cos and rotary_sin must be given together");
   if (!c.rotary()) return;
@@ -86,7 +80,11 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
                   bool interleaved) {
   const int64_t B = x.size(0), n = x.size(2), half = cos.size(1), rd = 2 * half;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor flat = pos.reshape({-1});
+  // (positions clamped into the table: under CUDA-graph capture the lengths are not read back, and a batch element
+  // whose positions leave it is refused by the kernels, launch_cache_lengths, instead of an indexing error; the
+  // values read back are checked, read_kv_lengths. A table of no positions: every element refused, x as it is.)
+  if (cos.size(0) == 0) return x.to(acc).contiguous();
+  const at::Tensor flat = pos.reshape({-1}).clamp(0, cos.size(0) - 1);
   const at::Tensor c = cos.index_select(0, flat).to(acc).view({B, 1, n, half});
   const at::Tensor s = sin.index_select(0, flat).to(acc).view({B, 1, n, half});
   const at::Tensor xr = x.narrow(3, 0, rd).to(acc);

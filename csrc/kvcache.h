@@ -38,6 +38,12 @@ namespace attention_ext {
 // positions cache_leftpad[b] .. S_b - 1 only, and causal, window and ALiBi distances count from there, while new
 // keys still go to cache_seqlens[b] onwards and the rotary embedding keeps the absolute positions (FlashAttention's
 // rule).
+// Whether the query rows sit at consecutive positions for the rotary embedding (a causal or window bound), or all
+// at cache_seqlens[b] (FlashAttention's rule).
+inline bool queries_advance(const AttnOptions& opt) {
+  return opt.is_causal || opt.window_left >= 0 || opt.window_right >= 0;
+}
+
 struct KvCall {
   at::Tensor q, key_cache, value_cache, cache_seqlens;
   std::optional<at::Tensor> key, value, block_table, rotary_cos, rotary_sin;

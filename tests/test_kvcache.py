@@ -786,7 +786,17 @@ def test_kvcache_grad_and_strided_cache_errors():
 def _capture_inputs(kind):
     """(query, key cache, value cache, cache_seqlens, keyword arguments) of a bf16 decoding step (packed: chunks of
     2, 1, 3 queries) with 3 batch elements, 8 query and 2 key / value heads; contiguous, a pool of 5 rows
-    (cache_batch_idx) or pages of 16 (shuffled, 2 spare)."""
+    (cache_batch_idx) or pages of 16 (shuffled, 2 spare). A kind ending in "+rotary": with a rotary embedding of 64
+    positions (seqlen_ro) over 16 of the 32 features."""
+    kind, _, extra = kind.partition("+")
+    q, kc, vc, lens, kw = _capture_inputs_plain(kind)
+    if extra == "rotary":
+        angles = torch.rand(64, 8, generator=torch.Generator().manual_seed(32), dtype=torch.float64) * 6.3
+        kw.update(rotary_cos=angles.cos().float(), rotary_sin=angles.sin().float())
+    return q, kc, vc, lens, kw
+
+
+def _capture_inputs_plain(kind):
     g = torch.Generator().manual_seed(31)
     rn = lambda *sh: torch.randn(*sh, generator=g).to(bf16)  # noqa: E731
     Hq, Hkv, E, Smax = 8, 2, 32, 96
@@ -827,6 +837,11 @@ CAPTURE_BAD = {
     "packed-rows-unordered": ("packed", _set("cu_seqlens_q", 2, 1), [2, 3, 4, 5]),
     # element 2 would end past total_q: its rows (3..5) NaN
     "packed-rows-past-total": ("packed", _set("cu_seqlens_q", 3, 7), [3, 4, 5]),
+    # a length inside the cache whose rotated position is past the rotary table's 64 (the table is indexed with the
+    # positions clamped, the element refused); a negative one with a rotary embedding
+    "rotary-past-table": ("dense+rotary", _set("cache_seqlens", 1, 70), [1]),
+    "rotary-negative": ("dense+rotary", _set("cache_seqlens", 1, -4), [1]),
+    "packed-rotary-past-table": ("packed+rotary", _set("cache_seqlens", 1, 64), [2]),
 }
 
 
@@ -837,9 +852,9 @@ def test_kvcache_capture_values_out_of_range(backend, name, splits, monkeypatch)
     """Under (emulated) graph capture the values are not checked on the host: the same call with good values gives
     the eager result bit for bit, and with one bad value of batch element 1 (a length past the capacity or negative,
     an int64 length that int32 would wrap, a cache row or a page outside the cache, packed query rows out of order or
-    past total_q) no access leaves the tensors, that element's query rows come out NaN (output and log-sum-exp) and
-    every other row is the eager result bit for bit; one CTA per query block and keys split 3 ways (the combine
-    kernel). A bad page past the element's positions is never read."""
+    past total_q, a position past the rotary table) no access leaves the tensors, that element's query rows come out
+    NaN (output and log-sum-exp) and every other row is the eager result bit for bit; one CTA per query block and
+    keys split 3 ways (the combine kernel). A bad page past the element's positions is never read."""
     ops = backend_ops(backend, monkeypatch)
     monkeypatch.setenv("ATTENTION_EXT_FWD_SPLITS", splits)
     kind, corrupt, nan_rows = CAPTURE_BAD[name]
@@ -853,7 +868,7 @@ def test_kvcache_capture_values_out_of_range(backend, name, splits, monkeypatch)
         lens[1] += 2**32
     corrupt(lens, kw)
     out, lse = ops.attention_kvcache(q, kc, vc, lens, **kw)
-    if kind != "packed":  # (B, H, 1, E) and (B, H, 1): rows are batch elements
+    if not kind.startswith("packed"):  # (B, H, 1, E) and (B, H, 1): rows are batch elements
         out, lse, want_out, want_lse = (t.squeeze(2) for t in (out, lse, want_out, want_lse))
     bad = torch.zeros(out.shape[0], dtype=torch.bool)
     bad[nan_rows] = True
@@ -862,18 +877,19 @@ def test_kvcache_capture_values_out_of_range(backend, name, splits, monkeypatch)
 
 
 @pytest.mark.parametrize("bad", [-1, 96], ids=["negative", "full"])
-@pytest.mark.parametrize("kind", ["dense", "pool", "paged", "packed"])
+@pytest.mark.parametrize("kind", ["dense", "pool", "paged", "packed", "dense+rotary", "packed+rotary"])
 @pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
 def test_kvcache_capture_append_out_of_range(backend, kind, bad, monkeypatch):
     """New keys under (emulated) graph capture, written by the CUDA glue's append kernel: with good lengths the
     caches and outputs of the eager call bit for bit; a batch element whose length is negative or leaves no room for
     its new keys has nothing written (its cache row or pages untouched, no position counted from the end as a
-    negative Python index would be) and NaN rows, the others as eagerly."""
+    negative Python index would be) and NaN rows, the others as eagerly; with a rotary embedding too (the new keys
+    rotated first)."""
     ops = backend_ops(backend, monkeypatch)
     q, kc, vc, lens, kw = _capture_inputs(kind)
     g = torch.Generator().manual_seed(5)
-    rows = q.shape[0] if kind == "packed" else 3
-    new = (rows, 2, 32) if kind == "packed" else (3, 2, 1, 32)
+    rows = q.shape[0] if kind.startswith("packed") else 3
+    new = (rows, 2, 32) if kind.startswith("packed") else (3, 2, 1, 32)
     kn, vn = torch.randn(*new, generator=g).to(bf16), torch.randn(*new, generator=g).to(bf16)
     caches = [kc.clone(), vc.clone()]
     want_out, want_lse = ops.attention_kvcache(q, *caches, lens, kn, vn, **kw)
@@ -896,7 +912,7 @@ def test_kvcache_capture_append_out_of_range(backend, kind, bad, monkeypatch):
         assert torch.equal(a[mine], before[mine]), "element 1's cache was written"
         assert torch.equal(a[~mine], want[~mine]), "the other elements' caches"
     bad_rows = torch.zeros(out.shape[0], dtype=torch.bool)
-    bad_rows[2 if kind == "packed" else 1] = True
+    bad_rows[2 if kind.startswith("packed") else 1] = True
     assert out[bad_rows].isnan().all() and lse[bad_rows].isnan().all()
     assert torch.equal(out[~bad_rows], want_out[~bad_rows]) and torch.equal(lse[~bad_rows], want_lse[~bad_rows])
 

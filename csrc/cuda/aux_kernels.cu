@@ -488,6 +488,11 @@ __global__ void __launch_bounds__(kThreads) cache_lengths_kernel(const CacheLeng
     const int64_t len = cached + (p.packed_keys && ok ? cu[b + 1] - cu[b] : p.new_len);
     const int64_t most = p.capacity < 0x7fffffff ? p.capacity : 0x7fffffff;
     ok = ok && cached >= 0 && len <= most;
+    if (ok && p.rotary) {  // (the rotary table's rows: kvcache.cpp's rotary clamped the positions into it)
+      const int64_t queries = p.rotary_queries < 0 ? cu[b + 1] - cu[b] : p.rotary_queries;
+      const int64_t added = len - cached;
+      ok = cached + (added > queries ? added : queries) <= p.rotary_rows;
+    }
     if (ok && p.batch_idx != nullptr) {
       const int64_t row = index_at(p.batch_idx, b, p.batch_idx_64);
       ok = row >= 0 && row < p.rows;

@@ -171,8 +171,8 @@ cudaError_t launch_key_bounds(const FwdParams& p, int32_t* out, const LaunchEnv&
 // attention_kvcache's lengths for the cache kernel, one warp per batch element b: lens[b] = S_b, cache_seqlens[b]
 // plus its new positions (new_len, or with packed new keys its L_b), as int32; or -1, which the kernel refuses (a
 // NaN output and log-sum-exp, cache_keys_ok), when cache_seqlens[b] < 0, S_b is past the capacity (or int32), its
-// cache_batch_idx is not one of the `rows` cache rows, or one of the pages its S_b positions use is not one of the
-// `rows` pages. Packed queries: cu_out = cu_seqlens_q with the batch elements from the first whose rows are out of
+// cache_batch_idx is not one of the `rows` cache rows, one of the pages its S_b positions use is not one of the
+// `rows` pages, or (rotary) a position it rotates is past the rotary table. Packed queries: cu_out = cu_seqlens_q with the batch elements from the first whose rows are out of
 // range (cu_seqlens_q[0] not 0, a step down, an end past total_q) on given no rows, so that no two share one. The
 // glue has checked all this on the host already, except under CUDA-graph capture, where the values cannot be read.
 struct CacheLengthsParams {
@@ -186,6 +186,10 @@ struct CacheLengthsParams {
   int32_t* cu_out = nullptr;              // (batch + 1,) with cu_seqlens_q
   bool packed_keys = false;               // packed new keys: L_b of them
   int64_t batch = 0, total_q = 0, new_len = 0, capacity = 0, rows = 0;
+  // rotary_cos given: its positions (seqlen_ro). Batch element b rotates the positions from cache_seqlens[b] on of
+  // its new keys and of rotary_queries query rows (-1: L_b, its packed rows); one past seqlen_ro refuses it.
+  bool rotary = false;
+  int64_t rotary_rows = 0, rotary_queries = 0;
   int32_t* lens = nullptr;  // (batch,)
 };
 cudaError_t launch_cache_lengths(const CacheLengthsParams& p, const LaunchEnv& env);

@@ -470,6 +470,11 @@ std::tuple<at::Tensor, at::Tensor> run_kvcache_forward(Fwd&& fwd, Launch&& launc
   lp.new_len = c.new_len();
   lp.capacity = c.capacity();
   lp.rows = kc.size(0);
+  if (c.rotary()) {
+    lp.rotary = true;
+    lp.rotary_rows = c.rotary_cos->size(0);
+    lp.rotary_queries = !queries_advance(opt) ? 1 : c.packed() ? -1 : c.q.size(2);
+  }
   lp.lens = k.lens.data_ptr<int32_t>();
   const int64_t group = pack_gqa_kv_decode(p, c.packed());
   // flash-decoding as for a dense call (few CTAs, many key tiles), planned with the longest cache (or the capacity
