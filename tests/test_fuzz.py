@@ -579,7 +579,9 @@ def check_varlen(d: Draw, lq, lk, device):
     f64_ = torch.float64
     ref = [torch.zeros(t.shape, dtype=f64_, device=device) for t in (out, q, k, v)]
     # the baselines start equal to the reference, so sequences they do not cover add no error
-    bases = {key: [torch.zeros(t.shape, dtype=f64_, device=device) for t in (out, q, k, v)] for key in ("sdpa", "model")}
+    # (as check's: "given" is the model's backward given our forward's output, as PyTorch's flash backward would be)
+    bases = {key: [torch.zeros(t.shape, dtype=f64_, device=device) for t in (out, q, k, v)]
+             for key in ("sdpa", "model", "given")}
     hf = lambda t: t.transpose(0, 1)  # noqa: E731  (tokens, heads, dim) <-> (heads, tokens, dim)
     for b in range(len(lq)):
         q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
@@ -610,17 +612,19 @@ def check_varlen(d: Draw, lq, lk, device):
                                                                    enable_gqa=d.enable_gqa)[0]
         sdpa = (bo, *torch.autograd.grad(bo, bl, dos))
         model = _flash_rounding_model(db, qs, ks, vs, fm, dos, keep, None)
-        for key, vals in (("sdpa", sdpa), ("model", model)):
+        given = _flash_rounding_model(db, qs, ks, vs, fm, dos, keep, None, out=hf(out[q0:q1].detach()))
+        given = None if given is None else (None, *given[1:4])  # (its output is ours: no yardstick for it)
+        for key, vals in (("sdpa", sdpa), ("model", model), ("given", given)):
             if vals is None:
                 for dst, x, sl in zip(bases[key], ref, rows):
                     dst[sl] = x[sl]
                 continue
-            for dst, x, sl in zip(bases[key], vals, rows):
-                dst[sl] = hf(x.detach()).to(f64_).nan_to_num(0.0)
+            for dst, x, sl, exact in zip(bases[key], vals, rows, ref):
+                dst[sl] = exact[sl] if x is None else hf(x.detach()).to(f64_).nan_to_num(0.0)
 
     where = f"\ncase {d} lengths q {lq} k {lk}"
     for i, (name, ours) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *grads))):
-        _assert_close(name + where, ours, ref[i], [bases["sdpa"][i], bases["model"][i]], d.dtype)
+        _assert_close(name + where, ours, ref[i], [bases[key][i] for key in ("sdpa", "model", "given")], d.dtype)
 
 
 @pytest.mark.parametrize("backend,seed", _params(_VARLEN_BACKENDS, "varlen-"))
