@@ -210,6 +210,14 @@ std::tuple<at::Tensor, at::Tensor> kvcache_gathered(Fwd&& fwd, const KvCall& cal
   const std::vector<int64_t> no_window{-1, -1};
   auto [out, lse, rng] = fwd(c.q, g.key, g.value, g.mask, 0.0, false, opt.scale, true, no_window, opt.softcap,
                              opt.alibi_slopes);
+  if (!check_values && call.rotary()) {
+    // (lengths not read back: rotary clamped the positions into the table; a batch element whose rotated positions
+    // pass it gets NaN rows, as the kernels' lengths check gives them)
+    const int64_t rotated = std::max<int64_t>(call.new_len(), queries_advance(opt) ? call.q.size(2) : 1);
+    const at::Tensor past = call.cache_seqlens.to(out.device(), at::kLong).add(rotated).gt(call.rotary_cos->size(0));
+    out.masked_fill_(past.view({-1, 1, 1, 1}), std::numeric_limits<double>::quiet_NaN());
+    lse.masked_fill_(past.view({-1, 1, 1}), std::numeric_limits<double>::quiet_NaN());
+  }
   return {out, lse};
 }
 

@@ -876,6 +876,29 @@ def test_kvcache_capture_values_out_of_range(backend, name, splits, monkeypatch)
     assert torch.equal(out[~bad], want_out[~bad]) and torch.equal(lse[~bad], want_lse[~bad]), "the other rows"
 
 
+@pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
+def test_kvcache_capture_rotary_float64(backend, monkeypatch):
+    """float64 (no kernel: the visible cache gathered into one dense call) under (emulated) graph capture with a
+    rotary embedding: good lengths give the eager result; a length inside the cache whose rotated position is past
+    the rotary table gives that batch element NaN rows (no indexing error, no rotation by a clamped position), the
+    others the eager result."""
+    ops = backend_ops(backend, monkeypatch)
+    q, kc, vc, lens, kw = _capture_inputs("dense+rotary")
+    q, kc, vc = q.double(), kc.double(), vc.double()
+    want_out, want_lse = ops.attention_kvcache(q, kc, vc, lens, **kw)
+    monkeypatch.setenv("ATTENTION_EXT_EMU_CAPTURE", "1")
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, **kw)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+    lens = lens.clone()
+    lens[1] = 70  # (capacity 96, rotary table 64)
+    out, lse = ops.attention_kvcache(q, kc, vc, lens, **kw)
+    assert out[1].isnan().all() and lse[1].isnan().all()
+    keep = torch.tensor([0, 2])
+    torch.testing.assert_close(out[keep], want_out[keep], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse[keep], want_lse[keep], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [-1, 96], ids=["negative", "full"])
 @pytest.mark.parametrize("kind", ["dense", "pool", "paged", "packed", "dense+rotary", "packed+rotary"])
 @pytest.mark.parametrize("backend", [pytest.param("emu80", marks=emu_marks())])
