@@ -5,8 +5,9 @@ query rows per batch element (decoding steps of one row most often), new keys or
 value dim), cache lengths (empty caches included), the cache's layout (contiguous, a (B, S, H, E) buffer seen
 through transpose, or shuffled pages of 16, 24, 32 or 64 positions), causal, windows, ALiBi slopes, a soft cap,
 the scale, a pool of cache rows named by cache_batch_idx, a left padding of each cache (cache_leftpad), key and
-value caches that are the two halves of one buffer (vLLM's layout), and packed queries (cu_seqlens_q: continuous
-batching, idle batch elements included); on the CUDA kernels' emulator also forced key splits, GQA row packing
+value caches that are the two halves of one buffer (vLLM's layout), a rotary embedding (all, half or 16 features,
+interleaved or not: the new keys must land in the cache rotated as the op computes them, bit for bit), and packed
+queries (cu_seqlens_q: continuous batching, idle batch elements included); on the CUDA kernels' emulator also forced key splits, GQA row packing
 turned off, and the glue as under CUDA-graph capture (ATTENTION_EXT_EMU_CAPTURE: the lengths checked on the
 device, launches planned without them). Output and log-sum-exp against the
 float64 reference of test_kvcache.py, within 2x the error of PyTorch's way in the same dtype, and the caches
@@ -80,6 +81,8 @@ def draw(seed: int, backend: str):
         o["one_buffer"] = True  # key and value caches the two halves of one buffer (vLLM's layout)
     if backend.startswith("emu") and r.random() < 0.25:  # (last too) the glue as under CUDA-graph capture
         env["ATTENTION_EXT_EMU_CAPTURE"] = "1"
+    if r.random() < 0.3:  # (last) a rotary embedding: (rotary_dim, interleaved)
+        o["rotary"] = (r.choice((E, E // 2 + E // 2 % 2, 16)), r.random() < 0.5)
     if packed:
         spec = (Hq, Hkv, E, Ev, Smax, lens, queries, new, o)
     else:
@@ -99,30 +102,147 @@ def test_fuzz_kvcache(backend, seed, monkeypatch):
     if packed:
         monkeypatch.setitem(tp.CASES, name, spec)
         args, seqs, alibi, o = tp.make_packed(name, dtype, device, seed=seed)
-        want_k, want_v = tp.expected_caches(args)
+        rot = _Rotary(o, args[3], spec[4], dtype, seed, args[7])
+        want_k, want_v = tp.expected_caches(rot.stored_args(args))
         pool = _pool(args, o, seed)
         _one_buffer(args, o)
-        out, lse = tp._call(ops, args, alibi, o, **_extra(pool, o, device))
+        out, lse = tp._call(ops, args, alibi, o, **_extra(pool, o, device), **rot.kwargs(device))
         _check_caches(args, pool, want_k, want_v, where)
-        seqs = [(qb, _unpadded(rows, o, b)) for b, (qb, rows) in enumerate(seqs)]
-        tp.check_vs_reference(where, out, lse, seqs, alibi, o, dtype)
+        floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
+        for how, xs in rot.packed_inputs(args, seqs).items():  # (out: float64 rotation; lse: the op's rotation)
+            xs = [(qb, _unpadded(rows, o, b)) for b, (qb, rows) in enumerate(xs)]
+            r_out, r_lse = _packed_reference(xs, alibi, o)
+            if how in ("exact", "plain"):
+                base = torch.cat([tk.pytorch_baseline(qb.to(dtype), [rows], None if alibi is None else
+                                                      alibi[b:b + 1], o, dtype)[0].transpose(0, 1)
+                                  for b, (qb, rows) in enumerate(rot.baseline(args, seqs, o))])
+                assert_close_vs_baselines(f"out\n{where}", out.cpu(), r_out, [base], dtype)
+            if how in ("stored", "plain"):
+                assert_close_vs_baselines(f"lse\n{where}", lse.cpu(), r_lse, [], dtype, floor=floor)
         return
     monkeypatch.setitem(tk.CASES, name, spec)
     args, rows, alibi, o = tk.make_inputs(name, dtype, device, seed=seed)
-    want_k, want_v = tk.expected_caches(args, name)
+    rot = _Rotary(o, args[3], spec[7], dtype, seed)
+    want_k, want_v = tk.expected_caches(rot.stored_args(args), name)
     pool = _pool(args, o, seed)
     _one_buffer(args, o)
     q, kc, vc, lens, key, value, table = args
     out, lse = ops.attention_kvcache(q, kc, vc, lens, key, value, table, o.get("is_causal", False), o.get("scale"),
                                      list(o.get("window", (-1, -1))), o.get("cap", 0.0),
-                                     None if alibi is None else alibi.to(device), **_extra(pool, o, device))
+                                     None if alibi is None else alibi.to(device), **_extra(pool, o, device),
+                                     **rot.kwargs(device))
     _check_caches(args, pool, want_k, want_v, where)
-    rows = [_unpadded(kv, o, b) for b, kv in enumerate(rows)]
-    r_out, r_lse = tk.reference(args[0].cpu(), rows, alibi, o)
-    base = tk.pytorch_baseline(args[0].cpu(), rows, alibi, o, dtype)
+    # out against the float64 rotation, within 2x PyTorch's way (the rotation in the dtype, as Hugging Face's); lse
+    # against the reference over the rotated inputs as the op uses them (no PyTorch yardstick: test_kvcache_rotary)
+    q64, rows64 = rot.dense_inputs(args, rows, "exact")
+    r_out, _ = tk.reference(q64, [_unpadded(kv, o, b) for b, kv in enumerate(rows64)], alibi, o)
+    qb, rows_b = rot.dense_inputs(args, rows, "baseline")
+    base = tk.pytorch_baseline(qb, [_unpadded(kv, o, b) for b, kv in enumerate(rows_b)], alibi, o, dtype)
     assert_close_vs_baselines(f"out\n{where}", out.cpu(), r_out, [base], dtype)
+    qs, rows_s = rot.dense_inputs(args, rows, "stored")
+    _, r_lse = tk.reference(qs, [_unpadded(kv, o, b) for b, kv in enumerate(rows_s)], alibi, o)
     floor = 4 * ABS_FLOOR[f32] * (1 + 3 * (dtype != f64))
     assert_close_vs_baselines(f"lse\n{where}", lse.cpu(), r_lse, [], dtype, floor=floor)
+
+
+def _packed_reference(seqs, alibi, o):
+    """test_kvcache_packed.check_vs_reference's float64 (out (total_q, Hq, Ev), lse (total_q, Hq))."""
+    refs = [tk.reference(qb, [rows], None if alibi is None else alibi[b:b + 1], o) for b, (qb, rows) in enumerate(seqs)]
+    return torch.cat([r[0][0].transpose(0, 1) for r in refs]), torch.cat([r[1][0].transpose(0, 1) for r in refs])
+
+
+class _Rotary:
+    """A case's rotary embedding (o["rotary"] = (rotary_dim, interleaved); absent: none, every method the identity):
+    a table of Smax + 20 positions (seqlen_ro) at random frequencies, the queries at cache_seqlens[b] + i where a
+    causal or window bound makes them advance (else all at cache_seqlens[b]), new key t at cache_seqlens[b] + t.
+    Three roundings of the rotated inputs: "exact" (float64), "stored" (as the op computes them: float32, float64 for
+    float64, rounded to the dtype: the new keys it writes into the cache, bit for bit) and "baseline" (in the dtype,
+    as Hugging Face's apply_rotary_pos_emb)."""
+
+    def __init__(self, o, lens, smax, dtype, seed, cu=None):
+        self.on = "rotary" in o
+        if not self.on:
+            return
+        rd, self.inter = o["rotary"]
+        g = torch.Generator().manual_seed(seed + 7)
+        theta = torch.rand(rd // 2, generator=g, dtype=f64) * 0.5 + 0.01
+        angles = torch.arange(smax + 20, dtype=f64)[:, None] * theta[None]
+        self.cos, self.sin = angles.cos().to(f32), angles.sin().to(f32)
+        self.dtype, self.advance = dtype, o.get("is_causal", False) or "window" in o
+        self.lens = lens.cpu().long()
+        self.cu = None if cu is None else cu.cpu().long()
+
+    def kwargs(self, device):
+        if not self.on:
+            return {}
+        return dict(rotary_cos=self.cos.to(device), rotary_sin=self.sin.to(device), rotary_interleaved=self.inter)
+
+    def _rope(self, x, pos, how):
+        """x (B, H, n, E) at positions pos (B, n), rounded as `how` says, in float64."""
+        if how == "exact":
+            return tk.rope(x.cpu().to(f64), self.cos, self.sin, pos, self.inter)
+        if how == "stored":
+            acc = f64 if self.dtype == f64 else f32
+            return tk.rope(x.cpu().to(acc), self.cos, self.sin, pos, self.inter).to(self.dtype).to(f64)
+        return tk.rope(x.cpu().to(self.dtype), self.cos, self.sin, pos, self.inter).to(f64)
+
+    def _dense_pos(self, n, queries):
+        start = self.lens[:, None]
+        return start + torch.arange(n) if (self.advance or not queries) else start.expand(-1, n)
+
+    def dense_inputs(self, args, rows, how):
+        """(query, rows) of a dense case for the reference (float64; "baseline": the query in the dtype)."""
+        q, key = args[0], args[4]
+        if not self.on:
+            return (q.cpu() if how == "baseline" else q.cpu().to(f64)), rows
+        qr = self._rope(q, self._dense_pos(q.shape[2], True), how)
+        if key is None:
+            new_rows = rows
+        else:
+            kr = self._rope(key, self._dense_pos(key.shape[2], False), how)
+            new_rows = [(torch.cat([kk[:, :int(self.lens[b])], kr[b]], 1), vv) for b, (kk, vv) in enumerate(rows)]
+        return (qr.to(self.dtype) if how == "baseline" else qr), new_rows
+
+    def _packed_pos(self, queries):
+        """(1, total_q) positions of the packed rows."""
+        b = torch.repeat_interleave(torch.arange(len(self.lens)), self.cu[1:] - self.cu[:-1])
+        i = torch.arange(int(self.cu[-1])) - self.cu[b]
+        return (self.lens[b] + (i if (self.advance or not queries) else 0))[None]
+
+    def _packed_rope(self, x, queries, how):  # x (total, H, E) -> (total, H, E) float64
+        return self._rope(x.transpose(0, 1)[None], self._packed_pos(queries), how)[0].transpose(0, 1)
+
+    def _packed_seqs(self, args, seqs, how):
+        q, key, cu = args[0], args[4], self.cu
+        qr = self._packed_rope(q, True, how)
+        kr = None if key is None else self._packed_rope(key, False, how)
+        out = []
+        for b, (_, (kk, vv)) in enumerate(seqs):
+            r = slice(int(cu[b]), int(cu[b + 1]))
+            if kr is not None:
+                kk = torch.cat([kk[:, :int(self.lens[b])], kr[r].transpose(0, 1)], 1)
+            out.append((qr[r].transpose(0, 1)[None], (kk, vv)))
+        return out
+
+    def packed_inputs(self, args, seqs):
+        """{"exact" / "stored": the batch elements' (query, rows) for the reference}, or {"plain": seqs}."""
+        if not self.on:
+            return {"plain": seqs}
+        return {how: self._packed_seqs(args, seqs, how) for how in ("exact", "stored")}
+
+    def baseline(self, args, seqs, o):
+        return self._packed_seqs(args, seqs, "baseline") if self.on else seqs
+
+    def stored_args(self, args):
+        """args with the new keys as the op writes them into the cache (rotated: "stored", in the dtype)."""
+        if not self.on or args[4] is None:
+            return args
+        key = args[4]
+        if self.cu is None:
+            kr = self._rope(key, self._dense_pos(key.shape[2], False), "stored")
+        else:
+            kr = self._packed_rope(key, False, "stored")
+        return [*args[:4], kr.to(self.dtype).to(key.device), *args[5:]]
 
 
 def _pool(args, o, seed):
@@ -206,5 +326,9 @@ def test_draws_cover_the_options():
         "paged one buffer": any(o.get("one_buffer") and o.get("page") for o in opts),
         "as captured": any("ATTENTION_EXT_EMU_CAPTURE" in e for *_, e in ds),
         "packed as captured": any(p and "ATTENTION_EXT_EMU_CAPTURE" in e for p, *_, e in ds),
+        "rotary": any("rotary" in o for o in opts),
+        "rotary interleaved": any(o.get("rotary", (0, False))[1] for o in opts),
+        "packed rotary": any(p and "rotary" in spec[-1] for p, spec, _, _ in ds),
+        "rotary as captured": any("rotary" in spec[-1] and "ATTENTION_EXT_EMU_CAPTURE" in e for _, spec, _, e in ds),
     }
     assert all(seen.values()), [k for k, v in seen.items() if not v]
