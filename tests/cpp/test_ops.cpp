@@ -7,7 +7,8 @@
 // c10 dispatcher, runs them on requires_grad tensors, runs the backward through
 // LibTorch's autograd engine and compares output, log-sum-exp and gradients
 // with a plain LibTorch float64 implementation; decodes through
-// attention_ext::attention_kvcache with a paged cache. Prints PASS and returns 0 when
+// attention_ext::attention_kvcache with a paged cache; runs packed sequences through attention_ext::attention_varlen
+// forward and backward. Prints PASS and returns 0 when
 // everything matches, otherwise prints what failed and returns 1.
 //
 // With the three optional paths it also runs a TorchScript model saved from
@@ -55,6 +56,10 @@ using KvcacheFn = std::tuple<at::Tensor, at::Tensor>(
     double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
     const std::optional<at::Tensor>&, std::optional<int64_t>, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&);
+
+using VarlenFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, std::optional<int64_t>, std::optional<int64_t>, double, bool,
+                            std::optional<double>, bool, at::IntArrayRef, double, const std::optional<at::Tensor>&);
 
 int g_failures = 0;
 
@@ -306,6 +311,56 @@ void run_kvcache(const c10::TypedOperatorHandle<KvcacheFn>& kvcache,
                 want.select(0, b), 0.0, 1e-12);
 }
 
+// attention_varlen from C++: three packed sequences (query rows 5, 0, 7; key rows 6, 3, 4), causal, GQA, through
+// LibTorch's autograd engine (its backward gets the forward's max_seqlen_q / _k), against attention on each sequence
+// alone: outputs and the packed gradients (float64; the sequence without a query row gets zero key gradients).
+void run_varlen(const c10::TypedOperatorHandle<VarlenFn>& varlen,
+                const c10::TypedOperatorHandle<AttentionFn>& attention) {
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const std::vector<int64_t> lq{5, 0, 7}, lk{6, 3, 4}, no_window{-1, -1};
+  at::Tensor q = at::randn({12, 4, 16}, f64).requires_grad_(), k = at::randn({13, 2, 16}, f64).requires_grad_(),
+             v = at::randn({13, 2, 8}, f64).requires_grad_();
+  const at::Tensor cu_q = at::tensor(std::vector<int32_t>{0, 5, 5, 12}, at::kInt);
+  const at::Tensor cu_k = at::tensor(std::vector<int64_t>{0, 6, 9, 13}, at::kLong);
+  at::Tensor out = varlen.call(q, k, v, cu_q, cu_k, 7, 6, 0.0, true, std::nullopt, true, no_window, 0.0, std::nullopt);
+  const at::Tensor g = at::randn({12, 4, 8}, f64);
+  const auto grads = torch::autograd::grad({out}, {q, k, v}, {g});
+  std::vector<at::Tensor> want_out, want_dq, want_dk, want_dv;
+  for (int64_t b = 0, q0 = 0, k0 = 0; b < 3; q0 += lq[b], k0 += lk[b], ++b) {
+    auto heads = [](const at::Tensor& t, int64_t start, int64_t n) {
+      return t.detach().narrow(0, start, n).transpose(0, 1).unsqueeze(0).requires_grad_();
+    };
+    const at::Tensor qs = heads(q, q0, lq[b]), ks = heads(k, k0, lk[b]), vs = heads(v, k0, lk[b]);
+    if (lq[b] == 0) {
+      want_dk.push_back(at::zeros({lk[b], 2, 16}, f64));
+      want_dv.push_back(at::zeros({lk[b], 2, 8}, f64));
+      continue;
+    }
+    const at::Tensor o = attention.call(qs, ks, vs, std::nullopt, 0.0, true, std::nullopt, true, no_window, 0.0,
+                                        std::nullopt);
+    const auto gs = torch::autograd::grad({o}, {qs, ks, vs}, {g.narrow(0, q0, lq[b]).transpose(0, 1).unsqueeze(0)});
+    auto packed = [](const at::Tensor& t) { return t.squeeze(0).transpose(0, 1); };
+    want_out.push_back(packed(o.detach()));
+    want_dq.push_back(packed(gs[0]));
+    want_dk.push_back(packed(gs[1]));
+    want_dv.push_back(packed(gs[2]));
+  }
+  check_close("attention_varlen out vs attention per sequence", out, at::cat(want_out), 0.0, 1e-12);
+  check_close("attention_varlen dq", grads[0], at::cat(want_dq), 0.0, 1e-12);
+  check_close("attention_varlen dk", grads[1], at::cat(want_dk), 0.0, 1e-12);
+  check_close("attention_varlen dv", grads[2], at::cat(want_dv), 0.0, 1e-12);
+  // a max_seqlen_q below the longest sequence is refused, as in Python
+  try {
+    varlen.call(q.detach(), k.detach(), v.detach(), cu_q, cu_k, 6, 6, 0.0, true, std::nullopt, true, no_window, 0.0,
+                std::nullopt);
+    fail("attention_varlen: max_seqlen_q = 6 below a sequence of 7 did not raise");
+  } catch (const c10::ValueError& e) {
+    if (std::string(e.what()).find("max_seqlen_q is 6 but cu_seqlens_q holds a sequence of length 7") ==
+        std::string::npos)
+      fail(std::string("unexpected ValueError message: ") + e.what());
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc != 2 && argc != 5) {
     std::cerr << "usage: " << argv[0] << " /path/to/attention_ext/_C.so [MODEL.pt INPUTS.pt OUT.pkl]" << std::endl;
@@ -347,6 +402,7 @@ int main(int argc, char** argv) {
     for (const auto& c : cases) run_case(attention, forward, c);
     run_higher_order(attention);
     run_kvcache(dispatcher.findSchemaOrThrow("attention_ext::attention_kvcache", "").typed<KvcacheFn>(), attention);
+    run_varlen(dispatcher.findSchemaOrThrow("attention_ext::attention_varlen", "").typed<VarlenFn>(), attention);
 
     // errors surface as the c10 exception types (ValueError / TypeError in Python)
     try {
