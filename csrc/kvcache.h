@@ -25,6 +25,12 @@
 
 namespace attention_ext {
 
+// Whether the query rows sit at consecutive positions for the rotary embedding (a causal or window bound), or all
+// at cache_seqlens[b] (FlashAttention's rule).
+inline bool queries_advance(const AttnOptions& opt) {
+  return opt.is_causal || opt.window_left >= 0 || opt.window_right >= 0;
+}
+
 // One attention_kvcache call's tensors (the op's arguments; rotary_cos / rotary_sin: the optional rotary
 // embedding tables, (seqlen_ro, rotary_dim / 2), applied to the query and the new keys before anything else).
 // Packed (cu_seqlens_q, int32 (B + 1,)): the query is (total_q, Hq, E), batch element b's L_b =
@@ -38,12 +44,6 @@ namespace attention_ext {
 // positions cache_leftpad[b] .. S_b - 1 only, and causal, window and ALiBi distances count from there, while new
 // keys still go to cache_seqlens[b] onwards and the rotary embedding keeps the absolute positions (FlashAttention's
 // rule).
-// Whether the query rows sit at consecutive positions for the rotary embedding (a causal or window bound), or all
-// at cache_seqlens[b] (FlashAttention's rule).
-inline bool queries_advance(const AttnOptions& opt) {
-  return opt.is_causal || opt.window_left >= 0 || opt.window_right >= 0;
-}
-
 struct KvCall {
   at::Tensor q, key_cache, value_cache, cache_seqlens;
   std::optional<at::Tensor> key, value, block_table, rotary_cos, rotary_sin;

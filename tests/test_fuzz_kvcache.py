@@ -7,11 +7,11 @@ through transpose, or shuffled pages of 16, 24, 32 or 64 positions), causal, win
 the scale, a pool of cache rows named by cache_batch_idx, a left padding of each cache (cache_leftpad), key and
 value caches that are the two halves of one buffer (vLLM's layout), a rotary embedding (all, half or 16 features,
 interleaved or not: the new keys must land in the cache rotated as the op computes them, bit for bit), and packed
-queries (cu_seqlens_q: continuous batching, idle batch elements included); on the CUDA kernels' emulator also forced key splits, GQA row packing
-turned off, and the glue as under CUDA-graph capture (ATTENTION_EXT_EMU_CAPTURE: the lengths checked on the
-device, launches planned without them). Output and log-sum-exp against the
-float64 reference of test_kvcache.py, within 2x the error of PyTorch's way in the same dtype, and the caches
-after the call bit for bit. A failure prints the case, which its id reproduces: `pytest
+queries (cu_seqlens_q: continuous batching, idle batch elements included); on the CUDA kernels' emulator also
+forced key splits, GQA row packing turned off, and the glue as under CUDA-graph capture (ATTENTION_EXT_EMU_CAPTURE:
+the lengths checked on the device, launches planned without them). Output and log-sum-exp against the float64
+reference of test_kvcache.py, within 2x the error of PyTorch's way in the same dtype, and the caches after the call
+bit for bit. A failure prints the case, which its id reproduces: `pytest
 tests/test_fuzz_kvcache.py -k "emu80-7"`. ATTENTION_EXT_FUZZ_CASES=n draws n cases per backend.
 """
 from __future__ import annotations

@@ -172,9 +172,10 @@ cudaError_t launch_key_bounds(const FwdParams& p, int32_t* out, const LaunchEnv&
 // plus its new positions (new_len, or with packed new keys its L_b), as int32; or -1, which the kernel refuses (a
 // NaN output and log-sum-exp, cache_keys_ok), when cache_seqlens[b] < 0, S_b is past the capacity (or int32), its
 // cache_batch_idx is not one of the `rows` cache rows, one of the pages its S_b positions use is not one of the
-// `rows` pages, or (rotary) a position it rotates is past the rotary table. Packed queries: cu_out = cu_seqlens_q with the batch elements from the first whose rows are out of
-// range (cu_seqlens_q[0] not 0, a step down, an end past total_q) on given no rows, so that no two share one. The
-// glue has checked all this on the host already, except under CUDA-graph capture, where the values cannot be read.
+// `rows` pages, or (rotary) a position it rotates is past the rotary table. Packed queries: cu_out = cu_seqlens_q
+// with the batch elements from the first whose rows are out of range (cu_seqlens_q[0] not 0, a step down, an end
+// past total_q) on given no rows, so that no two share one. The glue has checked all this on the host already,
+// except under CUDA-graph capture, where the values cannot be read.
 struct CacheLengthsParams {
   const void* seqlens = nullptr;  // (batch,) int32, or int64 with seqlens_64, contiguous
   bool seqlens_64 = false;
