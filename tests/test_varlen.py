@@ -971,9 +971,11 @@ def test_varlen_cuda_graph(device):
     assert out[row:].isnan().all() and torch.equal(out[:row], want[:row])
 
 
-def test_varlen_backward_gets_the_forwards_maxima():
-    """attention_varlen's autograd passes the forward's max_seqlen_q / max_seqlen_k on to the backward op (which needs
-    them to be captured in a CUDA graph), and the backward checks them against the offsets as the forward does."""
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_varlen_backward_gets_the_forwards_maxima(return_lse):
+    """attention_varlen's autograd (the C++ one, and with return_lse=True the Python one of _lse.py) passes the
+    forward's max_seqlen_q / max_seqlen_k on to the backward op (which needs them to be captured in a CUDA graph),
+    and the backward checks them against the offsets as the forward does."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     calls = []
@@ -985,16 +987,21 @@ def test_varlen_backward_gets_the_forwards_maxima():
             return func(*args, **(kwargs or {}))
 
     q, k, v, cu_q, cu_k, mq, mk = _capture_case(torch.float32)
-    leaves = [t.requires_grad_() for t in (q, k, v)]
-    out = attention_ext.attention_varlen(*leaves, cu_q, cu_k, mq, mk, is_causal=True, enable_gqa=True)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention_ext.attention_varlen(*leaves, cu_q, cu_k, mq, mk, is_causal=True, enable_gqa=True,
+                                         return_lse=return_lse)
     with Record():
-        out.backward(torch.randn_like(out))
+        if return_lse:
+            torch.autograd.backward(out, [torch.randn_like(out[0]), torch.randn_like(out[1])])
+        else:
+            out.backward(torch.randn_like(out))
     assert len(calls) == 1
     schema = torch.ops.attention_ext._attention_varlen_backward.default._schema
     names = [a.name for a in schema.arguments]
     args, kwargs = calls[0]
     bound = dict(zip(names, args)) | kwargs
     assert (bound["max_seqlen_q"], bound["max_seqlen_k"]) == (mq, mk)
+    assert return_lse == (bound.get("grad_logsumexp") is not None)
     o, lse, rng = torch.ops.attention_ext._attention_varlen_forward(q, k, v, cu_q, cu_k, mq, mk, 0.0, True, None,
                                                                      True, [-1, -1])
     with pytest.raises(ValueError, match="max_seqlen_q is 12 but cu_seqlens_q holds a sequence of length 13"):
