@@ -1014,8 +1014,17 @@ def test_varlen_backward_gets_the_forwards_maxima(return_lse):
 def test_varlen_cuda_graph_backward(device, dropout_p):
     """attention_varlen's forward and backward captured in one CUDA graph with the offsets on the GPU and
     max_seqlen_q / _k given (through autograd without dropout; through the ops with it, so that the replay's
-    rng_state is at hand): the replay gives the eager gradients bit for bit; replayed after cu_seqlens_k stepped
-    down at sequence 2, the gradient rows from sequence 2 on are NaN and the others unchanged, without a fault."""
+    rng_state is at hand): the replay gives the eager gradients bit for bit (deterministic algorithms on: dQ's
+    reduction in a fixed order); replayed after cu_seqlens_k stepped down at sequence 2, the gradient rows from
+    sequence 2 on are NaN and the others unchanged, without a fault."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        _varlen_cuda_graph_backward(device, dropout_p)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _varlen_cuda_graph_backward(device, dropout_p):
     q, k, v, cu_q, cu_k, mq, mk = (t.to(device) if isinstance(t, torch.Tensor) else t for t in _capture_case())
     g = torch.randn(q.shape[0], 4, 64, device=device, dtype=q.dtype)
     args = (dropout_p, True, None, True, [-1, -1])
