@@ -165,7 +165,7 @@ class _VarlenLse(torch.autograd.Function):
         q, k, v, cu_q, cu_k, max_q, max_k, *opts = inputs
         out, _, lse, rng, idx = output
         ctx.save_for_backward(q, k, v, cu_q, cu_k, out, lse, rng, idx)
-        ctx.opts = opts + [None] * (7 - len(opts)) + [max_q, max_k]  # (alibi defaults to None)
+        ctx.opts = [*opts, max_q, max_k]
         ctx.mark_non_differentiable(lse, rng, idx)
         ctx.set_materialize_grads(False)
 

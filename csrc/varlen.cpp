@@ -174,8 +174,8 @@ void set_packed(FwdParams& p, const VarlenOffsets& off, const at::Tensor& cu_q, 
 // The offsets as the kernels take them: int32 on the query's device. Unread int64 offsets are clamped first, so
 // that none out of range wraps into range.
 at::Tensor kernel_offsets(const at::Tensor& cu, const at::Tensor& q, int64_t total, bool read_values) {
-  const at::Tensor t = cu.to(q.device());
-  return (read_values || t.scalar_type() == at::kInt ? t : t.clamp(-1, total + 1)).to(at::kInt).contiguous();
+  const at::Tensor t = read_values || cu.scalar_type() == at::kInt ? cu : cu.clamp(-1, total + 1);
+  return t.to(q.device(), at::kInt).contiguous();  // (one copy: device and dtype at once)
 }
 
 }  // namespace
